@@ -1,0 +1,21 @@
+//! Meshwork's MVCC key-value engine: etcd v3 semantics (revisions, txn, leases, watch,
+//! compaction) on redb, with group commit. No networking: `meshwork-etcd` serves it.
+
+mod apply;
+mod codec;
+pub mod config;
+pub mod error;
+mod index;
+mod lease;
+mod mvcc;
+pub mod ops;
+mod store;
+pub mod types;
+pub mod watch;
+
+pub use config::StoreConfig;
+pub use error::{Result, StoreError};
+pub use lease::LeaseInfo;
+pub use store::{Alarm, Snapshot, Status, Store, WatchStream};
+pub use types::{Event, EventKind, KeyRange, KeyValue, Revision, prefix_range_end};
+pub use watch::{WatchCreateError, WatchMessage, WatchSpec};
