@@ -76,7 +76,9 @@ pub struct GrpcStatus {
 
 impl Default for GrpcStatus {
     fn default() -> Self {
-        Self { failure_codes: vec![GRPC_UNAVAILABLE, GRPC_DEADLINE_EXCEEDED] }
+        Self {
+            failure_codes: vec![GRPC_UNAVAILABLE, GRPC_DEADLINE_EXCEEDED],
+        }
     }
 }
 
@@ -109,14 +111,20 @@ pub struct FnClassify<F, Res, E> {
 
 impl<F: Clone, Res, E> Clone for FnClassify<F, Res, E> {
     fn clone(&self) -> Self {
-        Self { f: self.f.clone(), _marker: PhantomData }
+        Self {
+            f: self.f.clone(),
+            _marker: PhantomData,
+        }
     }
 }
 
 impl<F, Res, E> FnClassify<F, Res, E> {
     /// Wraps `f`.
     pub fn new(f: F) -> Self {
-        Self { f, _marker: PhantomData }
+        Self {
+            f,
+            _marker: PhantomData,
+        }
     }
 }
 
@@ -143,12 +151,27 @@ mod tests {
         assert_eq!(Classify::<_, ()>::classify(&c, Ok(&e500)), Outcome::Failure);
         assert_eq!(Classify::<_, ()>::classify(&c, Ok(&e404)), Outcome::Ignored);
         let g = GrpcStatus::default();
-        let unavailable =
-            http::Response::builder().status(200).header("grpc-status", "14").body(()).unwrap();
-        let not_found =
-            http::Response::builder().status(200).header("grpc-status", "5").body(()).unwrap();
-        assert_eq!(Classify::<_, ()>::classify(&g, Ok(&unavailable)), Outcome::Failure);
-        assert_eq!(Classify::<_, ()>::classify(&g, Ok(&not_found)), Outcome::Success);
-        assert_eq!(Classify::<http::Response<()>, _>::classify(&g, Err(&())), Outcome::Failure);
+        let unavailable = http::Response::builder()
+            .status(200)
+            .header("grpc-status", "14")
+            .body(())
+            .unwrap();
+        let not_found = http::Response::builder()
+            .status(200)
+            .header("grpc-status", "5")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            Classify::<_, ()>::classify(&g, Ok(&unavailable)),
+            Outcome::Failure
+        );
+        assert_eq!(
+            Classify::<_, ()>::classify(&g, Ok(&not_found)),
+            Outcome::Success
+        );
+        assert_eq!(
+            Classify::<http::Response<()>, _>::classify(&g, Err(&())),
+            Outcome::Failure
+        );
     }
 }

@@ -19,7 +19,11 @@ pub struct ConfigError {
 impl ConfigError {
     /// Builds an error for `field` holding `value`.
     pub fn new(field: &'static str, value: impl std::fmt::Display, expected: &'static str) -> Self {
-        Self { field, value: value.to_string(), expected }
+        Self {
+            field,
+            value: value.to_string(),
+            expected,
+        }
     }
 }
 
@@ -30,5 +34,9 @@ pub(crate) fn check(
     value: impl std::fmt::Display,
     expected: &'static str,
 ) -> Result<(), ConfigError> {
-    if ok { Ok(()) } else { Err(ConfigError::new(field, value, expected)) }
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(field, value, expected))
+    }
 }

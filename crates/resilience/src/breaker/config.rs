@@ -83,19 +83,36 @@ impl BreakerConfig {
             check(n >= 1, "breaker.consecutive_failures", n, "at least 1")?;
         }
         for (field, v) in [
-            ("breaker.failure_rate_threshold", self.failure_rate_threshold),
-            ("breaker.slow_call_rate_threshold", self.slow_call_rate_threshold),
+            (
+                "breaker.failure_rate_threshold",
+                self.failure_rate_threshold,
+            ),
+            (
+                "breaker.slow_call_rate_threshold",
+                self.slow_call_rate_threshold,
+            ),
         ] {
             if let Some(x) = v {
                 check(x > 0.0 && x <= 1.0, field, x, "a fraction in (0, 1]")?;
             }
         }
         match self.window {
-            SlidingWindow::Count { size } => {
-                check((1..=100_000).contains(&size), "breaker.window.size", size, "1..=100000")?
-            }
-            SlidingWindow::Time { duration_ms, buckets } => {
-                check((1..=600).contains(&buckets), "breaker.window.buckets", buckets, "1..=600")?;
+            SlidingWindow::Count { size } => check(
+                (1..=100_000).contains(&size),
+                "breaker.window.size",
+                size,
+                "1..=100000",
+            )?,
+            SlidingWindow::Time {
+                duration_ms,
+                buckets,
+            } => {
+                check(
+                    (1..=600).contains(&buckets),
+                    "breaker.window.buckets",
+                    buckets,
+                    "1..=600",
+                )?;
                 check(
                     duration_ms >= u64::from(buckets),
                     "breaker.window.duration_ms",
@@ -104,7 +121,12 @@ impl BreakerConfig {
                 )?;
             }
         }
-        check(self.open_duration_ms >= 1, "breaker.open_duration_ms", self.open_duration_ms, "at least 1")?;
+        check(
+            self.open_duration_ms >= 1,
+            "breaker.open_duration_ms",
+            self.open_duration_ms,
+            "at least 1",
+        )?;
         check(
             self.open_backoff_multiplier.is_finite() && self.open_backoff_multiplier >= 1.0,
             "breaker.open_backoff_multiplier",
@@ -138,10 +160,22 @@ mod tests {
     #[test]
     fn validate_names_the_field() {
         assert!(BreakerConfig::default().validate().is_ok());
-        let bad = BreakerConfig { failure_rate_threshold: Some(1.5), ..Default::default() };
-        assert_eq!(bad.validate().unwrap_err().field, "breaker.failure_rate_threshold");
-        let bad = BreakerConfig { half_open_max_probes: 0, ..Default::default() };
-        assert_eq!(bad.validate().unwrap_err().field, "breaker.half_open_max_probes");
+        let bad = BreakerConfig {
+            failure_rate_threshold: Some(1.5),
+            ..Default::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err().field,
+            "breaker.failure_rate_threshold"
+        );
+        let bad = BreakerConfig {
+            half_open_max_probes: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err().field,
+            "breaker.half_open_max_probes"
+        );
     }
 
     #[test]
@@ -151,7 +185,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.consecutive_failures, Some(3));
-        assert_eq!(cfg.window, SlidingWindow::Time { duration_ms: 10_000, buckets: 10 });
+        assert_eq!(
+            cfg.window,
+            SlidingWindow::Time {
+                duration_ms: 10_000,
+                buckets: 10
+            }
+        );
         cfg.validate().unwrap();
     }
 }

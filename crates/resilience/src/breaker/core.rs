@@ -168,7 +168,11 @@ impl BreakerCore {
     ) -> Result<Permit, CircuitOpen> {
         let w = self.word.load(Ordering::Acquire);
         if w & 3 == 0 {
-            return Ok(Permit { generation: w >> 2, probe: false, transition: None });
+            return Ok(Permit {
+                generation: w >> 2,
+                probe: false,
+                transition: None,
+            });
         }
         self.acquire_slow(now())
     }
@@ -181,26 +185,45 @@ impl BreakerCore {
         let mut transition = None;
         match State::from_tag(w) {
             State::Closed => {
-                return Ok(Permit { generation: w >> 2, probe: false, transition: None });
+                return Ok(Permit {
+                    generation: w >> 2,
+                    probe: false,
+                    transition: None,
+                });
             }
             State::Open => {
                 let until = self.open_until.load(Ordering::Acquire);
                 if now_n < until {
-                    return Err(CircuitOpen { remaining: Duration::from_nanos(until - now_n) });
+                    return Err(CircuitOpen {
+                        remaining: Duration::from_nanos(until - now_n),
+                    });
                 }
                 slow.probes_admitted = 0;
                 slow.probe_successes = 0;
-                self.word.store(((w >> 2) + 1) << 2 | State::HalfOpen.tag(), Ordering::Release);
-                transition = Some(Transition { from: State::Open, to: State::HalfOpen, at: now });
+                self.word.store(
+                    ((w >> 2) + 1) << 2 | State::HalfOpen.tag(),
+                    Ordering::Release,
+                );
+                transition = Some(Transition {
+                    from: State::Open,
+                    to: State::HalfOpen,
+                    at: now,
+                });
             }
             State::HalfOpen => {}
         }
         if slow.probes_admitted >= self.cfg.half_open_max_probes {
-            return Err(CircuitOpen { remaining: Duration::ZERO });
+            return Err(CircuitOpen {
+                remaining: Duration::ZERO,
+            });
         }
         slow.probes_admitted += 1;
         let generation = self.word.load(Ordering::Acquire) >> 2;
-        Ok(Permit { generation, probe: true, transition })
+        Ok(Permit {
+            generation,
+            probe: true,
+            transition,
+        })
     }
 
     /// Records the outcome of a call admitted with `permit`. `latency` is
@@ -324,8 +347,13 @@ impl BreakerCore {
                         window.reset();
                     }
                     self.consecutive.store(0, Ordering::Relaxed);
-                    self.word.store(((w >> 2) + 1) << 2 | State::Closed.tag(), Ordering::Release);
-                    Some(Transition { from: State::HalfOpen, to: State::Closed, at: now })
+                    self.word
+                        .store(((w >> 2) + 1) << 2 | State::Closed.tag(), Ordering::Release);
+                    Some(Transition {
+                        from: State::HalfOpen,
+                        to: State::Closed,
+                        at: now,
+                    })
                 }
             },
             _ => None,
@@ -342,8 +370,13 @@ impl BreakerCore {
         if let Some(window) = slow.window.as_mut() {
             window.reset();
         }
-        self.word.store(((w >> 2) + 1) << 2 | State::Open.tag(), Ordering::Release);
-        Transition { from, to: State::Open, at: now }
+        self.word
+            .store(((w >> 2) + 1) << 2 | State::Open.tag(), Ordering::Release);
+        Transition {
+            from,
+            to: State::Open,
+            at: now,
+        }
     }
 
     /// How long the breaker stays open from `now` (zero unless open).

@@ -11,7 +11,11 @@ fn classic() -> BreakerConfig {
     }
 }
 
-fn call(core: &BreakerCore, outcome: Outcome, now: Instant) -> Result<Option<Transition>, CircuitOpen> {
+fn call(
+    core: &BreakerCore,
+    outcome: Outcome,
+    now: Instant,
+) -> Result<Option<Transition>, CircuitOpen> {
     let p = core.try_acquire(now)?;
     let t1 = p.transition;
     let t2 = core.record(p, outcome, Duration::ZERO, now);
@@ -29,7 +33,9 @@ fn three_failures_then_reset_after_30s() {
     assert_eq!((t.from, t.to), (State::Closed, State::Open));
     let err = core.try_acquire(t0 + Duration::from_secs(10)).unwrap_err();
     assert_eq!(err.remaining, Duration::from_secs(20));
-    let t = call(&core, Outcome::Success, t0 + Duration::from_secs(30)).unwrap().unwrap();
+    let t = call(&core, Outcome::Success, t0 + Duration::from_secs(30))
+        .unwrap()
+        .unwrap();
     assert_eq!((t.from, t.to), (State::HalfOpen, State::Closed));
 }
 
@@ -105,7 +111,10 @@ fn stale_results_are_ignored() {
     }
     let later = t0 + Duration::from_secs(30);
     let probe = core.try_acquire(later).unwrap();
-    assert!(core.record(old, Outcome::Success, Duration::ZERO, later).is_none());
+    assert!(
+        core.record(old, Outcome::Success, Duration::ZERO, later)
+            .is_none()
+    );
     assert_eq!(core.state(), State::HalfOpen);
     core.record(probe, Outcome::Success, Duration::ZERO, later);
     assert_eq!(core.state(), State::Closed);

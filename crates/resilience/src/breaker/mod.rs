@@ -136,14 +136,20 @@ pub struct BreakerLayer<C = ErrorsAsFailures> {
 impl BreakerLayer {
     /// A layer over a new breaker, classifying `Err` as failure.
     pub fn new(cfg: BreakerConfig) -> Result<Self, ConfigError> {
-        Ok(Self { breaker: Breaker::new(cfg)?, classifier: ErrorsAsFailures })
+        Ok(Self {
+            breaker: Breaker::new(cfg)?,
+            classifier: ErrorsAsFailures,
+        })
     }
 }
 
 impl<C> BreakerLayer<C> {
     /// A layer over an existing breaker with a classifier.
     pub fn with_classifier(breaker: Breaker, classifier: C) -> Self {
-        Self { breaker, classifier }
+        Self {
+            breaker,
+            classifier,
+        }
     }
 
     /// The breaker shared by every service of this layer.
@@ -155,7 +161,11 @@ impl<C> BreakerLayer<C> {
 impl<S, C: Clone> Layer<S> for BreakerLayer<C> {
     type Service = CircuitBreaker<S, C>;
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker { inner, breaker: self.breaker.clone(), classifier: self.classifier.clone() }
+        CircuitBreaker {
+            inner,
+            breaker: self.breaker.clone(),
+            classifier: self.classifier.clone(),
+        }
     }
 }
 
@@ -170,7 +180,11 @@ pub struct CircuitBreaker<S, C = ErrorsAsFailures> {
 impl<S, C> CircuitBreaker<S, C> {
     /// Wraps `inner` with `breaker`.
     pub fn new(inner: S, breaker: Breaker, classifier: C) -> Self {
-        Self { inner, breaker, classifier }
+        Self {
+            inner,
+            breaker,
+            classifier,
+        }
     }
 }
 
@@ -226,6 +240,7 @@ pub struct Pending<C> {
 pin_project! {
     /// Future of [`CircuitBreaker`]: records the outcome when the call ends.
     #[project = Proj]
+    #[allow(missing_docs)] // variant fields are private in spirit
     #[derive(Debug)]
     pub enum ResponseFuture<F, C> {
         /// The call is running.
@@ -245,16 +260,19 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            Proj::Rejected { error } => {
-                Poll::Ready(Err(error.take().map_or_else(|| "polled after completion".into(), Into::into)))
-            }
+            Proj::Rejected { error } => Poll::Ready(Err(error
+                .take()
+                .map_or_else(|| "polled after completion".into(), Into::into))),
             Proj::Called { inner, state } => {
                 let result = std::task::ready!(inner.poll(cx));
                 if let Some(p) = state.take() {
                     let outcome = p.classifier.classify(result.as_ref());
                     let latency = p.start.map_or(Duration::ZERO, |s| s.elapsed());
                     if let Some(t) =
-                        p.breaker.shared.core.record_with(p.permit, outcome, latency, Instant::now)
+                        p.breaker
+                            .shared
+                            .core
+                            .record_with(p.permit, outcome, latency, Instant::now)
                     {
                         p.breaker.publish(t);
                     }
@@ -285,7 +303,13 @@ mod tests {
         let h = healthy.clone();
         let mut svc = layer.layer(tower::service_fn(move |_: ()| {
             let ok = h.load(std::sync::atomic::Ordering::SeqCst);
-            async move { if ok { Ok(()) } else { Err(std::io::Error::other("boom")) } }
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("boom"))
+                }
+            }
         }));
         for _ in 0..3 {
             let e = svc.ready().await.unwrap().call(()).await.unwrap_err();

@@ -17,7 +17,7 @@ pub(crate) struct Totals {
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
+pub(crate) struct Bucket {
     epoch: u64,
     totals: Totals,
 }
@@ -25,8 +25,16 @@ struct Bucket {
 /// A sliding window of outcomes.
 #[derive(Debug)]
 pub(crate) enum Window {
-    Count { ring: Vec<u8>, next: usize, len: usize, totals: Totals },
-    Time { buckets: Vec<Bucket>, width_nanos: u64 },
+    Count {
+        ring: Vec<u8>,
+        next: usize,
+        len: usize,
+        totals: Totals,
+    },
+    Time {
+        buckets: Vec<Bucket>,
+        width_nanos: u64,
+    },
 }
 
 const FAILED: u8 = 1;
@@ -41,7 +49,10 @@ impl Window {
                 len: 0,
                 totals: Totals::default(),
             },
-            SlidingWindow::Time { duration_ms, buckets } => {
+            SlidingWindow::Time {
+                duration_ms,
+                buckets,
+            } => {
                 let width = Duration::from_millis(duration_ms) / buckets;
                 Window::Time {
                     buckets: vec![Bucket::default(); buckets as usize],
@@ -55,7 +66,12 @@ impl Window {
     pub(crate) fn record(&mut self, now_nanos: u64, failed: bool, slow: bool) {
         let flags = (failed as u8 * FAILED) | (slow as u8 * SLOW);
         match self {
-            Window::Count { ring, next, len, totals } => {
+            Window::Count {
+                ring,
+                next,
+                len,
+                totals,
+            } => {
                 if *len == ring.len() {
                     let old = ring[*next];
                     totals.calls -= 1;
@@ -70,13 +86,19 @@ impl Window {
                 totals.failures += u64::from(failed);
                 totals.slow += u64::from(slow);
             }
-            Window::Time { buckets, width_nanos } => {
+            Window::Time {
+                buckets,
+                width_nanos,
+            } => {
                 // Epochs start at 1 so that a zeroed bucket is never current.
                 let epoch = now_nanos / *width_nanos + 1;
                 let n = buckets.len() as u64;
                 let b = &mut buckets[(epoch % n) as usize];
                 if b.epoch != epoch {
-                    *b = Bucket { epoch, totals: Totals::default() };
+                    *b = Bucket {
+                        epoch,
+                        totals: Totals::default(),
+                    };
                 }
                 b.totals.calls += 1;
                 b.totals.failures += u64::from(failed);
@@ -89,11 +111,17 @@ impl Window {
     pub(crate) fn totals(&self, now_nanos: u64) -> Totals {
         match self {
             Window::Count { totals, .. } => *totals,
-            Window::Time { buckets, width_nanos } => {
+            Window::Time {
+                buckets,
+                width_nanos,
+            } => {
                 let epoch = now_nanos / *width_nanos + 1;
                 let n = buckets.len() as u64;
                 let mut t = Totals::default();
-                for b in buckets.iter().filter(|b| b.epoch + n > epoch && b.epoch <= epoch) {
+                for b in buckets
+                    .iter()
+                    .filter(|b| b.epoch + n > epoch && b.epoch <= epoch)
+                {
                     t.calls += b.totals.calls;
                     t.failures += b.totals.failures;
                     t.slow += b.totals.slow;
@@ -105,7 +133,12 @@ impl Window {
 
     pub(crate) fn reset(&mut self) {
         match self {
-            Window::Count { ring, next, len, totals } => {
+            Window::Count {
+                ring,
+                next,
+                len,
+                totals,
+            } => {
                 ring.iter_mut().for_each(|x| *x = 0);
                 *next = 0;
                 *len = 0;
@@ -126,15 +159,32 @@ mod tests {
         w.record(0, true, false);
         w.record(0, false, true);
         w.record(0, false, false);
-        assert_eq!(w.totals(0), Totals { calls: 3, failures: 1, slow: 1 });
+        assert_eq!(
+            w.totals(0),
+            Totals {
+                calls: 3,
+                failures: 1,
+                slow: 1
+            }
+        );
         w.record(0, false, false);
-        assert_eq!(w.totals(0), Totals { calls: 3, failures: 0, slow: 1 });
+        assert_eq!(
+            w.totals(0),
+            Totals {
+                calls: 3,
+                failures: 0,
+                slow: 1
+            }
+        );
     }
 
     #[test]
     fn time_window_forgets_old_buckets() {
         let ms = 1_000_000;
-        let mut w = Window::new(SlidingWindow::Time { duration_ms: 10, buckets: 10 });
+        let mut w = Window::new(SlidingWindow::Time {
+            duration_ms: 10,
+            buckets: 10,
+        });
         w.record(0, true, false);
         w.record(5 * ms, false, false);
         assert_eq!(w.totals(9 * ms).calls, 2);

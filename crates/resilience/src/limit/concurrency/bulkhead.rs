@@ -34,7 +34,11 @@ pub struct BulkheadConfig {
 
 impl Default for BulkheadConfig {
     fn default() -> Self {
-        Self { max_in_flight: 100, max_queued: 100, max_wait_ms: 100 }
+        Self {
+            max_in_flight: 100,
+            max_queued: 100,
+            max_wait_ms: 100,
+        }
     }
 }
 
@@ -47,8 +51,18 @@ impl BulkheadConfig {
             self.max_in_flight,
             "1..=1000000",
         )?;
-        check(self.max_queued <= 1_000_000, "bulkhead.max_queued", self.max_queued, "at most 1000000")?;
-        check(self.max_wait_ms <= 3_600_000, "bulkhead.max_wait_ms", self.max_wait_ms, "at most one hour")
+        check(
+            self.max_queued <= 1_000_000,
+            "bulkhead.max_queued",
+            self.max_queued,
+            "at most 1000000",
+        )?;
+        check(
+            self.max_wait_ms <= 3_600_000,
+            "bulkhead.max_wait_ms",
+            self.max_wait_ms,
+            "at most one hour",
+        )
     }
 }
 
@@ -89,7 +103,10 @@ impl BulkheadLayer {
 impl<S> Layer<S> for BulkheadLayer {
     type Service = Bulkhead<S>;
     fn layer(&self, inner: S) -> Bulkhead<S> {
-        Bulkhead { inner, shared: self.shared.clone() }
+        Bulkhead {
+            inner,
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -126,13 +143,19 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &self.shared;
         if let Ok(permit) = shared.semaphore.clone().try_acquire_owned() {
-            return ResponseFuture::Direct { inner: self.inner.call(req), permit: Some(permit) };
+            return ResponseFuture::Direct {
+                inner: self.inner.call(req),
+                permit: Some(permit),
+            };
         }
         let queued = shared.queued.fetch_add(1, Ordering::AcqRel);
         if queued >= shared.cfg.max_queued {
             shared.queued.fetch_sub(1, Ordering::AcqRel);
             shared.rejected.increment(1);
-            let e = BulkheadFull { queue_full: true, waited: Duration::ZERO };
+            let e = BulkheadFull {
+                queue_full: true,
+                waited: Duration::ZERO,
+            };
             return ResponseFuture::Rejected { error: Some(e) };
         }
         let clone = self.inner.clone();
@@ -150,7 +173,11 @@ where
                     Ok(Ok(p)) => p,
                     _ => {
                         shared.rejected.increment(1);
-                        return Err(BulkheadFull { queue_full: false, waited: start.elapsed() }.into());
+                        return Err(BulkheadFull {
+                            queue_full: false,
+                            waited: start.elapsed(),
+                        }
+                        .into());
                     }
                 };
                 ready.call(req).await.map_err(Into::into)
@@ -162,6 +189,7 @@ where
 pin_project! {
     /// Future of [`Bulkhead`]; holds the slot until the call ends.
     #[project = Proj]
+    #[allow(missing_docs)] // variant fields are private in spirit
     pub enum ResponseFuture<F, T> {
         /// Got a slot at once.
         Direct { #[pin] inner: F, permit: Option<OwnedSemaphorePermit> },
@@ -186,9 +214,9 @@ where
                 Poll::Ready(out.map_err(Into::into))
             }
             Proj::Queued { fut } => fut.as_mut().poll(cx),
-            Proj::Rejected { error } => {
-                Poll::Ready(Err(error.take().map_or_else(|| "polled after completion".into(), Into::into)))
-            }
+            Proj::Rejected { error } => Poll::Ready(Err(error
+                .take()
+                .map_or_else(|| "polled after completion".into(), Into::into))),
         }
     }
 }
@@ -200,7 +228,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn in_flight_queue_and_wait_limits() {
-        let layer = BulkheadLayer::new(BulkheadConfig { max_in_flight: 2, max_queued: 1, max_wait_ms: 50 }).unwrap();
+        let layer = BulkheadLayer::new(BulkheadConfig {
+            max_in_flight: 2,
+            max_queued: 1,
+            max_wait_ms: 50,
+        })
+        .unwrap();
         let svc = layer.layer(tower::service_fn(|d: u64| async move {
             tokio::time::sleep(Duration::from_millis(d)).await;
             Ok::<_, BoxError>(d)

@@ -28,7 +28,10 @@ pub struct GcraConfig {
 
 impl Default for GcraConfig {
     fn default() -> Self {
-        Self { rate_per_sec: 100.0, burst: 10 }
+        Self {
+            rate_per_sec: 100.0,
+            burst: 10,
+        }
     }
 }
 
@@ -101,9 +104,14 @@ impl Gcra {
             let new_tat = tat.max(now_n) + increment;
             if new_tat - now_n > tolerance {
                 let wait = (new_tat - now_n - tolerance).min(u64::MAX / 2);
-                return Err(RateLimited { retry_after: Duration::from_nanos(wait) });
+                return Err(RateLimited {
+                    retry_after: Duration::from_nanos(wait),
+                });
             }
-            match self.tat.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Relaxed) {
+            match self
+                .tat
+                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => return Ok(()),
                 Err(current) => tat = current,
             }
@@ -119,7 +127,14 @@ mod tests {
     #[test]
     fn burst_then_rate() {
         let t0 = Instant::now();
-        let g = Gcra::new(GcraConfig { rate_per_sec: 10.0, burst: 3 }, t0).unwrap();
+        let g = Gcra::new(
+            GcraConfig {
+                rate_per_sec: 10.0,
+                burst: 3,
+            },
+            t0,
+        )
+        .unwrap();
         for _ in 0..3 {
             g.check(t0).unwrap();
         }
@@ -127,9 +142,15 @@ mod tests {
         assert_eq!(e.retry_after, Duration::from_millis(100));
         g.check(t0 + Duration::from_millis(100)).unwrap();
         assert!(g.check(t0 + Duration::from_millis(100)).is_err());
-        g.set_limit(GcraConfig { rate_per_sec: 1000.0, burst: 3 }).unwrap();
+        g.set_limit(GcraConfig {
+            rate_per_sec: 1000.0,
+            burst: 3,
+        })
+        .unwrap();
         // TAT was pushed with the old interval; it drains at wall time.
-        g.check(t0 + Duration::from_millis(300)).unwrap();
+        assert!(g.check(t0 + Duration::from_millis(300)).is_err());
+        g.check(t0 + Duration::from_millis(400)).unwrap();
+        g.check(t0 + Duration::from_millis(401)).unwrap();
     }
 
     proptest! {

@@ -45,18 +45,43 @@ pub struct KeyedConfig {
 
 impl Default for KeyedConfig {
     fn default() -> Self {
-        Self { rate_per_sec: 10.0, burst: 20, max_keys: 1_000_000, shards: 64, hot_keys: None }
+        Self {
+            rate_per_sec: 10.0,
+            burst: 20,
+            max_keys: 1_000_000,
+            shards: 64,
+            hot_keys: None,
+        }
     }
 }
 
 impl KeyedConfig {
     /// Checks the fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        super::GcraConfig { rate_per_sec: self.rate_per_sec, burst: self.burst }.validate()?;
-        check((1..=1024).contains(&self.shards), "keyed.shards", self.shards, "1..=1024")?;
-        check(self.max_keys >= self.shards, "keyed.max_keys", self.max_keys, "at least `shards`")?;
+        super::GcraConfig {
+            rate_per_sec: self.rate_per_sec,
+            burst: self.burst,
+        }
+        .validate()?;
+        check(
+            (1..=1024).contains(&self.shards),
+            "keyed.shards",
+            self.shards,
+            "1..=1024",
+        )?;
+        check(
+            self.max_keys >= self.shards,
+            "keyed.max_keys",
+            self.max_keys,
+            "at least `shards`",
+        )?;
         if let Some(k) = self.hot_keys {
-            check((1..=100_000).contains(&k), "keyed.hot_keys", k, "1..=100000")?;
+            check(
+                (1..=100_000).contains(&k),
+                "keyed.hot_keys",
+                k,
+                "1..=100000",
+            )?;
         }
         Ok(())
     }
@@ -73,7 +98,10 @@ pub struct HotKeys<K> {
 impl<K: Hash + Eq + Clone> HotKeys<K> {
     /// Tracks the top `capacity` keys.
     pub fn new(capacity: usize) -> Self {
-        Self { capacity: capacity.max(1), counts: HashMap::with_capacity(capacity.max(1)) }
+        Self {
+            capacity: capacity.max(1),
+            counts: HashMap::with_capacity(capacity.max(1)),
+        }
     }
 
     /// Counts one occurrence of `key`; true if `key` is now tracked.
@@ -86,7 +114,11 @@ impl<K: Hash + Eq + Clone> HotKeys<K> {
             self.counts.insert(key.clone(), 1);
             return true;
         }
-        let Some((victim, min)) = self.counts.iter().min_by_key(|e| *e.1).map(|(k, c)| (k.clone(), *c))
+        let Some((victim, min)) = self
+            .counts
+            .iter()
+            .min_by_key(|e| *e.1)
+            .map(|(k, c)| (k.clone(), *c))
         else {
             return false;
         };
@@ -124,14 +156,19 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// An empty limiter at `now`.
     pub fn new(cfg: KeyedConfig, now: Instant) -> Result<Self, ConfigError> {
         cfg.validate()?;
-        let (interval, tolerance) =
-            super::GcraConfig { rate_per_sec: cfg.rate_per_sec, burst: cfg.burst }.nanos();
+        let (interval, tolerance) = super::GcraConfig {
+            rate_per_sec: cfg.rate_per_sec,
+            burst: cfg.burst,
+        }
+        .nanos();
         Ok(Self {
             base: now,
             interval: AtomicU64::new(interval),
             tolerance: AtomicU64::new(tolerance),
             per_shard: cfg.max_keys.div_ceil(cfg.shards),
-            shards: (0..cfg.shards).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..cfg.shards)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
             hasher: Default::default(),
             hot: cfg.hot_keys.map(|k| Mutex::new(HotKeys::new(k))),
         })
@@ -139,7 +176,10 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 
     /// Changes the per-key rate and burst at run time.
     pub fn set_limit(&self, rate_per_sec: f64, burst: u32) -> Result<(), ConfigError> {
-        let cfg = super::GcraConfig { rate_per_sec, burst };
+        let cfg = super::GcraConfig {
+            rate_per_sec,
+            burst,
+        };
         cfg.validate()?;
         let (interval, tolerance) = cfg.nanos();
         self.interval.store(interval, Ordering::Relaxed);
@@ -159,7 +199,10 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 
     /// The hot keys (hot-key mode only).
     pub fn hot_keys(&self) -> Vec<(K, u64)> {
-        self.hot.as_ref().map(|h| h.lock().top()).unwrap_or_default()
+        self.hot
+            .as_ref()
+            .map(|h| h.lock().top())
+            .unwrap_or_default()
     }
 
     /// Admits one call for `key` at `now`.
@@ -187,7 +230,9 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         };
         let new_tat = tat.max(now_n) + interval;
         if new_tat - now_n > tolerance {
-            return Err(RateLimited { retry_after: Duration::from_nanos(new_tat - now_n - tolerance) });
+            return Err(RateLimited {
+                retry_after: Duration::from_nanos(new_tat - now_n - tolerance),
+            });
         }
         map.insert(key.clone(), new_tat);
         Ok(())
@@ -217,12 +262,19 @@ mod tests {
     #[test]
     fn keys_are_independent_and_memory_bounded() {
         let t0 = Instant::now();
-        let cfg = KeyedConfig { rate_per_sec: 1.0, burst: 2, max_keys: 100, shards: 4, hot_keys: None };
+        let cfg = KeyedConfig {
+            rate_per_sec: 1.0,
+            burst: 2,
+            max_keys: 100,
+            shards: 4,
+            hot_keys: None,
+        };
         let l = KeyedLimiter::new(cfg, t0).unwrap();
-        l.check(&"a", t0).unwrap();
-        l.check(&"a", t0).unwrap();
-        assert!(l.check(&"a", t0).is_err());
-        l.check(&"b", t0).unwrap();
+        let (a, b) = ("a".to_string(), "b".to_string());
+        l.check(&a, t0).unwrap();
+        l.check(&a, t0).unwrap();
+        assert!(l.check(&a, t0).is_err());
+        l.check(&b, t0).unwrap();
         let keys: Vec<String> = (0..10_000).map(|i| format!("ip-{i}")).collect();
         for k in &keys {
             let _ = l.check(k, t0);
@@ -233,7 +285,12 @@ mod tests {
     #[test]
     fn hot_key_mode_limits_only_heavy_hitters() {
         let t0 = Instant::now();
-        let cfg = KeyedConfig { rate_per_sec: 1.0, burst: 5, hot_keys: Some(2), ..Default::default() };
+        let cfg = KeyedConfig {
+            rate_per_sec: 1.0,
+            burst: 5,
+            hot_keys: Some(2),
+            ..Default::default()
+        };
         let l = KeyedLimiter::new(cfg, t0).unwrap();
         let mut rejected_hot = 0;
         for i in 0..200u32 {

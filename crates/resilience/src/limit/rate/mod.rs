@@ -3,7 +3,7 @@
 //! | limiter | algorithm | guarantee over any interval `d` |
 //! | --- | --- | --- |
 //! | [`Gcra`] | token bucket as one atomic TAT | `rate * d + burst` |
-//! | [`SlidingWindow`] | bucketed sliding counter | `limit/window * d + limit` |
+//! | [`SlidingWindow`] | bucketed sliding counter | `limit/window * d + limit * (1 + 1/buckets)` |
 //! | [`WarmUp`] | Guava/Sentinel warm-up | `rate * d + 1`, ramping from `rate / cold_factor` |
 //! | [`KeyedLimiter`] | GCRA per key, bounded memory | per key: `rate * d + burst` |
 //! | [`Pacer`] / [`Pacing`] | leaky bucket that queues | one call per `1 / rate` |
@@ -89,7 +89,9 @@ pub struct Keyed<K, F> {
 
 impl<K: std::fmt::Debug, F> std::fmt::Debug for Keyed<K, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keyed").field("limiter", &self.limiter).finish_non_exhaustive()
+        f.debug_struct("Keyed")
+            .field("limiter", &self.limiter)
+            .finish_non_exhaustive()
     }
 }
 
@@ -109,7 +111,12 @@ where
 /// Key extractor: the value of HTTP header `name` (e.g. `x-api-key`, or
 /// `x-forwarded-for` for the client IP behind a proxy).
 pub fn header_key<B>(name: &'static str) -> impl Fn(&http::Request<B>) -> Option<String> + Clone {
-    move |req| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    move |req| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
 }
 
 /// Key extractor: the request path (per-route limiting).
@@ -126,7 +133,10 @@ pub struct RateLimitLayer<P> {
 
 impl<P> Clone for RateLimitLayer<P> {
     fn clone(&self) -> Self {
-        Self { policy: self.policy.clone(), rejected: self.rejected.clone() }
+        Self {
+            policy: self.policy.clone(),
+            rejected: self.rejected.clone(),
+        }
     }
 }
 
@@ -152,10 +162,14 @@ impl RateLimitLayer<Gcra> {
     }
 }
 
-impl<S, P: Clone> Layer<S> for RateLimitLayer<P> {
+impl<S, P> Layer<S> for RateLimitLayer<P> {
     type Service = RateLimit<S, P>;
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimit { inner, policy: self.policy.clone(), rejected: self.rejected.clone() }
+        RateLimit {
+            inner,
+            policy: self.policy.clone(),
+            rejected: self.rejected.clone(),
+        }
     }
 }
 
@@ -169,14 +183,22 @@ pub struct RateLimit<S, P> {
 
 impl<S: Clone, P> Clone for RateLimit<S, P> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone(), policy: self.policy.clone(), rejected: self.rejected.clone() }
+        Self {
+            inner: self.inner.clone(),
+            policy: self.policy.clone(),
+            rejected: self.rejected.clone(),
+        }
     }
 }
 
 impl<S, P> RateLimit<S, P> {
     /// Wraps `inner`.
     pub fn new(inner: S, policy: Arc<P>) -> Self {
-        Self { inner, policy, rejected: metrics::Counter::noop() }
+        Self {
+            inner,
+            policy,
+            rejected: metrics::Counter::noop(),
+        }
     }
 }
 
@@ -197,7 +219,9 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         match self.policy.check(&req, Instant::now()) {
-            Ok(()) => ResponseFuture::Called { inner: self.inner.call(req) },
+            Ok(()) => ResponseFuture::Called {
+                inner: self.inner.call(req),
+            },
             Err(e) => {
                 self.rejected.increment(1);
                 ResponseFuture::Rejected { error: Some(e) }
@@ -209,6 +233,7 @@ where
 pin_project! {
     /// Future of [`RateLimit`].
     #[project = Proj]
+    #[allow(missing_docs)] // variant fields are private in spirit
     #[derive(Debug)]
     pub enum ResponseFuture<F> {
         /// Admitted.
@@ -228,9 +253,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             Proj::Called { inner } => inner.poll(cx).map_err(Into::into),
-            Proj::Rejected { error } => {
-                Poll::Ready(Err(error.take().map_or_else(|| "polled after completion".into(), Into::into)))
-            }
+            Proj::Rejected { error } => Poll::Ready(Err(error
+                .take()
+                .map_or_else(|| "polled after completion".into(), Into::into))),
         }
     }
 }
@@ -243,13 +268,39 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn per_header_limit_in_a_stack() {
-        let limiter = KeyedLimiter::new(KeyedConfig { rate_per_sec: 1.0, burst: 1, ..Default::default() }, Instant::now())
-            .unwrap();
-        let layer = RateLimitLayer::new("per-client", Keyed { limiter, key: header_key("x-client") });
-        let svc = layer.layer(tower::service_fn(|_: http::Request<()>| async { Ok::<_, BoxError>(()) }));
-        let req = |c: &str| http::Request::builder().header("x-client", c).body(()).unwrap();
+        let limiter = KeyedLimiter::new(
+            KeyedConfig {
+                rate_per_sec: 1.0,
+                burst: 1,
+                ..Default::default()
+            },
+            Instant::now(),
+        )
+        .unwrap();
+        let layer = RateLimitLayer::new(
+            "per-client",
+            Keyed {
+                limiter,
+                key: header_key("x-client"),
+            },
+        );
+        let svc = layer.layer(tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, BoxError>(())
+        }));
+        let req = |c: &str| {
+            http::Request::builder()
+                .header("x-client", c)
+                .body(())
+                .unwrap()
+        };
         svc.clone().oneshot(req("a")).await.unwrap();
-        assert!(svc.clone().oneshot(req("a")).await.unwrap_err().is::<RateLimited>());
+        assert!(
+            svc.clone()
+                .oneshot(req("a"))
+                .await
+                .unwrap_err()
+                .is::<RateLimited>()
+        );
         svc.clone().oneshot(req("b")).await.unwrap();
         tokio::time::advance(Duration::from_secs(1)).await;
         svc.clone().oneshot(req("a")).await.unwrap();

@@ -33,7 +33,10 @@ pub struct PacingConfig {
 
 impl Default for PacingConfig {
     fn default() -> Self {
-        Self { rate_per_sec: 100.0, max_wait_ms: 500 }
+        Self {
+            rate_per_sec: 100.0,
+            max_wait_ms: 500,
+        }
     }
 }
 
@@ -46,7 +49,12 @@ impl PacingConfig {
             self.rate_per_sec,
             "a number in (0, 1e9]",
         )?;
-        check(self.max_wait_ms <= 3_600_000, "pacing.max_wait_ms", self.max_wait_ms, "at most one hour")
+        check(
+            self.max_wait_ms <= 3_600_000,
+            "pacing.max_wait_ms",
+            self.max_wait_ms,
+            "at most one hour",
+        )
     }
 }
 
@@ -76,8 +84,10 @@ impl Pacer {
     /// Changes rate and maximum wait at run time.
     pub fn set_limit(&self, cfg: PacingConfig) -> Result<(), ConfigError> {
         cfg.validate()?;
-        self.interval.store(((1e9 / cfg.rate_per_sec) as u64).max(1), Ordering::Relaxed);
-        self.max_wait.store(cfg.max_wait_ms * 1_000_000, Ordering::Relaxed);
+        self.interval
+            .store(((1e9 / cfg.rate_per_sec) as u64).max(1), Ordering::Relaxed);
+        self.max_wait
+            .store(cfg.max_wait_ms * 1_000_000, Ordering::Relaxed);
         Ok(())
     }
 
@@ -91,9 +101,16 @@ impl Pacer {
             let slot = next.max(now_n);
             let wait = slot - now_n;
             if wait > max_wait {
-                return Err(RateLimited { retry_after: Duration::from_nanos(wait - max_wait) });
+                return Err(RateLimited {
+                    retry_after: Duration::from_nanos(wait - max_wait),
+                });
             }
-            match self.next.compare_exchange_weak(next, slot + interval, Ordering::AcqRel, Ordering::Relaxed) {
+            match self.next.compare_exchange_weak(
+                next,
+                slot + interval,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return Ok(Duration::from_nanos(wait)),
                 Err(cur) => next = cur,
             }
@@ -110,7 +127,9 @@ pub struct PacingLayer {
 impl PacingLayer {
     /// A layer sharing one new pacer.
     pub fn new(cfg: PacingConfig) -> Result<Self, ConfigError> {
-        Ok(Self { pacer: Arc::new(Pacer::new(cfg, Instant::now())?) })
+        Ok(Self {
+            pacer: Arc::new(Pacer::new(cfg, Instant::now())?),
+        })
     }
     /// The shared pacer (to change limits at run time).
     pub fn pacer(&self) -> &Arc<Pacer> {
@@ -121,7 +140,10 @@ impl PacingLayer {
 impl<S> Layer<S> for PacingLayer {
     type Service = Pacing<S>;
     fn layer(&self, inner: S) -> Pacing<S> {
-        Pacing { inner, pacer: self.pacer.clone() }
+        Pacing {
+            inner,
+            pacer: self.pacer.clone(),
+        }
     }
 }
 
@@ -176,22 +198,52 @@ mod tests {
     #[test]
     fn slots_are_spaced_and_long_waits_rejected() {
         let t0 = Instant::now();
-        let p = Pacer::new(PacingConfig { rate_per_sec: 10.0, max_wait_ms: 250 }, t0).unwrap();
+        let p = Pacer::new(
+            PacingConfig {
+                rate_per_sec: 10.0,
+                max_wait_ms: 250,
+            },
+            t0,
+        )
+        .unwrap();
         let waits: Vec<_> = (0..3).map(|_| p.reserve(t0).unwrap()).collect();
-        assert_eq!(waits, [Duration::ZERO, Duration::from_millis(100), Duration::from_millis(200)]);
+        assert_eq!(
+            waits,
+            [
+                Duration::ZERO,
+                Duration::from_millis(100),
+                Duration::from_millis(200)
+            ]
+        );
         assert!(p.reserve(t0).is_err(), "300 ms > max wait");
-        assert_eq!(p.reserve(t0 + Duration::from_secs(1)).unwrap(), Duration::ZERO);
+        assert_eq!(
+            p.reserve(t0 + Duration::from_secs(1)).unwrap(),
+            Duration::ZERO
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn service_waits_for_its_slot() {
-        let layer = PacingLayer::new(PacingConfig { rate_per_sec: 10.0, max_wait_ms: 1000 }).unwrap();
-        let svc = layer.layer(tower::service_fn(|_: ()| async { Ok::<_, BoxError>(Instant::now()) }));
+        let layer = PacingLayer::new(PacingConfig {
+            rate_per_sec: 10.0,
+            max_wait_ms: 1000,
+        })
+        .unwrap();
+        let svc = layer.layer(tower::service_fn(|_: ()| async {
+            Ok::<_, BoxError>(Instant::now())
+        }));
         let start = Instant::now();
         let mut times = Vec::new();
         for _ in 0..3 {
             times.push(svc.clone().oneshot(()).await.unwrap() - start);
         }
-        assert_eq!(times, [Duration::ZERO, Duration::from_millis(100), Duration::from_millis(200)]);
+        assert_eq!(
+            times,
+            [
+                Duration::ZERO,
+                Duration::from_millis(100),
+                Duration::from_millis(200)
+            ]
+        );
     }
 }
