@@ -1,0 +1,147 @@
+//! The Maintenance service: Status, Snapshot, Alarm, Defragment.
+
+use std::pin::Pin;
+
+use futures_util::Stream;
+use meshwork_store::Alarm;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tonic::{Request, Response, Status};
+
+use super::Ctx;
+use crate::convert::status;
+use crate::proto::etcdserverpb as pb;
+
+pub(crate) struct MaintenanceService(pub(crate) Ctx);
+
+/// Snapshot chunk size, as etcd sends.
+const SNAPSHOT_CHUNK_BYTES: usize = 32 * 1024;
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::maintenance_server::Maintenance for MaintenanceService {
+    async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+        let r = req.into_inner();
+        match pb::alarm_request::AlarmAction::try_from(r.action) {
+            Ok(pb::alarm_request::AlarmAction::Get) => {}
+            Ok(pb::alarm_request::AlarmAction::Deactivate) => {
+                if r.alarm == pb::AlarmType::Nospace as i32 {
+                    self.0.store.disarm(Alarm::NoSpace);
+                }
+            }
+            Ok(pb::alarm_request::AlarmAction::Activate) => {
+                return Err(Status::invalid_argument("etcdserver: alarms are raised by the server, not by clients"));
+            }
+            Err(_) => return Err(Status::invalid_argument(format!("etcdserver: invalid alarm action {}", r.action))),
+        }
+        let st = self.0.store.status();
+        let alarms = st
+            .alarms
+            .iter()
+            .map(|a| match a {
+                Alarm::NoSpace => pb::AlarmMember { member_id: self.0.info.member_id, alarm: pb::AlarmType::Nospace as i32 },
+            })
+            .collect();
+        Ok(Response::new(pb::AlarmResponse { header: self.0.header.at(st.revision), alarms }))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let st = self.0.store.status();
+        let errors = st.alarms.iter().map(|a| format!("memberID:{} alarm:{a:?}", self.0.info.member_id).to_uppercase()).collect();
+        Ok(Response::new(pb::StatusResponse {
+            header: self.0.header.at(st.revision),
+            version: self.0.info.version.clone(),
+            db_size: st.db_size_bytes as i64,
+            leader: self.0.info.member_id,
+            raft_index: st.revision as u64,
+            raft_term: self.0.header.raft_term,
+            raft_applied_index: st.revision as u64,
+            errors,
+            db_size_in_use: st.db_size_in_use_bytes as i64,
+            is_learner: false,
+        }))
+    }
+
+    async fn defragment(&self, _req: Request<pb::DefragmentRequest>) -> Result<Response<pb::DefragmentResponse>, Status> {
+        let store = self.0.store.clone();
+        tokio::task::spawn_blocking(move || store.defragment())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::DefragmentResponse { header: self.0.header.at(self.0.store.revision()) }))
+    }
+
+    async fn hash(&self, _req: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
+        Err(Status::unimplemented("etcdserver: Hash is not supported by meshwork"))
+    }
+
+    async fn hash_kv(&self, _req: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
+        Err(Status::unimplemented("etcdserver: HashKV is not supported by meshwork"))
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(&self, _req: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        let store = self.0.store.clone();
+        let snap = tokio::task::spawn_blocking(move || store.snapshot())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(status)?;
+        let header = self.0.header.at(snap.revision);
+        let version = self.0.info.version.clone();
+        let mut file = tokio::fs::File::open(&snap.path).await.map_err(|e| Status::internal(e.to_string()))?;
+        let size = file.metadata().await.map_err(|e| Status::internal(e.to_string()))?.len();
+        // etcd clients expect the blob padded to 512 bytes, followed by its SHA-256.
+        let padded = size.div_ceil(512) * 512;
+        let total = padded + 32;
+        let path = snap.path.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::SnapshotResponse, Status>>(4);
+        tokio::spawn(async move {
+            let mut hasher = Sha256::new();
+            let mut sent: u64 = 0;
+            let mut first = true;
+            let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+            loop {
+                let n = match file.read(&mut buf).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("reading snapshot: {e}")))).await;
+                        break;
+                    }
+                };
+                let mut chunk = buf[..n].to_vec();
+                if n == 0 {
+                    // End of file: padding, then the checksum.
+                    chunk = vec![0u8; (padded - sent) as usize];
+                }
+                if !chunk.is_empty() {
+                    hasher.update(&chunk);
+                    sent += chunk.len() as u64;
+                    let msg = pb::SnapshotResponse {
+                        header: if first { header } else { None },
+                        remaining_bytes: total - sent,
+                        blob: chunk.into(),
+                        version: version.clone(),
+                    };
+                    first = false;
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                }
+                if n == 0 {
+                    let sum = hasher.finalize().to_vec();
+                    let msg = pb::SnapshotResponse { header: None, remaining_bytes: 0, blob: sum.into(), version: version.clone() };
+                    let _ = tx.send(Ok(msg)).await;
+                    break;
+                }
+            }
+            let _ = tokio::fs::remove_file(&path).await;
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn move_leader(&self, _req: Request<pb::MoveLeaderRequest>) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        Err(Status::failed_precondition("etcdserver: meshwork runs a single member; there is no other leader to move to"))
+    }
+}

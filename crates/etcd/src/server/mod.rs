@@ -1,0 +1,97 @@
+//! The etcd v3 gRPC server over a [`Store`]: KV, Watch, Lease, Cluster, Maintenance,
+//! Lock and Election.
+
+mod cluster;
+mod concurrency;
+mod kv;
+mod lease;
+mod maintenance;
+mod watch;
+
+use std::future::Future;
+
+use meshwork_store::Store;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::convert::Header;
+use crate::proto::etcdserverpb::{
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer, maintenance_server::MaintenanceServer,
+    watch_server::WatchServer,
+};
+use crate::proto::v3electionpb::election_server::ElectionServer;
+use crate::proto::v3lockpb::lock_server::LockServer;
+
+/// Room gRPC framing may add beyond the request limit before the transport rejects a
+/// message outright (etcd allows the same 512 KiB).
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// Who this server is, as reported in headers, `Status` and `MemberList`.
+#[derive(Clone, Debug)]
+pub struct ServerInfo {
+    /// Cluster ID in every response header.
+    pub cluster_id: u64,
+    /// Member ID in every response header.
+    pub member_id: u64,
+    /// Member name.
+    pub name: String,
+    /// URLs clients reach this member on.
+    pub client_urls: Vec<String>,
+    /// Version reported by `Status` (etcd protocol version we are compatible with).
+    pub version: String,
+}
+
+impl ServerInfo {
+    /// Info for a single member named `name`, serving `client_url`.
+    pub fn single(name: &str, client_url: String) -> Self {
+        // Stable IDs derived from the name: FNV-1a, as good as random for a single member.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in name.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        ServerInfo {
+            cluster_id: h ^ 0x6d65_7368_776f_726b,
+            member_id: h,
+            name: name.to_string(),
+            client_urls: vec![client_url],
+            version: "3.5.0".to_string(),
+        }
+    }
+
+    pub(crate) fn header(&self) -> Header {
+        Header { cluster_id: self.cluster_id, member_id: self.member_id, raft_term: 2 }
+    }
+}
+
+/// State shared by the services.
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    pub(crate) store: Store,
+    pub(crate) info: ServerInfo,
+    pub(crate) header: Header,
+}
+
+/// Serves the etcd v3 API on `listener` until `shutdown` resolves, then finishes
+/// in-flight requests and returns.
+pub async fn serve(
+    listener: TcpListener,
+    store: Store,
+    info: ServerInfo,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let max_msg = store.config().max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let ctx = Ctx { header: info.header(), store, info };
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(KvServer::new(kv::KvService(ctx.clone())).max_decoding_message_size(max_msg))
+        .add_service(WatchServer::new(watch::WatchService(ctx.clone())).max_decoding_message_size(max_msg))
+        .add_service(LeaseServer::new(lease::LeaseService(ctx.clone())))
+        .add_service(ClusterServer::new(cluster::ClusterService(ctx.clone())))
+        .add_service(MaintenanceServer::new(maintenance::MaintenanceService(ctx.clone())))
+        .add_service(LockServer::new(concurrency::LockService(ctx.clone())))
+        .add_service(ElectionServer::new(concurrency::ElectionService(ctx)).max_decoding_message_size(max_msg))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
