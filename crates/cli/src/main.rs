@@ -1,1 +1,260 @@
-fn main() {}
+//! `meshwork`: the microservice platform in one binary.
+//!
+//! The binary is thin: it parses the command line and config, wires the crates
+//! together and reports errors (`anyhow` lives only here).
+
+mod bench;
+mod config;
+mod http;
+mod kv;
+mod node;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use meshwork_store::StoreConfig;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::FileConfig;
+
+/// Meshwork: service registry, config center, coordination, gateway and more, in one binary.
+#[derive(Parser)]
+#[command(name = "meshwork", version, about, propagate_version = true)]
+struct Cli {
+    /// Log format: `text` or `json`.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHWORK_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node from a config file, flags and MESHWORK_* variables.
+    Server(ServerArgs),
+    /// Start the whole single-node platform for a newcomer and print its endpoints.
+    Up(UpArgs),
+    /// Read, write, delete and watch keys (a small etcdctl).
+    Kv(kv::KvArgs),
+    /// Show the status of a node.
+    Status(kv::StatusArgs),
+    /// Load generators.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+}
+
+/// Flags shared by `server` and `up`.
+#[derive(Args, Clone)]
+struct NodeArgs {
+    /// TOML config file ([server] and [store] tables).
+    #[arg(long, env = "MESHWORK_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long, env = "MESHWORK_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// etcd v3 gRPC listen address (port 0 picks a free port) [default: 127.0.0.1:2479].
+    #[arg(long, env = "MESHWORK_ETCD_ADDR")]
+    etcd_addr: Option<String>,
+    /// HTTP listen address for /healthz, /readyz, /metrics [default: 127.0.0.1:7070].
+    #[arg(long, env = "MESHWORK_HTTP_ADDR")]
+    http_addr: Option<String>,
+    /// Member name.
+    #[arg(long, env = "MESHWORK_NAME")]
+    name: Option<String>,
+    /// Database quota in bytes; writes fail with "database space exceeded" past it.
+    #[arg(long, env = "MESHWORK_QUOTA_BACKEND_BYTES")]
+    quota_backend_bytes: Option<u64>,
+    /// Largest request in bytes.
+    #[arg(long, env = "MESHWORK_MAX_REQUEST_BYTES")]
+    max_request_bytes: Option<usize>,
+    /// Automatic compaction: a number of revisions to keep, or a duration (30m, 1h).
+    #[arg(long, env = "MESHWORK_AUTO_COMPACTION_RETENTION")]
+    auto_compaction_retention: Option<String>,
+    /// Acknowledge writes before they are fsynced (loses acknowledged writes on a crash).
+    #[arg(long, env = "MESHWORK_UNSAFE_NO_FSYNC")]
+    unsafe_no_fsync: bool,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Use a throw-away temporary data directory, removed on exit.
+    #[arg(long)]
+    ephemeral: bool,
+}
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process-wide Prometheus recorder's handle (installed once).
+pub(crate) fn metrics_handle() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHWORK_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init()
+    } else {
+        b.init()
+    }
+}
+
+fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let mut store = StoreConfig::default();
+    file.store.apply(&mut store)?;
+    if let Some(q) = args.quota_backend_bytes {
+        store.quota_bytes = q;
+    }
+    if let Some(m) = args.max_request_bytes {
+        store.max_request_bytes = m;
+        store.max_value_bytes = store.max_value_bytes.min(m);
+    }
+    if let Some(r) = &args.auto_compaction_retention {
+        config::apply_retention(&mut store, config::parse_retention(r)?);
+    }
+    if args.unsafe_no_fsync {
+        store.fsync = false;
+    }
+    store.validate()?;
+    let etcd = args
+        .etcd_addr
+        .clone()
+        .or(file.server.etcd_addr.clone())
+        .unwrap_or_else(|| "127.0.0.1:2479".into());
+    let http = args
+        .http_addr
+        .clone()
+        .or(file.server.http_addr.clone())
+        .unwrap_or_else(|| "127.0.0.1:7070".into());
+    Ok(node::NodeConfig {
+        name: args
+            .name
+            .clone()
+            .or(file.server.name.clone())
+            .unwrap_or_else(|| "meshwork".into()),
+        data_dir: args
+            .data_dir
+            .clone()
+            .or(file.server.data_dir.clone())
+            .unwrap_or(default_dir),
+        etcd_addr: config::parse_addr("etcd address", &etcd)?,
+        http_addr: config::parse_addr("HTTP address", &http)?,
+        store,
+    })
+}
+
+async fn run_server(args: ServerArgs) -> Result<()> {
+    let cfg = resolve(&args.node, PathBuf::from("meshwork-data"))?;
+    let running = node::start(cfg).await?;
+    println!("etcd gRPC: {}", running.etcd_addr);
+    println!("HTTP: http://{}", running.http_addr);
+    node::shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn run_up(args: UpArgs) -> Result<()> {
+    let temp = if args.ephemeral {
+        Some(
+            tempfile::Builder::new()
+                .prefix("meshwork-")
+                .tempdir()
+                .context("creating a temporary data directory")?,
+        )
+    } else {
+        None
+    };
+    let default_dir = temp
+        .as_ref()
+        .map(|t| t.path().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("meshwork-data"));
+    let mut node_args = args.node.clone();
+    if temp.is_some() {
+        node_args.data_dir = Some(default_dir.clone());
+    }
+    let cfg = resolve(&node_args, default_dir)?;
+    let data_dir = cfg.data_dir.clone();
+    let running = node::start(cfg).await?;
+    let etcd = running.etcd_addr;
+    let http = running.http_addr;
+    println!("etcd gRPC: {etcd}");
+    println!("HTTP: http://{http}");
+    println!();
+    println!("Meshwork is up (single node).");
+    println!(
+        "  data dir   {}{}",
+        data_dir.display(),
+        if temp.is_some() {
+            " (ephemeral: removed on exit)"
+        } else {
+            ""
+        }
+    );
+    println!("  store      etcd v3 API on {etcd}");
+    println!("               meshwork kv --endpoints {etcd} put greeting hello");
+    println!("               meshwork kv --endpoints {etcd} get greeting");
+    println!("               ETCDCTL_API=3 etcdctl --endpoints {etcd} get greeting");
+    println!("  health     curl http://{http}/readyz");
+    println!("  metrics    curl http://{http}/metrics");
+    println!();
+    println!("Press Ctrl-C to stop.");
+    node::shutdown_signal().await;
+    running.shutdown().await;
+    drop(temp);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Server(a) => {
+                metrics_handle();
+                run_server(a).await
+            }
+            Command::Up(a) => {
+                metrics_handle();
+                run_up(a).await
+            }
+            Command::Kv(a) => kv::run(a).await,
+            Command::Status(a) => kv::status(a).await,
+            Command::Bench { what } => bench::run(what).await,
+        }
+    })
+}

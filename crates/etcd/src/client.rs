@@ -6,8 +6,8 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::etcdserverpb::{
-    cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient, maintenance_client::MaintenanceClient,
-    watch_client::WatchClient,
+    cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient,
+    maintenance_client::MaintenanceClient, watch_client::WatchClient,
 };
 use crate::proto::v3electionpb::election_client::ElectionClient;
 use crate::proto::v3lockpb::lock_client::LockClient;
@@ -57,7 +57,11 @@ pub struct Client {
 
 /// Turns `HOST:PORT` (or a URL) into an endpoint URL.
 pub fn endpoint_url(ep: &str) -> String {
-    if ep.starts_with("http://") || ep.starts_with("https://") { ep.to_string() } else { format!("http://{ep}") }
+    if ep.starts_with("http://") || ep.starts_with("https://") {
+        ep.to_string()
+    } else {
+        format!("http://{ep}")
+    }
 }
 
 impl Client {
@@ -70,7 +74,10 @@ impl Client {
         for ep in endpoints {
             let url = endpoint_url(ep.trim());
             let e = Endpoint::from_shared(url.clone())
-                .map_err(|e| ConnectError::Invalid { endpoint: ep.clone(), reason: e.to_string() })?
+                .map_err(|e| ConnectError::Invalid {
+                    endpoint: ep.clone(),
+                    reason: e.to_string(),
+                })?
                 .connect_timeout(Duration::from_secs(3))
                 .tcp_nodelay(true);
             match e.connect().await {
@@ -78,7 +85,10 @@ impl Client {
                 Err(err) => last = format!("{url}: {err}"),
             }
         }
-        Err(ConnectError::Unreachable { endpoints: endpoints.to_vec(), reason: last })
+        Err(ConnectError::Unreachable {
+            endpoints: endpoints.to_vec(),
+            reason: last,
+        })
     }
 
     /// Wraps an existing channel.

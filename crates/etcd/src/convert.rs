@@ -11,7 +11,9 @@ use crate::proto::mvccpb;
 /// Maps a store error to the status etcd answers with.
 pub fn status(e: StoreError) -> Status {
     let code = match &e {
-        StoreError::Compacted { .. } | StoreError::AlreadyCompacted | StoreError::FutureRevision => Code::OutOfRange,
+        StoreError::Compacted { .. }
+        | StoreError::AlreadyCompacted
+        | StoreError::FutureRevision => Code::OutOfRange,
         StoreError::LeaseNotFound => Code::NotFound,
         StoreError::LeaseExists => Code::FailedPrecondition,
         StoreError::LeaseTtlTooLarge => Code::OutOfRange,
@@ -77,7 +79,12 @@ pub fn range_in(r: pb::RangeRequest) -> Result<RangeRequest, Status> {
         Ok(O::None) => SortOrder::None,
         Ok(O::Ascend) => SortOrder::Ascend,
         Ok(O::Descend) => SortOrder::Descend,
-        Err(_) => return Err(Status::invalid_argument(format!("etcdserver: invalid sort order {}", r.sort_order))),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "etcdserver: invalid sort order {}",
+                r.sort_order
+            )));
+        }
     };
     let sort_target = match T::try_from(r.sort_target) {
         Ok(T::Key) => SortTarget::Key,
@@ -85,7 +92,12 @@ pub fn range_in(r: pb::RangeRequest) -> Result<RangeRequest, Status> {
         Ok(T::Create) => SortTarget::Create,
         Ok(T::Mod) => SortTarget::Mod,
         Ok(T::Value) => SortTarget::Value,
-        Err(_) => return Err(Status::invalid_argument(format!("etcdserver: invalid sort target {}", r.sort_target))),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "etcdserver: invalid sort target {}",
+                r.sort_target
+            )));
+        }
     };
     Ok(RangeRequest {
         range: Some(KeyRange::new(r.key, r.range_end)),
@@ -116,7 +128,10 @@ pub fn put_in(p: pb::PutRequest) -> PutRequest {
 
 /// A delete request to the store.
 pub fn delete_in(d: pb::DeleteRangeRequest) -> DeleteRequest {
-    DeleteRequest { range: KeyRange::new(d.key, d.range_end), prev_kv: d.prev_kv }
+    DeleteRequest {
+        range: KeyRange::new(d.key, d.range_end),
+        prev_kv: d.prev_kv,
+    }
 }
 
 fn compare_in(c: pb::Compare) -> Result<Compare, Status> {
@@ -126,7 +141,12 @@ fn compare_in(c: pb::Compare) -> Result<Compare, Status> {
         Ok(R::Greater) => CompareResult::Greater,
         Ok(R::Less) => CompareResult::Less,
         Ok(R::NotEqual) => CompareResult::NotEqual,
-        Err(_) => return Err(Status::invalid_argument(format!("etcdserver: invalid compare result {}", c.result))),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "etcdserver: invalid compare result {}",
+                c.result
+            )));
+        }
     };
     let target = match (T::try_from(c.target), c.target_union) {
         (Ok(T::Version), Some(U::Version(v))) => CompareTarget::Version(v),
@@ -140,11 +160,22 @@ fn compare_in(c: pb::Compare) -> Result<Compare, Status> {
         (Ok(T::Lease), Some(U::Lease(v))) => CompareTarget::Lease(v),
         (Ok(T::Lease), None) => CompareTarget::Lease(0),
         (Ok(t), Some(_)) => {
-            return Err(Status::invalid_argument(format!("etcdserver: compare target {t:?} does not match the value given")));
+            return Err(Status::invalid_argument(format!(
+                "etcdserver: compare target {t:?} does not match the value given"
+            )));
         }
-        (Err(_), _) => return Err(Status::invalid_argument(format!("etcdserver: invalid compare target {}", c.target))),
+        (Err(_), _) => {
+            return Err(Status::invalid_argument(format!(
+                "etcdserver: invalid compare target {}",
+                c.target
+            )));
+        }
     };
-    Ok(Compare { range: KeyRange::new(c.key, c.range_end), result, target })
+    Ok(Compare {
+        range: KeyRange::new(c.key, c.range_end),
+        result,
+        target,
+    })
 }
 
 fn op_in(op: pb::RequestOp) -> Result<RequestOp, Status> {
@@ -154,14 +185,20 @@ fn op_in(op: pb::RequestOp) -> Result<RequestOp, Status> {
         Some(Request::RequestPut(p)) => Ok(RequestOp::Put(put_in(p))),
         Some(Request::RequestDeleteRange(d)) => Ok(RequestOp::Delete(delete_in(d))),
         Some(Request::RequestTxn(t)) => Ok(RequestOp::Txn(txn_in(t)?)),
-        None => Err(Status::invalid_argument("etcdserver: txn operation has no request")),
+        None => Err(Status::invalid_argument(
+            "etcdserver: txn operation has no request",
+        )),
     }
 }
 
 /// A txn request to the store.
 pub fn txn_in(t: pb::TxnRequest) -> Result<TxnRequest, Status> {
     Ok(TxnRequest {
-        compare: t.compare.into_iter().map(compare_in).collect::<Result<_, _>>()?,
+        compare: t
+            .compare
+            .into_iter()
+            .map(compare_in)
+            .collect::<Result<_, _>>()?,
         success: t.success.into_iter().map(op_in).collect::<Result<_, _>>()?,
         failure: t.failure.into_iter().map(op_in).collect::<Result<_, _>>()?,
     })
@@ -181,17 +218,30 @@ pub struct Header {
 impl Header {
     /// A header at `revision`.
     pub fn at(&self, revision: i64) -> Option<pb::ResponseHeader> {
-        Some(pb::ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision, raft_term: self.raft_term })
+        Some(pb::ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            revision,
+            raft_term: self.raft_term,
+        })
     }
 
     /// A range response.
     pub fn range_out(&self, r: RangeResponse) -> pb::RangeResponse {
-        pb::RangeResponse { header: self.at(r.revision), kvs: r.kvs.into_iter().map(kv_out).collect(), more: r.more, count: r.count }
+        pb::RangeResponse {
+            header: self.at(r.revision),
+            kvs: r.kvs.into_iter().map(kv_out).collect(),
+            more: r.more,
+            count: r.count,
+        }
     }
 
     /// A put response.
     pub fn put_out(&self, r: PutResponse) -> pb::PutResponse {
-        pb::PutResponse { header: self.at(r.revision), prev_kv: r.prev_kv.map(kv_out) }
+        pb::PutResponse {
+            header: self.at(r.revision),
+            prev_kv: r.prev_kv.map(kv_out),
+        }
     }
 
     /// A delete response.
@@ -218,6 +268,10 @@ impl Header {
                 }),
             })
             .collect();
-        pb::TxnResponse { header: self.at(r.revision), succeeded: r.succeeded, responses }
+        pb::TxnResponse {
+            header: self.at(r.revision),
+            succeeded: r.succeeded,
+            responses,
+        }
     }
 }

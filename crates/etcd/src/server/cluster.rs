@@ -11,19 +11,34 @@ const SINGLE: &str = "meshwork runs a single member; membership changes are not 
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
-    async fn member_add(&self, _r: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
+    async fn member_add(
+        &self,
+        _r: Request<pb::MemberAddRequest>,
+    ) -> Result<Response<pb::MemberAddResponse>, Status> {
         Err(Status::unimplemented(SINGLE))
     }
-    async fn member_remove(&self, _r: Request<pb::MemberRemoveRequest>) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+    async fn member_remove(
+        &self,
+        _r: Request<pb::MemberRemoveRequest>,
+    ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
         Err(Status::unimplemented(SINGLE))
     }
-    async fn member_update(&self, _r: Request<pb::MemberUpdateRequest>) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+    async fn member_update(
+        &self,
+        _r: Request<pb::MemberUpdateRequest>,
+    ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
         Err(Status::unimplemented(SINGLE))
     }
-    async fn member_promote(&self, _r: Request<pb::MemberPromoteRequest>) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+    async fn member_promote(
+        &self,
+        _r: Request<pb::MemberPromoteRequest>,
+    ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
         Err(Status::unimplemented(SINGLE))
     }
-    async fn member_list(&self, _r: Request<pb::MemberListRequest>) -> Result<Response<pb::MemberListResponse>, Status> {
+    async fn member_list(
+        &self,
+        _r: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
         let me = pb::Member {
             id: self.0.info.member_id,
             name: self.0.info.name.clone(),
@@ -31,6 +46,9 @@ impl pb::cluster_server::Cluster for ClusterService {
             client_ur_ls: self.0.info.client_urls.clone(),
             is_learner: false,
         };
-        Ok(Response::new(pb::MemberListResponse { header: self.0.header.at(self.0.store.revision()), members: vec![me] }))
+        Ok(Response::new(pb::MemberListResponse {
+            header: self.0.header.at(self.0.store.revision()),
+            members: vec![me],
+        }))
     }
 }

@@ -44,18 +44,42 @@ fn first_created(range: KeyRange, max_create_revision: i64, order: SortOrder) ->
 }
 
 /// Puts `key` on `lease` unless it exists; returns its key-value (create revision = token).
-async fn enqueue(store: &Store, key: &Bytes, value: Bytes, lease: i64) -> Result<(KeyValue, bool), Status> {
+async fn enqueue(
+    store: &Store,
+    key: &Bytes,
+    value: Bytes,
+    lease: i64,
+) -> Result<(KeyValue, bool), Status> {
     let t = TxnRequest {
-        compare: vec![Compare { range: KeyRange::single(key.clone()), result: CompareResult::Equal, target: CompareTarget::Create(0) }],
-        success: vec![RequestOp::Put(PutRequest { key: key.clone(), value, lease, ..PutRequest::default() })],
-        failure: vec![RequestOp::Range(RangeRequest { range: Some(KeyRange::single(key.clone())), ..RangeRequest::default() })],
+        compare: vec![Compare {
+            range: KeyRange::single(key.clone()),
+            result: CompareResult::Equal,
+            target: CompareTarget::Create(0),
+        }],
+        success: vec![RequestOp::Put(PutRequest {
+            key: key.clone(),
+            value,
+            lease,
+            ..PutRequest::default()
+        })],
+        failure: vec![RequestOp::Range(RangeRequest {
+            range: Some(KeyRange::single(key.clone())),
+            ..RangeRequest::default()
+        })],
     };
     let resp = store.txn(t).await.map_err(status)?;
     if resp.succeeded {
         let got = store
-            .range(&RangeRequest { range: Some(KeyRange::single(key.clone())), ..RangeRequest::default() })
+            .range(&RangeRequest {
+                range: Some(KeyRange::single(key.clone())),
+                ..RangeRequest::default()
+            })
             .map_err(status)?;
-        let kv = got.kvs.into_iter().next().ok_or_else(|| Status::not_found("etcdserver: requested lease not found"))?;
+        let kv = got
+            .kvs
+            .into_iter()
+            .next()
+            .ok_or_else(|| Status::not_found("etcdserver: requested lease not found"))?;
         return Ok((kv, true));
     }
     match resp.responses.into_iter().next() {
@@ -79,7 +103,9 @@ async fn wait_delete(store: &Store, key: Bytes, rev: i64) -> Result<(), Status> 
         progress_notify: false,
         watch_id: 0,
     };
-    ws.create(spec).await.map_err(|e| Status::internal(e.to_string()))?;
+    ws.create(spec)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
     while let Some(m) = rx.recv().await {
         match m {
             WatchMessage::Events { events, .. } if !events.is_empty() => return Ok(()),
@@ -94,8 +120,16 @@ async fn wait_delete(store: &Store, key: Bytes, rev: i64) -> Result<(), Status> 
 /// Waits until no key under `prefix` with create revision `<= max_create` remains.
 async fn wait_deletes(store: &Store, prefix: &KeyRange, max_create: i64) -> Result<(), Status> {
     loop {
-        let r = store.range(&first_created(prefix.clone(), max_create, SortOrder::Descend)).map_err(status)?;
-        let Some(kv) = r.kvs.into_iter().next() else { return Ok(()) };
+        let r = store
+            .range(&first_created(
+                prefix.clone(),
+                max_create,
+                SortOrder::Descend,
+            ))
+            .map_err(status)?;
+        let Some(kv) = r.kvs.into_iter().next() else {
+            return Ok(());
+        };
         wait_delete(store, kv.key, r.revision).await?;
     }
 }
@@ -111,32 +145,56 @@ impl Drop for Cleanup {
         if let Some(key) = self.key.take() {
             let store = self.store.clone();
             tokio::spawn(async move {
-                let _ = store.delete(DeleteRequest { range: KeyRange::single(key), prev_kv: false }).await;
+                let _ = store
+                    .delete(DeleteRequest {
+                        range: KeyRange::single(key),
+                        prev_kv: false,
+                    })
+                    .await;
             });
         }
     }
 }
 
 /// Enqueues and waits for ownership; returns the owned key-value.
-async fn acquire(store: &Store, name: &[u8], lease: i64, value: Bytes, reproclaim: bool) -> Result<KeyValue, Status> {
+async fn acquire(
+    store: &Store,
+    name: &[u8],
+    lease: i64,
+    value: Bytes,
+    reproclaim: bool,
+) -> Result<KeyValue, Status> {
     if name.is_empty() {
-        return Err(Status::invalid_argument("etcdserver: name must not be empty"));
+        return Err(Status::invalid_argument(
+            "etcdserver: name must not be empty",
+        ));
     }
     if lease == 0 || store.lease_time_to_live(lease, false).is_none() {
         return Err(status(meshwork_store::StoreError::LeaseNotFound));
     }
     let key = waiter_key(name, lease);
     let (mut kv, created) = enqueue(store, &key, value.clone(), lease).await?;
-    let mut guard = Cleanup { store: store.clone(), key: if created { Some(key.clone()) } else { None } };
+    let mut guard = Cleanup {
+        store: store.clone(),
+        key: if created { Some(key.clone()) } else { None },
+    };
     if !created && reproclaim && kv.value != value {
-        let p = PutRequest { key: key.clone(), value: value.clone(), lease, ..PutRequest::default() };
+        let p = PutRequest {
+            key: key.clone(),
+            value: value.clone(),
+            lease,
+            ..PutRequest::default()
+        };
         store.put(p).await.map_err(status)?;
         kv.value = value;
     }
     wait_deletes(store, &prefix_of(name), kv.create_revision - 1).await?;
     // The lease may have expired while waiting: then our key is gone and we own nothing.
     let now = store
-        .range(&RangeRequest { range: Some(KeyRange::single(key.clone())), ..RangeRequest::default() })
+        .range(&RangeRequest {
+            range: Some(KeyRange::single(key.clone())),
+            ..RangeRequest::default()
+        })
         .map_err(status)?;
     match now.kvs.into_iter().next() {
         Some(cur) if cur.create_revision == kv.create_revision => {
@@ -152,21 +210,45 @@ async fn acquire(store: &Store, name: &[u8], lease: i64, value: Bytes, reproclai
 
 #[tonic::async_trait]
 impl lpb::lock_server::Lock for LockService {
-    async fn lock(&self, req: Request<lpb::LockRequest>) -> Result<Response<lpb::LockResponse>, Status> {
+    async fn lock(
+        &self,
+        req: Request<lpb::LockRequest>,
+    ) -> Result<Response<lpb::LockResponse>, Status> {
         let r = req.into_inner();
         let kv = acquire(&self.0.store, &r.name, r.lease, Bytes::new(), false).await?;
-        Ok(Response::new(lpb::LockResponse { header: self.0.header.at(self.0.store.revision()), key: kv.key }))
+        Ok(Response::new(lpb::LockResponse {
+            header: self.0.header.at(self.0.store.revision()),
+            key: kv.key,
+        }))
     }
 
-    async fn unlock(&self, req: Request<lpb::UnlockRequest>) -> Result<Response<lpb::UnlockResponse>, Status> {
+    async fn unlock(
+        &self,
+        req: Request<lpb::UnlockRequest>,
+    ) -> Result<Response<lpb::UnlockResponse>, Status> {
         let r = req.into_inner();
-        let d = self.0.store.delete(DeleteRequest { range: KeyRange::single(r.key), prev_kv: false }).await.map_err(status)?;
-        Ok(Response::new(lpb::UnlockResponse { header: self.0.header.at(d.revision) }))
+        let d = self
+            .0
+            .store
+            .delete(DeleteRequest {
+                range: KeyRange::single(r.key),
+                prev_kv: false,
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(lpb::UnlockResponse {
+            header: self.0.header.at(d.revision),
+        }))
     }
 }
 
 fn leader_key(name: Bytes, kv: &KeyValue) -> epb::LeaderKey {
-    epb::LeaderKey { name, key: kv.key.clone(), rev: kv.create_revision, lease: kv.lease }
+    epb::LeaderKey {
+        name,
+        key: kv.key.clone(),
+        rev: kv.create_revision,
+        lease: kv.lease,
+    }
 }
 
 fn not_leader() -> Status {
@@ -186,7 +268,9 @@ fn guarded(leader: &epb::LeaderKey, op: RequestOp) -> TxnRequest {
 }
 
 fn current_leader(store: &Store, name: &[u8]) -> Result<(Option<KeyValue>, i64), Status> {
-    let r = store.range(&first_created(prefix_of(name), 0, SortOrder::Ascend)).map_err(status)?;
+    let r = store
+        .range(&first_created(prefix_of(name), 0, SortOrder::Ascend))
+        .map_err(status)?;
     Ok((r.kvs.into_iter().next(), r.revision))
 }
 
@@ -194,7 +278,10 @@ type ObserveStream = Pin<Box<dyn Stream<Item = Result<epb::LeaderResponse, Statu
 
 #[tonic::async_trait]
 impl epb::election_server::Election for ElectionService {
-    async fn campaign(&self, req: Request<epb::CampaignRequest>) -> Result<Response<epb::CampaignResponse>, Status> {
+    async fn campaign(
+        &self,
+        req: Request<epb::CampaignRequest>,
+    ) -> Result<Response<epb::CampaignResponse>, Status> {
         let r = req.into_inner();
         let kv = acquire(&self.0.store, &r.name, r.lease, r.value, true).await?;
         Ok(Response::new(epb::CampaignResponse {
@@ -203,26 +290,51 @@ impl epb::election_server::Election for ElectionService {
         }))
     }
 
-    async fn proclaim(&self, req: Request<epb::ProclaimRequest>) -> Result<Response<epb::ProclaimResponse>, Status> {
+    async fn proclaim(
+        &self,
+        req: Request<epb::ProclaimRequest>,
+    ) -> Result<Response<epb::ProclaimResponse>, Status> {
         let r = req.into_inner();
         let leader = r.leader.ok_or_else(not_leader)?;
-        let put = RequestOp::Put(PutRequest { key: leader.key.clone(), value: r.value, lease: leader.lease, ..PutRequest::default() });
-        let resp = self.0.store.txn(guarded(&leader, put)).await.map_err(status)?;
+        let put = RequestOp::Put(PutRequest {
+            key: leader.key.clone(),
+            value: r.value,
+            lease: leader.lease,
+            ..PutRequest::default()
+        });
+        let resp = self
+            .0
+            .store
+            .txn(guarded(&leader, put))
+            .await
+            .map_err(status)?;
         if !resp.succeeded {
             return Err(not_leader());
         }
-        Ok(Response::new(epb::ProclaimResponse { header: self.0.header.at(resp.revision) }))
+        Ok(Response::new(epb::ProclaimResponse {
+            header: self.0.header.at(resp.revision),
+        }))
     }
 
-    async fn leader(&self, req: Request<epb::LeaderRequest>) -> Result<Response<epb::LeaderResponse>, Status> {
+    async fn leader(
+        &self,
+        req: Request<epb::LeaderRequest>,
+    ) -> Result<Response<epb::LeaderResponse>, Status> {
         let (kv, rev) = current_leader(&self.0.store, &req.into_inner().name)?;
-        let kv = kv.ok_or_else(|| Status::failed_precondition("etcdserver: election: no leader"))?;
-        Ok(Response::new(epb::LeaderResponse { header: self.0.header.at(rev), kv: Some(kv_out(kv)) }))
+        let kv =
+            kv.ok_or_else(|| Status::failed_precondition("etcdserver: election: no leader"))?;
+        Ok(Response::new(epb::LeaderResponse {
+            header: self.0.header.at(rev),
+            kv: Some(kv_out(kv)),
+        }))
     }
 
     type ObserveStream = ObserveStream;
 
-    async fn observe(&self, req: Request<epb::LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
+    async fn observe(
+        &self,
+        req: Request<epb::LeaderRequest>,
+    ) -> Result<Response<Self::ObserveStream>, Status> {
         let name = req.into_inner().name;
         let store = self.0.store.clone();
         let header = self.0.header;
@@ -238,7 +350,9 @@ impl epb::election_server::Election for ElectionService {
             progress_notify: false,
             watch_id: 0,
         };
-        ws.create(spec).await.map_err(|e| Status::internal(e.to_string()))?;
+        ws.create(spec)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         tokio::spawn(async move {
             let _ws = ws;
             let mut last: Option<(Bytes, i64)> = None;
@@ -254,7 +368,14 @@ impl epb::election_server::Election for ElectionService {
                     let id = (kv.key.clone(), kv.mod_revision);
                     if last.as_ref() != Some(&id) {
                         last = Some(id);
-                        if tx.send(Ok(epb::LeaderResponse { header: header.at(rev), kv: Some(kv_out(kv)) })).await.is_err() {
+                        if tx
+                            .send(Ok(epb::LeaderResponse {
+                                header: header.at(rev),
+                                kv: Some(kv_out(kv)),
+                            }))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -269,13 +390,28 @@ impl epb::election_server::Election for ElectionService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn resign(&self, req: Request<epb::ResignRequest>) -> Result<Response<epb::ResignResponse>, Status> {
+    async fn resign(
+        &self,
+        req: Request<epb::ResignRequest>,
+    ) -> Result<Response<epb::ResignResponse>, Status> {
         let leader = req.into_inner().leader.ok_or_else(not_leader)?;
-        let del = RequestOp::Delete(DeleteRequest { range: KeyRange::single(leader.key.clone()), prev_kv: false });
-        let resp = self.0.store.txn(guarded(&leader, del)).await.map_err(status)?;
-        Ok(Response::new(epb::ResignResponse { header: self.0.header.at(resp.revision) }))
+        let del = RequestOp::Delete(DeleteRequest {
+            range: KeyRange::single(leader.key.clone()),
+            prev_kv: false,
+        });
+        let resp = self
+            .0
+            .store
+            .txn(guarded(&leader, del))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(epb::ResignResponse {
+            header: self.0.header.at(resp.revision),
+        }))
     }
 }

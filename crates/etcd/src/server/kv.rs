@@ -21,7 +21,10 @@ impl KvService {
 
 #[tonic::async_trait]
 impl pb::kv_server::Kv for KvService {
-    async fn range(&self, req: Request<pb::RangeRequest>) -> Result<Response<pb::RangeResponse>, Status> {
+    async fn range(
+        &self,
+        req: Request<pb::RangeRequest>,
+    ) -> Result<Response<pb::RangeResponse>, Status> {
         let r = convert::range_in(req.into_inner())?;
         let resp = self.0.store.range(&r).map_err(status)?;
         Ok(Response::new(self.0.header.range_out(resp)))
@@ -34,20 +37,43 @@ impl pb::kv_server::Kv for KvService {
         Ok(Response::new(self.0.header.put_out(resp)))
     }
 
-    async fn delete_range(&self, req: Request<pb::DeleteRangeRequest>) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        let resp = self.0.store.delete(convert::delete_in(req.into_inner())).await.map_err(status)?;
+    async fn delete_range(
+        &self,
+        req: Request<pb::DeleteRangeRequest>,
+    ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let resp = self
+            .0
+            .store
+            .delete(convert::delete_in(req.into_inner()))
+            .await
+            .map_err(status)?;
         Ok(Response::new(self.0.header.delete_out(resp)))
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         let t = req.into_inner();
         self.check_size(&t)?;
-        let resp = self.0.store.txn(convert::txn_in(t)?).await.map_err(status)?;
+        let resp = self
+            .0
+            .store
+            .txn(convert::txn_in(t)?)
+            .await
+            .map_err(status)?;
         Ok(Response::new(self.0.header.txn_out(resp)))
     }
 
-    async fn compact(&self, req: Request<pb::CompactionRequest>) -> Result<Response<pb::CompactionResponse>, Status> {
-        let revision = self.0.store.compact(req.into_inner().revision).await.map_err(status)?;
-        Ok(Response::new(pb::CompactionResponse { header: self.0.header.at(revision) }))
+    async fn compact(
+        &self,
+        req: Request<pb::CompactionRequest>,
+    ) -> Result<Response<pb::CompactionResponse>, Status> {
+        let revision = self
+            .0
+            .store
+            .compact(req.into_inner().revision)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CompactionResponse {
+            header: self.0.header.at(revision),
+        }))
     }
 }

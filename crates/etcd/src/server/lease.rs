@@ -12,19 +12,43 @@ use crate::proto::etcdserverpb as pb;
 
 pub(crate) struct LeaseService(pub(crate) Ctx);
 
-type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
+type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::lease_server::Lease for LeaseService {
-    async fn lease_grant(&self, req: Request<pb::LeaseGrantRequest>) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+    async fn lease_grant(
+        &self,
+        req: Request<pb::LeaseGrantRequest>,
+    ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
         let r = req.into_inner();
-        let (id, ttl, revision) = self.0.store.lease_grant(r.id, r.ttl).await.map_err(status)?;
-        Ok(Response::new(pb::LeaseGrantResponse { header: self.0.header.at(revision), id, ttl, error: String::new() }))
+        let (id, ttl, revision) = self
+            .0
+            .store
+            .lease_grant(r.id, r.ttl)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::LeaseGrantResponse {
+            header: self.0.header.at(revision),
+            id,
+            ttl,
+            error: String::new(),
+        }))
     }
 
-    async fn lease_revoke(&self, req: Request<pb::LeaseRevokeRequest>) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        let revision = self.0.store.lease_revoke(req.into_inner().id).await.map_err(status)?;
-        Ok(Response::new(pb::LeaseRevokeResponse { header: self.0.header.at(revision) }))
+    async fn lease_revoke(
+        &self,
+        req: Request<pb::LeaseRevokeRequest>,
+    ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        let revision = self
+            .0
+            .store
+            .lease_revoke(req.into_inner().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::LeaseRevokeResponse {
+            header: self.0.header.at(revision),
+        }))
     }
 
     type LeaseKeepAliveStream = KeepAliveStream;
@@ -39,7 +63,11 @@ impl pb::lease_server::Lease for LeaseService {
             let r = r?;
             // etcd answers TTL 0 for a lease that does not exist (any more).
             let ttl = ctx.store.lease_keep_alive(r.id).unwrap_or(0);
-            Ok(pb::LeaseKeepAliveResponse { header: ctx.header.at(ctx.store.revision()), id: r.id, ttl })
+            Ok(pb::LeaseKeepAliveResponse {
+                header: ctx.header.at(ctx.store.revision()),
+                id: r.id,
+                ttl,
+            })
         });
         Ok(Response::new(Box::pin(out)))
     }
@@ -59,13 +87,31 @@ impl pb::lease_server::Lease for LeaseService {
                 keys: info.keys.into_iter().map(Into::into).collect(),
             },
             // etcd reports an unknown lease as TTL -1, not as an error.
-            None => pb::LeaseTimeToLiveResponse { header, id: r.id, ttl: -1, granted_ttl: 0, keys: Vec::new() },
+            None => pb::LeaseTimeToLiveResponse {
+                header,
+                id: r.id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: Vec::new(),
+            },
         };
         Ok(Response::new(resp))
     }
 
-    async fn lease_leases(&self, _req: Request<pb::LeaseLeasesRequest>) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
-        let leases = self.0.store.lease_list().into_iter().map(|id| pb::LeaseStatus { id }).collect();
-        Ok(Response::new(pb::LeaseLeasesResponse { header: self.0.header.at(self.0.store.revision()), leases }))
+    async fn lease_leases(
+        &self,
+        _req: Request<pb::LeaseLeasesRequest>,
+    ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        let leases = self
+            .0
+            .store
+            .lease_list()
+            .into_iter()
+            .map(|id| pb::LeaseStatus { id })
+            .collect();
+        Ok(Response::new(pb::LeaseLeasesResponse {
+            header: self.0.header.at(self.0.store.revision()),
+            leases,
+        }))
     }
 }

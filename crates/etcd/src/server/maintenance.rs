@@ -21,7 +21,10 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Sta
 
 #[tonic::async_trait]
 impl pb::maintenance_server::Maintenance for MaintenanceService {
-    async fn alarm(&self, req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
+    async fn alarm(
+        &self,
+        req: Request<pb::AlarmRequest>,
+    ) -> Result<Response<pb::AlarmResponse>, Status> {
         let r = req.into_inner();
         match pb::alarm_request::AlarmAction::try_from(r.action) {
             Ok(pb::alarm_request::AlarmAction::Get) => {}
@@ -31,24 +34,44 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
                 }
             }
             Ok(pb::alarm_request::AlarmAction::Activate) => {
-                return Err(Status::invalid_argument("etcdserver: alarms are raised by the server, not by clients"));
+                return Err(Status::invalid_argument(
+                    "etcdserver: alarms are raised by the server, not by clients",
+                ));
             }
-            Err(_) => return Err(Status::invalid_argument(format!("etcdserver: invalid alarm action {}", r.action))),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "etcdserver: invalid alarm action {}",
+                    r.action
+                )));
+            }
         }
         let st = self.0.store.status();
         let alarms = st
             .alarms
             .iter()
             .map(|a| match a {
-                Alarm::NoSpace => pb::AlarmMember { member_id: self.0.info.member_id, alarm: pb::AlarmType::Nospace as i32 },
+                Alarm::NoSpace => pb::AlarmMember {
+                    member_id: self.0.info.member_id,
+                    alarm: pb::AlarmType::Nospace as i32,
+                },
             })
             .collect();
-        Ok(Response::new(pb::AlarmResponse { header: self.0.header.at(st.revision), alarms }))
+        Ok(Response::new(pb::AlarmResponse {
+            header: self.0.header.at(st.revision),
+            alarms,
+        }))
     }
 
-    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let st = self.0.store.status();
-        let errors = st.alarms.iter().map(|a| format!("memberID:{} alarm:{a:?}", self.0.info.member_id).to_uppercase()).collect();
+        let errors = st
+            .alarms
+            .iter()
+            .map(|a| format!("memberID:{} alarm:{a:?}", self.0.info.member_id).to_uppercase())
+            .collect();
         Ok(Response::new(pb::StatusResponse {
             header: self.0.header.at(st.revision),
             version: self.0.info.version.clone(),
@@ -63,26 +86,44 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         }))
     }
 
-    async fn defragment(&self, _req: Request<pb::DefragmentRequest>) -> Result<Response<pb::DefragmentResponse>, Status> {
+    async fn defragment(
+        &self,
+        _req: Request<pb::DefragmentRequest>,
+    ) -> Result<Response<pb::DefragmentResponse>, Status> {
         let store = self.0.store.clone();
         tokio::task::spawn_blocking(move || store.defragment())
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(pb::DefragmentResponse { header: self.0.header.at(self.0.store.revision()) }))
+        Ok(Response::new(pb::DefragmentResponse {
+            header: self.0.header.at(self.0.store.revision()),
+        }))
     }
 
-    async fn hash(&self, _req: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
-        Err(Status::unimplemented("etcdserver: Hash is not supported by meshwork"))
+    async fn hash(
+        &self,
+        _req: Request<pb::HashRequest>,
+    ) -> Result<Response<pb::HashResponse>, Status> {
+        Err(Status::unimplemented(
+            "etcdserver: Hash is not supported by meshwork",
+        ))
     }
 
-    async fn hash_kv(&self, _req: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
-        Err(Status::unimplemented("etcdserver: HashKV is not supported by meshwork"))
+    async fn hash_kv(
+        &self,
+        _req: Request<pb::HashKvRequest>,
+    ) -> Result<Response<pb::HashKvResponse>, Status> {
+        Err(Status::unimplemented(
+            "etcdserver: HashKV is not supported by meshwork",
+        ))
     }
 
     type SnapshotStream = SnapshotStream;
 
-    async fn snapshot(&self, _req: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+    async fn snapshot(
+        &self,
+        _req: Request<pb::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
         let store = self.0.store.clone();
         let snap = tokio::task::spawn_blocking(move || store.snapshot())
             .await
@@ -90,8 +131,14 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
             .map_err(status)?;
         let header = self.0.header.at(snap.revision);
         let version = self.0.info.version.clone();
-        let mut file = tokio::fs::File::open(&snap.path).await.map_err(|e| Status::internal(e.to_string()))?;
-        let size = file.metadata().await.map_err(|e| Status::internal(e.to_string()))?.len();
+        let mut file = tokio::fs::File::open(&snap.path)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .len();
         // etcd clients expect the blob padded to 512 bytes, followed by its SHA-256.
         let padded = size.div_ceil(512) * 512;
         let total = padded + 32;
@@ -106,7 +153,9 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
                 let n = match file.read(&mut buf).await {
                     Ok(n) => n,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(format!("reading snapshot: {e}")))).await;
+                        let _ = tx
+                            .send(Err(Status::internal(format!("reading snapshot: {e}"))))
+                            .await;
                         break;
                     }
                 };
@@ -131,17 +180,29 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
                 }
                 if n == 0 {
                     let sum = hasher.finalize().to_vec();
-                    let msg = pb::SnapshotResponse { header: None, remaining_bytes: 0, blob: sum.into(), version: version.clone() };
+                    let msg = pb::SnapshotResponse {
+                        header: None,
+                        remaining_bytes: 0,
+                        blob: sum.into(),
+                        version: version.clone(),
+                    };
                     let _ = tx.send(Ok(msg)).await;
                     break;
                 }
             }
             let _ = tokio::fs::remove_file(&path).await;
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn move_leader(&self, _req: Request<pb::MoveLeaderRequest>) -> Result<Response<pb::MoveLeaderResponse>, Status> {
-        Err(Status::failed_precondition("etcdserver: meshwork runs a single member; there is no other leader to move to"))
+    async fn move_leader(
+        &self,
+        _req: Request<pb::MoveLeaderRequest>,
+    ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: meshwork runs a single member; there is no other leader to move to",
+        ))
     }
 }

@@ -16,8 +16,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::convert::Header;
 use crate::proto::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer, maintenance_server::MaintenanceServer,
-    watch_server::WatchServer,
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use crate::proto::v3electionpb::election_server::ElectionServer;
 use crate::proto::v3lockpb::lock_server::LockServer;
@@ -60,7 +60,11 @@ impl ServerInfo {
     }
 
     pub(crate) fn header(&self) -> Header {
-        Header { cluster_id: self.cluster_id, member_id: self.member_id, raft_term: 2 }
+        Header {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            raft_term: 2,
+        }
     }
 }
 
@@ -81,17 +85,28 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let max_msg = store.config().max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let ctx = Ctx { header: info.header(), store, info };
+    let ctx = Ctx {
+        header: info.header(),
+        store,
+        info,
+    };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(KvServer::new(kv::KvService(ctx.clone())).max_decoding_message_size(max_msg))
-        .add_service(WatchServer::new(watch::WatchService(ctx.clone())).max_decoding_message_size(max_msg))
+        .add_service(
+            WatchServer::new(watch::WatchService(ctx.clone())).max_decoding_message_size(max_msg),
+        )
         .add_service(LeaseServer::new(lease::LeaseService(ctx.clone())))
         .add_service(ClusterServer::new(cluster::ClusterService(ctx.clone())))
-        .add_service(MaintenanceServer::new(maintenance::MaintenanceService(ctx.clone())))
+        .add_service(MaintenanceServer::new(maintenance::MaintenanceService(
+            ctx.clone(),
+        )))
         .add_service(LockServer::new(concurrency::LockService(ctx.clone())))
-        .add_service(ElectionServer::new(concurrency::ElectionService(ctx)).max_decoding_message_size(max_msg))
+        .add_service(
+            ElectionServer::new(concurrency::ElectionService(ctx))
+                .max_decoding_message_size(max_msg),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }

@@ -20,7 +20,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> 
 impl pb::watch_server::Watch for WatchService {
     type WatchStream = WatchStream;
 
-    async fn watch(&self, req: Request<Streaming<pb::WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let ctx = self.0.clone();
         let mut incoming = req.into_inner();
         let (stream, rx) = ctx.store.watch_stream();
@@ -32,8 +35,12 @@ impl pb::watch_server::Watch for WatchService {
             while let Some(Ok(msg)) = incoming.next().await {
                 match msg.request_union {
                     Some(RequestUnion::CreateRequest(c)) => {
-                        let no_put = c.filters.contains(&(pb::watch_create_request::FilterType::Noput as i32));
-                        let no_delete = c.filters.contains(&(pb::watch_create_request::FilterType::Nodelete as i32));
+                        let no_put = c
+                            .filters
+                            .contains(&(pb::watch_create_request::FilterType::Noput as i32));
+                        let no_delete = c
+                            .filters
+                            .contains(&(pb::watch_create_request::FilterType::Nodelete as i32));
                         let spec = WatchSpec {
                             range: KeyRange::new(c.key, c.range_end),
                             start_revision: c.start_revision,
@@ -71,19 +78,33 @@ impl pb::watch_server::Watch for WatchService {
         let store = ctx.store.clone();
         let events = ReceiverStream::new(rx).map(move |m| {
             Ok(match m {
-                WatchMessage::Created { watch_id, revision } => {
-                    pb::WatchResponse { header: header.at(revision), watch_id, created: true, ..Default::default() }
-                }
-                WatchMessage::Events { watch_id, revision, events } => pb::WatchResponse {
+                WatchMessage::Created { watch_id, revision } => pb::WatchResponse {
+                    header: header.at(revision),
+                    watch_id,
+                    created: true,
+                    ..Default::default()
+                },
+                WatchMessage::Events {
+                    watch_id,
+                    revision,
+                    events,
+                } => pb::WatchResponse {
                     header: header.at(revision.max(store.revision())),
                     watch_id,
                     events: events.into_iter().map(event_out).collect(),
                     ..Default::default()
                 },
-                WatchMessage::Progress { watch_id, revision } => {
-                    pb::WatchResponse { header: header.at(revision), watch_id, ..Default::default() }
-                }
-                WatchMessage::Canceled { watch_id, revision, compact_revision, reason } => pb::WatchResponse {
+                WatchMessage::Progress { watch_id, revision } => pb::WatchResponse {
+                    header: header.at(revision),
+                    watch_id,
+                    ..Default::default()
+                },
+                WatchMessage::Canceled {
+                    watch_id,
+                    revision,
+                    compact_revision,
+                    reason,
+                } => pb::WatchResponse {
                     header: header.at(revision),
                     watch_id,
                     canceled: true,

@@ -1,0 +1,387 @@
+//! `meshwork bench kv`: a load generator for any etcd v3 endpoint (Meshwork or etcd),
+//! with a live progress line and a final summary (throughput, latency percentiles, errors).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use meshwork_etcd::Client;
+use meshwork_etcd::proto::etcdserverpb as pb;
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio_stream::StreamExt;
+
+#[derive(Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Drive an etcd v3 endpoint with puts, ranges or watches.
+    Kv(KvBench),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Op {
+    /// Put random keys.
+    Put,
+    /// Linearizable single-key range.
+    Get,
+    /// Serializable single-key range.
+    GetSerializable,
+    /// Watch delivery latency: WATCHERS watchers on one key, TOTAL puts at RATE/s.
+    Watch,
+}
+
+#[derive(Args)]
+pub(crate) struct KvBench {
+    /// Comma-separated HOST:PORT endpoints.
+    #[arg(long, default_value = "127.0.0.1:2479", value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Operation.
+    #[arg(long, value_enum, default_value = "put")]
+    op: Op,
+    /// gRPC connections.
+    #[arg(long, default_value_t = 1)]
+    conns: usize,
+    /// Concurrent clients (each runs one request at a time).
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// Total requests (puts, for --op watch).
+    #[arg(long, default_value_t = 10_000)]
+    total: u64,
+    /// Key size in bytes.
+    #[arg(long, default_value_t = 8)]
+    key_size: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    key_space: u64,
+    /// Write every key of the key space before a get benchmark.
+    #[arg(long)]
+    prefill: bool,
+    /// Watchers for --op watch.
+    #[arg(long, default_value_t = 1000)]
+    watchers: usize,
+    /// Puts per second for --op watch.
+    #[arg(long, default_value_t = 50)]
+    rate: u64,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Kv(b) => kv(b).await,
+    }
+}
+
+fn key(i: u64, size: usize) -> Vec<u8> {
+    let s = format!("{i:0size$}");
+    let b = s.as_bytes();
+    b[b.len().saturating_sub(size)..].to_vec()
+}
+
+/// A tiny xorshift generator: deterministic, no dependency, plenty for picking keys.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+async fn clients(b: &KvBench) -> Result<Vec<Client>> {
+    let mut out = Vec::with_capacity(b.conns);
+    for _ in 0..b.conns.max(1) {
+        out.push(Client::connect(&b.endpoints).await?);
+    }
+    Ok(out)
+}
+
+async fn kv(b: KvBench) -> Result<()> {
+    if b.clients == 0 || b.conns == 0 || b.key_space == 0 {
+        bail!("--clients, --conns and --key-space must be at least 1");
+    }
+    if b.op == Op::Watch {
+        return watch(b).await;
+    }
+    let conns = clients(&b).await?;
+    if b.prefill && b.op != Op::Put {
+        eprintln!("prefilling {} keys...", b.key_space);
+        let value = vec![b'x'; b.value_size];
+        let next = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..b.clients.min(256) {
+            let mut c = conns[i % conns.len()].clone();
+            let next = next.clone();
+            let (ks, size, value) = (b.key_space, b.key_size, value.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= ks {
+                        break;
+                    }
+                    let _ =
+                        c.kv.put(pb::PutRequest {
+                            key: key(k, size).into(),
+                            value: value.clone().into(),
+                            ..Default::default()
+                        })
+                        .await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await?;
+        }
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let issued = Arc::new(AtomicU64::new(0));
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
+    let started = Instant::now();
+    let prog = {
+        let (done, errors, total) = (done.clone(), errors.clone(), b.total);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let d = done.load(Ordering::Relaxed);
+                let secs = started.elapsed().as_secs_f64().max(1e-9);
+                eprint!(
+                    "\r{d}/{total} requests  {:.0} req/s  errors {}   ",
+                    d as f64 / secs,
+                    errors.load(Ordering::Relaxed)
+                );
+                if d >= total {
+                    break;
+                }
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..b.clients {
+        let mut c = conns[i % conns.len()].clone();
+        let (done, errors, issued, hist) =
+            (done.clone(), errors.clone(), issued.clone(), hist.clone());
+        let (op, total, ks, size, vsize) = (b.op, b.total, b.key_space, b.key_size, b.value_size);
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1) * 0x2545_f491_4f6c_dd1d);
+            let value: bytes::Bytes = vec![b'v'; vsize].into();
+            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .expect("valid histogram bounds");
+            while issued.fetch_add(1, Ordering::Relaxed) < total {
+                let k: bytes::Bytes = key(rng.next() % ks, size).into();
+                let t0 = Instant::now();
+                let ok = match op {
+                    Op::Put => {
+                        c.kv.put(pb::PutRequest {
+                            key: k,
+                            value: value.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok()
+                    }
+                    Op::Get | Op::GetSerializable => {
+                        c.kv.range(pb::RangeRequest {
+                            key: k,
+                            serializable: op == Op::GetSerializable,
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok()
+                    }
+                    Op::Watch => true,
+                };
+                let us = t0.elapsed().as_micros() as u64;
+                let _ = local.record(us.max(1));
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = hist.lock().add(&local);
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let elapsed = started.elapsed();
+    prog.abort();
+    eprintln!();
+    let h = hist.lock();
+    summary(
+        &b,
+        &format!("{:?}", b.op).to_lowercase(),
+        done.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        elapsed,
+        &h,
+    );
+    Ok(())
+}
+
+fn summary(b: &KvBench, op: &str, n: u64, errors: u64, elapsed: Duration, h: &Histogram<u64>) {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let rate = n as f64 / elapsed.as_secs_f64().max(1e-9);
+    if b.json {
+        println!(
+            "{}",
+            json!({"op": op, "conns": b.conns, "clients": b.clients, "requests": n, "errors": errors, "seconds": elapsed.as_secs_f64(), "throughput": rate,
+                   "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1000.0})
+        );
+    } else {
+        println!("op {op}  conns {}  clients {}", b.conns, b.clients);
+        println!(
+            "requests {n}  errors {errors}  time {:.2}s  throughput {rate:.0}/s",
+            elapsed.as_secs_f64()
+        );
+        println!(
+            "latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}",
+            ms(0.5),
+            ms(0.9),
+            ms(0.99),
+            h.max() as f64 / 1000.0
+        );
+    }
+}
+
+async fn watch(b: KvBench) -> Result<()> {
+    let conns = clients(&b).await?;
+    let watch_key: bytes::Bytes = bytes::Bytes::from_static(b"meshwork-bench/watch");
+    let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; b.total as usize]));
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
+    let received = Arc::new(AtomicU64::new(0));
+    let expected = b.total * b.watchers as u64;
+    // One watch stream per connection, watchers spread over them.
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(b.watchers.max(1));
+    let mut streams = Vec::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    for (ci, c) in conns.iter().enumerate() {
+        let n = b.watchers / conns.len() + usize::from(ci < b.watchers % conns.len());
+        if n == 0 {
+            continue;
+        }
+        let mut c = c.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(n.max(1));
+        for _ in 0..n {
+            let create = pb::WatchCreateRequest {
+                key: watch_key.clone(),
+                ..Default::default()
+            };
+            tx.send(pb::WatchRequest {
+                request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)),
+            })
+            .await
+            .ok();
+        }
+        let mut stream = c
+            .watch
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let (sent, hist, received, ready) = (
+            sent.clone(),
+            hist.clone(),
+            received.clone(),
+            ready_tx.clone(),
+        );
+        let mut stop = stop_rx.clone();
+        streams.push(tokio::spawn(async move {
+            let _keep = tx;
+            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .expect("valid histogram bounds");
+            loop {
+                let resp = tokio::select! {
+                    m = stream.next() => match m { Some(Ok(r)) => r, _ => break },
+                    _ = stop.changed() => break,
+                };
+                if resp.created {
+                    let _ = ready.send(()).await;
+                }
+                let now = Instant::now();
+                for ev in resp.events {
+                    let seq: usize = ev
+                        .kv
+                        .as_ref()
+                        .and_then(|kv| std::str::from_utf8(&kv.value).ok())
+                        .and_then(|v| v.split(':').next())
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(usize::MAX);
+                    if let Some(Some(t)) = sent.lock().get(seq).copied() {
+                        let _ = local.record((now - t).as_micros() as u64 + 1);
+                    }
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+                if received.load(Ordering::Relaxed) >= expected {
+                    break;
+                }
+            }
+            let _ = hist.lock().add(&local);
+        }));
+    }
+    drop(ready_tx);
+    for _ in 0..b.watchers {
+        if ready_rx.recv().await.is_none() {
+            break;
+        }
+    }
+    eprintln!(
+        "{} watchers ready; writing {} puts at {}/s",
+        b.watchers, b.total, b.rate
+    );
+    let mut writer = conns[0].clone();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / b.rate.max(1)));
+    let pad = "x".repeat(b.value_size.saturating_sub(12));
+    for seq in 0..b.total {
+        tick.tick().await;
+        sent.lock()[seq as usize] = Some(Instant::now());
+        writer
+            .kv
+            .put(pb::PutRequest {
+                key: watch_key.clone(),
+                value: format!("{seq}:{pad}").into(),
+                ..Default::default()
+            })
+            .await?;
+        eprint!(
+            "\rput {}/{}  events received {}/{}   ",
+            seq + 1,
+            b.total,
+            received.load(Ordering::Relaxed),
+            expected
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_tx.send(true);
+    for s in streams {
+        let _ = s.await;
+    }
+    eprintln!();
+    let got = received.load(Ordering::Relaxed);
+    let h = hist.lock();
+    summary(
+        &b,
+        "watch",
+        got,
+        expected.saturating_sub(got),
+        started.elapsed(),
+        &h,
+    );
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! Node configuration: defaults, then a TOML file, then `MESHWORK_*` environment
+//! variables and flags (clap reads both; a flag wins over its variable).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use meshwork_store::StoreConfig;
+use serde::Deserialize;
+
+/// The `[server]` table of the config file.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ServerFile {
+    pub(crate) name: Option<String>,
+    pub(crate) data_dir: Option<PathBuf>,
+    pub(crate) etcd_addr: Option<String>,
+    pub(crate) http_addr: Option<String>,
+}
+
+/// The `[store]` table: every store limit, named as in `StoreConfig`.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StoreFile {
+    pub(crate) max_key_bytes: Option<usize>,
+    pub(crate) max_value_bytes: Option<usize>,
+    pub(crate) max_request_bytes: Option<usize>,
+    pub(crate) max_txn_ops: Option<usize>,
+    pub(crate) quota_bytes: Option<u64>,
+    pub(crate) cache_bytes: Option<usize>,
+    pub(crate) max_batch_requests: Option<usize>,
+    pub(crate) max_pending_writes: Option<usize>,
+    pub(crate) watch_buffer_events: Option<usize>,
+    pub(crate) max_watchers_per_stream: Option<usize>,
+    pub(crate) auto_compaction_retention: Option<String>,
+    pub(crate) min_lease_ttl_secs: Option<i64>,
+    pub(crate) max_lease_ttl_secs: Option<i64>,
+    pub(crate) fsync: Option<bool>,
+}
+
+/// The whole config file.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileConfig {
+    #[serde(default)]
+    pub(crate) server: ServerFile,
+    #[serde(default)]
+    pub(crate) store: StoreFile,
+}
+
+impl FileConfig {
+    pub(crate) fn load(path: &Path) -> Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+}
+
+/// How much history automatic compaction keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retention {
+    Revisions(i64),
+    Time(Duration),
+}
+
+/// Parses `1000` (revisions) or a duration such as `30m`, `1h`, `90s`.
+pub(crate) fn parse_retention(s: &str) -> Result<Retention> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<i64>() {
+        if n < 0 {
+            bail!("auto-compaction retention must not be negative (got {n})");
+        }
+        return Ok(Retention::Revisions(n));
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().with_context(|| format!("auto-compaction retention {s:?}: expected a number of revisions or a duration like 30m, 1h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => bail!("auto-compaction retention {s:?}: unknown unit {unit:?} (use s, m, h or d)"),
+    };
+    Ok(Retention::Time(Duration::from_secs(secs)))
+}
+
+/// Parses a listen address; `HOST:0` picks a free port.
+pub(crate) fn parse_addr(what: &str, s: &str) -> Result<SocketAddr> {
+    s.parse::<SocketAddr>().with_context(|| {
+        format!("{what} {s:?}: expected HOST:PORT, e.g. 127.0.0.1:2479 (port 0 picks a free port)")
+    })
+}
+
+impl StoreFile {
+    /// Applies the file's values over the defaults.
+    pub(crate) fn apply(&self, c: &mut StoreConfig) -> Result<()> {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(
+            max_key_bytes,
+            max_value_bytes,
+            max_request_bytes,
+            max_txn_ops,
+            quota_bytes,
+            cache_bytes,
+            max_batch_requests,
+            max_pending_writes,
+            watch_buffer_events,
+            max_watchers_per_stream,
+            min_lease_ttl_secs,
+            max_lease_ttl_secs,
+            fsync
+        );
+        if let Some(r) = &self.auto_compaction_retention {
+            apply_retention(c, parse_retention(r)?);
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn apply_retention(c: &mut StoreConfig, r: Retention) {
+    match r {
+        Retention::Revisions(n) => c.auto_compaction_retention_revisions = n,
+        Retention::Time(d) => c.auto_compaction_retention = Some(d),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_parses_revisions_and_durations() {
+        assert_eq!(parse_retention("1000").unwrap(), Retention::Revisions(1000));
+        assert_eq!(
+            parse_retention("2h").unwrap(),
+            Retention::Time(Duration::from_secs(7200))
+        );
+        assert!(
+            parse_retention("5y")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown unit")
+        );
+        assert!(parse_retention("-1").is_err());
+    }
+
+    #[test]
+    fn file_values_override_defaults_and_unknown_keys_are_rejected() {
+        let f: FileConfig =
+            toml::from_str("[store]\nmax_txn_ops = 7\n[server]\nname = \"n1\"").unwrap();
+        let mut c = StoreConfig::default();
+        f.store.apply(&mut c).unwrap();
+        assert_eq!(c.max_txn_ops, 7);
+        assert_eq!(f.server.name.as_deref(), Some("n1"));
+        let err = toml::from_str::<FileConfig>("[store]\nmax_txn_opz = 7").unwrap_err();
+        assert!(err.to_string().contains("max_txn_opz"));
+    }
+}

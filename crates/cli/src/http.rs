@@ -1,0 +1,67 @@
+//! The HTTP endpoint: `/healthz` (the process is alive), `/readyz` (the store and the
+//! etcd server are up), and Prometheus `/metrics`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use meshwork_store::Store;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+/// What the handlers read.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) store: Store,
+    pub(crate) serving: Arc<AtomicBool>,
+    pub(crate) prometheus: Option<PrometheusHandle>,
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if s.store.is_healthy() && s.serving.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the store is stopped or failed (see the log)\n".to_string(),
+        )
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let st = s.store.status();
+    let mut body = s
+        .prometheus
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    // Gauges read at scrape time.
+    body.push_str(&format!(
+        "# TYPE meshwork_store_keys gauge\nmeshwork_store_keys {}\n# TYPE meshwork_store_leases gauge\nmeshwork_store_leases {}\n# TYPE meshwork_store_watchers gauge\nmeshwork_store_watchers {}\n# TYPE meshwork_store_compact_revision gauge\nmeshwork_store_compact_revision {}\n",
+        st.keys, st.leases, st.watchers, st.compact_revision
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
