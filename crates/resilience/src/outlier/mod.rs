@@ -1,1 +1,397 @@
-//! todo
+//! Outlier detection: passive ejection of misbehaving endpoints, with
+//! Envoy's semantics.
+//!
+//! * **Consecutive failures**: an endpoint failing `consecutive_failures`
+//!   calls in a row is ejected at once.
+//! * **Success rate**: every `interval_ms`, among endpoints with at least
+//!   `request_volume` calls in the interval (and only if at least
+//!   `minimum_hosts` qualify), those whose success rate is below
+//!   `mean - stdev_factor x stdev` are ejected.
+//! * An ejection lasts `base_ejection_ms x times ejected` (capped by
+//!   `max_ejection_ms`); the multiplier decreases by one for every interval
+//!   an endpoint stays healthy. Endpoints return automatically when their
+//!   time is up.
+//! * At most `max_ejection_percent` of endpoints are ejected at once, except
+//!   that one endpoint may always be ejected.
+//!
+//! [`OutlierDetector`] is a plain core (no I/O, explicit `now`); the
+//! [`Balance`](crate::balance::Balance) service feeds it and skips ejected
+//! endpoints. Ejections are counted in `meshwork_outlier_ejections_total`.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::config::{ConfigError, check};
+
+/// Success-rate ejection settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SuccessRateConfig {
+    /// Endpoints with enough volume needed for the analysis (>= 1).
+    pub minimum_hosts: u32,
+    /// Calls in the interval for an endpoint to be judged (>= 1).
+    pub request_volume: u32,
+    /// Ejection threshold: `mean - stdev_factor x stdev` (> 0).
+    pub stdev_factor: f64,
+}
+
+impl Default for SuccessRateConfig {
+    fn default() -> Self {
+        Self {
+            minimum_hosts: 5,
+            request_volume: 100,
+            stdev_factor: 1.9,
+        }
+    }
+}
+
+/// Outlier detection configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Eject after this many failures in a row (`None`: off).
+    pub consecutive_failures: Option<u32>,
+    /// Success-rate ejection (`None`: off).
+    pub success_rate: Option<SuccessRateConfig>,
+    /// Analysis interval, milliseconds.
+    pub interval_ms: u64,
+    /// First ejection time, milliseconds.
+    pub base_ejection_ms: u64,
+    /// Longest ejection time, milliseconds.
+    pub max_ejection_ms: u64,
+    /// Most endpoints ejected at once, percent (0..=100).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: Some(5),
+            success_rate: Some(SuccessRateConfig::default()),
+            interval_ms: 10_000,
+            base_ejection_ms: 30_000,
+            max_ejection_ms: 300_000,
+            max_ejection_percent: 10,
+        }
+    }
+}
+
+impl OutlierConfig {
+    /// Checks the fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(n) = self.consecutive_failures {
+            check(n >= 1, "outlier.consecutive_failures", n, "at least 1")?;
+        }
+        if let Some(sr) = self.success_rate {
+            check(
+                sr.minimum_hosts >= 1,
+                "outlier.success_rate.minimum_hosts",
+                sr.minimum_hosts,
+                ">= 1",
+            )?;
+            check(
+                sr.request_volume >= 1,
+                "outlier.success_rate.request_volume",
+                sr.request_volume,
+                ">= 1",
+            )?;
+            check(
+                sr.stdev_factor > 0.0 && sr.stdev_factor.is_finite(),
+                "outlier.success_rate.stdev_factor",
+                sr.stdev_factor,
+                "> 0",
+            )?;
+        }
+        check(
+            self.interval_ms >= 1,
+            "outlier.interval_ms",
+            self.interval_ms,
+            "at least 1",
+        )?;
+        check(
+            self.base_ejection_ms >= 1,
+            "outlier.base_ejection_ms",
+            self.base_ejection_ms,
+            "at least 1",
+        )?;
+        check(
+            self.max_ejection_ms >= self.base_ejection_ms,
+            "outlier.max_ejection_ms",
+            self.max_ejection_ms,
+            "at least base_ejection_ms",
+        )?;
+        check(
+            self.max_ejection_percent <= 100,
+            "outlier.max_ejection_percent",
+            self.max_ejection_percent,
+            "0..=100",
+        )
+    }
+}
+
+/// Why an endpoint was ejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Too many failures in a row.
+    ConsecutiveFailures,
+    /// Success rate far below its peers.
+    SuccessRate,
+}
+
+/// What the detector did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutlierEvent<K> {
+    /// `key` is out until `until`.
+    Ejected {
+        /// The endpoint.
+        key: K,
+        /// When it returns.
+        until: Instant,
+        /// Why.
+        reason: Reason,
+    },
+    /// `key` is back.
+    Returned {
+        /// The endpoint.
+        key: K,
+    },
+}
+
+#[derive(Debug, Default, Clone)]
+struct Host {
+    consecutive: u32,
+    successes: u64,
+    total: u64,
+    ejected_until: Option<Instant>,
+    times_ejected: u32,
+}
+
+/// The detector core.
+#[derive(Debug)]
+pub struct OutlierDetector<K> {
+    cfg: OutlierConfig,
+    hosts: HashMap<K, Host>,
+    next_tick: Option<Instant>,
+}
+
+impl<K: Hash + Eq + Clone> OutlierDetector<K> {
+    /// No endpoints yet.
+    pub fn new(cfg: OutlierConfig) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        Ok(Self {
+            cfg,
+            hosts: HashMap::new(),
+            next_tick: None,
+        })
+    }
+
+    /// Starts tracking `key`.
+    pub fn add(&mut self, key: K) {
+        self.hosts.entry(key).or_default();
+    }
+
+    /// Stops tracking `key`.
+    pub fn remove(&mut self, key: &K) {
+        self.hosts.remove(key);
+    }
+
+    /// Whether `key` is ejected at `now`.
+    pub fn is_ejected(&self, key: &K, now: Instant) -> bool {
+        self.hosts
+            .get(key)
+            .and_then(|h| h.ejected_until)
+            .is_some_and(|until| until > now)
+    }
+
+    /// Endpoints ejected at `now`.
+    pub fn ejected_count(&self, now: Instant) -> usize {
+        self.hosts
+            .values()
+            .filter(|h| h.ejected_until.is_some_and(|u| u > now))
+            .count()
+    }
+
+    fn may_eject(&self, now: Instant) -> bool {
+        let ejected = self.ejected_count(now);
+        ejected == 0
+            || (ejected + 1) * 100 <= self.hosts.len() * self.cfg.max_ejection_percent as usize
+    }
+
+    fn eject(&mut self, key: &K, reason: Reason, now: Instant) -> Option<OutlierEvent<K>> {
+        if self.is_ejected(key, now) || !self.may_eject(now) {
+            return None;
+        }
+        let cfg = self.cfg;
+        let h = self.hosts.get_mut(key)?;
+        h.times_ejected = h.times_ejected.saturating_add(1);
+        let ms = cfg
+            .base_ejection_ms
+            .saturating_mul(u64::from(h.times_ejected))
+            .min(cfg.max_ejection_ms);
+        let until = now + Duration::from_millis(ms);
+        h.ejected_until = Some(until);
+        h.consecutive = 0;
+        metrics::counter!("meshwork_outlier_ejections_total").increment(1);
+        Some(OutlierEvent::Ejected {
+            key: key.clone(),
+            until,
+            reason,
+        })
+    }
+
+    /// Records a call to `key`.
+    pub fn record(&mut self, key: &K, success: bool, now: Instant) -> Option<OutlierEvent<K>> {
+        let limit = self.cfg.consecutive_failures;
+        let h = self.hosts.get_mut(key)?;
+        h.total += 1;
+        if success {
+            h.successes += 1;
+            h.consecutive = 0;
+            return None;
+        }
+        h.consecutive += 1;
+        if limit.is_some_and(|l| h.consecutive >= l) {
+            return self.eject(key, Reason::ConsecutiveFailures, now);
+        }
+        None
+    }
+
+    /// Runs the interval work if due: returns, success-rate analysis,
+    /// multiplier decay. Call it often; it does nothing between intervals.
+    pub fn tick(&mut self, now: Instant) -> Vec<OutlierEvent<K>> {
+        let mut events = Vec::new();
+        for (k, h) in self.hosts.iter_mut() {
+            if h.ejected_until.is_some_and(|u| u <= now) {
+                h.ejected_until = None;
+                events.push(OutlierEvent::Returned { key: k.clone() });
+            }
+        }
+        let interval = Duration::from_millis(self.cfg.interval_ms);
+        match self.next_tick {
+            None => {
+                self.next_tick = Some(now + interval);
+                return events;
+            }
+            Some(t) if now < t => return events,
+            Some(_) => self.next_tick = Some(now + interval),
+        }
+        if let Some(sr) = self.cfg.success_rate {
+            let rates: Vec<(K, f64)> = self
+                .hosts
+                .iter()
+                .filter(|(_, h)| {
+                    h.ejected_until.is_none() && h.total >= u64::from(sr.request_volume)
+                })
+                .map(|(k, h)| (k.clone(), h.successes as f64 / h.total as f64))
+                .collect();
+            if rates.len() >= sr.minimum_hosts as usize {
+                let n = rates.len() as f64;
+                let mean = rates.iter().map(|r| r.1).sum::<f64>() / n;
+                let var = rates.iter().map(|r| (r.1 - mean).powi(2)).sum::<f64>() / n;
+                let threshold = mean - sr.stdev_factor * var.sqrt();
+                for (k, rate) in rates {
+                    if rate < threshold {
+                        events.extend(self.eject(&k, Reason::SuccessRate, now));
+                    }
+                }
+            }
+        }
+        for h in self.hosts.values_mut() {
+            if h.ejected_until.is_none() && h.times_ejected > 0 {
+                h.times_ejected -= 1;
+            }
+            h.successes = 0;
+            h.total = 0;
+        }
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detector(n: u32) -> OutlierDetector<u32> {
+        let cfg = OutlierConfig {
+            consecutive_failures: Some(3),
+            success_rate: Some(SuccessRateConfig {
+                minimum_hosts: 3,
+                request_volume: 10,
+                stdev_factor: 1.0,
+            }),
+            interval_ms: 1_000,
+            base_ejection_ms: 10_000,
+            max_ejection_ms: 25_000,
+            max_ejection_percent: 50,
+        };
+        let mut d = OutlierDetector::new(cfg).unwrap();
+        (0..n).for_each(|k| d.add(k));
+        d
+    }
+
+    #[test]
+    fn consecutive_failures_eject_with_growing_time_and_return() {
+        let t0 = Instant::now();
+        let mut d = detector(4);
+        d.record(&0, false, t0);
+        d.record(&0, false, t0);
+        let e = d.record(&0, false, t0).unwrap();
+        assert_eq!(
+            e,
+            OutlierEvent::Ejected {
+                key: 0,
+                until: t0 + Duration::from_secs(10),
+                reason: Reason::ConsecutiveFailures
+            }
+        );
+        let t1 = t0 + Duration::from_secs(10);
+        assert!(!d.is_ejected(&0, t1));
+        assert_eq!(d.tick(t1), vec![OutlierEvent::Returned { key: 0 }]);
+        for _ in 0..3 {
+            d.record(&0, false, t1);
+        }
+        assert!(
+            d.is_ejected(&0, t1 + Duration::from_secs(19)),
+            "second ejection lasts 20 s"
+        );
+        assert!(!d.is_ejected(&0, t1 + Duration::from_secs(20)));
+    }
+
+    #[test]
+    fn max_ejection_percent_is_respected() {
+        let t0 = Instant::now();
+        let mut d = detector(4);
+        for k in 0..4 {
+            for _ in 0..3 {
+                d.record(&k, false, t0);
+            }
+        }
+        assert_eq!(d.ejected_count(t0), 2, "50 % of 4");
+    }
+
+    #[test]
+    fn success_rate_outlier_is_ejected() {
+        let t0 = Instant::now();
+        let mut d = detector(5);
+        d.tick(t0);
+        for k in 0..5u32 {
+            for i in 0..20 {
+                // Host 4 fails every other call (never 3 in a row).
+                d.record(&k, k != 4 || i % 2 == 0, t0);
+            }
+        }
+        let events = d.tick(t0 + Duration::from_secs(1));
+        assert!(matches!(
+            events.as_slice(),
+            [OutlierEvent::Ejected {
+                key: 4,
+                reason: Reason::SuccessRate,
+                ..
+            }]
+        ));
+    }
+}
