@@ -70,6 +70,10 @@ pub(crate) struct KvBench {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Use keys 0, 1, 2, ... (modulo --key-space) in request order across all clients instead
+    /// of random keys, so `--total N --key-space N` writes exactly N distinct keys.
+    #[arg(long)]
+    sequential: bool,
 }
 
 pub(crate) async fn run(cmd: BenchCommand) -> Result<()> {
@@ -172,14 +176,26 @@ async fn kv(b: KvBench) -> Result<()> {
         let mut c = conns[i % conns.len()].clone();
         let (done, errors, issued, hist) =
             (done.clone(), errors.clone(), issued.clone(), hist.clone());
-        let (op, total, ks, size, vsize) = (b.op, b.total, b.key_space, b.key_size, b.value_size);
+        let (op, total, ks, size, vsize, sequential) = (
+            b.op,
+            b.total,
+            b.key_space,
+            b.key_size,
+            b.value_size,
+            b.sequential,
+        );
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1) * 0x2545_f491_4f6c_dd1d);
             let value: bytes::Bytes = vec![b'v'; vsize].into();
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                 .expect("valid histogram bounds");
-            while issued.fetch_add(1, Ordering::Relaxed) < total {
-                let k: bytes::Bytes = key(rng.next() % ks, size).into();
+            loop {
+                let n = issued.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    break;
+                }
+                let idx = if sequential { n % ks } else { rng.next() % ks };
+                let k: bytes::Bytes = key(idx, size).into();
                 let t0 = Instant::now();
                 let ok = match op {
                     Op::Put => {
@@ -189,7 +205,7 @@ async fn kv(b: KvBench) -> Result<()> {
                             ..Default::default()
                         })
                         .await
-                        .is_ok()
+                        .map(|_| ())
                     }
                     Op::Get | Op::GetSerializable => {
                         c.kv.range(pb::RangeRequest {
@@ -198,14 +214,17 @@ async fn kv(b: KvBench) -> Result<()> {
                             ..Default::default()
                         })
                         .await
-                        .is_ok()
+                        .map(|_| ())
                     }
-                    Op::Watch => true,
+                    Op::Watch => Ok(()),
                 };
                 let us = t0.elapsed().as_micros() as u64;
                 let _ = local.record(us.max(1));
-                if !ok {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = ok {
+                    // Show the first failure so a run full of errors explains itself.
+                    if errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                        eprintln!("\nfirst error: {:?}: {}", e.code(), e.message());
+                    }
                 }
                 done.fetch_add(1, Ordering::Relaxed);
             }
