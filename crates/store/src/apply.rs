@@ -33,9 +33,17 @@ pub(crate) enum WriteResp {
     Put(PutResponse),
     Delete(DeleteResponse),
     Txn(TxnResponse),
-    LeaseGrant { id: i64, ttl_secs: i64, revision: i64 },
-    LeaseRevoke { revision: i64 },
-    Compact { revision: i64 },
+    LeaseGrant {
+        id: i64,
+        ttl_secs: i64,
+        revision: i64,
+    },
+    LeaseRevoke {
+        revision: i64,
+    },
+    Compact {
+        revision: i64,
+    },
 }
 
 pub(crate) type KvTable<'t> = Table<'t, (u64, u32), &'static [u8]>;
@@ -83,7 +91,10 @@ impl Applier<'_, '_> {
                 let mut sub = 0;
                 let prev_kv = self.put(index, p, next, &mut sub)?;
                 self.rev = next;
-                Ok(WriteResp::Put(PutResponse { revision: next, prev_kv }))
+                Ok(WriteResp::Put(PutResponse {
+                    revision: next,
+                    prev_kv,
+                }))
             }
             WriteReq::Delete(d) => {
                 let next = self.rev + 1;
@@ -92,20 +103,34 @@ impl Applier<'_, '_> {
                 if sub > 0 {
                     self.rev = next;
                 }
-                Ok(WriteResp::Delete(DeleteResponse { revision: self.rev, deleted, prev_kvs }))
+                Ok(WriteResp::Delete(DeleteResponse {
+                    revision: self.rev,
+                    deleted,
+                    prev_kvs,
+                }))
             }
             WriteReq::Txn(t) => self.txn(index, t).map(WriteResp::Txn),
             WriteReq::LeaseGrant { id, ttl_secs } => {
                 if self.no_space {
                     return Err(StoreError::NoSpace);
                 }
-                let id = if *id == 0 { self.lessor.fresh_id() } else { *id };
+                let id = if *id == 0 {
+                    self.lessor.fresh_id()
+                } else {
+                    *id
+                };
                 if self.lessor.exists(id) {
                     return Err(StoreError::LeaseExists);
                 }
-                self.leases.insert(id, *ttl_secs).map_err(StoreError::storage)?;
+                self.leases
+                    .insert(id, *ttl_secs)
+                    .map_err(StoreError::storage)?;
                 self.lessor.grant(id, *ttl_secs, self.now);
-                Ok(WriteResp::LeaseGrant { id, ttl_secs: *ttl_secs, revision: self.rev })
+                Ok(WriteResp::LeaseGrant {
+                    id,
+                    ttl_secs: *ttl_secs,
+                    revision: self.rev,
+                })
             }
             WriteReq::LeaseRevoke { id } => {
                 let keys = self.lessor.revoke(*id).ok_or(StoreError::LeaseNotFound)?;
@@ -143,8 +168,14 @@ impl Applier<'_, '_> {
     fn txn(&mut self, index: &mut Index, t: &TxnRequest) -> Result<TxnResponse> {
         let read_rev = self.rev;
         let path = mvcc::plan(index, t, read_rev, &TableFetch(&*self.kv))?;
-        let branch = if path.succeeded { &t.success } else { &t.failure };
-        mvcc::precheck(index, branch, &path, read_rev, &|id| self.lessor.exists(id))?;
+        let branch = if path.succeeded {
+            &t.success
+        } else {
+            &t.failure
+        };
+        mvcc::precheck(index, branch, &path, read_rev, self.compact_rev, &|id| {
+            self.lessor.exists(id)
+        })?;
         if self.no_space && branch.iter().any(writes_data) {
             return Err(StoreError::NoSpace);
         }
@@ -155,34 +186,64 @@ impl Applier<'_, '_> {
             self.rev = next;
         }
         set_revisions(&mut responses, self.rev);
-        Ok(TxnResponse { revision: self.rev, succeeded: path.succeeded, responses })
+        Ok(TxnResponse {
+            revision: self.rev,
+            succeeded: path.succeeded,
+            responses,
+        })
     }
 
-    fn exec(&mut self, index: &mut Index, ops: &[RequestOp], path: &Path, next: i64, sub: &mut u32) -> Result<Vec<ResponseOp>> {
+    fn exec(
+        &mut self,
+        index: &mut Index,
+        ops: &[RequestOp],
+        path: &Path,
+        next: i64,
+        sub: &mut u32,
+    ) -> Result<Vec<ResponseOp>> {
         let mut nested = path.nested.iter();
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             let resp = match op {
                 RequestOp::Range(r) => {
                     // Reading at `next` sees this txn's own earlier writes.
-                    let sel = mvcc::select(index, r, next);
-                    ResponseOp::Range(mvcc::materialize(sel, r, &TableFetch(&*self.kv), next, self.compact_rev)?)
+                    let sel = mvcc::select(index, r, mvcc::txn_read_rev(r, next));
+                    ResponseOp::Range(mvcc::materialize(
+                        sel,
+                        r,
+                        &TableFetch(&*self.kv),
+                        next,
+                        self.compact_rev,
+                    )?)
                 }
                 RequestOp::Put(p) => {
                     let prev_kv = self.put(index, p, next, sub)?;
-                    ResponseOp::Put(PutResponse { revision: next, prev_kv })
+                    ResponseOp::Put(PutResponse {
+                        revision: next,
+                        prev_kv,
+                    })
                 }
                 RequestOp::Delete(d) => {
                     let (deleted, prev_kvs) = self.delete(index, d, next, sub)?;
-                    ResponseOp::Delete(DeleteResponse { revision: next, deleted, prev_kvs })
+                    ResponseOp::Delete(DeleteResponse {
+                        revision: next,
+                        deleted,
+                        prev_kvs,
+                    })
                 }
                 RequestOp::Txn(t) => {
                     let Some(np) = nested.next() else {
-                        return Err(StoreError::Storage("txn plan does not match the request".into()));
+                        return Err(StoreError::Storage(
+                            "txn plan does not match the request".into(),
+                        ));
                     };
                     let branch = if np.succeeded { &t.success } else { &t.failure };
                     let responses = self.exec(index, branch, np, next, sub)?;
-                    ResponseOp::Txn(TxnResponse { revision: next, succeeded: np.succeeded, responses })
+                    ResponseOp::Txn(TxnResponse {
+                        revision: next,
+                        succeeded: np.succeeded,
+                        responses,
+                    })
                 }
             };
             out.push(resp);
@@ -191,27 +252,67 @@ impl Applier<'_, '_> {
     }
 
     fn fetch_kv(&self, rev: Revision) -> Result<Option<KeyValue>> {
-        Ok(TableFetch(&*self.kv).fetch(rev)?.filter(|r| !r.tombstone).map(|r| r.kv))
+        Ok(TableFetch(&*self.kv)
+            .fetch(rev)?
+            .filter(|r| !r.tombstone)
+            .map(|r| r.kv))
     }
 
-    fn put(&mut self, index: &mut Index, p: &PutRequest, next: i64, sub: &mut u32) -> Result<Option<KeyValue>> {
+    fn put(
+        &mut self,
+        index: &mut Index,
+        p: &PutRequest,
+        next: i64,
+        sub: &mut u32,
+    ) -> Result<Option<KeyValue>> {
         let prev = index.get(&p.key, next).copied();
         let prev_kv = match prev {
             Some(e) if p.prev_kv || p.ignore_value || self.want_prev => self.fetch_kv(e.rev)?,
             _ => None,
         };
-        let value = if p.ignore_value { prev_kv.as_ref().map(|kv| kv.value.clone()).unwrap_or_default() } else { p.value.clone() };
-        let lease = if p.ignore_lease { prev.map(|e| e.lease).unwrap_or(0) } else { p.lease };
-        let rev = Revision { main: next, sub: *sub };
+        let value = if p.ignore_value {
+            prev_kv
+                .as_ref()
+                .map(|kv| kv.value.clone())
+                .unwrap_or_default()
+        } else {
+            p.value.clone()
+        };
+        let lease = if p.ignore_lease {
+            prev.map(|e| e.lease).unwrap_or(0)
+        } else {
+            p.lease
+        };
+        let rev = Revision {
+            main: next,
+            sub: *sub,
+        };
         *sub += 1;
         let (create, version) = match prev {
             Some(e) => (e.create, e.version + 1),
             None => (next, 1),
         };
-        let kv = KeyValue { key: p.key.clone(), create_revision: create, mod_revision: next, version, value, lease };
+        let kv = KeyValue {
+            key: p.key.clone(),
+            create_revision: create,
+            mod_revision: next,
+            version,
+            value,
+            lease,
+        };
         codec::encode(&mut self.buf, false, &kv);
-        self.kv.insert(rev_key(rev), self.buf.as_slice()).map_err(StoreError::storage)?;
-        index.push(&p.key, Entry { rev, create, version, lease });
+        self.kv
+            .insert(rev_key(rev), self.buf.as_slice())
+            .map_err(StoreError::storage)?;
+        index.push(
+            &p.key,
+            Entry {
+                rev,
+                create,
+                version,
+                lease,
+            },
+        );
         if let Some(e) = prev
             && e.lease != 0
             && e.lease != lease
@@ -221,12 +322,26 @@ impl Applier<'_, '_> {
         if lease != 0 {
             self.lessor.attach(lease, &p.key);
         }
-        let event_prev = if self.want_prev { prev_kv.clone() } else { None };
-        self.events.push(Event { kind: EventKind::Put, kv, prev_kv: event_prev });
+        let event_prev = if self.want_prev {
+            prev_kv.clone()
+        } else {
+            None
+        };
+        self.events.push(Event {
+            kind: EventKind::Put,
+            kv,
+            prev_kv: event_prev,
+        });
         Ok(if p.prev_kv { prev_kv } else { None })
     }
 
-    fn delete(&mut self, index: &mut Index, d: &DeleteRequest, next: i64, sub: &mut u32) -> Result<(i64, Vec<KeyValue>)> {
+    fn delete(
+        &mut self,
+        index: &mut Index,
+        d: &DeleteRequest,
+        next: i64,
+        sub: &mut u32,
+    ) -> Result<(i64, Vec<KeyValue>)> {
         let mut victims: Vec<(Bytes, Entry)> = Vec::new();
         index.for_each_live(&d.range, next, |k, e| {
             victims.push((Bytes::copy_from_slice(k), *e));
@@ -245,19 +360,51 @@ impl Applier<'_, '_> {
     }
 
     /// Deletes one live key; returns its last key-value when it was read.
-    fn tombstone(&mut self, index: &mut Index, key: Bytes, e: Entry, next: i64, sub: &mut u32) -> Result<Option<KeyValue>> {
+    fn tombstone(
+        &mut self,
+        index: &mut Index,
+        key: Bytes,
+        e: Entry,
+        next: i64,
+        sub: &mut u32,
+    ) -> Result<Option<KeyValue>> {
         let prev_kv = self.fetch_kv(e.rev)?;
-        let rev = Revision { main: next, sub: *sub };
+        let rev = Revision {
+            main: next,
+            sub: *sub,
+        };
         *sub += 1;
-        let kv = KeyValue { key: key.clone(), mod_revision: next, ..KeyValue::default() };
+        let kv = KeyValue {
+            key: key.clone(),
+            mod_revision: next,
+            ..KeyValue::default()
+        };
         codec::encode(&mut self.buf, true, &kv);
-        self.kv.insert(rev_key(rev), self.buf.as_slice()).map_err(StoreError::storage)?;
-        index.push(&key, Entry { rev, create: 0, version: 0, lease: 0 });
+        self.kv
+            .insert(rev_key(rev), self.buf.as_slice())
+            .map_err(StoreError::storage)?;
+        index.push(
+            &key,
+            Entry {
+                rev,
+                create: 0,
+                version: 0,
+                lease: 0,
+            },
+        );
         if e.lease != 0 {
             self.lessor.detach(e.lease, &key);
         }
-        let event_prev = if self.want_prev { prev_kv.clone() } else { None };
-        self.events.push(Event { kind: EventKind::Delete, kv, prev_kv: event_prev });
+        let event_prev = if self.want_prev {
+            prev_kv.clone()
+        } else {
+            None
+        };
+        self.events.push(Event {
+            kind: EventKind::Delete,
+            kv,
+            prev_kv: event_prev,
+        });
         Ok(prev_kv)
     }
 }

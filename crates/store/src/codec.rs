@@ -39,13 +39,19 @@ fn le_i64(b: &[u8], at: usize) -> i64 {
 
 pub(crate) fn decode(rev: Revision, b: &[u8]) -> Result<Record> {
     if b.len() < HEADER {
-        return Err(StoreError::Storage(format!("record at revision {} is truncated", rev.main)));
+        return Err(StoreError::Storage(format!(
+            "record at revision {} is truncated",
+            rev.main
+        )));
     }
     let mut len = [0u8; 4];
     len.copy_from_slice(&b[25..29]);
     let key_len = u32::from_le_bytes(len) as usize;
     if b.len() < HEADER + key_len {
-        return Err(StoreError::Storage(format!("record at revision {} has a bad key length", rev.main)));
+        return Err(StoreError::Storage(format!(
+            "record at revision {} has a bad key length",
+            rev.main
+        )));
     }
     let key = Bytes::copy_from_slice(&b[HEADER..HEADER + key_len]);
     let value = Bytes::copy_from_slice(&b[HEADER + key_len..]);
@@ -79,7 +85,13 @@ mod tests {
         let mut buf = Vec::new();
         encode(&mut buf, false, &kv);
         let rev = Revision { main: 7, sub: 0 };
-        assert_eq!(decode(rev, &buf).unwrap(), Record { tombstone: false, kv: kv.clone() });
+        assert_eq!(
+            decode(rev, &buf).unwrap(),
+            Record {
+                tombstone: false,
+                kv: kv.clone()
+            }
+        );
         assert!(decode(rev, &buf[..10]).is_err());
         buf[25] = 200;
         assert!(decode(rev, &buf).is_err());

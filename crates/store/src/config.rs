@@ -78,22 +78,70 @@ pub struct ConfigError {
 impl StoreConfig {
     /// Checks every field and the rules between them.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn check(ok: bool, field: &'static str, value: impl ToString, expected: &'static str) -> Result<(), ConfigError> {
-            if ok { Ok(()) } else { Err(ConfigError { field, value: value.to_string(), expected }) }
+        fn check(
+            ok: bool,
+            field: &'static str,
+            value: impl ToString,
+            expected: &'static str,
+        ) -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError {
+                    field,
+                    value: value.to_string(),
+                    expected,
+                })
+            }
         }
-        check(self.max_key_bytes >= 1, "store.max_key_bytes", self.max_key_bytes, "at least 1")?;
-        check(self.max_request_bytes >= 1024, "store.max_request_bytes", self.max_request_bytes, "at least 1024")?;
+        check(
+            self.max_key_bytes >= 1,
+            "store.max_key_bytes",
+            self.max_key_bytes,
+            "at least 1",
+        )?;
+        check(
+            self.max_request_bytes >= 1024,
+            "store.max_request_bytes",
+            self.max_request_bytes,
+            "at least 1024",
+        )?;
         check(
             self.max_value_bytes <= self.max_request_bytes,
             "store.max_value_bytes",
             self.max_value_bytes,
             "at most store.max_request_bytes",
         )?;
-        check(self.max_txn_ops >= 1, "store.max_txn_ops", self.max_txn_ops, "at least 1")?;
-        check(self.quota_bytes >= 1 << 20, "store.quota_bytes", self.quota_bytes, "at least 1 MiB")?;
-        check(self.max_batch_requests >= 1, "store.max_batch_requests", self.max_batch_requests, "at least 1")?;
-        check(self.max_pending_writes >= 1, "store.max_pending_writes", self.max_pending_writes, "at least 1")?;
-        check(self.watch_buffer_events >= 16, "store.watch_buffer_events", self.watch_buffer_events, "at least 16")?;
+        check(
+            self.max_txn_ops >= 1,
+            "store.max_txn_ops",
+            self.max_txn_ops,
+            "at least 1",
+        )?;
+        check(
+            self.quota_bytes >= 1 << 20,
+            "store.quota_bytes",
+            self.quota_bytes,
+            "at least 1 MiB",
+        )?;
+        check(
+            self.max_batch_requests >= 1,
+            "store.max_batch_requests",
+            self.max_batch_requests,
+            "at least 1",
+        )?;
+        check(
+            self.max_pending_writes >= 1,
+            "store.max_pending_writes",
+            self.max_pending_writes,
+            "at least 1",
+        )?;
+        check(
+            self.watch_buffer_events >= 16,
+            "store.watch_buffer_events",
+            self.watch_buffer_events,
+            "at least 16",
+        )?;
         check(
             self.max_watchers_per_stream >= 1,
             "store.max_watchers_per_stream",
@@ -106,7 +154,12 @@ impl StoreConfig {
             self.auto_compaction_retention_revisions,
             "0 (off) or a positive number of revisions",
         )?;
-        check(self.min_lease_ttl_secs >= 1, "store.min_lease_ttl_secs", self.min_lease_ttl_secs, "at least 1")?;
+        check(
+            self.min_lease_ttl_secs >= 1,
+            "store.min_lease_ttl_secs",
+            self.min_lease_ttl_secs,
+            "at least 1",
+        )?;
         check(
             self.max_lease_ttl_secs >= self.min_lease_ttl_secs,
             "store.max_lease_ttl_secs",
@@ -130,7 +183,10 @@ mod tests {
     #[test]
     fn default_is_valid_and_errors_name_the_field() {
         assert_eq!(StoreConfig::default().validate(), Ok(()));
-        let bad = StoreConfig { max_txn_ops: 0, ..StoreConfig::default() };
+        let bad = StoreConfig {
+            max_txn_ops: 0,
+            ..StoreConfig::default()
+        };
         let err = bad.validate().unwrap_err();
         assert_eq!(err.field, "store.max_txn_ops");
         assert!(err.to_string().contains("at least 1"));

@@ -47,7 +47,9 @@ pub enum StoreError {
     #[error("etcdserver: lease is provided")]
     LeaseProvided,
     /// A key longer than the configured maximum.
-    #[error("etcdserver: key is too large ({size} bytes, limit {limit}; raise store.max_key_bytes)")]
+    #[error(
+        "etcdserver: key is too large ({size} bytes, limit {limit}; raise store.max_key_bytes)"
+    )]
     KeyTooLarge {
         /// Size of the key in bytes.
         size: usize,
@@ -55,7 +57,9 @@ pub enum StoreError {
         limit: usize,
     },
     /// A value larger than the configured maximum.
-    #[error("etcdserver: value is too large ({size} bytes, limit {limit}; raise store.max_value_bytes)")]
+    #[error(
+        "etcdserver: value is too large ({size} bytes, limit {limit}; raise store.max_value_bytes)"
+    )]
     ValueTooLarge {
         /// Size of the value in bytes.
         size: usize,
@@ -66,7 +70,9 @@ pub enum StoreError {
     #[error("etcdserver: request is too large")]
     RequestTooLarge,
     /// A range whose end sorts before its start.
-    #[error("etcdserver: range end is before key (range_end must be empty, \\0, or greater than key)")]
+    #[error(
+        "etcdserver: range end is before key (range_end must be empty, \\0, or greater than key)"
+    )]
     InvalidRange,
     /// The database reached its size quota; writes fail until compaction and defragmentation.
     #[error("etcdserver: mvcc: database space exceeded")]

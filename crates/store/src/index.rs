@@ -58,7 +58,12 @@ impl Index {
     }
 
     /// Calls `f` with every key in `range` live at `rev`, in key order, until it returns false.
-    pub(crate) fn for_each_live(&self, range: &KeyRange, rev: i64, mut f: impl FnMut(&[u8], &Entry) -> bool) {
+    pub(crate) fn for_each_live(
+        &self,
+        range: &KeyRange,
+        rev: i64,
+        mut f: impl FnMut(&[u8], &Entry) -> bool,
+    ) {
         if range.is_single() {
             if let Some(e) = self.get(&range.key, rev) {
                 f(&range.key, e);
@@ -83,7 +88,10 @@ impl Index {
     pub(crate) fn push(&mut self, key: &[u8], entry: Entry) {
         match self.keys.get_mut(key) {
             Some(h) => {
-                debug_assert!(h.last().is_none_or(|l| l.rev < entry.rev), "index revisions must increase");
+                debug_assert!(
+                    h.last().is_none_or(|l| l.rev < entry.rev),
+                    "index revisions must increase"
+                );
                 h.push(entry);
             }
             None => {
@@ -120,10 +128,20 @@ mod tests {
     use super::*;
 
     fn put(main: i64, create: i64, version: i64) -> Entry {
-        Entry { rev: Revision { main, sub: 0 }, create, version, lease: 0 }
+        Entry {
+            rev: Revision { main, sub: 0 },
+            create,
+            version,
+            lease: 0,
+        }
     }
     fn del(main: i64) -> Entry {
-        Entry { rev: Revision { main, sub: 0 }, create: 0, version: 0, lease: 0 }
+        Entry {
+            rev: Revision { main, sub: 0 },
+            create: 0,
+            version: 0,
+            lease: 0,
+        }
     }
 
     #[test]
@@ -147,7 +165,10 @@ mod tests {
         idx.push(b"b", del(5));
         let mut gone = idx.compact(5);
         gone.sort();
-        assert_eq!(gone.iter().map(|r| r.main).collect::<Vec<_>>(), vec![2, 3, 5]);
+        assert_eq!(
+            gone.iter().map(|r| r.main).collect::<Vec<_>>(),
+            vec![2, 3, 5]
+        );
         assert_eq!(idx.get(b"a", 5).map(|e| e.version), Some(2));
         assert!(idx.history(b"b").is_none());
         assert_eq!(idx.len(), 1);

@@ -40,7 +40,11 @@ pub(crate) struct Lessor {
 
 impl Lessor {
     pub(crate) fn new(seed: i64) -> Self {
-        Self { leases: HashMap::new(), expiring: HashSet::new(), next_id: seed.max(1) }
+        Self {
+            leases: HashMap::new(),
+            expiring: HashSet::new(),
+            next_id: seed.max(1),
+        }
     }
 
     pub(crate) fn exists(&self, id: i64) -> bool {
@@ -51,7 +55,11 @@ impl Lessor {
     pub(crate) fn fresh_id(&mut self) -> i64 {
         loop {
             let id = self.next_id;
-            self.next_id = if self.next_id >= i64::MAX - 1 { 1 } else { self.next_id + 1 };
+            self.next_id = if self.next_id >= i64::MAX - 1 {
+                1
+            } else {
+                self.next_id + 1
+            };
             if !self.leases.contains_key(&id) {
                 return id;
             }
@@ -59,7 +67,11 @@ impl Lessor {
     }
 
     pub(crate) fn grant(&mut self, id: i64, ttl_secs: i64, now: Instant) {
-        let lease = Lease { ttl_secs, deadline: now + secs(ttl_secs), keys: BTreeSet::new() };
+        let lease = Lease {
+            ttl_secs,
+            deadline: now + secs(ttl_secs),
+            keys: BTreeSet::new(),
+        };
         self.leases.insert(id, lease);
     }
 
@@ -94,12 +106,20 @@ impl Lessor {
     pub(crate) fn info(&self, id: i64, with_keys: bool, now: Instant) -> Option<LeaseInfo> {
         let l = self.leases.get(&id)?;
         let left = l.deadline.saturating_duration_since(now);
-        let remaining = if left.is_zero() { -1 } else { left.as_millis().div_ceil(1000) as i64 };
+        let remaining = if left.is_zero() {
+            -1
+        } else {
+            left.as_millis().div_ceil(1000) as i64
+        };
         Some(LeaseInfo {
             id,
             granted_ttl_secs: l.ttl_secs,
             remaining_ttl_secs: remaining,
-            keys: if with_keys { l.keys.iter().cloned().collect() } else { Vec::new() },
+            keys: if with_keys {
+                l.keys.iter().cloned().collect()
+            } else {
+                Vec::new()
+            },
         })
     }
 

@@ -38,7 +38,10 @@ pub(crate) fn check_range(r: &KeyRange, cfg: &StoreConfig) -> Result<()> {
 
 pub(crate) fn check_key_size(key: &[u8], cfg: &StoreConfig) -> Result<()> {
     if key.len() > cfg.max_key_bytes {
-        return Err(StoreError::KeyTooLarge { size: key.len(), limit: cfg.max_key_bytes });
+        return Err(StoreError::KeyTooLarge {
+            size: key.len(),
+            limit: cfg.max_key_bytes,
+        });
     }
     Ok(())
 }
@@ -49,7 +52,10 @@ pub(crate) fn check_put(p: &PutRequest, cfg: &StoreConfig) -> Result<()> {
     }
     check_key_size(&p.key, cfg)?;
     if p.value.len() > cfg.max_value_bytes {
-        return Err(StoreError::ValueTooLarge { size: p.value.len(), limit: cfg.max_value_bytes });
+        return Err(StoreError::ValueTooLarge {
+            size: p.value.len(),
+            limit: cfg.max_value_bytes,
+        });
     }
     if p.ignore_value && !p.value.is_empty() {
         return Err(StoreError::ValueProvided);
@@ -64,14 +70,20 @@ fn check_range_req(r: &RangeRequest, cfg: &StoreConfig) -> Result<()> {
     let range = r.range.as_ref().ok_or(StoreError::EmptyKey)?;
     check_range(range, cfg)?;
     if r.limit < 0 {
-        return Err(StoreError::InvalidArgument(format!("range limit must not be negative (got {})", r.limit)));
+        return Err(StoreError::InvalidArgument(format!(
+            "range limit must not be negative (got {})",
+            r.limit
+        )));
     }
     Ok(())
 }
 
 /// Validates a txn as etcd does: op counts, request shapes, no key written twice.
 pub(crate) fn check_txn(t: &TxnRequest, cfg: &StoreConfig) -> Result<()> {
-    if t.compare.len() > cfg.max_txn_ops || t.success.len() > cfg.max_txn_ops || t.failure.len() > cfg.max_txn_ops {
+    if t.compare.len() > cfg.max_txn_ops
+        || t.success.len() > cfg.max_txn_ops
+        || t.failure.len() > cfg.max_txn_ops
+    {
         return Err(StoreError::TooManyOps);
     }
     for c in &t.compare {
@@ -100,7 +112,10 @@ fn check_branch(ops: &[RequestOp], cfg: &StoreConfig) -> Result<(HashSet<Bytes>,
                 dels.push(d.range.clone());
             }
             RequestOp::Txn(t) => {
-                if t.compare.len() > cfg.max_txn_ops || t.success.len() > cfg.max_txn_ops || t.failure.len() > cfg.max_txn_ops {
+                if t.compare.len() > cfg.max_txn_ops
+                    || t.success.len() > cfg.max_txn_ops
+                    || t.failure.len() > cfg.max_txn_ops
+                {
                     return Err(StoreError::TooManyOps);
                 }
                 for c in &t.compare {
@@ -134,11 +149,20 @@ pub(crate) fn select(index: &Index, r: &RangeRequest, rev: i64) -> Selected {
     let mut hits: Vec<(Bytes, Entry)> = Vec::new();
     let mut count = 0i64;
     let Some(range) = r.range.as_ref() else {
-        return Selected { hits, count, more: false };
+        return Selected {
+            hits,
+            count,
+            more: false,
+        };
     };
-    let sorting = !(matches!(r.sort_order, SortOrder::None | SortOrder::Ascend) && r.sort_target == SortTarget::Key);
+    let sorting = !(matches!(r.sort_order, SortOrder::None | SortOrder::Ascend)
+        && r.sort_target == SortTarget::Key);
     // Without sorting, stop materialising after limit+1 hits (the +1 tells `more`).
-    let cap = if r.limit > 0 && !sorting { r.limit as usize + 1 } else { usize::MAX };
+    let cap = if r.limit > 0 && !sorting {
+        r.limit as usize + 1
+    } else {
+        usize::MAX
+    };
     index.for_each_live(range, rev, |k, e| {
         count += 1;
         if r.count_only {
@@ -153,11 +177,21 @@ pub(crate) fn select(index: &Index, r: &RangeRequest, rev: i64) -> Selected {
         }
         true
     });
-    Selected { hits, count, more: false }
+    Selected {
+        hits,
+        count,
+        more: false,
+    }
 }
 
 /// Reads the values of selected keys, sorts and truncates: the range's response.
-pub(crate) fn materialize(sel: Selected, r: &RangeRequest, f: &dyn Fetch, revision: i64, compact_rev: i64) -> Result<RangeResponse> {
+pub(crate) fn materialize(
+    sel: Selected,
+    r: &RangeRequest,
+    f: &dyn Fetch,
+    revision: i64,
+    compact_rev: i64,
+) -> Result<RangeResponse> {
     let mut kvs = Vec::with_capacity(sel.hits.len());
     let need_value = !r.keys_only || r.sort_target == SortTarget::Value;
     for (key, e) in sel.hits {
@@ -165,7 +199,11 @@ pub(crate) fn materialize(sel: Selected, r: &RangeRequest, f: &dyn Fetch, revisi
             match f.fetch(e.rev)? {
                 Some(rec) => rec.kv.value,
                 // Compacted between selection and read.
-                None => return Err(StoreError::Compacted { compact_revision: compact_rev }),
+                None => {
+                    return Err(StoreError::Compacted {
+                        compact_revision: compact_rev,
+                    });
+                }
             }
         } else {
             Bytes::new()
@@ -206,7 +244,12 @@ pub(crate) fn materialize(sel: Selected, r: &RangeRequest, f: &dyn Fetch, revisi
             kv.value = Bytes::new();
         }
     }
-    Ok(RangeResponse { revision, kvs, more, count: sel.count })
+    Ok(RangeResponse {
+        revision,
+        kvs,
+        more,
+        count: sel.count,
+    })
 }
 
 pub(crate) fn validate_range(r: &RangeRequest, cfg: &StoreConfig) -> Result<()> {
@@ -225,7 +268,16 @@ pub(crate) fn compare(index: &Index, c: &Compare, rev: i64, f: &dyn Fetch) -> Re
         if matches!(c.target, CompareTarget::Value(_)) {
             return Ok(false);
         }
-        return Ok(holds(c, &Entry { rev: Revision::default(), create: 0, version: 0, lease: 0 }, None));
+        return Ok(holds(
+            c,
+            &Entry {
+                rev: Revision::default(),
+                create: 0,
+                version: 0,
+                lease: 0,
+            },
+            None,
+        ));
     }
     for e in entries {
         let value = if matches!(c.target, CompareTarget::Value(_)) {
@@ -251,7 +303,9 @@ fn holds(c: &Compare, e: &Entry, value: Option<&Bytes>) -> bool {
         // A missing key's mod revision is 0 (the zero entry's revision).
         CompareTarget::Mod(v) => e.rev.main.cmp(v),
         CompareTarget::Lease(v) => e.lease.cmp(v),
-        CompareTarget::Value(v) => value.map(|x| x.as_ref().cmp(v.as_ref())).unwrap_or(Ordering::Less),
+        CompareTarget::Value(v) => value
+            .map(|x| x.as_ref().cmp(v.as_ref()))
+            .unwrap_or(Ordering::Less),
     };
     match c.result {
         CompareResult::Equal => ord == Ordering::Equal,
@@ -286,17 +340,34 @@ pub(crate) fn plan(index: &Index, t: &TxnRequest, rev: i64, f: &dyn Fetch) -> Re
     Ok(Path { succeeded, nested })
 }
 
-/// Checks, before anything is applied, what etcd checks: leases exist and keys exist
-/// for `ignore_value`/`ignore_lease`.
-pub(crate) fn precheck(index: &Index, ops: &[RequestOp], path: &Path, rev: i64, lease_exists: &dyn Fn(i64) -> bool) -> Result<()> {
+/// Checks, before anything is applied, what etcd checks: leases exist, keys exist
+/// for `ignore_value`/`ignore_lease`, and ranges read a retained revision.
+pub(crate) fn precheck(
+    index: &Index,
+    ops: &[RequestOp],
+    path: &Path,
+    rev: i64,
+    compact: i64,
+    lease_exists: &dyn Fn(i64) -> bool,
+) -> Result<()> {
     let mut nested = path.nested.iter();
     for op in ops {
         match op {
             RequestOp::Put(p) => precheck_put(index, p, rev, lease_exists)?,
+            RequestOp::Range(r) if r.revision > 0 => {
+                if r.revision > rev {
+                    return Err(StoreError::FutureRevision);
+                }
+                if r.revision < compact {
+                    return Err(StoreError::Compacted {
+                        compact_revision: compact,
+                    });
+                }
+            }
             RequestOp::Txn(t) => {
                 let Some(np) = nested.next() else { continue };
                 let branch = if np.succeeded { &t.success } else { &t.failure };
-                precheck(index, branch, np, rev, lease_exists)?;
+                precheck(index, branch, np, rev, compact, lease_exists)?;
             }
             RequestOp::Range(_) | RequestOp::Delete(_) => {}
         }
@@ -304,7 +375,17 @@ pub(crate) fn precheck(index: &Index, ops: &[RequestOp], path: &Path, rev: i64, 
     Ok(())
 }
 
-pub(crate) fn precheck_put(index: &Index, p: &PutRequest, rev: i64, lease_exists: &dyn Fn(i64) -> bool) -> Result<()> {
+/// The revision a range inside a txn reads at: its own, or the txn's.
+pub(crate) fn txn_read_rev(r: &RangeRequest, txn_rev: i64) -> i64 {
+    if r.revision > 0 { r.revision } else { txn_rev }
+}
+
+pub(crate) fn precheck_put(
+    index: &Index,
+    p: &PutRequest,
+    rev: i64,
+    lease_exists: &dyn Fn(i64) -> bool,
+) -> Result<()> {
     if (p.ignore_value || p.ignore_lease) && index.get(&p.key, rev).is_none() {
         return Err(StoreError::KeyNotFound);
     }

@@ -219,6 +219,9 @@ impl RequestOp {
 impl TxnRequest {
     /// True when any branch may write.
     pub fn is_write(&self) -> bool {
-        self.success.iter().chain(&self.failure).any(RequestOp::is_write)
+        self.success
+            .iter()
+            .chain(&self.failure)
+            .any(RequestOp::is_write)
     }
 }

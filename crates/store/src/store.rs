@@ -15,7 +15,9 @@ use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Duration, Instant};
 
@@ -107,16 +109,21 @@ impl Store {
     /// Opens (or creates) the store in `dir`, recovering its state from disk, and starts
     /// the committer and the background tasks on the current tokio runtime.
     pub fn open(dir: impl AsRef<Path>, cfg: StoreConfig) -> Result<Store> {
-        cfg.validate().map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| StoreError::Storage(format!("creating {}: {e}", dir.display())))?;
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| StoreError::Storage("Store::open must run inside a tokio runtime".into()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| StoreError::Storage(format!("creating {}: {e}", dir.display())))?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            StoreError::Storage("Store::open must run inside a tokio runtime".into())
+        })?;
         let started = std::time::Instant::now();
         let db = Database::builder()
             .set_cache_size(cfg.cache_bytes)
             .create(dir.join(DB_FILE))
-            .map_err(|e| StoreError::Storage(format!("opening {}: {e}", dir.join(DB_FILE).display())))?;
+            .map_err(|e| {
+                StoreError::Storage(format!("opening {}: {e}", dir.join(DB_FILE).display()))
+            })?;
         let (index, lessor_rows, rev, compact) = load(&db)?;
         let now = Instant::now();
         let mut lessor = Lessor::new(lease_seed());
@@ -169,8 +176,12 @@ impl Store {
     fn spawn_background(&self) {
         let weak = Arc::downgrade(&self.shared);
         let interval = self.shared.cfg.lease_check_interval;
-        self.shared.runtime.spawn(lease_loop(weak.clone(), interval));
-        if self.shared.cfg.auto_compaction_retention_revisions > 0 || self.shared.cfg.auto_compaction_retention.is_some() {
+        self.shared
+            .runtime
+            .spawn(lease_loop(weak.clone(), interval));
+        if self.shared.cfg.auto_compaction_retention_revisions > 0
+            || self.shared.cfg.auto_compaction_retention.is_some()
+        {
             self.shared.runtime.spawn(auto_compact_loop(weak));
         }
     }
@@ -201,13 +212,18 @@ impl Store {
         }
         let tx = self.shared.tx.lock().clone().ok_or(StoreError::Stopped)?;
         let (reply, rx) = oneshot::channel();
-        tx.send(Cmd::Write(req, reply)).await.map_err(|_| StoreError::Stopped)?;
+        tx.send(Cmd::Write(req, reply))
+            .await
+            .map_err(|_| StoreError::Stopped)?;
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 
     /// Reads a key or range (etcd `Range`).
     pub fn range(&self, r: &RangeRequest) -> Result<RangeResponse> {
         mvcc::validate_range(r, &self.shared.cfg)?;
+        if !self.is_healthy() {
+            return Err(StoreError::Stopped);
+        }
         let (sel, cur, compact) = {
             let index = self.shared.index.read();
             let (rev, cur, compact) = self.read_rev(r.revision)?;
@@ -228,12 +244,17 @@ impl Store {
             return Err(StoreError::FutureRevision);
         }
         if rev < compact {
-            return Err(StoreError::Compacted { compact_revision: compact });
+            return Err(StoreError::Compacted {
+                compact_revision: compact,
+            });
         }
         Ok((rev, cur, compact))
     }
 
-    fn with_kv<T>(&self, f: impl FnOnce(&redb::ReadOnlyTable<(u64, u32), &'static [u8]>) -> Result<T>) -> Result<T> {
+    fn with_kv<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadOnlyTable<(u64, u32), &'static [u8]>) -> Result<T>,
+    ) -> Result<T> {
         let rtx = {
             let db = self.shared.db.read();
             let db = db.as_ref().ok_or(StoreError::Stopped)?;
@@ -276,13 +297,32 @@ impl Store {
     }
 
     fn read_txn(&self, t: &TxnRequest) -> Result<TxnResponse> {
+        if !self.is_healthy() {
+            return Err(StoreError::Stopped);
+        }
         let index = self.shared.index.read();
         let (rev, cur, compact) = self.read_rev(0)?;
         self.with_kv(|table| {
             let f = TableFetch(table);
             let path = mvcc::plan(&index, t, rev, &f)?;
+            mvcc::precheck(
+                &index,
+                if path.succeeded {
+                    &t.success
+                } else {
+                    &t.failure
+                },
+                &path,
+                rev,
+                compact,
+                &|_| true,
+            )?;
             let responses = read_branch(&index, t, &path, rev, cur, compact, &f)?;
-            Ok(TxnResponse { revision: cur, succeeded: path.succeeded, responses })
+            Ok(TxnResponse {
+                revision: cur,
+                succeeded: path.succeeded,
+                responses,
+            })
         })
     }
 
@@ -303,11 +343,20 @@ impl Store {
             return Err(StoreError::LeaseTtlTooLarge);
         }
         if id < 0 {
-            return Err(StoreError::InvalidArgument(format!("lease ID must not be negative (got {id})")));
+            return Err(StoreError::InvalidArgument(format!(
+                "lease ID must not be negative (got {id})"
+            )));
         }
         let ttl = ttl_secs.max(self.shared.cfg.min_lease_ttl_secs);
-        match self.submit(WriteReq::LeaseGrant { id, ttl_secs: ttl }).await? {
-            WriteResp::LeaseGrant { id, ttl_secs, revision } => Ok((id, ttl_secs, revision)),
+        match self
+            .submit(WriteReq::LeaseGrant { id, ttl_secs: ttl })
+            .await?
+        {
+            WriteResp::LeaseGrant {
+                id,
+                ttl_secs,
+                revision,
+            } => Ok((id, ttl_secs, revision)),
             other => Err(unexpected(other)),
         }
     }
@@ -322,7 +371,11 @@ impl Store {
 
     /// Renews a lease to its full TTL; returns the TTL.
     pub fn lease_keep_alive(&self, id: i64) -> Result<i64> {
-        self.shared.lessor.lock().keep_alive(id, Instant::now()).ok_or(StoreError::LeaseNotFound)
+        self.shared
+            .lessor
+            .lock()
+            .keep_alive(id, Instant::now())
+            .ok_or(StoreError::LeaseNotFound)
     }
 
     /// Reports a lease's TTLs and, optionally, its keys.
@@ -339,7 +392,14 @@ impl Store {
     pub fn watch_stream(&self) -> (WatchStream, mpsc::Receiver<WatchMessage>) {
         let (tx, rx) = mpsc::channel(self.shared.cfg.watch_buffer_events);
         let id = self.shared.hub.open_stream();
-        (WatchStream { store: self.clone(), id, tx }, rx)
+        (
+            WatchStream {
+                store: self.clone(),
+                id,
+                tx,
+            },
+            rx,
+        )
     }
 
     /// Sends a progress notification to every synced watcher that asked for them.
@@ -349,7 +409,9 @@ impl Store {
 
     /// Current status.
     pub fn status(&self) -> Status {
-        let db_size = std::fs::metadata(self.shared.dir.join(DB_FILE)).map(|m| m.len()).unwrap_or(0);
+        let db_size = std::fs::metadata(self.shared.dir.join(DB_FILE))
+            .map(|m| m.len())
+            .unwrap_or(0);
         let in_use = self
             .shared
             .db
@@ -384,10 +446,17 @@ impl Store {
     }
 
     fn check_quota(&self) {
-        let size = std::fs::metadata(self.shared.dir.join(DB_FILE)).map(|m| m.len()).unwrap_or(0);
+        let size = std::fs::metadata(self.shared.dir.join(DB_FILE))
+            .map(|m| m.len())
+            .unwrap_or(0);
         metrics::gauge!("meshwork_store_db_size_bytes").set(size as f64);
-        if size > self.shared.cfg.quota_bytes && !self.shared.no_space.swap(true, Ordering::AcqRel) {
-            tracing::warn!(size, quota = self.shared.cfg.quota_bytes, "database space exceeded: writes refused until compaction, defragmentation and alarm disarm");
+        if size > self.shared.cfg.quota_bytes && !self.shared.no_space.swap(true, Ordering::AcqRel)
+        {
+            tracing::warn!(
+                size,
+                quota = self.shared.cfg.quota_bytes,
+                "database space exceeded: writes refused until compaction, defragmentation and alarm disarm"
+            );
         }
     }
 
@@ -395,10 +464,16 @@ impl Store {
     pub fn snapshot(&self) -> Result<Snapshot> {
         let rtx = {
             let db = self.shared.db.read();
-            db.as_ref().ok_or(StoreError::Stopped)?.begin_read().map_err(StoreError::storage)?
+            db.as_ref()
+                .ok_or(StoreError::Stopped)?
+                .begin_read()
+                .map_err(StoreError::storage)?
         };
         let revision = self.revision();
-        let path = self.shared.dir.join(format!("snapshot-{revision}-{}.redb.tmp", std::process::id()));
+        let path = self.shared.dir.join(format!(
+            "snapshot-{revision}-{}.redb.tmp",
+            std::process::id()
+        ));
         let _ = std::fs::remove_file(&path);
         let out = Database::create(&path).map_err(StoreError::storage)?;
         let wtx = out.begin_write().map_err(StoreError::storage)?;
@@ -407,19 +482,22 @@ impl Store {
             let mut okv = wtx.open_table(KV).map_err(StoreError::storage)?;
             for item in kv.iter().map_err(StoreError::storage)? {
                 let (k, v) = item.map_err(StoreError::storage)?;
-                okv.insert(k.value(), v.value()).map_err(StoreError::storage)?;
+                okv.insert(k.value(), v.value())
+                    .map_err(StoreError::storage)?;
             }
             let leases = rtx.open_table(LEASES).map_err(StoreError::storage)?;
             let mut ol = wtx.open_table(LEASES).map_err(StoreError::storage)?;
             for item in leases.iter().map_err(StoreError::storage)? {
                 let (k, v) = item.map_err(StoreError::storage)?;
-                ol.insert(k.value(), v.value()).map_err(StoreError::storage)?;
+                ol.insert(k.value(), v.value())
+                    .map_err(StoreError::storage)?;
             }
             let meta = rtx.open_table(META).map_err(StoreError::storage)?;
             let mut om = wtx.open_table(META).map_err(StoreError::storage)?;
             for item in meta.iter().map_err(StoreError::storage)? {
                 let (k, v) = item.map_err(StoreError::storage)?;
-                om.insert(k.value(), v.value()).map_err(StoreError::storage)?;
+                om.insert(k.value(), v.value())
+                    .map_err(StoreError::storage)?;
             }
         }
         wtx.commit().map_err(StoreError::storage)?;
@@ -432,7 +510,8 @@ impl Store {
     pub fn defragment(&self) -> Result<()> {
         let mut guard = self.shared.db.write();
         let db = guard.as_mut().ok_or(StoreError::Stopped)?;
-        db.compact().map_err(|e| StoreError::Storage(format!("defragment: {e}")))?;
+        db.compact()
+            .map_err(|e| StoreError::Storage(format!("defragment: {e}")))?;
         drop(guard);
         self.check_quota();
         Ok(())
@@ -491,7 +570,11 @@ impl Store {
                     return;
                 }
                 if !events.is_empty() {
-                    let msg = WatchMessage::Events { watch_id: b.key.1, revision: reached, events };
+                    let msg = WatchMessage::Events {
+                        watch_id: b.key.1,
+                        revision: reached,
+                        events,
+                    };
                     if b.watcher.tx.send(msg).await.is_err() {
                         self.shared.hub.cancel(b.key);
                         self.shared.hub.release_behind(&b.watcher);
@@ -509,13 +592,23 @@ impl Store {
     }
 
     async fn cancel_compacted(&self, b: &Behind, compact: i64) {
-        self.cancel_with(b, compact, "etcdserver: mvcc: required revision has been compacted".into()).await;
+        self.cancel_with(
+            b,
+            compact,
+            "etcdserver: mvcc: required revision has been compacted".into(),
+        )
+        .await;
     }
 
     async fn cancel_with(&self, b: &Behind, compact: i64, reason: String) {
         self.shared.hub.cancel(b.key);
         self.shared.hub.release_behind(&b.watcher);
-        let msg = WatchMessage::Canceled { watch_id: b.key.1, revision: self.revision(), compact_revision: compact, reason };
+        let msg = WatchMessage::Canceled {
+            watch_id: b.key.1,
+            revision: self.revision(),
+            compact_revision: compact,
+            reason,
+        };
         let _ = b.watcher.tx.send(msg).await;
     }
 
@@ -526,7 +619,9 @@ impl Store {
             let mut events = Vec::new();
             let mut seen = 0usize;
             let mut last_main = from - 1;
-            let range = table.range((from as u64, 0u32)..=(to as u64, u32::MAX)).map_err(StoreError::storage)?;
+            let range = table
+                .range((from as u64, 0u32)..=(to as u64, u32::MAX))
+                .map_err(StoreError::storage)?;
             for item in range {
                 let (k, v) = item.map_err(StoreError::storage)?;
                 let (main, sub) = k.value();
@@ -537,8 +632,16 @@ impl Store {
                 seen += 1;
                 last_main = main;
                 let rec = codec::decode(Revision { main, sub }, v.value())?;
-                let kind = if rec.tombstone { EventKind::Delete } else { EventKind::Put };
-                let mut ev = Event { kind, kv: rec.kv, prev_kv: None };
+                let kind = if rec.tombstone {
+                    EventKind::Delete
+                } else {
+                    EventKind::Put
+                };
+                let mut ev = Event {
+                    kind,
+                    kv: rec.kv,
+                    prev_kv: None,
+                };
                 if !w.wants(&ev) {
                     continue;
                 }
@@ -551,15 +654,25 @@ impl Store {
         })
     }
 
-    fn prev_of(&self, table: &redb::ReadOnlyTable<(u64, u32), &'static [u8]>, key: &[u8], rev: Revision) -> Result<Option<KeyValue>> {
+    fn prev_of(
+        &self,
+        table: &redb::ReadOnlyTable<(u64, u32), &'static [u8]>,
+        key: &[u8],
+        rev: Revision,
+    ) -> Result<Option<KeyValue>> {
         let prev: Option<Entry> = {
             let index = self.shared.index.read();
-            index.history(key).and_then(|h| h.iter().rev().find(|e| e.rev < rev).copied())
+            index
+                .history(key)
+                .and_then(|h| h.iter().rev().find(|e| e.rev < rev).copied())
         };
         match prev {
-            Some(e) if !e.is_tombstone() => {
-                Ok(table.get(rev_key(e.rev)).map_err(StoreError::storage)?.map(|g| codec::decode(e.rev, g.value())).transpose()?.map(|r| r.kv))
-            }
+            Some(e) if !e.is_tombstone() => Ok(table
+                .get(rev_key(e.rev))
+                .map_err(StoreError::storage)?
+                .map(|g| codec::decode(e.rev, g.value()))
+                .transpose()?
+                .map(|r| r.kv)),
             _ => Ok(None),
         }
     }
@@ -577,19 +690,42 @@ impl WatchStream {
     /// compaction revision gets `Created` then `Canceled` with the compaction revision.
     pub async fn create(&self, spec: WatchSpec) -> Result<i64, WatchCreateError> {
         let shared = &self.store.shared;
-        let id = shared.hub.reserve(self.id, spec.watch_id, shared.cfg.max_watchers_per_stream, spec.prev_kv)?;
+        let id = shared.hub.reserve(
+            self.id,
+            spec.watch_id,
+            shared.cfg.max_watchers_per_stream,
+            spec.prev_kv,
+        )?;
         let revision = self.store.revision();
-        self.tx.send(WatchMessage::Created { watch_id: id, revision }).await.map_err(|_| WatchCreateError::Closed)?;
+        self.tx
+            .send(WatchMessage::Created {
+                watch_id: id,
+                revision,
+            })
+            .await
+            .map_err(|_| WatchCreateError::Closed)?;
         let compact = self.store.compact_revision();
         let key = (self.id, id);
         if spec.start_revision > 0 && spec.start_revision < compact {
             shared.hub.cancel(key);
             let reason = "etcdserver: mvcc: required revision has been compacted".to_string();
-            let msg = WatchMessage::Canceled { watch_id: id, revision, compact_revision: compact, reason };
-            self.tx.send(msg).await.map_err(|_| WatchCreateError::Closed)?;
+            let msg = WatchMessage::Canceled {
+                watch_id: id,
+                revision,
+                compact_revision: compact,
+                reason,
+            };
+            self.tx
+                .send(msg)
+                .await
+                .map_err(|_| WatchCreateError::Closed)?;
             return Ok(id);
         }
-        let watcher = Watcher { min_rev: spec.start_revision, spec, tx: self.tx.clone() };
+        let watcher = Watcher {
+            min_rev: spec.start_revision,
+            spec,
+            tx: self.tx.clone(),
+        };
         if let Some(behind) = shared.hub.register(key, watcher) {
             shared.runtime.spawn(self.store.clone().catch_up(behind));
         }
@@ -601,7 +737,12 @@ impl WatchStream {
         if !self.store.shared.hub.cancel((self.id, watch_id)) {
             return false;
         }
-        let msg = WatchMessage::Canceled { watch_id, revision: self.store.revision(), compact_revision: 0, reason: String::new() };
+        let msg = WatchMessage::Canceled {
+            watch_id,
+            revision: self.store.revision(),
+            compact_revision: 0,
+            reason: String::new(),
+        };
         let _ = self.tx.send(msg).await;
         true
     }
@@ -627,7 +768,9 @@ impl mvcc::Fetch for NoFetch {
 }
 
 fn unexpected(r: WriteResp) -> StoreError {
-    StoreError::Storage(format!("committer answered with the wrong response kind: {r:?}"))
+    StoreError::Storage(format!(
+        "committer answered with the wrong response kind: {r:?}"
+    ))
 }
 
 fn read_branch(
@@ -639,19 +782,29 @@ fn read_branch(
     compact: i64,
     f: &dyn mvcc::Fetch,
 ) -> Result<Vec<ResponseOp>> {
-    let ops = if path.succeeded { &t.success } else { &t.failure };
+    let ops = if path.succeeded {
+        &t.success
+    } else {
+        &t.failure
+    };
     let mut nested = path.nested.iter();
     let mut out = Vec::with_capacity(ops.len());
     for op in ops {
         match op {
             RequestOp::Range(r) => {
-                let sel = mvcc::select(index, r, rev);
-                out.push(ResponseOp::Range(mvcc::materialize(sel, r, f, cur, compact)?));
+                let sel = mvcc::select(index, r, mvcc::txn_read_rev(r, rev));
+                out.push(ResponseOp::Range(mvcc::materialize(
+                    sel, r, f, cur, compact,
+                )?));
             }
             RequestOp::Txn(inner) => {
                 let Some(np) = nested.next() else { break };
                 let responses = read_branch(index, inner, np, rev, cur, compact, f)?;
-                out.push(ResponseOp::Txn(TxnResponse { revision: cur, succeeded: np.succeeded, responses }));
+                out.push(ResponseOp::Txn(TxnResponse {
+                    revision: cur,
+                    succeeded: np.succeeded,
+                    responses,
+                }));
             }
             RequestOp::Put(_) | RequestOp::Delete(_) => {
                 return Err(StoreError::Storage("read-only txn holds a write".into()));
@@ -673,7 +826,13 @@ fn load(db: &Database) -> Result<Loaded> {
     wtx.commit().map_err(StoreError::storage)?;
     let rtx = db.begin_read().map_err(StoreError::storage)?;
     let meta = rtx.open_table(META).map_err(StoreError::storage)?;
-    let get = |k: &str| -> Result<i64> { Ok(meta.get(k).map_err(StoreError::storage)?.map(|g| g.value()).unwrap_or(0)) };
+    let get = |k: &str| -> Result<i64> {
+        Ok(meta
+            .get(k)
+            .map_err(StoreError::storage)?
+            .map(|g| g.value())
+            .unwrap_or(0))
+    };
     let mut rev = get(META_REV)?;
     let compact = get(META_COMPACT)?;
     let kv = rtx.open_table(KV).map_err(StoreError::storage)?;
@@ -681,12 +840,25 @@ fn load(db: &Database) -> Result<Loaded> {
     for item in kv.iter().map_err(StoreError::storage)? {
         let (k, v) = item.map_err(StoreError::storage)?;
         let (main, sub) = k.value();
-        let r = Revision { main: main as i64, sub };
+        let r = Revision {
+            main: main as i64,
+            sub,
+        };
         let rec = codec::decode(r, v.value())?;
         let entry = if rec.tombstone {
-            Entry { rev: r, create: 0, version: 0, lease: 0 }
+            Entry {
+                rev: r,
+                create: 0,
+                version: 0,
+                lease: 0,
+            }
         } else {
-            Entry { rev: r, create: rec.kv.create_revision, version: rec.kv.version, lease: rec.kv.lease }
+            Entry {
+                rev: r,
+                create: rec.kv.create_revision,
+                version: rec.kv.version,
+                lease: rec.kv.lease,
+            }
         };
         index.push(&rec.kv.key, entry);
         rev = rev.max(r.main);
@@ -715,7 +887,10 @@ fn attachments(index: &Index, rev: i64) -> Vec<(i64, Bytes)> {
 
 fn lease_seed() -> i64 {
     // Time-based seed so that IDs differ across restarts, as etcd's do.
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(1);
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(1);
     (ms & 0x0000_ffff_ffff_ffff) << 12 | 1
 }
 
@@ -750,7 +925,8 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, buf: &mut Vec<u8>) {
         let db = db_guard.as_ref().ok_or(StoreError::Stopped)?;
         let mut wtx = db.begin_write().map_err(StoreError::storage)?;
         if !shared.cfg.fsync {
-            wtx.set_durability(Durability::None).map_err(StoreError::storage)?;
+            wtx.set_durability(Durability::None)
+                .map_err(StoreError::storage)?;
         }
         let results;
         let rev;
@@ -779,7 +955,9 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, buf: &mut Vec<u8>) {
                 let r = applier.apply(&mut index, req);
                 if applier.compact_rev != before {
                     // Readers below the new compaction revision must fail from now on.
-                    shared.compact_rev.store(applier.compact_rev, Ordering::Release);
+                    shared
+                        .compact_rev
+                        .store(applier.compact_rev, Ordering::Release);
                 }
                 drop(index);
                 match r {
@@ -795,7 +973,8 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, buf: &mut Vec<u8>) {
             drop(lessor);
             let mut meta = wtx.open_table(META).map_err(StoreError::storage)?;
             meta.insert(META_REV, rev).map_err(StoreError::storage)?;
-            meta.insert(META_COMPACT, compact).map_err(StoreError::storage)?;
+            meta.insert(META_COMPACT, compact)
+                .map_err(StoreError::storage)?;
         }
         wtx.commit().map_err(StoreError::storage)?;
         Ok((results, rev, compact, events))
@@ -810,14 +989,19 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, buf: &mut Vec<u8>) {
             if rev > published || !events.is_empty() {
                 let behind = shared.hub.publish(published + 1, rev, &events);
                 for b in behind {
-                    let store = Store { shared: shared.clone() };
+                    let store = Store {
+                        shared: shared.clone(),
+                    };
                     shared.runtime.spawn(store.catch_up(b));
                 }
             }
             for (tx, r) in replies.into_iter().zip(results) {
                 let _ = tx.send(r);
             }
-            Store { shared: shared.clone() }.check_quota();
+            Store {
+                shared: shared.clone(),
+            }
+            .check_quota();
         }
         Err(e) => {
             tracing::error!(error = %e, "commit failed; the store stops taking writes (restart to recover from disk)");
@@ -884,7 +1068,11 @@ async fn auto_compact_loop(weak: Weak<Shared>) {
             target = cur - store.shared.cfg.auto_compaction_retention_revisions;
         }
         if let Some(keep) = store.shared.cfg.auto_compaction_retention {
-            while samples.len() > 1 && samples.get(1).is_some_and(|(t, _)| now.duration_since(*t) >= keep) {
+            while samples.len() > 1
+                && samples
+                    .get(1)
+                    .is_some_and(|(t, _)| now.duration_since(*t) >= keep)
+            {
                 samples.pop_front();
             }
             if let Some((t, r)) = samples.front()

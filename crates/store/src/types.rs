@@ -78,12 +78,18 @@ pub struct KeyRange {
 impl KeyRange {
     /// A range holding exactly one key.
     pub fn single(key: impl Into<Bytes>) -> Self {
-        Self { key: key.into(), end: Bytes::new() }
+        Self {
+            key: key.into(),
+            end: Bytes::new(),
+        }
     }
 
     /// A range from `key` to `end` in etcd's encoding.
     pub fn new(key: impl Into<Bytes>, end: impl Into<Bytes>) -> Self {
-        Self { key: key.into(), end: end.into() }
+        Self {
+            key: key.into(),
+            end: end.into(),
+        }
     }
 
     /// Every key starting with `prefix`.
@@ -111,6 +117,10 @@ impl KeyRange {
 
     /// The upper bound as an optional exclusive end (`None` = unbounded).
     pub(crate) fn upper(&self) -> Option<&[u8]> {
-        if self.end.as_ref() == [0] { None } else { Some(self.end.as_ref()) }
+        if self.end.as_ref() == [0] {
+            None
+        } else {
+            Some(self.end.as_ref())
+        }
     }
 }

@@ -139,7 +139,9 @@ pub enum WatchCreateError {
     #[error("mvcc: duplicate watch ID provided on the WatchStream")]
     DuplicateId,
     /// The stream already has the configured maximum of watchers.
-    #[error("mvcc: too many watchers on this stream (limit {0}; raise store.max_watchers_per_stream)")]
+    #[error(
+        "mvcc: too many watchers on this stream (limit {0}; raise store.max_watchers_per_stream)"
+    )]
     TooMany(usize),
     /// The stream was closed.
     #[error("watch stream closed")]
@@ -149,7 +151,10 @@ pub enum WatchCreateError {
 impl HubInner {
     fn index(&mut self, key: WatcherKey, w: &Watcher) {
         if w.spec.range.is_single() {
-            self.by_key.entry(w.spec.range.key.clone()).or_default().push(key);
+            self.by_key
+                .entry(w.spec.range.key.clone())
+                .or_default()
+                .push(key);
         } else {
             self.ranged.insert(key);
         }
@@ -222,7 +227,13 @@ impl Hub {
     }
 
     /// Reserves a watcher ID on `stream`.
-    pub(crate) fn reserve(&self, stream: u64, requested: i64, limit: usize, prev_kv: bool) -> Result<i64, WatchCreateError> {
+    pub(crate) fn reserve(
+        &self,
+        stream: u64,
+        requested: i64,
+        limit: usize,
+        prev_kv: bool,
+    ) -> Result<i64, WatchCreateError> {
         let mut g = self.inner.lock();
         let s = g.streams.get_mut(&stream).ok_or(WatchCreateError::Closed)?;
         if s.ids.len() >= limit {
@@ -250,12 +261,20 @@ impl Hub {
     /// revision, else returned for catch-up from `start`.
     pub(crate) fn register(&self, key: WatcherKey, watcher: Watcher) -> Option<Behind> {
         let mut g = self.inner.lock();
-        if !g.streams.get(&key.0).is_some_and(|s| s.ids.contains(&key.1)) {
+        if !g
+            .streams
+            .get(&key.0)
+            .is_some_and(|s| s.ids.contains(&key.1))
+        {
             return None;
         }
         let start = watcher.spec.start_revision;
         if start > 0 && start <= g.last_rev {
-            return Some(Behind { key, watcher, next_rev: start });
+            return Some(Behind {
+                key,
+                watcher,
+                next_rev: start,
+            });
         }
         g.index(key, &watcher);
         g.synced.insert(key, watcher);
@@ -278,7 +297,9 @@ impl Hub {
     }
 
     fn alive_locked(&self, g: &HubInner, key: WatcherKey) -> bool {
-        g.streams.get(&key.0).is_some_and(|s| s.ids.contains(&key.1))
+        g.streams
+            .get(&key.0)
+            .is_some_and(|s| s.ids.contains(&key.1))
     }
 
     pub(crate) fn alive(&self, key: WatcherKey) -> bool {
@@ -325,7 +346,9 @@ impl Hub {
                     if let Some(w) = g.synced.get(k)
                         && w.wants(ev)
                     {
-                        per.entry(*k).or_default().push(strip_prev(ev, w.spec.prev_kv));
+                        per.entry(*k)
+                            .or_default()
+                            .push(strip_prev(ev, w.spec.prev_kv));
                     }
                 }
             }
@@ -333,20 +356,32 @@ impl Hub {
                 if let Some(w) = g.synced.get(k)
                     && w.wants(ev)
                 {
-                    per.entry(*k).or_default().push(strip_prev(ev, w.spec.prev_kv));
+                    per.entry(*k)
+                        .or_default()
+                        .push(strip_prev(ev, w.spec.prev_kv));
                 }
             }
         }
         let mut behind = Vec::new();
         for (key, evs) in per {
-            let Some(w) = g.synced.get(&key) else { continue };
-            let msg = WatchMessage::Events { watch_id: key.1, revision: last, events: evs };
+            let Some(w) = g.synced.get(&key) else {
+                continue;
+            };
+            let msg = WatchMessage::Events {
+                watch_id: key.1,
+                revision: last,
+                events: evs,
+            };
             match w.tx.try_send(msg) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     if let Some(w) = g.remove_synced(key) {
                         metrics::counter!("meshwork_store_watch_slow_total").increment(1);
-                        behind.push(Behind { key, watcher: w, next_rev: first });
+                        behind.push(Behind {
+                            key,
+                            watcher: w,
+                            next_rev: first,
+                        });
                     }
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -369,7 +404,10 @@ impl Hub {
                 None => w.spec.progress_notify,
             };
             if wanted {
-                let _ = w.tx.try_send(WatchMessage::Progress { watch_id: key.1, revision: g.last_rev });
+                let _ = w.tx.try_send(WatchMessage::Progress {
+                    watch_id: key.1,
+                    revision: g.last_rev,
+                });
             }
         }
     }
@@ -383,6 +421,10 @@ fn strip_prev(ev: &Event, keep: bool) -> Event {
     if keep || ev.prev_kv.is_none() {
         ev.clone()
     } else {
-        Event { kind: ev.kind, kv: ev.kv.clone(), prev_kv: None }
+        Event {
+            kind: ev.kind,
+            kv: ev.kv.clone(),
+            prev_kv: None,
+        }
     }
 }

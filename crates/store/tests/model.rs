@@ -1,0 +1,866 @@
+#![allow(clippy::unwrap_used)]
+//! Model test: random sequences of writes, reads, txns, compactions, lease grants and
+//! revokes, and restarts, run against the store and against a small in-memory model of
+//! etcd's semantics. Every response must match the model's.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use meshwork_store::ops::*;
+use meshwork_store::{KeyRange, KeyValue, Store, StoreConfig, StoreError};
+use proptest::prelude::*;
+
+/// A small alphabet, so that keys, prefixes and ranges collide often.
+const KEYS: &[&[u8]] = &[b"a", b"b", b"c", b"ab", b"ac", b"b\xff"];
+const VALUES: &[&[u8]] = &[b"", b"x", b"y", b"zz"];
+/// Long enough that no lease expires during a case.
+const TTL_SECS: i64 = 3600;
+
+// ---------------------------------------------------------------------------------------
+// Generated operations.
+
+#[derive(Clone, Debug)]
+enum RangeSpec {
+    Single(usize),
+    Prefix(usize),
+    /// `[KEYS[i], KEYS[j])` ordered so the range is valid.
+    Between(usize, usize),
+    From(usize),
+    All,
+    /// `[KEYS[i], KEYS[j])` as given: invalid unless `KEYS[i] < KEYS[j]`.
+    Raw(usize, usize),
+}
+
+impl RangeSpec {
+    fn build(&self) -> KeyRange {
+        match *self {
+            RangeSpec::Single(i) => KeyRange::single(KEYS[i]),
+            RangeSpec::Prefix(i) => KeyRange::new(KEYS[i], model_prefix_end(KEYS[i])),
+            RangeSpec::Between(i, j) => {
+                let (a, b) = (KEYS[i], KEYS[j]);
+                if a == b {
+                    let mut end = a.to_vec();
+                    end.push(0);
+                    KeyRange::new(a, end)
+                } else {
+                    KeyRange::new(a.min(b), a.max(b))
+                }
+            }
+            RangeSpec::From(i) => KeyRange::new(KEYS[i], &b"\0"[..]),
+            RangeSpec::All => KeyRange::new(Bytes::new(), &b"\0"[..]),
+            RangeSpec::Raw(i, j) => KeyRange::new(KEYS[i], KEYS[j]),
+        }
+    }
+}
+
+/// A revision picked relative to the current one when the op runs: `0..=current + 1`.
+type RevPick = u16;
+
+fn pick(p: RevPick, current: i64) -> i64 {
+    i64::from(p) % (current + 2)
+}
+
+#[derive(Clone, Debug)]
+struct RangeOp {
+    range: RangeSpec,
+    revision: Option<RevPick>,
+    limit: i64,
+    sort_order: u8,
+    sort_target: u8,
+    keys_only: bool,
+    count_only: bool,
+    min_mod: Option<RevPick>,
+    max_mod: Option<RevPick>,
+    min_create: Option<RevPick>,
+    max_create: Option<RevPick>,
+}
+
+#[derive(Clone, Debug)]
+struct PutOp {
+    key: usize,
+    value: usize,
+    lease: u8,
+    prev_kv: bool,
+    ignore_value: bool,
+    ignore_lease: bool,
+}
+
+#[derive(Clone, Debug)]
+struct CmpOp {
+    range: RangeSpec,
+    result: u8,
+    target: u8,
+    number: u16,
+    value: usize,
+}
+
+#[derive(Clone, Debug)]
+enum TxnOp {
+    Range(RangeOp),
+    Put(PutOp),
+    Delete(RangeSpec, bool),
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Put(PutOp),
+    Delete(RangeSpec, bool),
+    Range(RangeOp),
+    Txn(Vec<CmpOp>, Vec<TxnOp>, Vec<TxnOp>),
+    Compact(RevPick),
+    Grant(u8),
+    Revoke(u8),
+    Reopen,
+}
+
+fn range_spec() -> impl Strategy<Value = RangeSpec> {
+    let k = 0..KEYS.len();
+    prop_oneof![
+        4 => k.clone().prop_map(RangeSpec::Single),
+        2 => k.clone().prop_map(RangeSpec::Prefix),
+        2 => (k.clone(), k.clone()).prop_map(|(i, j)| RangeSpec::Between(i, j)),
+        1 => k.prop_map(RangeSpec::From),
+        1 => Just(RangeSpec::All),
+    ]
+}
+
+fn range_spec_maybe_invalid() -> impl Strategy<Value = RangeSpec> {
+    let k = 0..KEYS.len();
+    prop_oneof![9 => range_spec(), 1 => (k.clone(), k).prop_map(|(i, j)| RangeSpec::Raw(i, j))]
+}
+
+fn range_op(top_level: bool) -> impl Strategy<Value = RangeOp> {
+    let spec = if top_level {
+        range_spec_maybe_invalid().boxed()
+    } else {
+        range_spec().boxed()
+    };
+    (
+        spec,
+        prop::option::weighted(0.4, any::<RevPick>()),
+        prop_oneof![3 => Just(0i64), 1 => 1i64..4],
+        (0u8..3, 0u8..5),
+        (prop::bool::weighted(0.2), prop::bool::weighted(0.1)),
+        prop::option::weighted(0.1, any::<RevPick>()),
+        prop::option::weighted(0.1, any::<RevPick>()),
+        prop::option::weighted(0.1, any::<RevPick>()),
+        prop::option::weighted(0.1, any::<RevPick>()),
+    )
+        .prop_map(
+            |(
+                range,
+                revision,
+                limit,
+                (sort_order, sort_target),
+                (keys_only, count_only),
+                min_mod,
+                max_mod,
+                min_create,
+                max_create,
+            )| {
+                RangeOp {
+                    range,
+                    revision,
+                    limit,
+                    sort_order,
+                    sort_target,
+                    keys_only,
+                    count_only,
+                    min_mod,
+                    max_mod,
+                    min_create,
+                    max_create,
+                }
+            },
+        )
+}
+
+fn put_op(top_level: bool) -> impl Strategy<Value = PutOp> {
+    (
+        0..KEYS.len(),
+        0..VALUES.len(),
+        prop_oneof![3 => Just(0u8), 2 => 1u8..5],
+        any::<bool>(),
+        prop::bool::weighted(0.15),
+        prop::bool::weighted(0.15),
+    )
+        .prop_map(
+            move |(key, value, lease, prev_kv, ignore_value, ignore_lease)| {
+                let mut p = PutOp {
+                    key,
+                    value,
+                    lease,
+                    prev_kv,
+                    ignore_value,
+                    ignore_lease,
+                };
+                if !top_level {
+                    // Inside txns keep requests well-formed; the top level covers the shape errors.
+                    if p.ignore_value {
+                        p.value = 0;
+                    }
+                    if p.ignore_lease {
+                        p.lease = 0;
+                    }
+                }
+                p
+            },
+        )
+}
+
+fn cmp_op() -> impl Strategy<Value = CmpOp> {
+    (range_spec(), 0u8..4, 0u8..5, any::<u16>(), 0..VALUES.len()).prop_map(
+        |(range, result, target, number, value)| CmpOp {
+            range,
+            result,
+            target,
+            number,
+            value,
+        },
+    )
+}
+
+fn txn_op() -> impl Strategy<Value = TxnOp> {
+    prop_oneof![
+        2 => range_op(false).prop_map(TxnOp::Range),
+        3 => put_op(false).prop_map(TxnOp::Put),
+        1 => (range_spec(), any::<bool>()).prop_map(|(r, p)| TxnOp::Delete(r, p)),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => put_op(true).prop_map(Op::Put),
+        3 => (range_spec_maybe_invalid(), any::<bool>()).prop_map(|(r, p)| Op::Delete(r, p)),
+        4 => range_op(true).prop_map(Op::Range),
+        5 => (
+            prop::collection::vec(cmp_op(), 0..3),
+            prop::collection::vec(txn_op(), 0..4),
+            prop::collection::vec(txn_op(), 0..3),
+        )
+            .prop_map(|(c, s, f)| Op::Txn(c, s, f)),
+        2 => any::<RevPick>().prop_map(Op::Compact),
+        2 => (0u8..5).prop_map(Op::Grant),
+        1 => (1u8..5).prop_map(Op::Revoke),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------
+// The model.
+
+fn model_prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(&last) = end.last() {
+        if last == 0xff {
+            end.pop();
+        } else {
+            *end.last_mut().unwrap() += 1;
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn in_range(r: &KeyRange, k: &[u8]) -> bool {
+    if r.end.is_empty() {
+        return k == r.key.as_ref();
+    }
+    k >= r.key.as_ref() && (r.end.as_ref() == b"\0" || k < r.end.as_ref())
+}
+
+fn check_range(r: &KeyRange) -> Result<(), StoreError> {
+    if r.key.is_empty() && r.end.is_empty() {
+        return Err(StoreError::EmptyKey);
+    }
+    if !r.end.is_empty() && r.end.as_ref() != b"\0" && r.end <= r.key {
+        return Err(StoreError::InvalidRange);
+    }
+    Ok(())
+}
+
+fn check_put(p: &PutRequest) -> Result<(), StoreError> {
+    if p.key.is_empty() {
+        return Err(StoreError::EmptyKey);
+    }
+    if p.ignore_value && !p.value.is_empty() {
+        return Err(StoreError::ValueProvided);
+    }
+    if p.ignore_lease && p.lease != 0 {
+        return Err(StoreError::LeaseProvided);
+    }
+    Ok(())
+}
+
+#[derive(Default, Debug)]
+struct Model {
+    /// Every change of every key, oldest first: `None` is a deletion. Never compacted:
+    /// compaction only changes which revisions may be read.
+    history: BTreeMap<Vec<u8>, Vec<(i64, Option<KeyValue>)>>,
+    revision: i64,
+    compact_revision: i64,
+    leases: BTreeSet<i64>,
+    /// The last lease ID the store chose (grant with ID 0).
+    chosen_lease: Option<i64>,
+}
+
+impl Model {
+    fn lease_id(&self, l: u8) -> i64 {
+        match l {
+            0 => 0,
+            4 => self.chosen_lease.unwrap_or(4),
+            n => i64::from(n),
+        }
+    }
+
+    fn get(&self, key: &[u8], at: i64) -> Option<&KeyValue> {
+        self.history
+            .get(key)?
+            .iter()
+            .rev()
+            .find(|(r, _)| *r <= at)?
+            .1
+            .as_ref()
+    }
+
+    fn live(&self, range: &KeyRange, at: i64) -> Vec<KeyValue> {
+        self.history
+            .keys()
+            .filter(|k| in_range(range, k))
+            .filter_map(|k| self.get(k, at).cloned())
+            .collect()
+    }
+
+    fn read_revision(&self, requested: i64) -> Result<i64, StoreError> {
+        let at = if requested <= 0 {
+            self.revision
+        } else {
+            requested
+        };
+        if at > self.revision {
+            return Err(StoreError::FutureRevision);
+        }
+        if at < self.compact_revision {
+            return Err(StoreError::Compacted {
+                compact_revision: self.compact_revision,
+            });
+        }
+        Ok(at)
+    }
+
+    fn range_at(&self, r: &RangeRequest, at: i64, header: i64) -> RangeResponse {
+        let all = self.live(r.range.as_ref().unwrap(), at);
+        let count = all.len() as i64;
+        if r.count_only {
+            return RangeResponse {
+                revision: header,
+                kvs: Vec::new(),
+                more: false,
+                count,
+            };
+        }
+        let mut kvs: Vec<KeyValue> = all
+            .into_iter()
+            .filter(|kv| r.min_mod_revision <= 0 || kv.mod_revision >= r.min_mod_revision)
+            .filter(|kv| r.max_mod_revision <= 0 || kv.mod_revision <= r.max_mod_revision)
+            .filter(|kv| r.min_create_revision <= 0 || kv.create_revision >= r.min_create_revision)
+            .filter(|kv| r.max_create_revision <= 0 || kv.create_revision <= r.max_create_revision)
+            .collect();
+        let order = match (r.sort_order, r.sort_target) {
+            (SortOrder::None, SortTarget::Key) => SortOrder::None,
+            (SortOrder::None, _) => SortOrder::Ascend,
+            (o, _) => o,
+        };
+        if order != SortOrder::None {
+            match r.sort_target {
+                SortTarget::Key => {}
+                SortTarget::Version => kvs.sort_by_key(|kv| kv.version),
+                SortTarget::Create => kvs.sort_by_key(|kv| kv.create_revision),
+                SortTarget::Mod => kvs.sort_by_key(|kv| kv.mod_revision),
+                SortTarget::Value => kvs.sort_by(|a, b| a.value.cmp(&b.value)),
+            }
+            if order == SortOrder::Descend {
+                kvs.reverse();
+            }
+        }
+        let mut more = false;
+        if r.limit > 0 && kvs.len() > r.limit as usize {
+            kvs.truncate(r.limit as usize);
+            more = true;
+        }
+        if r.keys_only {
+            for kv in &mut kvs {
+                kv.value = Bytes::new();
+            }
+        }
+        RangeResponse {
+            revision: header,
+            kvs,
+            more,
+            count,
+        }
+    }
+
+    fn range(&self, r: &RangeRequest) -> Result<RangeResponse, StoreError> {
+        check_range(r.range.as_ref().unwrap())?;
+        let at = self.read_revision(r.revision)?;
+        Ok(self.range_at(r, at, self.revision))
+    }
+
+    /// Puts at revision `next` (validated by the caller); returns the previous key-value.
+    fn apply_put(&mut self, p: &PutRequest, next: i64) -> Option<KeyValue> {
+        let prev = self.get(&p.key, next).cloned();
+        let value = if p.ignore_value {
+            prev.as_ref().unwrap().value.clone()
+        } else {
+            p.value.clone()
+        };
+        let lease = if p.ignore_lease {
+            prev.as_ref().unwrap().lease
+        } else {
+            p.lease
+        };
+        let (create_revision, version) = match &prev {
+            Some(kv) => (kv.create_revision, kv.version + 1),
+            None => (next, 1),
+        };
+        let kv = KeyValue {
+            key: p.key.clone(),
+            create_revision,
+            mod_revision: next,
+            version,
+            value,
+            lease,
+        };
+        self.history
+            .entry(p.key.to_vec())
+            .or_default()
+            .push((next, Some(kv)));
+        prev
+    }
+
+    fn apply_delete(&mut self, range: &KeyRange, next: i64) -> Vec<KeyValue> {
+        let victims = self.live(range, next);
+        for kv in &victims {
+            self.history
+                .get_mut(kv.key.as_ref())
+                .unwrap()
+                .push((next, None));
+        }
+        victims
+    }
+
+    fn precheck_put(&self, p: &PutRequest) -> Result<(), StoreError> {
+        if (p.ignore_value || p.ignore_lease) && self.get(&p.key, self.revision).is_none() {
+            return Err(StoreError::KeyNotFound);
+        }
+        if p.lease != 0 && !self.leases.contains(&p.lease) {
+            return Err(StoreError::LeaseNotFound);
+        }
+        Ok(())
+    }
+
+    fn put(&mut self, p: &PutRequest) -> Result<PutResponse, StoreError> {
+        check_put(p)?;
+        self.precheck_put(p)?;
+        let next = self.revision + 1;
+        let prev = self.apply_put(p, next);
+        self.revision = next;
+        Ok(PutResponse {
+            revision: next,
+            prev_kv: if p.prev_kv { prev } else { None },
+        })
+    }
+
+    fn delete(&mut self, d: &DeleteRequest) -> Result<DeleteResponse, StoreError> {
+        check_range(&d.range)?;
+        let next = self.revision + 1;
+        let victims = self.apply_delete(&d.range, next);
+        if !victims.is_empty() {
+            self.revision = next;
+        }
+        let deleted = victims.len() as i64;
+        Ok(DeleteResponse {
+            revision: self.revision,
+            deleted,
+            prev_kvs: if d.prev_kv { victims } else { Vec::new() },
+        })
+    }
+
+    fn check_branch(ops: &[RequestOp]) -> Result<(), StoreError> {
+        let mut puts: Vec<&[u8]> = Vec::new();
+        let mut dels: Vec<&KeyRange> = Vec::new();
+        for op in ops {
+            match op {
+                RequestOp::Range(r) => check_range(r.range.as_ref().unwrap())?,
+                RequestOp::Put(p) => {
+                    check_put(p)?;
+                    if puts.contains(&p.key.as_ref()) {
+                        return Err(StoreError::DuplicateKey);
+                    }
+                    puts.push(p.key.as_ref());
+                }
+                RequestOp::Delete(d) => {
+                    check_range(&d.range)?;
+                    dels.push(&d.range);
+                }
+                RequestOp::Txn(_) => unreachable!("the model generates no nested txns"),
+            }
+        }
+        if puts.iter().any(|k| dels.iter().any(|d| in_range(d, k))) {
+            return Err(StoreError::DuplicateKey);
+        }
+        Ok(())
+    }
+
+    fn holds(c: &Compare, kv: &KeyValue) -> bool {
+        let ord = match &c.target {
+            CompareTarget::Version(v) => kv.version.cmp(v),
+            CompareTarget::Create(v) => kv.create_revision.cmp(v),
+            CompareTarget::Mod(v) => kv.mod_revision.cmp(v),
+            CompareTarget::Lease(v) => kv.lease.cmp(v),
+            CompareTarget::Value(v) => kv.value.cmp(v),
+        };
+        match c.result {
+            CompareResult::Equal => ord.is_eq(),
+            CompareResult::NotEqual => ord.is_ne(),
+            CompareResult::Greater => ord.is_gt(),
+            CompareResult::Less => ord.is_lt(),
+        }
+    }
+
+    fn compare(&self, c: &Compare) -> bool {
+        let kvs = self.live(&c.range, self.revision);
+        if kvs.is_empty() {
+            // etcd: a value compare on missing keys fails; other fields compare as zero.
+            return !matches!(c.target, CompareTarget::Value(_))
+                && Self::holds(c, &KeyValue::default());
+        }
+        kvs.iter().all(|kv| Self::holds(c, kv))
+    }
+
+    fn txn(&mut self, t: &TxnRequest) -> Result<TxnResponse, StoreError> {
+        for c in &t.compare {
+            check_range(&c.range)?;
+        }
+        Self::check_branch(&t.success)?;
+        Self::check_branch(&t.failure)?;
+        let succeeded = t.compare.iter().all(|c| self.compare(c));
+        let branch = if succeeded { &t.success } else { &t.failure };
+        // etcd's checkTxn: ranges' revisions and puts' leases/keys, in op order.
+        for op in branch {
+            match op {
+                RequestOp::Range(r) if r.revision > 0 => {
+                    self.read_revision(r.revision)?;
+                }
+                RequestOp::Put(p) => self.precheck_put(p)?,
+                _ => {}
+            }
+        }
+        let next = self.revision + 1;
+        let mut changed = false;
+        let mut responses = Vec::new();
+        for op in branch {
+            responses.push(match op {
+                RequestOp::Range(r) => {
+                    let at = if r.revision > 0 { r.revision } else { next };
+                    ResponseOp::Range(self.range_at(r, at, 0))
+                }
+                RequestOp::Put(p) => {
+                    let prev = self.apply_put(p, next);
+                    changed = true;
+                    ResponseOp::Put(PutResponse {
+                        revision: 0,
+                        prev_kv: if p.prev_kv { prev } else { None },
+                    })
+                }
+                RequestOp::Delete(d) => {
+                    let victims = self.apply_delete(&d.range, next);
+                    changed |= !victims.is_empty();
+                    let deleted = victims.len() as i64;
+                    ResponseOp::Delete(DeleteResponse {
+                        revision: 0,
+                        deleted,
+                        prev_kvs: if d.prev_kv { victims } else { Vec::new() },
+                    })
+                }
+                RequestOp::Txn(_) => unreachable!(),
+            });
+        }
+        if changed {
+            self.revision = next;
+        }
+        for r in &mut responses {
+            match r {
+                ResponseOp::Range(x) => x.revision = self.revision,
+                ResponseOp::Put(x) => x.revision = self.revision,
+                ResponseOp::Delete(x) => x.revision = self.revision,
+                ResponseOp::Txn(x) => x.revision = self.revision,
+            }
+        }
+        Ok(TxnResponse {
+            revision: self.revision,
+            succeeded,
+            responses,
+        })
+    }
+
+    fn compact(&mut self, revision: i64) -> Result<i64, StoreError> {
+        if revision <= self.compact_revision {
+            return Err(StoreError::AlreadyCompacted);
+        }
+        if revision > self.revision {
+            return Err(StoreError::FutureRevision);
+        }
+        self.compact_revision = revision;
+        Ok(self.revision)
+    }
+
+    fn revoke(&mut self, id: i64) -> Result<i64, StoreError> {
+        if !self.leases.remove(&id) {
+            return Err(StoreError::LeaseNotFound);
+        }
+        let next = self.revision + 1;
+        let attached: Vec<Vec<u8>> = self
+            .history
+            .keys()
+            .filter(|k| self.get(k, self.revision).is_some_and(|kv| kv.lease == id))
+            .cloned()
+            .collect();
+        for k in &attached {
+            self.history.get_mut(k).unwrap().push((next, None));
+        }
+        if !attached.is_empty() {
+            self.revision = next;
+        }
+        Ok(self.revision)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Building requests.
+
+fn build_range(model: &Model, r: &RangeOp) -> RangeRequest {
+    let cur = model.revision;
+    let opt = |p: Option<RevPick>| p.map(|p| pick(p, cur)).unwrap_or(0);
+    RangeRequest {
+        range: Some(r.range.build()),
+        revision: opt(r.revision),
+        limit: r.limit,
+        sort_order: [SortOrder::None, SortOrder::Ascend, SortOrder::Descend][r.sort_order as usize],
+        sort_target: [
+            SortTarget::Key,
+            SortTarget::Version,
+            SortTarget::Create,
+            SortTarget::Mod,
+            SortTarget::Value,
+        ][r.sort_target as usize],
+        keys_only: r.keys_only,
+        count_only: r.count_only,
+        min_mod_revision: opt(r.min_mod),
+        max_mod_revision: opt(r.max_mod),
+        min_create_revision: opt(r.min_create),
+        max_create_revision: opt(r.max_create),
+    }
+}
+
+fn build_put(model: &Model, p: &PutOp) -> PutRequest {
+    PutRequest {
+        key: Bytes::from_static(KEYS[p.key]),
+        value: Bytes::from_static(VALUES[p.value]),
+        lease: model.lease_id(p.lease),
+        prev_kv: p.prev_kv,
+        ignore_value: p.ignore_value,
+        ignore_lease: p.ignore_lease,
+    }
+}
+
+fn build_compare(model: &Model, c: &CmpOp) -> Compare {
+    let result = [
+        CompareResult::Equal,
+        CompareResult::NotEqual,
+        CompareResult::Greater,
+        CompareResult::Less,
+    ][c.result as usize];
+    let target = match c.target {
+        0 => CompareTarget::Version(i64::from(c.number % 4)),
+        1 => CompareTarget::Create(pick(c.number, model.revision)),
+        2 => CompareTarget::Mod(pick(c.number, model.revision)),
+        3 => CompareTarget::Lease(model.lease_id((c.number % 5) as u8)),
+        _ => CompareTarget::Value(Bytes::from_static(VALUES[c.value])),
+    };
+    Compare {
+        range: c.range.build(),
+        result,
+        target,
+    }
+}
+
+fn build_txn_ops(model: &Model, ops: &[TxnOp]) -> Vec<RequestOp> {
+    ops.iter()
+        .map(|op| match op {
+            TxnOp::Range(r) => RequestOp::Range(build_range(model, r)),
+            TxnOp::Put(p) => RequestOp::Put(build_put(model, p)),
+            TxnOp::Delete(r, prev_kv) => RequestOp::Delete(DeleteRequest {
+                range: r.build(),
+                prev_kv: *prev_kv,
+            }),
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The test.
+
+fn everything() -> KeyRange {
+    KeyRange::new(Bytes::new(), &b"\0"[..])
+}
+
+fn all_at(revision: i64) -> RangeRequest {
+    RangeRequest {
+        range: Some(everything()),
+        revision,
+        ..RangeRequest::default()
+    }
+}
+
+/// The store's whole state against the model's: current keys, revisions, leases.
+fn check_state(store: &Store, model: &Model, when: &str) {
+    assert_eq!(store.revision(), model.revision, "revision {when}");
+    assert_eq!(
+        store.compact_revision(),
+        model.compact_revision,
+        "compact revision {when}"
+    );
+    assert_eq!(
+        store.lease_list(),
+        model.leases.iter().copied().collect::<Vec<_>>(),
+        "leases {when}"
+    );
+    assert_eq!(
+        store.range(&all_at(0)),
+        model.range(&all_at(0)),
+        "all keys {when}"
+    );
+}
+
+fn run_case(fsync: bool, ops: Vec<Op>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            fsync,
+            ..StoreConfig::default()
+        };
+        let mut store = Store::open(dir.path(), cfg.clone()).unwrap();
+        let mut model = Model::default();
+        for (i, op) in ops.iter().enumerate() {
+            let when = format!("after op #{i} {op:?}");
+            match op {
+                Op::Put(p) => {
+                    let req = build_put(&model, p);
+                    let want = model.put(&req);
+                    assert_eq!(store.put(req).await, want, "{when}");
+                }
+                Op::Delete(r, prev_kv) => {
+                    let req = DeleteRequest {
+                        range: r.build(),
+                        prev_kv: *prev_kv,
+                    };
+                    let want = model.delete(&req);
+                    assert_eq!(store.delete(req).await, want, "{when}");
+                }
+                Op::Range(r) => {
+                    let req = build_range(&model, r);
+                    assert_eq!(store.range(&req), model.range(&req), "{when}: {req:?}");
+                }
+                Op::Txn(c, s, f) => {
+                    let req = TxnRequest {
+                        compare: c.iter().map(|c| build_compare(&model, c)).collect(),
+                        success: build_txn_ops(&model, s),
+                        failure: build_txn_ops(&model, f),
+                    };
+                    let want = model.txn(&req);
+                    assert_eq!(store.txn(req.clone()).await, want, "{when}: {req:?}");
+                }
+                Op::Compact(p) => {
+                    let revision = pick(*p, model.revision);
+                    let want = model.compact(revision);
+                    assert_eq!(
+                        store.compact(revision).await,
+                        want,
+                        "{when}: compact({revision})"
+                    );
+                }
+                Op::Grant(l) => {
+                    let id = model.lease_id(*l);
+                    let got = store.lease_grant(id, TTL_SECS).await;
+                    if id == 0 {
+                        let (chosen, ttl, revision) = got.unwrap();
+                        assert!(
+                            chosen > 0 && !model.leases.contains(&chosen),
+                            "{when}: chose {chosen}"
+                        );
+                        assert_eq!((ttl, revision), (TTL_SECS, model.revision), "{when}");
+                        model.leases.insert(chosen);
+                        model.chosen_lease = Some(chosen);
+                    } else if model.leases.contains(&id) {
+                        assert_eq!(got, Err(StoreError::LeaseExists), "{when}");
+                    } else {
+                        assert_eq!(got, Ok((id, TTL_SECS, model.revision)), "{when}");
+                        model.leases.insert(id);
+                    }
+                }
+                Op::Revoke(l) => {
+                    let id = model.lease_id(*l);
+                    let want = model.revoke(id);
+                    assert_eq!(store.lease_revoke(id).await, want, "{when}: revoke({id})");
+                }
+                Op::Reopen => {
+                    store.close().await;
+                    assert_eq!(
+                        store.range(&all_at(0)).err(),
+                        Some(StoreError::Stopped),
+                        "{when}: reads after close"
+                    );
+                    store = Store::open(dir.path(), cfg.clone()).unwrap();
+                    check_state(&store, &model, &when);
+                }
+            }
+        }
+        check_state(&store, &model, "at the end");
+        // Every retained revision reads as the model says; older ones are compacted.
+        for at in 1..=model.revision + 1 {
+            assert_eq!(
+                store.range(&all_at(at)),
+                model.range(&all_at(at)),
+                "all keys at revision {at}"
+            );
+        }
+        store.close().await;
+        // Recovery gives the same state, history included.
+        let store = Store::open(dir.path(), cfg).unwrap();
+        check_state(&store, &model, "after the final reopen");
+        for at in 1..=model.revision + 1 {
+            assert_eq!(
+                store.range(&all_at(at)),
+                model.range(&all_at(at)),
+                "all keys at revision {at} after reopen"
+            );
+        }
+        store.close().await;
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_the_model(fsync in any::<bool>(), ops in prop::collection::vec(op(), 1..40)) {
+        run_case(fsync, ops);
+    }
+}
