@@ -181,6 +181,7 @@ pub struct Balance<K, S, D, P, Req, C = ErrorsAsFailures> {
     by_key: HashMap<K, EndpointId>,
     request_hash: Option<RequestHash<Req>>,
     outlier: Option<(Arc<Mutex<OutlierDetector<K>>>, C)>,
+    default_rtt: Duration,
 }
 
 impl<K, S, D, P, Req, C> fmt::Debug for Balance<K, S, D, P, Req, C> {
@@ -208,6 +209,7 @@ where
             by_key: HashMap::new(),
             request_hash: None,
             outlier: None,
+            default_rtt: DEFAULT_RTT,
         }
     }
 
@@ -226,6 +228,7 @@ where
             by_key: self.by_key,
             request_hash: self.request_hash,
             outlier: Some((detector, classifier)),
+            default_rtt: self.default_rtt,
         }
     }
 }
@@ -239,6 +242,13 @@ where
     /// Hashes requests with `f` (for [`Ring`] and [`Maglev`]).
     pub fn with_request_hash(mut self, f: RequestHash<Req>) -> Self {
         self.request_hash = Some(f);
+        self
+    }
+
+    /// Latency assumed for a new endpoint before its first response
+    /// (default [`DEFAULT_RTT`]; zero makes P2C try new endpoints first).
+    pub fn with_default_rtt(mut self, rtt: Duration) -> Self {
+        self.default_rtt = rtt;
         self
     }
 
@@ -275,7 +285,11 @@ where
                     }
                 };
                 let key_hash = stable_hash(&key);
-                let load = Arc::new(PeakEwma::new(DEFAULT_RTT, DEFAULT_DECAY, Instant::now()));
+                let load = Arc::new(PeakEwma::new(
+                    self.default_rtt,
+                    DEFAULT_DECAY,
+                    Instant::now(),
+                ));
                 if let Some((d, _)) = &self.outlier {
                     d.lock().add(key.clone());
                 }

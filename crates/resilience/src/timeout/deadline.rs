@@ -95,10 +95,8 @@ impl<B> DeadlineCarrier for http::Request<B> {
                 .get(http::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|ct| ct.starts_with("application/grpc"));
-        if is_grpc {
-            if let Ok(v) = http::HeaderValue::from_str(&format_grpc_timeout(remaining)) {
-                self.headers_mut().insert(GRPC_TIMEOUT_HEADER, v);
-            }
+        if is_grpc && let Ok(v) = http::HeaderValue::from_str(&format_grpc_timeout(remaining)) {
+            self.headers_mut().insert(GRPC_TIMEOUT_HEADER, v);
         }
     }
 }

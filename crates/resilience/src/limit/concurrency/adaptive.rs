@@ -347,10 +347,10 @@ pin_project! {
     impl<F, C> PinnedDrop for ResponseFuture<F, C> {
         fn drop(this: Pin<&mut Self>) {
             // A cancelled call still frees its slot (counted as a drop).
-            if let Proj::Called { track, .. } = this.project() {
-                if let Some((limit, _, start, n)) = track.take() {
-                    limit.release(start.elapsed(), n, true);
-                }
+            if let Proj::Called { track, .. } = this.project()
+                && let Some((limit, _, start, n)) = track.take()
+            {
+                limit.release(start.elapsed(), n, true);
             }
         }
     }

@@ -257,11 +257,11 @@ pin_project! {
     }
     impl<F> PinnedDrop for ResponseFuture<F> {
         fn drop(this: Pin<&mut Self>) {
-            if let Proj::Called { track, .. } = this.project() {
-                if let Some((load, start)) = track.take() {
-                    load.in_flight.fetch_sub(1, Ordering::AcqRel);
-                    let _ = start;
-                }
+            // A cancelled call frees its slot without a latency sample.
+            if let Proj::Called { track, .. } = this.project()
+                && let Some((load, _)) = track.take()
+            {
+                load.in_flight.fetch_sub(1, Ordering::AcqRel);
             }
         }
     }

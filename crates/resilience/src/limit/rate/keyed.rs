@@ -130,7 +130,7 @@ impl<K: Hash + Eq + Clone> HotKeys<K> {
     /// The tracked keys with their (over-)estimated counts, most frequent first.
     pub fn top(&self) -> Vec<(K, u64)> {
         let mut v: Vec<_> = self.counts.iter().map(|(k, c)| (k.clone(), *c)).collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
         v
     }
 
