@@ -833,7 +833,9 @@ fn load(db: &Database) -> Result<Loaded> {
             .map(|g| g.value())
             .unwrap_or(0))
     };
-    let mut rev = get(META_REV)?;
+    // A fresh store is at revision 1 and its first write is revision 2, as in etcd:
+    // clients rely on 0 meaning "no revision" (e.g. `max_create_revision = my_rev - 1`).
+    let mut rev = get(META_REV)?.max(1);
     let compact = get(META_COMPACT)?;
     let kv = rtx.open_table(KV).map_err(StoreError::storage)?;
     let mut index = Index::default();
@@ -895,6 +897,10 @@ fn lease_seed() -> i64 {
 }
 
 fn committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Cmd>) {
+    // Lease deadlines set here must come from the runtime's clock (the one the lease loop
+    // reads), not the OS clock: they differ when the clock is paused or advanced in tests.
+    let _runtime = shared.runtime.clone();
+    let _clock = _runtime.enter();
     let mut buf = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
