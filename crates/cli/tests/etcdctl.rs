@@ -1,0 +1,244 @@
+//! Peer tests: Debian's real `etcdctl` (etcd-client 3.4) against `meshwork server`.
+//! They fail instead of skipping when MESHWORK_REQUIRE_PEERS=1 and etcdctl is missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Ctl {
+    bin: std::path::PathBuf,
+    ep: String,
+}
+
+impl Ctl {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.env("ETCDCTL_API", "3").args([
+            "--endpoints",
+            &self.ep,
+            "--dial-timeout",
+            "5s",
+            "--command-timeout",
+            "20s",
+        ]);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn run_stdin(&self, args: &[&str], input: &str) -> String {
+        let mut child = self
+            .cmd()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+fn setup() -> Option<(common::Server, Ctl, tempfile::TempDir)> {
+    let bin = common::peer("etcdctl")?;
+    let dir = tempfile::tempdir().unwrap();
+    let s = common::start(&dir.path().join("data"), &[], &[]);
+    let ctl = Ctl {
+        bin,
+        ep: s.etcd.clone(),
+    };
+    Some((s, ctl, dir))
+}
+
+#[test]
+fn etcdctl_kv_prefix_txn_and_status() {
+    let Some((_s, ctl, _d)) = setup() else { return };
+    assert_eq!(ctl.run(&["put", "app/a", "1"]).trim(), "OK");
+    ctl.run(&["put", "app/b", "2"]);
+    ctl.run(&["put", "other", "3"]);
+    assert_eq!(
+        ctl.run(&["get", "app/", "--prefix"]),
+        "app/a\n1\napp/b\n2\n"
+    );
+    assert_eq!(
+        ctl.run(&["get", "app/", "--prefix", "--keys-only"])
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["app/a", "app/b"]
+    );
+    let fields = ctl.run(&["get", "app/", "--prefix", "--limit", "1", "-w", "fields"]);
+    assert!(
+        fields.lines().any(|l| l.trim() == "\"Count\" : 2"),
+        "{fields}"
+    );
+    assert!(
+        fields.lines().any(|l| l.trim() == "\"More\" : true"),
+        "{fields}"
+    );
+    let txn = ctl.run_stdin(
+        &["txn"],
+        "value(\"app/a\") = \"1\"\n\nput app/a 10\nget app/a\n\nput app/a failed\n\n",
+    );
+    assert!(txn.starts_with("SUCCESS"), "{txn}");
+    assert!(txn.contains("10"));
+    assert_eq!(
+        ctl.run(&["get", "app/a", "--print-value-only"]).trim(),
+        "10"
+    );
+    assert_eq!(ctl.run(&["del", "app/", "--prefix"]).trim(), "2");
+    assert_eq!(ctl.run(&["get", "app/", "--prefix"]), "");
+    let status = ctl.run(&["endpoint", "status", "-w", "json"]);
+    assert!(status.contains("\"revision\""), "{status}");
+    let health = ctl.cmd().args(["endpoint", "health"]).output().unwrap();
+    assert!(health.status.success());
+    assert!(
+        String::from_utf8_lossy(&health.stdout).contains("is healthy")
+            || String::from_utf8_lossy(&health.stderr).contains("is healthy")
+    );
+    let members = ctl.run(&["member", "list"]);
+    assert!(members.contains("started"), "{members}");
+    // Compaction and the compacted error.
+    ctl.run(&["compact", "3"]);
+    let out = ctl
+        .cmd()
+        .args(["get", "other", "--rev", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("required revision has been compacted"));
+}
+
+#[test]
+fn etcdctl_watch_sees_puts_and_deletes() {
+    let Some((_s, ctl, _d)) = setup() else { return };
+    let mut w = ctl
+        .cmd()
+        .args(["watch", "wk", "--prefix"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(w.stdout.take().unwrap()).lines();
+    // The watcher is registered once a put shows up; keep writing until it does.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.by_ref() {
+            if tx.send(l.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    while !got.iter().any(|l: &String| l == "PUT") {
+        assert!(Instant::now() < deadline, "watch saw nothing");
+        ctl.run(&["put", "wk1", "v"]);
+        while let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
+            got.push(l);
+        }
+    }
+    ctl.run(&["del", "wk1"]);
+    let mut seen_delete = false;
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(10)) {
+        if l == "DELETE" {
+            seen_delete = true;
+            break;
+        }
+    }
+    assert!(seen_delete);
+    let _ = w.kill();
+    let _ = w.wait();
+}
+
+#[test]
+fn etcdctl_leases_lock_elect_and_snapshot() {
+    let Some((_s, ctl, dir)) = setup() else {
+        return;
+    };
+    let grant = ctl.run(&["lease", "grant", "60"]);
+    let id = grant.split_whitespace().nth(1).unwrap().to_string();
+    ctl.run(&["put", "leased", "v", "--lease", &id]);
+    let ttl = ctl.run(&["lease", "timetolive", &id, "--keys"]);
+    assert!(
+        ttl.contains("granted with TTL(60s)") && ttl.contains("leased"),
+        "{ttl}"
+    );
+    assert!(
+        ctl.run(&["lease", "keep-alive", "--once", &id])
+            .contains("keepalived with TTL(60)")
+    );
+    assert!(ctl.run(&["lease", "list"]).contains(&id));
+    assert!(ctl.run(&["lease", "revoke", &id]).contains("revoked"));
+    assert_eq!(ctl.run(&["get", "leased"]), "");
+
+    // lock: the command runs while the lock is held; a second locker waits for it.
+    let out = ctl.run(&["lock", "mylock", "echo", "locked"]);
+    assert!(out.contains("locked"), "{out}");
+    let holder = ctl
+        .cmd()
+        .args(["lock", "l2", "sleep", "1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ctl.run(&["lock", "l2", "echo", "second"]);
+    assert!(out.contains("second"));
+    let mut holder = holder;
+    assert!(holder.wait().unwrap().success());
+
+    // elect: a candidate becomes leader; `elect -l` observes it.
+    let mut cand = ctl
+        .cmd()
+        .args(["elect", "myelection", "p1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut cand_out = BufReader::new(cand.stdout.take().unwrap()).lines();
+    let first = cand_out.next().unwrap().unwrap();
+    assert!(first.starts_with("myelection/"), "{first}");
+    let mut obs = ctl
+        .cmd()
+        .args(["elect", "-l", "myelection"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut obs_out = BufReader::new(obs.stdout.take().unwrap()).lines();
+    assert!(obs_out.next().unwrap().unwrap().starts_with("myelection/"));
+    assert_eq!(obs_out.next().unwrap().unwrap(), "p1");
+    let _ = obs.kill();
+    let _ = cand.kill();
+    let _ = obs.wait();
+    let _ = cand.wait();
+
+    // snapshot save: a consistent copy streamed and checksummed.
+    ctl.run(&["put", "snap", "shot"]);
+    let path = dir.path().join("snap.db");
+    let out = ctl.run(&["snapshot", "save", path.to_str().unwrap()]);
+    assert!(out.contains("Snapshot saved"), "{out}");
+    assert!(std::fs::metadata(&path).unwrap().len() > 512);
+}
