@@ -8,6 +8,8 @@
 #        KEYS_1M=1000000   keys for the RSS / restart phase
 #        PHASES="workloads watch million"   which phases to run
 #        ETCD=/usr/bin/etcd  BIN=target/release/meshwork
+#        MESHWORK_LD_PRELOAD=/path/shim.so   run the meshwork server under LD_PRELOAD (see
+#                                            nodelay-shim.c); recorded in env.txt
 #
 # Prints a markdown table; raw JSON of every run goes to bench/results/compare-<timestamp>/.
 # Only 127.0.0.1 ports are used; only the PIDs this script starts are ever killed; every load
@@ -23,7 +25,7 @@ PHASES=${PHASES:-"workloads watch million"}
 QUOTA=8589934592
 PUT1_TOTAL=${PUT1_TOTAL:-5000}        # put, 1 client / 1 conn
 PUTN_TOTAL=${PUTN_TOTAL:-60000}       # put, 1000 clients / 100 conns
-GET1_TOTAL=${GET1_TOTAL:-10000}       # range, 1 client
+GET1_TOTAL=${GET1_TOTAL:-2000}       # range, 1 client
 GETN_TOTAL=${GETN_TOTAL:-100000}      # range, 1000 clients
 GET_KEYS=${GET_KEYS:-10000}           # keys prefilled for the range workloads
 WATCHERS=${WATCHERS:-10000}
@@ -39,6 +41,12 @@ OUT=$ROOT/bench/results/compare-$STAMP
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/meshwork-compare.XXXXXX")
 declare -A PID=() EP=() HTTP=()
+machine_info() {
+  echo "## $1 $(date -u +%FT%TZ)"; echo "nproc: $(nproc)"; uptime
+  df -h "$WORK" | tail -1; echo "MESHWORK_LD_PRELOAD=${MESHWORK_LD_PRELOAD:-}"
+  echo "other heavy processes:"; ps -eo pid,pcpu,etimes,comm --sort=-pcpu | head -6
+  "$ETCD" --version | head -1; git -C "$ROOT" rev-parse --short HEAD
+}
 STARTED_PIDS=()
 
 log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
@@ -56,6 +64,7 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+machine_info start >>"$OUT/env.txt" 2>&1 || true
 
 if [[ ! -x $BIN ]]; then
   log "building release binary"
@@ -91,7 +100,7 @@ start_server() {
     HTTP[$side]=127.0.0.1:$(free_port)
   fi
   if [[ $side == meshwork ]]; then
-    "$BIN" server --data-dir "$dir" --etcd-addr "${EP[$side]}" --http-addr "${HTTP[$side]}" \
+    LD_PRELOAD=${MESHWORK_LD_PRELOAD:-} "$BIN" server --data-dir "$dir" --etcd-addr "${EP[$side]}" --http-addr "${HTTP[$side]}" \
       --quota-backend-bytes "$QUOTA" >>"$WORK/$side.out" 2>>"$WORK/$side.err" &
   else
     # HTTP[etcd] is used as the peer URL.
@@ -242,6 +251,7 @@ if [[ " $PHASES " == *" million "* ]]; then
 fi
 
 cp "$WORK"/*.err "$OUT"/ 2>/dev/null || true
+machine_info end >>"$OUT/env.txt" 2>&1 || true
 
 # --- report ---------------------------------------------------------------------------------------
 python3 - "$OUT" <<'EOF'
