@@ -292,7 +292,7 @@ fn check_put(p: &PutRequest) -> Result<(), StoreError> {
     Ok(())
 }
 
-#[derive(Default, Debug)]
+#[derive(Debug)]
 struct Model {
     /// Every change of every key, oldest first: `None` is a deletion. Never compacted:
     /// compaction only changes which revisions may be read.
@@ -305,6 +305,17 @@ struct Model {
 }
 
 impl Model {
+    /// A fresh store: revision 1, as etcd (its first write is revision 2).
+    fn new() -> Self {
+        Model {
+            history: BTreeMap::new(),
+            revision: 1,
+            compact_revision: 0,
+            leases: BTreeSet::new(),
+            chosen_lease: None,
+        }
+    }
+
     fn lease_id(&self, l: u8) -> i64 {
         match l {
             0 => 0,
@@ -757,7 +768,7 @@ fn run_case(fsync: bool, ops: Vec<Op>) {
             ..StoreConfig::default()
         };
         let mut store = Store::open(dir.path(), cfg.clone()).unwrap();
-        let mut model = Model::default();
+        let mut model = Model::new();
         for (i, op) in ops.iter().enumerate() {
             let when = format!("after op #{i} {op:?}");
             match op {
