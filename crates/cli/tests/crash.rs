@@ -52,7 +52,7 @@ fn acknowledged_writes_survive_sigkill() {
         let kill_after = 20 + rng.next() % 200;
         let acked2 = acked.clone();
         rt.block_on(async {
-            let client = Client::connect(&[ep.clone()]).await.unwrap();
+            let client = Client::connect(std::slice::from_ref(&ep)).await.unwrap();
             let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let mut tasks = Vec::new();
             for w in 0..WRITERS {
@@ -97,7 +97,9 @@ fn acknowledged_writes_survive_sigkill() {
     );
     rt.block_on(async {
         verify(&server.etcd, &acked).await;
-        let mut c = Client::connect(&[server.etcd.clone()]).await.unwrap();
+        let mut c = Client::connect(std::slice::from_ref(&server.etcd))
+            .await
+            .unwrap();
         let all =
             c.kv.range(pb::RangeRequest {
                 key: "k/".into(),

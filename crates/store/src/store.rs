@@ -30,7 +30,7 @@ use crate::lease::{LeaseInfo, Lessor};
 use crate::mvcc;
 use crate::ops::*;
 use crate::types::{Event, EventKind, KeyValue, Revision};
-use crate::watch::{Behind, Hub, WatchCreateError, WatchMessage, WatchSpec, Watcher};
+use crate::watch::{Behind, Hub, SyncOutcome, WatchCreateError, WatchMessage, WatchSpec, Watcher};
 
 const KV: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("kv");
 const LEASES: TableDefinition<i64, i64> = TableDefinition::new("leases");
@@ -584,9 +584,8 @@ impl Store {
                 b.next_rev = reached + 1;
             }
             match self.shared.hub.try_sync(b) {
-                Ok(()) => return,
-                Err(Some(again)) => b = again,
-                Err(None) => return,
+                SyncOutcome::Synced | SyncOutcome::Gone => return,
+                SyncOutcome::Again(again) => b = again,
             }
         }
     }
@@ -617,19 +616,17 @@ impl Store {
     fn history(&self, w: &Watcher, from: i64, to: i64) -> Result<(Vec<Event>, i64)> {
         self.with_kv(|table| {
             let mut events = Vec::new();
-            let mut seen = 0usize;
             let mut last_main = from - 1;
             let range = table
                 .range((from as u64, 0u32)..=(to as u64, u32::MAX))
                 .map_err(StoreError::storage)?;
-            for item in range {
+            for (seen, item) in range.enumerate() {
                 let (k, v) = item.map_err(StoreError::storage)?;
                 let (main, sub) = k.value();
                 let main = main as i64;
                 if seen >= CATCH_UP_RECORDS && main != last_main {
                     return Ok((events, last_main));
                 }
-                seen += 1;
                 last_main = main;
                 let rec = codec::decode(Revision { main, sub }, v.value())?;
                 let kind = if rec.tombstone {
@@ -720,6 +717,12 @@ impl WatchStream {
                 .await
                 .map_err(|_| WatchCreateError::Closed)?;
             return Ok(id);
+        }
+        let mut spec = spec;
+        if spec.start_revision <= 0 {
+            // "From now" means right after the revision `Created` reported: commits published
+            // meanwhile are caught up, and ones published at or below it are not repeated.
+            spec.start_revision = revision + 1;
         }
         let watcher = Watcher {
             min_rev: spec.start_revision,
@@ -914,6 +917,9 @@ fn committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Cmd>) {
     }
 }
 
+/// Per-request results, the last revision, the compaction revision and the events of a batch.
+type BatchOutcome = (Vec<Result<WriteResp>>, i64, i64, Vec<Event>);
+
 fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, buf: &mut Vec<u8>) {
     let started = std::time::Instant::now();
     let n = batch.len();
@@ -926,7 +932,7 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, buf: &mut Vec<u8>) {
         return;
     }
     let published = shared.published.load(Ordering::Acquire);
-    let outcome = (|| -> Result<(Vec<Result<WriteResp>>, i64, i64, Vec<Event>)> {
+    let outcome = (|| -> Result<BatchOutcome> {
         let db_guard = shared.db.read();
         let db = db_guard.as_ref().ok_or(StoreError::Stopped)?;
         let mut wtx = db.begin_write().map_err(StoreError::storage)?;

@@ -126,6 +126,17 @@ pub(crate) struct Behind {
     pub(crate) next_rev: i64,
 }
 
+/// What became of a caught-up watcher handed back to the hub.
+#[derive(Debug)]
+pub(crate) enum SyncOutcome {
+    /// It receives live events from now on.
+    Synced,
+    /// Revisions were committed meanwhile: catch up further.
+    Again(Behind),
+    /// It was cancelled meanwhile.
+    Gone,
+}
+
 /// The hub.
 #[derive(Debug, Default)]
 pub(crate) struct Hub {
@@ -283,17 +294,17 @@ impl Hub {
 
     /// Hands a caught-up watcher back: synced if nothing was committed past `next_rev - 1`
     /// meanwhile, else returned to keep catching up. `None` when it was cancelled.
-    pub(crate) fn try_sync(&self, behind: Behind) -> Result<(), Option<Behind>> {
+    pub(crate) fn try_sync(&self, behind: Behind) -> SyncOutcome {
         let mut g = self.inner.lock();
         if !self.alive_locked(&g, behind.key) {
-            return Err(None);
+            return SyncOutcome::Gone;
         }
         if behind.next_rev <= g.last_rev {
-            return Err(Some(behind));
+            return SyncOutcome::Again(behind);
         }
         g.index(behind.key, &behind.watcher);
         g.synced.insert(behind.key, behind.watcher);
-        Ok(())
+        SyncOutcome::Synced
     }
 
     fn alive_locked(&self, g: &HubInner, key: WatcherKey) -> bool {

@@ -21,10 +21,10 @@ pub fn bin() -> &'static str {
 pub fn start(data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
     let mut cmd = Command::new(bin());
     cmd.arg("server").arg("--data-dir").arg(data_dir);
-    if !extra.iter().any(|a| *a == "--etcd-addr") {
+    if !extra.contains(&"--etcd-addr") {
         cmd.args(["--etcd-addr", "127.0.0.1:0"]);
     }
-    if !extra.iter().any(|a| *a == "--http-addr") {
+    if !extra.contains(&"--http-addr") {
         cmd.args(["--http-addr", "127.0.0.1:0"]);
     }
     cmd.args(extra)
