@@ -38,6 +38,9 @@ pub struct StoreConfig {
     pub lease_check_interval: Duration,
     /// Fsync every commit (default true). Turning it off loses acknowledged writes on a crash.
     pub fsync: bool,
+    /// How often watchers that asked for `progress_notify` get a progress notification
+    /// when idle (default 10 minutes, as etcd).
+    pub watch_progress_interval: Duration,
 }
 
 impl Default for StoreConfig {
@@ -59,6 +62,7 @@ impl Default for StoreConfig {
             max_lease_ttl_secs: 9_000_000_000,
             lease_check_interval: Duration::from_millis(500),
             fsync: true,
+            watch_progress_interval: Duration::from_secs(600),
         }
     }
 }
@@ -170,6 +174,12 @@ impl StoreConfig {
             !self.lease_check_interval.is_zero(),
             "store.lease_check_interval",
             format!("{:?}", self.lease_check_interval),
+            "more than zero",
+        )?;
+        check(
+            !self.watch_progress_interval.is_zero(),
+            "store.watch_progress_interval",
+            format!("{:?}", self.watch_progress_interval),
             "more than zero",
         )?;
         Ok(())

@@ -179,6 +179,10 @@ impl Store {
         self.shared
             .runtime
             .spawn(lease_loop(weak.clone(), interval));
+        self.shared.runtime.spawn(progress_loop(
+            weak.clone(),
+            self.shared.cfg.watch_progress_interval,
+        ));
         if self.shared.cfg.auto_compaction_retention_revisions > 0
             || self.shared.cfg.auto_compaction_retention.is_some()
         {
@@ -1052,6 +1056,18 @@ async fn lease_loop(weak: Weak<Shared>, interval: Duration) {
                 }
             });
         }
+    }
+}
+
+async fn progress_loop(weak: Weak<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    loop {
+        tick.tick().await;
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        shared.hub.progress(None);
     }
 }
 

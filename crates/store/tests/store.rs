@@ -942,7 +942,15 @@ async fn a_watch_from_now_sees_every_later_revision() {
         if revision >= 2900 {
             break;
         }
-        let first = events(&mut rx, 1).await[0].kv.mod_revision;
+        let WatchMessage::Events { events, .. } = next(&mut rx).await else {
+            panic!("expected events")
+        };
+        let first = events[0].kv.mod_revision;
+        assert!(
+            events
+                .windows(2)
+                .all(|w| w[0].kv.mod_revision + 1 == w[1].kv.mod_revision)
+        );
         assert_eq!(first, revision + 1, "watch created at revision {revision}");
         checked += 1;
     }
