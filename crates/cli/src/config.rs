@@ -37,6 +37,7 @@ pub(crate) struct StoreFile {
     pub(crate) min_lease_ttl_secs: Option<i64>,
     pub(crate) max_lease_ttl_secs: Option<i64>,
     pub(crate) fsync: Option<bool>,
+    pub(crate) watch_progress_interval_secs: Option<u64>,
 }
 
 /// The whole config file.
@@ -113,6 +114,9 @@ impl StoreFile {
             max_lease_ttl_secs,
             fsync
         );
+        if let Some(secs) = self.watch_progress_interval_secs {
+            c.watch_progress_interval = Duration::from_secs(secs);
+        }
         if let Some(r) = &self.auto_compaction_retention {
             apply_retention(c, parse_retention(r)?);
         }
