@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use meshwork_store::ops::*;
-use meshwork_store::{KeyRange, KeyValue, Store, StoreConfig, StoreError};
+use meshwork_store::{
+    Event, EventKind, KeyRange, KeyValue, Store, StoreConfig, StoreError, WatchMessage, WatchSpec,
+};
 use proptest::prelude::*;
 
 /// A small alphabet, so that keys, prefixes and ranges collide often.
@@ -302,6 +304,8 @@ struct Model {
     leases: BTreeSet<i64>,
     /// The last lease ID the store chose (grant with ID 0).
     chosen_lease: Option<i64>,
+    /// Every event, in commit order, with its previous key-value.
+    events: Vec<Event>,
 }
 
 impl Model {
@@ -313,6 +317,7 @@ impl Model {
             compact_revision: 0,
             leases: BTreeSet::new(),
             chosen_lease: None,
+            events: Vec::new(),
         }
     }
 
@@ -446,17 +451,36 @@ impl Model {
         self.history
             .entry(p.key.to_vec())
             .or_default()
-            .push((next, Some(kv)));
+            .push((next, Some(kv.clone())));
+        self.events.push(Event {
+            kind: EventKind::Put,
+            kv,
+            prev_kv: prev.clone(),
+        });
         prev
+    }
+
+    fn tombstone(&mut self, prev: KeyValue, next: i64) {
+        self.history
+            .get_mut(prev.key.as_ref())
+            .unwrap()
+            .push((next, None));
+        let kv = KeyValue {
+            key: prev.key.clone(),
+            mod_revision: next,
+            ..KeyValue::default()
+        };
+        self.events.push(Event {
+            kind: EventKind::Delete,
+            kv,
+            prev_kv: Some(prev),
+        });
     }
 
     fn apply_delete(&mut self, range: &KeyRange, next: i64) -> Vec<KeyValue> {
         let victims = self.live(range, next);
         for kv in &victims {
-            self.history
-                .get_mut(kv.key.as_ref())
-                .unwrap()
-                .push((next, None));
+            self.tombstone(kv.clone(), next);
         }
         victims
     }
@@ -632,14 +656,13 @@ impl Model {
             return Err(StoreError::LeaseNotFound);
         }
         let next = self.revision + 1;
-        let attached: Vec<Vec<u8>> = self
-            .history
-            .keys()
-            .filter(|k| self.get(k, self.revision).is_some_and(|kv| kv.lease == id))
-            .cloned()
+        let attached: Vec<KeyValue> = self
+            .live(&everything(), self.revision)
+            .into_iter()
+            .filter(|kv| kv.lease == id)
             .collect();
-        for k in &attached {
-            self.history.get_mut(k).unwrap().push((next, None));
+        for kv in &attached {
+            self.tombstone(kv.clone(), next);
         }
         if !attached.is_empty() {
             self.revision = next;
@@ -755,7 +778,97 @@ fn check_state(store: &Store, model: &Model, when: &str) {
     );
 }
 
-fn run_case(fsync: bool, ops: Vec<Op>) {
+/// What the case's watcher asks for: keys, prev_kv, and 0 = all events, 1 = no puts,
+/// 2 = no deletes.
+type WatchParams = (RangeSpec, bool, u8);
+
+/// A watcher opened at the start of each store epoch (open..close), replaying from just
+/// above the compaction revision; it must deliver exactly the model's events, in order.
+struct WatchCheck {
+    _stream: meshwork_store::WatchStream,
+    rx: tokio::sync::mpsc::Receiver<WatchMessage>,
+    spec: WatchSpec,
+    got: Vec<Event>,
+}
+
+impl WatchCheck {
+    async fn open(store: &Store, model: &Model, params: &WatchParams) -> WatchCheck {
+        let (range, prev_kv, filter) = params;
+        let spec = WatchSpec {
+            range: range.build(),
+            start_revision: model.compact_revision + 1,
+            prev_kv: *prev_kv,
+            no_put: *filter == 1,
+            no_delete: *filter == 2,
+            progress_notify: false,
+            watch_id: 0,
+        };
+        let (stream, mut rx) = store.watch_stream();
+        let id = stream.create(spec.clone()).await.unwrap();
+        let created = WatchMessage::Created {
+            watch_id: id,
+            revision: model.revision,
+        };
+        assert_eq!(recv(&mut rx).await, created);
+        WatchCheck {
+            _stream: stream,
+            rx,
+            spec,
+            got: Vec::new(),
+        }
+    }
+
+    fn wanted(&self, model: &Model) -> Vec<Event> {
+        model
+            .events
+            .iter()
+            .filter(|e| e.kv.mod_revision >= self.spec.start_revision)
+            .filter(|e| in_range(&self.spec.range, &e.kv.key))
+            .filter(|e| match e.kind {
+                EventKind::Put => !self.spec.no_put,
+                EventKind::Delete => !self.spec.no_delete,
+            })
+            .map(|e| Event {
+                prev_kv: if self.spec.prev_kv {
+                    e.prev_kv.clone()
+                } else {
+                    None
+                },
+                ..e.clone()
+            })
+            .collect()
+    }
+
+    async fn check(&mut self, store: &Store, model: &Model, params: &WatchParams, when: &str) {
+        let mut want = self.wanted(model);
+        while self.got.len() < want.len() {
+            match recv(&mut self.rx).await {
+                WatchMessage::Events { events, .. } => self.got.extend(events),
+                WatchMessage::Canceled {
+                    compact_revision, ..
+                } if compact_revision > self.spec.start_revision
+                    && compact_revision <= model.compact_revision =>
+                {
+                    // Compacted while still replaying: etcd cancels such a watcher. Start
+                    // a new one above the compaction.
+                    *self = WatchCheck::open(store, model, params).await;
+                    want = self.wanted(model);
+                }
+                other => panic!("{when}: unexpected watch message {other:?}"),
+            }
+        }
+        assert_eq!(self.got, want, "watch events {when}");
+    }
+}
+
+async fn recv(rx: &mut tokio::sync::mpsc::Receiver<WatchMessage>) -> WatchMessage {
+    tokio::time::timeout(std::time::Duration::from_secs(60), rx.recv())
+        .await
+        .expect("no watch message within the hang guard")
+        .expect("watch stream closed")
+}
+
+fn run_case(fsync: bool, watch: WatchParams, ops: Vec<Op>) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -769,6 +882,7 @@ fn run_case(fsync: bool, ops: Vec<Op>) {
         };
         let mut store = Store::open(dir.path(), cfg.clone()).unwrap();
         let mut model = Model::new();
+        let mut watcher = WatchCheck::open(&store, &model, &watch).await;
         for (i, op) in ops.iter().enumerate() {
             let when = format!("after op #{i} {op:?}");
             match op {
@@ -832,6 +946,7 @@ fn run_case(fsync: bool, ops: Vec<Op>) {
                     assert_eq!(store.lease_revoke(id).await, want, "{when}: revoke({id})");
                 }
                 Op::Reopen => {
+                    watcher.check(&store, &model, &watch, &when).await;
                     store.close().await;
                     assert_eq!(
                         store.range(&all_at(0)).err(),
@@ -840,8 +955,10 @@ fn run_case(fsync: bool, ops: Vec<Op>) {
                     );
                     store = Store::open(dir.path(), cfg.clone()).unwrap();
                     check_state(&store, &model, &when);
+                    watcher = WatchCheck::open(&store, &model, &watch).await;
                 }
             }
+            watcher.check(&store, &model, &watch, &when).await;
         }
         check_state(&store, &model, "at the end");
         // Every retained revision reads as the model says; older ones are compacted.
@@ -871,7 +988,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 512, ..ProptestConfig::default() })]
 
     #[test]
-    fn store_matches_the_model(fsync in any::<bool>(), ops in prop::collection::vec(op(), 1..40)) {
-        run_case(fsync, ops);
+    fn store_matches_the_model(
+        fsync in any::<bool>(),
+        watch in (range_spec(), any::<bool>(), 0u8..3),
+        ops in prop::collection::vec(op(), 1..40),
+    ) {
+        run_case(fsync, watch, ops);
     }
 }
