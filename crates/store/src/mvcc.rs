@@ -97,7 +97,10 @@ pub(crate) fn check_txn(t: &TxnRequest, cfg: &StoreConfig) -> Result<()> {
 /// Returns the keys put and ranges deleted by a branch, rejecting any key written twice.
 fn check_branch(ops: &[RequestOp], cfg: &StoreConfig) -> Result<(HashSet<Bytes>, Vec<KeyRange>)> {
     let mut puts: HashSet<Bytes> = HashSet::new();
+    let mut level_puts: Vec<Bytes> = Vec::new();
     let mut dels: Vec<KeyRange> = Vec::new();
+    // Each nested txn's puts and deletes, both branches together.
+    let mut nested: Vec<(HashSet<Bytes>, Vec<KeyRange>)> = Vec::new();
     for op in ops {
         match op {
             RequestOp::Range(r) => check_range_req(r, cfg)?,
@@ -106,6 +109,7 @@ fn check_branch(ops: &[RequestOp], cfg: &StoreConfig) -> Result<(HashSet<Bytes>,
                 if !puts.insert(p.key.clone()) {
                     return Err(StoreError::DuplicateKey);
                 }
+                level_puts.push(p.key.clone());
             }
             RequestOp::Delete(d) => {
                 check_range(&d.range, cfg)?;
@@ -124,22 +128,44 @@ fn check_branch(ops: &[RequestOp], cfg: &StoreConfig) -> Result<(HashSet<Bytes>,
                 let (p1, d1) = check_branch(&t.success, cfg)?;
                 let (p2, d2) = check_branch(&t.failure, cfg)?;
                 // The two nested branches may share keys (only one runs); the parent may not.
-                let nested: HashSet<Bytes> = p1.into_iter().chain(p2).collect();
-                for k in nested {
-                    if !puts.insert(k) {
+                let nested_puts: HashSet<Bytes> = p1.into_iter().chain(p2).collect();
+                for k in &nested_puts {
+                    if !puts.insert(k.clone()) {
                         return Err(StoreError::DuplicateKey);
                     }
                 }
-                dels.extend(d1);
-                dels.extend(d2);
+                nested.push((nested_puts, d1.into_iter().chain(d2).collect()));
             }
         }
     }
-    for k in &puts {
-        if dels.iter().any(|d| d.contains(k)) {
+    // This level's puts against every delete; a nested txn's puts against every delete
+    // but its own (a put in one of its branches and a delete in the other is fine, as in
+    // etcd: only one branch runs; each branch was checked on its own).
+    for k in &level_puts {
+        if dels
+            .iter()
+            .chain(nested.iter().flat_map(|(_, d)| d))
+            .any(|d| d.contains(k))
+        {
             return Err(StoreError::DuplicateKey);
         }
     }
+    for (i, (nested_puts, _)) in nested.iter().enumerate() {
+        let others = dels.iter().chain(
+            nested
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .flat_map(|(_, (_, d))| d),
+        );
+        if nested_puts
+            .iter()
+            .any(|k| others.clone().any(|d| d.contains(k)))
+        {
+            return Err(StoreError::DuplicateKey);
+        }
+    }
+    dels.extend(nested.into_iter().flat_map(|(_, d)| d));
     Ok((puts, dels))
 }
 

@@ -522,7 +522,7 @@ async fn invalid_requests_fail_and_leave_state_unchanged() {
 #[tokio::test]
 async fn nested_branches_may_share_keys() {
     // etcd's checkIntervals: the success and failure branches of a nested txn are
-    // exclusive, so they may put the same key.
+    // exclusive, so they may write the same key.
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), fast()).unwrap();
     let nested = TxnRequest {
@@ -543,6 +543,52 @@ async fn nested_branches_may_share_keys() {
         .unwrap();
     assert_eq!(r.revision, 2);
     assert_eq!(get_all(&store)[0].value, Bytes::from_static(b"then"));
+
+    // A put in one branch and a delete of the same key in the other is fine too.
+    let del_a = || {
+        RequestOp::Delete(DeleteRequest {
+            range: KeyRange::prefix("a"),
+            prev_kv: true,
+        })
+    };
+    let put_or_delete = TxnRequest {
+        compare: vec![Compare {
+            range: KeyRange::single("a"),
+            result: CompareResult::Equal,
+            target: CompareTarget::Version(0),
+        }],
+        success: vec![RequestOp::Put(put_req("a", "x"))],
+        failure: vec![del_a()],
+    };
+    let r = store
+        .txn(TxnRequest {
+            success: vec![RequestOp::Txn(put_or_delete.clone())],
+            ..TxnRequest::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.revision, 3);
+    assert!(get_all(&store).is_empty());
+
+    // Not so across sibling txns or with the parent: both may run.
+    let put_in = |t: &TxnRequest| RequestOp::Txn(t.clone());
+    let deleting = TxnRequest {
+        success: vec![del_a()],
+        ..TxnRequest::default()
+    };
+    for ops in [
+        vec![put_in(&put_or_delete), put_in(&deleting)],
+        vec![put_in(&deleting), put_in(&put_or_delete)],
+        vec![del_a(), put_in(&put_or_delete)],
+        vec![put_in(&put_or_delete), RequestOp::Put(put_req("a", "y"))],
+    ] {
+        let txn = TxnRequest {
+            success: ops,
+            ..TxnRequest::default()
+        };
+        assert_eq!(store.txn(txn).await, Err(StoreError::DuplicateKey));
+    }
+    assert_eq!(store.revision(), 3);
     store.close().await;
 }
 
