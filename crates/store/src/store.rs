@@ -161,10 +161,13 @@ impl Store {
             committer: Mutex::new(None),
             runtime,
         });
-        let committer_shared = shared.clone();
+        // The committer holds the store weakly: dropping every handle drops the sender, which
+        // ends the committer and closes the database (as `close` does, minus the wait).
+        let committer_shared = Arc::downgrade(&shared);
+        let committer_runtime = shared.runtime.clone();
         let handle = std::thread::Builder::new()
             .name("meshwork-committer".into())
-            .spawn(move || committer(committer_shared, rx))
+            .spawn(move || committer(committer_shared, committer_runtime, rx))
             .map_err(|e| StoreError::Storage(format!("starting the committer thread: {e}")))?;
         *shared.committer.lock() = Some(handle);
         let store = Store { shared };
@@ -903,13 +906,14 @@ fn lease_seed() -> i64 {
     (ms & 0x0000_ffff_ffff_ffff) << 12 | 1
 }
 
-fn committer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Cmd>) {
+fn committer(weak: Weak<Shared>, runtime: tokio::runtime::Handle, mut rx: mpsc::Receiver<Cmd>) {
     // Lease deadlines set here must come from the runtime's clock (the one the lease loop
     // reads), not the OS clock: they differ when the clock is paused or advanced in tests.
-    let _runtime = shared.runtime.clone();
-    let _clock = _runtime.enter();
+    let _clock = runtime.enter();
     let mut buf = Vec::new();
     while let Some(first) = rx.blocking_recv() {
+        // Gone: the request's sender is dropped unanswered, which its caller sees as `Stopped`.
+        let Some(shared) = weak.upgrade() else { return };
         let mut batch = vec![first];
         while batch.len() < shared.cfg.max_batch_requests {
             match rx.try_recv() {

@@ -1250,3 +1250,25 @@ async fn over_quota_writes_fail_but_deletes_and_compaction_work() {
     );
     store.close().await;
 }
+
+#[tokio::test]
+async fn dropping_every_handle_releases_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    put(&store, "a", "1").await;
+    drop(store);
+    // The committer thread lets go of the store right after its last batch; wait for that.
+    let mut attempts = 0;
+    let store = loop {
+        match Store::open(dir.path(), StoreConfig::default()) {
+            Ok(store) => break store,
+            Err(e) => {
+                attempts += 1;
+                assert!(attempts < 100_000, "the database was never released: {e}");
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    assert_eq!(keys(&get_all(&store)), ["a"]);
+    store.close().await;
+}
