@@ -1,6 +1,8 @@
 //! Layers composed over real hyper servers on 127.0.0.1: timeout, retry,
 //! P2C balancing and a breaker per endpoint, with one backend failing.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report we want
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;

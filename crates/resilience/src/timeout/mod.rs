@@ -74,44 +74,93 @@ impl TimeoutConfig {
     }
 }
 
+/// How a [`Timeout`] reads and writes the deadline of a request.
+pub trait DeadlinePolicy<Req>: Clone {
+    /// The deadline `req` already carries.
+    fn incoming(&self, req: &Req, now: Instant) -> Option<Instant>;
+    /// Stamps the effective deadline on `req`.
+    fn outgoing(&self, req: &mut Req, deadline: Instant, now: Instant);
+}
+
+/// Reads and propagates deadlines through [`DeadlineCarrier`] (HTTP/gRPC
+/// headers and the [`Deadline`] extension).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Propagate;
+
+impl<Req: DeadlineCarrier> DeadlinePolicy<Req> for Propagate {
+    fn incoming(&self, req: &Req, now: Instant) -> Option<Instant> {
+        req.deadline(now)
+    }
+    fn outgoing(&self, req: &mut Req, deadline: Instant, now: Instant) {
+        req.set_deadline(deadline, now);
+    }
+}
+
+/// Only enforces the timeout; works for any request type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPropagation;
+
+impl<Req> DeadlinePolicy<Req> for NoPropagation {
+    fn incoming(&self, _: &Req, _: Instant) -> Option<Instant> {
+        None
+    }
+    fn outgoing(&self, _: &mut Req, _: Instant, _: Instant) {}
+}
+
 /// Layer for [`Timeout`].
 #[derive(Debug, Clone, Copy)]
-pub struct TimeoutLayer {
+pub struct TimeoutLayer<D = Propagate> {
     timeout: Duration,
+    policy: D,
 }
 
 impl TimeoutLayer {
-    /// A layer giving each call `timeout_ms`.
+    /// A layer giving each call `timeout_ms` and propagating deadlines
+    /// (requests must implement [`DeadlineCarrier`], as `http::Request` does).
     pub fn new(cfg: TimeoutConfig) -> Result<Self, ConfigError> {
         cfg.validate()?;
         Ok(Self {
             timeout: Duration::from_millis(cfg.timeout_ms),
+            policy: Propagate,
         })
     }
 }
 
-impl<S> Layer<S> for TimeoutLayer {
-    type Service = Timeout<S>;
-    fn layer(&self, inner: S) -> Timeout<S> {
+impl TimeoutLayer<NoPropagation> {
+    /// A layer giving each call `timeout_ms`, for any request type.
+    pub fn plain(cfg: TimeoutConfig) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        Ok(Self {
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            policy: NoPropagation,
+        })
+    }
+}
+
+impl<S, D: Clone> Layer<S> for TimeoutLayer<D> {
+    type Service = Timeout<S, D>;
+    fn layer(&self, inner: S) -> Timeout<S, D> {
         Timeout {
             inner,
             timeout: self.timeout,
+            policy: self.policy.clone(),
         }
     }
 }
 
 /// The timeout service.
 #[derive(Debug, Clone)]
-pub struct Timeout<S> {
+pub struct Timeout<S, D = Propagate> {
     inner: S,
     timeout: Duration,
+    policy: D,
 }
 
-impl<S, Req> Service<Req> for Timeout<S>
+impl<S, D, Req> Service<Req> for Timeout<S, D>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
-    Req: DeadlineCarrier,
+    D: DeadlinePolicy<Req>,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -124,14 +173,14 @@ where
     fn call(&mut self, mut req: Req) -> Self::Future {
         let now = Instant::now();
         let own = now + self.timeout;
-        let deadline = req.deadline(now).map_or(own, |d| d.min(own));
+        let deadline = self.policy.incoming(&req, now).map_or(own, |d| d.min(own));
         let budget = deadline.saturating_duration_since(now);
         if budget.is_zero() {
             return ResponseFuture::Expired {
                 error: Some(Elapsed { after: budget }),
             };
         }
-        req.set_deadline(deadline, now);
+        self.policy.outgoing(&mut req, deadline, now);
         ResponseFuture::Running {
             inner: self.inner.call(req),
             sleep: tokio::time::sleep_until(deadline),
