@@ -101,6 +101,8 @@ enum TxnOp {
     Range(RangeOp),
     Put(PutOp),
     Delete(RangeSpec, bool),
+    /// A nested txn (one level deep).
+    Txn(Vec<CmpOp>, Vec<TxnOp>, Vec<TxnOp>),
 }
 
 #[derive(Clone, Debug)]
@@ -222,11 +224,23 @@ fn cmp_op() -> impl Strategy<Value = CmpOp> {
     )
 }
 
-fn txn_op() -> impl Strategy<Value = TxnOp> {
+fn flat_txn_op() -> impl Strategy<Value = TxnOp> {
     prop_oneof![
         2 => range_op(false).prop_map(TxnOp::Range),
         3 => put_op(false).prop_map(TxnOp::Put),
         1 => (range_spec(), any::<bool>()).prop_map(|(r, p)| TxnOp::Delete(r, p)),
+    ]
+}
+
+fn txn_op() -> impl Strategy<Value = TxnOp> {
+    prop_oneof![
+        6 => flat_txn_op(),
+        1 => (
+            prop::collection::vec(cmp_op(), 0..2),
+            prop::collection::vec(flat_txn_op(), 0..3),
+            prop::collection::vec(flat_txn_op(), 0..3),
+        )
+            .prop_map(|(c, s, f)| TxnOp::Txn(c, s, f)),
     ]
 }
 
@@ -522,30 +536,69 @@ impl Model {
         })
     }
 
-    fn check_branch(ops: &[RequestOp]) -> Result<(), StoreError> {
-        let mut puts: Vec<&[u8]> = Vec::new();
-        let mut dels: Vec<&KeyRange> = Vec::new();
+    /// A branch's validation; returns the keys it may put and the ranges it may delete.
+    /// A key may be written once: by one put of this level, or by one nested txn (whose
+    /// two branches may share keys, as only one runs), and not inside a delete of this
+    /// level or of another nested txn.
+    fn check_branch(ops: &[RequestOp]) -> Result<(Vec<Bytes>, Vec<KeyRange>), StoreError> {
+        let mut level_puts: Vec<Bytes> = Vec::new();
+        let mut dels: Vec<KeyRange> = Vec::new();
+        let mut nested: Vec<(Vec<Bytes>, Vec<KeyRange>)> = Vec::new();
         for op in ops {
             match op {
                 RequestOp::Range(r) => check_range(r.range.as_ref().unwrap())?,
                 RequestOp::Put(p) => {
                     check_put(p)?;
-                    if puts.contains(&p.key.as_ref()) {
-                        return Err(StoreError::DuplicateKey);
-                    }
-                    puts.push(p.key.as_ref());
+                    level_puts.push(p.key.clone());
                 }
                 RequestOp::Delete(d) => {
                     check_range(&d.range)?;
-                    dels.push(&d.range);
+                    dels.push(d.range.clone());
                 }
-                RequestOp::Txn(_) => unreachable!("the model generates no nested txns"),
+                RequestOp::Txn(t) => {
+                    for c in &t.compare {
+                        check_range(&c.range)?;
+                    }
+                    let (mut p1, d1) = Self::check_branch(&t.success)?;
+                    let (p2, d2) = Self::check_branch(&t.failure)?;
+                    p1.extend(p2);
+                    p1.sort();
+                    p1.dedup();
+                    nested.push((p1, d1.into_iter().chain(d2).collect()));
+                }
             }
         }
-        if puts.iter().any(|k| dels.iter().any(|d| in_range(d, k))) {
+        let mut all_puts: Vec<&Bytes> = level_puts
+            .iter()
+            .chain(nested.iter().flat_map(|(p, _)| p))
+            .collect();
+        let n = all_puts.len();
+        all_puts.sort();
+        all_puts.dedup();
+        if all_puts.len() != n {
             return Err(StoreError::DuplicateKey);
         }
-        Ok(())
+        let all_dels = || dels.iter().chain(nested.iter().flat_map(|(_, d)| d));
+        if level_puts
+            .iter()
+            .any(|k| all_dels().any(|d| in_range(d, k)))
+        {
+            return Err(StoreError::DuplicateKey);
+        }
+        for (i, (puts, _)) in nested.iter().enumerate() {
+            let mut others = dels.iter().chain(
+                nested
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .flat_map(|(_, (_, d))| d),
+            );
+            if others.any(|d| puts.iter().any(|k| in_range(d, k))) {
+                return Err(StoreError::DuplicateKey);
+            }
+        }
+        let every_del = all_dels().cloned().collect();
+        Ok((all_puts.into_iter().cloned().collect(), every_del))
     }
 
     fn holds(c: &Compare, kv: &KeyValue) -> bool {
@@ -580,30 +633,80 @@ impl Model {
         }
         Self::check_branch(&t.success)?;
         Self::check_branch(&t.failure)?;
+        // Every (nested) guard is decided on the state before the txn, as etcd does.
+        let plan = self.plan(t);
+        let branch = if plan.succeeded {
+            &t.success
+        } else {
+            &t.failure
+        };
+        self.precheck(branch, &plan)?;
+        let next = self.revision + 1;
+        let mut changed = false;
+        let mut responses = self.exec(branch, &plan, next, &mut changed);
+        if changed {
+            self.revision = next;
+        }
+        set_revisions(&mut responses, self.revision);
+        Ok(TxnResponse {
+            revision: self.revision,
+            succeeded: plan.succeeded,
+            responses,
+        })
+    }
+
+    fn plan(&self, t: &TxnRequest) -> Plan {
         let succeeded = t.compare.iter().all(|c| self.compare(c));
         let branch = if succeeded { &t.success } else { &t.failure };
-        // etcd's checkTxn: ranges' revisions and puts' leases/keys, in op order.
-        for op in branch {
+        let nested = branch
+            .iter()
+            .filter_map(|op| match op {
+                RequestOp::Txn(inner) => Some(self.plan(inner)),
+                _ => None,
+            })
+            .collect();
+        Plan { succeeded, nested }
+    }
+
+    /// etcd's checkTxn: ranges' revisions and puts' leases/keys, in op order, down the
+    /// branches that will run.
+    fn precheck(&self, ops: &[RequestOp], plan: &Plan) -> Result<(), StoreError> {
+        let mut nested = plan.nested.iter();
+        for op in ops {
             match op {
                 RequestOp::Range(r) if r.revision > 0 => {
                     self.read_revision(r.revision)?;
                 }
                 RequestOp::Put(p) => self.precheck_put(p)?,
+                RequestOp::Txn(t) => {
+                    let np = nested.next().unwrap();
+                    self.precheck(if np.succeeded { &t.success } else { &t.failure }, np)?;
+                }
                 _ => {}
             }
         }
-        let next = self.revision + 1;
-        let mut changed = false;
+        Ok(())
+    }
+
+    fn exec(
+        &mut self,
+        ops: &[RequestOp],
+        plan: &Plan,
+        next: i64,
+        changed: &mut bool,
+    ) -> Vec<ResponseOp> {
+        let mut nested = plan.nested.iter();
         let mut responses = Vec::new();
-        for op in branch {
+        for op in ops {
             responses.push(match op {
                 RequestOp::Range(r) => {
+                    // Reads see the txn's own earlier writes, unless at an explicit revision.
                     let at = if r.revision > 0 { r.revision } else { next };
                     ResponseOp::Range(self.range_at(r, at, 0))
                 }
                 RequestOp::Put(p) => {
                     let prev = self.apply_put(p, next);
-                    changed = true;
+                    *changed = true;
                     ResponseOp::Put(PutResponse {
                         revision: 0,
                         prev_kv: if p.prev_kv { prev } else { None },
@@ -611,7 +714,7 @@ impl Model {
                 }
                 RequestOp::Delete(d) => {
                     let victims = self.apply_delete(&d.range, next);
-                    changed |= !victims.is_empty();
+                    *changed |= !victims.is_empty();
                     let deleted = victims.len() as i64;
                     ResponseOp::Delete(DeleteResponse {
                         revision: 0,
@@ -619,25 +722,18 @@ impl Model {
                         prev_kvs: if d.prev_kv { victims } else { Vec::new() },
                     })
                 }
-                RequestOp::Txn(_) => unreachable!(),
+                RequestOp::Txn(t) => {
+                    let np = nested.next().unwrap();
+                    let branch = if np.succeeded { &t.success } else { &t.failure };
+                    ResponseOp::Txn(TxnResponse {
+                        revision: 0,
+                        succeeded: np.succeeded,
+                        responses: self.exec(branch, np, next, changed),
+                    })
+                }
             });
         }
-        if changed {
-            self.revision = next;
-        }
-        for r in &mut responses {
-            match r {
-                ResponseOp::Range(x) => x.revision = self.revision,
-                ResponseOp::Put(x) => x.revision = self.revision,
-                ResponseOp::Delete(x) => x.revision = self.revision,
-                ResponseOp::Txn(x) => x.revision = self.revision,
-            }
-        }
-        Ok(TxnResponse {
-            revision: self.revision,
-            succeeded,
-            responses,
-        })
+        responses
     }
 
     fn compact(&mut self, revision: i64) -> Result<i64, StoreError> {
@@ -668,6 +764,27 @@ impl Model {
             self.revision = next;
         }
         Ok(self.revision)
+    }
+}
+
+/// The branch every (nested) txn takes.
+struct Plan {
+    succeeded: bool,
+    nested: Vec<Plan>,
+}
+
+/// Every response inside a txn reports the txn's final revision.
+fn set_revisions(responses: &mut [ResponseOp], revision: i64) {
+    for r in responses {
+        match r {
+            ResponseOp::Range(x) => x.revision = revision,
+            ResponseOp::Put(x) => x.revision = revision,
+            ResponseOp::Delete(x) => x.revision = revision,
+            ResponseOp::Txn(x) => {
+                x.revision = revision;
+                set_revisions(&mut x.responses, revision);
+            }
+        }
     }
 }
 
@@ -739,8 +856,17 @@ fn build_txn_ops(model: &Model, ops: &[TxnOp]) -> Vec<RequestOp> {
                 range: r.build(),
                 prev_kv: *prev_kv,
             }),
+            TxnOp::Txn(c, s, f) => RequestOp::Txn(build_txn(model, c, s, f)),
         })
         .collect()
+}
+
+fn build_txn(model: &Model, c: &[CmpOp], s: &[TxnOp], f: &[TxnOp]) -> TxnRequest {
+    TxnRequest {
+        compare: c.iter().map(|c| build_compare(model, c)).collect(),
+        success: build_txn_ops(model, s),
+        failure: build_txn_ops(model, f),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -904,11 +1030,7 @@ fn run_case(fsync: bool, watch: WatchParams, ops: Vec<Op>) {
                     assert_eq!(store.range(&req), model.range(&req), "{when}: {req:?}");
                 }
                 Op::Txn(c, s, f) => {
-                    let req = TxnRequest {
-                        compare: c.iter().map(|c| build_compare(&model, c)).collect(),
-                        success: build_txn_ops(&model, s),
-                        failure: build_txn_ops(&model, f),
-                    };
+                    let req = build_txn(&model, c, s, f);
                     let want = model.txn(&req);
                     assert_eq!(store.txn(req.clone()).await, want, "{when}: {req:?}");
                 }
