@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
@@ -476,10 +476,22 @@ impl Store {
                 .begin_read()
                 .map_err(StoreError::storage)?
         };
-        let revision = self.revision();
+        // The revision the read transaction holds (a commit may land between `begin_read`
+        // and reading `published`, so that would not match the copy).
+        let revision = rtx
+            .open_table(META)
+            .map_err(StoreError::storage)?
+            .get(META_REV)
+            .map_err(StoreError::storage)?
+            .map(|g| g.value())
+            .unwrap_or(0)
+            .max(1);
+        // Unique per call: concurrent snapshots at one revision must not share a file.
+        static SNAPSHOTS: AtomicU64 = AtomicU64::new(0);
         let path = self.shared.dir.join(format!(
-            "snapshot-{revision}-{}.redb.tmp",
-            std::process::id()
+            "snapshot-{revision}-{}-{}.redb.tmp",
+            std::process::id(),
+            SNAPSHOTS.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
         let out = Database::create(&path).map_err(StoreError::storage)?;

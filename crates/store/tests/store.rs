@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use meshwork_store::ops::*;
 use meshwork_store::{
-    Alarm, Event, EventKind, KeyRange, KeyValue, Store, StoreConfig, StoreError, WatchMessage,
-    WatchSpec,
+    Alarm, Event, EventKind, KeyRange, KeyValue, Store, StoreConfig, StoreError, WatchCreateError,
+    WatchMessage, WatchSpec,
 };
 use tokio::sync::mpsc;
 
@@ -1270,5 +1270,160 @@ async fn dropping_every_handle_releases_the_database() {
         }
     };
     assert_eq!(keys(&get_all(&store)), ["a"]);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_taken_during_writes_hold_the_revision_they_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), fast()).unwrap();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..2000 {
+                put(&store, &format!("k{}", i % 50), &i.to_string()).await;
+            }
+        })
+    };
+    let mut snaps = Vec::new();
+    while !writer.is_finished() && snaps.len() < 20 {
+        // Two at once: each gets its own file.
+        let (a, b) = tokio::join!(
+            tokio::task::spawn_blocking({
+                let store = store.clone();
+                move || store.snapshot().unwrap()
+            }),
+            tokio::task::spawn_blocking({
+                let store = store.clone();
+                move || store.snapshot().unwrap()
+            }),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_ne!(a.path, b.path);
+        snaps.push(a);
+        snaps.push(b);
+    }
+    writer.await.unwrap();
+    for snap in snaps {
+        let restored = tempfile::tempdir().unwrap();
+        std::fs::rename(&snap.path, restored.path().join("meshwork.redb")).unwrap();
+        let copy = Store::open(restored.path(), fast()).unwrap();
+        assert_eq!(
+            copy.revision(),
+            snap.revision,
+            "the copy holds the revision it reports"
+        );
+        // Its contents are the original's at that revision.
+        let at = RangeRequest {
+            range: Some(everything()),
+            revision: snap.revision,
+            ..RangeRequest::default()
+        };
+        assert_eq!(copy.range(&at).unwrap().kvs, store.range(&at).unwrap().kvs);
+        copy.close().await;
+    }
+    store.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn auto_compaction_keeps_the_configured_revisions() {
+    let _hold = hold_clock();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        auto_compaction_retention_revisions: 3,
+        ..fast()
+    };
+    let store = Store::open(dir.path(), cfg).unwrap();
+    for i in 0..10 {
+        put(&store, "a", &i.to_string()).await;
+    }
+    assert_eq!(store.revision(), 11);
+    assert_eq!(store.compact_revision(), 0);
+    // Revision-based retention is checked every 5 minutes.
+    tokio::time::advance(Duration::from_secs(300)).await;
+    // The compaction is queued ahead of this write.
+    put(&store, "b", "1").await;
+    assert_eq!(store.compact_revision(), 8);
+    let old = RangeRequest {
+        range: Some(everything()),
+        revision: 7,
+        ..RangeRequest::default()
+    };
+    assert_eq!(
+        store.range(&old),
+        Err(StoreError::Compacted {
+            compact_revision: 8
+        })
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn lease_ttl_is_raised_to_the_minimum() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), fast()).unwrap();
+    let (_, ttl, revision) = store.lease_grant(0, 0).await.unwrap();
+    assert_eq!((ttl, revision), (2, 1));
+    let (_, ttl, _) = store.lease_grant(0, 1).await.unwrap();
+    assert_eq!(ttl, 2);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn watch_ids_streams_and_future_start_revisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        max_watchers_per_stream: 2,
+        ..fast()
+    };
+    let store = Store::open(dir.path(), cfg).unwrap();
+    let (stream, mut rx) = store.watch_stream();
+    // From a future revision: nothing before it.
+    let future = stream
+        .create(WatchSpec {
+            watch_id: 7,
+            ..watch_all(3)
+        })
+        .await
+        .unwrap();
+    assert_eq!(future, 7);
+    next(&mut rx).await;
+    assert_eq!(
+        stream
+            .create(WatchSpec {
+                watch_id: 7,
+                ..watch_all(0)
+            })
+            .await,
+        Err(WatchCreateError::DuplicateId)
+    );
+    let other = stream.create(watch_all(0)).await.unwrap();
+    next(&mut rx).await;
+    assert_ne!(other, future);
+    assert_eq!(
+        stream.create(watch_all(0)).await,
+        Err(WatchCreateError::TooMany(2))
+    );
+    assert_eq!(store.status().watchers, 2);
+    put(&store, "a", "1").await; // revision 2: only `other`
+    put(&store, "a", "2").await; // revision 3: both
+    let mut seen: Vec<(i64, i64)> = Vec::new();
+    while seen.len() < 3 {
+        match next(&mut rx).await {
+            WatchMessage::Events {
+                watch_id, events, ..
+            } => seen.extend(events.iter().map(|e| (watch_id, e.kv.mod_revision))),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    seen.sort_unstable();
+    let mut want = vec![(other, 2), (other, 3), (future, 3)];
+    want.sort_unstable();
+    assert_eq!(seen, want);
+    // Dropping the stream removes its watchers.
+    drop(stream);
+    assert_eq!(store.status().watchers, 0);
+    put(&store, "a", "3").await;
+    assert_eq!(rx.recv().await, None, "the stream's channel closes");
     store.close().await;
 }
