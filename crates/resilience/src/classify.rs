@@ -6,6 +6,15 @@
 //! layer works for plain services, HTTP (5xx) and gRPC (`grpc-status`).
 //! Latency-based "slow call" classification is done by the breaker itself
 //! from its `slow_call_duration_ms` bound.
+//!
+//! ```
+//! use meshwork_resilience::classify::{Classify, GrpcStatus, HttpServerErrors, Outcome};
+//!
+//! let unavailable = http::Response::builder().header("grpc-status", "14").body(()).unwrap();
+//! assert_eq!(Classify::<_, ()>::classify(&GrpcStatus::default(), Ok(&unavailable)), Outcome::Failure);
+//! let not_found = http::Response::builder().status(404).body(()).unwrap();
+//! assert_eq!(Classify::<_, ()>::classify(&HttpServerErrors, Ok(&not_found)), Outcome::Ignored);
+//! ```
 
 use std::marker::PhantomData;
 

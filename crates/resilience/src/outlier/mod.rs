@@ -17,6 +17,24 @@
 //! [`OutlierDetector`] is a plain core (no I/O, explicit `now`); the
 //! [`Balance`](crate::balance::Balance) service feeds it and skips ejected
 //! endpoints. Ejections are counted in `meshwork_outlier_ejections_total`.
+//!
+//! ```
+//! use meshwork_resilience::outlier::{OutlierConfig, OutlierDetector};
+//! use std::time::Duration;
+//! use tokio::time::Instant;
+//!
+//! let cfg = OutlierConfig { consecutive_failures: Some(3), base_ejection_ms: 30_000, ..Default::default() };
+//! let mut detector = OutlierDetector::new(cfg).unwrap();
+//! for host in ["10.0.0.1:80", "10.0.0.2:80"] {
+//!     detector.add(host);
+//! }
+//! let now = Instant::now();
+//! for _ in 0..3 {
+//!     detector.record(&"10.0.0.1:80", false, now);
+//! }
+//! assert!(detector.is_ejected(&"10.0.0.1:80", now));
+//! assert!(!detector.is_ejected(&"10.0.0.1:80", now + Duration::from_secs(30)), "returns by itself");
+//! ```
 
 use std::collections::HashMap;
 use std::hash::Hash;

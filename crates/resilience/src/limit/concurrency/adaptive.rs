@@ -162,6 +162,8 @@ pub struct AdaptiveLimit {
     in_flight: AtomicU64,
     limit: AtomicU64,
     estimate: Mutex<Estimate>,
+    limit_gauge: metrics::Gauge,
+    shed: metrics::Counter,
 }
 
 impl AdaptiveLimit {
@@ -175,6 +177,8 @@ impl AdaptiveLimit {
                 limit: cfg.initial_limit as f64,
                 long_rtt: 0.0,
             }),
+            limit_gauge: metrics::gauge!("meshwork_adaptive_limit"),
+            shed: metrics::counter!("meshwork_shed_total", "by" => "adaptive"),
             cfg,
         })
     }
@@ -195,6 +199,7 @@ impl AdaptiveLimit {
         let n = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         if n > limit {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.shed.increment(1);
             return Err(Overloaded {
                 in_flight: n - 1,
                 limit,
@@ -250,6 +255,7 @@ impl AdaptiveLimit {
         let rounded = e.limit as u64;
         self.limit
             .store(rounded.max(self.cfg.min_limit), Ordering::Relaxed);
+        self.limit_gauge.set(e.limit);
         rounded
     }
 }

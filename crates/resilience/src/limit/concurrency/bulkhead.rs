@@ -70,6 +70,7 @@ impl BulkheadConfig {
 struct Shared {
     semaphore: Arc<Semaphore>,
     queued: AtomicUsize,
+    max_in_flight: AtomicUsize,
     cfg: BulkheadConfig,
     rejected: metrics::Counter,
 }
@@ -88,10 +89,44 @@ impl BulkheadLayer {
             shared: Arc::new(Shared {
                 semaphore: Arc::new(Semaphore::new(cfg.max_in_flight)),
                 queued: AtomicUsize::new(0),
+                max_in_flight: AtomicUsize::new(cfg.max_in_flight),
                 cfg,
                 rejected: metrics::counter!("meshwork_bulkhead_rejected_total"),
             }),
         })
+    }
+
+    /// Changes `max_in_flight` at run time. Growing takes effect at once;
+    /// shrinking takes free slots at once and the rest as running calls end
+    /// (a background task on the current tokio runtime collects them; without
+    /// a runtime only free slots are taken).
+    pub fn set_max_in_flight(&self, max_in_flight: usize) -> Result<(), ConfigError> {
+        BulkheadConfig {
+            max_in_flight,
+            ..self.shared.cfg
+        }
+        .validate()?;
+        let old = self
+            .shared
+            .max_in_flight
+            .swap(max_in_flight, Ordering::AcqRel);
+        let sem = &self.shared.semaphore;
+        if max_in_flight > old {
+            sem.add_permits(max_in_flight - old);
+        } else if max_in_flight < old {
+            let owed = (old - max_in_flight) - sem.forget_permits(old - max_in_flight);
+            if owed > 0
+                && let Ok(handle) = tokio::runtime::Handle::try_current()
+            {
+                let sem = sem.clone();
+                handle.spawn(async move {
+                    if let Ok(p) = sem.acquire_many_owned(owed as u32).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Free slots right now.
@@ -260,5 +295,36 @@ mod tests {
         assert_eq!(svc.clone().oneshot(5).await.unwrap(), 5);
         a.await.unwrap().unwrap();
         b.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resize_at_run_time() {
+        let layer = BulkheadLayer::new(BulkheadConfig {
+            max_in_flight: 4,
+            max_queued: 0,
+            max_wait_ms: 0,
+        })
+        .unwrap();
+        let svc = layer.layer(tower::service_fn(|d: u64| async move {
+            tokio::time::sleep(Duration::from_millis(d)).await;
+            Ok::<_, BoxError>(d)
+        }));
+        let running: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(svc.clone().oneshot(100)))
+            .collect();
+        tokio::task::yield_now().await;
+        layer.set_max_in_flight(1).unwrap();
+        assert_eq!(layer.available(), 0, "the free slot is taken at once");
+        for r in running {
+            r.await.unwrap().unwrap();
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(
+            layer.available(),
+            1,
+            "shrunk to 1 once the running calls ended"
+        );
+        layer.set_max_in_flight(3).unwrap();
+        assert_eq!(layer.available(), 3);
     }
 }

@@ -105,6 +105,7 @@ pub struct SystemLoad {
     width_nanos: u64,
     in_flight: AtomicU64,
     buckets: Mutex<Vec<Bucket>>,
+    shed: metrics::Counter,
 }
 
 impl SystemLoad {
@@ -116,6 +117,7 @@ impl SystemLoad {
             width_nanos: (cfg.window_ms * 1_000_000 / u64::from(cfg.buckets)).max(1),
             in_flight: AtomicU64::new(0),
             buckets: Mutex::new(vec![Bucket::default(); cfg.buckets as usize]),
+            shed: metrics::counter!("meshwork_shed_total", "by" => "system_guard"),
             cfg,
         })
     }
@@ -157,6 +159,7 @@ impl SystemLoad {
         };
         if let Some(limit) = shed {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.shed.increment(1);
             return Err(Overloaded {
                 in_flight: n,
                 limit,

@@ -305,3 +305,39 @@ mod tests {
         assert_eq!(l.hot_keys()[0].0, 0);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// With no more keys than `max_keys`, every key on its own honours
+        /// rate * d + burst.
+        #[test]
+        fn each_key_honours_its_bucket(
+            rate in 1.0f64..100.0,
+            burst in 1u32..10,
+            calls in proptest::collection::vec((0u8..8, 0u64..50_000_000), 1..400),
+        ) {
+            let t0 = Instant::now();
+            let cfg = KeyedConfig { rate_per_sec: rate, burst, max_keys: 8, shards: 1, hot_keys: None };
+            let l = KeyedLimiter::new(cfg, t0).unwrap();
+            let mut now = t0;
+            let mut admitted: HashMap<u8, Vec<Instant>> = HashMap::new();
+            for (key, gap) in calls {
+                now += Duration::from_nanos(gap);
+                if l.check(&key, now).is_ok() { admitted.entry(key).or_default().push(now); }
+            }
+            for times in admitted.values() {
+                for i in 0..times.len() {
+                    for j in i..times.len() {
+                        let d = (times[j] - times[i]).as_secs_f64();
+                        prop_assert!(((j - i + 1) as f64) <= rate * d + f64::from(burst) + 1e-6);
+                    }
+                }
+            }
+            prop_assert!(l.len() <= 8);
+        }
+    }
+}

@@ -119,6 +119,24 @@ pub fn header_key<B>(name: &'static str) -> impl Fn(&http::Request<B>) -> Option
     }
 }
 
+/// Key extractor: the client IP: the first address of `x-forwarded-for`
+/// (set by a trusted proxy in front), else the peer address put in the
+/// request extensions by the server (a `SocketAddr`, as axum's `ConnectInfo`
+/// or a hyper accept loop can provide).
+pub fn client_ip_key<B>(req: &http::Request<B>) -> Option<std::net::IpAddr> {
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|ip| ip.trim().parse().ok());
+    forwarded.or_else(|| {
+        req.extensions()
+            .get::<std::net::SocketAddr>()
+            .map(|a| a.ip())
+    })
+}
+
 /// Key extractor: the request path (per-route limiting).
 pub fn path_key<B>(req: &http::Request<B>) -> Option<String> {
     Some(req.uri().path().to_owned())
@@ -159,6 +177,36 @@ impl RateLimitLayer<Gcra> {
     /// A GCRA token bucket shared by every service of the layer.
     pub fn gcra(cfg: GcraConfig) -> Result<Self, ConfigError> {
         Ok(Self::new("gcra", Gcra::new(cfg, Instant::now())?))
+    }
+}
+
+impl RateLimitLayer<SlidingWindow> {
+    /// A sliding-window counter shared by every service of the layer.
+    pub fn sliding_window(cfg: SlidingWindowConfig) -> Result<Self, ConfigError> {
+        Ok(Self::new(
+            "sliding_window",
+            SlidingWindow::new(cfg, Instant::now())?,
+        ))
+    }
+}
+
+impl RateLimitLayer<WarmUp> {
+    /// A warm-up limiter shared by every service of the layer.
+    pub fn warm_up(cfg: WarmUpConfig) -> Result<Self, ConfigError> {
+        Ok(Self::new("warm_up", WarmUp::new(cfg, Instant::now())?))
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, F> RateLimitLayer<Keyed<K, F>> {
+    /// A per-key limiter; `key` extracts the key of a request.
+    pub fn keyed(cfg: KeyedConfig, key: F) -> Result<Self, ConfigError> {
+        Ok(Self::new(
+            "keyed",
+            Keyed {
+                limiter: KeyedLimiter::new(cfg, Instant::now())?,
+                key,
+            },
+        ))
     }
 }
 
@@ -304,5 +352,18 @@ mod tests {
         svc.clone().oneshot(req("b")).await.unwrap();
         tokio::time::advance(Duration::from_secs(1)).await;
         svc.clone().oneshot(req("a")).await.unwrap();
+    }
+
+    #[test]
+    fn client_ip_from_forwarded_for_or_peer() {
+        let req = http::Request::builder()
+            .header("x-forwarded-for", "203.0.113.7, 10.0.0.1")
+            .body(())
+            .unwrap();
+        assert_eq!(client_ip_key(&req), Some("203.0.113.7".parse().unwrap()));
+        let mut req = http::Request::new(());
+        req.extensions_mut()
+            .insert(std::net::SocketAddr::from(([192, 0, 2, 1], 5555)));
+        assert_eq!(client_ip_key(&req), Some("192.0.2.1".parse().unwrap()));
     }
 }

@@ -247,3 +247,35 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Granted slots are at least one interval apart and no call waits
+        /// more than max_wait.
+        #[test]
+        fn slots_are_spaced_and_waits_bounded(
+            rate in 1.0f64..1000.0,
+            max_wait_ms in 0u64..500,
+            gaps in proptest::collection::vec(0u64..20_000_000, 1..300),
+        ) {
+            let t0 = Instant::now();
+            let p = Pacer::new(PacingConfig { rate_per_sec: rate, max_wait_ms }, t0).unwrap();
+            let interval = Duration::from_nanos(((1e9 / rate) as u64).max(1));
+            let mut now = t0;
+            let mut last: Option<Instant> = None;
+            for gap in gaps {
+                now += Duration::from_nanos(gap);
+                if let Ok(wait) = p.reserve(now) {
+                    prop_assert!(wait <= Duration::from_millis(max_wait_ms));
+                    let slot = now + wait;
+                    if let Some(prev) = last { prop_assert!(slot >= prev + interval); }
+                    last = Some(slot);
+                }
+            }
+        }
+    }
+}

@@ -203,3 +203,37 @@ mod tests {
         assert!(cold_again < 130, "{cold_again}");
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Every admitted call costs at least one stable interval, so over
+        /// any interval d at most rate * d + 1 calls pass, warm or cold.
+        #[test]
+        fn admits_at_most_rate_times_window_plus_one(
+            rate in 1.0f64..500.0,
+            cold_factor in 1.5f64..5.0,
+            period_ms in 1u64..5_000,
+            gaps in proptest::collection::vec(0u64..30_000_000, 1..300),
+        ) {
+            let t0 = Instant::now();
+            let cfg = WarmUpConfig { rate_per_sec: rate, warm_up_period_ms: period_ms, cold_factor };
+            let w = WarmUp::new(cfg, t0).unwrap();
+            let mut now = t0;
+            let mut admitted = Vec::new();
+            for gap in gaps {
+                now += Duration::from_nanos(gap);
+                if w.check(now).is_ok() { admitted.push(now); }
+            }
+            for i in 0..admitted.len() {
+                for j in i..admitted.len() {
+                    let d = (admitted[j] - admitted[i]).as_secs_f64();
+                    prop_assert!(((j - i + 1) as f64) <= rate * d + 1.0 + 1e-6);
+                }
+            }
+        }
+    }
+}
