@@ -55,7 +55,7 @@ pub use self::config::{BreakerConfig, SlidingWindow};
 pub use self::core::{BreakerCore, Permit, State, Transition};
 pub use self::error::CircuitOpen;
 use crate::BoxError;
-use crate::classify::{Classify, ErrorsAsFailures};
+use crate::classify::{Classify, ErrorsAsFailures, Outcome};
 use crate::config::ConfigError;
 
 /// Capacity of the transition broadcast channel; slow subscribers lag.
@@ -248,6 +248,18 @@ pin_project! {
         /// The call was rejected.
         Rejected { error: Option<CircuitOpen> },
     }
+    impl<F, C> PinnedDrop for ResponseFuture<F, C> {
+        fn drop(this: Pin<&mut Self>) {
+            // A call dropped before it finished (cancelled, timed out above
+            // us) tells nothing about the callee, but a half-open probe slot
+            // must be given back or the breaker would stay half-open forever.
+            if let Proj::Called { state, .. } = this.project()
+                && let Some(p) = state.take()
+            {
+                p.breaker.shared.core.record_with(p.permit, Outcome::Ignored, Duration::ZERO, Instant::now);
+            }
+        }
+    }
 }
 
 impl<F, C, T, E> Future for ResponseFuture<F, C>
@@ -324,5 +336,33 @@ mod tests {
         svc.ready().await.unwrap().call(()).await.unwrap();
         assert_eq!(events.recv().await.unwrap().to, State::HalfOpen);
         assert_eq!(events.recv().await.unwrap().to, State::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_probe_gives_its_slot_back() {
+        let cfg = BreakerConfig {
+            consecutive_failures: Some(1),
+            failure_rate_threshold: None,
+            open_duration_ms: 1_000,
+            half_open_max_probes: 1,
+            ..Default::default()
+        };
+        let layer = BreakerLayer::new(cfg).unwrap();
+        let mut svc = layer.layer(tower::service_fn(|fail: bool| async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            if fail {
+                Err(std::io::Error::other("boom"))
+            } else {
+                Ok(())
+            }
+        }));
+        assert!(svc.ready().await.unwrap().call(true).await.is_err());
+        assert_eq!(layer.breaker().state(), State::Open);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let probe = svc.ready().await.unwrap().call(false);
+        assert_eq!(layer.breaker().state(), State::HalfOpen);
+        drop(probe); // cancelled, e.g. by a timeout above
+        svc.ready().await.unwrap().call(false).await.unwrap();
+        assert_eq!(layer.breaker().state(), State::Closed);
     }
 }
