@@ -724,6 +724,12 @@ impl WatchStream {
         let key = (self.id, id);
         if spec.start_revision > 0 && spec.start_revision < compact {
             shared.hub.cancel(key);
+            // Never registered: release what `reserve` counted.
+            shared.hub.release_behind(&Watcher {
+                min_rev: 0,
+                spec,
+                tx: self.tx.clone(),
+            });
             let reason = "etcdserver: mvcc: required revision has been compacted".to_string();
             let msg = WatchMessage::Canceled {
                 watch_id: id,
@@ -1131,5 +1137,46 @@ async fn auto_compact_loop(weak: Weak<Shared>) {
                 Err(e) => tracing::warn!(revision = target, error = %e, "auto-compaction failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::KeyRange;
+
+    #[tokio::test]
+    async fn a_watch_refused_as_compacted_releases_its_prev_kv_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = StoreConfig {
+            fsync: false,
+            ..StoreConfig::default()
+        };
+        let store = Store::open(dir.path(), cfg).expect("open");
+        for value in ["1", "2", "3"] {
+            let put = PutRequest {
+                key: Bytes::from_static(b"a"),
+                value: Bytes::from_static(value.as_bytes()),
+                ..PutRequest::default()
+            };
+            store.put(put).await.expect("put");
+        }
+        store.compact(3).await.expect("compact");
+        let (stream, mut rx) = store.watch_stream();
+        let spec = WatchSpec {
+            range: KeyRange::single("a"),
+            start_revision: 2,
+            prev_kv: true,
+            no_put: false,
+            no_delete: false,
+            progress_notify: false,
+            watch_id: 0,
+        };
+        stream.create(spec).await.expect("create");
+        assert!(matches!(rx.recv().await, Some(WatchMessage::Created { .. })));
+        assert!(matches!(rx.recv().await, Some(WatchMessage::Canceled { .. })));
+        // Otherwise every later write would read its previous value for nobody.
+        assert!(!store.shared.hub.wants_prev_kv());
+        store.close().await;
     }
 }

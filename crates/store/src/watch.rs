@@ -297,6 +297,10 @@ impl Hub {
     pub(crate) fn try_sync(&self, behind: Behind) -> SyncOutcome {
         let mut g = self.inner.lock();
         if !self.alive_locked(&g, behind.key) {
+            // Cancelled while catching up: its prev-kv count is released here, once.
+            if behind.watcher.spec.prev_kv {
+                g.prev_kv_watchers = g.prev_kv_watchers.saturating_sub(1);
+            }
             return SyncOutcome::Gone;
         }
         if behind.next_rev <= g.last_rev {
