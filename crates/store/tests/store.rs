@@ -1248,6 +1248,13 @@ async fn over_quota_writes_fail_but_deletes_and_compaction_work() {
         Err(StoreError::NoSpace),
         "the alarm stays until disarmed"
     );
+    // etcd's recovery: compact, defragment, disarm.
+    store.defragment().unwrap();
+    let status = store.status();
+    assert!(status.db_size_bytes <= 1 << 20, "{status:?}");
+    store.disarm(Alarm::NoSpace);
+    assert_eq!(store.status().alarms, vec![]);
+    assert_eq!(store.put(put_req("x", "v")).await.unwrap().revision, rev + 3);
     store.close().await;
 }
 
