@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
@@ -66,13 +66,69 @@ impl BulkheadConfig {
     }
 }
 
+/// Slot accounting: an atomic counter (admission is one CAS, release one
+/// `fetch_sub`) plus a `Notify` that wakes a queued call when a slot frees.
+/// Queued calls are not served in FIFO order: a new call may take a slot
+/// that frees while others wait (they then retry until `max_wait_ms`).
 #[derive(Debug)]
 struct Shared {
-    semaphore: Arc<Semaphore>,
-    queued: AtomicUsize,
+    in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    queued: AtomicUsize,
+    freed: Notify,
     cfg: BulkheadConfig,
     rejected: metrics::Counter,
+}
+
+impl Shared {
+    #[inline]
+    fn try_acquire(self: &Arc<Self>) -> Option<BulkheadSlot> {
+        let max = self.max_in_flight.load(Ordering::Relaxed);
+        let mut n = self.in_flight.load(Ordering::Relaxed);
+        loop {
+            if n >= max {
+                return None;
+            }
+            match self.in_flight.compare_exchange_weak(
+                n,
+                n + 1,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(BulkheadSlot(self.clone())),
+                Err(current) => n = current,
+            }
+        }
+    }
+
+    async fn acquire_within(self: &Arc<Self>, max_wait: Duration) -> Option<BulkheadSlot> {
+        let deadline = Instant::now() + max_wait;
+        loop {
+            let freed = self.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(slot) = self.try_acquire() {
+                return Some(slot);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return self.try_acquire();
+            }
+        }
+    }
+}
+
+/// One taken bulkhead slot, given back on drop.
+#[derive(Debug)]
+pub struct BulkheadSlot(Arc<Shared>);
+
+impl Drop for BulkheadSlot {
+    #[inline]
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
+        if self.0.queued.load(Ordering::Acquire) > 0 {
+            self.0.freed.notify_one();
+        }
+    }
 }
 
 /// Layer for [`Bulkhead`]; every service it builds shares one set of slots.
@@ -87,19 +143,19 @@ impl BulkheadLayer {
         cfg.validate()?;
         Ok(Self {
             shared: Arc::new(Shared {
-                semaphore: Arc::new(Semaphore::new(cfg.max_in_flight)),
-                queued: AtomicUsize::new(0),
+                in_flight: AtomicUsize::new(0),
                 max_in_flight: AtomicUsize::new(cfg.max_in_flight),
+                queued: AtomicUsize::new(0),
+                freed: Notify::new(),
                 cfg,
                 rejected: metrics::counter!("meshwork_bulkhead_rejected_total"),
             }),
         })
     }
 
-    /// Changes `max_in_flight` at run time. Growing takes effect at once;
-    /// shrinking takes free slots at once and the rest as running calls end
-    /// (a background task on the current tokio runtime collects them; without
-    /// a runtime only free slots are taken).
+    /// Changes `max_in_flight` at run time. Growing takes effect at once
+    /// (waking queued calls); shrinking lets running calls finish and admits
+    /// new ones only below the new limit.
     pub fn set_max_in_flight(&self, max_in_flight: usize) -> Result<(), ConfigError> {
         BulkheadConfig {
             max_in_flight,
@@ -110,28 +166,16 @@ impl BulkheadLayer {
             .shared
             .max_in_flight
             .swap(max_in_flight, Ordering::AcqRel);
-        let sem = &self.shared.semaphore;
-        if max_in_flight > old {
-            sem.add_permits(max_in_flight - old);
-        } else if max_in_flight < old {
-            let owed = (old - max_in_flight) - sem.forget_permits(old - max_in_flight);
-            if owed > 0
-                && let Ok(handle) = tokio::runtime::Handle::try_current()
-            {
-                let sem = sem.clone();
-                handle.spawn(async move {
-                    if let Ok(p) = sem.acquire_many_owned(owed as u32).await {
-                        p.forget();
-                    }
-                });
-            }
+        for _ in old..max_in_flight.min(old + self.shared.queued.load(Ordering::Acquire)) {
+            self.shared.freed.notify_one();
         }
         Ok(())
     }
 
     /// Free slots right now.
     pub fn available(&self) -> usize {
-        self.shared.semaphore.available_permits()
+        let max = self.shared.max_in_flight.load(Ordering::Acquire);
+        max.saturating_sub(self.shared.in_flight.load(Ordering::Acquire))
     }
 }
 
@@ -177,10 +221,10 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &self.shared;
-        if let Ok(permit) = shared.semaphore.clone().try_acquire_owned() {
+        if let Some(slot) = shared.try_acquire() {
             return ResponseFuture::Direct {
                 inner: self.inner.call(req),
-                permit: Some(permit),
+                slot: Some(slot),
             };
         }
         let queued = shared.queued.fetch_add(1, Ordering::AcqRel);
@@ -200,20 +244,17 @@ where
             fut: Box::pin(async move {
                 let start = Instant::now();
                 let max_wait = Duration::from_millis(shared.cfg.max_wait_ms);
-                let acquired = {
+                let slot = {
                     let _guard = QueueGuard(&shared.queued);
-                    tokio::time::timeout(max_wait, shared.semaphore.clone().acquire_owned()).await
+                    shared.acquire_within(max_wait).await
                 };
-                let _permit = match acquired {
-                    Ok(Ok(p)) => p,
-                    _ => {
-                        shared.rejected.increment(1);
-                        return Err(BulkheadFull {
-                            queue_full: false,
-                            waited: start.elapsed(),
-                        }
-                        .into());
+                let Some(_slot) = slot else {
+                    shared.rejected.increment(1);
+                    return Err(BulkheadFull {
+                        queue_full: false,
+                        waited: start.elapsed(),
                     }
+                    .into());
                 };
                 ready.call(req).await.map_err(Into::into)
             }),
@@ -227,7 +268,7 @@ pin_project! {
     #[allow(missing_docs)] // variant fields are private in spirit
     pub enum ResponseFuture<F, T> {
         /// Got a slot at once.
-        Direct { #[pin] inner: F, permit: Option<OwnedSemaphorePermit> },
+        Direct { #[pin] inner: F, slot: Option<BulkheadSlot> },
         /// Waiting in the queue.
         Queued { fut: Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>> },
         /// Rejected.
@@ -243,9 +284,9 @@ where
     type Output = Result<T, BoxError>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            Proj::Direct { inner, permit } => {
+            Proj::Direct { inner, slot } => {
                 let out = std::task::ready!(inner.poll(cx));
-                permit.take();
+                slot.take();
                 Poll::Ready(out.map_err(Into::into))
             }
             Proj::Queued { fut } => fut.as_mut().poll(cx),
@@ -325,6 +366,37 @@ mod tests {
             "shrunk to 1 once the running calls ended"
         );
         layer.set_max_in_flight(3).unwrap();
+        assert_eq!(layer.available(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn never_more_than_max_in_flight_under_load() {
+        use std::sync::atomic::AtomicUsize;
+        let layer = BulkheadLayer::new(BulkheadConfig {
+            max_in_flight: 3,
+            max_queued: 100,
+            max_wait_ms: 10_000,
+        })
+        .unwrap();
+        let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (n, p) = (now.clone(), peak.clone());
+        let svc = layer.layer(tower::service_fn(move |i: u64| {
+            let (n, p) = (n.clone(), p.clone());
+            async move {
+                let c = n.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(c, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_micros(200 + (i % 7) * 50)).await;
+                n.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, BoxError>(i)
+            }
+        }));
+        let tasks: Vec<_> = (0..60)
+            .map(|i| tokio::spawn(svc.clone().oneshot(i)))
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert!(peak.load(Ordering::SeqCst) <= 3);
         assert_eq!(layer.available(), 3);
     }
 }

@@ -28,6 +28,6 @@ mod error;
 mod system;
 
 pub use self::adaptive::{Adaptive, AdaptiveConfig, AdaptiveLayer, AdaptiveLimit, Algorithm};
-pub use self::bulkhead::{Bulkhead, BulkheadConfig, BulkheadLayer};
+pub use self::bulkhead::{Bulkhead, BulkheadConfig, BulkheadLayer, BulkheadSlot};
 pub use self::error::{BulkheadFull, Overloaded};
 pub use self::system::{SystemGuard, SystemGuardConfig, SystemGuardLayer, SystemLoad};
