@@ -220,3 +220,68 @@ async fn timeout_cuts_a_slow_real_backend() {
     let err = svc.oneshot(req).await.unwrap_err();
     assert!(err.is::<meshwork_resilience::Elapsed>(), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_and_bulkhead_degrade_to_fallback_over_a_real_backend() {
+    use meshwork_resilience::fallback::{FallbackLayer, Rejection};
+    use meshwork_resilience::limit::concurrency::{BulkheadConfig, BulkheadLayer};
+    use meshwork_resilience::limit::rate::{GcraConfig, RateLimitLayer};
+
+    let (addr, hits) = backend(200, Duration::from_millis(50)).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let degraded = tower::service_fn(|_r: Rejection| async {
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .status(200)
+                .body(Bytes::from_static(b"degraded"))
+                .unwrap(),
+        )
+    });
+    let stack = ServiceBuilder::new()
+        .layer(FallbackLayer::new(degraded))
+        .layer(
+            RateLimitLayer::gcra(GcraConfig {
+                rate_per_sec: 1.0,
+                burst: 6,
+            })
+            .unwrap(),
+        )
+        .layer(
+            BulkheadLayer::new(BulkheadConfig {
+                max_in_flight: 2,
+                max_queued: 1,
+                max_wait_ms: 10,
+            })
+            .unwrap(),
+        )
+        .service(Upstream { client, addr });
+    // 10 concurrent calls: 6 pass the rate limit, of which 2 run, 1 queues
+    // (and times out after 10 ms), 3 are turned away by the bulkhead.
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let svc = stack.clone();
+            tokio::spawn(async move {
+                let req = http::Request::builder()
+                    .uri("/")
+                    .body(Bytes::new())
+                    .unwrap();
+                svc.oneshot(req).await.unwrap().into_body()
+            })
+        })
+        .collect();
+    let mut served = 0;
+    let mut degraded_count = 0;
+    for c in calls {
+        if &c.await.unwrap()[..] == b"degraded" {
+            degraded_count += 1;
+        } else {
+            served += 1;
+        }
+    }
+    assert_eq!(served + degraded_count, 10, "every caller got an answer");
+    assert_eq!(
+        served, 2,
+        "only the bulkhead's two slots reached the backend"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}

@@ -139,13 +139,18 @@ proptest! {
     fn transitions_follow_the_state_machine(
         steps in proptest::collection::vec((0u8..3, 0u64..2_000, any::<bool>()), 1..400),
         window_mode in any::<bool>(),
+        time_window in any::<bool>(),
     ) {
         let t0 = Instant::now();
         let cfg = BreakerConfig {
             consecutive_failures: Some(3),
             failure_rate_threshold: window_mode.then_some(0.5),
             minimum_calls: 4,
-            window: crate::breaker::SlidingWindow::Count { size: 8 },
+            window: if time_window {
+                crate::breaker::SlidingWindow::Time { duration_ms: 5_000, buckets: 5 }
+            } else {
+                crate::breaker::SlidingWindow::Count { size: 8 }
+            },
             open_duration_ms: 1_000,
             open_backoff_multiplier: 2.0,
             max_open_duration_ms: 8_000,
