@@ -103,8 +103,11 @@ impl Service<http::Request<Bytes>> for Upstream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_retry_timeout_p2c_over_three_real_backends() {
-    let (a, hits_a) = backend(200, Duration::ZERO).await;
-    let (b, hits_b) = backend(200, Duration::ZERO).await;
+    // The failing backend answers fastest, so P2C (latency-driven) prefers
+    // it whenever it is one of the two candidates: the worst case for a
+    // balancer, which the breaker, the outlier detector and retries handle.
+    let (a, hits_a) = backend(200, Duration::from_millis(2)).await;
+    let (b, hits_b) = backend(200, Duration::from_millis(2)).await;
     let (bad, hits_bad) = backend(503, Duration::ZERO).await;
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
 
