@@ -263,7 +263,10 @@ impl Store {
         f: impl FnOnce(&redb::ReadOnlyTable<(u64, u32), &'static [u8]>) -> Result<T>,
     ) -> Result<T> {
         let rtx = {
-            let db = self.shared.db.read();
+            // Recursive: callers may hold the index lock, which the committer takes while
+            // it holds this lock; a fair `read` would queue behind a waiting `defragment`
+            // (a writer) and deadlock all three.
+            let db = self.shared.db.read_recursive();
             let db = db.as_ref().ok_or(StoreError::Stopped)?;
             db.begin_read().map_err(StoreError::storage)?
         };

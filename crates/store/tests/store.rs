@@ -1254,7 +1254,10 @@ async fn over_quota_writes_fail_but_deletes_and_compaction_work() {
     assert!(status.db_size_bytes <= 1 << 20, "{status:?}");
     store.disarm(Alarm::NoSpace);
     assert_eq!(store.status().alarms, vec![]);
-    assert_eq!(store.put(put_req("x", "v")).await.unwrap().revision, rev + 3);
+    assert_eq!(
+        store.put(put_req("x", "v")).await.unwrap().revision,
+        rev + 3
+    );
     store.close().await;
 }
 
@@ -1433,4 +1436,78 @@ async fn watch_ids_streams_and_future_start_revisions() {
     put(&store, "a", "3").await;
     assert_eq!(rx.recv().await, None, "the stream's channel closes");
     store.close().await;
+}
+
+#[test]
+fn defragment_during_reads_and_writes_does_not_deadlock() {
+    // Lock order hazard: the committer holds the database lock while it takes the index
+    // lock; a read-only txn holds the index lock while it begins a read; a waiting
+    // defragmentation (a writer of the database lock) must not block that read.
+    const WRITERS: usize = 4;
+    const READERS: usize = 4;
+    const OPS: usize = 500;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = {
+        let _runtime = rt.enter();
+        Store::open(dir.path(), fast()).unwrap()
+    };
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<&'static str>();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for _ in 0..WRITERS {
+        let (store, handle, done) = (store.clone(), rt.handle().clone(), done_tx.clone());
+        threads.push(std::thread::spawn(move || {
+            for i in 0..OPS {
+                handle.block_on(put(&store, &format!("k{}", i % 20), "v"));
+            }
+            done.send("writer").unwrap();
+        }));
+    }
+    for _ in 0..READERS {
+        let (store, handle, done) = (store.clone(), rt.handle().clone(), done_tx.clone());
+        threads.push(std::thread::spawn(move || {
+            let read = TxnRequest {
+                compare: vec![Compare {
+                    range: KeyRange::single("k1"),
+                    result: CompareResult::Equal,
+                    target: CompareTarget::Value(Bytes::from_static(b"v")),
+                }],
+                success: vec![RequestOp::Range(RangeRequest {
+                    range: Some(everything()),
+                    ..RangeRequest::default()
+                })],
+                ..TxnRequest::default()
+            };
+            for _ in 0..OPS {
+                handle.block_on(store.txn(read.clone())).unwrap();
+            }
+            done.send("reader").unwrap();
+        }));
+    }
+    {
+        let (store, stop) = (store.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Fails while reads are open; only the locking matters here.
+                let _ = store.defragment();
+            }
+        }));
+    }
+    for _ in 0..WRITERS + READERS {
+        if let Err(e) = done_rx.recv_timeout(HANG_GUARD) {
+            // Deadlocked threads never finish: leave them (and the runtime) behind.
+            std::mem::forget(rt);
+            panic!("reads, writes and defragmentation deadlocked: {e}");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    rt.block_on(store.close());
 }
