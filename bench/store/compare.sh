@@ -8,6 +8,7 @@
 #        KEYS_1M=1000000   keys for the RSS / restart phase
 #        PHASES="workloads watch million"   which phases to run
 #        ETCD=/usr/bin/etcd  BIN=target/release/meshwork
+#        SIDES="meshwork etcd"   MESHWORK_CONFIG=file.toml (read by the meshwork server)
 #        MESHWORK_LD_PRELOAD=/path/shim.so   run the meshwork server under LD_PRELOAD (see
 #                                            nodelay-shim.c); recorded in env.txt
 #
@@ -43,7 +44,8 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/meshwork-compare.XXXXXX")
 declare -A PID=() EP=() HTTP=()
 machine_info() {
   echo "## $1 $(date -u +%FT%TZ)"; echo "nproc: $(nproc)"; uptime
-  df -h "$WORK" | tail -1; echo "MESHWORK_LD_PRELOAD=${MESHWORK_LD_PRELOAD:-}"
+  df -h "$WORK" | tail -1; echo "MESHWORK_LD_PRELOAD=${MESHWORK_LD_PRELOAD:-} SIDES=${SIDES:-both} PHASES=$PHASES"
+  [[ -n ${MESHWORK_CONFIG:-} ]] && { echo "MESHWORK_CONFIG=$MESHWORK_CONFIG:"; cat "$MESHWORK_CONFIG"; }
   echo "other heavy processes:"; ps -eo pid,pcpu,etimes,comm --sort=-pcpu | head -6
   "$ETCD" --version | head -1; git -C "$ROOT" rev-parse --short HEAD
 }
@@ -177,9 +179,12 @@ bench() {
   log "$side $name: $(jq -c '{throughput, p50_ms, p99_ms, errors, server_cpu_s}' "$f" 2>/dev/null)"
 }
 
-SIDES=(meshwork etcd)
+read -r -a SIDES <<<"${SIDES:-meshwork etcd}"
 # Alternate which side goes first on each repetition to spread any drift in background load.
-order() { if (($1 % 2)); then echo etcd meshwork; else echo meshwork etcd; fi; }
+order() {
+  if ((${#SIDES[@]} < 2)); then echo "${SIDES[@]}"
+  elif (($1 % 2)); then echo etcd meshwork; else echo meshwork etcd; fi
+}
 
 # --- phase 1: put / range workloads -------------------------------------------------------------
 if [[ " $PHASES " == *" workloads "* || " $PHASES " == *" watch "* ]]; then
