@@ -15,6 +15,7 @@ use crate::lease::Lessor;
 use crate::mvcc::{self, Fetch, Path};
 use crate::ops::*;
 use crate::types::{Event, EventKind, KeyValue, Revision};
+use crate::wal;
 
 /// A write handed to the committer.
 #[derive(Debug, Clone)]
@@ -77,6 +78,10 @@ pub(crate) struct Applier<'a, 't> {
     pub(crate) no_space: bool,
     pub(crate) now: Instant,
     pub(crate) buf: Vec<u8>,
+    /// The batch's physical changes, encoded for the write-ahead log.
+    pub(crate) log: Vec<u8>,
+    /// A compaction ran in this batch (its deletions are not logged).
+    pub(crate) compacted: bool,
 }
 
 impl Applier<'_, '_> {
@@ -125,6 +130,7 @@ impl Applier<'_, '_> {
                 self.leases
                     .insert(id, *ttl_secs)
                     .map_err(StoreError::storage)?;
+                wal::encode_lease_put(&mut self.log, id, *ttl_secs);
                 self.lessor.grant(id, *ttl_secs, self.now);
                 Ok(WriteResp::LeaseGrant {
                     id,
@@ -135,6 +141,7 @@ impl Applier<'_, '_> {
             WriteReq::LeaseRevoke { id } => {
                 let keys = self.lessor.revoke(*id).ok_or(StoreError::LeaseNotFound)?;
                 self.leases.remove(*id).map_err(StoreError::storage)?;
+                wal::encode_lease_del(&mut self.log, *id);
                 let next = self.rev + 1;
                 let mut sub = 0;
                 for key in keys {
@@ -160,6 +167,8 @@ impl Applier<'_, '_> {
                     self.kv.remove(rev_key(r)).map_err(StoreError::storage)?;
                 }
                 self.compact_rev = *revision;
+                // Deletions are not logged: a compaction makes its batch durable in redb.
+                self.compacted = true;
                 Ok(WriteResp::Compact { revision: self.rev })
             }
         }
@@ -304,6 +313,7 @@ impl Applier<'_, '_> {
         self.kv
             .insert(rev_key(rev), self.buf.as_slice())
             .map_err(StoreError::storage)?;
+        wal::encode_kv_put(&mut self.log, rev.main as u64, rev.sub, &self.buf);
         index.push(
             &p.key,
             Entry {
@@ -383,6 +393,7 @@ impl Applier<'_, '_> {
         self.kv
             .insert(rev_key(rev), self.buf.as_slice())
             .map_err(StoreError::storage)?;
+        wal::encode_kv_put(&mut self.log, rev.main as u64, rev.sub, &self.buf);
         index.push(
             &key,
             Entry {

@@ -41,6 +41,9 @@ pub struct StoreConfig {
     /// How often watchers that asked for `progress_notify` get a progress notification
     /// when idle (default 10 minutes, as etcd).
     pub watch_progress_interval: Duration,
+    /// How often the engine's state is made durable so that the write-ahead log can be
+    /// truncated (default 100 ms). Writes are durable through the log in between.
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for StoreConfig {
@@ -63,6 +66,7 @@ impl Default for StoreConfig {
             lease_check_interval: Duration::from_millis(500),
             fsync: true,
             watch_progress_interval: Duration::from_secs(600),
+            checkpoint_interval: Duration::from_millis(100),
         }
     }
 }
@@ -174,6 +178,12 @@ impl StoreConfig {
             !self.lease_check_interval.is_zero(),
             "store.lease_check_interval",
             format!("{:?}", self.lease_check_interval),
+            "more than zero",
+        )?;
+        check(
+            !self.checkpoint_interval.is_zero(),
+            "store.checkpoint_interval",
+            format!("{:?}", self.checkpoint_interval),
             "more than zero",
         )?;
         check(

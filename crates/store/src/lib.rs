@@ -11,6 +11,7 @@ mod mvcc;
 pub mod ops;
 mod store;
 pub mod types;
+mod wal;
 pub mod watch;
 
 pub use config::StoreConfig;

@@ -30,6 +30,7 @@ use crate::lease::{LeaseInfo, Lessor};
 use crate::mvcc;
 use crate::ops::*;
 use crate::types::{Event, EventKind, KeyValue, Revision};
+use crate::wal::{self, Wal};
 use crate::watch::{Behind, Hub, SyncOutcome, WatchCreateError, WatchMessage, WatchSpec, Watcher};
 
 const KV: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("kv");
@@ -37,6 +38,11 @@ const LEASES: TableDefinition<i64, i64> = TableDefinition::new("leases");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
 const META_REV: &str = "revision";
 const META_COMPACT: &str = "compact_revision";
+/// LSN of the last write-ahead-log record whose changes a durable redb commit holds.
+const META_CHECKPOINT_LSN: &str = "checkpoint_lsn";
+const WAL_DIR: &str = "wal";
+/// Log bytes after which the next batch is made durable in redb (a checkpoint).
+const WAL_CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 const DB_FILE: &str = "meshwork.redb";
 /// Records read per catch-up step of a lagging watcher.
 const CATCH_UP_RECORDS: usize = 1024;
@@ -124,6 +130,8 @@ impl Store {
             .map_err(|e| {
                 StoreError::Storage(format!("opening {}: {e}", dir.join(DB_FILE).display()))
             })?;
+        create_tables(&db)?;
+        let wal = recover(&db, &dir, &cfg)?;
         let (index, lessor_rows, rev, compact) = load(&db)?;
         let now = Instant::now();
         let mut lessor = Lessor::new(lease_seed());
@@ -167,7 +175,7 @@ impl Store {
         let committer_runtime = shared.runtime.clone();
         let handle = std::thread::Builder::new()
             .name("meshwork-committer".into())
-            .spawn(move || committer(committer_shared, committer_runtime, rx))
+            .spawn(move || committer(committer_shared, committer_runtime, rx, wal))
             .map_err(|e| StoreError::Storage(format!("starting the committer thread: {e}")))?;
         *shared.committer.lock() = Some(handle);
         let store = Store { shared };
@@ -532,6 +540,9 @@ impl Store {
     pub fn defragment(&self) -> Result<()> {
         let mut guard = self.shared.db.write();
         let db = guard.as_mut().ok_or(StoreError::Stopped)?;
+        // Persist any non-durable commits first: compaction works on the durable state.
+        let wtx = db.begin_write().map_err(StoreError::storage)?;
+        wtx.commit().map_err(StoreError::storage)?;
         db.compact()
             .map_err(|e| StoreError::Storage(format!("defragment: {e}")))?;
         drop(guard);
@@ -847,6 +858,86 @@ fn read_branch(
 
 type Loaded = (Index, Vec<(i64, i64)>, i64, i64);
 
+fn create_tables(db: &Database) -> Result<()> {
+    let wtx = db.begin_write().map_err(StoreError::storage)?;
+    {
+        wtx.open_table(KV).map_err(StoreError::storage)?;
+        wtx.open_table(LEASES).map_err(StoreError::storage)?;
+        wtx.open_table(META).map_err(StoreError::storage)?;
+    }
+    wtx.commit().map_err(StoreError::storage)
+}
+
+/// Replays the write-ahead log records after the last checkpoint into redb, makes the
+/// result durable, and returns the log open for appending.
+fn recover(db: &Database, dir: &Path, cfg: &StoreConfig) -> Result<Wal> {
+    let checkpoint_lsn = {
+        let rtx = db.begin_read().map_err(StoreError::storage)?;
+        let meta = rtx.open_table(META).map_err(StoreError::storage)?;
+        let lsn = meta
+            .get(META_CHECKPOINT_LSN)
+            .map_err(StoreError::storage)?
+            .map(|g| g.value())
+            .unwrap_or(0);
+        u64::try_from(lsn).unwrap_or(0)
+    };
+    let wal_dir = dir.join(WAL_DIR);
+    let (mut wal, recovered) = Wal::open(&wal_dir, checkpoint_lsn, cfg.fsync).map_err(|e| {
+        StoreError::Storage(format!(
+            "opening the write-ahead log in {}: {e}",
+            wal_dir.display()
+        ))
+    })?;
+    let replayed = recovered.records.len();
+    let wtx = db.begin_write().map_err(StoreError::storage)?;
+    {
+        let mut kv = wtx.open_table(KV).map_err(StoreError::storage)?;
+        let mut leases = wtx.open_table(LEASES).map_err(StoreError::storage)?;
+        let mut meta = wtx.open_table(META).map_err(StoreError::storage)?;
+        for (lsn, payload) in &recovered.records {
+            let ops = wal::decode_ops(payload)
+                .map_err(|e| StoreError::Storage(format!("write-ahead log record {lsn}: {e}")))?;
+            for op in ops {
+                match op {
+                    wal::Op::KvPut { main, sub, record } => {
+                        kv.insert((main, sub), record.as_slice())
+                            .map_err(StoreError::storage)?;
+                    }
+                    wal::Op::LeasePut { id, ttl_secs } => {
+                        leases.insert(id, ttl_secs).map_err(StoreError::storage)?;
+                    }
+                    wal::Op::LeaseDel { id } => {
+                        leases.remove(id).map_err(StoreError::storage)?;
+                    }
+                    wal::Op::Revision { revision } => {
+                        let cur = meta
+                            .get(META_REV)
+                            .map_err(StoreError::storage)?
+                            .map(|g| g.value())
+                            .unwrap_or(0);
+                        meta.insert(META_REV, cur.max(revision))
+                            .map_err(StoreError::storage)?;
+                    }
+                }
+            }
+        }
+        let lsn = i64::try_from(wal.last_lsn()).map_err(StoreError::storage)?;
+        meta.insert(META_CHECKPOINT_LSN, lsn)
+            .map_err(StoreError::storage)?;
+    }
+    wtx.commit().map_err(StoreError::storage)?;
+    wal.checkpointed()
+        .map_err(|e| StoreError::Storage(format!("truncating the write-ahead log: {e}")))?;
+    if replayed > 0 {
+        tracing::info!(
+            records = replayed,
+            last_lsn = recovered.last_lsn,
+            "replayed the write-ahead log"
+        );
+    }
+    Ok(wal)
+}
+
 fn load(db: &Database) -> Result<Loaded> {
     let wtx = db.begin_write().map_err(StoreError::storage)?;
     {
@@ -927,11 +1018,27 @@ fn lease_seed() -> i64 {
     (ms & 0x0000_ffff_ffff_ffff) << 12 | 1
 }
 
-fn committer(weak: Weak<Shared>, runtime: tokio::runtime::Handle, mut rx: mpsc::Receiver<Cmd>) {
+/// What the committer thread owns besides the queue.
+struct Committer {
+    buf: Vec<u8>,
+    wal: Wal,
+    last_checkpoint: std::time::Instant,
+}
+
+fn committer(
+    weak: Weak<Shared>,
+    runtime: tokio::runtime::Handle,
+    mut rx: mpsc::Receiver<Cmd>,
+    wal: Wal,
+) {
     // Lease deadlines set here must come from the runtime's clock (the one the lease loop
     // reads), not the OS clock: they differ when the clock is paused or advanced in tests.
     let _clock = runtime.enter();
-    let mut buf = Vec::new();
+    let mut state = Committer {
+        buf: Vec::new(),
+        wal,
+        last_checkpoint: std::time::Instant::now(),
+    };
     while let Some(first) = rx.blocking_recv() {
         // Gone: the request's sender is dropped unanswered, which its caller sees as `Stopped`.
         let Some(shared) = weak.upgrade() else { return };
@@ -942,14 +1049,38 @@ fn committer(weak: Weak<Shared>, runtime: tokio::runtime::Handle, mut rx: mpsc::
                 Err(_) => break,
             }
         }
-        commit_batch(&shared, batch, &mut buf);
+        commit_batch(&shared, batch, &mut state);
     }
+    // Queue closed (close, or every handle dropped): a final checkpoint, so that the next
+    // open has nothing to replay.
+    if let Some(shared) = weak.upgrade()
+        && !shared.failed.load(Ordering::Acquire)
+        && let Err(e) = checkpoint(&shared, &mut state)
+    {
+        tracing::warn!(error = %e, "final checkpoint failed; the write-ahead log will be replayed on open");
+    }
+}
+
+/// Makes everything committed so far durable in redb and truncates the log.
+fn checkpoint(shared: &Shared, state: &mut Committer) -> Result<()> {
+    let db_guard = shared.db.read();
+    let db = db_guard.as_ref().ok_or(StoreError::Stopped)?;
+    let wtx = db.begin_write().map_err(StoreError::storage)?;
+    {
+        let mut meta = wtx.open_table(META).map_err(StoreError::storage)?;
+        let lsn = i64::try_from(state.wal.last_lsn()).map_err(StoreError::storage)?;
+        meta.insert(META_CHECKPOINT_LSN, lsn)
+            .map_err(StoreError::storage)?;
+    }
+    wtx.commit().map_err(StoreError::storage)?;
+    state.last_checkpoint = std::time::Instant::now();
+    state.wal.checkpointed().map_err(StoreError::storage)
 }
 
 /// Per-request results, the last revision, the compaction revision and the events of a batch.
 type BatchOutcome = (Vec<Result<WriteResp>>, i64, i64, Vec<Event>);
 
-fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, buf: &mut Vec<u8>) {
+fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, state: &mut Committer) {
     let started = std::time::Instant::now();
     let n = batch.len();
     let (reqs, replies): (Vec<WriteReq>, Vec<oneshot::Sender<Result<WriteResp>>>) =
@@ -965,14 +1096,13 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, buf: &mut Vec<u8>) {
         let db_guard = shared.db.read();
         let db = db_guard.as_ref().ok_or(StoreError::Stopped)?;
         let mut wtx = db.begin_write().map_err(StoreError::storage)?;
-        if !shared.cfg.fsync {
-            wtx.set_durability(Durability::None)
-                .map_err(StoreError::storage)?;
-        }
+        let mut log = std::mem::take(&mut state.buf);
+        log.clear();
         let results;
         let rev;
         let compact;
         let events;
+        let durable;
         {
             let mut kv = wtx.open_table(KV).map_err(StoreError::storage)?;
             let mut leases = wtx.open_table(LEASES).map_err(StoreError::storage)?;
@@ -987,7 +1117,9 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, buf: &mut Vec<u8>) {
                 want_prev: shared.hub.wants_prev_kv(),
                 no_space: shared.no_space.load(Ordering::Acquire),
                 now: Instant::now(),
-                buf: std::mem::take(buf),
+                buf: Vec::new(),
+                log,
+                compacted: false,
             };
             let mut out = Vec::with_capacity(reqs.len());
             for req in &reqs {
@@ -1009,15 +1141,40 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, buf: &mut Vec<u8>) {
             rev = applier.rev;
             compact = applier.compact_rev;
             events = std::mem::take(&mut applier.events);
-            *buf = std::mem::take(&mut applier.buf);
+            log = std::mem::take(&mut applier.log);
+            let compacted = applier.compacted;
             results = out;
             drop(lessor);
             let mut meta = wtx.open_table(META).map_err(StoreError::storage)?;
             meta.insert(META_REV, rev).map_err(StoreError::storage)?;
             meta.insert(META_COMPACT, compact)
                 .map_err(StoreError::storage)?;
+            // Durable in redb now (a checkpoint), or durable through the log and cheap in redb.
+            durable = compacted
+                || state.last_checkpoint.elapsed() >= shared.cfg.checkpoint_interval
+                || state.wal.bytes_since_checkpoint >= WAL_CHECKPOINT_BYTES;
+            if durable {
+                let lsn = i64::try_from(state.wal.last_lsn()).map_err(StoreError::storage)?;
+                meta.insert(META_CHECKPOINT_LSN, lsn)
+                    .map_err(StoreError::storage)?;
+            } else if !log.is_empty() {
+                wal::encode_revision(&mut log, rev);
+                state
+                    .wal
+                    .append(&log)
+                    .map_err(|e| StoreError::Storage(format!("write-ahead log: {e}")))?;
+            }
+            state.buf = log;
+        }
+        if !durable {
+            wtx.set_durability(Durability::None)
+                .map_err(StoreError::storage)?;
         }
         wtx.commit().map_err(StoreError::storage)?;
+        if durable {
+            state.last_checkpoint = std::time::Instant::now();
+            state.wal.checkpointed().map_err(StoreError::storage)?;
+        }
         Ok((results, rev, compact, events))
     })();
     match outcome {
@@ -1176,8 +1333,14 @@ mod tests {
             watch_id: 0,
         };
         stream.create(spec).await.expect("create");
-        assert!(matches!(rx.recv().await, Some(WatchMessage::Created { .. })));
-        assert!(matches!(rx.recv().await, Some(WatchMessage::Canceled { .. })));
+        assert!(matches!(
+            rx.recv().await,
+            Some(WatchMessage::Created { .. })
+        ));
+        assert!(matches!(
+            rx.recv().await,
+            Some(WatchMessage::Canceled { .. })
+        ));
         // Otherwise every later write would read its previous value for nobody.
         assert!(!store.shared.hub.wants_prev_kv());
         store.close().await;
