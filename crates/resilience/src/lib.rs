@@ -31,8 +31,20 @@ pub mod config;
 pub mod fallback;
 pub mod limit;
 pub mod outlier;
+pub mod policy;
 pub mod retry;
 pub mod timeout;
+
+/// Nanoseconds from `base` to `now` (0 if `now` is earlier), in `u64`
+/// arithmetic: cheaper on hot paths than `Duration::as_nanos`'s `u128`.
+/// Saturates after ~584 years.
+#[inline]
+pub(crate) fn nanos_since(base: tokio::time::Instant, now: tokio::time::Instant) -> u64 {
+    let d = now.saturating_duration_since(base);
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
+}
 
 /// The error type every layer of this crate returns: the inner service's
 /// error or one of this crate's rejections, boxed so layers stack.

@@ -40,7 +40,7 @@ impl PeakEwma {
     }
 
     fn since(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.base).as_nanos() as u64
+        crate::nanos_since(self.base, now)
     }
 
     /// The decayed latency estimate at `now`, nanoseconds.

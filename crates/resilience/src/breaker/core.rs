@@ -151,7 +151,7 @@ impl BreakerCore {
     }
 
     fn nanos(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.base).as_nanos() as u64
+        crate::nanos_since(self.base, now)
     }
 
     /// Asks to make a call at `now`.

@@ -95,7 +95,7 @@ impl Gcra {
     /// Admits `n` calls at once (all or none).
     #[inline]
     pub fn check_n(&self, n: u32, now: Instant) -> Result<(), RateLimited> {
-        let now_n = now.saturating_duration_since(self.base).as_nanos() as u64;
+        let now_n = crate::nanos_since(self.base, now);
         let interval = self.interval.load(Ordering::Relaxed);
         let tolerance = self.tolerance.load(Ordering::Relaxed);
         let increment = interval.saturating_mul(u64::from(n));

@@ -214,7 +214,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
                 return Ok(());
             }
         }
-        let now_n = now.saturating_duration_since(self.base).as_nanos() as u64;
+        let now_n = crate::nanos_since(self.base, now);
         let interval = self.interval.load(Ordering::Relaxed);
         let tolerance = self.tolerance.load(Ordering::Relaxed);
         let shard = &self.shards[(self.hasher.hash_one(key) % self.shards.len() as u64) as usize];

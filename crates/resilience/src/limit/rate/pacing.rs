@@ -93,7 +93,7 @@ impl Pacer {
 
     /// Reserves the next slot: how long to wait for it, or a rejection.
     pub fn reserve(&self, now: Instant) -> Result<Duration, RateLimited> {
-        let now_n = now.saturating_duration_since(self.base).as_nanos() as u64;
+        let now_n = crate::nanos_since(self.base, now);
         let interval = self.interval.load(Ordering::Relaxed);
         let max_wait = self.max_wait.load(Ordering::Relaxed);
         let mut next = self.next.load(Ordering::Relaxed);

@@ -102,7 +102,7 @@ impl SlidingWindow {
 
     /// Admits one call at `now`.
     pub fn check(&self, now: Instant) -> Result<(), RateLimited> {
-        let now_n = now.saturating_duration_since(self.base).as_nanos() as u64;
+        let now_n = crate::nanos_since(self.base, now);
         let mut inner = self.inner.lock();
         let width = inner.width_nanos;
         let epoch = now_n / width + 1;
