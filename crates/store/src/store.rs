@@ -443,14 +443,18 @@ impl Store {
         if self.shared.no_space.load(Ordering::Acquire) {
             alarms.push(Alarm::NoSpace);
         }
+        // One lock at a time: the committer takes the index lock while it holds the lessor.
+        let keys = self.shared.index.read().len();
+        let leases = self.shared.lessor.lock().len();
+        let watchers = self.shared.hub.synced_count();
         Status {
             revision: self.revision(),
             compact_revision: self.compact_revision(),
             db_size_bytes: db_size,
             db_size_in_use_bytes: in_use.min(db_size.max(in_use)),
-            keys: self.shared.index.read().len(),
-            leases: self.shared.lessor.lock().len(),
-            watchers: self.shared.hub.synced_count(),
+            keys,
+            leases,
+            watchers,
             alarms,
         }
     }

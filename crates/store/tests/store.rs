@@ -1511,3 +1511,53 @@ fn defragment_during_reads_and_writes_does_not_deadlock() {
     }
     rt.block_on(store.close());
 }
+
+#[test]
+fn status_during_writes_does_not_deadlock() {
+    // Lock order hazard: the committer holds the lessor while it takes the index lock
+    // for each request; `status` must not hold the index lock while it takes the lessor.
+    const WRITERS: usize = 4;
+    const OPS: usize = 500;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = {
+        let _runtime = rt.enter();
+        Store::open(dir.path(), fast()).unwrap()
+    };
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for w in 0..WRITERS {
+        let (store, handle, done) = (store.clone(), rt.handle().clone(), done_tx.clone());
+        threads.push(std::thread::spawn(move || {
+            for i in 0..OPS {
+                handle.block_on(put(&store, &format!("w{w}-{i}"), "v"));
+            }
+            done.send(()).unwrap();
+        }));
+    }
+    for _ in 0..2 {
+        let (store, stop) = (store.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::black_box(store.status());
+            }
+        }));
+    }
+    for _ in 0..WRITERS {
+        if let Err(e) = done_rx.recv_timeout(HANG_GUARD) {
+            std::mem::forget(rt);
+            panic!("status and writes deadlocked: {e}");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(store.status().keys, WRITERS * OPS);
+    rt.block_on(store.close());
+}
