@@ -341,6 +341,119 @@ fn stack(c: &mut Criterion) {
     g.finish();
 }
 
+/// Per-call overhead of every other layer, uncontended, on the success path.
+fn each_layer(c: &mut Criterion) {
+    use meshwork_resilience::fallback::{FallbackLayer, Rejection};
+    use meshwork_resilience::limit::concurrency::{
+        AdaptiveConfig, AdaptiveLayer, SystemGuardConfig, SystemGuardLayer,
+    };
+    use meshwork_resilience::limit::rate::{
+        Keyed, KeyedConfig, KeyedLimiter, SlidingWindowConfig, WarmUpConfig,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut g = c.benchmark_group("layer");
+    let mut retry = RetryLayer::new(RetryConfig::default(), RetryErrors)
+        .unwrap()
+        .layer(echo());
+    g.bench_function("retry", |b| b.iter(|| one(&mut retry).unwrap()));
+    let mut timeout = TimeoutLayer::plain(TimeoutConfig { timeout_ms: 1_000 })
+        .unwrap()
+        .layer(echo());
+    g.bench_function("timeout", |b| b.iter(|| one(&mut timeout).unwrap()));
+    let window = SlidingWindowConfig {
+        limit: u64::MAX / 2,
+        window_ms: 1_000,
+        buckets: 10,
+    };
+    let mut sliding = RateLimitLayer::sliding_window(window)
+        .unwrap()
+        .layer(echo());
+    g.bench_function("rate-sliding-window", |b| {
+        b.iter(|| one(&mut sliding).unwrap())
+    });
+    let warm = WarmUpConfig {
+        rate_per_sec: 1e9,
+        warm_up_period_ms: 1,
+        cold_factor: 2.0,
+    };
+    let mut warm_up = RateLimitLayer::warm_up(warm).unwrap().layer(echo());
+    g.bench_function("rate-warm-up", |b| {
+        b.iter(|| black_box(one(&mut warm_up).is_ok()))
+    });
+    let keyed_cfg = KeyedConfig {
+        rate_per_sec: 1e9,
+        burst: 1_000_000,
+        ..Default::default()
+    };
+    let limiter = KeyedLimiter::new(keyed_cfg, Instant::now()).unwrap();
+    let mut keyed = RateLimitLayer::new(
+        "bench",
+        Keyed {
+            limiter,
+            key: |x: &u64| Some(*x % 1024),
+        },
+    )
+    .layer(echo());
+    g.bench_function("rate-keyed-1024-keys", |b| {
+        b.iter(|| one(&mut keyed).unwrap())
+    });
+    let mut adaptive = AdaptiveLayer::new(AdaptiveConfig::default())
+        .unwrap()
+        .layer(echo());
+    g.bench_function("adaptive-gradient", |b| {
+        b.iter(|| one(&mut adaptive).unwrap())
+    });
+    let mut guard = SystemGuardLayer::new(SystemGuardConfig::default())
+        .unwrap()
+        .layer(echo());
+    g.bench_function("system-guard", |b| b.iter(|| one(&mut guard).unwrap()));
+    let fallback = tower::service_fn(|_: Rejection| {
+        std::future::ready(Ok::<u64, std::convert::Infallible>(0))
+    });
+    let mut fb = FallbackLayer::new(fallback).layer(echo());
+    g.bench_function("fallback", |b| b.iter(|| one(&mut fb).unwrap()));
+    g.finish();
+}
+
+/// Picking an endpoint among 16 (the decision cores alone).
+fn pickers(c: &mut Criterion) {
+    use meshwork_resilience::balance::{
+        EndpointId, Maglev, PickContext, Picker, RandomPicker, Ring, SmoothWrr, mix,
+    };
+    let mut g = c.benchmark_group("pick-16-endpoints");
+    let available = |_: EndpointId| true;
+    let load = |id: EndpointId| f64::from(id.0);
+    let mut all: Vec<(&str, Box<dyn Picker>)> = vec![
+        ("p2c", Box::new(P2c::default())),
+        ("smooth-wrr", Box::new(SmoothWrr::default())),
+        ("random", Box::new(RandomPicker::default())),
+        ("ring-160-vnodes", Box::new(Ring::default())),
+        ("maglev-65537", Box::new(Maglev::default())),
+    ];
+    for (name, picker) in all.iter_mut() {
+        for i in 0..16u32 {
+            picker.insert(EndpointId(i), mix(u64::from(i)), 1 + i % 3);
+        }
+        let mut h = 0u64;
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                h = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let ctx = PickContext {
+                    request_hash: Some(h),
+                    available: &available,
+                    load: &load,
+                };
+                black_box(picker.pick(&ctx))
+            })
+        });
+    }
+    g.finish();
+}
+
 /// What reading the clock costs: every limiter service reads it once per call.
 fn clock(c: &mut Criterion) {
     use governor::clock::Clock as _;
@@ -364,6 +477,8 @@ mod group {
     criterion_group!(
         benches,
         clock,
+        each_layer,
+        pickers,
         gcra,
         breaker,
         rate_limit_service,

@@ -109,14 +109,11 @@ impl Picker for P2c {
         self.ids.retain(|&x| x != id);
     }
     fn pick(&mut self, ctx: &PickContext<'_>) -> Option<EndpointId> {
-        match pick_available(&self.ids, ctx, 2).as_slice() {
-            [] => None,
-            [a] => Some(*a),
-            [a, b, ..] => Some(if (ctx.load)(*b) < (ctx.load)(*a) {
-                *b
-            } else {
-                *a
-            }),
+        let ([a, b], found) = pick_available::<2>(&self.ids, ctx);
+        match found {
+            0 => None,
+            1 => Some(a),
+            _ => Some(if (ctx.load)(b) < (ctx.load)(a) { b } else { a }),
         }
     }
 }

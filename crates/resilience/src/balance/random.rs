@@ -20,38 +20,42 @@ impl Picker for RandomPicker {
         self.ids.retain(|&x| x != id);
     }
     fn pick(&mut self, ctx: &PickContext<'_>) -> Option<EndpointId> {
-        pick_available(&self.ids, ctx, 1).into_iter().next()
+        let (picked, found) = pick_available::<1>(&self.ids, ctx);
+        (found == 1).then_some(picked[0])
     }
 }
 
-/// Up to `n` distinct available ids chosen at random: a few random probes
-/// first (cheap when most are available), then a filtered draw.
-pub(crate) fn pick_available(
+/// Up to `N` distinct available ids chosen at random: a few random probes
+/// first (no allocation; cheap when most are available), then a filtered
+/// draw. Returns the ids and how many were found.
+pub(crate) fn pick_available<const N: usize>(
     ids: &[EndpointId],
     ctx: &PickContext<'_>,
-    n: usize,
-) -> Vec<EndpointId> {
+) -> ([EndpointId; N], usize) {
     let mut rng = rand::rng();
-    let mut out = Vec::with_capacity(n);
+    let mut out = [EndpointId(0); N];
+    let mut found = 0;
     if ids.is_empty() {
-        return out;
+        return (out, 0);
     }
-    for _ in 0..4 * n {
+    for _ in 0..4 * N {
         let id = ids[rng.random_range(0..ids.len())];
-        if !out.contains(&id) && (ctx.available)(id) {
-            out.push(id);
-            if out.len() == n {
-                return out;
+        if !out[..found].contains(&id) && (ctx.available)(id) {
+            out[found] = id;
+            found += 1;
+            if found == N {
+                return (out, found);
             }
         }
     }
     let mut rest: Vec<EndpointId> = ids
         .iter()
         .copied()
-        .filter(|id| !out.contains(id) && (ctx.available)(*id))
+        .filter(|id| !out[..found].contains(id) && (ctx.available)(*id))
         .collect();
-    while out.len() < n && !rest.is_empty() {
-        out.push(rest.swap_remove(rng.random_range(0..rest.len())));
+    while found < N && !rest.is_empty() {
+        out[found] = rest.swap_remove(rng.random_range(0..rest.len()));
+        found += 1;
     }
-    out
+    (out, found)
 }
