@@ -228,3 +228,103 @@ async fn ring_balance_is_sticky_per_key() {
         }
     }
 }
+
+#[derive(Debug, Clone)]
+enum ServiceOp {
+    Insert(u32),
+    Remove(u32),
+    Eject(u32),
+    Call(u64),
+}
+
+fn service_op() -> impl Strategy<Value = ServiceOp> {
+    prop_oneof![
+        (0u32..8).prop_map(ServiceOp::Insert),
+        (0u32..8).prop_map(ServiceOp::Remove),
+        (0u32..8).prop_map(ServiceOp::Eject),
+        any::<u64>().prop_map(ServiceOp::Call),
+        any::<u64>().prop_map(ServiceOp::Call),
+        any::<u64>().prop_map(ServiceOp::Call),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Through the real `Balance` service fed by a change stream: a request
+    /// is never served by an endpoint that was removed or is ejected, and
+    /// fails with `NoEndpoint` only when none is available.
+    #[test]
+    fn balance_service_never_routes_to_removed_or_ejected(ops in proptest::collection::vec(service_op(), 1..80), which in 0usize..5) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        rt.block_on(async move {
+            let (tx, changes) = channel();
+            let detector = Arc::new(Mutex::new(
+                OutlierDetector::new(OutlierConfig {
+                    consecutive_failures: Some(1),
+                    success_rate: None,
+                    max_ejection_percent: 100,
+                    ..Default::default()
+                })
+                .unwrap(),
+            ));
+            let picker: Box<dyn Picker> = pickers().remove(which).1;
+            let mut lb = Balance::new(changes, BoxedPicker(picker))
+                .with_request_hash(Arc::new(|x: &u64| mix(*x)))
+                .with_outlier_detection(detector.clone(), ErrorsAsFailures);
+            let mut present = BTreeSet::new();
+            for op in ops {
+                match op {
+                    ServiceOp::Insert(k) => {
+                        tx.send(Change::Insert { key: k, service: endpoint(k, false), weight: 1 + k % 3 }).unwrap();
+                        present.insert(k);
+                    }
+                    ServiceOp::Remove(k) => {
+                        tx.send(Change::Remove(k)).unwrap();
+                        present.remove(&k);
+                    }
+                    ServiceOp::Eject(k) => {
+                        // Changes are applied on the next poll_ready; apply them first.
+                        lb.ready().await.unwrap();
+                        detector.lock().record(&k, false, Instant::now());
+                    }
+                    ServiceOp::Call(x) => {
+                        let res = lb.ready().await.unwrap().call(x).await;
+                        let now = Instant::now();
+                        let live: Vec<u32> =
+                            present.iter().copied().filter(|k| !detector.lock().is_ejected(k, now)).collect();
+                        match res {
+                            Ok(id) => {
+                                prop_assert!(present.contains(&id), "served by removed {id}");
+                                prop_assert!(!detector.lock().is_ejected(&id, now), "served by ejected {id}");
+                            }
+                            Err(e) => {
+                                prop_assert!(e.is::<NoEndpoint>());
+                                prop_assert!(live.is_empty(), "NoEndpoint with {live:?} available");
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
+
+/// Lets a boxed picker drive a `Balance` in tests.
+struct BoxedPicker(Box<dyn Picker>);
+
+impl Picker for BoxedPicker {
+    fn insert(&mut self, id: EndpointId, key_hash: u64, weight: u32) {
+        self.0.insert(id, key_hash, weight)
+    }
+    fn remove(&mut self, id: EndpointId) {
+        self.0.remove(id)
+    }
+    fn set_weight(&mut self, id: EndpointId, key_hash: u64, weight: u32) {
+        self.0.set_weight(id, key_hash, weight)
+    }
+    fn pick(&mut self, ctx: &PickContext<'_>) -> Option<EndpointId> {
+        self.0.pick(ctx)
+    }
+}

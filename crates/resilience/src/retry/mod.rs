@@ -295,4 +295,61 @@ mod tests {
         svc.oneshot(post).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 1, "POST is not retried");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Through the real service with one shared budget: whatever fails,
+        /// retries stay within ratio x requests + the per-second floor, and
+        /// no request makes more than `max_attempts` calls.
+        #[test]
+        fn service_retries_never_exceed_the_budget(
+            ratio in 0.0f64..0.5,
+            min_per_sec in 0u32..3,
+            max_attempts in 1u32..5,
+            fails in proptest::collection::vec(any_fail(), 1..60),
+            gap_ms in 0u64..200,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+            let requests = fails.len();
+            let attempts: Arc<parking_lot::Mutex<Vec<u32>>> = Arc::new(parking_lot::Mutex::new(vec![0; requests]));
+            let a = attempts.clone();
+            let fails = Arc::new(fails);
+            let inner = tower::service_fn(move |i: usize| {
+                let n = {
+                    let mut a = a.lock();
+                    a[i] += 1;
+                    a[i]
+                };
+                let fail = n <= fails[i];
+                async move { if fail { Err::<u32, BoxError>("fail".into()) } else { Ok(n) } }
+            });
+            let cfg = RetryConfig {
+                max_attempts,
+                initial_backoff_ms: 1,
+                max_backoff_ms: 10,
+                multiplier: 2.0,
+                budget: RetryBudgetConfig { ratio, min_per_sec, ttl_ms: 1_000 },
+            };
+            let svc = RetryLayer::new(cfg, RetryErrors).unwrap().layer(inner);
+            let elapsed = rt.block_on(async move {
+                let start = Instant::now();
+                for i in 0..requests {
+                    let _ = svc.clone().oneshot(i).await;
+                    tokio::time::advance(Duration::from_millis(gap_ms)).await;
+                }
+                start.elapsed()
+            });
+            let attempts = attempts.lock();
+            proptest::prop_assert!(attempts.iter().all(|&n| n <= max_attempts));
+            let retries: u32 = attempts.iter().map(|&n| n - 1).sum();
+            let secs = elapsed.as_secs_f64() + 2.0;
+            let bound = ratio * requests as f64 + f64::from(min_per_sec) * secs;
+            proptest::prop_assert!(f64::from(retries) <= bound, "{} retries > {}", retries, bound);
+        }
+    }
+
+    fn any_fail() -> impl proptest::strategy::Strategy<Value = u32> {
+        0u32..6
+    }
 }
