@@ -265,18 +265,19 @@ impl BreakerCore {
                 }
             }
         }
-        self.record_slow(permit, outcome, latency, now())
+        self.record_slow(permit, outcome, latency, now)
     }
 
-    #[cold]
     fn record_slow(
         &self,
         permit: Permit,
         outcome: Outcome,
         latency: Duration,
-        now: Instant,
+        now: impl FnOnce() -> Instant,
     ) -> Option<Transition> {
-        let now_n = self.nanos(now);
+        // The clock is read only if needed (time window, transition): a
+        // count-window success costs no clock read.
+        let mut clock = LazyNow::new(now);
         let mut slow = self.slow.lock();
         let w = self.word.load(Ordering::Acquire);
         if w >> 2 != permit.generation {
@@ -304,6 +305,11 @@ impl BreakerCore {
                     trip |= self.cfg.consecutive_failures.is_some_and(|l| n >= l);
                 }
                 if let Some(window) = slow.window.as_mut() {
+                    let now_n = if window.is_time() {
+                        self.nanos(clock.get())
+                    } else {
+                        0
+                    };
                     window.record(now_n, failed, is_slow);
                     let t = window.totals(now_n);
                     if t.calls >= u64::from(self.cfg.minimum_calls) && t.calls > 0 {
@@ -320,7 +326,7 @@ impl BreakerCore {
                 }
                 if trip {
                     slow.opens_in_a_row = 1;
-                    return Some(self.open(&mut slow, w, State::Closed, now, now_n));
+                    return Some(self.open(&mut slow, w, State::Closed, clock.get()));
                 }
                 None
             }
@@ -331,11 +337,11 @@ impl BreakerCore {
                 }
                 Outcome::Failure => {
                     slow.opens_in_a_row = slow.opens_in_a_row.saturating_add(1);
-                    Some(self.open(&mut slow, w, State::HalfOpen, now, now_n))
+                    Some(self.open(&mut slow, w, State::HalfOpen, clock.get()))
                 }
                 Outcome::Success if is_slow => {
                     slow.opens_in_a_row = slow.opens_in_a_row.saturating_add(1);
-                    Some(self.open(&mut slow, w, State::HalfOpen, now, now_n))
+                    Some(self.open(&mut slow, w, State::HalfOpen, clock.get()))
                 }
                 Outcome::Success => {
                     slow.probe_successes += 1;
@@ -352,7 +358,7 @@ impl BreakerCore {
                     Some(Transition {
                         from: State::HalfOpen,
                         to: State::Closed,
-                        at: now,
+                        at: clock.get(),
                     })
                 }
             },
@@ -360,7 +366,8 @@ impl BreakerCore {
         }
     }
 
-    fn open(&self, slow: &mut Slow, w: u64, from: State, now: Instant, now_n: u64) -> Transition {
+    fn open(&self, slow: &mut Slow, w: u64, from: State, now: Instant) -> Transition {
+        let now_n = self.nanos(now);
         let exp = slow.opens_in_a_row.saturating_sub(1).min(64) as i32;
         let ms = (self.cfg.open_duration_ms as f64 * self.cfg.open_backoff_multiplier.powi(exp))
             .min(self.cfg.max_open_duration_ms as f64);
@@ -386,6 +393,30 @@ impl BreakerCore {
         }
         let until = self.open_until.load(Ordering::Acquire);
         Duration::from_nanos(until.saturating_sub(self.nanos(now)))
+    }
+}
+
+/// Reads the clock at most once, and only if asked.
+struct LazyNow<F> {
+    read: Option<F>,
+    value: Option<Instant>,
+}
+
+impl<F: FnOnce() -> Instant> LazyNow<F> {
+    fn new(read: F) -> Self {
+        Self {
+            read: Some(read),
+            value: None,
+        }
+    }
+
+    fn get(&mut self) -> Instant {
+        if let Some(v) = self.value {
+            return v;
+        }
+        let v = self.read.take().map_or_else(Instant::now, |f| f());
+        self.value = Some(v);
+        v
     }
 }
 

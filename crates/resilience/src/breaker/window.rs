@@ -62,6 +62,11 @@ impl Window {
         }
     }
 
+    /// Whether this window needs the time (a count window does not).
+    pub(crate) fn is_time(&self) -> bool {
+        matches!(self, Window::Time { .. })
+    }
+
     /// Records one call at `now_nanos` (time since an arbitrary base).
     pub(crate) fn record(&mut self, now_nanos: u64, failed: bool, slow: bool) {
         let flags = (failed as u8 * FAILED) | (slow as u8 * SLOW);
