@@ -412,4 +412,42 @@ mod tests {
             }]
         ));
     }
+
+    proptest::proptest! {
+        /// Whatever the outcomes and timing: never more than the allowed
+        /// share of endpoints is ejected (one is always allowed), an
+        /// ejection never outlasts `max_ejection_ms`, and every ejected
+        /// endpoint is back after that long.
+        #[test]
+        fn ejections_respect_the_caps(
+            hosts in 1u32..12,
+            percent in 0u32..=100,
+            events in proptest::collection::vec((0u32..12, proptest::bool::weighted(0.3), 0u64..3_000), 1..300),
+        ) {
+            let cfg = OutlierConfig {
+                consecutive_failures: Some(2),
+                success_rate: Some(SuccessRateConfig { minimum_hosts: 2, request_volume: 3, stdev_factor: 0.5 }),
+                interval_ms: 1_000,
+                base_ejection_ms: 2_000,
+                max_ejection_ms: 5_000,
+                max_ejection_percent: percent,
+            };
+            let mut d = OutlierDetector::new(cfg).unwrap();
+            (0..hosts).for_each(|h| d.add(h));
+            let allowed = ((hosts * percent / 100) as usize).max(1);
+            let mut now = Instant::now();
+            for (host, success, dt) in events {
+                now += Duration::from_millis(dt);
+                let mut evs: Vec<_> = d.record(&(host % hosts), success, now).into_iter().collect();
+                evs.extend(d.tick(now));
+                for e in evs {
+                    if let OutlierEvent::Ejected { until, .. } = e {
+                        proptest::prop_assert!(until <= now + Duration::from_millis(5_000));
+                    }
+                }
+                proptest::prop_assert!(d.ejected_count(now) <= allowed, "{} > {}", d.ejected_count(now), allowed);
+                proptest::prop_assert_eq!(d.ejected_count(now + Duration::from_millis(5_000)), 0);
+            }
+        }
+    }
 }

@@ -443,4 +443,38 @@ mod tests {
         }
         assert!(l.try_acquire().is_err());
     }
+
+    proptest::proptest! {
+        /// The limit stays within [min, max] and admissions never exceed it.
+        #[test]
+        fn limit_stays_in_bounds_and_is_enforced(
+            aimd in proptest::bool::ANY,
+            samples in proptest::collection::vec((1u64..500, proptest::bool::weighted(0.2), 0u8..4), 1..300),
+        ) {
+            let algorithm = if aimd {
+                Algorithm::Aimd { backoff_ratio: 0.7, timeout_ms: 200 }
+            } else {
+                Algorithm::Gradient { tolerance: 1.5, smoothing: 0.3, long_window: 20 }
+            };
+            let cfg = AdaptiveConfig { initial_limit: 10, min_limit: 2, max_limit: 50, algorithm };
+            let l = AdaptiveLimit::new(cfg).unwrap();
+            let mut held = Vec::new();
+            for (rtt_ms, dropped, burst) in samples {
+                for _ in 0..burst {
+                    let limit = l.limit();
+                    match l.try_acquire() {
+                        Ok(n) => {
+                            proptest::prop_assert!(n <= limit, "admitted #{} over limit {}", n, limit);
+                            held.push(n);
+                        }
+                        Err(e) => proptest::prop_assert!(e.in_flight >= limit),
+                    }
+                }
+                if let Some(n) = held.pop() {
+                    l.release(Duration::from_millis(rtt_ms), n, dropped);
+                }
+                proptest::prop_assert!((2..=50).contains(&l.limit()), "limit {}", l.limit());
+            }
+        }
+    }
 }
