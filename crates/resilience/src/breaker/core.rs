@@ -386,6 +386,45 @@ impl BreakerCore {
         }
     }
 
+    /// Operator override: opens the breaker for `duration` from `now`,
+    /// whatever its state (the transition is reported; from `Open` it only
+    /// sets the new end time and reports nothing).
+    pub fn force_open(&self, duration: Duration, now: Instant) -> Option<Transition> {
+        let _slow = self.slow.lock();
+        let w = self.word.load(Ordering::Acquire);
+        let until = self
+            .nanos(now)
+            .saturating_add(duration.as_nanos().min(u128::from(u64::MAX)) as u64);
+        self.open_until.store(until, Ordering::Release);
+        let from = State::from_tag(w);
+        self.word
+            .store(((w >> 2) + 1) << 2 | State::Open.tag(), Ordering::Release);
+        (from != State::Open).then_some(Transition {
+            from,
+            to: State::Open,
+            at: now,
+        })
+    }
+
+    /// Operator override: closes the breaker and clears its counts.
+    pub fn reset(&self, now: Instant) -> Option<Transition> {
+        let mut slow = self.slow.lock();
+        let w = self.word.load(Ordering::Acquire);
+        if let Some(window) = slow.window.as_mut() {
+            window.reset();
+        }
+        slow.opens_in_a_row = 0;
+        self.consecutive.store(0, Ordering::Relaxed);
+        let from = State::from_tag(w);
+        self.word
+            .store(((w >> 2) + 1) << 2 | State::Closed.tag(), Ordering::Release);
+        (from != State::Closed).then_some(Transition {
+            from,
+            to: State::Closed,
+            at: now,
+        })
+    }
+
     /// How long the breaker stays open from `now` (zero unless open).
     pub fn remaining_open(&self, now: Instant) -> Duration {
         if self.state() != State::Open {

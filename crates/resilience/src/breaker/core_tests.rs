@@ -120,6 +120,22 @@ fn stale_results_are_ignored() {
     assert_eq!(core.state(), State::Closed);
 }
 
+#[test]
+fn operator_overrides() {
+    let t0 = Instant::now();
+    let core = BreakerCore::new(classic(), t0).unwrap();
+    let t = core.force_open(Duration::from_secs(5), t0).unwrap();
+    assert_eq!((t.from, t.to), (State::Closed, State::Open));
+    assert_eq!(
+        core.try_acquire(t0).unwrap_err().remaining,
+        Duration::from_secs(5)
+    );
+    let t = core.reset(t0).unwrap();
+    assert_eq!((t.from, t.to), (State::Open, State::Closed));
+    assert!(core.try_acquire(t0).is_ok());
+    assert!(core.reset(t0).is_none(), "already closed");
+}
+
 fn allowed(from: State, to: State) -> bool {
     matches!(
         (from, to),

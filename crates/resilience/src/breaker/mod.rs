@@ -7,8 +7,8 @@
 //! for the slow-call trigger. Rejected calls fail fast with [`CircuitOpen`],
 //! which carries the remaining open time. Transitions are logged with
 //! `tracing`, counted in metrics (`meshwork_breaker_transitions_total`,
-//! gauge `meshwork_breaker_state`, `meshwork_breaker_rejected_total`, all
-//! labelled `name`) and published to [`Breaker::subscribe`]rs.
+//! gauge `meshwork_breaker_state`, `meshwork_breaker_rejected_total`,
+//! `meshwork_breaker_calls_total{outcome}`, all labelled `name`) and published to [`Breaker::subscribe`]rs.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -66,6 +66,8 @@ struct Shared {
     core: BreakerCore,
     events: broadcast::Sender<Transition>,
     rejected: metrics::Counter,
+    /// Calls by outcome: success, failure, ignored.
+    calls: [metrics::Counter; 3],
     state_gauge: metrics::Gauge,
     name: Arc<str>,
 }
@@ -91,6 +93,13 @@ impl Breaker {
                 core,
                 events: broadcast::channel(EVENTS_CAPACITY).0,
                 rejected: metrics::counter!("meshwork_breaker_rejected_total", &labels),
+                calls: ["success", "failure", "ignored"].map(|outcome| {
+                    metrics::counter!(
+                        "meshwork_breaker_calls_total",
+                        "name" => name.to_string(),
+                        "outcome" => outcome
+                    )
+                }),
                 state_gauge,
                 name,
             }),
@@ -110,6 +119,20 @@ impl Breaker {
     /// A receiver of every future transition.
     pub fn subscribe(&self) -> broadcast::Receiver<Transition> {
         self.shared.events.subscribe()
+    }
+
+    /// Operator override: opens the breaker for `duration`.
+    pub fn force_open(&self, duration: Duration) {
+        if let Some(t) = self.shared.core.force_open(duration, Instant::now()) {
+            self.publish(t);
+        }
+    }
+
+    /// Operator override: closes the breaker and clears its counts.
+    pub fn reset(&self) {
+        if let Some(t) = self.shared.core.reset(Instant::now()) {
+            self.publish(t);
+        }
     }
 
     fn publish(&self, t: Transition) {
@@ -279,6 +302,12 @@ where
                 let result = std::task::ready!(inner.poll(cx));
                 if let Some(p) = state.take() {
                     let outcome = p.classifier.classify(result.as_ref());
+                    let i = match outcome {
+                        Outcome::Success => 0,
+                        Outcome::Failure => 1,
+                        Outcome::Ignored => 2,
+                    };
+                    p.breaker.shared.calls[i].increment(1);
                     let latency = p.start.map_or(Duration::ZERO, |s| s.elapsed());
                     if let Some(t) =
                         p.breaker
