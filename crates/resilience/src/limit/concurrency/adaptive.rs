@@ -5,10 +5,14 @@
 //! * [`Algorithm::Aimd`]: additive increase (+1 when the limit is at least
 //!   half used and the call succeeded), multiplicative decrease (x
 //!   `backoff_ratio`) on a failed or too-slow call.
-//! * [`Algorithm::Gradient`]: compares a long-term latency average with the
-//!   latest sample; when latency grows (queueing), the gradient `long/short`
-//!   falls below 1 and shrinks the limit; a `sqrt(limit)` headroom lets it
-//!   probe upwards (Netflix `Gradient2Limit`).
+//! * [`Algorithm::Gradient`]: compares the no-load latency (the minimum
+//!   seen) with the latest sample; when latency grows (queueing), the
+//!   gradient `tolerance x min / sample` falls below 1 and shrinks the limit;
+//!   a `sqrt(limit)` headroom lets it probe upwards. Every `probe_interval`
+//!   samples the limit drops to `sqrt(limit)` for one round and the minimum
+//!   is measured afresh, so a stale minimum cannot let the limit drift up
+//!   (Netflix `GradientLimit`). A simulation test checks it settles near the
+//!   server's real capacity.
 //!
 //! Admission is one `fetch_add` against the current limit (an atomic); the
 //! limit is recomputed per sample under a short mutex.
@@ -44,12 +48,13 @@ pub enum Algorithm {
     },
     /// Latency gradient.
     Gradient {
-        /// Long-term latency may exceed... x this before the limit shrinks (>= 1).
+        /// Latency may reach this x the no-load latency before the limit
+        /// shrinks (>= 1).
         tolerance: f64,
         /// Weight of a new limit estimate (0 < x <= 1).
         smoothing: f64,
-        /// Samples in the long-term average window (>= 1).
-        long_window: u32,
+        /// Samples between two no-load latency probes (>= 1).
+        probe_interval: u32,
     },
 }
 
@@ -76,7 +81,7 @@ impl Default for AdaptiveConfig {
             algorithm: Algorithm::Gradient {
                 tolerance: 1.5,
                 smoothing: 0.2,
-                long_window: 600,
+                probe_interval: 1000,
             },
         }
     }
@@ -124,7 +129,7 @@ impl AdaptiveConfig {
             Algorithm::Gradient {
                 tolerance,
                 smoothing,
-                long_window,
+                probe_interval,
             } => {
                 check(
                     tolerance >= 1.0 && tolerance.is_finite(),
@@ -139,9 +144,9 @@ impl AdaptiveConfig {
                     "in (0, 1]",
                 )?;
                 check(
-                    long_window >= 1,
-                    "adaptive.algorithm.long_window",
-                    long_window,
+                    probe_interval >= 1,
+                    "adaptive.algorithm.probe_interval",
+                    probe_interval,
                     "at least 1",
                 )
             }
@@ -152,7 +157,10 @@ impl AdaptiveConfig {
 #[derive(Debug)]
 struct Estimate {
     limit: f64,
-    long_rtt: f64,
+    /// Lowest latency seen since the last probe, seconds.
+    min_rtt: f64,
+    /// Samples since the last probe.
+    samples: u64,
 }
 
 /// The limit core: admission counter and limit estimator.
@@ -175,7 +183,8 @@ impl AdaptiveLimit {
             limit: AtomicU64::new(cfg.initial_limit),
             estimate: Mutex::new(Estimate {
                 limit: cfg.initial_limit as f64,
-                long_rtt: 0.0,
+                min_rtt: f64::INFINITY,
+                samples: 0,
             }),
             limit_gauge: metrics::gauge!("meshwork_adaptive_limit"),
             shed: metrics::counter!("meshwork_shed_total", "by" => "adaptive"),
@@ -232,19 +241,21 @@ impl AdaptiveLimit {
             Algorithm::Gradient {
                 tolerance,
                 smoothing,
-                long_window,
+                probe_interval,
             } => {
-                if e.long_rtt == 0.0 {
-                    e.long_rtt = rtt;
-                } else {
-                    let w = 1.0 / f64::from(long_window);
-                    e.long_rtt = e.long_rtt * (1.0 - w) + rtt * w;
-                }
-                // Not using half the limit: no signal about capacity.
-                if !dropped && (in_flight as f64) < e.limit / 2.0 {
+                e.samples += 1;
+                if e.samples >= u64::from(probe_interval) {
+                    // Probe: drain to measure the no-load latency again.
+                    e.samples = 0;
+                    e.min_rtt = f64::INFINITY;
+                    e.limit.sqrt().max(min)
+                } else if !dropped && (in_flight as f64) < e.limit / 2.0 {
+                    // Not using half the limit: no signal about capacity.
+                    e.min_rtt = e.min_rtt.min(rtt);
                     e.limit
                 } else {
-                    let gradient = (tolerance * e.long_rtt / rtt).clamp(0.5, 1.0);
+                    e.min_rtt = e.min_rtt.min(rtt);
+                    let gradient = (tolerance * e.min_rtt / rtt).clamp(0.5, 1.0);
                     let gradient = if dropped { 0.5 } else { gradient };
                     let target = e.limit * gradient + e.limit.sqrt();
                     e.limit * (1.0 - smoothing) + target * smoothing
@@ -422,7 +433,7 @@ mod tests {
             algorithm: Algorithm::Gradient {
                 tolerance: 1.0,
                 smoothing: 0.5,
-                long_window: 100,
+                probe_interval: 1000,
             },
         };
         let l = AdaptiveLimit::new(cfg).unwrap();
@@ -444,6 +455,71 @@ mod tests {
         assert!(l.try_acquire().is_err());
     }
 
+    /// Closed-loop simulation: 1000 clients against a server that serves
+    /// `capacity` calls at once in 10 ms and queues the rest (latency grows
+    /// linearly past `capacity` in flight). Returns the final limit and its
+    /// mean over the last quarter of the run.
+    fn settle(algorithm: Algorithm, capacity: f64) -> (u64, f64) {
+        let cfg = AdaptiveConfig {
+            initial_limit: 5,
+            min_limit: 1,
+            max_limit: 1000,
+            algorithm,
+        };
+        let l = AdaptiveLimit::new(cfg).unwrap();
+        let base_ms = 10.0;
+        let mut now = 0.0f64;
+        // (finish time, rtt, in-flight at start)
+        let mut running: Vec<(f64, f64, u64)> = Vec::new();
+        let mut limits = Vec::new();
+        for step in 0..20_000 {
+            while running.len() < 1000 {
+                let Ok(n) = l.try_acquire() else { break };
+                let rtt = base_ms * (n as f64 / capacity).max(1.0);
+                running.push((now + rtt, rtt, n));
+            }
+            let next = (0..running.len())
+                .min_by(|&a, &b| running[a].0.total_cmp(&running[b].0))
+                .expect("something runs");
+            let (finish, rtt, n) = running.swap_remove(next);
+            now = finish;
+            l.release(Duration::from_secs_f64(rtt / 1000.0), n, false);
+            if step >= 15_000 {
+                limits.push(l.limit() as f64);
+            }
+        }
+        let mean = limits.iter().sum::<f64>() / limits.len() as f64;
+        (l.limit(), mean)
+    }
+
+    #[test]
+    fn finds_the_servers_capacity_from_latency() {
+        let gradient = Algorithm::Gradient {
+            tolerance: 1.5,
+            smoothing: 0.2,
+            probe_interval: 1000,
+        };
+        let aimd = Algorithm::Aimd {
+            backoff_ratio: 0.9,
+            timeout_ms: 25,
+        };
+        for capacity in [20.0, 80.0] {
+            let (_, g) = settle(gradient, capacity);
+            let (_, a) = settle(aimd, capacity);
+            eprintln!("capacity {capacity}: gradient settles at {g:.1}, aimd at {a:.1}");
+            // Gradient: about tolerance x capacity (+ sqrt headroom, - probes).
+            assert!(
+                (0.75 * capacity..=2.0 * capacity).contains(&g),
+                "gradient {g} for {capacity}"
+            );
+            // AIMD's signal is its timeout, 2.5 x the no-load latency.
+            assert!(
+                (1.0 * capacity..=2.6 * capacity).contains(&a),
+                "aimd {a} for {capacity}"
+            );
+        }
+    }
+
     proptest::proptest! {
         /// The limit stays within [min, max] and admissions never exceed it.
         #[test]
@@ -454,7 +530,7 @@ mod tests {
             let algorithm = if aimd {
                 Algorithm::Aimd { backoff_ratio: 0.7, timeout_ms: 200 }
             } else {
-                Algorithm::Gradient { tolerance: 1.5, smoothing: 0.3, long_window: 20 }
+                Algorithm::Gradient { tolerance: 1.5, smoothing: 0.3, probe_interval: 50 }
             };
             let cfg = AdaptiveConfig { initial_limit: 10, min_limit: 2, max_limit: 50, algorithm };
             let l = AdaptiveLimit::new(cfg).unwrap();
