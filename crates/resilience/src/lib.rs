@@ -11,6 +11,19 @@
 //! rejections apart with `err.is::<CircuitOpen>()`, `err.is::<RateLimited>()`
 //! and so on.
 //!
+//! | module | what |
+//! | --- | --- |
+//! | [`breaker`] | circuit breaker (consecutive failures, failure/slow-call rate over count or time windows) |
+//! | [`limit::rate`] | GCRA, sliding window, warm-up, pacing, per-key limits |
+//! | [`limit::concurrency`] | bulkhead, adaptive limit (gradient/AIMD), system-load guard |
+//! | [`retry`] | full-jitter backoff, retry budget, deadline-aware |
+//! | [`timeout`] | per-call timeout, deadline propagation (`grpc-timeout`, `x-meshwork-deadline-ms`) |
+//! | [`fallback`] | rejection -> fallback service |
+//! | [`balance`] | P2C peak-EWMA, smooth WRR, random, ring hash, Maglev over a change stream |
+//! | [`outlier`] | Envoy-style passive ejection |
+//! | [`classify`] | what counts as failure |
+//! | [`policy`] | a whole policy as one serde struct |
+//!
 //! ```
 //! use meshwork_resilience::breaker::{BreakerConfig, BreakerLayer};
 //! use meshwork_resilience::limit::rate::{GcraConfig, RateLimitLayer};

@@ -3,7 +3,7 @@
 //!
 //! [`BreakerCore`] decides (closed / open / half-open, see its docs);
 //! [`CircuitBreaker`] is the tower service around it, classifying each
-//! result with a [`Classify`](crate::classify::Classify) and measuring latency
+//! result with a [`Classify`] and measuring latency
 //! for the slow-call trigger. Rejected calls fail fast with [`CircuitOpen`],
 //! which carries the remaining open time. Transitions are logged with
 //! `tracing`, counted in metrics (`meshwork_breaker_transitions_total`,
