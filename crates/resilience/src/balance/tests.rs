@@ -232,6 +232,7 @@ async fn ring_balance_is_sticky_per_key() {
 #[derive(Debug, Clone)]
 enum ServiceOp {
     Insert(u32),
+    Weight(u32, u32),
     Remove(u32),
     Eject(u32),
     Call(u64),
@@ -240,6 +241,7 @@ enum ServiceOp {
 fn service_op() -> impl Strategy<Value = ServiceOp> {
     prop_oneof![
         (0u32..8).prop_map(ServiceOp::Insert),
+        (0u32..8, 0u32..4).prop_map(|(k, w)| ServiceOp::Weight(k, w)),
         (0u32..8).prop_map(ServiceOp::Remove),
         (0u32..8).prop_map(ServiceOp::Eject),
         any::<u64>().prop_map(ServiceOp::Call),
@@ -273,14 +275,26 @@ proptest! {
                 .with_request_hash(Arc::new(|x: &u64| mix(*x)))
                 .with_outlier_detection(detector.clone(), ErrorsAsFailures);
             let mut present = BTreeSet::new();
+            // Endpoints set to weight 0 (only weight-aware pickers skip them).
+            let mut zero_weight = BTreeSet::new();
             for op in ops {
                 match op {
                     ServiceOp::Insert(k) => {
                         tx.send(Change::Insert { key: k, service: endpoint(k, false), weight: 1 + k % 3 }).unwrap();
                         present.insert(k);
+                        zero_weight.remove(&k);
+                    }
+                    ServiceOp::Weight(k, w) => {
+                        tx.send(Change::Weight(k, w)).unwrap();
+                        if w == 0 {
+                            zero_weight.insert(k);
+                        } else {
+                            zero_weight.remove(&k);
+                        }
                     }
                     ServiceOp::Remove(k) => {
                         tx.send(Change::Remove(k)).unwrap();
+                        zero_weight.remove(&k);
                         present.remove(&k);
                     }
                     ServiceOp::Eject(k) => {
@@ -297,10 +311,14 @@ proptest! {
                             Ok(id) => {
                                 prop_assert!(present.contains(&id), "served by removed {id}");
                                 prop_assert!(!detector.lock().is_ejected(&id, now), "served by ejected {id}");
+                                let weighted = which == 1 || which == 3 || which == 4;
+                                prop_assert!(!(weighted && zero_weight.contains(&id)), "served by weight-0 {id}");
                             }
                             Err(e) => {
                                 prop_assert!(e.is::<NoEndpoint>());
-                                prop_assert!(live.is_empty(), "NoEndpoint with {live:?} available");
+                                let weighted = which == 1 || which == 3 || which == 4; // wrr, ring, maglev
+                                let usable: Vec<_> = live.iter().filter(|k| !(weighted && zero_weight.contains(*k))).collect();
+                                prop_assert!(usable.is_empty(), "NoEndpoint with {usable:?} available");
                             }
                         }
                     }
