@@ -140,6 +140,12 @@ impl BreakerConfig {
             "at least open_duration_ms",
         )?;
         check(
+            self.max_open_duration_ms <= 86_400_000,
+            "breaker.max_open_duration_ms",
+            self.max_open_duration_ms,
+            "at most one day",
+        )?;
+        check(
             (1..=10_000).contains(&self.half_open_max_probes),
             "breaker.half_open_max_probes",
             self.half_open_max_probes,

@@ -143,6 +143,18 @@ impl OutlierConfig {
             "at least base_ejection_ms",
         )?;
         check(
+            self.interval_ms <= 86_400_000,
+            "outlier.interval_ms",
+            self.interval_ms,
+            "at most one day",
+        )?;
+        check(
+            self.max_ejection_ms <= 86_400_000,
+            "outlier.max_ejection_ms",
+            self.max_ejection_ms,
+            "at most one day",
+        )?;
+        check(
             self.max_ejection_percent <= 100,
             "outlier.max_ejection_percent",
             self.max_ejection_percent,

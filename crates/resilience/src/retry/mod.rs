@@ -89,6 +89,12 @@ impl RetryConfig {
             "at least initial_backoff_ms",
         )?;
         check(
+            self.max_backoff_ms <= 3_600_000,
+            "retry.max_backoff_ms",
+            self.max_backoff_ms,
+            "at most one hour",
+        )?;
+        check(
             self.multiplier.is_finite() && self.multiplier >= 1.0,
             "retry.multiplier",
             self.multiplier,

@@ -74,6 +74,18 @@ impl SystemGuardConfig {
     /// Checks the fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check(
+            self.window_ms <= 3_600_000,
+            "system_guard.window_ms",
+            self.window_ms,
+            "at most one hour",
+        )?;
+        check(
+            self.min_rtt_window_ms <= 86_400_000,
+            "system_guard.min_rtt_window_ms",
+            self.min_rtt_window_ms,
+            "at most one day",
+        )?;
+        check(
             self.min_rtt_window_ms >= self.window_ms,
             "system_guard.min_rtt_window_ms",
             self.min_rtt_window_ms,

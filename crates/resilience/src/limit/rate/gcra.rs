@@ -92,7 +92,8 @@ impl Gcra {
         self.check_n(1, now)
     }
 
-    /// Admits `n` calls at once (all or none).
+    /// Admits `n` calls at once (all or none). More than `burst` at once is
+    /// never admitted.
     #[inline]
     pub fn check_n(&self, n: u32, now: Instant) -> Result<(), RateLimited> {
         let now_n = crate::nanos_since(self.base, now);
@@ -101,7 +102,8 @@ impl Gcra {
         let increment = interval.saturating_mul(u64::from(n));
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
-            let new_tat = tat.max(now_n) + increment;
+            // Saturating: `n` beyond the burst can never pass and must not overflow.
+            let new_tat = tat.max(now_n).saturating_add(increment);
             if new_tat - now_n > tolerance {
                 let wait = (new_tat - now_n - tolerance).min(u64::MAX / 2);
                 return Err(RateLimited {

@@ -228,7 +228,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
                 0
             }
         };
-        let new_tat = tat.max(now_n) + interval;
+        let new_tat = tat.max(now_n).saturating_add(interval);
         if new_tat - now_n > tolerance {
             return Err(RateLimited {
                 retry_after: Duration::from_nanos(new_tat - now_n - tolerance),

@@ -107,7 +107,7 @@ impl Pacer {
             }
             match self.next.compare_exchange_weak(
                 next,
-                slot + interval,
+                slot.saturating_add(interval),
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
