@@ -75,10 +75,10 @@ impl<B> DeadlineCarrier for http::Request<B> {
         let header = |name: &str| self.headers().get(name).and_then(|v| v.to_str().ok());
         let ours = header(DEADLINE_HEADER)
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|ms| now + Duration::from_millis(ms));
+            .and_then(|ms| now.checked_add(Duration::from_millis(ms)));
         let grpc = header(GRPC_TIMEOUT_HEADER)
             .and_then(parse_grpc_timeout)
-            .map(|d| now + d);
+            .and_then(|d| now.checked_add(d));
         [ext, ours, grpc].into_iter().flatten().min()
     }
 
@@ -148,5 +148,21 @@ mod tests {
         assert_eq!(req.headers()[DEADLINE_HEADER], "50");
         assert_eq!(req.headers()[GRPC_TIMEOUT_HEADER], "50000000n");
         assert_eq!(req.deadline(now), Some(now + Duration::from_millis(50)));
+    }
+
+    proptest! {
+        /// Whatever the peer sends in the deadline headers, reading them
+        /// never panics and never yields a deadline in the past.
+        #[test]
+        fn hostile_headers_never_panic(ours in "\\PC{0,24}", grpc in "[0-9]{0,10}[HMSmun]?") {
+            let now = Instant::now();
+            let mut req = http::Request::new(());
+            if let Ok(v) = http::HeaderValue::from_str(&ours) { req.headers_mut().insert(DEADLINE_HEADER, v); }
+            if let Ok(v) = http::HeaderValue::from_str(&grpc) { req.headers_mut().insert(GRPC_TIMEOUT_HEADER, v); }
+            if let Some(d) = req.deadline(now) { prop_assert!(d >= now); }
+            let big = format!("{}", u64::MAX);
+            req.headers_mut().insert(DEADLINE_HEADER, http::HeaderValue::from_str(&big).unwrap());
+            let _ = req.deadline(now);
+        }
     }
 }
