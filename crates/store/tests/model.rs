@@ -115,6 +115,9 @@ enum Op {
     Grant(u8),
     Revoke(u8),
     Reopen,
+    /// Continue from a copy of the data directory taken while the store runs: the state
+    /// a process crash leaves (the page cache survives; redb's own cache does not).
+    Crash,
 }
 
 fn range_spec() -> impl Strategy<Value = RangeSpec> {
@@ -259,6 +262,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u8..5).prop_map(Op::Grant),
         1 => (1u8..5).prop_map(Op::Revoke),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Crash),
     ]
 }
 
@@ -994,6 +998,19 @@ async fn recv(rx: &mut tokio::sync::mpsc::Receiver<WatchMessage>) -> WatchMessag
         .expect("watch stream closed")
 }
 
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 fn run_case(fsync: bool, watch: WatchParams, ops: Vec<Op>) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1001,7 +1018,7 @@ fn run_case(fsync: bool, watch: WatchParams, ops: Vec<Op>) {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let dir = tempfile::tempdir().unwrap();
+        let mut dir = tempfile::tempdir().unwrap();
         let cfg = StoreConfig {
             fsync,
             ..StoreConfig::default()
@@ -1075,6 +1092,17 @@ fn run_case(fsync: bool, watch: WatchParams, ops: Vec<Op>) {
                         Some(StoreError::Stopped),
                         "{when}: reads after close"
                     );
+                    store = Store::open(dir.path(), cfg.clone()).unwrap();
+                    check_state(&store, &model, &when);
+                    watcher = WatchCheck::open(&store, &model, &watch).await;
+                }
+                Op::Crash => {
+                    watcher.check(&store, &model, &watch, &when).await;
+                    // Every write was answered, so the files are at rest.
+                    let copy = tempfile::tempdir().unwrap();
+                    copy_dir(dir.path(), copy.path());
+                    store.close().await;
+                    dir = copy;
                     store = Store::open(dir.path(), cfg.clone()).unwrap();
                     check_state(&store, &model, &when);
                     watcher = WatchCheck::open(&store, &model, &watch).await;
