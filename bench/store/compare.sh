@@ -37,6 +37,7 @@ RESTARTS=${RESTARTS:-3}
 RUN_TIMEOUT=${RUN_TIMEOUT:-600}       # seconds, per load-generator run
 LOAD_TIMEOUT=${LOAD_TIMEOUT:-1800}    # seconds, for the 1M-key load
 
+SIDES_REQ=${SIDES:-meshwork etcd}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=$ROOT/bench/results/compare-$STAMP
 mkdir -p "$OUT"
@@ -44,7 +45,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/meshwork-compare.XXXXXX")
 declare -A PID=() EP=() HTTP=()
 machine_info() {
   echo "## $1 $(date -u +%FT%TZ)"; echo "nproc: $(nproc)"; uptime
-  df -h "$WORK" | tail -1; echo "MESHWORK_LD_PRELOAD=${MESHWORK_LD_PRELOAD:-} SIDES=${SIDES:-both} PHASES=$PHASES"
+  df -h "$WORK" | tail -1; echo "MESHWORK_LD_PRELOAD=${MESHWORK_LD_PRELOAD:-} SIDES=${SIDES_REQ} PHASES=$PHASES"
   [[ -n ${MESHWORK_CONFIG:-} ]] && { echo "MESHWORK_CONFIG=$MESHWORK_CONFIG:"; cat "$MESHWORK_CONFIG"; }
   echo "other heavy processes:"; ps -eo pid,pcpu,etimes,comm --sort=-pcpu | head -6
   "$ETCD" --version | head -1; git -C "$ROOT" rev-parse --short HEAD
@@ -179,7 +180,7 @@ bench() {
   log "$side $name: $(jq -c '{throughput, p50_ms, p99_ms, errors, server_cpu_s}' "$f" 2>/dev/null)"
 }
 
-read -r -a SIDES <<<"${SIDES:-meshwork etcd}"
+read -r -a SIDES <<<"$SIDES_REQ"
 # Alternate which side goes first on each repetition to spread any drift in background load.
 order() {
   if ((${#SIDES[@]} < 2)); then echo "${SIDES[@]}"
