@@ -16,7 +16,7 @@ pub struct StoreConfig {
     /// Database size quota in bytes; writes fail with "database space exceeded" past it
     /// (default 2 GiB, as etcd).
     pub quota_bytes: u64,
-    /// redb page cache in bytes (default 256 MiB).
+    /// redb page cache in bytes (default 64 MiB; the OS page cache serves the rest).
     pub cache_bytes: usize,
     /// Most write requests folded into one group commit (default 1024).
     pub max_batch_requests: usize,
@@ -54,7 +54,7 @@ impl Default for StoreConfig {
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             quota_bytes: 2 * 1024 * 1024 * 1024,
-            cache_bytes: 256 * 1024 * 1024,
+            cache_bytes: 64 * 1024 * 1024,
             max_batch_requests: 1024,
             max_pending_writes: 65536,
             watch_buffer_events: 1024,

@@ -12,6 +12,7 @@ use std::future::Future;
 
 use meshwork_store::Store;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::convert::Header;
@@ -85,6 +86,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let max_msg = store.config().max_request_bytes + GRPC_OVERHEAD_BYTES;
+    // tonic applies `tcp_nodelay` only to listeners it binds itself; without it, Nagle's
+    // algorithm holds small responses back ~40 ms behind the client's delayed ACK.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(c) = &conn
+            && let Err(e) = c.set_nodelay(true)
+        {
+            tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+        }
+        conn
+    });
     let ctx = Ctx {
         header: info.header(),
         store,
@@ -107,6 +118,6 @@ pub async fn serve(
             ElectionServer::new(concurrency::ElectionService(ctx))
                 .max_decoding_message_size(max_msg),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
