@@ -185,7 +185,8 @@ async fn kv(b: KvBench) -> Result<()> {
             b.sequential,
         );
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1) * 0x2545_f491_4f6c_dd1d);
+            let mut rng =
+                Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
             let value: bytes::Bytes = vec![b'v'; vsize].into();
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                 .expect("valid histogram bounds");
