@@ -72,6 +72,8 @@ pub(crate) struct Applier<'a, 't> {
     pub(crate) lessor: &'a mut Lessor,
     /// The last revision assigned (durable or staged in this batch).
     pub(crate) rev: i64,
+    /// The last published (durable) revision when the batch started.
+    pub(crate) published: i64,
     pub(crate) compact_rev: i64,
     pub(crate) events: Vec<Event>,
     pub(crate) want_prev: bool,
@@ -160,7 +162,9 @@ impl Applier<'_, '_> {
                 if *revision <= self.compact_rev {
                     return Err(StoreError::AlreadyCompacted);
                 }
-                if *revision > self.rev {
+                // Only a published (durable) revision may be compacted: compacting to one staged
+                // earlier in this batch would fail readers at the still-current revision.
+                if *revision > self.published {
                     return Err(StoreError::FutureRevision);
                 }
                 for r in index.compact(*revision) {

@@ -1116,6 +1116,7 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, state: &mut Committer) {
                 leases: &mut leases,
                 lessor: &mut lessor,
                 rev: published,
+                published,
                 compact_rev: shared.compact_rev.load(Ordering::Acquire),
                 events: Vec::new(),
                 want_prev: shared.hub.wants_prev_kv(),
