@@ -79,9 +79,17 @@ fn acknowledged_writes_survive_sigkill() {
                     }
                 }));
             }
-            while count.load(std::sync::atomic::Ordering::Relaxed) < kill_after {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            // Wait (bounded) for the load to reach the kill point, then kill mid-flight.
+            let reached = tokio::time::timeout(Duration::from_secs(60), async {
+                while count.load(std::sync::atomic::Ordering::Relaxed) < kill_after {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await;
+            assert!(
+                reached.is_ok(),
+                "round {round}: writers stalled before {kill_after} acknowledged writes"
+            );
             server.kill9();
             for t in tasks {
                 let _ = t.await;

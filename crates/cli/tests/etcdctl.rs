@@ -197,17 +197,40 @@ fn etcdctl_leases_lock_elect_and_snapshot() {
     // lock: the command runs while the lock is held; a second locker waits for it.
     let out = ctl.run(&["lock", "mylock", "echo", "locked"]);
     assert!(out.contains("locked"), "{out}");
-    let holder = ctl
+    // Mutual exclusion: the holder logs start, waits, logs end; a second locker started
+    // once the holder is inside must log only after the holder's end.
+    let log = dir.path().join("lock.log");
+    let l = log.to_str().unwrap().to_string();
+    let mut holder = ctl
         .cmd()
-        .args(["lock", "l2", "sleep", "1"])
+        .args([
+            "lock",
+            "l2",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo A-start >> {l}; sleep 1; echo A-end >> {l}"),
+        ])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let out = ctl.run(&["lock", "l2", "echo", "second"]);
-    assert!(out.contains("second"));
-    let mut holder = holder;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("A-start")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first locker never got the lock"
+        );
+        std::thread::yield_now();
+    }
+    ctl.run(&["lock", "l2", "--", "sh", "-c", &format!("echo B >> {l}")]);
     assert!(holder.wait().unwrap().success());
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "A-start\nA-end\nB\n"
+    );
 
     // elect: a candidate becomes leader; `elect -l` observes it.
     let mut cand = ctl

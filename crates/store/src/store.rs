@@ -942,14 +942,8 @@ fn recover(db: &Database, dir: &Path, cfg: &StoreConfig) -> Result<Wal> {
     Ok(wal)
 }
 
+/// Rebuilds the index and the lease rows from redb (tables exist: `create_tables` ran).
 fn load(db: &Database) -> Result<Loaded> {
-    let wtx = db.begin_write().map_err(StoreError::storage)?;
-    {
-        wtx.open_table(KV).map_err(StoreError::storage)?;
-        wtx.open_table(LEASES).map_err(StoreError::storage)?;
-        wtx.open_table(META).map_err(StoreError::storage)?;
-    }
-    wtx.commit().map_err(StoreError::storage)?;
     let rtx = db.begin_read().map_err(StoreError::storage)?;
     let meta = rtx.open_table(META).map_err(StoreError::storage)?;
     let get = |k: &str| -> Result<i64> {
@@ -1024,7 +1018,10 @@ fn lease_seed() -> i64 {
 
 /// What the committer thread owns besides the queue.
 struct Committer {
+    /// The write-ahead-log record being built (reused across batches).
     buf: Vec<u8>,
+    /// Scratch for encoding one change record (reused across batches).
+    record_buf: Vec<u8>,
     wal: Wal,
     last_checkpoint: std::time::Instant,
 }
@@ -1040,6 +1037,7 @@ fn committer(
     let _clock = runtime.enter();
     let mut state = Committer {
         buf: Vec::new(),
+        record_buf: Vec::new(),
         wal,
         last_checkpoint: std::time::Instant::now(),
     };
@@ -1122,7 +1120,7 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, state: &mut Committer) {
                 want_prev: shared.hub.wants_prev_kv(),
                 no_space: shared.no_space.load(Ordering::Acquire),
                 now: Instant::now(),
-                buf: Vec::new(),
+                buf: std::mem::take(&mut state.record_buf),
                 log,
                 compacted: false,
             };
@@ -1147,6 +1145,7 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, state: &mut Committer) {
             compact = applier.compact_rev;
             events = std::mem::take(&mut applier.events);
             log = std::mem::take(&mut applier.log);
+            state.record_buf = std::mem::take(&mut applier.buf);
             let compacted = applier.compacted;
             results = out;
             drop(lessor);

@@ -50,41 +50,33 @@ async fn enqueue(
     value: Bytes,
     lease: i64,
 ) -> Result<(KeyValue, bool), Status> {
+    let read = RequestOp::Range(RangeRequest {
+        range: Some(KeyRange::single(key.clone())),
+        ..RangeRequest::default()
+    });
+    // One txn: create the key if absent, and read it back either way.
     let t = TxnRequest {
         compare: vec![Compare {
             range: KeyRange::single(key.clone()),
             result: CompareResult::Equal,
             target: CompareTarget::Create(0),
         }],
-        success: vec![RequestOp::Put(PutRequest {
-            key: key.clone(),
-            value,
-            lease,
-            ..PutRequest::default()
-        })],
-        failure: vec![RequestOp::Range(RangeRequest {
-            range: Some(KeyRange::single(key.clone())),
-            ..RangeRequest::default()
-        })],
+        success: vec![
+            RequestOp::Put(PutRequest {
+                key: key.clone(),
+                value,
+                lease,
+                ..PutRequest::default()
+            }),
+            read.clone(),
+        ],
+        failure: vec![read],
     };
     let resp = store.txn(t).await.map_err(status)?;
-    if resp.succeeded {
-        let got = store
-            .range(&RangeRequest {
-                range: Some(KeyRange::single(key.clone())),
-                ..RangeRequest::default()
-            })
-            .map_err(status)?;
-        let kv = got
-            .kvs
-            .into_iter()
-            .next()
-            .ok_or_else(|| Status::not_found("etcdserver: requested lease not found"))?;
-        return Ok((kv, true));
-    }
-    match resp.responses.into_iter().next() {
+    let created = resp.succeeded;
+    match resp.responses.into_iter().last() {
         Some(ResponseOp::Range(r)) => match r.kvs.into_iter().next() {
-            Some(kv) => Ok((kv, false)),
+            Some(kv) => Ok((kv, created)),
             None => Err(Status::aborted("lock key vanished while enqueueing; retry")),
         },
         _ => Err(Status::internal("unexpected txn response")),
