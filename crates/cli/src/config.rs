@@ -17,6 +17,88 @@ pub(crate) struct ServerFile {
     pub(crate) data_dir: Option<PathBuf>,
     pub(crate) etcd_addr: Option<String>,
     pub(crate) http_addr: Option<String>,
+    /// `etcd://HOST:PORT[,...]`: coordination on an external etcd cluster.
+    pub(crate) store: Option<String>,
+}
+
+/// The `[coord]` table: coordination limits.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CoordFile {
+    pub(crate) node_ttl_secs: Option<i64>,
+    pub(crate) run_health_checks: Option<bool>,
+    pub(crate) config_max_content_bytes: Option<usize>,
+    pub(crate) instance_min_ttl_secs: Option<i64>,
+    pub(crate) instance_max_ttl_secs: Option<i64>,
+    pub(crate) etcd_request_timeout_ms: Option<u64>,
+    pub(crate) etcd_retry_for_ms: Option<u64>,
+}
+
+impl CoordFile {
+    /// Applies the file's values over the defaults.
+    pub(crate) fn apply(&self, c: &mut meshwork_coord::CoordOptions) -> Result<()> {
+        if let Some(v) = self.node_ttl_secs {
+            c.node_ttl = v;
+        }
+        if let Some(v) = self.run_health_checks {
+            c.run_checks = v;
+        }
+        if let Some(v) = self.config_max_content_bytes {
+            c.config.max_content = v;
+        }
+        if let Some(v) = self.instance_min_ttl_secs {
+            c.registry.min_ttl = v;
+        }
+        if let Some(v) = self.instance_max_ttl_secs {
+            c.registry.max_ttl = v;
+        }
+        if let Some(v) = self.etcd_request_timeout_ms {
+            c.backend.request_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = self.etcd_retry_for_ms {
+            c.backend.retry_for = Duration::from_millis(v);
+        }
+        Ok(())
+    }
+}
+
+/// Checks coordination options for values that cannot work.
+pub(crate) fn validate_coord(c: &meshwork_coord::CoordOptions) -> Result<()> {
+    if !(2..=300).contains(&c.node_ttl) {
+        bail!("node TTL {} s is out of range 2..=300", c.node_ttl);
+    }
+    if c.config.max_content == 0 || c.config.max_content > 16 * 1024 * 1024 {
+        bail!("config_max_content_bytes must be 1..=16777216");
+    }
+    if c.registry.min_ttl < 1 || c.registry.min_ttl > c.registry.max_ttl {
+        bail!("instance TTL bounds must satisfy 1 <= min <= max");
+    }
+    Ok(())
+}
+
+/// Parses `etcd://HOST:PORT[,HOST:PORT...]` into endpoints.
+pub(crate) fn parse_store_url(s: &str) -> Result<Vec<String>> {
+    let rest = s.strip_prefix("etcd://").with_context(|| {
+        format!("--store {s:?}: expected etcd://HOST:PORT[,HOST:PORT...] (omit --store for the embedded store)")
+    })?;
+    let eps: Vec<String> = rest
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect();
+    if eps.is_empty() {
+        bail!("--store {s:?} names no endpoint");
+    }
+    for e in &eps {
+        let (host, port) = e
+            .rsplit_once(':')
+            .with_context(|| format!("--store endpoint {e:?} needs HOST:PORT"))?;
+        if host.is_empty() || port.parse::<u16>().map(|p| p == 0).unwrap_or(true) {
+            bail!("--store endpoint {e:?} needs HOST:PORT with a port 1..=65535");
+        }
+    }
+    Ok(eps)
 }
 
 /// The `[store]` table: every store limit, named as in `StoreConfig`.
@@ -48,6 +130,8 @@ pub(crate) struct FileConfig {
     pub(crate) server: ServerFile,
     #[serde(default)]
     pub(crate) store: StoreFile,
+    #[serde(default)]
+    pub(crate) coord: CoordFile,
 }
 
 impl FileConfig {

@@ -17,7 +17,8 @@ use tokio::net::TcpListener;
 /// What the handlers read.
 #[derive(Clone)]
 pub(crate) struct AppState {
-    pub(crate) store: Store,
+    /// The embedded store (None on an external etcd cluster).
+    pub(crate) store: Option<Store>,
     pub(crate) serving: Arc<AtomicBool>,
     pub(crate) prometheus: Option<PrometheusHandle>,
 }
@@ -31,7 +32,8 @@ pub(crate) fn router(state: AppState) -> Router {
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.store.is_healthy() && s.serving.load(Ordering::Acquire) {
+    let store_ok = s.store.as_ref().is_none_or(|st| st.is_healthy());
+    if store_ok && s.serving.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n".to_string())
     } else {
         (
@@ -42,26 +44,31 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let st = s.store.status();
     let mut body = s
         .prometheus
         .as_ref()
         .map(|h| h.render())
         .unwrap_or_default();
     // Gauges read at scrape time.
-    body.push_str(&format!(
+    if let Some(store) = &s.store {
+        let st = store.status();
+        body.push_str(&format!(
         "# TYPE meshwork_store_keys gauge\nmeshwork_store_keys {}\n# TYPE meshwork_store_leases gauge\nmeshwork_store_leases {}\n# TYPE meshwork_store_watchers gauge\nmeshwork_store_watchers {}\n# TYPE meshwork_store_compact_revision gauge\nmeshwork_store_compact_revision {}\n",
         st.keys, st.leases, st.watchers, st.compact_revision
     ));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 pub(crate) async fn serve(
     listener: TcpListener,
-    state: AppState,
+    app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

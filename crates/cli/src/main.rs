@@ -5,7 +5,9 @@
 
 mod bench;
 mod config;
+mod coordcli;
 mod http;
+mod httpc;
 mod kv;
 mod node;
 
@@ -45,6 +47,14 @@ enum Command {
     Kv(kv::KvArgs),
     /// Show the status of a node.
     Status(kv::StatusArgs),
+    /// Service registry: register, list, discover, watch.
+    Svc(coordcli::SvcArgs),
+    /// Configuration center: publish, get, history, diff, rollback, listen.
+    Config(coordcli::ConfigArgs),
+    /// Distributed locks and elections.
+    Lock(coordcli::LockArgs),
+    /// Unique IDs.
+    Id(coordcli::IdArgs),
     /// Load generators.
     Bench {
         #[command(subcommand)]
@@ -82,6 +92,14 @@ struct NodeArgs {
     /// Acknowledge writes before they are fsynced (loses acknowledged writes on a crash).
     #[arg(long, env = "MESHWORK_UNSAFE_NO_FSYNC")]
     unsafe_no_fsync: bool,
+    /// Run coordination on an external etcd cluster instead of the embedded store:
+    /// `etcd://HOST:PORT[,HOST:PORT...]`.
+    #[arg(long, env = "MESHWORK_STORE")]
+    store: Option<String>,
+    /// Membership session TTL in seconds: a dead node's health checks move to the
+    /// others within this plus one check interval [default: 10].
+    #[arg(long, env = "MESHWORK_NODE_TTL")]
+    node_ttl: Option<i64>,
 }
 
 #[derive(Args)]
@@ -146,6 +164,16 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         store.fsync = false;
     }
     store.validate()?;
+    let external = match args.store.as_ref().or(file.server.store.as_ref()) {
+        Some(s) => config::parse_store_url(s)?,
+        None => Vec::new(),
+    };
+    let mut coord = meshwork_coord::CoordOptions::default();
+    file.coord.apply(&mut coord)?;
+    if let Some(t) = args.node_ttl {
+        coord.node_ttl = t;
+    }
+    config::validate_coord(&coord)?;
     let etcd = args
         .etcd_addr
         .clone()
@@ -170,13 +198,19 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         etcd_addr: config::parse_addr("etcd address", &etcd)?,
         http_addr: config::parse_addr("HTTP address", &http)?,
         store,
+        external,
+        coord,
     })
 }
 
 async fn run_server(args: ServerArgs) -> Result<()> {
     let cfg = resolve(&args.node, PathBuf::from("meshwork-data"))?;
+    let external = cfg.external.clone();
     let running = node::start(cfg).await?;
-    println!("etcd gRPC: {}", running.etcd_addr);
+    match running.etcd_addr {
+        Some(a) => println!("etcd gRPC: {a}"),
+        None => println!("etcd gRPC: none (coordination on etcd://{})", external.join(",")),
+    }
     println!("HTTP: http://{}", running.http_addr);
     node::shutdown_signal().await;
     tracing::info!("shutting down");
@@ -205,8 +239,13 @@ async fn run_up(args: UpArgs) -> Result<()> {
     }
     let cfg = resolve(&node_args, default_dir)?;
     let data_dir = cfg.data_dir.clone();
+    if !cfg.external.is_empty() {
+        anyhow::bail!("`meshwork up` runs the embedded store; use `meshwork server --store etcd://...` for an external cluster");
+    }
     let running = node::start(cfg).await?;
-    let etcd = running.etcd_addr;
+    let etcd = running
+        .etcd_addr
+        .context("the embedded store has no etcd address")?;
     let http = running.http_addr;
     println!("etcd gRPC: {etcd}");
     println!("HTTP: http://{http}");
@@ -225,6 +264,11 @@ async fn run_up(args: UpArgs) -> Result<()> {
     println!("               meshwork kv --endpoints {etcd} put greeting hello");
     println!("               meshwork kv --endpoints {etcd} get greeting");
     println!("               ETCDCTL_API=3 etcdctl --endpoints {etcd} get greeting");
+    println!("  registry   meshwork svc --http {http} register orders --address 127.0.0.1 --port 9000 --persistent");
+    println!("               curl 'http://{http}/v1/services/orders/instances?healthy=true'");
+    println!("  config     meshwork config --http {http} publish public/DEFAULT_GROUP/app.toml --format toml --file app.toml");
+    println!("  locks/ids  meshwork lock --http {http} acquire jobs;  meshwork id --http {http} next --count 5");
+    println!("  API        curl http://{http}/openapi.json");
     println!("  health     curl http://{http}/readyz");
     println!("  metrics    curl http://{http}/metrics");
     println!();
@@ -254,6 +298,10 @@ fn main() -> Result<()> {
             }
             Command::Kv(a) => kv::run(a).await,
             Command::Status(a) => kv::status(a).await,
+            Command::Svc(a) => coordcli::svc(a).await,
+            Command::Config(a) => coordcli::config(a).await,
+            Command::Lock(a) => coordcli::lock(a).await,
+            Command::Id(a) => coordcli::id(a).await,
             Command::Bench { what } => bench::run(what).await,
         }
     })

@@ -1,6 +1,7 @@
-//! Running a node: bind listeners, open the store, serve etcd gRPC and HTTP, and shut
-//! down gracefully on SIGTERM or Ctrl-C (stop accepting, finish in-flight requests,
-//! close the store cleanly, exit 0).
+//! Running a node: bind listeners, open the store (or connect to an external etcd
+//! cluster), serve etcd gRPC, start coordination, serve HTTP, and shut down
+//! gracefully on SIGTERM or Ctrl-C (leave the cluster, stop accepting, finish
+//! in-flight requests, close the store cleanly, exit 0).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
+use meshwork_coord::{Coord, CoordOptions};
 use meshwork_etcd::ServerInfo;
 use meshwork_store::{Store, StoreConfig};
 use tokio::net::TcpListener;
@@ -22,25 +24,33 @@ pub(crate) struct NodeConfig {
     pub(crate) etcd_addr: SocketAddr,
     pub(crate) http_addr: SocketAddr,
     pub(crate) store: StoreConfig,
+    /// External etcd endpoints (`--store etcd://...`); empty = the embedded store.
+    pub(crate) external: Vec<String>,
+    pub(crate) coord: CoordOptions,
 }
 
 /// A node that is up: its bound addresses, and how to stop it.
 pub(crate) struct Running {
-    pub(crate) etcd_addr: SocketAddr,
+    /// The embedded store's etcd address (None when running on an external cluster).
+    pub(crate) etcd_addr: Option<SocketAddr>,
     pub(crate) http_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    store: Store,
+    store: Option<Store>,
+    coord: Coord,
 }
 
 impl Running {
     /// Stops accepting, waits for in-flight requests, closes the store.
     pub(crate) async fn shutdown(self) {
+        self.coord.shutdown().await;
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
         }
-        self.store.close().await;
+        if let Some(store) = self.store {
+            store.close().await;
+        }
     }
 }
 
@@ -52,52 +62,84 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     }
 }
 
-/// Binds, opens the store and starts serving.
+/// Binds, opens the store (unless external), starts coordination and serves.
 pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
-    let etcd_listener = TcpListener::bind(cfg.etcd_addr)
-        .await
-        .with_context(|| format!("binding the etcd address {}", cfg.etcd_addr))?;
     let http_listener = TcpListener::bind(cfg.http_addr)
         .await
         .with_context(|| format!("binding the HTTP address {}", cfg.http_addr))?;
-    let etcd_addr = etcd_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
-    let store = Store::open(&cfg.data_dir, cfg.store.clone())
-        .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
     let (stop, stop_rx) = watch::channel(false);
     let serving = Arc::new(AtomicBool::new(true));
-    let info = ServerInfo::single(&cfg.name, format!("http://{etcd_addr}"));
-    let grpc = {
-        let store = store.clone();
+    let mut tasks = Vec::new();
+    let (store, etcd_addr, endpoints) = if cfg.external.is_empty() {
+        let etcd_listener = TcpListener::bind(cfg.etcd_addr)
+            .await
+            .with_context(|| format!("binding the etcd address {}", cfg.etcd_addr))?;
+        let etcd_addr = etcd_listener.local_addr()?;
+        let store = Store::open(&cfg.data_dir, cfg.store.clone())
+            .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
+        let info = ServerInfo::single(&cfg.name, format!("http://{etcd_addr}"));
+        let store2 = store.clone();
         let rx = stop_rx.clone();
-        let serving = serving.clone();
-        tokio::spawn(async move {
-            if let Err(e) = meshwork_etcd::serve(etcd_listener, store, info, stopped(rx)).await {
+        let serving2 = serving.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = meshwork_etcd::serve(etcd_listener, store2, info, stopped(rx)).await {
                 tracing::error!(error = %e, "etcd gRPC server failed");
             }
-            serving.store(false, Ordering::Release);
-        })
+            serving2.store(false, Ordering::Release);
+        }));
+        // Coordination reaches the embedded store through its own etcd endpoint, like
+        // any client: the same code path as on an external cluster.
+        let mut local = etcd_addr;
+        if local.ip().is_unspecified() {
+            local.set_ip(if local.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        (Some(store), Some(etcd_addr), vec![local.to_string()])
+    } else {
+        (None, None, cfg.external.clone())
     };
-    let web = {
-        let state = http::AppState {
-            store: store.clone(),
-            serving: serving.clone(),
-            prometheus: crate::metrics_handle(),
-        };
-        let rx = stop_rx.clone();
-        tokio::spawn(async move {
-            if let Err(e) = http::serve(http_listener, state, stopped(rx)).await {
-                tracing::error!(error = %e, "HTTP server failed");
+    let mut coord_opts = cfg.coord.clone();
+    coord_opts.node_name = cfg.name.clone();
+    coord_opts.http_addr = http_addr.to_string();
+    let coord = match Coord::start(&endpoints, coord_opts).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = stop.send(true);
+            for t in tasks {
+                let _ = t.await;
             }
-        })
+            if let Some(s) = store {
+                s.close().await;
+            }
+            return Err(anyhow::anyhow!(e)).with_context(|| {
+                format!("starting coordination on etcd endpoints {endpoints:?}")
+            });
+        }
     };
-    tracing::info!(%etcd_addr, %http_addr, data_dir = %cfg.data_dir.display(), "meshwork node started");
+    let state = http::AppState {
+        store: store.clone(),
+        serving: serving.clone(),
+        prometheus: crate::metrics_handle(),
+    };
+    let app = http::router(state).merge(meshwork_coord::api::router(coord.clone()));
+    let rx = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = http::serve(http_listener, app, stopped(rx)).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+    tracing::info!(etcd_addr = ?etcd_addr, %http_addr, store = if store.is_some() { "embedded" } else { "external" }, "meshwork node started");
     Ok(Running {
         etcd_addr,
         http_addr,
         stop,
-        tasks: vec![grpc, web],
+        tasks,
         store,
+        coord,
     })
 }
 

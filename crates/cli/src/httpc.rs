@@ -1,0 +1,89 @@
+//! A minimal HTTP/1.1 client for the CLI's calls to a node's JSON API (one
+//! connection per call; hyper does the protocol).
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+/// A response: status and body.
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON, or the API's error message as an error.
+    pub(crate) fn json(self) -> Result<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&self.body).into_owned())
+        });
+        if self.status >= 400 {
+            let msg = v
+                .pointer("/error/message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            let code = v
+                .pointer("/error/code")
+                .and_then(|m| m.as_str())
+                .unwrap_or("error");
+            bail!("{} {code}: {msg}", self.status);
+        }
+        Ok(v)
+    }
+}
+
+/// Sends one request to `http://{addr}{path}`.
+pub(crate) async fn call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<Bytes>,
+) -> Result<Reply> {
+    let addr = addr.trim_start_matches("http://").trim_end_matches('/');
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the Meshwork HTTP API at {addr} (is the node up? see --http)"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP handshake")?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, addr);
+    if body.is_some() {
+        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    let req = req
+        .body(Full::new(body.unwrap_or_default()))
+        .context("building the request")?;
+    let resp = sender.send_request(req).await.context("sending the request")?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .context("reading the response")?
+        .to_bytes();
+    driver.abort();
+    Ok(Reply { status, body })
+}
+
+/// Percent-encodes a query or path component.
+pub(crate) fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

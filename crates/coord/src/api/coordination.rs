@@ -1,0 +1,297 @@
+//! `/v1/leases`, `/v1/locks`, `/v1/elections`, `/v1/ids`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use super::{ApiError, ApiResult, Caller, json, parse_body, parse_body_or_default};
+use crate::error::CoordError;
+use crate::lock::{self, Held};
+use crate::runtime::Coord;
+
+/// Longest a lock or campaign request may wait.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Bounds of a lease TTL granted over HTTP, seconds.
+const TTL_RANGE: std::ops::RangeInclusive<i64> = 2..=3600;
+
+pub(super) fn routes() -> Router<Coord> {
+    Router::new()
+        .route("/v1/leases", post(grant))
+        .route("/v1/leases/{id}/keepalive", post(keepalive))
+        .route("/v1/leases/{id}", delete(revoke))
+        .route("/v1/locks", get(locks))
+        .route("/v1/locks/{name}", post(acquire).delete(release))
+        .route("/v1/elections/{name}", get(leader))
+        .route("/v1/elections/{name}/campaign", post(campaign))
+        .route("/v1/elections/{name}/proclaim", post(proclaim))
+        .route("/v1/elections/{name}/resign", post(resign))
+        .route("/v1/elections/{name}/observe", get(observe))
+        .route("/v1/ids", post(ids))
+        .route("/v1/ids/{id}", get(explain_id))
+}
+
+fn check_ttl(ttl: i64) -> ApiResult<i64> {
+    if TTL_RANGE.contains(&ttl) {
+        Ok(ttl)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("ttl_seconds {ttl} is out of range 2..=3600"),
+        ))
+    }
+}
+
+fn lease_id(s: &str) -> ApiResult<i64> {
+    i64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .or_else(|_| s.parse::<i64>())
+        .map_err(|_| {
+            ApiError::bad_request(
+                "invalid_argument",
+                format!("lease id {s:?} must be a number (decimal, or hex with 0x)"),
+            )
+        })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Grant {
+    ttl_seconds: i64,
+}
+
+async fn grant(State(c): State<Coord>, body: Bytes) -> ApiResult<Response> {
+    let g: Grant = parse_body(&body)?;
+    let ttl = check_ttl(g.ttl_seconds)?;
+    let id = c.backend.grant(ttl).await?;
+    Ok(json(
+        StatusCode::CREATED,
+        &serde_json::json!({"id": id, "ttl_seconds": ttl}),
+    ))
+}
+
+async fn keepalive(State(c): State<Coord>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = lease_id(&id)?;
+    match c.backend.keep_alive_once(id).await? {
+        Some(ttl) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"id": id, "ttl_seconds": ttl}),
+        )),
+        None => Err(CoordError::NotFound(format!("lease {id} expired or does not exist")).into()),
+    }
+}
+
+async fn revoke(State(c): State<Coord>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = lease_id(&id)?;
+    c.backend.revoke(id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn locks(State(c): State<Coord>) -> ApiResult<Response> {
+    let l = lock::list_locks(&c.backend).await?;
+    Ok(json(StatusCode::OK, &serde_json::json!({ "locks": l })))
+}
+
+/// Body of lock and campaign calls.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Contend {
+    /// Use this lease (kept alive by the caller); else one is granted.
+    #[serde(default)]
+    lease: Option<i64>,
+    /// TTL of the granted lease.
+    #[serde(default)]
+    ttl_seconds: Option<i64>,
+    /// Wait at most this long (absent = up to the server maximum; 0 = try once).
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    /// Who (locks) or the proclaimed value (elections).
+    #[serde(default)]
+    holder: String,
+    #[serde(default)]
+    value: String,
+}
+
+async fn lease_for(c: &Coord, body: &Contend) -> ApiResult<(i64, bool)> {
+    match body.lease {
+        Some(l) => Ok((l, false)),
+        None => {
+            let ttl = check_ttl(body.ttl_seconds.unwrap_or(30))?;
+            Ok((c.backend.grant(ttl).await?, true))
+        }
+    }
+}
+
+fn wait_of(body: &Contend) -> Duration {
+    body.timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(MAX_WAIT)
+        .min(MAX_WAIT)
+}
+
+async fn acquire(
+    State(c): State<Coord>,
+    Path(name): Path<String>,
+    Caller(addr): Caller,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let b: Contend = parse_body_or_default(&body)?;
+    lock::validate_lock_name(&name)?;
+    let (lease, granted) = lease_for(&c, &b).await?;
+    let holder = if b.holder.is_empty() {
+        format!("http {}", super::caller(addr))
+    } else {
+        b.holder.clone()
+    };
+    match lock::lock(&c.backend, &name, lease, &holder, Some(wait_of(&b))).await {
+        Ok(h) => Ok(json(StatusCode::OK, &h)),
+        Err(e) => {
+            if granted {
+                let _ = c.backend.revoke(lease).await;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+async fn release(
+    State(c): State<Coord>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let h: Held = parse_body(&body)?;
+    if h.name != name {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("the body names lock {:?}, the path {name:?}", h.name),
+        ));
+    }
+    if lock::unlock(&c.backend, &h).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(CoordError::NotFound(format!(
+            "lock {name:?} is not held with token {} (released, or its lease ended)",
+            h.fencing_token
+        ))
+        .into())
+    }
+}
+
+async fn leader(State(c): State<Coord>, Path(name): Path<String>) -> ApiResult<Response> {
+    match lock::leader(&c.backend, &name).await? {
+        Some(l) => Ok(json(StatusCode::OK, &l)),
+        None => Err(CoordError::NotFound(format!("election {name:?} has no leader")).into()),
+    }
+}
+
+async fn campaign(
+    State(c): State<Coord>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let b: Contend = parse_body_or_default(&body)?;
+    lock::validate_lock_name(&name)?;
+    let (lease, granted) = lease_for(&c, &b).await?;
+    match lock::campaign(&c.backend, &name, lease, &b.value, Some(wait_of(&b))).await {
+        Ok(h) => Ok(json(StatusCode::OK, &h)),
+        Err(e) => {
+            if granted {
+                let _ = c.backend.revoke(lease).await;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProclaimBody {
+    held: Held,
+    value: String,
+}
+
+async fn proclaim(
+    State(c): State<Coord>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let p: ProclaimBody = parse_body(&body)?;
+    if p.held.name != name {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            "held.name differs from the path",
+        ));
+    }
+    lock::proclaim(&c.backend, &p.held, &p.value).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn resign(
+    State(c): State<Coord>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let h: Held = parse_body(&body)?;
+    if h.name != name {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            "name differs from the path",
+        ));
+    }
+    if lock::resign(&c.backend, &h).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(CoordError::NotFound(format!("not a candidate in {name:?} any more")).into())
+    }
+}
+
+async fn observe(State(c): State<Coord>, Path(name): Path<String>) -> ApiResult<Response> {
+    let s = lock::observe(&c.backend, &name)?.map(|l| {
+        let ev = match l {
+            Some(l) => Event::default().event("leader").json_data(&l),
+            None => Event::default().event("none").json_data(serde_json::json!({})),
+        };
+        Ok::<_, Infallible>(ev.unwrap_or_else(|_| Event::default().comment("encoding failed")))
+    });
+    Ok(Sse::new(s)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+async fn ids(
+    State(c): State<Coord>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let count = match q.get("count") {
+        None => 1,
+        Some(n) => n.parse::<usize>().map_err(|_| {
+            ApiError::bad_request("invalid_argument", "count must be 1..=10000")
+        })?,
+    };
+    let gen_ = c.ids()?;
+    let ids = gen_.next_batch(count)?;
+    let strings: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"ids": strings, "worker": gen_.worker()}),
+    ))
+}
+
+async fn explain_id(State(c): State<Coord>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError::bad_request("invalid_argument", format!("{id:?} is not an id"))
+    })?;
+    let (ts, worker, seq) = c.options.ids.decompose(id);
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"id": id.to_string(), "timestamp_ms": ts, "worker": worker, "sequence": seq}),
+    ))
+}

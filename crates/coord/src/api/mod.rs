@@ -1,0 +1,246 @@
+//! The HTTP/JSON API of coordination (`/v1/...`), described by the OpenAPI document
+//! served at `/openapi.json`. Errors are JSON: `{"error":{"code","message"}}` with
+//! the status of [`CoordError::http_status`].
+
+mod config;
+mod coordination;
+mod registry;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::CoordError;
+use crate::runtime::Coord;
+
+/// The OpenAPI 3.1 document of this API.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+/// Every route as (method, OpenAPI path); the OpenAPI document must describe exactly
+/// these (a test checks it).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/nodes"),
+    ("get", "/v1/services"),
+    ("get", "/v1/services/{service}"),
+    ("put", "/v1/services/{service}"),
+    ("get", "/v1/services/{service}/instances"),
+    ("post", "/v1/services/{service}/instances"),
+    ("get", "/v1/services/{service}/instances/{id}"),
+    ("delete", "/v1/services/{service}/instances/{id}"),
+    ("put", "/v1/services/{service}/instances/{id}/heartbeat"),
+    ("put", "/v1/services/{service}/instances/{id}/enabled"),
+    ("get", "/v1/services/{service}/watch"),
+    ("get", "/v1/registry/events"),
+    ("get", "/v1/config"),
+    ("get", "/v1/config/namespaces"),
+    ("post", "/v1/config/listener"),
+    ("get", "/v1/config/{namespace}/{group}/{data_id}"),
+    ("put", "/v1/config/{namespace}/{group}/{data_id}"),
+    ("delete", "/v1/config/{namespace}/{group}/{data_id}"),
+    ("get", "/v1/config/{namespace}/{group}/{data_id}/history"),
+    ("get", "/v1/config/{namespace}/{group}/{data_id}/history/{version}"),
+    ("get", "/v1/config/{namespace}/{group}/{data_id}/diff"),
+    ("post", "/v1/config/{namespace}/{group}/{data_id}/rollback"),
+    ("get", "/v1/config/{namespace}/{group}/{data_id}/watch"),
+    ("get", "/v1/config/{namespace}/{group}/{data_id}/beta"),
+    ("put", "/v1/config/{namespace}/{group}/{data_id}/beta"),
+    ("delete", "/v1/config/{namespace}/{group}/{data_id}/beta"),
+    ("post", "/v1/config/{namespace}/{group}/{data_id}/beta/promote"),
+    ("post", "/v1/leases"),
+    ("post", "/v1/leases/{id}/keepalive"),
+    ("delete", "/v1/leases/{id}"),
+    ("get", "/v1/locks"),
+    ("post", "/v1/locks/{name}"),
+    ("delete", "/v1/locks/{name}"),
+    ("get", "/v1/elections/{name}"),
+    ("post", "/v1/elections/{name}/campaign"),
+    ("post", "/v1/elections/{name}/proclaim"),
+    ("post", "/v1/elections/{name}/resign"),
+    ("get", "/v1/elections/{name}/observe"),
+    ("post", "/v1/ids"),
+    ("get", "/v1/ids/{id}"),
+];
+
+/// An API error: status plus JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    detail: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    /// A 400 with `code` and `message`.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code,
+            message: message.into(),
+            detail: None,
+        }
+    }
+}
+
+impl From<CoordError> for ApiError {
+    fn from(e: CoordError) -> ApiError {
+        let detail = match &e {
+            CoordError::Format(f) => Some(serde_json::json!({"line": f.line, "column": f.column})),
+            _ => None,
+        };
+        ApiError {
+            status: StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            code: e.code(),
+            message: e.to_string(),
+            detail,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut err = serde_json::json!({"code": self.code, "message": self.message});
+        if let (Some(d), Some(o)) = (self.detail, err.as_object_mut()) {
+            o.insert("detail".into(), d);
+        }
+        (self.status, axum::Json(serde_json::json!({ "error": err }))).into_response()
+    }
+}
+
+/// Handler result.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Parses a JSON body, naming the line and column of a syntax error.
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "the request needs a JSON body",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!(
+                "request body is not valid JSON for this call at line {}, column {}: {e}",
+                e.line(),
+                e.column()
+            ),
+        )
+    })
+}
+
+/// Parses an optional JSON body (empty = default).
+pub(crate) fn parse_body_or_default<T: DeserializeOwned + Default>(body: &Bytes) -> ApiResult<T> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(T::default());
+    }
+    parse_body(body)
+}
+
+/// A JSON response with a status.
+pub(crate) fn json<T: Serialize>(status: StatusCode, v: &T) -> Response {
+    (status, axum::Json(v)).into_response()
+}
+
+/// Parses a wait such as `30s`, `500ms`, `2m` or plain milliseconds.
+pub(crate) fn parse_wait(s: &str) -> ApiResult<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "ms"),
+    };
+    let n: u64 = num.parse().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_argument",
+            format!("wait {s:?} must look like 30s, 500ms or 2m"),
+        )
+    })?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_argument",
+                format!("wait {s:?} has unknown unit {unit:?}; use ms, s or m"),
+            ));
+        }
+    };
+    Ok(d)
+}
+
+/// Parses `k=v,k2=v2` labels.
+pub(crate) fn parse_labels(s: Option<&str>) -> ApiResult<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
+    for part in s.unwrap_or("").split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_argument",
+                format!("label {part:?} must be key=value"),
+            )
+        })?;
+        m.insert(k.to_string(), v.to_string());
+    }
+    Ok(m)
+}
+
+/// The caller's address, for `registered_by` and gray-release matching.
+pub(crate) fn caller(addr: Option<SocketAddr>) -> String {
+    addr.map(|a| a.ip().to_string()).unwrap_or_default()
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: "no_such_route",
+        message: "no such API route; see /openapi.json".into(),
+        detail: None,
+    }
+}
+
+/// The API router (mount it on the node's HTTP port; serve it with connect info).
+pub fn router(coord: Coord) -> Router {
+    Router::new()
+        .merge(registry::routes())
+        .merge(config::routes())
+        .merge(coordination::routes())
+        .route("/openapi.json", axum::routing::get(openapi))
+        .fallback(not_found)
+        .with_state(coord)
+}
+
+/// The connecting client's address, when the server was started with connect info.
+pub struct Caller(pub Option<SocketAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Caller(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+        ))
+    }
+}

@@ -1,0 +1,190 @@
+//! Everything coordination runs on one Meshwork node: membership, the registry with
+//! its health checker, the configuration center and the ID generator, all on one
+//! [`Backend`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{Backend, BackendOptions};
+use crate::config::{ConfigCenter, ConfigOptions};
+use crate::error::Result;
+use crate::ids::{IdGenerator, IdLayout};
+use crate::nodes::{Membership, NodeInfo};
+use crate::registry::checker::Checker;
+use crate::registry::{Registry, RegistryOptions};
+
+/// How a node runs coordination.
+#[derive(Debug, Clone)]
+pub struct CoordOptions {
+    /// Unique node name within the cluster.
+    pub node_name: String,
+    /// The node's HTTP address (advertised to the other nodes).
+    pub http_addr: String,
+    /// Membership session TTL, seconds: how long a dead node keeps its health checks.
+    pub node_ttl: i64,
+    /// Run active health checks on this node.
+    pub run_checks: bool,
+    /// Registry limits.
+    pub registry: RegistryOptions,
+    /// Config center limits.
+    pub config: ConfigOptions,
+    /// Connection and retry behaviour towards etcd.
+    pub backend: BackendOptions,
+    /// ID layout.
+    pub ids: IdLayout,
+}
+
+impl Default for CoordOptions {
+    fn default() -> Self {
+        CoordOptions {
+            node_name: "meshwork".into(),
+            http_addr: String::new(),
+            node_ttl: 10,
+            run_checks: true,
+            registry: RegistryOptions::default(),
+            config: ConfigOptions::default(),
+            backend: BackendOptions::default(),
+            ids: IdLayout::default(),
+        }
+    }
+}
+
+/// The coordination services of a node. Cheap to clone.
+#[derive(Clone)]
+pub struct Coord {
+    /// The etcd endpoint set.
+    pub backend: Backend,
+    /// The registry.
+    pub registry: Registry,
+    /// The configuration center.
+    pub config: ConfigCenter,
+    /// This node's membership.
+    pub membership: Arc<Membership>,
+    ids: Arc<parking_lot::RwLock<Option<Arc<IdGenerator>>>>,
+    _ids_task: Arc<AbortOnDrop>,
+    _checker: Option<Arc<Checker>>,
+    /// The options in force.
+    pub options: Arc<CoordOptions>,
+}
+
+impl Coord {
+    /// Connects to `endpoints` and starts every service.
+    pub async fn start(endpoints: &[String], opts: CoordOptions) -> Result<Coord> {
+        let backend = Backend::connect(endpoints, opts.backend.clone()).await?;
+        let membership = Arc::new(
+            Membership::join(
+                &backend,
+                NodeInfo {
+                    name: opts.node_name.clone(),
+                    http_addr: opts.http_addr.clone(),
+                    roles: vec!["coord".into()],
+                    started_at_ms: 0,
+                },
+                opts.node_ttl,
+            )
+            .await?,
+        );
+        let registry = Registry::open(&backend, None, opts.registry.clone()).await?;
+        let config = ConfigCenter::open(&backend, opts.config.clone()).await?;
+        let first = IdGenerator::start(
+            &backend,
+            opts.ids.clone(),
+            membership.session().lease,
+            &opts.node_name,
+        )
+        .await?;
+        let ids = Arc::new(parking_lot::RwLock::new(Some(Arc::new(first))));
+        let ids_task = Arc::new(AbortOnDrop(tokio::spawn(follow_session(
+            backend.clone(),
+            membership.clone(),
+            ids.clone(),
+            opts.ids.clone(),
+            opts.node_name.clone(),
+        ))));
+        let checker = opts
+            .run_checks
+            .then(|| Arc::new(Checker::start(registry.clone(), membership.clone())));
+        tracing::info!(node = %opts.node_name, endpoints = ?endpoints, "coordination started");
+        Ok(Coord {
+            backend,
+            registry,
+            config,
+            membership,
+            ids,
+            _ids_task: ids_task,
+            _checker: checker,
+            options: Arc::new(opts),
+        })
+    }
+
+    /// The ID generator, while this node holds a worker id.
+    pub fn ids(&self) -> Result<Arc<IdGenerator>> {
+        self.ids.read().clone().ok_or_else(|| {
+            crate::error::CoordError::Unavailable(
+                "this node holds no id worker right now (its session is being re-established)".into(),
+            )
+        })
+    }
+
+    /// Leaves the cluster promptly (others take over health checks at once).
+    pub async fn shutdown(self) {
+        drop(self._checker);
+        if let Ok(m) = Arc::try_unwrap(self.membership) {
+            tokio::time::timeout(Duration::from_secs(2), m.leave())
+                .await
+                .ok();
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Re-claims a worker id whenever the membership session changes: the claim lives on
+/// the session lease, so a lost session means a lost worker id.
+async fn follow_session(
+    backend: Backend,
+    membership: Arc<Membership>,
+    ids: Arc<parking_lot::RwLock<Option<Arc<IdGenerator>>>>,
+    layout: IdLayout,
+    node: String,
+) {
+    let mut rx = membership.session_changes();
+    let mut current = membership.session().lease;
+    loop {
+        if rx.changed().await.is_err() {
+            return;
+        }
+        let s = *rx.borrow_and_update();
+        if s.lease == current {
+            continue;
+        }
+        if let Some(old) = ids.write().take() {
+            old.invalidate();
+        }
+        current = s.lease;
+        if s.lease == 0 {
+            continue;
+        }
+        loop {
+            match IdGenerator::start(&backend, layout.clone(), s.lease, &node).await {
+                Ok(g) => {
+                    *ids.write() = Some(Arc::new(g));
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming an id worker failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if membership.session().lease != s.lease {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

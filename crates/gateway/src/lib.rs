@@ -1,0 +1,43 @@
+//! The Meshwork API gateway: an L7 proxy on hyper with live routes,
+//! discovery-based load balancing, resilience, authentication, tracing and
+//! metrics.
+//!
+//! * [`Gateway`] holds the configuration, the live route table (swapped
+//!   atomically by [`Gateway::apply`]) and the pooled upstream clients.
+//! * [`serve`] / [`serve_tls`] accept client connections (HTTP/1.1, h2c,
+//!   and TLS with ALPN) until shutdown.
+//! * [`RouteSet`] is the user-facing route format (TOML or JSON).
+//! * [`Resolver`] is the seam to the service registry; [`StaticResolver`]
+//!   serves fixed lists.
+//! * [`SharedLimiter`] is the seam for cluster-wide rate limits.
+//! * [`Gateway::admin_router`] is the admin API.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod admin;
+mod auth;
+pub mod body;
+mod config;
+mod error;
+mod gateway;
+mod headers;
+mod limits;
+mod proxy;
+mod resolver;
+pub mod route;
+mod server;
+mod table;
+mod tls;
+mod upstream;
+
+pub use config::{GatewayConfig, GatewayConfigError};
+pub use error::{ErrorCode, GatewayError};
+pub use gateway::{Gateway, GatewayCounters, RouteInfo};
+pub use headers::TraceContext;
+pub use limits::{LocalSharedLimiter, SharedLimiter};
+pub use resolver::{Endpoint, InstanceFilter, Resolver, StaticResolver};
+pub use route::model::{RouteConfig, RouteError, RouteSet};
+pub use route::{Explanation, RouteCheck};
+pub use server::{serve, serve_tls};
+pub use table::RouteCounters;
+pub use tls::{TlsConfig, TlsError, TlsReloader};
+pub use upstream::{ClusterSnapshot, EndpointSnapshot};
