@@ -1,0 +1,716 @@
+//! The request path: limits, route matching, access control, rate limits,
+//! authentication, then the route's action (forward with retries,
+//! timeouts, breaker, bulkhead and mirroring; redirect; direct response).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as HttpBody;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use meshwork_resilience::classify::Outcome;
+use meshwork_resilience::limit::concurrency::BulkheadFull;
+use meshwork_resilience::retry::full_jitter;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+
+use crate::body::{self, Body, BodyFault, BoxError, GuardedBody};
+use crate::error::{ErrorCode, GatewayError};
+use crate::gateway::Shared;
+use crate::headers::{self, TraceContext};
+use crate::route::compile::{self, ActionPlan, ForwardPlan, MatchInput, SplitCond};
+use crate::route::model::{HashOn, UpstreamProtocol};
+use crate::table::{ForwardRt, Route};
+use crate::upstream::{TryGuard, hash_bytes};
+
+/// What the accepting side knows about a connection.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    pub(crate) peer: SocketAddr,
+    pub(crate) tls: bool,
+}
+
+/// What the access log and metrics need from the request's processing.
+#[derive(Default)]
+struct Outcome2 {
+    route: Option<Arc<Route>>,
+    upstream: Option<SocketAddr>,
+    error: Option<&'static str>,
+}
+
+fn error_response(e: GatewayError, rid: &HeaderValue, out: &mut Outcome2) -> Response<Body> {
+    out.error = Some(e.code.as_str());
+    e.into_response(rid.to_str().ok())
+}
+
+/// Handles one client request; never fails (errors become JSON responses).
+pub(crate) async fn handle<B>(sh: Arc<Shared>, req: Request<B>, conn: ConnInfo) -> Response<Body>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let start = Instant::now();
+    let rid = headers::request_id(req.headers(), &sh.request_id_header);
+    let method = req.method().clone();
+    let path_log = req.uri().path().to_owned();
+    let version = req.version();
+    let mut out = Outcome2::default();
+    let trace = TraceContext::from_headers(req.headers());
+    let mut resp = match process(&sh, req, &conn, &rid, &trace, &mut out).await {
+        Ok(r) => r,
+        Err(e) => error_response(e, &rid, &mut out),
+    };
+    resp.headers_mut()
+        .insert(sh.request_id_header.clone(), rid.clone());
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed();
+    sh.stats.requests_total.fetch_add(1, Ordering::Relaxed);
+    if let Some(r) = &out.route {
+        r.stats.record(status, elapsed.as_secs_f64());
+    }
+    if sh.cfg.access_log {
+        tracing::info!(
+            target: "meshwork_gateway::access",
+            request_id = rid.to_str().unwrap_or(""),
+            client = %conn.peer,
+            method = %method,
+            path = %path_log,
+            version = headers::via_version(version),
+            status,
+            route = out.route.as_ref().map_or("", |r| r.plan.name.as_str()),
+            upstream = out.upstream.map(|a| a.to_string()).unwrap_or_default(),
+            error = out.error.unwrap_or(""),
+            duration_us = elapsed.as_micros() as u64,
+            trace_id = %trace.trace_id,
+            "request"
+        );
+    }
+    resp
+}
+
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|s| {
+        s == "."
+            || s == ".."
+            || s.eq_ignore_ascii_case("%2e")
+            || s.eq_ignore_ascii_case("%2e%2e")
+            || s.eq_ignore_ascii_case(".%2e")
+            || s.eq_ignore_ascii_case("%2e.")
+    })
+}
+
+async fn process<B>(
+    sh: &Arc<Shared>,
+    mut req: Request<B>,
+    conn: &ConnInfo,
+    rid: &HeaderValue,
+    trace: &TraceContext,
+    out: &mut Outcome2,
+) -> Result<Response<Body>, GatewayError>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let cfg = &sh.cfg;
+    // Limits first: nothing below runs on oversized input.
+    if req.headers().len() > cfg.max_headers
+        || headers::header_bytes(req.headers()) > cfg.max_header_bytes
+    {
+        return Err(GatewayError::new(
+            ErrorCode::HeadersTooLarge,
+            "request headers exceed the limit",
+        ));
+    }
+    if let Some(cl) = req.headers().get(header::CONTENT_LENGTH) {
+        let n: u64 = cl
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| GatewayError::new(ErrorCode::BadRequest, "invalid Content-Length"))?;
+        if n > cfg.max_body_bytes {
+            return Err(GatewayError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "request body of {n} bytes exceeds {} bytes",
+                    cfg.max_body_bytes
+                ),
+            ));
+        }
+    }
+    if req.method() == Method::CONNECT {
+        return Err(GatewayError::new(
+            ErrorCode::BadRequest,
+            "CONNECT is not supported",
+        ));
+    }
+    let path = req.uri().path();
+    if !path.starts_with('/') {
+        return Err(GatewayError::new(
+            ErrorCode::BadRequest,
+            "the request target must be a path",
+        ));
+    }
+    if has_dot_segment(path) {
+        return Err(GatewayError::new(
+            ErrorCode::BadRequest,
+            "the path has dot segments",
+        ));
+    }
+    let host = headers::request_host(&req);
+    let table = sh.table.load_full();
+    let route = {
+        let input = MatchInput {
+            method: req.method(),
+            host: host.as_deref(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
+        table
+            .routes
+            .iter()
+            .find(|r| r.plan.matcher.matches(&input))
+            .cloned()
+    };
+    let Some(route) = route else {
+        sh.stats.no_route_total.fetch_add(1, Ordering::Relaxed);
+        return Err(GatewayError::new(
+            ErrorCode::NoRoute,
+            "no route matches the request",
+        ));
+    };
+    out.route = Some(route.clone());
+    route.stats.active.fetch_add(1, Ordering::Relaxed);
+    let _active = ActiveGuard(route.clone());
+    let ip = if cfg.trust_forwarded_headers {
+        req.headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.split(',').next())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(conn.peer.ip())
+    } else {
+        conn.peer.ip()
+    };
+    if let Some(acl) = &route.plan.acl
+        && !acl.allows(ip)
+    {
+        return Err(GatewayError::new(
+            ErrorCode::Forbidden,
+            format!("client {ip} is not allowed"),
+        ));
+    }
+    if !route.limiters.is_empty() {
+        let now = Instant::now();
+        for l in &route.limiters {
+            if let Err(rl) = l.check(ip, req.headers(), sh.shared_limiter.as_ref(), now) {
+                route.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                route.stats.m_rate_limited.increment(1);
+                return Err(
+                    GatewayError::new(ErrorCode::RateLimited, "rate limit exceeded")
+                        .retry_after(rl.retry_after),
+                );
+            }
+        }
+    }
+    if let Some(auth) = &route.plan.auth {
+        auth.check(req.headers_mut())?;
+    }
+    let mut resp = match &route.plan.action {
+        ActionPlan::Respond(r) => {
+            let mut resp = Response::new(body::full(r.body.clone()));
+            *resp.status_mut() = r.status;
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, r.content_type.clone());
+            resp
+        }
+        ActionPlan::Redirect(rd) => {
+            let uri = req.uri();
+            let location = match &rd.location {
+                Some(l) => {
+                    let mut loc = compile::expand_captures(&route.plan.matcher, uri.path(), l);
+                    if rd.keep_query
+                        && loc.starts_with('/')
+                        && let Some(q) = uri.query()
+                    {
+                        loc.push(if loc.contains('?') { '&' } else { '?' });
+                        loc.push_str(q);
+                    }
+                    loc
+                }
+                None => {
+                    let scheme =
+                        rd.scheme
+                            .as_deref()
+                            .unwrap_or(if conn.tls { "https" } else { "http" });
+                    let h = rd
+                        .host
+                        .clone()
+                        .or_else(|| headers::request_authority(&req))
+                        .unwrap_or_default();
+                    let mut loc = format!("{scheme}://{h}{}", uri.path());
+                    if rd.keep_query
+                        && let Some(q) = uri.query()
+                    {
+                        loc.push('?');
+                        loc.push_str(q);
+                    }
+                    loc
+                }
+            };
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = rd.status;
+            let v = HeaderValue::from_str(&location).map_err(|_| {
+                GatewayError::new(
+                    ErrorCode::BadRequest,
+                    "redirect location is not a valid header",
+                )
+            })?;
+            resp.headers_mut().insert(header::LOCATION, v);
+            resp
+        }
+        ActionPlan::Forward(plan) => {
+            let Some(rt) = route.forward.as_ref() else {
+                return Err(GatewayError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    "route has no upstream state",
+                ));
+            };
+            forward(sh, &route, plan, rt, req, conn, ip, rid, trace, out).await?
+        }
+    };
+    route.plan.response_ops.apply(resp.headers_mut());
+    Ok(resp)
+}
+
+struct ActiveGuard(Arc<Route>);
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn choose_target(plan: &ForwardPlan, headers: &HeaderMap) -> usize {
+    for (cond, idx) in &plan.split {
+        let hit = match cond {
+            SplitCond::Header(h, want) => headers
+                .get(h)
+                .is_some_and(|v| want.as_ref().is_none_or(|w| v.as_bytes() == w.as_bytes())),
+            SplitCond::Cookie(c, want) => {
+                headers::cookie(headers, c).is_some_and(|v| want.as_ref().is_none_or(|w| v == w))
+            }
+        };
+        if hit {
+            return *idx;
+        }
+    }
+    if plan.targets.len() == 1 || plan.total_weight == 0 {
+        return 0;
+    }
+    let mut r = rand::random_range(0..plan.total_weight);
+    for (i, t) in plan.targets.iter().enumerate() {
+        let w = u64::from(t.weight);
+        if r < w {
+            return i;
+        }
+        r -= w;
+    }
+    0
+}
+
+fn request_hash(plan: &ForwardPlan, headers: &HeaderMap, ip: std::net::IpAddr) -> Option<u64> {
+    match plan.lb.hash_on.as_ref()? {
+        HashOn::Header(h) => headers.get(h.as_str()).map(|v| hash_bytes(v.as_bytes())),
+        HashOn::Cookie(c) => headers::cookie(headers, c).map(|v| hash_bytes(v.as_bytes())),
+        HashOn::ClientIp => Some(match ip.to_canonical() {
+            std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+            std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
+        }),
+    }
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn classify(
+    res: &Result<
+        Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+        tokio::time::error::Elapsed,
+    >,
+) -> Outcome {
+    match res {
+        Ok(Ok(r)) if r.status().is_server_error() => Outcome::Failure,
+        Ok(Ok(_)) => Outcome::Success,
+        _ => Outcome::Failure,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward<B>(
+    sh: &Arc<Shared>,
+    route: &Arc<Route>,
+    plan: &ForwardPlan,
+    rt: &ForwardRt,
+    mut req: Request<B>,
+    conn: &ConnInfo,
+    ip: std::net::IpAddr,
+    rid: &HeaderValue,
+    trace: &TraceContext,
+    out: &mut Outcome2,
+) -> Result<Response<Body>, GatewayError>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let cfg = &sh.cfg;
+    let target = &rt.targets[choose_target(plan, req.headers()).min(rt.targets.len() - 1)];
+    let permit = match &target.breaker {
+        Some((b, gauge)) => {
+            let now = Instant::now();
+            match b.try_acquire(now) {
+                Ok(p) => {
+                    if let Some(t) = p.transition {
+                        gauge.set(t.to.as_gauge());
+                        tracing::info!(route = %route.plan.name, target = %target.name, to = t.to.as_str(), "breaker state");
+                    }
+                    Some(p)
+                }
+                Err(open) => {
+                    return Err(GatewayError::new(
+                        ErrorCode::BreakerOpen,
+                        "circuit breaker is open",
+                    )
+                    .retry_after(open.remaining.max(Duration::from_secs(1))));
+                }
+            }
+        }
+        None => None,
+    };
+    let upgrade = headers::is_upgrade(req.version(), req.headers());
+    let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let body_empty = body.is_end_stream();
+    let method = parts.method.clone();
+    let grpc = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let h2 = match plan.protocol {
+        UpstreamProtocol::H2c => true,
+        UpstreamProtocol::Http1 => false,
+        UpstreamProtocol::Auto => parts.version == Version::HTTP_2 && grpc,
+    } && !upgrade;
+    let hash = request_hash(plan, &parts.headers, ip);
+    let orig_authority = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let fwd_host = orig_authority
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    // Headers going upstream.
+    let mut hdrs = parts.headers;
+    headers::remove_hop_by_hop(&mut hdrs, true, upgrade);
+    if upgrade {
+        hdrs.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    headers::set_forwarding(
+        &mut hdrs,
+        SocketAddr::new(ip, conn.peer.port()),
+        if conn.tls { "https" } else { "http" },
+        fwd_host.as_deref(),
+        parts.version,
+        &cfg.via_name,
+        cfg.trust_forwarded_headers,
+    );
+    trace.apply(&mut hdrs);
+    hdrs.insert(sh.request_id_header.clone(), rid.clone());
+    route.plan.request_ops.apply(&mut hdrs);
+    match (&orig_authority, plan.preserve_host && !h2) {
+        (Some(h), true) => {
+            hdrs.insert(header::HOST, h.clone());
+        }
+        _ => {
+            hdrs.remove(header::HOST);
+        }
+    }
+    let mut path_q = compile::rewrite_path(plan, &route.plan.matcher, parts.uri.path());
+    if let Some(q) = parts.uri.query() {
+        path_q.push('?');
+        path_q.push_str(q);
+    }
+    // Body: streamed through the guard unless empty.
+    let fault = BodyFault::default();
+    let mut mirror_body = None;
+    let mirror_target = rt
+        .mirror
+        .as_ref()
+        .filter(|(_, pct)| *pct >= 100.0 || rand::random::<f64>() * 100.0 < *pct);
+    let mirror_permit =
+        mirror_target.and_then(|_| sh.mirror_slots.clone().try_acquire_owned().ok());
+    let mut first_body = if body_empty {
+        None
+    } else {
+        let mut g = GuardedBody::new(
+            body,
+            cfg.max_body_bytes,
+            Duration::from_millis(cfg.body_read_timeout_ms),
+            fault.clone(),
+        );
+        if mirror_permit.is_some() {
+            let (tx, rx) = tokio::sync::mpsc::channel(cfg.mirror_buffer_chunks);
+            let aborted = Arc::new(AtomicBool::new(false));
+            g = g.with_tee(tx, aborted.clone());
+            mirror_body = Some(body::channel_body(rx, aborted));
+        }
+        Some(body::boxed(g))
+    };
+    if let (Some((cluster, _)), Some(permit)) = (mirror_target, mirror_permit) {
+        let mb = mirror_body.unwrap_or_else(body::empty);
+        if let Some(p) = cluster.pick(None, &[]) {
+            let mut mh = hdrs.clone();
+            if let Some(h) = fwd_host.as_deref() {
+                let shadow = format!("{}-shadow", h.split(':').next().unwrap_or(h));
+                if let Ok(v) = HeaderValue::from_str(&shadow) {
+                    mh.insert(header::HOST, v);
+                }
+            }
+            if let Ok(uri) = Uri::try_from(format!("http://{}{}", p.authority, path_q)) {
+                let mut mreq = Request::new(mb);
+                *mreq.method_mut() = method.clone();
+                *mreq.uri_mut() = uri;
+                *mreq.headers_mut() = mh;
+                let client = sh.h1.clone();
+                let limit = Duration::from_millis(cfg.default_timeout_ms);
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let _ = tokio::time::timeout(limit, async move {
+                        if let Ok(resp) = client.request(mreq).await {
+                            let mut b = resp.into_body();
+                            while let Some(Ok(_)) = b.frame().await {}
+                        }
+                    })
+                    .await;
+                });
+            }
+        }
+    }
+    let attempts_allowed = match &plan.retry {
+        Some(r) if body_empty && !upgrade && (idempotent(&method) || plan.retry_all_methods) => {
+            r.max_attempts
+        }
+        _ => 1,
+    };
+    if let Some(b) = &rt.budget {
+        b.deposit(Instant::now());
+    }
+    let overall = plan
+        .timeout
+        .unwrap_or(Duration::from_millis(cfg.default_timeout_ms));
+    let per_try = plan.per_try_timeout.unwrap_or(overall);
+    let deadline = Instant::now() + overall;
+    let client = if h2 { &sh.h2 } else { &sh.h1 };
+    let version = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+
+    let call = async {
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let Some(picked) = target.cluster.pick(hash, &tried) else {
+                return Err(GatewayError::new(
+                    ErrorCode::NoHealthyUpstream,
+                    format!("no healthy endpoint for {}", target.cluster.name),
+                ));
+            };
+            out.upstream = Some(picked.addr);
+            tried.push(picked.addr);
+            let uri =
+                Uri::try_from(format!("http://{}{}", picked.authority, path_q)).map_err(|_| {
+                    GatewayError::new(ErrorCode::BadRequest, "cannot build the upstream URI")
+                })?;
+            let last = attempt >= attempts_allowed;
+            let body = first_body.take().unwrap_or_else(body::empty);
+            let mut up = Request::new(body);
+            *up.method_mut() = method.clone();
+            *up.uri_mut() = uri;
+            *up.version_mut() = version;
+            *up.headers_mut() = if last {
+                std::mem::take(&mut hdrs)
+            } else {
+                hdrs.clone()
+            };
+            let now = Instant::now();
+            let remaining = deadline.saturating_duration_since(now);
+            let this_try = per_try.min(remaining);
+            let guard = TryGuard::start(&picked);
+            let res = tokio::time::timeout(this_try, client.request(up)).await;
+            guard.end();
+            let outcome = classify(&res);
+            if outcome == Outcome::Failure {
+                picked.stats.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            target.cluster.record(picked.addr, outcome);
+            let connect_err = matches!(&res, Ok(Err(e)) if e.is_connect());
+            let retryable = match &res {
+                Ok(Ok(r)) => matches!(r.status().as_u16(), 502..=504),
+                Ok(Err(_)) => fault.get() == BodyFault::NONE,
+                Err(_) => per_try < overall,
+            };
+            let may_retry = !last
+                && retryable
+                && (connect_err || idempotent(&method) || plan.retry_all_methods)
+                && rt
+                    .budget
+                    .as_ref()
+                    .is_none_or(|b| b.try_withdraw(Instant::now()));
+            if may_retry {
+                let backoff = plan.retry.as_ref().map_or(Duration::ZERO, |r| {
+                    full_jitter(
+                        Duration::from_millis(r.initial_backoff_ms),
+                        Duration::from_millis(r.max_backoff_ms),
+                        r.multiplier,
+                        attempt,
+                    )
+                });
+                if Instant::now() + backoff < deadline {
+                    tracing::debug!(route = %route.plan.name, endpoint = %picked.addr, attempt, "retrying");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            }
+            return match res {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(e)) => Err(match fault.get() {
+                    BodyFault::TOO_LARGE => GatewayError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!("request body exceeds {} bytes", cfg.max_body_bytes),
+                    ),
+                    BodyFault::TIMEOUT => {
+                        GatewayError::new(ErrorCode::RequestTimeout, "request body read timed out")
+                    }
+                    _ => GatewayError::new(
+                        ErrorCode::UpstreamUnavailable,
+                        format!("upstream {}: {}", picked.addr, error_chain(&e)),
+                    ),
+                }),
+                Err(_) => Err(GatewayError::new(
+                    ErrorCode::UpstreamTimeout,
+                    format!("upstream did not answer within {} ms", this_try.as_millis()),
+                )),
+            };
+        }
+    };
+    let started = Instant::now();
+    let result = match &rt.bulkhead {
+        None => call.await,
+        Some(layer) => {
+            // The bulkhead holds a slot while the call (to response head)
+            // runs: its inner call signals "go" and waits for "done".
+            let svc = layer.layer(tower::service_fn(
+                |(go, done): (oneshot::Sender<()>, oneshot::Receiver<()>)| async move {
+                    let _ = go.send(());
+                    let _ = done.await;
+                    Ok::<(), std::convert::Infallible>(())
+                },
+            ));
+            let (go_tx, go_rx) = oneshot::channel();
+            let (done_tx, done_rx) = oneshot::channel::<()>();
+            let mut slot = std::pin::pin!(svc.oneshot((go_tx, done_rx)));
+            tokio::select! {
+                biased;
+                r = &mut slot => match r {
+                    Err(e) if e.is::<BulkheadFull>() => {
+                        Err(GatewayError::new(ErrorCode::Overloaded, "route is at its concurrency limit"))
+                    }
+                    Err(e) => Err(GatewayError::new(ErrorCode::UpstreamUnavailable, e.to_string())),
+                    Ok(()) => Err(GatewayError::new(ErrorCode::Overloaded, "bulkhead released early")),
+                },
+                _ = go_rx => {
+                    let (res, _) = tokio::join!(
+                        async {
+                            let r = call.await;
+                            drop(done_tx);
+                            r
+                        },
+                        slot
+                    );
+                    res
+                }
+            }
+        }
+    };
+    if let (Some(p), Some((b, gauge))) = (permit, &target.breaker) {
+        let outcome = match &result {
+            Ok(r) if r.status().is_server_error() => Outcome::Failure,
+            Ok(_) => Outcome::Success,
+            Err(e)
+                if matches!(
+                    e.code,
+                    ErrorCode::PayloadTooLarge | ErrorCode::RequestTimeout | ErrorCode::BadRequest
+                ) =>
+            {
+                Outcome::Ignored
+            }
+            Err(_) => Outcome::Failure,
+        };
+        let now = Instant::now();
+        if let Some(t) = b.record(p, outcome, now.saturating_duration_since(started), now) {
+            gauge.set(t.to.as_gauge());
+            tracing::warn!(route = %route.plan.name, target = %target.name, from = t.from.as_str(), to = t.to.as_str(), "breaker state");
+        }
+    }
+    let mut resp = result?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade {
+        let up = hyper::upgrade::on(&mut resp);
+        if let Some(client_up) = on_client_upgrade {
+            tokio::spawn(async move {
+                match tokio::try_join!(client_up, up) {
+                    Ok((c, u)) => {
+                        let mut c = TokioIo::new(c);
+                        let mut u = TokioIo::new(u);
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                            tracing::debug!(error = %e, "upgraded tunnel ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+        }
+        let (mut parts, body) = resp.into_parts();
+        headers::append_via(&mut parts.headers, Version::HTTP_11, &cfg.via_name);
+        return Ok(Response::from_parts(parts, body::boxed(body)));
+    }
+    let (mut parts, body) = resp.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers, false, false);
+    headers::append_via(&mut parts.headers, parts.version, &cfg.via_name);
+    Ok(Response::from_parts(parts, body::boxed(body)))
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,7 @@
+//! Routes: the user-facing model ([`model`]), compilation and validation,
+//! matching and explanations.
+
+pub(crate) mod compile;
+pub mod model;
+
+pub use compile::{Explanation, RouteCheck};

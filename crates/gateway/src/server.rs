@@ -1,0 +1,320 @@
+//! Accepting client connections: HTTP/1.1 and h2c on one port (hyper-util's
+//! auto builder), TLS with ALPN, header read timeout, idle timeout,
+//! connection limit and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::gateway::{Gateway, Shared};
+use crate::proxy::{self, ConnInfo};
+
+/// I/O and request activity of one connection, for the idle timeout.
+#[derive(Debug, Default)]
+struct Activity {
+    io_ops: AtomicU64,
+    active_requests: AtomicUsize,
+}
+
+pin_project_lite::pin_project! {
+    /// Counts reads and writes so an idle connection can be told apart.
+    struct ActivityIo<T> {
+        #[pin]
+        inner: T,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let r = this.inner.poll_read(cx, buf);
+        if r.is_ready() {
+            this.activity.io_ops.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        if r.is_ready() {
+            this.activity.io_ops.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if r.is_ready() {
+            this.activity.io_ops.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Decrements the request count even if the handler is dropped.
+struct RequestGuard(Arc<Activity>);
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.active_requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts open connections; shutdown waits for zero.
+#[derive(Default)]
+struct Tracker {
+    open: AtomicUsize,
+    drained: Notify,
+}
+
+struct ConnGuard {
+    tracker: Arc<Tracker>,
+    shared: Arc<Shared>,
+}
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.shared
+            .stats
+            .active_connections
+            .fetch_sub(1, Ordering::Relaxed);
+        self.shared.m_active_connections.decrement(1.0);
+        if self.tracker.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.tracker.drained.notify_waiters();
+        }
+    }
+}
+
+fn builder(sh: &Shared) -> auto::Builder<TokioExecutor> {
+    let cfg = &sh.cfg;
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(cfg.header_read_timeout_ms))
+        .max_buf_size((cfg.max_header_bytes + 8192).max(8192))
+        .max_headers(cfg.max_headers)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
+    b
+}
+
+/// Serves plain-text HTTP/1.1 and h2c on `listener` until `shutdown`
+/// resolves, then stops accepting, lets connections finish their requests
+/// (up to `shutdown_grace_ms`) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Gateway,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    serve_inner(listener, gateway, None, shutdown).await
+}
+
+/// As [`serve`], over TLS (ALPN `h2` and `http/1.1`); build `acceptor`
+/// with [`TlsReloader`](crate::TlsReloader).
+pub async fn serve_tls(
+    listener: TcpListener,
+    gateway: Gateway,
+    acceptor: TlsAcceptor,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    serve_inner(listener, gateway, Some(acceptor), shutdown).await
+}
+
+async fn serve_inner(
+    listener: TcpListener,
+    gateway: Gateway,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    let sh = gateway.shared.clone();
+    let builder = Arc::new(builder(&sh));
+    let slots = Arc::new(Semaphore::new(sh.cfg.max_connections));
+    let tracker = Arc::new(Tracker::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, tls = tls.is_some(), "gateway listening");
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors and similar: back off briefly, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        sh.stats.active_connections.fetch_add(1, Ordering::Relaxed);
+        sh.stats.connections_total.fetch_add(1, Ordering::Relaxed);
+        sh.m_active_connections.increment(1.0);
+        tracker.open.fetch_add(1, Ordering::AcqRel);
+        let guard = ConnGuard {
+            tracker: tracker.clone(),
+            shared: sh.clone(),
+        };
+        let sh = sh.clone();
+        let builder = builder.clone();
+        let stop = stop_rx.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let _permit = permit;
+            let info = ConnInfo {
+                peer,
+                tls: tls.is_some(),
+            };
+            match tls {
+                None => serve_conn(stream, sh, builder, info, stop).await,
+                Some(acc) => {
+                    let limit = Duration::from_millis(sh.cfg.header_read_timeout_ms);
+                    match tokio::time::timeout(limit, acc.accept(stream)).await {
+                        Ok(Ok(s)) => serve_conn(s, sh, builder, info, stop).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_millis(sh.cfg.shutdown_grace_ms);
+    let drained = async {
+        loop {
+            let n = tracker.drained.notified();
+            if tracker.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            n.await;
+        }
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tracing::warn!(
+            open = tracker.open.load(Ordering::Acquire),
+            "shutdown grace period over; closing connections"
+        );
+    }
+    Ok(())
+}
+
+async fn serve_conn<T>(
+    io: T,
+    sh: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    info: ConnInfo,
+    mut stop: watch::Receiver<bool>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = info.peer;
+    let activity = Arc::new(Activity::default());
+    let io = TokioIo::new(ActivityIo {
+        inner: io,
+        activity: activity.clone(),
+    });
+    let svc = {
+        let activity = activity.clone();
+        let sh = sh.clone();
+        service_fn(move |req| {
+            activity.active_requests.fetch_add(1, Ordering::Relaxed);
+            let guard = RequestGuard(activity.clone());
+            let sh = sh.clone();
+            let info = info.clone();
+            async move {
+                let resp = proxy::handle(sh, req, info).await;
+                drop(guard);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    let mut conn = std::pin::pin!(conn);
+    let idle = Duration::from_millis(sh.cfg.idle_timeout_ms);
+    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut last_ops = u64::MAX;
+    let mut quiet_ticks = 0u32;
+    let mut closing = *stop.borrow();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = stop.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick(), if !closing => {
+                let ops = activity.io_ops.load(Ordering::Relaxed);
+                if ops == last_ops && activity.active_requests.load(Ordering::Relaxed) == 0 {
+                    quiet_ticks += 1;
+                    if quiet_ticks >= 4 {
+                        tracing::debug!("closing idle connection");
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                } else {
+                    quiet_ticks = 0;
+                    last_ops = ops;
+                }
+            }
+        }
+    }
+}

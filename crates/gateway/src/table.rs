@@ -1,0 +1,279 @@
+//! The live route table: compiled plans bound to runtime state (clusters,
+//! breakers, budgets, bulkheads, limiters, counters). State is kept across
+//! applies when a route's settings for it did not change, so a reload does
+//! not reset breakers, ejections, limiter buckets or latency estimates.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use meshwork_resilience::breaker::BreakerCore;
+use meshwork_resilience::limit::concurrency::BulkheadLayer;
+use meshwork_resilience::retry::RetryBudget;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::limits::Limiter;
+use crate::resolver::Resolver;
+use crate::route::compile::{ActionPlan, RoutePlan, Source, TargetPlan};
+use crate::route::model::{LbPolicy, RouteSet};
+use crate::upstream::Cluster;
+use meshwork_resilience::outlier::OutlierConfig;
+
+/// Live counters of one route.
+#[derive(Debug)]
+pub(crate) struct RouteStats {
+    pub(crate) requests: AtomicU64,
+    pub(crate) by_class: [AtomicU64; 5],
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) active: AtomicU64,
+    pub(crate) m_by_class: [metrics::Counter; 5],
+    pub(crate) m_latency: metrics::Histogram,
+    pub(crate) m_rate_limited: metrics::Counter,
+}
+
+impl RouteStats {
+    fn new(route: &str) -> Self {
+        let class = |c: &'static str| metrics::counter!("meshwork_gateway_requests_total", "route" => route.to_owned(), "status_class" => c);
+        Self {
+            requests: AtomicU64::new(0),
+            by_class: Default::default(),
+            rate_limited: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            m_by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            m_latency: metrics::histogram!("meshwork_gateway_request_duration_seconds", "route" => route.to_owned()),
+            m_rate_limited: metrics::counter!("meshwork_gateway_rate_limited_total", "route" => route.to_owned()),
+        }
+    }
+
+    pub(crate) fn record(&self, status: u16, secs: f64) {
+        let i = usize::from((status / 100).clamp(1, 5) - 1);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.by_class[i].fetch_add(1, Ordering::Relaxed);
+        self.m_by_class[i].increment(1);
+        self.m_latency.record(secs);
+    }
+}
+
+/// Counters of a route for the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteCounters {
+    /// Route name.
+    pub route: String,
+    /// Requests answered.
+    pub requests: u64,
+    /// Responses by status class 1xx..5xx.
+    pub status_classes: [u64; 5],
+    /// Requests rejected by a rate limit.
+    pub rate_limited: u64,
+    /// Requests in progress.
+    pub active: u64,
+}
+
+impl RouteStats {
+    pub(crate) fn counters(&self, route: &str) -> RouteCounters {
+        RouteCounters {
+            route: route.to_owned(),
+            requests: self.requests.load(Ordering::Relaxed),
+            status_classes: std::array::from_fn(|i| self.by_class[i].load(Ordering::Relaxed)),
+            rate_limited: self.rate_limited.load(Ordering::Relaxed),
+            active: self.active.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A target bound to its cluster and breaker.
+#[derive(Debug)]
+pub(crate) struct TargetRt {
+    pub(crate) name: String,
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) breaker: Option<(Arc<BreakerCore>, metrics::Gauge)>,
+}
+
+/// Runtime state of a forward action.
+#[derive(Debug)]
+pub(crate) struct ForwardRt {
+    pub(crate) targets: Vec<TargetRt>,
+    pub(crate) mirror: Option<(Arc<Cluster>, f64)>,
+    pub(crate) budget: Option<Arc<RetryBudget>>,
+    pub(crate) bulkhead: Option<BulkheadLayer>,
+}
+
+/// A route ready to serve.
+#[derive(Debug)]
+pub(crate) struct Route {
+    pub(crate) plan: RoutePlan,
+    pub(crate) forward: Option<ForwardRt>,
+    pub(crate) limiters: Vec<Arc<Limiter>>,
+    pub(crate) stats: Arc<RouteStats>,
+}
+
+/// The table the gateway serves from.
+#[derive(Debug, Default)]
+pub(crate) struct RouteTable {
+    pub(crate) routes: Vec<Arc<Route>>,
+    pub(crate) set: RouteSet,
+    pub(crate) version: u64,
+}
+
+/// Runtime state reusable across applies, by a key of its settings.
+#[derive(Default)]
+pub(crate) struct StateCache {
+    clusters: HashMap<String, Arc<Cluster>>,
+    breakers: HashMap<String, Arc<BreakerCore>>,
+    budgets: HashMap<String, Arc<RetryBudget>>,
+    bulkheads: HashMap<String, BulkheadLayer>,
+    limiters: HashMap<String, Arc<Limiter>>,
+    stats: HashMap<String, Arc<RouteStats>>,
+}
+
+impl StateCache {
+    /// Every cluster in use.
+    pub(crate) fn clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
+        self.clusters.values()
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn take_or<T: Clone>(
+    old: &mut HashMap<String, T>,
+    new: &mut HashMap<String, T>,
+    key: String,
+    make: impl FnOnce() -> Option<T>,
+) -> Option<T> {
+    if let Some(v) = new.get(&key) {
+        return Some(v.clone());
+    }
+    let v = match old.remove(&key) {
+        Some(v) => v,
+        None => make()?,
+    };
+    new.insert(key, v.clone());
+    Some(v)
+}
+
+fn cluster_for(
+    old: &mut StateCache,
+    new: &mut StateCache,
+    resolver: &dyn Resolver,
+    target: &TargetPlan,
+    policy: LbPolicy,
+    outlier: Option<OutlierConfig>,
+) -> Arc<Cluster> {
+    let key = format!("{:?}|{:?}|{}", target.source, policy, json(&outlier));
+    let make = || {
+        let name = target.source.describe();
+        Some(Arc::new(match &target.source {
+            Source::Static(addrs) => Cluster::fixed(name, addrs, policy, outlier),
+            Source::Service { name: svc, filter } => {
+                let rx = resolver.subscribe(svc, filter);
+                Cluster::new(name, rx, None, filter.clone(), policy, outlier)
+            }
+        }))
+    };
+    take_or(&mut old.clusters, &mut new.clusters, key, make)
+        .unwrap_or_else(|| Arc::new(Cluster::fixed(target.source.describe(), &[], policy, None)))
+}
+
+/// Binds `plans` to runtime state, reusing what `old` has.
+pub(crate) fn build(
+    plans: Vec<RoutePlan>,
+    set: RouteSet,
+    version: u64,
+    old: &mut StateCache,
+    resolver: &dyn Resolver,
+) -> (RouteTable, StateCache) {
+    let mut new = StateCache::default();
+    let now = Instant::now();
+    let mut routes = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let name = plan.name.clone();
+        let stats = take_or(&mut old.stats, &mut new.stats, name.clone(), || {
+            Some(Arc::new(RouteStats::new(&name)))
+        })
+        .unwrap_or_else(|| Arc::new(RouteStats::new(&name)));
+        let mut limiters = Vec::new();
+        for (i, rule) in plan.limits.iter().enumerate() {
+            let key = format!("{name}#{i}|{}", json(rule));
+            if let Some(l) = take_or(&mut old.limiters, &mut new.limiters, key, || {
+                Limiter::build(&name, i, rule).ok().map(Arc::new)
+            }) {
+                limiters.push(l);
+            }
+        }
+        let forward = match &plan.action {
+            ActionPlan::Forward(f) => {
+                let targets = f
+                    .targets
+                    .iter()
+                    .map(|t| {
+                        let cluster =
+                            cluster_for(old, &mut new, resolver, t, f.lb.policy, f.outlier);
+                        let breaker = f.breaker.as_ref().and_then(|b| {
+                            let key = format!("{name}/{}|{}|{}", t.name, cluster.name, json(b));
+                            let core = take_or(&mut old.breakers, &mut new.breakers, key, || {
+                                BreakerCore::new(b.clone(), now).ok().map(Arc::new)
+                            })?;
+                            let gauge = metrics::gauge!("meshwork_gateway_breaker_state",
+                                "route" => name.clone(), "target" => t.name.clone());
+                            Some((core, gauge))
+                        });
+                        TargetRt {
+                            name: t.name.clone(),
+                            cluster,
+                            breaker,
+                        }
+                    })
+                    .collect();
+                let mirror = f.mirror.as_ref().map(|(t, pct)| {
+                    (
+                        cluster_for(old, &mut new, resolver, t, LbPolicy::P2c, None),
+                        *pct,
+                    )
+                });
+                let budget = f.retry.as_ref().and_then(|r| {
+                    let key = format!("{name}|{}", json(&r.budget));
+                    take_or(&mut old.budgets, &mut new.budgets, key, || {
+                        RetryBudget::new(r.budget, now).ok().map(Arc::new)
+                    })
+                });
+                let bulkhead = f.bulkhead.as_ref().and_then(|b| {
+                    let key = format!("{name}|{}", json(b));
+                    take_or(&mut old.bulkheads, &mut new.bulkheads, key, || {
+                        BulkheadLayer::new(*b).ok()
+                    })
+                });
+                Some(ForwardRt {
+                    targets,
+                    mirror,
+                    budget,
+                    bulkhead,
+                })
+            }
+            _ => None,
+        };
+        routes.push(Arc::new(Route {
+            plan,
+            forward,
+            limiters,
+            stats,
+        }));
+    }
+    (
+        RouteTable {
+            routes,
+            set,
+            version,
+        },
+        new,
+    )
+}
