@@ -1,0 +1,914 @@
+//! The coordination test suite, written against "an etcd v3 endpoint set": run on
+//! Meshwork's embedded store (`embedded.rs`) and on a real etcd cluster
+//! (`etcd_cluster.rs`). Every function is one feature, driven over real sockets.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use meshwork_coord::backend::{Backend, BackendOptions};
+use meshwork_coord::config::{BetaRequest, ClientIdentity, ConfigKey, Format, Listening, Publish};
+use meshwork_coord::registry::{Filter, InstanceSpec, Registry, RegistryOptions, ServiceSettings};
+use meshwork_coord::{Coord, CoordError, CoordOptions, lock};
+
+/// Generous bound for anything that should happen "soon".
+pub const SOON: Duration = Duration::from_secs(10);
+
+/// Starts a coordination node named `name` on `endpoints`.
+pub async fn node(endpoints: &[String], name: &str) -> Coord {
+    Coord::start(
+        endpoints,
+        CoordOptions {
+            node_name: name.to_string(),
+            node_ttl: 2,
+            ..CoordOptions::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Polls `f` until it returns Some, failing after `within`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The first item of `stream` that satisfies `pred`, failing after `within`.
+pub async fn next_matching<S, T>(stream: &mut S, within: Duration, pred: impl Fn(&T) -> bool) -> T
+where
+    S: futures_util::Stream<Item = T> + Unpin,
+{
+    tokio::time::timeout(within, async {
+        loop {
+            let v = stream.next().await.expect("stream ended");
+            if pred(&v) {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("timed out waiting for a matching stream item")
+}
+
+fn spec(json: serde_json::Value) -> InstanceSpec {
+    serde_json::from_value(json).unwrap()
+}
+
+/// An HTTP health endpoint whose answer the test flips.
+pub struct Toggle {
+    /// Address it listens on.
+    pub addr: SocketAddr,
+    /// True = 200, false = 503.
+    pub up: Arc<AtomicBool>,
+    /// Probes received.
+    pub hits: Arc<AtomicUsize>,
+}
+
+/// Starts a [`Toggle`] server.
+pub async fn toggle_server() -> Toggle {
+    let up = Arc::new(AtomicBool::new(true));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (u, h) = (up.clone(), hits.clone());
+    let app = axum::Router::new().route(
+        "/healthz",
+        axum::routing::get(move || {
+            let (u, h) = (u.clone(), h.clone());
+            async move {
+                h.fetch_add(1, Ordering::Relaxed);
+                if u.load(Ordering::Relaxed) {
+                    (axum::http::StatusCode::OK, "ok")
+                } else {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down")
+                }
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    Toggle { addr, up, hits }
+}
+
+fn http_check(port: u16) -> serde_json::Value {
+    serde_json::json!({"address": "127.0.0.1", "port": port, "ephemeral": false,
+        "check": {"type": "http", "path": "/healthz", "interval_ms": 150, "timeout_ms": 100,
+                  "healthy_threshold": 1, "unhealthy_threshold": 1}})
+}
+
+fn health_of(reg: &Registry, svc: &str, id: &str) -> Option<(bool, String, String)> {
+    let c = reg.cache().lock();
+    let h = c.service(svc)?.health.get(id)?;
+    Some((h.healthy, h.detail.clone(), h.checker.clone()))
+}
+
+/// Ephemeral instances vanish within their TTL once heartbeats stop; persistent ones
+/// stay; heartbeats keep per-instance leases alive; deregistration removes both.
+pub async fn registry_ephemeral_and_persistent(endpoints: Vec<String>) {
+    let n = node(&endpoints, "reg-a").await;
+    // Another "process": its own backend and a session lease kept alive by heartbeat.
+    let other = Backend::connect(&endpoints, BackendOptions::default())
+        .await
+        .unwrap();
+    let reg_other = Registry::open(&other, Some("eph"), RegistryOptions::default())
+        .await
+        .unwrap();
+    let lease = other.grant(2).await.unwrap();
+    let keeper = other.keep_alive(lease, 2);
+    let r = reg_other
+        .register(
+            "eph",
+            spec(serde_json::json!({"address": "127.0.0.1", "port": 7001, "tags": ["a"]})),
+            "test process",
+            Some(lease),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.instance.spec.id, "127.0.0.1:7001");
+    n.registry
+        .register(
+            "eph",
+            spec(serde_json::json!({"address": "127.0.0.1", "port": 7002, "ephemeral": false})),
+            "test",
+            None,
+        )
+        .await
+        .unwrap();
+    eventually("both instances on node a", SOON, || async {
+        (n.registry
+            .discover("eph", &Filter::default())
+            .instances
+            .len()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    // Heartbeats keep it across several TTLs.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        n.registry
+            .discover("eph", &Filter::default())
+            .instances
+            .len(),
+        2
+    );
+    // The process "dies": no more heartbeats. Gone within the TTL (plus slack).
+    drop(keeper);
+    eventually(
+        "ephemeral instance expired",
+        Duration::from_secs(8),
+        || async {
+            let d = n.registry.discover("eph", &Filter::default());
+            (d.instances.len() == 1 && d.instances[0].instance.spec.port == 7002).then_some(())
+        },
+    )
+    .await;
+    // HTTP-style registration: its own lease, renewed by heartbeat calls.
+    let own = n
+        .registry
+        .register(
+            "eph",
+            spec(serde_json::json!({"address": "127.0.0.1", "port": 7003, "ttl_seconds": 2})),
+            "http 127.0.0.1",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_ne!(own.lease, 0);
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(n.registry.heartbeat("eph", "127.0.0.1:7003").await.unwrap() > 0);
+    }
+    assert!(matches!(
+        n.registry.heartbeat("eph", "127.0.0.1:7002").await,
+        Err(CoordError::Invalid(_))
+    ));
+    n.registry
+        .deregister("eph", "127.0.0.1:7002")
+        .await
+        .unwrap();
+    n.registry
+        .deregister("eph", "127.0.0.1:7003")
+        .await
+        .unwrap();
+    assert!(matches!(
+        n.registry.deregister("eph", "127.0.0.1:7003").await,
+        Err(CoordError::NotFound(_))
+    ));
+    assert!(
+        n.registry
+            .discover("eph", &Filter::default())
+            .instances
+            .is_empty()
+    );
+    // Bad input: clear errors, nothing written.
+    let e = n
+        .registry
+        .register(
+            "bad/name",
+            spec(serde_json::json!({"address": "a", "port": 1})),
+            "t",
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("service name"), "{e}");
+    let e = n
+        .registry
+        .register(
+            "eph",
+            spec(serde_json::json!({"address": "127.0.0.1", "port": 1, "weight": 20000})),
+            "t",
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "invalid_argument");
+    assert!(n.registry.services().iter().all(|s| s.name != "bad/name"));
+    n.shutdown().await;
+}
+
+/// Active HTTP checks mark a persistent instance unhealthy (with the reason) and
+/// healthy again; healthy-only discovery follows.
+pub async fn health_checks_follow_the_instance(endpoints: Vec<String>) {
+    let n = node(&endpoints, "hc-a").await;
+    let t = toggle_server().await;
+    n.registry
+        .register("hc", spec(http_check(t.addr.port())), "test", None)
+        .await
+        .unwrap();
+    let id = format!("127.0.0.1:{}", t.addr.port());
+    let healthy = Filter {
+        healthy: true,
+        ..Filter::default()
+    };
+    eventually("first check passes", SOON, || async {
+        health_of(&n.registry, "hc", &id)
+            .filter(|h| h.0)
+            .map(|_| ())
+    })
+    .await;
+    assert_eq!(n.registry.discover("hc", &healthy).instances.len(), 1);
+    t.up.store(false, Ordering::Relaxed);
+    let (_, detail, checker) = eventually("check fails", SOON, || async {
+        health_of(&n.registry, "hc", &id).filter(|h| !h.0)
+    })
+    .await;
+    assert!(detail.contains("503"), "{detail}");
+    assert_eq!(checker, "hc-a");
+    let d = n.registry.discover("hc", &healthy);
+    assert!(d.instances.is_empty());
+    assert_eq!((d.healthy_count, d.total_count), (0, 1));
+    let all = n.registry.discover("hc", &Filter::default());
+    assert_eq!(all.instances[0].health, "failing");
+    t.up.store(true, Ordering::Relaxed);
+    eventually("check recovers", SOON, || async {
+        health_of(&n.registry, "hc", &id)
+            .filter(|h| h.0)
+            .map(|_| ())
+    })
+    .await;
+    let ev = n.registry.events(Some("hc"), 100);
+    let kinds: Vec<&str> = ev.iter().map(|e| e.kind).collect();
+    assert!(
+        kinds.contains(&"registered") && kinds.contains(&"unhealthy"),
+        "{kinds:?}"
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e.kind == "unhealthy" && e.detail.contains("503"))
+    );
+    // Deregistering removes the health record too.
+    n.registry.deregister("hc", &id).await.unwrap();
+    eventually("health record gone", SOON, || async {
+        health_of(&n.registry, "hc", &id).is_none().then_some(())
+    })
+    .await;
+    n.shutdown().await;
+}
+
+/// Filters, the protection threshold, blocking queries and watch streams.
+pub async fn discovery_filters_protection_blocking_watch(endpoints: Vec<String>) {
+    let n = node(&endpoints, "disc-a").await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    for (port, zone, version, tags, check) in [
+        (8001u16, "z1", "v1", vec!["blue"], false),
+        (8002, "z1", "v2", vec!["green"], false),
+        (closed, "z2", "v1", vec!["blue"], true),
+        (8004, "z2", "v2", vec!["blue", "canary"], true),
+    ] {
+        let mut s = serde_json::json!({"address": "127.0.0.1", "port": port, "zone": zone,
+            "version": version, "tags": tags, "ephemeral": false});
+        if check {
+            // Nothing listens there: the TCP check fails.
+            s["port"] = serde_json::json!(closed);
+            s["id"] = serde_json::json!(format!("i{port}"));
+            s["check"] = serde_json::json!({"type": "tcp", "interval_ms": 150, "timeout_ms": 100,
+                "unhealthy_threshold": 1});
+        }
+        n.registry
+            .register("disc", spec(s), "t", None)
+            .await
+            .unwrap();
+    }
+    let f = |tags: &[&str], zone: Option<&str>, version: Option<&str>| Filter {
+        healthy: false,
+        tags: tags.iter().map(|s| s.to_string()).collect(),
+        zone: zone.map(str::to_string),
+        version: version.map(str::to_string),
+    };
+    assert_eq!(
+        n.registry
+            .discover("disc", &f(&["blue"], None, None))
+            .instances
+            .len(),
+        3
+    );
+    assert_eq!(
+        n.registry
+            .discover("disc", &f(&["blue", "canary"], None, None))
+            .instances
+            .len(),
+        1
+    );
+    assert_eq!(
+        n.registry
+            .discover("disc", &f(&[], Some("z1"), None))
+            .instances
+            .len(),
+        2
+    );
+    assert_eq!(
+        n.registry
+            .discover("disc", &f(&[], Some("z2"), Some("v2")))
+            .instances
+            .len(),
+        1
+    );
+    eventually("two instances failing", SOON, || async {
+        let d = n.registry.discover("disc", &Filter::default());
+        (d.instances.iter().filter(|v| v.health == "failing").count() == 2).then_some(())
+    })
+    .await;
+    let healthy = Filter {
+        healthy: true,
+        ..Filter::default()
+    };
+    let d = n.registry.discover("disc", &healthy);
+    assert_eq!(d.instances.len(), 2);
+    assert!(!d.protection_triggered);
+    // 2 of 4 healthy = 0.5 < 0.6: protection returns every instance.
+    n.registry
+        .put_settings(
+            "disc",
+            &ServiceSettings {
+                protect_threshold: 0.6,
+                ..ServiceSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+    let d = n.registry.discover("disc", &healthy);
+    assert!(d.protection_triggered);
+    assert_eq!(d.instances.len(), 4);
+    assert!(matches!(
+        n.registry
+            .put_settings(
+                "disc",
+                &ServiceSettings {
+                    protect_threshold: 1.5,
+                    ..ServiceSettings::default()
+                }
+            )
+            .await,
+        Err(CoordError::Invalid(_))
+    ));
+    // Blocking query: returns when the index moves.
+    let idx = n.registry.discover("disc", &Filter::default()).index;
+    let r2 = n.registry.clone();
+    let waiter = tokio::spawn(async move {
+        r2.discover_blocking("disc", &Filter::default(), idx, Duration::from_secs(30))
+            .await
+    });
+    let mut watch = Box::pin(n.registry.watch("disc", Filter::default()));
+    let first = watch.next().await.unwrap();
+    assert_eq!(first.instances.len(), 4);
+    n.registry
+        .register(
+            "disc",
+            spec(serde_json::json!({"address": "127.0.0.1", "port": 8005, "ephemeral": false})),
+            "t",
+            None,
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(SOON, waiter).await.unwrap().unwrap();
+    assert!(d.index > idx);
+    assert_eq!(d.instances.len(), 5);
+    let next = next_matching(&mut watch, SOON, |d| d.instances.len() == 5).await;
+    assert!(next.index > idx);
+    // No change: a blocking query returns after its wait with the same index.
+    let same = n
+        .registry
+        .discover_blocking(
+            "disc",
+            &Filter::default(),
+            next.index,
+            Duration::from_millis(300),
+        )
+        .await;
+    assert_eq!(same.index, next.index);
+    // Taking an instance out of rotation.
+    n.registry
+        .set_enabled("disc", "127.0.0.1:8005", false)
+        .await
+        .unwrap();
+    let v = n.registry.discover("disc", &Filter::default());
+    let i = v
+        .instances
+        .iter()
+        .find(|i| i.instance.spec.port == 8005)
+        .unwrap();
+    assert!(!i.healthy);
+    n.shutdown().await;
+}
+
+fn key(id: &str) -> ConfigKey {
+    ConfigKey::new("test", "DEFAULT_GROUP", id).unwrap()
+}
+
+fn publish(content: &str, format: Format) -> Publish {
+    Publish {
+        content: content.into(),
+        format,
+        author: "tester".into(),
+        description: String::new(),
+        if_version: None,
+    }
+}
+
+/// Publish validates and versions; CAS; history, diff, rollback, delete.
+pub async fn config_versions_history_rollback(endpoints: Vec<String>) {
+    let n = node(&endpoints, "cfg-a").await;
+    let c = &n.config;
+    let k = key("app.toml");
+    let v1 = c
+        .publish(&k, publish("port = 80\nname = \"a\"\n", Format::Toml))
+        .await
+        .unwrap();
+    assert_eq!((v1.entry.version, v1.changed), (1, true));
+    // Bad TOML: rejected with line and column; nothing written.
+    let e = c
+        .publish(&k, publish("port = 80\nname = \n", Format::Toml))
+        .await
+        .unwrap_err();
+    match &e {
+        CoordError::Format(f) => assert_eq!(f.line, Some(2), "{e}"),
+        other => panic!("expected a format error, got {other}"),
+    }
+    assert!(matches!(
+        c.publish(&key("j"), publish("{\"a\": }", Format::Json))
+            .await,
+        Err(CoordError::Format(_))
+    ));
+    assert!(matches!(
+        c.publish(&key("y"), publish("a: [1,\n", Format::Yaml))
+            .await,
+        Err(CoordError::Format(_))
+    ));
+    assert_eq!(c.history(&k, 100).await.unwrap().len(), 1);
+    // Compare-and-set.
+    let mut p = publish("port = 81\nname = \"a\"\n", Format::Toml);
+    p.if_version = Some(7);
+    assert!(matches!(
+        c.publish(&k, p.clone()).await,
+        Err(CoordError::Conflict(_))
+    ));
+    p.if_version = Some(1);
+    let v2 = c.publish(&k, p).await.unwrap();
+    assert_eq!(v2.entry.version, 2);
+    // Same content: nothing written.
+    let again = c
+        .publish(&k, publish("port = 81\nname = \"a\"\n", Format::Toml))
+        .await
+        .unwrap();
+    assert!(!again.changed);
+    assert_eq!(again.entry.version, 2);
+    // Size limit.
+    let big = "x".repeat(c.options().max_content + 1);
+    assert!(matches!(
+        c.publish(&key("big"), publish(&big, Format::Text)).await,
+        Err(CoordError::TooLarge(_))
+    ));
+    // History newest first; diff; rollback is a new version.
+    let h = c.history(&k, 100).await.unwrap();
+    assert_eq!(
+        h.iter().map(|v| v.entry.version).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    let d = c.diff(&k, 1, 2).await.unwrap();
+    assert!(
+        d.unified.contains("-port = 80") && d.unified.contains("+port = 81"),
+        "{}",
+        d.unified
+    );
+    assert!(d.rows.iter().any(|r| r.old.as_deref() == Some("port = 80")));
+    let r = c.rollback(&k, 1, "ops").await.unwrap();
+    assert_eq!(r.entry.version, 3);
+    assert_eq!(c.get(&k).unwrap().content, "port = 80\nname = \"a\"\n");
+    let v3 = c.version(&k, 3).await.unwrap();
+    assert_eq!((v3.op.as_str(), v3.restored_from), ("rollback", Some(1)));
+    assert!(matches!(
+        c.rollback(&k, 99, "ops").await,
+        Err(CoordError::NotFound(_))
+    ));
+    // Delete is a version; publishing again continues the numbering.
+    assert_eq!(c.delete(&k, "ops", None).await.unwrap(), 4);
+    assert!(c.get(&k).is_none());
+    let v5 = c
+        .publish(&k, publish("port = 82\n", Format::Toml))
+        .await
+        .unwrap();
+    assert_eq!(v5.entry.version, 5);
+    assert_eq!(c.history(&k, 100).await.unwrap().len(), 5);
+    assert!(
+        c.list(Some("test"), None)
+            .iter()
+            .any(|e| e.key == k && e.content.is_empty())
+    );
+    assert!(c.namespaces().contains_key("test"));
+    n.shutdown().await;
+}
+
+/// Long-poll listeners and subscriptions see changes; gray releases reach only the
+/// targeted clients, then are promoted or withdrawn.
+pub async fn config_listen_subscribe_gray(endpoints: Vec<String>) {
+    let a = node(&endpoints, "cfg-l-a").await;
+    let b = node(&endpoints, "cfg-l-b").await;
+    let k = key("feature.json");
+    let anyone = ClientIdentity::default();
+    // A listener on node b holding "absent" wakes when node a publishes.
+    let items = vec![Listening {
+        key: k.clone(),
+        checksum: String::new(),
+    }];
+    let b2 = b.config.clone();
+    let items2 = items.clone();
+    let listener = tokio::spawn(async move {
+        b2.listen(&items2, &ClientIdentity::default(), Duration::from_secs(30))
+            .await
+    });
+    let mut sub = Box::pin(b.config.subscribe(k.clone(), anyone.clone()));
+    assert!(sub.next().await.unwrap().is_none());
+    let p = a
+        .config
+        .publish(&k, publish("{\"on\": false}", Format::Json))
+        .await
+        .unwrap();
+    let changed = tokio::time::timeout(SOON, listener).await.unwrap().unwrap();
+    assert_eq!(changed, vec![k.clone()]);
+    let got = tokio::time::timeout(SOON, sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.entry.checksum, p.entry.checksum);
+    // Holding the current checksum: the long-poll times out empty.
+    let held = vec![Listening {
+        key: k.clone(),
+        checksum: p.entry.checksum.clone(),
+    }];
+    assert!(
+        b.config
+            .listen(&held, &anyone, Duration::from_millis(200))
+            .await
+            .is_empty()
+    );
+    // Gray release to one address and one label.
+    let canary_ip = ClientIdentity {
+        address: "10.0.0.7".into(),
+        labels: Default::default(),
+    };
+    let canary_label = ClientIdentity {
+        address: "10.9.9.9".into(),
+        labels: [("track".to_string(), "canary".to_string())].into(),
+    };
+    let b3 = b.config.clone();
+    let held2 = held.clone();
+    let canary_wait = tokio::spawn(async move {
+        b3.listen(
+            &held2,
+            &ClientIdentity {
+                address: "10.0.0.7".into(),
+                labels: Default::default(),
+            },
+            Duration::from_secs(30),
+        )
+        .await
+    });
+    a.config
+        .start_beta(
+            &k,
+            BetaRequest {
+                content: "{\"on\": true}".into(),
+                format: Format::Json,
+                addresses: vec!["10.0.0.7".into()],
+                labels: [("track".to_string(), "canary".to_string())].into(),
+                author: "ops".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(SOON, canary_wait)
+            .await
+            .unwrap()
+            .unwrap(),
+        vec![k.clone()]
+    );
+    eventually("beta visible on node b", SOON, || async {
+        b.config.beta(&k).map(|_| ())
+    })
+    .await;
+    assert!(b.config.get_for(&k, &canary_ip).unwrap().beta);
+    assert!(b.config.get_for(&k, &canary_label).unwrap().beta);
+    let other = b.config.get_for(&k, &anyone).unwrap();
+    assert!(!other.beta);
+    assert_eq!(other.entry.content, "{\"on\": false}");
+    // Everyone else keeps the stable content: their long-poll does not fire.
+    assert!(
+        b.config
+            .listen(&held, &anyone, Duration::from_millis(200))
+            .await
+            .is_empty()
+    );
+    // Bad beta content is rejected.
+    assert!(
+        a.config
+            .start_beta(
+                &k,
+                BetaRequest {
+                    content: "{".into(),
+                    format: Format::Json,
+                    addresses: vec!["10.0.0.8".into()],
+                    ..BetaRequest::default()
+                }
+            )
+            .await
+            .is_err()
+    );
+    // Promote: everyone gets it as a new version, the beta is gone.
+    let promoted = a.config.end_beta(&k, true, "ops").await.unwrap().unwrap();
+    assert_eq!(promoted.entry.version, 2);
+    eventually("promotion reaches node b", SOON, || async {
+        let s = b.config.get_for(&k, &anyone)?;
+        (s.entry.content == "{\"on\": true}" && b.config.beta(&k).is_none()).then_some(())
+    })
+    .await;
+    // Withdraw: a second gray release that ends without publishing.
+    a.config
+        .start_beta(
+            &k,
+            BetaRequest {
+                content: "{\"on\": 3}".into(),
+                format: Format::Json,
+                addresses: vec!["10.0.0.7".into()],
+                ..BetaRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(a.config.end_beta(&k, false, "ops").await.unwrap().is_none());
+    assert_eq!(
+        a.config.get_for(&k, &canary_ip).unwrap().entry.content,
+        "{\"on\": true}"
+    );
+    assert_eq!(a.config.get(&k).unwrap().version, 2);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Locks exclude, fence with increasing tokens, time out, and free on lease end.
+pub async fn locks_exclusive_fenced_freed(endpoints: Vec<String>) {
+    let n = node(&endpoints, "lock-a").await;
+    let be = n.backend.clone();
+    let la = be.grant(30).await.unwrap();
+    let lb = be.grant(30).await.unwrap();
+    let a = lock::lock(&be, "res", la, "a", Some(Duration::ZERO))
+        .await
+        .unwrap();
+    let e = lock::lock(&be, "res", lb, "b", Some(Duration::from_millis(200)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "timeout");
+    let states = lock::list_locks(&be).await.unwrap();
+    let s = states.iter().find(|s| s.name == "res").unwrap();
+    assert_eq!(
+        (s.holder.as_str(), s.held.fencing_token, s.waiters),
+        ("a", a.fencing_token, 0)
+    );
+    // b waits; a's holder "dies" (its lease is revoked): b gets it with a larger token.
+    let be2 = be.clone();
+    let waiting = tokio::spawn(async move { lock::lock(&be2, "res", lb, "b", None).await });
+    eventually("b queued", SOON, || async {
+        let st = lock::list_locks(&be).await.ok()?;
+        (st.iter().find(|s| s.name == "res")?.waiters == 1).then_some(())
+    })
+    .await;
+    be.revoke(la).await.unwrap();
+    let b = tokio::time::timeout(SOON, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(b.fencing_token > a.fencing_token);
+    assert!(
+        !lock::unlock(&be, &a).await.unwrap(),
+        "a stale holder cannot unlock"
+    );
+    assert!(lock::unlock(&be, &b).await.unwrap());
+    // Many contenders: never two holders, tokens strictly increase.
+    let holders = Arc::new(AtomicUsize::new(0));
+    let last = Arc::new(AtomicI64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let (be, holders, last) = (be.clone(), holders.clone(), last.clone());
+        tasks.push(tokio::spawn(async move {
+            let lease = be.grant(30).await.unwrap();
+            for _ in 0..4 {
+                let h = lock::lock(&be, "hot", lease, &format!("t{i}"), None)
+                    .await
+                    .unwrap();
+                assert_eq!(holders.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                let prev = last.swap(h.fencing_token, Ordering::SeqCst);
+                assert!(
+                    h.fencing_token > prev,
+                    "token went {prev} -> {}",
+                    h.fencing_token
+                );
+                tokio::task::yield_now().await;
+                holders.fetch_sub(1, Ordering::SeqCst);
+                assert!(lock::unlock(&be, &h).await.unwrap());
+            }
+            be.revoke(lease).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert!(lock::lock(&be, "bad name", lb, "x", None).await.is_err());
+    n.shutdown().await;
+}
+
+/// Campaign, observe, proclaim, resign; a dead leader's successor takes over.
+pub async fn election_campaign_observe_resign(endpoints: Vec<String>) {
+    let n = node(&endpoints, "elect-a").await;
+    let be = n.backend.clone();
+    let mut obs = Box::pin(lock::observe(&be, "leader").unwrap());
+    assert!(obs.next().await.unwrap().is_none());
+    assert!(lock::leader(&be, "leader").await.unwrap().is_none());
+    let la = be.grant(30).await.unwrap();
+    let lb = be.grant(30).await.unwrap();
+    let a = lock::campaign(&be, "leader", la, "node-a", None)
+        .await
+        .unwrap();
+    let l = tokio::time::timeout(SOON, obs.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(l.value, "node-a");
+    let be2 = be.clone();
+    let b_task =
+        tokio::spawn(async move { lock::campaign(&be2, "leader", lb, "node-b", None).await });
+    lock::proclaim(&be, &a, "node-a v2").await.unwrap();
+    let l = tokio::time::timeout(SOON, obs.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(l.value, "node-a v2");
+    assert!(!b_task.is_finished());
+    assert!(lock::resign(&be, &a).await.unwrap());
+    let b = tokio::time::timeout(SOON, b_task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let l = next_matching(&mut obs, SOON, |l| {
+        l.as_ref().is_some_and(|l| l.value == "node-b")
+    })
+    .await;
+    assert_eq!(l.unwrap().held, b);
+    assert!(matches!(
+        lock::proclaim(&be, &a, "stale").await,
+        Err(CoordError::Conflict(_))
+    ));
+    assert_eq!(
+        lock::leader(&be, "leader").await.unwrap().unwrap().value,
+        "node-b"
+    );
+    // Timeout gives up the candidacy.
+    let lc = be.grant(30).await.unwrap();
+    assert_eq!(
+        lock::campaign(
+            &be,
+            "leader",
+            lc,
+            "node-c",
+            Some(Duration::from_millis(200))
+        )
+        .await
+        .unwrap_err()
+        .code(),
+        "timeout"
+    );
+    be.revoke(lb).await.unwrap();
+    next_matching(&mut obs, SOON, |l| l.is_none()).await;
+    n.shutdown().await;
+}
+
+/// Two nodes get different worker ids; ids are unique and increasing.
+pub async fn ids_unique_across_nodes(endpoints: Vec<String>) {
+    let a = node(&endpoints, "ids-a").await;
+    let b = node(&endpoints, "ids-b").await;
+    let (ga, gb) = (a.ids().unwrap(), b.ids().unwrap());
+    assert_ne!(ga.worker(), gb.worker());
+    let mut seen = HashSet::new();
+    for g in [&ga, &gb] {
+        let batch = g.next_batch(5000).unwrap();
+        assert!(batch.windows(2).all(|w| w[0] < w[1]));
+        for id in batch {
+            assert!(seen.insert(id), "duplicate id {id}");
+        }
+    }
+    assert!(ga.next_batch(0).is_err());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// When the node running a check dies, another takes it over within its TTL plus an
+/// interval, and checking goes on.
+pub async fn checks_move_when_their_node_dies(endpoints: Vec<String>) {
+    let a = node(&endpoints, "move-a").await;
+    let b = node(&endpoints, "move-b").await;
+    let t = toggle_server().await;
+    // Find an instance id that node a owns, so that killing a moves it.
+    let mut id = String::new();
+    for i in 0..64 {
+        let cand = format!("inst-{i}");
+        if a.membership.owner_of(&format!("mv/{cand}")).as_deref() == Some("move-a") {
+            id = cand;
+            break;
+        }
+    }
+    assert!(!id.is_empty());
+    let mut s = http_check(t.addr.port());
+    s["id"] = serde_json::json!(id);
+    b.registry.register("mv", spec(s), "t", None).await.unwrap();
+    eventually("node a checks it", SOON, || async {
+        health_of(&b.registry, "mv", &id)
+            .filter(|h| h.2 == "move-a")
+            .map(|_| ())
+    })
+    .await;
+    // "Kill" node a: drop it without leaving; its session lease (2 s) runs out.
+    drop(a);
+    let (healthy, _, _) = eventually("node b takes over", Duration::from_secs(8), || async {
+        health_of(&b.registry, "mv", &id).filter(|h| h.2 == "move-b")
+    })
+    .await;
+    assert!(healthy);
+    t.up.store(false, Ordering::Relaxed);
+    eventually("node b sees it fail", SOON, || async {
+        health_of(&b.registry, "mv", &id)
+            .filter(|h| !h.0)
+            .map(|_| ())
+    })
+    .await;
+    b.shutdown().await;
+}
