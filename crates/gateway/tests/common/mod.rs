@@ -104,7 +104,7 @@ async fn echo(
         *r.status_mut() = StatusCode::from_u16(code).unwrap();
         return Ok(r);
     }
-    if path == "/hold" {
+    if path == "/hold" || path.strip_prefix("/hold-if/") == Some(name) {
         release.notified().await;
     }
     if path == "/big" {
