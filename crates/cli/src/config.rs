@@ -19,6 +19,52 @@ pub(crate) struct ServerFile {
     pub(crate) http_addr: Option<String>,
     /// `etcd://HOST:PORT[,...]`: coordination on an external etcd cluster.
     pub(crate) store: Option<String>,
+    /// Roles to run (`store,coord`).
+    pub(crate) roles: Option<String>,
+}
+
+/// What a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Roles {
+    /// The embedded store and its etcd v3 endpoint.
+    pub(crate) store: bool,
+    /// Coordination services and their HTTP API.
+    pub(crate) coord: bool,
+}
+
+/// Parses `store,coord`; the default is every role that fits the store choice.
+pub(crate) fn parse_roles(s: Option<&str>, external: bool) -> Result<Roles> {
+    let mut r = Roles {
+        store: false,
+        coord: false,
+    };
+    match s {
+        None => {
+            r.store = !external;
+            r.coord = true;
+        }
+        Some(list) => {
+            for role in list.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+                match role {
+                    "store" => r.store = true,
+                    "coord" => r.coord = true,
+                    other => bail!("unknown role {other:?}; roles are store and coord"),
+                }
+            }
+        }
+    }
+    if r.store && external {
+        bail!(
+            "the store role runs the embedded store; with --store etcd://... leave it out (--roles coord)"
+        );
+    }
+    if !r.store && !r.coord {
+        bail!("no role to run; give --roles store, coord or both");
+    }
+    if r.coord && !r.store && !external {
+        bail!("the coord role needs a store: add the store role or give --store etcd://HOST:PORT");
+    }
+    Ok(r)
 }
 
 /// The `[coord]` table: coordination limits.

@@ -16,7 +16,12 @@ use crate::httpc::{call, enc};
 #[derive(Args, Clone)]
 pub(crate) struct Http {
     /// The node's HTTP address.
-    #[arg(long, env = "MESHWORK_HTTP", default_value = "127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "MESHWORK_HTTP",
+        default_value = "127.0.0.1:7070",
+        global = true
+    )]
     http: String,
 }
 
@@ -182,7 +187,10 @@ pub(crate) async fn svc(a: SvcArgs) -> Result<()> {
     match a.cmd {
         SvcCmd::List => {
             let v = req(h, "GET", "/v1/services", None).await?;
-            println!("{:<32} {:>8} {:>8} {:>10}", "SERVICE", "HEALTHY", "TOTAL", "INDEX");
+            println!(
+                "{:<32} {:>8} {:>8} {:>10}",
+                "SERVICE", "HEALTHY", "TOTAL", "INDEX"
+            );
             for s in v["services"].as_array().into_iter().flatten() {
                 println!(
                     "{:<32} {:>8} {:>8} {:>10}",
@@ -224,7 +232,11 @@ pub(crate) async fn svc(a: SvcArgs) -> Result<()> {
                 enc(&r.service),
                 enc(&id)
             );
-            eprintln!("registered {}/{id}; heartbeating every {} s until Ctrl-C", r.service, (r.ttl / 3).max(1));
+            eprintln!(
+                "registered {}/{id}; heartbeating every {} s until Ctrl-C",
+                r.service,
+                (r.ttl / 3).max(1)
+            );
             let mut tick = tokio::time::interval(Duration::from_secs((r.ttl as u64 / 3).max(1)));
             tick.tick().await;
             loop {
@@ -443,14 +455,22 @@ pub(crate) async fn config(a: ConfigArgs) -> Result<()> {
         }
         ConfigCmd::History { path } => {
             let v = req(h, "GET", &format!("{}/history", cfg_path(&path)?), None).await?;
-            println!("{:>8} {:<9} {:<20} {:<16} DESCRIPTION", "VERSION", "OP", "AUTHOR", "CHECKSUM");
+            println!(
+                "{:>8} {:<9} {:<20} {:<16} DESCRIPTION",
+                "VERSION", "OP", "AUTHOR", "CHECKSUM"
+            );
             for e in v["versions"].as_array().into_iter().flatten() {
                 println!(
                     "{:>8} {:<9} {:<20} {:<16} {}",
                     e["version"],
                     e["op"].as_str().unwrap_or(""),
                     e["author"].as_str().unwrap_or(""),
-                    e["checksum"].as_str().unwrap_or("").chars().take(12).collect::<String>(),
+                    e["checksum"]
+                        .as_str()
+                        .unwrap_or("")
+                        .chars()
+                        .take(12)
+                        .collect::<String>(),
                     e["description"].as_str().unwrap_or("")
                 );
             }
@@ -473,7 +493,10 @@ pub(crate) async fn config(a: ConfigArgs) -> Result<()> {
                 Some(json!({ "version": version })),
             )
             .await?;
-            println!("{path} rolled back to {version}: now version {}", v["entry"]["version"]);
+            println!(
+                "{path} rolled back to {version}: now version {}",
+                v["entry"]["version"]
+            );
         }
         ConfigCmd::Delete { path } => {
             let v = req(h, "DELETE", &cfg_path(&path)?, None).await?;
@@ -509,7 +532,11 @@ pub(crate) async fn config(a: ConfigArgs) -> Result<()> {
                         Err(_) => String::new(),
                     };
                     match cur {
-                        Ok(e) => println!("{p} version {}: {}", e["version"], e["content"].as_str().unwrap_or("")),
+                        Ok(e) => println!(
+                            "{p} version {}: {}",
+                            e["version"],
+                            e["content"].as_str().unwrap_or("")
+                        ),
                         Err(_) => println!("{p} deleted"),
                     }
                     for it in items.iter_mut() {
@@ -590,9 +617,9 @@ pub(crate) async fn lock(a: LockArgs) -> Result<()> {
             eprintln!("released {name}");
         }
         LockCmd::List => print(&req(h, "GET", "/v1/locks", None).await?),
-        LockCmd::Leader { name } => print(
-            &req(h, "GET", &format!("/v1/elections/{}", enc(&name)), None).await?,
-        ),
+        LockCmd::Leader { name } => {
+            print(&req(h, "GET", &format!("/v1/elections/{}", enc(&name)), None).await?)
+        }
     }
     Ok(())
 }
@@ -630,7 +657,9 @@ pub(crate) async fn id(a: IdArgs) -> Result<()> {
                 println!("{}", i.as_str().unwrap_or(""));
             }
         }
-        IdCmd::Explain { id } => print(&req(h, "GET", &format!("/v1/ids/{}", enc(&id)), None).await?),
+        IdCmd::Explain { id } => {
+            print(&req(h, "GET", &format!("/v1/ids/{}", enc(&id)), None).await?)
+        }
     }
     Ok(())
 }

@@ -45,7 +45,9 @@ pub(crate) async fn call(
     let addr = addr.trim_start_matches("http://").trim_end_matches('/');
     let stream = tokio::net::TcpStream::connect(addr)
         .await
-        .with_context(|| format!("connecting to the Meshwork HTTP API at {addr} (is the node up? see --http)"))?;
+        .with_context(|| {
+            format!("connecting to the Meshwork HTTP API at {addr} (is the node up? see --http)")
+        })?;
     let _ = stream.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -63,7 +65,10 @@ pub(crate) async fn call(
     let req = req
         .body(Full::new(body.unwrap_or_default()))
         .context("building the request")?;
-    let resp = sender.send_request(req).await.context("sending the request")?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .context("sending the request")?;
     let status = resp.status().as_u16();
     let body = resp
         .into_body()

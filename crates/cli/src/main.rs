@@ -92,6 +92,10 @@ struct NodeArgs {
     /// Acknowledge writes before they are fsynced (loses acknowledged writes on a crash).
     #[arg(long, env = "MESHWORK_UNSAFE_NO_FSYNC")]
     unsafe_no_fsync: bool,
+    /// Roles to run, comma-separated: `store` (the embedded etcd-compatible store) and
+    /// `coord` (registry, config center, locks, election, ids) [default: store,coord].
+    #[arg(long, env = "MESHWORK_ROLES")]
+    roles: Option<String>,
     /// Run coordination on an external etcd cluster instead of the embedded store:
     /// `etcd://HOST:PORT[,HOST:PORT...]`.
     #[arg(long, env = "MESHWORK_STORE")]
@@ -168,6 +172,10 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         Some(s) => config::parse_store_url(s)?,
         None => Vec::new(),
     };
+    let roles = config::parse_roles(
+        args.roles.as_deref().or(file.server.roles.as_deref()),
+        !external.is_empty(),
+    )?;
     let mut coord = meshwork_coord::CoordOptions::default();
     file.coord.apply(&mut coord)?;
     if let Some(t) = args.node_ttl {
@@ -200,6 +208,7 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         store,
         external,
         coord,
+        roles,
     })
 }
 
@@ -209,7 +218,10 @@ async fn run_server(args: ServerArgs) -> Result<()> {
     let running = node::start(cfg).await?;
     match running.etcd_addr {
         Some(a) => println!("etcd gRPC: {a}"),
-        None => println!("etcd gRPC: none (coordination on etcd://{})", external.join(",")),
+        None => println!(
+            "etcd gRPC: none (coordination on etcd://{})",
+            external.join(",")
+        ),
     }
     println!("HTTP: http://{}", running.http_addr);
     node::shutdown_signal().await;
@@ -240,7 +252,9 @@ async fn run_up(args: UpArgs) -> Result<()> {
     let cfg = resolve(&node_args, default_dir)?;
     let data_dir = cfg.data_dir.clone();
     if !cfg.external.is_empty() {
-        anyhow::bail!("`meshwork up` runs the embedded store; use `meshwork server --store etcd://...` for an external cluster");
+        anyhow::bail!(
+            "`meshwork up` runs the embedded store; use `meshwork server --store etcd://...` for an external cluster"
+        );
     }
     let running = node::start(cfg).await?;
     let etcd = running
@@ -264,10 +278,16 @@ async fn run_up(args: UpArgs) -> Result<()> {
     println!("               meshwork kv --endpoints {etcd} put greeting hello");
     println!("               meshwork kv --endpoints {etcd} get greeting");
     println!("               ETCDCTL_API=3 etcdctl --endpoints {etcd} get greeting");
-    println!("  registry   meshwork svc --http {http} register orders --address 127.0.0.1 --port 9000 --persistent");
+    println!(
+        "  registry   meshwork svc --http {http} register orders --address 127.0.0.1 --port 9000 --persistent"
+    );
     println!("               curl 'http://{http}/v1/services/orders/instances?healthy=true'");
-    println!("  config     meshwork config --http {http} publish public/DEFAULT_GROUP/app.toml --format toml --file app.toml");
-    println!("  locks/ids  meshwork lock --http {http} acquire jobs;  meshwork id --http {http} next --count 5");
+    println!(
+        "  config     meshwork config --http {http} publish public/DEFAULT_GROUP/app.toml --format toml --file app.toml"
+    );
+    println!(
+        "  locks/ids  meshwork lock --http {http} acquire jobs;  meshwork id --http {http} next --count 5"
+    );
     println!("  API        curl http://{http}/openapi.json");
     println!("  health     curl http://{http}/readyz");
     println!("  metrics    curl http://{http}/metrics");

@@ -27,6 +27,7 @@ pub(crate) struct NodeConfig {
     /// External etcd endpoints (`--store etcd://...`); empty = the embedded store.
     pub(crate) external: Vec<String>,
     pub(crate) coord: CoordOptions,
+    pub(crate) roles: crate::config::Roles,
 }
 
 /// A node that is up: its bound addresses, and how to stop it.
@@ -37,13 +38,15 @@ pub(crate) struct Running {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     store: Option<Store>,
-    coord: Coord,
+    coord: Option<Coord>,
 }
 
 impl Running {
     /// Stops accepting, waits for in-flight requests, closes the store.
     pub(crate) async fn shutdown(self) {
-        self.coord.shutdown().await;
+        if let Some(c) = self.coord {
+            c.shutdown().await;
+        }
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
@@ -71,7 +74,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     let (stop, stop_rx) = watch::channel(false);
     let serving = Arc::new(AtomicBool::new(true));
     let mut tasks = Vec::new();
-    let (store, etcd_addr, endpoints) = if cfg.external.is_empty() {
+    let (store, etcd_addr, endpoints) = if cfg.roles.store {
         let etcd_listener = TcpListener::bind(cfg.etcd_addr)
             .await
             .with_context(|| format!("binding the etcd address {}", cfg.etcd_addr))?;
@@ -105,7 +108,12 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     let mut coord_opts = cfg.coord.clone();
     coord_opts.node_name = cfg.name.clone();
     coord_opts.http_addr = http_addr.to_string();
-    let coord = match Coord::start(&endpoints, coord_opts).await {
+    let started = if cfg.roles.coord {
+        Coord::start(&endpoints, coord_opts).await.map(Some)
+    } else {
+        Ok(None)
+    };
+    let coord = match started {
         Ok(c) => c,
         Err(e) => {
             let _ = stop.send(true);
@@ -115,9 +123,8 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             if let Some(s) = store {
                 s.close().await;
             }
-            return Err(anyhow::anyhow!(e)).with_context(|| {
-                format!("starting coordination on etcd endpoints {endpoints:?}")
-            });
+            return Err(anyhow::anyhow!(e))
+                .with_context(|| format!("starting coordination on etcd endpoints {endpoints:?}"));
         }
     };
     let state = http::AppState {
@@ -125,7 +132,10 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         serving: serving.clone(),
         prometheus: crate::metrics_handle(),
     };
-    let app = http::router(state).merge(meshwork_coord::api::router(coord.clone()));
+    let mut app = http::router(state);
+    if let Some(c) = &coord {
+        app = app.merge(meshwork_coord::api::router(c.clone()));
+    }
     let rx = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = http::serve(http_listener, app, stopped(rx)).await {

@@ -27,6 +27,10 @@ pub fn start(data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
     if !extra.contains(&"--http-addr") {
         cmd.args(["--http-addr", "127.0.0.1:0"]);
     }
+    // Store tests count revisions exactly: run the store alone unless asked.
+    if !extra.contains(&"--roles") {
+        cmd.args(["--roles", "store"]);
+    }
     cmd.args(extra)
         .envs(envs.iter().copied())
         .env("MESHWORK_LOG", "warn");
