@@ -107,9 +107,9 @@ struct Register {
     /// Zone.
     #[arg(long, default_value = "")]
     zone: String,
-    /// Version.
-    #[arg(long, default_value = "")]
-    version: String,
+    /// Version of the instance's software.
+    #[arg(long = "instance-version", default_value = "")]
+    instance_version: String,
     /// Tag (repeatable).
     #[arg(long = "tag")]
     tags: Vec<String>,
@@ -146,9 +146,9 @@ struct Discover {
     /// Zone.
     #[arg(long)]
     zone: Option<String>,
-    /// Version.
-    #[arg(long)]
-    version: Option<String>,
+    /// Only instances of this software version.
+    #[arg(long = "instance-version")]
+    instance_version: Option<String>,
 }
 
 impl Discover {
@@ -157,7 +157,7 @@ impl Discover {
         for (k, v) in [
             ("tags", &self.tags),
             ("zone", &self.zone),
-            ("version", &self.version),
+            ("version", &self.instance_version),
         ] {
             if let Some(v) = v {
                 q.push_str(&format!("&{k}={}", enc(v)));
@@ -211,7 +211,7 @@ pub(crate) async fn svc(a: SvcArgs) -> Result<()> {
             }
             let mut body = json!({
                 "address": r.address, "port": r.port, "protocol": r.protocol,
-                "weight": r.weight, "zone": r.zone, "version": r.version, "tags": r.tags,
+                "weight": r.weight, "zone": r.zone, "version": r.instance_version, "tags": r.tags,
                 "metadata": metadata, "ephemeral": !r.persistent, "ttl_seconds": r.ttl,
             });
             if let Some(id) = &r.id {
@@ -371,7 +371,8 @@ enum ConfigCmd {
         /// namespace/group/data_id
         path: String,
         /// Version to restore.
-        version: u64,
+        #[arg(value_name = "VERSION")]
+        to_version: u64,
     },
     /// Delete an entry (history stays).
     Delete {
@@ -485,7 +486,10 @@ pub(crate) async fn config(a: ConfigArgs) -> Result<()> {
             .await?;
             print!("{}", v["unified"].as_str().unwrap_or(""));
         }
-        ConfigCmd::Rollback { path, version } => {
+        ConfigCmd::Rollback {
+            path,
+            to_version: version,
+        } => {
             let v = req(
                 h,
                 "POST",

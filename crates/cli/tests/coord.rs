@@ -1,0 +1,292 @@
+//! Coordination through the binary: the `svc`, `config`, `lock` and `id` commands
+//! against a running node, and a node killed with SIGKILL handing its health checks
+//! to another node on the same store.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn run(http: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(common::bin())
+        .args(args)
+        .args(["--http", http])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(http: &str, path: &str) -> serde_json::Value {
+    let (code, body) = common::http_get(http, path).unwrap();
+    assert_eq!(code, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[test]
+fn svc_config_lock_and_id_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = common::start(dir.path(), &["--roles", "store,coord"], &[]);
+    let h = s.http.as_str();
+
+    let (ok, out, err) = run(
+        h,
+        &[
+            "svc",
+            "register",
+            "orders",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            "9100",
+            "--persistent",
+            "--tag",
+            "blue",
+            "--zone",
+            "z1",
+            "--meta",
+            "team=shop",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("\"id\": \"127.0.0.1:9100\""), "{out}");
+    let (ok, out, _) = run(h, &["svc", "list"]);
+    assert!(ok);
+    assert!(out.lines().any(|l| l.starts_with("orders")), "{out}");
+    let (_, out, _) = run(h, &["svc", "get", "orders", "--tags", "blue"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["instances"][0]["metadata"]["team"], "shop");
+    let (_, out, _) = run(h, &["svc", "get", "orders", "--zone", "z2"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["instances"].as_array().unwrap().len(), 0);
+    // Bad input: non-zero exit and the API's message.
+    let (ok, _, err) = run(
+        h,
+        &[
+            "svc",
+            "register",
+            "bad/name",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            "1",
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("404") || err.contains("service name"), "{err}");
+    let (ok, _, err) = run(
+        h,
+        &[
+            "svc",
+            "register",
+            "orders",
+            "--address",
+            "bad host",
+            "--port",
+            "1",
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("invalid_argument"), "{err}");
+
+    let path = "public/DEFAULT_GROUP/app.toml";
+    let (ok, out, err) = run(
+        h,
+        &[
+            "config",
+            "publish",
+            path,
+            "--format",
+            "toml",
+            "--content",
+            "port = 80\n",
+            "--author",
+            "me",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("version 1"), "{out}");
+    let (ok, _, err) = run(
+        h,
+        &[
+            "config",
+            "publish",
+            path,
+            "--format",
+            "toml",
+            "--content",
+            "port = \n",
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("line 1"), "{err}");
+    let (ok, _, err) = run(
+        h,
+        &[
+            "config",
+            "publish",
+            path,
+            "--format",
+            "toml",
+            "--content",
+            "port = 81\n",
+            "--if-version",
+            "5",
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("409"), "{err}");
+    run(
+        h,
+        &[
+            "config",
+            "publish",
+            path,
+            "--format",
+            "toml",
+            "--content",
+            "port = 81\n",
+        ],
+    );
+    let (_, out, _) = run(h, &["config", "get", path, "--raw"]);
+    assert_eq!(out, "port = 81\n");
+    let (_, out, _) = run(h, &["config", "diff", path, "1", "2"]);
+    assert!(
+        out.contains("-port = 80") && out.contains("+port = 81"),
+        "{out}"
+    );
+    let (ok, out, _) = run(h, &["config", "rollback", path, "1"]);
+    assert!(ok);
+    assert!(out.contains("now version 3"), "{out}");
+    let (_, out, _) = run(h, &["config", "history", path]);
+    assert_eq!(out.lines().count(), 4, "{out}");
+    assert!(out.contains("rollback"));
+
+    let (ok, out, _) = run(h, &["id", "next", "--count", "3"]);
+    assert!(ok);
+    let ids: Vec<i64> = out.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(ids.len() == 3 && ids[0] < ids[1] && ids[1] < ids[2]);
+    let (_, out, _) = run(h, &["id", "explain", &ids[0].to_string()]);
+    assert!(out.contains("\"worker\""), "{out}");
+
+    let v = json(h, "/v1/locks");
+    assert_eq!(v["locks"].as_array().unwrap().len(), 0);
+    let api = json(h, "/openapi.json");
+    assert!(api["paths"].is_object());
+}
+
+fn checker_of(http: &str, svc: &str, id: &str) -> Option<String> {
+    let (code, body) =
+        common::http_get(http, &format!("/v1/services/{svc}/instances/{id}")).ok()?;
+    if code != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["health_detail"]["checker"].as_str().map(str::to_string)
+}
+
+/// Three nodes: `a` serves the store (and runs no checks); `b` and `c` run
+/// coordination on it with `--store etcd://`. The node checking an instance is
+/// killed with SIGKILL; the other takes the check over within its session TTL plus
+/// a check interval.
+#[test]
+fn a_killed_node_hands_its_health_checks_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(&cfg, "[coord]\nrun_health_checks = false\n").unwrap();
+    let a = common::start(
+        &dir.path().join("a"),
+        &[
+            "--roles",
+            "store,coord",
+            "--name",
+            "a",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let store = format!("etcd://{}", a.etcd);
+    let mut nodes: Vec<(String, common::Server)> = ["b", "c"]
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                common::start(
+                    &dir.path().join(n),
+                    &[
+                        "--roles",
+                        "coord",
+                        "--store",
+                        &store,
+                        "--name",
+                        n,
+                        "--node-ttl",
+                        "2",
+                    ],
+                    &[],
+                ),
+            )
+        })
+        .collect();
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = target.local_addr().unwrap().port();
+    let body = format!(
+        r#"{{"address":"127.0.0.1","port":{port},"ephemeral":false,
+            "check":{{"type":"tcp","interval_ms":300,"timeout_ms":200}}}}"#
+    );
+    let (code, resp) = common::http_post(&a.http, "/v1/services/web/instances", &body).unwrap();
+    assert_eq!(code, 201, "{resp}");
+    let id = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let first = loop {
+        if let Some(c) = checker_of(&a.http, "web", &id) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no node picked the check up");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(first == "b" || first == "c", "checker {first}");
+    let i = nodes.iter().position(|(n, _)| *n == first).unwrap();
+    let (_, mut victim) = nodes.remove(i);
+    let killed = Instant::now();
+    victim.kill9();
+    let other = &nodes[0].0;
+    // TTL 2 s + interval 0.3 s; allow slack for a loaded CI machine.
+    let deadline = killed + Duration::from_secs(12);
+    loop {
+        if checker_of(&a.http, "web", &id).as_deref() == Some(other.as_str()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the check did not move to {other}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "check moved from {first} to {other} in {:?}",
+        killed.elapsed()
+    );
+    // And it keeps checking: close the target, the new checker marks it failing.
+    drop(target);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) =
+            common::http_get(&a.http, &format!("/v1/services/web/instances/{id}")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["health"] == "failing" {
+            assert_eq!(v["health_detail"]["checker"], other.as_str());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new checker did not see the failure"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
