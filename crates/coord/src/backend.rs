@@ -321,11 +321,7 @@ impl Backend {
     /// Revokes a lease (deleting its keys). A lease that is already gone is fine.
     pub async fn revoke(&self, id: i64) -> Result<()> {
         match self
-            .call(|mut c| async move {
-                c.lease
-                    .lease_revoke(pb::LeaseRevokeRequest { id })
-                    .await
-            })
+            .call(|mut c| async move { c.lease.lease_revoke(pb::LeaseRevokeRequest { id }).await })
             .await
         {
             Ok(_) | Err(CoordError::NotFound(_)) => Ok(()),
@@ -483,9 +479,10 @@ async fn run_watch(
     }
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(req_rx));
     // etcd cancels a watch whose member lost its leader instead of stalling it.
-    request
-        .metadata_mut()
-        .insert("hasleader", tonic::metadata::MetadataValue::from_static("true"));
+    request.metadata_mut().insert(
+        "hasleader",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     let mut wc = client.watch.clone();
     let mut stream = match wc.watch(request).await {
         Ok(r) => r.into_inner(),
@@ -581,6 +578,11 @@ impl LeaseKeeper {
         *self.lost.borrow()
     }
 
+    /// A receiver that turns true when the lease is lost.
+    pub fn lost_receiver(&self) -> watch::Receiver<bool> {
+        self.lost.clone()
+    }
+
     /// Resolves when the lease is lost.
     pub async fn lost(&self) {
         let mut rx = self.lost.clone();
@@ -605,7 +607,12 @@ pub mod txn {
     use meshwork_etcd::proto::etcdserverpb as pb;
     use pb::compare::{CompareResult, CompareTarget, TargetUnion};
 
-    fn cmp(key: Bytes, result: CompareResult, target: CompareTarget, u: TargetUnion) -> pb::Compare {
+    fn cmp(
+        key: Bytes,
+        result: CompareResult,
+        target: CompareTarget,
+        u: TargetUnion,
+    ) -> pb::Compare {
         pb::Compare {
             result: result as i32,
             target: target as i32,

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod ids;
@@ -16,6 +17,7 @@ pub mod registry;
 pub mod runtime;
 
 pub use backend::Backend;
+pub use client::{ClientOptions, CoordClient};
 pub use error::CoordError;
 pub use runtime::{Coord, CoordOptions};
 

@@ -68,4 +68,5 @@ on_embedded!(
     election_campaign_observe_resign,
     ids_unique_across_nodes,
     checks_move_when_their_node_dies,
+    client_typed_config_session_and_guards,
 );

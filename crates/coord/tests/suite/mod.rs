@@ -912,3 +912,109 @@ pub async fn checks_move_when_their_node_dies(endpoints: Vec<String>) {
     .await;
     b.shutdown().await;
 }
+
+#[derive(Debug, serde::Deserialize, PartialEq)]
+struct AppConfig {
+    port: u16,
+    name: String,
+}
+
+/// The application client: typed config (a bad update keeps the last good value),
+/// session-bound registrations removed on close, lock guards released on drop.
+pub async fn client_typed_config_session_and_guards(endpoints: Vec<String>) {
+    let n = node(&endpoints, "client-node").await;
+    let k = key("typed.yaml");
+    n.config
+        .publish(&k, publish("port: 80\nname: a\n", Format::Yaml))
+        .await
+        .unwrap();
+    let c = meshwork_coord::CoordClient::connect(
+        &endpoints,
+        meshwork_coord::ClientOptions {
+            name: "shop-order".into(),
+            session_ttl: 2,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut cfg = c
+        .subscribe::<AppConfig>("test/DEFAULT_GROUP/typed.yaml")
+        .await
+        .unwrap();
+    assert_eq!(
+        *cfg.current().unwrap(),
+        AppConfig {
+            port: 80,
+            name: "a".into()
+        }
+    );
+    n.config
+        .publish(&k, publish("port: 81\nname: b\n", Format::Yaml))
+        .await
+        .unwrap();
+    let v = tokio::time::timeout(SOON, cfg.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.port, 81);
+    // Valid YAML, wrong shape for the type: reported, last good value kept.
+    n.config
+        .publish(&k, publish("port: many\nname: c\n", Format::Yaml))
+        .await
+        .unwrap();
+    eventually("the bad update is reported", SOON, || async {
+        cfg.last_error()
+    })
+    .await;
+    assert_eq!(cfg.current().unwrap().port, 81);
+    // Registrations ride the session; close removes them.
+    c.register(
+        "client-svc",
+        spec(serde_json::json!({"address": "127.0.0.1", "port": 9900})),
+    )
+    .await
+    .unwrap();
+    eventually("registered", SOON, || async {
+        (n.registry
+            .discover("client-svc", &Filter::default())
+            .instances
+            .len()
+            == 1)
+            .then_some(())
+    })
+    .await;
+    let g = c.lock("client-lock", Some(Duration::ZERO)).await.unwrap();
+    assert!(g.fencing_token() > 0);
+    assert!(
+        c.lock("client-lock", Some(Duration::from_millis(100)))
+            .await
+            .is_ok(),
+        "same session: one holder"
+    );
+    drop(g);
+    let lease = n.backend.grant(10).await.unwrap();
+    let other = eventually("guard released on drop", SOON, || async {
+        lock::lock(
+            &n.backend,
+            "client-lock",
+            lease,
+            "other",
+            Some(Duration::ZERO),
+        )
+        .await
+        .ok()
+    })
+    .await;
+    assert!(other.fencing_token > 0);
+    c.close().await.unwrap();
+    eventually("deregistered on close", SOON, || async {
+        n.registry
+            .discover("client-svc", &Filter::default())
+            .instances
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    n.shutdown().await;
+}
