@@ -163,16 +163,18 @@ async fn acquire(
     };
     let waited = match timeout {
         None => wait_turn(backend, prefix, kv.create_revision).await,
-        Some(t) => match tokio::time::timeout(t, wait_turn(backend, prefix, kv.create_revision)).await {
-            Ok(r) => r,
-            Err(_) => {
-                let _ = dequeue(backend, &held).await;
-                return Err(CoordError::Timeout(format!(
-                    "{name:?} is held by another holder; gave up after {} ms",
-                    t.as_millis()
-                )));
+        Some(t) => {
+            match tokio::time::timeout(t, wait_turn(backend, prefix, kv.create_revision)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let _ = dequeue(backend, &held).await;
+                    return Err(CoordError::Timeout(format!(
+                        "{name:?} is held by another holder; gave up after {} ms",
+                        t.as_millis()
+                    )));
+                }
             }
-        },
+        }
     };
     if let Err(e) = waited {
         let _ = dequeue(backend, &held).await;

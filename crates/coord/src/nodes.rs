@@ -200,7 +200,8 @@ impl Membership {
     /// A compare that holds only while our session (member key) is the one we hold.
     pub fn still_member(&self) -> Option<meshwork_etcd::proto::etcdserverpb::Compare> {
         let s = self.session();
-        (s.create_revision > 0).then(|| txn::create_rev_is(member_key(&self.info.name), s.create_revision))
+        (s.create_revision > 0)
+            .then(|| txn::create_rev_is(member_key(&self.info.name), s.create_revision))
     }
 
     /// Leaves the cluster: revokes the session so others take over at once.
@@ -239,7 +240,10 @@ async fn join_once(
         let r = backend
             .txn(meshwork_etcd::proto::etcdserverpb::TxnRequest {
                 compare: vec![txn::absent(key.clone())],
-                success: vec![txn::put(key.clone(), value.clone(), lease), txn::get(key.clone())],
+                success: vec![
+                    txn::put(key.clone(), value.clone(), lease),
+                    txn::get(key.clone()),
+                ],
                 failure: vec![txn::get(key.clone())],
             })
             .await?;

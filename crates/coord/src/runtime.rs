@@ -121,7 +121,8 @@ impl Coord {
     pub fn ids(&self) -> Result<Arc<IdGenerator>> {
         self.ids.read().clone().ok_or_else(|| {
             crate::error::CoordError::Unavailable(
-                "this node holds no id worker right now (its session is being re-established)".into(),
+                "this node holds no id worker right now (its session is being re-established)"
+                    .into(),
             )
         })
     }

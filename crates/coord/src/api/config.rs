@@ -30,7 +30,10 @@ pub(super) fn routes() -> Router<Coord> {
             "/v1/config/{namespace}/{group}/{data_id}",
             get(get_entry).put(publish).delete(delete),
         )
-        .route("/v1/config/{namespace}/{group}/{data_id}/history", get(history))
+        .route(
+            "/v1/config/{namespace}/{group}/{data_id}/history",
+            get(history),
+        )
         .route(
             "/v1/config/{namespace}/{group}/{data_id}/history/{version}",
             get(version),
@@ -84,7 +87,9 @@ fn num<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str) -> ApiResu
 
 async fn list(State(c): State<Coord>, Query(q): Query<HashMap<String, String>>) -> Response {
     let entries = c.config.list(
-        q.get("namespace").map(String::as_str).filter(|s| !s.is_empty()),
+        q.get("namespace")
+            .map(String::as_str)
+            .filter(|s| !s.is_empty()),
         q.get("group").map(String::as_str).filter(|s| !s.is_empty()),
     );
     json(StatusCode::OK, &serde_json::json!({ "entries": entries }))
@@ -214,7 +219,9 @@ async fn watch(
     let stream = c.config.subscribe(k, who).map(|s| {
         let ev = match s {
             Some(s) => Event::default().event("config").json_data(&s),
-            None => Event::default().event("deleted").json_data(serde_json::json!({})),
+            None => Event::default()
+                .event("deleted")
+                .json_data(serde_json::json!({})),
         };
         Ok::<_, Infallible>(ev.unwrap_or_else(|_| Event::default().comment("encoding failed")))
     });
@@ -294,7 +301,10 @@ async fn listener(
     }
     let wait = Duration::from_millis(req.timeout_ms.unwrap_or(30_000));
     let changed = c.config.listen(&req.items, &who, wait).await;
-    Ok(json(StatusCode::OK, &serde_json::json!({ "changed": changed })))
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "changed": changed }),
+    ))
 }
 
 #[allow(dead_code)]

@@ -257,7 +257,9 @@ async fn observe(State(c): State<Coord>, Path(name): Path<String>) -> ApiResult<
     let s = lock::observe(&c.backend, &name)?.map(|l| {
         let ev = match l {
             Some(l) => Event::default().event("leader").json_data(&l),
-            None => Event::default().event("none").json_data(serde_json::json!({})),
+            None => Event::default()
+                .event("none")
+                .json_data(serde_json::json!({})),
         };
         Ok::<_, Infallible>(ev.unwrap_or_else(|_| Event::default().comment("encoding failed")))
     });
@@ -272,9 +274,9 @@ async fn ids(
 ) -> ApiResult<Response> {
     let count = match q.get("count") {
         None => 1,
-        Some(n) => n.parse::<usize>().map_err(|_| {
-            ApiError::bad_request("invalid_argument", "count must be 1..=10000")
-        })?,
+        Some(n) => n
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request("invalid_argument", "count must be 1..=10000"))?,
     };
     let gen_ = c.ids()?;
     let ids = gen_.next_batch(count)?;
@@ -286,9 +288,9 @@ async fn ids(
 }
 
 async fn explain_id(State(c): State<Coord>, Path(id): Path<String>) -> ApiResult<Response> {
-    let id: i64 = id.parse().map_err(|_| {
-        ApiError::bad_request("invalid_argument", format!("{id:?} is not an id"))
-    })?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid_argument", format!("{id:?} is not an id")))?;
     let (ts, worker, seq) = c.options.ids.decompose(id);
     Ok(json(
         StatusCode::OK,

@@ -46,14 +46,20 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("put", "/v1/config/{namespace}/{group}/{data_id}"),
     ("delete", "/v1/config/{namespace}/{group}/{data_id}"),
     ("get", "/v1/config/{namespace}/{group}/{data_id}/history"),
-    ("get", "/v1/config/{namespace}/{group}/{data_id}/history/{version}"),
+    (
+        "get",
+        "/v1/config/{namespace}/{group}/{data_id}/history/{version}",
+    ),
     ("get", "/v1/config/{namespace}/{group}/{data_id}/diff"),
     ("post", "/v1/config/{namespace}/{group}/{data_id}/rollback"),
     ("get", "/v1/config/{namespace}/{group}/{data_id}/watch"),
     ("get", "/v1/config/{namespace}/{group}/{data_id}/beta"),
     ("put", "/v1/config/{namespace}/{group}/{data_id}/beta"),
     ("delete", "/v1/config/{namespace}/{group}/{data_id}/beta"),
-    ("post", "/v1/config/{namespace}/{group}/{data_id}/beta/promote"),
+    (
+        "post",
+        "/v1/config/{namespace}/{group}/{data_id}/beta/promote",
+    ),
     ("post", "/v1/leases"),
     ("post", "/v1/leases/{id}/keepalive"),
     ("delete", "/v1/leases/{id}"),
@@ -97,7 +103,8 @@ impl From<CoordError> for ApiError {
             _ => None,
         };
         ApiError {
-            status: StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            status: StatusCode::from_u16(e.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             code: e.code(),
             message: e.to_string(),
             detail,
@@ -200,7 +207,10 @@ pub(crate) fn caller(addr: Option<SocketAddr>) -> String {
 
 async fn openapi() -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         OPENAPI,
     )
         .into_response()

@@ -36,7 +36,10 @@ pub(super) fn routes() -> Router<Coord> {
             "/v1/services/{service}/instances/{id}/heartbeat",
             put(heartbeat),
         )
-        .route("/v1/services/{service}/instances/{id}/enabled", put(enabled))
+        .route(
+            "/v1/services/{service}/instances/{id}/enabled",
+            put(enabled),
+        )
         .route("/v1/services/{service}/watch", get(watch))
         .route("/v1/registry/events", get(events))
 }
@@ -190,7 +193,10 @@ async fn heartbeat(
     Path((svc, id)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let ttl = c.registry.heartbeat(&svc, &id).await?;
-    Ok(json(StatusCode::OK, &serde_json::json!({"ttl_seconds": ttl})))
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"ttl_seconds": ttl}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -240,7 +246,10 @@ async fn events(
         })?,
         None => 100,
     };
-    let svc = q.get("service").map(String::as_str).filter(|s| !s.is_empty());
+    let svc = q
+        .get("service")
+        .map(String::as_str)
+        .filter(|s| !s.is_empty());
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"events": c.registry.events(svc, limit.min(1000))}),

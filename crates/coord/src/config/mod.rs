@@ -423,7 +423,12 @@ impl ConfigCenter {
 
     /// The current entry, from the local copy.
     pub fn get(&self, key: &ConfigKey) -> Option<ConfigEntry> {
-        self.cache.lock().live.items.get(key).map(|(e, _)| e.clone())
+        self.cache
+            .lock()
+            .live
+            .items
+            .get(key)
+            .map(|(e, _)| e.clone())
     }
 
     /// The content `client` should see: the beta when it matches a gray release.
@@ -482,8 +487,17 @@ impl ConfigCenter {
                 "author is limited to 256 bytes and description to 4096",
             ));
         }
-        self.write_version(key, Some(p.content), p.format, &p.author, &p.description, p.if_version, "publish", None)
-            .await
+        self.write_version(
+            key,
+            Some(p.content),
+            p.format,
+            &p.author,
+            &p.description,
+            p.if_version,
+            "publish",
+            None,
+        )
+        .await
     }
 
     /// Restores the content of `version` as a new version.
@@ -508,9 +522,23 @@ impl ConfigCenter {
     }
 
     /// Deletes an entry (its history stays; a delete is a version too).
-    pub async fn delete(&self, key: &ConfigKey, author: &str, if_version: Option<u64>) -> Result<u64> {
+    pub async fn delete(
+        &self,
+        key: &ConfigKey,
+        author: &str,
+        if_version: Option<u64>,
+    ) -> Result<u64> {
         let r = self
-            .write_version(key, None, Format::Text, author, "deleted", if_version, "delete", None)
+            .write_version(
+                key,
+                None,
+                Format::Text,
+                author,
+                "deleted",
+                if_version,
+                "delete",
+                None,
+            )
             .await?;
         Ok(r.entry.version)
     }
@@ -564,7 +592,8 @@ impl ConfigCenter {
                     op: op.to_string(),
                     restored_from: None,
                 };
-                let hist = serde_json::to_vec(&rec).map_err(|e| CoordError::invalid(e.to_string()))?;
+                let hist =
+                    serde_json::to_vec(&rec).map_err(|e| CoordError::invalid(e.to_string()))?;
                 let mod_rev = cur.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
                 let r = self
                     .backend
@@ -620,7 +649,8 @@ impl ConfigCenter {
                 op: op.to_string(),
                 restored_from,
             };
-            let value = serde_json::to_vec(&entry).map_err(|e| CoordError::invalid(e.to_string()))?;
+            let value =
+                serde_json::to_vec(&entry).map_err(|e| CoordError::invalid(e.to_string()))?;
             let hist = serde_json::to_vec(&rec).map_err(|e| CoordError::invalid(e.to_string()))?;
             let mod_rev = cur.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
             let r = self
@@ -669,8 +699,7 @@ impl ConfigCenter {
                 }
             })
             .await?;
-        Ok(r
-            .kvs
+        Ok(r.kvs
             .first()
             .and_then(|kv| std::str::from_utf8(&kv.key).ok())
             .and_then(|k| k.rsplit('/').next())
@@ -695,7 +724,8 @@ impl ConfigCenter {
     pub async fn version(&self, key: &ConfigKey, version: u64) -> Result<ConfigVersion> {
         let hk = key.history_key(version);
         let (kv, _) = self.backend.get(hk.clone()).await?;
-        let kv = kv.ok_or_else(|| CoordError::NotFound(format!("{key} has no version {version}")))?;
+        let kv =
+            kv.ok_or_else(|| CoordError::NotFound(format!("{key} has no version {version}")))?;
         serde_json::from_slice(&kv.value).map_err(|e| corrupt(&hk, e))
     }
 
@@ -760,7 +790,12 @@ impl ConfigCenter {
 
     /// Ends a gray release: `promote` publishes the beta content to everyone as a new
     /// version; otherwise it is withdrawn.
-    pub async fn end_beta(&self, key: &ConfigKey, promote: bool, author: &str) -> Result<Option<Published>> {
+    pub async fn end_beta(
+        &self,
+        key: &ConfigKey,
+        promote: bool,
+        author: &str,
+    ) -> Result<Option<Published>> {
         let beta = self
             .beta(key)
             .ok_or_else(|| CoordError::NotFound(format!("{key} has no gray release")))?;

@@ -295,7 +295,10 @@ impl MirrorHandler for RegistryCache {
         }
         self.revision = revision;
         // Everyone waiting re-reads: the state may have changed arbitrarily.
-        for svc in old.iter().chain(self.services.keys().cloned().collect::<Vec<_>>().iter()) {
+        for svc in old
+            .iter()
+            .chain(self.services.keys().cloned().collect::<Vec<_>>().iter())
+        {
             if let Some(s) = self.services.get_mut(svc) {
                 s.index = s.index.max(revision);
             }

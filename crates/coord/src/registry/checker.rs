@@ -99,9 +99,9 @@ async fn plan(
     running.retain(|k, r| {
         !r.task.is_finished()
             && wanted.get(k).is_some_and(|i| {
-            i.spec.check.as_ref() == Some(&r.check)
-                && (i.spec.address.as_str(), i.spec.port) == (r.address.0.as_str(), r.address.1)
-        })
+                i.spec.check.as_ref() == Some(&r.check)
+                    && (i.spec.address.as_str(), i.spec.port) == (r.address.0.as_str(), r.address.1)
+            })
     });
     for (k, inst) in wanted {
         if running.contains_key(&k) {
@@ -110,7 +110,11 @@ async fn plan(
         let Some(check) = inst.spec.check.clone() else {
             continue;
         };
-        let task = tokio::spawn(run_check(registry.clone(), membership.clone(), inst.clone()));
+        let task = tokio::spawn(run_check(
+            registry.clone(),
+            membership.clone(),
+            inst.clone(),
+        ));
         running.insert(
             k,
             Running {
@@ -212,7 +216,9 @@ async fn run_check(registry: Registry, membership: Arc<Membership>, inst: Instan
             match write_status(&registry, &membership, &svc, &id, &status).await {
                 Ok(true) => first = false,
                 Ok(false) => return, // instance gone or we are no longer a member
-                Err(e) => tracing::warn!(service = %svc, instance = %id, error = %e, "writing health failed"),
+                Err(e) => {
+                    tracing::warn!(service = %svc, instance = %id, error = %e, "writing health failed")
+                }
             }
         }
         tokio::time::sleep(interval).await;
@@ -229,8 +235,8 @@ async fn write_status(
     let Some(member) = membership.still_member() else {
         return Ok(false);
     };
-    let value = serde_json::to_vec(status)
-        .map_err(|e| crate::error::CoordError::invalid(e.to_string()))?;
+    let value =
+        serde_json::to_vec(status).map_err(|e| crate::error::CoordError::invalid(e.to_string()))?;
     let exists = txn::exists(instance_key(svc, id));
     let r = registry
         .backend()

@@ -328,21 +328,18 @@ impl Registry {
         let rx = self.cache.lock().subscribe(service);
         let this = self.clone();
         let service = service.to_string();
-        futures_util::stream::unfold(
-            (rx, true),
-            move |(mut rx, first)| {
-                let this = this.clone();
-                let service = service.clone();
-                let filter = filter.clone();
-                async move {
-                    if !first && rx.changed().await.is_err() {
-                        return None;
-                    }
-                    rx.borrow_and_update();
-                    Some((this.discover(&service, &filter), (rx, false)))
+        futures_util::stream::unfold((rx, true), move |(mut rx, first)| {
+            let this = this.clone();
+            let service = service.clone();
+            let filter = filter.clone();
+            async move {
+                if !first && rx.changed().await.is_err() {
+                    return None;
                 }
-            },
-        )
+                rx.borrow_and_update();
+                Some((this.discover(&service, &filter), (rx, false)))
+            }
+        })
     }
 
     /// Recent events, newest last, of one service or all.

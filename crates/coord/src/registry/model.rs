@@ -169,7 +169,11 @@ pub(crate) fn validate_name(
     if name.len() > max {
         return Err(CoordError::invalid(format!(
             "{what} {:?}... is {} bytes; the limit is {max}",
-            &name[..name.char_indices().nth(32).map(|(i, _)| i).unwrap_or(name.len())],
+            &name[..name
+                .char_indices()
+                .nth(32)
+                .map(|(i, _)| i)
+                .unwrap_or(name.len())],
             name.len()
         )));
     }
@@ -265,7 +269,8 @@ impl InstanceSpec {
             )));
         }
         if let Some(c) = &self.check {
-            c.validate().map_err(|e| CoordError::invalid(format!("check: {e}")))?;
+            c.validate()
+                .map_err(|e| CoordError::invalid(format!("check: {e}")))?;
         }
         Ok(())
     }
@@ -322,7 +327,9 @@ pub enum KeyKind<'a> {
 
 /// Parses a registry key; `None` for keys this version does not know.
 pub fn parse_key(key: &[u8]) -> Option<KeyKind<'_>> {
-    let rest = std::str::from_utf8(key).ok()?.strip_prefix(REGISTRY_PREFIX)?;
+    let rest = std::str::from_utf8(key)
+        .ok()?
+        .strip_prefix(REGISTRY_PREFIX)?;
     let (service, rest) = rest.split_once('/')?;
     if rest == "settings" {
         return Some(KeyKind::Settings(service));
@@ -365,10 +372,20 @@ mod tests {
     fn rejects_bad_fields_with_clear_messages() {
         let mut s = spec();
         s.address = "bad host!".into();
-        assert!(s.normalize(2, 3600).unwrap_err().to_string().contains("host name"));
+        assert!(
+            s.normalize(2, 3600)
+                .unwrap_err()
+                .to_string()
+                .contains("host name")
+        );
         let mut s = spec();
         s.ttl_seconds = 1;
-        assert!(s.normalize(2, 3600).unwrap_err().to_string().contains("ttl_seconds"));
+        assert!(
+            s.normalize(2, 3600)
+                .unwrap_err()
+                .to_string()
+                .contains("ttl_seconds")
+        );
         let mut s = spec();
         s.tags = vec!["a,b".into()];
         assert!(s.normalize(2, 3600).is_err());
@@ -376,7 +393,9 @@ mod tests {
         assert!(validate_service_name("-x").is_err());
         assert!(validate_service_name(&"x".repeat(129)).is_err());
         assert!(validate_service_name("order-svc.v2").is_ok());
-        assert!(serde_json::from_str::<InstanceSpec>(r#"{"address":"a","port":1,"bogus":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<InstanceSpec>(r#"{"address":"a","port":1,"bogus":1}"#).is_err()
+        );
     }
 
     #[test]
