@@ -120,14 +120,9 @@ async fn wait_turn(backend: &Backend, prefix: &str, rev: i64) -> Result<()> {
         let Some(pred) = pred else { return Ok(()) };
         // Wait for that key to go, then look again (an earlier one may remain).
         let mut w = backend.watch_range(pred.key.clone(), Bytes::new(), at + 1);
-        loop {
-            match w.next().await {
-                Some(WatchItem::Events { events, .. }) => {
-                    if events.iter().any(is_delete) {
-                        break;
-                    }
-                }
-                Some(WatchItem::Reset { .. }) | None => break,
+        while let Some(WatchItem::Events { events, .. }) = w.next().await {
+            if events.iter().any(is_delete) {
+                break;
             }
         }
     }
