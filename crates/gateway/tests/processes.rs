@@ -1,0 +1,110 @@
+//! Faults with real upstream processes killed with SIGKILL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::*;
+
+struct Proc {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Proc {
+    fn spawn(name: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_meshwork-bench-upstream"))
+            .args(["127.0.0.1:0", "13", name])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap()
+            .parse()
+            .unwrap();
+        Self { child, addr }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn sigkill_one_of_three_upstream_processes_under_load() {
+    let procs = [Proc::spawn("p0"), Proc::spawn("p1"), Proc::spawn("p2")];
+    let routes = format!(
+        r#"
+        [[routes]]
+        name = "lb"
+        [routes.forward]
+        upstreams = ["{}", "{}", "{}"]
+        retry = {{ max_attempts = 3, initial_backoff_ms = 1, max_backoff_ms = 5 }}
+        outlier = {{ consecutive_failures = 2, base_ejection_ms = 60000 }}
+        "#,
+        procs[0].addr, procs[1].addr, procs[2].addr
+    );
+    let gw = Gw::start(&routes).await;
+    let url = gw.url("/");
+    let done = Arc::new(AtomicU64::new(0));
+    let victim_hits = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (url, done, errors, victim_hits) = (
+            url.clone(),
+            done.clone(),
+            errors.clone(),
+            victim_hits.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for _ in 0..100 {
+                let r = get(&c, &url).await;
+                if r.status != 200 {
+                    errors.lock().push(format!("{} {}", r.status, r.text()));
+                } else if r.headers["x-upstream"] == "p2" {
+                    victim_hits.fetch_add(1, Ordering::SeqCst);
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    eventually("load reaches the victim", async || {
+        victim_hits.load(Ordering::SeqCst) >= 10
+    })
+    .await;
+    let [p0, p1, mut p2] = procs;
+    p2.child.kill().unwrap();
+    p2.child.wait().unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(done.load(Ordering::SeqCst), 800);
+    assert!(
+        errors.lock().is_empty(),
+        "client-visible errors: {:?}",
+        errors.lock()
+    );
+    let snap = gw.gateway.upstreams();
+    let dead = snap[0]
+        .endpoints
+        .iter()
+        .find(|e| e.addr == p2.addr)
+        .unwrap();
+    assert!(dead.ejected, "{snap:?}");
+    drop((p0, p1));
+}
