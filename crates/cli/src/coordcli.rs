@@ -31,7 +31,10 @@ async fn req(h: &Http, method: &str, path: &str, body: Option<Value>) -> Result<
 }
 
 fn print(v: &Value) {
-    println!(
+    use std::io::Write;
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = writeln!(
+        std::io::stdout(),
         "{}",
         serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
     );
@@ -128,9 +131,9 @@ struct Register {
     /// Check interval, ms.
     #[arg(long, default_value_t = 5000)]
     interval_ms: u64,
-    /// Check timeout, ms.
-    #[arg(long, default_value_t = 2000)]
-    timeout_ms: u64,
+    /// Check timeout, ms [default: the smaller of 2000 and half the interval].
+    #[arg(long)]
+    timeout_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -195,9 +198,9 @@ pub(crate) async fn svc(a: SvcArgs) -> Result<()> {
                 println!(
                     "{:<32} {:>8} {:>8} {:>10}",
                     s["name"].as_str().unwrap_or(""),
-                    s["healthy"],
-                    s["instances"],
-                    s["index"]
+                    s["healthy"].to_string(),
+                    s["instances"].to_string(),
+                    s["index"].to_string()
                 );
             }
         }
@@ -218,7 +221,8 @@ pub(crate) async fn svc(a: SvcArgs) -> Result<()> {
                 body["id"] = json!(id);
             }
             if let Some(c) = &r.check {
-                body["check"] = check_json(c, r.interval_ms, r.timeout_ms)?;
+                let timeout = r.timeout_ms.unwrap_or((r.interval_ms / 2).min(2000));
+                body["check"] = check_json(c, r.interval_ms, timeout)?;
             }
             let path = format!("/v1/services/{}/instances", enc(&r.service));
             let v = req(h, "POST", &path, Some(body)).await?;
@@ -463,7 +467,7 @@ pub(crate) async fn config(a: ConfigArgs) -> Result<()> {
             for e in v["versions"].as_array().into_iter().flatten() {
                 println!(
                     "{:>8} {:<9} {:<20} {:<16} {}",
-                    e["version"],
+                    e["version"].to_string(),
                     e["op"].as_str().unwrap_or(""),
                     e["author"].as_str().unwrap_or(""),
                     e["checksum"]
