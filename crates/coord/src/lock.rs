@@ -156,20 +156,28 @@ async fn acquire(
         fencing_token: kv.create_revision,
         lease,
     };
-    let waited = match timeout {
-        None => wait_turn(backend, prefix, kv.create_revision).await,
-        Some(t) => {
-            match tokio::time::timeout(t, wait_turn(backend, prefix, kv.create_revision)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    let _ = dequeue(backend, &held).await;
-                    return Err(CoordError::Timeout(format!(
-                        "{name:?} is held by another holder; gave up after {} ms",
-                        t.as_millis()
-                    )));
+    // Look once before any timeout applies: a free lock is taken even with a zero
+    // timeout (try-lock).
+    let first = predecessor(backend, prefix, kv.create_revision).await;
+    let waited = match first {
+        Err(e) => Err(e),
+        Ok((None, _)) => Ok(()),
+        Ok((Some(_), _)) => match timeout {
+            None => wait_turn(backend, prefix, kv.create_revision).await,
+            Some(t) => {
+                match tokio::time::timeout(t, wait_turn(backend, prefix, kv.create_revision)).await
+                {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let _ = dequeue(backend, &held).await;
+                        return Err(CoordError::Timeout(format!(
+                            "{name:?} is held by another holder; gave up after {} ms",
+                            t.as_millis()
+                        )));
+                    }
                 }
             }
-        }
+        },
     };
     if let Err(e) = waited {
         let _ = dequeue(backend, &held).await;

@@ -291,7 +291,7 @@ async fn explain_id(State(c): State<Coord>, Path(id): Path<String>) -> ApiResult
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError::bad_request("invalid_argument", format!("{id:?} is not an id")))?;
-    let (ts, worker, seq) = c.options.ids.decompose(id);
+    let (ts, worker, seq) = c.options.ids.try_decompose(id)?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"id": id.to_string(), "timestamp_ms": ts, "worker": worker, "sequence": seq}),

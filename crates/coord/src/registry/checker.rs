@@ -7,11 +7,12 @@
 //! see it leave and the new owners start at once: a check moves within the node TTL
 //! plus one interval.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use super::Registry;
@@ -50,29 +51,58 @@ impl Checker {
             let mut running: HashMap<(String, String), Running> = HashMap::new();
             let mut reg_rx = registry.cache().lock().subscribe_all();
             let mut mem_rx = membership.changes();
+            // None = re-plan everything (start, membership change, missed events).
+            let mut scope: Option<HashSet<String>> = None;
             loop {
-                plan(&registry, &membership, &mut running).await;
-                tokio::select! {
-                    r = reg_rx.recv() => {
-                        if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
-                            return;
+                plan(&registry, &membership, &mut running, scope.as_ref()).await;
+                let mut next: Option<HashSet<String>> = Some(HashSet::new());
+                let mut add = |r: Result<String, broadcast::error::RecvError>| match r {
+                    Ok(svc) => {
+                        if let Some(set) = next.as_mut() {
+                            set.insert(svc);
                         }
+                        true
                     }
-                    r = mem_rx.changed() => if r.is_err() { return },
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        next = None;
+                        true
+                    }
+                    Err(broadcast::error::RecvError::Closed) => false,
+                };
+                tokio::select! {
+                    r = reg_rx.recv() => if !add(r) { return },
+                    r = mem_rx.changed() => {
+                        if r.is_err() { return }
+                        next = None;
+                    }
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => next = None,
                 }
                 // Coalesce a burst of changes into one re-plan.
-                while reg_rx.try_recv().is_ok() {}
+                loop {
+                    match reg_rx.try_recv() {
+                        Ok(svc) => {
+                            if let Some(set) = next.as_mut() {
+                                set.insert(svc);
+                            }
+                        }
+                        Err(broadcast::error::TryRecvError::Lagged(_)) => next = None,
+                        Err(_) => break,
+                    }
+                }
+                scope = next;
             }
         });
         Checker { task }
     }
 }
 
+/// Starts and stops check tasks to match ownership, for the services in `scope`
+/// (all when None).
 async fn plan(
     registry: &Registry,
     membership: &Arc<Membership>,
     running: &mut HashMap<(String, String), Running>,
+    scope: Option<&HashSet<String>>,
 ) {
     let me = membership.info().name.clone();
     let mut wanted: HashMap<(String, String), Instance> = HashMap::new();
@@ -80,6 +110,9 @@ async fn plan(
     {
         let cache = registry.cache().lock();
         for (svc, st) in cache.services() {
+            if scope.is_some_and(|s| !s.contains(svc)) {
+                continue;
+            }
             for (id, inst) in &st.instances {
                 if inst.spec.check.is_some()
                     && membership.owner_of(&format!("{svc}/{id}")).as_deref() == Some(&me)
@@ -97,11 +130,16 @@ async fn plan(
         }
     }
     running.retain(|k, r| {
-        !r.task.is_finished()
-            && wanted.get(k).is_some_and(|i| {
-                i.spec.check.as_ref() == Some(&r.check)
-                    && (i.spec.address.as_str(), i.spec.port) == (r.address.0.as_str(), r.address.1)
-            })
+        if r.task.is_finished() {
+            return false;
+        }
+        if scope.is_some_and(|s| !s.contains(&k.0)) {
+            return true;
+        }
+        wanted.get(k).is_some_and(|i| {
+            i.spec.check.as_ref() == Some(&r.check)
+                && (i.spec.address.as_str(), i.spec.port) == (r.address.0.as_str(), r.address.1)
+        })
     });
     for (k, inst) in wanted {
         if running.contains_key(&k) {
