@@ -1,0 +1,52 @@
+//! The gateway as a standalone process for the benchmark (until the
+//! `meshwork` binary wires the gateway role).
+//!
+//! `meshwork-bench-gateway ADDR ROUTES.toml [WORKER_THREADS]` serves
+//! ROUTES on ADDR, printing `listening ADDR`; access log off, default
+//! limits otherwise. Stops on Ctrl-C / SIGTERM.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use meshwork_gateway::{Gateway, GatewayConfig, RouteSet, StaticResolver};
+
+fn fail(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
+}
+
+fn main() -> std::io::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [addr, routes, rest @ ..] = args.as_slice() else {
+        return Err(fail("usage: meshwork-bench-gateway ADDR ROUTES.toml [THREADS]".into()));
+    };
+    let threads: usize = match rest.first() {
+        Some(t) => t.parse().map_err(|e| fail(format!("bad thread count: {e}")))?,
+        None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+    };
+    let text = std::fs::read_to_string(routes)?;
+    let set = RouteSet::from_toml(&text).map_err(|e| fail(e.to_string()))?;
+    let cfg = GatewayConfig {
+        access_log: false,
+        ..GatewayConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let gw = Gateway::new(cfg, Arc::new(StaticResolver::new())).map_err(|e| fail(e.to_string()))?;
+        gw.apply(set).map_err(|e| fail(e.to_string()))?;
+        let listener = tokio::net::TcpListener::bind(addr.as_str()).await?;
+        let mut out = std::io::stdout();
+        writeln!(out, "listening {}", listener.local_addr()?)?;
+        out.flush()?;
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        };
+        meshwork_gateway::serve(listener, gw, shutdown).await
+    })
+}
