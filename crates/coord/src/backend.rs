@@ -502,6 +502,11 @@ async fn run_watch(
                     return WatchEnd::Failed(format!("watch canceled: {}", resp.cancel_reason));
                 }
                 let revision = resp.header.map(|h| h.revision).unwrap_or(0);
+                if resp.created && *next == 0 {
+                    // A watch "from now": pin "now", so that a resume after a failover
+                    // continues from here instead of from the new endpoint's "now".
+                    *next = revision + 1;
+                }
                 if resp.events.is_empty() {
                     if !resp.created && revision >= *next {
                         // Progress notification: nothing below `revision` is pending.

@@ -183,7 +183,33 @@ async fn acquire(
         let _ = dequeue(backend, &held).await;
         return Err(e);
     }
+    // Our turn came, but our own key may have gone with our lease while we waited:
+    // then someone behind us holds it now (etcd's Mutex checks the same).
+    let (mine, _) = backend.get(held.key.clone()).await?;
+    if mine.is_none_or(|kv| kv.create_revision != held.fencing_token) {
+        return Err(CoordError::NotFound(format!(
+            "lease {lease:x} ended while waiting for {name:?}; nothing is held"
+        )));
+    }
     Ok(held)
+}
+
+/// Checks that `held` names a contender key of lock (or election) `name` — the API
+/// must not let a caller delete or overwrite an arbitrary key.
+pub fn check_held(held: &Held, name: &str, election: bool) -> Result<()> {
+    let prefix = if election {
+        election_prefix(name)
+    } else {
+        format!("{LOCKS_PREFIX}{name}/")
+    };
+    let expected = queue_key(&prefix, held.lease);
+    if held.name != name || held.key != expected {
+        return Err(CoordError::invalid(format!(
+            "held.key {:?} is not the key of lease {:x} in {:?} (expected {expected:?})",
+            held.key, held.lease, name
+        )));
+    }
+    Ok(())
 }
 
 /// Acquires lock `name` for `lease`, waiting at most `timeout` (None = forever;

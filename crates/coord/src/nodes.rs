@@ -220,7 +220,8 @@ impl Drop for Membership {
     }
 }
 
-fn member_key(name: &str) -> String {
+/// Key of a node's membership record.
+pub fn member_key(name: &str) -> String {
     format!("{NODES_PREFIX}{name}")
 }
 

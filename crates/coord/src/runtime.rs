@@ -32,6 +32,9 @@ pub struct CoordOptions {
     pub backend: BackendOptions,
     /// ID layout.
     pub ids: IdLayout,
+    /// Where the node remembers its session lease, so that a restart after a crash
+    /// revokes the previous run's session at once instead of waiting out its TTL.
+    pub session_file: Option<std::path::PathBuf>,
 }
 
 impl Default for CoordOptions {
@@ -45,6 +48,7 @@ impl Default for CoordOptions {
             config: ConfigOptions::default(),
             backend: BackendOptions::default(),
             ids: IdLayout::default(),
+            session_file: None,
         }
     }
 }
@@ -71,6 +75,9 @@ impl Coord {
     /// Connects to `endpoints` and starts every service.
     pub async fn start(endpoints: &[String], opts: CoordOptions) -> Result<Coord> {
         let backend = Backend::connect(endpoints, opts.backend.clone()).await?;
+        if let Some(path) = &opts.session_file {
+            revoke_previous_session(&backend, path, &opts.node_name).await?;
+        }
         let membership = Arc::new(
             Membership::join(
                 &backend,
@@ -86,6 +93,9 @@ impl Coord {
         );
         let registry = Registry::open(&backend, None, opts.registry.clone()).await?;
         let config = ConfigCenter::open(&backend, opts.config.clone()).await?;
+        if let Some(path) = &opts.session_file {
+            remember_session(path, membership.session().lease);
+        }
         let first = IdGenerator::start(
             &backend,
             opts.ids.clone(),
@@ -100,6 +110,7 @@ impl Coord {
             ids.clone(),
             opts.ids.clone(),
             opts.node_name.clone(),
+            opts.session_file.clone(),
         ))));
         let checker = opts
             .run_checks
@@ -154,6 +165,7 @@ async fn follow_session(
     ids: Arc<parking_lot::RwLock<Option<Arc<IdGenerator>>>>,
     layout: IdLayout,
     node: String,
+    session_file: Option<std::path::PathBuf>,
 ) {
     let mut rx = membership.session_changes();
     let mut current = membership.session().lease;
@@ -172,6 +184,9 @@ async fn follow_session(
         if s.lease == 0 {
             continue;
         }
+        if let Some(path) = &session_file {
+            remember_session(path, s.lease);
+        }
         loop {
             match IdGenerator::start(&backend, layout.clone(), s.lease, &node).await {
                 Ok(g) => {
@@ -187,5 +202,37 @@ async fn follow_session(
                 }
             }
         }
+    }
+}
+
+/// Revokes the session a previous run of this node left behind (after a crash it
+/// would otherwise hold the node name, its checks and its id worker for a TTL).
+async fn revoke_previous_session(
+    backend: &Backend,
+    path: &std::path::Path,
+    node: &str,
+) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let Ok(prev) = text.trim().parse::<i64>() else {
+        tracing::warn!(file = %path.display(), "ignoring an unreadable session file");
+        return Ok(());
+    };
+    let (kv, _) = backend.get(crate::nodes::member_key(node)).await?;
+    if kv.is_some_and(|kv| kv.lease == prev) {
+        backend.revoke(prev).await?;
+        tracing::info!(
+            node,
+            lease = prev,
+            "revoked the session of this node's previous run"
+        );
+    }
+    Ok(())
+}
+
+fn remember_session(path: &std::path::Path, lease: i64) {
+    if let Err(e) = std::fs::write(path, lease.to_string()) {
+        tracing::warn!(file = %path.display(), error = %e, "cannot remember the session lease");
     }
 }

@@ -1426,12 +1426,10 @@ async fn errors_use_the_documented_error_schema() {
 }
 
 // ---------------------------------------------------------------------------
-// Handler bugs found while writing the document: each test states the documented
-// behaviour and fails on the current handlers; un-ignore once fixed.
+// Regression tests for handler bugs found while writing the document.
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "handler bug: api/coordination.rs lease_id() parses decimal ids as hex"]
 async fn lease_ids_in_decimal_name_the_lease() {
     let h = start().await;
     let api = &h.api;
@@ -1459,7 +1457,6 @@ async fn lease_ids_in_decimal_name_the_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "handler bug: release/resign/proclaim act on any key named in the body"]
 async fn lock_calls_refuse_keys_outside_their_queue() {
     let h = start().await;
     let api = &h.api;

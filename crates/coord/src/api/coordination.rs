@@ -52,14 +52,16 @@ fn check_ttl(ttl: i64) -> ApiResult<i64> {
 }
 
 fn lease_id(s: &str) -> ApiResult<i64> {
-    i64::from_str_radix(s.trim_start_matches("0x"), 16)
-        .or_else(|_| s.parse::<i64>())
-        .map_err(|_| {
-            ApiError::bad_request(
-                "invalid_argument",
-                format!("lease id {s:?} must be a number (decimal, or hex with 0x)"),
-            )
-        })
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => i64::from_str_radix(hex, 16),
+        None => s.parse::<i64>(),
+    };
+    parsed.map_err(|_| {
+        ApiError::bad_request(
+            "invalid_argument",
+            format!("lease id {s:?} must be a decimal number (or hex with 0x)"),
+        )
+    })
 }
 
 #[derive(Deserialize)]
@@ -168,12 +170,7 @@ async fn release(
     body: Bytes,
 ) -> ApiResult<Response> {
     let h: Held = parse_body(&body)?;
-    if h.name != name {
-        return Err(ApiError::bad_request(
-            "invalid_argument",
-            format!("the body names lock {:?}, the path {name:?}", h.name),
-        ));
-    }
+    lock::check_held(&h, &name, false)?;
     if lock::unlock(&c.backend, &h).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
@@ -224,12 +221,7 @@ async fn proclaim(
     body: Bytes,
 ) -> ApiResult<Response> {
     let p: ProclaimBody = parse_body(&body)?;
-    if p.held.name != name {
-        return Err(ApiError::bad_request(
-            "invalid_argument",
-            "held.name differs from the path",
-        ));
-    }
+    lock::check_held(&p.held, &name, true)?;
     lock::proclaim(&c.backend, &p.held, &p.value).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -240,12 +232,7 @@ async fn resign(
     body: Bytes,
 ) -> ApiResult<Response> {
     let h: Held = parse_body(&body)?;
-    if h.name != name {
-        return Err(ApiError::bad_request(
-            "invalid_argument",
-            "name differs from the path",
-        ));
-    }
+    lock::check_held(&h, &name, true)?;
     if lock::resign(&c.backend, &h).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {

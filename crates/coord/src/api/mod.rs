@@ -225,6 +225,43 @@ async fn not_found() -> ApiError {
     }
 }
 
+/// Turns the framework's plain-text errors (413 body too large, 405, a path that
+/// does not decode) into the API's JSON error shape.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let code = match status.as_u16() {
+        413 => "too_large",
+        405 => "method_not_allowed",
+        404 => "no_such_route",
+        s if s < 500 => "invalid_argument",
+        _ => "internal",
+    };
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .unwrap_or_default();
+    let mut message = String::from_utf8_lossy(&text).trim().to_string();
+    if message.is_empty() {
+        message = status.canonical_reason().unwrap_or("error").to_string();
+    }
+    let mut out = (
+        status,
+        axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
+}
+
 /// The API router (mount it on the node's HTTP port; serve it with connect info).
 pub fn router(coord: Coord) -> Router {
     Router::new()
@@ -233,6 +270,7 @@ pub fn router(coord: Coord) -> Router {
         .merge(coordination::routes())
         .route("/openapi.json", axum::routing::get(openapi))
         .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(coord)
 }
 

@@ -241,7 +241,7 @@ async fn events(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let limit = match q.get("limit") {
-        Some(l) => l.parse::<usize>().map_err(|_| {
+        Some(l) => l.parse::<usize>().ok().filter(|l| *l > 0).ok_or_else(|| {
             ApiError::bad_request("invalid_argument", "limit must be a positive integer")
         })?,
         None => 100,

@@ -193,6 +193,8 @@ impl Registry {
 
     /// Renews an ephemeral instance's lease; returns the remaining TTL in seconds.
     pub async fn heartbeat(&self, service: &str, id: &str) -> Result<i64> {
+        validate_service_name(service)?;
+        validate_instance_id(id)?;
         let lease = {
             let c = self.cache.lock();
             c.service(service)
@@ -215,6 +217,8 @@ impl Registry {
     /// Enables or disables an instance (takes it in or out of rotation) with a
     /// compare-and-set on its record.
     pub async fn set_enabled(&self, service: &str, id: &str, enabled: bool) -> Result<Instance> {
+        validate_service_name(service)?;
+        validate_instance_id(id)?;
         let key = instance_key(service, id);
         for _ in 0..16 {
             let (kv, _) = self.backend.get(key.clone()).await?;

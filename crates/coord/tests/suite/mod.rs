@@ -748,6 +748,43 @@ pub async fn locks_exclusive_fenced_freed(endpoints: Vec<String>) {
         "a stale holder cannot unlock"
     );
     assert!(lock::unlock(&be, &b).await.unwrap());
+    // A waiter whose lease ends while it waits must not come out holding the lock.
+    let lh = be.grant(30).await.unwrap();
+    let lx = be.grant(2).await.unwrap();
+    let ly = be.grant(30).await.unwrap();
+    let h = lock::lock(&be, "exp", lh, "h", None).await.unwrap();
+    let bx = be.clone();
+    let x = tokio::spawn(async move { lock::lock(&bx, "exp", lx, "x", None).await });
+    eventually("x queued", SOON, || async {
+        let st = lock::list_locks(&be).await.ok()?;
+        (st.iter().find(|s| s.name == "exp")?.waiters == 1).then_some(())
+    })
+    .await;
+    // x's lease (2 s, never renewed) runs out; its key goes.
+    eventually("x's lease expired", SOON, || async {
+        let st = lock::list_locks(&be).await.ok()?;
+        (st.iter().find(|s| s.name == "exp")?.waiters == 0).then_some(())
+    })
+    .await;
+    let by = be.clone();
+    let y = tokio::spawn(async move { lock::lock(&by, "exp", ly, "y", None).await });
+    eventually("y queued", SOON, || async {
+        let st = lock::list_locks(&be).await.ok()?;
+        (st.iter().find(|s| s.name == "exp")?.waiters == 1).then_some(())
+    })
+    .await;
+    assert!(lock::unlock(&be, &h).await.unwrap());
+    let y = tokio::time::timeout(SOON, y)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let x = tokio::time::timeout(SOON, x).await.unwrap().unwrap();
+    assert!(
+        x.is_err(),
+        "a waiter whose lease expired came out holding the lock"
+    );
+    assert!(lock::unlock(&be, &y).await.unwrap());
     // Many contenders: never two holders, tokens strictly increase.
     let holders = Arc::new(AtomicUsize::new(0));
     let last = Arc::new(AtomicI64::new(0));
