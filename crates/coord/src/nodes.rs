@@ -15,6 +15,9 @@ use crate::backend::{Backend, Event, KeyValue, Mirror, MirrorHandler, is_delete,
 use crate::error::{CoordError, Result};
 use crate::registry::model::{now_ms, validate_name};
 
+/// The role of nodes that run active health checks.
+pub const CHECKER_ROLE: &str = "checker";
+
 /// Prefix of the membership keys.
 pub const NODES_PREFIX: &str = "/meshwork/nodes/";
 
@@ -192,9 +195,17 @@ impl Membership {
         self.changes.clone()
     }
 
-    /// The live member that owns `work` (rendezvous hashing), if any.
-    pub fn owner_of(&self, work: &str) -> Option<String> {
-        owner(self.members.lock().nodes.keys().map(String::as_str), work).map(str::to_string)
+    /// The live member with `role` that owns `work` (rendezvous hashing), if any.
+    pub fn owner_of(&self, role: &str, work: &str) -> Option<String> {
+        let m = self.members.lock();
+        owner(
+            m.nodes
+                .iter()
+                .filter(|(_, (info, _))| info.roles.iter().any(|r| r == role))
+                .map(|(name, _)| name.as_str()),
+            work,
+        )
+        .map(str::to_string)
     }
 
     /// A compare that holds only while our session (member key) is the one we hold.

@@ -84,7 +84,11 @@ impl Coord {
                 NodeInfo {
                     name: opts.node_name.clone(),
                     http_addr: opts.http_addr.clone(),
-                    roles: vec!["coord".into()],
+                    roles: if opts.run_checks {
+                        vec!["coord".into(), crate::nodes::CHECKER_ROLE.into()]
+                    } else {
+                        vec!["coord".into()]
+                    },
                     started_at_ms: 0,
                 },
                 opts.node_ttl,

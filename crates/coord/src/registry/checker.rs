@@ -19,7 +19,7 @@ use super::Registry;
 use super::model::{HealthStatus, Instance, health_key, instance_key, now_ms};
 use super::probe::{HealthCheck, probe};
 use crate::backend::txn;
-use crate::nodes::Membership;
+use crate::nodes::{CHECKER_ROLE, Membership};
 
 /// Runs the checks this node owns until dropped.
 pub struct Checker {
@@ -115,14 +115,20 @@ async fn plan(
             }
             for (id, inst) in &st.instances {
                 if inst.spec.check.is_some()
-                    && membership.owner_of(&format!("{svc}/{id}")).as_deref() == Some(&me)
+                    && membership
+                        .owner_of(CHECKER_ROLE, &format!("{svc}/{id}"))
+                        .as_deref()
+                        == Some(&me)
                 {
                     wanted.insert((svc.clone(), id.clone()), inst.clone());
                 }
             }
             for id in st.health.keys() {
                 if !st.instances.contains_key(id)
-                    && membership.owner_of(&format!("{svc}/{id}")).as_deref() == Some(&me)
+                    && membership
+                        .owner_of(CHECKER_ROLE, &format!("{svc}/{id}"))
+                        .as_deref()
+                        == Some(&me)
                 {
                     orphans.push((svc.clone(), id.clone()));
                 }

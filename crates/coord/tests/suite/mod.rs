@@ -918,7 +918,11 @@ pub async fn checks_move_when_their_node_dies(endpoints: Vec<String>) {
     let mut id = String::new();
     for i in 0..64 {
         let cand = format!("inst-{i}");
-        if a.membership.owner_of(&format!("mv/{cand}")).as_deref() == Some("move-a") {
+        if a.membership
+            .owner_of("checker", &format!("mv/{cand}"))
+            .as_deref()
+            == Some("move-a")
+        {
             id = cand;
             break;
         }
