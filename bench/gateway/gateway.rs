@@ -17,10 +17,14 @@ fn fail(msg: String) -> std::io::Error {
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [addr, routes, rest @ ..] = args.as_slice() else {
-        return Err(fail("usage: meshwork-bench-gateway ADDR ROUTES.toml [THREADS]".into()));
+        return Err(fail(
+            "usage: meshwork-bench-gateway ADDR ROUTES.toml [THREADS]".into(),
+        ));
     };
     let threads: usize = match rest.first() {
-        Some(t) => t.parse().map_err(|e| fail(format!("bad thread count: {e}")))?,
+        Some(t) => t
+            .parse()
+            .map_err(|e| fail(format!("bad thread count: {e}")))?,
         None => std::thread::available_parallelism().map_or(2, |n| n.get()),
     };
     let text = std::fs::read_to_string(routes)?;
@@ -29,24 +33,25 @@ fn main() -> std::io::Result<()> {
         access_log: false,
         ..GatewayConfig::default()
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+    let gw = Gateway::new(cfg, Arc::new(StaticResolver::new())).map_err(|e| fail(e.to_string()))?;
+    gw.apply(set).map_err(|e| fail(e.to_string()))?;
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| fail(format!("bad address: {e}")))?;
+    let workers = meshwork_gateway::spawn_workers(addr, gw, threads, None)?;
+    let mut out = std::io::stdout();
+    writeln!(out, "listening {}", workers.local_addr())?;
+    out.flush()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
-        let gw = Gateway::new(cfg, Arc::new(StaticResolver::new())).map_err(|e| fail(e.to_string()))?;
-        gw.apply(set).map_err(|e| fail(e.to_string()))?;
-        let listener = tokio::net::TcpListener::bind(addr.as_str()).await?;
-        let mut out = std::io::stdout();
-        writeln!(out, "listening {}", listener.local_addr()?)?;
-        out.flush()?;
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-        };
-        meshwork_gateway::serve(listener, gw, shutdown).await
-    })
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok::<_, std::io::Error>(())
+    })?;
+    workers.shutdown()
 }

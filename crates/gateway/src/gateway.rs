@@ -40,8 +40,6 @@ pub(crate) struct Shared {
     pub(crate) cfg: GatewayConfig,
     pub(crate) resolver: Arc<dyn Resolver>,
     pub(crate) shared_limiter: Arc<dyn SharedLimiter>,
-    pub(crate) h1: HttpClient,
-    pub(crate) h2: HttpClient,
     pub(crate) table: ArcSwap<RouteTable>,
     pub(crate) cache: Mutex<StateCache>,
     pub(crate) apply_lock: Mutex<()>,
@@ -81,6 +79,24 @@ fn client(cfg: &GatewayConfig, h2: bool) -> HttpClient {
         b.http2_adaptive_window(true);
     }
     b.build(conn)
+}
+
+/// Upstream connection pools (HTTP/1.1 and h2c). Each listener loop has
+/// its own, so a connection's task, its requests and its upstream
+/// connections stay on one runtime thread.
+#[derive(Debug)]
+pub(crate) struct Clients {
+    pub(crate) h1: HttpClient,
+    pub(crate) h2: HttpClient,
+}
+
+impl Clients {
+    pub(crate) fn new(cfg: &GatewayConfig) -> Self {
+        Self {
+            h1: client(cfg, false),
+            h2: client(cfg, true),
+        }
+    }
 }
 
 /// Everything the admin API shows about one route.
@@ -124,8 +140,6 @@ impl Gateway {
             })?;
         Ok(Self {
             shared: Arc::new(Shared {
-                h1: client(&cfg, false),
-                h2: client(&cfg, true),
                 mirror_slots: Arc::new(Semaphore::new(cfg.mirror_max_in_flight)),
                 cfg,
                 resolver,

@@ -37,7 +37,7 @@ pub use limits::{LocalSharedLimiter, SharedLimiter};
 pub use resolver::{Endpoint, InstanceFilter, Resolver, StaticResolver};
 pub use route::model::{RouteConfig, RouteError, RouteSet};
 pub use route::{Explanation, RouteCheck};
-pub use server::{serve, serve_tls};
+pub use server::{Workers, serve, serve_tls, spawn_workers};
 pub use table::RouteCounters;
 pub use tls::{TlsConfig, TlsError, TlsReloader};
 pub use upstream::{ClusterSnapshot, EndpointSnapshot};

@@ -22,7 +22,7 @@ use tower::{Layer, ServiceExt};
 
 use crate::body::{self, Body, BodyFault, BoxError, GuardedBody};
 use crate::error::{ErrorCode, GatewayError};
-use crate::gateway::Shared;
+use crate::gateway::{Clients, Shared};
 use crate::headers::{self, TraceContext};
 use crate::route::compile::{self, ActionPlan, ForwardPlan, MatchInput, SplitCond};
 use crate::route::model::{HashOn, UpstreamProtocol};
@@ -34,6 +34,7 @@ use crate::upstream::{TryGuard, hash_bytes};
 pub(crate) struct ConnInfo {
     pub(crate) peer: SocketAddr,
     pub(crate) tls: bool,
+    pub(crate) clients: Arc<Clients>,
 }
 
 /// What the access log and metrics need from the request's processing.
@@ -493,7 +494,7 @@ where
                 *mreq.method_mut() = method.clone();
                 *mreq.uri_mut() = uri;
                 *mreq.headers_mut() = mh;
-                let client = sh.h1.clone();
+                let client = conn.clients.h1.clone();
                 let limit = Duration::from_millis(cfg.default_timeout_ms);
                 tokio::spawn(async move {
                     let _permit = permit;
@@ -522,7 +523,11 @@ where
         .unwrap_or(Duration::from_millis(cfg.default_timeout_ms));
     let per_try = plan.per_try_timeout.unwrap_or(overall);
     let deadline = Instant::now() + overall;
-    let client = if h2 { &sh.h2 } else { &sh.h1 };
+    let client = if h2 {
+        &conn.clients.h2
+    } else {
+        &conn.clients.h1
+    };
     let version = if h2 {
         Version::HTTP_2
     } else {

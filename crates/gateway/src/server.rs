@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::gateway::{Gateway, Shared};
+use crate::gateway::{Clients, Gateway, Shared};
 use crate::proxy::{self, ConnInfo};
 
 /// I/O and request activity of one connection, for the idle timeout.
@@ -167,6 +167,7 @@ async fn serve_inner(
 ) -> io::Result<()> {
     let sh = gateway.shared.clone();
     let builder = Arc::new(builder(&sh));
+    let clients = Arc::new(Clients::new(&sh.cfg));
     let slots = Arc::new(Semaphore::new(sh.cfg.max_connections));
     let tracker = Arc::new(Tracker::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -206,12 +207,14 @@ async fn serve_inner(
         let builder = builder.clone();
         let stop = stop_rx.clone();
         let tls = tls.clone();
+        let clients = clients.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let _permit = permit;
             let info = ConnInfo {
                 peer,
                 tls: tls.is_some(),
+                clients,
             };
             match tls {
                 None => serve_conn(stream, sh, builder, info, stop).await,
@@ -317,4 +320,92 @@ async fn serve_conn<T>(
             }
         }
     }
+}
+
+/// Listener threads started by [`spawn_workers`].
+#[derive(Debug)]
+pub struct Workers {
+    addr: std::net::SocketAddr,
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl Workers {
+    /// The address every worker listens on.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, drains connections (up to `shutdown_grace_ms`)
+    /// and joins the threads.
+    pub fn shutdown(self) -> io::Result<()> {
+        let _ = self.stop.send(true);
+        for t in self.threads {
+            match t.join() {
+                Ok(r) => r?,
+                Err(_) => return Err(io::Error::other("a gateway worker thread panicked")),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reuseport_listener(addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_tcp_nodelay(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    Ok(sock.into())
+}
+
+/// Serves on `addr` with `workers` threads, each running its own
+/// single-threaded runtime, its own `SO_REUSEPORT` listener (the kernel
+/// spreads connections) and its own upstream pools: a request never
+/// crosses threads (nginx's worker model). Port 0 picks one free port for
+/// all. Pass a TLS acceptor to serve HTTPS. Must be called from outside any
+/// async context or from a multi-threaded runtime.
+pub fn spawn_workers(
+    addr: std::net::SocketAddr,
+    gateway: Gateway,
+    workers: usize,
+    tls: Option<TlsAcceptor>,
+) -> io::Result<Workers> {
+    let workers = workers.max(1);
+    let first = reuseport_listener(addr)?;
+    let addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..workers {
+        listeners.push(reuseport_listener(addr)?);
+    }
+    let (stop, stop_rx) = watch::channel(false);
+    let mut threads = Vec::with_capacity(workers);
+    for (i, l) in listeners.into_iter().enumerate() {
+        let gw = gateway.clone();
+        let tls = tls.clone();
+        let mut stop_rx = stop_rx.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("gateway-{i}"))
+            .spawn(move || -> io::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    l.set_nonblocking(true)?;
+                    let listener = TcpListener::from_std(l)?;
+                    let shutdown = async move {
+                        let _ = stop_rx.wait_for(|s| *s).await;
+                    };
+                    serve_inner(listener, gw, tls, shutdown).await
+                })
+            })?;
+        threads.push(t);
+    }
+    Ok(Workers {
+        addr,
+        stop,
+        threads,
+    })
 }
