@@ -10,6 +10,10 @@ use std::sync::Arc;
 
 use meshwork_gateway::{Gateway, GatewayConfig, RouteSet, StaticResolver};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn fail(msg: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
 }

@@ -10,7 +10,8 @@
 # bench/gateway/latency.lua), CPU of the proxy (utime+stime over the run,
 # % of one core) and its RSS after the run (nginx: master + workers).
 # Keep-alive to the upstream on both proxies, access logs off on both,
-# nginx `worker_processes auto`, the gateway with one worker thread per core.
+# nginx `worker_processes auto`, the gateway with one single-threaded worker
+# per core (`spawn_workers`, SO_REUSEPORT) and mimalloc.
 # Writes bench/gateway/RESULTS.md (the table) and results.jsonl (raw).
 set -euo pipefail
 
@@ -29,7 +30,7 @@ if ! need wrk || ! need nginx; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-(cd "$ROOT" && cargo build --release -q -p meshwork-gateway --bin meshwork-bench-upstream --bin meshwork-bench-gateway)
+(cd "$ROOT" && cargo build --release -q -p meshwork-gateway --features mimalloc --bin meshwork-bench-upstream --bin meshwork-bench-gateway)
 UP="$TARGET_DIR/release/meshwork-bench-upstream"
 GW="$TARGET_DIR/release/meshwork-bench-gateway"
 
@@ -164,6 +165,10 @@ for size in ("small", "big"):
         d, m, n = (by.get((size, conns, t)) for t in ("direct", "meshwork", "nginx"))
         if not (d and m and n): continue
         out.append(f'| {"13 B" if size == "small" else "64 KiB"} | {conns} | {rps(m)/rps(n):.2f} | {m["p99"]/max(n["p99"],1):.2f} | {us(m["p50"]-d["p50"])} | {us(n["p50"]-d["p50"])} |')
+import os
+analysis = os.path.join(os.path.dirname(sys.argv[2]), "ANALYSIS.md")
+if os.path.exists(analysis):
+    out += ["", open(analysis).read().rstrip()]
 open(sys.argv[2], "w").write("\n".join(out) + "\n")
 print("\n".join(out))
 PY

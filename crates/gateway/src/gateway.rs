@@ -45,6 +45,7 @@ pub(crate) struct Shared {
     pub(crate) apply_lock: Mutex<()>,
     pub(crate) mirror_slots: Arc<Semaphore>,
     pub(crate) request_id_header: HeaderName,
+    pub(crate) via: crate::headers::ViaValues,
     pub(crate) stats: GatewayStats,
     pub(crate) m_active_connections: metrics::Gauge,
 }
@@ -138,6 +139,7 @@ impl Gateway {
                     expected: "a valid header name",
                 }
             })?;
+        let via = crate::headers::ViaValues::new(&cfg.via_name);
         Ok(Self {
             shared: Arc::new(Shared {
                 mirror_slots: Arc::new(Semaphore::new(cfg.mirror_max_in_flight)),
@@ -148,6 +150,7 @@ impl Gateway {
                 cache: Mutex::new(StateCache::default()),
                 apply_lock: Mutex::new(()),
                 request_id_header,
+                via,
                 stats: GatewayStats::default(),
                 m_active_connections: metrics::gauge!("meshwork_gateway_active_connections"),
             }),

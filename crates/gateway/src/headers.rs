@@ -105,7 +105,7 @@ pub(crate) fn set_forwarding(
     proto: &'static str,
     host: Option<&str>,
     version: Version,
-    via_name: &str,
+    via: &ViaValues,
     append: bool,
 ) {
     let ip = client.ip().to_canonical();
@@ -141,7 +141,7 @@ pub(crate) fn set_forwarding(
     if let Ok(v) = HeaderValue::from_str(&fwd) {
         headers.insert(header::FORWARDED, v);
     }
-    append_via(headers, version, via_name);
+    via.append(headers, version);
 }
 
 /// Appends this hop to `Via`.
@@ -156,6 +156,64 @@ pub(crate) fn append_via(headers: &mut HeaderMap, version: Version, via_name: &s
     }
 }
 
+/// Precomputed `Via` values for the common case (no earlier hop).
+#[derive(Debug, Clone)]
+pub(crate) struct ViaValues {
+    name: String,
+    h10: HeaderValue,
+    h11: HeaderValue,
+    h2: HeaderValue,
+}
+
+impl ViaValues {
+    pub(crate) fn new(name: &str) -> Self {
+        let v = |ver: &str| {
+            HeaderValue::from_str(&format!("{ver} {name}"))
+                .unwrap_or_else(|_| HeaderValue::from_static("1.1 meshwork"))
+        };
+        Self {
+            name: name.to_owned(),
+            h10: v("1.0"),
+            h11: v("1.1"),
+            h2: v("2"),
+        }
+    }
+
+    /// Appends this hop to `Via` (no allocation when there is no earlier hop).
+    pub(crate) fn append(&self, headers: &mut HeaderMap, version: Version) {
+        if headers.contains_key(header::VIA) {
+            append_via(headers, version, &self.name);
+            return;
+        }
+        let v = match version {
+            Version::HTTP_10 => &self.h10,
+            Version::HTTP_2 => &self.h2,
+            Version::HTTP_11 => &self.h11,
+            _ => {
+                append_via(headers, version, &self.name);
+                return;
+            }
+        };
+        headers.insert(header::VIA, v.clone());
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lower-case hex of `v`, `N` digits (N = 16 for u64, 32 for u128).
+pub(crate) fn hex<const N: usize>(v: u128) -> [u8; N] {
+    let mut out = [b'0'; N];
+    for (i, b) in out.iter_mut().enumerate() {
+        let shift = 4 * (N - 1 - i);
+        *b = HEX[((v >> shift) & 0xf) as usize];
+    }
+    out
+}
+
+fn hex_string<const N: usize>(v: u128) -> String {
+    hex::<N>(v).iter().map(|&b| char::from(b)).collect()
+}
+
 /// The client's request id if acceptable (1..=128 visible ASCII), else a
 /// fresh one (32 hex digits).
 pub(crate) fn request_id(headers: &HeaderMap, name: &HeaderName) -> HeaderValue {
@@ -165,8 +223,8 @@ pub(crate) fn request_id(headers: &HeaderMap, name: &HeaderName) -> HeaderValue 
             return v.clone();
         }
     }
-    let id = format!("{:032x}", rand::random::<u128>());
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    HeaderValue::from_bytes(&hex::<32>(rand::random::<u128>()))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// W3C trace context of one request.
@@ -190,7 +248,7 @@ impl TraceContext {
     /// Continues the request's `traceparent` (if valid) with a new child
     /// span, or starts a new trace.
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        let span_id = format!("{:016x}", rand::random::<u64>() | 1);
+        let span_id = hex_string::<16>(u128::from(rand::random::<u64>() | 1));
         if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
             let parts: Vec<&str> = tp.trim().split('-').collect();
             if parts.len() >= 4
@@ -212,7 +270,7 @@ impl TraceContext {
             }
         }
         Self {
-            trace_id: format!("{:032x}", rand::random::<u128>() | 1),
+            trace_id: hex_string::<32>(rand::random::<u128>() | 1),
             parent_id: None,
             span_id,
             flags: "01".to_owned(),
@@ -226,7 +284,14 @@ impl TraceContext {
 
     /// Writes `traceparent` (and drops `tracestate` for a fresh trace).
     pub(crate) fn apply(&self, headers: &mut HeaderMap) {
-        if let Ok(v) = HeaderValue::from_str(&self.traceparent()) {
+        let mut buf = [0u8; 55];
+        buf[..3].copy_from_slice(b"00-");
+        buf[3..35].copy_from_slice(self.trace_id.as_bytes());
+        buf[35] = b'-';
+        buf[36..52].copy_from_slice(self.span_id.as_bytes());
+        buf[52] = b'-';
+        buf[53..55].copy_from_slice(self.flags.as_bytes());
+        if let Ok(v) = HeaderValue::from_bytes(&buf) {
             headers.insert("traceparent", v);
         }
         if self.parent_id.is_none() {
@@ -237,18 +302,18 @@ impl TraceContext {
 
 /// Host of a request without port, lower-cased: the URI authority
 /// (HTTP/2, absolute-form) or the Host header.
-pub(crate) fn request_host<B>(req: &http::Request<B>) -> Option<String> {
-    let raw = req
-        .uri()
-        .authority()
-        .map(|a| a.host().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(|h| strip_port(h).to_owned())
-        })?;
-    Some(raw.to_ascii_lowercase())
+pub(crate) fn request_host<B>(req: &http::Request<B>) -> Option<std::borrow::Cow<'_, str>> {
+    let raw = req.uri().authority().map(|a| a.host()).or_else(|| {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(strip_port)
+    })?;
+    Some(if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(raw.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(raw)
+    })
 }
 
 /// The Host header value as sent (with port), for forwarding.

@@ -59,7 +59,7 @@ where
     let start = Instant::now();
     let rid = headers::request_id(req.headers(), &sh.request_id_header);
     let method = req.method().clone();
-    let path_log = req.uri().path().to_owned();
+    let uri_log = sh.cfg.access_log.then(|| req.uri().clone());
     let version = req.version();
     let mut out = Outcome2::default();
     let trace = TraceContext::from_headers(req.headers());
@@ -81,7 +81,7 @@ where
             request_id = rid.to_str().unwrap_or(""),
             client = %conn.peer,
             method = %method,
-            path = %path_log,
+            path = uri_log.as_ref().map_or("", |u| u.path()),
             version = headers::via_version(version),
             status,
             route = out.route.as_ref().map_or("", |r| r.plan.name.as_str()),
@@ -434,7 +434,7 @@ where
         if conn.tls { "https" } else { "http" },
         fwd_host.as_deref(),
         parts.version,
-        &cfg.via_name,
+        &sh.via,
         cfg.trust_forwarded_headers,
     );
     trace.apply(&mut hdrs);
@@ -448,11 +448,22 @@ where
             hdrs.remove(header::HOST);
         }
     }
-    let mut path_q = compile::rewrite_path(plan, &route.plan.matcher, parts.uri.path());
-    if let Some(q) = parts.uri.query() {
-        path_q.push('?');
-        path_q.push_str(q);
-    }
+    // The upstream path: the client's own when no rewrite applies.
+    let orig_pq = if plan.strip_prefix.is_none() && plan.rewrite.is_none() {
+        parts.uri.path_and_query().cloned()
+    } else {
+        None
+    };
+    let path_q = if orig_pq.is_some() {
+        String::new()
+    } else {
+        let mut p = compile::rewrite_path(plan, &route.plan.matcher, parts.uri.path());
+        if let Some(q) = parts.uri.query() {
+            p.push('?');
+            p.push_str(q);
+        }
+        p
+    };
     // Body: streamed through the guard unless empty.
     let fault = BodyFault::default();
     let mut mirror_body = None;
@@ -489,7 +500,7 @@ where
                     mh.insert(header::HOST, v);
                 }
             }
-            if let Ok(uri) = Uri::try_from(format!("http://{}{}", p.authority, path_q)) {
+            if let Ok(uri) = upstream_uri(&p.authority, &path_q, orig_pq.as_ref()) {
                 let mut mreq = Request::new(mb);
                 *mreq.method_mut() = method.clone();
                 *mreq.uri_mut() = uri;
@@ -700,13 +711,29 @@ where
             });
         }
         let (mut parts, body) = resp.into_parts();
-        headers::append_via(&mut parts.headers, Version::HTTP_11, &cfg.via_name);
+        sh.via.append(&mut parts.headers, Version::HTTP_11);
         return Ok(Response::from_parts(parts, body::boxed(body)));
     }
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers, false, false);
-    headers::append_via(&mut parts.headers, parts.version, &cfg.via_name);
+    sh.via.append(&mut parts.headers, parts.version);
     Ok(Response::from_parts(parts, body::boxed(body)))
+}
+
+fn upstream_uri(
+    authority: &http::uri::Authority,
+    path_q: &str,
+    orig: Option<&http::uri::PathAndQuery>,
+) -> Result<Uri, http::Error> {
+    let pq = match orig {
+        Some(pq) => pq.clone(),
+        None => http::uri::PathAndQuery::try_from(path_q)?,
+    };
+    Uri::builder()
+        .scheme(http::uri::Scheme::HTTP)
+        .authority(authority.clone())
+        .path_and_query(pq)
+        .build()
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
