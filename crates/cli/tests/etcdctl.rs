@@ -265,3 +265,72 @@ fn etcdctl_leases_lock_elect_and_snapshot() {
     assert!(out.contains("Snapshot saved"), "{out}");
     assert!(std::fs::metadata(&path).unwrap().len() > 512);
 }
+
+/// Coordination's locks and elections use etcd's own layout: `etcdctl lock` and
+/// `etcdctl elect` interoperate with the HTTP API on the same names.
+#[test]
+fn etcdctl_interoperates_with_coordination_locks_and_elections() {
+    let Some(bin) = common::peer("etcdctl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = common::start(&dir.path().join("data"), &["--roles", "store,coord"], &[]);
+    let ctl = Ctl {
+        bin,
+        ep: s.etcd.clone(),
+    };
+    // A leader elected over HTTP is what `etcdctl elect -l` sees.
+    let (code, body) = common::http_post(
+        &s.http,
+        "/v1/elections/sched/campaign",
+        r#"{"value":"node-a","ttl_seconds":30}"#,
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let mut observer = ctl
+        .cmd()
+        .args(["elect", "-l", "/meshwork/elections/sched"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(observer.stdout.take().unwrap()).lines();
+    let key = lines.next().unwrap().unwrap();
+    let value = lines.next().unwrap().unwrap();
+    assert!(key.starts_with("/meshwork/elections/sched/"), "{key}");
+    assert_eq!(value, "node-a");
+    let _ = observer.kill();
+    let _ = observer.wait();
+    // A lock held by `etcdctl lock` blocks the HTTP lock; once etcdctl releases it,
+    // the HTTP lock gets it.
+    let release = dir.path().join("release");
+    let script = format!(
+        "echo held; while [ ! -e {} ]; do sleep 0.05; done",
+        release.display()
+    );
+    let mut holder = ctl
+        .cmd()
+        .args(["lock", "/meshwork/locks/job", "--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(holder.stdout.take().unwrap()).lines();
+    assert_eq!(out.next().unwrap().unwrap(), "held");
+    let (code, body) = common::http_post(
+        &s.http,
+        "/v1/locks/job",
+        r#"{"ttl_seconds":10,"timeout_ms":200}"#,
+    )
+    .unwrap();
+    assert_eq!(code, 408, "{body}");
+    std::fs::write(&release, "").unwrap();
+    let (code, body) = common::http_post(
+        &s.http,
+        "/v1/locks/job",
+        r#"{"ttl_seconds":10,"timeout_ms":10000}"#,
+    )
+    .unwrap();
+    let _ = holder.wait();
+    assert_eq!(code, 200, "{body}");
+}
