@@ -44,6 +44,7 @@ struct Members {
 
 impl Members {
     fn changed(&mut self) {
+        metrics::gauge!("meshwork_cluster_nodes").set(self.nodes.len() as f64);
         self.generation += 1;
         if let Some(tx) = &self.tx {
             tx.send_replace(self.generation);

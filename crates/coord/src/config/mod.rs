@@ -322,6 +322,8 @@ impl LiveCache {
     }
 
     fn bump(&mut self) {
+        metrics::gauge!("meshwork_config_entries").set(self.live.items.len() as f64);
+        metrics::gauge!("meshwork_config_gray_releases").set(self.live.beta.len() as f64);
         self.generation += 1;
         self.tx.send_replace(self.generation);
     }

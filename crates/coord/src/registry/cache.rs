@@ -125,6 +125,13 @@ impl RegistryCache {
         self.events.iter()
     }
 
+    fn export_gauges(&self) {
+        let instances: usize = self.services.values().map(|s| s.instances.len()).sum();
+        metrics::gauge!("meshwork_registry_services").set(self.services.len() as f64);
+        metrics::gauge!("meshwork_registry_instances").set(instances as f64);
+        metrics::gauge!("meshwork_registry_revision").set(self.revision as f64);
+    }
+
     /// Records that failed to decode (written by something else).
     pub fn bad_records(&self) -> u64 {
         self.bad_records
@@ -294,6 +301,7 @@ impl MirrorHandler for RegistryCache {
             self.put(kv, false);
         }
         self.revision = revision;
+        self.export_gauges();
         // Everyone waiting re-reads: the state may have changed arbitrarily.
         for svc in old
             .iter()
@@ -318,6 +326,7 @@ impl MirrorHandler for RegistryCache {
             }
         }
         self.revision = revision;
+        self.export_gauges();
     }
 }
 
