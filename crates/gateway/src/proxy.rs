@@ -558,10 +558,9 @@ where
             };
             out.upstream = Some(picked.addr);
             tried.push(picked.addr);
-            let uri =
-                Uri::try_from(format!("http://{}{}", picked.authority, path_q)).map_err(|_| {
-                    GatewayError::new(ErrorCode::BadRequest, "cannot build the upstream URI")
-                })?;
+            let uri = upstream_uri(&picked.authority, &path_q, orig_pq.as_ref()).map_err(|_| {
+                GatewayError::new(ErrorCode::BadRequest, "cannot build the upstream URI")
+            })?;
             let last = attempt >= attempts_allowed;
             let body = first_body.take().unwrap_or_else(body::empty);
             let mut up = Request::new(body);
