@@ -662,3 +662,90 @@ respond = { body = "b" }"#,
         "unknown keys rejected"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_per_core_workers_serve_and_shut_down() {
+    let up = Upstream::start("a").await;
+    let gateway = meshwork_gateway::Gateway::new(
+        meshwork_gateway::GatewayConfig::default(),
+        std::sync::Arc::new(meshwork_gateway::StaticResolver::new()),
+    )
+    .unwrap();
+    gateway
+        .apply(
+            RouteSet::from_toml(&format!(
+                "[[routes]]\nname = \"w\"\n[routes.forward]\nupstreams = [\"{}\"]\n",
+                up.addr
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+    let workers =
+        meshwork_gateway::spawn_workers("127.0.0.1:0".parse().unwrap(), gateway.clone(), 2, None)
+            .unwrap();
+    let url = format!("http://{}/w", workers.local_addr());
+    let c = client();
+    for _ in 0..20 {
+        // New connections spread over both workers' listeners.
+        let r = send(
+            &c,
+            req("GET", &url)
+                .header("connection", "close")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["path"], "/w");
+    }
+    assert_eq!(gateway.counters().requests_total, 20);
+    tokio::task::spawn_blocking(move || workers.shutdown())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(url.trim_start_matches("http://").trim_end_matches("/w"))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let up = Upstream::start("a").await;
+    let cfg = meshwork_gateway::GatewayConfig {
+        idle_timeout_ms: 100,
+        ..Default::default()
+    };
+    let gw = Gw::start_with(
+        cfg,
+        &format!(
+            "[[routes]]\nname = \"i\"\n[routes.forward]\nupstreams = [\"{}\"]\n",
+            up.addr
+        ),
+    )
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Read the response, then wait: the server closes the idle connection.
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connection still open");
+    assert!(String::from_utf8_lossy(&all).starts_with("HTTP/1.1 200"));
+    eventually("connection count back to 0", async || {
+        gw.gateway.counters().active_connections == 0
+    })
+    .await;
+}
