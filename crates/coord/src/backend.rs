@@ -9,6 +9,7 @@
 //! center's publish). Watches resume from the next revision on any endpoint, and
 //! report [`WatchItem::Reset`] when that revision was compacted away.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +51,97 @@ struct Current {
     index: usize,
     generation: u64,
     client: Client,
+    /// The keep-alive multiplexer on this connection (started on first use).
+    keepalive: parking_lot::Mutex<Option<mpsc::Sender<KeepAliveReq>>>,
+}
+
+type KeepAliveReq = (i64, tokio::sync::oneshot::Sender<i64>);
+
+impl Current {
+    fn new(index: usize, generation: u64, client: Client) -> Current {
+        Current {
+            index,
+            generation,
+            client,
+            keepalive: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// The sender of the keep-alive multiplexer, (re)started if it is not running.
+    fn keepalive(&self) -> mpsc::Sender<KeepAliveReq> {
+        let mut g = self.keepalive.lock();
+        match g.as_ref() {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                let tx = spawn_keepalive_mux(self.client.clone());
+                *g = Some(tx.clone());
+                tx
+            }
+        }
+    }
+}
+
+/// One LeaseKeepAlive stream shared by every lease renewed through this connection
+/// (as etcd's own client does): a request per renewal, answers matched by lease id
+/// in order. The task ends when its stream breaks; waiting callers then see their
+/// answer channel close and retry on a fresh stream (or another endpoint).
+fn spawn_keepalive_mux(client: Client) -> mpsc::Sender<KeepAliveReq> {
+    let (tx, mut rx) = mpsc::channel::<KeepAliveReq>(4096);
+    tokio::spawn(async move {
+        let (req_tx, req_rx) = mpsc::channel::<pb::LeaseKeepAliveRequest>(4096);
+        let mut pending: HashMap<i64, VecDeque<tokio::sync::oneshot::Sender<i64>>> = HashMap::new();
+        // etcd sends the response headers with its first answer: the first request must
+        // already be queued when the call is opened, or opening waits forever.
+        let Some((id, reply)) = rx.recv().await else {
+            return;
+        };
+        pending.entry(id).or_default().push_back(reply);
+        if req_tx.send(pb::LeaseKeepAliveRequest { id }).await.is_err() {
+            return;
+        }
+        let mut lease = client.lease.clone();
+        let mut stream = match lease
+            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                tracing::debug!(error = %e, "keep-alive stream failed to open");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    None => return,
+                    Some((id, reply)) => {
+                        pending.entry(id).or_default().push_back(reply);
+                        if req_tx.send(pb::LeaseKeepAliveRequest { id }).await.is_err() {
+                            return;
+                        }
+                    }
+                },
+                m = stream.message() => match m {
+                    Ok(Some(resp)) => {
+                        if let Some(q) = pending.get_mut(&resp.id) {
+                            if let Some(reply) = q.pop_front() {
+                                let _ = reply.send(resp.ttl);
+                            }
+                            if q.is_empty() {
+                                pending.remove(&resp.id);
+                            }
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "keep-alive stream broke");
+                        return;
+                    }
+                },
+            }
+        }
+    });
+    tx
 }
 
 struct Inner {
@@ -117,11 +209,7 @@ impl Backend {
             inner: Arc::new(Inner {
                 endpoints,
                 opts,
-                current: RwLock::new(Arc::new(Current {
-                    index,
-                    generation: 0,
-                    client,
-                })),
+                current: RwLock::new(Arc::new(Current::new(index, 0, client))),
                 reconnect: tokio::sync::Mutex::new(()),
             }),
         })
@@ -154,11 +242,7 @@ impl Backend {
                 if index != cur.index {
                     tracing::warn!(from = %self.inner.endpoints[cur.index], to = %self.inner.endpoints[index], "etcd endpoint failover");
                 }
-                *self.inner.current.write() = Arc::new(Current {
-                    index,
-                    generation: seen + 1,
-                    client,
-                });
+                *self.inner.current.write() = Arc::new(Current::new(index, seen + 1, client));
             }
             Err(e) => tracing::warn!(error = %e, "no etcd endpoint reachable; retrying"),
         }
@@ -331,18 +415,34 @@ impl Backend {
 
     /// Renews a lease once; returns its remaining TTL in seconds (`None`: expired).
     pub async fn keep_alive_once(&self, id: i64) -> Result<Option<i64>> {
-        let r = self
-            .call(|mut c| async move {
-                let req = tokio_stream::once(pb::LeaseKeepAliveRequest { id });
-                let resp = c.lease.lease_keep_alive(req).await?;
-                let (meta, mut stream, ext) = resp.into_parts();
-                match stream.message().await? {
-                    Some(m) => Ok(tonic::Response::from_parts(meta, m, ext)),
-                    None => Err(tonic::Status::unavailable("keep-alive stream closed")),
+        let deadline = tokio::time::Instant::now() + self.inner.opts.retry_for;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let cur = self.current();
+            let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+            let sent = cur.keepalive().send((id, reply_tx)).await.is_ok();
+            let err = if !sent {
+                "keep-alive stream closed".to_string()
+            } else {
+                match tokio::time::timeout(self.inner.opts.request_timeout, reply_rx).await {
+                    Ok(Ok(ttl)) => return Ok((ttl > 0).then_some(ttl)),
+                    Ok(Err(_)) => "keep-alive stream broke".to_string(),
+                    Err(_) => format!(
+                        "no keep-alive answer within {} ms",
+                        self.inner.opts.request_timeout.as_millis()
+                    ),
                 }
-            })
-            .await?;
-        Ok((r.ttl > 0).then_some(r.ttl))
+            };
+            if tokio::time::Instant::now() + backoff >= deadline {
+                return Err(CoordError::Unavailable(format!(
+                    "{err} (endpoints {:?})",
+                    self.inner.endpoints
+                )));
+            }
+            self.failover(cur.generation).await;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
     }
 
     /// Keeps a lease alive in the background until the returned keeper is dropped or
