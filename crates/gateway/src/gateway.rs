@@ -87,14 +87,18 @@ fn client(cfg: &GatewayConfig, h2: bool) -> HttpClient {
 /// connections stay on one runtime thread.
 #[derive(Debug)]
 pub(crate) struct Clients {
-    pub(crate) h1: HttpClient,
+    pub(crate) pool: Arc<crate::pool::H1Pool>,
     pub(crate) h2: HttpClient,
 }
 
 impl Clients {
     pub(crate) fn new(cfg: &GatewayConfig) -> Self {
         Self {
-            h1: client(cfg, false),
+            pool: Arc::new(crate::pool::H1Pool::new(
+                Duration::from_millis(cfg.upstream_connect_timeout_ms),
+                Duration::from_millis(cfg.upstream_pool_idle_timeout_ms),
+                cfg.upstream_pool_max_idle_per_host,
+            )),
             h2: client(cfg, true),
         }
     }

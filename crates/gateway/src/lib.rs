@@ -21,6 +21,7 @@ mod error;
 mod gateway;
 mod headers;
 mod limits;
+mod pool;
 mod proxy;
 mod resolver;
 pub mod route;

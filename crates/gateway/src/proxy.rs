@@ -343,11 +343,59 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
+/// An upstream call's failure.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    /// Nothing was sent: no connection.
+    #[error("{0}")]
+    Connect(String),
+    /// The exchange failed.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl UpstreamError {
+    fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_))
+    }
+}
+
+/// One call to an upstream endpoint: HTTP/1.1 through the listener's own
+/// pool, h2c through hyper-util's pooled client.
+async fn call_upstream(
+    clients: &Clients,
+    h2: bool,
+    addr: SocketAddr,
+    authority: &http::uri::Authority,
+    mut req: Request<Body>,
+) -> Result<Response<Body>, UpstreamError> {
+    if h2 {
+        return match clients.h2.request(req).await {
+            Ok(r) => Ok(r.map(body::boxed)),
+            Err(e) if e.is_connect() => Err(UpstreamError::Connect(error_chain(&e))),
+            Err(e) => Err(UpstreamError::Other(error_chain(&e))),
+        };
+    }
+    // HTTP/1.1 on a connection: origin-form target, explicit Host.
+    if let Some(pq) = req.uri().path_and_query().cloned() {
+        *req.uri_mut() = Uri::from(pq);
+    }
+    if !req.headers().contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    clients.pool.send(addr, req).await.map_err(|e| {
+        if e.is_connect() {
+            UpstreamError::Connect(e.to_string())
+        } else {
+            UpstreamError::Other(error_chain(&e))
+        }
+    })
+}
+
 fn classify(
-    res: &Result<
-        Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
-        tokio::time::error::Elapsed,
-    >,
+    res: &Result<Result<Response<Body>, UpstreamError>, tokio::time::error::Elapsed>,
 ) -> Outcome {
     match res {
         Ok(Ok(r)) if r.status().is_server_error() => Outcome::Failure,
@@ -505,12 +553,14 @@ where
                 *mreq.method_mut() = method.clone();
                 *mreq.uri_mut() = uri;
                 *mreq.headers_mut() = mh;
-                let client = conn.clients.h1.clone();
+                let clients = conn.clients.clone();
                 let limit = Duration::from_millis(cfg.default_timeout_ms);
+                let (maddr, mauth) = (p.addr, p.authority.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
                     let _ = tokio::time::timeout(limit, async move {
-                        if let Ok(resp) = client.request(mreq).await {
+                        if let Ok(resp) = call_upstream(&clients, false, maddr, &mauth, mreq).await
+                        {
                             let mut b = resp.into_body();
                             while let Some(Ok(_)) = b.frame().await {}
                         }
@@ -534,11 +584,6 @@ where
         .unwrap_or(Duration::from_millis(cfg.default_timeout_ms));
     let per_try = plan.per_try_timeout.unwrap_or(overall);
     let deadline = Instant::now() + overall;
-    let client = if h2 {
-        &conn.clients.h2
-    } else {
-        &conn.clients.h1
-    };
     let version = if h2 {
         Version::HTTP_2
     } else {
@@ -576,7 +621,11 @@ where
             let remaining = deadline.saturating_duration_since(now);
             let this_try = per_try.min(remaining);
             let guard = TryGuard::start(&picked);
-            let res = tokio::time::timeout(this_try, client.request(up)).await;
+            let res = tokio::time::timeout(
+                this_try,
+                call_upstream(&conn.clients, h2, picked.addr, &picked.authority, up),
+            )
+            .await;
             guard.end();
             let outcome = classify(&res);
             if outcome == Outcome::Failure {
@@ -623,7 +672,7 @@ where
                     }
                     _ => GatewayError::new(
                         ErrorCode::UpstreamUnavailable,
-                        format!("upstream {}: {}", picked.addr, error_chain(&e)),
+                        format!("upstream {}: {e}", picked.addr),
                     ),
                 }),
                 Err(_) => Err(GatewayError::new(
@@ -711,12 +760,12 @@ where
         }
         let (mut parts, body) = resp.into_parts();
         sh.via.append(&mut parts.headers, Version::HTTP_11);
-        return Ok(Response::from_parts(parts, body::boxed(body)));
+        return Ok(Response::from_parts(parts, body));
     }
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers, false, false);
     sh.via.append(&mut parts.headers, parts.version);
-    Ok(Response::from_parts(parts, body::boxed(body)))
+    Ok(Response::from_parts(parts, body))
 }
 
 fn upstream_uri(

@@ -1,0 +1,214 @@
+//! The HTTP/1.1 upstream pool: keep-alive connections per endpoint, owned
+//! by one listener loop (with `spawn_workers`, one thread), on hyper's
+//! connection-level client. A connection goes back to the pool when its
+//! response body has been read to the end; a pooled connection found closed
+//! when a request is sent on it is replaced transparently (the request was
+//! not written).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::body::Body;
+
+/// Why an upstream call failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PoolError {
+    /// No connection could be made (nothing was sent).
+    #[error("connect to {addr}: {message}")]
+    Connect {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why.
+        message: String,
+    },
+    /// The exchange failed.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+impl PoolError {
+    pub(crate) fn is_connect(&self) -> bool {
+        matches!(self, PoolError::Connect { .. })
+    }
+}
+
+type Idle = Vec<(SendRequest<Body>, Instant)>;
+
+/// Keep-alive HTTP/1.1 connections by endpoint.
+pub(crate) struct H1Pool {
+    idle: Mutex<HashMap<SocketAddr, Idle>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+impl std::fmt::Debug for H1Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Pool").finish_non_exhaustive()
+    }
+}
+
+impl H1Pool {
+    pub(crate) fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Self {
+        Self {
+            idle: Mutex::new(HashMap::new()),
+            connect_timeout,
+            idle_timeout,
+            max_idle,
+        }
+    }
+
+    fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<Body>> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock();
+        let list = idle.get_mut(&addr)?;
+        while let Some((s, since)) = list.pop() {
+            if s.is_closed() || now.saturating_duration_since(since) > self.idle_timeout {
+                continue;
+            }
+            return Some(s);
+        }
+        None
+    }
+
+    fn checkin(&self, addr: SocketAddr, s: SendRequest<Body>) {
+        if s.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock();
+        let list = idle.entry(addr).or_default();
+        if list.len() < self.max_idle {
+            list.push((s, Instant::now()));
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<Body>, PoolError> {
+        let err = |message: String| PoolError::Connect { addr, message };
+        let stream =
+            tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| {
+                    err(format!(
+                        "timed out after {} ms",
+                        self.connect_timeout.as_millis()
+                    ))
+                })?
+                .map_err(|e| err(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` (origin-form URI, Host set) to `addr`.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, PoolError> {
+        loop {
+            let (mut sender, pooled) = match self.checkout(addr) {
+                Some(s) => (s, true),
+                None => (self.connect(addr).await?, false),
+            };
+            if !sender.is_ready() && sender.ready().await.is_err() {
+                if pooled {
+                    continue;
+                }
+                return Err(PoolError::Connect {
+                    addr,
+                    message: "connection closed before use".into(),
+                });
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let upgrade = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                    let pool = (!upgrade).then(|| (self.clone(), sender));
+                    return Ok(resp.map(|b| {
+                        crate::body::boxed(PooledBody {
+                            inner: b,
+                            back: pool,
+                            addr,
+                        })
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not sent (a kept-alive connection closed meanwhile): try a fresh one.
+                    Some(r) if pooled => req = r,
+                    _ => return Err(PoolError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// A response body that returns its connection to the pool at its end.
+struct PooledBody {
+    inner: Incoming,
+    back: Option<(Arc<H1Pool>, SendRequest<Body>)>,
+    addr: SocketAddr,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((pool, s)) = self.back.take() {
+            pool.checkin(self.addr, s);
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Only a fully read body leaves the connection reusable.
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}
