@@ -115,6 +115,8 @@ pub struct RouteInfo {
     pub action: String,
     /// Live counters.
     pub counters: RouteCounters,
+    /// Circuit breaker state per target (`closed`, `open`, `half_open`), if the route has breakers.
+    pub breakers: Vec<(String, &'static str)>,
 }
 
 impl Gateway {
@@ -210,6 +212,16 @@ impl Gateway {
                 priority: r.plan.priority,
                 action: r.plan.summary.clone(),
                 counters: r.stats.counters(&r.plan.name),
+                breakers: r
+                    .forward
+                    .iter()
+                    .flat_map(|f| f.targets.iter())
+                    .filter_map(|t| {
+                        t.breaker
+                            .as_ref()
+                            .map(|(b, _)| (t.name.clone(), b.state().as_str()))
+                    })
+                    .collect(),
             })
             .collect()
     }

@@ -284,6 +284,13 @@ impl TraceContext {
 
     /// Writes `traceparent` (and drops `tracestate` for a fresh trace).
     pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        if self.trace_id.len() != 32 || self.span_id.len() != 16 || self.flags.len() != 2 {
+            // Built by hand with odd lengths: the slow, safe way.
+            if let Ok(v) = HeaderValue::from_str(&self.traceparent()) {
+                headers.insert("traceparent", v);
+            }
+            return;
+        }
         let mut buf = [0u8; 55];
         buf[..3].copy_from_slice(b"00-");
         buf[3..35].copy_from_slice(self.trace_id.as_bytes());

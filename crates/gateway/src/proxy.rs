@@ -422,7 +422,12 @@ where
     B::Error: Into<BoxError>,
 {
     let cfg = &sh.cfg;
-    let target = &rt.targets[choose_target(plan, req.headers()).min(rt.targets.len() - 1)];
+    let Some(target) = rt.targets.get(choose_target(plan, req.headers())) else {
+        return Err(GatewayError::new(
+            ErrorCode::UpstreamUnavailable,
+            "route has no target",
+        ));
+    };
     let permit = match &target.breaker {
         Some((b, gauge)) => {
             let now = Instant::now();

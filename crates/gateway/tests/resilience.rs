@@ -87,6 +87,8 @@ async fn breaker_opens_when_all_fail_and_recovers() {
     assert_eq!(r.status, 503);
     assert_eq!(r.code(), "breaker_open");
     assert!(r.headers.contains_key("retry-after"));
+    let info = gw.gateway.route_info();
+    assert_eq!(info[0].breakers, vec![("default".to_owned(), "open")]);
     let up = Upstream::start_on(addr, "a").await;
     eventually("breaker closes", async || {
         get(&c, &gw.url("/")).await.status == 200
