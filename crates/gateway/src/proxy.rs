@@ -63,7 +63,23 @@ where
     let version = req.version();
     let mut out = Outcome2::default();
     let trace = TraceContext::from_headers(req.headers());
-    let mut resp = match process(&sh, req, &conn, &rid, &trace, &mut out).await {
+    // One span per request, carrying the W3C ids (an OpenTelemetry layer on
+    // the subscriber can export it); free when no subscriber wants it.
+    let span = tracing::info_span!(
+        "gateway.request",
+        otel.kind = "server",
+        trace_id = %trace.trace_id,
+        span_id = %trace.span_id,
+        parent_span_id = trace.parent_id.as_deref().unwrap_or(""),
+        http.method = %method,
+    );
+    let processed = {
+        use tracing::Instrument;
+        process(&sh, req, &conn, &rid, &trace, &mut out)
+            .instrument(span)
+            .await
+    };
+    let mut resp = match processed {
         Ok(r) => r,
         Err(e) => error_response(e, &rid, &mut out),
     };
