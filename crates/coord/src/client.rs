@@ -167,7 +167,7 @@ impl CoordClient {
         let key = ConfigKey::parse(path)?;
         let center = self.config().await?.clone();
         let mut stream = Box::pin(center.subscribe(key.clone(), self.opts.identity.clone()));
-        let (tx, rx) = watch::channel::<Option<Arc<T>>>(None);
+        let (tx, mut rx) = watch::channel::<Option<Arc<T>>>(None);
         let error = Arc::new(Mutex::new(None::<String>));
         // The first item is the current state: decode it before returning.
         if let Some(first) = stream.next().await
@@ -182,6 +182,8 @@ impl CoordClient {
                 }
             }
         }
+        // The current value is what `current()` returns, not a change.
+        rx.borrow_and_update();
         let err2 = error.clone();
         let task = tokio::spawn(async move {
             while let Some(item) = stream.next().await {

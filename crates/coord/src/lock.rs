@@ -86,8 +86,14 @@ async fn enqueue(backend: &Backend, prefix: &str, lease: i64, value: Bytes) -> R
         .ok_or_else(|| CoordError::Backend(format!("{key} vanished right after enqueueing")))
 }
 
-/// The last key created under `prefix` before `rev`, and the read's revision.
-async fn predecessor(backend: &Backend, prefix: &str, rev: i64) -> Result<(Option<KeyValue>, i64)> {
+/// The first key under `prefix` in create order (`Descend`: the last), created before
+/// `before` when given, and the read's revision.
+async fn first_created(
+    backend: &Backend,
+    prefix: &str,
+    before: Option<i64>,
+    order: pb::range_request::SortOrder,
+) -> Result<(Option<KeyValue>, i64)> {
     let key = Bytes::from(prefix.to_string());
     let end = prefix_end(&key);
     let r = backend
@@ -98,8 +104,8 @@ async fn predecessor(backend: &Backend, prefix: &str, rev: i64) -> Result<(Optio
                     key,
                     range_end: end,
                     limit: 1,
-                    max_create_revision: rev - 1,
-                    sort_order: pb::range_request::SortOrder::Descend as i32,
+                    max_create_revision: before.map(|b| b - 1).unwrap_or(0),
+                    sort_order: order as i32,
                     sort_target: pb::range_request::SortTarget::Create as i32,
                     ..Default::default()
                 })
@@ -111,6 +117,17 @@ async fn predecessor(backend: &Backend, prefix: &str, rev: i64) -> Result<(Optio
         r.kvs.into_iter().next(),
         r.header.map(|h| h.revision).unwrap_or(0),
     ))
+}
+
+/// The last key created under `prefix` before `rev`, and the read's revision.
+async fn predecessor(backend: &Backend, prefix: &str, rev: i64) -> Result<(Option<KeyValue>, i64)> {
+    first_created(
+        backend,
+        prefix,
+        Some(rev),
+        pb::range_request::SortOrder::Descend,
+    )
+    .await
 }
 
 /// Waits until no key under `prefix` created before `rev` remains.
@@ -350,26 +367,14 @@ pub async fn resign(backend: &Backend, held: &Held) -> Result<bool> {
 /// The current leader of election `name`.
 pub async fn leader(backend: &Backend, name: &str) -> Result<Option<Leader>> {
     validate_lock_name(name)?;
-    let prefix = election_prefix(name);
-    let key = Bytes::from(prefix);
-    let end = prefix_end(&key);
-    let r = backend
-        .call(|mut c| {
-            let (key, end) = (key.clone(), end.clone());
-            async move {
-                c.kv.range(pb::RangeRequest {
-                    key,
-                    range_end: end,
-                    limit: 1,
-                    sort_order: pb::range_request::SortOrder::Ascend as i32,
-                    sort_target: pb::range_request::SortTarget::Create as i32,
-                    ..Default::default()
-                })
-                .await
-            }
-        })
-        .await?;
-    Ok(r.kvs.into_iter().next().map(|kv| to_leader(name, &kv)))
+    let (first, _) = first_created(
+        backend,
+        &election_prefix(name),
+        None,
+        pb::range_request::SortOrder::Ascend,
+    )
+    .await?;
+    Ok(first.map(|kv| to_leader(name, &kv)))
 }
 
 fn to_leader(name: &str, kv: &KeyValue) -> Leader {

@@ -14,44 +14,25 @@ use meshwork_coord::ids::{
     IdGenerator, IdLayout, IdOptions, SystemClock, WORKERS_PREFIX, claim_worker, hwm_key,
     worker_key,
 };
-use meshwork_etcd::ServerInfo;
-use meshwork_store::{Store, StoreConfig};
+
+mod common;
 
 struct Server {
     backend: Backend,
-    _dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
+    _store: common::Embedded,
 }
 
 async fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let info = ServerInfo::single("ids-test", format!("http://{addr}"));
-    tokio::spawn(async move {
-        meshwork_etcd::serve(listener, store, info, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
-    let backend = Backend::connect(&[addr.to_string()], BackendOptions::default())
-        .await
-        .unwrap();
+    let store = common::embedded().await;
+    let backend = Backend::connect(
+        std::slice::from_ref(&store.endpoint),
+        BackendOptions::default(),
+    )
+    .await
+    .unwrap();
     Server {
         backend,
-        _dir: dir,
-        stop: Some(stop),
+        _store: store,
     }
 }
 

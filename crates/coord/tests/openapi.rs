@@ -6,6 +6,8 @@
 //! documented schema.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,8 +20,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use meshwork_coord::{Coord, CoordOptions, api};
-use meshwork_etcd::ServerInfo;
-use meshwork_store::{Store, StoreConfig};
 use serde_json::{Value, json};
 use tokio::time::{Instant, timeout};
 
@@ -381,26 +381,15 @@ fn the_checker_catches_what_it_should() {
 struct Harness {
     api: Api,
     port: u16,
-    _dir: tempfile::TempDir,
+    _store: common::Embedded,
     _stops: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 async fn start() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let etcd_addr = listener.local_addr().unwrap();
-    let (stop_etcd, rx) = tokio::sync::oneshot::channel::<()>();
-    let info = ServerInfo::single("openapi-test", format!("http://{etcd_addr}"));
-    tokio::spawn(async move {
-        meshwork_etcd::serve(listener, store, info, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
+    let store = common::embedded().await;
+    let etcd_addr = store.endpoint.clone();
     let coord = Coord::start(
-        &[etcd_addr.to_string()],
+        &[etcd_addr],
         CoordOptions {
             run_checks: true,
             ..Default::default()
@@ -431,8 +420,8 @@ async fn start() -> Harness {
             covered: parking_lot::Mutex::new(BTreeSet::new()),
         },
         port: addr.port(),
-        _dir: dir,
-        _stops: vec![stop_http, stop_etcd],
+        _store: store,
+        _stops: vec![stop_http],
     }
 }
 

@@ -1,22 +1,18 @@
 //! `/v1/config/...`.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
 use serde::Deserialize;
 
-use super::{
-    ApiError, ApiResult, Caller, json, parse_body, parse_body_or_default, parse_labels, parse_wait,
-};
+use super::{ApiError, ApiResult, Caller, json, parse_body, parse_body_or_default, parse_labels};
 use crate::config::{BetaRequest, ClientIdentity, ConfigKey, Listening, Publish};
 use crate::error::CoordError;
 use crate::runtime::Coord;
@@ -216,18 +212,18 @@ async fn watch(
 ) -> ApiResult<Response> {
     let k = key(p)?;
     let who = client(&q, addr)?;
-    let stream = c.config.subscribe(k, who).map(|s| {
-        let ev = match s {
-            Some(s) => Event::default().event("config").json_data(&s),
-            None => Event::default()
-                .event("deleted")
-                .json_data(serde_json::json!({})),
-        };
-        Ok::<_, Infallible>(ev.unwrap_or_else(|_| Event::default().comment("encoding failed")))
-    });
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+    Ok(super::sse(c.config.subscribe(k, who).map(|s| match s {
+        Some(s) => super::SseItem {
+            event: "config",
+            id: None,
+            data: super::to_json(&s),
+        },
+        None => super::SseItem {
+            event: "deleted",
+            id: None,
+            data: serde_json::json!({}),
+        },
+    })))
 }
 
 async fn get_beta(State(c): State<Coord>, p: P3) -> ApiResult<Response> {
@@ -305,9 +301,4 @@ async fn listener(
         StatusCode::OK,
         &serde_json::json!({ "changed": changed }),
     ))
-}
-
-#[allow(dead_code)]
-fn _unused(s: &str) -> ApiResult<Duration> {
-    parse_wait(s)
 }

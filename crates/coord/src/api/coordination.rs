@@ -1,14 +1,12 @@
 //! `/v1/leases`, `/v1/locks`, `/v1/elections`, `/v1/ids`.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use futures_util::StreamExt;
@@ -241,18 +239,20 @@ async fn resign(
 }
 
 async fn observe(State(c): State<Coord>, Path(name): Path<String>) -> ApiResult<Response> {
-    let s = lock::observe(&c.backend, &name)?.map(|l| {
-        let ev = match l {
-            Some(l) => Event::default().event("leader").json_data(&l),
-            None => Event::default()
-                .event("none")
-                .json_data(serde_json::json!({})),
-        };
-        Ok::<_, Infallible>(ev.unwrap_or_else(|_| Event::default().comment("encoding failed")))
-    });
-    Ok(Sse::new(s)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+    Ok(super::sse(lock::observe(&c.backend, &name)?.map(
+        |l| match l {
+            Some(l) => super::SseItem {
+                event: "leader",
+                id: None,
+                data: super::to_json(&l),
+            },
+            None => super::SseItem {
+                event: "none",
+                id: None,
+                data: serde_json::json!({}),
+            },
+        },
+    )))
 }
 
 async fn ids(

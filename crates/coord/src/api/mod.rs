@@ -200,6 +200,40 @@ pub(crate) fn parse_labels(s: Option<&str>) -> ApiResult<BTreeMap<String, String
     Ok(m)
 }
 
+/// One server-sent event: its name, optional id, and JSON data.
+pub(crate) struct SseItem {
+    pub(crate) event: &'static str,
+    pub(crate) id: Option<String>,
+    pub(crate) data: serde_json::Value,
+}
+
+/// A server-sent-events response from a stream of items, with keep-alive comments.
+pub(crate) fn sse<S>(stream: S) -> Response
+where
+    S: futures_util::Stream<Item = SseItem> + Send + 'static,
+{
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures_util::StreamExt;
+    let events = stream.map(|item| {
+        let mut ev = Event::default().event(item.event);
+        if let Some(id) = item.id {
+            ev = ev.id(id);
+        }
+        Ok::<_, Infallible>(
+            ev.json_data(&item.data)
+                .unwrap_or_else(|_| Event::default().comment("encoding failed")),
+        )
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+/// JSON of a serializable value (`null` if it cannot be encoded).
+pub(crate) fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
 /// The caller's address, for `registered_by` and gray-release matching.
 pub(crate) fn caller(addr: Option<SocketAddr>) -> String {
     addr.map(|a| a.ip().to_string()).unwrap_or_default()

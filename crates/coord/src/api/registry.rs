@@ -1,14 +1,12 @@
 //! `/v1/services`, `/v1/registry/events`, `/v1/nodes`.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use futures_util::StreamExt;
@@ -222,18 +220,13 @@ async fn watch(
 ) -> ApiResult<Response> {
     service_name(&svc)?;
     let f = query(q)?.filter();
-    let stream = c.registry.watch(&svc, f).map(|d| {
-        Ok::<_, Infallible>(
-            Event::default()
-                .event("instances")
-                .id(d.index.to_string())
-                .json_data(&d)
-                .unwrap_or_else(|_| Event::default().comment("encoding failed")),
-        )
-    });
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+    Ok(super::sse(c.registry.watch(&svc, f).map(|d| {
+        super::SseItem {
+            event: "instances",
+            id: Some(d.index.to_string()),
+            data: super::to_json(&d),
+        }
+    })))
 }
 
 async fn events(
