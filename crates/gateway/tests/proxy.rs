@@ -749,3 +749,31 @@ async fn idle_connections_are_closed() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_closed_ones_replaced() {
+    let up = Upstream::start("a").await;
+    let gw = Gw::start(&format!(
+        "[[routes]]\nname = \"p\"\n[routes.forward]\nupstreams = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    let c = client();
+    for _ in 0..50 {
+        assert_eq!(get(&c, &gw.url("/x")).await.status, 200);
+    }
+    assert_eq!(
+        up.conns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one kept-alive upstream connection"
+    );
+    // The upstream closes after every response: each request still succeeds
+    // (POST too: a closed pooled connection is detected before sending).
+    for i in 0..20 {
+        let m = if i % 2 == 0 { "GET" } else { "POST" };
+        let r = send(&c, req(m, &gw.url("/close")).body(empty()).unwrap()).await;
+        assert_eq!(r.status, 200, "{m} {}", r.text());
+        assert_eq!(r.text(), "bye");
+    }
+    assert!(up.conns.load(std::sync::atomic::Ordering::SeqCst) >= 20);
+}

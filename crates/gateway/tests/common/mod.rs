@@ -23,6 +23,8 @@ use tokio::sync::{Notify, oneshot};
 pub struct Upstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    /// Connections accepted.
+    pub conns: Arc<AtomicU64>,
     /// Released by tests to let `/hold` requests finish.
     pub release: Arc<Notify>,
     stop: Option<oneshot::Sender<()>>,
@@ -38,6 +40,8 @@ impl Upstream {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
+        let conns = Arc::new(AtomicU64::new(0));
+        let accepted = conns.clone();
         let release = Arc::new(Notify::new());
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
         let h = hits.clone();
@@ -49,6 +53,7 @@ impl Upstream {
                     _ = &mut stop_rx => break,
                     r = listener.accept() => {
                         let Ok((stream, _)) = r else { continue };
+                        accepted.fetch_add(1, Ordering::SeqCst);
                         let h = h.clone();
                         let rel = rel.clone();
                         conns.spawn(async move {
@@ -65,6 +70,7 @@ impl Upstream {
         Self {
             addr,
             hits,
+            conns,
             release,
             stop: Some(stop_tx),
             task,
@@ -106,6 +112,12 @@ async fn echo(
     }
     if path == "/hold" || path.strip_prefix("/hold-if/") == Some(name) {
         release.notified().await;
+    }
+    if path == "/close" {
+        let mut r = Response::new(full("bye"));
+        r.headers_mut()
+            .insert("connection", "close".parse().unwrap());
+        return Ok(r);
     }
     if path == "/big" {
         return Ok(Response::new(full(vec![b'x'; 64 * 1024])));
