@@ -647,12 +647,12 @@ where
                 call_upstream(&conn.clients, h2, picked.addr, &picked.authority, up),
             )
             .await;
-            guard.end();
+            let rtt = guard.end();
             let outcome = classify(&res);
             if outcome == Outcome::Failure {
                 picked.stats.failures.fetch_add(1, Ordering::Relaxed);
             }
-            target.cluster.record(picked.addr, outcome);
+            target.cluster.record(picked.addr, outcome, rtt);
             let connect_err = matches!(&res, Ok(Err(e)) if e.is_connect());
             let retryable = match &res {
                 Ok(Ok(r)) => matches!(r.status().as_u16(), 502..=504),

@@ -64,6 +64,9 @@ pub(crate) struct Cluster {
     /// Keeps a static source's channel open.
     _static_tx: Option<watch::Sender<Arc<Vec<Endpoint>>>>,
     ejections: metrics::Counter,
+    m_success: metrics::Counter,
+    m_failure: metrics::Counter,
+    m_latency: metrics::Histogram,
     pub(crate) ejections_total: AtomicU64,
 }
 
@@ -135,6 +138,11 @@ impl Cluster {
         let outlier = outlier.and_then(|c| OutlierDetector::new(c).ok());
         let ejections =
             metrics::counter!("meshwork_gateway_ejections_total", "cluster" => name.clone());
+        let m_success = metrics::counter!("meshwork_gateway_upstream_requests_total",
+            "cluster" => name.clone(), "outcome" => "success");
+        let m_failure = metrics::counter!("meshwork_gateway_upstream_requests_total",
+            "cluster" => name.clone(), "outcome" => "failure");
+        let m_latency = metrics::histogram!("meshwork_gateway_upstream_duration_seconds", "cluster" => name.clone());
         let mut rx = rx;
         rx.mark_changed();
         let c = Self {
@@ -150,6 +158,9 @@ impl Cluster {
             }),
             _static_tx: static_tx,
             ejections,
+            m_success,
+            m_failure,
+            m_latency,
             ejections_total: AtomicU64::new(0),
         };
         c.state.lock().sync(&c.filter);
@@ -241,9 +252,12 @@ impl Cluster {
     }
 
     /// Records the outcome of one try on `addr`.
-    pub(crate) fn record(&self, addr: SocketAddr, outcome: Outcome) {
-        if outcome == Outcome::Ignored {
-            return;
+    pub(crate) fn record(&self, addr: SocketAddr, outcome: Outcome, rtt: Duration) {
+        self.m_latency.record(rtt.as_secs_f64());
+        match outcome {
+            Outcome::Success => self.m_success.increment(1),
+            Outcome::Failure => self.m_failure.increment(1),
+            Outcome::Ignored => return,
         }
         let now = Instant::now();
         let mut st = self.state.lock();
