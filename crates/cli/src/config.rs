@@ -19,8 +19,10 @@ pub(crate) struct ServerFile {
     pub(crate) http_addr: Option<String>,
     /// `etcd://HOST:PORT[,...]`: coordination on an external etcd cluster.
     pub(crate) store: Option<String>,
-    /// Roles to run (`store,coord`).
+    /// Roles to run (`store,coord,gateway`).
     pub(crate) roles: Option<String>,
+    /// Gateway listen address (enables the gateway role).
+    pub(crate) gateway_addr: Option<String>,
 }
 
 /// What a node runs.
@@ -30,25 +32,31 @@ pub(crate) struct Roles {
     pub(crate) store: bool,
     /// Coordination services and their HTTP API.
     pub(crate) coord: bool,
+    /// The API gateway.
+    pub(crate) gateway: bool,
 }
 
-/// Parses `store,coord`; the default is every role that fits the store choice.
-pub(crate) fn parse_roles(s: Option<&str>, external: bool) -> Result<Roles> {
+/// Parses `store,coord,gateway`; the default is every role that fits the store
+/// choice (the gateway when it has an address).
+pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -> Result<Roles> {
     let mut r = Roles {
         store: false,
         coord: false,
+        gateway: false,
     };
     match s {
         None => {
             r.store = !external;
             r.coord = true;
+            r.gateway = gateway_addr;
         }
         Some(list) => {
             for role in list.split(',').map(str::trim).filter(|x| !x.is_empty()) {
                 match role {
                     "store" => r.store = true,
                     "coord" => r.coord = true,
-                    other => bail!("unknown role {other:?}; roles are store and coord"),
+                    "gateway" => r.gateway = true,
+                    other => bail!("unknown role {other:?}; roles are store, coord and gateway"),
                 }
             }
         }
@@ -58,8 +66,16 @@ pub(crate) fn parse_roles(s: Option<&str>, external: bool) -> Result<Roles> {
             "the store role runs the embedded store; with --store etcd://... leave it out (--roles coord)"
         );
     }
-    if !r.store && !r.coord {
-        bail!("no role to run; give --roles store, coord or both");
+    if !r.store && !r.coord && !r.gateway {
+        bail!("no role to run; give --roles with store, coord and/or gateway");
+    }
+    if r.gateway && !r.coord {
+        bail!(
+            "the gateway role needs the coord role (routes live in the config center, upstreams in the registry)"
+        );
+    }
+    if r.gateway && !gateway_addr {
+        bail!("the gateway role needs --gateway-addr HOST:PORT (port 0 picks a free one)");
     }
     if r.coord && !r.store && !external {
         bail!("the coord role needs a store: add the store role or give --store etcd://HOST:PORT");
@@ -178,6 +194,9 @@ pub(crate) struct FileConfig {
     pub(crate) store: StoreFile,
     #[serde(default)]
     pub(crate) coord: CoordFile,
+    /// The gateway's limits and defaults.
+    #[serde(default)]
+    pub(crate) gateway: Option<meshwork_gateway::GatewayConfig>,
 }
 
 impl FileConfig {

@@ -25,6 +25,13 @@ pub(crate) struct Http {
     http: String,
 }
 
+impl Http {
+    /// The address.
+    pub(crate) fn addr(&self) -> &str {
+        &self.http
+    }
+}
+
 async fn req(h: &Http, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
     let body = body.map(|b| Bytes::from(b.to_string()));
     call(&h.http, method, path, body).await?.json()

@@ -42,6 +42,17 @@ pub(crate) async fn call(
     path: &str,
     body: Option<Bytes>,
 ) -> Result<Reply> {
+    call_with_headers(addr, method, path, body, &[]).await
+}
+
+/// Like [`call`], with extra request headers.
+pub(crate) async fn call_with_headers(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<Bytes>,
+    headers: &[(String, String)],
+) -> Result<Reply> {
     let addr = addr.trim_start_matches("http://").trim_end_matches('/');
     let stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -61,6 +72,9 @@ pub(crate) async fn call(
         .header(hyper::header::HOST, addr);
     if body.is_some() {
         req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    for (name, value) in headers {
+        req = req.header(name.as_str(), value.as_str());
     }
     let req = req
         .body(Full::new(body.unwrap_or_default()))

@@ -6,6 +6,8 @@
 mod bench;
 mod config;
 mod coordcli;
+mod gateway;
+mod gatewaycli;
 mod http;
 mod httpc;
 mod kv;
@@ -55,6 +57,8 @@ enum Command {
     Lock(coordcli::LockArgs),
     /// Unique IDs.
     Id(coordcli::IdArgs),
+    /// API gateway routes: apply a routes file, list, explain a URL.
+    Gateway(gatewaycli::GatewayArgs),
     /// Load generators.
     Bench {
         #[command(subcommand)]
@@ -100,6 +104,13 @@ struct NodeArgs {
     /// `etcd://HOST:PORT[,HOST:PORT...]`.
     #[arg(long, env = "MESHWORK_STORE")]
     store: Option<String>,
+    /// API gateway listen address (enables the gateway role; port 0 picks a free
+    /// port) [up: 127.0.0.1:8080].
+    #[arg(long, env = "MESHWORK_GATEWAY_ADDR")]
+    gateway_addr: Option<String>,
+    /// Gateway worker threads (one accept loop and runtime each) [default: cores].
+    #[arg(long, env = "MESHWORK_GATEWAY_WORKERS")]
+    gateway_workers: Option<usize>,
     /// Membership session TTL in seconds: a dead node's health checks move to the
     /// others within this plus one check interval [default: 10].
     #[arg(long, env = "MESHWORK_NODE_TTL")]
@@ -172,10 +183,21 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         Some(s) => config::parse_store_url(s)?,
         None => Vec::new(),
     };
+    let gateway_addr = args
+        .gateway_addr
+        .clone()
+        .or(file.server.gateway_addr.clone())
+        .map(|a| config::parse_addr("gateway address", &a))
+        .transpose()?;
     let roles = config::parse_roles(
         args.roles.as_deref().or(file.server.roles.as_deref()),
         !external.is_empty(),
+        gateway_addr.is_some(),
     )?;
+    let gateway = file.gateway.clone().unwrap_or_default();
+    gateway
+        .validate()
+        .map_err(|e| anyhow::anyhow!("[gateway] table: {e}"))?;
     let mut coord = meshwork_coord::CoordOptions::default();
     file.coord.apply(&mut coord)?;
     if let Some(t) = args.node_ttl {
@@ -209,6 +231,9 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         external,
         coord,
         roles,
+        gateway_addr,
+        gateway,
+        gateway_workers: args.gateway_workers,
     })
 }
 
@@ -224,6 +249,9 @@ async fn run_server(args: ServerArgs) -> Result<()> {
         ),
     }
     println!("HTTP: http://{}", running.http_addr);
+    if let Some(g) = running.gateway_addr {
+        println!("Gateway: http://{g}");
+    }
     node::shutdown_signal().await;
     tracing::info!("shutting down");
     running.shutdown().await;
@@ -246,6 +274,9 @@ async fn run_up(args: UpArgs) -> Result<()> {
         .map(|t| t.path().to_path_buf())
         .unwrap_or_else(|| PathBuf::from("meshwork-data"));
     let mut node_args = args.node.clone();
+    if node_args.gateway_addr.is_none() {
+        node_args.gateway_addr = Some("127.0.0.1:8080".into());
+    }
     if temp.is_some() {
         node_args.data_dir = Some(default_dir.clone());
     }
@@ -263,6 +294,9 @@ async fn run_up(args: UpArgs) -> Result<()> {
     let http = running.http_addr;
     println!("etcd gRPC: {etcd}");
     println!("HTTP: http://{http}");
+    if let Some(g) = running.gateway_addr {
+        println!("Gateway: http://{g}");
+    }
     println!();
     println!("Meshwork is up (single node).");
     println!(
@@ -289,6 +323,14 @@ async fn run_up(args: UpArgs) -> Result<()> {
         "  locks/ids  meshwork lock --http {http} acquire jobs;  meshwork id --http {http} next --count 5"
     );
     println!("  API        curl http://{http}/openapi.json");
+    if let Some(g) = running.gateway_addr {
+        println!(
+            "  gateway    meshwork gateway --http {http} apply -f routes.toml   (then curl http://{g}/...)"
+        );
+        println!(
+            "               meshwork gateway --http {http} routes;  meshwork gateway --http {http} explain http://{g}/api/x"
+        );
+    }
     println!("  health     curl http://{http}/readyz");
     println!("  metrics    curl http://{http}/metrics");
     println!();
@@ -322,6 +364,7 @@ fn main() -> Result<()> {
             Command::Config(a) => coordcli::config(a).await,
             Command::Lock(a) => coordcli::lock(a).await,
             Command::Id(a) => coordcli::id(a).await,
+            Command::Gateway(a) => gatewaycli::run(a).await,
             Command::Bench { what } => bench::run(what).await,
         }
     })

@@ -28,6 +28,9 @@ pub(crate) struct NodeConfig {
     pub(crate) external: Vec<String>,
     pub(crate) coord: CoordOptions,
     pub(crate) roles: crate::config::Roles,
+    pub(crate) gateway_addr: Option<SocketAddr>,
+    pub(crate) gateway: meshwork_gateway::GatewayConfig,
+    pub(crate) gateway_workers: Option<usize>,
 }
 
 /// A node that is up: its bound addresses, and how to stop it.
@@ -37,13 +40,19 @@ pub(crate) struct Running {
     pub(crate) http_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The gateway's address, when the gateway role runs.
+    pub(crate) gateway_addr: Option<SocketAddr>,
     store: Option<Store>,
     coord: Option<Coord>,
+    gateway: Option<crate::gateway::GatewayRole>,
 }
 
 impl Running {
     /// Stops accepting, waits for in-flight requests, closes the store.
     pub(crate) async fn shutdown(self) {
+        if let Some(g) = self.gateway {
+            g.shutdown().await;
+        }
         if let Some(c) = self.coord {
             c.shutdown().await;
         }
@@ -135,9 +144,27 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         serving: serving.clone(),
         prometheus: crate::metrics_handle(),
     };
+    let gateway = match (&coord, cfg.roles.gateway, cfg.gateway_addr) {
+        (Some(c), true, Some(addr)) => Some(crate::gateway::start(
+            c,
+            cfg.gateway.clone(),
+            addr,
+            cfg.gateway_workers,
+            &cfg.name,
+        )?),
+        _ => None,
+    };
     let mut app = http::router(state);
     if let Some(c) = &coord {
-        app = app.merge(meshwork_coord::api::router(c.clone()));
+        app = app
+            .merge(crate::gateway::routes_router(
+                c.clone(),
+                gateway.as_ref().map(|g| g.gateway.clone()),
+            ))
+            .merge(meshwork_coord::api::router(c.clone()));
+    }
+    if let Some(g) = &gateway {
+        app = app.nest("/gateway", g.gateway.admin_router());
     }
     let rx = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
@@ -149,10 +176,12 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     Ok(Running {
         etcd_addr,
         http_addr,
+        gateway_addr: gateway.as_ref().map(|g| g.addr),
         stop,
         tasks,
         store,
         coord,
+        gateway,
     })
 }
 

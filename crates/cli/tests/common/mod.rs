@@ -11,6 +11,8 @@ pub struct Server {
     pub child: Child,
     pub etcd: String,
     pub http: String,
+    /// The gateway's address, when started with `--gateway-addr`.
+    pub gateway: Option<String>,
 }
 
 pub fn bin() -> &'static str {
@@ -49,6 +51,14 @@ pub fn start(data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
         .unwrap()
         .trim_start_matches("HTTP: http://")
         .to_string();
+    let gateway = extra.contains(&"--gateway-addr").then(|| {
+        lines
+            .next()
+            .expect("third line")
+            .unwrap()
+            .trim_start_matches("Gateway: http://")
+            .to_string()
+    });
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -59,7 +69,12 @@ pub fn start(data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
         assert!(Instant::now() < deadline, "server did not become ready");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Server { child, etcd, http }
+    Server {
+        child,
+        etcd,
+        http,
+        gateway,
+    }
 }
 
 impl Server {

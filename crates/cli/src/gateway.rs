@@ -1,0 +1,204 @@
+//! The gateway role of a node: the proxy on its own worker threads, upstreams from
+//! the registry, routes from the configuration center (`meshwork/gateway/routes.toml`,
+//! applied on every change; a set that does not apply is logged and the previous one
+//! keeps serving), the admin API under `/gateway`, and `/v1/gateway/routes` to
+//! validate and publish a route set.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use meshwork_coord::Coord;
+use meshwork_coord::config::{ClientIdentity, ConfigKey, Format, Publish};
+use meshwork_gateway::{Gateway, GatewayConfig, RegistryResolver, RouteSet, Workers};
+
+/// Namespace / group / data id of the route set in the configuration center.
+pub(crate) const ROUTES_PATH: (&str, &str, &str) = ("meshwork", "gateway", "routes.toml");
+
+fn routes_key() -> Result<ConfigKey> {
+    ConfigKey::new(ROUTES_PATH.0, ROUTES_PATH.1, ROUTES_PATH.2)
+        .map_err(|e| anyhow::anyhow!("routes key: {e}"))
+}
+
+/// A running gateway role.
+pub(crate) struct GatewayRole {
+    pub(crate) gateway: Gateway,
+    pub(crate) addr: SocketAddr,
+    workers: Workers,
+    follow: tokio::task::JoinHandle<()>,
+}
+
+impl GatewayRole {
+    /// Stops following routes and drains the workers.
+    pub(crate) async fn shutdown(self) {
+        self.follow.abort();
+        let w = self.workers;
+        let _ = tokio::task::spawn_blocking(move || w.shutdown()).await;
+    }
+}
+
+/// Starts the gateway on `addr` and keeps its routes current.
+pub(crate) fn start(
+    coord: &Coord,
+    cfg: GatewayConfig,
+    addr: SocketAddr,
+    workers: Option<usize>,
+    node: &str,
+) -> Result<GatewayRole> {
+    let resolver = Arc::new(RegistryResolver::new(coord.registry.clone()));
+    let gateway = Gateway::new(cfg, resolver).context("gateway configuration")?;
+    let n = workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let workers = meshwork_gateway::spawn_workers(addr, gateway.clone(), n, None)
+        .with_context(|| format!("binding the gateway address {addr}"))?;
+    let addr = workers.local_addr();
+    // A gray release of the routes can target gateway nodes by name.
+    let identity = ClientIdentity {
+        address: String::new(),
+        labels: [
+            ("meshwork.node".to_string(), node.to_string()),
+            ("meshwork.role".to_string(), "gateway".to_string()),
+        ]
+        .into(),
+    };
+    let mut updates = Box::pin(coord.config.subscribe(routes_key()?, identity));
+    let gw = gateway.clone();
+    let follow = tokio::spawn(async move {
+        while let Some(served) = updates.next().await {
+            let (set, version) = match &served {
+                Some(s) => match RouteSet::from_toml(&s.entry.content) {
+                    Ok(set) => (set, s.entry.version),
+                    Err(e) => {
+                        tracing::error!(version = s.entry.version, error = %e, "gateway routes do not parse; keeping the previous set");
+                        metrics::counter!("meshwork_gateway_route_apply_errors_total").increment(1);
+                        continue;
+                    }
+                },
+                None => (RouteSet::default(), 0),
+            };
+            match gw.apply(set) {
+                Ok(()) => tracing::info!(config_version = version, "gateway routes applied"),
+                Err(e) => {
+                    tracing::error!(config_version = version, error = %e, "gateway routes rejected; keeping the previous set");
+                    metrics::counter!("meshwork_gateway_route_apply_errors_total").increment(1);
+                }
+            }
+        }
+    });
+    Ok(GatewayRole {
+        gateway,
+        addr,
+        workers,
+        follow,
+    })
+}
+
+#[derive(Clone)]
+struct RoutesState {
+    coord: Coord,
+    gateway: Option<Gateway>,
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+/// `GET /v1/gateway/routes`: the published route set (TOML) and its version;
+/// `PUT /v1/gateway/routes` (TOML body, `?if_version=N`): validate the whole set
+/// and publish it to the configuration center.
+pub(crate) fn routes_router(coord: Coord, gateway: Option<Gateway>) -> Router {
+    Router::new()
+        .route(
+            "/v1/gateway/routes",
+            axum::routing::get(get_routes).put(put_routes),
+        )
+        .with_state(RoutesState { coord, gateway })
+}
+
+async fn get_routes(State(s): State<RoutesState>) -> Response {
+    let Ok(key) = routes_key() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "routes key".into(),
+        );
+    };
+    let entry = s.coord.config.get(&key);
+    axum::Json(serde_json::json!({
+        "published_version": entry.as_ref().map(|e| e.version).unwrap_or(0),
+        "content": entry.map(|e| e.content).unwrap_or_default(),
+        "applied_table_version": s.gateway.as_ref().map(|g| g.routes_version()),
+    }))
+    .into_response()
+}
+
+async fn put_routes(
+    State(s): State<RoutesState>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the route set must be UTF-8 TOML".into(),
+        );
+    };
+    // Reject the whole set before anyone applies it.
+    if let Err(e) = RouteSet::from_toml(text).and_then(|set| set.validate().map(|()| set)) {
+        return error(StatusCode::BAD_REQUEST, "invalid_routes", e.to_string());
+    }
+    let if_version = match q.get("if_version").map(|v| v.parse::<u64>()) {
+        None => None,
+        Some(Ok(v)) => Some(v),
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                "if_version must be a number".into(),
+            );
+        }
+    };
+    let Ok(key) = routes_key() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "routes key".into(),
+        );
+    };
+    let publish = Publish {
+        content: text.to_string(),
+        format: Format::Toml,
+        author: q
+            .get("author")
+            .cloned()
+            .unwrap_or_else(|| "gateway apply".into()),
+        description: q.get("description").cloned().unwrap_or_default(),
+        if_version,
+    };
+    match s.coord.config.publish(&key, publish).await {
+        Ok(p) => axum::Json(serde_json::json!({
+            "version": p.entry.version,
+            "changed": p.changed,
+        }))
+        .into_response(),
+        Err(e) => error(
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            e.code(),
+            e.to_string(),
+        ),
+    }
+}

@@ -1,0 +1,165 @@
+//! The gateway role of the binary: routes published with `meshwork gateway apply`
+//! go live on the node, upstreams come from the registry and follow it, and an
+//! invalid route set is refused whole while the previous one keeps serving.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn meshwork(http: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(common::bin())
+        .args(args)
+        .args(["--http", http])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// An upstream that answers its own name, on a thread with its own runtime.
+fn upstream(name: &'static str) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            let app = axum::Router::new()
+                .route("/health", axum::routing::get(|| async { "ok" }))
+                .fallback(move || async move { name });
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    port
+}
+
+fn tally(gw: &str, path: &str, n: usize) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for _ in 0..n {
+        let (code, body) = common::http_get(gw, path).unwrap();
+        *m.entry(format!("{code} {body}")).or_insert(0) += 1;
+    }
+    m
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn routes_from_the_config_center_and_upstreams_from_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = common::start(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,gateway",
+            "--gateway-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let (h, gw) = (s.http.as_str(), s.gateway.clone().unwrap());
+    let (a, b) = (upstream("A"), upstream("B"));
+    for port in [a, b] {
+        let (ok, _, err) = meshwork(
+            h,
+            &[
+                "svc",
+                "register",
+                "web",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--persistent",
+            ],
+        );
+        assert!(ok, "{err}");
+    }
+    // No routes yet: a JSON 404.
+    let (code, body) = common::http_get(&gw, "/api/x").unwrap();
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("no_route"));
+
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        "[[routes]]\nname = \"web\"\n[routes.match]\npath = { prefix = \"/api\" }\n[routes.forward]\nservice = \"web\"\nstrip_prefix = \"/api\"\n",
+    )
+    .unwrap();
+    let (ok, out, err) = meshwork(h, &["gateway", "apply", "-f", routes.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("version 1"), "{out}");
+    // Live within a second; both registered instances take traffic.
+    wait_until("the route to go live", || {
+        common::http_get(&gw, "/api/x")
+            .map(|(c, _)| c == 200)
+            .unwrap_or(false)
+    });
+    wait_until("both instances to take traffic", || {
+        let t = tally(&gw, "/api/x", 20);
+        t.contains_key("200 A") && t.contains_key("200 B")
+    });
+    let (_, out, _) = meshwork(
+        h,
+        &["gateway", "explain", &format!("http://{gw}/api/orders")],
+    );
+    assert!(out.contains("\"matched\": \"web\""), "{out}");
+
+    // Deregistering an instance takes it out of rotation.
+    let (ok, _, err) = meshwork(h, &["svc", "deregister", "web", &format!("127.0.0.1:{b}")]);
+    assert!(ok, "{err}");
+    wait_until("B to leave rotation", || {
+        let t = tally(&gw, "/api/x", 20);
+        t.len() == 1 && t.contains_key("200 A")
+    });
+
+    // An invalid set is refused whole; the previous one keeps serving.
+    std::fs::write(
+        &routes,
+        "[[routes]]\nname = \"web\"\n[routes.match]\npath = { regex = \"(\" }\n[routes.forward]\nservice = \"web\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = meshwork(h, &["gateway", "apply", "-f", routes.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("invalid_routes") && err.contains("match.path.regex"),
+        "{err}"
+    );
+    assert_eq!(
+        common::http_get(&gw, "/api/x").unwrap(),
+        (200, "A".to_string())
+    );
+
+    // A new valid set replaces it.
+    std::fs::write(
+        &routes,
+        "[[routes]]\nname = \"hello\"\n[routes.match]\npath = { exact = \"/hello\" }\n[routes.respond]\nstatus = 200\nbody = \"hi\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = meshwork(h, &["gateway", "apply", "-f", routes.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    wait_until("the new set to go live", || {
+        common::http_get(&gw, "/hello")
+            .map(|r| r == (200, "hi".to_string()))
+            .unwrap_or(false)
+    });
+    assert_eq!(common::http_get(&gw, "/api/x").unwrap().0, 404);
+    let (_, out, _) = meshwork(h, &["gateway", "routes"]);
+    assert!(out.contains("hello"), "{out}");
+}

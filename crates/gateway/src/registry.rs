@@ -1,0 +1,128 @@
+//! [`RegistryResolver`]: the gateway's upstreams from Meshwork's service registry.
+//!
+//! One subscription per service follows the registry's watched copy
+//! ([`Registry::watch`]) and publishes the instances that should take traffic:
+//! healthy ones (enabled, weight > 0, not failing their checks), or every enabled
+//! instance when the service's protection threshold triggers. Host names are
+//! resolved asynchronously; an instance whose name does not resolve is left out.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use meshwork_coord::registry::{Discovery, Filter, Registry};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::resolver::{Endpoint, InstanceFilter, Resolver};
+
+type Subscription = (watch::Sender<Arc<Vec<Endpoint>>>, tokio::task::JoinHandle<()>);
+
+/// Resolves services through the registry.
+pub struct RegistryResolver {
+    registry: Registry,
+    subs: Mutex<HashMap<String, Subscription>>,
+}
+
+impl RegistryResolver {
+    /// A resolver over `registry`.
+    pub fn new(registry: Registry) -> RegistryResolver {
+        RegistryResolver {
+            registry,
+            subs: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Drop for RegistryResolver {
+    fn drop(&mut self) {
+        for (_, (_, task)) in self.subs.lock().drain() {
+            task.abort();
+        }
+    }
+}
+
+fn traffic_filter() -> Filter {
+    Filter {
+        healthy: true,
+        ..Filter::default()
+    }
+}
+
+/// The endpoints of a discovery answer whose address is an IP; names go to `names`.
+fn endpoints(d: &Discovery, names: &mut Vec<(String, u16, Endpoint)>) -> Vec<Endpoint> {
+    let mut out = Vec::with_capacity(d.instances.len());
+    for v in &d.instances {
+        let s = &v.instance.spec;
+        if !s.enabled || s.weight == 0 {
+            continue;
+        }
+        let ep = Endpoint {
+            addr: SocketAddr::from(([0, 0, 0, 0], s.port)),
+            weight: s.weight,
+            zone: (!s.zone.is_empty()).then(|| s.zone.clone()),
+            version: (!s.version.is_empty()).then(|| s.version.clone()),
+            tags: s.tags.clone(),
+            // Either healthy, or the protection threshold returned everyone.
+            healthy: true,
+        };
+        match s.address.parse::<IpAddr>() {
+            Ok(ip) => out.push(Endpoint {
+                addr: SocketAddr::new(ip, s.port),
+                ..ep
+            }),
+            Err(_) => names.push((s.address.clone(), s.port, ep)),
+        }
+    }
+    out
+}
+
+async fn resolve_names(names: Vec<(String, u16, Endpoint)>, out: &mut Vec<Endpoint>) {
+    for (host, port, ep) in names {
+        match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(mut addrs) => {
+                if let Some(addr) = addrs.next() {
+                    out.push(Endpoint { addr, ..ep });
+                }
+            }
+            Err(e) => tracing::warn!(%host, error = %e, "instance address does not resolve"),
+        }
+    }
+}
+
+impl Resolver for RegistryResolver {
+    fn subscribe(
+        &self,
+        service: &str,
+        _filter: &InstanceFilter,
+    ) -> watch::Receiver<Arc<Vec<Endpoint>>> {
+        let mut subs = self.subs.lock();
+        if let Some((tx, task)) = subs.get(service)
+            && !task.is_finished()
+        {
+            return tx.subscribe();
+        }
+        let mut names = Vec::new();
+        let now = endpoints(&self.registry.discover(service, &traffic_filter()), &mut names);
+        let (tx, rx) = watch::channel(Arc::new(now));
+        let registry = self.registry.clone();
+        let sender = tx.clone();
+        let svc = service.to_string();
+        let task = tokio::spawn(async move {
+            let mut stream = Box::pin(registry.watch(&svc, traffic_filter()));
+            while let Some(d) = stream.next().await {
+                let mut names = Vec::new();
+                let mut eps = endpoints(&d, &mut names);
+                resolve_names(names, &mut eps).await;
+                // Publish only real changes: an unchanged list keeps balancer state.
+                let same = *sender.borrow().as_ref() == eps;
+                if !same {
+                    sender.send_replace(Arc::new(eps));
+                }
+            }
+        });
+        subs.insert(service.to_string(), (tx, task));
+        rx
+    }
+}
