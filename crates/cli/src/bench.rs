@@ -1,5 +1,6 @@
 //! `meshwork bench kv`: a load generator for any etcd v3 endpoint (Meshwork or etcd),
-//! with a live progress line and a final summary (throughput, latency percentiles, errors).
+//! with a live progress line and a final summary (throughput, latency percentiles, errors);
+//! `meshwork bench registry | config` (in `bench_coord`) drive a node's coordination API.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,10 @@ use tokio_stream::StreamExt;
 pub(crate) enum BenchCommand {
     /// Drive an etcd v3 endpoint with puts, ranges or watches.
     Kv(KvBench),
+    /// Registry load on a node's HTTP API: registrations, heartbeats, change-to-watcher delivery.
+    Registry(crate::bench_coord::RegistryBench),
+    /// Config center load on a node's HTTP API: publish-to-listener delivery with long-polls.
+    Config(crate::bench_coord::ConfigBench),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -79,6 +84,8 @@ pub(crate) struct KvBench {
 pub(crate) async fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Kv(b) => kv(b).await,
+        BenchCommand::Registry(b) => crate::bench_coord::registry(b).await,
+        BenchCommand::Config(b) => crate::bench_coord::config(b).await,
     }
 }
 
