@@ -4,6 +4,7 @@
 //! together and reports errors (`anyhow` lives only here).
 
 mod bench;
+mod bench_coord;
 mod config;
 mod coordcli;
 mod gateway;
