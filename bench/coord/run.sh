@@ -255,9 +255,10 @@ machine_info end >>"$OUT/env.txt" 2>&1 || true
 log "benchmarks done in $((SECONDS - T0)) s"
 
 # --- report ------------------------------------------------------------------------------------
-python3 - "$OUT" <<'EOF'
+python3 - "$OUT" "$WATCHERS" "$SPREAD" "$LISTENERS" "$ENTRIES" <<'EOF'
 import json, sys
 out = sys.argv[1]
+W, SP, L, E = (f"{int(x):,}" for x in sys.argv[2:6])
 def load(p):
     try:
         with open(f"{out}/{p}") as f: return json.load(f)
@@ -299,13 +300,13 @@ row("heartbeat lag behind schedule after registration, p99", " ms", "lower", lam
 row("heartbeat lag behind schedule after registration, max", " ms", "lower", lambda s: reg(s, "heartbeat", "lag_steady", "max_ms"))
 row("leases expired (re-registered)", "", "lower", lambda s: reg(s, "heartbeat", "expired"))
 row("heartbeat errors", "", "lower", lambda s: reg(s, "heartbeat", "errors"))
-for sc, lab in [("hot", "1 hot service"), ("spread", "100 services")]:
+for sc, lab in [("hot", "1 hot service"), ("spread", f"{SP} services")]:
     for q in ["p50_ms", "p99_ms", "max_ms"]:
-        row(f"change-to-watcher {q[:-3]}, 1,000 watchers on {lab}", " ms", "lower", lambda s, sc=sc, q=q: reg(s, "watch", sc, "latency", q))
+        row(f"change-to-watcher {q[:-3]}, {W} watchers on {lab}", " ms", "lower", lambda s, sc=sc, q=q: reg(s, "watch", sc, "latency", q))
     row(f"  deliveries ({lab})", "", "higher", lambda s, sc=sc: reg(s, "watch", sc, "deliveries"))
     row(f"  missed ({lab})", "", "lower", lambda s, sc=sc: reg(s, "watch", sc, "missed"))
     row(f"  change call p50 ({lab})", " ms", "lower", lambda s, sc=sc: reg(s, "watch", sc, "change_call", "p50_ms"))
-for n, lab in [("config-spread", "1,000 listeners on 10 entries"), ("config-hot", "1,000 listeners on 1 entry")]:
+for n, lab in [("config-spread", f"{L} listeners on {E} entries"), ("config-hot", f"{L} listeners on 1 entry")]:
     for q in ["p50_ms", "p99_ms"]:
         row(f"config publish-to-listener {q[:-3]}, {lab}", " ms", "lower", lambda s, n=n, q=q: g(D[s][n], "latency", q))
     row(f"  missed ({lab})", "", "lower", lambda s, n=n: g(D[s][n], "missed"))
