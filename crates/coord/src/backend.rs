@@ -51,9 +51,14 @@ struct Current {
     index: usize,
     generation: u64,
     client: Client,
-    /// The keep-alive multiplexer on this connection (started on first use).
-    keepalive: parking_lot::Mutex<Option<mpsc::Sender<KeepAliveReq>>>,
+    /// The keep-alive multiplexers on this connection (started on first use), leases
+    /// sharded over them by id.
+    keepalive: parking_lot::Mutex<Vec<Option<mpsc::Sender<KeepAliveReq>>>>,
 }
+
+/// Keep-alive streams per connection. etcd forwards the renewals of one stream from a
+/// follower to the leader one at a time; a few streams multiply what one node can renew.
+const KEEPALIVE_STREAMS: usize = 8;
 
 type KeepAliveReq = (i64, tokio::sync::oneshot::Sender<i64>);
 
@@ -63,18 +68,20 @@ impl Current {
             index,
             generation,
             client,
-            keepalive: parking_lot::Mutex::new(None),
+            keepalive: parking_lot::Mutex::new(vec![None; KEEPALIVE_STREAMS]),
         }
     }
 
-    /// The sender of the keep-alive multiplexer, (re)started if it is not running.
-    fn keepalive(&self) -> mpsc::Sender<KeepAliveReq> {
+    /// The sender of the keep-alive multiplexer for `lease`, (re)started if it is not
+    /// running.
+    fn keepalive(&self, lease: i64) -> mpsc::Sender<KeepAliveReq> {
         let mut g = self.keepalive.lock();
-        match g.as_ref() {
+        let slot = &mut g[lease.rem_euclid(KEEPALIVE_STREAMS as i64) as usize];
+        match slot.as_ref() {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
                 let tx = spawn_keepalive_mux(self.client.clone());
-                *g = Some(tx.clone());
+                *slot = Some(tx.clone());
                 tx
             }
         }
@@ -420,13 +427,22 @@ impl Backend {
         loop {
             let cur = self.current();
             let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
-            let sent = cur.keepalive().send((id, reply_tx)).await.is_ok();
+            let mux = cur.keepalive(id);
+            let sent = mux.send((id, reply_tx)).await.is_ok();
             let err = if !sent {
                 "keep-alive stream closed".to_string()
             } else {
                 match tokio::time::timeout(self.inner.opts.request_timeout, reply_rx).await {
                     Ok(Ok(ttl)) => return Ok((ttl > 0).then_some(ttl)),
                     Ok(Err(_)) => "keep-alive stream broke".to_string(),
+                    Err(_) if !mux.is_closed() => {
+                        // The stream is alive but slow (an overloaded leader): moving to
+                        // another endpoint would only add reconnects. Fail this renewal.
+                        return Err(CoordError::Unavailable(format!(
+                            "no keep-alive answer within {} ms (the store is overloaded)",
+                            self.inner.opts.request_timeout.as_millis()
+                        )));
+                    }
                     Err(_) => format!(
                         "no keep-alive answer within {} ms",
                         self.inner.opts.request_timeout.as_millis()

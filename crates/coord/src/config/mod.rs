@@ -832,15 +832,20 @@ impl ConfigCenter {
         Ok(published)
     }
 
-    /// The entries among `items` whose checksum for `client` differs from the one held.
+    /// The entries among `items` whose checksum for `client` differs from the one held
+    /// (compared in place: no content is copied).
     pub fn changed(&self, items: &[Listening], client: &ClientIdentity) -> Vec<ConfigKey> {
+        let c = self.cache.lock();
         items
             .iter()
             .filter(|l| {
-                let now = self
-                    .get_for(&l.key, client)
-                    .map(|s| s.entry.checksum)
-                    .unwrap_or_default();
+                let now = match c.live.items.get(&l.key) {
+                    None => "",
+                    Some((e, _)) => match c.live.beta.get(&l.key) {
+                        Some(b) if b.matches(client) => b.checksum.as_str(),
+                        _ => e.checksum.as_str(),
+                    },
+                };
                 now != l.checksum
             })
             .map(|l| l.key.clone())

@@ -109,10 +109,16 @@ async fn plan(
     let mut orphans = Vec::new();
     {
         let cache = registry.cache().lock();
-        for (svc, st) in cache.services() {
-            if scope.is_some_and(|s| !s.contains(svc)) {
-                continue;
-            }
+        // Only the changed services when scoped: a registration must not cost a walk
+        // over every service.
+        let services: Vec<(&String, &super::cache::ServiceState)> = match scope {
+            Some(set) => set
+                .iter()
+                .filter_map(|name| cache.service(name).map(|st| (name, st)))
+                .collect(),
+            None => cache.services().collect(),
+        };
+        for (svc, st) in services {
             for (id, inst) in &st.instances {
                 if inst.spec.check.is_some()
                     && membership
