@@ -173,6 +173,29 @@ fn svc_config_lock_and_id_commands() {
     let (_, out, _) = run(h, &["id", "explain", &ids[0].to_string()]);
     assert!(out.contains("\"worker\""), "{out}");
 
+    // Only leases granted through the API can be renewed or revoked by id: an
+    // instance's own lease cannot be revoked by a stranger.
+    let (code, body) = common::http_post(
+        h,
+        "/v1/services/eph/instances",
+        r#"{"address":"127.0.0.1","port":9200,"ttl_seconds":30}"#,
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{body}");
+    let lease = serde_json::from_str::<serde_json::Value>(&body).unwrap()["lease"]
+        .as_i64()
+        .unwrap();
+    let (code, body) =
+        common::http_request(h, "DELETE", &format!("/v1/leases/{lease}"), "").unwrap();
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = common::http_post(h, "/v1/leases", r#"{"ttl_seconds":10}"#).unwrap();
+    assert_eq!(code, 201, "{body}");
+    let own = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let (code, _) = common::http_request(h, "DELETE", &format!("/v1/leases/{own}"), "").unwrap();
+    assert_eq!(code, 204);
+
     let v = json(h, "/v1/locks");
     assert_eq!(v["locks"].as_array().unwrap().len(), 0);
     let api = json(h, "/openapi.json");

@@ -468,22 +468,31 @@ impl Backend {
         let backend = self.clone();
         let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
         let task = tokio::spawn(async move {
+            let ttl_d = Duration::from_secs(ttl.max(1) as u64);
             let mut last_ok = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(period).await;
-                match backend.keep_alive_once(id).await {
-                    Ok(Some(_)) => last_ok = tokio::time::Instant::now(),
-                    Ok(None) => {
+                // Past last_ok + TTL the lease must be assumed gone, whatever a retrying
+                // call would say later.
+                let left = (last_ok + ttl_d).saturating_duration_since(tokio::time::Instant::now());
+                match tokio::time::timeout(left, backend.keep_alive_once(id)).await {
+                    Ok(Ok(Some(_))) => last_ok = tokio::time::Instant::now(),
+                    Ok(Ok(None)) => {
                         tracing::warn!(lease = id, "lease expired");
                         let _ = lost_tx.send(true);
                         return;
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         tracing::warn!(lease = id, error = %e, "lease keep-alive failed");
-                        if last_ok.elapsed() >= Duration::from_secs(ttl.max(1) as u64) {
+                        if last_ok.elapsed() >= ttl_d {
                             let _ = lost_tx.send(true);
                             return;
                         }
+                    }
+                    Err(_) => {
+                        tracing::warn!(lease = id, "no keep-alive answer within the lease TTL");
+                        let _ = lost_tx.send(true);
+                        return;
                     }
                 }
             }

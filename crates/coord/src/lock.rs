@@ -428,7 +428,12 @@ pub fn observe(
                     }
                     last = Some(cur);
                 }
-                match w.next().await {
+                let next = tokio::select! {
+                    n = w.next() => n,
+                    // The observer went away: stop watching.
+                    _ = tx.closed() => return,
+                };
+                match next {
                     Some(WatchItem::Events { events, .. }) => {
                         for e in events {
                             let Some(kv) = e.kv.clone() else { continue };

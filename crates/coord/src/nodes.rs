@@ -217,7 +217,7 @@ impl Membership {
     }
 
     /// Leaves the cluster: revokes the session so others take over at once.
-    pub async fn leave(self) {
+    pub async fn leave(&self) {
         self.task.abort();
         let s = self.session();
         if s.lease != 0 {
@@ -271,6 +271,20 @@ async fn join_once(
                 backend.keep_alive(lease, ttl),
             ));
         }
+        // A retried txn that had landed finds our own key: that is success.
+        if let Some(kv) = txn::range_kvs(&r, 0).first()
+            && kv.lease == lease
+        {
+            return Ok((
+                Session {
+                    lease,
+                    create_revision: kv.create_revision,
+                },
+                backend.keep_alive(lease, ttl),
+            ));
+        }
+        // Keep our fresh lease alive while the previous incarnation's runs out.
+        let _ = backend.keep_alive_once(lease).await;
         if tokio::time::Instant::now() >= deadline {
             let _ = backend.revoke(lease).await;
             return Err(CoordError::Conflict(format!(

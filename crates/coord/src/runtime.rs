@@ -145,11 +145,14 @@ impl Coord {
     /// Leaves the cluster promptly (others take over health checks at once).
     pub async fn shutdown(self) {
         drop(self._checker);
-        if let Ok(m) = Arc::try_unwrap(self.membership) {
-            tokio::time::timeout(Duration::from_secs(2), m.leave())
-                .await
-                .ok();
+        if let Some(g) = self.ids.write().take() {
+            g.invalidate();
         }
+        // Other clones (the HTTP router's) may live on: revoke the session directly so
+        // checks and the id worker move at once.
+        tokio::time::timeout(Duration::from_secs(2), self.membership.leave())
+            .await
+            .ok();
     }
 }
 

@@ -19,6 +19,36 @@ use crate::runtime::Coord;
 
 /// Longest a lock or campaign request may wait.
 const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Marks a lease granted through this API: only those may be renewed, revoked or
+/// used for locks by id here (sessions of nodes, instances and SDK clients may not).
+const API_LEASES: &str = "/meshwork/api/leases/";
+
+fn api_lease_key(id: i64) -> String {
+    format!("{API_LEASES}{id:x}")
+}
+
+async fn check_api_lease(c: &Coord, id: i64) -> ApiResult<()> {
+    let (kv, _) = c.backend.get(api_lease_key(id)).await?;
+    if kv.is_some_and(|kv| kv.lease == id) {
+        Ok(())
+    } else {
+        Err(CoordError::NotFound(format!(
+            "lease {id} was not granted through POST /v1/leases (or it expired)"
+        ))
+        .into())
+    }
+}
+
+/// Grants a lease through the API and marks it as such.
+async fn grant_api_lease(c: &Coord, ttl: i64) -> ApiResult<i64> {
+    let id = c.backend.grant(ttl).await?;
+    if let Err(e) = c.backend.put(api_lease_key(id), "", id).await {
+        let _ = c.backend.revoke(id).await;
+        return Err(e.into());
+    }
+    Ok(id)
+}
+
 /// Bounds of a lease TTL granted over HTTP, seconds.
 const TTL_RANGE: std::ops::RangeInclusive<i64> = 2..=3600;
 
@@ -71,7 +101,7 @@ struct Grant {
 async fn grant(State(c): State<Coord>, body: Bytes) -> ApiResult<Response> {
     let g: Grant = parse_body(&body)?;
     let ttl = check_ttl(g.ttl_seconds)?;
-    let id = c.backend.grant(ttl).await?;
+    let id = grant_api_lease(&c, ttl).await?;
     Ok(json(
         StatusCode::CREATED,
         &serde_json::json!({"id": id, "ttl_seconds": ttl}),
@@ -80,6 +110,7 @@ async fn grant(State(c): State<Coord>, body: Bytes) -> ApiResult<Response> {
 
 async fn keepalive(State(c): State<Coord>, Path(id): Path<String>) -> ApiResult<Response> {
     let id = lease_id(&id)?;
+    check_api_lease(&c, id).await?;
     match c.backend.keep_alive_once(id).await? {
         Some(ttl) => Ok(json(
             StatusCode::OK,
@@ -91,6 +122,7 @@ async fn keepalive(State(c): State<Coord>, Path(id): Path<String>) -> ApiResult<
 
 async fn revoke(State(c): State<Coord>, Path(id): Path<String>) -> ApiResult<Response> {
     let id = lease_id(&id)?;
+    check_api_lease(&c, id).await?;
     c.backend.revoke(id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -122,10 +154,13 @@ struct Contend {
 
 async fn lease_for(c: &Coord, body: &Contend) -> ApiResult<(i64, bool)> {
     match body.lease {
-        Some(l) => Ok((l, false)),
+        Some(l) => {
+            check_api_lease(c, l).await?;
+            Ok((l, false))
+        }
         None => {
             let ttl = check_ttl(body.ttl_seconds.unwrap_or(30))?;
-            Ok((c.backend.grant(ttl).await?, true))
+            Ok((grant_api_lease(c, ttl).await?, true))
         }
     }
 }
@@ -266,7 +301,12 @@ async fn ids(
             .map_err(|_| ApiError::bad_request("invalid_argument", "count must be 1..=10000"))?,
     };
     let gen_ = c.ids()?;
-    let ids = gen_.next_batch(count)?;
+    // Generation may wait for the next millisecond (or out a small clock step): keep
+    // that off the async workers.
+    let g = gen_.clone();
+    let ids = tokio::task::spawn_blocking(move || g.next_batch(count))
+        .await
+        .map_err(|e| CoordError::Unavailable(format!("id generation failed: {e}")))??;
     let strings: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
     Ok(json(
         StatusCode::OK,

@@ -600,7 +600,10 @@ impl ConfigCenter {
                 let r = self
                     .backend
                     .txn(pb::TxnRequest {
-                        compare: vec![txn::mod_rev_is(item_key.clone(), mod_rev)],
+                        compare: vec![
+                            txn::mod_rev_is(item_key.clone(), mod_rev),
+                            txn::absent(key.history_key(version)),
+                        ],
                         success: vec![
                             txn::delete(item_key.clone()),
                             txn::delete(key.beta_key()),
@@ -658,7 +661,12 @@ impl ConfigCenter {
             let r = self
                 .backend
                 .txn(pb::TxnRequest {
-                    compare: vec![txn::mod_rev_is(item_key.clone(), mod_rev)],
+                    // The history slot must be free too: "absent" can match two
+                    // different moments of an entry that was deleted in between.
+                    compare: vec![
+                        txn::mod_rev_is(item_key.clone(), mod_rev),
+                        txn::absent(key.history_key(version)),
+                    ],
                     success: vec![
                         txn::put(item_key.clone(), value, 0),
                         txn::put(key.history_key(version), hist, 0),

@@ -84,6 +84,7 @@ pub struct RegistryCache {
     notify: HashMap<String, watch::Sender<i64>>,
     any: broadcast::Sender<String>,
     bad_records: u64,
+    instance_count: usize,
 }
 
 impl Default for RegistryCache {
@@ -102,6 +103,7 @@ impl RegistryCache {
             notify: HashMap::new(),
             any: broadcast::channel(4096).0,
             bad_records: 0,
+            instance_count: 0,
         }
     }
 
@@ -126,10 +128,17 @@ impl RegistryCache {
     }
 
     fn export_gauges(&self) {
-        let instances: usize = self.services.values().map(|s| s.instances.len()).sum();
         metrics::gauge!("meshwork_registry_services").set(self.services.len() as f64);
-        metrics::gauge!("meshwork_registry_instances").set(instances as f64);
+        metrics::gauge!("meshwork_registry_instances").set(self.instance_count as f64);
         metrics::gauge!("meshwork_registry_revision").set(self.revision as f64);
+    }
+
+    /// The index a blocking query on `service` compares with: never below what its
+    /// waiters were last told (a service that vanished keeps its last index).
+    pub fn index_of(&self, service: &str) -> i64 {
+        let own = self.services.get(service).map(|s| s.index).unwrap_or(0);
+        let told = self.notify.get(service).map(|tx| *tx.borrow()).unwrap_or(0);
+        own.max(told)
     }
 
     /// Records that failed to decode (written by something else).
@@ -140,6 +149,10 @@ impl RegistryCache {
     /// A receiver of the service's index; it moves on every change of the service.
     pub fn subscribe(&mut self, service: &str) -> watch::Receiver<i64> {
         let index = self.services.get(service).map(|s| s.index).unwrap_or(0);
+        // Waiters on services that never change would otherwise stay here forever.
+        if self.notify.len() >= 1024 && self.notify.len().is_power_of_two() {
+            self.notify.retain(|_, tx| tx.receiver_count() > 0);
+        }
         self.notify
             .entry(service.to_string())
             .or_insert_with(|| watch::channel(index).0)
@@ -205,7 +218,9 @@ impl RegistryCache {
                     "{}:{} by {}",
                     inst.spec.address, inst.spec.port, inst.registered_by
                 );
-                st.instances.insert(id.to_string(), inst);
+                if st.instances.insert(id.to_string(), inst).is_none() {
+                    self.instance_count += 1;
+                }
                 (svc, (id, kind, detail))
             }
             KeyKind::Health(svc, id) => {
@@ -253,8 +268,11 @@ impl RegistryCache {
         let (svc, id, logged) = match kind {
             KeyKind::Instance(svc, id) => {
                 let st = self.services.get_mut(svc)?;
-                let removed = st.instances.remove(id);
-                (svc, id, removed.is_some())
+                let removed = st.instances.remove(id).is_some();
+                if removed {
+                    self.instance_count = self.instance_count.saturating_sub(1);
+                }
+                (svc, id, removed)
             }
             KeyKind::Health(svc, id) => {
                 let st = self.services.get_mut(svc)?;
@@ -297,6 +315,7 @@ impl MirrorHandler for RegistryCache {
     fn reset(&mut self, kvs: Vec<KeyValue>, revision: i64) {
         let old: Vec<String> = self.services.keys().cloned().collect();
         self.services.clear();
+        self.instance_count = 0;
         for kv in &kvs {
             self.put(kv, false);
         }
@@ -368,7 +387,7 @@ pub struct Discovery {
 /// Applies a filter and the protection threshold to a service's instances.
 pub fn discover(cache: &RegistryCache, service: &str, f: &Filter) -> Discovery {
     let st = cache.service(service);
-    let index = st.map(|s| s.index).unwrap_or(0);
+    let index = cache.index_of(service);
     let threshold = st
         .and_then(|s| s.settings.as_ref())
         .map(|s| s.protect_threshold)

@@ -219,7 +219,9 @@ async fn run_check(registry: Registry, membership: Arc<Membership>, inst: Instan
     let mut streak = 0u32;
     let interval = Duration::from_millis(check.policy.interval_ms);
     let host = format!("{}:{}", inst.spec.address, inst.spec.port);
-    let mut first = true;
+    // What the store holds from us (None until our first write lands): a flip whose
+    // write failed is written again on the next round.
+    let mut written: Option<bool> = None;
     loop {
         let outcome = match resolve(&inst.spec.address, inst.spec.port).await {
             Ok(addr) => probe(&check, addr, &host).await,
@@ -251,7 +253,7 @@ async fn run_check(registry: Registry, membership: Arc<Membership>, inst: Instan
             since = now_ms();
             streak = 0;
         }
-        if flipped || first {
+        if flipped || written != healthy {
             let status = HealthStatus {
                 healthy: healthy.unwrap_or(outcome.healthy),
                 detail: if outcome.healthy {
@@ -264,7 +266,7 @@ async fn run_check(registry: Registry, membership: Arc<Membership>, inst: Instan
                 checked_at_ms: now_ms(),
             };
             match write_status(&registry, &membership, &svc, &id, &status).await {
-                Ok(true) => first = false,
+                Ok(true) => written = Some(status.healthy),
                 Ok(false) => return, // instance gone or we are no longer a member
                 Err(e) => {
                     tracing::warn!(service = %svc, instance = %id, error = %e, "writing health failed")

@@ -127,39 +127,49 @@ impl Registry {
     ) -> Result<Registered> {
         validate_service_name(service)?;
         spec.normalize(self.opts.min_ttl, self.opts.max_ttl)?;
-        let lease = if spec.ephemeral {
+        let mut instance = Instance {
+            service: service.to_string(),
+            spec,
+            lease: 0,
+            registered_by: registered_by.chars().take(256).collect(),
+            registered_at_ms: now_ms(),
+        };
+        // Check the size before granting anything (a lease id adds at most 20 bytes).
+        let probe = serde_json::to_vec(&instance)
+            .map_err(|e| CoordError::invalid(format!("instance does not encode: {e}")))?;
+        if probe.len() + 20 > model::MAX_RECORD {
+            return Err(CoordError::TooLarge(format!(
+                "instance record is {} bytes; the limit is {}",
+                probe.len(),
+                model::MAX_RECORD
+            )));
+        }
+        let granted = instance.spec.ephemeral && lease.is_none();
+        instance.lease = if instance.spec.ephemeral {
             match lease {
                 Some(l) => l,
-                None => self.backend.grant(spec.ttl_seconds).await?,
+                None => self.backend.grant(instance.spec.ttl_seconds).await?,
             }
         } else {
             0
         };
-        let instance = Instance {
-            service: service.to_string(),
-            spec,
-            lease,
-            registered_by: registered_by.chars().take(256).collect(),
-            registered_at_ms: now_ms(),
-        };
+        let lease = instance.lease;
         let value = serde_json::to_vec(&instance)
             .map_err(|e| CoordError::invalid(format!("instance does not encode: {e}")))?;
-        if value.len() > model::MAX_RECORD {
-            return Err(CoordError::TooLarge(format!(
-                "instance record is {} bytes; the limit is {}",
-                value.len(),
-                model::MAX_RECORD
-            )));
-        }
         let key = instance_key(service, &instance.spec.id);
         let revision = match self.backend.put(key, value, lease).await {
             Ok(r) => r,
-            Err(CoordError::NotFound(m)) => {
-                return Err(CoordError::NotFound(format!(
-                    "lease {lease:x} not found ({m}); it expired: register again"
-                )));
+            Err(e) => {
+                if granted {
+                    let _ = self.backend.revoke(lease).await;
+                }
+                return Err(match e {
+                    CoordError::NotFound(m) => CoordError::NotFound(format!(
+                        "lease {lease:x} not found ({m}); it expired: register again"
+                    )),
+                    e => e,
+                });
             }
-            Err(e) => return Err(e),
         };
         self.mirror.wait_for(revision).await;
         Ok(Registered {
