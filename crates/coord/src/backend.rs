@@ -336,6 +336,48 @@ impl Backend {
         Ok((r.kvs, rev))
     }
 
+    /// Reads every key under `prefix` in pages of [`LOAD_PAGE`] keys, all at the
+    /// revision of the first page (so the result is one consistent snapshot, however
+    /// large), and that revision.
+    pub async fn load_prefix(&self, prefix: impl Into<Bytes>) -> Result<(Vec<KeyValue>, i64)> {
+        let prefix = prefix.into();
+        let end = prefix_end(&prefix);
+        let mut from = prefix;
+        let mut revision = 0i64;
+        let mut out = Vec::new();
+        loop {
+            let r = self
+                .call(|mut c| {
+                    let (key, range_end) = (from.clone(), end.clone());
+                    async move {
+                        c.kv.range(pb::RangeRequest {
+                            key,
+                            range_end,
+                            limit: LOAD_PAGE,
+                            revision,
+                            ..Default::default()
+                        })
+                        .await
+                    }
+                })
+                .await?;
+            if revision == 0 {
+                revision = r.header.map(|h| h.revision).unwrap_or(0);
+            }
+            let more = r.more;
+            let next = r.kvs.last().map(|kv| {
+                let mut k = kv.key.to_vec();
+                k.push(0);
+                Bytes::from(k)
+            });
+            out.extend(r.kvs);
+            match next {
+                Some(k) if more => from = k,
+                _ => return Ok((out, revision)),
+            }
+        }
+    }
+
     /// Writes one key (on `lease` unless 0); returns the new revision.
     pub async fn put(
         &self,
@@ -861,7 +903,7 @@ pub fn mirror<H: MirrorHandler>(
     let backend = backend.clone();
     let task = tokio::spawn(async move {
         loop {
-            let (kvs, rev) = match backend.get_prefix(prefix.clone(), 0).await {
+            let (kvs, rev) = match backend.load_prefix(prefix.clone()).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = %e, "mirror load failed; retrying");
@@ -889,6 +931,12 @@ pub fn mirror<H: MirrorHandler>(
     }
 }
 
+/// Longest the first load of a watched copy may take before opening fails.
+pub const LOAD_LIMIT: Duration = Duration::from_secs(120);
+
+/// Keys per page when loading a prefix.
+pub const LOAD_PAGE: i64 = 5000;
+
 /// Longest a writer waits for its own write to reach the local copy.
 pub const MIRROR_WAIT: Duration = Duration::from_secs(10);
 
@@ -899,6 +947,21 @@ pub struct Mirror {
 }
 
 impl Mirror {
+    /// Waits (at most `limit`) for the first load; false if it did not finish.
+    pub async fn loaded(&self, limit: Duration) -> bool {
+        let mut rx = self.revision.clone();
+        tokio::time::timeout(limit, async {
+            while *rx.borrow_and_update() <= 0 {
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// The revision the local copy has reached (0 until loaded).
     pub fn revision(&self) -> i64 {
         *self.revision.borrow()

@@ -31,4 +31,5 @@ on_embedded!(
     ids_unique_across_nodes,
     checks_move_when_their_node_dies,
     client_typed_config_session_and_guards,
+    backend_loads_large_prefixes_in_pages,
 );

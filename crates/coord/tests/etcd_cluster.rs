@@ -46,6 +46,8 @@ on_cluster!(
     election_campaign_observe_resign,
     ids_unique_across_nodes,
     checks_move_when_their_node_dies,
+    client_typed_config_session_and_guards,
+    backend_loads_large_prefixes_in_pages,
 );
 
 // ---------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::backend::{
-    Backend, Event, KeyValue, Mirror, MirrorHandler, is_delete, mirror, prefix_end, txn,
+    Backend, Event, KeyValue, LOAD_LIMIT, Mirror, MirrorHandler, is_delete, mirror, prefix_end, txn,
 };
 use crate::error::{CoordError, Result};
 use crate::registry::model::{now_ms, validate_name};
@@ -402,7 +402,12 @@ impl ConfigCenter {
             mirror: Arc::new(mirror),
             opts,
         };
-        c.mirror.wait_for(1).await;
+        if !c.mirror.loaded(LOAD_LIMIT).await {
+            return Err(CoordError::Unavailable(format!(
+                "the configuration could not be loaded from the store within {} s",
+                LOAD_LIMIT.as_secs()
+            )));
+        }
         Ok(c)
     }
 

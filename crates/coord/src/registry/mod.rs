@@ -13,7 +13,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::backend::{Backend, Mirror, mirror, txn};
+use crate::backend::{Backend, LOAD_LIMIT, Mirror, mirror, txn};
 use crate::error::{CoordError, Result};
 pub use cache::{Discovery, Filter, InstanceView, RegistryCache, RegistryEvent};
 pub use model::{HealthStatus, Instance, InstanceSpec, Protocol, ServiceSettings};
@@ -101,7 +101,12 @@ impl Registry {
             mirror: Arc::new(mirror),
             opts,
         };
-        reg.mirror.wait_for(1).await;
+        if !reg.mirror.loaded(LOAD_LIMIT).await {
+            return Err(CoordError::Unavailable(format!(
+                "the registry could not be loaded from the store within {} s",
+                LOAD_LIMIT.as_secs()
+            )));
+        }
         Ok(reg)
     }
 

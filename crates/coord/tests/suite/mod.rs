@@ -1059,3 +1059,33 @@ pub async fn client_typed_config_session_and_guards(endpoints: Vec<String>) {
     .await;
     n.shutdown().await;
 }
+
+/// A prefix larger than one page loads whole and consistent (a registry of 100,000
+/// instances must not depend on one giant range response).
+pub async fn backend_loads_large_prefixes_in_pages(endpoints: Vec<String>) {
+    let be = Backend::connect(&endpoints, BackendOptions::default())
+        .await
+        .unwrap();
+    let n = meshwork_coord::backend::LOAD_PAGE as usize * 2 + 123;
+    let keys: Vec<String> = (0..n).map(|i| format!("/paging/k{i:06}")).collect();
+    for chunk in keys.chunks(100) {
+        be.txn(meshwork_etcd::proto::etcdserverpb::TxnRequest {
+            compare: vec![],
+            success: chunk
+                .iter()
+                .map(|k| meshwork_coord::backend::txn::put(k.clone(), "v", 0))
+                .collect(),
+            failure: vec![],
+        })
+        .await
+        .unwrap();
+    }
+    let (kvs, rev) = be.load_prefix("/paging/").await.unwrap();
+    assert!(rev > 0);
+    assert_eq!(kvs.len(), n);
+    let got: Vec<String> = kvs
+        .iter()
+        .map(|kv| String::from_utf8(kv.key.to_vec()).unwrap())
+        .collect();
+    assert_eq!(got, keys);
+}
