@@ -327,12 +327,34 @@ async fn renew_session(
                         lease,
                         _keeper: keeper,
                     };
-                    let regs = registrations.lock().clone();
-                    for (svc, spec) in regs {
-                        if let Err(e) = registry.register(&svc, spec, &opts.name, Some(lease)).await
-                        {
-                            tracing::warn!(service = %svc, error = %e, "re-registration failed");
+                    // Re-register until every instance is back on the new session (or
+                    // that session is lost too); the list is re-read each round, so a
+                    // registration that raced with the swap is not forgotten.
+                    let mut backoff = Duration::from_millis(100);
+                    loop {
+                        let regs = registrations.lock().clone();
+                        let mut failed = 0;
+                        for (svc, spec) in regs {
+                            let current = registry
+                                .cache()
+                                .lock()
+                                .service(&svc)
+                                .and_then(|s| s.instances.get(&spec.id).map(|i| i.lease));
+                            if current == Some(lease) {
+                                continue;
+                            }
+                            if let Err(e) =
+                                registry.register(&svc, spec, &opts.name, Some(lease)).await
+                            {
+                                failed += 1;
+                                tracing::warn!(service = %svc, error = %e, "re-registration failed; retrying");
+                            }
                         }
+                        if failed == 0 || session.lock().lease != lease {
+                            break;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                     break;
                 }
