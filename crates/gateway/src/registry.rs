@@ -17,7 +17,10 @@ use tokio::sync::watch;
 
 use crate::resolver::{Endpoint, InstanceFilter, Resolver};
 
-type Subscription = (watch::Sender<Arc<Vec<Endpoint>>>, tokio::task::JoinHandle<()>);
+type Subscription = (
+    watch::Sender<Arc<Vec<Endpoint>>>,
+    tokio::task::JoinHandle<()>,
+);
 
 /// Resolves services through the registry.
 pub struct RegistryResolver {
@@ -104,7 +107,10 @@ impl Resolver for RegistryResolver {
             return tx.subscribe();
         }
         let mut names = Vec::new();
-        let now = endpoints(&self.registry.discover(service, &traffic_filter()), &mut names);
+        let now = endpoints(
+            &self.registry.discover(service, &traffic_filter()),
+            &mut names,
+        );
         let (tx, rx) = watch::channel(Arc::new(now));
         let registry = self.registry.clone();
         let sender = tx.clone();
