@@ -99,13 +99,14 @@ fn routes_from_the_config_center_and_upstreams_from_the_registry() {
     let routes = dir.path().join("routes.toml");
     std::fs::write(
         &routes,
-        "[[routes]]\nname = \"web\"\n[routes.match]\npath = { prefix = \"/api\" }\n[routes.forward]\nservice = \"web\"\nstrip_prefix = \"/api\"\n",
+        "[[routes]]\nname = \"web\"\n[routes.match]\npath = { prefix = \"/api\" }\n[routes.forward]\nservice = \"web\"\nstrip_prefix = \"/api\"\nlb = { policy = \"wrr\" }\n",
     )
     .unwrap();
     let (ok, out, err) = meshwork(h, &["gateway", "apply", "-f", routes.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(out.contains("version 1"), "{out}");
-    // Live within a second; both registered instances take traffic.
+    // Live within a second; both registered instances take traffic (round robin, so
+    // that the test does not depend on P2C's latency-driven choices).
     wait_until("the route to go live", || {
         common::http_get(&gw, "/api/x")
             .map(|(c, _)| c == 200)
