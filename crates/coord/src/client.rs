@@ -54,9 +54,25 @@ pub struct CoordClient {
     opts: Arc<ClientOptions>,
     session: Arc<Mutex<Session>>,
     registrations: Arc<Mutex<Vec<(String, InstanceSpec)>>>,
-    registry: Registry,
+    registries: Registries,
     config: Arc<tokio::sync::OnceCell<ConfigCenter>>,
     _task: Arc<AbortOnDrop>,
+}
+
+/// Per-service watched copies, opened on first use.
+#[derive(Clone, Default)]
+struct Registries(Arc<tokio::sync::Mutex<std::collections::HashMap<String, Registry>>>);
+
+impl Registries {
+    async fn get(&self, backend: &Backend, service: &str) -> Result<Registry> {
+        let mut m = self.0.lock().await;
+        if let Some(r) = m.get(service) {
+            return Ok(r.clone());
+        }
+        let r = Registry::open(backend, Some(service), RegistryOptions::default()).await?;
+        m.insert(service.to_string(), r.clone());
+        Ok(r)
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -78,21 +94,21 @@ impl CoordClient {
             lease,
             _keeper: keeper,
         }));
-        let registry = Registry::open(&backend, None, RegistryOptions::default()).await?;
+        let registries = Registries::default();
         let registrations: Arc<Mutex<Vec<(String, InstanceSpec)>>> = Arc::default();
         let task = tokio::spawn(renew_session(
             backend.clone(),
             opts.clone(),
             session.clone(),
             registrations.clone(),
-            registry.clone(),
+            registries.clone(),
         ));
         Ok(CoordClient {
             backend,
             opts: Arc::new(opts),
             session,
             registrations,
-            registry,
+            registries,
             config: Arc::default(),
             _task: Arc::new(AbortOnDrop(task)),
         })
@@ -113,7 +129,8 @@ impl CoordClient {
     pub async fn register(&self, service: &str, spec: InstanceSpec) -> Result<Registered> {
         let lease = spec.ephemeral.then(|| self.lease());
         let r = self
-            .registry
+            .discovery(service)
+            .await?
             .register(service, spec.clone(), &self.opts.name, lease)
             .await?;
         if spec.ephemeral {
@@ -131,23 +148,26 @@ impl CoordClient {
         self.registrations
             .lock()
             .retain(|(s, i)| !(s == service && i.id == id));
-        self.registry.deregister(service, id).await
+        self.discovery(service).await?.deregister(service, id).await
     }
 
     /// Deregisters everything this client registered and revokes the session.
     pub async fn close(self) -> Result<()> {
         let regs: Vec<(String, InstanceSpec)> = std::mem::take(&mut *self.registrations.lock());
         for (svc, spec) in regs {
-            let _ = self.registry.deregister(&svc, &spec.id).await;
+            if let Ok(r) = self.discovery(&svc).await {
+                let _ = r.deregister(&svc, &spec.id).await;
+            }
         }
         let lease = self.lease();
         self.backend.revoke(lease).await
     }
 
-    /// The registry, answering discovery from the local watched copy. It keeps
-    /// serving the last known state while the store is unreachable.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    /// Discovery of one service from a local copy kept current by watch (opened on
+    /// first use; only that service is mirrored). It keeps serving the last known
+    /// state while the store is unreachable.
+    pub async fn discovery(&self, service: &str) -> Result<Registry> {
+        self.registries.get(&self.backend, service).await
     }
 
     /// The configuration center (opened on first use).
@@ -303,7 +323,7 @@ async fn renew_session(
     opts: ClientOptions,
     session: Arc<Mutex<Session>>,
     registrations: Arc<Mutex<Vec<(String, InstanceSpec)>>>,
-    registry: Registry,
+    registries: Registries,
 ) {
     loop {
         let lost = {
@@ -335,6 +355,14 @@ async fn renew_session(
                         let regs = registrations.lock().clone();
                         let mut failed = 0;
                         for (svc, spec) in regs {
+                            let registry = match registries.get(&backend, &svc).await {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    failed += 1;
+                                    tracing::warn!(service = %svc, error = %e, "re-registration failed; retrying");
+                                    continue;
+                                }
+                            };
                             let current = registry
                                 .cache()
                                 .lock()

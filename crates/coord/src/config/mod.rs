@@ -811,9 +811,12 @@ impl ConfigCenter {
         promote: bool,
         author: &str,
     ) -> Result<Option<Published>> {
-        let beta = self
-            .beta(key)
-            .ok_or_else(|| CoordError::NotFound(format!("{key} has no gray release")))?;
+        // Read the beta from the store, not the local copy, and end exactly that one.
+        let beta_key = key.beta_key();
+        let (kv, _) = self.backend.get(beta_key.clone()).await?;
+        let kv = kv.ok_or_else(|| CoordError::NotFound(format!("{key} has no gray release")))?;
+        let beta: BetaEntry =
+            serde_json::from_slice(&kv.value).map_err(|e| corrupt(&beta_key, e))?;
         let published = if promote {
             Some(
                 self.write_version(
@@ -834,14 +837,22 @@ impl ConfigCenter {
         let r = self
             .backend
             .txn(pb::TxnRequest {
-                compare: vec![txn::exists(key.beta_key())],
-                success: vec![txn::delete(key.beta_key())],
+                compare: vec![txn::mod_rev_is(beta_key.clone(), kv.mod_revision)],
+                success: vec![txn::delete(beta_key)],
                 failure: vec![],
             })
             .await?;
-        if r.succeeded {
-            self.mirror.wait_for(txn::revision(&r)).await;
+        if !r.succeeded {
+            return Err(CoordError::Conflict(format!(
+                "the gray release of {key} was replaced while it was being ended; the new one stays{}",
+                if promote {
+                    " (the content read before was promoted)"
+                } else {
+                    ""
+                }
+            )));
         }
+        self.mirror.wait_for(txn::revision(&r)).await;
         Ok(published)
     }
 

@@ -1025,6 +1025,15 @@ pub async fn client_typed_config_session_and_guards(endpoints: Vec<String>) {
             .then_some(())
     })
     .await;
+    // The client's own discovery mirrors just that service.
+    let mine = c.discovery("client-svc").await.unwrap();
+    assert_eq!(
+        mine.discover("client-svc", &Filter::default())
+            .instances
+            .len(),
+        1
+    );
+    assert!(mine.services().iter().all(|s| s.name == "client-svc"));
     let g = c.lock("client-lock", Some(Duration::ZERO)).await.unwrap();
     assert!(g.fencing_token() > 0);
     assert!(
