@@ -16,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use meshwork_coord::Coord;
 use meshwork_coord::config::{ClientIdentity, ConfigKey, Format, Publish};
-use meshwork_gateway::{Gateway, GatewayConfig, RegistryResolver, RouteSet, Workers};
+use meshwork_gateway::{
+    Gateway, GatewayConfig, MembershipSharedLimiter, RegistryResolver, RouteSet, Workers,
+};
 
 /// Namespace / group / data id of the route set in the configuration center.
 pub(crate) const ROUTES_PATH: (&str, &str, &str) = ("meshwork", "gateway", "routes.toml");
@@ -52,7 +54,10 @@ pub(crate) fn start(
     node: &str,
 ) -> Result<GatewayRole> {
     let resolver = Arc::new(RegistryResolver::new(coord.registry.clone()));
-    let gateway = Gateway::new(cfg, resolver).context("gateway configuration")?;
+    // Cluster-wide limits (`cluster = true` rules) are split over the live gateways.
+    let limiter = Arc::new(MembershipSharedLimiter::new(coord.membership.clone()));
+    let gateway =
+        Gateway::with_shared_limiter(cfg, resolver, limiter).context("gateway configuration")?;
     let n = workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

@@ -117,6 +117,11 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     let mut coord_opts = cfg.coord.clone();
     coord_opts.node_name = cfg.name.clone();
     coord_opts.http_addr = http_addr.to_string();
+    if cfg.roles.gateway {
+        coord_opts
+            .extra_roles
+            .push(meshwork_gateway::GATEWAY_ROLE.to_string());
+    }
     if std::fs::create_dir_all(&cfg.data_dir).is_ok() {
         coord_opts.session_file = Some(cfg.data_dir.join("coord-session"));
     }

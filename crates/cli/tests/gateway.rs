@@ -164,3 +164,74 @@ fn routes_from_the_config_center_and_upstreams_from_the_registry() {
     let (_, out, _) = meshwork(h, &["gateway", "routes"]);
     assert!(out.contains("hello"), "{out}");
 }
+
+/// A `cluster = true` rate limit is shared by the gateway nodes: two nodes together
+/// admit the limit's burst once, not once each.
+#[test]
+fn cluster_rate_limits_are_split_over_the_gateway_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::start(
+        &dir.path().join("a"),
+        &[
+            "--roles",
+            "store,coord,gateway",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--name",
+            "a",
+        ],
+        &[],
+    );
+    let store = format!("etcd://{}", a.etcd);
+    let b = common::start(
+        &dir.path().join("b"),
+        &[
+            "--roles",
+            "coord,gateway",
+            "--store",
+            &store,
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--name",
+            "b",
+        ],
+        &[],
+    );
+    wait_until("both gateways in the membership", || {
+        let (_, body) = common::http_get(&a.http, "/v1/nodes").unwrap();
+        body.matches("\"gateway\"").count() == 2
+    });
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        "[[routes]]\nname = \"limited\"\nrate_limits = [{ by = \"route\", rate_per_sec = 0.01, burst = 10, cluster = true }]\n[routes.match]\npath = { exact = \"/x\" }\n[routes.respond]\nstatus = 200\nbody = \"ok\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = meshwork(
+        &a.http,
+        &["gateway", "apply", "-f", routes.to_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    let (ga, gb) = (a.gateway.clone().unwrap(), b.gateway.clone().unwrap());
+    for gw in [&ga, &gb] {
+        wait_until("the route on every gateway", || {
+            common::http_get(gw, "/nothing")
+                .map(|(c, _)| c == 404)
+                .unwrap_or(false)
+                && common::http_get(gw, "/x")
+                    .map(|(c, _)| c != 404)
+                    .unwrap_or(false)
+        });
+    }
+    // Each node admits half the burst (the probes above took one each).
+    let admitted = |gw: &str| {
+        (0..20)
+            .filter(|_| common::http_get(gw, "/x").unwrap().0 == 200)
+            .count()
+    };
+    let (na, nb) = (admitted(&ga), admitted(&gb));
+    assert_eq!(na + nb + 2, 10, "a admitted {na}, b admitted {nb}");
+    let (code, body) = common::http_get(&ga, "/x").unwrap();
+    assert_eq!(code, 429, "{body}");
+    assert!(body.contains("rate_limited"), "{body}");
+}

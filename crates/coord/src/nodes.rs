@@ -209,6 +209,16 @@ impl Membership {
         .map(str::to_string)
     }
 
+    /// How many live members announce `role`.
+    pub fn count_with_role(&self, role: &str) -> usize {
+        self.members
+            .lock()
+            .nodes
+            .values()
+            .filter(|(info, _)| info.roles.iter().any(|r| r == role))
+            .count()
+    }
+
     /// A compare that holds only while our session (member key) is the one we hold.
     pub fn still_member(&self) -> Option<meshwork_etcd::proto::etcdserverpb::Compare> {
         let s = self.session();

@@ -24,6 +24,8 @@ pub struct CoordOptions {
     pub node_ttl: i64,
     /// Run active health checks on this node.
     pub run_checks: bool,
+    /// More roles this node announces in its membership record (e.g. `gateway`).
+    pub extra_roles: Vec<String>,
     /// Registry limits.
     pub registry: RegistryOptions,
     /// Config center limits.
@@ -44,6 +46,7 @@ impl Default for CoordOptions {
             http_addr: String::new(),
             node_ttl: 10,
             run_checks: true,
+            extra_roles: Vec::new(),
             registry: RegistryOptions::default(),
             config: ConfigOptions::default(),
             backend: BackendOptions::default(),
@@ -84,10 +87,13 @@ impl Coord {
                 NodeInfo {
                     name: opts.node_name.clone(),
                     http_addr: opts.http_addr.clone(),
-                    roles: if opts.run_checks {
-                        vec!["coord".into(), crate::nodes::CHECKER_ROLE.into()]
-                    } else {
-                        vec!["coord".into()]
+                    roles: {
+                        let mut r = vec!["coord".to_string()];
+                        if opts.run_checks {
+                            r.push(crate::nodes::CHECKER_ROLE.into());
+                        }
+                        r.extend(opts.extra_roles.iter().cloned());
+                        r
                     },
                     started_at_ms: 0,
                 },

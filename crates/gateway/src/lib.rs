@@ -36,7 +36,7 @@ pub use error::{ErrorCode, GatewayError};
 pub use gateway::{Gateway, GatewayCounters, RouteInfo};
 pub use headers::TraceContext;
 pub use limits::{LocalSharedLimiter, SharedLimiter};
-pub use registry::RegistryResolver;
+pub use registry::{GATEWAY_ROLE, MembershipSharedLimiter, RegistryResolver};
 pub use resolver::{Endpoint, InstanceFilter, Resolver, StaticResolver};
 pub use route::model::{RouteConfig, RouteError, RouteSet};
 pub use route::{Explanation, RouteCheck};

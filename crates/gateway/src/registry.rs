@@ -5,6 +5,12 @@
 //! healthy ones (enabled, weight > 0, not failing their checks), or every enabled
 //! instance when the service's protection threshold triggers. Host names are
 //! resolved asynchronously; an instance whose name does not resolve is left out.
+//!
+//! [`MembershipSharedLimiter`]: cluster-wide rate limits without a store call per
+//! request: each of the N live gateway nodes admits 1/N of the limit (and of its
+//! burst), N following the membership. Exact when clients are spread evenly over
+//! the gateways (behind an L4 balancer); a node that gets more than its share is
+//! limited early.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -15,7 +21,71 @@ use meshwork_coord::registry::{Discovery, Filter, Registry};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use crate::limits::{LocalSharedLimiter, SharedLimiter};
 use crate::resolver::{Endpoint, InstanceFilter, Resolver};
+use meshwork_coord::nodes::Membership;
+use meshwork_resilience::RateLimited;
+use meshwork_resilience::limit::rate::GcraConfig;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The membership role of nodes that run the gateway.
+pub const GATEWAY_ROLE: &str = "gateway";
+
+/// A [`SharedLimiter`] that splits each limit over the live gateway nodes.
+pub struct MembershipSharedLimiter {
+    local: LocalSharedLimiter,
+    gateways: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MembershipSharedLimiter {
+    /// Follows `membership` for the number of nodes with the gateway role.
+    pub fn new(membership: Arc<Membership>) -> MembershipSharedLimiter {
+        let gateways = Arc::new(AtomicUsize::new(
+            membership.count_with_role(GATEWAY_ROLE).max(1),
+        ));
+        let g = gateways.clone();
+        let task = tokio::spawn(async move {
+            let mut rx = membership.changes();
+            loop {
+                g.store(
+                    membership.count_with_role(GATEWAY_ROLE).max(1),
+                    Ordering::Relaxed,
+                );
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        MembershipSharedLimiter {
+            local: LocalSharedLimiter::new(),
+            gateways,
+            task,
+        }
+    }
+
+    /// The number of gateway nodes the limits are split over.
+    pub fn gateways(&self) -> usize {
+        self.gateways.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for MembershipSharedLimiter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SharedLimiter for MembershipSharedLimiter {
+    fn check(&self, bucket: &str, key: &str, limit: GcraConfig) -> Result<(), RateLimited> {
+        let n = self.gateways() as f64;
+        let share = GcraConfig {
+            rate_per_sec: limit.rate_per_sec / n,
+            burst: ((limit.burst as f64 / n).ceil() as u32).max(1),
+        };
+        self.local.check(bucket, key, share)
+    }
+}
 
 type Subscription = (
     watch::Sender<Arc<Vec<Endpoint>>>,
