@@ -5,21 +5,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn run(http: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(common::bin())
-        .args(args)
-        .args(["--http", http])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::meshwork_http as run;
 
 fn json(http: &str, path: &str) -> serde_json::Value {
     let (code, body) = common::http_get(http, path).unwrap();

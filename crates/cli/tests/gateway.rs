@@ -6,21 +6,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn meshwork(http: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(common::bin())
-        .args(args)
-        .args(["--http", http])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::meshwork_http as meshwork;
 
 /// An upstream that answers its own name, on a thread with its own runtime.
 fn upstream(name: &'static str) -> u16 {

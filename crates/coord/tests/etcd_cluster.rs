@@ -36,19 +36,7 @@ macro_rules! on_cluster {
     };
 }
 
-on_cluster!(
-    registry_ephemeral_and_persistent,
-    health_checks_follow_the_instance,
-    discovery_filters_protection_blocking_watch,
-    config_versions_history_rollback,
-    config_listen_subscribe_gray,
-    locks_exclusive_fenced_freed,
-    election_campaign_observe_resign,
-    ids_unique_across_nodes,
-    checks_move_when_their_node_dies,
-    client_typed_config_session_and_guards,
-    backend_loads_large_prefixes_in_pages,
-);
+suite::for_each_suite_test!(on_cluster);
 
 // ---------------------------------------------------------------------------------
 // The fault test.

@@ -103,6 +103,20 @@ impl Drop for Server {
     }
 }
 
+/// Runs a `meshwork` command against a node's HTTP API: (success, stdout, stderr).
+pub fn meshwork_http(http: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .args(["--http", http])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A minimal HTTP/1.1 GET over a raw socket: (status, body).
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     http_request(addr, "GET", path, "")

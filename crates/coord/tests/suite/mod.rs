@@ -16,6 +16,27 @@ use meshwork_coord::config::{BetaRequest, ClientIdentity, ConfigKey, Format, Lis
 use meshwork_coord::registry::{Filter, InstanceSpec, Registry, RegistryOptions, ServiceSettings};
 use meshwork_coord::{Coord, CoordError, CoordOptions, lock};
 
+/// Calls `$run!(names...)` with every test of the suite: each backend's harness
+/// defines `$run` to make one test per name, so a new suite test runs everywhere.
+macro_rules! for_each_suite_test {
+    ($run:ident) => {
+        $run!(
+            registry_ephemeral_and_persistent,
+            health_checks_follow_the_instance,
+            discovery_filters_protection_blocking_watch,
+            config_versions_history_rollback,
+            config_listen_subscribe_gray,
+            locks_exclusive_fenced_freed,
+            election_campaign_observe_resign,
+            ids_unique_across_nodes,
+            checks_move_when_their_node_dies,
+            client_typed_config_session_and_guards,
+            backend_loads_large_prefixes_in_pages,
+        );
+    };
+}
+pub(crate) use for_each_suite_test;
+
 /// Generous bound for anything that should happen "soon".
 pub const SOON: Duration = Duration::from_secs(10);
 
