@@ -55,6 +55,11 @@ pub struct GatewayConfig {
     pub mirror_max_in_flight: usize,
     /// Body chunks buffered for a mirror before it is cut off. Default 16.
     pub mirror_buffer_chunks: usize,
+    /// Request body bytes kept while streaming upstream so that a retry can
+    /// send the body again (routes can override it with
+    /// `forward.retry_buffer_bytes`). Default 64 KiB; a larger body is
+    /// still streamed but not retried; 0 keeps nothing.
+    pub retry_buffer_bytes: u64,
     /// Request id header: kept if the client sent a valid one, else
     /// generated; echoed on the response. Default `x-request-id`.
     pub request_id_header: String,
@@ -89,6 +94,7 @@ impl Default for GatewayConfig {
             h2_max_concurrent_streams: 256,
             mirror_max_in_flight: 64,
             mirror_buffer_chunks: 16,
+            retry_buffer_bytes: 64 * 1024,
             request_id_header: "x-request-id".into(),
             via_name: "meshwork".into(),
             trust_forwarded_headers: false,

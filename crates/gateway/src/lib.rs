@@ -24,6 +24,7 @@ mod limits;
 mod pool;
 mod proxy;
 mod registry;
+mod replay;
 mod resolver;
 pub mod route;
 mod server;

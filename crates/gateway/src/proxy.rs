@@ -24,6 +24,7 @@ use crate::body::{self, Body, BodyFault, BoxError, GuardedBody};
 use crate::error::{ErrorCode, GatewayError};
 use crate::gateway::{Clients, Shared};
 use crate::headers::{self, TraceContext};
+use crate::replay::Replay;
 use crate::route::compile::{self, ActionPlan, ForwardPlan, MatchInput, SplitCond};
 use crate::route::model::{HashOn, UpstreamProtocol};
 use crate::table::{ForwardRt, Route};
@@ -542,7 +543,7 @@ where
         .filter(|(_, pct)| *pct >= 100.0 || rand::random::<f64>() * 100.0 < *pct);
     let mirror_permit =
         mirror_target.and_then(|_| sh.mirror_slots.clone().try_acquire_owned().ok());
-    let mut first_body = if body_empty {
+    let guarded = if body_empty {
         None
     } else {
         let mut g = GuardedBody::new(
@@ -591,11 +592,26 @@ where
             }
         }
     }
+    let method_retryable = idempotent(&method) || plan.retry_all_methods;
     let attempts_allowed = match &plan.retry {
-        Some(r) if body_empty && !upgrade && (idempotent(&method) || plan.retry_all_methods) => {
-            r.max_attempts
-        }
+        Some(r) if !upgrade => r.max_attempts,
         _ => 1,
+    };
+    // A body that may be retried is kept while it streams (up to the
+    // limit); one that may only be retried on a connect failure keeps
+    // nothing (replayable only while untouched).
+    let (replay, mut next_body) = match guarded {
+        Some(b) if attempts_allowed > 1 => {
+            let limit = if method_retryable {
+                plan.retry_buffer_bytes.unwrap_or(cfg.retry_buffer_bytes)
+            } else {
+                0
+            };
+            let r = Replay::new(b, limit);
+            let first = r.next_body().map(body::boxed);
+            (Some(r), first)
+        }
+        other => (None, other),
     };
     if let Some(b) = &rt.budget {
         b.deposit(Instant::now());
@@ -628,7 +644,7 @@ where
                 GatewayError::new(ErrorCode::BadRequest, "cannot build the upstream URI")
             })?;
             let last = attempt >= attempts_allowed;
-            let body = first_body.take().unwrap_or_else(body::empty);
+            let body = next_body.take().unwrap_or_else(body::empty);
             let mut up = Request::new(body);
             *up.method_mut() = method.clone();
             *up.uri_mut() = uri;
@@ -661,7 +677,8 @@ where
             };
             let may_retry = !last
                 && retryable
-                && (connect_err || idempotent(&method) || plan.retry_all_methods)
+                && (connect_err || method_retryable)
+                && replay.as_ref().map_or(body_empty, Replay::replayable)
                 && rt
                     .budget
                     .as_ref()
@@ -675,7 +692,16 @@ where
                         attempt,
                     )
                 });
-                if Instant::now() + backoff < deadline {
+                // The retry's body (this supersedes the failed try's, which
+                // its connection may still be sending); `None` if the body
+                // went past the limit since the check above.
+                if Instant::now() + backoff < deadline
+                    && let Some(body) = match &replay {
+                        Some(r) => r.next_body().map(|b| Some(body::boxed(b))),
+                        None => Some(None),
+                    }
+                {
+                    next_body = body;
                     tracing::debug!(route = %route.plan.name, endpoint = %picked.addr, attempt, "retrying");
                     tokio::time::sleep(backoff).await;
                     continue;

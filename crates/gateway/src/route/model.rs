@@ -139,10 +139,15 @@ pub struct ForwardConfig {
     pub timeout_ms: Option<u64>,
     /// Time for one try, ms; default: the overall timeout.
     pub per_try_timeout_ms: Option<u64>,
-    /// Retries (absent: no retry). Only bodiless requests are retried.
+    /// Retries (absent: no retry). A request with a body is retried only
+    /// if its body fits in `retry_buffer_bytes`.
     pub retry: Option<RetryConfig>,
     /// Retry non-idempotent methods too (POST, PATCH). Default false.
     pub retry_all_methods: bool,
+    /// Request body bytes kept for replay on a retry; default: the
+    /// gateway's `retry_buffer_bytes`. A larger body is streamed and not
+    /// retried (connect failures, where nothing was sent, still are).
+    pub retry_buffer_bytes: Option<u64>,
     /// Circuit breaker per target (absent: none).
     pub breaker: Option<BreakerConfig>,
     /// Concurrency limit for the route (absent: none).
