@@ -507,6 +507,7 @@ impl Backend {
     /// the lease is found expired (then [`LeaseKeeper::lost`] turns true).
     pub fn keep_alive(&self, id: i64, ttl: i64) -> LeaseKeeper {
         let (lost_tx, lost_rx) = watch::channel(false);
+        let (reach_tx, reach_rx) = watch::channel(true);
         let backend = self.clone();
         let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
         let task = tokio::spawn(async move {
@@ -518,7 +519,10 @@ impl Backend {
                 // call would say later.
                 let left = (last_ok + ttl_d).saturating_duration_since(tokio::time::Instant::now());
                 match tokio::time::timeout(left, backend.keep_alive_once(id)).await {
-                    Ok(Ok(Some(_))) => last_ok = tokio::time::Instant::now(),
+                    Ok(Ok(Some(_))) => {
+                        last_ok = tokio::time::Instant::now();
+                        reach_tx.send_if_modified(|r| !std::mem::replace(r, true));
+                    }
                     Ok(Ok(None)) => {
                         tracing::warn!(lease = id, "lease expired");
                         let _ = lost_tx.send(true);
@@ -526,6 +530,7 @@ impl Backend {
                     }
                     Ok(Err(e)) => {
                         tracing::warn!(lease = id, error = %e, "lease keep-alive failed");
+                        reach_tx.send_if_modified(|r| std::mem::replace(r, false));
                         if last_ok.elapsed() >= ttl_d {
                             let _ = lost_tx.send(true);
                             return;
@@ -543,6 +548,7 @@ impl Backend {
             id,
             ttl,
             lost: lost_rx,
+            reachable: reach_rx,
             task,
         }
     }
@@ -741,10 +747,17 @@ pub struct LeaseKeeper {
     /// Its TTL in seconds.
     pub ttl: i64,
     lost: watch::Receiver<bool>,
+    reachable: watch::Receiver<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl LeaseKeeper {
+    /// A receiver that is false while renewals fail (the store is unreachable) and
+    /// true again after the next successful renewal.
+    pub fn reachable_receiver(&self) -> watch::Receiver<bool> {
+        self.reachable.clone()
+    }
+
     /// True once the lease is known (or must be assumed) expired.
     pub fn is_lost(&self) -> bool {
         *self.lost.borrow()

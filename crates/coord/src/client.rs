@@ -56,6 +56,7 @@ pub struct CoordClient {
     registrations: Arc<Mutex<Vec<(String, InstanceSpec)>>>,
     registries: Registries,
     config: Arc<tokio::sync::OnceCell<ConfigCenter>>,
+    reachable: watch::Receiver<bool>,
     _task: Arc<AbortOnDrop>,
 }
 
@@ -96,12 +97,14 @@ impl CoordClient {
         }));
         let registries = Registries::default();
         let registrations: Arc<Mutex<Vec<(String, InstanceSpec)>>> = Arc::default();
+        let (reachable, reachable_rx) = watch::channel(true);
         let task = tokio::spawn(renew_session(
             backend.clone(),
             opts.clone(),
             session.clone(),
             registrations.clone(),
             registries.clone(),
+            reachable,
         ));
         Ok(CoordClient {
             backend,
@@ -110,8 +113,16 @@ impl CoordClient {
             registrations,
             registries,
             config: Arc::default(),
+            reachable: reachable_rx,
             _task: Arc::new(AbortOnDrop(task)),
         })
+    }
+
+    /// Whether the control plane (the store) answers: false while session renewals
+    /// fail or the session is being replaced. Discovery keeps serving the last known
+    /// state meanwhile.
+    pub fn control_plane(&self) -> watch::Receiver<bool> {
+        self.reachable.clone()
     }
 
     /// The backend, for direct etcd calls.
@@ -324,20 +335,31 @@ async fn renew_session(
     session: Arc<Mutex<Session>>,
     registrations: Arc<Mutex<Vec<(String, InstanceSpec)>>>,
     registries: Registries,
+    reachable: watch::Sender<bool>,
 ) {
     loop {
-        let lost = {
+        let (mut lost_rx, mut reach_rx) = {
             let s = session.lock();
-            let mut rx = s._keeper.lost_receiver();
-            async move {
-                while !*rx.borrow_and_update() {
-                    if rx.changed().await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                }
-            }
+            (s._keeper.lost_receiver(), s._keeper.reachable_receiver())
         };
-        lost.await;
+        // Forward renewal health until the session is lost.
+        loop {
+            let now = *reach_rx.borrow_and_update();
+            reachable.send_if_modified(|r| std::mem::replace(r, now) != now);
+            if *lost_rx.borrow_and_update() {
+                break;
+            }
+            // A keeper that ends has reported the loss first (if that is why it
+            // ended); one that ended otherwise was aborted: nothing more will come.
+            let closed = tokio::select! {
+                r = lost_rx.changed() => r.is_err(),
+                r = reach_rx.changed() => r.is_err(),
+            };
+            if closed && !*lost_rx.borrow() {
+                std::future::pending::<()>().await;
+            }
+        }
+        reachable.send_if_modified(|r| std::mem::replace(r, false));
         tracing::warn!("client session lost; opening a new one and re-registering");
         loop {
             match backend.grant(opts.session_ttl).await {

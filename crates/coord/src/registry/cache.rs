@@ -350,7 +350,7 @@ impl MirrorHandler for RegistryCache {
 }
 
 /// How discovery filters instances.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Filter {
     /// Only instances passing their checks (with the protection threshold applied).
     #[serde(default)]

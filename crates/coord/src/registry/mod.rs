@@ -378,3 +378,55 @@ impl Registry {
         self.mirror.revision()
     }
 }
+
+/// An instance that should take traffic, as an address to dial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrafficEndpoint {
+    /// Instance id.
+    pub id: String,
+    /// Resolved address.
+    pub addr: std::net::SocketAddr,
+    /// Load-balancing weight (> 0).
+    pub weight: u32,
+    /// Zone, if set.
+    pub zone: Option<String>,
+    /// Version, if set.
+    pub version: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+}
+
+/// The instances of a discovery answer that should take traffic (enabled, weight
+/// above 0; health is the answer's filter), host names resolved. A name that does
+/// not resolve is left out and logged.
+pub async fn traffic_endpoints(d: &Discovery) -> Vec<TrafficEndpoint> {
+    let mut out = Vec::with_capacity(d.instances.len());
+    for v in &d.instances {
+        let s = &v.instance.spec;
+        if !s.enabled || s.weight == 0 {
+            continue;
+        }
+        let addr = match s.address.parse::<std::net::IpAddr>() {
+            Ok(ip) => std::net::SocketAddr::new(ip, s.port),
+            Err(_) => match tokio::net::lookup_host((s.address.as_str(), s.port)).await {
+                Ok(mut addrs) => match addrs.next() {
+                    Some(a) => a,
+                    None => continue,
+                },
+                Err(e) => {
+                    tracing::warn!(host = %s.address, error = %e, "instance address does not resolve");
+                    continue;
+                }
+            },
+        };
+        out.push(TrafficEndpoint {
+            id: s.id.clone(),
+            addr,
+            weight: s.weight,
+            zone: (!s.zone.is_empty()).then(|| s.zone.clone()),
+            version: (!s.version.is_empty()).then(|| s.version.clone()),
+            tags: s.tags.clone(),
+        });
+    }
+    out
+}

@@ -149,6 +149,21 @@ pub trait Picker: Send + 'static {
     fn pick(&mut self, ctx: &PickContext<'_>) -> Option<EndpointId>;
 }
 
+impl<P: Picker + ?Sized> Picker for Box<P> {
+    fn insert(&mut self, id: EndpointId, key_hash: u64, weight: u32) {
+        (**self).insert(id, key_hash, weight)
+    }
+    fn remove(&mut self, id: EndpointId) {
+        (**self).remove(id)
+    }
+    fn set_weight(&mut self, id: EndpointId, key_hash: u64, weight: u32) {
+        (**self).set_weight(id, key_hash, weight)
+    }
+    fn pick(&mut self, ctx: &PickContext<'_>) -> Option<EndpointId> {
+        (**self).pick(ctx)
+    }
+}
+
 /// No endpoint is available (none known, or all ejected).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("no endpoint available")]

@@ -271,7 +271,7 @@ proptest! {
                 .unwrap(),
             ));
             let picker: Box<dyn Picker> = pickers().remove(which).1;
-            let mut lb = Balance::new(changes, BoxedPicker(picker))
+            let mut lb = Balance::new(changes, picker)
                 .with_request_hash(Arc::new(|x: &u64| mix(*x)))
                 .with_outlier_detection(detector.clone(), ErrorsAsFailures);
             let mut present = BTreeSet::new();
@@ -326,23 +326,5 @@ proptest! {
             }
             Ok(())
         })?;
-    }
-}
-
-/// Lets a boxed picker drive a `Balance` in tests.
-struct BoxedPicker(Box<dyn Picker>);
-
-impl Picker for BoxedPicker {
-    fn insert(&mut self, id: EndpointId, key_hash: u64, weight: u32) {
-        self.0.insert(id, key_hash, weight)
-    }
-    fn remove(&mut self, id: EndpointId) {
-        self.0.remove(id)
-    }
-    fn set_weight(&mut self, id: EndpointId, key_hash: u64, weight: u32) {
-        self.0.set_weight(id, key_hash, weight)
-    }
-    fn pick(&mut self, ctx: &PickContext<'_>) -> Option<EndpointId> {
-        self.0.pick(ctx)
     }
 }

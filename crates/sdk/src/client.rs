@@ -1,0 +1,616 @@
+//! The resilient HTTP client: `client.call("inventory", request)` finds the
+//! service's instances in the registry (a local copy kept current by watch),
+//! balances over them and applies the target's [`TargetPolicy`].
+//!
+//! Per target service the call goes through one tower stack built from
+//! meshwork-resilience (outermost first):
+//!
+//! | layer | what |
+//! | --- | --- |
+//! | timeout | the policy's timeout, shortened to the caller's deadline; the remaining time travels as `x-meshwork-deadline-ms` |
+//! | circuit breaker | counts a call (all its tries) as failed on errors and 5xx; open: fails fast with [`CallError::CircuitOpen`] |
+//! | retry | transport errors and 502/503/504 of idempotent requests (all methods if the policy says so), full-jitter backoff, a retry budget |
+//! | balance | P2C over peak-EWMA latency (or round robin), with passive outlier ejection |
+//! | endpoint | hyper's pooled HTTP/1.1 client to the chosen instance; the answer is read whole, up to `max_response_bytes` |
+//!
+//! When the call fails and the policy has a [`Fallback`], its answer is returned
+//! instead. Every call continues the current [`RequestContext`](crate::RequestContext)'s
+//! trace (`traceparent`) and deadline.
+//!
+//! ```no_run
+//! # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::CallError> {
+//! let req = http::Request::post("/reserve")
+//!     .header("content-type", "application/json")
+//!     .body(bytes::Bytes::from_static(br#"{"sku":"sku-1","qty":1}"#))
+//!     .map_err(|e| meshwork_sdk::CallError::InvalidRequest { service: "inventory".into(), reason: e.to_string() })?;
+//! let resp = mw.http().call("inventory", req).await?;
+//! assert!(resp.status().is_success());
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use meshwork_coord::CoordClient;
+use meshwork_coord::registry::{Filter, Registry, traffic_endpoints};
+use meshwork_resilience::BoxError;
+use meshwork_resilience::balance::{
+    Balance, Change, ChangeStream, NoEndpoint, P2c, Picker, RandomPicker, SmoothWrr,
+};
+use meshwork_resilience::breaker::{Breaker, BreakerConfig, CircuitBreaker};
+use meshwork_resilience::classify::HttpServerErrors;
+use meshwork_resilience::outlier::{OutlierConfig, OutlierDetector};
+use meshwork_resilience::retry::{Retry, RetryConfig, RetryHttp, RetryLayer};
+use meshwork_resilience::timeout::{Deadline, Timeout, TimeoutConfig, TimeoutLayer};
+use meshwork_resilience::{CircuitOpen, Elapsed};
+use meshwork_telemetry::TraceContext;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::context::RequestContext;
+use crate::error::CallError;
+use crate::{Error, Options};
+
+/// What to answer when a call fails: `Some(response)` replaces the error.
+pub type Fallback = Arc<dyn Fn(&CallError) -> Option<Response<Bytes>> + Send + Sync>;
+
+/// Load-balancing policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lb {
+    /// Power of two choices over peak-EWMA latency x in-flight.
+    #[default]
+    P2c,
+    /// Smooth weighted round robin.
+    RoundRobin,
+    /// Uniform random.
+    Random,
+}
+
+/// How calls to one target service behave.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TargetPolicy {
+    /// Budget of a whole call, all tries included, milliseconds.
+    pub timeout_ms: u64,
+    /// Budget of opening a connection to an instance, milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Retries (`max_attempts = 1` turns them off).
+    pub retry: RetryConfig,
+    /// Also retry POST/PATCH (only when the target is idempotent for them).
+    pub retry_all_methods: bool,
+    /// Circuit breaker (its `name` defaults to the service name).
+    pub breaker: BreakerConfig,
+    /// Passive outlier ejection of instances (`None`: off).
+    pub outlier: Option<OutlierConfig>,
+    /// Balancing.
+    pub lb: Lb,
+    /// Which instances to use (tags, zone, version; `healthy` is always on).
+    pub filter: Filter,
+    /// Largest response body read, bytes.
+    pub max_response_bytes: usize,
+    /// Answer used instead of an error (set in code).
+    #[serde(skip)]
+    pub fallback: Option<Fallback>,
+}
+
+impl std::fmt::Debug for TargetPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetPolicy")
+            .field("timeout_ms", &self.timeout_ms)
+            .field("retry", &self.retry)
+            .field("breaker", &self.breaker)
+            .field("lb", &self.lb)
+            .field("fallback", &self.fallback.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for TargetPolicy {
+    fn default() -> Self {
+        TargetPolicy {
+            timeout_ms: 2_000,
+            connect_timeout_ms: 500,
+            retry: RetryConfig::default(),
+            retry_all_methods: false,
+            breaker: BreakerConfig {
+                consecutive_failures: Some(5),
+                open_duration_ms: 5_000,
+                ..BreakerConfig::default()
+            },
+            outlier: Some(OutlierConfig {
+                consecutive_failures: Some(3),
+                max_ejection_percent: 50,
+                ..OutlierConfig::default()
+            }),
+            lb: Lb::P2c,
+            filter: Filter::default(),
+            max_response_bytes: 8 << 20,
+            fallback: None,
+        }
+    }
+}
+
+impl TargetPolicy {
+    /// Checks every field; the message names the bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        TimeoutConfig {
+            timeout_ms: self.timeout_ms,
+        }
+        .validate()
+        .map_err(|e| e.to_string())?;
+        if !(1..=60_000).contains(&self.connect_timeout_ms) {
+            return Err(format!(
+                "connect_timeout_ms {} must be 1..=60000",
+                self.connect_timeout_ms
+            ));
+        }
+        self.retry.validate().map_err(|e| e.to_string())?;
+        self.breaker.validate().map_err(|e| e.to_string())?;
+        if let Some(o) = &self.outlier {
+            o.validate().map_err(|e| e.to_string())?;
+        }
+        if !(1..=(1 << 30)).contains(&self.max_response_bytes) {
+            return Err(format!(
+                "max_response_bytes {} must be 1..=1073741824",
+                self.max_response_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets the fallback.
+    pub fn with_fallback(
+        mut self,
+        f: impl Fn(&CallError) -> Option<Response<Bytes>> + Send + Sync + 'static,
+    ) -> TargetPolicy {
+        self.fallback = Some(Arc::new(f));
+        self
+    }
+}
+
+type HyperClient = Client<HttpConnector, Full<Bytes>>;
+
+/// One instance: sends the request to its address and reads the answer whole.
+#[derive(Clone)]
+struct EndpointSvc {
+    addr: SocketAddr,
+    client: HyperClient,
+    max_body: usize,
+}
+
+impl EndpointSvc {
+    /// The same client, to another address.
+    fn at(&self, addr: SocketAddr) -> EndpointSvc {
+        EndpointSvc {
+            addr,
+            ..self.clone()
+        }
+    }
+}
+
+/// The answer was larger than allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("response body over {0} bytes")]
+struct BodyTooLarge(usize);
+
+impl Service<Request<Bytes>> for EndpointSvc {
+    type Response = Response<Bytes>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<Bytes>, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let client = self.client.clone();
+        let addr = self.addr;
+        let max = self.max_body;
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            parts.uri = Uri::builder()
+                .scheme("http")
+                .authority(addr.to_string())
+                .path_and_query(pq)
+                .build()?;
+            let resp = client
+                .request(Request::from_parts(parts, Full::new(body)))
+                .await?;
+            let (parts, body) = resp.into_parts();
+            let body = match Limited::new(body, max).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Err(BodyTooLarge(max).into());
+                }
+                Err(e) => return Err(e),
+            };
+            Ok(Response::from_parts(parts, body))
+        })
+    }
+}
+
+type Lbal = Balance<
+    SocketAddr,
+    EndpointSvc,
+    ChangeStream<SocketAddr, EndpointSvc>,
+    Box<dyn Picker>,
+    Request<Bytes>,
+    HttpServerErrors,
+>;
+
+/// The balancer, shared by every clone of a target's stack (picking holds the
+/// lock only to choose).
+#[derive(Clone)]
+struct LbSvc(Arc<Mutex<Lbal>>);
+
+impl Service<Request<Bytes>> for LbSvc {
+    type Response = Response<Bytes>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<Bytes>, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let mut lb = self.0.lock();
+        // Applies pending endpoint changes; they are never waited for (the watch
+        // task feeds the channel), so a no-op waker is enough.
+        let mut cx = Context::from_waker(Waker::noop());
+        let _ = lb.poll_ready(&mut cx);
+        lb.call(req)
+    }
+}
+
+type Stack = Timeout<CircuitBreaker<Retry<LbSvc, RetryHttp>, HttpServerErrors>>;
+
+struct Target {
+    stack: Stack,
+    breaker: Breaker,
+    _feed: AbortOnDrop,
+}
+
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The resilient client; see the [module docs](self). Cheap to clone.
+#[derive(Clone)]
+pub struct HttpClient {
+    coord: CoordClient,
+    default: Arc<TargetPolicy>,
+    policies: Arc<HashMap<String, TargetPolicy>>,
+    targets: Arc<tokio::sync::Mutex<HashMap<String, Arc<Target>>>>,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient").finish_non_exhaustive()
+    }
+}
+
+impl HttpClient {
+    pub(crate) fn new(coord: CoordClient, opts: &Options) -> HttpClient {
+        HttpClient {
+            coord,
+            default: Arc::new(opts.default_target.clone()),
+            policies: Arc::new(opts.targets.clone()),
+            targets: Arc::default(),
+        }
+    }
+
+    fn policy(&self, service: &str) -> &TargetPolicy {
+        self.policies.get(service).unwrap_or(&self.default)
+    }
+
+    /// Calls `service` with `req` (origin-form URI such as `/stock/sku-1`).
+    pub async fn call(
+        &self,
+        service: &str,
+        mut req: Request<Bytes>,
+    ) -> Result<Response<Bytes>, CallError> {
+        let policy = self.policy(service);
+        let result = async {
+            let target = self.target(service).await?;
+            let ctx = RequestContext::current();
+            let trace = ctx
+                .as_ref()
+                .map_or_else(TraceContext::new_root, |c| c.trace.child());
+            trace.apply(req.headers_mut());
+            if let Some(d) = ctx.and_then(|c| c.deadline) {
+                req.extensions_mut().insert(Deadline(d));
+            }
+            let started = tokio::time::Instant::now();
+            let result = target.stack.clone().oneshot(req).await;
+            let elapsed = started.elapsed().as_secs_f64();
+            let outcome = match &result {
+                Ok(r) if r.status().is_server_error() => "server_error",
+                Ok(_) => "ok",
+                Err(_) => "error",
+            };
+            metrics::histogram!("meshwork_sdk_call_duration_seconds", "service" => service.to_string(), "outcome" => outcome).record(elapsed);
+            result.map_err(|e| classify(service, policy, e))
+        }
+        .await;
+        match result {
+            Err(e) => match policy.fallback.as_ref().and_then(|f| f(&e)) {
+                Some(resp) => {
+                    metrics::counter!("meshwork_sdk_fallbacks_total", "service" => service.to_string()).increment(1);
+                    Ok(resp)
+                }
+                None => Err(e),
+            },
+            ok => ok,
+        }
+    }
+
+    /// `GET path` on `service`.
+    pub async fn get(&self, service: &str, path: &str) -> Result<Response<Bytes>, CallError> {
+        let req = Request::get(path)
+            .body(Bytes::new())
+            .map_err(|e| invalid(service, e))?;
+        self.call(service, req).await
+    }
+
+    /// `method path` on `service` with a JSON body.
+    pub async fn json<T: Serialize>(
+        &self,
+        service: &str,
+        method: http::Method,
+        path: &str,
+        body: &T,
+    ) -> Result<Response<Bytes>, CallError> {
+        let body = serde_json::to_vec(body).map_err(|e| invalid(service, e))?;
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Bytes::from(body))
+            .map_err(|e| invalid(service, e))?;
+        self.call(service, req).await
+    }
+
+    /// State of `service`'s circuit breaker (`closed`, `open`, `half_open`), if
+    /// it was called.
+    pub async fn breaker_state(&self, service: &str) -> Option<&'static str> {
+        let t = self.targets.lock().await.get(service).cloned()?;
+        Some(t.breaker.state().as_str())
+    }
+
+    async fn target(&self, service: &str) -> Result<Arc<Target>, CallError> {
+        let mut targets = self.targets.lock().await;
+        if let Some(t) = targets.get(service) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(
+            self.build(service)
+                .await
+                .map_err(|e| CallError::Discovery {
+                    service: service.to_string(),
+                    reason: e.to_string(),
+                })?,
+        );
+        targets.insert(service.to_string(), t.clone());
+        Ok(t)
+    }
+
+    async fn build(&self, service: &str) -> Result<Target, Error> {
+        let policy = self.policy(service);
+        let registry = self.coord.discovery(service).await?;
+        let filter = Filter {
+            healthy: true,
+            ..policy.filter.clone()
+        };
+        let picker: Box<dyn Picker> = match policy.lb {
+            Lb::P2c => Box::new(P2c::default()),
+            Lb::RoundRobin => Box::new(SmoothWrr::default()),
+            Lb::Random => Box::new(RandomPicker::default()),
+        };
+        let (tx, changes) = meshwork_resilience::balance::channel();
+        let outlier = match &policy.outlier {
+            Some(cfg) => *cfg,
+            // Never ejects: a failure count no instance reaches.
+            None => OutlierConfig {
+                consecutive_failures: None,
+                success_rate: None,
+                ..OutlierConfig::default()
+            },
+        };
+        let detector = OutlierDetector::new(outlier).map_err(|e| Error::Invalid(e.to_string()))?;
+        let mut lb = Balance::new(changes, picker)
+            .with_outlier_detection(Arc::new(Mutex::new(detector)), HttpServerErrors);
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_millis(policy.connect_timeout_ms)));
+        let template = EndpointSvc {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(connector),
+            max_body: policy.max_response_bytes,
+        };
+        // The current instances before the first call; the feed applies changes.
+        let known = current_endpoints(&registry, service, &filter).await;
+        for (addr, weight) in &known {
+            lb.apply(Change::Insert {
+                key: *addr,
+                service: template.at(*addr),
+                weight: *weight,
+            });
+        }
+        let feed = tokio::spawn(follow(
+            registry,
+            service.to_string(),
+            filter,
+            known,
+            move |change| {
+                let change = match change {
+                    EndpointChange::Add(addr, weight) => Change::Insert {
+                        key: addr,
+                        service: template.at(addr),
+                        weight,
+                    },
+                    EndpointChange::Remove(addr) => Change::Remove(addr),
+                    EndpointChange::Weight(addr, weight) => Change::Weight(addr, weight),
+                };
+                std::future::ready(tx.send(change).is_ok())
+            },
+        ));
+        let mut breaker_cfg = policy.breaker.clone();
+        if breaker_cfg.name.is_empty() {
+            breaker_cfg.name = service.to_string();
+        }
+        let breaker = Breaker::new(breaker_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        let retry = RetryLayer::new(
+            policy.retry,
+            RetryHttp {
+                all_methods: policy.retry_all_methods,
+            },
+        )
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        let timeout = TimeoutLayer::new(TimeoutConfig {
+            timeout_ms: policy.timeout_ms,
+        })
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        let lb = LbSvc(Arc::new(Mutex::new(lb)));
+        let stack = timeout.layer(CircuitBreaker::new(
+            retry.layer(lb),
+            breaker.clone(),
+            HttpServerErrors,
+        ));
+        Ok(Target {
+            stack,
+            breaker,
+            _feed: AbortOnDrop(feed),
+        })
+    }
+}
+
+/// One change of a service's traffic endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EndpointChange {
+    /// A new instance at this address, with its weight.
+    Add(SocketAddr, u32),
+    /// The instance at this address left.
+    Remove(SocketAddr),
+    /// Its weight changed.
+    Weight(SocketAddr, u32),
+}
+
+/// The current traffic endpoints of `service` (as the feed's starting point).
+pub(crate) async fn current_endpoints(
+    registry: &Registry,
+    service: &str,
+    filter: &Filter,
+) -> HashMap<SocketAddr, u32> {
+    traffic_endpoints(&registry.discover(service, filter))
+        .await
+        .into_iter()
+        .map(|e| (e.addr, e.weight))
+        .collect()
+}
+
+/// Follows the registry from `known` on, handing each change to `apply` until it
+/// answers false (its receiver is gone).
+pub(crate) async fn follow<F: Future<Output = bool>>(
+    registry: Registry,
+    service: String,
+    filter: Filter,
+    mut known: HashMap<SocketAddr, u32>,
+    mut apply: impl FnMut(EndpointChange) -> F,
+) {
+    let mut answers = Box::pin(registry.watch(&service, filter));
+    while let Some(d) = answers.next().await {
+        let now: HashMap<SocketAddr, u32> = traffic_endpoints(&d)
+            .await
+            .into_iter()
+            .map(|e| (e.addr, e.weight))
+            .collect();
+        let removed = known
+            .keys()
+            .filter(|a| !now.contains_key(a))
+            .map(|a| EndpointChange::Remove(*a));
+        let changed = now.iter().filter_map(|(a, w)| match known.get(a) {
+            None => Some(EndpointChange::Add(*a, *w)),
+            Some(old) if old != w => Some(EndpointChange::Weight(*a, *w)),
+            Some(_) => None,
+        });
+        let changes: Vec<EndpointChange> = removed.chain(changed).collect();
+        for change in changes {
+            if !apply(change).await {
+                return;
+            }
+        }
+        if known != now {
+            tracing::debug!(%service, instances = now.len(), "instances changed");
+        }
+        known = now;
+    }
+}
+
+fn invalid(service: &str, e: impl std::fmt::Display) -> CallError {
+    CallError::InvalidRequest {
+        service: service.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// Turns a stack error into the caller's error.
+fn classify(service: &str, policy: &TargetPolicy, e: BoxError) -> CallError {
+    let service = service.to_string();
+    if e.is::<CircuitOpen>() {
+        return CallError::CircuitOpen { service };
+    }
+    if e.is::<Elapsed>() {
+        return CallError::Timeout { service };
+    }
+    if e.is::<NoEndpoint>() {
+        return CallError::NoInstance { service };
+    }
+    if e.is::<BodyTooLarge>() {
+        return CallError::TooLarge {
+            service,
+            limit: policy.max_response_bytes,
+        };
+    }
+    if e.is::<http::Error>() {
+        return CallError::InvalidRequest {
+            service,
+            reason: e.to_string(),
+        };
+    }
+    let mut reason = e.to_string();
+    let mut src = std::error::Error::source(&*e);
+    while let Some(s) = src {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        src = s.source();
+    }
+    CallError::Transport { service, reason }
+}

@@ -1,0 +1,138 @@
+//! A tonic channel to a service, built like the HTTP client: balanced over the
+//! registry's instances (following changes), with the target's timeout
+//! (shortened to the caller's deadline and sent as `grpc-timeout`) and circuit
+//! breaker (UNAVAILABLE and DEADLINE_EXCEEDED count as failures), continuing the
+//! current trace.
+//!
+//! ```no_run
+//! # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::Error> {
+//! let channel = mw.grpc_channel("inventory").await?;
+//! // let mut client = InventoryClient::new(channel);
+//! # Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use meshwork_coord::CoordClient;
+use meshwork_coord::registry::Filter;
+use meshwork_resilience::BoxError;
+use meshwork_resilience::breaker::{Breaker, CircuitBreaker};
+use meshwork_resilience::classify::GrpcStatus;
+use meshwork_resilience::timeout::{Deadline, Timeout, TimeoutConfig, TimeoutLayer};
+use meshwork_telemetry::TraceContext;
+use tonic::body::Body;
+use tonic::transport::channel::Change;
+use tonic::transport::{Channel, Endpoint};
+use tower::{Layer, Service};
+
+use crate::Error;
+use crate::client::{EndpointChange, TargetPolicy, current_endpoints, follow};
+use crate::context::RequestContext;
+
+/// Endpoint changes buffered between the registry feed and the channel.
+const CHANGE_BUFFER: usize = 1024;
+
+/// A balanced, resilient channel to one service; pass it to a tonic client.
+#[derive(Clone)]
+pub struct GrpcChannel {
+    inner: Timeout<CircuitBreaker<Channel, GrpcStatus>>,
+    _feed: Arc<crate::client::AbortOnDrop>,
+}
+
+impl std::fmt::Debug for GrpcChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcChannel").finish_non_exhaustive()
+    }
+}
+
+fn endpoint(addr: std::net::SocketAddr, policy: &TargetPolicy) -> Option<Endpoint> {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .ok()
+        .map(|e| {
+            e.connect_timeout(Duration::from_millis(policy.connect_timeout_ms))
+                .tcp_nodelay(true)
+        })
+}
+
+pub(crate) async fn channel(
+    coord: &CoordClient,
+    service: &str,
+    policy: &TargetPolicy,
+) -> Result<GrpcChannel, Error> {
+    let registry = coord.discovery(service).await?;
+    let filter = Filter {
+        healthy: true,
+        ..policy.filter.clone()
+    };
+    let (channel, tx) = Channel::balance_channel::<std::net::SocketAddr>(CHANGE_BUFFER);
+    let known = current_endpoints(&registry, service, &filter).await;
+    for addr in known.keys() {
+        if let Some(ep) = endpoint(*addr, policy) {
+            let _ = tx.send(Change::Insert(*addr, ep)).await;
+        }
+    }
+    let p = policy.clone();
+    let feed = tokio::spawn(follow(
+        registry,
+        service.to_string(),
+        filter,
+        known,
+        move |change| {
+            let change = match change {
+                EndpointChange::Add(addr, _) => {
+                    endpoint(addr, &p).map(|ep| Change::Insert(addr, ep))
+                }
+                EndpointChange::Remove(addr) => Some(Change::Remove(addr)),
+                // tonic's balancer has no weights.
+                EndpointChange::Weight(..) => None,
+            };
+            let tx = tx.clone();
+            async move {
+                match change {
+                    // The feed runs in its own task: a full buffer waits for the channel.
+                    Some(c) => tx.send(c).await.is_ok(),
+                    None => true,
+                }
+            }
+        },
+    ));
+    let mut breaker_cfg = policy.breaker.clone();
+    if breaker_cfg.name.is_empty() {
+        breaker_cfg.name = service.to_string();
+    }
+    let breaker = Breaker::new(breaker_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+    let timeout = TimeoutLayer::new(TimeoutConfig {
+        timeout_ms: policy.timeout_ms,
+    })
+    .map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(GrpcChannel {
+        inner: timeout.layer(CircuitBreaker::new(channel, breaker, GrpcStatus::default())),
+        _feed: Arc::new(crate::client::AbortOnDrop(feed)),
+    })
+}
+
+impl Service<http::Request<Body>> for GrpcChannel {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let ctx = RequestContext::current();
+        let trace = ctx
+            .as_ref()
+            .map_or_else(TraceContext::new_root, |c| c.trace.child());
+        trace.apply(req.headers_mut());
+        if let Some(d) = ctx.and_then(|c| c.deadline) {
+            req.extensions_mut().insert(Deadline(d));
+        }
+        Box::pin(self.inner.call(req))
+    }
+}

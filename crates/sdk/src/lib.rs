@@ -1,0 +1,480 @@
+//! The Meshwork SDK: what an application service links to run on Meshwork.
+//!
+//! [`Meshwork::connect`] opens a session with the control plane (the node's etcd
+//! endpoint, or an etcd cluster). From the handle a service:
+//!
+//! - registers itself ([`Meshwork::register`]): an ephemeral instance on the session
+//!   lease, re-registered if the session is ever lost, deregistered by
+//!   [`Meshwork::shutdown`]; with an HTTP health check Meshwork runs against it;
+//! - discovers others ([`Meshwork::instances`]) from a local copy kept current by
+//!   watch, which keeps serving while the control plane is unreachable (logged, and
+//!   the gauge `meshwork_sdk_control_plane_up` drops to 0);
+//! - calls them ([`Meshwork::http`], [`Meshwork::grpc_channel`]) through a resilient
+//!   client: discovery, load balancing, timeout, retry budget, circuit breaker and
+//!   fallback per target service, trace context and deadline propagated;
+//! - reads typed configuration ([`Meshwork::config`]) that follows the config
+//!   center, keeping the last good value when an update does not decode;
+//! - takes locks, runs for leader and draws unique ids ([`Meshwork::lock`],
+//!   [`Meshwork::campaign`], [`Meshwork::ids`]);
+//! - serves with [`server::Server`]: inbound rate and concurrency limits, trace
+//!   context extraction, Prometheus metrics, a health endpoint and graceful
+//!   shutdown.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), meshwork_sdk::Error> {
+//! use meshwork_sdk::{Meshwork, Options};
+//!
+//! let mw = Meshwork::connect(Options::from_env("checkout")?).await?;
+//! let stock = mw.http().get("inventory", "/stock/sku-1").await?;
+//! println!("{}", String::from_utf8_lossy(stock.body()));
+//! mw.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod client;
+pub mod context;
+mod error;
+pub mod grpc;
+pub mod server;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshwork_coord::client::{LockGuard, TypedConfig};
+use meshwork_coord::ids::{IdGenerator, IdLayout};
+use meshwork_coord::lock::{self, Held};
+use meshwork_coord::registry::{InstanceSpec, InstanceView, Registered};
+use meshwork_coord::{ClientOptions, CoordClient};
+use serde::de::DeserializeOwned;
+
+pub use client::{HttpClient, TargetPolicy};
+pub use context::RequestContext;
+pub use error::{CallError, Error};
+pub use meshwork_coord::registry::Filter;
+pub use meshwork_coord::registry::probe::{CheckPolicy, CheckSpec, HealthCheck};
+
+/// Environment variable with the control plane's endpoints (comma separated).
+pub const ENDPOINTS_ENV: &str = "MESHWORK_ENDPOINTS";
+/// Default control plane endpoint: the local node's etcd port.
+pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:2479";
+
+/// How a service connects and how it calls others.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The service's name (recorded as who registered, and used in logs).
+    pub name: String,
+    /// etcd endpoints of the control plane (`HOST:PORT` or `http://HOST:PORT`).
+    pub endpoints: Vec<String>,
+    /// Session TTL, seconds: this process's instances vanish this long after it dies.
+    pub session_ttl: i64,
+    /// Policy for target services without their own entry in `targets`.
+    pub default_target: TargetPolicy,
+    /// Per target service policies.
+    pub targets: HashMap<String, TargetPolicy>,
+}
+
+impl Options {
+    /// Options for service `name` with the control plane at
+    /// `MESHWORK_ENDPOINTS` (default [`DEFAULT_ENDPOINT`]).
+    pub fn from_env(name: &str) -> Result<Options, Error> {
+        let endpoints = match std::env::var(ENDPOINTS_ENV) {
+            Ok(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+            Err(_) => vec![DEFAULT_ENDPOINT.to_string()],
+        };
+        Options::new(name, endpoints)
+    }
+
+    /// Options for service `name` with the control plane at `endpoints`.
+    pub fn new(name: &str, endpoints: Vec<String>) -> Result<Options, Error> {
+        meshwork_coord::registry::model::validate_service_name(name)
+            .map_err(|e| Error::Invalid(format!("service name: {e}")))?;
+        if endpoints.is_empty() {
+            return Err(Error::Invalid(format!(
+                "no control plane endpoint: set {ENDPOINTS_ENV} (e.g. {DEFAULT_ENDPOINT})"
+            )));
+        }
+        Ok(Options {
+            name: name.to_string(),
+            endpoints,
+            session_ttl: 10,
+            default_target: TargetPolicy::default(),
+            targets: HashMap::new(),
+        })
+    }
+
+    /// Sets the policy for calls to `service`.
+    pub fn target(mut self, service: &str, policy: TargetPolicy) -> Options {
+        self.targets.insert(service.to_string(), policy);
+        self
+    }
+}
+
+struct Inner {
+    opts: Options,
+    coord: CoordClient,
+    http: HttpClient,
+    ids: tokio::sync::Mutex<Option<IdGenerator>>,
+    _monitor: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self._monitor.abort();
+    }
+}
+
+/// A connected service. Cheap to clone.
+#[derive(Clone)]
+pub struct Meshwork {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Meshwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meshwork")
+            .field("name", &self.inner.opts.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Meshwork {
+    /// Connects to the control plane and opens a session.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), meshwork_sdk::Error> {
+    /// let opts = meshwork_sdk::Options::new("order", vec!["127.0.0.1:2479".into()])?;
+    /// let mw = meshwork_sdk::Meshwork::connect(opts).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(opts: Options) -> Result<Meshwork, Error> {
+        for (svc, p) in std::iter::once(("(default)", &opts.default_target))
+            .chain(opts.targets.iter().map(|(k, v)| (k.as_str(), v)))
+        {
+            p.validate()
+                .map_err(|e| Error::Invalid(format!("target policy of {svc}: {e}")))?;
+        }
+        let coord = CoordClient::connect(
+            &opts.endpoints,
+            ClientOptions {
+                name: opts.name.clone(),
+                session_ttl: opts.session_ttl,
+                ..ClientOptions::default()
+            },
+        )
+        .await?;
+        let monitor = tokio::spawn(monitor_control_plane(coord.control_plane()));
+        let http = HttpClient::new(coord.clone(), &opts);
+        Ok(Meshwork {
+            inner: Arc::new(Inner {
+                opts,
+                coord,
+                http,
+                ids: tokio::sync::Mutex::new(None),
+                _monitor: monitor,
+            }),
+        })
+    }
+
+    /// The service name this handle was opened for.
+    pub fn name(&self) -> &str {
+        &self.inner.opts.name
+    }
+
+    /// The coordination client underneath (registry, config center, raw etcd).
+    pub fn coord(&self) -> &CoordClient {
+        &self.inner.coord
+    }
+
+    /// Whether the control plane answers right now (discovery serves from the local
+    /// copy while it does not).
+    pub fn control_plane_reachable(&self) -> bool {
+        *self.inner.coord.control_plane().borrow()
+    }
+
+    /// Registers an instance of this service, ephemeral on the session unless
+    /// `spec.ephemeral` is false.
+    ///
+    /// ```no_run
+    /// # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::Error> {
+    /// let spec = meshwork_sdk::instance("127.0.0.1", 9001).with_http_check("/health");
+    /// mw.register(spec.build()).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn register(&self, spec: InstanceSpec) -> Result<Registered, Error> {
+        Ok(self
+            .inner
+            .coord
+            .register(&self.inner.opts.name, spec)
+            .await?)
+    }
+
+    /// Instances of `service` that take traffic right now, from the local copy.
+    pub async fn instances(&self, service: &str) -> Result<Vec<InstanceView>, Error> {
+        let registry = self.inner.coord.discovery(service).await?;
+        let filter = Filter {
+            healthy: true,
+            ..Filter::default()
+        };
+        Ok(registry.discover(service, &filter).instances)
+    }
+
+    /// The resilient HTTP client (shared; per-target state lives inside).
+    pub fn http(&self) -> &HttpClient {
+        &self.inner.http
+    }
+
+    /// A tonic channel to `service`, balanced over its instances and following
+    /// the registry (see [`grpc`]).
+    pub async fn grpc_channel(&self, service: &str) -> Result<grpc::GrpcChannel, Error> {
+        grpc::channel(&self.inner.coord, service, self.policy(service)).await
+    }
+
+    /// The policy used for calls to `service`.
+    pub fn policy(&self, service: &str) -> &TargetPolicy {
+        self.inner
+            .opts
+            .targets
+            .get(service)
+            .unwrap_or(&self.inner.opts.default_target)
+    }
+
+    /// Subscribes to config entry `namespace/group/data_id` decoded as `T`: the
+    /// current value and every later good one; an update that does not decode is
+    /// reported (log, metric, [`TypedConfig::last_error`]) and the last good value kept.
+    ///
+    /// ```no_run
+    /// # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::Error> {
+    /// #[derive(serde::Deserialize)]
+    /// struct Features { payments_enabled: bool }
+    /// let mut features = mw.config::<Features>("shop/features/flags").await?;
+    /// if let Some(f) = features.current() { println!("payments: {}", f.payments_enabled); }
+    /// while let Some(f) = features.changed().await { println!("now {}", f.payments_enabled); }
+    /// # Ok(()) }
+    /// ```
+    pub async fn config<T>(&self, path: &str) -> Result<TypedConfig<T>, Error>
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
+        Ok(self.inner.coord.subscribe(path).await?)
+    }
+
+    /// Takes lock `name` (waiting at most `timeout`, forever if `None`); the guard
+    /// holds it on the session lease and releases it when dropped.
+    ///
+    /// ```no_run
+    /// # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::Error> {
+    /// let guard = mw.lock("nightly-report", Some(std::time::Duration::from_secs(5))).await?;
+    /// println!("fencing token {}", guard.fencing_token());
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn lock(&self, name: &str, timeout: Option<Duration>) -> Result<LockGuard, Error> {
+        Ok(self.inner.coord.lock(name, timeout).await?)
+    }
+
+    /// Campaigns in election `name` proclaiming `value`; returns once leader.
+    ///
+    /// ```no_run
+    /// # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::Error> {
+    /// let leadership = mw.campaign("order-sweeper", "order-1", None).await?;
+    /// // ... lead ...
+    /// leadership.resign().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn campaign(
+        &self,
+        name: &str,
+        value: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Leadership, Error> {
+        let coord = &self.inner.coord;
+        let held = lock::campaign(coord.backend(), name, coord.lease(), value, timeout).await?;
+        Ok(Leadership {
+            held: Some(held),
+            coord: coord.clone(),
+        })
+    }
+
+    /// The next unique id (Snowflake layout, worker id claimed on the session; a
+    /// new worker is claimed after a session loss).
+    ///
+    /// ```no_run
+    /// # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::Error> {
+    /// let order_id = mw.next_id().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn next_id(&self) -> Result<i64, Error> {
+        Ok(self.ids(1).await?.remove(0))
+    }
+
+    /// `n` unique ids (1..=10000), increasing.
+    pub async fn ids(&self, n: usize) -> Result<Vec<i64>, Error> {
+        let mut slot = self.inner.ids.lock().await;
+        let lease = self.inner.coord.lease();
+        let stale = slot
+            .as_ref()
+            .is_none_or(|g| !g.is_live() || g.claim().lease() != lease);
+        if stale {
+            if let Some(old) = slot.take() {
+                old.invalidate();
+            }
+            let coord = &self.inner.coord;
+            *slot = Some(
+                IdGenerator::start(
+                    coord.backend(),
+                    IdLayout::default(),
+                    lease,
+                    &self.inner.opts.name,
+                )
+                .await?,
+            );
+        }
+        match slot.as_ref() {
+            Some(g) => Ok(g.next_batch(n)?),
+            None => Err(Error::Invalid("id generator unavailable".into())),
+        }
+    }
+
+    /// Deregisters this process's instances and closes the session.
+    pub async fn shutdown(&self) {
+        if let Some(g) = self.inner.ids.lock().await.take()
+            && let Err(e) = g.release().await
+        {
+            tracing::warn!(error = %e, "releasing the id worker failed");
+        }
+        if let Err(e) = self.inner.coord.clone().close().await {
+            tracing::warn!(error = %e, "closing the session failed; instances expire with it");
+        }
+    }
+}
+
+/// Leadership won by [`Meshwork::campaign`]; resigned (in the background) when dropped.
+pub struct Leadership {
+    held: Option<Held>,
+    coord: CoordClient,
+}
+
+impl Leadership {
+    /// The fencing token of this term.
+    pub fn fencing_token(&self) -> i64 {
+        self.held.as_ref().map_or(0, |h| h.fencing_token)
+    }
+
+    /// Changes the value this leader proclaims.
+    pub async fn proclaim(&self, value: &str) -> Result<(), Error> {
+        match &self.held {
+            Some(h) => Ok(lock::proclaim(self.coord.backend(), h, value).await?),
+            None => Err(Error::Invalid("leadership already resigned".into())),
+        }
+    }
+
+    /// Gives leadership up now; false if it was already lost.
+    pub async fn resign(mut self) -> Result<bool, Error> {
+        match self.held.take() {
+            Some(h) => Ok(lock::resign(self.coord.backend(), &h).await?),
+            None => Ok(false),
+        }
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        if let Some(h) = self.held.take() {
+            let coord = self.coord.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = lock::resign(coord.backend(), &h).await;
+                });
+            }
+        }
+    }
+}
+
+/// Starts an instance description for `address:port` (HTTP, weight 100, ephemeral).
+pub fn instance(address: &str, port: u16) -> InstanceBuilder {
+    InstanceBuilder(InstanceSpec {
+        id: String::new(),
+        address: address.to_string(),
+        port,
+        protocol: Default::default(),
+        weight: 100,
+        zone: String::new(),
+        version: String::new(),
+        tags: Vec::new(),
+        metadata: Default::default(),
+        ephemeral: true,
+        ttl_seconds: 10,
+        check: None,
+        enabled: true,
+    })
+}
+
+/// Builds an [`InstanceSpec`]; see [`instance`].
+#[derive(Debug, Clone)]
+pub struct InstanceBuilder(InstanceSpec);
+
+impl InstanceBuilder {
+    /// Meshwork checks `GET path` on the instance (any 2xx is healthy) every 2 s,
+    /// two failures in a row taking it out of rotation.
+    pub fn with_http_check(mut self, path: &str) -> InstanceBuilder {
+        self.0.check = Some(HealthCheck {
+            spec: CheckSpec::Http {
+                path: path.to_string(),
+                expected_status: None,
+                scheme: "http".into(),
+                headers: Default::default(),
+            },
+            policy: CheckPolicy {
+                interval_ms: 2000,
+                timeout_ms: 1000,
+                ..CheckPolicy::default()
+            },
+        });
+        self
+    }
+
+    /// Sets the version.
+    pub fn version(mut self, v: &str) -> InstanceBuilder {
+        self.0.version = v.to_string();
+        self
+    }
+
+    /// Sets the zone.
+    pub fn zone(mut self, z: &str) -> InstanceBuilder {
+        self.0.zone = z.to_string();
+        self
+    }
+
+    /// Adds a tag.
+    pub fn tag(mut self, t: &str) -> InstanceBuilder {
+        self.0.tags.push(t.to_string());
+        self
+    }
+
+    /// The spec.
+    pub fn build(self) -> InstanceSpec {
+        self.0
+    }
+}
+
+async fn monitor_control_plane(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let gauge = metrics::gauge!("meshwork_sdk_control_plane_up");
+    loop {
+        let up = *rx.borrow_and_update();
+        gauge.set(if up { 1.0 } else { 0.0 });
+        if up {
+            tracing::info!("control plane reachable");
+        } else {
+            tracing::warn!("control plane unreachable; discovery serves from the local cache");
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

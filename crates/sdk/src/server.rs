@@ -1,0 +1,345 @@
+//! Serving an axum router as a Meshwork service.
+//!
+//! [`Server`] binds, registers the instance (with an HTTP health check Meshwork
+//! runs against `health_path`), and serves the router behind:
+//!
+//! - a rate limit and a concurrency limit (bulkhead) on inbound requests, from
+//!   meshwork-resilience: 429 with `Retry-After`, 503 when full;
+//! - trace context extraction: each request runs inside a
+//!   [`RequestContext`](crate::RequestContext) (its `traceparent` continued, its
+//!   deadline read) and a `tracing` span carrying the trace id, so calls made by
+//!   the handler through the SDK continue the trace and the deadline;
+//! - Prometheus metrics per route (`meshwork_sdk_server_requests_total`,
+//!   `meshwork_sdk_server_request_duration_seconds`) served at `metrics_path`;
+//! - graceful shutdown: on SIGTERM/Ctrl-C (or the future given to
+//!   [`Bound::run_until`]) the health endpoint turns 503 and the instance is
+//!   deregistered first, so no new traffic is sent, then in-flight requests
+//!   finish (up to `drain_timeout`).
+//!
+//! ```no_run
+//! # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::Error> {
+//! use axum::{Router, routing::get};
+//! use meshwork_sdk::server::{Server, ServerOptions};
+//!
+//! let app = Router::new().route("/stock/{sku}", get(|| async { "7" }));
+//! let bound = Server::new(&mw, app, ServerOptions::default()).bind().await?;
+//! println!("listening on {}", bound.local_addr());
+//! bound.run().await?;
+//! # Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use meshwork_resilience::limit::concurrency::{BulkheadConfig, BulkheadLayer};
+use meshwork_resilience::limit::rate::{GcraConfig, RateLimitLayer};
+use meshwork_resilience::{BoxError, BulkheadFull, RateLimited};
+use serde::{Deserialize, Serialize};
+use tower::ServiceBuilder;
+use tracing::Instrument;
+
+use crate::context::RequestContext;
+use crate::{Error, Meshwork};
+
+/// How a service is served.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerOptions {
+    /// Address to listen on (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Address registered for others to reach (default: the listen address, with
+    /// 127.0.0.1 for an unspecified one).
+    pub advertise: Option<String>,
+    /// Register the instance in the registry.
+    pub register: bool,
+    /// Version registered with the instance.
+    pub version: String,
+    /// Zone registered with the instance.
+    pub zone: String,
+    /// Inbound rate limit (`None`: none).
+    pub rate_limit: Option<GcraConfig>,
+    /// Inbound concurrency limit (`None`: none).
+    pub concurrency: Option<BulkheadConfig>,
+    /// Path of the health endpoint Meshwork checks.
+    pub health_path: String,
+    /// Path of the Prometheus endpoint.
+    pub metrics_path: String,
+    /// Longest wait for in-flight requests at shutdown, milliseconds.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            register: true,
+            version: String::new(),
+            zone: String::new(),
+            rate_limit: None,
+            concurrency: None,
+            health_path: "/health".into(),
+            metrics_path: "/metrics".into(),
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A service about to be served; see the [module docs](self).
+pub struct Server {
+    mw: Meshwork,
+    router: Router,
+    opts: ServerOptions,
+}
+
+impl Server {
+    /// Serves `router` for `mw`'s service.
+    pub fn new(mw: &Meshwork, router: Router, opts: ServerOptions) -> Server {
+        Server {
+            mw: mw.clone(),
+            router,
+            opts,
+        }
+    }
+
+    /// Binds the listener (nothing is registered yet).
+    pub async fn bind(self) -> Result<Bound, Error> {
+        for (name, path) in [
+            ("health_path", &self.opts.health_path),
+            ("metrics_path", &self.opts.metrics_path),
+        ] {
+            if !path.starts_with('/') {
+                return Err(Error::Invalid(format!(
+                    "{name} {path:?} must start with '/'"
+                )));
+            }
+        }
+        let listener = tokio::net::TcpListener::bind(self.opts.listen).await?;
+        let addr = listener.local_addr()?;
+        Ok(Bound {
+            server: self,
+            listener,
+            addr,
+        })
+    }
+}
+
+/// A bound server; [`Bound::run`] registers and serves.
+pub struct Bound {
+    server: Server,
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+}
+
+#[derive(Clone)]
+struct Shared {
+    service: Arc<str>,
+    draining: Arc<AtomicBool>,
+}
+
+impl Bound {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until SIGTERM or Ctrl-C, then shuts down gracefully.
+    pub async fn run(self) -> Result<(), Error> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `shutdown` completes, then shuts down gracefully.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let Bound {
+            server,
+            listener,
+            addr,
+        } = self;
+        let Server { mw, router, opts } = server;
+        let shared = Shared {
+            service: mw.name().into(),
+            draining: Arc::new(AtomicBool::new(false)),
+        };
+        let app = build_router(router, &opts, shared.clone())?;
+        let registered = if opts.register {
+            let host = match &opts.advertise {
+                Some(h) => h.clone(),
+                None if addr.ip().is_unspecified() => "127.0.0.1".into(),
+                None => addr.ip().to_string(),
+            };
+            let spec = crate::instance(&host, addr.port())
+                .with_http_check(&opts.health_path)
+                .version(&opts.version)
+                .zone(&opts.zone)
+                .build();
+            let r = mw.register(spec).await?;
+            tracing::info!(service = %mw.name(), id = %r.instance.spec.id, %addr, "registered");
+            Some(r.instance.spec.id)
+        } else {
+            None
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop_rx.await;
+        });
+        let serving = tokio::spawn(async move { serve.await });
+        shutdown.await;
+        // Out of rotation first: no new traffic, then drain what is in flight.
+        shared.draining.store(true, Ordering::Release);
+        if let Some(id) = registered
+            && let Err(e) = mw.coord().deregister(mw.name(), &id).await
+        {
+            tracing::warn!(error = %e, "deregistration failed; the instance expires with the session");
+        }
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(Duration::from_millis(opts.drain_timeout_ms), serving).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
+            Err(_) => tracing::warn!("in-flight requests did not finish within the drain timeout"),
+        }
+        Ok(())
+    }
+}
+
+fn build_router(router: Router, opts: &ServerOptions, shared: Shared) -> Result<Router, Error> {
+    let mut app = router.route_layer(axum::middleware::from_fn_with_state(
+        shared.clone(),
+        observe,
+    ));
+    if let Some(cfg) = opts.concurrency {
+        let layer = BulkheadLayer::new(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        app = app.route_layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(rejection))
+                .layer(layer),
+        );
+    }
+    if let Some(cfg) = opts.rate_limit {
+        let layer = RateLimitLayer::gcra(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        app = app.route_layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(rejection))
+                .layer(layer),
+        );
+    }
+    let health = shared.clone();
+    app = app.route(
+        &opts.health_path,
+        axum::routing::get(move || {
+            let draining = health.draining.load(Ordering::Acquire);
+            async move {
+                if draining {
+                    (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+                } else {
+                    (StatusCode::OK, "ok\n").into_response()
+                }
+            }
+        }),
+    );
+    if let Some(handle) = prometheus() {
+        app = app.route(
+            &opts.metrics_path,
+            axum::routing::get(move || {
+                let text = handle.render();
+                async move { text }
+            }),
+        );
+    }
+    Ok(app)
+}
+
+/// The process's Prometheus recorder (installed on first use; `None` if another
+/// recorder was installed first).
+pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+/// A JSON error body with a stable code.
+pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({ "error": { "code": code, "message": message } })),
+    )
+        .into_response()
+}
+
+async fn rejection(e: BoxError) -> Response {
+    if let Some(r) = e.downcast_ref::<RateLimited>() {
+        let secs = r.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        let mut resp = json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            &format!("too many requests; retry in {secs} s"),
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        return resp;
+    }
+    if e.is::<BulkheadFull>() {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many requests in flight; retry later",
+        );
+    }
+    json_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        &e.to_string(),
+    )
+}
+
+async fn observe(State(shared): State<Shared>, req: Request, next: Next) -> Response {
+    let ctx = RequestContext::from_request(&req);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let method = req.method().to_string();
+    let span = tracing::info_span!("request", service = %shared.service, %method, %route, trace_id = %ctx.trace.trace_id, span_id = %ctx.trace.span_id);
+    let started = tokio::time::Instant::now();
+    let resp = ctx.scope(next.run(req)).instrument(span).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("meshwork_sdk_server_requests_total", "service" => shared.service.to_string(), "route" => route.clone(), "method" => method.clone(), "status" => status).increment(1);
+    metrics::histogram!("meshwork_sdk_server_request_duration_seconds", "service" => shared.service.to_string(), "route" => route, "method" => method).record(started.elapsed().as_secs_f64());
+    resp
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
