@@ -41,7 +41,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshwork_coord::client::{LockGuard, TypedConfig};
+pub use meshwork_coord::client::{LockGuard, TypedConfig};
 use meshwork_coord::ids::{IdGenerator, IdLayout};
 use meshwork_coord::lock::{self, Held};
 use meshwork_coord::registry::{InstanceSpec, InstanceView, Registered};

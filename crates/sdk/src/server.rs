@@ -40,8 +40,10 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
-use meshwork_resilience::limit::concurrency::{BulkheadConfig, BulkheadLayer};
-use meshwork_resilience::limit::rate::{GcraConfig, RateLimitLayer};
+pub use meshwork_resilience::limit::concurrency::BulkheadConfig;
+use meshwork_resilience::limit::concurrency::BulkheadLayer;
+pub use meshwork_resilience::limit::rate::GcraConfig;
+use meshwork_resilience::limit::rate::RateLimitLayer;
 use meshwork_resilience::{BoxError, BulkheadFull, RateLimited};
 use serde::{Deserialize, Serialize};
 use tower::ServiceBuilder;
@@ -75,6 +77,8 @@ pub struct ServerOptions {
     pub metrics_path: String,
     /// Longest wait for in-flight requests at shutdown, milliseconds.
     pub drain_timeout_ms: u64,
+    /// Metadata registered with the instance (`pid` is always added).
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ServerOptions {
@@ -90,6 +94,7 @@ impl Default for ServerOptions {
             health_path: "/health".into(),
             metrics_path: "/metrics".into(),
             drain_timeout_ms: 10_000,
+            metadata: Default::default(),
         }
     }
 }
@@ -176,11 +181,14 @@ impl Bound {
                 None if addr.ip().is_unspecified() => "127.0.0.1".into(),
                 None => addr.ip().to_string(),
             };
-            let spec = crate::instance(&host, addr.port())
+            let mut spec = crate::instance(&host, addr.port())
                 .with_http_check(&opts.health_path)
                 .version(&opts.version)
                 .zone(&opts.zone)
                 .build();
+            spec.metadata = opts.metadata.clone();
+            spec.metadata
+                .insert("pid".into(), std::process::id().to_string());
             let r = mw.register(spec).await?;
             tracing::info!(service = %mw.name(), id = %r.instance.spec.id, %addr, "registered");
             Some(r.instance.spec.id)

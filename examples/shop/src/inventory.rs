@@ -1,0 +1,334 @@
+//! The inventory service: stock per SKU, and reservations an order holds until it
+//! commits or releases them. Every operation is idempotent on the order id: a
+//! repeated reserve answers the first result, and releasing a reservation that
+//! never arrived leaves a tombstone so a late reserve for that order is refused.
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http::StatusCode;
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::db::Db;
+use crate::error::{ApiError, parse_json};
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS products (
+    sku TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    price_cents INTEGER NOT NULL CHECK (price_cents >= 0),
+    stock INTEGER NOT NULL CHECK (stock >= 0)
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    order_id INTEGER PRIMARY KEY,
+    sku TEXT NOT NULL,
+    qty INTEGER NOT NULL,
+    price_cents INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('reserved', 'committed', 'released'))
+);
+";
+
+/// Largest quantity one reservation may hold.
+pub const MAX_QTY: i64 = 100;
+
+/// A product with its stock.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Product {
+    /// Stock keeping unit.
+    pub sku: String,
+    /// Display name.
+    pub name: String,
+    /// Unit price, cents.
+    pub price_cents: i64,
+    /// Units available (not reserved, not sold).
+    pub stock: i64,
+}
+
+/// A reservation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Reservation {
+    /// The order holding it.
+    pub order_id: i64,
+    /// What.
+    pub sku: String,
+    /// How many (0 for a tombstone).
+    pub qty: i64,
+    /// Unit price at reservation time, cents.
+    pub price_cents: i64,
+    /// `reserved`, `committed` or `released`.
+    pub state: String,
+}
+
+/// A reserve request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveRequest {
+    /// The order reserving.
+    pub order_id: i64,
+    /// What.
+    pub sku: String,
+    /// How many (1..=100).
+    pub qty: i64,
+}
+
+/// The products the demo starts with.
+pub fn seed_products() -> Vec<Product> {
+    [
+        ("sku-keyboard", "Mechanical keyboard", 8_900, 1_000),
+        ("sku-mouse", "Wireless mouse", 2_900, 1_000),
+        ("sku-monitor", "27\" monitor", 24_900, 200),
+        ("sku-cable", "USB-C cable", 900, 5_000),
+        ("sku-last", "Limited edition mug (last one)", 1_500, 1),
+    ]
+    .into_iter()
+    .map(|(sku, name, price, stock)| Product {
+        sku: sku.into(),
+        name: name.into(),
+        price_cents: price,
+        stock,
+    })
+    .collect()
+}
+
+/// Inserts products that do not exist yet.
+pub(crate) async fn seed(db: &Db, products: Vec<Product>) -> Result<(), ApiError> {
+    db.tx(move |tx| {
+        for p in &products {
+            tx.execute(
+                "INSERT OR IGNORE INTO products (sku, name, price_cents, stock) VALUES (?1, ?2, ?3, ?4)",
+                params![p.sku, p.name, p.price_cents, p.stock],
+            )?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// The service's routes.
+pub(crate) fn router(db: Db) -> Router {
+    Router::new()
+        .route("/products", get(list_products))
+        .route("/products/{sku}", get(get_product))
+        .route("/reservations", post(reserve).get(list_reservations))
+        .route("/reservations/{order_id}/commit", post(commit))
+        .route("/reservations/{order_id}/release", post(release))
+        .with_state(db)
+}
+
+fn product_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Product> {
+    Ok(Product {
+        sku: r.get(0)?,
+        name: r.get(1)?,
+        price_cents: r.get(2)?,
+        stock: r.get(3)?,
+    })
+}
+
+fn reservation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Reservation> {
+    Ok(Reservation {
+        order_id: r.get(0)?,
+        sku: r.get(1)?,
+        qty: r.get(2)?,
+        price_cents: r.get(3)?,
+        state: r.get(4)?,
+    })
+}
+
+const RESERVATION_COLS: &str = "order_id, sku, qty, price_cents, state";
+
+fn find_reservation(
+    tx: &rusqlite::Transaction<'_>,
+    order_id: i64,
+) -> rusqlite::Result<Option<Reservation>> {
+    tx.query_row(
+        &format!("SELECT {RESERVATION_COLS} FROM reservations WHERE order_id = ?1"),
+        params![order_id],
+        reservation_row,
+    )
+    .optional()
+}
+
+async fn list_products(State(db): State<Db>) -> Result<axum::Json<Vec<Product>>, ApiError> {
+    let v = db
+        .tx(|tx| {
+            let mut st =
+                tx.prepare("SELECT sku, name, price_cents, stock FROM products ORDER BY sku")?;
+            let rows = st.query_map([], product_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await?;
+    Ok(axum::Json(v))
+}
+
+async fn get_product(
+    State(db): State<Db>,
+    Path(sku): Path<String>,
+) -> Result<axum::Json<Product>, ApiError> {
+    let p = db
+        .tx(move |tx| {
+            tx.query_row(
+                "SELECT sku, name, price_cents, stock FROM products WHERE sku = ?1",
+                params![sku],
+                product_row,
+            )
+            .optional()?
+            .ok_or_else(|| ApiError::not_found(format!("no product {sku:?}")))
+        })
+        .await?;
+    Ok(axum::Json(p))
+}
+
+async fn list_reservations(State(db): State<Db>) -> Result<axum::Json<Vec<Reservation>>, ApiError> {
+    let v = db
+        .tx(|tx| {
+            let mut st = tx.prepare(&format!(
+                "SELECT {RESERVATION_COLS} FROM reservations ORDER BY order_id"
+            ))?;
+            let rows = st.query_map([], reservation_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await?;
+    Ok(axum::Json(v))
+}
+
+async fn reserve(
+    State(db): State<Db>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<Reservation>), ApiError> {
+    let req: ReserveRequest = parse_json(&body)?;
+    if !(1..=MAX_QTY).contains(&req.qty) {
+        return Err(ApiError::invalid(format!(
+            "qty {} must be 1..={MAX_QTY}",
+            req.qty
+        )));
+    }
+    db.tx(move |tx| {
+        if let Some(existing) = find_reservation(tx, req.order_id)? {
+            if existing.state == "released" {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "released",
+                    format!("order {} already released its reservation", req.order_id),
+                ));
+            }
+            return Ok((StatusCode::OK, axum::Json(existing)));
+        }
+        let product = tx
+            .query_row(
+                "SELECT sku, name, price_cents, stock FROM products WHERE sku = ?1",
+                params![req.sku],
+                product_row,
+            )
+            .optional()?
+            .ok_or_else(|| ApiError::not_found(format!("no product {:?}", req.sku)))?;
+        // The stock check and the decrement are one statement: no oversell.
+        let taken = tx.execute(
+            "UPDATE products SET stock = stock - ?1 WHERE sku = ?2 AND stock >= ?1",
+            params![req.qty, req.sku],
+        )?;
+        if taken == 0 {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "out_of_stock",
+                format!(
+                    "{} has {} left, {} asked",
+                    req.sku, product.stock, req.qty
+                ),
+            ));
+        }
+        let r = Reservation {
+            order_id: req.order_id,
+            sku: req.sku,
+            qty: req.qty,
+            price_cents: product.price_cents,
+            state: "reserved".into(),
+        };
+        tx.execute(
+            "INSERT INTO reservations (order_id, sku, qty, price_cents, state) VALUES (?1, ?2, ?3, ?4, 'reserved')",
+            params![r.order_id, r.sku, r.qty, r.price_cents],
+        )?;
+        Ok((StatusCode::CREATED, axum::Json(r)))
+    })
+    .await
+}
+
+fn parse_order_id(s: &str) -> Result<i64, ApiError> {
+    s.parse()
+        .map_err(|_| ApiError::invalid(format!("order id {s:?} is not an integer")))
+}
+
+async fn commit(
+    State(db): State<Db>,
+    Path(order_id): Path<String>,
+) -> Result<axum::Json<Reservation>, ApiError> {
+    let order_id = parse_order_id(&order_id)?;
+    db.tx(move |tx| {
+        let mut r = find_reservation(tx, order_id)?
+            .ok_or_else(|| ApiError::not_found(format!("order {order_id} has no reservation")))?;
+        match r.state.as_str() {
+            "committed" => {}
+            "reserved" => {
+                tx.execute(
+                    "UPDATE reservations SET state = 'committed' WHERE order_id = ?1",
+                    params![order_id],
+                )?;
+                r.state = "committed".into();
+            }
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "released",
+                    format!("order {order_id}'s reservation was released"),
+                ));
+            }
+        }
+        Ok(axum::Json(r))
+    })
+    .await
+}
+
+async fn release(
+    State(db): State<Db>,
+    Path(order_id): Path<String>,
+) -> Result<axum::Json<Reservation>, ApiError> {
+    let order_id = parse_order_id(&order_id)?;
+    db.tx(move |tx| match find_reservation(tx, order_id)? {
+        None => {
+            // A reserve may still be in flight: the tombstone refuses it.
+            tx.execute(
+                "INSERT INTO reservations (order_id, sku, qty, price_cents, state) VALUES (?1, '', 0, 0, 'released')",
+                params![order_id],
+            )?;
+            Ok(axum::Json(Reservation {
+                order_id,
+                sku: String::new(),
+                qty: 0,
+                price_cents: 0,
+                state: "released".into(),
+            }))
+        }
+        Some(mut r) => match r.state.as_str() {
+            "released" => Ok(axum::Json(r)),
+            "reserved" => {
+                tx.execute(
+                    "UPDATE products SET stock = stock + ?1 WHERE sku = ?2",
+                    params![r.qty, r.sku],
+                )?;
+                tx.execute(
+                    "UPDATE reservations SET state = 'released' WHERE order_id = ?1",
+                    params![order_id],
+                )?;
+                r.state = "released".into();
+                Ok(axum::Json(r))
+            }
+            _ => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "committed",
+                format!("order {order_id}'s reservation is committed"),
+            )),
+        },
+    })
+    .await
+}

@@ -1,0 +1,236 @@
+//! The Meshwork demo shop: `order`, `inventory` and `payment`, three axum
+//! services with their own SQLite databases, built on `meshwork-sdk`.
+//!
+//! Each registers itself in the registry (with an HTTP health check), is reached
+//! from outside only through the gateway ([`GATEWAY_ROUTES`]) and from inside
+//! through the SDK's resilient client. `meshwork up --demo` starts all three;
+//! `meshwork demo load` drives orders through the gateway ([`load`]).
+
+mod db;
+pub mod error;
+pub mod inventory;
+pub mod load;
+pub mod order;
+pub mod payment;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use meshwork_sdk::client::Lb;
+use meshwork_sdk::server::{Server, ServerOptions};
+use meshwork_sdk::{Meshwork, Options, TargetPolicy};
+
+pub use error::ApiError;
+
+/// One of the shop's services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShopService {
+    /// Orders (the flow).
+    Order,
+    /// Stock and reservations.
+    Inventory,
+    /// Accounts and charges.
+    Payment,
+}
+
+impl ShopService {
+    /// All three, in start order.
+    pub const ALL: [ShopService; 3] = [
+        ShopService::Inventory,
+        ShopService::Payment,
+        ShopService::Order,
+    ];
+
+    /// The registry name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ShopService::Order => "order",
+            ShopService::Inventory => "inventory",
+            ShopService::Payment => "payment",
+        }
+    }
+}
+
+impl std::str::FromStr for ShopService {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "order" => Ok(ShopService::Order),
+            "inventory" => Ok(ShopService::Inventory),
+            "payment" => Ok(ShopService::Payment),
+            other => Err(format!(
+                "unknown shop service {other:?}: one of order, inventory, payment"
+            )),
+        }
+    }
+}
+
+/// Why a service could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ShopError {
+    /// The SDK failed (control plane, bind).
+    #[error(transparent)]
+    Sdk(#[from] meshwork_sdk::Error),
+    /// The database could not be opened.
+    #[error("database {path}: {source}")]
+    Db {
+        /// Its file.
+        path: PathBuf,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// Seeding failed.
+    #[error("seeding: {0}")]
+    Seed(ApiError),
+    /// The data directory could not be created.
+    #[error("data directory {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// How to run one service.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Which.
+    pub service: ShopService,
+    /// Control plane endpoints.
+    pub endpoints: Vec<String>,
+    /// Where its database lives (`{dir}/{service}.db`).
+    pub data_dir: PathBuf,
+    /// Listen address (port 0: any).
+    pub listen: SocketAddr,
+    /// Insert the demo products/accounts if absent.
+    pub seed: bool,
+}
+
+/// The SDK policies the order service calls with: short timeouts and a breaker
+/// that opens after 5 failures in a row for 3 s, so a payment outage makes
+/// orders fail fast.
+pub fn order_options(endpoints: Vec<String>) -> Result<Options, meshwork_sdk::Error> {
+    let policy = |timeout_ms| {
+        let mut p = TargetPolicy {
+            timeout_ms,
+            lb: Lb::P2c,
+            ..TargetPolicy::default()
+        };
+        p.breaker.consecutive_failures = Some(5);
+        p.breaker.open_duration_ms = 3_000;
+        p
+    };
+    Ok(Options::new("order", endpoints)?
+        .target("inventory", policy(1_000))
+        .target("payment", policy(1_000)))
+}
+
+/// Runs one service until SIGTERM/Ctrl-C.
+pub async fn serve(opts: ServeOptions) -> Result<(), ShopError> {
+    std::fs::create_dir_all(&opts.data_dir).map_err(|source| ShopError::Io {
+        path: opts.data_dir.clone(),
+        source,
+    })?;
+    let path = opts.data_dir.join(format!("{}.db", opts.service.name()));
+    let open = |schema| {
+        db::Db::open(&path, schema).map_err(|source| ShopError::Db {
+            path: path.clone(),
+            source,
+        })
+    };
+    let name = opts.service.name();
+    let (mw, router) = match opts.service {
+        ShopService::Inventory => {
+            let db = open(inventory::SCHEMA)?;
+            if opts.seed {
+                inventory::seed(&db, inventory::seed_products())
+                    .await
+                    .map_err(ShopError::Seed)?;
+            }
+            let mw = Meshwork::connect(Options::new(name, opts.endpoints.clone())?).await?;
+            (mw, inventory::router(db))
+        }
+        ShopService::Payment => {
+            let db = open(payment::SCHEMA)?;
+            if opts.seed {
+                payment::seed(&db, payment::seed_accounts())
+                    .await
+                    .map_err(ShopError::Seed)?;
+            }
+            let mw = Meshwork::connect(Options::new(name, opts.endpoints.clone())?).await?;
+            (mw, payment::router(db))
+        }
+        ShopService::Order => {
+            let db = open(order::SCHEMA)?;
+            let mw = Meshwork::connect(order_options(opts.endpoints.clone())?).await?;
+            let router = order::router(db, mw.clone()).await?;
+            (mw, router)
+        }
+    };
+    let server_opts = ServerOptions {
+        listen: opts.listen,
+        version: env!("CARGO_PKG_VERSION").into(),
+        concurrency: Some(meshwork_sdk::server::BulkheadConfig {
+            max_in_flight: 512,
+            max_queued: 512,
+            max_wait_ms: 1_000,
+        }),
+        ..ServerOptions::default()
+    };
+    let bound = Server::new(&mw, router, server_opts).bind().await?;
+    println!("{name} listening on http://{}", bound.local_addr());
+    bound.run().await?;
+    mw.shutdown().await;
+    Ok(())
+}
+
+/// The gateway routes of the shop (`meshwork gateway apply -f` format):
+/// `/api/orders` (creation rate-limited per customer and per client IP),
+/// `/api/products`, `/api/accounts`, each forwarded with `/api` stripped.
+pub const GATEWAY_ROUTES: &str = r#"
+[[routes]]
+name = "shop-orders-create"
+priority = 20
+[routes.match]
+path = { exact = "/api/orders" }
+methods = ["POST"]
+[routes.forward]
+service = "order"
+strip_prefix = "/api"
+timeout_ms = 10000
+rate_limits = [
+  { by = "header", header = "x-customer", rate_per_sec = 20, burst = 40 },
+  { by = "client_ip", rate_per_sec = 2000, burst = 4000 },
+]
+
+[[routes]]
+name = "shop-orders"
+priority = 10
+[routes.match]
+path = { prefix = "/api/orders" }
+methods = ["GET", "HEAD"]
+[routes.forward]
+service = "order"
+strip_prefix = "/api"
+
+[[routes]]
+name = "shop-products"
+priority = 10
+[routes.match]
+path = { prefix = "/api/products" }
+methods = ["GET", "HEAD"]
+[routes.forward]
+service = "inventory"
+strip_prefix = "/api"
+
+[[routes]]
+name = "shop-accounts"
+priority = 10
+[routes.match]
+path = { prefix = "/api/accounts" }
+methods = ["GET", "HEAD"]
+[routes.forward]
+service = "payment"
+strip_prefix = "/api"
+"#;

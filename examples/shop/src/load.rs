@@ -1,0 +1,226 @@
+//! `meshwork demo load`: places orders through the gateway with a number of
+//! concurrent clients and reports successes, failures by reason and latency
+//! percentiles.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use std::sync::Mutex;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Gateway base URL (`http://127.0.0.1:8080`).
+    pub gateway: String,
+    /// Orders to place.
+    pub orders: usize,
+    /// Clients placing them at once.
+    pub concurrency: usize,
+    /// Distinct customers (each is rate-limited by the gateway on its own).
+    pub customers: usize,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// The result.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadSummary {
+    /// Orders attempted.
+    pub orders: usize,
+    /// Confirmed (201).
+    pub confirmed: usize,
+    /// Failures by reason code (`out_of_stock`, `payment_unavailable`,
+    /// `rate_limited`, `transport`, ...).
+    pub failures: BTreeMap<String, usize>,
+    /// Wall time, seconds.
+    pub elapsed_secs: f64,
+    /// Orders per second (all outcomes).
+    pub rate_per_sec: f64,
+    /// Latency percentiles of all requests, milliseconds.
+    pub p50_ms: f64,
+    /// 90th percentile, milliseconds.
+    pub p90_ms: f64,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: f64,
+    /// Slowest, milliseconds.
+    pub max_ms: f64,
+}
+
+impl std::fmt::Display for LoadSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} orders in {:.1} s ({:.0}/s): {} confirmed, {} failed",
+            self.orders,
+            self.elapsed_secs,
+            self.rate_per_sec,
+            self.confirmed,
+            self.orders - self.confirmed
+        )?;
+        for (reason, n) in &self.failures {
+            writeln!(f, "  {reason:<24} {n}")?;
+        }
+        write!(
+            f,
+            "latency ms: p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+            self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms
+        )
+    }
+}
+
+const SKUS: [&str; 3] = ["sku-keyboard", "sku-mouse", "sku-cable"];
+
+/// Runs the load; `Err` only for bad options.
+pub async fn run(opts: LoadOptions) -> Result<LoadSummary, String> {
+    if opts.orders == 0 || opts.concurrency == 0 || opts.customers == 0 {
+        return Err("orders, concurrency and customers must be at least 1".into());
+    }
+    if opts.concurrency > 10_000 || opts.customers > 100 {
+        return Err(
+            "concurrency is limited to 10000 and customers to 100 (acct-1..acct-100)".into(),
+        );
+    }
+    let base = opts.gateway.trim_end_matches('/').to_string();
+    let uri: http::Uri = format!("{base}/api/orders")
+        .parse()
+        .map_err(|e| format!("gateway URL {base:?}: {e}"))?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let hist = Arc::new(Mutex::new(
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)
+            .map_err(|e| e.to_string())?,
+    ));
+    let failures = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
+    let run_id: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let started = Instant::now();
+    let progress = opts.progress.then(|| {
+        let done = done.clone();
+        let total = opts.orders;
+        tokio::spawn(async move {
+            loop {
+                let n = done.load(Ordering::Relaxed);
+                draw(n, total);
+                if n >= total {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+    let mut workers = Vec::new();
+    for _ in 0..opts.concurrency.min(opts.orders) {
+        let (client, uri, next, done, hist, failures) = (
+            client.clone(),
+            uri.clone(),
+            next.clone(),
+            done.clone(),
+            hist.clone(),
+            failures.clone(),
+        );
+        let (total, customers) = (opts.orders, opts.customers);
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return;
+                }
+                let c = i % customers + 1;
+                let body = serde_json::json!({
+                    "sku": SKUS[i % SKUS.len()],
+                    "qty": 1,
+                    "account": format!("acct-{c}"),
+                });
+                let req = http::Request::post(uri.clone())
+                    .header("content-type", "application/json")
+                    .header("x-customer", format!("cust-{c}"))
+                    .header("idempotency-key", format!("load-{run_id}-{i}"))
+                    .body(Full::new(Bytes::from(body.to_string())));
+                let t = Instant::now();
+                let outcome = match req {
+                    Ok(req) => match client.request(req).await {
+                        Ok(resp) => {
+                            let status = resp.status();
+                            let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+                            if status == http::StatusCode::CREATED {
+                                None
+                            } else {
+                                Some(reason(status, body.ok().as_deref()))
+                            }
+                        }
+                        Err(_) => Some("transport".to_string()),
+                    },
+                    Err(_) => Some("bad_request".to_string()),
+                };
+                let us = t.elapsed().as_micros() as u64;
+                if let Ok(mut h) = hist.lock() {
+                    let _ = h.record(us.max(1));
+                }
+                if let Some(r) = outcome
+                    && let Ok(mut f) = failures.lock()
+                {
+                    *f.entry(r).or_default() += 1;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    if let Some(p) = progress {
+        let _ = p.await;
+        eprintln!();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let failures = failures.lock().map(|f| f.clone()).unwrap_or_default();
+    let failed: usize = failures.values().sum();
+    let h = hist.lock().map(|h| h.clone()).map_err(|e| e.to_string())?;
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Ok(LoadSummary {
+        orders: opts.orders,
+        confirmed: opts.orders - failed,
+        failures,
+        elapsed_secs: elapsed,
+        rate_per_sec: opts.orders as f64 / elapsed.max(1e-9),
+        p50_ms: ms(0.5),
+        p90_ms: ms(0.9),
+        p99_ms: ms(0.99),
+        max_ms: h.max() as f64 / 1000.0,
+    })
+}
+
+/// The error code of a failed order answer (or its status).
+fn reason(status: http::StatusCode, body: Option<&[u8]>) -> String {
+    body.and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        .and_then(|v| v["error"]["code"].as_str().map(String::from))
+        .unwrap_or_else(|| format!("http_{}", status.as_u16()))
+}
+
+fn draw(done: usize, total: usize) {
+    let width = 40;
+    let filled = done * width / total.max(1);
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
+        "\r[{}{}] {:>3}% {done}/{total}",
+        "#".repeat(filled),
+        " ".repeat(width - filled),
+        done * 100 / total.max(1)
+    );
+    let _ = err.flush();
+}

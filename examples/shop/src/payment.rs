@@ -1,0 +1,341 @@
+//! The payment service: accounts with balances, charges and refunds, each
+//! idempotent on the order id (refunding a charge that never arrived leaves a
+//! `voided` tombstone so a late charge for that order is refused). A fault
+//! switch (`PUT /admin/fault`) slows or fails charges, for the demo.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::routing::{get, post, put};
+use bytes::Bytes;
+use http::StatusCode;
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::db::Db;
+use crate::error::{ApiError, parse_json};
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS accounts (
+    id TEXT PRIMARY KEY,
+    balance_cents INTEGER NOT NULL CHECK (balance_cents >= 0)
+);
+CREATE TABLE IF NOT EXISTS charges (
+    order_id INTEGER PRIMARY KEY,
+    account TEXT NOT NULL,
+    amount_cents INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('charged', 'declined', 'refunded', 'voided'))
+);
+";
+
+/// Largest single charge, cents.
+pub const MAX_CHARGE_CENTS: i64 = 100_000_000;
+
+/// An account.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Account {
+    /// Account id.
+    pub id: String,
+    /// Balance, cents.
+    pub balance_cents: i64,
+}
+
+/// A charge (or its tombstone).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Charge {
+    /// The order paid.
+    pub order_id: i64,
+    /// Account charged.
+    pub account: String,
+    /// Amount, cents.
+    pub amount_cents: i64,
+    /// `charged`, `declined`, `refunded` or `voided`.
+    pub state: String,
+}
+
+/// A charge request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChargeRequest {
+    /// The order paid.
+    pub order_id: i64,
+    /// Account to charge.
+    pub account: String,
+    /// Amount, cents (1..=100000000).
+    pub amount_cents: i64,
+}
+
+/// Injected faults (demo): every charge waits `delay_ms`, then fails with 503
+/// when `fail` is set.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Delay before answering a charge, milliseconds (at most 60000).
+    #[serde(default)]
+    pub delay_ms: u64,
+    /// Answer 503 to charges.
+    #[serde(default)]
+    pub fail: bool,
+}
+
+#[derive(Clone)]
+pub(crate) struct PaymentState {
+    db: Db,
+    delay_ms: Arc<AtomicU64>,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The accounts the demo starts with: `acct-1` .. `acct-100`, 1000.00 each, and
+/// `acct-poor` with 1.00.
+pub fn seed_accounts() -> Vec<Account> {
+    let mut v: Vec<Account> = (1..=100)
+        .map(|i| Account {
+            id: format!("acct-{i}"),
+            balance_cents: 100_000,
+        })
+        .collect();
+    v.push(Account {
+        id: "acct-poor".into(),
+        balance_cents: 100,
+    });
+    v
+}
+
+/// Inserts accounts that do not exist yet.
+pub(crate) async fn seed(db: &Db, accounts: Vec<Account>) -> Result<(), ApiError> {
+    db.tx(move |tx| {
+        for a in &accounts {
+            tx.execute(
+                "INSERT OR IGNORE INTO accounts (id, balance_cents) VALUES (?1, ?2)",
+                params![a.id, a.balance_cents],
+            )?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// The service's routes.
+pub(crate) fn router(db: Db) -> Router {
+    let state = PaymentState {
+        db,
+        delay_ms: Arc::default(),
+        fail: Arc::default(),
+    };
+    Router::new()
+        .route("/accounts", get(list_accounts))
+        .route("/accounts/{id}", get(get_account))
+        .route("/charges", post(charge).get(list_charges))
+        .route("/charges/{order_id}/refund", post(refund))
+        .route("/admin/fault", put(set_fault).get(get_fault))
+        .with_state(state)
+}
+
+fn account_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Account> {
+    Ok(Account {
+        id: r.get(0)?,
+        balance_cents: r.get(1)?,
+    })
+}
+
+fn charge_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Charge> {
+    Ok(Charge {
+        order_id: r.get(0)?,
+        account: r.get(1)?,
+        amount_cents: r.get(2)?,
+        state: r.get(3)?,
+    })
+}
+
+fn find_charge(tx: &rusqlite::Transaction<'_>, order_id: i64) -> rusqlite::Result<Option<Charge>> {
+    tx.query_row(
+        "SELECT order_id, account, amount_cents, state FROM charges WHERE order_id = ?1",
+        params![order_id],
+        charge_row,
+    )
+    .optional()
+}
+
+async fn list_accounts(
+    State(s): State<PaymentState>,
+) -> Result<axum::Json<Vec<Account>>, ApiError> {
+    let v =
+        s.db.tx(|tx| {
+            let mut st = tx.prepare("SELECT id, balance_cents FROM accounts ORDER BY id")?;
+            let rows = st.query_map([], account_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await?;
+    Ok(axum::Json(v))
+}
+
+async fn get_account(
+    State(s): State<PaymentState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Account>, ApiError> {
+    let a =
+        s.db.tx(move |tx| {
+            tx.query_row(
+                "SELECT id, balance_cents FROM accounts WHERE id = ?1",
+                params![id],
+                account_row,
+            )
+            .optional()?
+            .ok_or_else(|| ApiError::not_found(format!("no account {id:?}")))
+        })
+        .await?;
+    Ok(axum::Json(a))
+}
+
+async fn list_charges(State(s): State<PaymentState>) -> Result<axum::Json<Vec<Charge>>, ApiError> {
+    let v =
+        s.db.tx(|tx| {
+            let mut st = tx.prepare(
+                "SELECT order_id, account, amount_cents, state FROM charges ORDER BY order_id",
+            )?;
+            let rows = st.query_map([], charge_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await?;
+    Ok(axum::Json(v))
+}
+
+async fn charge(
+    State(s): State<PaymentState>,
+    body: Bytes,
+) -> Result<(StatusCode, axum::Json<Charge>), ApiError> {
+    let req: ChargeRequest = parse_json(&body)?;
+    if !(1..=MAX_CHARGE_CENTS).contains(&req.amount_cents) {
+        return Err(ApiError::invalid(format!(
+            "amount_cents {} must be 1..={MAX_CHARGE_CENTS}",
+            req.amount_cents
+        )));
+    }
+    let delay = s.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
+    if s.fail.load(Ordering::Relaxed) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "payment processor unavailable (injected fault)",
+        ));
+    }
+    s.db.tx(move |tx| {
+        if let Some(c) = find_charge(tx, req.order_id)? {
+            return match c.state.as_str() {
+                "voided" | "refunded" => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "voided",
+                    format!("order {} was voided", req.order_id),
+                )),
+                "declined" => Err(declined(&req.account)),
+                _ => Ok((StatusCode::OK, axum::Json(c))),
+            };
+        }
+        tx.query_row(
+            "SELECT id FROM accounts WHERE id = ?1",
+            params![req.account],
+            |_| Ok(()),
+        )
+        .optional()?
+        .ok_or_else(|| ApiError::not_found(format!("no account {:?}", req.account)))?;
+        // The balance check and the debit are one statement.
+        let debited = tx.execute(
+            "UPDATE accounts SET balance_cents = balance_cents - ?1 WHERE id = ?2 AND balance_cents >= ?1",
+            params![req.amount_cents, req.account],
+        )?;
+        let state = if debited == 1 { "charged" } else { "declined" };
+        tx.execute(
+            "INSERT INTO charges (order_id, account, amount_cents, state) VALUES (?1, ?2, ?3, ?4)",
+            params![req.order_id, req.account, req.amount_cents, state],
+        )?;
+        if debited == 0 {
+            return Err(declined(&req.account));
+        }
+        Ok((
+            StatusCode::CREATED,
+            axum::Json(Charge {
+                order_id: req.order_id,
+                account: req.account,
+                amount_cents: req.amount_cents,
+                state: state.into(),
+            }),
+        ))
+    })
+    .await
+}
+
+fn declined(account: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYMENT_REQUIRED,
+        "insufficient_funds",
+        format!("account {account:?} has insufficient funds"),
+    )
+}
+
+async fn refund(
+    State(s): State<PaymentState>,
+    Path(order_id): Path<String>,
+) -> Result<axum::Json<Charge>, ApiError> {
+    let order_id: i64 = order_id
+        .parse()
+        .map_err(|_| ApiError::invalid(format!("order id {order_id:?} is not an integer")))?;
+    s.db.tx(move |tx| match find_charge(tx, order_id)? {
+        None => {
+            // A charge may still be in flight: the tombstone refuses it.
+            tx.execute(
+                "INSERT INTO charges (order_id, account, amount_cents, state) VALUES (?1, '', 0, 'voided')",
+                params![order_id],
+            )?;
+            Ok(axum::Json(Charge {
+                order_id,
+                account: String::new(),
+                amount_cents: 0,
+                state: "voided".into(),
+            }))
+        }
+        Some(mut c) if c.state == "charged" => {
+            tx.execute(
+                "UPDATE accounts SET balance_cents = balance_cents + ?1 WHERE id = ?2",
+                params![c.amount_cents, c.account],
+            )?;
+            tx.execute(
+                "UPDATE charges SET state = 'refunded' WHERE order_id = ?1",
+                params![order_id],
+            )?;
+            c.state = "refunded".into();
+            Ok(axum::Json(c))
+        }
+        Some(c) => Ok(axum::Json(c)),
+    })
+    .await
+}
+
+async fn set_fault(
+    State(s): State<PaymentState>,
+    body: Bytes,
+) -> Result<axum::Json<Fault>, ApiError> {
+    let f: Fault = parse_json(&body)?;
+    if f.delay_ms > 60_000 {
+        return Err(ApiError::invalid("delay_ms must be at most 60000"));
+    }
+    s.delay_ms.store(f.delay_ms, Ordering::Relaxed);
+    s.fail.store(f.fail, Ordering::Relaxed);
+    tracing::warn!(
+        delay_ms = f.delay_ms,
+        fail = f.fail,
+        "payment fault injection changed"
+    );
+    Ok(axum::Json(f))
+}
+
+async fn get_fault(State(s): State<PaymentState>) -> axum::Json<Fault> {
+    axum::Json(Fault {
+        delay_ms: s.delay_ms.load(Ordering::Relaxed),
+        fail: s.fail.load(Ordering::Relaxed),
+    })
+}
