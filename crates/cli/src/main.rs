@@ -7,6 +7,7 @@ mod bench;
 mod bench_coord;
 mod config;
 mod coordcli;
+mod demo;
 mod gateway;
 mod gatewaycli;
 mod http;
@@ -60,6 +61,8 @@ enum Command {
     Id(coordcli::IdArgs),
     /// API gateway routes: apply a routes file, list, explain a URL.
     Gateway(gatewaycli::GatewayArgs),
+    /// The demo shop: run one of its services, or drive orders through the gateway.
+    Demo(demo::DemoArgs),
     /// Load generators.
     Bench {
         #[command(subcommand)]
@@ -116,6 +119,10 @@ struct NodeArgs {
     /// others within this plus one check interval [default: 10].
     #[arg(long, env = "MESHWORK_NODE_TTL")]
     node_ttl: Option<i64>,
+    /// Also start the demo shop (order, inventory and payment services as child
+    /// processes, their gateway routes and the payments flag); needs the gateway.
+    #[arg(long)]
+    demo: bool,
 }
 
 #[derive(Args)]
@@ -241,6 +248,7 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
 async fn run_server(args: ServerArgs) -> Result<()> {
     let cfg = resolve(&args.node, PathBuf::from("meshwork-data"))?;
     let external = cfg.external.clone();
+    let data_dir = cfg.data_dir.clone();
     let running = node::start(cfg).await?;
     match running.etcd_addr {
         Some(a) => println!("etcd gRPC: {a}"),
@@ -253,8 +261,15 @@ async fn run_server(args: ServerArgs) -> Result<()> {
     if let Some(g) = running.gateway_addr {
         println!("Gateway: http://{g}");
     }
+    let shop = start_demo(&args.node, &running, &external, &data_dir).await?;
+    if shop.is_some() {
+        println!("Demo: up");
+    }
     node::shutdown_signal().await;
     tracing::info!("shutting down");
+    if let Some(s) = shop {
+        s.shutdown().await;
+    }
     running.shutdown().await;
     Ok(())
 }
@@ -334,12 +349,42 @@ async fn run_up(args: UpArgs) -> Result<()> {
     }
     println!("  health     curl http://{http}/readyz");
     println!("  metrics    curl http://{http}/metrics");
+    let shop = start_demo(&args.node, &running, &[], &data_dir).await?;
+    if let (Some(_), Some(g)) = (&shop, running.gateway_addr) {
+        println!("{}", demo::banner(&http.to_string(), &g.to_string()));
+    }
     println!();
     println!("Press Ctrl-C to stop.");
     node::shutdown_signal().await;
+    if let Some(s) = shop {
+        s.shutdown().await;
+    }
     running.shutdown().await;
     drop(temp);
     Ok(())
+}
+
+/// Starts the demo shop when `--demo` was given.
+async fn start_demo(
+    args: &NodeArgs,
+    running: &node::Running,
+    external: &[String],
+    data_dir: &std::path::Path,
+) -> Result<Option<demo::Shop>> {
+    if !args.demo {
+        return Ok(None);
+    }
+    if running.gateway_addr.is_none() {
+        anyhow::bail!("--demo needs the gateway: add --gateway-addr HOST:PORT");
+    }
+    let endpoints = match running.etcd_addr {
+        Some(a) => vec![a.to_string()],
+        None => external.to_vec(),
+    };
+    let shop = demo::Shop::start(&running.http_addr.to_string(), &endpoints, data_dir)
+        .await
+        .context("starting the demo shop")?;
+    Ok(Some(shop))
 }
 
 fn main() -> Result<()> {
@@ -366,6 +411,7 @@ fn main() -> Result<()> {
             Command::Lock(a) => coordcli::lock(a).await,
             Command::Id(a) => coordcli::id(a).await,
             Command::Gateway(a) => gatewaycli::run(a).await,
+            Command::Demo(a) => demo::run(a).await,
             Command::Bench { what } => bench::run(what).await,
         }
     })

@@ -192,6 +192,10 @@ pub const GATEWAY_ROUTES: &str = r#"
 [[routes]]
 name = "shop-orders-create"
 priority = 20
+rate_limits = [
+  { by = "header", header = "x-customer", rate_per_sec = 20, burst = 40 },
+  { by = "client_ip", rate_per_sec = 2000, burst = 4000 },
+]
 [routes.match]
 path = { exact = "/api/orders" }
 methods = ["POST"]
@@ -199,10 +203,6 @@ methods = ["POST"]
 service = "order"
 strip_prefix = "/api"
 timeout_ms = 10000
-rate_limits = [
-  { by = "header", header = "x-customer", rate_per_sec = 20, burst = 40 },
-  { by = "client_ip", rate_per_sec = 2000, burst = 4000 },
-]
 
 [[routes]]
 name = "shop-orders"
