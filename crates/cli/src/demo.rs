@@ -41,6 +41,10 @@ enum DemoCommand {
         /// Insert the demo products and accounts if absent.
         #[arg(long)]
         seed: bool,
+        /// Exit when the parent process exits (how `up --demo` starts its children,
+        /// so that a killed node leaves no orphans).
+        #[arg(long)]
+        exit_with_parent: bool,
     },
     /// Place orders through the gateway and print a summary.
     Load {
@@ -70,6 +74,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
             data_dir,
             listen,
             seed,
+            exit_with_parent,
         } => {
             let service: ShopService = service.parse().map_err(anyhow::Error::msg)?;
             let listen = listen
@@ -81,14 +86,23 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
                 .filter(|s| !s.is_empty())
                 .map(String::from)
                 .collect();
-            meshwork_shop::serve(meshwork_shop::ServeOptions {
+            let serve = meshwork_shop::serve(meshwork_shop::ServeOptions {
                 service,
                 endpoints,
                 data_dir,
                 listen,
                 seed,
-            })
-            .await?;
+            });
+            if exit_with_parent {
+                tokio::select! {
+                    r = serve => r?,
+                    () = parent_gone() => {
+                        tracing::warn!("parent exited; stopping");
+                    }
+                }
+            } else {
+                serve.await?;
+            }
             Ok(())
         }
         DemoCommand::Load {
@@ -113,6 +127,18 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
                 println!("{summary}");
             }
             Ok(())
+        }
+    }
+}
+
+/// Resolves when this process's parent changes (it died and we were re-parented).
+async fn parent_gone() {
+    let parent = std::os::unix::process::parent_id();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if std::os::unix::process::parent_id() != parent {
+            return;
         }
     }
 }
@@ -144,6 +170,7 @@ impl Shop {
                 .arg("--data-dir")
                 .arg(data_dir.join("shop"))
                 .arg("--seed")
+                .arg("--exit-with-parent")
                 .stdout(std::process::Stdio::null())
                 .kill_on_drop(true);
             supervisors.push(tokio::spawn(supervise(
@@ -189,7 +216,11 @@ async fn supervise(
                 return;
             }
         };
-        tracing::info!(service = svc.name(), pid = child.id(), "shop service started");
+        tracing::info!(
+            service = svc.name(),
+            pid = child.id(),
+            "shop service started"
+        );
         let started = tokio::time::Instant::now();
         tokio::select! {
             status = child.wait() => {
@@ -226,7 +257,10 @@ async fn terminate(svc: ShopService, child: &mut Child) {
         .await
         .is_err()
     {
-        tracing::warn!(service = svc.name(), "shop service did not stop; killing it");
+        tracing::warn!(
+            service = svc.name(),
+            "shop service did not stop; killing it"
+        );
         let _ = child.kill().await;
     }
 }

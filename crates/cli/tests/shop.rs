@@ -1,0 +1,354 @@
+//! The demo shop end to end: a real node started with `--demo` (its three services
+//! are child processes), orders placed through the gateway over loopback, and the
+//! books checked: every confirmed order has exactly one committed reservation and
+//! one charge; every failed one lost no stock and no money. Along the way: an
+//! idempotent retry, a declined card, a race for the last unit, the per-customer
+//! rate limit, the payments flag flipped live, and payment killed with SIGKILL
+//! (orders fail fast with `payment_unavailable`, reads keep working, and orders
+//! recover once the node has restarted it).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One request with extra headers: (status, headers text, body JSON or string).
+fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, Value) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let json = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
+    (status, head.to_ascii_lowercase(), json)
+}
+
+fn get(addr: &str, path: &str) -> (u16, Value) {
+    let (s, _, v) = request(addr, "GET", path, &[], "");
+    (s, v)
+}
+
+fn order(gw: &str, customer: &str, key: Option<&str>, sku: &str, account: &str) -> (u16, Value) {
+    let body = format!(r#"{{"sku":"{sku}","qty":1,"account":"{account}"}}"#);
+    let mut h = vec![("x-customer", customer)];
+    if let Some(k) = key {
+        h.push(("idempotency-key", k));
+    }
+    let (s, _, v) = request(gw, "POST", "/api/orders", &h, &body);
+    (s, v)
+}
+
+fn reason(v: &Value) -> String {
+    v["error"]["code"].as_str().unwrap_or("").to_string()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `HOST:PORT` and metadata of the first instance of `service` in the registry.
+fn instance(http: &str, service: &str) -> Option<(String, Value)> {
+    let (status, v) = get(
+        http,
+        &format!("/v1/services/{service}/instances?healthy=true"),
+    );
+    if status != 200 {
+        return None;
+    }
+    let i = v["instances"].as_array()?.first()?.clone();
+    Some((
+        format!("{}:{}", i["address"].as_str()?, i["port"].as_u64()?),
+        i["metadata"].clone(),
+    ))
+}
+
+fn kill9(pid: i32) {
+    // SAFETY: kill(2) has no memory effects; the pid is a live child of the node
+    // this test started.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+#[test]
+fn the_shop_keeps_its_books_through_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = common::start(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,gateway",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--demo",
+        ],
+        &[],
+    );
+    let gw = node.gateway.clone().unwrap();
+    let http = node.http.clone();
+    wait_until("the shop behind the gateway", || {
+        get(&gw, "/api/products").0 == 200
+            && instance(&http, "order").is_some()
+            && instance(&http, "payment").is_some()
+    });
+    let (_, products) = get(&gw, "/api/products");
+    let initial_stock: HashMap<String, i64> = products
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["sku"].as_str().unwrap().to_string(),
+                p["stock"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+
+    // A retried request with the same key is one order.
+    let (s1, o1) = order(&gw, "alice", Some("k-1"), "sku-keyboard", "acct-1");
+    let (s2, o2) = order(&gw, "alice", Some("k-1"), "sku-keyboard", "acct-1");
+    assert_eq!((s1, s2), (201, 201), "{o1} {o2}");
+    assert_eq!(o1["id"], o2["id"]);
+
+    // A declined card: 402, no money moves, the stock comes back.
+    let (s, v) = order(&gw, "bob", None, "sku-monitor", "acct-poor");
+    assert_eq!(s, 402, "{v}");
+    assert_eq!(reason(&v), "insufficient_funds");
+
+    // Eight customers race for the last unit: exactly one gets it.
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let gw = gw.clone();
+            std::thread::spawn(move || {
+                order(
+                    &gw,
+                    &format!("racer-{i}"),
+                    None,
+                    "sku-last",
+                    &format!("acct-{}", i + 10),
+                )
+            })
+        })
+        .collect();
+    let results: Vec<(u16, Value)> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+    let won = results.iter().filter(|(s, _)| *s == 201).count();
+    assert_eq!(won, 1, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .filter(|(s, _)| *s != 201)
+            .all(|(s, v)| *s == 409 && reason(v) == "out_of_stock"),
+        "{results:?}"
+    );
+
+    // One customer over its limit (burst 40): some are refused with 429.
+    let flood: Vec<_> = (0..80)
+        .map(|i| {
+            let gw = gw.clone();
+            std::thread::spawn(move || {
+                let (s, h, v) = request(
+                    &gw,
+                    "POST",
+                    "/api/orders",
+                    &[("x-customer", "flood")],
+                    &format!(
+                        r#"{{"sku":"sku-cable","qty":1,"account":"acct-{}"}}"#,
+                        i % 50 + 1
+                    ),
+                );
+                (s, h.contains("retry-after"), reason(&v))
+            })
+        })
+        .collect();
+    let flood: Vec<(u16, bool, String)> = flood.into_iter().map(|t| t.join().unwrap()).collect();
+    let limited: Vec<_> = flood.iter().filter(|(s, _, _)| *s == 429).collect();
+    assert!(
+        !limited.is_empty(),
+        "the per-customer limit refused nothing"
+    );
+    assert!(
+        limited
+            .iter()
+            .all(|(_, retry_after, code)| *retry_after && code == "rate_limited")
+    );
+    assert!(flood.iter().any(|(s, _, _)| *s == 201));
+
+    // Payments switched off live, then on again.
+    let flag = |on: &str| {
+        let (ok, out, err) = common::meshwork_http(
+            &http,
+            &[
+                "config",
+                "publish",
+                "shop/features/payments-enabled",
+                "--format",
+                "json",
+                "--content",
+                on,
+            ],
+        );
+        assert!(ok, "{out} {err}");
+    };
+    flag("false");
+    wait_until("payments to be switched off", || {
+        let (s, v) = order(&gw, "carol", None, "sku-mouse", "acct-3");
+        s == 503 && reason(&v) == "payments_disabled"
+    });
+    flag("true");
+    wait_until("payments to be switched on", || {
+        order(&gw, "carol", None, "sku-mouse", "acct-3").0 == 201
+    });
+
+    // Kill payment: orders fail with payment_unavailable while reads still work;
+    // the node restarts payment and orders recover.
+    let (_, meta) = instance(&http, "payment").unwrap();
+    let pid: i32 = meta["pid"].as_str().unwrap().parse().unwrap();
+    kill9(pid);
+    wait_until("orders to fail with payment_unavailable", || {
+        let (s, v) = order(&gw, "dave", None, "sku-mouse", "acct-4");
+        s == 503 && reason(&v) == "payment_unavailable"
+    });
+    assert_eq!(get(&gw, "/api/products").0, 200, "reads keep working");
+    wait_until("orders to recover after payment restarts", || {
+        order(&gw, "dave", None, "sku-mouse", "acct-4").0 == 201
+    });
+
+    // The books: wait until the sweeper has finished every order, then reconcile.
+    let (inv, _) = instance(&http, "inventory").unwrap();
+    let (pay, _) = instance(&http, "payment").unwrap();
+    let mut orders = Value::Null;
+    wait_until("every order to settle", || {
+        orders = get(&gw, "/api/orders?limit=10000").1;
+        orders
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|o| o["status"] == "confirmed" || o["status"] == "failed")
+    });
+    let orders = orders.as_array().unwrap();
+    let confirmed: HashMap<i64, &Value> = orders
+        .iter()
+        .filter(|o| o["status"] == "confirmed")
+        .map(|o| (o["id"].as_i64().unwrap(), o))
+        .collect();
+    assert!(confirmed.len() >= 5, "{} confirmed", confirmed.len());
+    let (_, reservations) = get(&inv, "/reservations");
+    let (_, charges) = get(&pay, "/charges");
+    let mut sold: HashMap<String, i64> = HashMap::new();
+    for r in reservations.as_array().unwrap() {
+        let id = r["order_id"].as_i64().unwrap();
+        match r["state"].as_str().unwrap() {
+            "committed" => {
+                assert!(
+                    confirmed.contains_key(&id),
+                    "stock sold to a failed order: {r}"
+                );
+                *sold
+                    .entry(r["sku"].as_str().unwrap().to_string())
+                    .or_default() += r["qty"].as_i64().unwrap();
+            }
+            "released" => assert!(
+                !confirmed.contains_key(&id),
+                "confirmed order released: {r}"
+            ),
+            other => panic!("reservation left {other}: {r}"),
+        }
+    }
+    let mut charged_total = 0;
+    for c in charges.as_array().unwrap() {
+        let id = c["order_id"].as_i64().unwrap();
+        if c["state"] == "charged" {
+            let o = confirmed
+                .get(&id)
+                .unwrap_or_else(|| panic!("money kept for a failed order: {c}"));
+            assert_eq!(c["amount_cents"], o["amount_cents"]);
+            charged_total += c["amount_cents"].as_i64().unwrap();
+        } else {
+            assert!(
+                !confirmed.contains_key(&id),
+                "confirmed order without money: {c}"
+            );
+        }
+    }
+    for id in confirmed.keys() {
+        assert!(
+            charges
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["order_id"] == *id && c["state"] == "charged"),
+            "order {id} confirmed without a charge"
+        );
+        assert!(
+            reservations
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["order_id"] == *id && r["state"] == "committed"),
+            "order {id} confirmed without a committed reservation"
+        );
+    }
+    let (_, accounts) = get(&pay, "/accounts");
+    let balances: i64 = accounts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["balance_cents"].as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        balances + charged_total,
+        100 * 100_000 + 100,
+        "no money created or lost"
+    );
+    let (_, products) = get(&gw, "/api/products");
+    for p in products.as_array().unwrap() {
+        let sku = p["sku"].as_str().unwrap();
+        assert_eq!(
+            p["stock"].as_i64().unwrap() + sold.get(sku).copied().unwrap_or(0),
+            initial_stock[sku],
+            "stock of {sku}"
+        );
+    }
+    assert_eq!(
+        products
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["sku"] == "sku-last")
+            .unwrap()["stock"],
+        0
+    );
+    drop(node);
+}
