@@ -3,7 +3,9 @@
 //! disk before the service answers. Calls run on the blocking pool.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use rusqlite::Connection;
 
@@ -32,9 +34,7 @@ impl Db {
     {
         let db = self.0.clone();
         tokio::task::spawn_blocking(move || {
-            let mut conn = db
-                .lock()
-                .map_err(|_| ApiError::internal("database lock poisoned"))?;
+            let mut conn = db.lock();
             let tx = conn.transaction()?;
             let out = f(&tx)?;
             tx.commit()?;

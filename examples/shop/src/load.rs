@@ -13,8 +13,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
 use serde::Serialize;
-use std::sync::Mutex;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -167,13 +167,9 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, String> {
                     Err(_) => Some("bad_request".to_string()),
                 };
                 let us = t.elapsed().as_micros() as u64;
-                if let Ok(mut h) = hist.lock() {
-                    let _ = h.record(us.max(1));
-                }
-                if let Some(r) = outcome
-                    && let Ok(mut f) = failures.lock()
-                {
-                    *f.entry(r).or_default() += 1;
+                let _ = hist.lock().record(us.max(1));
+                if let Some(r) = outcome {
+                    *failures.lock().entry(r).or_default() += 1;
                 }
                 done.fetch_add(1, Ordering::Relaxed);
             }
@@ -187,9 +183,9 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, String> {
         eprintln!();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let failures = failures.lock().map(|f| f.clone()).unwrap_or_default();
+    let failures = failures.lock().clone();
     let failed: usize = failures.values().sum();
-    let h = hist.lock().map(|h| h.clone()).map_err(|e| e.to_string())?;
+    let h = hist.lock().clone();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     Ok(LoadSummary {
         orders: opts.orders,
