@@ -172,6 +172,16 @@ impl TargetPolicy {
     }
 
     /// Sets the fallback.
+    ///
+    /// ```
+    /// use meshwork_sdk::TargetPolicy;
+    /// let policy = TargetPolicy::default().with_fallback(|err| {
+    ///     // Serve a cached answer while recommendations are down.
+    ///     Some(http::Response::new(bytes::Bytes::from_static(b"[]")))
+    ///         .filter(|_| err.code() != "invalid_request")
+    /// });
+    /// assert!(policy.validate().is_ok());
+    /// ```
     pub fn with_fallback(
         mut self,
         f: impl Fn(&CallError) -> Option<Response<Bytes>> + Send + Sync + 'static,
@@ -371,6 +381,13 @@ impl HttpClient {
     }
 
     /// `GET path` on `service`.
+    ///
+    /// ```no_run
+    /// # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::CallError> {
+    /// let resp = mw.http().get("inventory", "/products/sku-1").await?;
+    /// println!("{} {:?}", resp.status(), resp.body());
+    /// # Ok(()) }
+    /// ```
     pub async fn get(&self, service: &str, path: &str) -> Result<Response<Bytes>, CallError> {
         let req = Request::get(path)
             .body(Bytes::new())
@@ -379,6 +396,13 @@ impl HttpClient {
     }
 
     /// `method path` on `service` with a JSON body.
+    ///
+    /// ```no_run
+    /// # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::CallError> {
+    /// let body = serde_json::json!({ "order_id": 1, "sku": "sku-1", "qty": 1 });
+    /// let resp = mw.http().json("inventory", http::Method::POST, "/reservations", &body).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn json<T: Serialize>(
         &self,
         service: &str,
@@ -398,6 +422,14 @@ impl HttpClient {
 
     /// State of `service`'s circuit breaker (`closed`, `open`, `half_open`), if
     /// it was called.
+    ///
+    /// ```no_run
+    /// # async fn demo(mw: meshwork_sdk::Meshwork) {
+    /// if mw.http().breaker_state("payment").await == Some("open") {
+    ///     eprintln!("payment is failing fast");
+    /// }
+    /// # }
+    /// ```
     pub async fn breaker_state(&self, service: &str) -> Option<&'static str> {
         let t = self.targets.lock().await.get(service).cloned()?;
         Some(t.breaker.state().as_str())

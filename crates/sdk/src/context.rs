@@ -38,6 +38,18 @@ impl RequestContext {
     }
 
     /// Runs `f` with this context as the current one.
+    ///
+    /// ```no_run
+    /// # async fn demo(mw: meshwork_sdk::Meshwork) {
+    /// use meshwork_sdk::RequestContext;
+    /// let ctx = RequestContext {
+    ///     trace: meshwork_telemetry::TraceContext::new_root(),
+    ///     deadline: Some(tokio::time::Instant::now() + std::time::Duration::from_millis(500)),
+    /// };
+    /// // Calls made inside continue the trace and carry the remaining time.
+    /// let _ = ctx.scope(mw.http().get("inventory", "/products")).await;
+    /// # }
+    /// ```
     pub async fn scope<F: Future>(self, f: F) -> F::Output {
         CONTEXT.scope(self, f).await
     }

@@ -77,6 +77,11 @@ pub struct Options {
 impl Options {
     /// Options for service `name` with the control plane at
     /// `MESHWORK_ENDPOINTS` (default [`DEFAULT_ENDPOINT`]).
+    ///
+    /// ```
+    /// let opts = meshwork_sdk::Options::from_env("order").expect("a valid service name");
+    /// assert_eq!(opts.name, "order");
+    /// ```
     pub fn from_env(name: &str) -> Result<Options, Error> {
         let endpoints = match std::env::var(ENDPOINTS_ENV) {
             Ok(v) => v
@@ -109,6 +114,14 @@ impl Options {
     }
 
     /// Sets the policy for calls to `service`.
+    ///
+    /// ```
+    /// use meshwork_sdk::{Options, TargetPolicy};
+    /// let opts = Options::new("order", vec!["127.0.0.1:2479".into()])?
+    ///     .target("payment", TargetPolicy { timeout_ms: 1_000, ..TargetPolicy::default() });
+    /// assert_eq!(opts.targets["payment"].timeout_ms, 1_000);
+    /// # Ok::<(), meshwork_sdk::Error>(())
+    /// ```
     pub fn target(mut self, service: &str, policy: TargetPolicy) -> Options {
         self.targets.insert(service.to_string(), policy);
         self
@@ -193,6 +206,14 @@ impl Meshwork {
 
     /// Whether the control plane answers right now (discovery serves from the local
     /// copy while it does not).
+    ///
+    /// ```no_run
+    /// # fn demo(mw: meshwork_sdk::Meshwork) {
+    /// if !mw.control_plane_reachable() {
+    ///     eprintln!("serving from the last known instances");
+    /// }
+    /// # }
+    /// ```
     pub fn control_plane_reachable(&self) -> bool {
         *self.inner.coord.control_plane().borrow()
     }
@@ -215,6 +236,14 @@ impl Meshwork {
     }
 
     /// Instances of `service` that take traffic right now, from the local copy.
+    ///
+    /// ```no_run
+    /// # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::Error> {
+    /// for v in mw.instances("inventory").await? {
+    ///     println!("{}:{} {}", v.instance.spec.address, v.instance.spec.port, v.health);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn instances(&self, service: &str) -> Result<Vec<InstanceView>, Error> {
         let registry = self.inner.coord.discovery(service).await?;
         let filter = Filter {
@@ -314,6 +343,13 @@ impl Meshwork {
     }
 
     /// `n` unique ids (1..=10000), increasing.
+    ///
+    /// ```no_run
+    /// # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::Error> {
+    /// let batch = mw.ids(100).await?;
+    /// assert!(batch.windows(2).all(|w| w[0] < w[1]));
+    /// # Ok(()) }
+    /// ```
     pub async fn ids(&self, n: usize) -> Result<Vec<i64>, Error> {
         let mut slot = self.inner.ids.lock().await;
         let lease = self.inner.coord.lease();
@@ -342,6 +378,12 @@ impl Meshwork {
     }
 
     /// Deregisters this process's instances and closes the session.
+    ///
+    /// ```no_run
+    /// # async fn demo(mw: meshwork_sdk::Meshwork) {
+    /// mw.shutdown().await; // instances leave the registry at once, not after the TTL
+    /// # }
+    /// ```
     pub async fn shutdown(&self) {
         if let Some(g) = self.inner.ids.lock().await.take()
             && let Err(e) = g.release().await
@@ -397,6 +439,16 @@ impl Drop for Leadership {
 }
 
 /// Starts an instance description for `address:port` (HTTP, weight 100, ephemeral).
+///
+/// ```
+/// let spec = meshwork_sdk::instance("10.0.0.5", 9001)
+///     .with_http_check("/health")
+///     .version("1.4.2")
+///     .zone("eu-1")
+///     .tag("canary")
+///     .build();
+/// assert_eq!(spec.port, 9001);
+/// ```
 pub fn instance(address: &str, port: u16) -> InstanceBuilder {
     InstanceBuilder(InstanceSpec {
         id: String::new(),
