@@ -52,14 +52,12 @@ use meshwork_resilience::breaker::{Breaker, BreakerConfig, CircuitBreaker};
 use meshwork_resilience::classify::HttpServerErrors;
 use meshwork_resilience::outlier::{OutlierConfig, OutlierDetector};
 use meshwork_resilience::retry::{Retry, RetryConfig, RetryHttp, RetryLayer};
-use meshwork_resilience::timeout::{Deadline, Timeout, TimeoutConfig, TimeoutLayer};
+use meshwork_resilience::timeout::{Timeout, TimeoutConfig, TimeoutLayer};
 use meshwork_resilience::{CircuitOpen, Elapsed};
-use meshwork_telemetry::TraceContext;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tower::{Layer, Service, ServiceExt};
 
-use crate::context::RequestContext;
 use crate::error::CallError;
 use crate::{Error, Options};
 
@@ -211,6 +209,9 @@ impl EndpointSvc {
     }
 }
 
+/// The future of one call through the stack's inner services.
+type CallFuture = std::pin::Pin<Box<dyn Future<Output = Result<Response<Bytes>, BoxError>> + Send>>;
+
 /// The answer was larger than allowed.
 #[derive(Debug, thiserror::Error)]
 #[error("response body over {0} bytes")]
@@ -219,9 +220,7 @@ struct BodyTooLarge(usize);
 impl Service<Request<Bytes>> for EndpointSvc {
     type Response = Response<Bytes>;
     type Error = BoxError;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response<Bytes>, BoxError>> + Send>,
-    >;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
@@ -276,9 +275,7 @@ struct LbSvc(Arc<Mutex<Lbal>>);
 impl Service<Request<Bytes>> for LbSvc {
     type Response = Response<Bytes>;
     type Error = BoxError;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response<Bytes>, BoxError>> + Send>,
-    >;
+    type Future = CallFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
@@ -348,14 +345,7 @@ impl HttpClient {
         let policy = self.policy(service);
         let result = async {
             let target = self.target(service).await?;
-            let ctx = RequestContext::current();
-            let trace = ctx
-                .as_ref()
-                .map_or_else(TraceContext::new_root, |c| c.trace.child());
-            trace.apply(req.headers_mut());
-            if let Some(d) = ctx.and_then(|c| c.deadline) {
-                req.extensions_mut().insert(Deadline(d));
-            }
+            crate::context::stamp(&mut req);
             let started = tokio::time::Instant::now();
             let result = target.stack.clone().oneshot(req).await;
             let elapsed = started.elapsed().as_secs_f64();
@@ -514,21 +504,13 @@ impl HttpClient {
                 std::future::ready(tx.send(change).is_ok())
             },
         ));
-        let mut breaker_cfg = policy.breaker.clone();
-        if breaker_cfg.name.is_empty() {
-            breaker_cfg.name = service.to_string();
-        }
-        let breaker = Breaker::new(breaker_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        let (breaker, timeout) = guards(service, policy)?;
         let retry = RetryLayer::new(
             policy.retry,
             RetryHttp {
                 all_methods: policy.retry_all_methods,
             },
         )
-        .map_err(|e| Error::Invalid(e.to_string()))?;
-        let timeout = TimeoutLayer::new(TimeoutConfig {
-            timeout_ms: policy.timeout_ms,
-        })
         .map_err(|e| Error::Invalid(e.to_string()))?;
         let lb = LbSvc(Arc::new(Mutex::new(lb)));
         let stack = timeout.layer(CircuitBreaker::new(
@@ -542,6 +524,24 @@ impl HttpClient {
             _feed: AbortOnDrop(feed),
         })
     }
+}
+
+/// The breaker (named after the service unless the policy names it) and the
+/// timeout layer of a target.
+pub(crate) fn guards(
+    service: &str,
+    policy: &TargetPolicy,
+) -> Result<(Breaker, TimeoutLayer), Error> {
+    let mut cfg = policy.breaker.clone();
+    if cfg.name.is_empty() {
+        cfg.name = service.to_string();
+    }
+    let breaker = Breaker::new(cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+    let timeout = TimeoutLayer::new(TimeoutConfig {
+        timeout_ms: policy.timeout_ms,
+    })
+    .map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok((breaker, timeout))
 }
 
 /// One change of a service's traffic endpoints.

@@ -54,3 +54,17 @@ impl RequestContext {
         CONTEXT.scope(self, f).await
     }
 }
+
+/// Stamps an outgoing request with the current context: a child span of its
+/// trace (or a new trace) and its deadline.
+pub(crate) fn stamp<B>(req: &mut http::Request<B>) {
+    let ctx = RequestContext::current();
+    let trace = ctx
+        .as_ref()
+        .map_or_else(TraceContext::new_root, |c| c.trace.child());
+    trace.apply(req.headers_mut());
+    if let Some(d) = ctx.and_then(|c| c.deadline) {
+        req.extensions_mut()
+            .insert(meshwork_resilience::timeout::Deadline(d));
+    }
+}

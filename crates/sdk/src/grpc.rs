@@ -20,10 +20,9 @@ use std::time::Duration;
 use meshwork_coord::CoordClient;
 use meshwork_coord::registry::Filter;
 use meshwork_resilience::BoxError;
-use meshwork_resilience::breaker::{Breaker, CircuitBreaker};
+use meshwork_resilience::breaker::CircuitBreaker;
 use meshwork_resilience::classify::GrpcStatus;
-use meshwork_resilience::timeout::{Deadline, Timeout, TimeoutConfig, TimeoutLayer};
-use meshwork_telemetry::TraceContext;
+use meshwork_resilience::timeout::Timeout;
 use tonic::body::Body;
 use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint};
@@ -31,7 +30,6 @@ use tower::{Layer, Service};
 
 use crate::Error;
 use crate::client::{EndpointChange, TargetPolicy, current_endpoints, follow};
-use crate::context::RequestContext;
 
 /// Endpoint changes buffered between the registry feed and the channel.
 const CHANGE_BUFFER: usize = 1024;
@@ -100,15 +98,7 @@ pub(crate) async fn channel(
             }
         },
     ));
-    let mut breaker_cfg = policy.breaker.clone();
-    if breaker_cfg.name.is_empty() {
-        breaker_cfg.name = service.to_string();
-    }
-    let breaker = Breaker::new(breaker_cfg).map_err(|e| Error::Invalid(e.to_string()))?;
-    let timeout = TimeoutLayer::new(TimeoutConfig {
-        timeout_ms: policy.timeout_ms,
-    })
-    .map_err(|e| Error::Invalid(e.to_string()))?;
+    let (breaker, timeout) = crate::client::guards(service, policy)?;
     Ok(GrpcChannel {
         inner: timeout.layer(CircuitBreaker::new(channel, breaker, GrpcStatus::default())),
         _feed: Arc::new(crate::client::AbortOnDrop(feed)),
@@ -125,14 +115,7 @@ impl Service<http::Request<Body>> for GrpcChannel {
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
-        let ctx = RequestContext::current();
-        let trace = ctx
-            .as_ref()
-            .map_or_else(TraceContext::new_root, |c| c.trace.child());
-        trace.apply(req.headers_mut());
-        if let Some(d) = ctx.and_then(|c| c.deadline) {
-            req.extensions_mut().insert(Deadline(d));
-        }
+        crate::context::stamp(&mut req);
         Box::pin(self.inner.call(req))
     }
 }
