@@ -223,3 +223,111 @@ fn cluster_rate_limits_are_split_over_the_gateway_nodes() {
     assert_eq!(code, 429, "{body}");
     assert!(body.contains("rate_limited"), "{body}");
 }
+
+/// The operations `/openapi.json` documents for the gateway role answer as
+/// documented: statuses listed, required fields present with their types.
+#[test]
+fn the_gateway_routes_api_answers_as_its_openapi_document_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = common::start(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,gateway",
+            "--gateway-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let h = s.http.as_str();
+    let (status, body) = common::http_get(h, "/openapi.json").unwrap();
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let gateway_ops: Vec<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, item)| item["x-meshwork-role"] == "gateway")
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| ["get", "put", "post", "delete"].contains(&k.as_str()))
+                .map(move |m| (m.clone(), path.clone()))
+        })
+        .collect();
+    assert_eq!(
+        gateway_ops.len(),
+        2,
+        "GET and PUT /v1/gateway/routes: {gateway_ops:?}"
+    );
+    let check = |method: &str, path: &str, status: u16, body: &str| {
+        let op = &doc["paths"][path][method];
+        let resp = &op["responses"][status.to_string()];
+        assert!(
+            !resp.is_null(),
+            "{method} {path} answered {status}, not documented: {body}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        let schema_ref = resp["content"]["application/json"]["schema"]["$ref"]
+            .as_str()
+            .or_else(|| {
+                resp["$ref"].as_str().map(|r| {
+                    let name = r.rsplit('/').next().unwrap();
+                    doc["components"]["responses"][name]["content"]["application/json"]["schema"]
+                        ["$ref"]
+                        .as_str()
+                        .unwrap()
+                })
+            })
+            .unwrap();
+        let schema = &doc["components"]["schemas"][schema_ref.rsplit('/').next().unwrap()];
+        for field in schema["required"].as_array().unwrap() {
+            let f = field.as_str().unwrap();
+            assert!(
+                v.get(f).is_some(),
+                "{method} {path} {status}: no `{f}` in {v}"
+            );
+            let ty = &schema["properties"][f]["type"];
+            let ok = |t: &str| match t {
+                "integer" => v[f].is_i64() || v[f].is_u64(),
+                "string" => v[f].is_string(),
+                "boolean" => v[f].is_boolean(),
+                "object" => v[f].is_object(),
+                "null" => v[f].is_null(),
+                _ => true,
+            };
+            let matches = match ty {
+                serde_json::Value::String(t) => ok(t),
+                serde_json::Value::Array(ts) => ts.iter().any(|t| ok(t.as_str().unwrap())),
+                _ => true,
+            };
+            assert!(matches, "{method} {path}: `{f}` is not {ty}: {v}");
+        }
+        if let Some(code) = v["error"]["code"].as_str() {
+            let codes = &doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]
+                ["code"]["enum"];
+            assert!(
+                codes.as_array().unwrap().iter().any(|c| c == code),
+                "error code {code} is not in the documented enum"
+            );
+        }
+    };
+    let path = "/v1/gateway/routes";
+    let (st, body) = common::http_get(h, path).unwrap();
+    check("get", path, st, &body);
+    assert_eq!(st, 200);
+    let set = "[[routes]]\nname = \"hello\"\n[routes.match]\npath = { exact = \"/hello\" }\n[routes.respond]\nstatus = 200\nbody = \"hi\"\n";
+    let (st, body) = common::http_request(h, "PUT", path, set).unwrap();
+    check("put", path, st, &body);
+    assert_eq!(st, 200);
+    let (st, body) = common::http_request(h, "PUT", path, "[[routes]]\nname = 1\n").unwrap();
+    check("put", path, st, &body);
+    assert_eq!(st, 400);
+    let (st, body) = common::http_request(h, "PUT", &format!("{path}?if_version=7"), set).unwrap();
+    check("put", path, st, &body);
+    assert_eq!(st, 409);
+    let (st, body) = common::http_get(h, path).unwrap();
+    check("get", path, st, &body);
+    assert!(body.contains("hello"));
+}
