@@ -197,6 +197,22 @@ pub(crate) struct FileConfig {
     /// The gateway's limits and defaults.
     #[serde(default)]
     pub(crate) gateway: Option<meshwork_gateway::GatewayConfig>,
+    /// The web console's login.
+    #[serde(default)]
+    pub(crate) console: ConsoleFile,
+}
+
+/// `[console]`: when `password` is set, writes through the HTTP API (and so
+/// the console) need a login.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConsoleFile {
+    /// User name (default `admin`).
+    #[serde(default)]
+    pub(crate) user: Option<String>,
+    /// Password (at least 8 characters); `MESHWORK_CONSOLE_PASSWORD` overrides it.
+    #[serde(default)]
+    pub(crate) password: Option<String>,
 }
 
 impl FileConfig {

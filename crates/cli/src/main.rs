@@ -242,7 +242,25 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         gateway_addr,
         gateway,
         gateway_workers: args.gateway_workers,
+        console_auth: console_auth(&file.console)?,
     })
+}
+
+/// The console login from `[console]` and `MESHWORK_CONSOLE_USER`/`_PASSWORD`.
+fn console_auth(file: &config::ConsoleFile) -> Result<Option<meshwork_console::Auth>> {
+    let password = std::env::var("MESHWORK_CONSOLE_PASSWORD")
+        .ok()
+        .or(file.password.clone());
+    let Some(password) = password else {
+        return Ok(None);
+    };
+    let user = std::env::var("MESHWORK_CONSOLE_USER")
+        .ok()
+        .or(file.user.clone())
+        .unwrap_or_else(|| "admin".into());
+    meshwork_console::Auth::new(&user, &password)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("[console] table: {e}"))
 }
 
 async fn run_server(args: ServerArgs) -> Result<()> {
@@ -347,6 +365,7 @@ async fn run_up(args: UpArgs) -> Result<()> {
             "               meshwork gateway --http {http} routes;  meshwork gateway --http {http} explain http://{g}/api/x"
         );
     }
+    println!("  console    http://{http}/");
     println!("  health     curl http://{http}/readyz");
     println!("  metrics    curl http://{http}/metrics");
     let shop = start_demo(&args.node, &running, &[], &data_dir).await?;

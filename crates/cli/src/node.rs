@@ -31,6 +31,8 @@ pub(crate) struct NodeConfig {
     pub(crate) gateway_addr: Option<SocketAddr>,
     pub(crate) gateway: meshwork_gateway::GatewayConfig,
     pub(crate) gateway_workers: Option<usize>,
+    /// The console login (None: writes are open).
+    pub(crate) console_auth: Option<meshwork_console::Auth>,
 }
 
 /// A node that is up: its bound addresses, and how to stop it.
@@ -166,11 +168,20 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                 c.clone(),
                 gateway.as_ref().map(|g| g.gateway.clone()),
             ))
-            .merge(meshwork_coord::api::router(c.clone()));
+            .merge(meshwork_coord::api::router(c.clone()))
+            .merge(meshwork_console::router(meshwork_console::ConsoleState {
+                coord: c.clone(),
+                gateway: gateway.as_ref().map(|g| g.gateway.clone()),
+                auth: cfg.console_auth.clone(),
+            }));
     }
     if let Some(g) = &gateway {
         app = app.nest("/gateway", g.gateway.admin_router());
     }
+    let app = app.layer(axum::middleware::from_fn_with_state(
+        cfg.console_auth.clone(),
+        meshwork_console::auth::guard,
+    ));
     let rx = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = http::serve(http_listener, app, stopped(rx)).await {

@@ -201,14 +201,17 @@ pub(crate) fn parse_labels(s: Option<&str>) -> ApiResult<BTreeMap<String, String
 }
 
 /// One server-sent event: its name, optional id, and JSON data.
-pub(crate) struct SseItem {
-    pub(crate) event: &'static str,
-    pub(crate) id: Option<String>,
-    pub(crate) data: serde_json::Value,
+pub struct SseItem {
+    /// Event name.
+    pub event: &'static str,
+    /// Event id (resume point), if any.
+    pub id: Option<String>,
+    /// The payload, sent as JSON.
+    pub data: serde_json::Value,
 }
 
 /// A server-sent-events response from a stream of items, with keep-alive comments.
-pub(crate) fn sse<S>(stream: S) -> Response
+pub fn sse<S>(stream: S) -> Response
 where
     S: futures_util::Stream<Item = SseItem> + Send + 'static,
 {

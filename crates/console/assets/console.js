@@ -1,0 +1,250 @@
+// Meshwork console: a little script on server-rendered pages.
+// - [data-live]: a region the server renders; refreshed from `URL?fragment=1`
+//   when its server-sent-event source ([data-sse]) reports a change, or every
+//   [data-every] ms.
+// - form[data-api] / button[data-api]: JSON calls to the node's API.
+// - canvas[data-chart]: live charts fed by /v1/console/stream.
+"use strict";
+
+function byName(form) {
+  const body = {};
+  for (const el of form.elements) {
+    if (!el.name || el.type === "submit" || el.type === "button") continue;
+    if (el.type === "checkbox") { body[el.name] = el.checked; continue; }
+    if (el.type === "radio") { if (el.checked) body[el.name] = el.value; continue; }
+    if (el.value === "" ) continue;
+    body[el.name] = (el.type === "number" || "number" in el.dataset) ? Number(el.value) : el.value;
+  }
+  return body;
+}
+
+function fill(template, values) {
+  return template.replace(/\{(\w+)\}/g, (_, k) => encodeURIComponent(values[k] ?? ""));
+}
+
+async function call(method, url, body) {
+  const init = { method, headers: {}, credentials: "same-origin" };
+  if (body !== undefined) {
+    init.headers["content-type"] = "application/json";
+    init.body = typeof body === "string" ? body : JSON.stringify(body);
+  }
+  const resp = await fetch(url, init);
+  let data = null;
+  try { data = await resp.json(); } catch (_) { data = null; }
+  return { ok: resp.ok, status: resp.status, data };
+}
+
+function say(out, ok, text) {
+  if (!out) { if (!ok) alert(text); return; }
+  out.textContent = text;
+  out.classList.toggle("ok", ok);
+  out.classList.toggle("bad", !ok);
+}
+
+function errorText(r) {
+  const e = r.data && r.data.error;
+  if (r.status === 401) return "Sign in first (" + (e ? e.message : "unauthenticated") + ")";
+  return e ? `${r.status} ${e.code}: ${e.message}` : `HTTP ${r.status}`;
+}
+
+async function refresh(region) {
+  const url = region.dataset.live;
+  const sep = url.includes("?") ? "&" : "?";
+  const keep = location.search.replace(/^\?/, "");
+  const resp = await fetch(url + sep + "fragment=1" + (keep ? "&" + keep : ""), { credentials: "same-origin" });
+  if (!resp.ok) return;
+  const html = await resp.text();
+  // The fragment is the page's content; keep only the live region's part.
+  const doc = new DOMParser().parseFromString("<div>" + html + "</div>", "text/html");
+  const fresh = doc.querySelector(`[data-live="${CSS.escape(url)}"]`);
+  if (fresh && !region.contains(document.activeElement)) {
+    region.innerHTML = fresh.innerHTML;
+    wire(region);
+  }
+}
+
+function after(then, el) {
+  if (then === "home") { location.href = "/"; return; }
+  if (then !== "reload") return;
+  const region = el && el.closest("[data-live]");
+  if (region) refresh(region); else location.reload();
+}
+
+function wire(root) {
+  for (const form of root.querySelectorAll("form[data-api]")) {
+    if (form.dataset.wired) continue;
+    form.dataset.wired = "1";
+    const out = form.querySelector(".result");
+    const validate = async () => {
+      if (!form.dataset.validate) return true;
+      const b = byName(form);
+      const r = await call("POST", form.dataset.validate, { content: b.content || "", format: b.format || "text" });
+      if (r.ok && r.data && r.data.ok) { say(out, true, "Valid " + (b.format || "text") + "."); return true; }
+      const d = r.data || {};
+      const where = d.line ? ` (line ${d.line}${d.column ? ", column " + d.column : ""})` : "";
+      say(out, false, "Invalid" + where + ": " + (d.message || errorText(r)));
+      return false;
+    };
+    const v = form.querySelector("[data-validate-only]");
+    if (v) v.addEventListener("click", validate);
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      if (!(await validate())) return;
+      const body = byName(form);
+      const url = fill(form.dataset.api, body);
+      for (const el of form.querySelectorAll("[data-path]")) delete body[el.name];
+      const r = await call(form.dataset.method || "POST", url, body);
+      if (r.ok) { say(out, true, "Done."); setTimeout(() => after(form.dataset.then, form), 300); }
+      else say(out, false, errorText(r));
+    });
+  }
+  for (const form of root.querySelectorAll("form[data-goto]")) {
+    if (form.dataset.wired) continue;
+    form.dataset.wired = "1";
+    form.addEventListener("submit", (ev) => { ev.preventDefault(); location.href = fill(form.dataset.goto, byName(form)); });
+  }
+  for (const form of root.querySelectorAll("form[data-explain]")) {
+    if (form.dataset.wired) continue;
+    form.dataset.wired = "1";
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const b = byName(form);
+      const out = form.querySelector(".result");
+      const resp = await fetch(`${form.dataset.explain}?method=${encodeURIComponent(b.method)}&url=${encodeURIComponent(b.url)}`);
+      let data = null;
+      try { data = await resp.json(); } catch (_) {}
+      out.textContent = data ? JSON.stringify(data, null, 2) : `HTTP ${resp.status}`;
+    });
+  }
+  for (const btn of root.querySelectorAll("button[data-api]")) {
+    if (btn.dataset.wired) continue;
+    btn.dataset.wired = "1";
+    btn.addEventListener("click", async () => {
+      if (btn.dataset.confirm && !confirm(btn.dataset.confirm)) return;
+      const r = await call(btn.dataset.method || "POST", btn.dataset.api, btn.dataset.body);
+      if (r.ok) after(btn.dataset.then, btn); else alert(errorText(r));
+    });
+  }
+  for (const btn of root.querySelectorAll("button[data-watch]")) {
+    if (btn.dataset.wired) continue;
+    btn.dataset.wired = "1";
+    btn.addEventListener("click", () => {
+      btn.disabled = true;
+      btn.textContent = "Watching…";
+      const log = document.getElementById("watch-log");
+      const es = new EventSource(btn.dataset.watch);
+      es.addEventListener("change", (ev) => {
+        const d = JSON.parse(ev.data);
+        const tr = document.createElement("tr");
+        for (const v of [d.mod_revision, d.type, d.key, d.value]) {
+          const td = document.createElement("td");
+          td.textContent = String(v);
+          tr.appendChild(td);
+        }
+        log.prepend(tr);
+        while (log.children.length > 200) log.lastChild.remove();
+      });
+    });
+  }
+  for (const btn of root.querySelectorAll("button[data-logout]")) {
+    if (btn.dataset.wired) continue;
+    btn.dataset.wired = "1";
+    btn.addEventListener("click", async () => { await call("POST", "/v1/console/logout", {}); location.reload(); });
+  }
+}
+
+// ---- live regions ----
+function liveRegions() {
+  for (const region of document.querySelectorAll("[data-live]")) {
+    let pending = null;
+    const soon = () => { if (!pending) pending = setTimeout(() => { pending = null; refresh(region); }, 250); };
+    if (region.dataset.sse) {
+      const es = new EventSource(region.dataset.sse);
+      es.onmessage = soon;
+      for (const name of ["update", "change", "services", "instances"]) es.addEventListener(name, soon);
+    } else if (region.dataset.every) {
+      setInterval(soon, Number(region.dataset.every));
+    }
+  }
+}
+
+// ---- charts ----
+const COLORS = ["#0b5fff", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a7ea4", "#57606a"];
+const WINDOW = 300; // points (seconds)
+const series = { "route-rate": {}, "route-errors": {}, "service-latency": {} };
+let last = null;
+
+function push(kind, name, t, v) {
+  const s = (series[kind][name] ||= []);
+  s.push([t, v]);
+  while (s.length > WINDOW) s.shift();
+}
+
+function draw(canvas) {
+  const kind = canvas.dataset.chart;
+  const data = series[kind] || {};
+  const ctx = canvas.getContext("2d");
+  const W = canvas.width, H = canvas.height, L = 48, B = 20;
+  ctx.clearRect(0, 0, W, H);
+  const names = Object.keys(data);
+  let max = 1, tmax = Date.now(), tmin = tmax - WINDOW * 1000;
+  for (const n of names) for (const [, v] of data[n]) max = Math.max(max, v);
+  ctx.strokeStyle = "#d8dde3"; ctx.fillStyle = "#5b6570"; ctx.font = "11px sans-serif";
+  for (let i = 0; i <= 4; i++) {
+    const y = H - B - (H - B - 8) * i / 4;
+    ctx.beginPath(); ctx.moveTo(L, y); ctx.lineTo(W, y); ctx.stroke();
+    ctx.fillText((max * i / 4).toFixed(max < 10 ? 1 : 0), 4, y + 4);
+  }
+  ctx.fillText("-5 min", L, H - 4); ctx.fillText("now", W - 26, H - 4);
+  names.forEach((n, i) => {
+    ctx.strokeStyle = COLORS[i % COLORS.length]; ctx.lineWidth = 2; ctx.beginPath();
+    data[n].forEach(([t, v], j) => {
+      const x = L + (W - L) * (t - tmin) / (tmax - tmin);
+      const y = H - B - (H - B - 8) * v / max;
+      if (j === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+    });
+    ctx.stroke();
+  });
+  let legend = canvas.nextElementSibling;
+  if (!legend || !legend.classList.contains("legend")) {
+    legend = document.createElement("div"); legend.className = "legend"; canvas.after(legend);
+  }
+  legend.innerHTML = "";
+  names.forEach((n, i) => {
+    const s = document.createElement("span");
+    s.style.setProperty("--c", COLORS[i % COLORS.length]);
+    const cur = data[n].length ? data[n][data[n].length - 1][1] : 0;
+    s.textContent = `${n} ${cur.toFixed(1)}`;
+    legend.appendChild(s);
+  });
+}
+
+function charts() {
+  const canvases = document.querySelectorAll("canvas[data-chart]");
+  const rate = document.getElementById("gw-rate"), errors = document.getElementById("gw-errors");
+  if (!canvases.length && !rate) return;
+  const es = new EventSource("/v1/console/stream");
+  es.addEventListener("tick", (ev) => {
+    const d = JSON.parse(ev.data);
+    if (last) {
+      const dt = Math.max(0.001, (d.t_ms - last.t_ms) / 1000);
+      const prev = Object.fromEntries(last.routes.map((r) => [r.route, r]));
+      let total = 0, errs = 0;
+      for (const r of d.routes) {
+        const p = prev[r.route];
+        if (!p) continue;
+        const rr = Math.max(0, r.requests - p.requests) / dt, er = Math.max(0, r.errors - p.errors) / dt;
+        total += rr; errs += er;
+        push("route-rate", r.route, d.t_ms, rr);
+        push("route-errors", r.route, d.t_ms, er);
+      }
+      for (const s of d.services) push("service-latency", s.service, d.t_ms, s.latency_ms);
+      if (rate) rate.textContent = total.toFixed(1);
+      if (errors) errors.textContent = errs.toFixed(1);
+      for (const c of canvases) draw(c);
+    }
+    last = d;
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => { wire(document); liveRegions(); charts(); });
