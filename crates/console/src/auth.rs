@@ -169,9 +169,11 @@ pub async fn guard(State(auth): State<Option<Auth>>, req: Request, next: Next) -
         && is_write(req.method(), req.uri().path())
         && auth.user_of(req.headers()).is_none()
     {
+        // No WWW-Authenticate challenge: browsers would answer the console's
+        // fetch() calls with their own password prompt. API clients send Basic
+        // credentials up front (`curl -u`).
         return (
             StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Basic realm=\"meshwork\"")],
             axum::Json(serde_json::json!({
                 "error": {
                     "code": "unauthenticated",

@@ -442,7 +442,7 @@ async fn config_entry(
     for f in ["text", "json", "toml", "yaml", "properties"] {
         let _ = write!(
             options,
-            "<option{}>{f}</option>",
+            "<option value=\"{f}\"{}>{f}</option>",
             if f == format { " selected" } else { "" }
         );
     }

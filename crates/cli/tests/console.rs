@@ -1,0 +1,431 @@
+//! The web console in a real headless Chromium (Debian's `chromium` and
+//! `chromium-driver`, driven over WebDriver), against a real node started with
+//! `--demo`: every page opens; a service registered from the console appears; a
+//! config entry is validated, published, diffed and rolled back from the editor;
+//! the shop's payments flag is flipped and orders see it; the gateway tester
+//! explains a URL; the KV watch shows a change live; and with a password
+//! configured, writes need the login and secrets stay masked.
+//!
+//! Screenshots of every page go to `target/console-screenshots/` (kept by CI as
+//! artifacts). Missing Chromium fails under `MESHWORK_REQUIRE_PEERS=1`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A chromedriver child; killed on drop.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts chromedriver, or `None` (skip) when Chromium is not installed.
+fn driver() -> Option<Driver> {
+    let chromedriver = common::peer("chromedriver")?;
+    common::peer("chromium")?;
+    let port = free_port();
+    let child = Command::new(chromedriver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    let d = Driver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + WAIT;
+    // Listening means ready (chromedriver keeps connections open, so no HTTP probe).
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(d)
+}
+
+async fn browser(d: &Driver) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"],
+        }),
+    );
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&d.url)
+        .await
+        .expect("a WebDriver session")
+}
+
+fn screenshot_dir() -> PathBuf {
+    let dir = std::env::var_os("MESHWORK_SCREENSHOT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/console-screenshots")
+        });
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn shot(c: &Client, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    std::fs::write(screenshot_dir().join(format!("{name}.png")), png).unwrap();
+}
+
+/// Waits until the text of the first element matching `css` satisfies `f`.
+async fn wait_text(c: &Client, css: &str, what: &str, f: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(el) = c.find(Locator::Css(css)).await
+            && let Ok(t) = el.text().await
+            && f(&t)
+        {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what} in `{css}`"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn fill(c: &Client, css: &str, text: &str) {
+    let el = c.find(Locator::Css(css)).await.unwrap();
+    el.clear().await.unwrap();
+    el.send_keys(text).await.unwrap();
+}
+
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Accepts the confirm() dialog a click opened.
+async fn accept(c: &Client) {
+    let deadline = Instant::now() + WAIT;
+    while c.accept_alert().await.is_err() {
+        assert!(Instant::now() < deadline, "no dialog to accept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A PUT with HTTP Basic credentials admin:s3cret-pass: (status, response).
+fn basic_put(addr: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Basic YWRtaW46czNjcmV0LXBhc3M=\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+fn start_node(dir: &std::path::Path, envs: &[(&str, &str)]) -> common::Server {
+    common::start(
+        dir,
+        &[
+            "--roles",
+            "store,coord,gateway",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--demo",
+        ],
+        envs,
+    )
+}
+
+fn wait_demo(node: &common::Server) {
+    let gw = node.gateway.clone().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::http_get(&gw, "/api/products")
+        .map(|(s, _)| s != 200)
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "the demo shop did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_works_in_a_real_browser() {
+    let Some(d) = driver() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &[]);
+    wait_demo(&node);
+    let base = format!("http://{}", node.http);
+    let c = browser(&d).await;
+
+    // Every page opens with its heading; screenshots for the record.
+    for (path, h1, name) in [
+        ("/", "Overview", "overview"),
+        ("/ui/services", "Services", "services"),
+        ("/ui/services/order", "Service order", "service-order"),
+        ("/ui/config", "Configuration", "config"),
+        ("/ui/gateway", "Gateway", "gateway"),
+        ("/ui/kv?prefix=/meshwork/", "KV browser", "kv"),
+        ("/ui/locks", "Locks and elections", "locks"),
+    ] {
+        c.goto(&format!("{base}{path}")).await.unwrap();
+        let t = wait_text(&c, "h1", h1, |t| t.contains(h1)).await;
+        assert!(t.contains(h1));
+        shot(&c, name).await;
+    }
+    // The overview's live figures come from the event stream.
+    c.goto(&format!("{base}/")).await.unwrap();
+    wait_text(&c, "#gw-rate", "a live request rate", |t| t != "–").await;
+    let counts = wait_text(&c, ".cards", "the counts", |t| t.contains("services")).await;
+    assert!(counts.contains('3'), "three shop services: {counts}");
+    // The locks page shows the shop's elected sweeper.
+    c.goto(&format!("{base}/ui/locks")).await.unwrap();
+    wait_text(&c, "main", "the sweeper election", |t| {
+        t.contains("shop-order-sweeper")
+    })
+    .await;
+
+    // Register a service from the console and see it appear.
+    c.goto(&format!("{base}/ui/services")).await.unwrap();
+    click(&c, "details.form summary").await;
+    fill(&c, "input[name=service]", "console-web").await;
+    fill(&c, "input[name=port]", "9999").await;
+    fill(&c, "input[name=version]", "1.2.3").await;
+    click(&c, "form[data-api] button").await;
+    wait_text(&c, "[data-live]", "the new service", |t| {
+        t.contains("console-web")
+    })
+    .await;
+    shot(&c, "services-registered").await;
+    c.goto(&format!("{base}/ui/services/console-web"))
+        .await
+        .unwrap();
+    wait_text(&c, "table", "the instance", |t| {
+        t.contains("127.0.0.1:9999")
+    })
+    .await;
+
+    // A config entry: refused while invalid, published, changed, diffed, rolled back.
+    c.goto(&format!("{base}/ui/config/public/DEFAULT_GROUP/app.json"))
+        .await
+        .unwrap();
+    c.find(Locator::Css("select[name=format]"))
+        .await
+        .unwrap()
+        .select_by_value("json")
+        .await
+        .unwrap();
+    fill(&c, "textarea[name=content]", "{\"pool\": 8,}").await;
+    click(&c, "button[data-validate-only]").await;
+    let v = wait_text(&c, ".editor .result", "a validation error", |t| {
+        t.starts_with("Invalid")
+    })
+    .await;
+    assert!(v.contains("line 1"), "{v}");
+    fill(&c, "textarea[name=content]", "{\"pool\": 8}").await;
+    click(&c, ".editor .buttons button:not([data-validate-only])").await;
+    wait_text(&c, "main", "version 1 in the history", |t| {
+        t.contains("publish")
+    })
+    .await;
+    fill(&c, "textarea[name=content]", "{\"pool\": 16}").await;
+    click(&c, ".editor .buttons button:not([data-validate-only])").await;
+    wait_text(&c, "table.diff", "the diff of 1 and 2", |t| {
+        t.contains("16")
+    })
+    .await;
+    shot(&c, "config-diff").await;
+    click(&c, "button[data-api$='/rollback']").await;
+    accept(&c).await;
+    wait_text(&c, "main", "the rollback in the history", |t| {
+        t.contains("rollback")
+    })
+    .await;
+    let (status, body) =
+        common::http_get(&node.http, "/v1/config/public/DEFAULT_GROUP/app.json").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("\\\"pool\\\": 8") || body.contains("\"pool\": 8"),
+        "{body}"
+    );
+    shot(&c, "config-rolled-back").await;
+
+    // Flip the shop's payments flag from the editor; orders see it.
+    c.goto(&format!("{base}/ui/config/shop/features/payments-enabled"))
+        .await
+        .unwrap();
+    fill(&c, "textarea[name=content]", "false").await;
+    click(&c, ".editor .buttons button:not([data-validate-only])").await;
+    wait_text(&c, "main", "version 2 of the flag", |t| {
+        t.contains("publish")
+    })
+    .await;
+    let gw = node.gateway.clone().unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut s = std::net::TcpStream::connect(&gw).unwrap();
+        use std::io::{Read, Write};
+        let body = r#"{"sku":"sku-mouse","qty":1,"account":"acct-5"}"#;
+        write!(s, "POST /api/orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-customer: erin\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        if out.contains("payments_disabled") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "orders never saw the flag: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The gateway tester explains a URL.
+    c.goto(&format!("{base}/ui/gateway")).await.unwrap();
+    fill(
+        &c,
+        "form.explain input[name=url]",
+        "http://shop.test/api/products",
+    )
+    .await;
+    click(&c, "form.explain button").await;
+    wait_text(&c, "form.explain .result", "the matching route", |t| {
+        t.contains("shop-products")
+    })
+    .await;
+    shot(&c, "gateway-explain").await;
+
+    // The KV watch shows a change as it happens.
+    c.goto(&format!("{base}/ui/kv?prefix=/meshwork/config/"))
+        .await
+        .unwrap();
+    click(&c, "button[data-watch]").await;
+    wait_text(&c, "button[data-watch]", "the watch to start", |t| {
+        t.contains("Watching")
+    })
+    .await;
+    let (ok, out, err) = common::meshwork_http(
+        &node.http,
+        &[
+            "config",
+            "publish",
+            "public/DEFAULT_GROUP/live.txt",
+            "--content",
+            "hello",
+        ],
+    );
+    assert!(ok, "{out} {err}");
+    wait_text(&c, "#watch-log", "the change in the watch", |t| {
+        t.contains("live.txt")
+    })
+    .await;
+    shot(&c, "kv-watch").await;
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_need_a_login_and_secrets_stay_masked() {
+    let Some(d) = driver() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let node = common::start(
+        dir.path(),
+        &["--roles", "store,coord"],
+        &[("MESHWORK_CONSOLE_PASSWORD", "s3cret-pass")],
+    );
+    let base = format!("http://{}", node.http);
+    // Over HTTP: a write without credentials is refused, with them it passes.
+    let secret = r#"{"content":"user = \"app\"\npassword = \"hunter2hunter2\"\n","format":"toml"}"#;
+    let (st, body) = common::http_request(
+        &node.http,
+        "PUT",
+        "/v1/config/public/DEFAULT_GROUP/db.toml",
+        secret,
+    )
+    .unwrap();
+    assert_eq!(st, 401, "{body}");
+    let c = browser(&d).await;
+    // In the browser: the form says to sign in; after signing in it works.
+    c.goto(&format!("{base}/ui/services")).await.unwrap();
+    click(&c, "details.form summary").await;
+    fill(&c, "input[name=service]", "locked-web").await;
+    fill(&c, "input[name=port]", "9998").await;
+    click(&c, "form[data-api] button").await;
+    wait_text(&c, "form[data-api] .result", "the login hint", |t| {
+        t.contains("Sign in")
+    })
+    .await;
+    c.goto(&format!("{base}/ui/login")).await.unwrap();
+    fill(&c, "input[name=password]", "s3cret-pass").await;
+    click(&c, "form.login button").await;
+    wait_text(&c, "header .session", "the signed-in user", |t| {
+        t.contains("admin")
+    })
+    .await;
+    c.goto(&format!("{base}/ui/services")).await.unwrap();
+    click(&c, "details.form summary").await;
+    fill(&c, "input[name=service]", "locked-web").await;
+    fill(&c, "input[name=port]", "9998").await;
+    click(&c, "form[data-api] button").await;
+    wait_text(
+        &c,
+        "[data-live]",
+        "the service registered after login",
+        |t| t.contains("locked-web"),
+    )
+    .await;
+    shot(&c, "signed-in").await;
+    // A secret published (with Basic credentials) is masked in the editor.
+    let (st, body) = basic_put(
+        &node.http,
+        "/v1/config/public/DEFAULT_GROUP/db.toml",
+        secret,
+    );
+    assert!((200..300).contains(&st), "{body}");
+    c.goto(&format!("{base}/ui/config/public/DEFAULT_GROUP/db.toml"))
+        .await
+        .unwrap();
+    wait_text(&c, "h1", "the entry", |t| t.contains("db.toml")).await;
+    let src = c.source().await.unwrap();
+    assert!(
+        !src.contains("hunter2hunter2"),
+        "the secret is shown in clear"
+    );
+    assert!(src.contains("••••••"));
+    shot(&c, "secret-masked").await;
+    c.close().await.unwrap();
+}
