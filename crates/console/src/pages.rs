@@ -58,9 +58,26 @@ fn fmt_bytes(n: i64) -> String {
     }
 }
 
-fn fmt_ms(ms: u64) -> String {
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn fmt_ms(ms: u64) -> String {
     let secs = ms / 1000;
-    format!("{secs} (unix s)")
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 const NAV: [(&str, &str, &str); 6] = [
@@ -454,11 +471,20 @@ async fn config_entry(
 <label class=\"wide\">Content (secret values are masked; type them again to change them)
 <textarea name=\"content\" rows=\"14\" spellcheck=\"false\">{content}</textarea></label>
 <label>Description <input name=\"description\"></label>
+<input type=\"hidden\" name=\"author\" value=\"{author}\">
 <input type=\"hidden\" name=\"if_version\" value=\"{version}\" data-number>
 <div class=\"buttons\"><button type=\"button\" data-validate-only>Validate</button> <button>Publish</button></div>
 <output class=\"result\" role=\"status\"></output>
 </form></section>",
         content = esc(&content),
+        author = esc(&format!(
+            "console{}",
+            s.auth
+                .as_ref()
+                .and_then(|a| a.user_of(&headers))
+                .map(|u| format!(" ({u})"))
+                .unwrap_or_default()
+        )),
     );
     if let Some(beta) = s.coord.config.beta(&key) {
         let _ = write!(
@@ -781,4 +807,21 @@ async fn login(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Respo
             .to_string()
     };
     page(&s, &headers, &q.0, "", "Sign in", b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_and_dates() {
+        assert_eq!(
+            esc("<a href='x'>&\"</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
+        );
+        assert_eq!(enc("a b/c"), "a%20b%2Fc");
+        assert_eq!(fmt_ms(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(fmt_ms(1_795_445_396_703), "2026-11-23 14:49:56 UTC");
+        assert_eq!(fmt_ms(951_782_400_000), "2000-02-29 00:00:00 UTC");
+    }
 }
