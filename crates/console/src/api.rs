@@ -543,6 +543,21 @@ struct LoginBody {
     password: String,
 }
 
+/// Every console API route as (method, OpenAPI path); `/openapi.json` lists
+/// exactly these under `x-meshwork-role: console` (a test checks it).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/console/overview"),
+    ("get", "/v1/console/stream"),
+    ("get", "/v1/console/kv"),
+    ("get", "/v1/console/kv/value"),
+    ("get", "/v1/console/kv/watch"),
+    ("get", "/v1/console/locks"),
+    ("post", "/v1/console/validate"),
+    ("get", "/v1/console/session"),
+    ("post", "/v1/console/login"),
+    ("post", "/v1/console/logout"),
+];
+
 /// The API routes (mounted by [`crate::router`]).
 pub(crate) fn routes() -> Router<ConsoleState> {
     Router::new()
