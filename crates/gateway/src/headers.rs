@@ -6,17 +6,27 @@ use std::net::{IpAddr, SocketAddr};
 use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+// Header names used on every request, parsed once (a `&str` key is parsed
+// again on every map operation).
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
 /// Headers that apply to one connection only (RFC 9110 §7.6.1 plus the
 /// usual legacy ones).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
 ];
 
 /// Removes hop-by-hop headers, including every header named in
@@ -27,8 +37,16 @@ pub(crate) fn remove_hop_by_hop(
     keep_te_trailers: bool,
     keep_upgrade: bool,
 ) {
+    // Most messages carry none of them: one pass over the (few) names
+    // instead of a hashed removal per hop-by-hop name.
+    if !headers
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || *k == header::UPGRADE)
+    {
+        return;
+    }
     let mut named: Vec<HeaderName> = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
+    for v in headers.get_all(&header::CONNECTION) {
         if let Ok(s) = v.to_str() {
             for token in s.split(',') {
                 let token = token.trim();
@@ -46,14 +64,14 @@ pub(crate) fn remove_hop_by_hop(
     }
     let te_trailers = keep_te_trailers
         && headers
-            .get_all(header::TE)
+            .get_all(&header::TE)
             .iter()
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if !keep_upgrade {
-        headers.remove(header::UPGRADE);
+        headers.remove(&header::UPGRADE);
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -83,10 +101,50 @@ pub(crate) fn via_version(v: Version) -> &'static str {
     }
 }
 
-fn forwarded_node(ip: IpAddr) -> String {
+/// Appends `ip` in text form (IPv4 without `core::fmt`, which costs more
+/// than the rest of the forwarding headers together).
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
     match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        IpAddr::V4(v4) => {
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if o >= 100 {
+                    out.push(b'0' + o / 100);
+                }
+                if o >= 10 {
+                    out.push(b'0' + (o / 10) % 10);
+                }
+                out.push(b'0' + o % 10);
+            }
+        }
+        IpAddr::V6(v6) => out.extend_from_slice(v6.to_string().as_bytes()),
+    }
+}
+
+/// Appends `ip` as a `Forwarded` node (IPv6 quoted and bracketed).
+fn push_forwarded_node(out: &mut Vec<u8>, ip: IpAddr) {
+    if ip.is_ipv6() {
+        out.extend_from_slice(b"\"[");
+        push_ip(out, ip);
+        out.extend_from_slice(b"]\"");
+    } else {
+        push_ip(out, ip);
+    }
+}
+
+/// `prev, new` when appending to an earlier hop's value, else `new`.
+fn header_list(prev: Option<&HeaderValue>, append: bool, new: &[u8]) -> Option<HeaderValue> {
+    match prev {
+        Some(p) if append && !p.is_empty() && p.to_str().is_ok() => {
+            let mut v = Vec::with_capacity(p.len() + 2 + new.len());
+            v.extend_from_slice(p.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(new);
+            HeaderValue::from_bytes(&v).ok()
+        }
+        _ => HeaderValue::from_bytes(new).ok(),
     }
 }
 
@@ -109,36 +167,36 @@ pub(crate) fn set_forwarding(
     append: bool,
 ) {
     let ip = client.ip().to_canonical();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if append && !prev.is_empty() => format!("{prev}, {ip}"),
-        _ => ip.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    let mut buf = Vec::with_capacity(64);
+    push_ip(&mut buf, ip);
+    if let Some(v) = header_list(headers.get(&X_FORWARDED_FOR), append, &buf) {
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     match host.and_then(|h| HeaderValue::from_str(h).ok()) {
         Some(v) => {
-            headers.insert("x-forwarded-host", v);
+            headers.insert(X_FORWARDED_HOST, v);
         }
         None => {
-            headers.remove("x-forwarded-host");
+            headers.remove(&X_FORWARDED_HOST);
         }
     }
-    let mut fwd = format!("for={};proto={proto}", forwarded_node(ip));
+    buf.clear();
+    buf.extend_from_slice(b"for=");
+    push_forwarded_node(&mut buf, ip);
+    buf.extend_from_slice(b";proto=");
+    buf.extend_from_slice(proto.as_bytes());
     if let Some(h) = host {
         if is_token(h) {
-            fwd.push_str(";host=");
-            fwd.push_str(h);
+            buf.extend_from_slice(b";host=");
+            buf.extend_from_slice(h.as_bytes());
         } else if !h.contains(['"', '\\']) {
-            fwd.push_str(&format!(";host=\"{h}\""));
+            buf.extend_from_slice(b";host=\"");
+            buf.extend_from_slice(h.as_bytes());
+            buf.push(b'"');
         }
     }
-    let fwd = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) if append && !prev.is_empty() => format!("{prev}, {fwd}"),
-        _ => fwd,
-    };
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
+    if let Some(v) = header_list(headers.get(&header::FORWARDED), append, &buf) {
         headers.insert(header::FORWARDED, v);
     }
     via.append(headers, version);
@@ -211,7 +269,10 @@ pub(crate) fn hex<const N: usize>(v: u128) -> [u8; N] {
 }
 
 fn hex_string<const N: usize>(v: u128) -> String {
-    hex::<N>(v).iter().map(|&b| char::from(b)).collect()
+    // Hex digits are ASCII: never empty in practice.
+    std::str::from_utf8(&hex::<N>(v))
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 /// The client's request id if acceptable (1..=128 visible ASCII), else a
@@ -249,7 +310,7 @@ impl TraceContext {
     /// span, or starts a new trace.
     pub fn from_headers(headers: &HeaderMap) -> Self {
         let span_id = hex_string::<16>(u128::from(rand::random::<u64>() | 1));
-        if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        if let Some(tp) = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()) {
             let parts: Vec<&str> = tp.trim().split('-').collect();
             if parts.len() >= 4
                 && is_hex(parts[0], 2)
@@ -287,7 +348,7 @@ impl TraceContext {
         if self.trace_id.len() != 32 || self.span_id.len() != 16 || self.flags.len() != 2 {
             // Built by hand with odd lengths: the slow, safe way.
             if let Ok(v) = HeaderValue::from_str(&self.traceparent()) {
-                headers.insert("traceparent", v);
+                headers.insert(TRACEPARENT, v);
             }
             return;
         }
@@ -299,10 +360,10 @@ impl TraceContext {
         buf[52] = b'-';
         buf[53..55].copy_from_slice(self.flags.as_bytes());
         if let Ok(v) = HeaderValue::from_bytes(&buf) {
-            headers.insert("traceparent", v);
+            headers.insert(TRACEPARENT, v);
         }
         if self.parent_id.is_none() {
-            headers.remove("tracestate");
+            headers.remove(&TRACESTATE);
         }
     }
 }
@@ -366,6 +427,70 @@ pub(crate) fn header_bytes(headers: &HeaderMap) -> usize {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn forwarding_headers_format_addresses_like_display() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.9.100",
+            "127.0.0.1",
+            "255.255.255.255",
+            "1.20.199.3",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string().as_bytes());
+        }
+        let via = ViaValues::new("meshwork");
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        h.insert("forwarded", HeaderValue::from_static("for=1.2.3.4"));
+        let v6: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
+        set_forwarding(
+            &mut h,
+            v6,
+            "https",
+            Some("a.test:8443"),
+            Version::HTTP_11,
+            &via,
+            true,
+        );
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 2001:db8::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "a.test:8443");
+        assert_eq!(
+            h["forwarded"],
+            "for=1.2.3.4, for=\"[2001:db8::1]\";proto=https;host=a.test:8443"
+        );
+        let v4: SocketAddr = "192.168.10.7:1".parse().unwrap();
+        set_forwarding(
+            &mut h,
+            v4,
+            "http",
+            Some("b c"),
+            Version::HTTP_11,
+            &via,
+            false,
+        );
+        assert_eq!(h["x-forwarded-for"], "192.168.10.7");
+        assert_eq!(h["forwarded"], "for=192.168.10.7;proto=http;host=\"b c\"");
+        assert_eq!(h["via"], "1.1 meshwork, 1.1 meshwork", "one hop per call");
+    }
+
+    #[test]
+    fn messages_without_hop_by_hop_headers_are_left_alone() {
+        let mut h = HeaderMap::new();
+        h.insert("content-length", HeaderValue::from_static("3"));
+        h.insert("x-a", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h, false, false);
+        assert_eq!(h.len(), 2);
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        remove_hop_by_hop(&mut h, false, true);
+        assert!(h.contains_key("upgrade"));
+        remove_hop_by_hop(&mut h, false, false);
+        assert!(!h.contains_key("upgrade"));
+    }
 
     #[test]
     fn connection_named_headers_are_removed() {

@@ -6,6 +6,7 @@
 //! not written).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -47,9 +48,29 @@ impl PoolError {
 
 type Idle = Vec<(SendRequest<Body>, Instant)>;
 
+/// A multiply-rotate hasher for endpoint addresses (std's SipHash costs
+/// more than the rest of a pool checkout; the keys are upstream addresses
+/// from the route set or the registry, not client input).
+#[derive(Default, Clone, Copy)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type ByAddr<V> = HashMap<SocketAddr, V, BuildHasherDefault<AddrHasher>>;
+
 /// Keep-alive HTTP/1.1 connections by endpoint.
 pub(crate) struct H1Pool {
-    idle: Mutex<HashMap<SocketAddr, Idle>>,
+    idle: Mutex<ByAddr<Idle>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
@@ -64,7 +85,7 @@ impl std::fmt::Debug for H1Pool {
 impl H1Pool {
     pub(crate) fn new(connect_timeout: Duration, idle_timeout: Duration, max_idle: usize) -> Self {
         Self {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(ByAddr::default()),
             connect_timeout,
             idle_timeout,
             max_idle,

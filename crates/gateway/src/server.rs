@@ -121,6 +121,9 @@ impl Drop for ConnGuard {
     }
 }
 
+/// hyper's default for the most headers in an HTTP/1 request head.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 fn builder(sh: &Shared) -> auto::Builder<TokioExecutor> {
     let cfg = &sh.cfg;
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -128,8 +131,12 @@ fn builder(sh: &Shared) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(cfg.header_read_timeout_ms))
         .max_buf_size((cfg.max_header_bytes + 8192).max(8192))
-        .max_headers(cfg.max_headers)
         .keep_alive(true);
+    // hyper's own limit is 100; setting it (even to 100) makes hyper
+    // initialise a header array of that size for every request.
+    if cfg.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+        b.http1().max_headers(cfg.max_headers);
+    }
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(cfg.h2_max_concurrent_streams)
