@@ -542,7 +542,7 @@ async fn config_entry(
                         "<h3>Version {from} → {to}</h3><table class=\"diff\" aria-label=\"Side-by-side diff\"><thead><tr><th scope=\"col\">#</th><th scope=\"col\">Version {from}</th><th scope=\"col\">#</th><th scope=\"col\">Version {to}</th></tr></thead><tbody>"
                     );
                     for r in &d.rows {
-                        let kind = serde_json::to_value(&r.kind)
+                        let kind = serde_json::to_value(r.kind)
                             .ok()
                             .and_then(|v| v.as_str().map(String::from))
                             .unwrap_or_default();

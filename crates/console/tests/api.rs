@@ -26,9 +26,12 @@ struct Harness {
 
 async fn start(auth: Option<Auth>) -> Harness {
     let store = common::embedded().await;
-    let coord = Coord::start(&[store.endpoint.clone()], CoordOptions::default())
-        .await
-        .unwrap();
+    let coord = Coord::start(
+        std::slice::from_ref(&store.endpoint),
+        CoordOptions::default(),
+    )
+    .await
+    .unwrap();
     let app = meshwork_coord::api::router(coord.clone())
         .merge(meshwork_console::router(ConsoleState {
             coord: coord.clone(),

@@ -13,8 +13,6 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Headers that apply to one connection only (RFC 9110 §7.6.1 plus the
 /// usual legacy ones).
@@ -256,24 +254,7 @@ impl ViaValues {
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-/// Lower-case hex of `v`, `N` digits (N = 16 for u64, 32 for u128).
-pub(crate) fn hex<const N: usize>(v: u128) -> [u8; N] {
-    let mut out = [b'0'; N];
-    for (i, b) in out.iter_mut().enumerate() {
-        let shift = 4 * (N - 1 - i);
-        *b = HEX[((v >> shift) & 0xf) as usize];
-    }
-    out
-}
-
-fn hex_string<const N: usize>(v: u128) -> String {
-    // Hex digits are ASCII: never empty in practice.
-    std::str::from_utf8(&hex::<N>(v))
-        .map(str::to_owned)
-        .unwrap_or_default()
-}
+pub(crate) use meshwork_telemetry::hex;
 
 /// The client's request id if acceptable (1..=128 visible ASCII), else a
 /// fresh one (32 hex digits).
@@ -288,85 +269,7 @@ pub(crate) fn request_id(headers: &HeaderMap, name: &HeaderName) -> HeaderValue 
         .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// W3C trace context of one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TraceContext {
-    /// Trace id, 32 lower-case hex digits.
-    pub trace_id: String,
-    /// The caller's span id (16 hex), if the request carried one.
-    pub parent_id: Option<String>,
-    /// The gateway's span id for this request (16 hex).
-    pub span_id: String,
-    /// Trace flags (2 hex).
-    pub flags: String,
-}
-
-fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-impl TraceContext {
-    /// Continues the request's `traceparent` (if valid) with a new child
-    /// span, or starts a new trace.
-    pub fn from_headers(headers: &HeaderMap) -> Self {
-        let span_id = hex_string::<16>(u128::from(rand::random::<u64>() | 1));
-        if let Some(tp) = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok()) {
-            let parts: Vec<&str> = tp.trim().split('-').collect();
-            if parts.len() >= 4
-                && is_hex(parts[0], 2)
-                && parts[0] != "ff"
-                && (parts[0] != "00" || parts.len() == 4)
-                && is_hex(parts[1], 32)
-                && parts[1].bytes().any(|b| b != b'0')
-                && is_hex(parts[2], 16)
-                && parts[2].bytes().any(|b| b != b'0')
-                && is_hex(parts[3], 2)
-            {
-                return Self {
-                    trace_id: parts[1].to_owned(),
-                    parent_id: Some(parts[2].to_owned()),
-                    span_id,
-                    flags: parts[3].to_owned(),
-                };
-            }
-        }
-        Self {
-            trace_id: hex_string::<32>(rand::random::<u128>() | 1),
-            parent_id: None,
-            span_id,
-            flags: "01".to_owned(),
-        }
-    }
-
-    /// The `traceparent` value to send upstream (our span as the parent).
-    pub fn traceparent(&self) -> String {
-        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
-    }
-
-    /// Writes `traceparent` (and drops `tracestate` for a fresh trace).
-    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
-        if self.trace_id.len() != 32 || self.span_id.len() != 16 || self.flags.len() != 2 {
-            // Built by hand with odd lengths: the slow, safe way.
-            if let Ok(v) = HeaderValue::from_str(&self.traceparent()) {
-                headers.insert(TRACEPARENT, v);
-            }
-            return;
-        }
-        let mut buf = [0u8; 55];
-        buf[..3].copy_from_slice(b"00-");
-        buf[3..35].copy_from_slice(self.trace_id.as_bytes());
-        buf[35] = b'-';
-        buf[36..52].copy_from_slice(self.span_id.as_bytes());
-        buf[52] = b'-';
-        buf[53..55].copy_from_slice(self.flags.as_bytes());
-        if let Ok(v) = HeaderValue::from_bytes(&buf) {
-            headers.insert(TRACEPARENT, v);
-        }
-        if self.parent_id.is_none() {
-            headers.remove(&TRACESTATE);
-        }
-    }
-}
+pub use meshwork_telemetry::TraceContext;
 
 /// Host of a request without port, lower-cased: the URI authority
 /// (HTTP/2, absolute-form) or the Host header.
@@ -506,28 +409,6 @@ mod tests {
         assert!(h.get("connection").is_none());
         assert_eq!(h.get("te").unwrap(), "trailers");
         assert!(h.get("x-other").is_some());
-    }
-
-    #[test]
-    fn traceparent_continues_or_starts() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "traceparent",
-            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-        );
-        let t = TraceContext::from_headers(&h);
-        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(t.parent_id.as_deref(), Some("00f067aa0ba902b7"));
-        assert_ne!(t.span_id, "00f067aa0ba902b7");
-        for bad in [
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            "garbage",
-        ] {
-            h.insert("traceparent", HeaderValue::from_static(bad));
-            assert!(TraceContext::from_headers(&h).parent_id.is_none(), "{bad}");
-        }
     }
 
     #[test]

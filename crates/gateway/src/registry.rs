@@ -13,11 +13,12 @@
 //! limited early.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use meshwork_coord::registry::{Discovery, Filter, Registry};
+use meshwork_coord::registry::{
+    Filter, Registry, TrafficEndpoint, traffic_endpoints, traffic_endpoints_now,
+};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
@@ -123,44 +124,16 @@ fn traffic_filter() -> Filter {
     }
 }
 
-/// The endpoints of a discovery answer whose address is an IP; names go to `names`.
-fn endpoints(d: &Discovery, names: &mut Vec<(String, u16, Endpoint)>) -> Vec<Endpoint> {
-    let mut out = Vec::with_capacity(d.instances.len());
-    for v in &d.instances {
-        let s = &v.instance.spec;
-        if !s.enabled || s.weight == 0 {
-            continue;
-        }
-        let ep = Endpoint {
-            addr: SocketAddr::from(([0, 0, 0, 0], s.port)),
-            weight: s.weight,
-            zone: (!s.zone.is_empty()).then(|| s.zone.clone()),
-            version: (!s.version.is_empty()).then(|| s.version.clone()),
-            tags: s.tags.clone(),
-            // Either healthy, or the protection threshold returned everyone.
-            healthy: true,
-        };
-        match s.address.parse::<IpAddr>() {
-            Ok(ip) => out.push(Endpoint {
-                addr: SocketAddr::new(ip, s.port),
-                ..ep
-            }),
-            Err(_) => names.push((s.address.clone(), s.port, ep)),
-        }
-    }
-    out
-}
-
-async fn resolve_names(names: Vec<(String, u16, Endpoint)>, out: &mut Vec<Endpoint>) {
-    for (host, port, ep) in names {
-        match tokio::net::lookup_host((host.as_str(), port)).await {
-            Ok(mut addrs) => {
-                if let Some(addr) = addrs.next() {
-                    out.push(Endpoint { addr, ..ep });
-                }
-            }
-            Err(e) => tracing::warn!(%host, error = %e, "instance address does not resolve"),
-        }
+/// The gateway's view of a registry endpoint: it takes traffic (the resolver
+/// asked for healthy instances, or the protection threshold returned everyone).
+fn to_endpoint(e: TrafficEndpoint) -> Endpoint {
+    Endpoint {
+        addr: e.addr,
+        weight: e.weight,
+        zone: e.zone,
+        version: e.version,
+        tags: e.tags,
+        healthy: true,
     }
 }
 
@@ -176,11 +149,11 @@ impl Resolver for RegistryResolver {
         {
             return tx.subscribe();
         }
-        let mut names = Vec::new();
-        let now = endpoints(
-            &self.registry.discover(service, &traffic_filter()),
-            &mut names,
-        );
+        let now: Vec<Endpoint> =
+            traffic_endpoints_now(&self.registry.discover(service, &traffic_filter()))
+                .into_iter()
+                .map(to_endpoint)
+                .collect();
         let (tx, rx) = watch::channel(Arc::new(now));
         let registry = self.registry.clone();
         let sender = tx.clone();
@@ -188,9 +161,11 @@ impl Resolver for RegistryResolver {
         let task = tokio::spawn(async move {
             let mut stream = Box::pin(registry.watch(&svc, traffic_filter()));
             while let Some(d) = stream.next().await {
-                let mut names = Vec::new();
-                let mut eps = endpoints(&d, &mut names);
-                resolve_names(names, &mut eps).await;
+                let eps: Vec<Endpoint> = traffic_endpoints(&d)
+                    .await
+                    .into_iter()
+                    .map(to_endpoint)
+                    .collect();
                 // Publish only real changes: an unchanged list keeps balancer state.
                 let same = *sender.borrow().as_ref() == eps;
                 if !same {

@@ -1,6 +1,9 @@
 //! W3C Trace Context (`traceparent`, <https://www.w3.org/TR/trace-context/>).
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
@@ -15,7 +18,10 @@ pub fn hex<const N: usize>(v: u128) -> [u8; N] {
 }
 
 fn hex_string<const N: usize>(v: u128) -> String {
-    hex::<N>(v).iter().map(|&b| char::from(b)).collect()
+    // Hex digits are ASCII: never empty in practice.
+    std::str::from_utf8(&hex::<N>(v))
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -45,7 +51,7 @@ impl TraceContext {
     /// span, or starts a new trace.
     pub fn from_headers(headers: &HeaderMap) -> Self {
         headers
-            .get("traceparent")
+            .get(&TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(Self::parse)
             .unwrap_or_else(Self::new_root)
@@ -101,7 +107,7 @@ impl TraceContext {
         if self.trace_id.len() != 32 || self.span_id.len() != 16 || self.flags.len() != 2 {
             // Built by hand with odd lengths: the slow, safe way.
             if let Ok(v) = HeaderValue::from_str(&self.traceparent()) {
-                headers.insert("traceparent", v);
+                headers.insert(TRACEPARENT, v);
             }
             return;
         }
@@ -113,10 +119,10 @@ impl TraceContext {
         buf[52] = b'-';
         buf[53..55].copy_from_slice(self.flags.as_bytes());
         if let Ok(v) = HeaderValue::from_bytes(&buf) {
-            headers.insert("traceparent", v);
+            headers.insert(TRACEPARENT, v);
         }
         if self.parent_id.is_none() {
-            headers.remove("tracestate");
+            headers.remove(&TRACESTATE);
         }
     }
 }

@@ -396,16 +396,43 @@ pub struct TrafficEndpoint {
     pub tags: Vec<String>,
 }
 
+/// The instances of a discovery answer that should take traffic: enabled, weight
+/// above 0 (health is the answer's filter).
+fn traffic_specs(d: &Discovery) -> impl Iterator<Item = &InstanceSpec> {
+    d.instances
+        .iter()
+        .map(|v| &v.instance.spec)
+        .filter(|s| s.enabled && s.weight > 0)
+}
+
+fn endpoint_of(s: &InstanceSpec, addr: std::net::SocketAddr) -> TrafficEndpoint {
+    TrafficEndpoint {
+        id: s.id.clone(),
+        addr,
+        weight: s.weight,
+        zone: (!s.zone.is_empty()).then(|| s.zone.clone()),
+        version: (!s.version.is_empty()).then(|| s.version.clone()),
+        tags: s.tags.clone(),
+    }
+}
+
+/// Like [`traffic_endpoints`], without waiting: only instances whose address is
+/// an IP (host names are left out).
+pub fn traffic_endpoints_now(d: &Discovery) -> Vec<TrafficEndpoint> {
+    traffic_specs(d)
+        .filter_map(|s| {
+            let ip = s.address.parse::<std::net::IpAddr>().ok()?;
+            Some(endpoint_of(s, std::net::SocketAddr::new(ip, s.port)))
+        })
+        .collect()
+}
+
 /// The instances of a discovery answer that should take traffic (enabled, weight
 /// above 0; health is the answer's filter), host names resolved. A name that does
 /// not resolve is left out and logged.
 pub async fn traffic_endpoints(d: &Discovery) -> Vec<TrafficEndpoint> {
     let mut out = Vec::with_capacity(d.instances.len());
-    for v in &d.instances {
-        let s = &v.instance.spec;
-        if !s.enabled || s.weight == 0 {
-            continue;
-        }
+    for s in traffic_specs(d) {
         let addr = match s.address.parse::<std::net::IpAddr>() {
             Ok(ip) => std::net::SocketAddr::new(ip, s.port),
             Err(_) => match tokio::net::lookup_host((s.address.as_str(), s.port)).await {
@@ -419,14 +446,7 @@ pub async fn traffic_endpoints(d: &Discovery) -> Vec<TrafficEndpoint> {
                 }
             },
         };
-        out.push(TrafficEndpoint {
-            id: s.id.clone(),
-            addr,
-            weight: s.weight,
-            zone: (!s.zone.is_empty()).then(|| s.zone.clone()),
-            version: (!s.version.is_empty()).then(|| s.version.clone()),
-            tags: s.tags.clone(),
-        });
+        out.push(endpoint_of(s, addr));
     }
     out
 }
