@@ -329,6 +329,31 @@ async fn every_page_works_in_a_real_browser() {
     })
     .await;
     shot(&c, "gateway-explain").await;
+    // Live p99 per route: traffic while the page is open shows up in the chart.
+    for _ in 0..5 {
+        let _ = common::http_get(&gw, "/api/products");
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let legend = c
+            .find(Locator::Css("canvas[data-chart='route-p99'] + .legend"))
+            .await
+            .ok();
+        let text = match legend {
+            Some(l) => l.text().await.unwrap_or_default(),
+            None => String::new(),
+        };
+        if text.contains("shop-products") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no p99 series for the route: {text:?}"
+        );
+        let _ = common::http_get(&gw, "/api/products");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    shot(&c, "gateway-live").await;
 
     // The KV watch shows a change as it happens.
     c.goto(&format!("{base}/ui/kv?prefix=/meshwork/config/"))

@@ -171,8 +171,23 @@ function liveRegions() {
 // ---- charts ----
 const COLORS = ["#0b5fff", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a7ea4", "#57606a"];
 const WINDOW = 300; // points (seconds)
-const series = { "route-rate": {}, "route-errors": {}, "service-latency": {} };
+const series = { "route-rate": {}, "route-errors": {}, "route-p99": {}, "service-latency": {} };
 let last = null;
+const history = []; // recent ticks, for windowed quantiles
+
+// p99 (upper bucket bound, ms) of the requests between two bucket snapshots.
+function p99(bounds, older, newer) {
+  const d = newer.map((c, i) => Math.max(0, c - (older[i] || 0)));
+  const total = d.reduce((a, b) => a + b, 0);
+  if (!total) return null;
+  const rank = Math.ceil(total * 0.99);
+  let seen = 0;
+  for (let i = 0; i < d.length; i++) {
+    seen += d[i];
+    if (seen >= rank) return (bounds[Math.min(i, bounds.length - 1)] || 0) / 1000;
+  }
+  return null;
+}
 
 function push(kind, name, t, v) {
   const s = (series[kind][name] ||= []);
@@ -239,11 +254,20 @@ function charts() {
         push("route-errors", r.route, d.t_ms, er);
       }
       for (const s of d.services) push("service-latency", s.service, d.t_ms, s.latency_ms);
+      const old = history.length ? history[0] : last;
+      const olderRoutes = Object.fromEntries(old.routes.map((r) => [r.route, r]));
+      for (const r of d.routes) {
+        const o = olderRoutes[r.route];
+        const q = o ? p99(d.latency_bounds_us, o.latency, r.latency) : null;
+        if (q !== null) push("route-p99", r.route, d.t_ms, q);
+      }
       if (rate) rate.textContent = total.toFixed(1);
       if (errors) errors.textContent = errs.toFixed(1);
       for (const c of canvases) draw(c);
     }
     last = d;
+    history.push(d);
+    while (history.length > 10) history.shift();
   });
 }
 

@@ -128,6 +128,8 @@ pub struct Tick {
     pub routes: Vec<RouteTick>,
     /// Per upstream service: tries, failures and peak-EWMA latency (max over endpoints).
     pub services: Vec<ServiceTick>,
+    /// Upper bounds (µs) of the route latency buckets; one more bucket counts the rest.
+    pub latency_bounds_us: &'static [u64],
 }
 
 /// Per-route counters in a [`Tick`].
@@ -141,6 +143,8 @@ pub struct RouteTick {
     pub errors: u64,
     /// Rate-limited so far.
     pub rate_limited: u64,
+    /// Requests per latency bucket so far (bounds: [`Tick::latency_bounds_us`]).
+    pub latency: Vec<u64>,
 }
 
 /// Per-service counters in a [`Tick`].
@@ -247,6 +251,7 @@ impl ConsoleState {
                 requests_total: 0,
                 routes: Vec::new(),
                 services: Vec::new(),
+                latency_bounds_us: &meshwork_gateway::LATENCY_BUCKETS_US,
             };
         };
         Tick {
@@ -260,6 +265,7 @@ impl ConsoleState {
                     requests: r.counters.requests,
                     errors: r.counters.status_classes[4],
                     rate_limited: r.counters.rate_limited,
+                    latency: r.counters.latency_buckets,
                 })
                 .collect(),
             services: g
@@ -277,6 +283,7 @@ impl ConsoleState {
                     service: c.name,
                 })
                 .collect(),
+            latency_bounds_us: &meshwork_gateway::LATENCY_BUCKETS_US,
         }
     }
 }

@@ -244,6 +244,7 @@ async fn overview(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Re
         "<section><h2>Gateway traffic</h2>
 <p class=\"live\" aria-live=\"polite\"><span id=\"gw-rate\">–</span> req/s · <span id=\"gw-errors\">–</span> 5xx/s</p>
 <figure><figcaption>Requests per second by route (last 5 minutes)</figcaption><canvas data-chart=\"route-rate\" width=\"900\" height=\"220\" role=\"img\" aria-label=\"Requests per second by route\"></canvas></figure>
+<figure><figcaption>p99 latency by route, ms (last 10 s)</figcaption><canvas data-chart=\"route-p99\" width=\"900\" height=\"220\" role=\"img\" aria-label=\"p99 latency by route\"></canvas></figure>
 <figure><figcaption>Upstream latency by service, ms (peak EWMA)</figcaption><canvas data-chart=\"service-latency\" width=\"900\" height=\"220\" role=\"img\" aria-label=\"Latency by service\"></canvas></figure>
 </section>",
     );
@@ -587,7 +588,7 @@ async fn gateway(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Res
         "<p>{} requests · {} connections open · {} with no route · table version {}</p>",
         c.requests_total, c.active_connections, c.no_route_total, c.routes_version
     );
-    b.push_str("<section><h2>Routes, in matching order</h2><table><thead><tr><th scope=\"col\">#</th><th scope=\"col\">Route</th><th scope=\"col\">Priority</th><th scope=\"col\">Action</th><th scope=\"col\">Requests</th><th scope=\"col\">1xx–5xx</th><th scope=\"col\">Rate limited</th><th scope=\"col\">In flight</th><th scope=\"col\">Breakers</th></tr></thead><tbody>");
+    b.push_str("<section><h2>Routes, in matching order</h2><table><thead><tr><th scope=\"col\">#</th><th scope=\"col\">Route</th><th scope=\"col\">Priority</th><th scope=\"col\">Action</th><th scope=\"col\">Requests</th><th scope=\"col\">p99 ms</th><th scope=\"col\">1xx–5xx</th><th scope=\"col\">Rate limited</th><th scope=\"col\">In flight</th><th scope=\"col\">Breakers</th></tr></thead><tbody>");
     for (i, r) in g.route_info().iter().enumerate() {
         let br = r
             .breakers
@@ -598,12 +599,15 @@ async fn gateway(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Res
         let sc = r.counters.status_classes;
         let _ = write!(
             b,
-            "<tr><td>{}</td><td><b>{}</b></td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{} / {} / {} / {} / {}</td><td>{}</td><td>{}</td><td>{br}</td></tr>",
+            "<tr><td>{}</td><td><b>{}</b></td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{} / {} / {} / {} / {}</td><td>{}</td><td>{}</td><td>{br}</td></tr>",
             i + 1,
             esc(&r.name),
             r.priority,
             esc(&r.action),
             r.counters.requests,
+            r.counters
+                .p99_ms
+                .map_or_else(|| "–".to_string(), |v| format!("≤ {v}")),
             sc[0],
             sc[1],
             sc[2],
@@ -640,6 +644,7 @@ async fn gateway(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Res
     }
     b.push_str("</section></div>");
     b.push_str("<section><h2>Live</h2><figure><figcaption>Requests per second by route</figcaption><canvas data-chart=\"route-rate\" width=\"900\" height=\"220\" role=\"img\" aria-label=\"Requests per second by route\"></canvas></figure>
+<figure><figcaption>p99 latency by route, ms (last 10 s, bucket bounds)</figcaption><canvas data-chart=\"route-p99\" width=\"900\" height=\"220\" role=\"img\" aria-label=\"p99 latency by route\"></canvas></figure>
 <figure><figcaption>5xx per second by route</figcaption><canvas data-chart=\"route-errors\" width=\"900\" height=\"220\" role=\"img\" aria-label=\"Errors per second by route\"></canvas></figure></section>");
     page(&s, &headers, &q.0, "gateway", "Gateway", b)
 }

@@ -42,6 +42,6 @@ pub use resolver::{Endpoint, InstanceFilter, Resolver, StaticResolver};
 pub use route::model::{RouteConfig, RouteError, RouteSet};
 pub use route::{Explanation, RouteCheck};
 pub use server::{Workers, serve, serve_tls, spawn_workers};
-pub use table::RouteCounters;
+pub use table::{LATENCY_BUCKETS_US, RouteCounters, bucket_quantile_ms};
 pub use tls::{TlsConfig, TlsError, TlsReloader};
 pub use upstream::{ClusterSnapshot, EndpointSnapshot};

@@ -20,10 +20,44 @@ use crate::route::model::{LbPolicy, RouteSet};
 use crate::upstream::Cluster;
 use meshwork_resilience::outlier::OutlierConfig;
 
+/// Upper bounds (microseconds) of the latency buckets kept per route; the last
+/// bucket counts everything slower. A reader that keeps two snapshots gets the
+/// latency distribution (and its p99) over the time between them.
+pub const LATENCY_BUCKETS_US: [u64; 17] = [
+    100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000,
+    1_000_000, 2_000_000, 5_000_000, 10_000_000, 30_000_000,
+];
+
+/// The quantile `q` (0..=1) of a bucketed distribution, in milliseconds: the
+/// upper bound of the bucket holding it (`None` when empty; the overflow
+/// bucket reports the largest bound).
+pub fn bucket_quantile_ms(counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            let us = LATENCY_BUCKETS_US
+                .get(i)
+                .or(LATENCY_BUCKETS_US.last())
+                .copied()
+                .unwrap_or(0);
+            return Some(us as f64 / 1000.0);
+        }
+    }
+    None
+}
+
 /// Live counters of one route.
 #[derive(Debug)]
 pub(crate) struct RouteStats {
     pub(crate) requests: AtomicU64,
+    /// Requests per latency bucket ([`LATENCY_BUCKETS_US`] plus overflow).
+    pub(crate) latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     pub(crate) by_class: [AtomicU64; 5],
     pub(crate) rate_limited: AtomicU64,
     pub(crate) active: AtomicU64,
@@ -38,6 +72,7 @@ impl RouteStats {
         Self {
             requests: AtomicU64::new(0),
             by_class: Default::default(),
+            latency: Default::default(),
             rate_limited: AtomicU64::new(0),
             active: AtomicU64::new(0),
             m_by_class: [
@@ -58,6 +93,9 @@ impl RouteStats {
         self.by_class[i].fetch_add(1, Ordering::Relaxed);
         self.m_by_class[i].increment(1);
         self.m_latency.record(secs);
+        let us = (secs * 1e6) as u64;
+        let b = LATENCY_BUCKETS_US.partition_point(|&bound| bound < us);
+        self.latency[b].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -74,6 +112,17 @@ pub struct RouteCounters {
     pub rate_limited: u64,
     /// Requests in progress.
     pub active: u64,
+    /// Requests per latency bucket (bounds in [`LATENCY_BUCKETS_US`], then overflow).
+    pub latency_buckets: Vec<u64>,
+    /// p99 latency since the route was created, milliseconds (bucket upper bound).
+    pub p99_ms: Option<f64>,
+}
+
+impl RouteCounters {
+    fn with_p99(mut self) -> Self {
+        self.p99_ms = bucket_quantile_ms(&self.latency_buckets, 0.99);
+        self
+    }
 }
 
 impl RouteStats {
@@ -84,7 +133,14 @@ impl RouteStats {
             status_classes: std::array::from_fn(|i| self.by_class[i].load(Ordering::Relaxed)),
             rate_limited: self.rate_limited.load(Ordering::Relaxed),
             active: self.active.load(Ordering::Relaxed),
+            p99_ms: None,
+            latency_buckets: self
+                .latency
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
         }
+        .with_p99()
     }
 }
 
@@ -276,4 +332,21 @@ pub(crate) fn build(
         },
         new,
     )
+}
+
+#[cfg(test)]
+mod latency_tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_bucket_bounds() {
+        let mut counts = vec![0u64; LATENCY_BUCKETS_US.len() + 1];
+        assert_eq!(bucket_quantile_ms(&counts, 0.99), None);
+        counts[3] = 98; // <= 1 ms
+        counts[6] = 2; // <= 10 ms
+        assert_eq!(bucket_quantile_ms(&counts, 0.5), Some(1.0));
+        assert_eq!(bucket_quantile_ms(&counts, 0.99), Some(10.0));
+        counts[LATENCY_BUCKETS_US.len()] = 100; // overflow
+        assert_eq!(bucket_quantile_ms(&counts, 0.99), Some(30_000.0));
+    }
 }
