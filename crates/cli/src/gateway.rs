@@ -142,9 +142,15 @@ async fn get_routes(State(s): State<RoutesState>) -> Response {
         );
     };
     let entry = s.coord.config.get(&key);
+    // Secrets (JWT secrets, API keys) never leave the node in clear.
+    let content = entry
+        .as_ref()
+        .and_then(|e| RouteSet::from_toml(&e.content).ok())
+        .and_then(|set| set.redacted().to_toml().ok())
+        .unwrap_or_default();
     axum::Json(serde_json::json!({
         "published_version": entry.as_ref().map(|e| e.version).unwrap_or(0),
-        "content": entry.map(|e| e.content).unwrap_or_default(),
+        "content": content,
         "applied_table_version": s.gateway.as_ref().map(|g| g.routes_version()),
     }))
     .into_response()

@@ -258,8 +258,8 @@ fn the_gateway_routes_api_answers_as_its_openapi_document_says() {
         .collect();
     assert_eq!(
         gateway_ops.len(),
-        2,
-        "GET and PUT /v1/gateway/routes: {gateway_ops:?}"
+        7,
+        "GET and PUT /v1/gateway/routes and five admin GETs: {gateway_ops:?}"
     );
     let check = |method: &str, path: &str, status: u16, body: &str| {
         let op = &doc["paths"][path][method];
@@ -330,4 +330,38 @@ fn the_gateway_routes_api_answers_as_its_openapi_document_says() {
     let (st, body) = common::http_get(h, path).unwrap();
     check("get", path, st, &body);
     assert!(body.contains("hello"));
+    // The admin API under /gateway.
+    for (path, query) in [
+        ("/gateway/routes", ""),
+        ("/gateway/routes/source", ""),
+        ("/gateway/upstreams", ""),
+        ("/gateway/stats", ""),
+        ("/gateway/explain", "?url=http%3A%2F%2Fx%2Fhello"),
+        ("/gateway/explain", ""),
+    ] {
+        let (st, body) = common::http_get(h, &format!("{path}{query}")).unwrap();
+        check("get", path, st, &body);
+    }
+    // Secrets in a published set are redacted wherever the set is shown.
+    let secret_set = "[[routes]]\nname = \"api\"\n[routes.match]\npath = { prefix = \"/api\" }\n[routes.auth.api_keys]\nkeys = { mobile = \"k-very-secret\" }\n[routes.respond]\nstatus = 200\nbody = \"ok\"\n";
+    let (st, body) = common::http_request(h, "PUT", path, secret_set).unwrap();
+    assert_eq!(st, 200, "{body}");
+    for p in [path, "/gateway/routes/source"] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (_, body) = common::http_get(h, p).unwrap();
+            assert!(
+                !body.contains("k-very-secret"),
+                "{p} shows a secret: {body}"
+            );
+            if body.contains("mobile") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{p} never showed the new set"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
 }

@@ -329,7 +329,7 @@ fn the_shop_keeps_its_books_through_failures() {
         .sum();
     assert_eq!(
         balances + charged_total,
-        100 * 100_000 + 100,
+        100 * meshwork_shop::payment::SEED_BALANCE_CENTS + 100,
         "no money created or lost"
     );
     let (_, products) = get(&gw, "/api/products");

@@ -30,8 +30,9 @@ async fn routes(State(gw): State<Gateway>) -> Response {
     .into_response()
 }
 
+/// The route set in force, secrets redacted.
 async fn source(State(gw): State<Gateway>) -> Response {
-    Json(gw.routes()).into_response()
+    Json(gw.routes().redacted()).into_response()
 }
 
 async fn upstreams(State(gw): State<Gateway>) -> Response {

@@ -22,6 +22,9 @@ pub struct RouteSet {
     pub routes: Vec<RouteConfig>,
 }
 
+/// What a secret is shown as by [`RouteSet::redacted`].
+pub const REDACTED: &str = "••••••";
+
 /// One route: what it matches and what it does.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -419,6 +422,27 @@ impl RouteSet {
     /// Parses JSON (`{"routes": [...]}`).
     pub fn from_json(s: &str) -> Result<Self, RouteError> {
         serde_json::from_str(s).map_err(|e| RouteError::Parse(e.to_string()))
+    }
+
+    /// The set with its secrets (inline JWT secrets, API keys) replaced by
+    /// [`REDACTED`], for showing it (admin API, console, `meshwork gateway routes`).
+    pub fn redacted(&self) -> RouteSet {
+        let mut set = self.clone();
+        for r in &mut set.routes {
+            if let Some(auth) = &mut r.auth {
+                if let Some(jwt) = &mut auth.jwt
+                    && jwt.secret.is_some()
+                {
+                    jwt.secret = Some(REDACTED.to_owned());
+                }
+                if let Some(keys) = &mut auth.api_keys {
+                    for v in keys.keys.values_mut() {
+                        *v = REDACTED.to_owned();
+                    }
+                }
+            }
+        }
+        set
     }
 
     /// Renders as TOML.
