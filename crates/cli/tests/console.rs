@@ -209,6 +209,14 @@ async fn every_page_works_in_a_real_browser() {
         assert!(t.contains(h1));
         shot(&c, name).await;
     }
+    // Tablet width: the same pages, laid out for 800 px.
+    c.set_window_size(800, 1000).await.unwrap();
+    for (path, name) in [("/", "overview-tablet"), ("/ui/gateway", "gateway-tablet")] {
+        c.goto(&format!("{base}{path}")).await.unwrap();
+        wait_text(&c, "h1", "the heading", |t| !t.is_empty()).await;
+        shot(&c, name).await;
+    }
+    c.set_window_size(1280, 1000).await.unwrap();
     // The overview's live figures come from the event stream.
     c.goto(&format!("{base}/")).await.unwrap();
     wait_text(&c, "#gw-rate", "a live request rate", |t| t != "–").await;

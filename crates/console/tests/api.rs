@@ -226,13 +226,18 @@ async fn every_console_operation_answers_as_documented() {
                 .unwrap()
                 .starts_with("text/event-stream")
         );
-        if trigger {
+        // Writes keep coming until the reader has seen one: no guess at when the
+        // watch is in place.
+        let writer = trigger.then(|| {
             let be = h.coord.backend.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                be.put("/app/c", "3", 0).await.unwrap();
-            });
-        }
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                for i in 0..100 {
+                    tick.tick().await;
+                    be.put("/app/c", i.to_string(), 0).await.unwrap();
+                }
+            })
+        });
         let mut body = resp.into_body();
         let text = tokio::time::timeout(Duration::from_secs(10), async {
             let mut acc = String::new();
@@ -248,6 +253,9 @@ async fn every_console_operation_answers_as_documented() {
         })
         .await
         .unwrap();
+        if let Some(w) = writer {
+            w.abort();
+        }
         let want = if trigger {
             "event: change"
         } else {
