@@ -7,6 +7,8 @@
 pub mod client;
 pub mod convert;
 pub mod server;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 /// Generated etcd v3 protobuf messages and gRPC stubs.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]

@@ -7,8 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use meshwork_etcd::ServerInfo;
-use meshwork_store::{Store, StoreConfig};
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -20,44 +18,20 @@ pub struct ControlPlane {
     /// The proxy's endpoint (what services use).
     pub endpoint: String,
     proxy: Proxy,
-    _dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
+    _store: meshwork_etcd::testing::Embedded,
 }
 
 impl ControlPlane {
     /// Starts one (lease TTLs down to 1 s).
     pub async fn start() -> ControlPlane {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = StoreConfig {
-            min_lease_ttl_secs: 1,
-            ..StoreConfig::default()
-        };
-        let store = Store::open(dir.path(), cfg).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let info = ServerInfo::single("test", format!("http://{addr}"));
-        tokio::spawn(async move {
-            let _ = meshwork_etcd::serve(listener, store, info, async {
-                let _ = rx.await;
-            })
-            .await;
-        });
+        let store = meshwork_etcd::testing::embedded().await;
+        let addr: SocketAddr = store.endpoint.parse().unwrap();
         let proxy = Proxy::start(addr).await;
         ControlPlane {
-            direct: addr.to_string(),
+            direct: store.endpoint.clone(),
             endpoint: proxy.addr.to_string(),
             proxy,
-            _dir: dir,
-            stop: Some(stop),
+            _store: store,
         }
     }
 

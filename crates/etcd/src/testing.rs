@@ -1,0 +1,52 @@
+//! Test support (feature `testing`): Meshwork's store in a temporary directory,
+//! served as an etcd v3 endpoint on 127.0.0.1 in this process.
+
+use crate::{ServerInfo, serve};
+use meshwork_store::{Store, StoreConfig};
+
+/// A served store; stops serving and removes its directory when dropped.
+pub struct Embedded {
+    /// `HOST:PORT` of its etcd endpoint.
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Opens a store in a temporary directory and serves it (lease TTLs down to 1 s).
+///
+/// # Panics
+/// When the directory, the store or the listener cannot be set up (tests only).
+#[allow(clippy::expect_used)]
+pub async fn embedded() -> Embedded {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let cfg = StoreConfig {
+        min_lease_ttl_secs: 1,
+        ..StoreConfig::default()
+    };
+    let store = Store::open(dir.path(), cfg).expect("the store opens");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let addr = listener.local_addr().expect("a bound address");
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let info = ServerInfo::single("test", format!("http://{addr}"));
+    tokio::spawn(async move {
+        let _ = serve(listener, store, info, async {
+            let _ = rx.await;
+        })
+        .await;
+    });
+    Embedded {
+        endpoint: addr.to_string(),
+        _dir: dir,
+        stop: Some(stop),
+    }
+}
