@@ -1,10 +1,16 @@
 // Meshwork console: a little script on server-rendered pages.
 // - [data-live]: a region the server renders; refreshed from `URL?fragment=1`
-//   when its server-sent-event source ([data-sse]) reports a change, or every
-//   [data-every] ms.
+//   when its server-sent-event source ([data-sse]) reports a change or a tick
+//   (at most every [data-every] ms).
 // - form[data-api] / button[data-api]: JSON calls to the node's API.
 // - canvas[data-chart]: live charts fed by /v1/console/stream.
 "use strict";
+
+// One EventSource per URL per page, closed when the page goes away (browsers
+// allow only a few connections per host over HTTP/1.1).
+const sources = {};
+function source(url) { return (sources[url] ||= new EventSource(url)); }
+window.addEventListener("pagehide", () => { for (const s of Object.values(sources)) s.close(); });
 
 function byName(form) {
   const body = {};
@@ -132,7 +138,7 @@ function wire(root) {
       btn.disabled = true;
       btn.textContent = "Watching…";
       const log = document.getElementById("watch-log");
-      const es = new EventSource(btn.dataset.watch);
+      const es = source(btn.dataset.watch);
       es.addEventListener("change", (ev) => {
         const d = JSON.parse(ev.data);
         const tr = document.createElement("tr");
@@ -155,16 +161,21 @@ function wire(root) {
 
 // ---- live regions ----
 function liveRegions() {
+  // Each live region follows a server-sent-event source and is fetched again
+  // (as a server-rendered fragment) at most every [data-every] ms when it says
+  // something changed or ticked.
   for (const region of document.querySelectorAll("[data-live]")) {
-    let pending = null;
-    const soon = () => { if (!pending) pending = setTimeout(() => { pending = null; refresh(region); }, 250); };
-    if (region.dataset.sse) {
-      const es = new EventSource(region.dataset.sse);
-      es.onmessage = soon;
-      for (const name of ["update", "change", "services", "instances"]) es.addEventListener(name, soon);
-    } else if (region.dataset.every) {
-      setInterval(soon, Number(region.dataset.every));
-    }
+    if (!region.dataset.sse) continue;
+    const every = Number(region.dataset.every || 250);
+    let pending = null, lastRun = 0;
+    const soon = () => {
+      if (pending) return;
+      const wait = Math.max(0, lastRun + every - Date.now());
+      pending = setTimeout(() => { pending = null; lastRun = Date.now(); refresh(region); }, wait);
+    };
+    const es = source(region.dataset.sse);
+    es.addEventListener("message", soon);
+    for (const name of ["tick", "change", "reset", "update", "services", "instances"]) es.addEventListener(name, soon);
   }
 }
 
@@ -238,7 +249,7 @@ function charts() {
   const canvases = document.querySelectorAll("canvas[data-chart]");
   const rate = document.getElementById("gw-rate"), errors = document.getElementById("gw-errors");
   if (!canvases.length && !rate) return;
-  const es = new EventSource("/v1/console/stream");
+  const es = source("/v1/console/stream");
   es.addEventListener("tick", (ev) => {
     const d = JSON.parse(ev.data);
     if (last) {

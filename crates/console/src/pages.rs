@@ -177,7 +177,7 @@ pub(crate) fn routes() -> Router<ConsoleState> {
 async fn overview(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Response {
     let o = s.overview().await;
     let mut b = String::new();
-    b.push_str("<h1>Overview</h1><div data-live=\"/\" data-every=\"2000\">");
+    b.push_str("<h1>Overview</h1><div data-live=\"/\" data-sse=\"/v1/console/stream\" data-every=\"2000\">");
     let c = &o.counts;
     let _ = write!(
         b,
@@ -264,7 +264,7 @@ async fn services(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Re
 <label><input name=\"ephemeral\" type=\"checkbox\" data-bool> ephemeral (needs heartbeats)</label>
 <button>Register</button><output class=\"result\" role=\"status\"></output>
 </form></details>
-<div data-live=\"/ui/services\" data-every=\"2000\">",
+<div data-live=\"/ui/services\" data-sse=\"/v1/console/kv/watch?prefix=/meshwork/registry/\" data-every=\"500\">",
     );
     let list = s.coord.registry.services();
     if list.is_empty() {
@@ -580,7 +580,7 @@ async fn gateway(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Res
 <label>Method <select name=\"method\"><option>GET</option><option>POST</option><option>PUT</option><option>DELETE</option><option>PATCH</option></select></label>
 <label class=\"wide\">URL <input name=\"url\" type=\"url\" required placeholder=\"http://localhost:8080/api/orders\"></label>
 <button>Explain</button><pre class=\"result\" role=\"status\"></pre></form></section>
-<div data-live=\"/ui/gateway\" data-every=\"2000\">",
+<div data-live=\"/ui/gateway\" data-sse=\"/v1/console/stream\" data-every=\"2000\">",
     );
     let c = g.counters();
     let _ = write!(
@@ -749,7 +749,7 @@ async fn kv(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Response
 
 async fn locks(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Response {
     let mut b = String::from(
-        "<h1>Locks and elections</h1><div data-live=\"/ui/locks\" data-every=\"2000\">",
+        "<h1>Locks and elections</h1><div data-live=\"/ui/locks\" data-sse=\"/v1/console/kv/watch?prefix=/meshwork/\" data-every=\"500\">",
     );
     match s.locks().await {
         Ok(v) => {

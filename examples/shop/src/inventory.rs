@@ -76,10 +76,10 @@ pub struct ReserveRequest {
 /// The products the demo starts with.
 pub fn seed_products() -> Vec<Product> {
     [
-        ("sku-keyboard", "Mechanical keyboard", 8_900, 1_000),
-        ("sku-mouse", "Wireless mouse", 2_900, 1_000),
+        ("sku-keyboard", "Mechanical keyboard", 8_900, 100_000),
+        ("sku-mouse", "Wireless mouse", 2_900, 100_000),
         ("sku-monitor", "27\" monitor", 24_900, 200),
-        ("sku-cable", "USB-C cable", 900, 5_000),
+        ("sku-cable", "USB-C cable", 900, 500_000),
         ("sku-last", "Limited edition mug (last one)", 1_500, 1),
     ]
     .into_iter()

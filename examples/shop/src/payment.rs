@@ -87,13 +87,17 @@ pub(crate) struct PaymentState {
     fail: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// The accounts the demo starts with: `acct-1` .. `acct-100`, 1000.00 each, and
-/// `acct-poor` with 1.00.
+/// Balance of each of the demo's 100 accounts, cents (100,000.00: enough for a
+/// long load run).
+pub const SEED_BALANCE_CENTS: i64 = 10_000_000;
+
+/// The accounts the demo starts with: `acct-1` .. `acct-100` with
+/// [`SEED_BALANCE_CENTS`] each, and `acct-poor` with 1.00.
 pub fn seed_accounts() -> Vec<Account> {
     let mut v: Vec<Account> = (1..=100)
         .map(|i| Account {
             id: format!("acct-{i}"),
-            balance_cents: 100_000,
+            balance_cents: SEED_BALANCE_CENTS,
         })
         .collect();
     v.push(Account {
