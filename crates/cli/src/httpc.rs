@@ -76,6 +76,15 @@ pub(crate) async fn call_with_headers(
     for (name, value) in headers {
         req = req.header(name.as_str(), value.as_str());
     }
+    // With a console login configured on the node, the same credentials from the
+    // environment let the CLI write.
+    if let Ok(password) = std::env::var("MESHWORK_CONSOLE_PASSWORD") {
+        let user = std::env::var("MESHWORK_CONSOLE_USER").unwrap_or_else(|_| "admin".into());
+        req = req.header(
+            hyper::header::AUTHORIZATION,
+            meshwork_console::auth::basic(&user, &password),
+        );
+    }
     let req = req
         .body(Full::new(body.unwrap_or_default()))
         .context("building the request")?;

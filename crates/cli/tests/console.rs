@@ -411,6 +411,30 @@ async fn writes_need_a_login_and_secrets_stay_masked() {
     )
     .unwrap();
     assert_eq!(st, 401, "{body}");
+    // The CLI writes with the credentials from its environment.
+    let cli = |envs: &[(&str, &str)]| {
+        Command::new(common::bin())
+            .args([
+                "config",
+                "--http",
+                &node.http,
+                "publish",
+                "public/DEFAULT_GROUP/cli.txt",
+                "--content",
+                "x",
+            ])
+            .env_remove("MESHWORK_CONSOLE_PASSWORD")
+            .envs(envs.iter().copied())
+            .output()
+            .unwrap()
+    };
+    assert!(!cli(&[]).status.success(), "no credentials, no write");
+    let out = cli(&[("MESHWORK_CONSOLE_PASSWORD", "s3cret-pass")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let c = browser(&d).await;
     // In the browser: the form says to sign in; after signing in it works.
     c.goto(&format!("{base}/ui/services")).await.unwrap();

@@ -136,6 +136,14 @@ impl Auth {
     }
 }
 
+/// An `Authorization` header value with HTTP Basic credentials.
+pub fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
 /// The value of cookie `name`.
 pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
