@@ -40,6 +40,20 @@ fn tally(gw: &str, path: &str, n: usize) -> HashMap<String, usize> {
     m
 }
 
+/// A node running store, coordination and the gateway on free ports.
+fn gateway_node(dir: &std::path::Path) -> common::Server {
+    common::start(
+        dir,
+        &[
+            "--roles",
+            "store,coord,gateway",
+            "--gateway-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    )
+}
+
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !f() {
@@ -51,16 +65,7 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn routes_from_the_config_center_and_upstreams_from_the_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let s = common::start(
-        dir.path(),
-        &[
-            "--roles",
-            "store,coord,gateway",
-            "--gateway-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let s = gateway_node(dir.path());
     let (h, gw) = (s.http.as_str(), s.gateway.clone().unwrap());
     let (a, b) = (upstream("A"), upstream("B"));
     for port in [a, b] {
@@ -229,16 +234,7 @@ fn cluster_rate_limits_are_split_over_the_gateway_nodes() {
 #[test]
 fn the_gateway_routes_api_answers_as_its_openapi_document_says() {
     let dir = tempfile::tempdir().unwrap();
-    let s = common::start(
-        dir.path(),
-        &[
-            "--roles",
-            "store,coord,gateway",
-            "--gateway-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let s = gateway_node(dir.path());
     let h = s.http.as_str();
     let (status, body) = common::http_get(h, "/openapi.json").unwrap();
     assert_eq!(status, 200);

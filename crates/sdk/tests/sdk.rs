@@ -89,6 +89,17 @@ impl Instance {
     }
 }
 
+/// Waits until `mw`'s copy of the registry lists `n` instances of `service`.
+async fn wait_instances(mw: &Meshwork, service: &str, n: usize) {
+    timeout(WAIT, async {
+        while mw.instances(service).await.unwrap().len() < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the instances appear");
+}
+
 fn named(name: &'static str) -> Router {
     Router::new().route(
         "/who",
@@ -131,13 +142,7 @@ async fn calls_are_balanced_and_continue_the_trace() {
     let b = Instance::start(&cp, "inventory", named("b"), ServerOptions::default()).await;
     let caller = connect(&cp, "order", |o| round_robin(o, "inventory", |_| {})).await;
     // Both instances are visible to the caller once its copy has them.
-    timeout(WAIT, async {
-        while caller.instances("inventory").await.unwrap().len() < 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap();
+    wait_instances(&caller, "inventory", 2).await;
 
     let ctx = RequestContext {
         trace: TraceContext::new_root(),
@@ -182,13 +187,7 @@ async fn a_dead_instance_is_hidden_by_retries() {
         .await
         .unwrap();
     let caller = connect(&cp, "order", |o| round_robin(o, "inventory", |_| {})).await;
-    timeout(WAIT, async {
-        while caller.instances("inventory").await.unwrap().len() < 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap();
+    wait_instances(&caller, "inventory", 2).await;
     for _ in 0..20 {
         let r = caller.http().get("inventory", "/who").await.unwrap();
         assert!(String::from_utf8_lossy(r.body()).starts_with("live"));
