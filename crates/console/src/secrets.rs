@@ -6,63 +6,36 @@
 /// What a secret value is shown as.
 pub const MASK: &str = "••••••";
 
-const WORDS: [&str; 8] = [
-    "password",
-    "passwd",
-    "secret",
-    "token",
-    "apikey",
-    "api_key",
-    "private_key",
-    "credential",
-];
-
-/// Whether a key names a secret.
-pub fn is_secret_key(key: &str) -> bool {
-    let k = key
-        .trim()
-        .trim_matches(|c| c == '"' || c == '\'')
-        .to_ascii_lowercase()
-        .replace('-', "_");
-    WORDS.iter().any(|w| k.contains(w))
+/// `key = value` / `key: value` pairs whose key names a secret, anywhere in a
+/// line (so inline tables and JSON objects on one line are covered too).
+fn pattern() -> &'static regex::Regex {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| {
+        regex::Regex::new(
+            r#"(?i)((?:^|[\s{,"'])["']?[a-z0-9_.-]*(?:password|passwd|secret|token|api[_-]?key|apikey|private[_-]?key|credential)[a-z0-9_.-]*["']?\s*[:=]\s*)("(?:[^"\\]|\\.)*"|'[^']*'|[^,}\s][^,}]*?)(\s*(?:[,}]|$))"#,
+        )
+        .expect("the secret pattern is a valid constant regex")
+    })
 }
 
 /// `content` with every secret value masked.
 pub fn mask(content: &str) -> String {
-    let mut out = String::with_capacity(content.len());
-    for (i, line) in content.split('\n').enumerate() {
-        if i > 0 {
-            out.push('\n');
-        }
-        out.push_str(&mask_line(line));
-    }
-    out
-}
-
-fn mask_line(line: &str) -> String {
-    // The first `=` or `:` separates key and value.
-    let Some(pos) = line.find(['=', ':']) else {
-        return line.to_string();
-    };
-    let (key, rest) = line.split_at(pos);
-    if !is_secret_key(key) || key.trim().is_empty() {
-        return line.to_string();
-    }
-    let value = &rest[1..];
-    if value.trim().is_empty() || value.trim() == "{" || value.trim() == "[" {
-        return line.to_string();
-    }
-    let trailing_comma = value.trim_end().ends_with(',');
-    let quote = if value.trim_start().starts_with('"') {
-        "\""
-    } else {
-        ""
-    };
-    format!(
-        "{key}{sep} {quote}{MASK}{quote}{comma}",
-        sep = &rest[..1],
-        comma = if trailing_comma { "," } else { "" }
-    )
+    content
+        .split('\n')
+        .map(|line| {
+            pattern()
+                .replace_all(line, |c: &regex::Captures<'_>| {
+                    let value = &c[2];
+                    let quote = match value.chars().next() {
+                        Some(q @ ('"' | '\'')) => q.to_string(),
+                        _ => String::new(),
+                    };
+                    format!("{}{quote}{MASK}{quote}{}", &c[1], &c[3])
+                })
+                .into_owned()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Whether content about to be published still holds a masked value (the user
@@ -88,5 +61,14 @@ mod tests {
         assert!(!m.contains("xyz") && m.contains("\"port\": 80"), "{m}");
         assert!(m.contains("\"client_secret\": \"••••••\","), "{m}");
         assert!(holds_mask(&m));
+        let inline = "auth = { jwt = { secret = \"s3\", issuer = \"me\" } }\nlist = [1, 2]";
+        let m = mask(inline);
+        assert!(!m.contains("s3") && m.contains("issuer = \"me\""), "{m}");
+        let props = "db.password=abc\ndb.user=app";
+        let m = mask(props);
+        assert!(!m.contains("abc") && m.contains("db.user=app"), "{m}");
+        let one_line_json = r#"{"token": "t-1", "port": 80}"#;
+        let m = mask(one_line_json);
+        assert!(!m.contains("t-1") && m.contains("\"port\": 80"), "{m}");
     }
 }
