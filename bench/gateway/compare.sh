@@ -26,32 +26,11 @@ P_UP=18181 P_NGINX=18191 P_FIRST_GW=18192
 [ $# -ge 1 ] || { echo "usage: $0 NAME=GATEWAY_BIN [NAME=GATEWAY_BIN...]" >&2; exit 2; }
 [ -x "$UP" ] || (cd "$ROOT" && cargo build --release -q -p meshwork-gateway --features mimalloc --bin meshwork-bench-upstream)
 
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 1 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "port $1 did not open" >&2; exit 1
-}
+source "$HERE/lib.sh"
 
 UPSTREAM_THREADS=1 "$UP" "127.0.0.1:$P_UP" "$SIZE" up >/dev/null & PIDS+=($!)
 wait_port $P_UP
-cat > "$TMP/routes.toml" <<TOML
-[[routes]]
-name = "bench"
-match = { path = { prefix = "/" } }
-[routes.forward]
-upstreams = ["127.0.0.1:$P_UP"]
-TOML
+one_upstream_routes $P_UP
 
 NAMES=() PORTS=() TPIDS=()
 port=$P_FIRST_GW
@@ -62,31 +41,12 @@ for arg in "$@"; do
   port=$((port + 1))
 done
 if [ "${NGINX:-1}" != 0 ]; then
-  mkdir -p "$TMP/nginx"
-  cat > "$TMP/nginx.conf" <<NGINX
-worker_processes auto;
-daemon off;
-pid $TMP/nginx.pid;
-error_log $TMP/nginx-error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  client_body_temp_path $TMP/nginx/body;
-  proxy_temp_path $TMP/nginx/proxy;
-  fastcgi_temp_path $TMP/nginx/fastcgi;
-  uwsgi_temp_path $TMP/nginx/uwsgi;
-  scgi_temp_path $TMP/nginx/scgi;
-  keepalive_requests 1000000;
+  nginx_conf <<NGINX
   upstream up { server 127.0.0.1:$P_UP; keepalive 512; keepalive_requests 1000000; }
-  proxy_http_version 1.1;
-  proxy_set_header Connection "";
-  proxy_buffers 16 16k;
-  proxy_buffer_size 16k;
   server {
     listen 127.0.0.1:$P_NGINX reuseport;
     location / { proxy_pass http://up; }
   }
-}
 NGINX
   nginx -c "$TMP/nginx.conf" -p "$TMP" & npid=$!; PIDS+=($npid)
   wait_port $P_NGINX

@@ -24,23 +24,10 @@ P_UP=18281 P_GW=18290
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
 [ -x "$UP" ] || (cd "$ROOT" && cargo build --release -q -p meshwork-gateway --features mimalloc --bin meshwork-bench-upstream)
 
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+source "$HERE/lib.sh"
 
 UPSTREAM_THREADS=1 "$UP" "127.0.0.1:$P_UP" 13 up >/dev/null & PIDS+=($!)
-cat > "$TMP/routes.toml" <<TOML
-[[routes]]
-name = "bench"
-match = { path = { prefix = "/" } }
-[routes.forward]
-upstreams = ["127.0.0.1:$P_UP"]
-TOML
+one_upstream_routes $P_UP
 valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.out" "$GW" "127.0.0.1:$P_GW" "$TMP/routes.toml" 1 \
   >/dev/null 2>"$TMP/valgrind.log" & VPID=$!; PIDS+=($VPID)
 for _ in $(seq 1 300); do curl -sf -o /dev/null "http://127.0.0.1:$P_GW/x" && break; sleep 0.1; done
@@ -48,9 +35,14 @@ wrk -t1 -c"$CONNS" -d3s "http://127.0.0.1:$P_GW/x" >/dev/null
 callgrind_control -z "$VPID" >/dev/null
 out=$(wrk -t1 -c"$CONNS" -d"${SECS}s" -s "$HERE/latency.lua" "http://127.0.0.1:$P_GW/x")
 callgrind_control -d "$VPID" >/dev/null
-for _ in $(seq 1 50); do ls "$TMP"/cg.out.* >/dev/null 2>&1 && break; sleep 0.1; done
-sleep 0.5
-dump=$(ls -t "$TMP"/cg.out.* | head -1)
+# The dump is complete once its closing summary line is written.
+dump=
+for _ in $(seq 1 100); do
+  dump=$(ls -t "$TMP"/cg.out.* 2>/dev/null | head -1 || true)
+  [ -n "$dump" ] && grep -q '^summary: ' "$dump" && break
+  sleep 0.1
+done
+grep -q '^summary: ' "$dump" || { echo "callgrind wrote no complete dump" >&2; exit 1; }
 requests=$(echo "$out" | sed -n 's/^RESULT //p' | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])')
 ir=$(sed -n 's/^summary: //p' "$dump")
 [ -n "${CALLGRIND_KEEP:-}" ] && cp "$dump" "$CALLGRIND_KEEP"

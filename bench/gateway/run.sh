@@ -34,22 +34,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 UP="$TARGET_DIR/release/meshwork-bench-upstream"
 GW="$TARGET_DIR/release/meshwork-bench-gateway"
 
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 1 200); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "port $1 did not open" >&2; exit 1
-}
+source "$HERE/lib.sh"
 
 UPSTREAM_THREADS=1 "$UP" "127.0.0.1:$P_SMALL" 13 small >/dev/null & PIDS+=($!)
 UPSTREAM_THREADS=1 "$UP" "127.0.0.1:$P_BIG" 65536 big >/dev/null & PIDS+=($!)
@@ -70,33 +55,14 @@ upstreams = ["127.0.0.1:$P_BIG"]
 TOML
 "$GW" "127.0.0.1:$P_GW" "$TMP/routes.toml" >/dev/null & GW_PID=$!; PIDS+=($GW_PID)
 
-mkdir -p "$TMP/nginx"
-cat > "$TMP/nginx.conf" <<NGINX
-worker_processes auto;
-daemon off;
-pid $TMP/nginx.pid;
-error_log $TMP/nginx-error.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  client_body_temp_path $TMP/nginx/body;
-  proxy_temp_path $TMP/nginx/proxy;
-  fastcgi_temp_path $TMP/nginx/fastcgi;
-  uwsgi_temp_path $TMP/nginx/uwsgi;
-  scgi_temp_path $TMP/nginx/scgi;
-  keepalive_requests 1000000;
+nginx_conf <<NGINX
   upstream small { server 127.0.0.1:$P_SMALL; keepalive 512; keepalive_requests 1000000; }
   upstream big { server 127.0.0.1:$P_BIG; keepalive 512; keepalive_requests 1000000; }
-  proxy_http_version 1.1;
-  proxy_set_header Connection "";
-  proxy_buffers 16 16k;
-  proxy_buffer_size 16k;
   server {
     listen 127.0.0.1:$P_NGINX reuseport;
     location /small { proxy_pass http://small; }
     location /big { proxy_pass http://big; }
   }
-}
 NGINX
 "$NGINX" -c "$TMP/nginx.conf" -p "$TMP" & NGINX_PID=$!; PIDS+=($NGINX_PID)
 wait_port $P_GW; wait_port $P_NGINX
