@@ -47,7 +47,8 @@ where
 }
 
 /// What ended a guarded body early (shared with the proxy, which maps it to
-/// a status code when the upstream call fails because of it).
+/// a status code when the upstream call fails because of it, and never
+/// counts such a failure against the upstream).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct BodyFault(Arc<AtomicU8>);
 
@@ -55,6 +56,9 @@ impl BodyFault {
     pub(crate) const NONE: u8 = 0;
     pub(crate) const TOO_LARGE: u8 = 1;
     pub(crate) const TIMEOUT: u8 = 2;
+    /// The client's body failed: the client went away mid-body or sent
+    /// malformed framing (a bad chunk).
+    pub(crate) const CLIENT: u8 = 3;
 
     pub(crate) fn get(&self) -> u8 {
         self.0.load(Ordering::Acquire)
@@ -146,6 +150,7 @@ where
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
+                this.fault.set(BodyFault::CLIENT);
                 abort(this.tee);
                 Poll::Ready(Some(Err(e.into())))
             }

@@ -18,6 +18,7 @@ mod auth;
 pub mod body;
 mod config;
 mod error;
+mod framing;
 mod gateway;
 mod headers;
 mod limits;

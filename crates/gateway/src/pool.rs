@@ -3,7 +3,9 @@
 //! connection-level client. A connection goes back to the pool when its
 //! response body has been read to the end; a pooled connection found closed
 //! when a request is sent on it is replaced transparently (the request was
-//! not written).
+//! not written). An endpoint seen dead (connect failure, or a fresh
+//! connection closed before the request went out) loses its idle
+//! connections at once, and the failure is reported as "nothing sent".
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -116,6 +118,11 @@ impl H1Pool {
         }
     }
 
+    /// Drops every idle connection to `addr` (it was seen dead).
+    fn evict(&self, addr: SocketAddr) {
+        self.idle.lock().remove(&addr);
+    }
+
     async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<Body>, PoolError> {
         let err = |message: String| PoolError::Connect { addr, message };
         let stream =
@@ -150,12 +157,20 @@ impl H1Pool {
         loop {
             let (mut sender, pooled) = match self.checkout(addr) {
                 Some(s) => (s, true),
-                None => (self.connect(addr).await?, false),
+                None => match self.connect(addr).await {
+                    Ok(s) => (s, false),
+                    Err(e) => {
+                        // Seen dead: its kept-alive connections go too.
+                        self.evict(addr);
+                        return Err(e);
+                    }
+                },
             };
             if !sender.is_ready() && sender.ready().await.is_err() {
                 if pooled {
                     continue;
                 }
+                self.evict(addr);
                 return Err(PoolError::Connect {
                     addr,
                     message: "connection closed before use".into(),
@@ -176,7 +191,16 @@ impl H1Pool {
                 Err(mut e) => match e.take_message() {
                     // Not sent (a kept-alive connection closed meanwhile): try a fresh one.
                     Some(r) if pooled => req = r,
-                    _ => return Err(PoolError::Http(e.into_error())),
+                    // Not sent on a fresh connection: the endpoint is closing
+                    // connections; nothing reached it.
+                    Some(_) => {
+                        self.evict(addr);
+                        return Err(PoolError::Connect {
+                            addr,
+                            message: format!("connection closed before the request was sent: {}", e.error()),
+                        });
+                    }
+                    None => return Err(PoolError::Http(e.into_error())),
                 },
             }
         }

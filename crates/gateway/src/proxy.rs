@@ -13,7 +13,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use meshwork_resilience::classify::Outcome;
+use meshwork_resilience::classify::{Outcome, StatusSet};
 use meshwork_resilience::limit::concurrency::BulkheadFull;
 use meshwork_resilience::retry::full_jitter;
 use tokio::sync::oneshot;
@@ -22,6 +22,7 @@ use tower::{Layer, ServiceExt};
 
 use crate::body::{self, Body, BodyFault, BoxError, GuardedBody};
 use crate::error::{ErrorCode, GatewayError};
+use crate::framing::FramingFault;
 use crate::gateway::{Clients, Shared};
 use crate::headers::{self, TraceContext};
 use crate::replay::Replay;
@@ -112,6 +113,87 @@ where
     resp
 }
 
+/// Answers a request whose head the framing tracker refused (both
+/// `Content-Length` and `Transfer-Encoding`, ...): 400, and the connection
+/// closes, so the body (which may hide a second request) is never read.
+pub(crate) fn refuse_framing<B>(
+    sh: &Shared,
+    req: &Request<B>,
+    conn: &ConnInfo,
+    fault: FramingFault,
+) -> Response<Body> {
+    let rid = headers::request_id(req.headers(), &sh.request_id_header);
+    sh.stats.requests_total.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        request_id = rid.to_str().unwrap_or(""),
+        client = %conn.peer,
+        method = %req.method(),
+        reason = fault.message(),
+        "request refused: ambiguous framing"
+    );
+    let mut resp = GatewayError::new(ErrorCode::BadRequest, fault.message())
+        .into_response(rid.to_str().ok());
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp.headers_mut().insert(sh.request_id_header.clone(), rid);
+    resp
+}
+
+/// Settles the one authority of a request (RFC 9112 §3.2 and §3.2.2, RFC
+/// 9113 §8.3.1) before anything reads it: an absolute-form target's
+/// authority (or HTTP/2's `:authority`) wins and replaces the Host header;
+/// otherwise the single Host header. No Host on HTTP/1.1, several Host
+/// headers, a Host that disagrees with `:authority`, or an authority that
+/// is not `host[:port]` is refused. Afterwards the Host header is the only
+/// authority (the target is origin-form), so routing, auth, limits, logs
+/// and the forwarded request all see the same value.
+fn settle_authority<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
+    let bad = |m: &str| GatewayError::new(ErrorCode::BadRequest, m);
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next().cloned();
+    if hosts.next().is_some() {
+        return Err(bad("the request has more than one Host header"));
+    }
+    let valid = |v: &[u8]| {
+        !v.is_empty()
+            && !v.contains(&b'@')
+            && std::str::from_utf8(v).is_ok_and(|s| s.parse::<http::uri::Authority>().is_ok())
+    };
+    match req.uri().authority().map(|a| a.as_str().to_owned()) {
+        Some(target) => {
+            if req.version() == Version::HTTP_2
+                && host
+                    .as_ref()
+                    .is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(target.as_bytes()))
+            {
+                return Err(bad("the Host header does not match :authority"));
+            }
+            if !valid(target.as_bytes()) {
+                return Err(bad("the request target's authority is not host[:port]"));
+            }
+            let v = HeaderValue::from_str(&target)
+                .map_err(|_| bad("the request target's authority is not host[:port]"))?;
+            req.headers_mut().insert(header::HOST, v);
+            let pq = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(pq);
+        }
+        None => match host {
+            None if req.version() == Version::HTTP_11 => {
+                return Err(bad("the request has no Host header (HTTP/1.1 requires one)"));
+            }
+            Some(h) if !valid(h.as_bytes()) => {
+                return Err(bad("the Host header is not host[:port]"));
+            }
+            _ => {}
+        },
+    }
+    Ok(())
+}
+
 fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|s| {
         s == "."
@@ -167,6 +249,7 @@ where
             "CONNECT is not supported",
         ));
     }
+    settle_authority(&mut req)?;
     let path = req.uri().path();
     if !path.starts_with('/') {
         return Err(GatewayError::new(
@@ -363,18 +446,13 @@ fn idempotent(m: &Method) -> bool {
 /// An upstream call's failure.
 #[derive(Debug, thiserror::Error)]
 enum UpstreamError {
-    /// Nothing was sent: no connection.
+    /// Nothing reached the upstream: no connection, or the connection
+    /// closed before the request was written.
     #[error("{0}")]
-    Connect(String),
-    /// The exchange failed.
+    NotSent(String),
+    /// The exchange failed once the request was (at least partly) sent.
     #[error("{0}")]
-    Other(String),
-}
-
-impl UpstreamError {
-    fn is_connect(&self) -> bool {
-        matches!(self, UpstreamError::Connect(_))
-    }
+    Broken(String),
 }
 
 /// One call to an upstream endpoint: HTTP/1.1 through the listener's own
@@ -389,8 +467,8 @@ async fn call_upstream(
     if h2 {
         return match clients.h2.request(req).await {
             Ok(r) => Ok(r.map(body::boxed)),
-            Err(e) if e.is_connect() => Err(UpstreamError::Connect(error_chain(&e))),
-            Err(e) => Err(UpstreamError::Other(error_chain(&e))),
+            Err(e) if e.is_connect() => Err(UpstreamError::NotSent(error_chain(&e))),
+            Err(e) => Err(UpstreamError::Broken(error_chain(&e))),
         };
     }
     // HTTP/1.1 on a connection: origin-form target, explicit Host.
@@ -404,20 +482,110 @@ async fn call_upstream(
     }
     clients.pool.send(addr, req).await.map_err(|e| {
         if e.is_connect() {
-            UpstreamError::Connect(e.to_string())
+            UpstreamError::NotSent(e.to_string())
         } else {
-            UpstreamError::Other(error_chain(&e))
+            UpstreamError::Broken(error_chain(&e))
         }
     })
 }
 
-fn classify(
-    res: &Result<Result<Response<Body>, UpstreamError>, tokio::time::error::Elapsed>,
-) -> Outcome {
-    match res {
-        Ok(Ok(r)) if r.status().is_server_error() => Outcome::Failure,
-        Ok(Ok(_)) => Outcome::Success,
-        _ => Outcome::Failure,
+/// How one try ended. Only what the upstream did counts against it.
+enum TryEnd {
+    /// The upstream answered (any status).
+    Answered(Response<Body>),
+    /// The upstream failed: nothing sent, a broken exchange, or no answer
+    /// within the try's time (`None` error).
+    Failed(Option<UpstreamError>),
+    /// The client's body failed (`BodyFault` code): the client's doing,
+    /// never counted against the upstream.
+    ClientFault(u8),
+}
+
+impl TryEnd {
+    /// What the try says about the endpoint's health.
+    fn outcome(&self, failure_statuses: &StatusSet) -> Outcome {
+        match self {
+            TryEnd::Answered(r) if failure_statuses.contains(r.status().as_u16()) => {
+                Outcome::Failure
+            }
+            TryEnd::Answered(_) => Outcome::Success,
+            TryEnd::Failed(_) => Outcome::Failure,
+            TryEnd::ClientFault(_) => Outcome::Ignored,
+        }
+    }
+}
+
+/// The retry rules of one request (see [`retry_allowed`]).
+#[derive(Debug, Clone, Copy)]
+struct RetryRules {
+    /// The route configures `retry`.
+    configured: bool,
+    /// The route fails over on connection failures (default on).
+    failover: bool,
+    /// The method may be sent twice (idempotent, or `retry_all_methods`).
+    method_retryable: bool,
+    /// Per-try timeouts are shorter than the overall one.
+    per_try_shorter: bool,
+}
+
+/// Whether a try that ended so may be tried again on another endpoint
+/// (attempts, body replay, budget and deadline are checked elsewhere):
+///
+/// * nothing sent: for every method, with retries or failover;
+/// * a broken exchange: idempotent methods, with retries or failover;
+/// * 502/503/504: idempotent methods, with retries, or with failover when
+///   the try was an endpoint's trial after an ejection;
+/// * a per-try timeout: idempotent methods, with retries;
+/// * the client's fault: never.
+fn retry_allowed(end: &TryEnd, rules: RetryRules, trial: bool) -> bool {
+    let any = rules.configured || rules.failover;
+    match end {
+        TryEnd::Failed(Some(UpstreamError::NotSent(_))) => any,
+        TryEnd::Failed(Some(UpstreamError::Broken(_))) => any && rules.method_retryable,
+        TryEnd::Failed(None) => {
+            rules.configured && rules.method_retryable && rules.per_try_shorter
+        }
+        TryEnd::Answered(r) => {
+            matches!(r.status().as_u16(), 502..=504)
+                && rules.method_retryable
+                && (rules.configured || (trial && rules.failover))
+        }
+        TryEnd::ClientFault(_) => false,
+    }
+}
+
+/// Tries in all when the route has failover but no `retry` settings.
+const FAILOVER_ATTEMPTS: u32 = 3;
+
+/// The client-facing error for a try's end (never an internal address or
+/// a library's message: those are logged with the request id).
+fn try_error(end: TryEnd, max_body_bytes: u64, waited: Duration) -> Result<Response<Body>, GatewayError> {
+    match end {
+        TryEnd::Answered(r) => Ok(r),
+        TryEnd::ClientFault(BodyFault::TOO_LARGE) => Err(GatewayError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("request body exceeds {max_body_bytes} bytes"),
+        )),
+        TryEnd::ClientFault(BodyFault::TIMEOUT) => Err(GatewayError::new(
+            ErrorCode::RequestTimeout,
+            "request body read timed out",
+        )),
+        TryEnd::ClientFault(_) => Err(GatewayError::new(
+            ErrorCode::BadRequest,
+            "the request body was malformed or cut short",
+        )),
+        TryEnd::Failed(Some(UpstreamError::NotSent(_))) => Err(GatewayError::new(
+            ErrorCode::UpstreamUnavailable,
+            "no upstream endpoint could be reached",
+        )),
+        TryEnd::Failed(Some(UpstreamError::Broken(_))) => Err(GatewayError::new(
+            ErrorCode::UpstreamUnavailable,
+            "the upstream failed before answering",
+        )),
+        TryEnd::Failed(None) => Err(GatewayError::new(
+            ErrorCode::UpstreamTimeout,
+            format!("upstream did not answer within {} ms", waited.as_millis()),
+        )),
     }
 }
 
@@ -470,6 +638,7 @@ where
     let upgrade = headers::is_upgrade(req.version(), req.headers());
     let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
+    let client_version = parts.version;
     let body_empty = body.is_end_stream();
     let method = parts.method.clone();
     let grpc = parts
@@ -593,8 +762,9 @@ where
         }
     }
     let method_retryable = idempotent(&method) || plan.retry_all_methods;
-    let attempts_allowed = match &plan.retry {
+    let mut attempts_allowed = match &plan.retry {
         Some(r) if !upgrade => r.max_attempts,
+        _ if plan.failover => FAILOVER_ATTEMPTS,
         _ => 1,
     };
     // A body that may be retried is kept while it streams (up to the
@@ -627,6 +797,13 @@ where
         Version::HTTP_11
     };
 
+    let rules = RetryRules {
+        configured: plan.retry.is_some() && !upgrade,
+        failover: plan.failover,
+        method_retryable,
+        per_try_shorter: per_try < overall,
+    };
+    let statuses = plan.failure_statuses;
     let call = async {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt: u32 = 0;
@@ -638,6 +815,10 @@ where
                     format!("no healthy endpoint for {}", target.cluster.name),
                 ));
             };
+            // A failed trial is retried elsewhere: it gets one try more.
+            if picked.trial && rules.failover {
+                attempts_allowed = attempts_allowed.max(attempt + 1);
+            }
             out.upstream = Some(picked.addr);
             tried.push(picked.addr);
             let uri = upstream_uri(&picked.authority, &path_q, orig_pq.as_ref()).map_err(|_| {
@@ -654,8 +835,7 @@ where
             } else {
                 hdrs.clone()
             };
-            let now = Instant::now();
-            let remaining = deadline.saturating_duration_since(now);
+            let remaining = deadline.saturating_duration_since(Instant::now());
             let this_try = per_try.min(remaining);
             let guard = TryGuard::start(&picked);
             let res = tokio::time::timeout(
@@ -664,34 +844,62 @@ where
             )
             .await;
             let rtt = guard.end();
-            let outcome = classify(&res);
+            let end = match res {
+                Ok(Ok(r)) => TryEnd::Answered(r),
+                // The client's body broke the exchange: not the upstream's doing.
+                Ok(Err(_)) | Err(_) if fault.get() != BodyFault::NONE => {
+                    TryEnd::ClientFault(fault.get())
+                }
+                Ok(Err(e)) => TryEnd::Failed(Some(e)),
+                Err(_) => TryEnd::Failed(None),
+            };
+            let outcome = end.outcome(&statuses);
             if outcome == Outcome::Failure {
                 picked.stats.failures.fetch_add(1, Ordering::Relaxed);
             }
             target.cluster.record(picked.addr, outcome, rtt);
-            let connect_err = matches!(&res, Ok(Err(e)) if e.is_connect());
-            let retryable = match &res {
-                Ok(Ok(r)) => matches!(r.status().as_u16(), 502..=504),
-                Ok(Err(_)) => fault.get() == BodyFault::NONE,
-                Err(_) => per_try < overall,
-            };
+            match &end {
+                TryEnd::Failed(e) => tracing::warn!(
+                    request_id = rid.to_str().unwrap_or(""),
+                    route = %route.plan.name,
+                    endpoint = %picked.addr,
+                    attempt,
+                    error = e.as_ref().map_or_else(|| format!("no answer within {} ms", this_try.as_millis()), ToString::to_string),
+                    "upstream try failed"
+                ),
+                TryEnd::ClientFault(f) => {
+                    route.stats.client_faults.fetch_add(1, Ordering::Relaxed);
+                    route.stats.m_client_faults.increment(1);
+                    tracing::info!(
+                        request_id = rid.to_str().unwrap_or(""),
+                        route = %route.plan.name,
+                        client = %conn.peer,
+                        fault = f,
+                        "client's request body failed (aborted, malformed, too large or too slow)"
+                    );
+                }
+                TryEnd::Answered(_) => {}
+            }
             let may_retry = !last
-                && retryable
-                && (connect_err || method_retryable)
+                && retry_allowed(&end, rules, picked.trial)
                 && replay.as_ref().map_or(body_empty, Replay::replayable)
                 && rt
                     .budget
                     .as_ref()
                     .is_none_or(|b| b.try_withdraw(Instant::now()));
             if may_retry {
-                let backoff = plan.retry.as_ref().map_or(Duration::ZERO, |r| {
-                    full_jitter(
+                // Nothing was sent: the next endpoint at once. Otherwise
+                // the configured backoff.
+                let not_sent = matches!(&end, TryEnd::Failed(Some(UpstreamError::NotSent(_))));
+                let backoff = match &plan.retry {
+                    Some(r) if !not_sent => full_jitter(
                         Duration::from_millis(r.initial_backoff_ms),
                         Duration::from_millis(r.max_backoff_ms),
                         r.multiplier,
                         attempt,
-                    )
-                });
+                    ),
+                    _ => Duration::ZERO,
+                };
                 // The retry's body (this supersedes the failed try's, which
                 // its connection may still be sending); `None` if the body
                 // went past the limit since the check above.
@@ -703,30 +911,13 @@ where
                 {
                     next_body = body;
                     tracing::debug!(route = %route.plan.name, endpoint = %picked.addr, attempt, "retrying");
-                    tokio::time::sleep(backoff).await;
+                    if !backoff.is_zero() {
+                        tokio::time::sleep(backoff).await;
+                    }
                     continue;
                 }
             }
-            return match res {
-                Ok(Ok(resp)) => Ok(resp),
-                Ok(Err(e)) => Err(match fault.get() {
-                    BodyFault::TOO_LARGE => GatewayError::new(
-                        ErrorCode::PayloadTooLarge,
-                        format!("request body exceeds {} bytes", cfg.max_body_bytes),
-                    ),
-                    BodyFault::TIMEOUT => {
-                        GatewayError::new(ErrorCode::RequestTimeout, "request body read timed out")
-                    }
-                    _ => GatewayError::new(
-                        ErrorCode::UpstreamUnavailable,
-                        format!("upstream {}: {e}", picked.addr),
-                    ),
-                }),
-                Err(_) => Err(GatewayError::new(
-                    ErrorCode::UpstreamTimeout,
-                    format!("upstream did not answer within {} ms", this_try.as_millis()),
-                )),
-            };
+            return try_error(end, cfg.max_body_bytes, this_try);
         }
     };
     let started = Instant::now();
@@ -751,7 +942,10 @@ where
                     Err(e) if e.is::<BulkheadFull>() => {
                         Err(GatewayError::new(ErrorCode::Overloaded, "route is at its concurrency limit"))
                     }
-                    Err(e) => Err(GatewayError::new(ErrorCode::UpstreamUnavailable, e.to_string())),
+                    Err(e) => {
+                        tracing::warn!(route = %route.plan.name, error = %e, "bulkhead failed");
+                        Err(GatewayError::new(ErrorCode::Overloaded, "route is at its concurrency limit"))
+                    }
                     Ok(()) => Err(GatewayError::new(ErrorCode::Overloaded, "bulkhead released early")),
                 },
                 _ = go_rx => {
@@ -770,7 +964,7 @@ where
     };
     if let (Some(p), Some((b, gauge))) = (permit, &target.breaker) {
         let outcome = match &result {
-            Ok(r) if r.status().is_server_error() => Outcome::Failure,
+            Ok(r) if statuses.contains(r.status().as_u16()) => Outcome::Failure,
             Ok(_) => Outcome::Success,
             Err(e)
                 if matches!(
@@ -812,6 +1006,14 @@ where
     let (mut parts, body) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers, false, false);
     sh.via.append(&mut parts.headers, parts.version);
+    // The client's connection keeps its own protocol: an HTTP/1.0 upstream
+    // answering with close must not make the gateway answer HTTP/1.0 (and
+    // close the client's keep-alive connection).
+    parts.version = if client_version == Version::HTTP_2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     Ok(Response::from_parts(parts, body))
 }
 

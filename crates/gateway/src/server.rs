@@ -1,6 +1,7 @@
 //! Accepting client connections: HTTP/1.1 and h2c on one port (hyper-util's
 //! auto builder), TLS with ALPN, header read timeout, idle timeout,
-//! connection limit and graceful shutdown.
+//! connection limit, graceful shutdown, and the raw-byte framing check of
+//! HTTP/1 requests ([`crate::framing`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::framing::{FramingTracker, FramingVerdict};
 use crate::gateway::{Clients, Gateway, Shared};
 use crate::proxy::{self, ConnInfo};
 
@@ -27,14 +29,18 @@ use crate::proxy::{self, ConnInfo};
 struct Activity {
     io_ops: AtomicU64,
     active_requests: AtomicUsize,
+    /// HTTP/1 requests handed over so far.
+    h1_requests: AtomicU64,
 }
 
 pin_project_lite::pin_project! {
-    /// Counts reads and writes so an idle connection can be told apart.
+    /// Counts reads and writes so an idle connection can be told apart,
+    /// and shows every byte read to the framing tracker.
     struct ActivityIo<T> {
         #[pin]
         inner: T,
         activity: Arc<Activity>,
+        framing: FramingTracker,
     }
 }
 
@@ -45,9 +51,13 @@ impl<T: AsyncRead> AsyncRead for ActivityIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
+        let before = buf.filled().len();
         let r = this.inner.poll_read(cx, buf);
         if r.is_ready() {
             this.activity.io_ops.fetch_add(1, Ordering::Relaxed);
+            if let Some(new) = buf.filled().get(before..) {
+                this.framing.feed(new);
+            }
         }
         r
     }
@@ -268,20 +278,37 @@ async fn serve_conn<T>(
 {
     let peer = info.peer;
     let activity = Arc::new(Activity::default());
+    let verdict = Arc::new(FramingVerdict::default());
     let io = TokioIo::new(ActivityIo {
         inner: io,
         activity: activity.clone(),
+        framing: FramingTracker::new(
+            sh.cfg.max_header_bytes + 8192,
+            sh.cfg.max_headers,
+            verdict.clone(),
+        ),
     });
     let svc = {
         let activity = activity.clone();
         let sh = sh.clone();
-        service_fn(move |req| {
+        service_fn(move |req: http::Request<hyper::body::Incoming>| {
             activity.active_requests.fetch_add(1, Ordering::Relaxed);
             let guard = RequestGuard(activity.clone());
             let sh = sh.clone();
             let info = info.clone();
+            // HTTP/1 requests are numbered as the tracker numbers their
+            // heads (hyper hands them over in order).
+            let fault = if req.version() == http::Version::HTTP_2 {
+                None
+            } else {
+                let index = activity.h1_requests.fetch_add(1, Ordering::Relaxed);
+                verdict.fault(index)
+            };
             async move {
-                let resp = proxy::handle(sh, req, info).await;
+                let resp = match fault {
+                    None => proxy::handle(sh, req, info).await,
+                    Some(f) => proxy::refuse_framing(&sh, &req, &info, f),
+                };
                 drop(guard);
                 Ok::<_, Infallible>(resp)
             }

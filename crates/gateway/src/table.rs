@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use meshwork_resilience::breaker::BreakerCore;
 use meshwork_resilience::limit::concurrency::BulkheadLayer;
-use meshwork_resilience::retry::RetryBudget;
+use meshwork_resilience::retry::{RetryBudget, RetryBudgetConfig};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -60,8 +60,11 @@ pub(crate) struct RouteStats {
     pub(crate) latency: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     pub(crate) by_class: [AtomicU64; 5],
     pub(crate) rate_limited: AtomicU64,
+    /// Requests whose client failed (aborted or malformed body).
+    pub(crate) client_faults: AtomicU64,
     pub(crate) active: AtomicU64,
     pub(crate) m_by_class: [metrics::Counter; 5],
+    pub(crate) m_client_faults: metrics::Counter,
     pub(crate) m_latency: metrics::Histogram,
     pub(crate) m_rate_limited: metrics::Counter,
 }
@@ -74,6 +77,7 @@ impl RouteStats {
             by_class: Default::default(),
             latency: Default::default(),
             rate_limited: AtomicU64::new(0),
+            client_faults: AtomicU64::new(0),
             active: AtomicU64::new(0),
             m_by_class: [
                 class("1xx"),
@@ -84,6 +88,7 @@ impl RouteStats {
             ],
             m_latency: metrics::histogram!("meshwork_gateway_request_duration_seconds", "route" => route.to_owned()),
             m_rate_limited: metrics::counter!("meshwork_gateway_rate_limited_total", "route" => route.to_owned()),
+            m_client_faults: metrics::counter!("meshwork_gateway_client_faults_total", "route" => route.to_owned()),
         }
     }
 
@@ -110,6 +115,9 @@ pub struct RouteCounters {
     pub status_classes: [u64; 5],
     /// Requests rejected by a rate limit.
     pub rate_limited: u64,
+    /// Requests the client broke (aborted or malformed body): never counted
+    /// against an upstream.
+    pub client_faults: u64,
     /// Requests in progress.
     pub active: u64,
     /// Requests per latency bucket (bounds in [`LATENCY_BUCKETS_US`], then overflow).
@@ -132,6 +140,7 @@ impl RouteStats {
             requests: self.requests.load(Ordering::Relaxed),
             status_classes: std::array::from_fn(|i| self.by_class[i].load(Ordering::Relaxed)),
             rate_limited: self.rate_limited.load(Ordering::Relaxed),
+            client_faults: self.client_faults.load(Ordering::Relaxed),
             active: self.active.load(Ordering::Relaxed),
             p99_ms: None,
             latency_buckets: self
@@ -296,10 +305,17 @@ pub(crate) fn build(
                         *pct,
                     )
                 });
-                let budget = f.retry.as_ref().and_then(|r| {
-                    let key = format!("{name}|{}", json(&r.budget));
+                // Retries and failover draw on one budget per route (the
+                // default budget when only failover is on).
+                let budget_cfg = match (&f.retry, f.failover) {
+                    (Some(r), _) => Some(r.budget),
+                    (None, true) => Some(RetryBudgetConfig::default()),
+                    (None, false) => None,
+                };
+                let budget = budget_cfg.and_then(|b| {
+                    let key = format!("{name}|{}", json(&b));
                     take_or(&mut old.budgets, &mut new.budgets, key, || {
-                        RetryBudget::new(r.budget, now).ok().map(Arc::new)
+                        RetryBudget::new(b, now).ok().map(Arc::new)
                     })
                 });
                 let bulkhead = f.bulkhead.as_ref().and_then(|b| {

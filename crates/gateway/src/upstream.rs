@@ -15,7 +15,7 @@ use meshwork_resilience::balance::{
     RandomPicker, Ring, SmoothWrr, stable_hash,
 };
 use meshwork_resilience::classify::Outcome;
-use meshwork_resilience::outlier::{OutlierConfig, OutlierDetector, OutlierEvent};
+use meshwork_resilience::outlier::{HostState, OutlierConfig, OutlierDetector, OutlierEvent};
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -45,6 +45,9 @@ pub(crate) struct Picked {
     pub(crate) authority: Authority,
     pub(crate) load: Arc<PeakEwma>,
     pub(crate) stats: Arc<EndpointStats>,
+    /// This try is the endpoint's trial after an ejection: if it fails,
+    /// the request goes to another endpoint.
+    pub(crate) trial: bool,
 }
 
 struct State {
@@ -103,6 +106,8 @@ pub struct EndpointSnapshot {
     pub healthy: bool,
     /// Whether outlier detection has ejected it now.
     pub ejected: bool,
+    /// Outlier detection's view: state, why, until when.
+    pub outlier: OutlierSnapshot,
     /// Calls in flight.
     pub in_flight: u64,
     /// Peak-EWMA latency estimate, milliseconds.
@@ -111,6 +116,58 @@ pub struct EndpointSnapshot {
     pub requests: u64,
     /// Tries failed.
     pub failures: u64,
+}
+
+/// Where outlier detection has put an endpoint, for the admin API and the
+/// console ("why is it out").
+#[derive(Debug, Clone, Serialize)]
+pub struct OutlierSnapshot {
+    /// `active`, `ejected` or `trial` (back from ejection: one request at a
+    /// time until one succeeds).
+    pub state: &'static str,
+    /// Why it was ejected (`consecutive_failures`, `success_rate`,
+    /// `failed_trial`); absent when active.
+    pub reason: Option<&'static str>,
+    /// Milliseconds until its trial, when ejected.
+    pub remaining_ms: Option<u64>,
+    /// Consecutive ejections (each one lasts longer).
+    pub times_ejected: u32,
+    /// True while the cluster is in panic (too few endpoints admitted):
+    /// ejections are then ignored.
+    pub panic: bool,
+}
+
+impl OutlierSnapshot {
+    fn of(d: Option<&OutlierDetector<SocketAddr>>, addr: &SocketAddr, now: Instant) -> Self {
+        let panic = d.is_some_and(|d| d.panic(now));
+        match d.map(|d| d.state(addr, now)) {
+            None | Some(HostState::Active) => Self {
+                state: "active",
+                reason: None,
+                remaining_ms: None,
+                times_ejected: 0,
+                panic,
+            },
+            Some(HostState::Ejected {
+                until,
+                reason,
+                times,
+            }) => Self {
+                state: "ejected",
+                reason: Some(reason.as_str()),
+                remaining_ms: Some(until.saturating_duration_since(now).as_millis() as u64),
+                times_ejected: times,
+                panic,
+            },
+            Some(HostState::OnTrial { reason }) => Self {
+                state: "trial",
+                reason: Some(reason.as_str()),
+                remaining_ms: None,
+                times_ejected: 0,
+                panic,
+            },
+        }
+    }
 }
 
 /// Cluster state for the admin API.
@@ -187,6 +244,10 @@ impl Cluster {
     }
 
     /// Chooses an endpoint, avoiding `exclude` when another is available.
+    /// Endpoints outlier detection does not admit are skipped unless too
+    /// few are admitted (panic: then every endpoint takes traffic). An
+    /// endpoint back from ejection takes the request as its trial
+    /// ([`Picked::trial`]).
     pub(crate) fn pick(&self, hash: Option<u64>, exclude: &[SocketAddr]) -> Option<Picked> {
         let now = Instant::now();
         let mut st = self.state.lock();
@@ -195,8 +256,8 @@ impl Cluster {
         }
         if let Some(d) = st.outlier.as_mut() {
             for e in d.tick(now) {
-                if let OutlierEvent::Returned { key } = e {
-                    tracing::info!(cluster = %self.name, endpoint = %key, "endpoint returned from ejection");
+                if let OutlierEvent::OnTrial { key } = e {
+                    tracing::info!(cluster = %self.name, endpoint = %key, "ejection over: the next request is a trial");
                 }
             }
         }
@@ -209,6 +270,7 @@ impl Cluster {
             } = &mut *st;
             let slots: &Vec<Option<Slot>> = slots;
             let outlier = outlier.as_ref();
+            let panic = outlier.is_some_and(|d| d.panic(now));
             let load = |id: EndpointId| match slots.get(id.0 as usize) {
                 Some(Some(s)) => s.load.load(now),
                 _ => f64::INFINITY,
@@ -216,8 +278,8 @@ impl Cluster {
             let avail = |id: EndpointId, with_exclude: bool| match slots.get(id.0 as usize) {
                 Some(Some(s)) => {
                     let excluded = with_exclude && exclude.contains(&s.ep.addr);
-                    let ejected = outlier.is_some_and(|d| d.is_ejected(&s.ep.addr, now));
-                    !excluded && !ejected
+                    let admitted = panic || outlier.is_none_or(|d| d.admits(&s.ep.addr, now));
+                    !excluded && admitted
                 }
                 _ => false,
             };
@@ -242,33 +304,50 @@ impl Cluster {
                 None => None,
             }
         }?;
-        let s = st.slots.get(id.0 as usize)?.as_ref()?;
+        let State { slots, outlier, .. } = &mut *st;
+        let s = slots.get(id.0 as usize)?.as_ref()?;
+        let trial = outlier
+            .as_mut()
+            .is_some_and(|d| d.begin_trial(&s.ep.addr, now));
         Some(Picked {
             addr: s.ep.addr,
             authority: s.authority.clone(),
             load: s.load.clone(),
             stats: s.stats.clone(),
+            trial,
         })
     }
 
-    /// Records the outcome of one try on `addr`.
+    /// Records the outcome of one try on `addr` (`Ignored`: the client's
+    /// fault or cancelled; it frees a trial slot and counts for nothing).
     pub(crate) fn record(&self, addr: SocketAddr, outcome: Outcome, rtt: Duration) {
-        self.m_latency.record(rtt.as_secs_f64());
+        let now = Instant::now();
         match outcome {
             Outcome::Success => self.m_success.increment(1),
             Outcome::Failure => self.m_failure.increment(1),
-            Outcome::Ignored => return,
+            Outcome::Ignored => {
+                if let Some(d) = self.state.lock().outlier.as_mut() {
+                    d.release_trial(&addr);
+                }
+                return;
+            }
         }
-        let now = Instant::now();
+        self.m_latency.record(rtt.as_secs_f64());
         let mut st = self.state.lock();
-        if let Some(d) = st.outlier.as_mut()
-            && let Some(OutlierEvent::Ejected { key, until, reason }) =
-                d.record(&addr, outcome == Outcome::Success, now)
-        {
-            self.ejections.increment(1);
-            self.ejections_total.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(cluster = %self.name, endpoint = %key, ?reason,
-                for_ms = until.saturating_duration_since(now).as_millis() as u64, "endpoint ejected");
+        let Some(d) = st.outlier.as_mut() else {
+            return;
+        };
+        match d.record(&addr, outcome == Outcome::Success, now) {
+            Some(OutlierEvent::Ejected { key, until, reason }) => {
+                self.ejections.increment(1);
+                self.ejections_total.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(cluster = %self.name, endpoint = %key, reason = reason.as_str(),
+                    for_ms = until.saturating_duration_since(now).as_millis() as u64, "endpoint ejected");
+            }
+            Some(OutlierEvent::Returned { key }) => {
+                tracing::info!(cluster = %self.name, endpoint = %key, "endpoint passed its trial and is back");
+            }
+            _ => {}
         }
     }
 
@@ -293,6 +372,7 @@ impl Cluster {
                     .outlier
                     .as_ref()
                     .is_some_and(|d| d.is_ejected(&s.ep.addr, now)),
+                outlier: OutlierSnapshot::of(st.outlier.as_ref(), &s.ep.addr, now),
                 in_flight: s.load.in_flight(),
                 latency_ewma_ms: s.load.estimate(now) / 1e6,
                 requests: s.stats.requests.load(Ordering::Relaxed),

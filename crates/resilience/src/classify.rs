@@ -65,6 +65,91 @@ impl<B, E> Classify<http::Response<B>, E> for HttpServerErrors {
     }
 }
 
+/// A set of HTTP status codes (100..=599), copied cheaply.
+///
+/// ```
+/// use meshwork_resilience::classify::StatusSet;
+///
+/// let set = StatusSet::from_codes([502, 503, 504]).unwrap();
+/// assert!(set.contains(503) && !set.contains(500));
+/// assert_eq!(set.codes(), vec![502, 503, 504]);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    /// No status.
+    pub const EMPTY: StatusSet = StatusSet([0; 10]);
+
+    /// The statuses that say an upstream failed, not the request: 502, 503
+    /// and 504 (the gateway-failure set, as Envoy's `gateway-error`).
+    pub const UPSTREAM_FAILURES: StatusSet = {
+        let mut bits = [0u64; 10];
+        bits[502 / 64] |= 1 << (502 % 64);
+        bits[503 / 64] |= 1 << (503 % 64);
+        bits[504 / 64] |= 1 << (504 % 64);
+        StatusSet(bits)
+    };
+
+    /// The set of `codes`; `Err` names the first code outside 100..=599.
+    pub fn from_codes(codes: impl IntoIterator<Item = u16>) -> Result<Self, u16> {
+        let mut set = Self::EMPTY;
+        for c in codes {
+            if !(100..=599).contains(&c) {
+                return Err(c);
+            }
+            set.0[usize::from(c / 64)] |= 1 << (c % 64);
+        }
+        Ok(set)
+    }
+
+    /// Whether `code` is in the set.
+    #[inline]
+    pub fn contains(&self, code: u16) -> bool {
+        self.0
+            .get(usize::from(code / 64))
+            .is_some_and(|w| w & (1 << (code % 64)) != 0)
+    }
+
+    /// The codes, ascending.
+    pub fn codes(&self) -> Vec<u16> {
+        (100..=599).filter(|c| self.contains(*c)).collect()
+    }
+}
+
+impl Default for StatusSet {
+    fn default() -> Self {
+        Self::UPSTREAM_FAILURES
+    }
+}
+
+impl std::fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.codes()).finish()
+    }
+}
+
+/// HTTP, judging the upstream rather than the request: errors (connect
+/// failures, resets, malformed responses) and responses whose status is in
+/// `statuses` (default 502, 503, 504) are failures; every other response is
+/// a success, since the upstream answered. A 500 from a handler or a 4xx
+/// about the request says nothing about whether the instance is healthy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpUpstreamFailures {
+    /// Statuses that count as failures.
+    pub statuses: StatusSet,
+}
+
+impl<B, E> Classify<http::Response<B>, E> for HttpUpstreamFailures {
+    fn classify(&self, result: Result<&http::Response<B>, &E>) -> Outcome {
+        match result {
+            Err(_) => Outcome::Failure,
+            Ok(r) if self.statuses.contains(r.status().as_u16()) => Outcome::Failure,
+            Ok(_) => Outcome::Success,
+        }
+    }
+}
+
 /// gRPC status code `DEADLINE_EXCEEDED`.
 pub const GRPC_DEADLINE_EXCEEDED: u16 = 4;
 /// gRPC status code `UNAVAILABLE`.

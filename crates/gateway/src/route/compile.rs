@@ -9,6 +9,7 @@ use http::{Method, StatusCode};
 use meshwork_resilience::breaker::BreakerConfig;
 use meshwork_resilience::limit::concurrency::BulkheadConfig;
 use meshwork_resilience::outlier::OutlierConfig;
+use meshwork_resilience::classify::StatusSet;
 use meshwork_resilience::retry::RetryConfig;
 use regex::Regex;
 use serde::Serialize;
@@ -296,6 +297,8 @@ pub(crate) struct ForwardPlan {
     pub(crate) timeout: Option<Duration>,
     pub(crate) per_try_timeout: Option<Duration>,
     pub(crate) retry: Option<RetryConfig>,
+    pub(crate) failover: bool,
+    pub(crate) failure_statuses: StatusSet,
     pub(crate) retry_all_methods: bool,
     pub(crate) retry_buffer_bytes: Option<u64>,
     pub(crate) breaker: Option<BreakerConfig>,
@@ -672,6 +675,16 @@ fn compile_forward(route: &str, f: &ForwardConfig) -> Result<ForwardPlan, RouteE
     if let Some(r) = &f.retry {
         r.validate().map_err(|e| cfg_err("retry", e))?;
     }
+    let failure_statuses = match &f.failure_statuses {
+        None => StatusSet::UPSTREAM_FAILURES,
+        Some(codes) => StatusSet::from_codes(codes.iter().copied()).map_err(|c| {
+            invalid(
+                route,
+                "forward.failure_statuses",
+                format!("{c} is not an HTTP status (100..=599)"),
+            )
+        })?,
+    };
     if let Some(b) = &f.breaker {
         b.validate().map_err(|e| cfg_err("breaker", e))?;
     }
@@ -726,6 +739,8 @@ fn compile_forward(route: &str, f: &ForwardConfig) -> Result<ForwardPlan, RouteE
         timeout,
         per_try_timeout,
         retry: f.retry,
+        failover: f.failover.unwrap_or(true),
+        failure_statuses,
         retry_all_methods: f.retry_all_methods,
         retry_buffer_bytes: f.retry_buffer_bytes,
         breaker: f.breaker.clone(),

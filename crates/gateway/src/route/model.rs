@@ -142,9 +142,22 @@ pub struct ForwardConfig {
     pub timeout_ms: Option<u64>,
     /// Time for one try, ms; default: the overall timeout.
     pub per_try_timeout_ms: Option<u64>,
-    /// Retries (absent: no retry). A request with a body is retried only
-    /// if its body fits in `retry_buffer_bytes`.
+    /// Retries of failed tries: 502/503/504, resets and per-try timeouts
+    /// (absent: only `failover`). A request with a body is retried only if
+    /// its body fits in `retry_buffer_bytes`.
     pub retry: Option<RetryConfig>,
+    /// Failover on connection failures, on by default (nginx's
+    /// `proxy_next_upstream error`): a try that failed before anything was
+    /// sent (connect refused or timed out, connection closed before the
+    /// request was written) goes to another endpoint for every method, and
+    /// an idempotent one also after a reset once sent, up to 3 tries in
+    /// all, within the retry budget. `false` turns it off.
+    pub failover: Option<bool>,
+    /// Upstream statuses that count as the upstream's failure for outlier
+    /// detection and the breaker (default 502, 503, 504; connection
+    /// failures and timeouts always count). Any other answer shows the
+    /// endpoint alive.
+    pub failure_statuses: Option<Vec<u16>>,
     /// Retry non-idempotent methods too (POST, PATCH). Default false.
     pub retry_all_methods: bool,
     /// Request body bytes kept for replay on a retry; default: the

@@ -346,6 +346,19 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends raw bytes and reads until the gateway closes the connection
+/// (fails the test if it does not within 20 s).
+pub async fn raw_until_close(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+        .await
+        .expect("the gateway did not close the connection")
+        .ok();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn response_complete(b: &[u8]) -> bool {
     let s = String::from_utf8_lossy(b);
     let Some(head_end) = s.find("\r\n\r\n") else {

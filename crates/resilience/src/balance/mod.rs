@@ -2,8 +2,10 @@
 //!
 //! [`Balance`] keeps the endpoints announced by its discovery stream
 //! ([`Change`]: insert, remove, weight change), asks a [`Picker`] which one
-//! gets each request, and skips endpoints ejected by an optional
-//! [`OutlierDetector`]. Pickers are plain cores:
+//! gets each request, and skips endpoints an optional [`OutlierDetector`]
+//! does not admit (ejected, or on trial with a trial request in flight),
+//! unless the detector is in panic (too few admitted: then every endpoint
+//! takes traffic). Pickers are plain cores:
 //!
 //! | picker | algorithm |
 //! | --- | --- |
@@ -357,22 +359,34 @@ where
         let now = Instant::now();
         let request_hash = self.request_hash.as_ref().map(|f| f(req));
         let slots = &self.slots;
-        let guard = self.outlier.as_ref().map(|(d, _)| d.lock());
-        let available = |id: EndpointId| match (slots.get(id.0 as usize), &guard) {
-            (Some(Some(ep)), Some(d)) => !d.is_ejected(&ep.key, now),
-            (Some(Some(_)), None) => true,
-            _ => false,
+        let mut guard = self.outlier.as_ref().map(|(d, _)| d.lock());
+        // Panic: too few endpoints admitted, so ejections are ignored.
+        let panic = guard.as_ref().is_some_and(|d| d.panic(now));
+        let id = {
+            let detector = guard.as_deref();
+            let available = |id: EndpointId| match (slots.get(id.0 as usize), detector) {
+                (Some(Some(ep)), Some(d)) => panic || d.admits(&ep.key, now),
+                (Some(Some(_)), None) => true,
+                _ => false,
+            };
+            let load = |id: EndpointId| match slots.get(id.0 as usize) {
+                Some(Some(ep)) => ep.load.load(now),
+                _ => f64::INFINITY,
+            };
+            let ctx = PickContext {
+                request_hash,
+                available: &available,
+                load: &load,
+            };
+            self.picker.pick(&ctx)
         };
-        let load = |id: EndpointId| match slots.get(id.0 as usize) {
-            Some(Some(ep)) => ep.load.load(now),
-            _ => f64::INFINITY,
-        };
-        let ctx = PickContext {
-            request_hash,
-            available: &available,
-            load: &load,
-        };
-        self.picker.pick(&ctx)
+        if let (Some(id), Some(d)) = (id, guard.as_deref_mut())
+            && let Some(Some(ep)) = slots.get(id.0 as usize)
+        {
+            // An endpoint back from ejection takes this request as its trial.
+            d.begin_trial(&ep.key, now);
+        }
+        id
     }
 }
 
@@ -432,7 +446,7 @@ where
             }
             if let Some((detector, classifier, key)) = outlier {
                 match classifier.classify(result.as_ref()) {
-                    Outcome::Ignored => {}
+                    Outcome::Ignored => detector.lock().release_trial(&key),
                     outcome => {
                         detector
                             .lock()
