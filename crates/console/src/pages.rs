@@ -621,19 +621,24 @@ async fn gateway(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Res
     for cl in g.upstreams() {
         let _ = write!(
             b,
-            "<h3>{}</h3><p>{} ejections so far · {} excluded (unhealthy or filtered)</p><table><thead><tr><th scope=\"col\">Endpoint</th><th scope=\"col\">Healthy</th><th scope=\"col\">Ejected</th><th scope=\"col\">In flight</th><th scope=\"col\">Latency ms</th><th scope=\"col\">Tries</th><th scope=\"col\">Failures</th></tr></thead><tbody>",
+            "<h3>{}</h3><p>{} ejections so far · {} excluded (unhealthy or filtered){}</p><table><thead><tr><th scope=\"col\">Endpoint</th><th scope=\"col\">Healthy</th><th scope=\"col\">Outlier state</th><th scope=\"col\">In flight</th><th scope=\"col\">Latency ms</th><th scope=\"col\">Tries</th><th scope=\"col\">Failures</th></tr></thead><tbody>",
             esc(&cl.name),
             cl.ejections_total,
-            cl.excluded
+            cl.excluded,
+            if cl.endpoints.iter().any(|e| e.outlier.panic) {
+                " · <b>panic</b>: too few endpoints admitted, ejections ignored"
+            } else {
+                ""
+            }
         );
         for e in &cl.endpoints {
             let _ = write!(
                 b,
                 "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td></tr>",
-                if e.ejected { "warn" } else { "" },
+                if e.outlier.state == "active" { "" } else { "warn" },
                 e.addr,
                 e.healthy,
-                e.ejected,
+                outlier_state(&e.outlier),
                 e.in_flight,
                 e.latency_ewma_ms,
                 e.requests,
@@ -647,6 +652,20 @@ async fn gateway(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Res
 <figure><figcaption>p99 latency by route, ms (last 10 s, bucket bounds)</figcaption><canvas data-chart=\"route-p99\" width=\"900\" height=\"220\" role=\"img\" aria-label=\"p99 latency by route\"></canvas></figure>
 <figure><figcaption>5xx per second by route</figcaption><canvas data-chart=\"route-errors\" width=\"900\" height=\"220\" role=\"img\" aria-label=\"Errors per second by route\"></canvas></figure></section>");
     page(&s, &headers, &q.0, "gateway", "Gateway", b)
+}
+
+/// "Why is it out": the outlier state of an endpoint in words.
+fn outlier_state(o: &meshwork_gateway::OutlierSnapshot) -> String {
+    let why = o.reason.unwrap_or("").replace('_', " ");
+    match o.state {
+        "ejected" => format!(
+            "ejected ({why}; {} times in a row), trial in {:.1} s",
+            o.times_ejected,
+            o.remaining_ms.unwrap_or(0) as f64 / 1000.0
+        ),
+        "trial" => format!("on trial after {why}: one request at a time"),
+        _ => "active".into(),
+    }
 }
 
 async fn kv(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Response {

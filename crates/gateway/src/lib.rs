@@ -45,4 +45,4 @@ pub use route::{Explanation, RouteCheck};
 pub use server::{Workers, serve, serve_tls, spawn_workers};
 pub use table::{LATENCY_BUCKETS_US, RouteCounters, bucket_quantile_ms};
 pub use tls::{TlsConfig, TlsError, TlsReloader};
-pub use upstream::{ClusterSnapshot, EndpointSnapshot};
+pub use upstream::{ClusterSnapshot, EndpointSnapshot, OutlierSnapshot};

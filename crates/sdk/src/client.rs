@@ -49,7 +49,7 @@ use meshwork_resilience::balance::{
     Balance, Change, ChangeStream, NoEndpoint, P2c, Picker, RandomPicker, SmoothWrr,
 };
 use meshwork_resilience::breaker::{Breaker, BreakerConfig, CircuitBreaker};
-use meshwork_resilience::classify::HttpServerErrors;
+use meshwork_resilience::classify::{HttpUpstreamFailures, StatusSet};
 use meshwork_resilience::outlier::{OutlierConfig, OutlierDetector};
 use meshwork_resilience::retry::{Retry, RetryConfig, RetryHttp, RetryLayer};
 use meshwork_resilience::timeout::{Timeout, TimeoutConfig, TimeoutLayer};
@@ -91,8 +91,14 @@ pub struct TargetPolicy {
     pub retry_all_methods: bool,
     /// Circuit breaker (its `name` defaults to the service name).
     pub breaker: BreakerConfig,
-    /// Passive outlier ejection of instances (`None`: off).
+    /// Passive outlier ejection of instances (`None`: off). A lone
+    /// instance is never ejected, at most half are, and below the panic
+    /// threshold every instance takes calls again.
     pub outlier: Option<OutlierConfig>,
+    /// Response statuses that count as the instance's failure for the
+    /// breaker and outlier ejection (default 502, 503, 504; transport
+    /// errors always count). Any other answer shows the instance alive.
+    pub failure_statuses: Vec<u16>,
     /// Balancing.
     pub lb: Lb,
     /// Which instances to use (tags, zone, version; `healthy` is always on).
@@ -130,9 +136,9 @@ impl Default for TargetPolicy {
             },
             outlier: Some(OutlierConfig {
                 consecutive_failures: Some(3),
-                max_ejection_percent: 50,
                 ..OutlierConfig::default()
             }),
+            failure_statuses: StatusSet::UPSTREAM_FAILURES.codes(),
             lb: Lb::P2c,
             filter: Filter::default(),
             max_response_bytes: 8 << 20,
@@ -160,6 +166,7 @@ impl TargetPolicy {
         if let Some(o) = &self.outlier {
             o.validate().map_err(|e| e.to_string())?;
         }
+        self.failure_classifier()?;
         if !(1..=(1 << 30)).contains(&self.max_response_bytes) {
             return Err(format!(
                 "max_response_bytes {} must be 1..=1073741824",
@@ -167,6 +174,13 @@ impl TargetPolicy {
             ));
         }
         Ok(())
+    }
+
+    /// The classifier of the breaker and outlier ejection.
+    fn failure_classifier(&self) -> Result<HttpUpstreamFailures, String> {
+        let statuses = StatusSet::from_codes(self.failure_statuses.iter().copied())
+            .map_err(|c| format!("failure_statuses: {c} is not an HTTP status (100..=599)"))?;
+        Ok(HttpUpstreamFailures { statuses })
     }
 
     /// Sets the fallback.
@@ -264,7 +278,7 @@ type Lbal = Balance<
     ChangeStream<SocketAddr, EndpointSvc>,
     Box<dyn Picker>,
     Request<Bytes>,
-    HttpServerErrors,
+    HttpUpstreamFailures,
 >;
 
 /// The balancer, shared by every clone of a target's stack (picking holds the
@@ -291,7 +305,7 @@ impl Service<Request<Bytes>> for LbSvc {
     }
 }
 
-type Stack = Timeout<CircuitBreaker<Retry<LbSvc, RetryHttp>, HttpServerErrors>>;
+type Stack = Timeout<CircuitBreaker<Retry<LbSvc, RetryHttp>, HttpUpstreamFailures>>;
 
 struct Target {
     stack: Stack,
@@ -465,8 +479,9 @@ impl HttpClient {
             },
         };
         let detector = OutlierDetector::new(outlier).map_err(|e| Error::Invalid(e.to_string()))?;
+        let classifier = policy.failure_classifier().map_err(Error::Invalid)?;
         let mut lb = Balance::new(changes, picker)
-            .with_outlier_detection(Arc::new(Mutex::new(detector)), HttpServerErrors);
+            .with_outlier_detection(Arc::new(Mutex::new(detector)), classifier);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_millis(policy.connect_timeout_ms)));
@@ -516,7 +531,7 @@ impl HttpClient {
         let stack = timeout.layer(CircuitBreaker::new(
             retry.layer(lb),
             breaker.clone(),
-            HttpServerErrors,
+            classifier,
         ));
         Ok(Target {
             stack,

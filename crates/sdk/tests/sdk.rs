@@ -267,6 +267,66 @@ async fn failures_open_the_breaker_and_the_fallback_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_error_never_takes_a_lone_instance_down() {
+    let cp = ControlPlane::start().await;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let h2 = hits.clone();
+    let router = Router::new()
+        .route(
+            "/charge",
+            get(move || {
+                h.fetch_add(1, Ordering::Relaxed);
+                async { (http::StatusCode::INTERNAL_SERVER_ERROR, "card declined by rule") }
+            }),
+        )
+        .route(
+            "/maintenance",
+            get(move || {
+                h2.fetch_add(1, Ordering::Relaxed);
+                async { (http::StatusCode::SERVICE_UNAVAILABLE, "payments switched off") }
+            }),
+        )
+        .route("/balance", get(|| async { "42" }));
+    let payment = Instance::start(&cp, "payment", router, ServerOptions::default()).await;
+    // Default breaker and outlier settings, no retries (to count calls).
+    let caller = connect(&cp, "order", |o| {
+        round_robin(o, "payment", |p| {
+            p.retry.max_attempts = 1;
+        })
+    })
+    .await;
+    // A 500 is the handler's answer, not the instance failing: the breaker
+    // stays closed however many there are.
+    for _ in 0..20 {
+        let r = caller.http().get("payment", "/charge").await.unwrap();
+        assert_eq!(r.status(), 500);
+    }
+    assert_eq!(hits.load(Ordering::Relaxed), 20, "every call reached it");
+    assert_eq!(caller.http().breaker_state("payment").await, Some("closed"));
+    // 503s with the breaker set high: outlier ejection alone never takes
+    // out the only instance.
+    let lenient = connect(&cp, "order", |o| {
+        round_robin(o, "payment", |p| {
+            p.retry.max_attempts = 1;
+            p.breaker.consecutive_failures = Some(1_000);
+            p.breaker.failure_rate_threshold = None;
+        })
+    })
+    .await;
+    for _ in 0..20 {
+        let r = lenient.http().get("payment", "/maintenance").await.unwrap();
+        assert_eq!(r.status(), 503, "the instance's own answer");
+    }
+    assert_eq!(hits.load(Ordering::Relaxed), 40, "never ejected");
+    let r = lenient.http().get("payment", "/balance").await.unwrap();
+    assert_eq!(r.body().as_ref(), b"42");
+    payment.stop().await;
+    caller.shutdown().await;
+    lenient.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_and_the_callers_deadline_bound_a_call() {
     let cp = ControlPlane::start().await;
     let seen = Arc::new(parking_lot::Mutex::new(Vec::<u64>::new()));
