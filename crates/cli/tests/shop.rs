@@ -226,6 +226,36 @@ fn the_shop_keeps_its_books_through_failures() {
         let (s, v) = order(&gw, "carol", None, "sku-mouse", "acct-3");
         s == 503 && reason(&v) == "payments_disabled"
     });
+    // Under load, the order service's business 503 never takes it out of
+    // rotation (it is the only instance): orders keep failing with its own
+    // reason and reads of the same service keep answering.
+    let load: Vec<_> = (0..8)
+        .map(|c| {
+            let gw = gw.clone();
+            std::thread::spawn(move || {
+                let customer = format!("load-{c}");
+                let mut seen = Vec::new();
+                for _ in 0..25 {
+                    let (s, v) = order(&gw, &customer, None, "sku-mouse", "acct-3");
+                    seen.push(("POST /api/orders", s, reason(&v)));
+                    let (s, v) = get(&gw, "/api/orders");
+                    seen.push(("GET /api/orders", s, reason(&v)));
+                }
+                seen
+            })
+        })
+        .collect();
+    let seen: Vec<_> = load.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert_eq!(seen.len(), 400);
+    for (what, status, code) in &seen {
+        assert_ne!(code, "no_healthy_upstream", "{what}");
+        match *what {
+            "POST /api/orders" => {
+                assert_eq!((*status, code.as_str()), (503, "payments_disabled"))
+            }
+            _ => assert_eq!(*status, 200, "{what}: {code}"),
+        }
+    }
     flag("true");
     wait_until("payments to be switched on", || {
         order(&gw, "carol", None, "sku-mouse", "acct-3").0 == 201
