@@ -635,7 +635,11 @@ async fn gateway(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Res
             let _ = write!(
                 b,
                 "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td></tr>",
-                if e.outlier.state == "active" { "" } else { "warn" },
+                if e.outlier.state == "active" {
+                    ""
+                } else {
+                    "warn"
+                },
                 e.addr,
                 e.healthy,
                 outlier_state(&e.outlier),

@@ -43,9 +43,7 @@ impl FramingFault {
             FramingFault::BothLengths => {
                 "the request has both Content-Length and Transfer-Encoding: send one"
             }
-            FramingFault::NotChunked => {
-                "the request's Transfer-Encoding does not end with chunked"
-            }
+            FramingFault::NotChunked => "the request's Transfer-Encoding does not end with chunked",
             FramingFault::ConflictingLengths => {
                 "the request has Content-Length values that disagree"
             }
@@ -356,7 +354,10 @@ fn framing_of(headers: &[httparse::Header<'_>]) -> Result<State, FramingFault> {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
     let end = v
         .iter()
         .rposition(|b| !b.is_ascii_whitespace())

@@ -197,7 +197,10 @@ impl H1Pool {
                         self.evict(addr);
                         return Err(PoolError::Connect {
                             addr,
-                            message: format!("connection closed before the request was sent: {}", e.error()),
+                            message: format!(
+                                "connection closed before the request was sent: {}",
+                                e.error()
+                            ),
                         });
                     }
                     None => return Err(PoolError::Http(e.into_error())),

@@ -131,8 +131,8 @@ pub(crate) fn refuse_framing<B>(
         reason = fault.message(),
         "request refused: ambiguous framing"
     );
-    let mut resp = GatewayError::new(ErrorCode::BadRequest, fault.message())
-        .into_response(rid.to_str().ok());
+    let mut resp =
+        GatewayError::new(ErrorCode::BadRequest, fault.message()).into_response(rid.to_str().ok());
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp.headers_mut().insert(sh.request_id_header.clone(), rid);
@@ -183,7 +183,9 @@ fn settle_authority<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
         }
         None => match host {
             None if req.version() == Version::HTTP_11 => {
-                return Err(bad("the request has no Host header (HTTP/1.1 requires one)"));
+                return Err(bad(
+                    "the request has no Host header (HTTP/1.1 requires one)",
+                ));
             }
             Some(h) if !valid(h.as_bytes()) => {
                 return Err(bad("the Host header is not host[:port]"));
@@ -542,9 +544,7 @@ fn retry_allowed(end: &TryEnd, rules: RetryRules, trial: bool) -> bool {
     match end {
         TryEnd::Failed(Some(UpstreamError::NotSent(_))) => any,
         TryEnd::Failed(Some(UpstreamError::Broken(_))) => any && rules.method_retryable,
-        TryEnd::Failed(None) => {
-            rules.configured && rules.method_retryable && rules.per_try_shorter
-        }
+        TryEnd::Failed(None) => rules.configured && rules.method_retryable && rules.per_try_shorter,
         TryEnd::Answered(r) => {
             matches!(r.status().as_u16(), 502..=504)
                 && rules.method_retryable
@@ -559,7 +559,11 @@ const FAILOVER_ATTEMPTS: u32 = 3;
 
 /// The client-facing error for a try's end (never an internal address or
 /// a library's message: those are logged with the request id).
-fn try_error(end: TryEnd, max_body_bytes: u64, waited: Duration) -> Result<Response<Body>, GatewayError> {
+fn try_error(
+    end: TryEnd,
+    max_body_bytes: u64,
+    waited: Duration,
+) -> Result<Response<Body>, GatewayError> {
     match end {
         TryEnd::Answered(r) => Ok(r),
         TryEnd::ClientFault(BodyFault::TOO_LARGE) => Err(GatewayError::new(

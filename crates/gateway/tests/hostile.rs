@@ -118,9 +118,19 @@ async fn smuggling_with_content_length_and_chunked_is_refused() {
         let resp = raw_until_close(gw.addr, attack.as_bytes()).await;
         assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
         assert!(resp.contains("\"bad_request\""), "{resp}");
-        assert!(resp.contains("Content-Length and Transfer-Encoding"), "{resp}");
-        assert!(resp.to_ascii_lowercase().contains("connection: close"), "{resp}");
-        assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "one response only: {resp}");
+        assert!(
+            resp.contains("Content-Length and Transfer-Encoding"),
+            "{resp}"
+        );
+        assert!(
+            resp.to_ascii_lowercase().contains("connection: close"),
+            "{resp}"
+        );
+        assert_eq!(
+            resp.matches("HTTP/1.1 ").count(),
+            1,
+            "one response only: {resp}"
+        );
     }
     // Disagreeing lengths: hyper refuses the head itself (a bare 400).
     let resp = raw_until_close(

@@ -84,7 +84,11 @@ async fn host_header_variants() {
     let up = Upstream::start("a").await;
     let gw = Gw::start(&two_hosts_one_upstream(&up)).await;
     for (req, want, why) in [
-        (&b"GET /a HTTP/1.1\r\n\r\n"[..], 400, "HTTP/1.1 without Host"),
+        (
+            &b"GET /a HTTP/1.1\r\n\r\n"[..],
+            400,
+            "HTTP/1.1 without Host",
+        ),
         (
             b"GET /a HTTP/1.1\r\nHost: public.test\r\nHost: admin.test\r\n\r\n",
             400,
@@ -243,7 +247,11 @@ async fn a_business_503_never_ejects_a_lone_instance() {
     for _ in 0..20 {
         let got = get(&c, &gw.url("/status/503")).await;
         assert_eq!(got.status, 503);
-        assert_eq!(got.text(), "status 503 from only", "the upstream's own answer");
+        assert_eq!(
+            got.text(),
+            "status 503 from only",
+            "the upstream's own answer"
+        );
     }
     // Reads of the same service still reach it.
     for _ in 0..5 {
@@ -314,7 +322,11 @@ async fn failure_statuses_are_configurable() {
     for _ in 0..10 {
         assert_eq!(get(&c, &gw.url("/status/503")).await.status, 503);
     }
-    assert_eq!(gw.gateway.upstreams()[0].ejections_total, 0, "503 no longer counts");
+    assert_eq!(
+        gw.gateway.upstreams()[0].ejections_total,
+        0,
+        "503 no longer counts"
+    );
     assert_eq!(get(&c, &gw.url("/status/500")).await.status, 500);
     assert_eq!(gw.gateway.upstreams()[0].ejections_total, 1);
     let bad = meshwork_gateway::RouteSet::from_toml(
@@ -328,7 +340,10 @@ async fn failure_statuses_are_configurable() {
     )
     .unwrap();
     let err = gw.gateway.apply(bad).unwrap_err().to_string();
-    assert!(err.contains("failure_statuses") && err.contains("99"), "{err}");
+    assert!(
+        err.contains("failure_statuses") && err.contains("99"),
+        "{err}"
+    );
 }
 
 /// An upstream speaking HTTP/1.0: answers and closes every connection.
@@ -350,7 +365,9 @@ async fn http10_upstream() -> SocketAddr {
                     }
                 }
                 let _ = s
-                    .write_all(b"HTTP/1.0 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+                    .write_all(
+                        b"HTTP/1.0 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+                    )
                     .await;
             });
         }
@@ -382,12 +399,18 @@ async fn an_http10_upstream_keeps_the_clients_keep_alive() {
                 .await
                 .expect("answer")
                 .unwrap();
-            assert!(n > 0, "request {i}: the gateway closed the client's connection");
+            assert!(
+                n > 0,
+                "request {i}: the gateway closed the client's connection"
+            );
             got.extend_from_slice(&buf[..n]);
         }
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 200"), "request {i}: {text}");
-        assert!(!text.to_ascii_lowercase().contains("connection: close"), "{text}");
+        assert!(
+            !text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
     }
 }
 

@@ -277,14 +277,24 @@ async fn a_business_error_never_takes_a_lone_instance_down() {
             "/charge",
             get(move || {
                 h.fetch_add(1, Ordering::Relaxed);
-                async { (http::StatusCode::INTERNAL_SERVER_ERROR, "card declined by rule") }
+                async {
+                    (
+                        http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "card declined by rule",
+                    )
+                }
             }),
         )
         .route(
             "/maintenance",
             get(move || {
                 h2.fetch_add(1, Ordering::Relaxed);
-                async { (http::StatusCode::SERVICE_UNAVAILABLE, "payments switched off") }
+                async {
+                    (
+                        http::StatusCode::SERVICE_UNAVAILABLE,
+                        "payments switched off",
+                    )
+                }
             }),
         )
         .route("/balance", get(|| async { "42" }));

@@ -330,8 +330,8 @@ impl<K: Hash + Eq + Clone> OutlierDetector<K> {
         match self.hosts.get(key) {
             None => true,
             Some(h) => {
-                !h.ejected_until.is_some_and(|u| u > now)
-                    && !(h.on_trial && self.trial_held(h, now))
+                let ejected = h.ejected_until.is_some_and(|u| u > now);
+                !(ejected || h.on_trial && self.trial_held(h, now))
             }
         }
     }
@@ -403,8 +403,7 @@ impl<K: Hash + Eq + Clone> OutlierDetector<K> {
         let hosts = self.hosts.len();
         // A lone endpoint is never ejected: there is nowhere else to go.
         hosts >= 2
-            && (self.ejected_count(now) + 1) * 100
-                <= hosts * self.cfg.max_ejection_percent as usize
+            && (self.ejected_count(now) + 1) * 100 <= hosts * self.cfg.max_ejection_percent as usize
     }
 
     fn eject(&mut self, key: &K, reason: Reason, now: Instant) -> Option<OutlierEvent<K>> {
@@ -574,7 +573,10 @@ mod tests {
         let t2 = t1 + Duration::from_secs(20);
         d.tick(t2);
         assert!(d.begin_trial(&0, t2));
-        assert_eq!(d.record(&0, true, t2), Some(OutlierEvent::Returned { key: 0 }));
+        assert_eq!(
+            d.record(&0, true, t2),
+            Some(OutlierEvent::Returned { key: 0 })
+        );
         assert_eq!(d.state(&0, t2), HostState::Active);
         assert!(d.admits(&0, t2));
         assert!(!d.begin_trial(&0, t2), "back: no more trials");
