@@ -43,6 +43,8 @@ pub(crate) struct ConnInfo {
 #[derive(Default)]
 struct Outcome2 {
     route: Option<Arc<Route>>,
+    /// The request's one authority, once settled (logged when access logs are on).
+    host: Option<HeaderValue>,
     upstream: Option<SocketAddr>,
     error: Option<&'static str>,
 }
@@ -99,6 +101,7 @@ where
             request_id = rid.to_str().unwrap_or(""),
             client = %conn.peer,
             method = %method,
+            host = out.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
             path = uri_log.as_ref().map_or("", |u| u.path()),
             version = headers::via_version(version),
             status,
@@ -252,6 +255,9 @@ where
         ));
     }
     settle_authority(&mut req)?;
+    if cfg.access_log {
+        out.host = req.headers().get(header::HOST).cloned();
+    }
     let path = req.uri().path();
     if !path.starts_with('/') {
         return Err(GatewayError::new(
