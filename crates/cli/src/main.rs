@@ -14,6 +14,7 @@ mod http;
 mod httpc;
 mod kv;
 mod node;
+mod snapshotcli;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -63,6 +64,8 @@ enum Command {
     Gateway(gatewaycli::GatewayArgs),
     /// The demo shop: run one of its services, or drive orders through the gateway.
     Demo(demo::DemoArgs),
+    /// Backups in etcd's snapshot format: save from a node, restore into a data directory.
+    Snapshot(snapshotcli::SnapshotArgs),
     /// Load generators.
     Bench {
         #[command(subcommand)]
@@ -431,6 +434,7 @@ fn main() -> Result<()> {
             Command::Id(a) => coordcli::id(a).await,
             Command::Gateway(a) => gatewaycli::run(a).await,
             Command::Demo(a) => demo::run(a).await,
+            Command::Snapshot(a) => snapshotcli::run(a).await,
             Command::Bench { what } => bench::run(what).await,
         }
     })

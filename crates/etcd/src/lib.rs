@@ -7,6 +7,7 @@
 pub mod client;
 pub mod convert;
 pub mod server;
+pub mod snapshot;
 #[cfg(feature = "testing")]
 pub mod testing;
 

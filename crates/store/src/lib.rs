@@ -5,6 +5,7 @@ mod apply;
 mod codec;
 pub mod config;
 pub mod error;
+pub mod export;
 mod index;
 mod lease;
 mod mvcc;
@@ -16,6 +17,7 @@ pub mod watch;
 
 pub use config::StoreConfig;
 pub use error::{Result, StoreError};
+pub use export::{Change, Export, Imported, Importer, import, import_redb};
 pub use lease::LeaseInfo;
 pub use store::{Alarm, Snapshot, Status, Store, WatchStream};
 pub use types::{Event, EventKind, KeyRange, KeyValue, Revision, prefix_range_end};

@@ -33,17 +33,17 @@ use crate::types::{Event, EventKind, KeyValue, Revision};
 use crate::wal::{self, Wal};
 use crate::watch::{Behind, Hub, SyncOutcome, WatchCreateError, WatchMessage, WatchSpec, Watcher};
 
-const KV: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("kv");
-const LEASES: TableDefinition<i64, i64> = TableDefinition::new("leases");
-const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
-const META_REV: &str = "revision";
-const META_COMPACT: &str = "compact_revision";
+pub(crate) const KV: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("kv");
+pub(crate) const LEASES: TableDefinition<i64, i64> = TableDefinition::new("leases");
+pub(crate) const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+pub(crate) const META_REV: &str = "revision";
+pub(crate) const META_COMPACT: &str = "compact_revision";
 /// LSN of the last write-ahead-log record whose changes a durable redb commit holds.
-const META_CHECKPOINT_LSN: &str = "checkpoint_lsn";
+pub(crate) const META_CHECKPOINT_LSN: &str = "checkpoint_lsn";
 const WAL_DIR: &str = "wal";
 /// Log bytes after which the next batch is made durable in redb (a checkpoint).
 const WAL_CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
-const DB_FILE: &str = "meshwork.redb";
+pub(crate) const DB_FILE: &str = "meshwork.redb";
 /// Records read per catch-up step of a lagging watcher.
 const CATCH_UP_RECORDS: usize = 1024;
 
@@ -199,6 +199,11 @@ impl Store {
         {
             self.shared.runtime.spawn(auto_compact_loop(weak));
         }
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.shared.dir
     }
 
     /// The store's configuration.
@@ -539,6 +544,19 @@ impl Store {
         Ok(Snapshot { path, revision })
     }
 
+    /// A consistent view of the whole store at its current revision, for
+    /// export (`meshwork-etcd` writes etcd snapshots from it).
+    pub fn export(&self) -> Result<crate::export::Export> {
+        let rtx = {
+            let db = self.shared.db.read();
+            db.as_ref()
+                .ok_or(StoreError::Stopped)?
+                .begin_read()
+                .map_err(StoreError::storage)?
+        };
+        crate::export::Export::new(rtx)
+    }
+
     /// Rewrites the database file to give free pages back (etcd `Defragment`).
     /// Fails while other transactions (a snapshot, a long read) are open.
     pub fn defragment(&self) -> Result<()> {
@@ -862,7 +880,7 @@ fn read_branch(
 
 type Loaded = (Index, Vec<(i64, i64)>, i64, i64);
 
-fn create_tables(db: &Database) -> Result<()> {
+pub(crate) fn create_tables(db: &Database) -> Result<()> {
     let wtx = db.begin_write().map_err(StoreError::storage)?;
     {
         wtx.open_table(KV).map_err(StoreError::storage)?;

@@ -1,6 +1,7 @@
 //! The Maintenance service: Status, Snapshot, Alarm, Defragment.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::Stream;
 use meshwork_store::Alarm;
@@ -125,10 +126,32 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         _req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         let store = self.0.store.clone();
-        let snap = tokio::task::spawn_blocking(move || store.snapshot())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(status)?;
+        // etcd's own format (a bbolt database in etcd's layout), so that
+        // etcdctl and a real etcd can read what we send.
+        let snap = tokio::task::spawn_blocking(move || {
+            static SNAPSHOTS: AtomicU64 = AtomicU64::new(0);
+            let export = store.export().map_err(status)?;
+            let path = store.data_dir().join(format!(
+                "snapshot-{}-{}-{}.bbolt.tmp",
+                export.revision(),
+                std::process::id(),
+                SNAPSHOTS.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_file(&path);
+            match crate::snapshot::write(&export, &path) {
+                Ok(w) => Ok((path, w.revision)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    Err(Status::internal(format!("writing the snapshot: {e}")))
+                }
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        let snap = meshwork_store::Snapshot {
+            path: snap.0,
+            revision: snap.1,
+        };
         let header = self.0.header.at(snap.revision);
         let version = self.0.info.version.clone();
         let mut file = tokio::fs::File::open(&snap.path)
