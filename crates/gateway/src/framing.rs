@@ -21,6 +21,7 @@
 //! one hyper refuses itself or one that is not HTTP/1 at all; and after a
 //! refused head nothing more is tracked, since the connection is closed.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
@@ -217,16 +218,20 @@ impl FramingTracker {
 
     /// Parses one head; on success sets the body state and numbers it.
     fn parse(&mut self, buf: &[u8]) -> Parsed {
-        let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+        // Uninitialised slots: httparse writes the ones it fills (no 3 KiB
+        // memset per request).
+        let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
         let mut heap;
-        let headers: &mut [httparse::Header<'_>] = if self.max_headers <= STACK_HEADERS {
+        let headers: &mut [MaybeUninit<httparse::Header<'_>>] = if self.max_headers <= STACK_HEADERS
+        {
             &mut stack
         } else {
-            heap = vec![httparse::EMPTY_HEADER; self.max_headers];
+            heap = Vec::with_capacity(self.max_headers);
+            heap.resize_with(self.max_headers, MaybeUninit::uninit);
             &mut heap
         };
-        let mut req = httparse::Request::new(headers);
-        let len = match req.parse(buf) {
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, headers) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Parsed::Partial,
             Err(_) => return Parsed::Invalid,

@@ -55,11 +55,21 @@ fn error_response(e: GatewayError, rid: &HeaderValue, out: &mut Outcome2) -> Res
 }
 
 /// Handles one client request; never fails (errors become JSON responses).
-pub(crate) async fn handle<B>(sh: Arc<Shared>, req: Request<B>, conn: ConnInfo) -> Response<Body>
+/// `framing` is the framing tracker's verdict on it: a refused request is
+/// answered 400 before anything else.
+pub(crate) async fn handle<B>(
+    sh: Arc<Shared>,
+    req: Request<B>,
+    conn: ConnInfo,
+    framing: Option<FramingFault>,
+) -> Response<Body>
 where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
+    if let Some(fault) = framing {
+        return refuse_framing(&sh, &req, &conn, fault);
+    }
     let start = Instant::now();
     let rid = headers::request_id(req.headers(), &sh.request_id_header);
     let method = req.method().clone();
@@ -119,7 +129,7 @@ where
 /// Answers a request whose head the framing tracker refused (both
 /// `Content-Length` and `Transfer-Encoding`, ...): 400, and the connection
 /// closes, so the body (which may hide a second request) is never read.
-pub(crate) fn refuse_framing<B>(
+fn refuse_framing<B>(
     sh: &Shared,
     req: &Request<B>,
     conn: &ConnInfo,
@@ -157,11 +167,7 @@ fn settle_authority<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
     if hosts.next().is_some() {
         return Err(bad("the request has more than one Host header"));
     }
-    let valid = |v: &[u8]| {
-        !v.is_empty()
-            && !v.contains(&b'@')
-            && std::str::from_utf8(v).is_ok_and(|s| s.parse::<http::uri::Authority>().is_ok())
-    };
+    let valid = is_host_port;
     match req.uri().authority().map(|a| a.as_str().to_owned()) {
         Some(target) => {
             if req.version() == Version::HTTP_2
@@ -197,6 +203,63 @@ fn settle_authority<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
         },
     }
     Ok(())
+}
+
+/// Whether `v` is `host[:port]`: a reg-name or IPv4 (unreserved,
+/// sub-delims and `%` escapes), or a bracketed IPv6 literal, then an
+/// optional port of at most 5 digits. No userinfo, path, spaces or empty
+/// host. Checked without allocating (it runs on every request).
+fn is_host_port(v: &[u8]) -> bool {
+    let (host, port) = if v.first() == Some(&b'[') {
+        let Some(close) = v.iter().position(|b| *b == b']') else {
+            return false;
+        };
+        let inner = &v[1..close];
+        if inner.is_empty()
+            || !inner
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        (&v[..=close], &v[close + 1..])
+    } else {
+        match v.iter().position(|b| *b == b':') {
+            Some(i) => (&v[..i], &v[i..]),
+            None => (v, &v[v.len()..]),
+        }
+    };
+    let host_ok = host.first() == Some(&b'[')
+        || (!host.is_empty()
+            && host.iter().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(
+                        b,
+                        b'-' | b'.'
+                            | b'_'
+                            | b'~'
+                            | b'%'
+                            | b'!'
+                            | b'$'
+                            | b'&'
+                            | b'\''
+                            | b'('
+                            | b')'
+                            | b'*'
+                            | b'+'
+                            | b','
+                            | b';'
+                            | b'='
+                    )
+            }));
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => {
+            (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit)
+        }
+        Some(_) => false,
+    };
+    host_ok && port_ok
 }
 
 fn has_dot_segment(path: &str) -> bool {
@@ -1052,4 +1115,91 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_accepts_names_addresses_and_ports_only() {
+        for ok in [
+            "a.test",
+            "A.Test:8080",
+            "127.0.0.1:1",
+            "[::1]:80",
+            "[fe80::1]",
+            "xn--bcher-kva.example",
+            "a_b",
+        ] {
+            assert!(is_host_port(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "user@a.test",
+            "a.test:",
+            "a.test:123456",
+            "a b",
+            "a/b",
+            "[::1",
+            "[]",
+            "a.test:8o",
+            "[::1]x",
+            "a?b",
+        ] {
+            assert!(!is_host_port(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    fn answered(status: u16) -> TryEnd {
+        let mut r = Response::new(body::empty());
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        TryEnd::Answered(r)
+    }
+
+    #[test]
+    fn retry_rules() {
+        let failover = RetryRules {
+            configured: false,
+            failover: true,
+            method_retryable: false,
+            per_try_shorter: true,
+        };
+        let not_sent = TryEnd::Failed(Some(UpstreamError::NotSent(String::new())));
+        let broken = TryEnd::Failed(Some(UpstreamError::Broken(String::new())));
+        // Nothing sent: any method, with failover alone.
+        assert!(retry_allowed(&not_sent, failover, false));
+        // Sent and broken: idempotent methods only.
+        assert!(!retry_allowed(&broken, failover, false));
+        let get = RetryRules {
+            method_retryable: true,
+            ..failover
+        };
+        assert!(retry_allowed(&broken, get, false));
+        // A 503 is retried with `retry`, or when it was a trial.
+        assert!(!retry_allowed(&answered(503), get, false));
+        assert!(retry_allowed(&answered(503), get, true));
+        assert!(!retry_allowed(&answered(500), get, true));
+        let configured = RetryRules {
+            configured: true,
+            ..get
+        };
+        assert!(retry_allowed(&answered(503), configured, false));
+        assert!(retry_allowed(&TryEnd::Failed(None), configured, false));
+        assert!(!retry_allowed(&TryEnd::Failed(None), get, false));
+        // The client's fault: never.
+        assert!(!retry_allowed(
+            &TryEnd::ClientFault(BodyFault::CLIENT),
+            configured,
+            true
+        ));
+        // Nothing at all with failover off and no retry.
+        let off = RetryRules {
+            failover: false,
+            ..get
+        };
+        assert!(!retry_allowed(&not_sent, off, true));
+        assert!(!retry_allowed(&answered(503), off, true));
+    }
 }
