@@ -326,3 +326,80 @@ fn an_etcd_snapshot_restores_into_meshwork() {
     );
     assert!(!dir.path().join("never").join("meshwork.redb").exists());
 }
+
+/// The same history without leases (lease ids differ between servers):
+/// puts, overwrites, a multi-key delete (several changes in one revision),
+/// a compaction, more writes.
+fn write_lease_free_history(ctl: &Ctl, ep: &str) -> i64 {
+    for i in 0..30 {
+        ctl.run(Some(ep), &["put", &format!("/h/k{i:02}"), &format!("v{i}")]);
+    }
+    for i in 0..10 {
+        ctl.run(Some(ep), &["put", &format!("/h/k{i:02}"), ""]);
+    }
+    ctl.run(Some(ep), &["del", "/h/k1", "--prefix"]);
+    let rev = ctl.json(Some(ep), &["get", "/h/k00"])["header"]["revision"]
+        .as_i64()
+        .unwrap();
+    ctl.run(Some(ep), &["compaction", &(rev - 12).to_string()]);
+    for i in 0..5 {
+        ctl.run(Some(ep), &["put", &format!("/h/z{i}"), "after"]);
+    }
+    rev
+}
+
+fn hash_kv(ctl: &Ctl, ep: &str, rev: Option<i64>) -> (i64, i64) {
+    let mut args = vec!["endpoint", "hashkv"];
+    let r;
+    if let Some(rev) = rev {
+        r = format!("--rev={rev}");
+        args.push(&r);
+    }
+    let v = ctl.json(Some(ep), &args);
+    let h = &v[0]["HashKV"];
+    (
+        h["hash"].as_i64().unwrap(),
+        h["compact_revision"].as_i64().unwrap_or(0),
+    )
+}
+
+#[test]
+fn hashkv_agrees_with_etcd_after_the_same_history() {
+    let Some((ctl, etcd_bin)) = peers() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&etcd_bin, &ctl, &dir.path().join("etcd"), "h", free_port());
+    let node = common::start(&dir.path().join("data"), &[], &[]);
+    let re = write_lease_free_history(&ctl, &etcd.ep);
+    let rm = write_lease_free_history(&ctl, &node.etcd);
+    assert_eq!(re, rm, "the same history gives the same revisions");
+    let (he, ce) = hash_kv(&ctl, &etcd.ep, None);
+    let (hm, cm) = hash_kv(&ctl, &node.etcd, None);
+    assert_eq!((hm, cm), (he, ce), "HashKV at the current revision");
+    for back in [1, 3, 7] {
+        assert_eq!(
+            hash_kv(&ctl, &node.etcd, Some(re + 5 - back)),
+            hash_kv(&ctl, &etcd.ep, Some(re + 5 - back)),
+            "HashKV at {back} revisions back"
+        );
+    }
+    // The same refusals: below the compaction, and in the future.
+    for rev in [re - 13, re + 100] {
+        let args = ["endpoint", "hashkv", &format!("--rev={rev}")];
+        let (oe, om) = (
+            ctl.try_run(Some(&etcd.ep), &args),
+            ctl.try_run(Some(&node.etcd), &args),
+        );
+        assert!(!oe.status.success() && !om.status.success());
+        let msg = |o: &std::process::Output| {
+            let s = String::from_utf8_lossy(&o.stderr).into_owned();
+            s.split("etcdserver: ")
+                .nth(1)
+                .and_then(|m| m.split('"').next())
+                .unwrap_or(&s)
+                .to_string()
+        };
+        assert_eq!(msg(&om), msg(&oe), "rev {rev}");
+    }
+}

@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::Stream;
-use meshwork_store::Alarm;
+use meshwork_store::{Alarm, StoreError};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tonic::{Request, Response, Status};
@@ -105,18 +105,52 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         &self,
         _req: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: Hash is not supported by meshwork",
-        ))
+        let store = self.0.store.clone();
+        let (revision, hash) = tokio::task::spawn_blocking(move || {
+            let export = store.export().map_err(status)?;
+            let h = crate::snapshot::hash(&export)
+                .map_err(|e| Status::internal(format!("hashing the store: {e}")))?;
+            Ok::<_, Status>((export.revision(), h))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(pb::HashResponse {
+            header: self.0.header.at(revision),
+            hash,
+        }))
     }
 
     async fn hash_kv(
         &self,
-        _req: Request<pb::HashKvRequest>,
+        req: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
-        Err(Status::unimplemented(
-            "etcdserver: HashKV is not supported by meshwork",
-        ))
+        let wanted = req.into_inner().revision;
+        let store = self.0.store.clone();
+        let (current, compact, hash_revision, hash) = tokio::task::spawn_blocking(move || {
+            let export = store.export().map_err(status)?;
+            let (current, compact) = (export.revision(), export.compact_revision());
+            // etcd's checks, in its order (mvcc.HashByRev).
+            if wanted > 0 && wanted <= compact {
+                return Err(status(StoreError::Compacted {
+                    compact_revision: compact,
+                }));
+            }
+            if wanted > current {
+                return Err(status(StoreError::FutureRevision));
+            }
+            let at = if wanted > 0 { wanted } else { current };
+            let h = crate::snapshot::hash_kv(&export, at)
+                .map_err(|e| Status::internal(format!("hashing the store: {e}")))?;
+            Ok((current, compact, at, h))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(pb::HashKvResponse {
+            header: self.0.header.at(current),
+            hash,
+            compact_revision: compact,
+            hash_revision,
+        }))
     }
 
     type SnapshotStream = SnapshotStream;
@@ -222,10 +256,17 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
 
     async fn move_leader(
         &self,
-        _req: Request<pb::MoveLeaderRequest>,
+        req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: meshwork runs a single member; there is no other leader to move to",
+        // As a single-member etcd: moving leadership to itself is done at
+        // once; to any other id the transfer never completes.
+        if req.into_inner().target_id == self.0.info.member_id {
+            return Ok(Response::new(pb::MoveLeaderResponse {
+                header: self.0.header.at(self.0.store.revision()),
+            }));
+        }
+        Err(Status::deadline_exceeded(
+            "etcdserver: request timed out, leader transfer took too long",
         ))
     }
 }

@@ -111,56 +111,60 @@ pub struct Written {
     pub size_bytes: u64,
 }
 
-/// Writes `export` to `path` (which must not exist) as an etcd snapshot
-/// database (without the SHA-256 trailer: the stream adds it).
-pub fn write(export: &Export, path: &Path) -> Result<Written, SnapshotError> {
-    let mut w = BoltWriter::create(path)?;
-    let mut roots: Vec<(&[u8], u64)> = Vec::new();
-    let empty = |w: &mut BoltWriter| w.finish_bucket(BucketWriter::default());
-    roots.push((b"alarm", empty(&mut w)?));
-    roots.push((b"auth", empty(&mut w)?));
-    roots.push((b"authRoles", empty(&mut w)?));
-    roots.push((b"authUsers", empty(&mut w)?));
-    let mut cluster = BucketWriter::default();
-    w.put(&mut cluster, b"clusterVersion", CLUSTER_VERSION, 0)?;
-    roots.push((b"cluster", w.finish_bucket(cluster)?));
-    let mut keys = BucketWriter::default();
+/// Receives etcd's buckets in name order, each bucket's keys in order.
+trait Sink {
+    fn bucket(&mut self, name: &'static [u8]) -> Result<(), SnapshotError>;
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), SnapshotError>;
+}
+
+/// The `key` bucket record of a change: etcd's revision key and its
+/// `mvccpb.KeyValue` (a tombstone holds only its key).
+fn key_record(c: &Change, value: &mut Vec<u8>) -> Result<Vec<u8>, SnapshotError> {
+    let kv = if c.tombstone {
+        mvccpb::KeyValue {
+            key: c.kv.key.clone(),
+            ..Default::default()
+        }
+    } else {
+        mvccpb::KeyValue {
+            key: c.kv.key.clone(),
+            create_revision: c.kv.create_revision,
+            mod_revision: c.revision.main,
+            version: c.kv.version,
+            value: c.kv.value.clone(),
+            lease: c.kv.lease,
+        }
+    };
+    value.clear();
+    kv.encode(value)
+        .map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+    Ok(revision_key(c.revision, c.tombstone))
+}
+
+/// Walks `export` as etcd's buckets into `sink`; returns the change count.
+fn emit(export: &Export, sink: &mut dyn Sink) -> Result<u64, SnapshotError> {
+    for name in [&b"alarm"[..], b"auth", b"authRoles", b"authUsers"] {
+        sink.bucket(name)?;
+    }
+    sink.bucket(b"cluster")?;
+    sink.put(b"clusterVersion", CLUSTER_VERSION)?;
+    sink.bucket(b"key")?;
     let mut changes = 0u64;
-    let mut failed: Option<BoltError> = None;
+    let mut failed: Option<SnapshotError> = None;
     let mut value = Vec::new();
-    export
-        .for_each_change(|c| {
-            let kv = if c.tombstone {
-                mvccpb::KeyValue {
-                    key: c.kv.key.clone(),
-                    ..Default::default()
-                }
-            } else {
-                mvccpb::KeyValue {
-                    key: c.kv.key.clone(),
-                    create_revision: c.kv.create_revision,
-                    mod_revision: c.revision.main,
-                    version: c.kv.version,
-                    value: c.kv.value.clone(),
-                    lease: c.kv.lease,
-                }
-            };
-            value.clear();
-            kv.encode(&mut value)
-                .map_err(|e| StoreError::Storage(e.to_string()))?;
-            if let Err(e) = w.put(&mut keys, &revision_key(c.revision, c.tombstone), &value, 0) {
-                failed = Some(e);
-                return Err(StoreError::Storage("writing the snapshot failed".into()));
-            }
-            changes += 1;
-            Ok(())
-        })
-        .map_err(|e| match failed.take() {
-            Some(b) => SnapshotError::Bolt(b),
-            None => SnapshotError::Store(e),
-        })?;
-    roots.push((b"key", w.finish_bucket(keys)?));
-    let mut leases = BucketWriter::default();
+    let walked = export.for_each_change(|c| {
+        let step = key_record(&c, &mut value).and_then(|k| sink.put(&k, &value));
+        if let Err(e) = step {
+            failed = Some(e);
+            return Err(StoreError::Storage("writing the snapshot failed".into()));
+        }
+        changes += 1;
+        Ok(())
+    });
+    if let Err(e) = walked {
+        return Err(failed.take().unwrap_or(SnapshotError::Store(e)));
+    }
+    sink.bucket(b"lease")?;
     let mut rows = export.leases()?;
     rows.sort_by_key(|(id, _)| *id as u64);
     for (id, ttl) in rows {
@@ -170,19 +174,12 @@ pub fn write(export: &Export, path: &Path) -> Result<Written, SnapshotError> {
             remaining_ttl: 0,
         }
         .encode_to_vec();
-        w.put(&mut leases, &(id as u64).to_be_bytes(), &v, 0)?;
+        sink.put(&(id as u64).to_be_bytes(), &v)?;
     }
-    roots.push((b"lease", w.finish_bucket(leases)?));
-    roots.push((b"members", empty(&mut w)?));
-    roots.push((b"members_removed", empty(&mut w)?));
-    let mut meta = BucketWriter::default();
-    let revision = export.revision();
-    w.put(
-        &mut meta,
-        b"consistent_index",
-        &(revision as u64).to_be_bytes(),
-        0,
-    )?;
+    sink.bucket(b"members")?;
+    sink.bucket(b"members_removed")?;
+    sink.bucket(b"meta")?;
+    sink.put(CONSISTENT_INDEX, &(export.revision() as u64).to_be_bytes())?;
     let compact = export.compact_revision();
     if compact > 0 {
         let rev = revision_key(
@@ -192,16 +189,195 @@ pub fn write(export: &Export, path: &Path) -> Result<Written, SnapshotError> {
             },
             false,
         );
-        w.put(&mut meta, b"finishedCompactRev", &rev, 0)?;
-        w.put(&mut meta, b"scheduledCompactRev", &rev, 0)?;
+        sink.put(b"finishedCompactRev", &rev)?;
+        sink.put(b"scheduledCompactRev", &rev)?;
     }
-    roots.push((b"meta", w.finish_bucket(meta)?));
-    let size_bytes = w.finish(&roots)?;
+    Ok(changes)
+}
+
+/// The meta key etcd leaves out of `Hash` (it differs between members).
+const CONSISTENT_INDEX: &[u8] = b"consistent_index";
+
+/// Writes pages: one bucket at a time.
+struct BoltSink {
+    w: BoltWriter,
+    current: Option<(&'static [u8], BucketWriter)>,
+    roots: Vec<(&'static [u8], u64)>,
+}
+
+impl BoltSink {
+    fn close_bucket(&mut self) -> Result<(), SnapshotError> {
+        if let Some((name, b)) = self.current.take() {
+            let root = self.w.finish_bucket(b)?;
+            self.roots.push((name, root));
+        }
+        Ok(())
+    }
+}
+
+impl Sink for BoltSink {
+    fn bucket(&mut self, name: &'static [u8]) -> Result<(), SnapshotError> {
+        self.close_bucket()?;
+        self.current = Some((name, BucketWriter::default()));
+        Ok(())
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), SnapshotError> {
+        let Some((_, b)) = self.current.as_mut() else {
+            return Err(SnapshotError::Invalid("a key outside any bucket".into()));
+        };
+        Ok(self.w.put(b, key, value, 0)?)
+    }
+}
+
+/// Writes `export` to `path` (which must not exist) as an etcd snapshot
+/// database (without the SHA-256 trailer: the stream adds it).
+pub fn write(export: &Export, path: &Path) -> Result<Written, SnapshotError> {
+    let mut sink = BoltSink {
+        w: BoltWriter::create(path)?,
+        current: None,
+        roots: Vec::new(),
+    };
+    let changes = emit(export, &mut sink)?;
+    sink.close_bucket()?;
+    let size_bytes = sink.w.finish(&sink.roots)?;
     Ok(Written {
-        revision,
+        revision: export.revision(),
         changes,
         size_bytes,
     })
+}
+
+/// The CRC-32C (Castagnoli) etcd's hashes use.
+struct Crc32c(u32);
+
+impl Crc32c {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = i as u32;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+
+    fn new() -> Self {
+        Self(!0)
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        let mut c = self.0;
+        for b in bytes {
+            c = Self::TABLE[((c ^ u32::from(*b)) & 0xff) as usize] ^ (c >> 8);
+        }
+        self.0 = c;
+    }
+
+    fn sum(&self) -> u32 {
+        !self.0
+    }
+}
+
+/// Feeds every bucket name and key-value to a CRC-32C, as etcd's backend
+/// `Hash` does, leaving out `meta/consistent_index`.
+struct HashSink {
+    crc: Crc32c,
+    bucket: &'static [u8],
+}
+
+impl Sink for HashSink {
+    fn bucket(&mut self, name: &'static [u8]) -> Result<(), SnapshotError> {
+        self.bucket = name;
+        self.crc.update(name);
+        Ok(())
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), SnapshotError> {
+        if !(self.bucket == b"meta" && key == CONSISTENT_INDEX) {
+            self.crc.update(key);
+            self.crc.update(value);
+        }
+        Ok(())
+    }
+}
+
+/// etcd's `Hash`: a CRC-32C over every bucket of the database as the
+/// snapshot lays it out (so it changes with any change to the store). It
+/// compares members of one store implementation; across implementations
+/// compare [`hash_kv`].
+pub fn hash(export: &Export) -> Result<u32, SnapshotError> {
+    let mut sink = HashSink {
+        crc: Crc32c::new(),
+        bucket: b"",
+    };
+    emit(export, &mut sink)?;
+    Ok(sink.crc.sum())
+}
+
+/// etcd's `HashKV` at `revision` (at most the export's revision, above its
+/// compaction revision): a CRC-32C of the name `key` and then every change
+/// record up to `revision` as etcd stores it (revision key, then
+/// `mvccpb.KeyValue`), which is what etcd hashes (`mvcc.HashByRev`). A
+/// record at or below the compaction revision counts only if a compaction
+/// at `revision` would keep it (it is its key's newest record up to
+/// `revision`, and not a tombstone), so that members which compacted at
+/// different times agree. Two stores with the same history agree,
+/// whichever implementation they run.
+pub fn hash_kv(export: &Export, revision: i64) -> Result<u32, SnapshotError> {
+    let compact = export.compact_revision();
+    // etcd's `kvindex.Keep(revision)`: per key, the newest revision up to
+    // `revision` unless it is a tombstone. Only needed below the compaction.
+    let mut newest: std::collections::HashMap<bytes::Bytes, (Revision, bool)> =
+        std::collections::HashMap::new();
+    if compact > 0 {
+        export.for_each_change(|c| {
+            if c.revision.main <= revision {
+                newest.insert(c.kv.key.clone(), (c.revision, c.tombstone));
+            }
+            Ok(())
+        })?;
+    }
+    let keep_any = newest.values().any(|(_, tomb)| !tomb);
+    let kept = |c: &Change| {
+        newest
+            .get(&c.kv.key)
+            .is_some_and(|(r, tomb)| !tomb && *r == c.revision)
+    };
+    let mut crc = Crc32c::new();
+    crc.update(b"key");
+    let mut value = Vec::new();
+    let mut failed: Option<SnapshotError> = None;
+    let walked = export.for_each_change(|c| {
+        if c.revision.main > revision || (c.revision.main <= compact && keep_any && !kept(&c)) {
+            return Ok(());
+        }
+        match key_record(&c, &mut value) {
+            Ok(k) => {
+                crc.update(&k);
+                crc.update(&value);
+                Ok(())
+            }
+            Err(e) => {
+                failed = Some(e);
+                Err(StoreError::Storage("hashing failed".into()))
+            }
+        }
+    });
+    if let Err(e) = walked {
+        return Err(failed.take().unwrap_or(SnapshotError::Store(e)));
+    }
+    Ok(crc.sum())
 }
 
 /// The database length of a snapshot file and whether a SHA-256 trailer

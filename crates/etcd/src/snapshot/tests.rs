@@ -128,3 +128,34 @@ async fn a_meshwork_database_file_restores_too() {
         .to_string();
     assert!(e.contains("neither an etcd snapshot"), "{e}");
 }
+
+#[test]
+fn crc32c_matches_the_standard_check_value() {
+    let mut c = Crc32c::new();
+    c.update(b"123456789");
+    assert_eq!(c.sum(), 0xE306_9283);
+}
+
+#[tokio::test]
+async fn hashes_follow_the_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = populated(&tmp.path().join("a")).await;
+    let b = populated(&tmp.path().join("b")).await;
+    let rev = a.revision();
+    let (ea, eb) = (a.export().unwrap(), b.export().unwrap());
+    assert_eq!(hash_kv(&ea, rev).unwrap(), hash_kv(&eb, rev).unwrap());
+    assert_ne!(
+        hash_kv(&ea, rev).unwrap(),
+        hash_kv(&ea, rev - 1).unwrap(),
+        "the last write counts"
+    );
+    drop((ea, eb));
+    put(&b, "/one-more", "x", 0).await;
+    let (ea, eb) = (a.export().unwrap(), b.export().unwrap());
+    assert_eq!(
+        hash_kv(&ea, rev).unwrap(),
+        hash_kv(&eb, rev).unwrap(),
+        "the same history up to rev"
+    );
+    assert_ne!(hash(&ea).unwrap(), hash(&eb).unwrap());
+}
