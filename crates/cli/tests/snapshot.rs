@@ -175,6 +175,17 @@ fn leases(ctl: &Ctl, ep: &str) -> Vec<String> {
     ids
 }
 
+/// `meshwork snapshot restore FILE --data-dir DIR`.
+fn meshwork_restore(file: &Path, dir: &Path) -> std::process::Output {
+    Command::new(common::bin())
+        .args(["snapshot", "restore"])
+        .arg(file)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
 fn peers() -> Option<(Ctl, PathBuf)> {
     let ctl = Ctl {
         bin: common::peer("etcdctl")?,
@@ -269,13 +280,7 @@ fn an_etcd_snapshot_restores_into_meshwork() {
     drop(etcd);
 
     let data = dir.path().join("meshwork");
-    let out = Command::new(common::bin())
-        .args(["snapshot", "restore"])
-        .arg(&snap)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = meshwork_restore(&snap, &data);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -287,13 +292,7 @@ fn an_etcd_snapshot_restores_into_meshwork() {
         "{text}"
     );
     // A second restore into the same directory is refused.
-    let again = Command::new(common::bin())
-        .args(["snapshot", "restore"])
-        .arg(&snap)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let again = meshwork_restore(&snap, &data);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("empty directory"));
 
@@ -311,13 +310,7 @@ fn an_etcd_snapshot_restores_into_meshwork() {
     bytes[mid] ^= 1;
     let bad = dir.path().join("bad.db");
     std::fs::write(&bad, &bytes).unwrap();
-    let out = Command::new(common::bin())
-        .args(["snapshot", "restore"])
-        .arg(&bad)
-        .arg("--data-dir")
-        .arg(dir.path().join("never"))
-        .output()
-        .unwrap();
+    let out = meshwork_restore(&bad, &dir.path().join("never"));
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("integrity check failed"),

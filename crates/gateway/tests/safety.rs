@@ -38,6 +38,15 @@ fn two_hosts_one_upstream(up: &Upstream) -> String {
     )
 }
 
+/// One route `name` over `ups` with `extra` lines in its forward table.
+fn route_over(name: &str, ups: &[&Upstream], extra: &str) -> String {
+    let list: Vec<String> = ups.iter().map(|u| format!("\"{}\"", u.addr)).collect();
+    format!(
+        "[[routes]]\nname = \"{name}\"\n[routes.forward]\nupstreams = [{}]\n{extra}\n",
+        list.join(", ")
+    )
+}
+
 fn status_of(resp: &str) -> u16 {
     resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
@@ -162,16 +171,7 @@ async fn aborted_upload(addr: SocketAddr, hits: impl Fn() -> u64, before: u64) {
 async fn client_faults_never_eject_an_upstream() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let routes = format!(
-        r#"
-        [[routes]]
-        name = "two"
-        [routes.forward]
-        upstreams = ["{}", "{}"]
-        outlier = {{ consecutive_failures = 2 }}
-        "#,
-        a.addr, b.addr
-    );
+    let routes = route_over("two", &[&a, &b], "outlier = { consecutive_failures = 2 }");
     let gw = Gw::start(&routes).await;
     // Uploads aborted mid-body, once the upstream is reading them.
     let hits = || a.hits() + b.hits();
@@ -232,16 +232,7 @@ async fn error_bodies_carry_no_internal_address() {
 #[tokio::test]
 async fn a_business_503_never_ejects_a_lone_instance() {
     let up = Upstream::start("only").await;
-    let routes = format!(
-        r#"
-        [[routes]]
-        name = "svc"
-        [routes.forward]
-        upstreams = ["{}"]
-        outlier = {{ consecutive_failures = 2 }}
-        "#,
-        up.addr
-    );
+    let routes = route_over("svc", &[&up], "outlier = { consecutive_failures = 2 }");
     let gw = Gw::start(&routes).await;
     let c = client();
     for _ in 0..20 {
@@ -270,15 +261,10 @@ async fn at_most_half_the_endpoints_are_ejected() {
         Upstream::start("c").await,
         Upstream::start("d").await,
     ];
-    let routes = format!(
-        r#"
-        [[routes]]
-        name = "svc"
-        [routes.forward]
-        upstreams = ["{}", "{}", "{}", "{}"]
-        outlier = {{ consecutive_failures = 1 }}
-        "#,
-        ups[0].addr, ups[1].addr, ups[2].addr, ups[3].addr
+    let routes = route_over(
+        "svc",
+        &ups.iter().collect::<Vec<_>>(),
+        "outlier = { consecutive_failures = 1 }",
     );
     let gw = Gw::start(&routes).await;
     let c = client();
@@ -306,16 +292,10 @@ async fn at_most_half_the_endpoints_are_ejected() {
 async fn failure_statuses_are_configurable() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let routes = format!(
-        r#"
-        [[routes]]
-        name = "svc"
-        [routes.forward]
-        upstreams = ["{}", "{}"]
-        outlier = {{ consecutive_failures = 1 }}
-        failure_statuses = [500]
-        "#,
-        a.addr, b.addr
+    let routes = route_over(
+        "svc",
+        &[&a, &b],
+        "outlier = { consecutive_failures = 1 }\nfailure_statuses = [500]",
     );
     let gw = Gw::start(&routes).await;
     let c = client();
