@@ -87,11 +87,14 @@ pub(crate) struct StatusArgs {
     conn: Conn,
 }
 
-fn range_end(key: &str, prefix: bool) -> Vec<u8> {
-    if prefix {
-        prefix_range_end(key.as_bytes())
-    } else {
-        Vec::new()
+/// The (key, range_end) pair for `key`, as etcd's clientv3 builds it: a prefix
+/// of "" is every key, sent as `["\0", "\0")` because etcd (and Meshwork) refuse
+/// an empty key with or without a range end.
+fn range_of(key: &str, prefix: bool) -> (Vec<u8>, Vec<u8>) {
+    match (prefix, key.is_empty()) {
+        (true, true) => (vec![0], vec![0]),
+        (true, false) => (key.as_bytes().to_vec(), prefix_range_end(key.as_bytes())),
+        (false, _) => (key.as_bytes().to_vec(), Vec::new()),
     }
 }
 
@@ -125,9 +128,10 @@ pub(crate) async fn run(a: KvArgs) -> Result<()> {
             limit,
             keys_only,
         } => {
+            let (key, range_end) = range_of(&key, prefix);
             let req = pb::RangeRequest {
-                key: key.clone().into(),
-                range_end: range_end(&key, prefix).into(),
+                key: key.into(),
+                range_end: range_end.into(),
                 revision: rev,
                 limit,
                 keys_only,
@@ -169,10 +173,11 @@ pub(crate) async fn run(a: KvArgs) -> Result<()> {
             }
         }
         KvOp::Del { key, prefix } => {
+            let (key, range_end) = range_of(&key, prefix);
             let r =
                 c.kv.delete_range(pb::DeleteRangeRequest {
-                    key: key.clone().into(),
-                    range_end: range_end(&key, prefix).into(),
+                    key: key.into(),
+                    range_end: range_end.into(),
                     prev_kv: false,
                 })
                 .await
@@ -193,9 +198,10 @@ pub(crate) async fn run(a: KvArgs) -> Result<()> {
             rev,
             count,
         } => {
+            let (key, range_end) = range_of(&key, prefix);
             let create = pb::WatchCreateRequest {
-                key: key.clone().into(),
-                range_end: range_end(&key, prefix).into(),
+                key: key.into(),
+                range_end: range_end.into(),
                 start_revision: rev,
                 ..Default::default()
             };

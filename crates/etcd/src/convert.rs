@@ -20,8 +20,7 @@ pub fn status(e: StoreError) -> Status {
         StoreError::NoSpace => Code::ResourceExhausted,
         StoreError::Storage(_) => Code::Internal,
         StoreError::Stopped => Code::Unavailable,
-        StoreError::LeaseTtlNegative(_)
-        | StoreError::KeyNotFound
+        StoreError::KeyNotFound
         | StoreError::TooManyOps
         | StoreError::DuplicateKey
         | StoreError::EmptyKey
@@ -30,7 +29,6 @@ pub fn status(e: StoreError) -> Status {
         | StoreError::KeyTooLarge { .. }
         | StoreError::ValueTooLarge { .. }
         | StoreError::RequestTooLarge
-        | StoreError::InvalidRange
         | StoreError::InvalidArgument(_) => Code::InvalidArgument,
     };
     Status::new(code, e.to_string())
@@ -185,9 +183,8 @@ fn op_in(op: pb::RequestOp) -> Result<RequestOp, Status> {
         Some(Request::RequestPut(p)) => Ok(RequestOp::Put(put_in(p))),
         Some(Request::RequestDeleteRange(d)) => Ok(RequestOp::Delete(delete_in(d))),
         Some(Request::RequestTxn(t)) => Ok(RequestOp::Txn(txn_in(t)?)),
-        None => Err(Status::invalid_argument(
-            "etcdserver: txn operation has no request",
-        )),
+        // etcd 3.4 (`checkRequestOp`): an empty op answers ErrGRPCKeyNotFound.
+        None => Err(status(StoreError::KeyNotFound)),
     }
 }
 

@@ -321,14 +321,16 @@ async fn errors_use_etcd_codes_and_messages_and_change_nothing() {
         (e.code(), e.message()),
         (Code::NotFound, "etcdserver: requested lease not found")
     );
-    let e = kv
+    // An end before the key selects nothing (etcd answers an empty result).
+    let backwards = kv
         .range(pb::RangeRequest {
             range_end: "a".into(),
             ..get("b")
         })
         .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+        .unwrap()
+        .into_inner();
+    assert_eq!((backwards.count, backwards.kvs.len()), (0, 0));
     let op = pb::RequestOp {
         request: Some(pb::request_op::Request::RequestPut(put("d", "1"))),
     };
@@ -408,14 +410,16 @@ async fn errors_use_etcd_codes_and_messages_and_change_nothing() {
         .unwrap()
         .into_inner();
     assert_eq!((all.count, all.header.unwrap().revision), (1, 2));
-    let e = n
+    // A negative TTL gets the minimum TTL, as etcd's lessor does.
+    let g = n
         .client
         .lease
         .clone()
         .lease_grant(pb::LeaseGrantRequest { ttl: -5, id: 0 })
         .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument);
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.ttl, StoreConfig::default().min_lease_ttl_secs);
     let e = n
         .client
         .lease
@@ -834,4 +838,73 @@ async fn lock_is_exclusive_and_fenced_and_election_follows_leaders() {
         .await
         .unwrap_err();
     assert_eq!(e.message(), "etcdserver: election: not leader");
+}
+
+/// Regression (issue 13): `etcdctl del "" x` deleted every key below `x`. An empty key
+/// is refused with or without a range end, in every request and inside txns at any
+/// depth, and nothing changes.
+#[tokio::test]
+async fn an_empty_key_with_a_range_end_is_refused_and_deletes_nothing() {
+    let n = start(StoreConfig::default()).await;
+    let mut kv = n.client.kv.clone();
+    for k in ["/meshwork/nodes/a", "/meshwork/ids/1", "a", "w"] {
+        kv.put(put(k, "v")).await.unwrap();
+    }
+    let everything = || pb::RangeRequest {
+        range_end: vec![0].into(),
+        ..get("\0")
+    };
+    let before = kv.range(everything()).await.unwrap().into_inner();
+    assert_eq!(before.count, 4);
+    let refused = |e: tonic::Status| {
+        assert_eq!(
+            (e.code(), e.message()),
+            (Code::InvalidArgument, "etcdserver: key is not provided")
+        );
+    };
+    for end in ["x", "\0", "\u{7f}"] {
+        let del = pb::DeleteRangeRequest {
+            key: "".into(),
+            range_end: end.as_bytes().to_vec().into(),
+            prev_kv: true,
+        };
+        refused(kv.delete_range(del.clone()).await.unwrap_err());
+        let range = pb::RangeRequest {
+            range_end: end.as_bytes().to_vec().into(),
+            ..get("")
+        };
+        refused(kv.range(range.clone()).await.unwrap_err());
+        let nested = pb::TxnRequest {
+            success: vec![pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestDeleteRange(del.clone())),
+            }],
+            ..Default::default()
+        };
+        for txn in [
+            nested.clone(),
+            pb::TxnRequest {
+                failure: vec![pb::RequestOp {
+                    request: Some(pb::request_op::Request::RequestRange(range)),
+                }],
+                ..Default::default()
+            },
+            pb::TxnRequest {
+                success: vec![pb::RequestOp {
+                    request: Some(pb::request_op::Request::RequestTxn(nested)),
+                }],
+                ..Default::default()
+            },
+        ] {
+            refused(kv.txn(txn).await.unwrap_err());
+        }
+    }
+    let after = kv.range(everything()).await.unwrap().into_inner();
+    assert_eq!(
+        after.kvs, before.kvs,
+        "a refused request changed the keyspace"
+    );
+    assert_eq!(
+        after.header.unwrap().revision,
+        before.header.unwrap().revision
+    );
 }

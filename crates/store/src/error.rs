@@ -25,9 +25,6 @@ pub enum StoreError {
     /// A lease TTL outside the accepted range.
     #[error("etcdserver: too large lease TTL")]
     LeaseTtlTooLarge,
-    /// A negative lease TTL.
-    #[error("etcdserver: lease TTL must not be negative (got {0})")]
-    LeaseTtlNegative(i64),
     /// `ignore_value`/`ignore_lease` on a key that does not exist.
     #[error("etcdserver: key not found")]
     KeyNotFound,
@@ -69,11 +66,6 @@ pub enum StoreError {
     /// A request larger than the configured maximum.
     #[error("etcdserver: request is too large")]
     RequestTooLarge,
-    /// A range whose end sorts before its start.
-    #[error(
-        "etcdserver: range end is before key (range_end must be empty, \\0, or greater than key)"
-    )]
-    InvalidRange,
     /// The database reached its size quota; writes fail until compaction and defragmentation.
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,

@@ -72,6 +72,9 @@ impl Index {
         }
         let lower = Bound::Included(range.key.as_ref());
         let upper = match range.upper() {
+            // An end at or before the key selects nothing (etcd's answer); `BTreeMap::range`
+            // would panic on such bounds.
+            Some(end) if end <= range.key.as_ref() => return,
             Some(end) => Bound::Excluded(end),
             None => Bound::Unbounded,
         };

@@ -24,16 +24,17 @@ pub(crate) struct Selected {
     pub(crate) more: bool,
 }
 
-/// Checks a key range as etcd does: non-empty key, end after key.
+/// Checks a key range as etcd 3.4 does (`checkRangeRequest`, `checkDeleteRequest`):
+/// the key must not be empty, with or without a range end. An empty key with an end
+/// is *not* "from the start of the keyspace": etcd refuses it, and so must we, or
+/// `del "" x` deletes every key below `x`. A range whose end sorts at or before its
+/// key is valid and selects nothing (etcd answers an empty result; a delete of it
+/// deletes nothing and makes no revision).
 pub(crate) fn check_range(r: &KeyRange, cfg: &StoreConfig) -> Result<()> {
-    if r.key.is_empty() && r.end.is_empty() {
+    if r.key.is_empty() {
         return Err(StoreError::EmptyKey);
     }
-    check_key_size(&r.key, cfg)?;
-    if !r.end.is_empty() && r.end.as_ref() != [0] && r.end <= r.key {
-        return Err(StoreError::InvalidRange);
-    }
-    Ok(())
+    check_key_size(&r.key, cfg)
 }
 
 pub(crate) fn check_key_size(key: &[u8], cfg: &StoreConfig) -> Result<()> {
@@ -68,14 +69,8 @@ pub(crate) fn check_put(p: &PutRequest, cfg: &StoreConfig) -> Result<()> {
 
 fn check_range_req(r: &RangeRequest, cfg: &StoreConfig) -> Result<()> {
     let range = r.range.as_ref().ok_or(StoreError::EmptyKey)?;
-    check_range(range, cfg)?;
-    if r.limit < 0 {
-        return Err(StoreError::InvalidArgument(format!(
-            "range limit must not be negative (got {})",
-            r.limit
-        )));
-    }
-    Ok(())
+    // A negative limit means "no limit", as in etcd (`limit <= 0` reads everything).
+    check_range(range, cfg)
 }
 
 /// Validates a txn as etcd does: op counts, request shapes, no key written twice.

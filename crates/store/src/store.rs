@@ -358,17 +358,13 @@ impl Store {
     }
 
     /// Grants a lease; `id == 0` lets the store choose. Returns (id, ttl, revision).
+    ///
+    /// As etcd 3.4's lessor: a TTL above the maximum is refused; a TTL below the
+    /// minimum, zero or negative included, is raised to the minimum; any non-zero id,
+    /// negative ones included, is the client's choice.
     pub async fn lease_grant(&self, id: i64, ttl_secs: i64) -> Result<(i64, i64, i64)> {
-        if ttl_secs < 0 {
-            return Err(StoreError::LeaseTtlNegative(ttl_secs));
-        }
         if ttl_secs > self.shared.cfg.max_lease_ttl_secs {
             return Err(StoreError::LeaseTtlTooLarge);
-        }
-        if id < 0 {
-            return Err(StoreError::InvalidArgument(format!(
-                "lease ID must not be negative (got {id})"
-            )));
         }
         let ttl = ttl_secs.max(self.shared.cfg.min_lease_ttl_secs);
         match self

@@ -24,7 +24,7 @@ fn fast() -> StoreConfig {
 }
 
 fn everything() -> KeyRange {
-    KeyRange::new(Bytes::new(), &b"\0"[..])
+    KeyRange::new(&b"\0"[..], &b"\0"[..])
 }
 
 fn put_req(key: &str, value: &str) -> PutRequest {
@@ -236,26 +236,29 @@ async fn invalid_requests_fail_and_leave_state_unchanged() {
         );
     };
 
-    // Ranges and deletes.
-    let backwards = KeyRange::new("b", "a");
-    let empty = KeyRange::new("b", "b");
-    for (what, range, err) in [
-        ("empty key", KeyRange::single(""), StoreError::EmptyKey),
+    // Ranges and deletes. An empty key is refused with or without a range end (etcd
+    // 3.4's `checkRangeRequest`/`checkDeleteRequest`): `del "" x` must not delete every
+    // key below `x`.
+    for (what, range) in [
+        ("empty key", KeyRange::single("")),
+        ("empty key with an end", KeyRange::new("", "x")),
         (
-            "end before key",
-            backwards.clone(),
-            StoreError::InvalidRange,
+            "empty key to the end of the keyspace",
+            KeyRange::new("", "\0"),
         ),
-        ("end equal to key", empty.clone(), StoreError::InvalidRange),
+        (
+            "empty key with an end of 0xff",
+            KeyRange::new("", vec![0xffu8]),
+        ),
     ] {
         assert_eq!(
             store
                 .delete(DeleteRequest {
                     range: range.clone(),
-                    prev_kv: false
+                    prev_kv: true
                 })
                 .await,
-            Err(err.clone()),
+            Err(StoreError::EmptyKey),
             "{what}"
         );
         unchanged(what);
@@ -263,21 +266,44 @@ async fn invalid_requests_fail_and_leave_state_unchanged() {
             range: Some(range),
             ..RangeRequest::default()
         };
-        assert_eq!(store.range(&r), Err(err), "{what}");
+        assert_eq!(store.range(&r), Err(StoreError::EmptyKey), "{what}");
     }
     assert_eq!(
         store.range(&RangeRequest::default()),
         Err(StoreError::EmptyKey)
     );
+    // An end at or before the key selects nothing, as in etcd: an empty range result
+    // and a delete of nothing (no new revision).
+    for (what, range) in [
+        ("end before key", KeyRange::new("b", "a")),
+        ("end equal to key", KeyRange::new("b", "b")),
+    ] {
+        let d = store
+            .delete(DeleteRequest {
+                range: range.clone(),
+                prev_kv: true,
+            })
+            .await
+            .unwrap();
+        assert_eq!((d.deleted, d.prev_kvs.len()), (0, 0), "{what}");
+        unchanged(what);
+        let r = store
+            .range(&RangeRequest {
+                range: Some(range),
+                ..RangeRequest::default()
+            })
+            .unwrap();
+        assert_eq!((r.count, r.kvs.len(), r.more), (0, 0, false), "{what}");
+    }
+    // A negative limit reads everything, as in etcd.
     let negative = RangeRequest {
         range: Some(everything()),
         limit: -1,
         ..RangeRequest::default()
     };
-    assert!(matches!(
-        store.range(&negative),
-        Err(StoreError::InvalidArgument(_))
-    ));
+    let all = store.range(&negative).unwrap();
+    assert_eq!(all.kvs.len() as i64, all.count);
+    assert!(!all.more);
     let future = RangeRequest {
         range: Some(everything()),
         revision: store.revision() + 1,
@@ -346,13 +372,44 @@ async fn invalid_requests_fail_and_leave_state_unchanged() {
             StoreError::TooManyOps,
         ),
         (
-            "compare with end before key",
+            "compare with an empty key",
             TxnRequest {
-                compare: vec![cmp(backwards.clone())],
+                compare: vec![cmp(KeyRange::new("", "x"))],
                 success: puts(1),
                 ..TxnRequest::default()
             },
-            StoreError::InvalidRange,
+            StoreError::EmptyKey,
+        ),
+        (
+            "a delete of an empty key with an end",
+            TxnRequest {
+                success: vec![del(KeyRange::new("", "x"))],
+                ..TxnRequest::default()
+            },
+            StoreError::EmptyKey,
+        ),
+        (
+            "a range of an empty key with an end in the branch not taken",
+            TxnRequest {
+                compare: vec![cmp(KeyRange::single("nope"))],
+                success: puts(1),
+                failure: vec![RequestOp::Range(RangeRequest {
+                    range: Some(KeyRange::new("", "x")),
+                    ..RangeRequest::default()
+                })],
+            },
+            StoreError::EmptyKey,
+        ),
+        (
+            "a delete of an empty key with an end in a nested txn",
+            TxnRequest {
+                success: vec![RequestOp::Txn(TxnRequest {
+                    success: vec![del(KeyRange::new("", "\0"))],
+                    ..TxnRequest::default()
+                })],
+                ..TxnRequest::default()
+            },
+            StoreError::EmptyKey,
         ),
         (
             "the same key put twice",
@@ -475,17 +532,9 @@ async fn invalid_requests_fail_and_leave_state_unchanged() {
 
     // Leases.
     assert_eq!(
-        store.lease_grant(1, -1).await,
-        Err(StoreError::LeaseTtlNegative(-1))
-    );
-    assert_eq!(
         store.lease_grant(1, 9_000_000_001).await,
         Err(StoreError::LeaseTtlTooLarge)
     );
-    assert!(matches!(
-        store.lease_grant(-1, 10).await,
-        Err(StoreError::InvalidArgument(_))
-    ));
     assert_eq!(
         store.lease_grant(lease, 10).await,
         Err(StoreError::LeaseExists)
@@ -516,6 +565,12 @@ async fn invalid_requests_fail_and_leave_state_unchanged() {
     assert!(r.succeeded);
     assert_eq!(r.revision, before.0 + 1);
     assert_eq!(get_all(&store).len(), before.1.len() + 128);
+    // As etcd's lessor: a negative or zero TTL gets the minimum; a negative id is a
+    // valid client-chosen id.
+    let (id, ttl, _) = store.lease_grant(-7, -1).await.unwrap();
+    assert_eq!((id, ttl), (-7, 2));
+    let (_, ttl, _) = store.lease_grant(0, 0).await.unwrap();
+    assert_eq!(ttl, 2);
     store.close().await;
 }
 
