@@ -200,6 +200,9 @@ pub(crate) struct FileConfig {
     /// The web console's login.
     #[serde(default)]
     pub(crate) console: ConsoleFile,
+    /// Limits of the HTTP and etcd ports.
+    #[serde(default)]
+    pub(crate) listen: crate::listen::ListenConfig,
 }
 
 /// `[console]`: when `password` is set, writes through the HTTP API (and so

@@ -1,7 +1,6 @@
 //! The HTTP endpoint: `/healthz` (the process is alive), `/readyz` (the store and the
 //! etcd server are up), and Prometheus `/metrics`.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -12,7 +11,6 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use meshwork_store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -58,17 +56,4 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     ));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
-}
-
-pub(crate) async fn serve(
-    listener: TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
 }

@@ -13,6 +13,7 @@ mod gatewaycli;
 mod http;
 mod httpc;
 mod kv;
+mod listen;
 mod node;
 mod snapshotcli;
 
@@ -246,6 +247,14 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         gateway,
         gateway_workers: args.gateway_workers,
         console_auth: console_auth(&file.console)?,
+        listen: {
+            let mut l = file.listen.clone();
+            l.validate()?;
+            if let Some(nofile) = listen::raise_nofile_limit() {
+                l.fit_to(nofile);
+            }
+            l
+        },
     })
 }
 

@@ -33,6 +33,8 @@ pub(crate) struct NodeConfig {
     pub(crate) gateway_workers: Option<usize>,
     /// The console login (None: writes are open).
     pub(crate) console_auth: Option<meshwork_console::Auth>,
+    /// Limits of the HTTP and etcd ports.
+    pub(crate) listen: crate::listen::ListenConfig,
 }
 
 /// A node that is up: its bound addresses, and how to stop it.
@@ -96,8 +98,11 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         let store2 = store.clone();
         let rx = stop_rx.clone();
         let serving2 = serving.clone();
+        let limits = cfg.listen.etcd();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = meshwork_etcd::serve(etcd_listener, store2, info, stopped(rx)).await {
+            if let Err(e) =
+                meshwork_etcd::serve_limited(etcd_listener, store2, info, limits, stopped(rx)).await
+            {
                 tracing::error!(error = %e, "etcd gRPC server failed");
             }
             serving2.store(false, Ordering::Release);
@@ -178,13 +183,18 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     if let Some(g) = &gateway {
         app = app.nest("/gateway", g.gateway.admin_router());
     }
-    let app = app.layer(axum::middleware::from_fn_with_state(
-        cfg.console_auth.clone(),
-        meshwork_console::auth::guard,
-    ));
+    let app = app
+        .layer(axum::middleware::from_fn_with_state(
+            cfg.console_auth.clone(),
+            meshwork_console::auth::guard,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            cfg.listen.max_body_bytes,
+        ));
     let rx = stop_rx.clone();
+    let listen = cfg.listen.clone();
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = http::serve(http_listener, app, stopped(rx)).await {
+        if let Err(e) = crate::listen::serve(http_listener, app, listen, stopped(rx)).await {
             tracing::error!(error = %e, "HTTP server failed");
         }
     }));

@@ -396,3 +396,121 @@ fn hashkv_agrees_with_etcd_after_the_same_history() {
         assert_eq!(msg(&om), msg(&oe), "rev {rev}");
     }
 }
+
+/// Raises `alarm` about `member` (or clears it), answering the alarms the
+/// server reported.
+async fn alarm(
+    c: &mut meshwork_etcd::Client,
+    action: i32,
+    member: u64,
+    alarm: i32,
+) -> Vec<(u64, i32)> {
+    use meshwork_etcd::proto::etcdserverpb as pb;
+    c.maintenance
+        .alarm(pb::AlarmRequest {
+            action,
+            member_id: member,
+            alarm,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .alarms
+        .iter()
+        .map(|a| (a.member_id, a.alarm))
+        .collect()
+}
+
+/// The status (code and message) of a put, or None if it succeeded.
+async fn put_status(c: &mut meshwork_etcd::Client, key: &str) -> Option<(tonic::Code, String)> {
+    use meshwork_etcd::proto::etcdserverpb as pb;
+    c.kv.put(pb::PutRequest {
+        key: key.as_bytes().to_vec().into(),
+        value: b"v".to_vec().into(),
+        ..Default::default()
+    })
+    .await
+    .err()
+    .map(|s| (s.code(), s.message().to_string()))
+}
+
+async fn range_status(c: &mut meshwork_etcd::Client) -> Option<(tonic::Code, String)> {
+    use meshwork_etcd::proto::etcdserverpb as pb;
+    c.kv.range(pb::RangeRequest {
+        key: b"a".to_vec().into(),
+        ..Default::default()
+    })
+    .await
+    .err()
+    .map(|s| (s.code(), s.message().to_string()))
+}
+
+#[test]
+fn alarms_are_raised_refused_kept_and_disarmed_as_etcd_does() {
+    use meshwork_etcd::proto::etcdserverpb::{AlarmType, alarm_request::AlarmAction};
+    let Some((ctl, etcd_bin)) = peers() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&etcd_bin, &ctl, &dir.path().join("etcd"), "al", free_port());
+    let data = dir.path().join("data");
+    let mut node = common::start(&data, &[], &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (act, deact) = (AlarmAction::Activate as i32, AlarmAction::Deactivate as i32);
+    let (nospace, corrupt) = (AlarmType::Nospace as i32, AlarmType::Corrupt as i32);
+    let mut seen = Vec::new();
+    for ep in [&etcd.ep, &node.etcd] {
+        let got = rt.block_on(async {
+            let mut c = meshwork_etcd::Client::connect(&[ep.clone()]).await.unwrap();
+            let raised = alarm(&mut c, act, 42, nospace).await;
+            let again = alarm(&mut c, act, 42, nospace).await;
+            let put = put_status(&mut c, "k").await;
+            let read = range_status(&mut c).await;
+            let listed = alarm(&mut c, AlarmAction::Get as i32, 0, 0).await;
+            let cleared = alarm(&mut c, deact, 42, nospace).await;
+            let put_after = put_status(&mut c, "k").await;
+            let raised_c = alarm(&mut c, act, 7, corrupt).await;
+            let read_c = range_status(&mut c).await;
+            let put_c = put_status(&mut c, "k").await;
+            (
+                raised, again, put, read, listed, cleared, put_after, raised_c, read_c, put_c,
+            )
+        });
+        seen.push(got);
+    }
+    let (e, m) = (&seen[0], &seen[1]);
+    assert_eq!(m.0, vec![(42, nospace)]);
+    assert_eq!(
+        m.2.as_ref().map(|s| s.0),
+        Some(tonic::Code::ResourceExhausted)
+    );
+    assert_eq!(m.9.as_ref().map(|s| s.0), Some(tonic::Code::DataLoss));
+    assert_eq!(
+        format!("{m:?}"),
+        format!("{e:?}"),
+        "Meshwork answers as etcd does"
+    );
+    // `etcdctl alarm list` sees it; the alarm outlives a restart.
+    assert!(
+        ctl.run(Some(&node.etcd), &["alarm", "list"])
+            .contains("alarm:CORRUPT")
+    );
+    node.terminate();
+    let node = common::start(&data, &[], &[]);
+    rt.block_on(async {
+        let mut c = meshwork_etcd::Client::connect(&[node.etcd.clone()])
+            .await
+            .unwrap();
+        assert_eq!(
+            put_status(&mut c, "k").await.map(|s| s.0),
+            Some(tonic::Code::DataLoss)
+        );
+        assert_eq!(range_status(&mut c).await, None, "reads still answer");
+    });
+    ctl.run(Some(&node.etcd), &["alarm", "disarm"]);
+    assert_eq!(ctl.run(Some(&node.etcd), &["alarm", "list"]), "");
+    ctl.run(Some(&node.etcd), &["put", "k", "back"]);
+}

@@ -19,7 +19,8 @@ pub fn status(e: StoreError) -> Status {
         StoreError::LeaseTtlTooLarge => Code::OutOfRange,
         StoreError::NoSpace => Code::ResourceExhausted,
         StoreError::Storage(_) => Code::Internal,
-        StoreError::Stopped => Code::Unavailable,
+        StoreError::Stopped | StoreError::Exhausted(_) => Code::Unavailable,
+        StoreError::Corrupt => Code::DataLoss,
         StoreError::KeyNotFound
         | StoreError::TooManyOps
         | StoreError::DuplicateKey

@@ -33,4 +33,4 @@ pub mod proto {
 }
 
 pub use client::Client;
-pub use server::{ServerInfo, serve};
+pub use server::{ListenLimits, ServerInfo, serve, serve_limited};

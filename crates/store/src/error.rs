@@ -75,9 +75,16 @@ pub enum StoreError {
     /// The storage engine failed (I/O error, corruption). The write was not applied.
     #[error("storage error: {0}")]
     Storage(String),
+    /// A resource ran out for a moment (file descriptors, disk space): the
+    /// write was refused with nothing changed, and a retry may succeed.
+    #[error("etcdserver: resources exhausted, retry: {0}")]
+    Exhausted(String),
     /// The store is shutting down or failed and takes no more requests.
     #[error("etcdserver: server stopped")]
     Stopped,
+    /// A `CORRUPT` alarm is raised: every write is refused until it is cleared.
+    #[error("etcdserver: corrupt cluster")]
+    Corrupt,
 }
 
 impl StoreError {

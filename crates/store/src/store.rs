@@ -21,6 +21,7 @@ use redb::{
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Duration, Instant};
 
+use crate::alarm::{Alarm, AlarmMember, Alarms};
 use crate::apply::{Applier, TableFetch, WriteReq, WriteResp, rev_key};
 use crate::codec;
 use crate::config::StoreConfig;
@@ -60,7 +61,16 @@ struct Shared {
     hub: Hub,
     published: AtomicI64,
     compact_rev: AtomicI64,
+    /// Writes that add data are refused (the quota, or a `NOSPACE` alarm).
     no_space: AtomicBool,
+    /// The database is over its quota (what the quota check saw).
+    over_quota: AtomicBool,
+    /// Every write is refused (a `CORRUPT` alarm).
+    corrupt: AtomicBool,
+    /// Raised alarms, persisted in the data directory.
+    alarms: Mutex<Alarms>,
+    /// This member's id, for the quota's alarm.
+    member_id: AtomicU64,
     failed: AtomicBool,
     stopped: AtomicBool,
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
@@ -91,15 +101,9 @@ pub struct Status {
     pub leases: usize,
     /// Synced watchers.
     pub watchers: usize,
-    /// Raised alarms (`NOSPACE`).
-    pub alarms: Vec<Alarm>,
-}
-
-/// An alarm the store can raise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Alarm {
-    /// The database reached its quota.
-    NoSpace,
+    /// Raised alarms: the quota's `NOSPACE` (with this member's id) and
+    /// every alarm raised with [`Store::activate_alarm`].
+    pub alarms: Vec<AlarmMember>,
 }
 
 /// A consistent copy of the database, written to a file.
@@ -131,6 +135,7 @@ impl Store {
                 StoreError::Storage(format!("opening {}: {e}", dir.join(DB_FILE).display()))
             })?;
         create_tables(&db)?;
+        let alarms = Alarms::load(&dir)?;
         let wal = recover(&db, &dir, &cfg)?;
         let (index, lessor_rows, rev, compact) = load(&db)?;
         let now = Instant::now();
@@ -163,6 +168,10 @@ impl Store {
             published: AtomicI64::new(rev),
             compact_rev: AtomicI64::new(compact),
             no_space: AtomicBool::new(false),
+            over_quota: AtomicBool::new(false),
+            corrupt: AtomicBool::new(false),
+            alarms: Mutex::new(alarms),
+            member_id: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             tx: Mutex::new(Some(tx)),
@@ -179,6 +188,7 @@ impl Store {
             .map_err(|e| StoreError::Storage(format!("starting the committer thread: {e}")))?;
         *shared.committer.lock() = Some(handle);
         let store = Store { shared };
+        store.refresh_alarms();
         store.check_quota();
         store.spawn_background();
         Ok(store)
@@ -230,6 +240,7 @@ impl Store {
         if !self.is_healthy() {
             return Err(StoreError::Stopped);
         }
+        self.check_corrupt()?;
         let tx = self.shared.tx.lock().clone().ok_or(StoreError::Stopped)?;
         let (reply, rx) = oneshot::channel();
         tx.send(Cmd::Write(req, reply))
@@ -440,9 +451,13 @@ impl Store {
             .and_then(|r| r.open_table(KV).ok().and_then(|t| t.stats().ok()))
             .map(|s| s.stored_bytes() + s.metadata_bytes() + s.fragmented_bytes())
             .unwrap_or(db_size);
-        let mut alarms = Vec::new();
-        if self.shared.no_space.load(Ordering::Acquire) {
-            alarms.push(Alarm::NoSpace);
+        let mut alarms = self.shared.alarms.lock().list();
+        let own = AlarmMember {
+            member_id: self.shared.member_id.load(Ordering::Relaxed),
+            alarm: Alarm::NoSpace,
+        };
+        if self.shared.over_quota.load(Ordering::Acquire) && !alarms.contains(&own) {
+            alarms.push(own);
         }
         // One lock at a time: the committer takes the index lock while it holds the lessor.
         let keys = self.shared.index.read().len();
@@ -460,12 +475,68 @@ impl Store {
         }
     }
 
-    /// Clears an alarm (etcd `Alarm DEACTIVATE`); it is raised again if the cause remains.
-    pub fn disarm(&self, alarm: Alarm) {
-        match alarm {
-            Alarm::NoSpace => self.shared.no_space.store(false, Ordering::Release),
+    /// Sets this member's id (the quota's `NOSPACE` alarm carries it).
+    pub fn set_member_id(&self, id: u64) {
+        self.shared.member_id.store(id, Ordering::Relaxed);
+    }
+
+    /// Raises `alarm` about `member_id` (etcd `Alarm ACTIVATE`); durable
+    /// when it returns. `NOSPACE` refuses writes that add data, `CORRUPT`
+    /// every write (reads still answer, as in etcd), until it is cleared.
+    pub fn activate_alarm(&self, member_id: u64, alarm: Alarm) -> Result<()> {
+        self.shared
+            .alarms
+            .lock()
+            .activate(AlarmMember { member_id, alarm })?;
+        tracing::warn!(member_id, ?alarm, "alarm raised");
+        self.refresh_alarms();
+        Ok(())
+    }
+
+    /// Clears `alarm` about `member_id` (etcd `Alarm DEACTIVATE`); the
+    /// quota's `NOSPACE` is raised again at once if the database is still
+    /// over its quota.
+    pub fn deactivate_alarm(&self, member_id: u64, alarm: Alarm) -> Result<()> {
+        self.shared
+            .alarms
+            .lock()
+            .deactivate(AlarmMember { member_id, alarm })?;
+        if alarm == Alarm::NoSpace {
+            self.shared.over_quota.store(false, Ordering::Release);
         }
+        self.refresh_alarms();
         self.check_quota();
+        Ok(())
+    }
+
+    /// Clears the quota's `NOSPACE` alarm; it is raised again if the
+    /// database is still over its quota.
+    pub fn disarm(&self, alarm: Alarm) {
+        if alarm == Alarm::NoSpace {
+            self.shared.over_quota.store(false, Ordering::Release);
+        }
+        self.refresh_alarms();
+        self.check_quota();
+    }
+
+    /// Brings the refusal flags in line with the quota and the alarms.
+    fn refresh_alarms(&self) {
+        let (no_space, corrupt) = {
+            let a = self.shared.alarms.lock();
+            (a.any(Alarm::NoSpace), a.any(Alarm::Corrupt))
+        };
+        let over = self.shared.over_quota.load(Ordering::Acquire);
+        self.shared
+            .no_space
+            .store(no_space || over, Ordering::Release);
+        self.shared.corrupt.store(corrupt, Ordering::Release);
+    }
+
+    fn check_corrupt(&self) -> Result<()> {
+        if self.shared.corrupt.load(Ordering::Acquire) {
+            return Err(StoreError::Corrupt);
+        }
+        Ok(())
     }
 
     fn check_quota(&self) {
@@ -473,8 +544,10 @@ impl Store {
             .map(|m| m.len())
             .unwrap_or(0);
         metrics::gauge!("meshwork_store_db_size_bytes").set(size as f64);
-        if size > self.shared.cfg.quota_bytes && !self.shared.no_space.swap(true, Ordering::AcqRel)
+        if size > self.shared.cfg.quota_bytes
+            && !self.shared.over_quota.swap(true, Ordering::AcqRel)
         {
+            self.shared.no_space.store(true, Ordering::Release);
             tracing::warn!(
                 size,
                 quota = self.shared.cfg.quota_bytes,
@@ -1090,7 +1163,16 @@ fn checkpoint(shared: &Shared, state: &mut Committer) -> Result<()> {
     }
     wtx.commit().map_err(StoreError::storage)?;
     state.last_checkpoint = std::time::Instant::now();
-    state.wal.checkpointed().map_err(StoreError::storage)
+    drop_old_segments(&mut state.wal);
+    Ok(())
+}
+
+/// Deletes log segments a checkpoint made unnecessary; one that cannot be
+/// deleted now (no descriptors, say) is retried at the next checkpoint.
+fn drop_old_segments(wal: &mut Wal) {
+    if let Err(e) = wal.checkpointed() {
+        tracing::warn!(error = %e, "deleting old write-ahead log segments failed; retried at the next checkpoint");
+    }
 }
 
 /// Per-request results, the last revision, the compaction revision and the events of a batch.
@@ -1104,6 +1186,17 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, state: &mut Committer) {
     if shared.failed.load(Ordering::Acquire) {
         for tx in replies {
             let _ = tx.send(Err(StoreError::Stopped));
+        }
+        return;
+    }
+    // Everything the log could need a descriptor or disk space for, before
+    // anything is applied: a failure here refuses this batch and loses nothing.
+    if let Err(e) = state.wal.prepare() {
+        tracing::warn!(error = %e, "write-ahead log cannot make its next segment; refusing this batch, the next one retries");
+        metrics::counter!("meshwork_store_refused_batches_total").increment(1);
+        let err = StoreError::Exhausted(format!("write-ahead log: {e}"));
+        for tx in replies {
+            let _ = tx.send(Err(err.clone()));
         }
         return;
     }
@@ -1191,7 +1284,7 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, state: &mut Committer) {
         wtx.commit().map_err(StoreError::storage)?;
         if durable {
             state.last_checkpoint = std::time::Instant::now();
-            state.wal.checkpointed().map_err(StoreError::storage)?;
+            drop_old_segments(&mut state.wal);
         }
         Ok((results, rev, compact, events))
     })();

@@ -12,10 +12,16 @@
 //! - LSNs increase by exactly one from record to record, across segments;
 //! - reading stops at the first zero length, bad checksum or unexpected LSN: that is
 //!   the torn or never-written tail, and nothing after it was acknowledged;
-//! - appends never continue after a tail read on recovery: a new segment is started.
+//! - appends never continue after a tail read on recovery: a new segment is started;
+//! - a commit never needs a new file descriptor: the directory stays open, the
+//!   next segment is created ahead of time ([`Wal::prepare`], before a batch
+//!   touches anything, so running out of descriptors or space there refuses
+//!   the batch and loses nothing), and records are written at explicit offsets
+//!   so a failed write is overwritten by the next one, never followed by it.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Size of a freshly preallocated segment.
@@ -171,17 +177,26 @@ fn preallocate(file: &File, len: u64) -> io::Result<()> {
     file.set_len(len as u64)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+/// A segment created ahead of time, empty.
+struct Spare {
+    file: File,
+    seq: u64,
+    capacity: u64,
 }
 
 /// The log, open for appending.
 pub(crate) struct Wal {
     dir: PathBuf,
+    /// The directory, kept open to fsync new entries without opening it.
+    dir_file: File,
     file: File,
     seq: u64,
     offset: u64,
     capacity: u64,
+    /// The next segment, created before it is needed.
+    spare: Option<Spare>,
+    /// Segments older than the current one, deleted at the next checkpoint.
+    old: Vec<(u64, PathBuf)>,
     next_lsn: u64,
     fsync: bool,
     buf: Vec<u8>,
@@ -242,31 +257,60 @@ impl Wal {
         }
         let next_lsn = expected.unwrap_or(after_lsn + 1).max(last_lsn + 1);
         let seq = segs.last().map(|(s, _)| s + 1).unwrap_or(1);
-        let (file, capacity) = Self::create_segment(dir, seq, SEGMENT_BYTES)?;
-        let wal = Wal {
+        let dir_file = File::open(dir)?;
+        let (file, capacity) = Self::create_segment(dir, &dir_file, seq, SEGMENT_BYTES)?;
+        let mut wal = Wal {
             dir: dir.to_path_buf(),
+            dir_file,
             file,
             seq,
             offset: 0,
             capacity,
+            spare: None,
+            old: segs,
             next_lsn,
             fsync,
             buf: Vec::new(),
             bytes_since_checkpoint: 0,
         };
+        wal.prepare()?;
         Ok((wal, Recovered { records, last_lsn }))
     }
 
-    fn create_segment(dir: &Path, seq: u64, size: u64) -> io::Result<(File, u64)> {
+    fn create_segment(dir: &Path, dir_file: &File, seq: u64, size: u64) -> io::Result<(File, u64)> {
         let path = dir.join(segment_name(seq));
         let file = OpenOptions::new()
             .create_new(true)
             .write(true)
             .open(&path)?;
-        preallocate(&file, size)?;
-        file.sync_all()?;
-        sync_dir(dir)?;
+        let made = preallocate(&file, size)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| dir_file.sync_all());
+        if let Err(e) = made {
+            // Leave no half-made segment behind for the next attempt to trip on.
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         Ok((file, size))
+    }
+
+    /// Makes sure the next segment exists, so that the coming appends need
+    /// no new file descriptor and no disk allocation. Called before a batch
+    /// is applied: an error here (no descriptors, no space) refuses the batch
+    /// with nothing changed, and the next batch tries again.
+    pub(crate) fn prepare(&mut self) -> io::Result<()> {
+        if self.spare.is_none() {
+            let seq = self.seq + 1;
+            let (file, capacity) =
+                Self::create_segment(&self.dir, &self.dir_file, seq, SEGMENT_BYTES)?;
+            self.spare = Some(Spare {
+                file,
+                seq,
+                capacity,
+            });
+        }
+        Ok(())
     }
 
     /// The LSN of the last record appended.
@@ -279,11 +323,31 @@ impl Wal {
         let lsn = self.next_lsn;
         let need = (HEADER_BYTES + payload.len()) as u64;
         if self.offset + need > self.capacity {
-            self.seq += 1;
-            let (file, capacity) =
-                Self::create_segment(&self.dir, self.seq, SEGMENT_BYTES.max(need))?;
-            self.file = file;
-            self.capacity = capacity;
+            let next = match self.spare.take() {
+                Some(s) if s.capacity >= need => s,
+                spare => {
+                    // A record larger than a segment (or no spare): made here.
+                    let seq = spare.as_ref().map_or(self.seq + 1, |s| s.seq);
+                    drop(spare);
+                    let _ = std::fs::remove_file(self.dir.join(segment_name(seq)));
+                    let (file, capacity) = Self::create_segment(
+                        &self.dir,
+                        &self.dir_file,
+                        seq,
+                        SEGMENT_BYTES.max(need),
+                    )?;
+                    Spare {
+                        file,
+                        seq,
+                        capacity,
+                    }
+                }
+            };
+            self.old
+                .push((self.seq, self.dir.join(segment_name(self.seq))));
+            self.file = next.file;
+            self.seq = next.seq;
+            self.capacity = next.capacity;
             self.offset = 0;
         }
         let mut h = crc32fast::Hasher::new();
@@ -296,7 +360,9 @@ impl Wal {
         self.buf.extend_from_slice(&h.finalize().to_le_bytes());
         self.buf.extend_from_slice(&lsn.to_le_bytes());
         self.buf.extend_from_slice(payload);
-        self.file.write_all(&self.buf)?;
+        // At an explicit offset: after a failed write the next record goes
+        // to the same place, never after a torn one.
+        self.file.write_all_at(&self.buf, self.offset)?;
         if self.fsync {
             self.file.sync_data()?;
         }
@@ -306,15 +372,26 @@ impl Wal {
         Ok(lsn)
     }
 
-    /// Everything up to the current LSN is durable elsewhere: delete older segments.
+    /// Everything up to the current LSN is durable elsewhere: delete older
+    /// segments (by name: no descriptor needed). A segment that cannot be
+    /// deleted now is kept for the next checkpoint; its records are all at or
+    /// below the checkpoint's LSN, so recovery skips them.
     pub(crate) fn checkpointed(&mut self) -> io::Result<()> {
         self.bytes_since_checkpoint = 0;
-        for (seq, path) in segments(&self.dir)? {
-            if seq < self.seq {
-                std::fs::remove_file(path)?;
-            }
+        let mut first_err = None;
+        self.old
+            .retain(|(_, path)| match std::fs::remove_file(path) {
+                Ok(()) => false,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                    true
+                }
+            });
+        match first_err {
+            None => Ok(()),
+            Some(e) => Err(e),
         }
-        Ok(())
     }
 }
 
@@ -386,14 +463,37 @@ mod tests {
         w.checkpointed().unwrap();
         assert_eq!(
             segments(dir.path()).unwrap().len(),
-            1,
-            "older segments removed at checkpoint"
+            2,
+            "older segments removed at checkpoint: the current one and the spare stay"
         );
         let (_, rec) = Wal::open(dir.path(), 0, true).unwrap();
         assert_eq!(
             rec.records.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
             vec![2]
         );
+    }
+
+    #[test]
+    fn appends_roll_into_the_spare_segment_and_recover_across_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![7u8; (SEGMENT_BYTES / 3) as usize];
+        {
+            let (mut w, _) = Wal::open(dir.path(), 0, true).unwrap();
+            for _ in 0..4 {
+                w.append(&big).unwrap();
+                w.prepare().unwrap();
+            }
+            // Segment 1 filled, segment 2 in use, segment 3 the spare.
+            assert_eq!(w.seq, 2);
+            assert_eq!(w.spare.as_ref().map(|s| s.seq), Some(3));
+        }
+        let (w, rec) = Wal::open(dir.path(), 0, true).unwrap();
+        assert_eq!(
+            rec.records.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        assert!(rec.records.iter().all(|(_, p)| p == &big));
+        assert_eq!(w.seq, 4, "appends after recovery start a new segment");
     }
 
     #[test]

@@ -21,7 +21,38 @@ pub fn bin() -> &'static str {
 
 /// Starts `meshwork server` on free ports; returns once `/readyz` answers 200.
 pub fn start(data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
+    start_cmd(Command::new(bin()), data_dir, extra, envs)
+}
+
+/// As [`start`], with the child's open-files limit set to `soft`/`hard`
+/// (what `ulimit -Sn`/`-Hn` would set in a shell).
+pub fn start_with_nofile(
+    data_dir: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+    soft: u64,
+    hard: u64,
+) -> Server {
+    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(bin());
+    #[allow(unsafe_code)]
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    start_cmd(cmd, data_dir, extra, envs)
+}
+
+fn start_cmd(mut cmd: Command, data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
     cmd.arg("server").arg("--data-dir").arg(data_dir);
     if !extra.contains(&"--etcd-addr") {
         cmd.args(["--etcd-addr", "127.0.0.1:0"]);

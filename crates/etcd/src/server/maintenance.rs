@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::Stream;
-use meshwork_store::{Alarm, StoreError};
+use meshwork_store::{Alarm, AlarmMember, StoreError};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tonic::{Request, Response, Status};
@@ -27,38 +27,74 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         req: Request<pb::AlarmRequest>,
     ) -> Result<Response<pb::AlarmResponse>, Status> {
         let r = req.into_inner();
-        match pb::alarm_request::AlarmAction::try_from(r.action) {
-            Ok(pb::alarm_request::AlarmAction::Get) => {}
-            Ok(pb::alarm_request::AlarmAction::Deactivate) => {
-                if r.alarm == pb::AlarmType::Nospace as i32 {
-                    self.0.store.disarm(Alarm::NoSpace);
+        let kind = match pb::AlarmType::try_from(r.alarm) {
+            Ok(pb::AlarmType::None) => None,
+            Ok(pb::AlarmType::Nospace) => Some(Alarm::NoSpace),
+            Ok(pb::AlarmType::Corrupt) => Some(Alarm::Corrupt),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "etcdserver: invalid alarm type {}",
+                    r.alarm
+                )));
+            }
+        };
+        let out = |a: AlarmMember| pb::AlarmMember {
+            member_id: a.member_id,
+            alarm: match a.alarm {
+                Alarm::NoSpace => pb::AlarmType::Nospace as i32,
+                Alarm::Corrupt => pb::AlarmType::Corrupt as i32,
+            },
+        };
+        let store = &self.0.store;
+        // As etcd's applier: GET lists (one type, or all for NONE);
+        // ACTIVATE answers the alarm, DEACTIVATE the one it cleared (or
+        // nothing if it was not raised).
+        let alarms = match pb::alarm_request::AlarmAction::try_from(r.action) {
+            Ok(pb::alarm_request::AlarmAction::Get) => store
+                .status()
+                .alarms
+                .into_iter()
+                .filter(|a| kind.is_none_or(|k| a.alarm == k))
+                .map(out)
+                .collect(),
+            Ok(pb::alarm_request::AlarmAction::Activate) => match kind {
+                None => Vec::new(),
+                Some(k) => {
+                    store.activate_alarm(r.member_id, k).map_err(status)?;
+                    vec![out(AlarmMember {
+                        member_id: r.member_id,
+                        alarm: k,
+                    })]
                 }
-            }
-            Ok(pb::alarm_request::AlarmAction::Activate) => {
-                return Err(Status::invalid_argument(
-                    "etcdserver: alarms are raised by the server, not by clients",
-                ));
-            }
+            },
+            Ok(pb::alarm_request::AlarmAction::Deactivate) => match kind {
+                None => Vec::new(),
+                Some(k) => {
+                    let was = store
+                        .status()
+                        .alarms
+                        .iter()
+                        .any(|a| a.member_id == r.member_id && a.alarm == k);
+                    store.deactivate_alarm(r.member_id, k).map_err(status)?;
+                    if was {
+                        vec![out(AlarmMember {
+                            member_id: r.member_id,
+                            alarm: k,
+                        })]
+                    } else {
+                        Vec::new()
+                    }
+                }
+            },
             Err(_) => {
                 return Err(Status::invalid_argument(format!(
                     "etcdserver: invalid alarm action {}",
                     r.action
                 )));
             }
-        }
-        let st = self.0.store.status();
-        let alarms = st
-            .alarms
-            .iter()
-            .map(|a| match a {
-                Alarm::NoSpace => pb::AlarmMember {
-                    member_id: self.0.info.member_id,
-                    alarm: pb::AlarmType::Nospace as i32,
-                },
-            })
-            .collect();
+        };
         Ok(Response::new(pb::AlarmResponse {
-            header: self.0.header.at(st.revision),
+            header: self.0.header.at(store.revision()),
             alarms,
         }))
     }
@@ -71,7 +107,13 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         let errors = st
             .alarms
             .iter()
-            .map(|a| format!("memberID:{} alarm:{a:?}", self.0.info.member_id).to_uppercase())
+            .map(|a| {
+                let kind = match a.alarm {
+                    Alarm::NoSpace => "NOSPACE",
+                    Alarm::Corrupt => "CORRUPT",
+                };
+                format!("memberID:{} alarm:{kind} ", a.member_id)
+            })
             .collect();
         Ok(Response::new(pb::StatusResponse {
             header: self.0.header.at(st.revision),

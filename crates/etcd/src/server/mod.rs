@@ -3,6 +3,7 @@
 
 mod cluster;
 mod concurrency;
+mod conn;
 mod kv;
 mod lease;
 mod maintenance;
@@ -12,8 +13,8 @@ use std::future::Future;
 
 use meshwork_store::Store;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
+
+pub use conn::ListenLimits;
 
 use crate::convert::Header;
 use crate::proto::etcdserverpb::{
@@ -78,24 +79,33 @@ pub(crate) struct Ctx {
 }
 
 /// Serves the etcd v3 API on `listener` until `shutdown` resolves, then finishes
-/// in-flight requests and returns.
+/// in-flight requests and returns. Connections are bounded by the default
+/// [`ListenLimits`].
 pub async fn serve(
     listener: TcpListener,
     store: Store,
     info: ServerInfo,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    serve_limited(listener, store, info, ListenLimits::default(), shutdown).await
+}
+
+/// [`serve`] with explicit connection limits: at most `max_connections` open
+/// at once (more are closed on accept and counted), silent clients closed,
+/// and an accept error (such as running out of file descriptors) waited out
+/// rather than ending the server.
+pub async fn serve_limited(
+    listener: TcpListener,
+    store: Store,
+    info: ServerInfo,
+    limits: ListenLimits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
     let max_msg = store.config().max_request_bytes + GRPC_OVERHEAD_BYTES;
-    // tonic applies `tcp_nodelay` only to listeners it binds itself; without it, Nagle's
-    // algorithm holds small responses back ~40 ms behind the client's delayed ACK.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        if let Ok(c) = &conn
-            && let Err(e) = c.set_nodelay(true)
-        {
-            tracing::debug!(error = %e, "setting TCP_NODELAY failed");
-        }
-        conn
-    });
+    let keepalive = (limits.idle_timeout / 3).max(std::time::Duration::from_millis(100));
+    let max_streams = limits.max_concurrent_streams;
+    let incoming = conn::incoming(listener, conn::Slots::new(limits.clone()));
+    store.set_member_id(info.member_id);
     let ctx = Ctx {
         header: info.header(),
         store,
@@ -103,7 +113,9 @@ pub async fn serve(
     };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .max_concurrent_streams(Some(max_streams))
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive))
         .add_service(KvServer::new(kv::KvService(ctx.clone())).max_decoding_message_size(max_msg))
         .add_service(
             WatchServer::new(watch::WatchService(ctx.clone())).max_decoding_message_size(max_msg),

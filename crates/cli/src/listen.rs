@@ -1,0 +1,486 @@
+//! Serving the node's HTTP port (API, console, health, metrics) with every
+//! limit a hostile or broken client could otherwise turn into an outage: a
+//! bounded number of connections (one more is accepted, closed and counted),
+//! a deadline on reading a request head, on each wait for request-body bytes,
+//! and on a connection with no request in flight; a bounded request body; and
+//! accept errors (out of descriptors) waited out instead of ending the server.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{HeaderValue, Request, Response, StatusCode, header};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+/// The `[listen]` table: limits of the HTTP port and the etcd port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct ListenConfig {
+    /// Most connections open at once on the HTTP port.
+    pub(crate) http_max_connections: usize,
+    /// Most connections open at once on the etcd port.
+    pub(crate) etcd_max_connections: usize,
+    /// Most concurrent gRPC calls (HTTP/2 streams) per etcd connection.
+    pub(crate) etcd_max_concurrent_streams: u32,
+    /// Time a client has to send a whole request head (HTTP), or its first
+    /// bytes after connecting (etcd).
+    pub(crate) header_read_timeout_ms: u64,
+    /// Longest wait for the next bytes of a request body.
+    pub(crate) body_read_timeout_ms: u64,
+    /// A connection with no request in flight (HTTP), or a silent one (etcd,
+    /// where the server pings and a live client answers), is closed after this.
+    pub(crate) idle_timeout_ms: u64,
+    /// Largest request body the HTTP port reads.
+    pub(crate) max_body_bytes: usize,
+    /// On shutdown, how long requests in flight have to finish.
+    pub(crate) shutdown_grace_ms: u64,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            http_max_connections: 4096,
+            etcd_max_connections: 4096,
+            etcd_max_concurrent_streams: 1024,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            idle_timeout_ms: 90_000,
+            max_body_bytes: 2 * 1024 * 1024,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl ListenConfig {
+    /// Refuses values that cannot work.
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+        if self.http_max_connections == 0 || self.etcd_max_connections == 0 {
+            anyhow::bail!(
+                "[listen] http_max_connections and etcd_max_connections must be at least 1"
+            );
+        }
+        if self.etcd_max_concurrent_streams == 0 {
+            anyhow::bail!("[listen] etcd_max_concurrent_streams must be at least 1");
+        }
+        for (name, v) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&v) {
+                anyhow::bail!("[listen] {name} = {v} is out of range 100..=3600000 (ms)");
+            }
+        }
+        if self.max_body_bytes == 0 {
+            anyhow::bail!("[listen] max_body_bytes must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The etcd port's limits.
+    pub(crate) fn etcd(&self) -> meshwork_etcd::ListenLimits {
+        meshwork_etcd::ListenLimits {
+            max_connections: self.etcd_max_connections,
+            max_concurrent_streams: self.etcd_max_concurrent_streams,
+            handshake_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+        }
+    }
+}
+
+/// Open connections; shutdown waits for none.
+#[derive(Default)]
+struct Open {
+    count: AtomicUsize,
+    drained: Notify,
+}
+
+/// A connection's slot: given back, and the gauge lowered, on drop.
+struct ConnGuard {
+    open: Arc<Open>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        metrics::gauge!("meshwork_listener_connections", "listener" => "http").decrement(1.0);
+        if self.open.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.open.drained.notify_waiters();
+        }
+    }
+}
+
+/// Requests in flight on one connection and when the last one ended.
+struct Activity {
+    active: AtomicUsize,
+    since: Mutex<Instant>,
+}
+
+/// Lowers the in-flight count even when the request's future is dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.since.lock() = Instant::now();
+        }
+    }
+}
+
+/// Serves `app` on `listener` under `cfg`'s limits until `shutdown`
+/// resolves; then stops accepting, lets requests in flight finish (for up to
+/// `shutdown_grace_ms`) and returns.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Router,
+    cfg: ListenConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let cfg = Arc::new(cfg);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(cfg.header_read_timeout_ms));
+    let ping = Duration::from_millis(cfg.idle_timeout_ms / 3).max(Duration::from_millis(100));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .keep_alive_interval(ping)
+        .keep_alive_timeout(ping);
+    let builder = Arc::new(builder);
+    let slots = Arc::new(Semaphore::new(cfg.http_max_connections));
+    let open = Arc::new(Open::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors and the like: the connections we
+                    // have keep being served; try again in a moment.
+                    metrics::counter!("meshwork_listener_accept_errors_total", "listener" => "http")
+                        .increment(1);
+                    tracing::warn!(error = %e, "HTTP port: accept failed; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("meshwork_listener_refused_connections_total", "listener" => "http")
+                .increment(1);
+            tracing::debug!(%peer, limit = cfg.http_max_connections, "HTTP port: connection limit reached, closing a new connection");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        metrics::gauge!("meshwork_listener_connections", "listener" => "http").increment(1.0);
+        open.count.fetch_add(1, Ordering::AcqRel);
+        let guard = ConnGuard {
+            open: open.clone(),
+            _slot: slot,
+        };
+        let conn = serve_conn(
+            stream,
+            peer,
+            app.clone(),
+            cfg.clone(),
+            builder.clone(),
+            stop_rx.clone(),
+        );
+        tokio::spawn(async move {
+            let _guard = guard;
+            conn.await;
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = async {
+        loop {
+            let n = open.drained.notified();
+            if open.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            n.await;
+        }
+    };
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tracing::warn!(
+            open = open.count.load(Ordering::Acquire),
+            "HTTP port: shutdown grace period over; closing connections"
+        );
+    }
+    Ok(())
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    cfg: Arc<ListenConfig>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let activity = Arc::new(Activity {
+        active: AtomicUsize::new(0),
+        since: Mutex::new(Instant::now()),
+    });
+    let svc = {
+        let activity = activity.clone();
+        let cfg = cfg.clone();
+        service_fn(move |req: Request<Incoming>| {
+            activity.active.fetch_add(1, Ordering::AcqRel);
+            let in_flight = InFlight(activity.clone());
+            let app = app.clone();
+            let cfg = cfg.clone();
+            async move {
+                let resp = handle(req, peer, app, &cfg).await;
+                drop(in_flight);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let mut conn = std::pin::pin!(conn);
+    let idle = Duration::from_millis(cfg.idle_timeout_ms);
+    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(25)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = *stop.borrow();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick(), if !closing => {
+                let quiet = activity.active.load(Ordering::Acquire) == 0
+                    && activity.since.lock().elapsed() >= idle;
+                if quiet {
+                    metrics::counter!("meshwork_listener_timeouts_total", "listener" => "http")
+                        .increment(1);
+                    tracing::debug!(%peer, "closing an idle HTTP connection");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Reads the request body under the size and time limits, then hands the
+/// request, with the caller's address, to the router.
+async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    app: Router,
+    cfg: &ListenConfig,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    parts.extensions.insert(ConnectInfo(peer));
+    let body = match read_body(body, cfg).await {
+        Ok(b) => b,
+        Err(refusal) => return refusal.response(cfg),
+    };
+    let req = Request::from_parts(parts, Body::from(body));
+    match app.oneshot(req).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    }
+}
+
+/// Why a request body was not read.
+enum Refusal {
+    TooLarge,
+    Timeout,
+    /// The client broke the body off (nobody is left to answer).
+    Broken,
+}
+
+impl Refusal {
+    fn response(self, cfg: &ListenConfig) -> Response<Body> {
+        let (status, code, message) = match self {
+            Refusal::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "request body is larger than the limit of {} bytes ([listen] max_body_bytes)",
+                    cfg.max_body_bytes
+                ),
+            ),
+            Refusal::Timeout => {
+                metrics::counter!("meshwork_listener_timeouts_total", "listener" => "http")
+                    .increment(1);
+                (
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "no request body bytes for {} ms ([listen] body_read_timeout_ms)",
+                        cfg.body_read_timeout_ms
+                    ),
+                )
+            }
+            Refusal::Broken => (
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                "the request body could not be read".to_string(),
+            ),
+        };
+        let body = serde_json::json!({"error": {"code": code, "message": message}});
+        let mut resp = Response::new(Body::from(body.to_string()));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        // The rest of the body is not read: the connection cannot carry
+        // another request.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp
+    }
+}
+
+async fn read_body(mut body: Incoming, cfg: &ListenConfig) -> Result<Bytes, Refusal> {
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    let declared = body.size_hint().lower();
+    if declared > cfg.max_body_bytes as u64 {
+        return Err(Refusal::TooLarge);
+    }
+    let wait = Duration::from_millis(cfg.body_read_timeout_ms);
+    let mut buf = BytesMut::with_capacity(usize::try_from(declared).unwrap_or(0));
+    loop {
+        let frame = match tokio::time::timeout(wait, body.frame()).await {
+            Err(_) => return Err(Refusal::Timeout),
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(_))) => return Err(Refusal::Broken),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > cfg.max_body_bytes {
+                return Err(Refusal::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+}
+
+/// Descriptors kept for everything but client connections: the store's
+/// files, outgoing connections, the gateway's upstreams, child processes.
+const RESERVED_FDS: u64 = 512;
+
+impl ListenConfig {
+    /// Lowers the connection limits so that both ports full still leave
+    /// [`RESERVED_FDS`] descriptors under the process's `nofile` limit: a
+    /// connection flood is refused at the port instead of starving the store
+    /// of descriptors.
+    pub(crate) fn fit_to(&mut self, nofile: u64) {
+        let wanted = (self.http_max_connections + self.etcd_max_connections) as u64;
+        let room = nofile.saturating_sub(RESERVED_FDS).max(2);
+        if wanted <= room {
+            return;
+        }
+        let each = usize::try_from(room / 2).unwrap_or(usize::MAX).max(1);
+        tracing::warn!(
+            nofile,
+            http_max_connections = self.http_max_connections.min(each),
+            etcd_max_connections = self.etcd_max_connections.min(each),
+            "the open-files limit is too low for the configured connection limits; lowering them (raise `ulimit -n` to keep them)"
+        );
+        self.http_max_connections = self.http_max_connections.min(each);
+        self.etcd_max_connections = self.etcd_max_connections.min(each);
+    }
+}
+
+/// Raises the soft open-files limit to the hard one (as the Go runtime does
+/// for etcd) and returns the limit now in force.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub(crate) fn raise_nofile_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    #[allow(clippy::useless_conversion)] // rlim_t is u64 on the targets we build for
+    let now = u64::from(lim.rlim_cur);
+    tracing::debug!(before = u64::from(before), now, "open-files limit");
+    Some(now)
+}
+
+/// Other platforms: the limit is left as it is.
+#[cfg(not(unix))]
+pub(crate) fn raise_nofile_limit() -> Option<u64> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limits_fit_under_the_open_files_limit() {
+        let mut c = ListenConfig::default();
+        c.fit_to(1_048_576);
+        assert_eq!(c.http_max_connections, 4096);
+        c.fit_to(1024);
+        assert_eq!(c.http_max_connections, 256);
+        assert_eq!(c.etcd_max_connections, 256);
+        let bad = ListenConfig {
+            idle_timeout_ms: 0,
+            ..ListenConfig::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("idle_timeout_ms")
+        );
+    }
+}

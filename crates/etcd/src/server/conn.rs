@@ -1,0 +1,200 @@
+//! Connection limits of the gRPC port: a bounded number of connections
+//! (one over the limit is accepted and closed at once, and counted), and a
+//! deadline on silence — a connection whose client sends nothing, not even
+//! the HTTP/2 preface or an answer to the server's keep-alive ping, is
+//! closed. A thousand idle sockets cost the server nothing but their slots.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// Limits of the etcd gRPC listener.
+#[derive(Debug, Clone)]
+pub struct ListenLimits {
+    /// Most connections open at once; one more is closed on accept and
+    /// counted in `meshwork_listener_refused_connections_total{listener="etcd"}`.
+    pub max_connections: usize,
+    /// Most concurrent HTTP/2 streams (RPCs) per connection.
+    pub max_concurrent_streams: u32,
+    /// Time a new connection has to send its first bytes.
+    pub handshake_timeout: Duration,
+    /// Longest silence from a client (the server pings every third of it,
+    /// and a live client answers) before its connection is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ListenLimits {
+    fn default() -> Self {
+        ListenLimits {
+            max_connections: 4096,
+            max_concurrent_streams: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Hands out connection slots and counts refusals.
+#[derive(Debug, Clone)]
+pub(crate) struct Slots {
+    slots: Arc<Semaphore>,
+    limits: ListenLimits,
+}
+
+impl Slots {
+    pub(crate) fn new(limits: ListenLimits) -> Self {
+        Slots {
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+        }
+    }
+
+    /// The connection with its slot and silence deadline, or `None` (the
+    /// stream is dropped, so closed) when every slot is taken.
+    pub(crate) fn admit(&self, stream: TcpStream) -> Option<Guarded> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                metrics::gauge!("meshwork_listener_connections", "listener" => "etcd")
+                    .increment(1.0);
+                Some(Guarded {
+                    inner: stream,
+                    _slot: Slot(permit),
+                    silence: Box::pin(tokio::time::sleep(self.limits.handshake_timeout)),
+                    idle: self.limits.idle_timeout,
+                })
+            }
+            Err(_) => {
+                metrics::counter!("meshwork_listener_refused_connections_total", "listener" => "etcd")
+                    .increment(1);
+                tracing::debug!(
+                    limit = self.limits.max_connections,
+                    "etcd port: connection limit reached, closing a new connection"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// A taken slot; given back (and the gauge lowered) on drop.
+#[derive(Debug)]
+struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        metrics::gauge!("meshwork_listener_connections", "listener" => "etcd").decrement(1.0);
+    }
+}
+
+/// An admitted connection: closed (read error `TimedOut`) once its client
+/// has been silent past the deadline.
+#[derive(Debug)]
+pub(crate) struct Guarded {
+    inner: TcpStream,
+    _slot: Slot,
+    silence: Pin<Box<Sleep>>,
+    idle: Duration,
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    let next = Instant::now() + self.idle;
+                    self.silence.as_mut().reset(next);
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.silence.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    metrics::counter!("meshwork_listener_timeouts_total", "listener" => "etcd")
+                        .increment(1);
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client silent past the idle timeout",
+                    )))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Guarded {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// The admitted connections of `listener`, for tonic. An accept error (out of
+/// file descriptors, say) is logged and waited out for a moment instead of
+/// ending the stream or spinning on it.
+pub(crate) fn incoming(
+    listener: tokio::net::TcpListener,
+    slots: Slots,
+) -> impl futures_util::Stream<Item = io::Result<Guarded>> + Send + 'static {
+    futures_util::stream::unfold((listener, slots), |(listener, slots)| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    // tonic applies TCP_NODELAY only to listeners it binds itself; without
+                    // it, Nagle's algorithm holds small responses behind the delayed ACK.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+                    }
+                    if let Some(conn) = slots.admit(stream) {
+                        return Some((Ok(conn), (listener, slots)));
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("meshwork_listener_accept_errors_total", "listener" => "etcd")
+                        .increment(1);
+                    tracing::warn!(error = %e, "etcd port: accept failed; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
