@@ -1,5 +1,6 @@
 //! The HTTP endpoint: `/healthz` (the process is alive), `/readyz` (the store and the
-//! etcd server are up), and Prometheus `/metrics`.
+//! etcd server are up and, with coordination, this node is a listed member holding
+//! an id worker), and Prometheus `/metrics`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +19,8 @@ pub(crate) struct AppState {
     /// The embedded store (None on an external etcd cluster).
     pub(crate) store: Option<Store>,
     pub(crate) serving: Arc<AtomicBool>,
+    /// Coordination, when this node runs it.
+    pub(crate) coord: Option<meshwork_coord::Coord>,
     pub(crate) prometheus: Option<PrometheusHandle>,
 }
 
@@ -31,14 +34,19 @@ pub(crate) fn router(state: AppState) -> Router {
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let store_ok = s.store.as_ref().is_none_or(|st| st.is_healthy());
-    if store_ok && s.serving.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n".to_string())
-    } else {
-        (
+    if !(store_ok && s.serving.load(Ordering::Acquire)) {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: the store is stopped or failed (see the log)\n".to_string(),
-        )
+        );
     }
+    if let Some(Err(why)) = s.coord.as_ref().map(|c| c.readiness()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        );
+    }
+    (StatusCode::OK, "ready\n".to_string())
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {

@@ -51,6 +51,9 @@ pub(crate) struct ListenConfig {
     pub(crate) max_body_bytes: usize,
     /// On shutdown, how long requests in flight have to finish.
     pub(crate) shutdown_grace_ms: u64,
+    /// Host names (besides loopback names and IP addresses) the HTTP port
+    /// answers to, and whose pages may write through it; `"*"` allows any.
+    pub(crate) allowed_hosts: Vec<String>,
 }
 
 impl Default for ListenConfig {
@@ -64,6 +67,7 @@ impl Default for ListenConfig {
             idle_timeout_ms: 90_000,
             max_body_bytes: 2 * 1024 * 1024,
             shutdown_grace_ms: 10_000,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -306,6 +310,9 @@ async fn handle(
     app: Router,
     cfg: &ListenConfig,
 ) -> Response<Body> {
+    if let Err(refusal) = check_request(&req, cfg) {
+        return refusal.response(cfg);
+    }
     let (mut parts, body) = req.into_parts();
     parts.extensions.insert(ConnectInfo(peer));
     let body = match read_body(body, cfg).await {
@@ -319,12 +326,20 @@ async fn handle(
     }
 }
 
-/// Why a request body was not read.
+/// Why a request was not served.
 enum Refusal {
     TooLarge,
     Timeout,
     /// The client broke the body off (nobody is left to answer).
     Broken,
+    /// A Host that is not ours (DNS rebinding).
+    Host(String),
+    /// More than one Host header (RFC 9112 §3.2).
+    TwoHosts,
+    /// A write from another site's page.
+    Origin(String),
+    /// A write whose body is not declared JSON.
+    MediaType,
 }
 
 impl Refusal {
@@ -355,6 +370,30 @@ impl Refusal {
                 "invalid_argument",
                 "the request body could not be read".to_string(),
             ),
+            Refusal::Host(host) => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "unknown_host",
+                format!(
+                    "this node does not answer to host {host:?}; use an IP address or localhost, or add the name to [listen] allowed_hosts"
+                ),
+            ),
+            Refusal::TwoHosts => (
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                "a request carries exactly one Host header".to_string(),
+            ),
+            Refusal::Origin(origin) => (
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                format!(
+                    "writes from pages of {origin:?} are refused; only the node's own pages (or [listen] allowed_hosts) may write"
+                ),
+            ),
+            Refusal::MediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "a write to the API needs Content-Type: application/json".to_string(),
+            ),
         };
         let body = serde_json::json!({"error": {"code": code, "message": message}});
         let mut resp = Response::new(Body::from(body.to_string()));
@@ -369,6 +408,106 @@ impl Refusal {
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         resp
     }
+}
+
+/// The host part of an authority (`host`, `host:port`, `[v6]:port`),
+/// lower-cased.
+fn host_of(authority: &str) -> String {
+    let a = authority.trim();
+    let host = if let Some(rest) = a.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        a.rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(a, |(h, _)| h)
+    };
+    host.to_ascii_lowercase()
+}
+
+/// Loopback names, IP addresses (no DNS name to rebind) and configured names.
+fn host_allowed(host: &str, cfg: &ListenConfig) -> bool {
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host.parse::<std::net::IpAddr>().is_ok()
+        || cfg
+            .allowed_hosts
+            .iter()
+            .any(|h| h == "*" || h.eq_ignore_ascii_case(host))
+}
+
+/// Refuses, before the body is read: a Host that is not ours (all paths but
+/// the health probes, which load balancers send with any Host), a write
+/// from another site's page (its `Origin` is neither this Host nor an
+/// allowed one), and an API write whose body is not declared JSON (what an
+/// HTML form can send without asking).
+fn check_request(req: &Request<Incoming>, cfg: &ListenConfig) -> Result<(), Refusal> {
+    let path = req.uri().path();
+    if path == "/healthz" || path == "/readyz" {
+        return Ok(());
+    }
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(Refusal::TwoHosts);
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+    if let Some(authority) = &authority {
+        let host = host_of(authority);
+        if !host_allowed(&host, cfg) {
+            return Err(Refusal::Host(host));
+        }
+    }
+    let method = req.method();
+    let write = !(method == axum::http::Method::GET
+        || method == axum::http::Method::HEAD
+        || method == axum::http::Method::OPTIONS);
+    if !write {
+        return Ok(());
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("null");
+        let origin_authority = origin
+            .split_once("://")
+            .map(|(_, rest)| rest.trim_end_matches('/'))
+            .unwrap_or("");
+        let same_site = authority.as_deref().is_some_and(|a| {
+            !origin_authority.is_empty() && a.eq_ignore_ascii_case(origin_authority)
+        });
+        let allowed = !origin_authority.is_empty()
+            && cfg
+                .allowed_hosts
+                .iter()
+                .any(|h| h == "*" || h.eq_ignore_ascii_case(&host_of(origin_authority)));
+        if !(same_site || allowed) {
+            return Err(Refusal::Origin(origin.to_string()));
+        }
+    }
+    if path.starts_with("/v1/") || path.starts_with("/gateway/") {
+        let json = match req.headers().get(header::CONTENT_TYPE) {
+            None => req.body().is_end_stream(),
+            Some(v) => {
+                let t = v.to_str().unwrap_or("");
+                let essence = t
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                essence == "application/json" || essence.ends_with("+json")
+            }
+        };
+        if !json {
+            return Err(Refusal::MediaType);
+        }
+    }
+    Ok(())
 }
 
 async fn read_body(mut body: Incoming, cfg: &ListenConfig) -> Result<Bytes, Refusal> {
@@ -482,5 +621,19 @@ mod tests {
                 .to_string()
                 .contains("idle_timeout_ms")
         );
+    }
+
+    #[test]
+    fn hosts_are_loopback_names_ip_addresses_or_configured() {
+        assert_eq!(host_of("Example.COM:8080"), "example.com");
+        assert_eq!(host_of("[::1]:7070"), "::1");
+        assert_eq!(host_of("127.0.0.1"), "127.0.0.1");
+        let mut cfg = ListenConfig::default();
+        for ok in ["localhost", "app.localhost", "127.0.0.1", "::1", "10.1.2.3"] {
+            assert!(host_allowed(ok, &cfg), "{ok}");
+        }
+        assert!(!host_allowed("attacker.example", &cfg));
+        cfg.allowed_hosts = vec!["Meshwork.Internal".into()];
+        assert!(host_allowed("meshwork.internal", &cfg));
     }
 }

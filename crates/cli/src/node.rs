@@ -154,6 +154,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     let state = http::AppState {
         store: store.clone(),
         serving: serving.clone(),
+        coord: coord.clone(),
         prometheus: crate::metrics_handle(),
     };
     let gateway = match (&coord, cfg.roles.gateway, cfg.gateway_addr) {

@@ -40,6 +40,8 @@ struct Members {
     nodes: BTreeMap<String, (NodeInfo, i64)>,
     tx: Option<watch::Sender<u64>>,
     generation: u64,
+    /// The store revision the view is at.
+    revision: i64,
 }
 
 impl Members {
@@ -53,7 +55,8 @@ impl Members {
 }
 
 impl MirrorHandler for Members {
-    fn reset(&mut self, kvs: Vec<KeyValue>, _revision: i64) {
+    fn reset(&mut self, kvs: Vec<KeyValue>, revision: i64) {
+        self.revision = revision;
         self.nodes.clear();
         for kv in kvs {
             if let Ok(n) = serde_json::from_slice::<NodeInfo>(&kv.value) {
@@ -63,7 +66,8 @@ impl MirrorHandler for Members {
         self.changed();
     }
 
-    fn apply(&mut self, events: Vec<Event>, _revision: i64) {
+    fn apply(&mut self, events: Vec<Event>, revision: i64) {
+        self.revision = self.revision.max(revision);
         for e in events {
             let del = is_delete(&e);
             let Some(kv) = e.kv else { continue };
@@ -88,6 +92,7 @@ pub struct Membership {
     _mirror: Mirror,
     changes: watch::Receiver<u64>,
     session: Arc<watch::Sender<Session>>,
+    heal: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -115,16 +120,43 @@ impl Membership {
         let mirror = mirror(backend, NODES_PREFIX, members.clone());
         let (lease, keeper) = join_once(backend, &info, ttl).await?;
         let session = Arc::new(watch::channel(lease).0);
+        let heal = Arc::new(tokio::sync::Notify::new());
         let task = {
             let backend = backend.clone();
             let info = info.clone();
             let session = session.clone();
+            let members = members.clone();
+            let changes = changes.clone();
+            let heal = heal.clone();
             tokio::spawn(async move {
                 let mut keeper = keeper;
                 loop {
-                    keeper.lost().await;
-                    tracing::warn!(node = %info.name, "membership session lost; rejoining");
+                    let create_revision = session.borrow().create_revision;
+                    let healing = tokio::select! {
+                        _ = keeper.lost() => {
+                            tracing::warn!(node = %info.name, "membership session lost; rejoining");
+                            false
+                        }
+                        _ = own_key_deleted(&members, changes.clone(), &info.name, create_revision) => {
+                            tracing::warn!(node = %info.name, "membership key deleted by someone else; rejoining on a new session");
+                            true
+                        }
+                        _ = heal.notified() => {
+                            tracing::warn!(node = %info.name, "a key of this node's session was deleted; rejoining on a new session");
+                            true
+                        }
+                    };
                     session.send_replace(Session::default());
+                    if healing {
+                        // Whatever is left on the old session goes with it, so
+                        // every session-bound key is made again, consistently.
+                        metrics::counter!("meshwork_coord_session_heals_total").increment(1);
+                        let old = keeper.id;
+                        drop(keeper);
+                        if let Err(e) = backend.revoke(old).await {
+                            tracing::warn!(error = %e, lease = old, "revoking the damaged session failed; it expires by itself");
+                        }
+                    }
                     loop {
                         match join_once(&backend, &info, ttl).await {
                             Ok((s, k)) => {
@@ -148,6 +180,7 @@ impl Membership {
             _mirror: mirror,
             changes,
             session,
+            heal,
             task,
         };
         m.wait_until_listed().await;
@@ -174,6 +207,26 @@ impl Membership {
     /// The current session.
     pub fn session(&self) -> Session {
         *self.session.borrow()
+    }
+
+    /// Starts a new session: revokes the current one (and so every key on
+    /// it) and joins again. For a component that found one of its session's
+    /// keys deleted by someone else.
+    pub fn rejoin(&self) {
+        self.heal.notify_one();
+    }
+
+    /// Whether this node is a listed member on a live session, as far as
+    /// its watched view shows.
+    pub fn is_listed(&self) -> bool {
+        let s = self.session();
+        s.lease != 0
+            && self
+                .members
+                .lock()
+                .nodes
+                .get(&self.info.name)
+                .is_some_and(|(_, rev)| *rev == s.create_revision)
     }
 
     /// Moves whenever the session is lost (lease 0) or re-established.
@@ -239,6 +292,34 @@ impl Membership {
 impl Drop for Membership {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Resolves once the watched view, at or past `create_revision`, no longer
+/// holds our member key as we created it (someone deleted it, or replaced it).
+async fn own_key_deleted(
+    members: &Mutex<Members>,
+    mut changes: watch::Receiver<u64>,
+    name: &str,
+    create_revision: i64,
+) {
+    if create_revision <= 0 {
+        return std::future::pending().await;
+    }
+    loop {
+        {
+            let m = members.lock();
+            let ours = m
+                .nodes
+                .get(name)
+                .is_some_and(|(_, rev)| *rev == create_revision);
+            if m.revision >= create_revision && !ours {
+                return;
+            }
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 

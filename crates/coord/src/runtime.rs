@@ -138,6 +138,18 @@ impl Coord {
         })
     }
 
+    /// Whether this node can serve coordination now: a listed member on a
+    /// live session, holding a live id worker. The reason when not.
+    pub fn readiness(&self) -> std::result::Result<(), String> {
+        if !self.membership.is_listed() {
+            return Err("this node's cluster membership is being re-established".into());
+        }
+        if !self.ids.read().as_ref().is_some_and(|g| g.is_live()) {
+            return Err("this node holds no id worker right now (claiming one)".into());
+        }
+        Ok(())
+    }
+
     /// The ID generator, while this node holds a worker id.
     pub fn ids(&self) -> Result<Arc<IdGenerator>> {
         self.ids.read().clone().ok_or_else(|| {
@@ -170,8 +182,10 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Re-claims a worker id whenever the membership session changes: the claim lives on
-/// the session lease, so a lost session means a lost worker id.
+/// Re-claims a worker id whenever the membership session changes (the claim
+/// lives on the session lease, so a lost session means a lost worker id), and
+/// when the claim key was deleted under a live session (the generator finds
+/// it gone at its next renewal).
 async fn follow_session(
     backend: Backend,
     membership: Arc<Membership>,
@@ -182,36 +196,64 @@ async fn follow_session(
 ) {
     let mut rx = membership.session_changes();
     let mut current = membership.session().lease;
+    let mut check = tokio::time::interval(Duration::from_millis(250));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if rx.changed().await.is_err() {
-            return;
-        }
-        let s = *rx.borrow_and_update();
-        if s.lease == current {
-            continue;
-        }
-        if let Some(old) = ids.write().take() {
-            old.invalidate();
-        }
-        current = s.lease;
-        if s.lease == 0 {
-            continue;
-        }
-        if let Some(path) = &session_file {
-            remember_session(path, s.lease);
-        }
-        loop {
-            match IdGenerator::start(&backend, layout.clone(), s.lease, &node).await {
-                Ok(g) => {
-                    *ids.write() = Some(Arc::new(g));
-                    break;
+        tokio::select! {
+            r = rx.changed() => {
+                if r.is_err() {
+                    return;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "claiming an id worker failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    if membership.session().lease != s.lease {
-                        break;
-                    }
+                let s = *rx.borrow_and_update();
+                if s.lease == current {
+                    continue;
+                }
+                if let Some(old) = ids.write().take() {
+                    old.invalidate();
+                }
+                current = s.lease;
+                if s.lease == 0 {
+                    continue;
+                }
+                if let Some(path) = &session_file {
+                    remember_session(path, s.lease);
+                }
+            }
+            _ = check.tick() => {
+                let lost = ids.read().as_ref().is_some_and(|g| !g.is_live());
+                if !lost || current == 0 || membership.session().lease != current {
+                    continue;
+                }
+                tracing::warn!(node, "this node's id worker claim was deleted; claiming a worker again");
+                metrics::counter!("meshwork_coord_session_heals_total").increment(1);
+                ids.write().take();
+            }
+        }
+        claim_ids(&backend, &membership, &ids, &layout, &node, current).await;
+    }
+}
+
+/// Claims a worker id on `lease` and installs its generator; gives up when
+/// the session moves on.
+async fn claim_ids(
+    backend: &Backend,
+    membership: &Membership,
+    ids: &parking_lot::RwLock<Option<Arc<IdGenerator>>>,
+    layout: &IdLayout,
+    node: &str,
+    lease: i64,
+) {
+    loop {
+        match IdGenerator::start(backend, layout.clone(), lease, node).await {
+            Ok(g) => {
+                *ids.write() = Some(Arc::new(g));
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming an id worker failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if membership.session().lease != lease {
+                    return;
                 }
             }
         }

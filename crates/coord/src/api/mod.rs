@@ -133,6 +133,12 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
             "the request needs a JSON body",
         ));
     }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "the request body must be a JSON object ({...})",
+        ));
+    }
     serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(
             "invalid_body",

@@ -562,6 +562,8 @@ impl ConfigCenter {
         op: &str,
         restored_from: Option<u64>,
     ) -> Result<Published> {
+        free_text("author", author, 256, false)?;
+        free_text("description", description, 4096, true)?;
         let item_key = key.item_key();
         for _ in 0..32 {
             let (cur, _) = self.backend.get(item_key.clone()).await?;
@@ -775,6 +777,7 @@ impl ConfigCenter {
                 "a gray release targets at most 1000 addresses and 64 labels",
             ));
         }
+        free_text("author", &req.author, 256, false)?;
         let beta = BetaEntry {
             key: key.clone(),
             checksum: checksum(&req.content),
@@ -949,4 +952,26 @@ pub struct VersionDiff {
     pub unified: String,
     /// Side-by-side rows.
     pub rows: Vec<diff::DiffRow>,
+}
+
+/// Checks free text for size and control characters (none in a one-line
+/// field; tabs and newlines only in a multi-line one), so what a writer
+/// sent cannot carry terminal escapes into `meshwork config history`.
+fn free_text(what: &str, text: &str, max: usize, multiline: bool) -> Result<()> {
+    if text.len() > max {
+        return Err(CoordError::invalid(format!(
+            "{what} is {} bytes; the limit is {max}",
+            text.len()
+        )));
+    }
+    if let Some(c) = text
+        .chars()
+        .find(|&c| c.is_control() && !(multiline && (c == '\n' || c == '\t')))
+    {
+        return Err(CoordError::invalid(format!(
+            "{what} holds the control character U+{:04X}; send plain text",
+            c as u32
+        )));
+    }
+    Ok(())
 }
