@@ -182,6 +182,7 @@ pub(crate) struct StoreFile {
     pub(crate) max_lease_ttl_secs: Option<i64>,
     pub(crate) fsync: Option<bool>,
     pub(crate) watch_progress_interval_secs: Option<u64>,
+    pub(crate) lease_checkpoint_interval_secs: Option<u64>,
 }
 
 /// The whole config file.
@@ -284,6 +285,9 @@ impl StoreFile {
         );
         if let Some(secs) = self.watch_progress_interval_secs {
             c.watch_progress_interval = Duration::from_secs(secs);
+        }
+        if let Some(secs) = self.lease_checkpoint_interval_secs {
+            c.lease_checkpoint_interval = Duration::from_secs(secs);
         }
         if let Some(r) = &self.auto_compaction_retention {
             apply_retention(c, parse_retention(r)?);

@@ -94,6 +94,9 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         let etcd_addr = etcd_listener.local_addr()?;
         let store = Store::open(&cfg.data_dir, cfg.store.clone())
             .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
+        // Leases that ran out while the node was down go, with their keys,
+        // before any client can read them.
+        store.settled().await;
         let info = ServerInfo::single(&cfg.name, format!("http://{etcd_addr}"));
         let store2 = store.clone();
         let rx = stop_rx.clone();

@@ -191,3 +191,100 @@ async fn verify(ep: &str, acked: &[(String, i64)]) {
         );
     }
 }
+
+/// Remaining seconds of `id` (`-1` once it is gone), and the keys `a`, `b`
+/// present.
+async fn lease_left(c: &mut Client, id: i64) -> i64 {
+    c.lease
+        .lease_time_to_live(pb::LeaseTimeToLiveRequest { id, keys: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .ttl
+}
+
+async fn present(c: &mut Client, key: &str) -> bool {
+    c.kv.range(pb::RangeRequest {
+        key: key.as_bytes().to_vec().into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .count
+        == 1
+}
+
+/// A lease keeps its remaining time across a SIGKILL (etcd 3.4 would give it
+/// a full TTL again), and one whose time ran out while the node was down is
+/// revoked, with its key, before the first client read.
+#[test]
+fn leases_keep_their_remaining_time_across_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("meshwork.toml");
+    std::fs::write(&config, "[store]\nlease_checkpoint_interval_secs = 1\n").unwrap();
+    let data = dir.path().join("data");
+    let args = ["--config", config.to_str().unwrap()];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut server = common::start(&data, &args, &[]);
+    let started = std::time::Instant::now();
+    let (long, short) = rt.block_on(async {
+        let mut c = Client::connect(std::slice::from_ref(&server.etcd))
+            .await
+            .unwrap();
+        let grant = |ttl| {
+            let mut c = c.clone();
+            async move {
+                c.lease
+                    .lease_grant(pb::LeaseGrantRequest { ttl, id: 0 })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .id
+            }
+        };
+        let long = grant(60).await;
+        let short = grant(3).await;
+        for (key, lease) in [("a", long), ("b", short)] {
+            c.kv.put(pb::PutRequest {
+                key: key.as_bytes().to_vec().into(),
+                value: b"v".to_vec().into(),
+                lease,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        (long, short)
+    });
+    // Two checkpoints pass, then the node dies; it stays down past the short
+    // lease's deadline (3 s) and the checkpoint margin (1 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    server.kill9();
+    std::thread::sleep(Duration::from_millis(3000));
+    let server = common::start(&data, &args, &[]);
+    let down_for = started.elapsed().as_secs() as i64;
+    rt.block_on(async {
+        let mut c = Client::connect(std::slice::from_ref(&server.etcd))
+            .await
+            .unwrap();
+        assert!(
+            !present(&mut c, "b").await,
+            "the expired lease's key is gone at the first read"
+        );
+        assert_eq!(
+            lease_left(&mut c, short).await,
+            -1,
+            "the expired lease is revoked"
+        );
+        assert!(present(&mut c, "a").await);
+        let left = lease_left(&mut c, long).await;
+        assert!(
+            left <= 60 - down_for + 2 && left >= 60 - down_for - 5,
+            "the long lease resumed with its remaining time: {left} s after {down_for} s"
+        );
+    });
+}

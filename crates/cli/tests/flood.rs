@@ -220,7 +220,7 @@ fn silent_and_stalled_clients_are_cut_off_at_their_deadlines() {
     let limit = Duration::from_secs(10);
 
     let mut head = TcpStream::connect(&server.http).unwrap();
-    head.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    head.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
         .unwrap();
     assert!(
         closed_within(&mut head, limit).is_some(),
@@ -228,21 +228,21 @@ fn silent_and_stalled_clients_are_cut_off_at_their_deadlines() {
     );
 
     let mut body = TcpStream::connect(&server.http).unwrap();
-    body.write_all(b"POST /v1/lock/a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"ttl")
+    body.write_all(b"POST /v1/lock/a HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"ttl")
         .unwrap();
     let answer = closed_within(&mut body, limit).expect("a stalled body is closed");
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
 
     let mut big = TcpStream::connect(&server.http).unwrap();
-    big.write_all(b"POST /v1/lock/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+    big.write_all(b"POST /v1/lock/a HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n")
         .unwrap();
     let answer = closed_within(&mut big, limit).expect("an oversized body is refused");
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("max_body_bytes"), "{answer}");
 
     let mut idle = TcpStream::connect(&server.http).unwrap();
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
     let answer = closed_within(&mut idle, limit).expect("an idle keep-alive connection is closed");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");

@@ -36,6 +36,10 @@ pub struct StoreConfig {
     pub max_lease_ttl_secs: i64,
     /// How often expired leases are looked for (default 500 ms).
     pub lease_check_interval: Duration,
+    /// How often changed lease deadlines are written down (default 5 s), so a
+    /// restart resumes each lease with at most this much extra time; zero
+    /// turns it off (a restart then renews every lease to a full TTL, as etcd).
+    pub lease_checkpoint_interval: Duration,
     /// Fsync every commit (default true). Turning it off loses acknowledged writes on a crash.
     pub fsync: bool,
     /// How often watchers that asked for `progress_notify` get a progress notification
@@ -64,6 +68,7 @@ impl Default for StoreConfig {
             min_lease_ttl_secs: 2,
             max_lease_ttl_secs: 9_000_000_000,
             lease_check_interval: Duration::from_millis(500),
+            lease_checkpoint_interval: Duration::from_secs(5),
             fsync: true,
             watch_progress_interval: Duration::from_secs(600),
             checkpoint_interval: Duration::from_millis(100),

@@ -1,8 +1,12 @@
 //! The lessor: leases granted, their deadlines and the keys attached to them.
 //!
-//! Grants and revokes are durable (written by the committer); deadlines are kept in
-//! memory only and renewed to a full TTL on restart, as etcd does on leader change.
-//! Deadlines use `tokio::time::Instant`, so expiry is testable with a paused clock.
+//! Grants and revokes are durable (written by the committer). Deadlines live in
+//! memory and are checkpointed as wall-clock times every
+//! `lease_checkpoint_interval` (only when one changed) to the `lease-deadlines`
+//! file, so a restart resumes each lease with its remaining time plus at most
+//! one interval — not a full new TTL as etcd does — and revokes at once a lease
+//! that expired while the node was down. Deadlines use `tokio::time::Instant`,
+//! so expiry is testable with a paused clock.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -36,6 +40,8 @@ pub(crate) struct Lessor {
     /// Leases whose expiry was handed to the committer and not yet applied.
     expiring: HashSet<i64>,
     next_id: i64,
+    /// A deadline changed since the last checkpoint.
+    dirty: bool,
 }
 
 impl Lessor {
@@ -44,6 +50,7 @@ impl Lessor {
             leases: HashMap::new(),
             expiring: HashSet::new(),
             next_id: seed.max(1),
+            dirty: true,
         }
     }
 
@@ -73,11 +80,13 @@ impl Lessor {
             keys: BTreeSet::new(),
         };
         self.leases.insert(id, lease);
+        self.dirty = true;
     }
 
     /// Removes the lease; returns its keys.
     pub(crate) fn revoke(&mut self, id: i64) -> Option<BTreeSet<Vec<u8>>> {
         self.expiring.remove(&id);
+        self.dirty = true;
         self.leases.remove(&id).map(|l| l.keys)
     }
 
@@ -88,6 +97,7 @@ impl Lessor {
             return None;
         }
         lease.deadline = now + secs(lease.ttl_secs);
+        self.dirty = true;
         Some(lease.ttl_secs)
     }
 
@@ -153,9 +163,93 @@ impl Lessor {
         }
     }
 
+    /// Every deadline, if one changed since the last call (then clears the
+    /// mark).
+    pub(crate) fn take_deadlines(&mut self) -> Option<Vec<(i64, Instant)>> {
+        if !std::mem::take(&mut self.dirty) {
+            return None;
+        }
+        Some(self.deadlines())
+    }
+
+    /// Every lease's deadline.
+    pub(crate) fn deadlines(&self) -> Vec<(i64, Instant)> {
+        self.leases
+            .iter()
+            .map(|(id, l)| (*id, l.deadline))
+            .collect()
+    }
+
+    /// Asks for the next checkpoint to write (the last one failed).
+    pub(crate) fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Brings a lease's deadline forward to `deadline` (never later than a
+    /// full TTL from `now`); after a restart, from the checkpointed time.
+    pub(crate) fn resume(&mut self, id: i64, deadline: Instant, now: Instant) {
+        if let Some(l) = self.leases.get_mut(&id) {
+            l.deadline = deadline.min(now + secs(l.ttl_secs));
+            self.dirty = true;
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.leases.len()
     }
+}
+
+/// File of checkpointed lease deadlines in the data directory.
+pub(crate) const DEADLINES_FILE: &str = "lease-deadlines";
+const DEADLINES_MAGIC: &[u8; 8] = b"MWLEASE1";
+
+/// Writes `(lease id, deadline as Unix ms)` pairs to `dir`, atomically and
+/// durably (temporary file, fsync, rename, directory fsync), with a CRC-32.
+pub(crate) fn save_deadlines(
+    dir: &std::path::Path,
+    deadlines: &[(i64, u64)],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut buf = Vec::with_capacity(16 + deadlines.len() * 16);
+    buf.extend_from_slice(DEADLINES_MAGIC);
+    buf.extend_from_slice(&(deadlines.len() as u64).to_le_bytes());
+    for (id, at) in deadlines {
+        buf.extend_from_slice(&id.to_le_bytes());
+        buf.extend_from_slice(&at.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    let tmp = dir.join(format!("{DEADLINES_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&buf)?;
+    f.sync_data()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(DEADLINES_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The checkpointed deadlines, or `None` when there are none or the file is
+/// damaged (then leases get a full TTL, as etcd gives them).
+pub(crate) fn load_deadlines(dir: &std::path::Path) -> Option<HashMap<i64, u64>> {
+    let data = std::fs::read(dir.join(DEADLINES_FILE)).ok()?;
+    let (body, crc) = data.split_at_checked(data.len().checked_sub(4)?)?;
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return None;
+    }
+    let rest = body.strip_prefix(DEADLINES_MAGIC.as_slice())?;
+    let (count, mut rest) = rest.split_at_checked(8)?;
+    let count = u64::from_le_bytes(count.try_into().ok()?);
+    if rest.len() as u64 != count.checked_mul(16)? {
+        return None;
+    }
+    let mut out = HashMap::new();
+    while let Some((entry, more)) = rest.split_at_checked(16) {
+        let id = i64::from_le_bytes(entry[..8].try_into().ok()?);
+        let at = u64::from_le_bytes(entry[8..].try_into().ok()?);
+        out.insert(id, at);
+        rest = more;
+    }
+    Some(out)
 }
 
 fn secs(s: i64) -> Duration {
@@ -178,6 +272,22 @@ mod tests {
         // Handed out once only, and no longer renewable.
         assert!(l.take_expired(now + Duration::from_secs(20)).is_empty());
         assert_eq!(l.keep_alive(7, now + Duration::from_secs(20)), None);
+    }
+
+    #[test]
+    fn deadlines_round_trip_and_damage_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load_deadlines(dir.path()), None);
+        save_deadlines(dir.path(), &[(7, 1_000), (-3, 2_000)]).unwrap();
+        let got = load_deadlines(dir.path()).unwrap();
+        assert_eq!((got[&7], got[&-3], got.len()), (1_000, 2_000, 2));
+        let path = dir.path().join(DEADLINES_FILE);
+        let mut data = std::fs::read(&path).unwrap();
+        data[20] ^= 1;
+        std::fs::write(&path, &data).unwrap();
+        assert_eq!(load_deadlines(dir.path()), None, "a flipped bit is caught");
+        std::fs::write(&path, &data[..10]).unwrap();
+        assert_eq!(load_deadlines(dir.path()), None, "a short file is caught");
     }
 
     #[test]

@@ -76,6 +76,9 @@ struct Shared {
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     runtime: tokio::runtime::Handle,
+    /// Revokes of leases that expired while the store was closed, queued at
+    /// open ahead of every other write.
+    settling: Mutex<Vec<(i64, oneshot::Receiver<Result<WriteResp>>)>>,
 }
 
 /// Handle to an open store; cheap to clone.
@@ -149,6 +152,7 @@ impl Store {
             lessor.attach(lease, &key);
         }
         lessor.renew_all(now);
+        let expired_while_closed = resume_leases(&mut lessor, &dir, &cfg, now);
         tracing::info!(
             revision = rev,
             compact_revision = compact,
@@ -177,6 +181,7 @@ impl Store {
             tx: Mutex::new(Some(tx)),
             committer: Mutex::new(None),
             runtime,
+            settling: Mutex::new(Vec::new()),
         });
         // The committer holds the store weakly: dropping every handle drops the sender, which
         // ends the committer and closes the database (as `close` does, minus the wait).
@@ -187,6 +192,18 @@ impl Store {
             .spawn(move || committer(committer_shared, committer_runtime, rx, wal))
             .map_err(|e| StoreError::Storage(format!("starting the committer thread: {e}")))?;
         *shared.committer.lock() = Some(handle);
+        if let Some(tx) = shared.tx.lock().as_ref() {
+            let mut settling = shared.settling.lock();
+            for id in expired_while_closed {
+                let (reply, rx) = oneshot::channel();
+                if tx
+                    .try_send(Cmd::Write(WriteReq::LeaseRevoke { id }, reply))
+                    .is_ok()
+                {
+                    settling.push((id, rx));
+                }
+            }
+        }
         let store = Store { shared };
         store.refresh_alarms();
         store.check_quota();
@@ -208,6 +225,30 @@ impl Store {
             || self.shared.cfg.auto_compaction_retention.is_some()
         {
             self.shared.runtime.spawn(auto_compact_loop(weak));
+        }
+    }
+
+    /// Waits until the leases that expired while the store was closed are
+    /// revoked, with their keys (queued at open ahead of every other write).
+    /// Call it before serving clients, so none reads such a key.
+    pub async fn settled(&self) {
+        let pending = std::mem::take(&mut *self.shared.settling.lock());
+        for (id, rx) in pending {
+            match rx.await {
+                Ok(Ok(_)) => {
+                    metrics::counter!("meshwork_store_leases_expired_total").increment(1);
+                    tracing::info!(
+                        lease = id,
+                        "lease expired while the store was closed; revoked"
+                    );
+                }
+                Ok(Err(StoreError::LeaseNotFound)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(lease = id, error = %e, "revoking a lease that expired while closed failed; the lease loop retries");
+                    self.shared.lessor.lock().unmark_expiring(id);
+                }
+                Err(_) => {}
+            }
         }
     }
 
@@ -654,6 +695,12 @@ impl Store {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
         self.shared.db.write().take();
+        if !self.shared.cfg.lease_checkpoint_interval.is_zero() {
+            let deadlines = self.shared.lessor.lock().deadlines();
+            if let Err(e) = save_lease_deadlines(&self.shared.dir, &deadlines) {
+                tracing::warn!(error = %e, "writing lease deadlines on close failed");
+            }
+        }
         tracing::info!("store closed");
     }
 
@@ -1322,14 +1369,80 @@ fn commit_batch(shared: &Arc<Shared>, batch: Vec<Cmd>, state: &mut Committer) {
     }
 }
 
+/// Lease deadlines as Unix milliseconds.
+fn wall_deadlines(deadlines: &[(i64, Instant)]) -> Vec<(i64, u64)> {
+    let now = Instant::now();
+    let wall = unix_ms();
+    deadlines
+        .iter()
+        .map(|(id, d)| {
+            let left = d.saturating_duration_since(now).as_millis();
+            (
+                *id,
+                wall.saturating_add(u64::try_from(left).unwrap_or(u64::MAX)),
+            )
+        })
+        .collect()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn save_lease_deadlines(dir: &Path, deadlines: &[(i64, Instant)]) -> std::io::Result<()> {
+    crate::lease::save_deadlines(dir, &wall_deadlines(deadlines))
+}
+
+/// Resumes leases from the checkpointed deadlines (plus one checkpoint
+/// interval: a renewal after the last checkpoint is not lost); returns those
+/// whose time ran out while the store was closed, now marked expiring.
+fn resume_leases(lessor: &mut Lessor, dir: &Path, cfg: &StoreConfig, now: Instant) -> Vec<i64> {
+    if cfg.lease_checkpoint_interval.is_zero() {
+        let _ = std::fs::remove_file(dir.join(crate::lease::DEADLINES_FILE));
+        return Vec::new();
+    }
+    let Some(saved) = crate::lease::load_deadlines(dir) else {
+        return Vec::new();
+    };
+    let wall = unix_ms();
+    let margin = u64::try_from(cfg.lease_checkpoint_interval.as_millis()).unwrap_or(u64::MAX);
+    for id in lessor.ids() {
+        let Some(at) = saved.get(&id) else { continue };
+        let until = at.saturating_add(margin);
+        let left = Duration::from_millis(until.saturating_sub(wall));
+        lessor.resume(id, now + left, now);
+    }
+    lessor.take_expired(now)
+}
+
 async fn lease_loop(weak: Weak<Shared>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_checkpoint = Instant::now();
     loop {
         tick.tick().await;
         let Some(shared) = weak.upgrade() else { return };
         if shared.stopped.load(Ordering::Acquire) {
             return;
+        }
+        let every = shared.cfg.lease_checkpoint_interval;
+        if !every.is_zero() && last_checkpoint.elapsed() >= every {
+            last_checkpoint = Instant::now();
+            let changed = shared.lessor.lock().take_deadlines();
+            if let Some(deadlines) = changed {
+                let dir = shared.dir.clone();
+                let wall = wall_deadlines(&deadlines);
+                let written =
+                    tokio::task::spawn_blocking(move || crate::lease::save_deadlines(&dir, &wall))
+                        .await;
+                if let Ok(Err(e)) = written {
+                    tracing::warn!(error = %e, "writing lease deadlines failed; retried at the next interval");
+                    shared.lessor.lock().mark_dirty();
+                }
+            }
         }
         let expired = shared.lessor.lock().take_expired(Instant::now());
         let store = Store { shared };
