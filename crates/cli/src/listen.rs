@@ -567,6 +567,7 @@ impl ListenConfig {
 /// for etcd) and returns the limit now in force.
 #[cfg(unix)]
 #[allow(unsafe_code)]
+#[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every unix
 pub(crate) fn raise_nofile_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -587,9 +588,8 @@ pub(crate) fn raise_nofile_limit() -> Option<u64> {
             lim.rlim_cur = lim.rlim_max;
         }
     }
-    #[allow(clippy::useless_conversion)] // rlim_t is u64 on the targets we build for
-    let now = u64::from(lim.rlim_cur);
-    tracing::debug!(before = u64::from(before), now, "open-files limit");
+    let (soft_before, now, hard) = (before as u64, lim.rlim_cur as u64, lim.rlim_max as u64);
+    tracing::info!(soft_before, soft = now, hard, "open-files limit");
     Some(now)
 }
 

@@ -464,7 +464,9 @@ fn alarms_are_raised_refused_kept_and_disarmed_as_etcd_does() {
     let mut seen = Vec::new();
     for ep in [&etcd.ep, &node.etcd] {
         let got = rt.block_on(async {
-            let mut c = meshwork_etcd::Client::connect(&[ep.clone()]).await.unwrap();
+            let mut c = meshwork_etcd::Client::connect(std::slice::from_ref(ep))
+                .await
+                .unwrap();
             let raised = alarm(&mut c, act, 42, nospace).await;
             let again = alarm(&mut c, act, 42, nospace).await;
             let put = put_status(&mut c, "k").await;
@@ -501,7 +503,7 @@ fn alarms_are_raised_refused_kept_and_disarmed_as_etcd_does() {
     node.terminate();
     let node = common::start(&data, &[], &[]);
     rt.block_on(async {
-        let mut c = meshwork_etcd::Client::connect(&[node.etcd.clone()])
+        let mut c = meshwork_etcd::Client::connect(std::slice::from_ref(&node.etcd))
             .await
             .unwrap();
         assert_eq!(
@@ -513,4 +515,67 @@ fn alarms_are_raised_refused_kept_and_disarmed_as_etcd_does() {
     ctl.run(Some(&node.etcd), &["alarm", "disarm"]);
     assert_eq!(ctl.run(Some(&node.etcd), &["alarm", "list"]), "");
     ctl.run(Some(&node.etcd), &["put", "k", "back"]);
+}
+
+/// Readiness on an external store tells the truth: with the etcd cluster
+/// frozen (SIGSTOP: no answers at all), `/readyz` turns 503 and says why
+/// while reads from the node's watched copies keep answering; thawed, it is
+/// ready again.
+#[test]
+fn readiness_follows_an_external_store_that_stops_answering() {
+    let Some((ctl, etcd_bin)) = peers() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(
+        &etcd_bin,
+        &ctl,
+        &dir.path().join("etcd"),
+        "ext",
+        free_port(),
+    );
+    let store = format!("etcd://{}", etcd.ep);
+    let node = common::start(
+        &dir.path().join("node"),
+        &["--roles", "coord", "--store", &store, "--node-ttl", "3"],
+        &[],
+    );
+    let h = node.http.as_str();
+    let (code, body) =
+        common::http_request(h, "PUT", "/v1/config/public/app/a", r#"{"content":"x"}"#).unwrap();
+    assert_eq!(code, 201, "{body}");
+    let readyz = || common::http_get(h, "/readyz").unwrap();
+    assert_eq!(readyz().0, 200);
+    let signal = |sig| {
+        #[allow(unsafe_code)]
+        // SAFETY: a signal to the etcd child this test started.
+        unsafe {
+            libc::kill(etcd.child.id() as i32, sig);
+        }
+    };
+    signal(libc::SIGSTOP);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let why = loop {
+        let (code, body) = readyz();
+        if code == 503 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed 200 with the store frozen"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(why.contains("no quorum, or unreachable"), "{why}");
+    assert_eq!(
+        common::http_get(h, "/v1/config/public/app/a").unwrap().0,
+        200,
+        "reads from the watched copy still answer"
+    );
+    signal(libc::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while readyz().0 != 200 {
+        assert!(Instant::now() < deadline, "/readyz did not come back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -508,6 +508,7 @@ impl Backend {
     pub fn keep_alive(&self, id: i64, ttl: i64) -> LeaseKeeper {
         let (lost_tx, lost_rx) = watch::channel(false);
         let (reach_tx, reach_rx) = watch::channel(true);
+        let (renewed_tx, renewed_rx) = watch::channel(tokio::time::Instant::now());
         let backend = self.clone();
         let period = Duration::from_millis((ttl.max(1) as u64 * 1000) / 3);
         let task = tokio::spawn(async move {
@@ -521,6 +522,7 @@ impl Backend {
                 match tokio::time::timeout(left, backend.keep_alive_once(id)).await {
                     Ok(Ok(Some(_))) => {
                         last_ok = tokio::time::Instant::now();
+                        renewed_tx.send_replace(last_ok);
                         reach_tx.send_if_modified(|r| !std::mem::replace(r, true));
                     }
                     Ok(Ok(None)) => {
@@ -549,6 +551,7 @@ impl Backend {
             ttl,
             lost: lost_rx,
             reachable: reach_rx,
+            renewed: renewed_rx,
             task,
         }
     }
@@ -748,6 +751,7 @@ pub struct LeaseKeeper {
     pub ttl: i64,
     lost: watch::Receiver<bool>,
     reachable: watch::Receiver<bool>,
+    renewed: watch::Receiver<tokio::time::Instant>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -756,6 +760,11 @@ impl LeaseKeeper {
     /// true again after the next successful renewal.
     pub fn reachable_receiver(&self) -> watch::Receiver<bool> {
         self.reachable.clone()
+    }
+
+    /// When the store last confirmed a renewal (the grant, at first).
+    pub fn renewed_receiver(&self) -> watch::Receiver<tokio::time::Instant> {
+        self.renewed.clone()
     }
 
     /// True once the lease is known (or must be assumed) expired.

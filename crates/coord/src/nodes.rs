@@ -92,6 +92,9 @@ pub struct Membership {
     _mirror: Mirror,
     changes: watch::Receiver<u64>,
     session: Arc<watch::Sender<Session>>,
+    /// When the store last renewed the current session.
+    renewed: Arc<Mutex<watch::Receiver<tokio::time::Instant>>>,
+    ttl: i64,
     heal: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -121,7 +124,9 @@ impl Membership {
         let (lease, keeper) = join_once(backend, &info, ttl).await?;
         let session = Arc::new(watch::channel(lease).0);
         let heal = Arc::new(tokio::sync::Notify::new());
+        let renewed = Arc::new(Mutex::new(keeper.renewed_receiver()));
         let task = {
+            let renewed = renewed.clone();
             let backend = backend.clone();
             let info = info.clone();
             let session = session.clone();
@@ -160,6 +165,7 @@ impl Membership {
                     loop {
                         match join_once(&backend, &info, ttl).await {
                             Ok((s, k)) => {
+                                *renewed.lock() = k.renewed_receiver();
                                 session.send_replace(s);
                                 keeper = k;
                                 break;
@@ -180,6 +186,8 @@ impl Membership {
             _mirror: mirror,
             changes,
             session,
+            renewed,
+            ttl,
             heal,
             task,
         };
@@ -214,6 +222,15 @@ impl Membership {
     /// keys deleted by someone else.
     pub fn rejoin(&self) {
         self.heal.notify_one();
+    }
+
+    /// How long since the store last renewed this node's session, when a
+    /// renewal is overdue (one period plus half a period, at least a second:
+    /// no quorum, or unreachable); `None` while renewals succeed.
+    pub fn store_silent_for(&self) -> Option<Duration> {
+        let since = self.renewed.lock().borrow().elapsed();
+        let period = Duration::from_millis(u64::try_from(self.ttl.max(1)).unwrap_or(1) * 1000 / 3);
+        (since > period + (period / 2).max(Duration::from_secs(1))).then_some(since)
     }
 
     /// Whether this node is a listed member on a live session, as far as

@@ -141,6 +141,12 @@ impl Coord {
     /// Whether this node can serve coordination now: a listed member on a
     /// live session, holding a live id worker. The reason when not.
     pub fn readiness(&self) -> std::result::Result<(), String> {
+        if let Some(silent) = self.membership.store_silent_for() {
+            return Err(format!(
+                "the store has not renewed this node's session for {} s (no quorum, or unreachable)",
+                silent.as_secs()
+            ));
+        }
         if !self.membership.is_listed() {
             return Err("this node's cluster membership is being re-established".into());
         }

@@ -171,7 +171,7 @@ mod tests {
         };
         assert!(a.activate(nospace).unwrap());
         let b = Alarms::load(dir.path()).unwrap();
-        assert_eq!(b.list(), vec![nospace, corrupt]);
+        assert_eq!(b.list(), vec![corrupt, nospace], "by member id");
         assert!(b.any(Alarm::Corrupt));
         let mut b = b;
         assert!(b.deactivate(corrupt).unwrap());
