@@ -141,22 +141,12 @@ async fn accept(c: &Client) {
 
 /// A PUT with HTTP Basic credentials admin:s3cret-pass: (status, response).
 fn basic_put(addr: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Basic YWRtaW46czNjcmV0LXBhc3M=\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+    common::http_raw(
+        addr,
+        &format!("PUT {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic YWRtaW46czNjcmV0LXBhc3M=\r\nContent-Type: application/json"),
+        body,
     )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, out)
+    .unwrap()
 }
 
 fn start_node(dir: &std::path::Path, envs: &[(&str, &str)]) -> common::Server {

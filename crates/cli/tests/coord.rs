@@ -473,22 +473,7 @@ fn a_node_whose_keys_are_deleted_heals_itself() {
 
 /// One raw HTTP/1.1 request with the given head lines; the status and body.
 fn raw(addr: &str, head: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "{head}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let (status, out) = common::http_raw(addr, head, body).unwrap();
     (
         status,
         out.split_once("\r\n\r\n")
