@@ -518,9 +518,10 @@ fn alarms_are_raised_refused_kept_and_disarmed_as_etcd_does() {
 }
 
 /// Readiness on an external store tells the truth: with the etcd cluster
-/// frozen (SIGSTOP: no answers at all), `/readyz` turns 503 and says why
-/// while reads from the node's watched copies keep answering; thawed, it is
-/// ready again.
+/// frozen (SIGSTOP: no answers at all), `/readyz` turns 503 and says why,
+/// a write fails within the configured deadline saying what happened, and
+/// reads from the node's watched copies keep answering; thawed, it is ready
+/// again.
 #[test]
 fn readiness_follows_an_external_store_that_stops_answering() {
     let Some((ctl, etcd_bin)) = peers() else {
@@ -535,9 +536,20 @@ fn readiness_follows_an_external_store_that_stops_answering() {
         free_port(),
     );
     let store = format!("etcd://{}", etcd.ep);
+    let config = dir.path().join("meshwork.toml");
+    std::fs::write(&config, "[coord]\netcd_retry_for_ms = 3000\n").unwrap();
     let node = common::start(
         &dir.path().join("node"),
-        &["--roles", "coord", "--store", &store, "--node-ttl", "3"],
+        &[
+            "--roles",
+            "coord",
+            "--store",
+            &store,
+            "--node-ttl",
+            "3",
+            "--config",
+            config.to_str().unwrap(),
+        ],
         &[],
     );
     let h = node.http.as_str();
@@ -567,6 +579,16 @@ fn readiness_follows_an_external_store_that_stops_answering() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(why.contains("no quorum, or unreachable"), "{why}");
+    let asked = Instant::now();
+    let (code, body) =
+        common::http_request(h, "PUT", "/v1/config/public/app/b", r#"{"content":"y"}"#).unwrap();
+    let took = asked.elapsed();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("timed out"), "{body}");
+    assert!(
+        took < Duration::from_secs(6),
+        "the write failed within its 3 s deadline (plus slack): {took:?}"
+    );
     assert_eq!(
         common::http_get(h, "/v1/config/public/app/a").unwrap().0,
         200,

@@ -188,6 +188,30 @@ fn retryable(s: &tonic::Status) -> bool {
     }
 }
 
+/// What a retryable failure means, in the words an operator acts on: the
+/// cluster has no leader (no quorum), the endpoint cannot be reached, or it
+/// sheds load; etcd's own message follows.
+fn describe_failure(s: &tonic::Status) -> String {
+    let m = s.message();
+    let what = if m.contains("no leader")
+        || m.contains("leader changed")
+        || m.contains("request timed out")
+        || m.contains("not capable")
+    {
+        "no quorum: the etcd cluster has no leader"
+    } else if s.code() == Code::ResourceExhausted || m.contains("too many requests") {
+        "overloaded: the etcd member sheds load"
+    } else if s.code() == Code::Unavailable
+        || s.code() == Code::Unknown
+        || s.code() == Code::Cancelled
+    {
+        "unreachable: the etcd endpoint did not take the request"
+    } else {
+        "failed"
+    };
+    format!("{what} ({:?}: {m})", s.code())
+}
+
 fn backend_error(s: tonic::Status) -> CoordError {
     match s.code() {
         Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
@@ -265,18 +289,22 @@ impl Backend {
         let mut backoff = Duration::from_millis(20);
         loop {
             let cur = self.current();
-            let err =
-                match tokio::time::timeout(self.inner.opts.request_timeout, f(cur.client.clone()))
-                    .await
-                {
-                    Ok(Ok(resp)) => return Ok(resp.into_inner()),
-                    Ok(Err(s)) if !retryable(&s) => return Err(backend_error(s)),
-                    Ok(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
-                    Err(_) => format!(
-                        "no answer within {} ms",
-                        self.inner.opts.request_timeout.as_millis()
-                    ),
-                };
+            // No attempt outlives the call's deadline.
+            let limit = self
+                .inner
+                .opts
+                .request_timeout
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                .max(Duration::from_millis(1));
+            let err = match tokio::time::timeout(limit, f(cur.client.clone())).await {
+                Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                Ok(Err(s)) if !retryable(&s) => return Err(backend_error(s)),
+                Ok(Err(s)) => describe_failure(&s),
+                Err(_) => format!(
+                    "timed out: no answer within {} ms (a slow or partitioned member)",
+                    limit.as_millis()
+                ),
+            };
             if tokio::time::Instant::now() + backoff >= deadline {
                 return Err(CoordError::Unavailable(format!(
                     "{} (endpoints {:?})",
@@ -478,10 +506,11 @@ impl Backend {
                     Ok(Ok(ttl)) => return Ok((ttl > 0).then_some(ttl)),
                     Ok(Err(_)) => "keep-alive stream broke".to_string(),
                     Err(_) if !mux.is_closed() => {
-                        // The stream is alive but slow (an overloaded leader): moving to
-                        // another endpoint would only add reconnects. Fail this renewal.
+                        // The stream is alive but silent: the member forwards renewals to a
+                        // leader that does not answer (no quorum) or is overloaded. Moving
+                        // to another endpoint would only add reconnects. Fail this renewal.
                         return Err(CoordError::Unavailable(format!(
-                            "no keep-alive answer within {} ms (the store is overloaded)",
+                            "no keep-alive answer within {} ms on a live stream (the etcd cluster has no leader, or its leader is overloaded)",
                             self.inner.opts.request_timeout.as_millis()
                         )));
                     }
