@@ -41,7 +41,7 @@ impl Default for BackendOptions {
     fn default() -> Self {
         BackendOptions {
             request_timeout: Duration::from_secs(5),
-            retry_for: Duration::from_secs(15),
+            retry_for: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(2),
         }
     }
