@@ -70,6 +70,32 @@ struct Etcd {
 
 impl Etcd {
     fn start(bin: &Path, ctl: &Ctl, data_dir: &Path, name: &str, peer_port: u16) -> Etcd {
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let etcd = Etcd::spawn(bin, data_dir, name, peer_port, &format!("{name}={peer}"));
+        etcd.wait_healthy(ctl);
+        etcd
+    }
+
+    /// `n` members of one new cluster, once each is healthy.
+    fn cluster(bin: &Path, ctl: &Ctl, dir: &Path, n: usize) -> Vec<Etcd> {
+        std::fs::create_dir_all(dir).unwrap();
+        let peers: Vec<(String, u16)> = (0..n).map(|i| (format!("m{i}"), free_port())).collect();
+        let initial = peers
+            .iter()
+            .map(|(name, port)| format!("{name}=http://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let members: Vec<Etcd> = peers
+            .iter()
+            .map(|(name, port)| Etcd::spawn(bin, &dir.join(name), name, *port, &initial))
+            .collect();
+        for m in &members {
+            m.wait_healthy(ctl);
+        }
+        members
+    }
+
+    fn spawn(bin: &Path, data_dir: &Path, name: &str, peer_port: u16, initial: &str) -> Etcd {
         let client_port = free_port();
         let ep = format!("127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
@@ -87,23 +113,34 @@ impl Etcd {
                 "--initial-advertise-peer-urls",
                 &peer,
                 "--initial-cluster",
-                &format!("{name}={peer}"),
+                initial,
             ])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
-        let etcd = Etcd { child, ep };
+        Etcd { child, ep }
+    }
+
+    fn wait_healthy(&self, ctl: &Ctl) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ctl
-            .try_run(Some(&etcd.ep), &["endpoint", "health"])
+            .try_run(Some(&self.ep), &["endpoint", "health"])
             .status
             .success()
         {
             assert!(Instant::now() < deadline, "etcd did not become healthy");
             std::thread::sleep(Duration::from_millis(100));
         }
-        etcd
+    }
+
+    /// Sends `sig` to this member.
+    fn signal(&self, sig: i32) {
+        #[allow(unsafe_code)]
+        // SAFETY: a signal to the etcd child this test started.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
     }
 }
 
@@ -558,14 +595,7 @@ fn readiness_follows_an_external_store_that_stops_answering() {
     assert_eq!(code, 201, "{body}");
     let readyz = || common::http_get(h, "/readyz").unwrap();
     assert_eq!(readyz().0, 200);
-    let signal = |sig| {
-        #[allow(unsafe_code)]
-        // SAFETY: a signal to the etcd child this test started.
-        unsafe {
-            libc::kill(etcd.child.id() as i32, sig);
-        }
-    };
-    signal(libc::SIGSTOP);
+    etcd.signal(libc::SIGSTOP);
     let deadline = Instant::now() + Duration::from_secs(20);
     let why = loop {
         let (code, body) = readyz();
@@ -584,7 +614,10 @@ fn readiness_follows_an_external_store_that_stops_answering() {
         common::http_request(h, "PUT", "/v1/config/public/app/b", r#"{"content":"y"}"#).unwrap();
     let took = asked.elapsed();
     assert_eq!(code, 503, "{body}");
-    assert!(body.contains("timed out"), "{body}");
+    assert!(
+        body.contains("unreachable") && body.contains("does not answer"),
+        "{body}"
+    );
     assert!(
         took < Duration::from_secs(6),
         "the write failed within its 3 s deadline (plus slack): {took:?}"
@@ -594,10 +627,101 @@ fn readiness_follows_an_external_store_that_stops_answering() {
         200,
         "reads from the watched copy still answer"
     );
-    signal(libc::SIGCONT);
+    etcd.signal(libc::SIGCONT);
     let deadline = Instant::now() + Duration::from_secs(30);
     while readyz().0 != 200 {
         assert!(Instant::now() < deadline, "/readyz did not come back");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A 3-member etcd cluster behind `--store`: with two members frozen the
+/// one the node talks to answers but has no leader, and a write fails
+/// within its deadline saying so (no quorum), `/readyz` turns 503 and cached
+/// reads answer; thawed, all is well; then the member in use is SIGKILLed
+/// and the next write succeeds on another member at once.
+#[test]
+fn an_etcd_cluster_without_quorum_or_with_a_dead_member() {
+    let Some((ctl, etcd_bin)) = peers() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut members = Etcd::cluster(&etcd_bin, &ctl, &dir.path().join("etcd"), 3);
+    let store = format!(
+        "etcd://{}",
+        members
+            .iter()
+            .map(|m| m.ep.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let config = dir.path().join("meshwork.toml");
+    std::fs::write(&config, "[coord]\netcd_retry_for_ms = 3000\n").unwrap();
+    let node = common::start(
+        &dir.path().join("node"),
+        &[
+            "--roles",
+            "coord",
+            "--store",
+            &store,
+            "--node-ttl",
+            "3",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let h = node.http.as_str();
+    let put = |key: &str| {
+        let asked = Instant::now();
+        let (code, body) = common::http_request(
+            h,
+            "PUT",
+            &format!("/v1/config/public/app/{key}"),
+            r#"{"content":"x"}"#,
+        )
+        .unwrap();
+        (code, body, asked.elapsed())
+    };
+    assert_eq!(put("a").0, 201);
+    // The node talks to the first endpoint; freeze the other two.
+    members[1].signal(libc::SIGSTOP);
+    members[2].signal(libc::SIGSTOP);
+    // Once the live member has noticed (its election timeout, 1 s), writes
+    // fail within the deadline saying there is no quorum.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (body, took) = loop {
+        let (code, body, took) = put("b");
+        assert_ne!(code, 201, "a write committed without quorum: {body}");
+        if body.contains("no quorum") {
+            break (body, took);
+        }
+        assert!(Instant::now() < deadline, "never said no quorum: {body}");
+    };
+    assert!(took < Duration::from_secs(6), "{took:?}: {body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::http_get(h, "/readyz").unwrap().0 != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed 200 without quorum"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        common::http_get(h, "/v1/config/public/app/a").unwrap().0,
+        200
+    );
+    members[1].signal(libc::SIGCONT);
+    members[2].signal(libc::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::http_get(h, "/readyz").unwrap().0 != 200 {
+        assert!(Instant::now() < deadline, "/readyz did not come back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SIGKILL the member in use: the write goes to another one.
+    members[0].child.kill().unwrap();
+    members[0].child.wait().unwrap();
+    let (code, body, took) = put("c");
+    assert_eq!(code, 201, "{body}");
+    assert!(took < Duration::from_secs(3), "failed over in {took:?}");
 }

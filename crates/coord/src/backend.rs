@@ -188,6 +188,9 @@ fn retryable(s: &tonic::Status) -> bool {
     }
 }
 
+/// Time kept at the end of a call's deadline to find out why it failed.
+const DIAGNOSIS_TIME: Duration = Duration::from_millis(500);
+
 /// What a retryable failure means, in the words an operator acts on: the
 /// cluster has no leader (no quorum), the endpoint cannot be reached, or it
 /// sheds load; etcd's own message follows.
@@ -279,6 +282,25 @@ impl Backend {
         }
     }
 
+    /// Why a request to `cur` got no answer: the member's own `Status` tells
+    /// a member without a leader (no quorum) from a slow one; no status at
+    /// all means it is unreachable.
+    async fn diagnose(&self, cur: &Current, timed_out: String) -> String {
+        let ep = &self.inner.endpoints[cur.index];
+        let mut m = cur.client.maintenance.clone();
+        match tokio::time::timeout(DIAGNOSIS_TIME, m.status(pb::StatusRequest {})).await {
+            Ok(Ok(s)) if s.get_ref().leader == 0 => {
+                format!("no quorum: etcd member {ep} answers but has no leader ({timed_out})")
+            }
+            Ok(Ok(s)) => format!(
+                "{timed_out}; etcd member {ep} is up with leader {:x}: the cluster is slow to commit",
+                s.get_ref().leader
+            ),
+            Ok(Err(e)) => format!("{timed_out}; etcd member {ep}: {}", describe_failure(&e)),
+            Err(_) => format!("unreachable: etcd member {ep} does not answer ({timed_out})"),
+        }
+    }
+
     /// Runs `f` on the current endpoint, failing over and retrying on availability errors.
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T>
     where
@@ -289,23 +311,29 @@ impl Backend {
         let mut backoff = Duration::from_millis(20);
         loop {
             let cur = self.current();
-            // No attempt outlives the call's deadline.
+            // No attempt outlives the call's deadline (less a moment to say why).
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let limit = self
                 .inner
                 .opts
                 .request_timeout
-                .min(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                .min(left - (left / 4).min(DIAGNOSIS_TIME))
                 .max(Duration::from_millis(1));
-            let err = match tokio::time::timeout(limit, f(cur.client.clone())).await {
+            let (err, timed_out) = match tokio::time::timeout(limit, f(cur.client.clone())).await {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(s)) if !retryable(&s) => return Err(backend_error(s)),
-                Ok(Err(s)) => describe_failure(&s),
-                Err(_) => format!(
-                    "timed out: no answer within {} ms (a slow or partitioned member)",
-                    limit.as_millis()
+                Ok(Err(s)) => (describe_failure(&s), false),
+                Err(_) => (
+                    format!("timed out: no answer within {} ms", limit.as_millis()),
+                    true,
                 ),
             };
             if tokio::time::Instant::now() + backoff >= deadline {
+                let err = if timed_out {
+                    self.diagnose(&cur, err).await
+                } else {
+                    err
+                };
                 return Err(CoordError::Unavailable(format!(
                     "{} (endpoints {:?})",
                     err, self.inner.endpoints
