@@ -554,6 +554,27 @@ fn alarms_are_raised_refused_kept_and_disarmed_as_etcd_does() {
     ctl.run(Some(&node.etcd), &["put", "k", "back"]);
 }
 
+/// A coordination node on `store` (`etcd://...`) with a 3 s node TTL and a
+/// 3 s call deadline.
+fn coord_node(dir: &Path, store: &str) -> common::Server {
+    let config = dir.join("meshwork.toml");
+    std::fs::write(&config, "[coord]\netcd_retry_for_ms = 3000\n").unwrap();
+    common::start(
+        &dir.join("node"),
+        &[
+            "--roles",
+            "coord",
+            "--store",
+            store,
+            "--node-ttl",
+            "3",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
 /// Readiness on an external store tells the truth: with the etcd cluster
 /// frozen (SIGSTOP: no answers at all), `/readyz` turns 503 and says why,
 /// a write fails within the configured deadline saying what happened, and
@@ -573,22 +594,7 @@ fn readiness_follows_an_external_store_that_stops_answering() {
         free_port(),
     );
     let store = format!("etcd://{}", etcd.ep);
-    let config = dir.path().join("meshwork.toml");
-    std::fs::write(&config, "[coord]\netcd_retry_for_ms = 3000\n").unwrap();
-    let node = common::start(
-        &dir.path().join("node"),
-        &[
-            "--roles",
-            "coord",
-            "--store",
-            &store,
-            "--node-ttl",
-            "3",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let node = coord_node(dir.path(), &store);
     let h = node.http.as_str();
     let (code, body) =
         common::http_request(h, "PUT", "/v1/config/public/app/a", r#"{"content":"x"}"#).unwrap();
@@ -655,22 +661,7 @@ fn an_etcd_cluster_without_quorum_or_with_a_dead_member() {
             .collect::<Vec<_>>()
             .join(",")
     );
-    let config = dir.path().join("meshwork.toml");
-    std::fs::write(&config, "[coord]\netcd_retry_for_ms = 3000\n").unwrap();
-    let node = common::start(
-        &dir.path().join("node"),
-        &[
-            "--roles",
-            "coord",
-            "--store",
-            &store,
-            "--node-ttl",
-            "3",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let node = coord_node(dir.path(), &store);
     let h = node.http.as_str();
     let put = |key: &str| {
         let asked = Instant::now();
