@@ -260,11 +260,23 @@ fn leases_keep_their_remaining_time_across_sigkill() {
         }
         (long, short)
     });
-    // Two checkpoints pass, then the node dies; it stays down past the short
-    // lease's deadline (3 s) and the checkpoint margin (1 s).
-    std::thread::sleep(Duration::from_millis(2500));
+    // Once both leases are written down, the node dies; it stays down past
+    // the short lease's deadline (3 s) plus the checkpoint margin (1 s):
+    // lease time is wall-clock time, so this much real time must pass.
+    let written = data.join("lease-deadlines");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&written).map(|m| m.len()).unwrap_or(0) < 16 + 2 * 16 + 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lease deadlines never written"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     server.kill9();
-    std::thread::sleep(Duration::from_millis(3000));
+    std::thread::sleep(
+        (started + Duration::from_millis(5500))
+            .saturating_duration_since(std::time::Instant::now()),
+    );
     let server = common::start(&data, &args, &[]);
     let down_for = started.elapsed().as_secs() as i64;
     rt.block_on(async {

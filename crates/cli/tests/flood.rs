@@ -254,6 +254,15 @@ fn silent_and_stalled_clients_are_cut_off_at_their_deadlines() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("max_body_bytes"), "{answer}");
 
+    // An upload aborted mid-body (the client closes after 10 of 100 bytes)
+    // costs nobody else anything: the next request is served.
+    let mut aborted = TcpStream::connect(&server.http).unwrap();
+    aborted
+        .write_all(b"POST /v1/lock/a HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"ttl_secs")
+        .unwrap();
+    drop(aborted);
+    assert_eq!(common::http_get(&server.http, "/readyz").unwrap().0, 200);
+
     let mut idle = TcpStream::connect(&server.http).unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
