@@ -70,10 +70,23 @@ struct Etcd {
 
 impl Etcd {
     fn start(bin: &Path, ctl: &Ctl, data_dir: &Path, name: &str, peer_port: u16) -> Etcd {
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let etcd = Etcd::spawn(bin, data_dir, name, peer_port, &format!("{name}={peer}"));
-        etcd.wait_healthy(ctl);
-        etcd
+        let mut peer_port = peer_port;
+        for _ in 0..3 {
+            let peer = format!("http://127.0.0.1:{peer_port}");
+            let mut etcd = Etcd::spawn(bin, data_dir, name, peer_port, &format!("{name}={peer}"));
+            if etcd.wait_healthy(ctl) {
+                return etcd;
+            }
+            // It exited: a port picked free was taken by a parallel test
+            // meanwhile. Start over on new ports (a fresh member: a restored
+            // data directory would name the old peer port).
+            peer_port = free_port();
+            let _ = std::fs::remove_dir_all(data_dir);
+        }
+        panic!(
+            "etcd exited three times on start (see {})",
+            data_dir.with_extension("log").display()
+        );
     }
 
     /// `n` members of one new cluster, once each is healthy.
@@ -85,12 +98,16 @@ impl Etcd {
             .map(|(name, port)| format!("{name}=http://127.0.0.1:{port}"))
             .collect::<Vec<_>>()
             .join(",");
-        let members: Vec<Etcd> = peers
+        let mut members: Vec<Etcd> = peers
             .iter()
             .map(|(name, port)| Etcd::spawn(bin, &dir.join(name), name, *port, &initial))
             .collect();
-        for m in &members {
-            m.wait_healthy(ctl);
+        for m in &mut members {
+            assert!(
+                m.wait_healthy(ctl),
+                "an etcd member exited on start (see {})",
+                dir.display()
+            );
         }
         members
     }
@@ -122,16 +139,21 @@ impl Etcd {
         Etcd { child, ep }
     }
 
-    fn wait_healthy(&self, ctl: &Ctl) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    /// True once healthy; false if the process exited first.
+    fn wait_healthy(&mut self, ctl: &Ctl) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !ctl
             .try_run(Some(&self.ep), &["endpoint", "health"])
             .status
             .success()
         {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
             assert!(Instant::now() < deadline, "etcd did not become healthy");
             std::thread::sleep(Duration::from_millis(100));
         }
+        true
     }
 
     /// Sends `sig` to this member.
