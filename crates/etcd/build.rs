@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .bytes(".")
+        // Buffers sized for small unary calls (see src/codec.rs).
+        .codec_path("crate::codec::EtcdCodec")
         .compile_fds(fds)?;
     Ok(())
 }

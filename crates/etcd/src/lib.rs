@@ -5,6 +5,7 @@
 //! [`convert`] maps between them.
 
 pub mod client;
+pub mod codec;
 pub mod convert;
 pub mod server;
 pub mod snapshot;
