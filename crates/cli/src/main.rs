@@ -27,11 +27,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::FileConfig;
 
-/// mimalloc instead of glibc's malloc: per-thread free lists for the many small,
-/// short-lived allocations of gRPC and HTTP requests (BENCHMARKS.md has the figures).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Meshwork: service registry, config center, coordination, gateway and more, in one binary.
 #[derive(Parser)]
 #[command(name = "meshwork", version, about, propagate_version = true)]
