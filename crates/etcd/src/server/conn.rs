@@ -4,12 +4,15 @@
 //! the HTTP/2 preface or an answer to the server's keep-alive ping, is
 //! closed. A thousand idle sockets cost the server nothing but their slots.
 //!
-//! Writes are coalesced: the first write after a flush waits one scheduler
-//! round (`tokio::task::yield_now`, which resumes once the worker has run the
-//! tasks already queued), so the responses of the other streams completed by
-//! the same commit join it in one `writev` instead of one system call and TCP
+//! Writes are coalesced under load: when tasks are waiting in the runtime's
+//! shared queue (where the committer thread's replies wake request tasks),
+//! the first write after a flush waits one scheduler round
+//! (`tokio::task::yield_now`, which resumes once the worker has run the tasks
+//! already queued), so the responses of the other streams completed by the
+//! same commit join it in one `writev` instead of one system call and TCP
 //! segment each — what gRPC-Go's writer does by flushing only when its queue
-//! is empty. With nothing else queued the round is a few microseconds.
+//! is empty. With nothing queued the write goes out at once, so a lone
+//! client's latency is unchanged.
 
 use std::future::Future;
 use std::io;
@@ -78,6 +81,9 @@ impl Slots {
                     silence: Box::pin(tokio::time::sleep(self.limits.handshake_timeout)),
                     idle: self.limits.idle_timeout,
                     round: Round::Open,
+                    runtime: tokio::runtime::Handle::try_current()
+                        .ok()
+                        .map(|h| h.metrics()),
                 })
             }
             Err(_) => {
@@ -112,11 +118,13 @@ pub(crate) struct Guarded {
     silence: Pin<Box<Sleep>>,
     idle: Duration,
     round: Round,
+    /// The runtime's queues, read to decide whether a write waits a round.
+    runtime: Option<tokio::runtime::RuntimeMetrics>,
 }
 
 /// Where a connection is in coalescing its writes (see the module docs).
 enum Round {
-    /// The next write waits for one scheduler round first.
+    /// The next write waits for one scheduler round first if tasks are queued.
     Open,
     /// Waiting for the round to end.
     Waiting(Pin<Box<dyn Future<Output = ()> + Send + Sync>>),
@@ -140,7 +148,17 @@ impl Guarded {
         loop {
             match &mut self.round {
                 Round::Writing => return Poll::Ready(()),
-                Round::Open => self.round = Round::Waiting(Box::pin(tokio::task::yield_now())),
+                Round::Open => {
+                    let queued = self
+                        .runtime
+                        .as_ref()
+                        .is_some_and(|m| m.global_queue_depth() > 0);
+                    self.round = if queued {
+                        Round::Waiting(Box::pin(tokio::task::yield_now()))
+                    } else {
+                        Round::Writing
+                    };
+                }
                 Round::Waiting(round) => {
                     std::task::ready!(round.as_mut().poll(cx));
                     self.round = Round::Writing;
