@@ -7,13 +7,13 @@
 //! Writes are coalesced under load: when tasks are waiting in the runtime's
 //! shared queue (where the committer thread's replies wake request tasks),
 //! the first write after a flush waits one scheduler round
-//! (`tokio::task::yield_now`, which resumes once the worker has run the tasks
+//! (`tokio::task::yield_now`: it resumes once the worker has run the tasks
 //! already queued, or at its next maintenance tick, every 61 tasks, so the
-//! wait is bounded even under constant load), so the responses of the other streams completed by the
-//! same commit join it in one `writev` instead of one system call and TCP
-//! segment each — what gRPC-Go's writer does by flushing only when its queue
-//! is empty. With nothing queued the write goes out at once, so a lone
-//! client's latency is unchanged.
+//! wait is bounded under constant load). The responses of the other streams
+//! completed by the same commit then join it in one `writev` instead of one
+//! system call and TCP segment each — what gRPC-Go's writer does by flushing
+//! only when its queue is empty. With nothing queued the write goes out at
+//! once, so a lone client's latency is unchanged.
 
 use std::future::Future;
 use std::io;
