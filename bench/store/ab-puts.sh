@@ -13,16 +13,10 @@ set -euo pipefail
 A=$(realpath "$1"); B=$(realpath "$2")
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 REPS=${REPS:-5}; CLIENTS=${CLIENTS:-1000}; CONNS=${CONNS:-100}; TOTAL=${TOTAL:-60000}
-export CARGO_TARGET_DIR=${LOAD_TARGET:-/tmp/etcd-client-load-target}
-(cd "$ROOT/bench/store/etcd-client-load" && cargo build --release -q)
-LOAD=$CARGO_TARGET_DIR/release/etcd-client-load
+# shellcheck source=bench/store/lib.sh
+. "$ROOT/bench/store/lib.sh"
+build_load
 command -v perf >/dev/null || { echo "needs perf (Debian: linux-perf)" >&2; exit 1; }
-TMP=$(mktemp -d); PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
-trap cleanup EXIT
-HZ=$(getconf CLK_TCK)
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 per_put() { awk -v v="$1" -v n="$TOTAL" 'BEGIN{printf "%.2f", v/n}'; }
 run() { # label bin
   local label=$1 bin=$2 port=23790 pid sp
@@ -46,7 +40,6 @@ run() { # label bin
 }
 echo "build puts_per_s p99_ms server_cpu_us gen_cpu_us server_syscalls cswitches (per put)"
 for _ in $(seq "$REPS"); do run A "$A"; run B "$B"; done
-median() { sort -n | awk '{v[NR]=$1} END{if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
 for label in A B; do
   line="median-$label"
   for col in 2 3 4 5 6 7; do line="$line $(awk -v l="$label" -v c="$col" '$1==l{print $c}' "$TMP/results" | median)"; done

@@ -16,16 +16,9 @@ BIN=${BIN:-$ROOT/target/release/meshwork}
 ETCD=${ETCD:-/usr/bin/etcd}
 REPS=${REPS:-3}; CLIENTS=${CLIENTS:-1000}; CONNS=${CONNS:-100}; TOTAL=${TOTAL:-60000}
 GENS=${GENS:-etcd-client bench-kv}
-LOADDIR=$ROOT/bench/store/etcd-client-load
-export CARGO_TARGET_DIR=${LOAD_TARGET:-/tmp/etcd-client-load-target}
-(cd "$LOADDIR" && cargo build --release -q)
-LOAD=$CARGO_TARGET_DIR/release/etcd-client-load
-TMP=$(mktemp -d); PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
-trap cleanup EXIT
-ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
-HZ=$(getconf CLK_TCK)
+# shellcheck source=bench/store/lib.sh
+. "$ROOT/bench/store/lib.sh"
+build_load
 load() { # gen port -> one line of JSON
   if [ "$1" = etcd-client ]; then
     timeout 300 "$LOAD" 127.0.0.1:"$2" "$CLIENTS" "$CONNS" "$TOTAL"
@@ -54,7 +47,6 @@ run_side() { # side rep gen
   echo "$gen $side $rep $out cpu_us_per_put=$cpu_us" | tee -a "$TMP/results"
 }
 field() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
-median() { sort -n | awk '{v[NR]=$1} END{if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
 summary() { # medians per generator and side, and Meshwork/etcd ratios
   echo "generator side puts_per_s p99_ms cpu_us_per_put (medians of $REPS)"
   for gen in $GENS; do
