@@ -167,7 +167,7 @@ async fn kv(b: KvBench) -> Result<()> {
                 tick.tick().await;
                 let d = done.load(Ordering::Relaxed);
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
-                eprint!(
+                progress!(
                     "\r{d}/{total} requests  {:.0} req/s  errors {}   ",
                     d as f64 / secs,
                     errors.load(Ordering::Relaxed)
@@ -244,7 +244,7 @@ async fn kv(b: KvBench) -> Result<()> {
     }
     let elapsed = started.elapsed();
     prog.abort();
-    eprintln!();
+    progress_end!();
     let h = hist.lock();
     summary(
         &b,
@@ -383,7 +383,7 @@ async fn watch(b: KvBench) -> Result<()> {
                 ..Default::default()
             })
             .await?;
-        eprint!(
+        progress!(
             "\rput {}/{}  events received {}/{}   ",
             seq + 1,
             b.total,
@@ -399,7 +399,7 @@ async fn watch(b: KvBench) -> Result<()> {
     for s in streams {
         let _ = s.await;
     }
-    eprintln!();
+    progress_end!();
     let got = received.load(Ordering::Relaxed);
     let h = hist.lock();
     summary(

@@ -435,7 +435,7 @@ impl Progress {
             loop {
                 tick.tick().await;
                 let d = done.load(Ordering::Relaxed);
-                eprint!(
+                progress!(
                     "\r{label} {d}/{total}  {:.0}/s   ",
                     d as f64 / started.elapsed().as_secs_f64().max(1e-9)
                 );
@@ -447,7 +447,7 @@ impl Progress {
 impl Drop for Progress {
     fn drop(&mut self) {
         self.0.abort();
-        eprintln!();
+        progress_end!();
     }
 }
 
@@ -893,14 +893,14 @@ async fn watch_scenario(
         let got = slots[t].wait(per_target[t]).await;
         delivered += got;
         missed += per_target[t].saturating_sub(got);
-        eprint!(
+        progress!(
             "\r{label}: change {}/{}  delivered {delivered}  missed {missed}   ",
             k + 1,
             b.changes
         );
         tokio::time::sleep(Duration::from_millis(b.gap_ms)).await;
     }
-    eprintln!();
+    progress_end!();
     let elapsed = started.elapsed();
     let _ = stop_tx.send(true);
     for t in tasks {
@@ -1359,14 +1359,14 @@ pub(crate) async fn config(b: ConfigBench) -> Result<()> {
         let got = slots[e].wait(per_entry[e]).await;
         delivered += got;
         missed += per_entry[e].saturating_sub(got);
-        eprint!(
+        progress!(
             "\rpublish {}/{}  delivered {delivered}  missed {missed}   ",
             k + 1,
             b.publishes
         );
         tokio::time::sleep(Duration::from_millis(b.gap_ms)).await;
     }
-    eprintln!();
+    progress_end!();
     let elapsed = started.elapsed();
     procs.end("publish");
     stopping.store(true, Ordering::Relaxed);

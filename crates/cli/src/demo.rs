@@ -227,7 +227,11 @@ async fn supervise(
                 if stop.load(Ordering::Acquire) {
                     return;
                 }
-                tracing::warn!(service = svc.name(), ?status, "shop service exited; restarting");
+                let status = match status {
+                    Ok(s) => s.to_string(),
+                    Err(e) => format!("not known: {e}"),
+                };
+                tracing::warn!(service = svc.name(), %status, "shop service exited; restarting");
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(500);
                 }

@@ -114,11 +114,7 @@ struct RoutesState {
 }
 
 fn error(status: StatusCode, code: &str, message: String) -> Response {
-    (
-        status,
-        axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
-    )
-        .into_response()
+    meshwork_api::ApiError::new(status, code, message).into_response()
 }
 
 /// `GET /v1/gateway/routes`: the published route set (TOML) and its version;

@@ -20,16 +20,10 @@ impl Reply {
             serde_json::Value::String(String::from_utf8_lossy(&self.body).into_owned())
         });
         if self.status >= 400 {
-            let msg = v
-                .pointer("/error/message")
-                .and_then(|m| m.as_str())
-                .map(str::to_string)
-                .unwrap_or_else(|| v.to_string());
-            let code = v
-                .pointer("/error/code")
-                .and_then(|m| m.as_str())
-                .unwrap_or("error");
-            bail!("{} {code}: {msg}", self.status);
+            match meshwork_api::ErrorBody::parse(&self.body) {
+                Some(e) => bail!("{} {}: {}", self.status, e.code, e.message),
+                None => bail!("{} error: {v}", self.status),
+            }
         }
         Ok(v)
     }

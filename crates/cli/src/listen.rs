@@ -395,8 +395,8 @@ impl Refusal {
                 "a write to the API needs Content-Type: application/json".to_string(),
             ),
         };
-        let body = serde_json::json!({"error": {"code": code, "message": message}});
-        let mut resp = Response::new(Body::from(body.to_string()));
+        let body = meshwork_api::ApiError::new(status, code, message).to_json();
+        let mut resp = Response::new(Body::from(body));
         *resp.status_mut() = status;
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

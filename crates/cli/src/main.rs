@@ -3,6 +3,25 @@
 //! The binary is thin: it parses the command line and config, wires the crates
 //! together and reports errors (`anyhow` lives only here).
 
+/// Writes a progress line (rewritten in place with `\r`) to stderr, only when
+/// stderr is a terminal: logs and CI output get no carriage returns.
+macro_rules! progress {
+    ($($arg:tt)*) => {
+        if crate::progress_on() {
+            eprint!($($arg)*);
+        }
+    };
+}
+
+/// Ends a progress line started by `progress!` (nothing when progress is off).
+macro_rules! progress_end {
+    () => {
+        if crate::progress_on() {
+            eprintln!();
+        }
+    };
+}
+
 mod bench;
 mod bench_coord;
 mod config;
@@ -27,9 +46,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::FileConfig;
 
-/// Meshwork: service registry, config center, coordination, gateway and more, in one binary.
+/// Meshwork, the microservice platform for Rust, in one binary: an etcd-compatible
+/// store, service registry and health checks, configuration center, locks, leader
+/// election and IDs, an API gateway and a web console.
 #[derive(Parser)]
-#[command(name = "meshwork", version, about, propagate_version = true)]
+#[command(name = "meshwork", version, propagate_version = true)]
 struct Cli {
     /// Log format: `text` or `json`.
     #[arg(
@@ -72,12 +93,20 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
+    /// Print a shell completion script: `meshwork completions bash > /etc/bash_completion.d/meshwork`.
+    Completions {
+        /// Shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `meshwork man > meshwork.1 && man ./meshwork.1`.
+    Man,
 }
 
 /// Flags shared by `server` and `up`.
 #[derive(Args, Clone)]
 struct NodeArgs {
-    /// TOML config file ([server] and [store] tables).
+    /// TOML config file: [server], [store], [coord], [gateway], [console] and [listen] tables (README, "Running a node").
     #[arg(long, env = "MESHWORK_CONFIG")]
     config: Option<PathBuf>,
     /// Data directory.
@@ -157,11 +186,39 @@ pub(crate) fn metrics_handle() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// The log filter's source: `RUST_LOG`, as every Rust program reads it, with
+/// `MESHWORK_LOG` as an alias that wins when both are set; `info` otherwise.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    ["MESHWORK_LOG", "RUST_LOG"]
+        .into_iter()
+        .find_map(|var| {
+            std::env::var(var)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        })
+        .unwrap_or_else(|| "info".into())
+}
+
+/// Whether progress lines are drawn: only when stderr is a terminal.
+pub(crate) fn progress_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        use std::io::IsTerminal;
+        std::io::stderr().is_terminal()
+    })
+}
+
+/// Colour on a terminal only, and never when `NO_COLOR` is set (no-color.org).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHWORK_LOG")
-        .unwrap_or_else(|_| "info".into());
     let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter())
+        .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init()
@@ -418,8 +475,50 @@ async fn start_demo(
     Ok(Some(shop))
 }
 
-fn main() -> Result<()> {
+/// Runs the command; an error is the user's to act on (a bad flag value, an
+/// unreachable node, an invalid config), so it is printed as one line with its
+/// causes and no backtrace, whatever `RUST_BACKTRACE` says. Panics (our bugs)
+/// keep Rust's report and its backtrace.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes generated text to stdout; a reader that went away (`| head`) is not
+/// an error, as for any Unix filter.
+fn write_stdout(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "meshwork", &mut out);
+            return write_stdout(&out);
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .context("rendering the man page")?;
+            return write_stdout(&out);
+        }
+        _ => {}
+    }
     init_tracing(&cli.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -445,6 +544,7 @@ fn main() -> Result<()> {
             Command::Demo(a) => demo::run(a).await,
             Command::Snapshot(a) => snapshotcli::run(a).await,
             Command::Bench { what } => bench::run(what).await,
+            Command::Completions { .. } | Command::Man => Ok(()),
         }
     })
 }

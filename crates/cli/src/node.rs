@@ -202,7 +202,12 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             tracing::error!(error = %e, "HTTP server failed");
         }
     }));
-    tracing::info!(etcd_addr = ?etcd_addr, %http_addr, store = if store.is_some() { "embedded" } else { "external" }, "meshwork node started");
+    match etcd_addr {
+        Some(etcd_addr) => {
+            tracing::info!(%etcd_addr, %http_addr, store = "embedded", "meshwork node started")
+        }
+        None => tracing::info!(%http_addr, store = "external", "meshwork node started"),
+    }
     Ok(Running {
         etcd_addr,
         http_addr,

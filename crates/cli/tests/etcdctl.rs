@@ -323,7 +323,8 @@ fn etcdctl_interoperates_with_coordination_locks_and_elections() {
         r#"{"ttl_seconds":10,"timeout_ms":200}"#,
     )
     .unwrap();
-    assert_eq!(code, 408, "{body}");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("lock_held"), "{body}");
     std::fs::write(&release, "").unwrap();
     let (code, body) = common::http_post(
         &s.http,

@@ -291,14 +291,14 @@ fn the_shop_keeps_its_books_through_failures() {
     let confirmed: HashMap<i64, &Value> = orders
         .iter()
         .filter(|o| o["status"] == "confirmed")
-        .map(|o| (o["id"].as_i64().unwrap(), o))
+        .map(|o| (id_of(&o["id"]), o))
         .collect();
     assert!(confirmed.len() >= 5, "{} confirmed", confirmed.len());
     let (_, reservations) = get(&inv, "/reservations");
     let (_, charges) = get(&pay, "/charges");
     let mut sold: HashMap<String, i64> = HashMap::new();
     for r in reservations.as_array().unwrap() {
-        let id = r["order_id"].as_i64().unwrap();
+        let id = id_of(&r["order_id"]);
         match r["state"].as_str().unwrap() {
             "committed" => {
                 assert!(
@@ -318,7 +318,7 @@ fn the_shop_keeps_its_books_through_failures() {
     }
     let mut charged_total = 0;
     for c in charges.as_array().unwrap() {
-        let id = c["order_id"].as_i64().unwrap();
+        let id = id_of(&c["order_id"]);
         if c["state"] == "charged" {
             let o = confirmed
                 .get(&id)
@@ -338,7 +338,7 @@ fn the_shop_keeps_its_books_through_failures() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|c| c["order_id"] == *id && c["state"] == "charged"),
+                .any(|c| id_of(&c["order_id"]) == *id && c["state"] == "charged"),
             "order {id} confirmed without a charge"
         );
         assert!(
@@ -346,7 +346,7 @@ fn the_shop_keeps_its_books_through_failures() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|r| r["order_id"] == *id && r["state"] == "committed"),
+                .any(|r| id_of(&r["order_id"]) == *id && r["state"] == "committed"),
             "order {id} confirmed without a committed reservation"
         );
     }
@@ -381,4 +381,12 @@ fn the_shop_keeps_its_books_through_failures() {
         0
     );
     drop(node);
+}
+
+/// An order id as the shop writes it: a decimal string (ids pass 2^53).
+fn id_of(v: &Value) -> i64 {
+    v.as_str()
+        .unwrap_or_else(|| panic!("order id {v} is not a JSON string"))
+        .parse()
+        .unwrap_or_else(|_| panic!("order id {v} is not decimal"))
 }

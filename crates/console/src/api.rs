@@ -29,29 +29,7 @@ pub const MAX_REVISIONS: usize = 10;
 /// Bytes of a value shown inline at most.
 pub const MAX_VALUE_SHOWN: usize = 64 * 1024;
 
-/// An error answer: status, stable code and message.
-#[derive(Debug)]
-pub struct ApiError(pub StatusCode, pub &'static str, pub String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.0,
-            axum::Json(serde_json::json!({ "error": { "code": self.1, "message": self.2 } })),
-        )
-            .into_response()
-    }
-}
-
-impl From<meshwork_coord::CoordError> for ApiError {
-    fn from(e: meshwork_coord::CoordError) -> ApiError {
-        ApiError(
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            e.code(),
-            e.to_string(),
-        )
-    }
-}
+pub use meshwork_api::ApiError;
 
 /// The store as the etcd endpoint reports it.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -452,7 +430,7 @@ impl ConsoleState {
             at = kv.mod_revision - 1;
         }
         if revisions.is_empty() && !compacted {
-            return Err(ApiError(
+            return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("no key {key:?}"),
@@ -597,10 +575,10 @@ async fn stream(State(s): State<ConsoleState>) -> Response {
 
 fn check_prefix(p: &str) -> Result<(), ApiError> {
     if p.len() > 4096 {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_argument",
-            "prefix is limited to 4096 bytes".into(),
+            "prefix is limited to 4096 bytes",
         ));
     }
     Ok(())
@@ -619,10 +597,10 @@ async fn kv_value(
     Query(q): Query<KeyQuery>,
 ) -> Result<axum::Json<KeyHistory>, ApiError> {
     if q.key.is_empty() {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_argument",
-            "key must not be empty".into(),
+            "key must not be empty",
         ));
     }
     check_prefix(&q.key)?;
@@ -686,7 +664,7 @@ async fn locks(State(s): State<ConsoleState>) -> Result<axum::Json<LocksView>, A
 
 async fn validate(body: Bytes) -> Result<Response, ApiError> {
     let b: ValidateBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError(
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_body",
             format!("expected {{\"content\", \"format\"}}: {e}"),
@@ -696,7 +674,7 @@ async fn validate(body: Bytes) -> Result<Response, ApiError> {
         b.format
             .parse()
             .map_err(|e: meshwork_coord::config::format::UnknownFormat| {
-                ApiError(StatusCode::BAD_REQUEST, "invalid_argument", e.to_string())
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", e.to_string())
             })?;
     if crate::secrets::holds_mask(&b.content) {
         return Ok(axum::Json(serde_json::json!({
@@ -736,24 +714,24 @@ fn session_cookie(value: &str, max_age: u64) -> String {
 
 async fn login(State(s): State<ConsoleState>, body: Bytes) -> Result<Response, ApiError> {
     let Some(auth) = &s.auth else {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "auth_not_configured",
-            "no console login is configured: writes are open".into(),
+            "no console login is configured: writes are open",
         ));
     };
     let b: LoginBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError(
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_body",
             format!("expected {{\"user\", \"password\"}}: {e}"),
         )
     })?;
     if !auth.check(&b.user, &b.password) {
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
-            "wrong user or password".into(),
+            "wrong user or password",
         ));
     }
     Ok((

@@ -180,16 +180,12 @@ pub async fn guard(State(auth): State<Option<Auth>>, req: Request, next: Next) -
         // No WWW-Authenticate challenge: browsers would answer the console's
         // fetch() calls with their own password prompt. API clients send Basic
         // credentials up front (`curl -u`).
-        return (
+        return meshwork_api::ApiError::new(
             StatusCode::UNAUTHORIZED,
-            axum::Json(serde_json::json!({
-                "error": {
-                    "code": "unauthenticated",
-                    "message": "writes need a login: sign in on the console (/ui/login) or send HTTP Basic credentials",
-                }
-            })),
+            "unauthenticated",
+            "writes need a login: sign in on the console (/ui/login) or send HTTP Basic credentials",
         )
-            .into_response();
+        .into_response();
     }
     next.run(req).await
 }

@@ -732,7 +732,7 @@ async fn kv(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Response
             }
         }
         Err(e) => {
-            let _ = write!(b, "<p class=\"error\">{}</p>", esc(&e.2));
+            let _ = write!(b, "<p class=\"error\">{}</p>", esc(e.message()));
         }
     }
     if let Some(key) = q.0.get("key") {
@@ -756,7 +756,7 @@ async fn kv(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Response
                 b.push_str("</section>");
             }
             Err(e) => {
-                let _ = write!(b, "<p class=\"error\">{}</p>", esc(&e.2));
+                let _ = write!(b, "<p class=\"error\">{}</p>", esc(e.message()));
             }
         }
     }
@@ -816,7 +816,7 @@ async fn locks(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Respo
             b.push_str("</section>");
         }
         Err(e) => {
-            let _ = write!(b, "<p class=\"error\">{}</p>", esc(&e.2));
+            let _ = write!(b, "<p class=\"error\">{}</p>", esc(e.message()));
         }
     }
     b.push_str("</div>");

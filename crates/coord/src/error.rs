@@ -21,7 +21,17 @@ pub enum CoordError {
     /// A compare-and-set lost: the state moved on since the caller read it.
     #[error("{0}")]
     Conflict(String),
-    /// A wait (lock, campaign, long-poll) ran out of time.
+    /// A lock wait ran out: someone else holds it.
+    #[error("lock {name:?} is held by {holder:?}; gave up after {waited_ms} ms")]
+    Held {
+        /// The lock.
+        name: String,
+        /// Who holds it, as the holder described itself.
+        holder: String,
+        /// How long the caller waited.
+        waited_ms: u64,
+    },
+    /// A wait (campaign, long-poll) ran out of time.
     #[error("{0}")]
     Timeout(String),
     /// The wall clock moved backwards further than the ID generator may wait.
@@ -52,6 +62,7 @@ impl CoordError {
             CoordError::Format(_) => "invalid_format",
             CoordError::NotFound(_) => "not_found",
             CoordError::Conflict(_) => "conflict",
+            CoordError::Held { .. } => "lock_held",
             CoordError::Timeout(_) => "timeout",
             CoordError::ClockBackwards(_) => "clock_moved_backwards",
             CoordError::Unavailable(_) => "store_unavailable",
@@ -66,7 +77,7 @@ impl CoordError {
             CoordError::Invalid(_) | CoordError::Format(_) => 400,
             CoordError::NotFound(_) => 404,
             CoordError::Timeout(_) => 408,
-            CoordError::Conflict(_) => 409,
+            CoordError::Conflict(_) | CoordError::Held { .. } => 409,
             CoordError::TooLarge(_) => 413,
             CoordError::Corrupt { .. } => 500,
             CoordError::Backend(_) => 502,

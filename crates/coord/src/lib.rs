@@ -4,7 +4,12 @@
 //!
 //! Everything here talks to "an etcd v3 endpoint" through [`backend::Backend`]:
 //! Meshwork's embedded store or a real etcd cluster, with the same code.
+//!
+//! The default `server` feature adds what only a node runs: the HTTP API, node
+//! membership, the health checker and its probes, config diffs and the
+//! [`Coord`] runtime. Applications (through `meshwork-sdk`) build without it.
 
+#[cfg(feature = "server")]
 pub mod api;
 pub mod backend;
 pub mod client;
@@ -12,17 +17,14 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod lock;
+#[cfg(feature = "server")]
 pub mod nodes;
 pub mod registry;
+#[cfg(feature = "server")]
 pub mod runtime;
 
 pub use backend::Backend;
 pub use client::{ClientOptions, CoordClient};
 pub use error::CoordError;
+#[cfg(feature = "server")]
 pub use runtime::{Coord, CoordOptions};
-
-/// Generated gRPC health-checking protocol (`grpc.health.v1`).
-#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
-pub mod health_proto {
-    tonic::include_proto!("grpc.health.v1");
-}

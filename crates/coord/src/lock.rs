@@ -245,7 +245,26 @@ pub async fn lock(
     })
     .map_err(|e| CoordError::invalid(e.to_string()))?;
     let prefix = format!("{LOCKS_PREFIX}{name}/");
-    acquire(backend, name, &prefix, lease, value.into(), timeout).await
+    match acquire(backend, name, &prefix, lease, value.into(), timeout).await {
+        // The wait ran out: the lock is held, and the caller is told by whom.
+        Err(CoordError::Timeout(_)) => Err(CoordError::Held {
+            name: name.to_string(),
+            holder: current_holder(backend, &prefix).await,
+            waited_ms: timeout.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        }),
+        other => other,
+    }
+}
+
+/// Who holds the lock under `prefix`, as the holder described itself; a
+/// placeholder when it cannot be read (or was released a moment ago).
+async fn current_holder(backend: &Backend, prefix: &str) -> String {
+    match first_created(backend, prefix, None, pb::range_request::SortOrder::Ascend).await {
+        Ok((Some(kv), _)) => serde_json::from_slice::<LockValue>(&kv.value)
+            .map(|v| v.holder)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&kv.key).into_owned()),
+        _ => "another holder".to_string(),
+    }
 }
 
 /// Releases a lock; false if it was no longer held (its lease ended).

@@ -125,7 +125,7 @@ impl Coord {
         let checker = opts
             .run_checks
             .then(|| Arc::new(Checker::start(registry.clone(), membership.clone())));
-        tracing::info!(node = %opts.node_name, endpoints = ?endpoints, "coordination started");
+        tracing::info!(node = %opts.node_name, endpoints = %endpoints.join(","), "coordination started");
         Ok(Coord {
             backend,
             registry,

@@ -1420,7 +1420,8 @@ async fn errors_use_the_documented_error_schema() {
             Some(json!({"ttl_seconds": 30, "timeout_ms": 200})),
         )
         .await;
-    assert_eq!((r.status, r.error_code()), (408, "timeout"));
+    assert_eq!((r.status, r.error_code()), (409, "lock_held"));
+    assert_eq!(r.json()["error"]["detail"]["holder"], "first");
 }
 
 // ---------------------------------------------------------------------------

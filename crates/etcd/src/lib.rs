@@ -1,37 +1,45 @@
-//! The etcd v3 wire protocol for Meshwork: generated protos, the gRPC server over
-//! `meshwork-store`, and a client.
+//! The etcd v3 wire protocol for Meshwork: generated protos, a client, and (with
+//! the default `server` feature) the gRPC server over `meshwork-store` and
+//! snapshots in etcd's format. Clients build with `default-features = false`
+//! and compile no database.
 //!
 //! Only this crate knows the wire format: the store has its own types and
 //! [`convert`] maps between them.
 
 pub mod client;
 pub mod codec;
+#[cfg(feature = "server")]
 pub mod convert;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod snapshot;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-/// Generated etcd v3 protobuf messages and gRPC stubs.
+/// Generated etcd v3 protobuf messages and gRPC stubs, checked in under
+/// `src/generated/` (tests/generated_code.rs keeps them equal to what protox
+/// and tonic-prost-build make from `proto/`), so no build compiles protos.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod proto {
     /// Storage data model (`mvccpb`).
     pub mod mvccpb {
-        tonic::include_proto!("mvccpb");
+        include!("generated/mvccpb.rs");
     }
     /// The etcd v3 client API (`etcdserverpb`).
     pub mod etcdserverpb {
-        tonic::include_proto!("etcdserverpb");
+        include!("generated/etcdserverpb.rs");
     }
     /// The lock service (`v3lockpb`).
     pub mod v3lockpb {
-        tonic::include_proto!("v3lockpb");
+        include!("generated/v3lockpb.rs");
     }
     /// The election service (`v3electionpb`).
     pub mod v3electionpb {
-        tonic::include_proto!("v3electionpb");
+        include!("generated/v3electionpb.rs");
     }
 }
 
 pub use client::Client;
+#[cfg(feature = "server")]
 pub use server::{ListenLimits, ServerInfo, serve, serve_limited};

@@ -1,11 +1,11 @@
 //! The admin API: routes, upstreams (health, ejection, load), counters and
 //! explanations, as JSON.
 
+use meshwork_api::ApiError;
 use std::collections::HashMap;
 
 use axum::Json;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{HeaderMap, Method};
@@ -56,23 +56,13 @@ async fn explain(
     headers: HeaderMap,
 ) -> Response {
     let Some(url) = q.get("url") else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({"error": {"code": "bad_request", "message": "missing url"}})),
-        )
-            .into_response();
+        return ApiError::bad_request("bad_request", "missing url").into_response();
     };
     let method = match Method::from_bytes(q.get("method").map_or("GET", String::as_str).as_bytes())
     {
         Ok(m) => m,
         Err(_) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(
-                    serde_json::json!({"error": {"code": "bad_request", "message": "bad method"}}),
-                ),
-            )
-                .into_response();
+            return ApiError::bad_request("bad_request", "bad method").into_response();
         }
     };
     let mut h = HeaderMap::new();
@@ -85,10 +75,6 @@ async fn explain(
     }
     match gw.explain(&method, url, &h) {
         Ok(e) => Json(e).into_response(),
-        Err(e) => (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({"error": {"code": "bad_request", "message": e.to_string()}})),
-        )
-            .into_response(),
+        Err(e) => ApiError::bad_request("bad_request", e.to_string()).into_response(),
     }
 }

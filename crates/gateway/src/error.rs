@@ -106,14 +106,12 @@ impl GatewayError {
 
     /// The JSON response; `request_id` is echoed in the body when known.
     pub fn into_response(self, request_id: Option<&str>) -> Response<Body> {
-        let body = serde_json::json!({
-            "error": {
-                "code": self.code.as_str(),
-                "message": self.message,
-                "request_id": request_id,
-            }
-        });
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let mut err =
+            meshwork_api::ApiError::new(self.code.status(), self.code.as_str(), self.message);
+        if let Some(id) = request_id {
+            err = err.with_request_id(id);
+        }
+        let bytes = err.to_json();
         let mut resp = Response::new(full(bytes));
         *resp.status_mut() = self.code.status();
         resp.headers_mut().insert(

@@ -51,6 +51,7 @@ use serde::de::DeserializeOwned;
 pub use client::{HttpClient, TargetPolicy};
 pub use context::RequestContext;
 pub use error::{CallError, Error};
+pub use meshwork_api::{ApiError, ErrorBody};
 pub use meshwork_coord::registry::Filter;
 pub use meshwork_coord::registry::probe::{CheckPolicy, CheckSpec, HealthCheck};
 

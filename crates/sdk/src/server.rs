@@ -279,13 +279,9 @@ pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
         .clone()
 }
 
-/// A JSON error body with a stable code.
+/// A JSON error body with a stable code (the platform's envelope, [`meshwork_api::ApiError`]).
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (
-        status,
-        axum::Json(serde_json::json!({ "error": { "code": code, "message": message } })),
-    )
-        .into_response()
+    meshwork_api::ApiError::new(status, code, message).into_response()
 }
 
 async fn rejection(e: BoxError) -> Response {

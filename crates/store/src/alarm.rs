@@ -32,7 +32,7 @@ pub enum Alarm {
 }
 
 impl Alarm {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Alarm::NoSpace => "NOSPACE",
             Alarm::Corrupt => "CORRUPT",

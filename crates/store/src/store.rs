@@ -529,7 +529,7 @@ impl Store {
             .alarms
             .lock()
             .activate(AlarmMember { member_id, alarm })?;
-        tracing::warn!(member_id, ?alarm, "alarm raised");
+        tracing::warn!(member_id, alarm = alarm.as_str(), "alarm raised");
         self.refresh_alarms();
         Ok(())
     }

@@ -1,44 +1,33 @@
-//! Errors the shop's services answer with: JSON `{"error":{"code","message"}}`
-//! and the matching HTTP status.
+//! Errors the shop's services answer with: the platform's JSON error envelope
+//! (`meshwork_sdk::ApiError`) and the matching HTTP status.
 
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 
-/// An error answer.
+/// An error answer (the platform's, so `From` conversions can live here).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Stable code.
-    pub code: &'static str,
-    /// What happened, for a person.
-    pub message: String,
-}
+#[error("{0}")]
+pub struct ApiError(pub meshwork_sdk::ApiError);
 
 impl ApiError {
     /// An error with `status` and `code`.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
+        ApiError(meshwork_sdk::ApiError::new(status, code, message))
     }
 
     /// 400 `invalid_argument`.
     pub fn invalid(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
+        ApiError(meshwork_sdk::ApiError::invalid(message))
     }
 
     /// 404 `not_found`.
     pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+        ApiError(meshwork_sdk::ApiError::not_found(message))
     }
 
     /// 500 `internal`.
     pub fn internal(message: &str) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+        ApiError(meshwork_sdk::ApiError::internal(message))
     }
 }
 
@@ -51,13 +40,7 @@ impl From<rusqlite::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            axum::Json(serde_json::json!({
-                "error": { "code": self.code, "message": self.message }
-            })),
-        )
-            .into_response()
+        self.0.into_response()
     }
 }
 

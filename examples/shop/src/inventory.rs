@@ -50,6 +50,7 @@ pub struct Product {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Reservation {
     /// The order holding it.
+    #[serde(with = "crate::ids")]
     pub order_id: i64,
     /// What.
     pub sku: String,
@@ -66,6 +67,7 @@ pub struct Reservation {
 #[serde(deny_unknown_fields)]
 pub struct ReserveRequest {
     /// The order reserving.
+    #[serde(with = "crate::ids")]
     pub order_id: i64,
     /// What.
     pub sku: String,

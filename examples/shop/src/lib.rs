@@ -8,6 +8,7 @@
 
 mod db;
 pub mod error;
+pub mod ids;
 pub mod inventory;
 pub mod load;
 pub mod order;

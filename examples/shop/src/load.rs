@@ -108,20 +108,22 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, String> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     let started = Instant::now();
-    let progress = opts.progress.then(|| {
-        let done = done.clone();
-        let total = opts.orders;
-        tokio::spawn(async move {
-            loop {
-                let n = done.load(Ordering::Relaxed);
-                draw(n, total);
-                if n >= total {
-                    return;
+    // A bar is drawn only on a terminal: logs and CI get no carriage returns.
+    let progress =
+        (opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+            let done = done.clone();
+            let total = opts.orders;
+            tokio::spawn(async move {
+                loop {
+                    let n = done.load(Ordering::Relaxed);
+                    draw(n, total);
+                    if n >= total {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    });
+            })
+        });
     let mut workers = Vec::new();
     for _ in 0..opts.concurrency.min(opts.orders) {
         let (client, uri, next, done, hist, failures) = (
@@ -202,9 +204,8 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, String> {
 
 /// The error code of a failed order answer (or its status).
 fn reason(status: http::StatusCode, body: Option<&[u8]>) -> String {
-    body.and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-        .and_then(|v| v["error"]["code"].as_str().map(String::from))
-        .unwrap_or_else(|| format!("http_{}", status.as_u16()))
+    body.and_then(meshwork_sdk::ErrorBody::parse)
+        .map_or_else(|| format!("http_{}", status.as_u16()), |e| e.code)
 }
 
 fn draw(done: usize, total: usize) {

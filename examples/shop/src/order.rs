@@ -65,6 +65,7 @@ const ABANDONED_AFTER_MS: i64 = 60_000;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Order {
     /// Unique id (from Meshwork's id generator).
+    #[serde(with = "crate::ids")]
     pub id: i64,
     /// Who ordered.
     pub customer: String,
@@ -161,14 +162,11 @@ fn answer(order: Order, http_status: u16) -> Response {
         "unknown_account" => format!("no account {:?}", order.account),
         other => format!("order failed: {other}"),
     };
-    (
-        status,
-        axum::Json(serde_json::json!({
-            "error": { "code": order.reason, "message": message },
-            "order": order,
-        })),
-    )
-        .into_response()
+    let mut body = meshwork_sdk::ApiError::new(status, order.reason.clone(), message).envelope();
+    if let (Some(fields), Ok(order)) = (body.as_object_mut(), serde_json::to_value(&order)) {
+        fields.insert("order".into(), order);
+    }
+    (status, axum::Json(body)).into_response()
 }
 
 async fn create(State(s): State<OrderState>, headers: HeaderMap, body: Bytes) -> Response {
@@ -312,10 +310,8 @@ async fn call<T: Serialize>(s: &OrderState, service: &str, path: &str, body: &T)
     match s.mw.http().json(service, Method::POST, path, body).await {
         Ok(r) if r.status().is_success() => Outcome::Ok(r.into_body()),
         Ok(r) if r.status().is_client_error() => {
-            let code = serde_json::from_slice::<serde_json::Value>(r.body())
-                .ok()
-                .and_then(|v| v["error"]["code"].as_str().map(String::from))
-                .unwrap_or_else(|| r.status().as_str().to_string());
+            let code = meshwork_sdk::ErrorBody::parse(r.body())
+                .map_or_else(|| r.status().as_str().to_string(), |e| e.code);
             Outcome::No(r.status().as_u16(), code)
         }
         Ok(r) => Outcome::Unknown(format!("{service} answered {}", r.status())),

@@ -46,6 +46,7 @@ pub struct Account {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Charge {
     /// The order paid.
+    #[serde(with = "crate::ids")]
     pub order_id: i64,
     /// Account charged.
     pub account: String,
@@ -60,6 +61,7 @@ pub struct Charge {
 #[serde(deny_unknown_fields)]
 pub struct ChargeRequest {
     /// The order paid.
+    #[serde(with = "crate::ids")]
     pub order_id: i64,
     /// Account to charge.
     pub account: String,

@@ -75,50 +75,24 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/ids/{id}"),
 ];
 
-/// An API error: status plus JSON body.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    detail: Option<serde_json::Value>,
-}
+pub use meshwork_api::ApiError;
 
-impl ApiError {
-    /// A 400 with `code` and `message`.
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            code,
-            message: message.into(),
-            detail: None,
-        }
-    }
-}
-
+/// The API's answer for a [`CoordError`]: its status and stable code, and the
+/// line and column of a format error, or a held lock's holder, as `detail`.
 impl From<CoordError> for ApiError {
     fn from(e: CoordError) -> ApiError {
-        let detail = match &e {
-            CoordError::Format(f) => Some(serde_json::json!({"line": f.line, "column": f.column})),
-            _ => None,
-        };
-        ApiError {
-            status: StatusCode::from_u16(e.http_status())
-                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            code: e.code(),
-            message: e.to_string(),
-            detail,
+        let status =
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let err = ApiError::new(status, e.code(), e.to_string());
+        match &e {
+            CoordError::Format(f) => {
+                err.with_detail(serde_json::json!({"line": f.line, "column": f.column}))
+            }
+            CoordError::Held { holder, .. } => {
+                err.with_detail(serde_json::json!({ "holder": holder }))
+            }
+            _ => err,
         }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut err = serde_json::json!({"code": self.code, "message": self.message});
-        if let (Some(d), Some(o)) = (self.detail, err.as_object_mut()) {
-            o.insert("detail".into(), d);
-        }
-        (self.status, axum::Json(serde_json::json!({ "error": err }))).into_response()
     }
 }
 
@@ -260,49 +234,11 @@ async fn openapi() -> Response {
 }
 
 async fn not_found() -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        code: "no_such_route",
-        message: "no such API route; see /openapi.json".into(),
-        detail: None,
-    }
-}
-
-/// Turns the framework's plain-text errors (413 body too large, 405, a path that
-/// does not decode) into the API's JSON error shape.
-async fn json_errors(resp: Response) -> Response {
-    let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return resp;
-    }
-    let code = match status.as_u16() {
-        413 => "too_large",
-        405 => "method_not_allowed",
-        404 => "no_such_route",
-        s if s < 500 => "invalid_argument",
-        _ => "internal",
-    };
-    let (parts, body) = resp.into_parts();
-    let text = axum::body::to_bytes(body, 16 * 1024)
-        .await
-        .unwrap_or_default();
-    let mut message = String::from_utf8_lossy(&text).trim().to_string();
-    if message.is_empty() {
-        message = status.canonical_reason().unwrap_or("error").to_string();
-    }
-    let mut out = (
-        status,
-        axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_such_route",
+        "no such API route; see /openapi.json",
     )
-        .into_response();
-    if let Some(allow) = parts.headers.get(header::ALLOW) {
-        out.headers_mut().insert(header::ALLOW, allow.clone());
-    }
-    out
 }
 
 /// The API router (mount it on the node's HTTP port; serve it with connect info).
@@ -313,7 +249,7 @@ pub fn router(coord: Coord) -> Router {
         .merge(coordination::routes())
         .route("/openapi.json", axum::routing::get(openapi))
         .fallback(not_found)
-        .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::map_response(meshwork_api::json_errors))
         .with_state(coord)
 }
 

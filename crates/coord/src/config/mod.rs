@@ -15,6 +15,7 @@
 //! history record, so history never misses a version. Every node keeps the `live`
 //! part in memory by watch; history is read on demand.
 
+#[cfg(feature = "server")]
 pub mod diff;
 pub mod format;
 
@@ -747,6 +748,7 @@ impl ConfigCenter {
     }
 
     /// A unified diff and side-by-side rows between two versions.
+    #[cfg(feature = "server")]
     pub async fn diff(&self, key: &ConfigKey, from: u64, to: u64) -> Result<VersionDiff> {
         let a = self.version(key, from).await?;
         let b = self.version(key, to).await?;
@@ -942,6 +944,7 @@ impl ConfigCenter {
 }
 
 /// A diff between two versions.
+#[cfg(feature = "server")]
 #[derive(Debug, Clone, Serialize)]
 pub struct VersionDiff {
     /// Older version.

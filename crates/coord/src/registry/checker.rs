@@ -17,7 +17,8 @@ use tokio::task::JoinHandle;
 
 use super::Registry;
 use super::model::{HealthStatus, Instance, health_key, instance_key, now_ms};
-use super::probe::{HealthCheck, probe};
+use super::probe::HealthCheck;
+use super::prober::{ProbeOutcome, probe};
 use crate::backend::txn;
 use crate::nodes::{CHECKER_ROLE, Membership};
 
@@ -225,7 +226,7 @@ async fn run_check(registry: Registry, membership: Arc<Membership>, inst: Instan
     loop {
         let outcome = match resolve(&inst.spec.address, inst.spec.port).await {
             Ok(addr) => probe(&check, addr, &host).await,
-            Err(e) => super::probe::ProbeOutcome {
+            Err(e) => ProbeOutcome {
                 healthy: false,
                 detail: e,
                 latency: Duration::ZERO,

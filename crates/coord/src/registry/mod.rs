@@ -3,9 +3,12 @@
 //! changes, and follow what happened. Active health checks live in [`checker`].
 
 pub mod cache;
+#[cfg(feature = "server")]
 pub mod checker;
 pub mod model;
 pub mod probe;
+#[cfg(feature = "server")]
+pub mod prober;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -742,7 +742,9 @@ pub async fn locks_exclusive_fenced_freed(endpoints: Vec<String>) {
     let e = lock::lock(&be, "res", lb, "b", Some(Duration::from_millis(200)))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), "timeout");
+    assert_eq!(e.code(), "lock_held");
+    assert_eq!(e.http_status(), 409);
+    assert!(e.to_string().contains(r#"held by "a""#), "{e}");
     let states = lock::list_locks(&be).await.unwrap();
     let s = states.iter().find(|s| s.name == "res").unwrap();
     assert_eq!(
