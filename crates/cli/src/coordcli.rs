@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::httpc::{call, enc};
+use crate::output::{OutputArgs, Table, cell, print_json, time_ms};
 
 /// Where the node's HTTP API is.
 #[derive(Args, Clone)]
@@ -37,21 +38,13 @@ async fn req(h: &Http, method: &str, path: &str, body: Option<Value>) -> Result<
     call(&h.http, method, path, body).await?.json()
 }
 
-fn print(v: &Value) {
-    use std::io::Write;
-    // A closed pipe (`| head`) is not an error worth a panic.
-    let _ = writeln!(
-        std::io::stdout(),
-        "{}",
-        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-    );
-}
-
 /// `meshwork svc`.
 #[derive(Args)]
 pub(crate) struct SvcArgs {
     #[command(flatten)]
     http: Http,
+    #[command(flatten)]
+    out: OutputArgs,
     #[command(subcommand)]
     cmd: SvcCmd,
 }
@@ -197,19 +190,18 @@ pub(crate) async fn svc(a: SvcArgs) -> Result<()> {
     match a.cmd {
         SvcCmd::List => {
             let v = req(h, "GET", "/v1/services", None).await?;
-            println!(
-                "{:<32} {:>8} {:>8} {:>10}",
-                "SERVICE", "HEALTHY", "TOTAL", "INDEX"
-            );
-            for s in v["services"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<32} {:>8} {:>8} {:>10}",
-                    s["name"].as_str().unwrap_or(""),
-                    s["healthy"].to_string(),
-                    s["instances"].to_string(),
-                    s["index"].to_string()
-                );
-            }
+            a.out.print(&v, |v, _| {
+                let mut t = Table::new(&["SERVICE", "HEALTHY", "TOTAL", "INDEX"]);
+                for s in v["services"].as_array().into_iter().flatten() {
+                    t.row(vec![
+                        cell(&s["name"]),
+                        cell(&s["healthy"]),
+                        cell(&s["instances"]),
+                        cell(&s["index"]),
+                    ]);
+                }
+                t
+            });
         }
         SvcCmd::Register(r) => {
             let mut metadata = serde_json::Map::new();
@@ -233,7 +225,9 @@ pub(crate) async fn svc(a: SvcArgs) -> Result<()> {
             }
             let path = format!("/v1/services/{}/instances", enc(&r.service));
             let v = req(h, "POST", &path, Some(body)).await?;
-            print(&v);
+            a.out.print(&v, |v, wide| {
+                instances_table(std::slice::from_ref(&v["instance"]), wide)
+            });
             if r.persistent {
                 return Ok(());
             }
@@ -271,7 +265,10 @@ pub(crate) async fn svc(a: SvcArgs) -> Result<()> {
         }
         SvcCmd::Get(d) => {
             let path = format!("/v1/services/{}/instances?{}", enc(&d.service), d.query());
-            print(&req(h, "GET", &path, None).await?);
+            let v = req(h, "GET", &path, None).await?;
+            a.out.print(&v, |v, wide| {
+                instances_table(v["instances"].as_array().map_or(&[], Vec::as_slice), wide)
+            });
         }
         SvcCmd::Watch(d) => {
             let mut index = 0i64;
@@ -294,7 +291,28 @@ pub(crate) async fn svc(a: SvcArgs) -> Result<()> {
             if let Some(s) = service {
                 path.push_str(&format!("&service={}", enc(&s)));
             }
-            print(&req(h, "GET", &path, None).await?);
+            let v = req(h, "GET", &path, None).await?;
+            a.out.print(&v, |v, wide| {
+                let mut t = if wide {
+                    Table::new(&["REVISION", "SEEN", "SERVICE", "INSTANCE", "EVENT", "DETAIL"])
+                } else {
+                    Table::new(&["REVISION", "SERVICE", "INSTANCE", "EVENT", "DETAIL"])
+                };
+                for e in v["events"].as_array().into_iter().flatten() {
+                    let mut row = vec![cell(&e["revision"])];
+                    if wide {
+                        row.push(time_ms(&e["seen_at_ms"]));
+                    }
+                    row.extend([
+                        cell(&e["service"]),
+                        cell(&e["instance"]),
+                        cell(&e["kind"]),
+                        cell(&e["detail"]),
+                    ]);
+                    t.row(row);
+                }
+                t
+            });
         }
         SvcCmd::Disable {
             service,
@@ -306,7 +324,9 @@ pub(crate) async fn svc(a: SvcArgs) -> Result<()> {
                 enc(&service),
                 enc(&id)
             );
-            print(&req(h, "PUT", &path, Some(json!({ "enabled": enable }))).await?);
+            let v = req(h, "PUT", &path, Some(json!({ "enabled": enable }))).await?;
+            a.out
+                .print(&v, |v, wide| instances_table(std::slice::from_ref(v), wide));
         }
     }
     Ok(())
@@ -317,6 +337,8 @@ pub(crate) async fn svc(a: SvcArgs) -> Result<()> {
 pub(crate) struct ConfigArgs {
     #[command(flatten)]
     http: Http,
+    #[command(flatten)]
+    out: OutputArgs,
     #[command(subcommand)]
     cmd: ConfigCmd,
 }
@@ -450,9 +472,9 @@ pub(crate) async fn config(a: ConfigArgs) -> Result<()> {
         ConfigCmd::Get { path, raw } => {
             let v = req(h, "GET", &cfg_path(&path)?, None).await?;
             if raw {
-                print!("{}", v["content"].as_str().unwrap_or(""));
+                crate::output::out(v["content"].as_str().unwrap_or(""));
             } else {
-                print(&v);
+                print_json(&v);
             }
         }
         ConfigCmd::List { namespace, group } => {
@@ -463,29 +485,64 @@ pub(crate) async fn config(a: ConfigArgs) -> Result<()> {
             if let Some(g) = group {
                 q.push_str(&format!("group={}", enc(&g)));
             }
-            print(&req(h, "GET", &format!("/v1/config?{q}"), None).await?);
+            let v = req(h, "GET", &format!("/v1/config?{q}"), None).await?;
+            a.out.print(&v, |v, wide| {
+                let mut cols = vec![
+                    "NAMESPACE",
+                    "GROUP",
+                    "DATA ID",
+                    "FORMAT",
+                    "VERSION",
+                    "UPDATED",
+                ];
+                if wide {
+                    cols.extend(["AUTHOR", "CHECKSUM", "DESCRIPTION"]);
+                }
+                let mut t = Table::new(&cols);
+                for e in v["entries"].as_array().into_iter().flatten() {
+                    let mut row = vec![
+                        cell(&e["namespace"]),
+                        cell(&e["group"]),
+                        cell(&e["data_id"]),
+                        cell(&e["format"]),
+                        cell(&e["version"]),
+                        time_ms(&e["updated_at_ms"]),
+                    ];
+                    if wide {
+                        row.extend([
+                            cell(&e["author"]),
+                            cell(&e["checksum"]).chars().take(12).collect(),
+                            cell(&e["description"]),
+                        ]);
+                    }
+                    t.row(row);
+                }
+                t
+            });
         }
         ConfigCmd::History { path } => {
             let v = req(h, "GET", &format!("{}/history", cfg_path(&path)?), None).await?;
-            println!(
-                "{:>8} {:<9} {:<20} {:<16} DESCRIPTION",
-                "VERSION", "OP", "AUTHOR", "CHECKSUM"
-            );
-            for e in v["versions"].as_array().into_iter().flatten() {
-                println!(
-                    "{:>8} {:<9} {:<20} {:<16} {}",
-                    e["version"].to_string(),
-                    e["op"].as_str().unwrap_or(""),
-                    e["author"].as_str().unwrap_or(""),
-                    e["checksum"]
-                        .as_str()
-                        .unwrap_or("")
-                        .chars()
-                        .take(12)
-                        .collect::<String>(),
-                    e["description"].as_str().unwrap_or("")
-                );
-            }
+            a.out.print(&v, |v, wide| {
+                let mut cols = vec!["VERSION", "OP", "AUTHOR", "CHECKSUM", "DESCRIPTION"];
+                if wide {
+                    cols.insert(1, "AT");
+                }
+                let mut t = Table::new(&cols);
+                for e in v["versions"].as_array().into_iter().flatten() {
+                    let mut row = vec![cell(&e["version"])];
+                    if wide {
+                        row.push(time_ms(&e["updated_at_ms"]));
+                    }
+                    row.extend([
+                        cell(&e["op"]),
+                        cell(&e["author"]),
+                        cell(&e["checksum"]).chars().take(12).collect(),
+                        cell(&e["description"]),
+                    ]);
+                    t.row(row);
+                }
+                t
+            });
         }
         ConfigCmd::Diff { path, from, to } => {
             let v = req(
@@ -495,7 +552,7 @@ pub(crate) async fn config(a: ConfigArgs) -> Result<()> {
                 None,
             )
             .await?;
-            print!("{}", v["unified"].as_str().unwrap_or(""));
+            crate::output::out(v["unified"].as_str().unwrap_or(""));
         }
         ConfigCmd::Rollback {
             path,
@@ -574,6 +631,8 @@ pub(crate) async fn config(a: ConfigArgs) -> Result<()> {
 pub(crate) struct LockArgs {
     #[command(flatten)]
     http: Http,
+    #[command(flatten)]
+    out: OutputArgs,
     #[command(subcommand)]
     cmd: LockCmd,
 }
@@ -631,9 +690,42 @@ pub(crate) async fn lock(a: LockArgs) -> Result<()> {
             req(h, "DELETE", &format!("/v1/leases/{lease}"), None).await?;
             eprintln!("released {name}");
         }
-        LockCmd::List => print(&req(h, "GET", "/v1/locks", None).await?),
+        LockCmd::List => {
+            let v = req(h, "GET", "/v1/locks", None).await?;
+            a.out.print(&v, |v, wide| {
+                let mut cols = vec!["NAME", "HOLDER", "FENCING TOKEN", "WAITERS", "SINCE"];
+                if wide {
+                    cols.extend(["LEASE", "KEY"]);
+                }
+                let mut t = Table::new(&cols);
+                for l in v["locks"].as_array().into_iter().flatten() {
+                    let mut row = vec![
+                        cell(&l["name"]),
+                        cell(&l["holder"]),
+                        cell(&l["held"]["fencing_token"]),
+                        cell(&l["waiters"]),
+                        time_ms(&l["requested_at_ms"]),
+                    ];
+                    if wide {
+                        row.extend([lease_hex(&l["held"]["lease"]), cell(&l["held"]["key"])]);
+                    }
+                    t.row(row);
+                }
+                t
+            });
+        }
         LockCmd::Leader { name } => {
-            print(&req(h, "GET", &format!("/v1/elections/{}", enc(&name)), None).await?)
+            let v = req(h, "GET", &format!("/v1/elections/{}", enc(&name)), None).await?;
+            a.out.print(&v, |v, _| {
+                let mut t = Table::new(&["ELECTION", "LEADER", "FENCING TOKEN", "LEASE"]);
+                t.row(vec![
+                    name.clone(),
+                    cell(&v["value"]),
+                    cell(&v["held"]["fencing_token"]),
+                    lease_hex(&v["held"]["lease"]),
+                ]);
+                t
+            });
         }
     }
     Ok(())
@@ -644,6 +736,8 @@ pub(crate) async fn lock(a: LockArgs) -> Result<()> {
 pub(crate) struct IdArgs {
     #[command(flatten)]
     http: Http,
+    #[command(flatten)]
+    out: OutputArgs,
     #[command(subcommand)]
     cmd: IdCmd,
 }
@@ -673,8 +767,61 @@ pub(crate) async fn id(a: IdArgs) -> Result<()> {
             }
         }
         IdCmd::Explain { id } => {
-            print(&req(h, "GET", &format!("/v1/ids/{}", enc(&id)), None).await?)
+            let v = req(h, "GET", &format!("/v1/ids/{}", enc(&id)), None).await?;
+            a.out.print(&v, |v, _| {
+                let mut t = Table::new(&["ID", "TIME", "WORKER", "SEQUENCE"]);
+                t.row(vec![
+                    cell(&v["id"]),
+                    time_ms(&v["timestamp_ms"]),
+                    cell(&v["worker"]),
+                    cell(&v["sequence"]),
+                ]);
+                t
+            });
         }
     }
     Ok(())
+}
+
+/// A lease id as etcd prints it (hex).
+fn lease_hex(v: &Value) -> String {
+    v.as_i64().map_or_else(|| cell(v), |l| format!("{l:x}"))
+}
+
+/// Instances as rows; `wide` adds protocol, tags, kind and the check's last word.
+fn instances_table(instances: &[Value], wide: bool) -> Table {
+    let mut cols = vec![
+        "ID", "ADDRESS", "PORT", "HEALTH", "ENABLED", "WEIGHT", "ZONE", "VERSION",
+    ];
+    if wide {
+        cols.extend(["PROTOCOL", "TAGS", "KIND", "CHECK"]);
+    }
+    let mut t = Table::new(&cols);
+    for i in instances {
+        let mut row = vec![
+            cell(&i["id"]),
+            cell(&i["address"]),
+            cell(&i["port"]),
+            cell(&i["health"]),
+            cell(&i["enabled"]),
+            cell(&i["weight"]),
+            cell(&i["zone"]),
+            cell(&i["version"]),
+        ];
+        if wide {
+            let kind = if i["ephemeral"].as_bool() == Some(false) {
+                "persistent"
+            } else {
+                "ephemeral"
+            };
+            row.extend([
+                cell(&i["protocol"]),
+                cell(&i["tags"]),
+                kind.to_string(),
+                cell(&i["health_detail"]["detail"]),
+            ]);
+        }
+        t.row(row);
+    }
+    t
 }

@@ -90,12 +90,10 @@ pub(crate) fn start(
                 },
                 None => (RouteSet::default(), 0),
             };
-            match gw.apply(set) {
-                Ok(()) => tracing::info!(config_version = version, "gateway routes applied"),
-                Err(e) => {
-                    tracing::error!(config_version = version, error = %e, "gateway routes rejected; keeping the previous set");
-                    metrics::counter!("meshwork_gateway_route_apply_errors_total").increment(1);
-                }
+            // The gateway logs the routes it installs, with this version.
+            if let Err(e) = gw.apply_version(set, version) {
+                tracing::error!(config_version = version, error = %e, "gateway routes rejected; keeping the previous set");
+                metrics::counter!("meshwork_gateway_route_apply_errors_total").increment(1);
             }
         }
     });

@@ -9,12 +9,15 @@ use clap::{Args, Subcommand};
 
 use crate::coordcli::Http;
 use crate::httpc::{call, call_with_headers, enc};
+use crate::output::{OutputArgs, Table, cell, print_json};
 
 /// `meshwork gateway`.
 #[derive(Args)]
 pub(crate) struct GatewayArgs {
     #[command(flatten)]
     http: Http,
+    #[command(flatten)]
+    out: OutputArgs,
     #[command(subcommand)]
     cmd: GatewayCmd,
 }
@@ -71,10 +74,52 @@ pub(crate) async fn run(a: GatewayArgs) -> Result<()> {
         }
         GatewayCmd::Routes => {
             let v = call(http, "GET", "/gateway/routes", None).await?.json()?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
-            );
+            a.out.print(&v, |v, wide| {
+                let mut cols = vec![
+                    "PRIORITY", "NAME", "ACTION", "REQUESTS", "5XX", "P99 MS", "ACTIVE",
+                ];
+                if wide {
+                    cols.extend(["4XX", "RATE LIMITED", "CLIENT FAULTS", "BREAKERS"]);
+                }
+                let mut t = Table::new(&cols);
+                for r in v["routes"].as_array().into_iter().flatten() {
+                    let c = &r["counters"];
+                    let p99 = c["p99_ms"]
+                        .as_f64()
+                        .map_or("-".to_string(), |p| format!("{p:.1}"));
+                    let mut row = vec![
+                        cell(&r["priority"]),
+                        cell(&r["name"]),
+                        cell(&r["action"]),
+                        cell(&c["requests"]),
+                        cell(&c["status_classes"][4]),
+                        p99,
+                        cell(&c["active"]),
+                    ];
+                    if wide {
+                        let breakers = r["breakers"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|b| format!("{}={}", cell(&b[0]), cell(&b[1])))
+                            .collect::<Vec<_>>()
+                            .join(",");
+                        row.extend([
+                            cell(&c["status_classes"][3]),
+                            cell(&c["rate_limited"]),
+                            cell(&c["client_faults"]),
+                            if breakers.is_empty() {
+                                "-".to_string()
+                            } else {
+                                breakers
+                            },
+                        ]);
+                    }
+                    t.row(row);
+                }
+                t.caption(format!("routes version {}", cell(&v["version"])));
+                t
+            });
         }
         GatewayCmd::Explain {
             url,
@@ -95,10 +140,7 @@ pub(crate) async fn run(a: GatewayArgs) -> Result<()> {
             let v = call_with_headers(http, "GET", &path, None, &extra)
                 .await?
                 .json()?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
-            );
+            print_json(&v);
         }
     }
     Ok(())

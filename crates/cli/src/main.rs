@@ -34,6 +34,7 @@ mod httpc;
 mod kv;
 mod listen;
 mod node;
+mod output;
 mod snapshotcli;
 
 use std::path::PathBuf;
@@ -115,7 +116,7 @@ struct NodeArgs {
     /// etcd v3 gRPC listen address (port 0 picks a free port) [default: 127.0.0.1:2479].
     #[arg(long, env = "MESHWORK_ETCD_ADDR")]
     etcd_addr: Option<String>,
-    /// HTTP listen address for /healthz, /readyz, /metrics [default: 127.0.0.1:7070].
+    /// HTTP listen address: the API (/v1/...), the console, /healthz, /readyz, /metrics [default: 127.0.0.1:7070].
     #[arg(long, env = "MESHWORK_HTTP_ADDR")]
     http_addr: Option<String>,
     /// Member name.
@@ -133,8 +134,9 @@ struct NodeArgs {
     /// Acknowledge writes before they are fsynced (loses acknowledged writes on a crash).
     #[arg(long, env = "MESHWORK_UNSAFE_NO_FSYNC")]
     unsafe_no_fsync: bool,
-    /// Roles to run, comma-separated: `store` (the embedded etcd-compatible store) and
-    /// `coord` (registry, config center, locks, election, ids) [default: store,coord].
+    /// Roles to run, comma-separated: `store` (the embedded etcd-compatible store),
+    /// `coord` (registry, config center, locks, election, ids) and `gateway` (the API
+    /// gateway) [default: store,coord, plus gateway when --gateway-addr is given].
     #[arg(long, env = "MESHWORK_ROLES")]
     roles: Option<String>,
     /// Run coordination on an external etcd cluster instead of the embedded store:

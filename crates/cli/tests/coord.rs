@@ -41,14 +41,25 @@ fn svc_config_lock_and_id_commands() {
         ],
     );
     assert!(ok, "{err}");
-    assert!(out.contains("\"id\": \"127.0.0.1:9100\""), "{out}");
+    assert!(
+        out.starts_with("ID ") && out.contains("127.0.0.1:9100"),
+        "{out}"
+    );
     let (ok, out, _) = run(h, &["svc", "list"]);
     assert!(ok);
     assert!(out.lines().any(|l| l.starts_with("orders")), "{out}");
+    // A table by default; the API's JSON with -o json or --json.
     let (_, out, _) = run(h, &["svc", "get", "orders", "--tags", "blue"]);
+    let mut lines = out.lines();
+    assert!(lines.next().unwrap().starts_with("ID "), "{out}");
+    assert!(
+        lines.next().unwrap().starts_with("127.0.0.1:9100 "),
+        "{out}"
+    );
+    let (_, out, _) = run(h, &["svc", "get", "orders", "--tags", "blue", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["instances"][0]["metadata"]["team"], "shop");
-    let (_, out, _) = run(h, &["svc", "get", "orders", "--zone", "z2"]);
+    let (_, out, _) = run(h, &["svc", "get", "orders", "--zone", "z2", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["instances"].as_array().unwrap().len(), 0);
     // Bad input: non-zero exit and the API's message.
@@ -159,7 +170,10 @@ fn svc_config_lock_and_id_commands() {
     let ids: Vec<i64> = out.lines().map(|l| l.parse().unwrap()).collect();
     assert!(ids.len() == 3 && ids[0] < ids[1] && ids[1] < ids[2]);
     let (_, out, _) = run(h, &["id", "explain", &ids[0].to_string()]);
-    assert!(out.contains("\"worker\""), "{out}");
+    assert!(out.starts_with("ID ") && out.contains("WORKER"), "{out}");
+    let (_, out, _) = run(h, &["id", "explain", &ids[0].to_string(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["id"], ids[0].to_string());
 
     // Only leases granted through the API can be renewed or revoked by id: an
     // instance's own lease cannot be revoked by a stranger.

@@ -146,7 +146,7 @@ fn routes_from_the_config_center_and_upstreams_from_the_registry() {
         "[[routes]]\nname = \"hello\"\n[routes.match]\npath = { exact = \"/hello\" }\n[routes.respond]\nstatus = 200\nbody = \"hi\"\n",
     )
     .unwrap();
-    let (ok, _, err) = meshwork(h, &["gateway", "apply", "-f", routes.to_str().unwrap()]);
+    let (ok, applied, err) = meshwork(h, &["gateway", "apply", "-f", routes.to_str().unwrap()]);
     assert!(ok, "{err}");
     wait_until("the new set to go live", || {
         common::http_get(&gw, "/hello")
@@ -154,8 +154,21 @@ fn routes_from_the_config_center_and_upstreams_from_the_registry() {
             .unwrap_or(false)
     });
     assert_eq!(common::http_get(&gw, "/api/x").unwrap().0, 404);
+    // A table by default, headed by the same version `apply` printed.
     let (_, out, _) = meshwork(h, &["gateway", "routes"]);
-    assert!(out.contains("hello"), "{out}");
+    let version = applied.split_whitespace().nth(2).unwrap();
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some(format!("routes version {version}").as_str()),
+        "{applied}\n{out}"
+    );
+    assert!(lines.next().unwrap().starts_with("PRIORITY"), "{out}");
+    assert!(lines.next().unwrap().contains("hello"), "{out}");
+    let (_, out, _) = meshwork(h, &["gateway", "routes", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["version"].to_string(), version);
+    assert_eq!(v["routes"][0]["name"], "hello");
 }
 
 /// A `cluster = true` rate limit is shared by the gateway nodes: two nodes together

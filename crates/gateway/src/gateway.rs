@@ -172,9 +172,20 @@ impl Gateway {
     /// routes keep serving); on success new requests use the new routes at
     /// once while requests in flight finish on the old ones.
     pub fn apply(&self, set: RouteSet) -> Result<(), RouteError> {
+        self.install(set, None)
+    }
+
+    /// As [`apply`](Self::apply), numbering the table `version`: the
+    /// configuration center's version of the routes entry, so the version
+    /// `meshwork gateway apply` printed is the one `gateway routes` shows.
+    pub fn apply_version(&self, set: RouteSet, version: u64) -> Result<(), RouteError> {
+        self.install(set, Some(version))
+    }
+
+    fn install(&self, set: RouteSet, version: Option<u64>) -> Result<(), RouteError> {
         let _one_at_a_time = self.shared.apply_lock.lock();
         let plans = compile::plan(&set)?;
-        let version = self.shared.table.load().version + 1;
+        let version = version.unwrap_or_else(|| self.shared.table.load().version + 1);
         let mut cache = self.shared.cache.lock();
         let (table, new_cache) = table::build(
             plans,
@@ -195,7 +206,9 @@ impl Gateway {
         self.shared.table.load().set.clone()
     }
 
-    /// Version of the route table (bumped by every successful apply).
+    /// Version of the route table: the configuration center's version when
+    /// installed with [`apply_version`](Self::apply_version), else bumped by
+    /// every successful apply.
     pub fn routes_version(&self) -> u64 {
         self.shared.table.load().version
     }

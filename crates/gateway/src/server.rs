@@ -162,6 +162,7 @@ pub async fn serve(
     gateway: Gateway,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, tls = false, "gateway listening");
     serve_inner(listener, gateway, None, shutdown).await
 }
 
@@ -173,6 +174,7 @@ pub async fn serve_tls(
     acceptor: TlsAcceptor,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, tls = true, "gateway listening");
     serve_inner(listener, gateway, Some(acceptor), shutdown).await
 }
 
@@ -190,7 +192,9 @@ async fn serve_inner(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let local = listener.local_addr()?;
-    tracing::info!(addr = %local, tls = tls.is_some(), "gateway listening");
+    // One line per accept loop; `serve`, `serve_tls` and `spawn_workers`
+    // (several loops on one address) say "gateway listening" once, at info.
+    tracing::debug!(addr = %local, tls = tls.is_some(), "gateway accept loop started");
     loop {
         let permit = tokio::select! {
             _ = &mut shutdown => break,
@@ -439,6 +443,7 @@ pub fn spawn_workers(
             })?;
         threads.push(t);
     }
+    tracing::info!(%addr, tls = tls.is_some(), workers, "gateway listening");
     Ok(Workers {
         addr,
         stop,
