@@ -26,7 +26,33 @@ mod bench;
 mod bench_coord;
 mod config;
 mod coordcli;
+#[cfg(feature = "demo")]
 mod demo;
+/// Stand-in for a build without the demo shop (`--no-default-features`):
+/// `--demo` is refused with the reason, nothing links SQLite.
+#[cfg(not(feature = "demo"))]
+mod demo {
+    /// Never built: starting it says why.
+    pub(crate) struct Shop;
+
+    impl Shop {
+        pub(crate) async fn start(
+            _http: &str,
+            _endpoints: &[String],
+            _data_dir: &std::path::Path,
+        ) -> anyhow::Result<Shop> {
+            anyhow::bail!(
+                "this meshwork was built without the demo shop (cargo feature `demo`, on by default)"
+            )
+        }
+
+        pub(crate) async fn shutdown(self) {}
+    }
+
+    pub(crate) fn banner(_http: &str, _gateway: &str) -> String {
+        String::new()
+    }
+}
 mod gateway;
 mod gatewaycli;
 mod http;
@@ -86,6 +112,7 @@ enum Command {
     /// API gateway routes: apply a routes file, list, explain a URL.
     Gateway(gatewaycli::GatewayArgs),
     /// The demo shop: run one of its services, or drive orders through the gateway.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
     /// Backups in etcd's snapshot format: save from a node, restore into a data directory.
     Snapshot(snapshotcli::SnapshotArgs),
@@ -543,6 +570,7 @@ fn run() -> Result<()> {
             Command::Lock(a) => coordcli::lock(a).await,
             Command::Id(a) => coordcli::id(a).await,
             Command::Gateway(a) => gatewaycli::run(a).await,
+            #[cfg(feature = "demo")]
             Command::Demo(a) => demo::run(a).await,
             Command::Snapshot(a) => snapshotcli::run(a).await,
             Command::Bench { what } => bench::run(what).await,
