@@ -95,18 +95,6 @@ fn key(i: u64, size: usize) -> Vec<u8> {
     b[b.len().saturating_sub(size)..].to_vec()
 }
 
-/// A tiny xorshift generator: deterministic, no dependency, plenty for picking keys.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 async fn clients(b: &KvBench) -> Result<Vec<Client>> {
     let mut out = Vec::with_capacity(b.conns);
     for _ in 0..b.conns.max(1) {
@@ -192,8 +180,8 @@ async fn kv(b: KvBench) -> Result<()> {
             b.sequential,
         );
         tasks.push(tokio::spawn(async move {
-            let mut rng =
-                Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+            // Deterministic per client: the same run picks the same keys.
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(i as u64);
             let value: bytes::Bytes = vec![b'v'; vsize].into();
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                 .expect("valid histogram bounds");
@@ -202,7 +190,11 @@ async fn kv(b: KvBench) -> Result<()> {
                 if n >= total {
                     break;
                 }
-                let idx = if sequential { n % ks } else { rng.next() % ks };
+                let idx = if sequential {
+                    n % ks
+                } else {
+                    rand::Rng::random_range(&mut rng, 0..ks.max(1))
+                };
                 let k: bytes::Bytes = key(idx, size).into();
                 let t0 = Instant::now();
                 let ok = match op {

@@ -180,8 +180,8 @@ mod tests {
         t.row(vec!["longer-name".into(), "x\u{1b}[2Jy".into()]);
         assert_eq!(
             t.render(),
-            "NAME          HOLDER     N\n\
-             a             node-1     3\n\
+            "NAME          HOLDER   N\n\
+             a             node-1   3\n\
              longer-name   x?[2Jy\n"
         );
     }

@@ -16,16 +16,6 @@ use tokio_stream::StreamExt;
 const ROUNDS: usize = 20;
 const WRITERS: usize = 16;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
@@ -35,7 +25,7 @@ fn acknowledged_writes_survive_sigkill() {
         .as_nanos() as u64
         | 1;
     eprintln!("crash test seed {seed}");
-    let mut rng = Rng(seed);
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -49,7 +39,7 @@ fn acknowledged_writes_survive_sigkill() {
         // Everything acknowledged so far is present, before new load starts.
         rt.block_on(verify(&ep, &acked.lock().clone()));
         // Kill after a random number of acknowledged writes, while writers are mid-flight.
-        let kill_after = 20 + rng.next() % 200;
+        let kill_after = 20 + rand::Rng::random_range(&mut rng, 0..200u64);
         let acked2 = acked.clone();
         rt.block_on(async {
             let client = Client::connect(std::slice::from_ref(&ep)).await.unwrap();

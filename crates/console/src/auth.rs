@@ -117,8 +117,8 @@ impl Auth {
 
     /// The logged-in user of a request (session cookie or Basic credentials).
     pub fn user_of(&self, headers: &HeaderMap) -> Option<String> {
-        if let Some(v) = cookie(headers, COOKIE)
-            && let Some(u) = self.verify(&v)
+        if let Some(v) = meshwork_gateway::cookie(headers, COOKIE)
+            && let Some(u) = self.verify(v)
         {
             return Some(u);
         }
@@ -142,18 +142,6 @@ pub fn basic(user: &str, password: &str) -> String {
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
     )
-}
-
-/// The value of cookie `name`.
-pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
 }
 
 /// Whether a request writes (and so needs a login when auth is on).

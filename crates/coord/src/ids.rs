@@ -681,12 +681,9 @@ impl WorkerClaim {
 
 /// FNV-1a: a hash that is stable across builds, so a node tends to get its worker back.
 fn fnv1a(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, s.as_bytes());
+    std::hash::Hasher::finish(&h)
 }
 
 fn parse_hwm(kvs: &[KeyValue]) -> Result<u64> {

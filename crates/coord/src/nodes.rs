@@ -409,10 +409,12 @@ pub fn owner<'a>(members: impl Iterator<Item = &'a str>, work: &str) -> Option<&
     members.max_by_key(|m| mix(fnv(m.as_bytes()) ^ fnv(work.as_bytes()).rotate_left(17)))
 }
 
+/// FNV-1a (the `fnv` crate): stable across builds and machines, as rendezvous
+/// hashing needs every node to compute the same weights.
 fn fnv(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
-        (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, b);
+    std::hash::Hasher::finish(&h)
 }
 
 fn mix(mut z: u64) -> u64 {

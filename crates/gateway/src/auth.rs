@@ -407,9 +407,8 @@ fn compile_keys(cfg: &ApiKeyConfig) -> Result<ApiKeys, FieldError> {
     })
 }
 
+/// Equal in time that does not depend on where the bytes differ (`subtle`);
+/// the length is not secret.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }

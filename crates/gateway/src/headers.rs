@@ -305,16 +305,19 @@ fn strip_port(h: &str) -> &str {
         .map_or(h, |(a, _)| a)
 }
 
-/// Value of cookie `name` in the request's Cookie headers.
-pub(crate) fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// Value of cookie `name` in the request's Cookie headers (parsed by the
+/// `cookie` crate; a quoted value is unquoted). The gateway's cookie matches
+/// and the console's session both read cookies with this.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
+        .flat_map(cookie::Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|c| c.name() == name)
+        .and_then(|c| c.value_raw())
+        .map(|v| v.trim_matches('"'))
 }
 
 /// Total size of a header map as it would appear on the wire (name + `: ` +

@@ -36,7 +36,7 @@ mod upstream;
 pub use config::{GatewayConfig, GatewayConfigError};
 pub use error::{ErrorCode, GatewayError};
 pub use gateway::{Gateway, GatewayCounters, RouteInfo};
-pub use headers::TraceContext;
+pub use headers::{TraceContext, cookie};
 pub use limits::{LocalSharedLimiter, SharedLimiter};
 pub use registry::{GATEWAY_ROLE, MembershipSharedLimiter, RegistryResolver};
 pub use resolver::{Endpoint, InstanceFilter, Resolver, StaticResolver};

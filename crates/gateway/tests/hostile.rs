@@ -152,22 +152,38 @@ async fn smuggling_with_content_length_and_chunked_is_refused() {
     assert_eq!(up.hits(), 1, "only the good request reached the upstream");
 }
 
+/// Each stalled client is cut by the deadline under test and no other: every
+/// other timer that could close the connection is set to an hour, so the
+/// close this test observes (well inside `raw`'s 20 s safety net) can only be
+/// the 200 ms deadline's.
 #[tokio::test]
 async fn slow_clients_are_cut_off() {
+    const HOUR_MS: u64 = 3_600_000;
     let up = Upstream::start("a").await;
+    // Slowloris: a head that never ends. The header deadline closes the
+    // connection (with a 408 or without a word).
     let cfg = GatewayConfig {
         header_read_timeout_ms: 200,
-        body_read_timeout_ms: 200,
+        body_read_timeout_ms: HOUR_MS,
+        idle_timeout_ms: HOUR_MS,
+        default_timeout_ms: HOUR_MS,
         ..Default::default()
     };
     let gw = Gw::start_with(cfg, &forward_all(&up)).await;
-    // Slowloris: a head that never ends. The server closes the connection.
     let resp = raw(gw.addr, b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
     assert!(
         resp.is_empty() || resp.starts_with("HTTP/1.1 408"),
         "{resp:?}"
     );
-    // A body that stalls: 408 from the gateway.
+    // A body that stalls: the body deadline answers 408 in the error envelope.
+    let cfg = GatewayConfig {
+        header_read_timeout_ms: HOUR_MS,
+        body_read_timeout_ms: 200,
+        idle_timeout_ms: HOUR_MS,
+        default_timeout_ms: HOUR_MS,
+        ..Default::default()
+    };
+    let gw = Gw::start_with(cfg, &forward_all(&up)).await;
     let resp = raw(
         gw.addr,
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab",

@@ -60,21 +60,27 @@ async fn killing_one_of_three_upstreams_under_load_is_invisible_to_clients() {
     assert_eq!(ejected.len(), 1, "{ups:?}");
 }
 
-#[tokio::test]
-async fn breaker_opens_when_all_fail_and_recovers() {
-    let up = Upstream::start("a").await;
-    let addr = up.addr;
-    let routes = format!(
+fn breaker_routes(addr: std::net::SocketAddr, open_duration_ms: u64) -> String {
+    format!(
         r#"
         [[routes]]
         name = "br"
         [routes.forward]
         upstreams = ["{addr}"]
         outlier_detection = false
-        breaker = {{ consecutive_failures = 3, failure_rate_threshold = 0.5, minimum_calls = 100, open_duration_ms = 200, half_open_max_probes = 1 }}
+        breaker = {{ consecutive_failures = 3, failure_rate_threshold = 0.5, minimum_calls = 100, open_duration_ms = {open_duration_ms}, half_open_max_probes = 1 }}
         "#
-    );
-    let gw = Gw::start(&routes).await;
+    )
+}
+
+/// Three failures open the breaker; while open, requests fail fast with 503.
+/// The open duration is five minutes (the longest a breaker allows by
+/// default), so nothing but the failures decides what the fourth request
+/// sees, however slow the machine.
+#[tokio::test]
+async fn breaker_opens_when_all_fail() {
+    let up = Upstream::start("a").await;
+    let gw = Gw::start(&breaker_routes(up.addr, 300_000)).await;
     let c = client();
     assert_eq!(get(&c, &gw.url("/")).await.status, 200);
     up.kill().await;
@@ -89,12 +95,32 @@ async fn breaker_opens_when_all_fail_and_recovers() {
     assert!(r.headers.contains_key("retry-after"));
     let info = gw.gateway.route_info();
     assert_eq!(info[0].breakers, vec![("default".to_owned(), "open")]);
+}
+
+/// After its open duration the breaker lets a probe through and closes when
+/// the upstream is back: observed as answers turning 200, with no assumption
+/// about how fast the machine is.
+#[tokio::test]
+async fn breaker_recovers_when_the_upstream_returns() {
+    let up = Upstream::start("a").await;
+    let addr = up.addr;
+    let gw = Gw::start(&breaker_routes(addr, 200)).await;
+    let c = client();
+    assert_eq!(get(&c, &gw.url("/")).await.status, 200);
+    up.kill().await;
+    for _ in 0..3 {
+        assert_ne!(get(&c, &gw.url("/")).await.status, 200);
+    }
     let up = Upstream::start_on(addr, "a").await;
     eventually("breaker closes", async || {
         get(&c, &gw.url("/")).await.status == 200
     })
     .await;
     assert_eq!(get(&c, &gw.url("/")).await.status, 200);
+    assert_eq!(
+        gw.gateway.route_info()[0].breakers,
+        vec![("default".to_owned(), "closed")]
+    );
     drop(up);
 }
 

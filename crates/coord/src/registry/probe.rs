@@ -327,12 +327,13 @@ impl HealthCheck {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
 
-    fn check(spec: CheckSpec, timeout_ms: u64) -> HealthCheck {
+    /// A check of `spec` with `timeout_ms` and default policy otherwise.
+    pub(crate) fn check(spec: CheckSpec, timeout_ms: u64) -> HealthCheck {
         HealthCheck {
             spec,
             policy: CheckPolicy {
@@ -342,7 +343,8 @@ mod tests {
         }
     }
 
-    fn http(path: &str, expected_status: Option<u16>) -> CheckSpec {
+    /// An HTTP check of `path`.
+    pub(crate) fn http(path: &str, expected_status: Option<u16>) -> CheckSpec {
         CheckSpec::Http {
             path: path.to_owned(),
             expected_status,
@@ -351,7 +353,8 @@ mod tests {
         }
     }
 
-    fn grpc(service: &str) -> CheckSpec {
+    /// A gRPC health check of `service`.
+    pub(crate) fn grpc(service: &str) -> CheckSpec {
         CheckSpec::Grpc {
             service: service.to_owned(),
         }

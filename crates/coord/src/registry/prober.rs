@@ -313,7 +313,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::registry::probe::CheckPolicy;
+    use crate::registry::probe::tests::{check, grpc, http};
     use axum::Router;
     use axum::routing::get;
     use tokio::io::AsyncReadExt;
@@ -321,25 +321,6 @@ mod tests {
     use tokio_stream::wrappers::TcpListenerStream;
     use tonic_health::pb::HealthCheckResponse;
     use tonic_health::pb::health_server::{Health, HealthServer};
-
-    fn check(spec: CheckSpec, timeout_ms: u64) -> HealthCheck {
-        HealthCheck {
-            spec,
-            policy: CheckPolicy {
-                timeout_ms,
-                ..CheckPolicy::default()
-            },
-        }
-    }
-
-    fn http(path: &str, expected_status: Option<u16>) -> CheckSpec {
-        CheckSpec::Http {
-            path: path.to_owned(),
-            expected_status,
-            scheme: "http".to_owned(),
-            headers: BTreeMap::new(),
-        }
-    }
 
     async fn http_server() -> SocketAddr {
         let app = Router::new()
@@ -459,12 +440,6 @@ mod tests {
                 .unwrap();
         });
         addr
-    }
-
-    fn grpc(service: &str) -> CheckSpec {
-        CheckSpec::Grpc {
-            service: service.to_owned(),
-        }
     }
 
     #[tokio::test]

@@ -60,13 +60,11 @@ fn format(msg: impl Into<String>) -> BoltError {
     BoltError::Format(msg.into())
 }
 
+/// bbolt's meta checksum: FNV-1a 64 (the `fnv` crate's hasher, fed raw bytes).
 fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, bytes);
+    std::hash::Hasher::finish(&h)
 }
 
 fn page_header(id: u64, flags: u16, count: u16, overflow: u32) -> [u8; PAGE_HEADER] {
@@ -555,18 +553,17 @@ mod tests {
             .collect();
         write(&path, &[("key", items)]);
         let good = std::fs::read(&path).unwrap();
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
         for round in 0..300 {
             let mut bad = good.clone();
             for _ in 0..1 + round % 8 {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                let at = (seed % bad.len() as u64) as usize;
-                bad[at] = (seed >> 32) as u8;
+                let at = rng.random_range(0..bad.len());
+                bad[at] = rng.random();
             }
             if round % 10 == 0 {
-                bad.truncate((seed % bad.len() as u64) as usize);
+                let len = rng.random_range(0..bad.len());
+                bad.truncate(len);
             }
             let p = dir.path().join(format!("bad{round}"));
             std::fs::write(&p, &bad).unwrap();
