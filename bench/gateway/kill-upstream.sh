@@ -22,7 +22,7 @@ NGINX_PORT=19181
 
 command -v wrk >/dev/null || { echo "wrk is missing (apt-get install wrk)" >&2; exit 1; }
 command -v nginx >/dev/null || { echo "nginx is missing (apt-get install nginx)" >&2; exit 1; }
-cargo build --release -q -p meshwork-gateway --bins
+cargo build --release -q -p meshwork-gateway --bin meshwork-bench-upstream --example meshwork-bench-gateway
 BIN=target/release
 
 cat > "$TMP/routes.toml" <<TOML
@@ -79,7 +79,7 @@ one_run() {
 echo "proxy errors requests (SIGKILL of 1 of 3 upstreams at ${KILL_AT}s of ${DURATION}s, $CONNS connections)"
 for r in $(seq 1 "$RUNS"); do
   # Fresh proxies each run, so no ejection or max_fails state carries over.
-  "$BIN/meshwork-bench-gateway" "127.0.0.1:$GW_PORT" "$TMP/routes.toml" 1 >/dev/null &
+  "$BIN/examples/meshwork-bench-gateway" "127.0.0.1:$GW_PORT" "$TMP/routes.toml" 1 >/dev/null &
   GW_PID=$!
   PIDS+=($GW_PID)
   wait_port "$GW_PORT"

@@ -30,9 +30,9 @@ if ! need wrk || ! need nginx; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-(cd "$ROOT" && cargo build --release -q -p meshwork-gateway --features mimalloc --bin meshwork-bench-upstream --bin meshwork-bench-gateway)
+(cd "$ROOT" && cargo build --release -q -p meshwork-gateway --features mimalloc --bin meshwork-bench-upstream --example meshwork-bench-gateway)
 UP="$TARGET_DIR/release/meshwork-bench-upstream"
-GW="$TARGET_DIR/release/meshwork-bench-gateway"
+GW="$TARGET_DIR/release/examples/meshwork-bench-gateway"
 
 source "$HERE/lib.sh"
 
