@@ -14,11 +14,8 @@ use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use meshwork_resilience::classify::{Outcome, StatusSet};
-use meshwork_resilience::limit::concurrency::BulkheadFull;
 use meshwork_resilience::retry::full_jitter;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tower::{Layer, ServiceExt};
 
 use crate::body::{self, Body, BodyFault, BoxError, GuardedBody};
 use crate::error::{ErrorCode, GatewayError};
@@ -996,44 +993,14 @@ where
     let started = Instant::now();
     let result = match &rt.bulkhead {
         None => call.await,
-        Some(layer) => {
-            // The bulkhead holds a slot while the call (to response head)
-            // runs: its inner call signals "go" and waits for "done".
-            let svc = layer.layer(tower::service_fn(
-                |(go, done): (oneshot::Sender<()>, oneshot::Receiver<()>)| async move {
-                    let _ = go.send(());
-                    let _ = done.await;
-                    Ok::<(), std::convert::Infallible>(())
-                },
-            ));
-            let (go_tx, go_rx) = oneshot::channel();
-            let (done_tx, done_rx) = oneshot::channel::<()>();
-            let mut slot = std::pin::pin!(svc.oneshot((go_tx, done_rx)));
-            tokio::select! {
-                biased;
-                r = &mut slot => match r {
-                    Err(e) if e.is::<BulkheadFull>() => {
-                        Err(GatewayError::new(ErrorCode::Overloaded, "route is at its concurrency limit"))
-                    }
-                    Err(e) => {
-                        tracing::warn!(route = %route.plan.name, error = %e, "bulkhead failed");
-                        Err(GatewayError::new(ErrorCode::Overloaded, "route is at its concurrency limit"))
-                    }
-                    Ok(()) => Err(GatewayError::new(ErrorCode::Overloaded, "bulkhead released early")),
-                },
-                _ = go_rx => {
-                    let (res, _) = tokio::join!(
-                        async {
-                            let r = call.await;
-                            drop(done_tx);
-                            r
-                        },
-                        slot
-                    );
-                    res
-                }
-            }
-        }
+        // The bulkhead holds a slot while the call (to response head) runs.
+        Some(layer) => match layer.acquire().await {
+            Ok(_slot) => call.await,
+            Err(_) => Err(GatewayError::new(
+                ErrorCode::Overloaded,
+                "route is at its concurrency limit",
+            )),
+        },
     };
     if let (Some(p), Some((b, gauge))) = (permit, &target.breaker) {
         let outcome = match &result {

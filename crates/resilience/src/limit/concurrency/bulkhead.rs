@@ -101,6 +101,38 @@ impl Shared {
         }
     }
 
+    /// Joins the queue, or rejects (counted) when `max_queued` already wait.
+    fn join_queue(&self) -> Result<(), BulkheadFull> {
+        let queued = self.queued.fetch_add(1, Ordering::AcqRel);
+        if queued >= self.cfg.max_queued {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.rejected.increment(1);
+            return Err(BulkheadFull {
+                queue_full: true,
+                waited: Duration::ZERO,
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits in the queue (joined with `join_queue`) for a slot, at most
+    /// `max_wait_ms`; leaves the queue either way.
+    async fn wait_queued(self: &Arc<Self>) -> Result<BulkheadSlot, BulkheadFull> {
+        let start = Instant::now();
+        let max_wait = Duration::from_millis(self.cfg.max_wait_ms);
+        let slot = {
+            let _guard = QueueGuard(&self.queued);
+            self.acquire_within(max_wait).await
+        };
+        slot.ok_or_else(|| {
+            self.rejected.increment(1);
+            BulkheadFull {
+                queue_full: false,
+                waited: start.elapsed(),
+            }
+        })
+    }
+
     async fn acquire_within(self: &Arc<Self>, max_wait: Duration) -> Option<BulkheadSlot> {
         let deadline = Instant::now() + max_wait;
         loop {
@@ -172,6 +204,25 @@ impl BulkheadLayer {
         Ok(())
     }
 
+    /// A free slot now, or `None`; for work that is not a tower call. Drop
+    /// the slot to give it back.
+    pub fn try_acquire(&self) -> Option<BulkheadSlot> {
+        self.shared.try_acquire()
+    }
+
+    /// A slot for work that is not a tower call (the gateway holds one while
+    /// a proxied request runs to its response head), admitted exactly as the
+    /// service admits a call: at once when a slot is free, else queued (at
+    /// most `max_queued` waiting, each at most `max_wait_ms`). Drop the slot to
+    /// give it back.
+    pub async fn acquire(&self) -> Result<BulkheadSlot, BulkheadFull> {
+        if let Some(slot) = self.shared.try_acquire() {
+            return Ok(slot);
+        }
+        self.shared.join_queue()?;
+        self.shared.wait_queued().await
+    }
+
     /// Free slots right now.
     pub fn available(&self) -> usize {
         let max = self.shared.max_in_flight.load(Ordering::Acquire);
@@ -227,14 +278,7 @@ where
                 slot: Some(slot),
             };
         }
-        let queued = shared.queued.fetch_add(1, Ordering::AcqRel);
-        if queued >= shared.cfg.max_queued {
-            shared.queued.fetch_sub(1, Ordering::AcqRel);
-            shared.rejected.increment(1);
-            let e = BulkheadFull {
-                queue_full: true,
-                waited: Duration::ZERO,
-            };
+        if let Err(e) = shared.join_queue() {
             return ResponseFuture::Rejected { error: Some(e) };
         }
         let clone = self.inner.clone();
@@ -242,20 +286,7 @@ where
         let shared = self.shared.clone();
         ResponseFuture::Queued {
             fut: Box::pin(async move {
-                let start = Instant::now();
-                let max_wait = Duration::from_millis(shared.cfg.max_wait_ms);
-                let slot = {
-                    let _guard = QueueGuard(&shared.queued);
-                    shared.acquire_within(max_wait).await
-                };
-                let Some(_slot) = slot else {
-                    shared.rejected.increment(1);
-                    return Err(BulkheadFull {
-                        queue_full: false,
-                        waited: start.elapsed(),
-                    }
-                    .into());
-                };
+                let _slot = shared.wait_queued().await?;
                 ready.call(req).await.map_err(Into::into)
             }),
         }
@@ -301,6 +332,34 @@ where
 mod tests {
     use super::*;
     use tower::ServiceExt;
+
+    /// The permit API admits exactly as the service does: a free slot at once,
+    /// then `max_queued` waiters for at most `max_wait_ms`, the rest refused.
+    #[tokio::test(start_paused = true)]
+    async fn permits_follow_the_same_admission_as_calls() {
+        let layer = BulkheadLayer::new(BulkheadConfig {
+            max_in_flight: 1,
+            max_queued: 1,
+            max_wait_ms: 100,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        let first = layer.try_acquire().unwrap_or_else(|| panic!("a free slot"));
+        assert!(layer.try_acquire().is_none());
+        let l = layer.clone();
+        let waiter = tokio::spawn(async move { l.acquire().await.map(|_slot| ()) });
+        tokio::task::yield_now().await;
+        let refused = layer.acquire().await.err().unwrap_or_else(|| panic!("queue is full"));
+        assert!(refused.queue_full);
+        drop(first);
+        assert!(matches!(waiter.await, Ok(Ok(()))), "the waiter got the freed slot");
+        // Held past max_wait: the next waiter gives up after 100 ms.
+        let _held = layer.acquire().await.unwrap_or_else(|e| panic!("{e}"));
+        let start = Instant::now();
+        let timed_out = layer.acquire().await.err().unwrap_or_else(|| panic!("times out"));
+        assert!(!timed_out.queue_full);
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        assert_eq!(layer.available(), 0);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn in_flight_queue_and_wait_limits() {
