@@ -53,7 +53,6 @@ mod demo {
         String::new()
     }
 }
-mod gateway;
 mod gatewaycli;
 mod http;
 mod httpc;

@@ -48,7 +48,7 @@ pub(crate) struct Running {
     pub(crate) gateway_addr: Option<SocketAddr>,
     store: Option<Store>,
     coord: Option<Coord>,
-    gateway: Option<crate::gateway::GatewayRole>,
+    gateway: Option<meshwork_gateway::GatewayRole>,
 }
 
 impl Running {
@@ -161,7 +161,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         prometheus: crate::metrics_handle(),
     };
     let gateway = match (&coord, cfg.roles.gateway, cfg.gateway_addr) {
-        (Some(c), true, Some(addr)) => Some(crate::gateway::start(
+        (Some(c), true, Some(addr)) => Some(meshwork_gateway::role::start(
             c,
             cfg.gateway.clone(),
             addr,
@@ -173,7 +173,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     let mut app = http::router(state);
     if let Some(c) = &coord {
         app = app
-            .merge(crate::gateway::routes_router(
+            .merge(meshwork_gateway::role::routes_router(
                 c.clone(),
                 gateway.as_ref().map(|g| g.gateway.clone()),
             ))

@@ -348,14 +348,25 @@ mod tests {
         let l = layer.clone();
         let waiter = tokio::spawn(async move { l.acquire().await.map(|_slot| ()) });
         tokio::task::yield_now().await;
-        let refused = layer.acquire().await.err().unwrap_or_else(|| panic!("queue is full"));
+        let refused = layer
+            .acquire()
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("queue is full"));
         assert!(refused.queue_full);
         drop(first);
-        assert!(matches!(waiter.await, Ok(Ok(()))), "the waiter got the freed slot");
+        assert!(
+            matches!(waiter.await, Ok(Ok(()))),
+            "the waiter got the freed slot"
+        );
         // Held past max_wait: the next waiter gives up after 100 ms.
         let _held = layer.acquire().await.unwrap_or_else(|e| panic!("{e}"));
         let start = Instant::now();
-        let timed_out = layer.acquire().await.err().unwrap_or_else(|| panic!("times out"));
+        let timed_out = layer
+            .acquire()
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("times out"));
         assert!(!timed_out.queue_full);
         assert_eq!(start.elapsed(), Duration::from_millis(100));
         assert_eq!(layer.available(), 0);

@@ -7,7 +7,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -16,29 +15,51 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use meshwork_coord::Coord;
 use meshwork_coord::config::{ClientIdentity, ConfigKey, Format, Publish};
-use meshwork_gateway::{
-    Gateway, GatewayConfig, MembershipSharedLimiter, RegistryResolver, RouteSet, Workers,
+
+use crate::{
+    Gateway, GatewayConfig, GatewayConfigError, MembershipSharedLimiter, RegistryResolver,
+    RouteSet, Workers,
 };
 
-/// Namespace / group / data id of the route set in the configuration center.
-pub(crate) const ROUTES_PATH: (&str, &str, &str) = ("meshwork", "gateway", "routes.toml");
+/// Why the gateway role did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    /// The `[gateway]` configuration is invalid.
+    #[error("gateway configuration: {0}")]
+    Config(#[from] GatewayConfigError),
+    /// The gateway address could not be bound.
+    #[error("binding the gateway address {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// The route set's configuration key is invalid (a bug).
+    #[error("routes key: {0}")]
+    RoutesKey(#[from] meshwork_coord::CoordError),
+}
 
-fn routes_key() -> Result<ConfigKey> {
+/// Namespace / group / data id of the route set in the configuration center.
+pub const ROUTES_PATH: (&str, &str, &str) = ("meshwork", "gateway", "routes.toml");
+
+fn routes_key() -> Result<ConfigKey, meshwork_coord::CoordError> {
     ConfigKey::new(ROUTES_PATH.0, ROUTES_PATH.1, ROUTES_PATH.2)
-        .map_err(|e| anyhow::anyhow!("routes key: {e}"))
 }
 
 /// A running gateway role.
-pub(crate) struct GatewayRole {
-    pub(crate) gateway: Gateway,
-    pub(crate) addr: SocketAddr,
+pub struct GatewayRole {
+    /// The gateway (routes, counters, admin).
+    pub gateway: Gateway,
+    /// The address it listens on (the port chosen when 0 was asked).
+    pub addr: SocketAddr,
     workers: Workers,
     follow: tokio::task::JoinHandle<()>,
 }
 
 impl GatewayRole {
     /// Stops following routes and drains the workers.
-    pub(crate) async fn shutdown(self) {
+    pub async fn shutdown(self) {
         self.follow.abort();
         let w = self.workers;
         let _ = tokio::task::spawn_blocking(move || w.shutdown()).await;
@@ -46,25 +67,24 @@ impl GatewayRole {
 }
 
 /// Starts the gateway on `addr` and keeps its routes current.
-pub(crate) fn start(
+pub fn start(
     coord: &Coord,
     cfg: GatewayConfig,
     addr: SocketAddr,
     workers: Option<usize>,
     node: &str,
-) -> Result<GatewayRole> {
+) -> Result<GatewayRole, RoleError> {
     let resolver = Arc::new(RegistryResolver::new(coord.registry.clone()));
     // Cluster-wide limits (`cluster = true` rules) are split over the live gateways.
     let limiter = Arc::new(MembershipSharedLimiter::new(coord.membership.clone()));
-    let gateway =
-        Gateway::with_shared_limiter(cfg, resolver, limiter).context("gateway configuration")?;
+    let gateway = Gateway::with_shared_limiter(cfg, resolver, limiter)?;
     let n = workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let workers = meshwork_gateway::spawn_workers(addr, gateway.clone(), n, None)
-        .with_context(|| format!("binding the gateway address {addr}"))?;
+    let workers = crate::spawn_workers(addr, gateway.clone(), n, None)
+        .map_err(|source| RoleError::Bind { addr, source })?;
     let addr = workers.local_addr();
     // A gray release of the routes can target gateway nodes by name.
     let identity = ClientIdentity {
@@ -118,7 +138,7 @@ fn error(status: StatusCode, code: &str, message: String) -> Response {
 /// `GET /v1/gateway/routes`: the published route set (TOML) and its version;
 /// `PUT /v1/gateway/routes` (TOML body, `?if_version=N`): validate the whole set
 /// and publish it to the configuration center.
-pub(crate) fn routes_router(coord: Coord, gateway: Option<Gateway>) -> Router {
+pub fn routes_router(coord: Coord, gateway: Option<Gateway>) -> Router {
     Router::new()
         .route(
             "/v1/gateway/routes",
