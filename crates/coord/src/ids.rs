@@ -266,20 +266,46 @@ const RECHECK_MAX_SKEW_NS: u64 = 200_000;
 /// timestamps keep coming from the monotonic clock; the high-water mark (written
 /// from these same timestamps) is what protects a restart on the stepped-back
 /// clock, which then waits or refuses.
-pub struct SystemClock {
-    start: Instant,
-    /// Wall-clock ns at `start`; only ever moves forward.
-    base_ns: AtomicU64,
-    /// Monotonic ns (since `start`) of the last comparison with the wall clock.
-    checked_ns: AtomicU64,
-    /// Whether the wall clock is known to be behind (warned once per episode).
-    behind: AtomicBool,
-}
+pub struct SystemClock(Anchored<OsTime>);
 
 impl Default for SystemClock {
     fn default() -> Self {
         SystemClock::new()
     }
+}
+
+/// Where an anchored clock reads time, in ns: the wall clock (Unix) and a
+/// monotonic clock. The operating system's in production; a test's own to
+/// step either of them at will.
+trait TimeSource: Send + Sync {
+    fn wall_ns(&self) -> u64;
+    fn mono_ns(&self) -> u64;
+}
+
+/// The operating system's clocks: `SystemTime` and `Instant` since start.
+struct OsTime {
+    start: Instant,
+}
+
+impl TimeSource for OsTime {
+    fn wall_ns(&self) -> u64 {
+        wall_ns()
+    }
+
+    fn mono_ns(&self) -> u64 {
+        nanos(self.start.elapsed())
+    }
+}
+
+/// The anchoring logic of [`SystemClock`] over any [`TimeSource`].
+struct Anchored<T> {
+    src: T,
+    /// Wall-clock ns at monotonic 0; only ever moves forward.
+    base_ns: AtomicU64,
+    /// Monotonic ns of the last comparison with the wall clock.
+    checked_ns: AtomicU64,
+    /// Whether the wall clock is known to be behind (warned once per episode).
+    behind: AtomicBool,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -301,19 +327,43 @@ fn wall_ms() -> u64 {
 impl SystemClock {
     /// Anchors a new clock at the current wall time.
     pub fn new() -> SystemClock {
-        let start = Instant::now();
-        SystemClock {
-            start,
-            base_ns: AtomicU64::new(wall_ns()),
+        SystemClock(Anchored::new(OsTime {
+            start: Instant::now(),
+        }))
+    }
+}
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        self.0.now_ms()
+    }
+}
+
+impl<T: TimeSource> Anchored<T> {
+    fn new(src: T) -> Anchored<T> {
+        let base = src.wall_ns().saturating_sub(src.mono_ns());
+        Anchored {
+            src,
+            base_ns: AtomicU64::new(base),
             checked_ns: AtomicU64::new(0),
             behind: AtomicBool::new(false),
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        let mut base = self.base_ns.load(Ordering::Acquire);
+        let el = self.src.mono_ns();
+        if el.saturating_sub(self.checked_ns.load(Ordering::Relaxed)) >= RECHECK_NS {
+            self.checked_ns.store(el, Ordering::Relaxed);
+            base = self.recheck(base);
+        }
+        base.saturating_add(el) / 1_000_000
+    }
+
     fn recheck(&self, base: u64) -> u64 {
-        let el1 = nanos(self.start.elapsed());
-        let wall = wall_ns();
-        let el2 = nanos(self.start.elapsed());
+        let el1 = self.src.mono_ns();
+        let wall = self.src.wall_ns();
+        let el2 = self.src.mono_ns();
         if el2.saturating_sub(el1) > RECHECK_MAX_SKEW_NS {
             return base; // preempted between the readings: the comparison means nothing
         }
@@ -343,18 +393,6 @@ impl SystemClock {
             self.behind.store(false, Ordering::Relaxed);
         }
         base
-    }
-}
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> u64 {
-        let mut base = self.base_ns.load(Ordering::Acquire);
-        let el = nanos(self.start.elapsed());
-        if el.saturating_sub(self.checked_ns.load(Ordering::Relaxed)) >= RECHECK_NS {
-            self.checked_ns.store(el, Ordering::Relaxed);
-            base = self.recheck(base);
-        }
-        base.saturating_add(el) / 1_000_000
     }
 }
 
@@ -1416,35 +1454,83 @@ mod tests {
         );
     }
 
+    /// Clocks a test steps by hand: no sleeps, no wall-clock tolerance.
+    #[derive(Default)]
+    struct FakeTime {
+        wall: AtomicU64,
+        mono: AtomicU64,
+    }
+
+    impl TimeSource for &FakeTime {
+        fn wall_ns(&self) -> u64 {
+            self.wall.load(Ordering::SeqCst)
+        }
+        fn mono_ns(&self) -> u64 {
+            self.mono.load(Ordering::SeqCst)
+        }
+    }
+
+    const MS: u64 = 1_000_000;
+
+    impl FakeTime {
+        /// Both clocks move `ms` forward, as they do when nothing odd happens.
+        fn tick(&self, ms: u64) {
+            self.wall.fetch_add(ms * MS, Ordering::SeqCst);
+            self.mono.fetch_add(ms * MS, Ordering::SeqCst);
+        }
+    }
+
     #[test]
-    fn system_clock_is_monotonic_and_close_to_wall_time() {
+    fn anchored_clock_follows_forward_jumps_and_ignores_backward_ones() {
+        let t = FakeTime::default();
+        t.wall.store(1_000_000 * MS, Ordering::SeqCst);
+        t.mono.store(5 * MS, Ordering::SeqCst);
+        let c = Anchored::new(&t);
+        assert_eq!(c.now_ms(), 1_000_000, "anchored at the wall time");
+        t.tick(7);
+        assert_eq!(c.now_ms(), 1_000_007, "advances with the monotonic clock");
+        // The wall clock jumps 10 s ahead (resume from suspend): followed at the
+        // next comparison, which happens once a millisecond has passed.
+        t.wall.fetch_add(10_000 * MS, Ordering::SeqCst);
+        t.tick(1);
+        assert_eq!(c.now_ms(), 1_010_008, "re-anchored forward");
+        // The wall clock steps 10 s back (NTP step): not followed, ids keep
+        // their order.
+        t.wall.fetch_sub(10_000 * MS, Ordering::SeqCst);
+        t.tick(1);
+        assert_eq!(c.now_ms(), 1_010_009, "a backward step is not followed");
+        assert!(c.behind.load(Ordering::SeqCst), "and is noticed");
+        // A small forward drift (under 2 ms) is not a jump.
+        t.wall.fetch_add(MS, Ordering::SeqCst);
+        t.tick(1);
+        assert_eq!(c.now_ms(), 1_010_010);
+    }
+
+    #[test]
+    fn anchored_clock_compares_at_most_once_a_millisecond() {
+        let t = FakeTime::default();
+        t.wall.store(500 * MS, Ordering::SeqCst);
+        let c = Anchored::new(&t);
+        t.tick(2);
+        assert_eq!(c.now_ms(), 502);
+        // A jump within the same millisecond of the last comparison waits for
+        // the next one.
+        t.wall.fetch_add(3_000 * MS, Ordering::SeqCst);
+        t.mono.fetch_add(MS / 2, Ordering::SeqCst);
+        assert_eq!(c.now_ms(), 502);
+        t.mono.fetch_add(MS / 2, Ordering::SeqCst);
+        assert_eq!(c.now_ms(), 3_502, "the wall clock's reading, now followed");
+    }
+
+    #[test]
+    fn system_clock_never_goes_backwards() {
         let c = SystemClock::new();
         let mut last = c.now_ms();
-        let deadline = Instant::now() + Duration::from_millis(30);
-        while Instant::now() < deadline {
+        for _ in 0..10_000 {
             let now = c.now_ms();
             assert!(now >= last);
             last = now;
         }
-        assert!(wall_ms().abs_diff(c.now_ms()) < 50);
-        // A forward jump of the anchor (as after suspend) is followed.
-        c.base_ns.fetch_sub(10_000_000_000, Ordering::AcqRel);
-        c.checked_ns.store(0, Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(2));
-        let mut now = c.now_ms();
-        for _ in 0..100 {
-            if wall_ms().abs_diff(now) < 50 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-            now = c.now_ms();
-        }
-        assert!(wall_ms().abs_diff(now) < 50, "re-anchored forward");
-        // A backwards jump of the wall clock (anchor ahead) is not followed.
-        c.base_ns.fetch_add(10_000_000_000, Ordering::AcqRel);
-        let ahead = c.now_ms();
-        std::thread::sleep(Duration::from_millis(3));
-        assert!(c.now_ms() >= ahead);
     }
 
     #[test]
