@@ -71,6 +71,48 @@ fn prefix(k: &str) -> pb::RangeRequest {
     }
 }
 
+/// Sorting by a target other than the key keeps equal targets in key order in
+/// both directions: what etcd 3.4 answers to `etcdctl get "" --prefix
+/// --sort-by=VERSION --order=DESCEND` after the same writes (b, a, c, d).
+#[tokio::test]
+async fn sort_ties_keep_key_order_in_both_directions() {
+    let n = start(StoreConfig::default()).await;
+    let mut kv = n.client.kv.clone();
+    for (k, v) in [
+        ("s/a", "va"),
+        ("s/b", "vb"),
+        ("s/c", "vc"),
+        ("s/d", "vd"),
+        ("s/b", "v2"),
+    ] {
+        kv.put(put(k, v)).await.unwrap();
+    }
+    let keys = |r: pb::RangeResponse| {
+        r.kvs
+            .into_iter()
+            .map(|kv| String::from_utf8(kv.key.to_vec()).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let sorted = |order, target| pb::RangeRequest {
+        sort_order: order,
+        sort_target: target,
+        ..prefix("s/")
+    };
+    let (ascend, descend, version) = (1, 2, 1);
+    let desc = kv
+        .range(sorted(descend, version))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(keys(desc), ["s/b", "s/a", "s/c", "s/d"]);
+    let asc = kv
+        .range(sorted(ascend, version))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(keys(asc), ["s/a", "s/c", "s/d", "s/b"]);
+}
+
 #[tokio::test]
 async fn kv_put_range_delete_with_headers_and_revisions() {
     let n = start(StoreConfig::default()).await;

@@ -244,15 +244,20 @@ pub(crate) fn materialize(
         (o, _) => o,
     };
     if order != SortOrder::None {
+        // Stable sorts of the key-ordered hits: equal targets stay in key order
+        // in both directions, as etcd answers (`--sort-by=VERSION --order=DESCEND`
+        // lists keys of equal version a, c, d, not d, c, a).
+        let desc = order == SortOrder::Descend;
+        let dir = |o: std::cmp::Ordering| if desc { o.reverse() } else { o };
         match r.sort_target {
+            SortTarget::Key if desc => kvs.reverse(),
             SortTarget::Key => {}
-            SortTarget::Version => kvs.sort_by_key(|kv| kv.version),
-            SortTarget::Create => kvs.sort_by_key(|kv| kv.create_revision),
-            SortTarget::Mod => kvs.sort_by_key(|kv| kv.mod_revision),
-            SortTarget::Value => kvs.sort_by(|a, b| a.value.cmp(&b.value)),
-        }
-        if order == SortOrder::Descend {
-            kvs.reverse();
+            SortTarget::Version => kvs.sort_by(|a, b| dir(a.version.cmp(&b.version))),
+            SortTarget::Create => {
+                kvs.sort_by(|a, b| dir(a.create_revision.cmp(&b.create_revision)));
+            }
+            SortTarget::Mod => kvs.sort_by(|a, b| dir(a.mod_revision.cmp(&b.mod_revision))),
+            SortTarget::Value => kvs.sort_by(|a, b| dir(a.value.cmp(&b.value))),
         }
     }
     let mut more = sel.more;

@@ -399,22 +399,28 @@ impl Model {
             .filter(|kv| r.min_create_revision <= 0 || kv.create_revision >= r.min_create_revision)
             .filter(|kv| r.max_create_revision <= 0 || kv.create_revision <= r.max_create_revision)
             .collect();
-        let order = match (r.sort_order, r.sort_target) {
-            (SortOrder::None, SortTarget::Key) => SortOrder::None,
-            (SortOrder::None, _) => SortOrder::Ascend,
-            (o, _) => o,
-        };
-        if order != SortOrder::None {
-            match r.sort_target {
-                SortTarget::Key => {}
-                SortTarget::Version => kvs.sort_by_key(|kv| kv.version),
-                SortTarget::Create => kvs.sort_by_key(|kv| kv.create_revision),
-                SortTarget::Mod => kvs.sort_by_key(|kv| kv.mod_revision),
-                SortTarget::Value => kvs.sort_by(|a, b| a.value.cmp(&b.value)),
-            }
-            if order == SortOrder::Descend {
-                kvs.reverse();
-            }
+        // etcd's rule, stated as one total order rather than copied from the
+        // implementation: by the target (ascending unless DESCEND; a target
+        // other than KEY with order NONE sorts ascending), equal targets by key
+        // ascending, in either direction (what etcd 3.4 answers).
+        let descend = r.sort_order == SortOrder::Descend;
+        let sorted = r.sort_order != SortOrder::None || r.sort_target != SortTarget::Key;
+        if sorted {
+            kvs.sort_by(|a, b| {
+                let by_target = match r.sort_target {
+                    SortTarget::Key => a.key.cmp(&b.key),
+                    SortTarget::Version => a.version.cmp(&b.version),
+                    SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+                    SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+                    SortTarget::Value => a.value.cmp(&b.value),
+                };
+                let by_target = if descend {
+                    by_target.reverse()
+                } else {
+                    by_target
+                };
+                by_target.then_with(|| a.key.cmp(&b.key))
+            });
         }
         let mut more = false;
         if r.limit > 0 && kvs.len() > r.limit as usize {
