@@ -15,6 +15,7 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use meshwork_resilience::classify::{Outcome, StatusSet};
 use meshwork_resilience::retry::full_jitter;
+use meshwork_resilience::retry::{HttpTryEnd, should_retry};
 use tokio::time::Instant;
 
 use crate::body::{self, Body, BodyFault, BoxError, GuardedBody};
@@ -504,13 +505,6 @@ fn request_hash(plan: &ForwardPlan, headers: &HeaderMap, ip: std::net::IpAddr) -
     }
 }
 
-fn idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
-}
-
 /// An upstream call's failure.
 #[derive(Debug, thiserror::Error)]
 enum UpstreamError {
@@ -605,15 +599,21 @@ struct RetryRules {
 ///   the try was an endpoint's trial after an ejection;
 /// * a per-try timeout: idempotent methods, with retries;
 /// * the client's fault: never.
+///
+/// What may go again by method and outcome is the shared rule
+/// ([`should_retry`], also the SDK's); this adds which route settings allow it.
 fn retry_allowed(end: &TryEnd, rules: RetryRules, trial: bool) -> bool {
     let any = rules.configured || rules.failover;
+    // `method_retryable` already folds in `retry_all_methods`.
+    let shared = |e| should_retry(&Method::POST, e, rules.method_retryable);
     match end {
-        TryEnd::Failed(Some(UpstreamError::NotSent(_))) => any,
-        TryEnd::Failed(Some(UpstreamError::Broken(_))) => any && rules.method_retryable,
-        TryEnd::Failed(None) => rules.configured && rules.method_retryable && rules.per_try_shorter,
+        TryEnd::Failed(Some(UpstreamError::NotSent(_))) => any && shared(HttpTryEnd::NotSent),
+        TryEnd::Failed(Some(UpstreamError::Broken(_))) => any && shared(HttpTryEnd::Failed),
+        TryEnd::Failed(None) => {
+            rules.configured && rules.per_try_shorter && shared(HttpTryEnd::Failed)
+        }
         TryEnd::Answered(r) => {
-            matches!(r.status().as_u16(), 502..=504)
-                && rules.method_retryable
+            shared(HttpTryEnd::Answered(r.status().as_u16()))
                 && (rules.configured || (trial && rules.failover))
         }
         TryEnd::ClientFault(_) => false,
@@ -831,7 +831,7 @@ where
             }
         }
     }
-    let method_retryable = idempotent(&method) || plan.retry_all_methods;
+    let method_retryable = should_retry(&method, HttpTryEnd::Failed, plan.retry_all_methods);
     let mut attempts_allowed = match &plan.retry {
         Some(r) if !upgrade => r.max_attempts,
         _ if plan.failover => FAILOVER_ATTEMPTS,

@@ -41,7 +41,7 @@ use tower::{Layer, Service};
 
 pub use self::backoff::{ceiling, full_jitter};
 pub use self::budget::{RetryBudget, RetryBudgetConfig};
-pub use self::policy::{RetryErrors, RetryHttp, RetryPolicy};
+pub use self::policy::{HttpTryEnd, RetryErrors, RetryHttp, RetryPolicy, idempotent, should_retry};
 use crate::BoxError;
 use crate::config::{ConfigError, check};
 
