@@ -107,11 +107,23 @@ mod rule_tests {
         assert!(!should_retry(&Method::POST, HttpTryEnd::Failed, false));
         assert!(should_retry(&Method::POST, HttpTryEnd::Failed, true));
         for status in [502, 503, 504] {
-            assert!(should_retry(&Method::PUT, HttpTryEnd::Answered(status), false));
-            assert!(!should_retry(&Method::PATCH, HttpTryEnd::Answered(status), false));
+            assert!(should_retry(
+                &Method::PUT,
+                HttpTryEnd::Answered(status),
+                false
+            ));
+            assert!(!should_retry(
+                &Method::PATCH,
+                HttpTryEnd::Answered(status),
+                false
+            ));
         }
         for status in [200, 404, 500, 501, 505] {
-            assert!(!should_retry(&Method::GET, HttpTryEnd::Answered(status), true));
+            assert!(!should_retry(
+                &Method::GET,
+                HttpTryEnd::Answered(status),
+                true
+            ));
         }
         assert!(idempotent(&Method::DELETE) && !idempotent(&Method::POST));
     }
