@@ -38,7 +38,11 @@ fn main() -> std::io::Result<()> {
         ..GatewayConfig::default()
     };
     let gw = Gateway::new(cfg, Arc::new(StaticResolver::new())).map_err(|e| fail(e.to_string()))?;
-    gw.apply(set).map_err(|e| fail(e.to_string()))?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(gw.apply(set))
+        .map_err(|e| fail(e.to_string()))?;
     let addr: std::net::SocketAddr = addr
         .parse()
         .map_err(|e| fail(format!("bad address: {e}")))?;

@@ -9,6 +9,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use crate::error::{ErrorCode, GatewayError};
+use crate::route::compile::Resolved;
 use crate::route::model::{ApiKeyConfig, AuthConfig, IpAclConfig, JwtConfig};
 
 /// A problem found while compiling auth settings: (field, message).
@@ -98,8 +99,13 @@ pub(crate) struct Auth {
     api_keys: Option<ApiKeys>,
 }
 
-fn read(path: &std::path::Path, field: &str) -> Result<Vec<u8>, FieldError> {
-    std::fs::read(path).map_err(|e| ferr(field, format!("cannot read {}: {e}", path.display())))
+/// A key file's contents, read beforehand by the resolve step.
+fn read<'r>(
+    res: &'r Resolved,
+    path: &std::path::Path,
+    field: &str,
+) -> Result<&'r [u8], FieldError> {
+    res.file(path).map_err(|m| ferr(field, m))
 }
 
 fn parse_alg(s: &str, field: &str) -> Result<Algorithm, FieldError> {
@@ -120,7 +126,7 @@ fn header_name(s: &str, field: &str) -> Result<HeaderName, FieldError> {
 }
 
 impl Jwt {
-    fn compile(cfg: &JwtConfig) -> Result<Self, FieldError> {
+    fn compile(cfg: &JwtConfig, res: &Resolved) -> Result<Self, FieldError> {
         let sources = [
             cfg.secret.is_some(),
             cfg.secret_file.is_some(),
@@ -153,7 +159,7 @@ impl Jwt {
                 algs.push(Algorithm::HS256);
             }
         } else if let Some(path) = &cfg.secret_file {
-            let raw = read(path, "auth.jwt.secret_file")?;
+            let raw = read(res, path, "auth.jwt.secret_file")?;
             let trimmed = raw.trim_ascii_end();
             if trimmed.is_empty() {
                 return Err(ferr("auth.jwt.secret_file", "the file is empty"));
@@ -163,20 +169,20 @@ impl Jwt {
                 algs.push(Algorithm::HS256);
             }
         } else if let Some(path) = &cfg.public_key_file {
-            let pem = read(path, "auth.jwt.public_key_file")?;
-            let text = String::from_utf8_lossy(&pem);
+            let pem = read(res, path, "auth.jwt.public_key_file")?;
+            let text = String::from_utf8_lossy(pem);
             let (key, alg) =
                 if text.contains("BEGIN EC PUBLIC KEY") || algs.contains(&Algorithm::ES256) {
-                    (DecodingKey::from_ec_pem(&pem), Algorithm::ES256)
+                    (DecodingKey::from_ec_pem(pem), Algorithm::ES256)
                 } else {
-                    (DecodingKey::from_rsa_pem(&pem), Algorithm::RS256)
+                    (DecodingKey::from_rsa_pem(pem), Algorithm::RS256)
                 };
             let key = key.or_else(|_| {
                 // Try the other family before giving up.
                 if alg == Algorithm::ES256 {
-                    DecodingKey::from_rsa_pem(&pem)
+                    DecodingKey::from_rsa_pem(pem)
                 } else {
-                    DecodingKey::from_ec_pem(&pem)
+                    DecodingKey::from_ec_pem(pem)
                 }
             });
             let key = key.map_err(|e| {
@@ -190,8 +196,8 @@ impl Jwt {
                 algs.push(alg);
             }
         } else if let Some(path) = &cfg.jwks_file {
-            let raw = read(path, "auth.jwt.jwks_file")?;
-            let set: JwkSet = serde_json::from_slice(&raw)
+            let raw = read(res, path, "auth.jwt.jwks_file")?;
+            let set: JwkSet = serde_json::from_slice(raw)
                 .map_err(|e| ferr("auth.jwt.jwks_file", format!("not a JWKS document: {e}")))?;
             for (i, jwk) in set.keys.iter().enumerate() {
                 let key = DecodingKey::from_jwk(jwk)
@@ -294,11 +300,11 @@ impl Jwt {
 }
 
 impl Auth {
-    pub(crate) fn compile(cfg: &AuthConfig) -> Result<Self, FieldError> {
+    pub(crate) fn compile(cfg: &AuthConfig, res: &Resolved) -> Result<Self, FieldError> {
         if cfg.jwt.is_none() && cfg.api_keys.is_none() {
             return Err(ferr("auth", "set jwt and/or api_keys"));
         }
-        let jwt = cfg.jwt.as_ref().map(Jwt::compile).transpose()?;
+        let jwt = cfg.jwt.as_ref().map(|j| Jwt::compile(j, res)).transpose()?;
         let api_keys = cfg.api_keys.as_ref().map(compile_keys).transpose()?;
         Ok(Self { jwt, api_keys })
     }

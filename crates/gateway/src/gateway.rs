@@ -170,21 +170,31 @@ impl Gateway {
 
     /// Validates and installs `set`. On error nothing changes (the previous
     /// routes keep serving); on success new requests use the new routes at
-    /// once while requests in flight finish on the old ones.
-    pub fn apply(&self, set: RouteSet) -> Result<(), RouteError> {
-        self.install(set, None)
+    /// once while requests in flight finish on the old ones. Host names and
+    /// key files are resolved on the blocking pool, never on a runtime
+    /// thread.
+    pub async fn apply(&self, set: RouteSet) -> Result<(), RouteError> {
+        let (set, resolved) = compile::resolve_off_runtime(set).await?;
+        self.install(set, &resolved, None)
     }
 
     /// As [`apply`](Self::apply), numbering the table `version`: the
     /// configuration center's version of the routes entry, so the version
     /// `meshwork gateway apply` printed is the one `gateway routes` shows.
-    pub fn apply_version(&self, set: RouteSet, version: u64) -> Result<(), RouteError> {
-        self.install(set, Some(version))
+    pub async fn apply_version(&self, set: RouteSet, version: u64) -> Result<(), RouteError> {
+        let (set, resolved) = compile::resolve_off_runtime(set).await?;
+        self.install(set, &resolved, Some(version))
     }
 
-    fn install(&self, set: RouteSet, version: Option<u64>) -> Result<(), RouteError> {
+    /// Compiles `set` with what was resolved and swaps the table in.
+    fn install(
+        &self,
+        set: RouteSet,
+        resolved: &compile::Resolved,
+        version: Option<u64>,
+    ) -> Result<(), RouteError> {
         let _one_at_a_time = self.shared.apply_lock.lock();
-        let plans = compile::plan(&set)?;
+        let plans = compile::plan(&set, resolved)?;
         let version = version.unwrap_or_else(|| self.shared.table.load().version + 1);
         let mut cache = self.shared.cache.lock();
         let (table, new_cache) = table::build(

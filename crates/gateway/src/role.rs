@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use meshwork_coord::Coord;
 use meshwork_coord::config::{ClientIdentity, ConfigKey, Format, Publish};
 
+use crate::route::compile;
 use crate::{
     Gateway, GatewayConfig, GatewayConfigError, MembershipSharedLimiter, RegistryResolver,
     RouteSet, Workers,
@@ -111,7 +112,7 @@ pub fn start(
                 None => (RouteSet::default(), 0),
             };
             // The gateway logs the routes it installs, with this version.
-            if let Err(e) = gw.apply_version(set, version) {
+            if let Err(e) = gw.apply_version(set, version).await {
                 tracing::error!(config_version = version, error = %e, "gateway routes rejected; keeping the previous set");
                 metrics::counter!("meshwork_gateway_route_apply_errors_total").increment(1);
             }
@@ -183,7 +184,14 @@ async fn put_routes(
         );
     };
     // Reject the whole set before anyone applies it.
-    if let Err(e) = RouteSet::from_toml(text).and_then(|set| set.validate().map(|()| set)) {
+    let checked = match RouteSet::from_toml(text) {
+        Ok(set) => match compile::resolve_off_runtime(set).await {
+            Ok((set, resolved)) => compile::plan(&set, &resolved).map(drop),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    if let Err(e) = checked {
         return error(StatusCode::BAD_REQUEST, "invalid_routes", e.to_string());
     }
     let if_version = match q.get("if_version").map(|v| v.parse::<u64>()) {

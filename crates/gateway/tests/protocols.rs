@@ -140,6 +140,7 @@ async fn tls_with_alpn_and_certificate_reload() {
             ))
             .unwrap(),
         )
+        .await
         .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -489,7 +489,7 @@ async fn apply_swaps_routes_and_rejects_bad_sets_whole() {
         b.addr
     ))
     .unwrap();
-    let err = gw.gateway.apply(bad).unwrap_err().to_string();
+    let err = gw.gateway.apply(bad).await.unwrap_err().to_string();
     assert!(
         err.contains("route `broken`") && err.contains("match.path.regex"),
         "{err}"
@@ -504,7 +504,7 @@ async fn apply_swaps_routes_and_rejects_bad_sets_whole() {
         b.addr
     ))
     .unwrap();
-    gw.gateway.apply(good).unwrap();
+    gw.gateway.apply(good).await.unwrap();
     assert_eq!(get(&c, &gw.url("/")).await.json()["upstream"], "b");
 }
 
@@ -679,6 +679,7 @@ async fn thread_per_core_workers_serve_and_shut_down() {
             ))
             .unwrap(),
         )
+        .await
         .unwrap();
     let workers =
         meshwork_gateway::spawn_workers("127.0.0.1:0".parse().unwrap(), gateway.clone(), 2, None)

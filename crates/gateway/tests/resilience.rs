@@ -206,7 +206,7 @@ async fn route_reload_under_load_drops_nothing() {
         } else {
             (a.addr, "")
         };
-        gw.gateway.apply(set(addr, extra)).unwrap();
+        gw.gateway.apply(set(addr, extra)).await.unwrap();
         applied += 1;
         tokio::task::yield_now().await;
     }
@@ -289,7 +289,7 @@ async fn rate_limits_per_route_ip_header_and_cluster() {
     assert_eq!(route.counters.rate_limited, 1);
     assert_eq!(route.counters.status_classes[3], 1);
     // A reload with the same limit keeps the bucket (no fresh burst).
-    gw.gateway.apply(gw.gateway.routes()).unwrap();
+    gw.gateway.apply(gw.gateway.routes()).await.unwrap();
     assert_eq!(get(&c, &gw.url("/route")).await.status, 429);
 }
 

@@ -319,7 +319,7 @@ async fn failure_statuses_are_configurable() {
         "#,
     )
     .unwrap();
-    let err = gw.gateway.apply(bad).unwrap_err().to_string();
+    let err = gw.gateway.apply(bad).await.unwrap_err().to_string();
     assert!(
         err.contains("failure_statuses") && err.contains("99"),
         "{err}"
@@ -439,6 +439,7 @@ async fn a_dead_endpoint_costs_no_request_even_for_post() {
     );
     gw.gateway
         .apply(meshwork_gateway::RouteSet::from_toml(&off).unwrap())
+        .await
         .unwrap();
     let mut failed = 0;
     for _ in 0..10 {

@@ -464,7 +464,9 @@ impl RouteSet {
     }
 
     /// Checks the whole set (everything short of resolving services); the
-    /// first error names the route and field.
+    /// first error names the route and field. Blocking: resolves static
+    /// upstreams' host names and reads key files (from async code, use it
+    /// on the blocking pool).
     pub fn validate(&self) -> Result<(), RouteError> {
         super::compile::validate(self)
     }

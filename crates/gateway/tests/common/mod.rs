@@ -228,7 +228,10 @@ impl Gw {
     pub async fn start_with(cfg: GatewayConfig, routes: &str) -> Self {
         let resolver = Arc::new(StaticResolver::new());
         let gateway = Gateway::new(cfg, resolver.clone()).unwrap();
-        gateway.apply(RouteSet::from_toml(routes).unwrap()).unwrap();
+        gateway
+            .apply(RouteSet::from_toml(routes).unwrap())
+            .await
+            .unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
