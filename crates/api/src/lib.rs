@@ -11,7 +11,10 @@
 //! `detail` (structured, e.g. the line and column of a syntax error) and
 //! `request_id` (the gateway's) appear only when there is something to say.
 //! [`ApiError`] writes it and [`ErrorBody::parse`] reads it back, so no crate
-//! spells the envelope by hand.
+//! spells the envelope by hand. [`openapi`] assembles the node's one OpenAPI
+//! document from each crate's fragment.
+
+pub mod openapi;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};

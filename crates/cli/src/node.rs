@@ -172,12 +172,18 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     };
     let mut app = http::router(state);
     if let Some(c) = &coord {
+        // One document for everything this node serves.
+        let openapi = meshwork_api::openapi::merge(&[
+            meshwork_coord::api::OPENAPI,
+            meshwork_gateway::OPENAPI,
+            meshwork_console::OPENAPI,
+        ])?;
         app = app
             .merge(meshwork_gateway::role::routes_router(
                 c.clone(),
                 gateway.as_ref().map(|g| g.gateway.clone()),
             ))
-            .merge(meshwork_coord::api::router(c.clone()))
+            .merge(meshwork_coord::api::router_documented(c.clone(), &openapi))
             .merge(meshwork_console::router(meshwork_console::ConsoleState {
                 coord: c.clone(),
                 gateway: gateway.as_ref().map(|g| g.gateway.clone()),

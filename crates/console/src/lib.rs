@@ -21,6 +21,10 @@ use meshwork_gateway::Gateway;
 
 pub use auth::Auth;
 
+/// The console API's part of the node's OpenAPI document (merged by
+/// `meshwork_api::openapi::merge`).
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
 /// What the console reads.
 #[derive(Clone)]
 pub struct ConsoleState {

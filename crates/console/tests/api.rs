@@ -86,7 +86,7 @@ async fn call(
 }
 
 fn doc() -> Value {
-    serde_json::from_str(meshwork_coord::api::OPENAPI).unwrap()
+    meshwork_api::openapi::merge(&[meshwork_console::OPENAPI]).unwrap()
 }
 
 /// The answer is documented: its status is listed for the operation and its

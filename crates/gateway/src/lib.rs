@@ -19,6 +19,9 @@ pub mod body;
 mod config;
 mod error;
 mod framing;
+#[cfg(feature = "fuzz")]
+#[doc(hidden)]
+pub mod fuzz;
 mod gateway;
 mod headers;
 mod limits;
@@ -34,6 +37,11 @@ mod table;
 mod tls;
 mod upstream;
 
+/// The gateway's part of the node's OpenAPI document (`/v1/gateway/routes`
+/// and the admin API under `/gateway/`), merged by
+/// `meshwork_api::openapi::merge`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
 pub use config::{GatewayConfig, GatewayConfigError};
 pub use error::{ErrorCode, GatewayError};
 pub use gateway::{Gateway, GatewayCounters, RouteInfo};
@@ -48,3 +56,22 @@ pub use server::{Workers, serve, serve_tls, spawn_workers};
 pub use table::{LATENCY_BUCKETS_US, RouteCounters, bucket_quantile_ms};
 pub use tls::{TlsConfig, TlsError, TlsReloader};
 pub use upstream::{ClusterSnapshot, EndpointSnapshot, OutlierSnapshot};
+
+#[cfg(test)]
+mod openapi_tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// The gateway's fragment merges with the base, and every path in it is
+    /// marked as served by the gateway role.
+    #[test]
+    fn the_fragment_merges_and_marks_its_role() {
+        let doc = meshwork_api::openapi::merge(&[super::OPENAPI]).unwrap();
+        let fragment: serde_json::Value = serde_json::from_str(super::OPENAPI).unwrap();
+        let paths = fragment["paths"].as_object().unwrap();
+        assert_eq!(paths.len(), 6);
+        for (path, item) in paths {
+            assert_eq!(item["x-meshwork-role"], "gateway", "{path}");
+            assert!(doc["paths"][path].is_object(), "{path}");
+        }
+    }
+}

@@ -1,6 +1,8 @@
-//! The HTTP/JSON API of coordination (`/v1/...`), described by the OpenAPI document
-//! served at `/openapi.json`. Errors are JSON: `{"error":{"code","message"}}` with
-//! the status of [`CoordError::http_status`].
+//! The HTTP/JSON API of coordination (`/v1/...`), described by this crate's
+//! OpenAPI fragment ([`OPENAPI`]), which the node merges with the other
+//! crates' into the document served at `/openapi.json`. Errors are the
+//! shared envelope (`meshwork_api`) with the status of
+//! [`CoordError::http_status`].
 
 mod config;
 mod coordination;
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -21,8 +23,15 @@ use serde::de::DeserializeOwned;
 use crate::error::CoordError;
 use crate::runtime::Coord;
 
-/// The OpenAPI 3.1 document of this API.
+/// This API's part of the node's OpenAPI 3.1 document (paths, tags,
+/// schemas, parameters; see `meshwork_api::openapi`).
 pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+/// The OpenAPI document of coordination alone: the shared base with
+/// [`OPENAPI`] merged in.
+pub fn document() -> Result<serde_json::Value, meshwork_api::openapi::OpenApiError> {
+    meshwork_api::openapi::merge(&[OPENAPI])
+}
 
 /// Every route as (method, OpenAPI path); the OpenAPI document must describe exactly
 /// these (a test checks it).
@@ -222,17 +231,6 @@ pub(crate) fn caller(addr: Option<SocketAddr>) -> String {
     addr.map(|a| a.ip().to_string()).unwrap_or_default()
 }
 
-async fn openapi() -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        OPENAPI,
-    )
-        .into_response()
-}
-
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -241,13 +239,22 @@ async fn not_found() -> ApiError {
     )
 }
 
-/// The API router (mount it on the node's HTTP port; serve it with connect info).
+/// The API router (mount it on the node's HTTP port; serve it with connect
+/// info), with `/openapi.json` documenting coordination alone.
 pub fn router(coord: Coord) -> Router {
+    // The fragment is this crate's own constant; its tests merge it.
+    let doc = document().unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
+    router_documented(coord, &doc)
+}
+
+/// As [`router`], with `/openapi.json` answering `openapi` (the node's
+/// document, merged from every crate it serves).
+pub fn router_documented(coord: Coord, openapi: &serde_json::Value) -> Router {
     Router::new()
         .merge(registry::routes())
         .merge(config::routes())
         .merge(coordination::routes())
-        .route("/openapi.json", axum::routing::get(openapi))
+        .merge(meshwork_api::openapi::router(openapi))
         .fallback(not_found)
         .layer(axum::middleware::map_response(meshwork_api::json_errors))
         .with_state(coord)

@@ -16,23 +16,28 @@ pub const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Deadline(pub Instant);
 
-/// Parses a `grpc-timeout` value.
+/// Parses a `grpc-timeout` value (any other text, non-ASCII included, is
+/// `None`).
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 {
+    let b = v.as_bytes();
+    if b.len() < 2 || b.len() > 9 {
         return None;
     }
-    let (digits, unit) = v.split_at(v.len() - 1);
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+    // On bytes: a split inside a multi-byte character would panic on `str`.
+    let (&unit, digits) = b.split_last()?;
+    if !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let n: u64 = digits.parse().ok()?;
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
     Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
         _ => return None,
     })
 }
@@ -113,6 +118,9 @@ mod tests {
         assert_eq!(parse_grpc_timeout("123456789S"), None);
         assert_eq!(parse_grpc_timeout("m"), None);
         assert_eq!(parse_grpc_timeout("-1m"), None);
+        // Found by fuzz/deadline: a two-byte character used to panic.
+        assert_eq!(parse_grpc_timeout("\u{97}"), None);
+        assert_eq!(parse_grpc_timeout("1\u{e9}"), None);
         assert_eq!(format_grpc_timeout(Duration::from_millis(250)), "250000u");
         assert_eq!(
             format_grpc_timeout(Duration::from_secs(3600 * 24 * 400)),
