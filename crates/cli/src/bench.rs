@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use hdrhistogram::Histogram;
 use meshwork_etcd::Client;
 use meshwork_etcd::proto::etcdserverpb as pb;
+use meshwork_loadgen::latency::Latency;
 use parking_lot::Mutex;
 use serde_json::json;
 use tokio_stream::StreamExt;
@@ -143,9 +143,7 @@ async fn kv(b: KvBench) -> Result<()> {
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let issued = Arc::new(AtomicU64::new(0));
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1, 60_000_000, 3,
-    )?));
+    let hist = Arc::new(Mutex::new(Latency::new()));
     let started = Instant::now();
     let prog = {
         let (done, errors, total) = (done.clone(), errors.clone(), b.total);
@@ -183,8 +181,7 @@ async fn kv(b: KvBench) -> Result<()> {
             // Deterministic per client: the same run picks the same keys.
             let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(i as u64);
             let value: bytes::Bytes = vec![b'v'; vsize].into();
-            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .expect("valid histogram bounds");
+            let mut local = Latency::new();
             loop {
                 let n = issued.fetch_add(1, Ordering::Relaxed);
                 if n >= total {
@@ -218,8 +215,7 @@ async fn kv(b: KvBench) -> Result<()> {
                     }
                     Op::Watch => Ok(()),
                 };
-                let us = t0.elapsed().as_micros() as u64;
-                let _ = local.record(us.max(1));
+                local.record(t0.elapsed());
                 if let Err(e) = ok {
                     // Show the first failure so a run full of errors explains itself.
                     if errors.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -228,7 +224,7 @@ async fn kv(b: KvBench) -> Result<()> {
                 }
                 done.fetch_add(1, Ordering::Relaxed);
             }
-            let _ = hist.lock().add(&local);
+            hist.lock().merge(&local);
         }));
     }
     for t in tasks {
@@ -249,14 +245,14 @@ async fn kv(b: KvBench) -> Result<()> {
     Ok(())
 }
 
-fn summary(b: &KvBench, op: &str, n: u64, errors: u64, elapsed: Duration, h: &Histogram<u64>) {
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+fn summary(b: &KvBench, op: &str, n: u64, errors: u64, elapsed: Duration, h: &Latency) {
+    let ms = |q: f64| h.quantile_ms(q);
     let rate = n as f64 / elapsed.as_secs_f64().max(1e-9);
     if b.json {
         println!(
             "{}",
             json!({"op": op, "conns": b.conns, "clients": b.clients, "requests": n, "errors": errors, "seconds": elapsed.as_secs_f64(), "throughput": rate,
-                   "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1000.0})
+                   "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": h.max_ms()})
         );
     } else {
         println!("op {op}  conns {}  clients {}", b.conns, b.clients);
@@ -269,7 +265,7 @@ fn summary(b: &KvBench, op: &str, n: u64, errors: u64, elapsed: Duration, h: &Hi
             ms(0.5),
             ms(0.9),
             ms(0.99),
-            h.max() as f64 / 1000.0
+            h.max_ms()
         );
     }
 }
@@ -278,9 +274,7 @@ async fn watch(b: KvBench) -> Result<()> {
     let conns = clients(&b).await?;
     let watch_key: bytes::Bytes = bytes::Bytes::from_static(b"meshwork-bench/watch");
     let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; b.total as usize]));
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1, 60_000_000, 3,
-    )?));
+    let hist = Arc::new(Mutex::new(Latency::new()));
     let received = Arc::new(AtomicU64::new(0));
     let expected = b.total * b.watchers as u64;
     // One watch stream per connection, watchers spread over them.
@@ -319,8 +313,7 @@ async fn watch(b: KvBench) -> Result<()> {
         let mut stop = stop_rx.clone();
         streams.push(tokio::spawn(async move {
             let _keep = tx;
-            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .expect("valid histogram bounds");
+            let mut local = Latency::new();
             loop {
                 let resp = tokio::select! {
                     m = stream.next() => match m { Some(Ok(r)) => r, _ => break },
@@ -339,7 +332,7 @@ async fn watch(b: KvBench) -> Result<()> {
                         .and_then(|s| s.parse().ok())
                         .unwrap_or(usize::MAX);
                     if let Some(Some(t)) = sent.lock().get(seq).copied() {
-                        let _ = local.record((now - t).as_micros() as u64 + 1);
+                        local.record(now - t);
                     }
                     received.fetch_add(1, Ordering::Relaxed);
                 }
@@ -347,7 +340,7 @@ async fn watch(b: KvBench) -> Result<()> {
                     break;
                 }
             }
-            let _ = hist.lock().add(&local);
+            hist.lock().merge(&local);
         }));
     }
     drop(ready_tx);

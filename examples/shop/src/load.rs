@@ -3,16 +3,17 @@
 //! percentiles.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use meshwork_loadgen::latency::Latency;
+use meshwork_loadgen::progress::Progress;
 use parking_lot::Mutex;
 use serde::Serialize;
 
@@ -98,32 +99,17 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, String> {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(connector);
     let next = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicUsize::new(0));
-    let hist = Arc::new(Mutex::new(
-        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)
-            .map_err(|e| e.to_string())?,
-    ));
+    let done = Arc::new(AtomicU64::new(0));
+    let hist = Arc::new(Mutex::new(Latency::new()));
     let failures = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
     let run_id: u64 = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     let started = Instant::now();
-    // A bar is drawn only on a terminal: logs and CI get no carriage returns.
-    let progress =
-        (opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-            let done = done.clone();
-            let total = opts.orders;
-            tokio::spawn(async move {
-                loop {
-                    let n = done.load(Ordering::Relaxed);
-                    draw(n, total);
-                    if n >= total {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            })
-        });
+    // A progress line only on a terminal: logs and CI get no carriage returns.
+    let progress = opts
+        .progress
+        .then(|| Progress::start("orders", done.clone(), opts.orders as u64));
     let mut workers = Vec::new();
     for _ in 0..opts.concurrency.min(opts.orders) {
         let (client, uri, next, done, hist, failures) = (
@@ -168,8 +154,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, String> {
                     },
                     Err(_) => Some("bad_request".to_string()),
                 };
-                let us = t.elapsed().as_micros() as u64;
-                let _ = hist.lock().record(us.max(1));
+                hist.lock().record(t.elapsed());
                 if let Some(r) = outcome {
                     *failures.lock().entry(r).or_default() += 1;
                 }
@@ -180,15 +165,12 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, String> {
     for w in workers {
         let _ = w.await;
     }
-    if let Some(p) = progress {
-        let _ = p.await;
-        eprintln!();
-    }
+    drop(progress);
     let elapsed = started.elapsed().as_secs_f64();
     let failures = failures.lock().clone();
     let failed: usize = failures.values().sum();
     let h = hist.lock().clone();
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let ms = |q: f64| h.quantile_ms(q);
     Ok(LoadSummary {
         orders: opts.orders,
         confirmed: opts.orders - failed,
@@ -198,7 +180,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, String> {
         p50_ms: ms(0.5),
         p90_ms: ms(0.9),
         p99_ms: ms(0.99),
-        max_ms: h.max() as f64 / 1000.0,
+        max_ms: h.max_ms(),
     })
 }
 
@@ -206,18 +188,4 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, String> {
 fn reason(status: http::StatusCode, body: Option<&[u8]>) -> String {
     body.and_then(meshwork_sdk::ErrorBody::parse)
         .map_or_else(|| format!("http_{}", status.as_u16()), |e| e.code)
-}
-
-fn draw(done: usize, total: usize) {
-    let width = 40;
-    let filled = done * width / total.max(1);
-    let mut err = std::io::stderr().lock();
-    let _ = write!(
-        err,
-        "\r[{}{}] {:>3}% {done}/{total}",
-        "#".repeat(filled),
-        " ".repeat(width - filled),
-        done * 100 / total.max(1)
-    );
-    let _ = err.flush();
 }
