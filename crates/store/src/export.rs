@@ -21,6 +21,7 @@ use crate::codec;
 use crate::error::{Result, StoreError};
 use crate::store::{
     DB_FILE, KV, LEASES, META, META_CHECKPOINT_LSN, META_COMPACT, META_REV, create_tables,
+    meta_revisions,
 };
 use crate::types::{KeyValue, Revision};
 
@@ -54,17 +55,7 @@ impl std::fmt::Debug for Export {
 
 impl Export {
     pub(crate) fn new(rtx: ReadTransaction) -> Result<Self> {
-        let (revision, compact_revision) = {
-            let meta = rtx.open_table(META).map_err(StoreError::storage)?;
-            let get = |k: &str| -> Result<i64> {
-                Ok(meta
-                    .get(k)
-                    .map_err(StoreError::storage)?
-                    .map(|g| g.value())
-                    .unwrap_or(0))
-            };
-            (get(META_REV)?.max(1), get(META_COMPACT)?)
-        };
+        let (revision, compact_revision) = meta_revisions(&rtx)?;
         Ok(Self {
             rtx,
             revision,

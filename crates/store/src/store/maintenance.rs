@@ -49,15 +49,18 @@ impl Store {
         }
     }
 
+    /// A read transaction on the open database (`Stopped` once closed).
+    fn begin_read(&self) -> Result<redb::ReadTransaction> {
+        let db = self.shared.db.read();
+        db.as_ref()
+            .ok_or(StoreError::Stopped)?
+            .begin_read()
+            .map_err(StoreError::storage)
+    }
+
     /// Writes a consistent copy of the database into the data directory.
     pub fn snapshot(&self) -> Result<Snapshot> {
-        let rtx = {
-            let db = self.shared.db.read();
-            db.as_ref()
-                .ok_or(StoreError::Stopped)?
-                .begin_read()
-                .map_err(StoreError::storage)?
-        };
+        let rtx = self.begin_read()?;
         // The revision the read transaction holds (a commit may land between `begin_read`
         // and reading `published`, so that would not match the copy).
         let revision = rtx
@@ -78,29 +81,9 @@ impl Store {
         let _ = std::fs::remove_file(&path);
         let out = Database::create(&path).map_err(StoreError::storage)?;
         let wtx = out.begin_write().map_err(StoreError::storage)?;
-        {
-            let kv = rtx.open_table(KV).map_err(StoreError::storage)?;
-            let mut okv = wtx.open_table(KV).map_err(StoreError::storage)?;
-            for item in kv.iter().map_err(StoreError::storage)? {
-                let (k, v) = item.map_err(StoreError::storage)?;
-                okv.insert(k.value(), v.value())
-                    .map_err(StoreError::storage)?;
-            }
-            let leases = rtx.open_table(LEASES).map_err(StoreError::storage)?;
-            let mut ol = wtx.open_table(LEASES).map_err(StoreError::storage)?;
-            for item in leases.iter().map_err(StoreError::storage)? {
-                let (k, v) = item.map_err(StoreError::storage)?;
-                ol.insert(k.value(), v.value())
-                    .map_err(StoreError::storage)?;
-            }
-            let meta = rtx.open_table(META).map_err(StoreError::storage)?;
-            let mut om = wtx.open_table(META).map_err(StoreError::storage)?;
-            for item in meta.iter().map_err(StoreError::storage)? {
-                let (k, v) = item.map_err(StoreError::storage)?;
-                om.insert(k.value(), v.value())
-                    .map_err(StoreError::storage)?;
-            }
-        }
+        copy_table(&rtx, &wtx, KV)?;
+        copy_table(&rtx, &wtx, LEASES)?;
+        copy_table(&rtx, &wtx, META)?;
         wtx.commit().map_err(StoreError::storage)?;
         drop(out);
         Ok(Snapshot { path, revision })
@@ -109,13 +92,7 @@ impl Store {
     /// A consistent view of the whole store at its current revision, for
     /// export (`meshwork-etcd` writes etcd snapshots from it).
     pub fn export(&self) -> Result<crate::export::Export> {
-        let rtx = {
-            let db = self.shared.db.read();
-            db.as_ref()
-                .ok_or(StoreError::Stopped)?
-                .begin_read()
-                .map_err(StoreError::storage)?
-        };
+        let rtx = self.begin_read()?;
         crate::export::Export::new(rtx)
     }
 
@@ -133,4 +110,21 @@ impl Store {
         self.check_quota();
         Ok(())
     }
+}
+
+/// Copies every row of `table` from a read transaction into a write
+/// transaction of another database.
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    rtx: &redb::ReadTransaction,
+    wtx: &redb::WriteTransaction,
+    table: redb::TableDefinition<K, V>,
+) -> Result<()> {
+    let from = rtx.open_table(table).map_err(StoreError::storage)?;
+    let mut to = wtx.open_table(table).map_err(StoreError::storage)?;
+    for item in from.iter().map_err(StoreError::storage)? {
+        let (k, v) = item.map_err(StoreError::storage)?;
+        to.insert(k.value(), v.value())
+            .map_err(StoreError::storage)?;
+    }
+    Ok(())
 }

@@ -48,6 +48,22 @@ pub use watch_stream::WatchStream;
 pub(crate) const KV: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("kv");
 pub(crate) const LEASES: TableDefinition<i64, i64> = TableDefinition::new("leases");
 pub(crate) const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
+
+/// The store's revision and compaction revision as `META` records them. A
+/// fresh store is at revision 1 and its first write is revision 2, as in
+/// etcd: clients rely on 0 meaning "no revision" (e.g.
+/// `max_create_revision = my_rev - 1`).
+pub(crate) fn meta_revisions(rtx: &redb::ReadTransaction) -> Result<(i64, i64)> {
+    let meta = rtx.open_table(META).map_err(StoreError::storage)?;
+    let get = |k: &str| -> Result<i64> {
+        Ok(meta
+            .get(k)
+            .map_err(StoreError::storage)?
+            .map(|g| g.value())
+            .unwrap_or(0))
+    };
+    Ok((get(META_REV)?.max(1), get(META_COMPACT)?))
+}
 pub(crate) const META_REV: &str = "revision";
 pub(crate) const META_COMPACT: &str = "compact_revision";
 /// LSN of the last write-ahead-log record whose changes a durable redb commit holds.

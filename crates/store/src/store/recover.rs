@@ -12,7 +12,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use tokio::time::Instant;
 
 use super::leases::resume_leases;
-use super::{DB_FILE, KV, LEASES, META, META_CHECKPOINT_LSN, META_COMPACT, META_REV};
+use super::{DB_FILE, KV, LEASES, META, META_CHECKPOINT_LSN, META_REV, meta_revisions};
 use crate::alarm::Alarms;
 use crate::codec;
 use crate::config::StoreConfig;
@@ -169,18 +169,7 @@ fn replay_wal(db: &Database, dir: &Path, cfg: &StoreConfig) -> Result<Wal> {
 /// Rebuilds the index and the lease rows from redb (tables exist: `create_tables` ran).
 fn load(db: &Database) -> Result<Loaded> {
     let rtx = db.begin_read().map_err(StoreError::storage)?;
-    let meta = rtx.open_table(META).map_err(StoreError::storage)?;
-    let get = |k: &str| -> Result<i64> {
-        Ok(meta
-            .get(k)
-            .map_err(StoreError::storage)?
-            .map(|g| g.value())
-            .unwrap_or(0))
-    };
-    // A fresh store is at revision 1 and its first write is revision 2, as in etcd:
-    // clients rely on 0 meaning "no revision" (e.g. `max_create_revision = my_rev - 1`).
-    let mut rev = get(META_REV)?.max(1);
-    let compact = get(META_COMPACT)?;
+    let (mut rev, compact) = meta_revisions(&rtx)?;
     let kv = rtx.open_table(KV).map_err(StoreError::storage)?;
     let mut index = Index::default();
     for item in kv.iter().map_err(StoreError::storage)? {
