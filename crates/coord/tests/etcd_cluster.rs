@@ -75,24 +75,7 @@ async fn start_node(endpoints: &[String], name: &str) -> Coord {
     .unwrap()
 }
 
-/// Polls `f` (every 20 ms) until it returns Some; panics with `what` after `within`.
-async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use meshwork_testkit::eventually;
 
 fn now_ms() -> u64 {
     meshwork_coord::registry::model::now_ms()

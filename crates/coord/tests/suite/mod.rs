@@ -4,7 +4,6 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
@@ -54,24 +53,7 @@ pub async fn node(endpoints: &[String], name: &str) -> Coord {
     .unwrap()
 }
 
-/// Polls `f` until it returns Some, failing after `within`.
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+pub use meshwork_testkit::eventually;
 
 /// The first item of `stream` that satisfies `pred`, failing after `within`.
 pub async fn next_matching<S, T>(stream: &mut S, within: Duration, pred: impl Fn(&T) -> bool) -> T
