@@ -4,8 +4,6 @@
 //! is configured.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -22,11 +20,11 @@ use serde_json::Value;
 struct Harness {
     addr: std::net::SocketAddr,
     coord: Coord,
-    _store: common::Embedded,
+    _store: meshwork_testkit::store::Embedded,
 }
 
 async fn start(auth: Option<Auth>) -> Harness {
-    let store = common::embedded().await;
+    let store = meshwork_testkit::store::embedded().await;
     let coord = Coord::start(
         std::slice::from_ref(&store.endpoint),
         CoordOptions::default(),

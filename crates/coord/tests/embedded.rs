@@ -4,9 +4,7 @@
 
 mod suite;
 
-mod common;
-
-use common::embedded;
+use meshwork_testkit::store::embedded;
 
 macro_rules! on_embedded {
     ($($name:ident),* $(,)?) => {

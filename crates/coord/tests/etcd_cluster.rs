@@ -5,7 +5,6 @@
 //! `MESHWORK_REQUIRE_PEERS=1`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod cluster;
 mod suite;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -22,7 +21,7 @@ use meshwork_coord::{Coord, CoordError, CoordOptions, lock};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use cluster::EtcdCluster;
+use meshwork_testkit::etcd_cluster::{self as cluster, EtcdCluster};
 
 macro_rules! on_cluster {
     ($($name:ident),* $(,)?) => {

@@ -15,15 +15,13 @@ use meshwork_coord::ids::{
     worker_key,
 };
 
-mod common;
-
 struct Server {
     backend: Backend,
-    _store: common::Embedded,
+    _store: meshwork_testkit::store::Embedded,
 }
 
 async fn start() -> Server {
-    let store = common::embedded().await;
+    let store = meshwork_testkit::store::embedded().await;
     let backend = Backend::connect(
         std::slice::from_ref(&store.endpoint),
         BackendOptions::default(),

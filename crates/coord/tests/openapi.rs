@@ -6,8 +6,6 @@
 //! documented schema.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -194,12 +192,12 @@ fn the_checker_catches_what_it_should() {
 struct Harness {
     api: Api,
     port: u16,
-    _store: common::Embedded,
+    _store: meshwork_testkit::store::Embedded,
     _stops: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 async fn start() -> Harness {
-    let store = common::embedded().await;
+    let store = meshwork_testkit::store::embedded().await;
     let etcd_addr = store.endpoint.clone();
     let coord = Coord::start(
         &[etcd_addr],

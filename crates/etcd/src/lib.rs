@@ -14,8 +14,6 @@ pub mod convert;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod snapshot;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 /// Generated etcd v3 protobuf messages and gRPC stubs, checked in under
 /// `src/generated/` (tests/generated_code.rs keeps them equal to what protox

@@ -7,8 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 // The real-etcd harness the coordination tests use (one member here).
-#[path = "../../coord/tests/cluster/mod.rs"]
-mod cluster;
+use meshwork_testkit::etcd_cluster as cluster;
 
 use meshwork_etcd::proto::etcdserverpb as pb;
 use meshwork_etcd::{Client, ServerInfo};

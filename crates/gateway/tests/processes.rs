@@ -119,7 +119,7 @@ async fn kill_one_of_three_under_load(
             }
         }));
     }
-    eventually("load reaches the victim", async || {
+    until("load reaches the victim", WITHIN, async || {
         victim_hits.load(Ordering::SeqCst) >= 10
     })
     .await;

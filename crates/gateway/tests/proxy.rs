@@ -469,7 +469,7 @@ async fn mirror_gets_a_copy_and_the_client_gets_the_primary() {
         .await;
         assert_eq!(r.json()["upstream"], "primary");
     }
-    eventually("mirror copies", async || shadow.hits() == 5).await;
+    until("mirror copies", WITHIN, async || shadow.hits() == 5).await;
     assert_eq!(primary.hits(), 5);
 }
 
@@ -745,7 +745,7 @@ async fn idle_connections_are_closed() {
     .await;
     assert!(closed.is_ok(), "idle connection still open");
     assert!(String::from_utf8_lossy(&all).starts_with("HTTP/1.1 200"));
-    eventually("connection count back to 0", async || {
+    until("connection count back to 0", WITHIN, async || {
         gw.gateway.counters().active_connections == 0
     })
     .await;

@@ -44,7 +44,7 @@ async fn killing_one_of_three_upstreams_under_load_is_invisible_to_clients() {
             }
         }));
     }
-    eventually("load under way", async || victim.hits() >= 20).await;
+    until("load under way", WITHIN, async || victim.hits() >= 20).await;
     victim.kill().await;
     for t in tasks {
         t.await.unwrap();
@@ -112,7 +112,7 @@ async fn breaker_recovers_when_the_upstream_returns() {
         assert_ne!(get(&c, &gw.url("/")).await.status, 200);
     }
     let up = Upstream::start_on(addr, "a").await;
-    eventually("breaker closes", async || {
+    until("breaker closes", WITHIN, async || {
         get(&c, &gw.url("/")).await.status == 200
     })
     .await;
@@ -309,7 +309,7 @@ async fn bulkhead_rejects_beyond_its_limit() {
     let gw = Gw::start(&routes).await;
     let url = gw.url("/hold");
     let held = tokio::spawn(async move { get(&client(), &url).await.status });
-    eventually("first request held", async || up.hits() == 1).await;
+    until("first request held", WITHIN, async || up.hits() == 1).await;
     let r = get(&client(), &gw.url("/x")).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.code(), "overloaded");

@@ -5,145 +5,18 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
+use hyper::body::Frame;
 use hyper_util::rt::TokioIo;
-use parking_lot::Mutex;
-use tokio::io::AsyncReadExt;
+use meshwork_testkit::upstream::{FirstHit, Flaky};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc};
-
-/// How the upstream treats its first request.
-#[derive(Clone, Copy, PartialEq)]
-enum FirstHit {
-    /// Reads the whole body, answers 503 (connection kept alive).
-    Answer503,
-    /// Reads the head and `n` body bytes, then closes the connection
-    /// without answering.
-    CloseAfter(usize),
-}
-
-/// An upstream that fails its first request, then echoes bodies and
-/// records every body it received in full.
-struct Flaky {
-    addr: SocketAddr,
-    /// Requests seen (whole or partial).
-    hits: Arc<AtomicU64>,
-    /// Complete bodies received, in order (the 503 one included).
-    bodies: Arc<Mutex<Vec<Bytes>>>,
-    /// Notified when the first hit has been failed.
-    failed: Arc<Notify>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Flaky {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Flaky {
-    async fn start(first: FirstHit) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicU64::new(0));
-        let bodies = Arc::new(Mutex::new(Vec::new()));
-        let failed = Arc::new(Notify::new());
-        let (h, b, f) = (hits.clone(), bodies.clone(), failed.clone());
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            let mut first_conn = true;
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                if let (FirstHit::CloseAfter(n), true) = (first, first_conn) {
-                    first_conn = false;
-                    h.fetch_add(1, Ordering::SeqCst);
-                    read_head_and(stream, n).await;
-                    f.notify_one();
-                    continue;
-                }
-                let (h, b, f) = (h.clone(), b.clone(), f.clone());
-                conns.spawn(async move {
-                    let svc =
-                        service_fn(move |req| serve(req, first, h.clone(), b.clone(), f.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Self {
-            addr,
-            hits,
-            bodies,
-            failed,
-            task,
-        }
-    }
-
-    fn hits(&self) -> u64 {
-        self.hits.load(Ordering::SeqCst)
-    }
-
-    fn bodies(&self) -> Vec<Bytes> {
-        self.bodies.lock().clone()
-    }
-}
-
-/// Reads a request head plus `n` more bytes, then drops the connection.
-async fn read_head_and(mut s: TcpStream, n: usize) {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n");
-        if head_end.is_some_and(|e| got.len() >= e + 4 + n) {
-            return;
-        }
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(k) => got.extend_from_slice(&buf[..k]),
-        }
-    }
-}
-
-type RespBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
-
-async fn serve(
-    req: Request<Incoming>,
-    first: FirstHit,
-    hits: Arc<AtomicU64>,
-    bodies: Arc<Mutex<Vec<Bytes>>>,
-    failed: Arc<Notify>,
-) -> Result<Response<RespBody>, Infallible> {
-    let n = hits.fetch_add(1, Ordering::SeqCst);
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            let mut r = Response::new(Full::new(Bytes::from_static(b"bad body")).boxed());
-            *r.status_mut() = StatusCode::BAD_REQUEST;
-            return Ok(r);
-        }
-    };
-    bodies.lock().push(body.clone());
-    let mut r = Response::new(Full::new(body).boxed());
-    if n == 0 && first == FirstHit::Answer503 {
-        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        failed.notify_one();
-    }
-    Ok(r)
-}
+use tokio::sync::mpsc;
 
 /// A deterministic, non-repeating-looking body of `len` bytes.
 fn payload(len: usize) -> Bytes {

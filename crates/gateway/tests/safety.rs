@@ -163,7 +163,10 @@ async fn aborted_upload(addr: SocketAddr, hits: impl Fn() -> u64, before: u64) {
     s.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
         .await
         .unwrap();
-    eventually("the upstream has the request", async || hits() > before).await;
+    until("the upstream has the request", WITHIN, async || {
+        hits() > before
+    })
+    .await;
     drop(s);
 }
 
@@ -188,9 +191,11 @@ async fn client_faults_never_eject_an_upstream() {
         assert_eq!(status_of(&resp), 400, "{resp}");
         assert!(!resp.contains("127.0.0.1"), "no internal address: {resp}");
     }
-    eventually("the aborted uploads are accounted for", async || {
-        gw.gateway.route_info()[0].counters.client_faults >= 5
-    })
+    until(
+        "the aborted uploads are accounted for",
+        WITHIN,
+        async || gw.gateway.route_info()[0].counters.client_faults >= 5,
+    )
     .await;
     let snap = gw.gateway.upstreams();
     for ep in &snap[0].endpoints {

@@ -14,13 +14,13 @@ pub struct ControlPlane {
     /// The proxy's endpoint (what services use).
     pub endpoint: String,
     proxy: CutProxy,
-    _store: meshwork_etcd::testing::Embedded,
+    _store: meshwork_testkit::store::Embedded,
 }
 
 impl ControlPlane {
     /// Starts one (lease TTLs down to 1 s).
     pub async fn start() -> ControlPlane {
-        let store = meshwork_etcd::testing::embedded().await;
+        let store = meshwork_testkit::store::embedded().await;
         let addr: SocketAddr = store.endpoint.parse().unwrap();
         let proxy = CutProxy::start(addr).await;
         ControlPlane {

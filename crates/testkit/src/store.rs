@@ -1,7 +1,8 @@
-//! Test support (feature `testing`): Meshwork's store in a temporary directory,
-//! served as an etcd v3 endpoint on 127.0.0.1 in this process.
+//! The embedded store harness (feature `store`): Meshwork's store in a
+//! temporary directory, served as an etcd v3 endpoint on 127.0.0.1 in the
+//! test's own process.
 
-use crate::{ServerInfo, serve};
+use meshwork_etcd::{ServerInfo, serve};
 use meshwork_store::{Store, StoreConfig};
 
 /// A served store; stops serving and removes its directory when dropped.
@@ -24,7 +25,6 @@ impl Drop for Embedded {
 ///
 /// # Panics
 /// When the directory, the store or the listener cannot be set up (tests only).
-#[allow(clippy::expect_used)]
 pub async fn embedded() -> Embedded {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let cfg = StoreConfig {

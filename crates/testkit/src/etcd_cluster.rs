@@ -1,6 +1,6 @@
-//! Test harness: a real etcd cluster (Debian's `etcd-server`) of child processes on
-//! loopback, each member with its own data directory, torn down (SIGKILL) on drop.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+//! A real etcd cluster (Debian's `etcd-server`) of child processes on
+//! loopback (feature `etcd`), each member with its own data directory, torn
+//! down (SIGKILL) on drop.
 
 use std::fs::File;
 use std::io::Read;
@@ -13,37 +13,16 @@ use std::time::Duration;
 use meshwork_etcd::Client;
 use meshwork_etcd::proto::etcdserverpb as pb;
 
-/// Where Debian's etcd-server installs the server.
+/// Where Debian's etcd-server installs the server (`MESHWORK_ETCD` overrides).
 pub const ETCD: &str = "/usr/bin/etcd";
 
 /// Longest wait for a fresh cluster to elect a leader and take a write.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
-/// Whether peer tests must fail rather than skip when a peer is missing.
-pub fn peers_required() -> bool {
-    std::env::var("MESHWORK_REQUIRE_PEERS").is_ok_and(|v| v == "1")
-}
-
-/// The etcd server binary (`MESHWORK_ETCD` overrides the path), or None (skip) when
-/// it is not installed; panics instead under `MESHWORK_REQUIRE_PEERS=1`.
+/// The etcd server binary, or None (skip) when it is not installed; a test
+/// failure instead under `MESHWORK_REQUIRE_PEERS=1`.
 pub fn etcd_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("MESHWORK_ETCD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(ETCD));
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        !peers_required(),
-        "peer etcd is missing ({} not found) and MESHWORK_REQUIRE_PEERS=1 \
-         (install Debian's etcd-server package, see .ci/run)",
-        path.display()
-    );
-    eprintln!(
-        "skipping: peer etcd not installed ({} not found; apt-get install etcd-server)",
-        path.display()
-    );
-    None
+    crate::peer::at("etcd", "MESHWORK_ETCD", ETCD)
 }
 
 /// Next candidate port: below the ephemeral range (32768+), spread by process id so
