@@ -210,9 +210,9 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     }));
     match etcd_addr {
         Some(etcd_addr) => {
-            tracing::info!(%etcd_addr, %http_addr, store = "embedded", "meshwork node started")
+            tracing::info!(%etcd_addr, %http_addr, store = %"embedded", "meshwork node started")
         }
-        None => tracing::info!(%http_addr, store = "external", "meshwork node started"),
+        None => tracing::info!(%http_addr, store = %"external", "meshwork node started"),
     }
     Ok(Running {
         etcd_addr,

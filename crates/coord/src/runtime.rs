@@ -230,7 +230,7 @@ async fn follow_session(
                 if !lost || current == 0 || membership.session().lease != current {
                     continue;
                 }
-                tracing::warn!(node, "this node's id worker claim was deleted; claiming a worker again");
+                tracing::warn!(%node, "this node's id worker claim was deleted; claiming a worker again");
                 metrics::counter!("meshwork_coord_session_heals_total").increment(1);
                 ids.write().take();
             }

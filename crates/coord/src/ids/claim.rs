@@ -122,7 +122,7 @@ pub async fn claim_worker(
             lost_races += 1;
             continue;
         };
-        tracing::info!(worker, node, lease, hwm_ms, "claimed id worker");
+        tracing::info!(worker, %node, lease, hwm_ms, "claimed id worker");
         return Ok(WorkerClaim {
             layout: layout.clone(),
             worker,

@@ -6,7 +6,7 @@
 //! A probe opens a fresh connection to one instance, asks one question and
 //! closes the connection. Every probe is bounded by the check's timeout and
 //! never panics, whatever the peer sends: the result is always a
-//! [`ProbeOutcome`] with a short human-readable detail.
+//! `ProbeOutcome` (module `prober`) with a short human-readable detail.
 //!
 //! The check definition is stored as JSON next to the instance. Its shape is
 //! flat: a `type` tag, the fields of that kind, and the policy fields:

@@ -41,7 +41,8 @@ impl Store {
             revision: self.revision(),
             compact_revision: self.compact_revision(),
             db_size_bytes: db_size,
-            db_size_in_use_bytes: in_use.min(db_size.max(in_use)),
+            // In use can never exceed the file: stats count pages, the file is the truth.
+            db_size_in_use_bytes: in_use.min(db_size),
             keys,
             leases,
             watchers,
