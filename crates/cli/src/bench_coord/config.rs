@@ -8,17 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use clap::Args;
-use meshwork_loadgen::Errors;
 use meshwork_loadgen::http::{Conn, open_conns};
-use meshwork_loadgen::latency::Latency;
 use meshwork_loadgen::procs::{Procs, check_fd_limit};
-use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::{
-    CALL_TIMEOUT, Slot, WAIT_SECS, WAIT_TIMEOUT, await_parked, drive_changes, shared_latency,
-    spread,
+    CALL_TIMEOUT, Deliveries, WAIT_SECS, WAIT_TIMEOUT, await_parked, drive_changes, spread,
 };
 use crate::httpc::enc;
 
@@ -126,10 +122,8 @@ pub(crate) async fn config(b: ConfigBench) -> Result<()> {
     }
     let n = b.entries;
     let expected = spread(b.listeners, n);
-    let slots: Arc<Vec<Slot>> = Arc::new((0..n).map(|_| Slot::default()).collect());
-    let hist = shared_latency();
+    let d = Deliveries::new(n);
     let ready = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(Errors::default());
     let stopping = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     eprintln!("opening {} listeners on {n} entries", b.listeners);
@@ -143,10 +137,8 @@ pub(crate) async fn config(b: ConfigBench) -> Result<()> {
             entry_path: b.path(&ids[e]),
             checksum: sums[e].clone(),
             item: json!({"namespace": b.namespace, "group": b.group, "data_id": ids[e]}),
-            slots: slots.clone(),
             target: e,
-            hist: hist.clone(),
-            errors: errors.clone(),
+            d: d.clone(),
             stopping: stopping.clone(),
         };
         ready.fetch_add(1, Ordering::Relaxed);
@@ -161,11 +153,11 @@ pub(crate) async fn config(b: ConfigBench) -> Result<()> {
     let base = unix_now().as_secs() * 1_000_000;
     let tally = drive_changes(
         "publish",
-        &slots,
+        &d.slots,
         &expected,
         b.publishes,
         Duration::from_millis(b.gap_ms),
-        &errors,
+        &d.errors,
         async |k, e| {
             publish(&mut gen_conn, &b.path(&ids[e]), b.body(base + k))
                 .await
@@ -179,10 +171,9 @@ pub(crate) async fn config(b: ConfigBench) -> Result<()> {
     for t in tasks {
         let _ = t.await;
     }
-    let stray: u64 = slots.iter().map(|s| s.stray.load(Ordering::Relaxed)).sum();
-    let h = hist.lock().clone();
+    let (stray, h) = (d.stray(), d.latency());
     // Change errors are counted in the tally; the rest are the listeners'.
-    let listener_errors = errors.get().saturating_sub(tally.change_errors);
+    let listener_errors = d.errors.get().saturating_sub(tally.change_errors);
     if b.json {
         let out = json!({
             "bench": "config", "http": b.http, "listeners": b.listeners, "entries": n,
@@ -217,10 +208,8 @@ struct Listener {
     entry_path: String,
     checksum: String,
     item: Value,
-    slots: Arc<Vec<Slot>>,
     target: usize,
-    hist: Arc<Mutex<Latency>>,
-    errors: Arc<Errors>,
+    d: Deliveries,
     stopping: Arc<AtomicBool>,
 }
 
@@ -245,7 +234,7 @@ impl Listener {
                 Ok(v) => v["changed"].as_array().is_some_and(|a| !a.is_empty()),
                 Err(e) => {
                     if !self.stopping.load(Ordering::Relaxed) {
-                        self.errors.add("listener", &e);
+                        self.d.errors.add("listener", &e);
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -254,9 +243,9 @@ impl Listener {
             if !changed {
                 continue;
             }
-            self.slots[self.target].deliver(at, &self.hist);
+            self.d.record(self.target, at);
             if let Err(e) = self.refetch().await {
-                self.errors.add("listener", &e);
+                self.d.errors.add("listener", &e);
             }
         }
     }

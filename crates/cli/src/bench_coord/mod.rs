@@ -12,6 +12,7 @@ mod config;
 mod registry;
 mod watch;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -164,9 +165,42 @@ fn spread(count: usize, targets: usize) -> Vec<u64> {
         .collect()
 }
 
-/// Delivery latencies of a run: one histogram the watchers record into.
-fn shared_latency() -> std::sync::Arc<Mutex<Latency>> {
-    std::sync::Arc::new(Mutex::new(Latency::new()))
+/// The delivery bookkeeping a run's watchers share: one slot per target, the latency
+/// histogram they record into, the error counts.
+#[derive(Clone)]
+struct Deliveries {
+    slots: Arc<Vec<Slot>>,
+    hist: Arc<Mutex<Latency>>,
+    errors: Arc<Errors>,
+}
+
+impl Deliveries {
+    /// Bookkeeping for `targets` targets.
+    fn new(targets: usize) -> Deliveries {
+        Deliveries {
+            slots: Arc::new((0..targets).map(|_| Slot::default()).collect()),
+            hist: Arc::new(Mutex::new(Latency::new())),
+            errors: Arc::new(Errors::default()),
+        }
+    }
+
+    /// Records a delivery to `target` that arrived at `at`.
+    fn record(&self, target: usize, at: Instant) {
+        self.slots[target].deliver(at, &self.hist);
+    }
+
+    /// Answers that moved while no change was in flight.
+    fn stray(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| s.stray.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The change-to-delivery latencies so far.
+    fn latency(&self) -> Latency {
+        self.hist.lock().clone()
+    }
 }
 
 #[cfg(test)]

@@ -6,17 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use meshwork_loadgen::Errors;
 use meshwork_loadgen::http::{Conn, open_conns};
-use meshwork_loadgen::latency::Latency;
-use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::registry::{Names, RegistryBench, register};
 use super::{
-    CALL_TIMEOUT, Slot, WAIT_SECS, WAIT_TIMEOUT, await_parked, drive_changes, shared_latency,
-    spread,
+    CALL_TIMEOUT, Deliveries, WAIT_SECS, WAIT_TIMEOUT, await_parked, drive_changes, spread,
 };
 use crate::httpc::enc;
 
@@ -32,11 +28,9 @@ pub(super) async fn scenario(
     targets: Vec<String>,
 ) -> Result<Value> {
     let n = targets.len();
-    let slots: Arc<Vec<Slot>> = Arc::new((0..n).map(|_| Slot::default()).collect());
+    let d = Deliveries::new(n);
     let expected = spread(b.watchers, n);
-    let hist = shared_latency();
     let ready = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(Errors::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     eprintln!("{label}: opening {} watchers on {n} service(s)", b.watchers);
     let conns = open_conns(&b.http, b.watchers).await?;
@@ -46,11 +40,9 @@ pub(super) async fn scenario(
         let watcher = Watcher {
             conn,
             path: names.instances_path(&targets[t]),
-            slots: slots.clone(),
             target: t,
-            hist: hist.clone(),
+            d: d.clone(),
             ready: ready.clone(),
-            errors: errors.clone(),
         };
         tasks.push(tokio::spawn(watcher.run(stop_rx.clone())));
     }
@@ -70,11 +62,11 @@ pub(super) async fn scenario(
     let gap = Duration::from_millis(b.gap_ms);
     let tally = drive_changes(
         label,
-        &slots,
+        &d.slots,
         &expected,
         b.changes,
         gap,
-        &errors,
+        &d.errors,
         async |k, t| {
             let svc = &targets[t];
             if probe_up[t] {
@@ -96,13 +88,12 @@ pub(super) async fn scenario(
             let _ = deregister_probe(&mut gen_conn, names, &targets[t]).await;
         }
     }
-    let stray: u64 = slots.iter().map(|s| s.stray.load(Ordering::Relaxed)).sum();
-    let h = hist.lock().clone();
+    let (stray, h) = (d.stray(), d.latency());
     Ok(json!({
         "scenario": label, "watchers": b.watchers, "watchers_started": parked,
         "services": n, "changes": b.changes, "change_errors": tally.change_errors,
         "deliveries": tally.delivered, "missed": tally.missed, "stray": stray,
-        "watcher_errors": errors.get(), "seconds": tally.elapsed.as_secs_f64(),
+        "watcher_errors": d.errors.get(), "seconds": tally.elapsed.as_secs_f64(),
         "latency": h.json(), "change_call": tally.call.json(),
         "_table": format!("{}  | change call {}", h.line(), tally.call.line()),
     }))
@@ -124,11 +115,9 @@ async fn deregister_probe(c: &mut Conn, names: &Names, svc: &str) -> Result<()> 
 struct Watcher {
     conn: Conn,
     path: String,
-    slots: Arc<Vec<Slot>>,
     target: usize,
-    hist: Arc<Mutex<Latency>>,
+    d: Deliveries,
     ready: Arc<AtomicU64>,
-    errors: Arc<Errors>,
 }
 
 impl Watcher {
@@ -136,11 +125,11 @@ impl Watcher {
         let mut index = match self.conn.call("GET", &self.path, None, CALL_TIMEOUT).await {
             Ok(r) if r.status == 200 => r.index.unwrap_or(0),
             Ok(r) => {
-                self.errors.add("watcher", &r.unexpected("first read"));
+                self.d.errors.add("watcher", &r.unexpected("first read"));
                 return;
             }
             Err(e) => {
-                self.errors.add("watcher", &e);
+                self.d.errors.add("watcher", &e);
                 return;
             }
         };
@@ -159,13 +148,14 @@ impl Watcher {
                         .or_else(|| r.json().ok().and_then(|v| v["index"].as_i64()))
                     {
                         Some(new) if new > index => {
-                            self.slots[self.target].deliver(at, &self.hist);
+                            self.d.record(self.target, at);
                             index = new;
                             None
                         }
                         Some(_) => None,
                         None => {
-                            self.errors
+                            self.d
+                                .errors
                                 .add("watcher", &anyhow!("answer without an index"));
                             None
                         }
@@ -175,7 +165,7 @@ impl Watcher {
                 Err(e) => Some(anyhow::Error::from(e)),
             };
             if let Some(e) = failure {
-                self.errors.add("watcher", &e);
+                self.d.errors.add("watcher", &e);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
