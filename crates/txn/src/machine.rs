@@ -35,7 +35,7 @@ pub type Millis = u64;
 pub const MAX_HISTORY: usize = 128;
 
 /// Which call of a branch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// The forward call: action, try or prepare.
