@@ -21,7 +21,43 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, oneshot};
 
-/// A real upstream HTTP server (h1 + h2c) that echoes what it received.
+/// The head of a request an upstream received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Path (without the query).
+    pub path: String,
+    /// Headers (names lower-case; the last value of a repeated one).
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Seen {
+    fn of<B>(req: &Request<B>) -> Seen {
+        Seen {
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+            headers: req
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// A real upstream HTTP server (h1 + h2c) that echoes what it received and
+/// records every request's head.
 #[derive(Debug)]
 pub struct Upstream {
     /// Where it listens.
@@ -32,6 +68,8 @@ pub struct Upstream {
     pub conns: Arc<AtomicU64>,
     /// Released by tests to let `/hold` requests finish.
     pub release: Arc<Notify>,
+    /// Every request's head, in arrival order.
+    seen: Arc<Mutex<Vec<Seen>>>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -50,6 +88,8 @@ impl Upstream {
         let conns = Arc::new(AtomicU64::new(0));
         let accepted = conns.clone();
         let release = Arc::new(Notify::new());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
         let h = hits.clone();
         let rel = release.clone();
@@ -63,8 +103,12 @@ impl Upstream {
                         accepted.fetch_add(1, Ordering::SeqCst);
                         let h = h.clone();
                         let rel = rel.clone();
+                        let log = log.clone();
                         conns.spawn(async move {
-                            let svc = service_fn(move |req| echo(req, name, h.clone(), rel.clone()));
+                            let svc = service_fn(move |req| {
+                                log.lock().push(Seen::of(&req));
+                                echo(req, name, h.clone(), rel.clone())
+                            });
                             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                                 .await;
@@ -79,6 +123,7 @@ impl Upstream {
             hits,
             conns,
             release,
+            seen,
             stop: Some(stop_tx),
             task,
         }
@@ -87,6 +132,11 @@ impl Upstream {
     /// Requests received so far.
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// The heads of the requests received so far, in arrival order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().clone()
     }
 
     /// Stops accepting and drops every connection.
@@ -184,16 +234,7 @@ async fn echo(
     let method = req.method().to_string();
     let query = req.uri().query().map(str::to_owned);
     let version = format!("{:?}", req.version());
-    let headers: BTreeMap<String, String> = req
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
+    let headers = Seen::of(&req).headers;
     let body = req
         .into_body()
         .collect()

@@ -1,7 +1,8 @@
-//! Distributed transactions' decision core: saga, TCC and two-phase commit as
-//! one pure state machine ([`machine::Txn`]: events in, actions out, no I/O),
-//! with the definition users write ([`spec::Spec`]) and the durable record
-//! the runner keeps in the store.
+//! Distributed transactions: saga, TCC and two-phase commit as one pure
+//! state machine ([`machine::Txn`]: events in, actions out, no I/O), the
+//! definition users write ([`spec::Spec`]), and (feature `runner`, on by
+//! default) the log of records in the store (`log`) and the runner that
+//! drives records through the machine with branch calls over HTTP (`runner`).
 //!
 //! The runner's contract (the node's `txn` role):
 //! 1. create the record ([`machine::Txn::new`]) and persist it before
@@ -17,7 +18,11 @@
 //!    gone) steps it with `Resume`: calls that were in flight are sent again
 //!    with the same key, so a participant applies each at most once.
 
+#[cfg(feature = "runner")]
+pub mod log;
 pub mod machine;
+#[cfg(feature = "runner")]
+pub mod runner;
 pub mod spec;
 
 pub use machine::{Action, Event, Millis, Outcome, Phase, Status, StepError, Txn};

@@ -13,6 +13,8 @@ pub const MAX_NAME_BYTES: usize = 128;
 pub const MAX_PATH_BYTES: usize = 2048;
 /// Largest call body (as JSON), bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest definition (as JSON), bytes: the record must fit one store write.
+pub const MAX_SPEC_BYTES: usize = 256 * 1024;
 /// Longest global timeout: seven days.
 pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
@@ -203,6 +205,13 @@ impl Spec {
             ));
         }
         self.validate_retry()?;
+        let size = serde_json::to_vec(self).map_or(usize::MAX, |v| v.len());
+        if size > MAX_SPEC_BYTES {
+            return Err(invalid(
+                "branches",
+                format!("the definition is {size} bytes of JSON; at most {MAX_SPEC_BYTES}"),
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, b) in self.branches.iter().enumerate() {
             let at = |f: &str| format!("branches[{i}].{f}");

@@ -1,0 +1,428 @@
+//! The runner: drives one transaction's record through the machine, with
+//! the log in the store and the branch calls over HTTP.
+//!
+//! Per step: apply the event, persist the record (compare-and-swap) if it
+//! changed, and only then run the actions — so every decision is durable
+//! before any call that depends on it. A write that loses the compare means
+//! someone else advanced the record (an operator's abort, another
+//! coordinator): the runner continues from their version. A store that fails
+//! is waited out, then the record is read back and resumed (the unsaved
+//! step's calls were never sent; calls in flight are sent again with the same
+//! idempotency key). One transaction should have one driver at a time (the
+//! node partitions transactions over its coordinators); two are safe — every
+//! write is a compare-and-swap and every call idempotent — only wasteful.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use meshwork_coord::registry::{Filter, Registry, traffic_endpoints_now};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::log::{LogError, Stored, TxnLog};
+use crate::machine::{Action, Event, Millis, Outcome, Phase, Status, Txn};
+use crate::{HEADER_BRANCH, HEADER_IDEMPOTENCY_KEY, HEADER_PHASE, HEADER_TXN};
+
+/// Longest wait before re-reading the record after a store failure.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Most bytes of a failed call's answer kept as its error detail.
+const DETAIL_BYTES: usize = 200;
+
+/// The wall clock, in ms since the Unix epoch.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One branch call, with everything needed to send it.
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    /// The transaction.
+    pub txn: String,
+    /// The branch's name.
+    pub branch: String,
+    /// Which call.
+    pub phase: Phase,
+    /// Attempt number.
+    pub attempt: u32,
+    /// The service to call.
+    pub service: String,
+    /// HTTP method.
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// JSON body.
+    pub body: Option<serde_json::Value>,
+    /// The same for every attempt of this call.
+    pub idempotency_key: String,
+    /// Deadline of this attempt.
+    pub timeout: Duration,
+}
+
+impl CallRequest {
+    /// The request for `phase` of `branch`, or None if the spec has no such call.
+    pub fn of(txn: &Txn, branch: usize, phase: Phase, attempt: u32) -> Option<CallRequest> {
+        let b = txn.spec.branches.get(branch)?;
+        let call = match phase {
+            Phase::Action => Some(&b.action),
+            Phase::Confirm => b.confirm.as_ref(),
+            Phase::Undo => b.undo.as_ref(),
+        }?;
+        Some(CallRequest {
+            txn: txn.id.clone(),
+            branch: b.name.clone(),
+            phase,
+            attempt,
+            service: b.service.clone(),
+            method: call.method.clone(),
+            path: call.path.clone(),
+            body: call.body.clone(),
+            idempotency_key: txn.idempotency_key(branch, phase),
+            timeout: Duration::from_millis(b.timeout_ms),
+        })
+    }
+}
+
+/// Sends branch calls and classifies their answers.
+pub trait Caller: Send + Sync + 'static {
+    /// Sends `req` and says how it ended (never fails: failures are outcomes).
+    fn call(&self, req: CallRequest) -> impl Future<Output = Outcome> + Send;
+}
+
+/// Where a service's instances are.
+pub trait Endpoints: Send + Sync + 'static {
+    /// The addresses taking traffic for `service` now (healthy first choice).
+    fn endpoints(&self, service: &str) -> Vec<SocketAddr>;
+}
+
+impl Endpoints for Registry {
+    fn endpoints(&self, service: &str) -> Vec<SocketAddr> {
+        let d = self.discover(
+            service,
+            &Filter {
+                healthy: true,
+                ..Filter::default()
+            },
+        );
+        traffic_endpoints_now(&d)
+            .into_iter()
+            .map(|e| e.addr)
+            .collect()
+    }
+}
+
+/// Fixed addresses per service (for services outside the registry).
+#[derive(Debug, Clone, Default)]
+pub struct StaticEndpoints(pub std::collections::HashMap<String, Vec<SocketAddr>>);
+
+impl Endpoints for StaticEndpoints {
+    fn endpoints(&self, service: &str) -> Vec<SocketAddr> {
+        self.0.get(service).cloned().unwrap_or_default()
+    }
+}
+
+/// Branch calls over HTTP/1.1 to the service's instances, round-robin, with
+/// the transaction headers. Answers: 2xx done; 408, 429, 5xx and any answer
+/// with `Retry-After` unknown (retried); other 4xx rejected; no answer
+/// (refused, reset, timed out) unknown.
+pub struct HttpCaller<E> {
+    endpoints: E,
+    client: Client<HttpConnector, Full<Bytes>>,
+    next: AtomicUsize,
+}
+
+impl<E: Endpoints> HttpCaller<E> {
+    /// A caller resolving services with `endpoints`.
+    pub fn new(endpoints: E) -> HttpCaller<E> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        HttpCaller {
+            endpoints,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    async fn send(&self, req: &CallRequest) -> Outcome {
+        let addrs = self.endpoints.endpoints(&req.service);
+        if addrs.is_empty() {
+            return Outcome::Unknown(format!("no instance of {} takes traffic", req.service));
+        }
+        let addr = addrs[self.next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
+        let body = req
+            .body
+            .as_ref()
+            .map(|b| Bytes::from(b.to_string()))
+            .unwrap_or_default();
+        let built = http::Request::builder()
+            .method(req.method.as_str())
+            .uri(format!("http://{addr}{}", req.path))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(HEADER_TXN, &req.txn)
+            .header(HEADER_BRANCH, &req.branch)
+            .header(HEADER_PHASE, req.phase.as_str())
+            .header(HEADER_IDEMPOTENCY_KEY, &req.idempotency_key)
+            .body(Full::new(body));
+        let request = match built {
+            Ok(r) => r,
+            // Validated specs build valid requests; a bad one can never succeed.
+            Err(e) => return Outcome::Rejected(format!("invalid request: {e}")),
+        };
+        let exchange = async {
+            let resp = self.client.request(request).await?;
+            let (parts, body) = resp.into_parts();
+            let bytes = body.collect().await?.to_bytes();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, bytes))
+        };
+        match tokio::time::timeout(req.timeout, exchange).await {
+            Err(_) => Outcome::Unknown(format!("{addr}: no answer within {:?}", req.timeout)),
+            Ok(Err(e)) => Outcome::Unknown(format!("{addr}: {e}")),
+            Ok(Ok((parts, body))) => classify(parts.status, &parts.headers, &body),
+        }
+    }
+}
+
+impl<E: Endpoints> Caller for HttpCaller<E> {
+    async fn call(&self, req: CallRequest) -> Outcome {
+        self.send(&req).await
+    }
+}
+
+/// How an HTTP answer counts.
+fn classify(status: http::StatusCode, headers: &http::HeaderMap, body: &[u8]) -> Outcome {
+    if status.is_success() {
+        return Outcome::Done;
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(DETAIL_BYTES)]);
+    let detail = format!("{status}: {}", text.trim());
+    let retry_later = headers.contains_key(http::header::RETRY_AFTER)
+        || status.is_server_error()
+        || matches!(status.as_u16(), 408 | 429);
+    if retry_later || !status.is_client_error() {
+        Outcome::Unknown(detail)
+    } else {
+        Outcome::Rejected(detail)
+    }
+}
+
+/// Why driving a transaction stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// No such transaction.
+    #[error("no transaction {0}")]
+    NotFound(String),
+    /// The log refused or failed in a way waiting cannot fix.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// Drives transactions: creates their records and runs them to the end.
+pub struct Runner<C> {
+    log: TxnLog,
+    caller: Arc<C>,
+}
+
+impl<C> Clone for Runner<C> {
+    fn clone(&self) -> Self {
+        Runner {
+            log: self.log.clone(),
+            caller: self.caller.clone(),
+        }
+    }
+}
+
+impl<C: Caller> Runner<C> {
+    /// A runner writing to `log` and calling branches with `caller`.
+    pub fn new(log: TxnLog, caller: C) -> Runner<C> {
+        Runner {
+            log,
+            caller: Arc::new(caller),
+        }
+    }
+
+    /// The log it writes.
+    pub fn log(&self) -> &TxnLog {
+        &self.log
+    }
+
+    /// Persists a new transaction (validate its spec first); once this
+    /// returns, the transaction will finish whatever happens to this process
+    /// (another coordinator resumes it). Drive it with [`Runner::drive`].
+    pub async fn create(&self, txn: &Txn) -> Result<(), LogError> {
+        self.log.create(txn).await.map(drop)
+    }
+
+    /// Drives transaction `id` until it is final; its final status.
+    pub async fn drive(&self, id: &str) -> Result<Status, RunError> {
+        let mut calls = JoinSet::new();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+        let mut stored = self.load(id).await?;
+        let mut event = Event::Resume;
+        let mut wake: Option<Millis> = None;
+        let mut store_failures = 0u32;
+        loop {
+            let before = stored.txn.clone();
+            let actions = match stored.txn.step(now_ms(), event) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(txn = %id, error = %e, "event refused");
+                    Vec::new()
+                }
+            };
+            if stored.txn != before {
+                match self.log.save(&stored.txn, stored.revision).await {
+                    Ok(rev) => {
+                        stored.revision = rev;
+                        store_failures = 0;
+                    }
+                    Err(LogError::Store(e)) => {
+                        // Not persisted: run none of this step's actions; read
+                        // the record back once the store answers, and resume.
+                        store_failures += 1;
+                        let wait = meshwork_resilience::retry::ceiling(
+                            Duration::from_millis(50),
+                            STORE_RETRY_MAX,
+                            2.0,
+                            store_failures,
+                        );
+                        tracing::warn!(txn = %id, error = %e, retry_in_ms = wait.as_millis() as u64, "transaction log write failed");
+                        tokio::time::sleep(wait).await;
+                        stored = match self.load(id).await {
+                            Ok(s) => s,
+                            Err(RunError::Log(LogError::Store(_))) => stored,
+                            Err(e) => return Err(e),
+                        };
+                        calls.abort_all();
+                        event = Event::Resume;
+                        continue;
+                    }
+                    Err(LogError::Superseded(_)) => {
+                        // Someone else wrote the record (an operator's abort or
+                        // retry, or another coordinator): continue from theirs,
+                        // sending the calls it has in flight (their writer may
+                        // not have sent them; a duplicate carries the same
+                        // idempotency key and its late answer is ignored).
+                        stored = self.load(id).await?;
+                        event = Event::Resume;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            for a in actions {
+                match a {
+                    Action::Call {
+                        branch,
+                        phase,
+                        attempt,
+                    } => {
+                        let Some(req) = CallRequest::of(&stored.txn, branch, phase, attempt) else {
+                            continue;
+                        };
+                        let (caller, tx) = (self.caller.clone(), tx.clone());
+                        calls.spawn(async move {
+                            let outcome = caller.call(req).await;
+                            let _ = tx.send(Event::Result {
+                                branch,
+                                phase,
+                                attempt,
+                                outcome,
+                            });
+                        });
+                    }
+                    Action::WakeAt(at) => wake = Some(at),
+                    Action::Finished(status) => {
+                        tracing::info!(txn = %id, status = status.as_str(), "transaction finished");
+                        return Ok(status);
+                    }
+                }
+            }
+            let sleep = wake.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
+            event = tokio::select! {
+                Some(ev) = rx.recv() => ev,
+                _ = tokio::time::sleep(sleep.unwrap_or(Duration::MAX)), if sleep.is_some() => {
+                    wake = None;
+                    Event::Tick
+                }
+            };
+            // Reap finished call tasks.
+            while calls.try_join_next().is_some() {}
+        }
+    }
+
+    /// Applies an operator's event (abort, retry now) to a transaction that
+    /// another task may be driving: a compare-and-swap write, retried on a
+    /// conflict. It sends no call itself: the driving task sees the change
+    /// when its next write loses, reloads and resumes, sending the calls the
+    /// new record has in flight.
+    pub async fn apply(&self, id: &str, event: Event) -> Result<Txn, ApplyError> {
+        loop {
+            let mut stored = self.load(id).await?;
+            stored.txn.step(now_ms(), event.clone())?;
+            match self.log.save(&stored.txn, stored.revision).await {
+                Ok(_) => return Ok(stored.txn),
+                Err(LogError::Superseded(_)) => continue,
+                Err(e) => return Err(RunError::Log(e).into()),
+            }
+        }
+    }
+
+    async fn load(&self, id: &str) -> Result<Stored, RunError> {
+        self.log
+            .load(id)
+            .await?
+            .ok_or_else(|| RunError::NotFound(id.to_owned()))
+    }
+}
+
+/// Why an operator's event was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The transaction or the log.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// The machine refused it (e.g. abort after the commit decision).
+    #[error(transparent)]
+    Refused(#[from] crate::machine::StepError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_classified_as_their_status_says() {
+        let h = http::HeaderMap::new();
+        let s = |c: u16| http::StatusCode::from_u16(c).unwrap_or(http::StatusCode::OK);
+        assert_eq!(classify(s(201), &h, b""), Outcome::Done);
+        assert_eq!(
+            classify(s(402), &h, b" declined\n"),
+            Outcome::Rejected("402 Payment Required: declined".into())
+        );
+        assert!(matches!(classify(s(503), &h, b""), Outcome::Unknown(_)));
+        assert!(matches!(classify(s(429), &h, b""), Outcome::Unknown(_)));
+        assert!(matches!(classify(s(408), &h, b""), Outcome::Unknown(_)));
+        assert!(matches!(classify(s(302), &h, b""), Outcome::Unknown(_)));
+        let mut later = http::HeaderMap::new();
+        later.insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("1"),
+        );
+        assert!(matches!(classify(s(409), &later, b""), Outcome::Unknown(_)));
+        let long = vec![b'x'; 1000];
+        let Outcome::Rejected(d) = classify(s(400), &h, &long) else {
+            panic!("400 is a rejection");
+        };
+        assert!(d.len() < 250);
+    }
+}

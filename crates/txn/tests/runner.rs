@@ -1,0 +1,242 @@
+//! The runner over real sockets: the log in Meshwork's store (served as an
+//! etcd endpoint), participants as real HTTP servers that record what they
+//! received, a coordinator killed mid-call and another taking over, an
+//! operator abort racing the driver.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use meshwork_coord::Backend;
+use meshwork_coord::backend::BackendOptions;
+use meshwork_testkit::store::{Embedded, embedded};
+use meshwork_testkit::until;
+use meshwork_testkit::upstream::{Seen, Upstream};
+use meshwork_txn::log::TxnLog;
+use meshwork_txn::runner::{HttpCaller, Runner, StaticEndpoints, now_ms};
+use meshwork_txn::{Event, Spec, Status, Txn};
+
+const WITHIN: Duration = Duration::from_secs(20);
+
+struct Shop {
+    _store: Embedded,
+    endpoint: String,
+    inventory: Upstream,
+    payment: Upstream,
+}
+
+impl Shop {
+    async fn start() -> Shop {
+        let store = embedded().await;
+        Shop {
+            endpoint: store.endpoint.clone(),
+            _store: store,
+            inventory: Upstream::start("inventory").await,
+            payment: Upstream::start("payment").await,
+        }
+    }
+
+    /// A coordinator: its own store connection and HTTP client.
+    async fn runner(&self) -> Runner<HttpCaller<StaticEndpoints>> {
+        let backend = Backend::connect(
+            std::slice::from_ref(&self.endpoint),
+            BackendOptions::default(),
+        )
+        .await
+        .unwrap();
+        let endpoints = StaticEndpoints(HashMap::from([
+            ("inventory".to_owned(), vec![self.inventory.addr]),
+            ("payment".to_owned(), vec![self.payment.addr]),
+        ]));
+        Runner::new(TxnLog::new(backend), HttpCaller::new(endpoints))
+    }
+}
+
+/// reserve (inventory) then charge (payment), as a saga; `charge` is the
+/// payment action's path.
+fn order_saga(charge: &str) -> Spec {
+    Spec::from_json(&format!(
+        r#"{{"mode": "saga", "retry": {{"initial_backoff_ms": 10, "max_backoff_ms": 20}},
+            "branches": [
+            {{"name": "reserve", "service": "inventory", "action": {{"path": "/reserve", "body": {{"sku": "A", "qty": 1}}}},
+              "undo": {{"path": "/release"}}}},
+            {{"name": "charge", "service": "payment", "stage": 1, "action": {{"path": "{charge}"}},
+              "undo": {{"path": "/refund"}}}}
+        ]}}"#
+    ))
+    .unwrap()
+}
+
+/// Waits for a driving task, failing the test instead of hanging it.
+async fn finished(
+    task: tokio::task::JoinHandle<Result<Status, meshwork_txn::runner::RunError>>,
+) -> Status {
+    tokio::time::timeout(WITHIN, task)
+        .await
+        .expect("the transaction did not finish")
+        .unwrap()
+        .unwrap()
+}
+
+fn paths(seen: &[Seen]) -> Vec<String> {
+    seen.iter()
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_commits_and_every_call_carries_the_transaction_headers() {
+    let shop = Shop::start().await;
+    let runner = shop.runner().await;
+    let txn = Txn::new("order-1", order_saga("/charge"), now_ms());
+    runner.create(&txn).await.unwrap();
+    assert!(runner.create(&txn).await.is_err(), "an id is created once");
+    let r = runner.clone();
+    assert_eq!(
+        finished(tokio::spawn(async move { r.drive("order-1").await })).await,
+        Status::Committed
+    );
+
+    let reserve = &shop.inventory.seen()[0];
+    assert_eq!(paths(&shop.inventory.seen()), ["POST /reserve"]);
+    assert_eq!(reserve.header("x-meshwork-txn"), Some("order-1"));
+    assert_eq!(reserve.header("x-meshwork-branch"), Some("reserve"));
+    assert_eq!(reserve.header("x-meshwork-phase"), Some("action"));
+    assert_eq!(
+        reserve.header("idempotency-key"),
+        Some("order-1/reserve/action")
+    );
+    assert_eq!(paths(&shop.payment.seen()), ["POST /charge"]);
+    let stored = runner.log().load("order-1").await.unwrap().unwrap();
+    assert_eq!(stored.txn.status, Status::Committed);
+    assert_eq!(runner.log().list(0).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_charge_compensates_both_steps_in_reverse_order() {
+    let shop = Shop::start().await;
+    let runner = shop.runner().await;
+    let txn = Txn::new("order-2", order_saga("/status/402"), now_ms());
+    runner.create(&txn).await.unwrap();
+    let r = runner.clone();
+    assert_eq!(
+        finished(tokio::spawn(async move { r.drive("order-2").await })).await,
+        Status::Aborted
+    );
+    assert_eq!(
+        paths(&shop.inventory.seen()),
+        ["POST /reserve", "POST /release"]
+    );
+    // The declined charge was sent, so its compensation is too (a
+    // participant's barrier turns it into a recorded no-op).
+    assert_eq!(
+        paths(&shop.payment.seen()),
+        ["POST /status/402", "POST /refund"]
+    );
+    let stored = runner.log().load("order-2").await.unwrap().unwrap().txn;
+    assert!(
+        stored
+            .reason
+            .as_deref()
+            .unwrap()
+            .starts_with("charge rejected: 402"),
+        "{:?}",
+        stored.reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_call_is_replaced_and_the_call_resent_with_its_key() {
+    let shop = Shop::start().await;
+    let spec = Spec::from_json(
+        r#"{"mode": "tcc", "branches": [
+            {"name": "stock", "service": "inventory", "action": {"path": "/try"},
+             "confirm": {"path": "/confirm"}, "undo": {"path": "/cancel"}},
+            {"name": "money", "service": "payment", "action": {"path": "/hold"},
+             "confirm": {"path": "/confirm"}, "undo": {"path": "/cancel"}}
+        ]}"#,
+    )
+    .unwrap();
+    let first = shop.runner().await;
+    first
+        .create(&Txn::new("order-3", spec, now_ms()))
+        .await
+        .unwrap();
+    let dying = tokio::spawn(async move { first.drive("order-3").await });
+    until("the payment try is in flight", WITHIN, async || {
+        shop.payment.hits() == 1
+    })
+    .await;
+    // The coordinator dies with the call in flight.
+    dying.abort();
+    assert!(dying.await.unwrap_err().is_cancelled());
+
+    let second = shop.runner().await;
+    let driving = tokio::spawn(async move { second.drive("order-3").await });
+    until("the payment try is sent again", WITHIN, async || {
+        shop.payment.hits() == 2
+    })
+    .await;
+    shop.payment.release.notify_waiters();
+    assert_eq!(finished(driving).await, Status::Committed);
+
+    let money = shop.payment.seen();
+    assert_eq!(paths(&money), ["POST /hold", "POST /hold", "POST /confirm"]);
+    let key = |s: &Seen| s.header("idempotency-key").unwrap().to_owned();
+    assert_eq!(key(&money[0]), "order-3/money/action");
+    assert_eq!(
+        key(&money[1]),
+        key(&money[0]),
+        "a resent call keeps its key"
+    );
+    assert_eq!(
+        paths(&shop.inventory.seen()),
+        ["POST /try", "POST /confirm"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_abort_wins_over_a_driver_with_an_older_record() {
+    let shop = Shop::start().await;
+    let runner = shop.runner().await;
+    runner
+        .create(&Txn::new("order-4", order_saga("/hold"), now_ms()))
+        .await
+        .unwrap();
+    let r = runner.clone();
+    let driving = tokio::spawn(async move { r.drive("order-4").await });
+    until("the charge is in flight", WITHIN, async || {
+        shop.payment.hits() == 1
+    })
+    .await;
+    let aborted = runner
+        .apply(
+            "order-4",
+            Event::Abort {
+                reason: "the client cancelled".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(aborted.status, Status::Aborting);
+    // The held charge now succeeds: the driver's own record would commit,
+    // but its write loses to the abort, and it finishes the abort instead.
+    shop.payment.release.notify_waiters();
+    assert_eq!(finished(driving).await, Status::Aborted);
+    assert_eq!(paths(&shop.payment.seen()), ["POST /hold", "POST /refund"]);
+    assert_eq!(
+        paths(&shop.inventory.seen()),
+        ["POST /reserve", "POST /release"]
+    );
+    // And once final, an abort is refused with the reason.
+    let err = runner
+        .apply(
+            "order-4",
+            Event::Abort {
+                reason: "again".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "transaction order-4 is already aborted");
+}
