@@ -19,7 +19,7 @@ pub(crate) struct ServerFile {
     pub(crate) http_addr: Option<String>,
     /// `etcd://HOST:PORT[,...]`: coordination on an external etcd cluster.
     pub(crate) store: Option<String>,
-    /// Roles to run (`store,coord,gateway`).
+    /// Roles to run (`store,coord,gateway,txn`).
     pub(crate) roles: Option<String>,
     /// Gateway listen address (enables the gateway role).
     pub(crate) gateway_addr: Option<String>,
@@ -34,21 +34,25 @@ pub(crate) struct Roles {
     pub(crate) coord: bool,
     /// The API gateway.
     pub(crate) gateway: bool,
+    /// The distributed-transaction coordinator.
+    pub(crate) txn: bool,
 }
 
-/// Parses `store,coord,gateway`; the default is every role that fits the store
-/// choice (the gateway when it has an address).
+/// Parses `store,coord,gateway,txn`; the default is every role that fits the
+/// store choice (the gateway when it has an address).
 pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -> Result<Roles> {
     let mut r = Roles {
         store: false,
         coord: false,
         gateway: false,
+        txn: false,
     };
     match s {
         None => {
             r.store = !external;
             r.coord = true;
             r.gateway = gateway_addr;
+            r.txn = true;
         }
         Some(list) => {
             for role in list.split(',').map(str::trim).filter(|x| !x.is_empty()) {
@@ -56,7 +60,10 @@ pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -
                     "store" => r.store = true,
                     "coord" => r.coord = true,
                     "gateway" => r.gateway = true,
-                    other => bail!("unknown role {other:?}; roles are store, coord and gateway"),
+                    "txn" => r.txn = true,
+                    other => {
+                        bail!("unknown role {other:?}; roles are store, coord, gateway and txn")
+                    }
                 }
             }
         }
@@ -66,8 +73,13 @@ pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -
             "the store role runs the embedded store; with --store etcd://... leave it out (--roles coord)"
         );
     }
-    if !r.store && !r.coord && !r.gateway {
-        bail!("no role to run; give --roles with store, coord and/or gateway");
+    if !r.store && !r.coord && !r.gateway && !r.txn {
+        bail!("no role to run; give --roles with store, coord, gateway and/or txn");
+    }
+    if r.txn && !r.coord {
+        bail!(
+            "the txn role needs the coord role (transactions live in the store, participants in the registry)"
+        );
     }
     if r.gateway && !r.coord {
         bail!(

@@ -161,8 +161,9 @@ struct NodeArgs {
     #[arg(long, env = "MESHWORK_UNSAFE_NO_FSYNC")]
     unsafe_no_fsync: bool,
     /// Roles to run, comma-separated: `store` (the embedded etcd-compatible store),
-    /// `coord` (registry, config center, locks, election, ids) and `gateway` (the API
-    /// gateway) [default: store,coord, plus gateway when --gateway-addr is given].
+    /// `coord` (registry, config center, locks, election, ids), `gateway` (the API
+    /// gateway) and `txn` (the distributed-transaction coordinator) [default:
+    /// store,coord,txn, plus gateway when --gateway-addr is given].
     #[arg(long, env = "MESHWORK_ROLES")]
     roles: Option<String>,
     /// Run coordination on an external etcd cluster instead of the embedded store:

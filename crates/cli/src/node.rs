@@ -49,6 +49,7 @@ pub(crate) struct Running {
     store: Option<Store>,
     coord: Option<Coord>,
     gateway: Option<meshwork_gateway::GatewayRole>,
+    txn: Option<meshwork_txn::role::TxnRole>,
 }
 
 impl Running {
@@ -56,6 +57,11 @@ impl Running {
     pub(crate) async fn shutdown(self) {
         if let Some(g) = self.gateway {
             g.shutdown().await;
+        }
+        // Transactions stay in the store; another txn node, or this one
+        // restarted, resumes them.
+        if let Some(t) = self.txn {
+            t.shutdown();
         }
         if let Some(c) = self.coord {
             c.shutdown().await;
@@ -132,6 +138,11 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             .extra_roles
             .push(meshwork_gateway::GATEWAY_ROLE.to_string());
     }
+    if cfg.roles.txn {
+        coord_opts
+            .extra_roles
+            .push(meshwork_txn::role::TXN_ROLE.to_string());
+    }
     if std::fs::create_dir_all(&cfg.data_dir).is_ok() {
         coord_opts.session_file = Some(cfg.data_dir.join("coord-session"));
     }
@@ -170,13 +181,21 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         )?),
         _ => None,
     };
+    let txn = match (&coord, cfg.roles.txn) {
+        (Some(c), true) => Some(meshwork_txn::role::TxnRole::start(c)),
+        _ => None,
+    };
     let mut app = http::router(state);
+    if let Some(t) = &txn {
+        app = app.merge(meshwork_txn::api::router(t.clone()));
+    }
     if let Some(c) = &coord {
         // One document for everything this node serves.
         let openapi = meshwork_api::openapi::merge(&[
             meshwork_coord::api::OPENAPI,
             meshwork_gateway::OPENAPI,
             meshwork_console::OPENAPI,
+            meshwork_txn::OPENAPI,
         ])?;
         app = app
             .merge(meshwork_gateway::role::routes_router(
@@ -223,6 +242,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         store,
         coord,
         gateway,
+        txn,
     })
 }
 

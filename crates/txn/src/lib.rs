@@ -1,8 +1,10 @@
 //! Distributed transactions: saga, TCC and two-phase commit as one pure
 //! state machine ([`machine::Txn`]: events in, actions out, no I/O), the
-//! definition users write ([`spec::Spec`]), and (feature `runner`, on by
-//! default) the log of records in the store (`log`) and the runner that
-//! drives records through the machine with branch calls over HTTP (`runner`).
+//! definition users write ([`spec::Spec`]), and (feature `server`, on by
+//! default) what the node runs: the log of records in the store (`log`), the
+//! runner that drives records through the machine with branch calls over
+//! HTTP (`runner`), the `txn` role that creates transactions and takes over
+//! those of dead coordinators (`role`), and its HTTP API (`api`).
 //!
 //! The runner's contract (the node's `txn` role):
 //! 1. create the record ([`machine::Txn::new`]) and persist it before
@@ -18,12 +20,20 @@
 //!    gone) steps it with `Resume`: calls that were in flight are sent again
 //!    with the same key, so a participant applies each at most once.
 
-#[cfg(feature = "runner")]
+#[cfg(feature = "server")]
+pub mod api;
+#[cfg(feature = "server")]
 pub mod log;
 pub mod machine;
-#[cfg(feature = "runner")]
+#[cfg(feature = "server")]
+pub mod role;
+#[cfg(feature = "server")]
 pub mod runner;
 pub mod spec;
+
+/// This crate's OpenAPI fragment (`/v1/txn/`), merged into the node's
+/// document by `meshwork_api::openapi::merge`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
 
 pub use machine::{Action, Event, Millis, Outcome, Phase, Status, StepError, Txn};
 pub use spec::{Mode, Recovery, Spec, SpecError};

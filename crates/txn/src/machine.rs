@@ -267,6 +267,10 @@ pub struct Txn {
     /// Entries dropped from the front of the history.
     #[serde(default)]
     pub history_dropped: u64,
+    /// The node driving it (the machine does not read it; the node's
+    /// scheduler does, to take over transactions whose coordinator died).
+    #[serde(default)]
+    pub coordinator: String,
 }
 
 impl Txn {
@@ -294,6 +298,7 @@ impl Txn {
             branches,
             history: Vec::new(),
             history_dropped: 0,
+            coordinator: String::new(),
         }
     }
 

@@ -221,6 +221,14 @@ pub enum RunError {
     /// No such transaction.
     #[error("no transaction {0}")]
     NotFound(String),
+    /// Another coordinator claimed the transaction.
+    #[error("transaction {id} is driven by {by} now")]
+    TakenOver {
+        /// The transaction.
+        id: String,
+        /// Its coordinator.
+        by: String,
+    },
     /// The log refused or failed in a way waiting cannot fix.
     #[error(transparent)]
     Log(#[from] LogError),
@@ -264,6 +272,13 @@ impl<C: Caller> Runner<C> {
 
     /// Drives transaction `id` until it is final; its final status.
     pub async fn drive(&self, id: &str) -> Result<Status, RunError> {
+        self.drive_as(id, "").await
+    }
+
+    /// [`Runner::drive`] as coordinator `me`: stops with
+    /// [`RunError::TakenOver`] when the record names another coordinator
+    /// (`me` empty: no such check).
+    pub async fn drive_as(&self, id: &str, me: &str) -> Result<Status, RunError> {
         let mut calls = JoinSet::new();
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
         let mut stored = self.load(id).await?;
@@ -313,6 +328,13 @@ impl<C: Caller> Runner<C> {
                         // not have sent them; a duplicate carries the same
                         // idempotency key and its late answer is ignored).
                         stored = self.load(id).await?;
+                        let by = &stored.txn.coordinator;
+                        if !me.is_empty() && by != me {
+                            return Err(RunError::TakenOver {
+                                id: id.to_owned(),
+                                by: by.clone(),
+                            });
+                        }
                         event = Event::Resume;
                         continue;
                     }

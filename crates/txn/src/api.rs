@@ -1,0 +1,192 @@
+//! The HTTP API of the `txn` role under `/v1/txn/` (documented in this
+//! crate's `openapi.json`): start a transaction, list and read them, abort or
+//! retry one, and the verdict a 2PC participant in doubt asks for.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use meshwork_api::ApiError;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::log::LogError;
+use crate::machine::{Event, Txn};
+use crate::role::{RoleError, TxnRole};
+use crate::runner::{ApplyError, RunError};
+use crate::spec::{Spec, SpecError};
+
+/// Most transactions one list answers.
+pub const MAX_LIST: usize = 1000;
+
+/// The role's routes.
+pub fn router(role: TxnRole) -> Router {
+    Router::new()
+        .route("/v1/txn", axum::routing::get(list).post(create))
+        .route("/v1/txn/{id}", axum::routing::get(show))
+        .route("/v1/txn/{id}/abort", axum::routing::post(abort))
+        .route("/v1/txn/{id}/retry", axum::routing::post(retry))
+        .route("/v1/txn/{id}/verdict", axum::routing::get(verdict))
+        .layer(axum::middleware::map_response(meshwork_api::json_errors))
+        .with_state(role)
+}
+
+/// `POST /v1/txn`'s body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    /// Chosen by the caller to make the start idempotent; generated if absent.
+    #[serde(default)]
+    id: Option<String>,
+    /// The definition.
+    spec: Spec,
+}
+
+/// `POST /v1/txn/{id}/abort`'s optional body.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AbortBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+fn error(e: RoleError) -> ApiError {
+    match e {
+        RoleError::Spec(SpecError::Syntax(m)) => {
+            ApiError::invalid(format!("not a transaction: {m}"))
+        }
+        RoleError::Spec(SpecError::Invalid { field, message }) => {
+            ApiError::invalid(format!("{field}: {message}")).with_detail(json!({ "field": field }))
+        }
+        RoleError::BadId(_) => ApiError::invalid(e.to_string()),
+        RoleError::Log(l) | RoleError::Apply(ApplyError::Run(RunError::Log(l))) => log_error(l),
+        RoleError::Apply(ApplyError::Run(e @ RunError::NotFound(_))) => {
+            ApiError::not_found(e.to_string())
+        }
+        RoleError::Apply(ApplyError::Run(e @ RunError::TakenOver { .. })) => {
+            ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+        }
+        RoleError::Apply(ApplyError::Refused(e)) => {
+            ApiError::new(StatusCode::CONFLICT, "decided", e.to_string())
+        }
+    }
+}
+
+fn log_error(e: LogError) -> ApiError {
+    match e {
+        LogError::Exists(_) => ApiError::new(StatusCode::CONFLICT, "exists", e.to_string()),
+        LogError::Superseded(_) => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+        LogError::Store(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+        LogError::Corrupt { .. } => ApiError::internal(e.to_string()),
+    }
+}
+
+/// One line of a listing.
+fn summary(t: &Txn) -> Value {
+    json!({
+        "id": t.id,
+        "mode": t.spec.mode,
+        "status": t.status,
+        "reason": t.reason,
+        "created_ms": t.created,
+        "coordinator": t.coordinator,
+        "branches": t.branches.len(),
+        "stuck": t.branches.iter().any(|b| b.stuck),
+    })
+}
+
+async fn create(State(role): State<TxnRole>, body: Bytes) -> Response {
+    let body: CreateBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(RoleError::Spec(SpecError::Syntax(e.to_string()))).into_response(),
+    };
+    match role.create(body.spec, body.id).await {
+        Ok(t) => (StatusCode::CREATED, axum::Json(t)).into_response(),
+        Err(e) => error(e).into_response(),
+    }
+}
+
+async fn list(State(role): State<TxnRole>, Query(q): Query<ListQuery>) -> Response {
+    let limit = q.limit.unwrap_or(100).min(MAX_LIST);
+    match role.runner().log().list(0).await {
+        Ok(all) => {
+            // Newest first: ids start with their creation time when generated,
+            // so sort on the record's own time.
+            let mut txns: Vec<&Txn> = all
+                .iter()
+                .map(|s| &s.txn)
+                .filter(|t| q.status.as_deref().is_none_or(|s| t.status.as_str() == s))
+                .collect();
+            txns.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| a.id.cmp(&b.id)));
+            let total = txns.len();
+            let items: Vec<Value> = txns.into_iter().take(limit).map(summary).collect();
+            axum::Json(json!({ "transactions": items, "total": total })).into_response()
+        }
+        Err(e) => log_error(e).into_response(),
+    }
+}
+
+async fn show(State(role): State<TxnRole>, Path(id): Path<String>) -> Response {
+    match role.runner().log().load(&id).await {
+        Ok(Some(s)) => axum::Json(s.txn).into_response(),
+        Ok(None) => ApiError::not_found(format!("no transaction {id}")).into_response(),
+        Err(e) => log_error(e).into_response(),
+    }
+}
+
+async fn abort(State(role): State<TxnRole>, Path(id): Path<String>, body: Bytes) -> Response {
+    let body: AbortBody = if body.is_empty() {
+        AbortBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => return ApiError::invalid(format!("abort body: {e}")).into_response(),
+        }
+    };
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "aborted by an operator".to_owned());
+    if reason.len() > 1024 || reason.chars().any(char::is_control) {
+        return ApiError::invalid("reason: at most 1024 characters, no control characters")
+            .into_response();
+    }
+    match role.apply(&id, Event::Abort { reason }).await {
+        Ok(t) => axum::Json(t).into_response(),
+        Err(e) => error(e).into_response(),
+    }
+}
+
+async fn retry(State(role): State<TxnRole>, Path(id): Path<String>) -> Response {
+    match role.apply(&id, Event::RetryNow).await {
+        Ok(t) => axum::Json(t).into_response(),
+        Err(e) => error(e).into_response(),
+    }
+}
+
+/// Presumed abort: a transaction with no record is aborted.
+async fn verdict(State(role): State<TxnRole>, Path(id): Path<String>) -> Response {
+    match role.runner().log().load(&id).await {
+        Ok(s) => {
+            let v = match s.map(|s| s.txn.verdict()) {
+                Some(Some(true)) => "commit",
+                Some(None) => "pending",
+                Some(Some(false)) | None => "abort",
+            };
+            axum::Json(json!({ "id": id, "verdict": v })).into_response()
+        }
+        Err(e) => log_error(e).into_response(),
+    }
+}

@@ -1,0 +1,212 @@
+//! The node's `txn` role: creates transactions and drives them, and takes
+//! over the ones whose coordinator is gone.
+//!
+//! The node that creates a transaction drives it (its name is in the
+//! record's `coordinator`). Every [`SCAN_EVERY`], and whenever membership
+//! changes, each `txn` node lists the unfinished records; one whose
+//! coordinator is no longer a live `txn` member is claimed — by the member
+//! that rendezvous hashing picks for its id, with a compare-and-swap write
+//! of its name — and resumed. A coordinator dies at worst one session TTL
+//! before its transactions move; calls it had in flight are sent again with
+//! their idempotency keys.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshwork_coord::Coord;
+use meshwork_coord::nodes::Membership;
+use meshwork_coord::registry::Registry;
+use parking_lot::Mutex;
+use tokio::task::AbortHandle;
+
+use crate::log::{LogError, TxnLog};
+use crate::machine::{Event, Txn};
+use crate::runner::{ApplyError, HttpCaller, RunError, Runner, now_ms};
+use crate::spec::Spec;
+
+/// The role's name in membership.
+pub const TXN_ROLE: &str = "txn";
+/// How often unfinished transactions are checked for a dead coordinator.
+pub const SCAN_EVERY: Duration = Duration::from_secs(2);
+/// Most records one scan reads.
+pub const SCAN_LIMIT: i64 = 10_000;
+
+type NodeRunner = Runner<HttpCaller<Registry>>;
+
+/// The running role.
+#[derive(Clone)]
+pub struct TxnRole {
+    runner: NodeRunner,
+    membership: Arc<Membership>,
+    me: String,
+    driving: Arc<Mutex<HashMap<String, AbortHandle>>>,
+    scanner: Arc<Mutex<Option<AbortHandle>>>,
+}
+
+/// Why a request to the role failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    /// The definition is invalid.
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
+    /// The id is malformed.
+    #[error("transaction id {0:?}: 1 to 128 letters, digits, '.', '_' or '-'")]
+    BadId(String),
+    /// The log.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// An operator's event was not applied.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+impl TxnRole {
+    /// Starts the role on a node's coordination: the runner, and the scan
+    /// that takes over orphaned transactions.
+    pub fn start(coord: &Coord) -> TxnRole {
+        let runner = Runner::new(
+            TxnLog::new(coord.backend.clone()),
+            HttpCaller::new(coord.registry.clone()),
+        );
+        let role = TxnRole {
+            runner,
+            me: coord.options.node_name.clone(),
+            membership: coord.membership.clone(),
+            driving: Arc::new(Mutex::new(HashMap::new())),
+            scanner: Arc::new(Mutex::new(None)),
+        };
+        let r = role.clone();
+        let task = tokio::spawn(async move { r.scan_loop().await });
+        *role.scanner.lock() = Some(task.abort_handle());
+        role
+    }
+
+    /// The runner (log and calls).
+    pub fn runner(&self) -> &NodeRunner {
+        &self.runner
+    }
+
+    /// Creates a transaction (the id is generated when not given) and starts
+    /// driving it; the record is durable when this returns.
+    pub async fn create(&self, spec: Spec, id: Option<String>) -> Result<Txn, RoleError> {
+        spec.validate()?;
+        let id = match id {
+            Some(id) => {
+                check_id(&id)?;
+                id
+            }
+            None => new_id(),
+        };
+        let mut txn = Txn::new(id, spec, now_ms());
+        txn.coordinator = self.me.clone();
+        self.runner.create(&txn).await?;
+        self.drive(&txn.id);
+        Ok(txn)
+    }
+
+    /// Applies an operator's event (abort, retry now).
+    pub async fn apply(&self, id: &str, event: Event) -> Result<Txn, RoleError> {
+        Ok(self.runner.apply(id, event).await?)
+    }
+
+    /// Stops driving (the transactions stay in the log; another node, or this
+    /// one restarted, resumes them).
+    pub fn shutdown(&self) {
+        if let Some(s) = self.scanner.lock().take() {
+            s.abort();
+        }
+        for (_, h) in self.driving.lock().drain() {
+            h.abort();
+        }
+    }
+
+    /// Drives `id` in a task unless one already does.
+    fn drive(&self, id: &str) {
+        let mut driving = self.driving.lock();
+        if driving.get(id).is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let (runner, me, id2, map) = (
+            self.runner.clone(),
+            self.me.clone(),
+            id.to_owned(),
+            self.driving.clone(),
+        );
+        let task = tokio::spawn(async move {
+            match runner.drive_as(&id2, &me).await {
+                Ok(_) => {}
+                Err(RunError::TakenOver { by, .. }) => {
+                    tracing::info!(txn = %id2, %by, "transaction taken over by another node");
+                }
+                Err(e) => tracing::warn!(txn = %id2, error = %e, "driving stopped"),
+            }
+            map.lock().remove(&id2);
+        });
+        driving.insert(id.to_owned(), task.abort_handle());
+    }
+
+    async fn scan_loop(&self) {
+        let mut changes = self.membership.changes();
+        loop {
+            if let Err(e) = self.scan().await {
+                tracing::warn!(error = %e, "transaction scan failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(SCAN_EVERY) => {}
+                _ = changes.changed() => {}
+            }
+        }
+    }
+
+    /// Claims and resumes unfinished transactions whose coordinator is gone
+    /// (and this node's own, after a restart).
+    async fn scan(&self) -> Result<(), LogError> {
+        let live: Vec<String> = self
+            .membership
+            .members()
+            .into_iter()
+            .filter(|n| n.roles.iter().any(|r| r == TXN_ROLE))
+            .map(|n| n.name)
+            .collect();
+        for stored in self.runner.log().list(SCAN_LIMIT).await? {
+            let txn = &stored.txn;
+            if txn.status.is_final() || self.driving.lock().contains_key(&txn.id) {
+                continue;
+            }
+            let mine = txn.coordinator == self.me;
+            let orphan = !live.contains(&txn.coordinator);
+            let owner = self.membership.owner_of(TXN_ROLE, &txn.id);
+            if mine || (orphan && owner.as_deref() == Some(self.me.as_str())) {
+                let mut claimed = txn.clone();
+                claimed.coordinator = self.me.clone();
+                match self.runner.log().save(&claimed, stored.revision).await {
+                    Ok(_) => {
+                        if !mine {
+                            tracing::info!(txn = %txn.id, from = %txn.coordinator, "taking over transaction");
+                        }
+                        self.drive(&txn.id);
+                    }
+                    // Someone wrote it meanwhile: look again next scan.
+                    Err(LogError::Superseded(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a caller-chosen transaction id.
+fn check_id(id: &str) -> Result<(), RoleError> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if id.is_empty() || id.len() > 128 || !id.chars().all(ok) {
+        return Err(RoleError::BadId(id.to_owned()));
+    }
+    Ok(())
+}
+
+/// A new id: the creation time and 64 random bits, so ids sort by age.
+fn new_id() -> String {
+    format!("{:012x}-{:016x}", now_ms(), rand::random::<u64>())
+}
