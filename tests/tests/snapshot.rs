@@ -6,22 +6,15 @@
 //! instead of skipping when MESHWORK_REQUIRE_PEERS=1 and a peer is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use meshwork_testkit::blocking::{eventually, until};
+use meshwork_testkit::http::blocking as http;
+use meshwork_testkit::peer;
+use meshwork_tests::free_port;
 use serde_json::Value;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Ctl {
     bin: PathBuf,
@@ -141,19 +134,19 @@ impl Etcd {
 
     /// True once healthy; false if the process exited first.
     fn wait_healthy(&mut self, ctl: &Ctl) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ctl
-            .try_run(Some(&self.ep), &["endpoint", "health"])
-            .status
-            .success()
-        {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return false;
+        eventually("etcd to become healthy", Duration::from_secs(60), || {
+            if ctl
+                .try_run(Some(&self.ep), &["endpoint", "health"])
+                .status
+                .success()
+            {
+                Some(true)
+            } else if self.child.try_wait().ok().flatten().is_some() {
+                Some(false)
+            } else {
+                None
             }
-            assert!(Instant::now() < deadline, "etcd did not become healthy");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        true
+        })
     }
 
     /// Sends `sig` to this member.
@@ -236,7 +229,7 @@ fn leases(ctl: &Ctl, ep: &str) -> Vec<String> {
 
 /// `meshwork snapshot restore FILE --data-dir DIR`.
 fn meshwork_restore(file: &Path, dir: &Path) -> std::process::Output {
-    Command::new(common::bin())
+    Command::new(meshwork_tests::bin())
         .args(["snapshot", "restore"])
         .arg(file)
         .arg("--data-dir")
@@ -247,9 +240,9 @@ fn meshwork_restore(file: &Path, dir: &Path) -> std::process::Output {
 
 fn peers() -> Option<(Ctl, PathBuf)> {
     let ctl = Ctl {
-        bin: common::peer("etcdctl")?,
+        bin: peer::on_path("etcdctl")?,
     };
-    let etcd = common::peer("etcd")?;
+    let etcd = peer::on_path("etcd")?;
     Some((ctl, etcd))
 }
 
@@ -259,7 +252,7 @@ fn a_meshwork_snapshot_restores_into_a_real_etcd() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let node = common::start(&dir.path().join("data"), &[], &[]);
+    let node = meshwork_tests::start(&dir.path().join("data"), &[], &[]);
     let lease = write_history(&ctl, &node.etcd);
     let (rev, kvs) = state(&ctl, &node.etcd, None);
     let older = state(&ctl, &node.etcd, Some(rev - 3));
@@ -355,7 +348,7 @@ fn an_etcd_snapshot_restores_into_meshwork() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("empty directory"));
 
-    let node = common::start(&data, &[], &[]);
+    let node = meshwork_tests::start(&data, &[], &[]);
     let (m_rev, m_kvs) = state(&ctl, &node.etcd, None);
     assert_eq!(m_rev, rev);
     assert_eq!(m_kvs, kvs);
@@ -422,7 +415,7 @@ fn hashkv_agrees_with_etcd_after_the_same_history() {
     };
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&etcd_bin, &ctl, &dir.path().join("etcd"), "h", free_port());
-    let node = common::start(&dir.path().join("data"), &[], &[]);
+    let node = meshwork_tests::start(&dir.path().join("data"), &[], &[]);
     let re = write_lease_free_history(&ctl, &etcd.ep);
     let rm = write_lease_free_history(&ctl, &node.etcd);
     assert_eq!(re, rm, "the same history gives the same revisions");
@@ -513,7 +506,7 @@ fn alarms_are_raised_refused_kept_and_disarmed_as_etcd_does() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&etcd_bin, &ctl, &dir.path().join("etcd"), "al", free_port());
     let data = dir.path().join("data");
-    let mut node = common::start(&data, &[], &[]);
+    let mut node = meshwork_tests::start(&data, &[], &[]);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -560,7 +553,7 @@ fn alarms_are_raised_refused_kept_and_disarmed_as_etcd_does() {
             .contains("alarm:CORRUPT")
     );
     node.terminate();
-    let node = common::start(&data, &[], &[]);
+    let node = meshwork_tests::start(&data, &[], &[]);
     rt.block_on(async {
         let mut c = meshwork_etcd::Client::connect(std::slice::from_ref(&node.etcd))
             .await
@@ -578,10 +571,10 @@ fn alarms_are_raised_refused_kept_and_disarmed_as_etcd_does() {
 
 /// A coordination node on `store` (`etcd://...`) with a 3 s node TTL and a
 /// 3 s call deadline.
-fn coord_node(dir: &Path, store: &str) -> common::Server {
+fn coord_node(dir: &Path, store: &str) -> meshwork_tests::Server {
     let config = dir.join("meshwork.toml");
     std::fs::write(&config, "[coord]\netcd_retry_for_ms = 3000\n").unwrap();
-    common::start(
+    meshwork_tests::start(
         &dir.join("node"),
         &[
             "--roles",
@@ -619,27 +612,23 @@ fn readiness_follows_an_external_store_that_stops_answering() {
     let node = coord_node(dir.path(), &store);
     let h = node.http.as_str();
     let (code, body) =
-        common::http_request(h, "PUT", "/v1/config/public/app/a", r#"{"content":"x"}"#).unwrap();
+        http::request(h, "PUT", "/v1/config/public/app/a", r#"{"content":"x"}"#).unwrap();
     assert_eq!(code, 201, "{body}");
-    let readyz = || common::http_get(h, "/readyz").unwrap();
+    let readyz = || http::get(h, "/readyz").unwrap();
     assert_eq!(readyz().0, 200);
     etcd.signal(libc::SIGSTOP);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let why = loop {
-        let (code, body) = readyz();
-        if code == 503 {
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz stayed 200 with the store frozen"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let why = eventually(
+        "/readyz to turn 503 with the store frozen",
+        Duration::from_secs(20),
+        || {
+            let (code, body) = readyz();
+            (code == 503).then_some(body)
+        },
+    );
     assert!(why.contains("no quorum, or unreachable"), "{why}");
     let asked = Instant::now();
     let (code, body) =
-        common::http_request(h, "PUT", "/v1/config/public/app/b", r#"{"content":"y"}"#).unwrap();
+        http::request(h, "PUT", "/v1/config/public/app/b", r#"{"content":"y"}"#).unwrap();
     let took = asked.elapsed();
     assert_eq!(code, 503, "{body}");
     assert!(
@@ -651,16 +640,14 @@ fn readiness_follows_an_external_store_that_stops_answering() {
         "the write failed within its 3 s deadline (plus slack): {took:?}"
     );
     assert_eq!(
-        common::http_get(h, "/v1/config/public/app/a").unwrap().0,
+        http::get(h, "/v1/config/public/app/a").unwrap().0,
         200,
         "reads from the watched copy still answer"
     );
     etcd.signal(libc::SIGCONT);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while readyz().0 != 200 {
-        assert!(Instant::now() < deadline, "/readyz did not come back");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until("/readyz to come back", Duration::from_secs(30), || {
+        readyz().0 == 200
+    });
 }
 
 /// A 3-member etcd cluster behind `--store`: with two members frozen the
@@ -687,7 +674,7 @@ fn an_etcd_cluster_without_quorum_or_with_a_dead_member() {
     let h = node.http.as_str();
     let put = |key: &str| {
         let asked = Instant::now();
-        let (code, body) = common::http_request(
+        let (code, body) = http::request(
             h,
             "PUT",
             &format!("/v1/config/public/app/{key}"),
@@ -712,25 +699,17 @@ fn an_etcd_cluster_without_quorum_or_with_a_dead_member() {
         assert!(Instant::now() < deadline, "never said no quorum: {body}");
     };
     assert!(took < Duration::from_secs(6), "{took:?}: {body}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while common::http_get(h, "/readyz").unwrap().0 != 503 {
-        assert!(
-            Instant::now() < deadline,
-            "/readyz stayed 200 without quorum"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(
-        common::http_get(h, "/v1/config/public/app/a").unwrap().0,
-        200
+    until(
+        "/readyz to turn 503 without quorum",
+        Duration::from_secs(20),
+        || http::get(h, "/readyz").unwrap().0 == 503,
     );
+    assert_eq!(http::get(h, "/v1/config/public/app/a").unwrap().0, 200);
     members[1].signal(libc::SIGCONT);
     members[2].signal(libc::SIGCONT);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while common::http_get(h, "/readyz").unwrap().0 != 200 {
-        assert!(Instant::now() < deadline, "/readyz did not come back");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until("/readyz to come back", Duration::from_secs(30), || {
+        http::get(h, "/readyz").unwrap().0 == 200
+    });
     // SIGKILL the member in use: the write goes to another one.
     members[0].child.kill().unwrap();
     members[0].child.wait().unwrap();

@@ -3,8 +3,6 @@
 //! revision, revisions are gap-free and monotonic, and a watch replays them all.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +32,7 @@ fn acknowledged_writes_survive_sigkill() {
     // (key, revision) of every acknowledged put, across rounds.
     let acked: Arc<Mutex<Vec<(String, i64)>>> = Arc::new(Mutex::new(Vec::new()));
     for round in 0..ROUNDS {
-        let mut server = common::start(dir.path(), &[], &[]);
+        let mut server = meshwork_tests::start(dir.path(), &[], &[]);
         let ep = server.etcd.clone();
         // Everything acknowledged so far is present, before new load starts.
         rt.block_on(verify(&ep, &acked.lock().clone()));
@@ -87,7 +85,7 @@ fn acknowledged_writes_survive_sigkill() {
         });
     }
     // Final restart: full verification including gap-free revisions and watch replay.
-    let server = common::start(dir.path(), &[], &[]);
+    let server = meshwork_tests::start(dir.path(), &[], &[]);
     let acked = acked.lock().clone();
     assert!(
         acked.len() >= ROUNDS * 20,
@@ -219,7 +217,7 @@ fn leases_keep_their_remaining_time_across_sigkill() {
         .enable_all()
         .build()
         .unwrap();
-    let mut server = common::start(&data, &args, &[]);
+    let mut server = meshwork_tests::start(&data, &args, &[]);
     let started = std::time::Instant::now();
     let (long, short) = rt.block_on(async {
         let mut c = Client::connect(std::slice::from_ref(&server.etcd))
@@ -254,20 +252,17 @@ fn leases_keep_their_remaining_time_across_sigkill() {
     // the short lease's deadline (3 s) plus the checkpoint margin (1 s):
     // lease time is wall-clock time, so this much real time must pass.
     let written = data.join("lease-deadlines");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::fs::metadata(&written).map(|m| m.len()).unwrap_or(0) < 16 + 2 * 16 + 4 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "lease deadlines never written"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    meshwork_testkit::blocking::until(
+        "both lease deadlines to be written",
+        Duration::from_secs(10),
+        || std::fs::metadata(&written).map(|m| m.len()).unwrap_or(0) >= 16 + 2 * 16 + 4,
+    );
     server.kill9();
     std::thread::sleep(
         (started + Duration::from_millis(5500))
             .saturating_duration_since(std::time::Instant::now()),
     );
-    let server = common::start(&data, &args, &[]);
+    let server = meshwork_tests::start(&data, &args, &[]);
     let down_for = started.elapsed().as_secs() as i64;
     rt.block_on(async {
         let mut c = Client::connect(std::slice::from_ref(&server.etcd))

@@ -3,12 +3,12 @@
 //! invalid route set is refused whole while the previous one keeps serving.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::meshwork_http as meshwork;
+use meshwork_testkit::blocking::until;
+use meshwork_testkit::http::blocking as http;
+use meshwork_tests::meshwork_http as meshwork;
 
 /// An upstream that answers its own name, on a thread with its own runtime.
 fn upstream(name: &'static str) -> u16 {
@@ -34,15 +34,15 @@ fn upstream(name: &'static str) -> u16 {
 fn tally(gw: &str, path: &str, n: usize) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for _ in 0..n {
-        let (code, body) = common::http_get(gw, path).unwrap();
+        let (code, body) = http::get(gw, path).unwrap();
         *m.entry(format!("{code} {body}")).or_insert(0) += 1;
     }
     m
 }
 
 /// A node running store, coordination and the gateway on free ports.
-fn gateway_node(dir: &std::path::Path) -> common::Server {
-    common::start(
+fn gateway_node(dir: &std::path::Path) -> meshwork_tests::Server {
+    meshwork_tests::start(
         dir,
         &[
             "--roles",
@@ -54,13 +54,8 @@ fn gateway_node(dir: &std::path::Path) -> common::Server {
     )
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// How long a change takes at most to show on the gateways.
+const WAIT: Duration = Duration::from_secs(10);
 
 #[test]
 fn routes_from_the_config_center_and_upstreams_from_the_registry() {
@@ -85,7 +80,7 @@ fn routes_from_the_config_center_and_upstreams_from_the_registry() {
         assert!(ok, "{err}");
     }
     // No routes yet: a JSON 404.
-    let (code, body) = common::http_get(&gw, "/api/x").unwrap();
+    let (code, body) = http::get(&gw, "/api/x").unwrap();
     assert_eq!(code, 404, "{body}");
     assert!(body.contains("no_route"));
 
@@ -100,12 +95,12 @@ fn routes_from_the_config_center_and_upstreams_from_the_registry() {
     assert!(out.contains("version 1"), "{out}");
     // Live within a second; both registered instances take traffic (round robin, so
     // that the test does not depend on P2C's latency-driven choices).
-    wait_until("the route to go live", || {
-        common::http_get(&gw, "/api/x")
+    until("the route to go live", WAIT, || {
+        http::get(&gw, "/api/x")
             .map(|(c, _)| c == 200)
             .unwrap_or(false)
     });
-    wait_until("both instances to take traffic", || {
+    until("both instances to take traffic", WAIT, || {
         let t = tally(&gw, "/api/x", 20);
         t.contains_key("200 A") && t.contains_key("200 B")
     });
@@ -118,7 +113,7 @@ fn routes_from_the_config_center_and_upstreams_from_the_registry() {
     // Deregistering an instance takes it out of rotation.
     let (ok, _, err) = meshwork(h, &["svc", "deregister", "web", &format!("127.0.0.1:{b}")]);
     assert!(ok, "{err}");
-    wait_until("B to leave rotation", || {
+    until("B to leave rotation", WAIT, || {
         let t = tally(&gw, "/api/x", 20);
         t.len() == 1 && t.contains_key("200 A")
     });
@@ -135,10 +130,7 @@ fn routes_from_the_config_center_and_upstreams_from_the_registry() {
         err.contains("invalid_routes") && err.contains("match.path.regex"),
         "{err}"
     );
-    assert_eq!(
-        common::http_get(&gw, "/api/x").unwrap(),
-        (200, "A".to_string())
-    );
+    assert_eq!(http::get(&gw, "/api/x").unwrap(), (200, "A".to_string()));
 
     // A new valid set replaces it.
     std::fs::write(
@@ -148,12 +140,12 @@ fn routes_from_the_config_center_and_upstreams_from_the_registry() {
     .unwrap();
     let (ok, applied, err) = meshwork(h, &["gateway", "apply", "-f", routes.to_str().unwrap()]);
     assert!(ok, "{err}");
-    wait_until("the new set to go live", || {
-        common::http_get(&gw, "/hello")
+    until("the new set to go live", WAIT, || {
+        http::get(&gw, "/hello")
             .map(|r| r == (200, "hi".to_string()))
             .unwrap_or(false)
     });
-    assert_eq!(common::http_get(&gw, "/api/x").unwrap().0, 404);
+    assert_eq!(http::get(&gw, "/api/x").unwrap().0, 404);
     // A table by default, headed by the same version `apply` printed.
     let (_, out, _) = meshwork(h, &["gateway", "routes"]);
     let version = applied.split_whitespace().nth(2).unwrap();
@@ -176,7 +168,7 @@ fn routes_from_the_config_center_and_upstreams_from_the_registry() {
 #[test]
 fn cluster_rate_limits_are_split_over_the_gateway_nodes() {
     let dir = tempfile::tempdir().unwrap();
-    let a = common::start(
+    let a = meshwork_tests::start(
         &dir.path().join("a"),
         &[
             "--roles",
@@ -189,7 +181,7 @@ fn cluster_rate_limits_are_split_over_the_gateway_nodes() {
         &[],
     );
     let store = format!("etcd://{}", a.etcd);
-    let b = common::start(
+    let b = meshwork_tests::start(
         &dir.path().join("b"),
         &[
             "--roles",
@@ -203,8 +195,8 @@ fn cluster_rate_limits_are_split_over_the_gateway_nodes() {
         ],
         &[],
     );
-    wait_until("both gateways in the membership", || {
-        let (_, body) = common::http_get(&a.http, "/v1/nodes").unwrap();
+    until("both gateways in the membership", WAIT, || {
+        let (_, body) = http::get(&a.http, "/v1/nodes").unwrap();
         body.matches("\"gateway\"").count() == 2
     });
     let routes = dir.path().join("routes.toml");
@@ -220,24 +212,22 @@ fn cluster_rate_limits_are_split_over_the_gateway_nodes() {
     assert!(ok, "{err}");
     let (ga, gb) = (a.gateway.clone().unwrap(), b.gateway.clone().unwrap());
     for gw in [&ga, &gb] {
-        wait_until("the route on every gateway", || {
-            common::http_get(gw, "/nothing")
+        until("the route on every gateway", WAIT, || {
+            http::get(gw, "/nothing")
                 .map(|(c, _)| c == 404)
                 .unwrap_or(false)
-                && common::http_get(gw, "/x")
-                    .map(|(c, _)| c != 404)
-                    .unwrap_or(false)
+                && http::get(gw, "/x").map(|(c, _)| c != 404).unwrap_or(false)
         });
     }
     // Each node admits half the burst (the probes above took one each).
     let admitted = |gw: &str| {
         (0..20)
-            .filter(|_| common::http_get(gw, "/x").unwrap().0 == 200)
+            .filter(|_| http::get(gw, "/x").unwrap().0 == 200)
             .count()
     };
     let (na, nb) = (admitted(&ga), admitted(&gb));
     assert_eq!(na + nb + 2, 10, "a admitted {na}, b admitted {nb}");
-    let (code, body) = common::http_get(&ga, "/x").unwrap();
+    let (code, body) = http::get(&ga, "/x").unwrap();
     assert_eq!(code, 429, "{body}");
     assert!(body.contains("rate_limited"), "{body}");
 }
@@ -249,7 +239,7 @@ fn the_gateway_routes_api_answers_as_its_openapi_document_says() {
     let dir = tempfile::tempdir().unwrap();
     let s = gateway_node(dir.path());
     let h = s.http.as_str();
-    let (status, body) = common::http_get(h, "/openapi.json").unwrap();
+    let (status, body) = http::get(h, "/openapi.json").unwrap();
     assert_eq!(status, 200);
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
     let gateway_ops: Vec<(String, String)> = doc["paths"]
@@ -323,20 +313,20 @@ fn the_gateway_routes_api_answers_as_its_openapi_document_says() {
         }
     };
     let path = "/v1/gateway/routes";
-    let (st, body) = common::http_get(h, path).unwrap();
+    let (st, body) = http::get(h, path).unwrap();
     check("get", path, st, &body);
     assert_eq!(st, 200);
     let set = "[[routes]]\nname = \"hello\"\n[routes.match]\npath = { exact = \"/hello\" }\n[routes.respond]\nstatus = 200\nbody = \"hi\"\n";
-    let (st, body) = common::http_request(h, "PUT", path, set).unwrap();
+    let (st, body) = http::request(h, "PUT", path, set).unwrap();
     check("put", path, st, &body);
     assert_eq!(st, 200);
-    let (st, body) = common::http_request(h, "PUT", path, "[[routes]]\nname = 1\n").unwrap();
+    let (st, body) = http::request(h, "PUT", path, "[[routes]]\nname = 1\n").unwrap();
     check("put", path, st, &body);
     assert_eq!(st, 400);
-    let (st, body) = common::http_request(h, "PUT", &format!("{path}?if_version=7"), set).unwrap();
+    let (st, body) = http::request(h, "PUT", &format!("{path}?if_version=7"), set).unwrap();
     check("put", path, st, &body);
     assert_eq!(st, 409);
-    let (st, body) = common::http_get(h, path).unwrap();
+    let (st, body) = http::get(h, path).unwrap();
     check("get", path, st, &body);
     assert!(body.contains("hello"));
     // The admin API under /gateway.
@@ -348,29 +338,21 @@ fn the_gateway_routes_api_answers_as_its_openapi_document_says() {
         ("/gateway/explain", "?url=http%3A%2F%2Fx%2Fhello"),
         ("/gateway/explain", ""),
     ] {
-        let (st, body) = common::http_get(h, &format!("{path}{query}")).unwrap();
+        let (st, body) = http::get(h, &format!("{path}{query}")).unwrap();
         check("get", path, st, &body);
     }
     // Secrets in a published set are redacted wherever the set is shown.
     let secret_set = "[[routes]]\nname = \"api\"\n[routes.match]\npath = { prefix = \"/api\" }\n[routes.auth.api_keys]\nkeys = { mobile = \"k-very-secret\" }\n[routes.respond]\nstatus = 200\nbody = \"ok\"\n";
-    let (st, body) = common::http_request(h, "PUT", path, secret_set).unwrap();
+    let (st, body) = http::request(h, "PUT", path, secret_set).unwrap();
     assert_eq!(st, 200, "{body}");
     for p in [path, "/gateway/routes/source"] {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let (_, body) = common::http_get(h, p).unwrap();
+        until(&format!("{p} to show the new set"), WAIT, || {
+            let (_, body) = http::get(h, p).unwrap();
             assert!(
                 !body.contains("k-very-secret"),
                 "{p} shows a secret: {body}"
             );
-            if body.contains("mobile") {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{p} never showed the new set"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+            body.contains("mobile")
+        });
     }
 }

@@ -4,14 +4,14 @@
 //! a request body or an idle connection are cut off at their deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use meshwork_etcd::Client;
 use meshwork_etcd::proto::etcdserverpb as pb;
+use meshwork_testkit::blocking::until;
+use meshwork_testkit::http::blocking as http;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -67,8 +67,8 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> Option<String> {
 }
 
 /// The value of an unlabelled-or-labelled sample in `/metrics`, or 0.
-fn metric(http: &str, name_and_labels: &str) -> f64 {
-    let (_, text) = common::http_get(http, "/metrics").unwrap();
+fn metric(node: &str, name_and_labels: &str) -> f64 {
+    let (_, text) = http::get(node, "/metrics").unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
         .unwrap_or(0.0)
@@ -101,7 +101,7 @@ fn idle_connections_past_a_1024_soft_limit_do_not_stop_the_store() {
     )
     .unwrap();
     let data = dir.path().join("data");
-    let server = common::start_with_nofile(
+    let server = meshwork_tests::start_with_nofile(
         &data,
         &["--config", config.to_str().unwrap()],
         &[],
@@ -119,19 +119,18 @@ fn idle_connections_past_a_1024_soft_limit_do_not_stop_the_store() {
             put(&mut client, &format!("during/{i}")).await;
         }
     });
-    assert_eq!(common::http_get(&server.http, "/readyz").unwrap().0, 200);
+    assert_eq!(http::get(&server.http, "/readyz").unwrap().0, 200);
     // Every idle socket was taken (the kernel completes connects before
-    // the server accepts them: wait for the count to catch up).
+    // the server accepts them: wait for the count to catch up; one deadline
+    // for both ports).
     let deadline = Instant::now() + Duration::from_secs(30);
     for listener in ["etcd", "http"] {
         let sample = format!("meshwork_listener_connections{{listener=\"{listener}\"}}");
-        while metric(&server.http, &sample) < 2000.0 {
-            assert!(
-                Instant::now() < deadline,
-                "the {listener} port took every connection"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        until(
+            &format!("the {listener} port to take every connection"),
+            deadline.saturating_duration_since(Instant::now()),
+            || metric(&server.http, &sample) >= 2000.0,
+        );
     }
     drop(http_idle);
     drop(etcd_idle);
@@ -153,7 +152,7 @@ fn idle_connections_past_a_1024_soft_limit_do_not_stop_the_store() {
             .into_inner();
         assert_eq!(r.count, 20);
     });
-    assert_eq!(common::http_get(&server.http, "/readyz").unwrap().0, 200);
+    assert_eq!(http::get(&server.http, "/readyz").unwrap().0, 200);
 }
 
 /// A hard limit of 1,024 that cannot be raised: the ports take what fits
@@ -162,7 +161,7 @@ fn idle_connections_past_a_1024_soft_limit_do_not_stop_the_store() {
 #[test]
 fn connections_over_the_limit_are_refused_and_counted_while_the_store_commits() {
     let dir = tempfile::tempdir().unwrap();
-    let server = common::start_with_nofile(dir.path(), &[], &[], 1024, 1024);
+    let server = meshwork_tests::start_with_nofile(dir.path(), &[], &[], 1024, 1024);
     let rt = rt();
     let mut client = rt
         .block_on(Client::connect(std::slice::from_ref(&server.etcd)))
@@ -196,14 +195,11 @@ fn connections_over_the_limit_are_refused_and_counted_while_the_store_commits() 
     drop(etcd_idle);
     rt.block_on(put(&mut client, "after"));
     // The slots come back as the closes are seen; then /metrics answers.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while common::http_get(&server.http, "/readyz").map(|r| r.0).ok() != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "HTTP port took connections again"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until(
+        "the HTTP port to take connections again",
+        Duration::from_secs(10),
+        || http::get(&server.http, "/readyz").map(|r| r.0).ok() == Some(200),
+    );
     let http_refused = metric(
         &server.http,
         "meshwork_listener_refused_connections_total{listener=\"http\"}",
@@ -229,7 +225,7 @@ fn silent_and_stalled_clients_are_cut_off_at_their_deadlines() {
     )
     .unwrap();
     let data = dir.path().join("data");
-    let server = common::start(&data, &["--config", config.to_str().unwrap()], &[]);
+    let server = meshwork_tests::start(&data, &["--config", config.to_str().unwrap()], &[]);
     let limit = Duration::from_secs(10);
 
     let mut head = TcpStream::connect(&server.http).unwrap();
@@ -261,7 +257,7 @@ fn silent_and_stalled_clients_are_cut_off_at_their_deadlines() {
         .write_all(b"POST /v1/lock/a HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"ttl_secs")
         .unwrap();
     drop(aborted);
-    assert_eq!(common::http_get(&server.http, "/readyz").unwrap().0, 200);
+    assert_eq!(http::get(&server.http, "/readyz").unwrap().0, 200);
 
     let mut idle = TcpStream::connect(&server.http).unwrap();
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -287,5 +283,5 @@ fn silent_and_stalled_clients_are_cut_off_at_their_deadlines() {
             "meshwork_listener_timeouts_total{listener=\"etcd\"}"
         ) >= 1.0
     );
-    assert_eq!(common::http_get(&server.http, "/readyz").unwrap().0, 200);
+    assert_eq!(http::get(&server.http, "/readyz").unwrap().0, 200);
 }

@@ -2,11 +2,13 @@
 //! They fail instead of skipping when MESHWORK_REQUIRE_PEERS=1 and etcdctl is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use meshwork_testkit::blocking::until;
+use meshwork_testkit::http::blocking as http;
+use meshwork_testkit::peer;
 
 struct Ctl {
     bin: std::path::PathBuf,
@@ -62,10 +64,10 @@ impl Ctl {
     }
 }
 
-fn setup() -> Option<(common::Server, Ctl, tempfile::TempDir)> {
-    let bin = common::peer("etcdctl")?;
+fn setup() -> Option<(meshwork_tests::Server, Ctl, tempfile::TempDir)> {
+    let bin = peer::on_path("etcdctl")?;
     let dir = tempfile::tempdir().unwrap();
-    let s = common::start(&dir.path().join("data"), &[], &[]);
+    let s = meshwork_tests::start(&dir.path().join("data"), &[], &[]);
     let ctl = Ctl {
         bin,
         ep: s.etcd.clone(),
@@ -143,7 +145,6 @@ fn etcdctl_watch_sees_puts_and_deletes() {
         .unwrap();
     let mut lines = BufReader::new(w.stdout.take().unwrap()).lines();
     // The watcher is registered once a put shows up; keep writing until it does.
-    let deadline = Instant::now() + Duration::from_secs(20);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for l in lines.by_ref() {
@@ -153,13 +154,13 @@ fn etcdctl_watch_sees_puts_and_deletes() {
         }
     });
     let mut got = Vec::new();
-    while !got.iter().any(|l: &String| l == "PUT") {
-        assert!(Instant::now() < deadline, "watch saw nothing");
+    until("the watch to see a put", Duration::from_secs(20), || {
         ctl.run(&["put", "wk1", "v"]);
         while let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
             got.push(l);
         }
-    }
+        got.iter().any(|l| l == "PUT")
+    });
     ctl.run(&["del", "wk1"]);
     let mut seen_delete = false;
     while let Ok(l) = rx.recv_timeout(Duration::from_secs(10)) {
@@ -214,17 +215,15 @@ fn etcdctl_leases_lock_elect_and_snapshot() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("A-start")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the first locker never got the lock"
-        );
-        std::thread::yield_now();
-    }
+    until(
+        "the first locker to get the lock",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("A-start")
+        },
+    );
     ctl.run(&["lock", "l2", "--", "sh", "-c", &format!("echo B >> {l}")]);
     assert!(holder.wait().unwrap().success());
     assert_eq!(
@@ -270,17 +269,17 @@ fn etcdctl_leases_lock_elect_and_snapshot() {
 /// `etcdctl elect` interoperate with the HTTP API on the same names.
 #[test]
 fn etcdctl_interoperates_with_coordination_locks_and_elections() {
-    let Some(bin) = common::peer("etcdctl") else {
+    let Some(bin) = peer::on_path("etcdctl") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let s = common::start(&dir.path().join("data"), &["--roles", "store,coord"], &[]);
+    let s = meshwork_tests::start(&dir.path().join("data"), &["--roles", "store,coord"], &[]);
     let ctl = Ctl {
         bin,
         ep: s.etcd.clone(),
     };
     // A leader elected over HTTP is what `etcdctl elect -l` sees.
-    let (code, body) = common::http_post(
+    let (code, body) = http::post(
         &s.http,
         "/v1/elections/sched/campaign",
         r#"{"value":"node-a","ttl_seconds":30}"#,
@@ -317,7 +316,7 @@ fn etcdctl_interoperates_with_coordination_locks_and_elections() {
         .unwrap();
     let mut out = BufReader::new(holder.stdout.take().unwrap()).lines();
     assert_eq!(out.next().unwrap().unwrap(), "held");
-    let (code, body) = common::http_post(
+    let (code, body) = http::post(
         &s.http,
         "/v1/locks/job",
         r#"{"ttl_seconds":10,"timeout_ms":200}"#,
@@ -326,7 +325,7 @@ fn etcdctl_interoperates_with_coordination_locks_and_elections() {
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("lock_held"), "{body}");
     std::fs::write(&release, "").unwrap();
-    let (code, body) = common::http_post(
+    let (code, body) = http::post(
         &s.http,
         "/v1/locks/job",
         r#"{"ttl_seconds":10,"timeout_ms":10000}"#,

@@ -8,12 +8,11 @@
 //! recover once the node has restarted it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use meshwork_testkit::blocking::{eventually, until};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -69,14 +68,6 @@ fn reason(v: &Value) -> String {
     v["error"]["code"].as_str().unwrap_or("").to_string()
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `HOST:PORT` and metadata of the first instance of `service` in the registry.
 fn instance(http: &str, service: &str) -> Option<(String, Value)> {
     let (status, v) = get(
@@ -105,7 +96,7 @@ fn kill9(pid: i32) {
 #[test]
 fn the_shop_keeps_its_books_through_failures() {
     let dir = tempfile::tempdir().unwrap();
-    let node = common::start(
+    let node = meshwork_tests::start(
         dir.path(),
         &[
             "--roles",
@@ -118,7 +109,7 @@ fn the_shop_keeps_its_books_through_failures() {
     );
     let gw = node.gateway.clone().unwrap();
     let http = node.http.clone();
-    wait_until("the shop behind the gateway", || {
+    until("the shop behind the gateway", WAIT, || {
         get(&gw, "/api/products").0 == 200
             && instance(&http, "order").is_some()
             && instance(&http, "payment").is_some()
@@ -207,7 +198,7 @@ fn the_shop_keeps_its_books_through_failures() {
 
     // Payments switched off live, then on again.
     let flag = |on: &str| {
-        let (ok, out, err) = common::meshwork_http(
+        let (ok, out, err) = meshwork_tests::meshwork_http(
             &http,
             &[
                 "config",
@@ -222,7 +213,7 @@ fn the_shop_keeps_its_books_through_failures() {
         assert!(ok, "{out} {err}");
     };
     flag("false");
-    wait_until("payments to be switched off", || {
+    until("payments to be switched off", WAIT, || {
         let (s, v) = order(&gw, "carol", None, "sku-mouse", "acct-3");
         s == 503 && reason(&v) == "payments_disabled"
     });
@@ -257,7 +248,7 @@ fn the_shop_keeps_its_books_through_failures() {
         }
     }
     flag("true");
-    wait_until("payments to be switched on", || {
+    until("payments to be switched on", WAIT, || {
         order(&gw, "carol", None, "sku-mouse", "acct-3").0 == 201
     });
 
@@ -266,26 +257,26 @@ fn the_shop_keeps_its_books_through_failures() {
     let (_, meta) = instance(&http, "payment").unwrap();
     let pid: i32 = meta["pid"].as_str().unwrap().parse().unwrap();
     kill9(pid);
-    wait_until("orders to fail with payment_unavailable", || {
+    until("orders to fail with payment_unavailable", WAIT, || {
         let (s, v) = order(&gw, "dave", None, "sku-mouse", "acct-4");
         s == 503 && reason(&v) == "payment_unavailable"
     });
     assert_eq!(get(&gw, "/api/products").0, 200, "reads keep working");
-    wait_until("orders to recover after payment restarts", || {
+    until("orders to recover after payment restarts", WAIT, || {
         order(&gw, "dave", None, "sku-mouse", "acct-4").0 == 201
     });
 
     // The books: wait until the sweeper has finished every order, then reconcile.
     let (inv, _) = instance(&http, "inventory").unwrap();
     let (pay, _) = instance(&http, "payment").unwrap();
-    let mut orders = Value::Null;
-    wait_until("every order to settle", || {
-        orders = get(&gw, "/api/orders?limit=10000").1;
+    let orders = eventually("every order to settle", WAIT, || {
+        let orders = get(&gw, "/api/orders?limit=10000").1;
         orders
             .as_array()
             .unwrap()
             .iter()
             .all(|o| o["status"] == "confirmed" || o["status"] == "failed")
+            .then_some(orders)
     });
     let orders = orders.as_array().unwrap();
     let confirmed: HashMap<i64, &Value> = orders

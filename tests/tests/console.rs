@@ -10,14 +10,15 @@
 //! artifacts). Missing Chromium fails under `MESHWORK_REQUIRE_PEERS=1`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
+use meshwork_testkit::blocking::until;
+use meshwork_testkit::http::blocking as http;
+use meshwork_testkit::peer;
+use meshwork_tests::free_port;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -34,18 +35,10 @@ impl Drop for Driver {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts chromedriver, or `None` (skip) when Chromium is not installed.
 fn driver() -> Option<Driver> {
-    let chromedriver = common::peer("chromedriver")?;
-    common::peer("chromium")?;
+    let chromedriver = peer::on_path("chromedriver")?;
+    peer::on_path("chromium")?;
     let port = free_port();
     let child = Command::new(chromedriver)
         .arg(format!("--port={port}"))
@@ -57,12 +50,10 @@ fn driver() -> Option<Driver> {
         child,
         url: format!("http://127.0.0.1:{port}"),
     };
-    let deadline = Instant::now() + WAIT;
     // Listening means ready (chromedriver keeps connections open, so no HTTP probe).
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "chromedriver did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until("chromedriver to start", WAIT, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
     Some(d)
 }
 
@@ -86,7 +77,7 @@ fn screenshot_dir() -> PathBuf {
     let dir = std::env::var_os("MESHWORK_SCREENSHOT_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/console-screenshots")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots")
         });
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -141,7 +132,7 @@ async fn accept(c: &Client) {
 
 /// A PUT with HTTP Basic credentials admin:s3cret-pass: (status, response).
 fn basic_put(addr: &str, path: &str, body: &str) -> (u16, String) {
-    common::http_raw(
+    http::raw(
         addr,
         &format!("PUT {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Basic YWRtaW46czNjcmV0LXBhc3M=\r\nContent-Type: application/json"),
         body,
@@ -149,8 +140,8 @@ fn basic_put(addr: &str, path: &str, body: &str) -> (u16, String) {
     .unwrap()
 }
 
-fn start_node(dir: &std::path::Path, envs: &[(&str, &str)]) -> common::Server {
-    common::start(
+fn start_node(dir: &std::path::Path, envs: &[(&str, &str)]) -> meshwork_tests::Server {
+    meshwork_tests::start(
         dir,
         &[
             "--roles",
@@ -163,16 +154,11 @@ fn start_node(dir: &std::path::Path, envs: &[(&str, &str)]) -> common::Server {
     )
 }
 
-fn wait_demo(node: &common::Server) {
+fn wait_demo(node: &meshwork_tests::Server) {
     let gw = node.gateway.clone().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while common::http_get(&gw, "/api/products")
-        .map(|(s, _)| s != 200)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "the demo shop did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until("the demo shop to come up", Duration::from_secs(60), || {
+        http::get(&gw, "/api/products").is_ok_and(|(s, _)| s == 200)
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,8 +261,7 @@ async fn every_page_works_in_a_real_browser() {
         t.contains("rollback")
     })
     .await;
-    let (status, body) =
-        common::http_get(&node.http, "/v1/config/public/DEFAULT_GROUP/app.json").unwrap();
+    let (status, body) = http::get(&node.http, "/v1/config/public/DEFAULT_GROUP/app.json").unwrap();
     assert_eq!(status, 200);
     assert!(
         body.contains("\\\"pool\\\": 8") || body.contains("\"pool\": 8"),
@@ -297,12 +282,12 @@ async fn every_page_works_in_a_real_browser() {
     let gw = node.gateway.clone().unwrap();
     let deadline = Instant::now() + WAIT;
     loop {
-        let mut s = std::net::TcpStream::connect(&gw).unwrap();
-        use std::io::{Read, Write};
-        let body = r#"{"sku":"sku-mouse","qty":1,"account":"acct-5"}"#;
-        write!(s, "POST /api/orders HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-customer: erin\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
+        let (_, out) = http::raw(
+            &gw,
+            "POST /api/orders HTTP/1.1\r\nHost: x\r\nx-customer: erin\r\nContent-Type: application/json",
+            r#"{"sku":"sku-mouse","qty":1,"account":"acct-5"}"#,
+        )
+        .unwrap();
         if out.contains("payments_disabled") {
             break;
         }
@@ -329,7 +314,7 @@ async fn every_page_works_in_a_real_browser() {
     shot(&c, "gateway-explain").await;
     // Live p99 per route: traffic while the page is open shows up in the chart.
     for _ in 0..5 {
-        let _ = common::http_get(&gw, "/api/products");
+        let _ = http::get(&gw, "/api/products");
     }
     let deadline = Instant::now() + WAIT;
     loop {
@@ -348,7 +333,7 @@ async fn every_page_works_in_a_real_browser() {
             Instant::now() < deadline,
             "no p99 series for the route: {text:?}"
         );
-        let _ = common::http_get(&gw, "/api/products");
+        let _ = http::get(&gw, "/api/products");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     shot(&c, "gateway-live").await;
@@ -362,7 +347,7 @@ async fn every_page_works_in_a_real_browser() {
         t.contains("Watching")
     })
     .await;
-    let (ok, out, err) = common::meshwork_http(
+    let (ok, out, err) = meshwork_tests::meshwork_http(
         &node.http,
         &[
             "config",
@@ -385,7 +370,7 @@ async fn every_page_works_in_a_real_browser() {
 async fn writes_need_a_login_and_secrets_stay_masked() {
     let Some(d) = driver() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let node = common::start(
+    let node = meshwork_tests::start(
         dir.path(),
         &["--roles", "store,coord"],
         &[("MESHWORK_CONSOLE_PASSWORD", "s3cret-pass")],
@@ -393,7 +378,7 @@ async fn writes_need_a_login_and_secrets_stay_masked() {
     let base = format!("http://{}", node.http);
     // Over HTTP: a write without credentials is refused, with them it passes.
     let secret = r#"{"content":"user = \"app\"\npassword = \"hunter2hunter2\"\n","format":"toml"}"#;
-    let (st, body) = common::http_request(
+    let (st, body) = http::request(
         &node.http,
         "PUT",
         "/v1/config/public/DEFAULT_GROUP/db.toml",
@@ -403,7 +388,7 @@ async fn writes_need_a_login_and_secrets_stay_masked() {
     assert_eq!(st, 401, "{body}");
     // The CLI writes with the credentials from its environment.
     let cli = |envs: &[(&str, &str)]| {
-        Command::new(common::bin())
+        Command::new(meshwork_tests::bin())
             .args([
                 "config",
                 "--http",

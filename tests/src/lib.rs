@@ -1,25 +1,68 @@
-//! Test harness: runs the real `meshwork` binary as a child process.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+//! The harness of Meshwork's system tests: runs the real binary (this
+//! package's `meshwork-system`, the `meshwork` command line under another
+//! file name) as child processes. The tests in `tests/` use it together with
+//! `meshwork-testkit` (raw HTTP, peers, polling with a deadline).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::Duration;
 
-/// A running `meshwork server` child.
+use meshwork_testkit::http::blocking as http;
+
+/// The binary under test. Cargo builds it for this package's tests and
+/// names it in `CARGO_BIN_EXE_meshwork-system` when it builds and when it
+/// runs them (this library is not a test target, so it reads the variable at
+/// run time); a test executable started by hand finds it next to its own
+/// directory (`target/<profile>/deps/..`).
+pub fn bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let path = std::env::var_os("CARGO_BIN_EXE_meshwork-system")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let exe = std::env::current_exe().unwrap();
+                let mut dir = exe.parent().unwrap().to_path_buf();
+                if dir.ends_with("deps") {
+                    dir.pop();
+                }
+                dir.join(format!("meshwork-system{}", std::env::consts::EXE_SUFFIX))
+            });
+        assert!(
+            path.is_file(),
+            "{} is missing: run the tests with `cargo test -p meshwork-tests`",
+            path.display()
+        );
+        path
+    })
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; a parallel test may take
+/// it before it is used).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `meshwork server` child, killed on drop.
 pub struct Server {
+    /// The child process.
     pub child: Child,
+    /// The etcd v3 gRPC address it printed (`HOST:PORT`).
     pub etcd: String,
+    /// The HTTP address it printed (`HOST:PORT`).
     pub http: String,
     /// The gateway's address, when started with `--gateway-addr`.
     pub gateway: Option<String>,
 }
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_meshwork")
-}
-
-/// Starts `meshwork server` on free ports; returns once `/readyz` answers 200.
+/// Starts `meshwork server` on free ports (`--roles store` unless `extra`
+/// names roles); returns once `/readyz` answers 200.
 pub fn start(data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
     start_cmd(Command::new(bin()), data_dir, extra, envs)
 }
@@ -92,14 +135,11 @@ fn start_cmd(mut cmd: Command, data_dir: &Path, extra: &[&str], envs: &[(&str, &
     });
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok((200, _)) = http_get(&http, "/readyz") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server did not become ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    meshwork_testkit::blocking::until(
+        "the server to become ready",
+        Duration::from_secs(60),
+        || matches!(http::get(&http, "/readyz"), Ok((200, _))),
+    );
     Server {
         child,
         etcd,
@@ -117,9 +157,9 @@ impl Server {
 
     /// SIGTERM; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
-        // SAFETY-free: libc::kill on our own child's PID.
         let pid = self.child.id() as i32;
         #[allow(unsafe_code)]
+        // SAFETY: kill(2) has no memory effects; the pid is our own child's.
         unsafe {
             libc::kill(pid, libc::SIGTERM);
         }
@@ -134,7 +174,8 @@ impl Drop for Server {
     }
 }
 
-/// Runs a `meshwork` command against a node's HTTP API: (success, stdout, stderr).
+/// Runs a `meshwork` command against a node's HTTP API (`--http` added):
+/// (success, stdout, stderr).
 pub fn meshwork_http(http: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(bin())
         .args(args)
@@ -146,76 +187,4 @@ pub fn meshwork_http(http: &str, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// A minimal HTTP/1.1 GET over a raw socket: (status, body).
-pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    http_request(addr, "GET", path, "")
-}
-
-/// A minimal HTTP/1.1 POST of a JSON body: (status, body).
-pub fn http_post(addr: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    http_request(addr, "POST", path, body)
-}
-
-/// One request over a raw socket with `Connection: close`: (status, body).
-pub fn http_request(
-    addr: &str,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> std::io::Result<(u16, String)> {
-    let (status, out) = http_raw(
-        addr,
-        &format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json"),
-        body,
-    )?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-/// One HTTP/1.1 request from its head lines (request line and headers,
-/// without `Connection` and `Content-Length`, which are added) and body:
-/// the status and the whole response.
-pub fn http_raw(addr: &str, head: &str, body: &str) -> std::io::Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "{head}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    Ok((status, out))
-}
-
-/// Whether peer tests must fail rather than skip when a peer is missing.
-pub fn peers_required() -> bool {
-    std::env::var("MESHWORK_REQUIRE_PEERS").is_ok_and(|v| v == "1")
-}
-
-/// Finds a peer binary on PATH; panics under MESHWORK_REQUIRE_PEERS=1 when missing.
-pub fn peer(name: &str) -> Option<std::path::PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|f| f.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            !peers_required(),
-            "peer {name} is missing and MESHWORK_REQUIRE_PEERS=1 (install Debian's package, see .ci/run)"
-        );
-        eprintln!("skipping: peer {name} not installed");
-    }
-    found
 }

@@ -3,14 +3,14 @@
 //! to another node on the same store.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::meshwork_http as run;
+use meshwork_testkit::blocking::{eventually, until};
+use meshwork_testkit::http::blocking as http;
+use meshwork_tests::meshwork_http as run;
 
-fn json(http: &str, path: &str) -> serde_json::Value {
-    let (code, body) = common::http_get(http, path).unwrap();
+fn json(node: &str, path: &str) -> serde_json::Value {
+    let (code, body) = http::get(node, path).unwrap();
     assert_eq!(code, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -18,7 +18,7 @@ fn json(http: &str, path: &str) -> serde_json::Value {
 #[test]
 fn svc_config_lock_and_id_commands() {
     let dir = tempfile::tempdir().unwrap();
-    let s = common::start(dir.path(), &["--roles", "store,coord"], &[]);
+    let s = meshwork_tests::start(dir.path(), &["--roles", "store,coord"], &[]);
     let h = s.http.as_str();
 
     let (ok, out, err) = run(
@@ -177,7 +177,7 @@ fn svc_config_lock_and_id_commands() {
 
     // Only leases granted through the API can be renewed or revoked by id: an
     // instance's own lease cannot be revoked by a stranger.
-    let (code, body) = common::http_post(
+    let (code, body) = http::post(
         h,
         "/v1/services/eph/instances",
         r#"{"address":"127.0.0.1","port":9200,"ttl_seconds":30}"#,
@@ -187,15 +187,14 @@ fn svc_config_lock_and_id_commands() {
     let lease = serde_json::from_str::<serde_json::Value>(&body).unwrap()["lease"]
         .as_i64()
         .unwrap();
-    let (code, body) =
-        common::http_request(h, "DELETE", &format!("/v1/leases/{lease}"), "").unwrap();
+    let (code, body) = http::request(h, "DELETE", &format!("/v1/leases/{lease}"), "").unwrap();
     assert_eq!(code, 404, "{body}");
-    let (code, body) = common::http_post(h, "/v1/leases", r#"{"ttl_seconds":10}"#).unwrap();
+    let (code, body) = http::post(h, "/v1/leases", r#"{"ttl_seconds":10}"#).unwrap();
     assert_eq!(code, 201, "{body}");
     let own = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
         .as_i64()
         .unwrap();
-    let (code, _) = common::http_request(h, "DELETE", &format!("/v1/leases/{own}"), "").unwrap();
+    let (code, _) = http::request(h, "DELETE", &format!("/v1/leases/{own}"), "").unwrap();
     assert_eq!(code, 204);
 
     let v = json(h, "/v1/locks");
@@ -204,9 +203,8 @@ fn svc_config_lock_and_id_commands() {
     assert!(api["paths"].is_object());
 }
 
-fn checker_of(http: &str, svc: &str, id: &str) -> Option<String> {
-    let (code, body) =
-        common::http_get(http, &format!("/v1/services/{svc}/instances/{id}")).ok()?;
+fn checker_of(node: &str, svc: &str, id: &str) -> Option<String> {
+    let (code, body) = http::get(node, &format!("/v1/services/{svc}/instances/{id}")).ok()?;
     if code != 200 {
         return None;
     }
@@ -223,7 +221,7 @@ fn a_killed_node_hands_its_health_checks_over() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("a.toml");
     std::fs::write(&cfg, "[coord]\nrun_health_checks = false\n").unwrap();
-    let a = common::start(
+    let a = meshwork_tests::start(
         &dir.path().join("a"),
         &[
             "--roles",
@@ -236,12 +234,12 @@ fn a_killed_node_hands_its_health_checks_over() {
         &[],
     );
     let store = format!("etcd://{}", a.etcd);
-    let mut nodes: Vec<(String, common::Server)> = ["b", "c"]
+    let mut nodes: Vec<(String, meshwork_tests::Server)> = ["b", "c"]
         .iter()
         .map(|n| {
             (
                 n.to_string(),
-                common::start(
+                meshwork_tests::start(
                     &dir.path().join(n),
                     &[
                         "--roles",
@@ -264,17 +262,14 @@ fn a_killed_node_hands_its_health_checks_over() {
         r#"{{"address":"127.0.0.1","port":{port},"ephemeral":false,
             "check":{{"type":"tcp","interval_ms":300,"timeout_ms":200}}}}"#
     );
-    let (code, resp) = common::http_post(&a.http, "/v1/services/web/instances", &body).unwrap();
+    let (code, resp) = http::post(&a.http, "/v1/services/web/instances", &body).unwrap();
     assert_eq!(code, 201, "{resp}");
     let id = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let first = loop {
-        if let Some(c) = checker_of(&a.http, "web", &id) {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "no node picked the check up");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let first = eventually(
+        "a node to pick the check up",
+        Duration::from_secs(15),
+        || checker_of(&a.http, "web", &id),
+    );
     assert!(first == "b" || first == "c", "checker {first}");
     let i = nodes.iter().position(|(n, _)| *n == first).unwrap();
     let (_, mut victim) = nodes.remove(i);
@@ -288,9 +283,9 @@ fn a_killed_node_hands_its_health_checks_over() {
             break;
         }
         if Instant::now() >= deadline {
-            let inst = common::http_get(&a.http, &format!("/v1/services/web/instances/{id}"));
-            let members = common::http_get(&a.http, "/v1/nodes");
-            let events = common::http_get(&a.http, "/v1/registry/events?service=web");
+            let inst = http::get(&a.http, &format!("/v1/services/web/instances/{id}"));
+            let members = http::get(&a.http, "/v1/nodes");
+            let events = http::get(&a.http, "/v1/registry/events?service=web");
             panic!("the check did not move to {other}: {inst:?} {members:?} {events:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -301,21 +296,17 @@ fn a_killed_node_hands_its_health_checks_over() {
     );
     // And it keeps checking: close the target, the new checker marks it failing.
     drop(target);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, body) =
-            common::http_get(&a.http, &format!("/v1/services/web/instances/{id}")).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if v["health"] == "failing" {
-            assert_eq!(v["health_detail"]["checker"], other.as_str());
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new checker did not see the failure"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let v = eventually(
+        "the new checker to see the failure",
+        Duration::from_secs(10),
+        || {
+            let (_, body) =
+                http::get(&a.http, &format!("/v1/services/web/instances/{id}")).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            (v["health"] == "failing").then_some(v)
+        },
+    );
+    assert_eq!(v["health_detail"]["checker"], other.as_str());
 }
 
 /// Acknowledged coordination writes survive SIGKILL: config versions published and
@@ -325,8 +316,8 @@ fn a_killed_node_hands_its_health_checks_over() {
 fn acknowledged_coordination_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut s = common::start(&data, &["--roles", "store,coord"], &[]);
-    let http = s.http.clone();
+    let mut s = meshwork_tests::start(&data, &["--roles", "store,coord"], &[]);
+    let node = s.http.clone();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let stop = stop.clone();
@@ -337,7 +328,7 @@ fn acknowledged_coordination_writes_survive_sigkill() {
                     break;
                 }
                 let body = format!(r#"{{"content":"n = {i}\n","format":"toml"}}"#);
-                match common::http_request(&http, "PUT", "/v1/config/crash/g/app.toml", &body) {
+                match http::request(&node, "PUT", "/v1/config/crash/g/app.toml", &body) {
                     Ok((200 | 201, resp)) => {
                         let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
                         acked.push((v["entry"]["version"].as_u64().unwrap(), i));
@@ -349,7 +340,7 @@ fn acknowledged_coordination_writes_survive_sigkill() {
                     1000 + i
                 );
                 if !matches!(
-                    common::http_post(&http, "/v1/services/crash/instances", &inst),
+                    http::post(&node, "/v1/services/crash/instances", &inst),
                     Ok((201, _))
                 ) {
                     break;
@@ -360,21 +351,17 @@ fn acknowledged_coordination_writes_survive_sigkill() {
         })
     };
     // Let some writes land, then kill the node in the middle of the stream.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while common::http_get(&s.http, "/v1/config/crash/g/app.toml")
-        .map(|(c, b)| c != 200 || !b.contains("\"version\":2"))
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "no writes landed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    until("writes to land", Duration::from_secs(20), || {
+        http::get(&s.http, "/v1/config/crash/g/app.toml")
+            .is_ok_and(|(c, b)| c == 200 && b.contains("\"version\":2"))
+    });
     s.kill9();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = writer.join().unwrap();
     assert!(!acked.is_empty());
-    let s2 = common::start(&data, &["--roles", "store,coord"], &[]);
+    let s2 = meshwork_tests::start(&data, &["--roles", "store,coord"], &[]);
     let (code, body) =
-        common::http_get(&s2.http, "/v1/config/crash/g/app.toml/history?limit=10000").unwrap();
+        http::get(&s2.http, "/v1/config/crash/g/app.toml/history?limit=10000").unwrap();
     assert_eq!(code, 200, "{body}");
     let h: serde_json::Value = serde_json::from_str(&body).unwrap();
     let versions: Vec<u64> = h["versions"]
@@ -390,7 +377,7 @@ fn acknowledged_coordination_writes_survive_sigkill() {
                 "acked version {version} (n = {i}) lost"
             );
         } else {
-            let (code, _) = common::http_get(
+            let (code, _) = http::get(
                 &s2.http,
                 &format!("/v1/services/crash/instances/127.0.0.1:{i}"),
             )
@@ -411,7 +398,7 @@ fn acknowledged_coordination_writes_survive_sigkill() {
 fn a_node_whose_keys_are_deleted_heals_itself() {
     use meshwork_etcd::proto::etcdserverpb as pb;
     let dir = tempfile::tempdir().unwrap();
-    let s = common::start(dir.path(), &["--roles", "store,coord"], &[]);
+    let s = meshwork_tests::start(dir.path(), &["--roles", "store,coord"], &[]);
     let h = s.http.as_str();
     let listed = |h: &str| {
         json(h, "/v1/nodes")["nodes"]
@@ -421,7 +408,7 @@ fn a_node_whose_keys_are_deleted_heals_itself() {
             .any(|n| n["name"] == "meshwork")
     };
     assert!(listed(h));
-    let ids_ok = |h: &str| common::http_post(h, "/v1/ids", "").map(|r| r.0).ok() == Some(200);
+    let ids_ok = |h: &str| http::post(h, "/v1/ids", "").map(|r| r.0).ok() == Some(200);
     assert!(ids_ok(h));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -446,15 +433,8 @@ fn a_node_whose_keys_are_deleted_heals_itself() {
             .deleted
         })
     };
-    let back_within = |what: &str, ok: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !ok() {
-            assert!(Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
     let heals = |h: &str| -> f64 {
-        let (_, metrics) = common::http_get(h, "/metrics").unwrap();
+        let (_, metrics) = http::get(h, "/metrics").unwrap();
         metrics
             .lines()
             .find_map(|l| {
@@ -464,36 +444,39 @@ fn a_node_whose_keys_are_deleted_heals_itself() {
             })
             .unwrap_or(0.0)
     };
+    let back_within = Duration::from_secs(15);
     for (n, prefix) in [(1.0, "/meshwork/nodes/"), (2.0, "/meshwork/ids/")] {
         assert!(delete_prefix(prefix) >= 1, "{prefix} held this node's keys");
         // The node notices (the member key by watch, the id claim at its next
         // renewal, within a second) and starts over...
-        back_within(&format!("a heal after deleting {prefix}"), &|| {
-            heals(h) >= n
-        });
-        // ...and is whole again.
-        back_within(
-            &format!("back in /v1/nodes after deleting {prefix}"),
-            &|| listed(h),
+        until(
+            &format!("a heal after deleting {prefix}"),
+            back_within,
+            || heals(h) >= n,
         );
-        back_within(&format!("ids served after deleting {prefix}"), &|| {
-            ids_ok(h)
-        });
-        back_within(&format!("ready after deleting {prefix}"), &|| {
-            common::http_get(h, "/readyz").map(|r| r.0).ok() == Some(200)
-        });
+        // ...and is whole again.
+        until(
+            &format!("back in /v1/nodes after deleting {prefix}"),
+            back_within,
+            || listed(h),
+        );
+        until(
+            &format!("ids served after deleting {prefix}"),
+            back_within,
+            || ids_ok(h),
+        );
+        until(
+            &format!("ready after deleting {prefix}"),
+            back_within,
+            || http::get(h, "/readyz").map(|r| r.0).ok() == Some(200),
+        );
     }
 }
 
 /// One raw HTTP/1.1 request with the given head lines; the status and body.
 fn raw(addr: &str, head: &str, body: &str) -> (u16, String) {
-    let (status, out) = common::http_raw(addr, head, body).unwrap();
-    (
-        status,
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default(),
-    )
+    let (status, out) = http::raw(addr, head, body).unwrap();
+    (status, meshwork_testkit::http::body_of(&out).to_owned())
 }
 
 /// What a web page or a careless client can send, refused at the edge with
@@ -504,7 +487,7 @@ fn raw(addr: &str, head: &str, body: &str) -> (u16, String) {
 #[test]
 fn the_http_api_refuses_foreign_hosts_cross_site_writes_and_non_json() {
     let dir = tempfile::tempdir().unwrap();
-    let s = common::start(dir.path(), &["--roles", "store,coord"], &[]);
+    let s = meshwork_tests::start(dir.path(), &["--roles", "store,coord"], &[]);
     let h = s.http.as_str();
     let put = |extra: &str, body: &str| {
         raw(
@@ -574,7 +557,7 @@ fn the_http_api_refuses_foreign_hosts_cross_site_writes_and_non_json() {
     assert_eq!(code, 421, "{answer}");
     assert!(answer.contains("allowed_hosts"), "{answer}");
     assert_eq!(
-        common::http_get(h, "/v1/config/public/app/a").unwrap().0,
+        http::get(h, "/v1/config/public/app/a").unwrap().0,
         404,
         "nothing was written"
     );

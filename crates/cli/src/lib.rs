@@ -1,0 +1,604 @@
+//! `meshwork`: the microservice platform in one binary.
+//!
+//! The binary is thin: it parses the command line and config, wires the crates
+//! together and reports errors (`anyhow` lives only here). All of it is this
+//! library, whose one public item is [`main`]: `src/main.rs` calls it, and so
+//! does the system tests' copy of the binary (`meshwork-system` in the
+//! `tests/` package), which Cargo builds for that package's tests.
+
+/// Writes a progress line (rewritten in place with `\r`) to stderr, only when
+/// stderr is a terminal: logs and CI output get no carriage returns.
+macro_rules! progress {
+    ($($arg:tt)*) => {
+        if crate::progress_on() {
+            eprint!($($arg)*);
+        }
+    };
+}
+
+/// Ends a progress line started by `progress!` (nothing when progress is off).
+macro_rules! progress_end {
+    () => {
+        if crate::progress_on() {
+            eprintln!();
+        }
+    };
+}
+
+mod bench;
+mod bench_coord;
+mod config;
+mod coordcli;
+#[cfg(feature = "demo")]
+mod demo;
+/// Stand-in for a build without the demo shop (`--no-default-features`):
+/// `--demo` is refused with the reason, nothing links SQLite.
+#[cfg(not(feature = "demo"))]
+mod demo {
+    /// Never built: starting it says why.
+    pub(crate) struct Shop;
+
+    impl Shop {
+        pub(crate) async fn start(
+            _http: &str,
+            _endpoints: &[String],
+            _data_dir: &std::path::Path,
+        ) -> anyhow::Result<Shop> {
+            anyhow::bail!(
+                "this meshwork was built without the demo shop (cargo feature `demo`, on by default)"
+            )
+        }
+
+        pub(crate) async fn shutdown(self) {}
+    }
+
+    pub(crate) fn banner(_http: &str, _gateway: &str) -> String {
+        String::new()
+    }
+}
+mod gatewaycli;
+mod http;
+mod httpc;
+mod kv;
+mod listen;
+mod node;
+mod output;
+mod snapshotcli;
+mod txncli;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use meshwork_store::StoreConfig;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::FileConfig;
+
+/// Meshwork, the microservice platform for Rust, in one binary: an etcd-compatible
+/// store, service registry and health checks, configuration center, locks, leader
+/// election and IDs, an API gateway and a web console.
+#[derive(Parser)]
+#[command(
+    name = "meshwork",
+    bin_name = "meshwork",
+    version,
+    propagate_version = true
+)]
+struct Cli {
+    /// Log format: `text` or `json`.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHWORK_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node from a config file, flags and MESHWORK_* variables.
+    Server(ServerArgs),
+    /// Start the whole single-node platform for a newcomer and print its endpoints.
+    Up(UpArgs),
+    /// Read, write, delete and watch keys (a small etcdctl).
+    Kv(kv::KvArgs),
+    /// Show the status of a node.
+    Status(kv::StatusArgs),
+    /// Service registry: register, list, discover, watch.
+    Svc(coordcli::SvcArgs),
+    /// Configuration center: publish, get, history, diff, rollback, listen.
+    Config(coordcli::ConfigArgs),
+    /// Distributed locks and elections.
+    Lock(coordcli::LockArgs),
+    /// Unique IDs.
+    Id(coordcli::IdArgs),
+    /// API gateway routes: apply a routes file, list, explain a URL.
+    Gateway(gatewaycli::GatewayArgs),
+    /// Distributed transactions (saga, TCC, 2PC): start, list, show, abort, retry.
+    Txn(txncli::TxnArgs),
+    /// The demo shop: run one of its services, or drive orders through the gateway.
+    #[cfg(feature = "demo")]
+    Demo(demo::DemoArgs),
+    /// Backups in etcd's snapshot format: save from a node, restore into a data directory.
+    Snapshot(snapshotcli::SnapshotArgs),
+    /// Load generators.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+    /// Print a shell completion script: `meshwork completions bash > /etc/bash_completion.d/meshwork`.
+    Completions {
+        /// Shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `meshwork man > meshwork.1 && man ./meshwork.1`.
+    Man,
+}
+
+/// Flags shared by `server` and `up`.
+#[derive(Args, Clone)]
+struct NodeArgs {
+    /// TOML config file: [server], [store], [coord], [gateway], [console] and [listen] tables (README, "Running a node").
+    #[arg(long, env = "MESHWORK_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long, env = "MESHWORK_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// etcd v3 gRPC listen address (port 0 picks a free port) [default: 127.0.0.1:2479].
+    #[arg(long, env = "MESHWORK_ETCD_ADDR")]
+    etcd_addr: Option<String>,
+    /// HTTP listen address: the API (/v1/...), the console, /healthz, /readyz, /metrics [default: 127.0.0.1:7070].
+    #[arg(long, env = "MESHWORK_HTTP_ADDR")]
+    http_addr: Option<String>,
+    /// Member name.
+    #[arg(long, env = "MESHWORK_NAME")]
+    name: Option<String>,
+    /// Database quota in bytes; writes fail with "database space exceeded" past it.
+    #[arg(long, env = "MESHWORK_QUOTA_BACKEND_BYTES")]
+    quota_backend_bytes: Option<u64>,
+    /// Largest request in bytes.
+    #[arg(long, env = "MESHWORK_MAX_REQUEST_BYTES")]
+    max_request_bytes: Option<usize>,
+    /// Automatic compaction: a number of revisions to keep, or a duration (30m, 1h).
+    #[arg(long, env = "MESHWORK_AUTO_COMPACTION_RETENTION")]
+    auto_compaction_retention: Option<String>,
+    /// Acknowledge writes before they are fsynced (loses acknowledged writes on a crash).
+    #[arg(long, env = "MESHWORK_UNSAFE_NO_FSYNC")]
+    unsafe_no_fsync: bool,
+    /// Roles to run, comma-separated: `store` (the embedded etcd-compatible store),
+    /// `coord` (registry, config center, locks, election, ids), `gateway` (the API
+    /// gateway) and `txn` (the distributed-transaction coordinator) [default:
+    /// store,coord,txn, plus gateway when --gateway-addr is given].
+    #[arg(long, env = "MESHWORK_ROLES")]
+    roles: Option<String>,
+    /// Run coordination on an external etcd cluster instead of the embedded store:
+    /// `etcd://HOST:PORT[,HOST:PORT...]`.
+    #[arg(long, env = "MESHWORK_STORE")]
+    store: Option<String>,
+    /// API gateway listen address (enables the gateway role; port 0 picks a free
+    /// port) [up: 127.0.0.1:8080].
+    #[arg(long, env = "MESHWORK_GATEWAY_ADDR")]
+    gateway_addr: Option<String>,
+    /// Gateway worker threads (one accept loop and runtime each) [default: cores].
+    #[arg(long, env = "MESHWORK_GATEWAY_WORKERS")]
+    gateway_workers: Option<usize>,
+    /// Membership session TTL in seconds: a dead node's health checks move to the
+    /// others within this plus one check interval [default: 10].
+    #[arg(long, env = "MESHWORK_NODE_TTL")]
+    node_ttl: Option<i64>,
+    /// Also start the demo shop (order, inventory and payment services as child
+    /// processes, their gateway routes and the payments flag); needs the gateway.
+    #[arg(long)]
+    demo: bool,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Use a throw-away temporary data directory, removed on exit.
+    #[arg(long)]
+    ephemeral: bool,
+}
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process-wide Prometheus recorder's handle (installed once).
+pub(crate) fn metrics_handle() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+/// The log filter's source: `RUST_LOG`, as every Rust program reads it, with
+/// `MESHWORK_LOG` as an alias that wins when both are set; `info` otherwise.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    ["MESHWORK_LOG", "RUST_LOG"]
+        .into_iter()
+        .find_map(|var| {
+            std::env::var(var)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        })
+        .unwrap_or_else(|| "info".into())
+}
+
+/// Whether progress lines are drawn: only when stderr is a terminal.
+pub(crate) fn progress_on() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        use std::io::IsTerminal;
+        std::io::stderr().is_terminal()
+    })
+}
+
+/// Colour on a terminal only, and never when `NO_COLOR` is set (no-color.org).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+fn init_tracing(format: &str) {
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(log_filter())
+        .with_ansi(colour_on_stderr())
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init()
+    } else {
+        b.init()
+    }
+}
+
+fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let mut store = StoreConfig::default();
+    file.store.apply(&mut store)?;
+    if let Some(q) = args.quota_backend_bytes {
+        store.quota_bytes = q;
+    }
+    if let Some(m) = args.max_request_bytes {
+        store.max_request_bytes = m;
+        store.max_value_bytes = store.max_value_bytes.min(m);
+    }
+    if let Some(r) = &args.auto_compaction_retention {
+        config::apply_retention(&mut store, config::parse_retention(r)?);
+    }
+    if args.unsafe_no_fsync {
+        store.fsync = false;
+    }
+    store.validate()?;
+    let external = match args.store.as_ref().or(file.server.store.as_ref()) {
+        Some(s) => config::parse_store_url(s)?,
+        None => Vec::new(),
+    };
+    let gateway_addr = args
+        .gateway_addr
+        .clone()
+        .or(file.server.gateway_addr.clone())
+        .map(|a| config::parse_addr("gateway address", &a))
+        .transpose()?;
+    let roles = config::parse_roles(
+        args.roles.as_deref().or(file.server.roles.as_deref()),
+        !external.is_empty(),
+        gateway_addr.is_some(),
+    )?;
+    let gateway = file.gateway.clone().unwrap_or_default();
+    gateway
+        .validate()
+        .map_err(|e| anyhow::anyhow!("[gateway] table: {e}"))?;
+    let mut coord = meshwork_coord::CoordOptions::default();
+    file.coord.apply(&mut coord)?;
+    if let Some(t) = args.node_ttl {
+        coord.node_ttl = t;
+    }
+    config::validate_coord(&coord)?;
+    let etcd = args
+        .etcd_addr
+        .clone()
+        .or(file.server.etcd_addr.clone())
+        .unwrap_or_else(|| "127.0.0.1:2479".into());
+    let http = args
+        .http_addr
+        .clone()
+        .or(file.server.http_addr.clone())
+        .unwrap_or_else(|| "127.0.0.1:7070".into());
+    Ok(node::NodeConfig {
+        name: args
+            .name
+            .clone()
+            .or(file.server.name.clone())
+            .unwrap_or_else(|| "meshwork".into()),
+        data_dir: args
+            .data_dir
+            .clone()
+            .or(file.server.data_dir.clone())
+            .unwrap_or(default_dir),
+        etcd_addr: config::parse_addr("etcd address", &etcd)?,
+        http_addr: config::parse_addr("HTTP address", &http)?,
+        store,
+        external,
+        coord,
+        roles,
+        gateway_addr,
+        gateway,
+        gateway_workers: args.gateway_workers,
+        console_auth: console_auth(&file.console)?,
+        listen: {
+            let mut l = file.listen.clone();
+            l.validate()?;
+            if let Some(nofile) = listen::raise_nofile_limit() {
+                l.fit_to(nofile);
+            }
+            l
+        },
+    })
+}
+
+/// The console login from `[console]` and `MESHWORK_CONSOLE_USER`/`_PASSWORD`.
+fn console_auth(file: &config::ConsoleFile) -> Result<Option<meshwork_console::Auth>> {
+    let password = std::env::var("MESHWORK_CONSOLE_PASSWORD")
+        .ok()
+        .or(file.password.clone());
+    let Some(password) = password else {
+        return Ok(None);
+    };
+    let user = std::env::var("MESHWORK_CONSOLE_USER")
+        .ok()
+        .or(file.user.clone())
+        .unwrap_or_else(|| "admin".into());
+    meshwork_console::Auth::new(&user, &password)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("[console] table: {e}"))
+}
+
+async fn run_server(args: ServerArgs) -> Result<()> {
+    let cfg = resolve(&args.node, PathBuf::from("meshwork-data"))?;
+    let external = cfg.external.clone();
+    let data_dir = cfg.data_dir.clone();
+    let running = node::start(cfg).await?;
+    match running.etcd_addr {
+        Some(a) => println!("etcd gRPC: {a}"),
+        None => println!(
+            "etcd gRPC: none (coordination on etcd://{})",
+            external.join(",")
+        ),
+    }
+    println!("HTTP: http://{}", running.http_addr);
+    if let Some(g) = running.gateway_addr {
+        println!("Gateway: http://{g}");
+    }
+    let shop = start_demo(&args.node, &running, &external, &data_dir).await?;
+    if shop.is_some() {
+        println!("Demo: up");
+    }
+    node::shutdown_signal().await;
+    tracing::info!("shutting down");
+    if let Some(s) = shop {
+        s.shutdown().await;
+    }
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn run_up(args: UpArgs) -> Result<()> {
+    let temp = if args.ephemeral {
+        Some(
+            tempfile::Builder::new()
+                .prefix("meshwork-")
+                .tempdir()
+                .context("creating a temporary data directory")?,
+        )
+    } else {
+        None
+    };
+    let default_dir = temp
+        .as_ref()
+        .map(|t| t.path().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("meshwork-data"));
+    let mut node_args = args.node.clone();
+    if node_args.gateway_addr.is_none() {
+        node_args.gateway_addr = Some("127.0.0.1:8080".into());
+    }
+    if temp.is_some() {
+        node_args.data_dir = Some(default_dir.clone());
+    }
+    let cfg = resolve(&node_args, default_dir)?;
+    let data_dir = cfg.data_dir.clone();
+    if !cfg.external.is_empty() {
+        anyhow::bail!(
+            "`meshwork up` runs the embedded store; use `meshwork server --store etcd://...` for an external cluster"
+        );
+    }
+    let running = node::start(cfg).await?;
+    let etcd = running
+        .etcd_addr
+        .context("the embedded store has no etcd address")?;
+    let http = running.http_addr;
+    println!("etcd gRPC: {etcd}");
+    println!("HTTP: http://{http}");
+    if let Some(g) = running.gateway_addr {
+        println!("Gateway: http://{g}");
+    }
+    println!();
+    println!("Meshwork is up (single node).");
+    println!(
+        "  data dir   {}{}",
+        data_dir.display(),
+        if temp.is_some() {
+            " (ephemeral: removed on exit)"
+        } else {
+            ""
+        }
+    );
+    println!("  store      etcd v3 API on {etcd}");
+    println!("               meshwork kv --endpoints {etcd} put greeting hello");
+    println!("               meshwork kv --endpoints {etcd} get greeting");
+    println!("               ETCDCTL_API=3 etcdctl --endpoints {etcd} get greeting");
+    println!(
+        "  registry   meshwork svc --http {http} register orders --address 127.0.0.1 --port 9000 --persistent"
+    );
+    println!("               curl 'http://{http}/v1/services/orders/instances?healthy=true'");
+    println!(
+        "  config     meshwork config --http {http} publish public/DEFAULT_GROUP/app.toml --format toml --file app.toml"
+    );
+    println!(
+        "  locks/ids  meshwork lock --http {http} acquire jobs;  meshwork id --http {http} next --count 5"
+    );
+    println!("  API        curl http://{http}/openapi.json");
+    if let Some(g) = running.gateway_addr {
+        println!(
+            "  gateway    meshwork gateway --http {http} apply -f routes.toml   (then curl http://{g}/...)"
+        );
+        println!(
+            "               meshwork gateway --http {http} routes;  meshwork gateway --http {http} explain http://{g}/api/x"
+        );
+    }
+    println!("  console    http://{http}/");
+    println!("  health     curl http://{http}/readyz");
+    println!("  metrics    curl http://{http}/metrics");
+    let shop = start_demo(&args.node, &running, &[], &data_dir).await?;
+    if let (Some(_), Some(g)) = (&shop, running.gateway_addr) {
+        println!("{}", demo::banner(&http.to_string(), &g.to_string()));
+    }
+    println!();
+    println!("Press Ctrl-C to stop.");
+    node::shutdown_signal().await;
+    if let Some(s) = shop {
+        s.shutdown().await;
+    }
+    running.shutdown().await;
+    drop(temp);
+    Ok(())
+}
+
+/// Starts the demo shop when `--demo` was given.
+async fn start_demo(
+    args: &NodeArgs,
+    running: &node::Running,
+    external: &[String],
+    data_dir: &std::path::Path,
+) -> Result<Option<demo::Shop>> {
+    if !args.demo {
+        return Ok(None);
+    }
+    if running.gateway_addr.is_none() {
+        anyhow::bail!("--demo needs the gateway: add --gateway-addr HOST:PORT");
+    }
+    let endpoints = match running.etcd_addr {
+        Some(a) => vec![a.to_string()],
+        None => external.to_vec(),
+    };
+    let shop = demo::Shop::start(&running.http_addr.to_string(), &endpoints, data_dir)
+        .await
+        .context("starting the demo shop")?;
+    Ok(Some(shop))
+}
+
+/// The `meshwork` command line: parses the arguments and runs the command.
+///
+/// An error is the user's to act on (a bad flag value, an unreachable node,
+/// an invalid config), so it is printed as one line with its causes and no
+/// backtrace, whatever `RUST_BACKTRACE` says, and the exit code is 1. Panics
+/// (our bugs) keep Rust's report and its backtrace. Usage and help say
+/// `meshwork` whatever the executable file is called.
+pub fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes generated text to stdout; a reader that went away (`| head`) is not
+/// an error, as for any Unix filter.
+fn write_stdout(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "meshwork", &mut out);
+            return write_stdout(&out);
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .context("rendering the man page")?;
+            return write_stdout(&out);
+        }
+        _ => {}
+    }
+    init_tracing(&cli.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Server(a) => {
+                metrics_handle();
+                run_server(a).await
+            }
+            Command::Up(a) => {
+                metrics_handle();
+                run_up(a).await
+            }
+            Command::Kv(a) => kv::run(a).await,
+            Command::Status(a) => kv::status(a).await,
+            Command::Svc(a) => coordcli::svc(a).await,
+            Command::Config(a) => coordcli::config(a).await,
+            Command::Lock(a) => coordcli::lock(a).await,
+            Command::Id(a) => coordcli::id(a).await,
+            Command::Gateway(a) => gatewaycli::run(a).await,
+            Command::Txn(a) => txncli::run(a).await,
+            #[cfg(feature = "demo")]
+            Command::Demo(a) => demo::run(a).await,
+            Command::Snapshot(a) => snapshotcli::run(a).await,
+            Command::Bench { what } => bench::run(what).await,
+            Command::Completions { .. } | Command::Man => Ok(()),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}
