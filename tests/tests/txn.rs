@@ -1,0 +1,205 @@
+//! Distributed transactions through the node: a saga started over the HTTP
+//! API runs against participants found in the registry; bad requests are
+//! refused with the field to fix; and a coordinator killed with SIGKILL in
+//! the middle of a call is replaced by another node, which resends the call
+//! with the same idempotency key and finishes the transaction.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use meshwork_testkit::blocking::{eventually, until};
+use meshwork_testkit::http::blocking as http;
+use meshwork_testkit::upstream::{Seen, Upstream};
+use meshwork_tests::meshwork_http as run;
+use serde_json::{Value, json};
+
+/// Participants: real HTTP servers on their own runtime.
+struct Participants {
+    inventory: Upstream,
+    payment: Upstream,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Participants {
+    fn start() -> Participants {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (inventory, payment) = rt.block_on(async {
+            (
+                Upstream::start("inventory").await,
+                Upstream::start("payment").await,
+            )
+        });
+        Participants {
+            inventory,
+            payment,
+            _rt: rt,
+        }
+    }
+
+    /// Registers both with a node.
+    fn register(&self, node: &str) {
+        for (svc, up) in [("inventory", &self.inventory), ("payment", &self.payment)] {
+            let body = json!({"address": "127.0.0.1", "port": up.addr.port(), "ephemeral": false});
+            let (code, resp) = http::post(
+                node,
+                &format!("/v1/services/{svc}/instances"),
+                &body.to_string(),
+            )
+            .unwrap();
+            assert_eq!(code, 201, "{resp}");
+        }
+    }
+}
+
+/// reserve (inventory), then charge (payment, at `charge`), as a saga.
+fn order(id: &str, charge: &str) -> String {
+    json!({"id": id, "spec": {"mode": "saga", "branches": [
+        {"name": "reserve", "service": "inventory", "action": {"path": "/reserve"}, "undo": {"path": "/release"}},
+        {"name": "charge", "service": "payment", "stage": 1, "action": {"path": charge}, "undo": {"path": "/refund"}}
+    ]}})
+    .to_string()
+}
+
+fn get(node: &str, path: &str) -> Value {
+    let (code, body) = http::get(node, path).unwrap();
+    assert_eq!(code, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn paths(seen: &[Seen]) -> Vec<String> {
+    seen.iter()
+        .map(|s| format!("{} {}", s.method, s.path))
+        .collect()
+}
+
+#[test]
+fn a_saga_started_over_http_commits_and_bad_requests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(dir.path(), &["--roles", "store,coord,txn"], &[]);
+    let h = node.http.as_str();
+    let p = Participants::start();
+    p.register(h);
+
+    let (code, body) = http::post(h, "/v1/txn", &order("order-1", "/charge")).unwrap();
+    assert_eq!(code, 201, "{body}");
+    let status = eventually("order-1 to commit", Duration::from_secs(20), || {
+        let v = get(h, "/v1/txn/order-1");
+        v["status"]
+            .as_str()
+            .filter(|s| *s == "committed")
+            .map(str::to_owned)
+    });
+    assert_eq!(status, "committed");
+    assert_eq!(paths(&p.inventory.seen()), ["POST /reserve"]);
+    assert_eq!(
+        p.payment.seen()[0].header("idempotency-key"),
+        Some("order-1/charge/action")
+    );
+
+    // The same id again: 409, nothing runs twice.
+    let (code, body) = http::post(h, "/v1/txn", &order("order-1", "/charge")).unwrap();
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("\"exists\""), "{body}");
+    // A definition with a mistake names the field.
+    let bad = json!({"spec": {"mode": "tcc", "branches": [
+        {"name": "a", "service": "s", "action": {"path": "/t"}, "undo": {"path": "/c"}}]}});
+    let (code, body) = http::post(h, "/v1/txn", &bad.to_string()).unwrap();
+    assert_eq!(code, 400, "{body}");
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["detail"]["field"], "branches[0].confirm");
+    let (code, body) = http::post(h, "/v1/txn", r#"{"spec": 1}"#).unwrap();
+    assert_eq!(code, 400, "{body}");
+    // Presumed abort: an unknown transaction's verdict is abort.
+    assert_eq!(get(h, "/v1/txn/nobody/verdict")["verdict"], "abort");
+    assert_eq!(get(h, "/v1/txn/order-1/verdict")["verdict"], "commit");
+    // Over: abort is refused.
+    let (code, body) = http::post(h, "/v1/txn/order-1/abort", "").unwrap();
+    assert_eq!(code, 409, "{body}");
+
+    // The command line.
+    let (ok, out, err) = run(h, &["txn", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("order-1") && l.contains("committed")),
+        "{out}"
+    );
+    let (ok, out, err) = run(h, &["txn", "show", "order-1", "-o", "json"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["status"], "committed");
+    let (ok, _, err) = run(h, &["txn", "abort", "order-1"]);
+    assert!(!ok);
+    assert!(err.contains("already committed"), "{err}");
+}
+
+/// Node `a` serves the store; `b` and `c` coordinate transactions on it. `b`
+/// starts a saga and is SIGKILLed while the charge is in flight; `c` claims
+/// the transaction once `b`'s session expires and resends the charge with
+/// the same idempotency key.
+#[test]
+fn a_killed_coordinator_is_replaced_and_its_call_resent_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = meshwork_tests::start(
+        &dir.path().join("a"),
+        &["--roles", "store,coord", "--name", "a"],
+        &[],
+    );
+    let store = format!("etcd://{}", a.etcd);
+    let coordinator = |name: &str| {
+        meshwork_tests::start(
+            &dir.path().join(name),
+            &[
+                "--roles",
+                "coord,txn",
+                "--store",
+                &store,
+                "--name",
+                name,
+                "--node-ttl",
+                "2",
+            ],
+            &[],
+        )
+    };
+    let mut b = coordinator("b");
+    let c = coordinator("c");
+    let p = Participants::start();
+    p.register(&a.http);
+
+    let (code, body) = http::post(&b.http, "/v1/txn", &order("order-2", "/hold")).unwrap();
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["coordinator"],
+        "b"
+    );
+    until(
+        "the charge to be in flight",
+        Duration::from_secs(20),
+        || p.payment.hits() == 1,
+    );
+    b.kill9();
+    until(
+        "c to take the transaction over and resend the charge",
+        Duration::from_secs(20),
+        || p.payment.hits() == 2,
+    );
+    assert_eq!(get(&c.http, "/v1/txn/order-2")["coordinator"], "c");
+    p.payment.release.notify_waiters();
+    eventually("order-2 to commit", Duration::from_secs(20), || {
+        let v = get(&c.http, "/v1/txn/order-2");
+        (v["status"] == "committed").then_some(())
+    });
+    let charges = p.payment.seen();
+    assert_eq!(paths(&charges), ["POST /hold", "POST /hold"]);
+    assert_eq!(
+        charges[0].header("idempotency-key"),
+        Some("order-2/charge/action")
+    );
+    assert_eq!(
+        charges[1].header("idempotency-key"),
+        charges[0].header("idempotency-key"),
+        "the resent call keeps its key"
+    );
+    assert_eq!(paths(&p.inventory.seen()), ["POST /reserve"]);
+}
