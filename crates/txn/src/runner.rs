@@ -204,7 +204,10 @@ fn classify(status: http::StatusCode, headers: &http::HeaderMap, body: &[u8]) ->
         return Outcome::Done;
     }
     let text = String::from_utf8_lossy(&body[..body.len().min(DETAIL_BYTES)]);
-    let detail = format!("{status}: {}", text.trim());
+    let detail = match text.trim() {
+        "" => status.to_string(),
+        text => format!("{status}: {text}"),
+    };
     let retry_later = headers.contains_key(http::header::RETRY_AFTER)
         || status.is_server_error()
         || matches!(status.as_u16(), 408 | 429);
@@ -431,7 +434,10 @@ mod tests {
             classify(s(402), &h, b" declined\n"),
             Outcome::Rejected("402 Payment Required: declined".into())
         );
-        assert!(matches!(classify(s(503), &h, b""), Outcome::Unknown(_)));
+        assert_eq!(
+            classify(s(503), &h, b""),
+            Outcome::Unknown("503 Service Unavailable".into())
+        );
         assert!(matches!(classify(s(429), &h, b""), Outcome::Unknown(_)));
         assert!(matches!(classify(s(408), &h, b""), Outcome::Unknown(_)));
         assert!(matches!(classify(s(302), &h, b""), Outcome::Unknown(_)));
