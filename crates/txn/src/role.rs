@@ -9,6 +9,11 @@
 //! of its name — and resumed. A coordinator dies at worst one session TTL
 //! before its transactions move; calls it had in flight are sent again with
 //! their idempotency keys.
+//!
+//! Metrics: `meshwork_txn_started_total{mode}`,
+//! `meshwork_txn_finished_total{status}`, `meshwork_txn_duration_seconds{status}`,
+//! `meshwork_txn_call_seconds{phase,outcome}`, `meshwork_txn_driving` (this
+//! node's transactions in flight) and `meshwork_txn_takeovers_total`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -101,6 +106,8 @@ impl TxnRole {
         let mut txn = Txn::new(id, spec, now_ms());
         txn.coordinator = self.me.clone();
         self.runner.create(&txn).await?;
+        metrics::counter!("meshwork_txn_started_total", "mode" => txn.spec.mode.as_str())
+            .increment(1);
         self.drive(&txn.id);
         Ok(txn)
     }
@@ -141,9 +148,12 @@ impl TxnRole {
                 }
                 Err(e) => tracing::warn!(txn = %id2, error = %e, "driving stopped"),
             }
-            map.lock().remove(&id2);
+            let mut map = map.lock();
+            map.remove(&id2);
+            metrics::gauge!("meshwork_txn_driving").set(map.len() as f64);
         });
         driving.insert(id.to_owned(), task.abort_handle());
+        metrics::gauge!("meshwork_txn_driving").set(driving.len() as f64);
     }
 
     async fn scan_loop(&self) {
@@ -184,6 +194,7 @@ impl TxnRole {
                     Ok(_) => {
                         if !mine {
                             tracing::info!(txn = %txn.id, from = %txn.coordinator, "taking over transaction");
+                            metrics::counter!("meshwork_txn_takeovers_total").increment(1);
                         }
                         self.drive(&txn.id);
                     }

@@ -356,7 +356,15 @@ impl<C: Caller> Runner<C> {
                         };
                         let (caller, tx) = (self.caller.clone(), tx.clone());
                         calls.spawn(async move {
+                            let started = std::time::Instant::now();
                             let outcome = caller.call(req).await;
+                            let kind = match &outcome {
+                                Outcome::Done => "done",
+                                Outcome::Rejected(_) => "rejected",
+                                Outcome::Unknown(_) => "unknown",
+                            };
+                            metrics::histogram!("meshwork_txn_call_seconds", "phase" => phase.as_str(), "outcome" => kind)
+                                .record(started.elapsed().as_secs_f64());
                             let _ = tx.send(Event::Result {
                                 branch,
                                 phase,
@@ -368,6 +376,10 @@ impl<C: Caller> Runner<C> {
                     Action::WakeAt(at) => wake = Some(at),
                     Action::Finished(status) => {
                         tracing::info!(txn = %id, status = status.as_str(), "transaction finished");
+                        metrics::counter!("meshwork_txn_finished_total", "status" => status.as_str())
+                            .increment(1);
+                        metrics::histogram!("meshwork_txn_duration_seconds", "status" => status.as_str())
+                            .record(now_ms().saturating_sub(stored.txn.created) as f64 / 1000.0);
                         return Ok(status);
                     }
                 }

@@ -32,6 +32,17 @@ pub enum Mode {
     TwoPc,
 }
 
+impl Mode {
+    /// Its name in definitions, the API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Saga => "saga",
+            Mode::Tcc => "tcc",
+            Mode::TwoPc => "two_pc",
+        }
+    }
+}
+
 /// What a saga does when an action's outcome stays unknown (timeouts,
 /// 5xx, transport errors) after its retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
