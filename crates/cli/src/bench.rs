@@ -23,6 +23,8 @@ pub(crate) enum BenchCommand {
     Registry(crate::bench_coord::RegistryBench),
     /// Config center load on a node's HTTP API: publish-to-listener delivery with long-polls.
     Config(crate::bench_coord::ConfigBench),
+    /// Sagas through a node's /v1/txn/ API: sagas per second and the cost per step.
+    Txn(crate::bench_txn::TxnBench),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -86,6 +88,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Kv(b) => kv(b).await,
         BenchCommand::Registry(b) => crate::bench_coord::registry(b).await,
         BenchCommand::Config(b) => crate::bench_coord::config(b).await,
+        BenchCommand::Txn(b) => crate::bench_txn::run(b).await,
     }
 }
 

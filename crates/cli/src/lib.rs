@@ -27,6 +27,7 @@ macro_rules! progress_end {
 
 mod bench;
 mod bench_coord;
+mod bench_txn;
 mod config;
 mod coordcli;
 #[cfg(feature = "demo")]

@@ -19,6 +19,8 @@ use crate::spec::{Spec, SpecError};
 
 /// Most transactions one list answers.
 pub const MAX_LIST: usize = 1000;
+/// Longest `wait_ms` of `GET /v1/txn/{id}`.
+pub const MAX_WAIT_MS: u64 = 60_000;
 
 /// The role's routes.
 pub fn router(role: TxnRole) -> Router {
@@ -139,9 +141,23 @@ async fn list(State(role): State<TxnRole>, Query(q): Query<ListQuery>) -> Respon
     }
 }
 
-async fn show(State(role): State<TxnRole>, Path(id): Path<String>) -> Response {
-    match role.runner().log().load(&id).await {
-        Ok(Some(s)) => axum::Json(s.txn).into_response(),
+#[derive(Deserialize)]
+struct ShowQuery {
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+async fn show(
+    State(role): State<TxnRole>,
+    Path(id): Path<String>,
+    Query(q): Query<ShowQuery>,
+) -> Response {
+    if q.wait_ms > MAX_WAIT_MS {
+        return ApiError::invalid(format!("wait_ms: at most {MAX_WAIT_MS}")).into_response();
+    }
+    let wait = std::time::Duration::from_millis(q.wait_ms);
+    match role.wait_final(&id, wait).await {
+        Ok(Some(t)) => axum::Json(t).into_response(),
         Ok(None) => ApiError::not_found(format!("no transaction {id}")).into_response(),
         Err(e) => log_error(e).into_response(),
     }

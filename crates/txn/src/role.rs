@@ -34,6 +34,8 @@ use crate::spec::Spec;
 pub const TXN_ROLE: &str = "txn";
 /// How often unfinished transactions are checked for a dead coordinator.
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
+/// How often [`TxnRole::wait_final`] re-reads a transaction driven elsewhere.
+pub const WAIT_POLL: Duration = Duration::from_millis(200);
 /// Most records one scan reads.
 pub const SCAN_LIMIT: i64 = 10_000;
 
@@ -47,6 +49,8 @@ pub struct TxnRole {
     me: String,
     driving: Arc<Mutex<HashMap<String, AbortHandle>>>,
     scanner: Arc<Mutex<Option<AbortHandle>>>,
+    /// Woken whenever a transaction this node drives finishes.
+    finished: Arc<tokio::sync::Notify>,
 }
 
 /// Why a request to the role failed.
@@ -80,6 +84,7 @@ impl TxnRole {
             membership: coord.membership.clone(),
             driving: Arc::new(Mutex::new(HashMap::new())),
             scanner: Arc::new(Mutex::new(None)),
+            finished: Arc::new(tokio::sync::Notify::new()),
         };
         let r = role.clone();
         let task = tokio::spawn(async move { r.scan_loop().await });
@@ -117,6 +122,28 @@ impl TxnRole {
         Ok(self.runner.apply(id, event).await?)
     }
 
+    /// Reads `id`, waiting up to `wait` for it to be final (woken at once when
+    /// this node finishes it, re-read every [`WAIT_POLL`] otherwise); None if
+    /// there is no such transaction.
+    pub async fn wait_final(&self, id: &str, wait: Duration) -> Result<Option<Txn>, LogError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let finished = self.finished.notified();
+            let txn = self.runner.log().load(id).await?.map(|s| s.txn);
+            let now = tokio::time::Instant::now();
+            match txn {
+                Some(t) if !t.status.is_final() && now < deadline => {
+                    let nap = WAIT_POLL.min(deadline - now);
+                    tokio::select! {
+                        _ = finished => {}
+                        _ = tokio::time::sleep(nap) => {}
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
     /// Stops driving (the transactions stay in the log; another node, or this
     /// one restarted, resumes them).
     pub fn shutdown(&self) {
@@ -134,15 +161,16 @@ impl TxnRole {
         if driving.get(id).is_some_and(|h| !h.is_finished()) {
             return;
         }
-        let (runner, me, id2, map) = (
+        let (runner, me, id2, map, finished) = (
             self.runner.clone(),
             self.me.clone(),
             id.to_owned(),
             self.driving.clone(),
+            self.finished.clone(),
         );
         let task = tokio::spawn(async move {
             match runner.drive_as(&id2, &me).await {
-                Ok(_) => {}
+                Ok(_) => finished.notify_waiters(),
                 Err(RunError::TakenOver { by, .. }) => {
                     tracing::info!(txn = %id2, %by, "transaction taken over by another node");
                 }
