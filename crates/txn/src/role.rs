@@ -23,9 +23,10 @@ use meshwork_coord::Coord;
 use meshwork_coord::nodes::Membership;
 use meshwork_coord::registry::Registry;
 use parking_lot::Mutex;
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-use crate::log::{LogError, TxnLog};
+use crate::log::{LogError, Stored, TxnLog};
 use crate::machine::{Event, Txn};
 use crate::runner::{ApplyError, HttpCaller, RunError, Runner, now_ms};
 use crate::spec::Spec;
@@ -41,16 +42,21 @@ pub const SCAN_LIMIT: i64 = 10_000;
 
 type NodeRunner = Runner<HttpCaller<Registry>>;
 
+/// A transaction this node drives: its task, and where its final record
+/// appears for the requests waiting on it.
+struct Driving {
+    task: AbortHandle,
+    done: watch::Receiver<Option<Txn>>,
+}
+
 /// The running role.
 #[derive(Clone)]
 pub struct TxnRole {
     runner: NodeRunner,
     membership: Arc<Membership>,
     me: String,
-    driving: Arc<Mutex<HashMap<String, AbortHandle>>>,
+    driving: Arc<Mutex<HashMap<String, Driving>>>,
     scanner: Arc<Mutex<Option<AbortHandle>>>,
-    /// Woken whenever a transaction this node drives finishes.
-    finished: Arc<tokio::sync::Notify>,
 }
 
 /// Why a request to the role failed.
@@ -84,7 +90,6 @@ impl TxnRole {
             membership: coord.membership.clone(),
             driving: Arc::new(Mutex::new(HashMap::new())),
             scanner: Arc::new(Mutex::new(None)),
-            finished: Arc::new(tokio::sync::Notify::new()),
         };
         let r = role.clone();
         let task = tokio::spawn(async move { r.scan_loop().await });
@@ -110,10 +115,10 @@ impl TxnRole {
         };
         let mut txn = Txn::new(id, spec, now_ms());
         txn.coordinator = self.me.clone();
-        self.runner.create(&txn).await?;
+        let stored = self.runner.start(&mut txn).await?;
         metrics::counter!("meshwork_txn_started_total", "mode" => txn.spec.mode.as_str())
             .increment(1);
-        self.drive(&txn.id);
+        self.drive(&txn.id, Some(stored));
         Ok(txn)
     }
 
@@ -122,22 +127,32 @@ impl TxnRole {
         Ok(self.runner.apply(id, event).await?)
     }
 
-    /// Reads `id`, waiting up to `wait` for it to be final (woken at once when
-    /// this node finishes it, re-read every [`WAIT_POLL`] otherwise); None if
-    /// there is no such transaction.
+    /// Reads `id`, waiting up to `wait` for it to be final (answered from
+    /// memory the moment this node finishes it, re-read every [`WAIT_POLL`]
+    /// when another node drives it); None if there is no such transaction.
     pub async fn wait_final(&self, id: &str, wait: Duration) -> Result<Option<Txn>, LogError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let finished = self.finished.notified();
+            let done = self.driving.lock().get(id).map(|d| d.done.clone());
+            if let Some(mut done) = done {
+                // Driven here: the final record is published once written.
+                let finished = tokio::time::timeout_at(deadline, done.wait_for(Option::is_some));
+                if let Ok(Ok(txn)) = finished.await
+                    && let Some(txn) = txn.clone()
+                {
+                    return Ok(Some(txn));
+                }
+                // Timed out, or the task stopped without finishing (taken
+                // over, shut down): read the record.
+            }
             let txn = self.runner.log().load(id).await?.map(|s| s.txn);
             let now = tokio::time::Instant::now();
             match txn {
                 Some(t) if !t.status.is_final() && now < deadline => {
-                    let nap = WAIT_POLL.min(deadline - now);
-                    tokio::select! {
-                        _ = finished => {}
-                        _ = tokio::time::sleep(nap) => {}
+                    if self.driving.lock().contains_key(id) {
+                        continue;
                     }
+                    tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
                 }
                 other => return Ok(other),
             }
@@ -150,27 +165,34 @@ impl TxnRole {
         if let Some(s) = self.scanner.lock().take() {
             s.abort();
         }
-        for (_, h) in self.driving.lock().drain() {
-            h.abort();
+        for (_, d) in self.driving.lock().drain() {
+            d.task.abort();
         }
     }
 
-    /// Drives `id` in a task unless one already does.
-    fn drive(&self, id: &str) {
+    /// Drives `id` in a task unless one already does, from `stored` when
+    /// given (just written), else from the log.
+    fn drive(&self, id: &str, stored: Option<Stored>) {
         let mut driving = self.driving.lock();
-        if driving.get(id).is_some_and(|h| !h.is_finished()) {
+        if driving.get(id).is_some_and(|d| !d.task.is_finished()) {
             return;
         }
-        let (runner, me, id2, map, finished) = (
+        let (runner, me, id2, map) = (
             self.runner.clone(),
             self.me.clone(),
             id.to_owned(),
             self.driving.clone(),
-            self.finished.clone(),
         );
+        let (publish, done) = watch::channel(None);
         let task = tokio::spawn(async move {
-            match runner.drive_as(&id2, &me).await {
-                Ok(_) => finished.notify_waiters(),
+            let result = match stored {
+                Some(s) => runner.drive_stored(s, &me).await,
+                None => runner.drive_as_record(&id2, &me).await,
+            };
+            match result {
+                Ok(txn) => {
+                    publish.send_replace(Some(txn));
+                }
                 Err(RunError::TakenOver { by, .. }) => {
                     tracing::info!(txn = %id2, %by, "transaction taken over by another node");
                 }
@@ -180,7 +202,13 @@ impl TxnRole {
             map.remove(&id2);
             metrics::gauge!("meshwork_txn_driving").set(map.len() as f64);
         });
-        driving.insert(id.to_owned(), task.abort_handle());
+        driving.insert(
+            id.to_owned(),
+            Driving {
+                task: task.abort_handle(),
+                done,
+            },
+        );
         metrics::gauge!("meshwork_txn_driving").set(driving.len() as f64);
     }
 
@@ -224,7 +252,7 @@ impl TxnRole {
                             tracing::info!(txn = %txn.id, from = %txn.coordinator, "taking over transaction");
                             metrics::counter!("meshwork_txn_takeovers_total").increment(1);
                         }
-                        self.drive(&txn.id);
+                        self.drive(&txn.id, None);
                     }
                     // Someone wrote it meanwhile: look again next scan.
                     Err(LogError::Superseded(_)) => {}

@@ -273,6 +273,22 @@ impl<C: Caller> Runner<C> {
         self.log.create(txn).await.map(drop)
     }
 
+    /// Creates `txn` with its first calls already marked in flight (one log
+    /// write instead of two), and returns the stored record for
+    /// [`Runner::drive_stored`], which sends those calls. A crash between
+    /// the write and the sends loses nothing: whoever resumes the record
+    /// sends the calls it has in flight.
+    pub async fn start(&self, txn: &mut Txn) -> Result<Stored, LogError> {
+        // The actions are derived again by the driver's first `Resume`; a
+        // fresh transaction cannot refuse it.
+        let _ = txn.step(now_ms(), Event::Resume);
+        let revision = self.log.create(txn).await?;
+        Ok(Stored {
+            txn: txn.clone(),
+            revision,
+        })
+    }
+
     /// Drives transaction `id` until it is final; its final status.
     pub async fn drive(&self, id: &str) -> Result<Status, RunError> {
         self.drive_as(id, "").await
@@ -282,9 +298,22 @@ impl<C: Caller> Runner<C> {
     /// [`RunError::TakenOver`] when the record names another coordinator
     /// (`me` empty: no such check).
     pub async fn drive_as(&self, id: &str, me: &str) -> Result<Status, RunError> {
+        self.drive_as_record(id, me).await.map(|t| t.status)
+    }
+
+    /// [`Runner::drive_as`], answering the final record.
+    pub async fn drive_as_record(&self, id: &str, me: &str) -> Result<Txn, RunError> {
+        let stored = self.load(id).await?;
+        self.drive_stored(stored, me).await
+    }
+
+    /// [`Runner::drive_as`] from a record already read (or just written):
+    /// the final record.
+    pub async fn drive_stored(&self, mut stored: Stored, me: &str) -> Result<Txn, RunError> {
+        let id = stored.txn.id.clone();
+        let id = id.as_str();
         let mut calls = JoinSet::new();
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-        let mut stored = self.load(id).await?;
         let mut event = Event::Resume;
         let mut wake: Option<Millis> = None;
         let mut store_failures = 0u32;
@@ -380,7 +409,7 @@ impl<C: Caller> Runner<C> {
                             .increment(1);
                         metrics::histogram!("meshwork_txn_duration_seconds", "status" => status.as_str())
                             .record(now_ms().saturating_sub(stored.txn.created) as f64 / 1000.0);
-                        return Ok(status);
+                        return Ok(stored.txn);
                     }
                 }
             }
