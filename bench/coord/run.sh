@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Registry and config-center benchmark, side by side: a Meshwork node on its embedded store
+# Registry, config-center and transaction benchmark, side by side: a Meshwork node on its embedded store
 # vs. a Meshwork node coordinating on a 3-member etcd 3.4 cluster (Debian's /usr/bin/etcd),
-# same machine, same run, same load generators (`meshwork bench config` and
-# `meshwork bench registry`, which talk to the node's HTTP API).
+# same machine, same run, same load generators (`meshwork bench txn`, `meshwork bench config`
+# and `meshwork bench registry`, which talk to the node's HTTP API).
 #
-# Per side: config long-poll delivery (1,000 listeners on 10 entries, then on 1 entry),
+# Per side: 3-step sagas with a no-op participant at 1, 16 and 64 concurrent clients; config long-poll delivery (1,000 listeners on 10 entries, then on 1 entry),
 # then the registry: 10,000 services x 10 ephemeral instances (TTL 30 s, heartbeats every
 # 10 s for the rest of the run), registration throughput, 20 s of heartbeats alone, then
 # change-to-delivery with 1,000 blocking-query watchers on one hot service and on 100
@@ -16,6 +16,8 @@
 #   env: SERVICES=10000 INSTANCES=10 TTL=30 HOLD=20 WATCHERS=1000 SPREAD=100 CHANGES=50
 #        LISTENERS=1000 ENTRIES=10 PUBLISHES=50 SIDES="embedded etcd"
 #        BIN=target/release/meshwork ETCD=/usr/bin/etcd RUN_TIMEOUT=420 (seconds per bench)
+#        BENCHES="config registry txn" (which generators run per side; default all three)
+#        TXN_CONCURRENCY=1,16,64 TXN_SECONDS=10 (the txn bench: 3-step sagas, no-op participant)
 #        BUILD=0 (use the existing binary instead of `cargo build --release -p meshwork`)
 #        ETCD_FIRST=follower|leader (which member the etcd-side node talks to; default follower)
 #
@@ -42,6 +44,9 @@ LISTENERS=${LISTENERS:-1000}
 ENTRIES=${ENTRIES:-10}
 PUBLISHES=${PUBLISHES:-50}
 SIDES=${SIDES:-embedded etcd}
+BENCHES=${BENCHES:-config registry txn}
+TXN_CONCURRENCY=${TXN_CONCURRENCY:-1,16,64}
+TXN_SECONDS=${TXN_SECONDS:-10}
 RUN_TIMEOUT=${RUN_TIMEOUT:-420}
 QUOTA=8589934592
 
@@ -77,7 +82,7 @@ machine_info() {
   echo "## $1 $(date -u +%FT%TZ)"
   echo "nproc: $(nproc)"; grep -m1 'model name' /proc/cpuinfo; uptime
   grep -E 'MemTotal|MemAvailable' /proc/meminfo; echo "ulimit -n: $(ulimit -n)"
-  echo "SERVICES=$SERVICES INSTANCES=$INSTANCES TTL=$TTL HOLD=$HOLD WATCHERS=$WATCHERS SPREAD=$SPREAD CHANGES=$CHANGES LISTENERS=$LISTENERS ENTRIES=$ENTRIES PUBLISHES=$PUBLISHES SIDES=$SIDES"
+  echo "SERVICES=$SERVICES INSTANCES=$INSTANCES TTL=$TTL HOLD=$HOLD WATCHERS=$WATCHERS SPREAD=$SPREAD CHANGES=$CHANGES LISTENERS=$LISTENERS ENTRIES=$ENTRIES PUBLISHES=$PUBLISHES SIDES=$SIDES BENCHES=$BENCHES TXN_CONCURRENCY=$TXN_CONCURRENCY TXN_SECONDS=$TXN_SECONDS"
   echo "other busy processes:"; ps -eo pid,pcpu,etimes,comm --sort=-pcpu | head -6
   "$ETCD" --version | head -1; rustc --version
   echo "git: $(git -C "$ROOT" rev-parse --short HEAD) ($(git -C "$ROOT" status --porcelain | wc -l) paths modified/untracked)"
@@ -228,12 +233,20 @@ run_side() {
     pids="node=$NODE_PID,etcd1=${ETCD_PIDS[0]},etcd2=${ETCD_PIDS[1]},etcd3=${ETCD_PIDS[2]}"
   fi
   echo "$side: node pid $NODE_PID; $pids" >>"$OUT/env.txt"
-  run_bench "$side" config-spread config --http "$NODE_HTTP" --listeners "$LISTENERS" --entries "$ENTRIES" \
-    --publishes "$PUBLISHES" --pids "$pids" --namespace bench --group SPREAD
-  run_bench "$side" config-hot config --http "$NODE_HTTP" --listeners "$LISTENERS" --entries 1 \
-    --publishes "$PUBLISHES" --pids "$pids" --namespace bench --group HOT
-  run_bench "$side" registry registry --http "$NODE_HTTP" --services "$SERVICES" --instances "$INSTANCES" \
-    --ttl "$TTL" --hold "$HOLD" --watchers "$WATCHERS" --spread "$SPREAD" --changes "$CHANGES" --pids "$pids"
+  if [[ " $BENCHES " == *" txn "* ]]; then
+    run_bench "$side" txn txn --http "$NODE_HTTP" --concurrency "$TXN_CONCURRENCY" --seconds "$TXN_SECONDS" \
+      --steps 3 --pids "$pids"
+  fi
+  if [[ " $BENCHES " == *" config "* ]]; then
+    run_bench "$side" config-spread config --http "$NODE_HTTP" --listeners "$LISTENERS" --entries "$ENTRIES" \
+      --publishes "$PUBLISHES" --pids "$pids" --namespace bench --group SPREAD
+    run_bench "$side" config-hot config --http "$NODE_HTTP" --listeners "$LISTENERS" --entries 1 \
+      --publishes "$PUBLISHES" --pids "$pids" --namespace bench --group HOT
+  fi
+  if [[ " $BENCHES " == *" registry "* ]]; then
+    run_bench "$side" registry registry --http "$NODE_HTTP" --services "$SERVICES" --instances "$INSTANCES" \
+      --ttl "$TTL" --hold "$HOLD" --watchers "$WATCHERS" --spread "$SPREAD" --changes "$CHANGES" --pids "$pids"
+  fi
   if [[ $side == embedded ]]; then
     memory "$side" "node:$NODE_PID"
     du -sk "$WORK/node-embedded" | awk '{print "{\"disk_kb\": " $1 "}"}' >"$OUT/$side-disk.json"
@@ -264,7 +277,7 @@ def load(p):
         with open(f"{out}/{p}") as f: return json.load(f)
     except Exception: return {}
 S = ["embedded", "etcd"]
-D = {s: {n: load(f"{s}-{n}.json") for n in ["config-spread", "config-hot", "registry"]} for s in S}
+D = {s: {n: load(f"{s}-{n}.json") for n in ["config-spread", "config-hot", "registry", "txn"]} for s in S}
 M = {s: load(f"{s}-memory.json") for s in S}
 def g(d, *path):
     for p in path:
@@ -311,6 +324,14 @@ for n, lab in [("config-spread", f"{L} listeners on {E} entries"), ("config-hot"
         row(f"config publish-to-listener {q[:-3]}, {lab}", " ms", "lower", lambda s, n=n, q=q: g(D[s][n], "latency", q))
     row(f"  missed ({lab})", "", "lower", lambda s, n=n: g(D[s][n], "missed"))
     row(f"  publish call p50 ({lab})", " ms", "lower", lambda s, n=n: g(D[s][n], "publish_call", "p50_ms"))
+for r in (D["embedded"]["txn"].get("runs") or D["etcd"]["txn"].get("runs") or []):
+    c = r.get("concurrency")
+    def txn_run(s, c=c):
+        return next((x for x in (D[s]["txn"].get("runs") or []) if x.get("concurrency") == c), {})
+    row(f"3-step sagas/s, concurrency {c}", "/s", "higher", lambda s, f=txn_run: g(f(s), "per_sec"))
+    row(f"  coordinator time per step p50 (c={c})", " ms", "lower", lambda s, f=txn_run: g(f(s), "per_step_p50_ms"))
+    row(f"  coordinator time per step p99 (c={c})", " ms", "lower", lambda s, f=txn_run: g(f(s), "per_step_p99_ms"))
+    row(f"  saga errors (c={c})", "", "lower", lambda s, f=txn_run: g(f(s), "errors"))
 def phase(d, name): return next((p for p in (d.get("phases") or []) if p.get("phase") == name), {})
 row("node RSS after registration", " MiB", "lower", lambda s: g(phase(D[s]["registry"], "register"), "procs", "node", "rss_mib"))
 row("node peak RSS (VmHWM), end of run", " MiB", "lower", lambda s: kb(s, "node", "vmhwm_kb"))
@@ -323,7 +344,7 @@ lines += ["| " + " | ".join(r) + " |" for r in rows]
 lines += ["", "CPU per phase (% of one core; machine = every busy CPU, 200% = both cores):", "",
           "| side | phase | wall s | node | etcd1 | etcd2 | etcd3 | generator | machine |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 for s in S:
-    for n in ["config-spread", "config-hot", "registry"]:
+    for n in ["txn", "config-spread", "config-hot", "registry"]:
         for v in (D[s][n].get("phases") or []):
             ph = v.get("phase")
             cells = [fmt(g(v, "procs", p, "cpu_pct"), "%") if g(v, "procs", p) else "" for p in ["node", "etcd1", "etcd2", "etcd3", "generator", "machine"]]

@@ -116,17 +116,26 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             }
             serving2.store(false, Ordering::Release);
         }));
-        // Coordination reaches the embedded store through its own etcd endpoint, like
-        // any client: the same code path as on an external cluster.
-        let mut local = etcd_addr;
-        if local.ip().is_unspecified() {
-            local.set_ip(if local.is_ipv4() {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            });
-        }
-        (Some(store), Some(etcd_addr), vec![local.to_string()])
+        // Coordination reaches the embedded store through the etcd API like any
+        // client — the same code path as on an external cluster — over in-memory
+        // pipes instead of loopback TCP (no kernel round trip, and outside the
+        // etcd port's connection limit, so a flood there cannot cut the node off).
+        let inproc = meshwork_etcd::inproc::Listener::bind(&format!("{}@{etcd_addr}", cfg.name))
+            .context("binding the in-process etcd endpoint")?;
+        let local = inproc.endpoint();
+        let (store3, info3, rx3) = (
+            store.clone(),
+            ServerInfo::single(&cfg.name, format!("http://{etcd_addr}")),
+            stop_rx.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) =
+                meshwork_etcd::serve_in_process(inproc, store3, info3, stopped(rx3)).await
+            {
+                tracing::error!(error = %e, "in-process etcd server failed");
+            }
+        }));
+        (Some(store), Some(etcd_addr), vec![local])
     } else {
         (None, None, cfg.external.clone())
     };

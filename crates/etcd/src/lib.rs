@@ -10,6 +10,7 @@ pub mod client;
 pub mod codec;
 #[cfg(feature = "server")]
 pub mod convert;
+pub mod inproc;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
@@ -40,4 +41,4 @@ pub mod proto {
 
 pub use client::Client;
 #[cfg(feature = "server")]
-pub use server::{ListenLimits, ServerInfo, serve, serve_limited};
+pub use server::{ListenLimits, ServerInfo, serve, serve_in_process, serve_limited};

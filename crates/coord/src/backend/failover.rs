@@ -161,6 +161,19 @@ pub(super) async fn connect_from(
     let mut last = String::new();
     for i in 0..n {
         let index = (start + i) % n;
+        if let Some(name) = meshwork_etcd::inproc::name_of(&endpoints[index]) {
+            let ep = meshwork_etcd::inproc::endpoint()
+                .connect_timeout(opts.connect_timeout)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5));
+            match meshwork_etcd::inproc::channel(name, ep).await {
+                Ok(ch) => return Ok((index, Client::from_channel(ch))),
+                Err(e) => {
+                    last = format!("{}: {e}", endpoints[index]);
+                    continue;
+                }
+            }
+        }
         let url = meshwork_etcd::client::endpoint_url(&endpoints[index]);
         let ep = tonic::transport::Endpoint::from_shared(url.clone())
             .map_err(|e| CoordError::invalid(format!("invalid etcd endpoint {url:?}: {e}")))?

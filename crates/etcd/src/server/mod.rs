@@ -101,21 +101,46 @@ pub async fn serve_limited(
     limits: ListenLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let max_msg = store.config().max_request_bytes + GRPC_OVERHEAD_BYTES;
     let keepalive = (limits.idle_timeout / 3).max(std::time::Duration::from_millis(100));
-    let max_streams = limits.max_concurrent_streams;
     let incoming = conn::incoming(listener, conn::Slots::new(limits.clone()));
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive));
+    services(server, store, info)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+/// Serves the etcd v3 API to this process's own clients at `listener`'s
+/// `inproc://` endpoint (see [`crate::inproc`]) until `shutdown` resolves.
+/// No connection limits: only code in this process can connect.
+pub async fn serve_in_process(
+    listener: crate::inproc::Listener,
+    store: Store,
+    info: ServerInfo,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    services(tonic::transport::Server::builder(), store, info)
+        .serve_with_incoming_shutdown(listener.incoming(), shutdown)
+        .await
+}
+
+/// Every etcd service over `store`, on `server`.
+fn services(
+    mut server: tonic::transport::Server,
+    store: Store,
+    info: ServerInfo,
+) -> tonic::transport::server::Router {
+    let max_msg = store.config().max_request_bytes + GRPC_OVERHEAD_BYTES;
     store.set_member_id(info.member_id);
     let ctx = Ctx {
         header: info.header(),
         store,
         info,
     };
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .max_concurrent_streams(Some(max_streams))
-        .http2_keepalive_interval(Some(keepalive))
-        .http2_keepalive_timeout(Some(keepalive))
+    server
         .add_service(KvServer::new(kv::KvService(ctx.clone())).max_decoding_message_size(max_msg))
         .add_service(
             WatchServer::new(watch::WatchService(ctx.clone())).max_decoding_message_size(max_msg),
@@ -130,6 +155,4 @@ pub async fn serve_limited(
             ElectionServer::new(concurrency::ElectionService(ctx))
                 .max_decoding_message_size(max_msg),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
 }
