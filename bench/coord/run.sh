@@ -297,6 +297,8 @@ def fmt(v, unit):
 rows = []
 def row(label, unit, better, fn):
     vals = [fn(s) for s in S]
+    if all(v is None for v in vals):
+        return  # a bench this run did not include (BENCHES)
     ratio = f"{vals[0]/vals[1]:.2f}x" if (vals[0] is not None and vals[1]) else "n/a"
     rows.append((label, fmt(vals[0], unit), fmt(vals[1], unit), ratio, better))
 def reg(s, *p): return g(D[s]["registry"], *p)
