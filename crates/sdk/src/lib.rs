@@ -18,7 +18,9 @@
 //!   [`Meshwork::campaign`], [`Meshwork::ids`]);
 //! - serves with [`server::Server`]: inbound rate and concurrency limits, trace
 //!   context extraction, Prometheus metrics, a health endpoint and graceful
-//!   shutdown.
+//!   shutdown;
+//! - takes part in distributed transactions ([`txn`]): the branch headers, and
+//!   with the `sqlite` feature a barrier that makes every phase idempotent.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), meshwork_sdk::Error> {
@@ -36,6 +38,7 @@ pub mod context;
 mod error;
 pub mod grpc;
 pub mod server;
+pub mod txn;
 
 use std::collections::HashMap;
 use std::sync::Arc;
