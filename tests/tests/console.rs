@@ -145,7 +145,7 @@ fn start_node(dir: &std::path::Path, envs: &[(&str, &str)]) -> meshwork_tests::S
         dir,
         &[
             "--roles",
-            "store,coord,gateway",
+            "store,coord,gateway,txn",
             "--gateway-addr",
             "127.0.0.1:0",
             "--demo",
@@ -179,6 +179,7 @@ async fn every_page_works_in_a_real_browser() {
         ("/ui/gateway", "Gateway", "gateway"),
         ("/ui/kv?prefix=/meshwork/", "KV browser", "kv"),
         ("/ui/locks", "Locks and elections", "locks"),
+        ("/ui/transactions", "Transactions", "transactions"),
     ] {
         c.goto(&format!("{base}{path}")).await.unwrap();
         let t = wait_text(&c, "h1", h1, |t| t.contains(h1)).await;

@@ -203,3 +203,63 @@ fn a_killed_coordinator_is_replaced_and_its_call_resent_with_its_key() {
     );
     assert_eq!(paths(&p.inventory.seen()), ["POST /reserve"]);
 }
+
+/// A TCC whose confirm keeps failing is stuck: the console's Transactions
+/// pages list it highlighted with a retry button and show its timeline.
+#[test]
+fn the_console_shows_a_stuck_transaction_and_its_timeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(dir.path(), &["--roles", "store,coord,txn"], &[]);
+    let h = node.http.as_str();
+    let p = Participants::start();
+    p.register(h);
+    let tcc = json!({"id": "hold-stuck", "spec": {"mode": "tcc",
+        "retry": {"initial_backoff_ms": 10, "max_backoff_ms": 50, "stuck_after": 2},
+        "branches": [
+        {"name": "reserve", "service": "inventory", "action": {"path": "/reserve"},
+         "confirm": {"path": "/confirm"}, "undo": {"path": "/release"}},
+        {"name": "charge", "service": "payment", "action": {"path": "/charge"},
+         "confirm": {"path": "/status/503"}, "undo": {"path": "/refund"}}
+    ]}});
+    let (code, body) = http::post(h, "/v1/txn", &tcc.to_string()).unwrap();
+    assert_eq!(code, 201, "{body}");
+    until("the confirm to be stuck", Duration::from_secs(20), || {
+        get(h, "/v1/txn/hold-stuck")["branches"][1]["stuck"] == true
+    });
+
+    let (code, page) = http::get(h, "/ui/transactions").unwrap();
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("<h1>Transactions</h1>"), "{page}");
+    assert!(page.contains("1 unfinished"), "{page}");
+    assert!(
+        page.contains("stuck: branch charge keeps failing"),
+        "{page}"
+    );
+    assert!(page.contains("<tr class=\"warn\">"), "{page}");
+    assert!(
+        page.contains("data-api=\"/v1/txn/hold-stuck/retry\""),
+        "{page}"
+    );
+    // Committing: too late to abort, so no abort button.
+    assert!(!page.contains("/v1/txn/hold-stuck/abort"), "{page}");
+
+    let (code, page) = http::get(h, "/ui/transactions/hold-stuck?fragment=1").unwrap();
+    assert_eq!(code, 200, "{page}");
+    assert!(!page.contains("<html"), "a fragment is the content alone");
+    for want in [
+        "committing",
+        "Stuck: branch charge keeps failing",
+        "confirm #2",
+        "unknown: 503 Service Unavailable",
+        "&quot;mode&quot;: &quot;tcc&quot;",
+    ] {
+        assert!(page.contains(want), "{want}: {page}");
+    }
+    // The button's call does what it says.
+    let (code, body) = http::post(h, "/v1/txn/hold-stuck/retry", "{}").unwrap();
+    assert_eq!(code, 200, "{body}");
+
+    let (code, page) = http::get(h, "/ui/transactions/nobody").unwrap();
+    assert_eq!(code, 200);
+    assert!(page.contains("No transaction nobody"), "{page}");
+}

@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod pages;
 pub mod secrets;
+pub mod transactions;
 
 use axum::Router;
 use axum::response::IntoResponse;

@@ -80,13 +80,14 @@ pub fn fmt_ms(ms: u64) -> String {
     )
 }
 
-const NAV: [(&str, &str, &str); 6] = [
+const NAV: [(&str, &str, &str); 7] = [
     ("overview", "/", "Overview"),
     ("services", "/ui/services", "Services"),
     ("config", "/ui/config", "Configuration"),
     ("gateway", "/ui/gateway", "Gateway"),
     ("kv", "/ui/kv", "KV"),
     ("locks", "/ui/locks", "Locks"),
+    ("transactions", "/ui/transactions", "Transactions"),
 ];
 
 fn shell(
@@ -143,7 +144,8 @@ fn shell(
     ))
 }
 
-fn page(
+/// A page: the shell around `body`, or `body` alone for `?fragment=1`.
+pub(crate) fn page(
     s: &ConsoleState,
     headers: &HeaderMap,
     q: &HashMap<String, String>,
@@ -157,7 +159,8 @@ fn page(
     shell(s, headers, active, title, &body).into_response()
 }
 
-type Q = Query<HashMap<String, String>>;
+/// A page's query parameters.
+pub(crate) type Q = Query<HashMap<String, String>>;
 
 /// The page routes.
 pub(crate) fn routes() -> Router<ConsoleState> {
@@ -171,6 +174,8 @@ pub(crate) fn routes() -> Router<ConsoleState> {
         .route("/ui/gateway", get(gateway))
         .route("/ui/kv", get(kv))
         .route("/ui/locks", get(locks))
+        .route("/ui/transactions", get(crate::transactions::list))
+        .route("/ui/transactions/{id}", get(crate::transactions::detail))
         .route("/ui/login", get(login))
 }
 
