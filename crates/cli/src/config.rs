@@ -216,6 +216,35 @@ pub(crate) struct FileConfig {
     /// Limits of the HTTP and etcd ports.
     #[serde(default)]
     pub(crate) listen: crate::listen::ListenConfig,
+    /// The transaction coordinator.
+    #[serde(default)]
+    pub(crate) txn: TxnFile,
+}
+
+/// `[txn]`: the transaction coordinator.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TxnFile {
+    /// Seconds a finished transaction's record is kept (default 7 days; at
+    /// least 60).
+    #[serde(default)]
+    pub(crate) retention_secs: Option<u64>,
+}
+
+impl TxnFile {
+    /// The role's options.
+    pub(crate) fn options(&self) -> Result<meshwork_txn::role::TxnOptions> {
+        let mut o = meshwork_txn::role::TxnOptions::default();
+        if let Some(secs) = self.retention_secs {
+            if secs < 60 {
+                bail!(
+                    "[txn] retention_secs = {secs}: at least 60 (operators need time to look at a finished transaction)"
+                );
+            }
+            o.retention = Duration::from_secs(secs);
+        }
+        Ok(o)
+    }
 }
 
 /// `[console]`: when `password` is set, writes through the HTTP API (and so

@@ -345,6 +345,7 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         gateway,
         gateway_workers: args.gateway_workers,
         console_auth: console_auth(&file.console)?,
+        txn: file.txn.options()?,
         listen: {
             let mut l = file.listen.clone();
             l.validate()?;

@@ -35,6 +35,8 @@ pub(crate) struct NodeConfig {
     pub(crate) console_auth: Option<meshwork_console::Auth>,
     /// Limits of the HTTP and etcd ports.
     pub(crate) listen: crate::listen::ListenConfig,
+    /// The transaction coordinator's options.
+    pub(crate) txn: meshwork_txn::role::TxnOptions,
 }
 
 /// A node that is up: its bound addresses, and how to stop it.
@@ -191,7 +193,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         _ => None,
     };
     let txn = match (&coord, cfg.roles.txn) {
-        (Some(c), true) => Some(meshwork_txn::role::TxnRole::start(c)),
+        (Some(c), true) => Some(meshwork_txn::role::TxnRole::start_with(c, cfg.txn.clone())),
         _ => None,
     };
     let mut app = http::router(state);

@@ -17,10 +17,10 @@ use meshwork_txn::{Status, Txn};
 use crate::ConsoleState;
 use crate::pages::{Q, enc, esc, fmt_ms, page};
 
-/// Most records the list page reads.
-pub const LIST_LIMIT: i64 = 1_000;
+/// Most finished transactions the list page reads (and every unfinished one).
+pub const LIST_LIMIT: i64 = 200;
 /// Most transactions the list page shows.
-pub const SHOWN: usize = 200;
+pub const SHOWN: usize = 500;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -100,7 +100,7 @@ fn live(inner: &str, url: &str) -> String {
 pub(crate) async fn list(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Response {
     let log = TxnLog::new(s.coord.backend.clone());
     let mut b = String::new();
-    match log.list(LIST_LIMIT).await {
+    match log.recent(LIST_LIMIT).await {
         Ok(records) => {
             let now = now_ms();
             let mut txns: Vec<Txn> = records.into_iter().map(|r| r.txn).collect();
@@ -113,8 +113,8 @@ pub(crate) async fn list(State(s): State<ConsoleState>, headers: HeaderMap, q: Q
                 "<p>{} transactions, {open} unfinished, <span class=\"{}\">{stuck_n} stuck</span>{}.</p>",
                 txns.len(),
                 if stuck_n > 0 { "error" } else { "muted" },
-                if txns.len() as i64 >= LIST_LIMIT {
-                    format!(" (the first {LIST_LIMIT} records by id)")
+                if txns.len() - open >= LIST_LIMIT as usize {
+                    format!(" (the {LIST_LIMIT} most recently finished shown)")
                 } else {
                     String::new()
                 }

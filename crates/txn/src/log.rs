@@ -4,6 +4,15 @@
 //! coordinators can never both advance one transaction: the one whose write
 //! loses has been superseded and stops. Runs on Meshwork's store and on a
 //! real etcd cluster alike (coord's etcd backend).
+//!
+//! Two indexes are written in the same store transaction as the record, so
+//! they never disagree with it:
+//! - `/meshwork/txn/open/{id}` (value: the coordinator's name) while the
+//!   transaction is unfinished — what takeover scans read, however many
+//!   finished records there are;
+//! - `/meshwork/txn/done/{finished_ms:016x}/{id}` once it is final — by
+//!   time, so the newest are listed and the expired deleted without reading
+//!   every record.
 
 use bytes::Bytes;
 use meshwork_coord::backend::{Backend, txn as t};
@@ -13,6 +22,13 @@ use crate::machine::Txn;
 
 /// Where the records live.
 pub const PREFIX: &str = "/meshwork/txn/records/";
+/// The index of unfinished transactions.
+pub const OPEN_PREFIX: &str = "/meshwork/txn/open/";
+/// The index of finished transactions, by finishing time.
+pub const DONE_PREFIX: &str = "/meshwork/txn/done/";
+/// Most finished transactions one [`TxnLog::expire`] store transaction
+/// deletes (two operations each, under etcd's default limit of 128).
+pub const EXPIRE_BATCH: usize = 60;
 
 /// Why a log operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +71,27 @@ fn key(id: &str) -> String {
     format!("{PREFIX}{id}")
 }
 
+fn open_key(id: &str) -> String {
+    format!("{OPEN_PREFIX}{id}")
+}
+
+fn done_key(finished: u64, id: &str) -> String {
+    format!("{DONE_PREFIX}{finished:016x}/{id}")
+}
+
+/// The record's write and its index entries.
+fn writes(txn: &Txn) -> Vec<pb::RequestOp> {
+    let mut ops = vec![t::put(key(&txn.id), encode(txn), 0)];
+    if txn.status.is_final() {
+        let finished = txn.history.last().map_or(txn.created, |h| h.at);
+        ops.push(t::delete(open_key(&txn.id)));
+        ops.push(t::put(done_key(finished, &txn.id), Bytes::new(), 0));
+    } else {
+        ops.push(t::put(open_key(&txn.id), txn.coordinator.clone(), 0));
+    }
+    ops
+}
+
 fn encode(txn: &Txn) -> Bytes {
     // A Txn is plain data (strings, numbers, JSON values): encoding cannot fail.
     Bytes::from(serde_json::to_vec(txn).unwrap_or_default())
@@ -81,8 +118,8 @@ impl TxnLog {
         let r = self
             .backend
             .txn(pb::TxnRequest {
-                compare: vec![t::absent(k.clone())],
-                success: vec![t::put(k, encode(txn), 0)],
+                compare: vec![t::absent(k)],
+                success: writes(txn),
                 failure: vec![],
             })
             .await?;
@@ -106,8 +143,8 @@ impl TxnLog {
         let r = self
             .backend
             .txn(pb::TxnRequest {
-                compare: vec![t::mod_rev_is(k.clone(), revision)],
-                success: vec![t::put(k, encode(txn), 0)],
+                compare: vec![t::mod_rev_is(k, revision)],
+                success: writes(txn),
                 failure: vec![],
             })
             .await?;
@@ -123,5 +160,109 @@ impl TxnLog {
         kvs.iter()
             .map(|kv| decode(&kv.key, &kv.value, kv.mod_revision))
             .collect()
+    }
+
+    /// Every unfinished transaction: its id and coordinator (from the open
+    /// index; one consistent read, in pages).
+    pub async fn open(&self) -> Result<Vec<(String, String)>, LogError> {
+        let (kvs, _) = self.backend.load_prefix(OPEN_PREFIX).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let id = kv.key.strip_prefix(OPEN_PREFIX.as_bytes())?;
+                Some((
+                    String::from_utf8_lossy(id).into_owned(),
+                    String::from_utf8_lossy(&kv.value).into_owned(),
+                ))
+            })
+            .collect())
+    }
+
+    /// The ids of finished transactions, newest first (at most `limit`),
+    /// or oldest first finished before `before_ms` (`before_ms` given).
+    async fn done(
+        &self,
+        limit: i64,
+        before_ms: Option<u64>,
+    ) -> Result<Vec<(String, String)>, LogError> {
+        let start = Bytes::from(DONE_PREFIX);
+        let end = match before_ms {
+            Some(ms) => Bytes::from(format!("{DONE_PREFIX}{ms:016x}")),
+            None => meshwork_coord::backend::prefix_end(DONE_PREFIX.as_bytes()),
+        };
+        let descend = before_ms.is_none();
+        let r = self
+            .backend
+            .call(|mut c| {
+                let (key, range_end) = (start.clone(), end.clone());
+                async move {
+                    c.kv.range(pb::RangeRequest {
+                        key,
+                        range_end,
+                        limit,
+                        keys_only: true,
+                        sort_order: if descend {
+                            pb::range_request::SortOrder::Descend as i32
+                        } else {
+                            pb::range_request::SortOrder::Ascend as i32
+                        },
+                        sort_target: pb::range_request::SortTarget::Key as i32,
+                        ..Default::default()
+                    })
+                    .await
+                }
+            })
+            .await?;
+        Ok(r.kvs
+            .iter()
+            .filter_map(|kv| {
+                let k = std::str::from_utf8(&kv.key).ok()?;
+                let (_, id) = k.strip_prefix(DONE_PREFIX)?.split_once('/')?;
+                Some((id.to_owned(), k.to_owned()))
+            })
+            .collect())
+    }
+
+    /// The unfinished transactions and the `finished` most recently
+    /// finished ones, newest first.
+    pub async fn recent(&self, finished: i64) -> Result<Vec<Stored>, LogError> {
+        let mut ids: Vec<String> = self.open().await?.into_iter().map(|(id, _)| id).collect();
+        if finished > 0 {
+            ids.extend(
+                self.done(finished, None)
+                    .await?
+                    .into_iter()
+                    .map(|(id, _)| id),
+            );
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            // Gone meanwhile (expired): skip.
+            if let Some(s) = self.load(&id).await? {
+                out.push(s);
+            }
+        }
+        out.sort_by_key(|s| std::cmp::Reverse(s.txn.created));
+        Ok(out)
+    }
+
+    /// Deletes up to `limit` transactions that finished before `before_ms`
+    /// (record and index entry together); how many.
+    pub async fn expire(&self, before_ms: u64, limit: i64) -> Result<usize, LogError> {
+        let old = self.done(limit, Some(before_ms)).await?;
+        for batch in old.chunks(EXPIRE_BATCH) {
+            let success = batch
+                .iter()
+                .flat_map(|(id, done)| [t::delete(key(id)), t::delete(done.clone())])
+                .collect();
+            self.backend
+                .txn(pb::TxnRequest {
+                    compare: vec![],
+                    success,
+                    failure: vec![],
+                })
+                .await?;
+        }
+        Ok(old.len())
     }
 }

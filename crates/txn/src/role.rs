@@ -37,8 +37,27 @@ pub const TXN_ROLE: &str = "txn";
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
 /// How often [`TxnRole::wait_final`] re-reads a transaction driven elsewhere.
 pub const WAIT_POLL: Duration = Duration::from_millis(200);
-/// Most records one scan reads.
-pub const SCAN_LIMIT: i64 = 10_000;
+/// How long finished transactions are kept by default.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Most expired transactions one scan deletes.
+pub const EXPIRE_PER_SCAN: i64 = 2_000;
+/// The name whose rendezvous owner runs retention.
+const RETENTION_OWNER: &str = "retention";
+
+/// How the role runs.
+#[derive(Debug, Clone)]
+pub struct TxnOptions {
+    /// How long a finished transaction's record is kept (then deleted).
+    pub retention: Duration,
+}
+
+impl Default for TxnOptions {
+    fn default() -> Self {
+        TxnOptions {
+            retention: DEFAULT_RETENTION,
+        }
+    }
+}
 
 type NodeRunner = Runner<HttpCaller<Registry>>;
 
@@ -55,6 +74,7 @@ pub struct TxnRole {
     runner: NodeRunner,
     membership: Arc<Membership>,
     me: String,
+    options: TxnOptions,
     driving: Arc<Mutex<HashMap<String, Driving>>>,
     scanner: Arc<Mutex<Option<AbortHandle>>>,
 }
@@ -80,6 +100,11 @@ impl TxnRole {
     /// Starts the role on a node's coordination: the runner, and the scan
     /// that takes over orphaned transactions.
     pub fn start(coord: &Coord) -> TxnRole {
+        TxnRole::start_with(coord, TxnOptions::default())
+    }
+
+    /// [`TxnRole::start`] with options.
+    pub fn start_with(coord: &Coord, options: TxnOptions) -> TxnRole {
         let runner = Runner::new(
             TxnLog::new(coord.backend.clone()),
             HttpCaller::new(coord.registry.clone()),
@@ -87,6 +112,7 @@ impl TxnRole {
         let role = TxnRole {
             runner,
             me: coord.options.node_name.clone(),
+            options,
             membership: coord.membership.clone(),
             driving: Arc::new(Mutex::new(HashMap::new())),
             scanner: Arc::new(Mutex::new(None)),
@@ -235,29 +261,52 @@ impl TxnRole {
             .filter(|n| n.roles.iter().any(|r| r == TXN_ROLE))
             .map(|n| n.name)
             .collect();
-        for stored in self.runner.log().list(SCAN_LIMIT).await? {
-            let txn = &stored.txn;
-            if txn.status.is_final() || self.driving.lock().contains_key(&txn.id) {
+        for (id, coordinator) in self.runner.log().open().await? {
+            if self.driving.lock().contains_key(&id) {
                 continue;
             }
-            let mine = txn.coordinator == self.me;
-            let orphan = !live.contains(&txn.coordinator);
-            let owner = self.membership.owner_of(TXN_ROLE, &txn.id);
-            if mine || (orphan && owner.as_deref() == Some(self.me.as_str())) {
-                let mut claimed = txn.clone();
-                claimed.coordinator = self.me.clone();
-                match self.runner.log().save(&claimed, stored.revision).await {
-                    Ok(_) => {
-                        if !mine {
-                            tracing::info!(txn = %txn.id, from = %txn.coordinator, "taking over transaction");
-                            metrics::counter!("meshwork_txn_takeovers_total").increment(1);
-                        }
-                        self.drive(&txn.id, None);
+            let mine = coordinator == self.me;
+            let orphan = !live.contains(&coordinator);
+            let owner = self.membership.owner_of(TXN_ROLE, &id);
+            if !(mine || (orphan && owner.as_deref() == Some(self.me.as_str()))) {
+                continue;
+            }
+            let Some(stored) = self.runner.log().load(&id).await? else {
+                continue;
+            };
+            let txn = &stored.txn;
+            if txn.status.is_final() {
+                continue;
+            }
+            let mut claimed = txn.clone();
+            claimed.coordinator = self.me.clone();
+            match self.runner.log().save(&claimed, stored.revision).await {
+                Ok(_) => {
+                    if !mine {
+                        tracing::info!(txn = %txn.id, from = %txn.coordinator, "taking over transaction");
+                        metrics::counter!("meshwork_txn_takeovers_total").increment(1);
                     }
-                    // Someone wrote it meanwhile: look again next scan.
-                    Err(LogError::Superseded(_)) => {}
-                    Err(e) => return Err(e),
+                    self.drive(&txn.id, None);
                 }
+                // Someone wrote it meanwhile: look again next scan.
+                Err(LogError::Superseded(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Retention: one live member (the owner of a fixed name) deletes the
+        // finished transactions that expired, a bounded batch per scan.
+        if self
+            .membership
+            .owner_of(TXN_ROLE, RETENTION_OWNER)
+            .as_deref()
+            == Some(self.me.as_str())
+        {
+            let retention = u64::try_from(self.options.retention.as_millis()).unwrap_or(u64::MAX);
+            let before = now_ms().saturating_sub(retention);
+            let n = self.runner.log().expire(before, EXPIRE_PER_SCAN).await?;
+            if n > 0 {
+                tracing::debug!(expired = n, "finished transactions past retention deleted");
+                metrics::counter!("meshwork_txn_expired_total").increment(n as u64);
             }
         }
         Ok(())

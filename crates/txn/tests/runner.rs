@@ -240,3 +240,55 @@ async fn an_operator_abort_wins_over_a_driver_with_an_older_record() {
         .unwrap_err();
     assert_eq!(err.to_string(), "transaction order-4 is already aborted");
 }
+
+/// The log's indexes follow the records: an unfinished transaction is in
+/// the open index (with its coordinator), a finished one in the done index;
+/// `recent` lists both, newest first; `expire` deletes finished records past
+/// retention, and nothing unfinished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_indexes_follow_the_records_and_retention_deletes_only_finished_ones() {
+    let shop = Shop::start().await;
+    let runner = shop.runner().await;
+    let log = runner.log();
+    let mut open = Txn::new("open-1", order_saga("/hold"), now_ms());
+    open.coordinator = "node-a".into();
+    log.create(&open).await.unwrap();
+    let mut done = Txn::new("done-1", order_saga("/charge"), now_ms() + 1);
+    let stored = runner.start(&mut done).await.unwrap();
+    assert_eq!(
+        runner.drive_stored(stored, "").await.unwrap().status,
+        Status::Committed
+    );
+    assert_eq!(
+        log.open().await.unwrap(),
+        [("open-1".to_owned(), "node-a".to_owned())]
+    );
+    let recent: Vec<String> = log
+        .recent(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.txn.id)
+        .collect();
+    assert_eq!(recent, ["done-1", "open-1"]);
+
+    // Nothing finished before the transaction did: nothing expires.
+    assert_eq!(
+        log.expire(done.created.saturating_sub(1), 100)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(log.expire(now_ms() + 1, 100).await.unwrap(), 1);
+    assert!(log.load("done-1").await.unwrap().is_none());
+    assert!(log.load("open-1").await.unwrap().is_some());
+    let recent: Vec<String> = log
+        .recent(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.txn.id)
+        .collect();
+    assert_eq!(recent, ["open-1"]);
+    assert_eq!(log.expire(now_ms() + 1, 100).await.unwrap(), 0);
+}
