@@ -80,7 +80,14 @@ fn a_saga_started_over_http_commits_and_bad_requests_are_refused() {
     let p = Participants::start();
     p.register(h);
 
-    let (code, body) = http::post(h, "/v1/txn", &order("order-1", "/charge")).unwrap();
+    // Started inside a caller's trace: the transaction continues it.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let (code, body) = http::raw(
+        h,
+        &format!("POST /v1/txn HTTP/1.1\r\nHost: {h}\r\nContent-Type: application/json\r\ntraceparent: 00-{trace}-00f067aa0ba902b7-01"),
+        &order("order-1", "/charge"),
+    )
+    .unwrap();
     assert_eq!(code, 201, "{body}");
     let status = eventually("order-1 to commit", Duration::from_secs(20), || {
         let v = get(h, "/v1/txn/order-1");
@@ -95,6 +102,12 @@ fn a_saga_started_over_http_commits_and_bad_requests_are_refused() {
         p.payment.seen()[0].header("idempotency-key"),
         Some("order-1/charge/action")
     );
+    let tp = p.inventory.seen()[0]
+        .header("traceparent")
+        .unwrap()
+        .to_owned();
+    assert!(tp.starts_with(&format!("00-{trace}-")), "{tp}");
+    assert!(!tp.contains("00f067aa0ba902b7"), "a span of its own: {tp}");
 
     // The same id again: 409, nothing runs twice.
     let (code, body) = http::post(h, "/v1/txn", &order("order-1", "/charge")).unwrap();

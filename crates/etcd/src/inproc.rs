@@ -43,6 +43,7 @@ pub fn name_of(endpoint: &str) -> Option<&str> {
 pub struct Listener {
     name: String,
     id: u64,
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     rx: mpsc::UnboundedReceiver<DuplexStream>,
 }
 

@@ -110,12 +110,17 @@ fn summary(t: &Txn) -> Value {
     })
 }
 
-async fn create(State(role): State<TxnRole>, body: Bytes) -> Response {
+async fn create(State(role): State<TxnRole>, headers: http::HeaderMap, body: Bytes) -> Response {
     let body: CreateBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => return error(RoleError::Spec(SpecError::Syntax(e.to_string()))).into_response(),
     };
-    match role.create(body.spec, body.id).await {
+    // The transaction is a span of the caller's trace (or starts one).
+    let span = meshwork_telemetry::TraceContext::from_headers(&headers);
+    match role
+        .create(body.spec, body.id, Some(span.traceparent()))
+        .await
+    {
         Ok(t) => (StatusCode::CREATED, axum::Json(t)).into_response(),
         Err(e) => error(e).into_response(),
     }

@@ -271,6 +271,11 @@ pub struct Txn {
     /// scheduler does, to take over transactions whose coordinator died).
     #[serde(default)]
     pub coordinator: String,
+    /// The W3C `traceparent` of the transaction's span (the request that
+    /// started it continues here); every branch call is a child of it, so one
+    /// transaction is one trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Txn {
@@ -299,6 +304,7 @@ impl Txn {
             history: Vec::new(),
             history_dropped: 0,
             coordinator: String::new(),
+            traceparent: None,
         }
     }
 

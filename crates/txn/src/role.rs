@@ -129,8 +129,14 @@ impl TxnRole {
     }
 
     /// Creates a transaction (the id is generated when not given) and starts
-    /// driving it; the record is durable when this returns.
-    pub async fn create(&self, spec: Spec, id: Option<String>) -> Result<Txn, RoleError> {
+    /// driving it; the record is durable when this returns. `traceparent`:
+    /// the transaction's span (its calls are its children).
+    pub async fn create(
+        &self,
+        spec: Spec,
+        id: Option<String>,
+        traceparent: Option<String>,
+    ) -> Result<Txn, RoleError> {
         spec.validate()?;
         let id = match id {
             Some(id) => {
@@ -141,6 +147,7 @@ impl TxnRole {
         };
         let mut txn = Txn::new(id, spec, now_ms());
         txn.coordinator = self.me.clone();
+        txn.traceparent = traceparent;
         let stored = self.runner.start(&mut txn).await?;
         metrics::counter!("meshwork_txn_started_total", "mode" => txn.spec.mode.as_str())
             .increment(1);

@@ -66,6 +66,8 @@ pub struct CallRequest {
     pub idempotency_key: String,
     /// Deadline of this attempt.
     pub timeout: Duration,
+    /// The call's `traceparent`: a new span, child of the transaction's.
+    pub traceparent: Option<String>,
 }
 
 impl CallRequest {
@@ -88,6 +90,11 @@ impl CallRequest {
             body: call.body.clone(),
             idempotency_key: txn.idempotency_key(branch, phase),
             timeout: Duration::from_millis(b.timeout_ms),
+            traceparent: txn
+                .traceparent
+                .as_deref()
+                .and_then(meshwork_telemetry::TraceContext::parse)
+                .map(|span| span.traceparent()),
         })
     }
 }
@@ -171,8 +178,12 @@ impl<E: Endpoints> HttpCaller<E> {
             .header(HEADER_TXN, &req.txn)
             .header(HEADER_BRANCH, &req.branch)
             .header(HEADER_PHASE, req.phase.as_str())
-            .header(HEADER_IDEMPOTENCY_KEY, &req.idempotency_key)
-            .body(Full::new(body));
+            .header(HEADER_IDEMPOTENCY_KEY, &req.idempotency_key);
+        let built = match &req.traceparent {
+            Some(tp) => built.header("traceparent", tp),
+            None => built,
+        }
+        .body(Full::new(body));
         let request = match built {
             Ok(r) => r,
             // Validated specs build valid requests; a bad one can never succeed.

@@ -17,6 +17,8 @@ use meshwork_txn::runner::{HttpCaller, Runner, StaticEndpoints, now_ms};
 use meshwork_txn::{Event, Spec, Status, Txn};
 
 const WITHIN: Duration = Duration::from_secs(20);
+/// A trace id for the trace-context checks.
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 struct Shop {
     _store: Embedded,
@@ -88,7 +90,8 @@ fn paths(seen: &[Seen]) -> Vec<String> {
 async fn a_saga_commits_and_every_call_carries_the_transaction_headers() {
     let shop = Shop::start().await;
     let runner = shop.runner().await;
-    let txn = Txn::new("order-1", order_saga("/charge"), now_ms());
+    let mut txn = Txn::new("order-1", order_saga("/charge"), now_ms());
+    txn.traceparent = Some(format!("00-{TRACE}-00f067aa0ba902b7-01"));
     runner.create(&txn).await.unwrap();
     assert!(runner.create(&txn).await.is_err(), "an id is created once");
     let r = runner.clone();
@@ -107,6 +110,18 @@ async fn a_saga_commits_and_every_call_carries_the_transaction_headers() {
         Some("order-1/reserve/action")
     );
     assert_eq!(paths(&shop.payment.seen()), ["POST /charge"]);
+    // Each call is a new span of the transaction's trace.
+    let spans: Vec<String> = [&shop.inventory.seen()[0], &shop.payment.seen()[0]]
+        .iter()
+        .map(|s| {
+            let tp = s.header("traceparent").unwrap().to_owned();
+            let parts: Vec<&str> = tp.split('-').collect();
+            assert_eq!(parts[1], TRACE, "{tp}");
+            assert_ne!(parts[2], "00f067aa0ba902b7", "{tp}");
+            parts[2].to_owned()
+        })
+        .collect();
+    assert_ne!(spans[0], spans[1]);
     let stored = runner.log().load("order-1").await.unwrap().unwrap();
     assert_eq!(stored.txn.status, Status::Committed);
     assert_eq!(runner.log().list(0).await.unwrap().len(), 1);
