@@ -2,7 +2,9 @@
 //! API runs against participants found in the registry; bad requests are
 //! refused with the field to fix; and a coordinator killed with SIGKILL in
 //! the middle of a call is replaced by another node, which resends the call
-//! with the same idempotency key and finishes the transaction.
+//! with the same idempotency key and finishes the transaction — at every
+//! crash point of a committing and of a compensating saga; the console's
+//! pages show a stuck transaction.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -275,4 +277,114 @@ fn the_console_shows_a_stuck_transaction_and_its_timeline() {
     let (code, page) = http::get(h, "/ui/transactions/nobody").unwrap();
     assert_eq!(code, 200);
     assert!(page.contains("No transaction nobody"), "{page}");
+}
+
+/// Fault injection: a coordinator SIGKILLed at each crash point of a saga
+/// that commits and of one that compensates (MESHWORK_TXN_FAILPOINT parks it
+/// exactly there; the test kills it). Each time another coordinator
+/// finishes the transaction with the outcome it would have had, every call
+/// it resends carries the first one's idempotency key, every call the
+/// outcome needs was made and none it does not (no undo of a committed
+/// saga; an undo for every action of an aborted one).
+#[test]
+fn a_coordinator_killed_at_every_crash_point_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = meshwork_tests::start(
+        &dir.path().join("a"),
+        &["--roles", "store,coord", "--name", "a"],
+        &[],
+    );
+    let store = format!("etcd://{}", a.etcd);
+    let coordinator = |name: &str, env: &[(&str, &str)]| {
+        meshwork_tests::start(
+            &dir.path().join(name),
+            &[
+                "--roles",
+                "coord,txn",
+                "--store",
+                &store,
+                "--name",
+                name,
+                "--node-ttl",
+                "2",
+            ],
+            env,
+        )
+    };
+    let c = coordinator("c", &[]);
+    let p = Participants::start();
+    p.register(&a.http);
+
+    // (charge path, final status, crash point, hit).
+    let cases = [
+        ("/charge", "committed", "drive_start", 1),
+        ("/charge", "committed", "after_call", 1),
+        ("/charge", "committed", "after_save", 1),
+        ("/charge", "committed", "after_call", 2),
+        ("/status/402", "aborted", "after_call", 2),
+        ("/status/402", "aborted", "after_save", 2),
+        ("/status/402", "aborted", "after_call", 3),
+        ("/status/402", "aborted", "after_save", 3),
+        ("/status/402", "aborted", "after_call", 4),
+    ];
+    for (i, (charge, outcome, point, nth)) in cases.into_iter().enumerate() {
+        let id = format!("fp-{i}");
+        let marker = dir.path().join(format!("failpoint-{i}"));
+        let armed = format!("{point}:{nth}:{}", marker.display());
+        let mut b = coordinator(&format!("b{i}"), &[("MESHWORK_TXN_FAILPOINT", &armed)]);
+        let (code, body) = http::post(&b.http, "/v1/txn", &order(&id, charge)).unwrap();
+        assert_eq!(code, 201, "{id}: {body}");
+        until(
+            &format!("{id}: b{i} to reach {point} #{nth}"),
+            Duration::from_secs(20),
+            || marker.exists(),
+        );
+        b.kill9();
+        let status = eventually(
+            &format!("{id} ({point} #{nth}) to finish on c"),
+            Duration::from_secs(30),
+            || {
+                let v = get(&c.http, &format!("/v1/txn/{id}"));
+                v["status"]
+                    .as_str()
+                    .filter(|s| *s == "committed" || *s == "aborted")
+                    .map(str::to_owned)
+            },
+        );
+        assert_eq!(status, outcome, "{id} crashed at {point} #{nth}");
+
+        // Every call of this transaction, in arrival order, by its key.
+        let mut calls: Vec<(String, String)> = Vec::new();
+        for up in [&p.inventory, &p.payment] {
+            for s in up.seen() {
+                if s.header("x-meshwork-txn") == Some(id.as_str()) {
+                    let key = s.header("idempotency-key").unwrap_or("").to_owned();
+                    let want = format!(
+                        "{id}/{}/{}",
+                        s.header("x-meshwork-branch").unwrap_or(""),
+                        s.header("x-meshwork-phase").unwrap_or("")
+                    );
+                    assert_eq!(key, want, "{id}: a call's key names its branch and phase");
+                    calls.push((key, s.path.clone()));
+                }
+            }
+        }
+        let mut keys: Vec<&str> = calls.iter().map(|(k, _)| k.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let expected: &[&str] = if outcome == "committed" {
+            &["action"; 2]
+        } else {
+            &["action", "undo"]
+        };
+        let mut want: Vec<String> = Vec::new();
+        for b in ["charge", "reserve"] {
+            for ph in expected {
+                want.push(format!("{id}/{b}/{ph}"));
+            }
+        }
+        want.sort_unstable();
+        want.dedup();
+        assert_eq!(keys, want, "{id} crashed at {point} #{nth}: {calls:?}");
+    }
 }

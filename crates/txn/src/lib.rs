@@ -23,6 +23,8 @@
 #[cfg(feature = "server")]
 pub mod api;
 #[cfg(feature = "server")]
+mod failpoint;
+#[cfg(feature = "server")]
 pub mod log;
 pub mod machine;
 #[cfg(feature = "server")]

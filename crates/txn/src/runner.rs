@@ -325,6 +325,7 @@ impl<C: Caller> Runner<C> {
         let id = id.as_str();
         let mut calls = JoinSet::new();
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+        crate::failpoint::hit("drive_start").await;
         let mut event = Event::Resume;
         let mut wake: Option<Millis> = None;
         let mut store_failures = 0u32;
@@ -342,6 +343,7 @@ impl<C: Caller> Runner<C> {
                     Ok(rev) => {
                         stored.revision = rev;
                         store_failures = 0;
+                        crate::failpoint::hit("after_save").await;
                     }
                     Err(LogError::Store(e)) => {
                         // Not persisted: run none of this step's actions; read
@@ -405,6 +407,7 @@ impl<C: Caller> Runner<C> {
                             };
                             metrics::histogram!("meshwork_txn_call_seconds", "phase" => phase.as_str(), "outcome" => kind)
                                 .record(started.elapsed().as_secs_f64());
+                            crate::failpoint::hit("after_call").await;
                             let _ = tx.send(Event::Result {
                                 branch,
                                 phase,
