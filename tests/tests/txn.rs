@@ -68,6 +68,42 @@ fn get(node: &str, path: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Node `a`: the store (and coordination), in a temporary directory.
+fn store_node() -> (tempfile::TempDir, meshwork_tests::Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = meshwork_tests::start(
+        &dir.path().join("a"),
+        &["--roles", "store,coord", "--name", "a"],
+        &[],
+    );
+    (dir, a)
+}
+
+/// A coordinator `name` on `a`'s store, its session TTL 2 s (a dead one's
+/// transactions move within seconds).
+fn coordinator(
+    dir: &tempfile::TempDir,
+    a: &meshwork_tests::Server,
+    name: &str,
+    env: &[(&str, &str)],
+) -> meshwork_tests::Server {
+    let store = format!("etcd://{}", a.etcd);
+    meshwork_tests::start(
+        &dir.path().join(name),
+        &[
+            "--roles",
+            "coord,txn",
+            "--store",
+            &store,
+            "--name",
+            name,
+            "--node-ttl",
+            "2",
+        ],
+        env,
+    )
+}
+
 fn paths(seen: &[Seen]) -> Vec<String> {
     seen.iter()
         .map(|s| format!("{} {}", s.method, s.path))
@@ -154,29 +190,8 @@ fn a_saga_started_over_http_commits_and_bad_requests_are_refused() {
 /// the same idempotency key.
 #[test]
 fn a_killed_coordinator_is_replaced_and_its_call_resent_with_its_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = meshwork_tests::start(
-        &dir.path().join("a"),
-        &["--roles", "store,coord", "--name", "a"],
-        &[],
-    );
-    let store = format!("etcd://{}", a.etcd);
-    let coordinator = |name: &str| {
-        meshwork_tests::start(
-            &dir.path().join(name),
-            &[
-                "--roles",
-                "coord,txn",
-                "--store",
-                &store,
-                "--name",
-                name,
-                "--node-ttl",
-                "2",
-            ],
-            &[],
-        )
-    };
+    let (dir, a) = store_node();
+    let coordinator = |name: &str| coordinator(&dir, &a, name, &[]);
     let mut b = coordinator("b");
     let c = coordinator("c");
     let p = Participants::start();
@@ -288,29 +303,8 @@ fn the_console_shows_a_stuck_transaction_and_its_timeline() {
 /// saga; an undo for every action of an aborted one).
 #[test]
 fn a_coordinator_killed_at_every_crash_point_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = meshwork_tests::start(
-        &dir.path().join("a"),
-        &["--roles", "store,coord", "--name", "a"],
-        &[],
-    );
-    let store = format!("etcd://{}", a.etcd);
-    let coordinator = |name: &str, env: &[(&str, &str)]| {
-        meshwork_tests::start(
-            &dir.path().join(name),
-            &[
-                "--roles",
-                "coord,txn",
-                "--store",
-                &store,
-                "--name",
-                name,
-                "--node-ttl",
-                "2",
-            ],
-            env,
-        )
-    };
+    let (dir, a) = store_node();
+    let coordinator = |name: &str, env: &[(&str, &str)]| coordinator(&dir, &a, name, env);
     let c = coordinator("c", &[]);
     let p = Participants::start();
     p.register(&a.http);

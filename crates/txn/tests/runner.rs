@@ -278,14 +278,7 @@ async fn the_indexes_follow_the_records_and_retention_deletes_only_finished_ones
         log.open().await.unwrap(),
         [("open-1".to_owned(), "node-a".to_owned())]
     );
-    let recent: Vec<String> = log
-        .recent(10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.txn.id)
-        .collect();
-    assert_eq!(recent, ["done-1", "open-1"]);
+    assert_eq!(recent(log).await, ["done-1", "open-1"]);
 
     // Nothing finished before the transaction did: nothing expires.
     assert_eq!(
@@ -297,13 +290,12 @@ async fn the_indexes_follow_the_records_and_retention_deletes_only_finished_ones
     assert_eq!(log.expire(now_ms() + 1, 100).await.unwrap(), 1);
     assert!(log.load("done-1").await.unwrap().is_none());
     assert!(log.load("open-1").await.unwrap().is_some());
-    let recent: Vec<String> = log
-        .recent(10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.txn.id)
-        .collect();
-    assert_eq!(recent, ["open-1"]);
+    assert_eq!(recent(log).await, ["open-1"]);
     assert_eq!(log.expire(now_ms() + 1, 100).await.unwrap(), 0);
+}
+
+/// The ids `recent` lists, in its order.
+async fn recent(log: &TxnLog) -> Vec<String> {
+    let all = log.recent(10).await.unwrap();
+    all.into_iter().map(|s| s.txn.id).collect()
 }
