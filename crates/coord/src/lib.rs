@@ -17,7 +17,6 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod lock;
-#[cfg(feature = "server")]
 pub mod nodes;
 pub mod registry;
 #[cfg(feature = "server")]

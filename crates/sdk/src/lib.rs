@@ -203,6 +203,12 @@ impl Meshwork {
         &self.inner.opts.name
     }
 
+    /// Starts and follows distributed transactions on the cluster's `txn`
+    /// nodes (see [`txn::TxnClient`]).
+    pub fn transactions(&self) -> txn::TxnClient {
+        txn::TxnClient::new(self.inner.coord.clone())
+    }
+
     /// The coordination client underneath (registry, config center, raw etcd).
     pub fn coord(&self) -> &CoordClient {
         &self.inner.coord

@@ -1,4 +1,5 @@
-//! A participant's side of Meshwork's distributed transactions.
+//! Meshwork's distributed transactions from a service: [`TxnClient`] starts
+//! and follows them; the rest is a participant's side.
 //!
 //! The coordinator calls each branch with the transaction id, the branch name
 //! and the phase in headers (plus an idempotency key). [`BranchCall`] reads
@@ -9,8 +10,11 @@
 //! recorded no-op, and refuses an action that arrives after its
 //! compensation (the sub-transaction barrier of DTM, Seata's TCC fence).
 
+pub mod client;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+
+pub use client::{TxnClient, TxnError};
 
 use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};

@@ -1,0 +1,207 @@
+//! Starting and following transactions from a service: [`TxnClient`]
+//! finds the live nodes that run the `txn` role in the control plane's
+//! membership (`/meshwork/nodes/`), and calls their `/v1/txn/` API, trying the
+//! next node when one does not answer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use meshwork_coord::CoordClient;
+use meshwork_coord::nodes::{NODES_PREFIX, NodeInfo};
+use serde_json::{Value, json};
+
+/// The membership role of transaction coordinators.
+pub const TXN_ROLE: &str = "txn";
+/// Deadline of one request to a node (a wait adds its own time).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait one [`TxnClient::wait`] asks a node for (the API's limit).
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// Why a transaction request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    /// No live node runs the `txn` role.
+    #[error("no live node runs the txn role (start one with --roles ...,txn)")]
+    NoCoordinator,
+    /// A transaction with this id exists already (starting is idempotent:
+    /// the existing one goes on).
+    #[error("transaction {0} already exists")]
+    Exists(String),
+    /// No transaction has this id.
+    #[error("no transaction {0}")]
+    NotFound(String),
+    /// The node refused the request; its error message says why.
+    #[error("{status}: {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The error envelope's message.
+        message: String,
+    },
+    /// No node answered.
+    #[error("no txn node answered: {0}")]
+    Unreachable(String),
+    /// The control plane failed.
+    #[error(transparent)]
+    Coord(#[from] meshwork_coord::CoordError),
+}
+
+/// Starts and follows transactions. Cheap to clone.
+#[derive(Clone)]
+pub struct TxnClient {
+    coord: CoordClient,
+    http: Client<HttpConnector, Full<Bytes>>,
+    next: Arc<AtomicUsize>,
+    auth: Option<String>,
+}
+
+impl std::fmt::Debug for TxnClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxnClient").finish_non_exhaustive()
+    }
+}
+
+impl TxnClient {
+    /// A client over `coord`'s membership.
+    pub fn new(coord: CoordClient) -> TxnClient {
+        TxnClient {
+            coord,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+            next: Arc::new(AtomicUsize::new(0)),
+            auth: None,
+        }
+    }
+
+    /// Sends these credentials (HTTP basic) — needed when the nodes have a
+    /// console login configured.
+    pub fn with_login(mut self, user: &str, password: &str) -> TxnClient {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        self.auth = Some(format!("Basic {token}"));
+        self
+    }
+
+    /// The HTTP addresses of the live `txn` nodes, rotated so calls spread.
+    async fn nodes(&self) -> Result<Vec<String>, TxnError> {
+        let (kvs, _) = self.coord.backend().get_prefix(NODES_PREFIX, 0).await?;
+        let mut addrs: Vec<String> = kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<NodeInfo>(&kv.value).ok())
+            .filter(|n| n.roles.iter().any(|r| r == TXN_ROLE))
+            .map(|n| n.http_addr)
+            .collect();
+        if addrs.is_empty() {
+            return Err(TxnError::NoCoordinator);
+        }
+        let n = addrs.len();
+        addrs.rotate_left(self.next.fetch_add(1, Ordering::Relaxed) % n);
+        Ok(addrs)
+    }
+
+    /// One request to the first node that answers: (status, JSON body).
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Result<(u16, Value), TxnError> {
+        let mut last = String::new();
+        for addr in self.nodes().await? {
+            let mut req = http::Request::builder()
+                .method(method.clone())
+                .uri(format!("http://{addr}{path}"))
+                .header(http::header::CONTENT_TYPE, "application/json");
+            if let Some(a) = &self.auth {
+                req = req.header(http::header::AUTHORIZATION, a);
+            }
+            let bytes = body
+                .as_ref()
+                .map(|b| Bytes::from(b.to_string()))
+                .unwrap_or_default();
+            let Ok(req) = req.body(Full::new(bytes)) else {
+                return Err(TxnError::Refused {
+                    status: 400,
+                    message: format!("invalid request path {path:?}"),
+                });
+            };
+            let exchange = async {
+                let resp = self.http.request(req).await?;
+                let status = resp.status().as_u16();
+                let body = resp.into_body().collect().await?.to_bytes();
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
+            };
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(Ok((status, body))) => {
+                    let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    return Ok((status, v));
+                }
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: no answer within {timeout:?}"),
+            }
+        }
+        Err(TxnError::Unreachable(last))
+    }
+
+    /// Starts a transaction from its definition (`spec`, as in `POST
+    /// /v1/txn`); `id` is generated when `None`. Durable when this returns:
+    /// the transaction finishes whatever happens to the caller. The record.
+    pub async fn start(&self, id: Option<&str>, spec: Value) -> Result<Value, TxnError> {
+        let mut body = json!({ "spec": spec });
+        if let Some(id) = id {
+            body["id"] = json!(id);
+        }
+        let (status, v) = self
+            .call(http::Method::POST, "/v1/txn", Some(body), REQUEST_TIMEOUT)
+            .await?;
+        match status {
+            201 => Ok(v),
+            409 => Err(TxnError::Exists(id.unwrap_or_default().to_owned())),
+            _ => Err(refused(status, &v)),
+        }
+    }
+
+    /// The transaction's record, once final or after `max` (at most
+    /// [`MAX_WAIT`]), whichever comes first.
+    pub async fn wait(&self, id: &str, max: Duration) -> Result<Value, TxnError> {
+        let max = max.min(MAX_WAIT);
+        let path = format!("/v1/txn/{}?wait_ms={}", encode_segment(id), max.as_millis());
+        let (status, v) = self
+            .call(http::Method::GET, &path, None, REQUEST_TIMEOUT + max)
+            .await?;
+        match status {
+            200 => Ok(v),
+            404 => Err(TxnError::NotFound(id.to_owned())),
+            _ => Err(refused(status, &v)),
+        }
+    }
+}
+
+fn refused(status: u16, v: &Value) -> TxnError {
+    TxnError::Refused {
+        status,
+        message: v["error"]["message"]
+            .as_str()
+            .unwrap_or("no error message")
+            .to_owned(),
+    }
+}
+
+/// Percent-encodes a path segment.
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,79 @@
+//! The SDK's `TxnClient` against a real coordinator: it finds the `txn` node
+//! in membership, starts a transaction (a second start of the same id is
+//! `Exists`), waits for its end, and reports unknown ids and bad definitions
+//! as the node does.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use meshwork_coord::{Coord, CoordOptions};
+use meshwork_sdk::txn::TxnError;
+use meshwork_sdk::{Meshwork, Options};
+use meshwork_testkit::store::embedded;
+use meshwork_testkit::upstream::Upstream;
+use meshwork_txn::role::{TXN_ROLE, TxnRole};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_starts_a_transaction_and_waits_for_its_end() {
+    let store = embedded().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = listener.local_addr().unwrap();
+    let coord = Coord::start(
+        std::slice::from_ref(&store.endpoint),
+        CoordOptions {
+            node_name: "n1".into(),
+            http_addr: http.to_string(),
+            extra_roles: vec![TXN_ROLE.into()],
+            ..CoordOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let role = TxnRole::start(&coord);
+    let app = meshwork_txn::api::router(role);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let inventory = Upstream::start("inventory").await;
+    let spec = serde_json::from_value(json!({
+        "address": "127.0.0.1", "port": inventory.addr.port(), "ephemeral": false
+    }))
+    .unwrap();
+    coord
+        .registry
+        .register("inventory", spec, "test", None)
+        .await
+        .unwrap();
+
+    let mw = Meshwork::connect(Options::new("order", vec![store.endpoint.clone()]).unwrap())
+        .await
+        .unwrap();
+    let txns = mw.transactions();
+    let saga = json!({"mode": "saga", "branches": [
+        {"name": "reserve", "service": "inventory", "action": {"path": "/reserve"}, "undo": {"path": "/release"}}
+    ]});
+    let started = txns.start(Some("order-7"), saga.clone()).await.unwrap();
+    assert_eq!(started["id"], "order-7");
+    assert_eq!(started["coordinator"], "n1");
+    // Starting is idempotent: the second start of an id is refused, nothing runs twice.
+    assert!(matches!(
+        txns.start(Some("order-7"), saga.clone()).await,
+        Err(TxnError::Exists(id)) if id == "order-7"
+    ));
+    let done = txns.wait("order-7", Duration::from_secs(20)).await.unwrap();
+    assert_eq!(done["status"], "committed");
+    assert_eq!(inventory.hits(), 1);
+
+    assert!(matches!(
+        txns.wait("nobody", Duration::from_millis(10)).await,
+        Err(TxnError::NotFound(_))
+    ));
+    let err = txns
+        .start(None, json!({"mode": "saga", "branches": []}))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, TxnError::Refused { status: 400, message } if message.contains("branches")),
+        "{err}"
+    );
+}
