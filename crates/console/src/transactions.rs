@@ -12,6 +12,7 @@ use axum::response::Response;
 use http::HeaderMap;
 use meshwork_txn::log::{PREFIX, TxnLog};
 use meshwork_txn::machine::{Branch, CallState};
+use meshwork_txn::runner::now_ms;
 use meshwork_txn::{Status, Txn};
 
 use crate::ConsoleState;
@@ -21,12 +22,6 @@ use crate::pages::{Q, enc, esc, fmt_ms, page};
 pub const LIST_LIMIT: i64 = 200;
 /// Most transactions the list page shows.
 pub const SHOWN: usize = 500;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Why an unfinished transaction needs an operator, if it does.
 fn stuck(t: &Txn, now: u64) -> Option<String> {

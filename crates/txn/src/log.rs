@@ -26,8 +26,9 @@ pub const PREFIX: &str = "/meshwork/txn/records/";
 pub const OPEN_PREFIX: &str = "/meshwork/txn/open/";
 /// The index of finished transactions, by finishing time.
 pub const DONE_PREFIX: &str = "/meshwork/txn/done/";
-/// Most finished transactions one [`TxnLog::expire`] store transaction
-/// deletes (two operations each, under etcd's default limit of 128).
+/// Most transactions one store transaction of [`TxnLog::expire`] deletes
+/// (two operations each) or of [`TxnLog::recent`] reads: under etcd's
+/// default limit of 128 operations.
 pub const EXPIRE_BATCH: usize = 60;
 
 /// Why a log operation failed.
@@ -190,27 +191,21 @@ impl TxnLog {
             Some(ms) => Bytes::from(format!("{DONE_PREFIX}{ms:016x}")),
             None => meshwork_coord::backend::prefix_end(DONE_PREFIX.as_bytes()),
         };
-        let descend = before_ms.is_none();
+        let order = if before_ms.is_none() {
+            pb::range_request::SortOrder::Descend
+        } else {
+            pb::range_request::SortOrder::Ascend
+        };
         let r = self
             .backend
-            .call(|mut c| {
-                let (key, range_end) = (start.clone(), end.clone());
-                async move {
-                    c.kv.range(pb::RangeRequest {
-                        key,
-                        range_end,
-                        limit,
-                        keys_only: true,
-                        sort_order: if descend {
-                            pb::range_request::SortOrder::Descend as i32
-                        } else {
-                            pb::range_request::SortOrder::Ascend as i32
-                        },
-                        sort_target: pb::range_request::SortTarget::Key as i32,
-                        ..Default::default()
-                    })
-                    .await
-                }
+            .range(pb::RangeRequest {
+                key: start,
+                range_end: end,
+                limit,
+                keys_only: true,
+                sort_order: order as i32,
+                sort_target: pb::range_request::SortTarget::Key as i32,
+                ..Default::default()
             })
             .await?;
         Ok(r.kvs
@@ -235,11 +230,22 @@ impl TxnLog {
                     .map(|(id, _)| id),
             );
         }
+        // Read in batches of one store transaction each, not a round trip
+        // per record; a record gone meanwhile (expired) is skipped.
         let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            // Gone meanwhile (expired): skip.
-            if let Some(s) = self.load(&id).await? {
-                out.push(s);
+        for batch in ids.chunks(EXPIRE_BATCH) {
+            let r = self
+                .backend
+                .txn(pb::TxnRequest {
+                    compare: vec![],
+                    success: batch.iter().map(|id| t::get(key(id))).collect(),
+                    failure: vec![],
+                })
+                .await?;
+            for i in 0..batch.len() {
+                for kv in t::range_kvs(&r, i) {
+                    out.push(decode(&kv.key, &kv.value, kv.mod_revision)?);
+                }
             }
         }
         out.sort_by_key(|s| std::cmp::Reverse(s.txn.created));

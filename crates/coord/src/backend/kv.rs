@@ -58,21 +58,25 @@ impl Backend {
         let key = prefix.into();
         let range_end = prefix_end(&key);
         let r = self
-            .call(|mut c| {
-                let (key, range_end) = (key.clone(), range_end.clone());
-                async move {
-                    c.kv.range(pb::RangeRequest {
-                        key,
-                        range_end,
-                        limit,
-                        ..Default::default()
-                    })
-                    .await
-                }
+            .range(pb::RangeRequest {
+                key,
+                range_end,
+                limit,
+                ..Default::default()
             })
             .await?;
         let rev = r.header.map(|h| h.revision).unwrap_or(0);
         Ok((r.kvs, rev))
+    }
+
+    /// One range read as given (sort order, keys only, a revision...), with
+    /// failover.
+    pub async fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.kv.range(req).await }
+        })
+        .await
     }
 
     /// Reads every key under `prefix` in pages of [`LOAD_PAGE`] keys, all at the
