@@ -45,7 +45,7 @@ if [[ ${BUILD:-1} != 0 ]]; then
 fi
 
 MESHWORK_LOG=warn "$BIN" server --data-dir "$DATA" --etcd-addr 127.0.0.1:0 \
-  --http-addr 127.0.0.1:0 --gateway-addr 127.0.0.1:0 --roles store,coord,gateway --demo \
+  --http-addr 127.0.0.1:0 --gateway-addr 127.0.0.1:0 --roles store,coord,gateway,txn --demo \
   >"$OUT/node.out" 2>"$OUT/node.err" &
 NODE_PID=$!
 for _ in $(seq 1 600); do

@@ -199,10 +199,17 @@ async fn every_page_works_in_a_real_browser() {
     wait_text(&c, "#gw-rate", "a live request rate", |t| t != "–").await;
     let counts = wait_text(&c, ".cards", "the counts", |t| t.contains("services")).await;
     assert!(counts.contains('3'), "three shop services: {counts}");
-    // The locks page shows the shop's elected sweeper.
+    // The locks page shows a lock held through the API.
+    let (status, held) = http::post(
+        &node.http,
+        "/v1/locks/console-test-lock",
+        r#"{"ttl_seconds": 60}"#,
+    )
+    .unwrap();
+    assert!(matches!(status, 200 | 201), "{status} {held}");
     c.goto(&format!("{base}/ui/locks")).await.unwrap();
-    wait_text(&c, "main", "the sweeper election", |t| {
-        t.contains("shop-order-sweeper")
+    wait_text(&c, "main", "the held lock", |t| {
+        t.contains("console-test-lock")
     })
     .await;
 

@@ -5,11 +5,16 @@
 //! idempotent retry, a declined card, a race for the last unit, the per-customer
 //! rate limit, the payments flag flipped live, and payment killed with SIGKILL
 //! (orders fail fast with `payment_unavailable`, reads keep working, and orders
-//! recover once the node has restarted it).
+//! recover once the node has restarted it). Then chaos: clients that give up
+//! mid-order and retry with the same key while each service and a
+//! transaction coordinator are SIGKILLed; afterwards every key is one order,
+//! no order stays non-final, and the books reconcile.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use meshwork_testkit::blocking::{eventually, until};
@@ -97,13 +102,32 @@ fn kill9(pid: i32) {
 fn the_shop_keeps_its_books_through_failures() {
     let dir = tempfile::tempdir().unwrap();
     let node = meshwork_tests::start(
-        dir.path(),
+        &dir.path().join("a"),
         &[
             "--roles",
-            "store,coord,gateway",
+            "store,coord,gateway,txn",
+            "--name",
+            "a",
             "--gateway-addr",
             "127.0.0.1:0",
             "--demo",
+        ],
+        &[],
+    );
+    // A second transaction coordinator on the same store, with a 2 s session:
+    // killed mid-chaos, its orders finish on the first.
+    let store = format!("etcd://{}", node.etcd);
+    let mut coordinator = meshwork_tests::start(
+        &dir.path().join("b"),
+        &[
+            "--roles",
+            "coord,txn",
+            "--store",
+            &store,
+            "--name",
+            "b",
+            "--node-ttl",
+            "2",
         ],
         &[],
     );
@@ -266,7 +290,42 @@ fn the_shop_keeps_its_books_through_failures() {
         order(&gw, "dave", None, "sku-mouse", "acct-4").0 == 201
     });
 
-    // The books: wait until the sweeper has finished every order, then reconcile.
+    // Chaos: clients that give up after a few milliseconds and retry with the
+    // same key until they hold a final answer, while order, inventory and
+    // payment and one coordinator are SIGKILLed mid-flight.
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CHAOS_CLIENTS)
+        .map(|c| {
+            let (gw, stop) = (gw.clone(), stop.clone());
+            std::thread::spawn(move || chaos_client(&gw, c, &stop))
+        })
+        .collect();
+    for svc in ["order", "inventory", "payment"] {
+        std::thread::sleep(Duration::from_millis(700));
+        let (_, meta) = instance(&http, svc).unwrap();
+        kill9(meta["pid"].as_str().unwrap().parse().unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    coordinator.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Release);
+    let answered: Vec<(String, String, u16, Value)> = clients
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let mut by_status: HashMap<u16, usize> = HashMap::new();
+    for a in &answered {
+        *by_status.entry(a.2).or_default() += 1;
+    }
+    eprintln!(
+        "chaos: {} keys answered, by status {by_status:?}",
+        answered.len()
+    );
+    assert!(answered.len() >= 2 * CHAOS_CLIENTS, "{}", answered.len());
+    assert!(answered.iter().any(|(_, _, s, _)| *s == 201));
+
+    // The books: wait until every order is final ("no order stays
+    // non-final"), then reconcile.
     let (inv, _) = instance(&http, "inventory").unwrap();
     let (pay, _) = instance(&http, "payment").unwrap();
     let orders = eventually("every order to settle", WAIT, || {
@@ -279,6 +338,25 @@ fn the_shop_keeps_its_books_through_failures() {
             .then_some(orders)
     });
     let orders = orders.as_array().unwrap();
+    // Every key the chaos clients used is exactly one order, in the state its
+    // final answer said.
+    for (customer, key, status, v) in &answered {
+        let id = id_of(&v["id"]);
+        let mine: Vec<&Value> = orders.iter().filter(|o| id_of(&o["id"]) == id).collect();
+        assert_eq!(mine.len(), 1, "{customer} {key}: {v}");
+        let want = if *status == 201 {
+            "confirmed"
+        } else {
+            "failed"
+        };
+        assert_eq!(mine[0]["status"], want, "{customer} {key}: {v}");
+    }
+    for c in 0..CHAOS_CLIENTS {
+        let customer = format!("chaos-{c}");
+        let keys = answered.iter().filter(|a| a.0 == customer).count();
+        let placed = orders.iter().filter(|o| o["customer"] == customer).count();
+        assert_eq!(placed, keys, "{customer}: one order per key");
+    }
     let confirmed: HashMap<i64, &Value> = orders
         .iter()
         .filter(|o| o["status"] == "confirmed")
@@ -372,6 +450,75 @@ fn the_shop_keeps_its_books_through_failures() {
         0
     );
     drop(node);
+}
+
+/// Clients of the chaos phase.
+const CHAOS_CLIENTS: usize = 8;
+
+/// One order with a read deadline: `None` when the client gave up (it closes
+/// the connection mid-request) or the connection failed.
+fn try_order(
+    gw: &str,
+    customer: &str,
+    key: &str,
+    sku: &str,
+    account: &str,
+    patience: Duration,
+) -> Option<(u16, Value)> {
+    let body = format!(r#"{{"sku":"{sku}","qty":1,"account":"{account}"}}"#);
+    let mut s = std::net::TcpStream::connect(gw).ok()?;
+    s.set_read_timeout(Some(patience)).ok()?;
+    write!(
+        s,
+        "POST /api/orders HTTP/1.1\r\nHost: {gw}\r\nConnection: close\r\nContent-Type: application/json\r\nx-customer: {customer}\r\nidempotency-key: {key}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let (_, body) = buf.split_once("\r\n\r\n")?;
+    Some((status, serde_json::from_str(body).ok()?))
+}
+
+/// Places orders, each under its own key, until `stop`: every try but the
+/// last of a key gives up after a few milliseconds or less; a key is retried
+/// until its answer is final (201, or an error that carries the failed
+/// order). Returns (customer, key, status, order) per key.
+fn chaos_client(gw: &str, c: usize, stop: &AtomicBool) -> Vec<(String, String, u16, Value)> {
+    let customer = format!("chaos-{c}");
+    let account = format!("acct-{}", 20 + c);
+    let mut answered = Vec::new();
+    for n in 0..60 {
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let key = format!("ck-{c}-{n}");
+        let sku = ["sku-keyboard", "sku-mouse", "sku-cable"][n % 3];
+        for attempt in 0.. {
+            assert!(attempt < 600, "{customer} {key}: no final answer");
+            let patience = match (attempt + c + n) % 4 {
+                0 => Duration::from_millis(2),
+                1 => Duration::from_millis(15),
+                2 => Duration::from_millis(60),
+                _ => Duration::from_secs(20),
+            };
+            match try_order(gw, &customer, &key, sku, &account, patience) {
+                Some((201, v)) => {
+                    answered.push((customer.clone(), key, 201, v));
+                    break;
+                }
+                Some((s, v)) if v["order"]["status"] == "failed" => {
+                    answered.push((customer.clone(), key, s, v["order"].clone()));
+                    break;
+                }
+                // Gave up, 202 (still running), 429, a gateway error while a
+                // service restarts, or refused before any order existed.
+                _ => std::thread::sleep(Duration::from_millis(30)),
+            }
+        }
+    }
+    answered
 }
 
 /// An order id as the shop writes it: a decimal string (ids pass 2^53).

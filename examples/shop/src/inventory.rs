@@ -1,17 +1,19 @@
 //! The inventory service: stock per SKU, and reservations an order holds until it
-//! commits or releases them. Every operation is idempotent on the order id: a
-//! repeated reserve answers the first result, and releasing a reservation that
-//! never arrived leaves a tombstone so a late reserve for that order is refused.
+//! commits or releases them — the `stock` branch of an order's TCC
+//! transaction (try = reserve, confirm = commit, cancel = release), each call
+//! run behind the transaction barrier. Every operation is also idempotent on
+//! the order id: a repeated reserve answers the first result.
 
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http::StatusCode;
-use rusqlite::{OptionalExtension, params};
+use http::{HeaderMap, StatusCode};
+use meshwork_sdk::txn::sqlite::Ran;
+use rusqlite::{OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 
-use crate::db::Db;
+use crate::db::{Db, branch_call};
 use crate::error::{ApiError, parse_json};
 
 pub(crate) const SCHEMA: &str = "
@@ -73,6 +75,10 @@ pub struct ReserveRequest {
     pub sku: String,
     /// How many (1..=100).
     pub qty: i64,
+    /// The unit price the order was priced at, cents: refused with 409
+    /// `price_changed` when the product costs something else now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_cents: Option<i64>,
 }
 
 /// The products the demo starts with.
@@ -140,10 +146,7 @@ fn reservation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Reservation> {
 
 const RESERVATION_COLS: &str = "order_id, sku, qty, price_cents, state";
 
-fn find_reservation(
-    tx: &rusqlite::Transaction<'_>,
-    order_id: i64,
-) -> rusqlite::Result<Option<Reservation>> {
+fn find_reservation(tx: &Transaction<'_>, order_id: i64) -> rusqlite::Result<Option<Reservation>> {
     tx.query_row(
         &format!("SELECT {RESERVATION_COLS} FROM reservations WHERE order_id = ?1"),
         params![order_id],
@@ -154,7 +157,7 @@ fn find_reservation(
 
 async fn list_products(State(db): State<Db>) -> Result<axum::Json<Vec<Product>>, ApiError> {
     let v = db
-        .tx(|tx| {
+        .read(|tx| {
             let mut st =
                 tx.prepare("SELECT sku, name, price_cents, stock FROM products ORDER BY sku")?;
             let rows = st.query_map([], product_row)?;
@@ -169,7 +172,7 @@ async fn get_product(
     Path(sku): Path<String>,
 ) -> Result<axum::Json<Product>, ApiError> {
     let p = db
-        .tx(move |tx| {
+        .read(move |tx| {
             tx.query_row(
                 "SELECT sku, name, price_cents, stock FROM products WHERE sku = ?1",
                 params![sku],
@@ -184,7 +187,7 @@ async fn get_product(
 
 async fn list_reservations(State(db): State<Db>) -> Result<axum::Json<Vec<Reservation>>, ApiError> {
     let v = db
-        .tx(|tx| {
+        .read(|tx| {
             let mut st = tx.prepare(&format!(
                 "SELECT {RESERVATION_COLS} FROM reservations ORDER BY order_id"
             ))?;
@@ -195,8 +198,35 @@ async fn list_reservations(State(db): State<Db>) -> Result<axum::Json<Vec<Reserv
     Ok(axum::Json(v))
 }
 
+/// The answer to a reservation call that the barrier did not run: the
+/// reservation as it stands (a duplicate, or an undo without its action), or
+/// 409 for a reserve that arrived after its order was cancelled.
+async fn settled(db: &Db, order_id: i64, ran: Ran<Reservation>) -> Result<Reservation, ApiError> {
+    match ran {
+        Ran::Done(r) => Ok(r),
+        Ran::Suspended => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "cancelled",
+            format!("order {order_id} was cancelled before its reservation arrived"),
+        )),
+        Ran::Duplicate | Ran::EmptyUndo => Ok(db
+            .read(move |tx| Ok(find_reservation(tx, order_id)?))
+            .await?
+            .unwrap_or_else(|| Reservation {
+                order_id,
+                sku: String::new(),
+                qty: 0,
+                price_cents: 0,
+                state: "released".into(),
+            })),
+    }
+}
+
+/// Reserves stock for an order (a transaction's try: `POST /reservations`
+/// with the coordinator's headers; also callable without them).
 async fn reserve(
     State(db): State<Db>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, axum::Json<Reservation>), ApiError> {
     let req: ReserveRequest = parse_json(&body)?;
@@ -206,54 +236,75 @@ async fn reserve(
             req.qty
         )));
     }
-    db.tx(move |tx| {
-        if let Some(existing) = find_reservation(tx, req.order_id)? {
-            if existing.state == "released" {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "released",
-                    format!("order {} already released its reservation", req.order_id),
-                ));
-            }
-            return Ok((StatusCode::OK, axum::Json(existing)));
-        }
-        let product = tx
-            .query_row(
-                "SELECT sku, name, price_cents, stock FROM products WHERE sku = ?1",
-                params![req.sku],
-                product_row,
-            )
-            .optional()?
-            .ok_or_else(|| ApiError::not_found(format!("no product {:?}", req.sku)))?;
-        // The stock check and the decrement are one statement: no oversell.
-        let taken = tx.execute(
-            "UPDATE products SET stock = stock - ?1 WHERE sku = ?2 AND stock >= ?1",
-            params![req.qty, req.sku],
-        )?;
-        if taken == 0 {
+    let order_id = req.order_id;
+    let ran = db
+        .branch(branch_call(&headers)?, move |tx| reserve_in(tx, req))
+        .await?;
+    let created = matches!(ran, Ran::Done(_));
+    let r = settled(&db, order_id, ran).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(r)))
+}
+
+fn reserve_in(tx: &Transaction<'_>, req: ReserveRequest) -> Result<Reservation, ApiError> {
+    if let Some(existing) = find_reservation(tx, req.order_id)? {
+        if existing.state == "released" {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
-                "out_of_stock",
-                format!(
-                    "{} has {} left, {} asked",
-                    req.sku, product.stock, req.qty
-                ),
+                "released",
+                format!("order {} already released its reservation", req.order_id),
             ));
         }
-        let r = Reservation {
-            order_id: req.order_id,
-            sku: req.sku,
-            qty: req.qty,
-            price_cents: product.price_cents,
-            state: "reserved".into(),
-        };
-        tx.execute(
-            "INSERT INTO reservations (order_id, sku, qty, price_cents, state) VALUES (?1, ?2, ?3, ?4, 'reserved')",
-            params![r.order_id, r.sku, r.qty, r.price_cents],
-        )?;
-        Ok((StatusCode::CREATED, axum::Json(r)))
-    })
-    .await
+        return Ok(existing);
+    }
+    let product = tx
+        .query_row(
+            "SELECT sku, name, price_cents, stock FROM products WHERE sku = ?1",
+            params![req.sku],
+            product_row,
+        )
+        .optional()?
+        .ok_or_else(|| ApiError::not_found(format!("no product {:?}", req.sku)))?;
+    if let Some(price) = req.price_cents
+        && price != product.price_cents
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "price_changed",
+            format!(
+                "{} costs {} now, the order priced it at {price}",
+                req.sku, product.price_cents
+            ),
+        ));
+    }
+    // The stock check and the decrement are one statement: no oversell.
+    let taken = tx.execute(
+        "UPDATE products SET stock = stock - ?1 WHERE sku = ?2 AND stock >= ?1",
+        params![req.qty, req.sku],
+    )?;
+    if taken == 0 {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "out_of_stock",
+            format!("{} has {} left, {} asked", req.sku, product.stock, req.qty),
+        ));
+    }
+    let r = Reservation {
+        order_id: req.order_id,
+        sku: req.sku,
+        qty: req.qty,
+        price_cents: product.price_cents,
+        state: "reserved".into(),
+    };
+    tx.execute(
+        "INSERT INTO reservations (order_id, sku, qty, price_cents, state) VALUES (?1, ?2, ?3, ?4, 'reserved')",
+        params![r.order_id, r.sku, r.qty, r.price_cents],
+    )?;
+    Ok(r)
 }
 
 fn parse_order_id(s: &str) -> Result<i64, ApiError> {
@@ -261,76 +312,88 @@ fn parse_order_id(s: &str) -> Result<i64, ApiError> {
         .map_err(|_| ApiError::invalid(format!("order id {s:?} is not an integer")))
 }
 
+/// Sells a reservation's stock (a transaction's confirm).
 async fn commit(
     State(db): State<Db>,
+    headers: HeaderMap,
     Path(order_id): Path<String>,
 ) -> Result<axum::Json<Reservation>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
-    db.tx(move |tx| {
-        let mut r = find_reservation(tx, order_id)?
-            .ok_or_else(|| ApiError::not_found(format!("order {order_id} has no reservation")))?;
-        match r.state.as_str() {
-            "committed" => {}
-            "reserved" => {
-                tx.execute(
-                    "UPDATE reservations SET state = 'committed' WHERE order_id = ?1",
-                    params![order_id],
-                )?;
-                r.state = "committed".into();
+    let ran = db
+        .branch(branch_call(&headers)?, move |tx| {
+            let mut r = find_reservation(tx, order_id)?.ok_or_else(|| {
+                ApiError::not_found(format!("order {order_id} has no reservation"))
+            })?;
+            match r.state.as_str() {
+                "committed" => {}
+                "reserved" => {
+                    tx.execute(
+                        "UPDATE reservations SET state = 'committed' WHERE order_id = ?1",
+                        params![order_id],
+                    )?;
+                    r.state = "committed".into();
+                }
+                _ => {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "released",
+                        format!("order {order_id}'s reservation was released"),
+                    ));
+                }
             }
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "released",
-                    format!("order {order_id}'s reservation was released"),
-                ));
-            }
-        }
-        Ok(axum::Json(r))
-    })
-    .await
+            Ok(r)
+        })
+        .await?;
+    Ok(axum::Json(settled(&db, order_id, ran).await?))
 }
 
+/// Gives a reservation's stock back (a transaction's cancel). Without the
+/// barrier (a call outside any transaction), releasing a reservation that
+/// never arrived leaves a tombstone that refuses a late reserve.
 async fn release(
     State(db): State<Db>,
+    headers: HeaderMap,
     Path(order_id): Path<String>,
 ) -> Result<axum::Json<Reservation>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
-    db.tx(move |tx| match find_reservation(tx, order_id)? {
-        None => {
-            // A reserve may still be in flight: the tombstone refuses it.
-            tx.execute(
-                "INSERT INTO reservations (order_id, sku, qty, price_cents, state) VALUES (?1, '', 0, 0, 'released')",
-                params![order_id],
-            )?;
-            Ok(axum::Json(Reservation {
-                order_id,
-                sku: String::new(),
-                qty: 0,
-                price_cents: 0,
-                state: "released".into(),
-            }))
-        }
-        Some(mut r) => match r.state.as_str() {
-            "released" => Ok(axum::Json(r)),
-            "reserved" => {
-                tx.execute(
-                    "UPDATE products SET stock = stock + ?1 WHERE sku = ?2",
-                    params![r.qty, r.sku],
-                )?;
-                tx.execute(
-                    "UPDATE reservations SET state = 'released' WHERE order_id = ?1",
-                    params![order_id],
-                )?;
-                r.state = "released".into();
-                Ok(axum::Json(r))
+    let ran = db
+        .branch(branch_call(&headers)?, move |tx| {
+            match find_reservation(tx, order_id)? {
+                None => {
+                    tx.execute(
+                        "INSERT INTO reservations (order_id, sku, qty, price_cents, state) VALUES (?1, '', 0, 0, 'released')",
+                        params![order_id],
+                    )?;
+                    Ok(Reservation {
+                        order_id,
+                        sku: String::new(),
+                        qty: 0,
+                        price_cents: 0,
+                        state: "released".into(),
+                    })
+                }
+                Some(mut r) => match r.state.as_str() {
+                    "released" => Ok(r),
+                    "reserved" => {
+                        tx.execute(
+                            "UPDATE products SET stock = stock + ?1 WHERE sku = ?2",
+                            params![r.qty, r.sku],
+                        )?;
+                        tx.execute(
+                            "UPDATE reservations SET state = 'released' WHERE order_id = ?1",
+                            params![order_id],
+                        )?;
+                        r.state = "released".into();
+                        Ok(r)
+                    }
+                    _ => Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "committed",
+                        format!("order {order_id}'s reservation is committed"),
+                    )),
+                },
             }
-            _ => Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "committed",
-                format!("order {order_id}'s reservation is committed"),
-            )),
-        },
-    })
-    .await
+        })
+        .await?;
+    Ok(axum::Json(settled(&db, order_id, ran).await?))
 }

@@ -108,9 +108,9 @@ pub struct ServeOptions {
     pub seed: bool,
 }
 
-/// The SDK policies the order service calls with: short timeouts and a breaker
-/// that opens after 5 failures in a row for 3 s, so a payment outage makes
-/// orders fail fast.
+/// The SDK policies the order service calls with (it prices orders at
+/// `inventory`; the coordinator makes the transaction's calls): short
+/// timeouts and a breaker that opens after 5 failures in a row for 3 s.
 pub fn order_options(endpoints: Vec<String>) -> Result<Options, meshwork_sdk::Error> {
     let policy = |timeout_ms| {
         let mut p = TargetPolicy {

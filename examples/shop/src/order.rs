@@ -1,20 +1,27 @@
-//! The order service. `POST /orders` reserves stock in `inventory`, charges
-//! `payment`, and commits the reservation; on a failure it compensates by hand
-//! (refund/void the charge, release the reservation). Calls go through the
-//! SDK's resilient client, so a payment outage trips the breaker and orders fail
-//! fast with `payment_unavailable` while reads keep working.
+//! The order service. `POST /orders` prices the order, then starts one TCC
+//! transaction on Meshwork's coordinator with three branches, by stage:
 //!
-//! Outcome rules:
-//! - a definite "no" (out of stock, insufficient funds, unknown account) fails
-//!   the order and releases what was taken;
-//! - an unknown outcome (timeout, connection lost, 5xx) voids the charge (the
-//!   payment service refuses a late charge for a voided order) and releases;
-//! - a compensation that cannot finish now leaves the order `compensating`; the
-//!   sweeper (one per cluster, by leader election) finishes it, as it does for
-//!   orders left `pending` by a crash.
+//! 1. `order` (this service): try = record the order `pending`, confirm =
+//!    `confirmed`, cancel = `failed` with the reason;
+//! 2. `stock` (inventory): try = reserve, confirm = commit, cancel = release;
+//! 3. `payment`: try = charge, confirm = capture, cancel = refund.
+//!
+//! Why TCC and not a saga: the stock is sold and the order confirmed only in
+//! the confirm phase, after every try succeeded, and the coordinator retries
+//! confirms until they succeed — a decision to commit is finished forward,
+//! never undone. A saga would sell the stock in a forward step that a later
+//! failure has to undo.
+//!
+//! The transaction is durable before the client is answered and is driven by
+//! the coordinator, not by this handler: a client that disconnects or gives
+//! up, or a kill of this service, of a participant or of the coordinating
+//! node, leaves it to finish on its own (each branch call behind the SDK's
+//! transaction barrier, so nothing happens twice). The handler waits up to
+//! [`ORDER_WAIT`] for the outcome and answers it, or answers 202 with the
+//! order as it stands.
 //!
 //! `Idempotency-Key` (per customer) makes a retried request answer the first
-//! one's result instead of creating a second order.
+//! one's result (202 while it runs) instead of creating a second order.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,15 +31,17 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
-use meshwork_sdk::{CallError, Meshwork, TypedConfig};
+use http::{HeaderMap, StatusCode};
+use meshwork_sdk::txn::sqlite::Ran;
+use meshwork_sdk::txn::{BranchCall, TxnClient};
+use meshwork_sdk::{Meshwork, TypedConfig};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 use crate::db::Db;
 use crate::error::{ApiError, parse_json};
-use crate::inventory::{MAX_QTY, Reservation, ReserveRequest};
-use crate::payment::ChargeRequest;
+use crate::inventory::{MAX_QTY, Product};
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS orders (
@@ -56,10 +65,13 @@ CREATE INDEX IF NOT EXISTS orders_status ON orders (status);
 /// Config entry holding the payments switch (JSON `true`/`false`; absent = on).
 pub const PAYMENTS_FLAG: &str = "shop/features/payments-enabled";
 
-/// Longest a duplicate request waits for the first one's outcome.
-const IDEMPOTENT_WAIT: Duration = Duration::from_secs(10);
-/// A `pending` order older than this was abandoned by a crash.
-const ABANDONED_AFTER_MS: i64 = 60_000;
+/// Longest a request waits for its order's outcome before answering 202 (well
+/// under the gateway route's 10 s timeout, so the 202 reaches the client).
+pub const ORDER_WAIT: Duration = Duration::from_secs(5);
+/// Deadline of one call from the coordinator to a participant.
+const BRANCH_TIMEOUT_MS: u64 = 1_000;
+/// The forward phase (every try) must finish within this, or the order fails.
+const ORDER_TIMEOUT_MS: u64 = 30_000;
 
 /// An order.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -75,9 +87,9 @@ pub struct Order {
     pub qty: i64,
     /// Account paying.
     pub account: String,
-    /// Amount charged, cents (0 until priced).
+    /// Amount charged, cents.
     pub amount_cents: i64,
-    /// `pending`, `confirmed`, `failed`, `compensating` or `committing`.
+    /// `pending`, `confirmed` or `failed`.
     pub status: String,
     /// Why it failed (a stable code), empty otherwise.
     pub reason: String,
@@ -97,20 +109,44 @@ pub struct OrderRequest {
     pub account: String,
 }
 
+/// The `order` branch's try: the order to record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenRequest {
+    order: Order,
+    #[serde(default)]
+    idem_key: Option<String>,
+}
+
 #[derive(Clone)]
 pub(crate) struct OrderState {
     db: Db,
     mw: Meshwork,
+    txns: TxnClient,
     payments: Arc<TypedConfig<bool>>,
 }
 
 pub(crate) async fn router(db: Db, mw: Meshwork) -> Result<Router, meshwork_sdk::Error> {
     let payments = Arc::new(mw.config::<bool>(PAYMENTS_FLAG).await?);
-    let state = OrderState { db, mw, payments };
-    tokio::spawn(sweeper(state.clone()));
+    let mut txns = mw.transactions();
+    // Starting a transaction is a write to the node's API: when the node has a
+    // console login, the demo hands it to its children in the environment.
+    if let Ok(password) = std::env::var("MESHWORK_CONSOLE_PASSWORD") {
+        let user = std::env::var("MESHWORK_CONSOLE_USER").unwrap_or_else(|_| "admin".into());
+        txns = txns.with_login(&user, &password);
+    }
+    let state = OrderState {
+        db,
+        mw,
+        txns,
+        payments,
+    };
     Ok(Router::new()
         .route("/orders", post(create).get(list))
         .route("/orders/{id}", get(get_one))
+        .route("/orders/{id}/open", post(open))
+        .route("/orders/{id}/confirm", post(confirm))
+        .route("/orders/{id}/cancel", post(cancel))
         .with_state(state))
 }
 
@@ -118,6 +154,11 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The transaction of an order.
+fn txn_id(order: i64) -> String {
+    format!("order-{order}")
 }
 
 const ORDER_COLS: &str =
@@ -146,22 +187,51 @@ fn valid_token(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
-/// The answer for a finished (or still running) order.
+/// What a failure reason tells the client.
+fn failure(reason: &str, sku: &str, account: &str) -> (StatusCode, String) {
+    let (status, message) = match reason {
+        "out_of_stock" => (409, format!("{sku} is out of stock")),
+        "price_changed" => (409, format!("the price of {sku} changed: order again")),
+        "insufficient_funds" => (402, format!("account {account} has insufficient funds")),
+        "payment_unavailable" => (503, "payment unavailable: try again later".into()),
+        "inventory_unavailable" => (503, "inventory unavailable: try again later".into()),
+        "payments_disabled" => (
+            503,
+            "payments are switched off (shop/features/payments-enabled)".into(),
+        ),
+        "unknown_product" => (404, format!("no product {sku:?}")),
+        "unknown_account" => (404, format!("no account {account:?}")),
+        "timeout" => (
+            503,
+            "the order did not go through in time: try again".into(),
+        ),
+        "order_unavailable" => (503, "the order service was unavailable: try again".into()),
+        "coordinator_unavailable" => (
+            503,
+            "the transaction coordinator is unavailable: retry with the same Idempotency-Key"
+                .into(),
+        ),
+        other => (409, format!("order failed: {other}")),
+    };
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
+        message,
+    )
+}
+
+/// A failure with no order behind it (refused before one was started).
+fn refuse(reason: &'static str, req: &OrderRequest) -> ApiError {
+    let (status, message) = failure(reason, &req.sku, &req.account);
+    ApiError::new(status, reason, message)
+}
+
+/// The answer for a finished (or still running: 202) order.
 fn answer(order: Order, http_status: u16) -> Response {
     let status = StatusCode::from_u16(http_status).unwrap_or(StatusCode::ACCEPTED);
     if status.is_success() {
         return (status, axum::Json(order)).into_response();
     }
-    let message = match order.reason.as_str() {
-        "out_of_stock" => format!("{} is out of stock", order.sku),
-        "insufficient_funds" => format!("account {} has insufficient funds", order.account),
-        "payment_unavailable" => "payment unavailable: try again later".to_string(),
-        "inventory_unavailable" => "inventory unavailable: try again later".to_string(),
-        "payments_disabled" => "payments are switched off (shop/features/payments-enabled)".into(),
-        "unknown_product" => format!("no product {:?}", order.sku),
-        "unknown_account" => format!("no account {:?}", order.account),
-        other => format!("order failed: {other}"),
-    };
+    let (_, message) = failure(&order.reason, &order.sku, &order.account);
     let mut body = meshwork_sdk::ApiError::new(status, order.reason.clone(), message).envelope();
     if let (Some(fields), Ok(order)) = (body.as_object_mut(), serde_json::to_value(&order)) {
         fields.insert("order".into(), order);
@@ -218,6 +288,10 @@ async fn create_inner(
     {
         return Ok(r);
     }
+    if s.payments.current().is_some_and(|on| !*on) {
+        return Err(refuse("payments_disabled", &req));
+    }
+    let price = price_of(s, &req).await?;
     let id = s.mw.next_id().await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -231,295 +305,335 @@ async fn create_inner(
         sku: req.sku.clone(),
         qty: req.qty,
         account: req.account.clone(),
-        amount_cents: 0,
+        amount_cents: price * req.qty,
         status: "pending".into(),
         reason: String::new(),
         created_ms: now_ms(),
     };
-    let o = order.clone();
-    let key = idem.clone();
-    let inserted = s
-        .db
-        .tx(move |tx| {
-            let n = tx.execute(
-                "INSERT INTO orders (id, customer, idem_key, sku, qty, account, status, created_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7)
-                 ON CONFLICT DO NOTHING",
-                params![o.id, o.customer, key, o.sku, o.qty, o.account, o.created_ms],
-            )?;
-            Ok(n == 1)
+    let spec = order_spec(&order, idem.as_deref(), price);
+    if let Err(e) = s.txns.start(Some(&txn_id(id)), spec).await {
+        // Refused or unreachable: nothing was taken yet. If the start did
+        // land after all, the order goes through and a retry with the same
+        // key finds it.
+        tracing::warn!(order = id, error = %e, "could not start the order's transaction");
+        return Err(refuse("coordinator_unavailable", &req));
+    }
+    let record = s.txns.wait(&txn_id(id), ORDER_WAIT).await;
+    if let Some(found) = stored(s, id).await? {
+        return Ok(found);
+    }
+    // No final row: the order branch's try has not run, or was refused.
+    match record {
+        Ok(r) if is_final(&r) => {
+            let (reason, _) = failure_of(&r);
+            if reason == "duplicate_key"
+                && let Some(key) = &idem
+                && let Some(first) = replay(s, &customer, key).await?
+            {
+                return Ok(first);
+            }
+            // Failed before the order was recorded (its own service was
+            // down, the forward phase timed out): there is no order, and a
+            // retry with the same key places it anew.
+            let (status, message) = failure(&reason, &order.sku, &order.account);
+            let message = format!("{message} (no order was placed)");
+            Ok(meshwork_sdk::ApiError::new(status, reason, message).into_response())
+        }
+        _ => Ok(answer(order, 202)),
+    }
+}
+
+/// The order's answer when it is final (202 with it while it runs).
+async fn stored(s: &OrderState, id: i64) -> Result<Option<Response>, ApiError> {
+    let found =
+        s.db.read(move |tx| {
+            Ok(tx
+                .query_row(
+                    &format!("SELECT {ORDER_COLS} FROM orders WHERE id = ?1"),
+                    params![id],
+                    order_row,
+                )
+                .optional()?)
         })
         .await?;
-    if !inserted {
-        // A concurrent request with the same key won the insert.
-        if let Some(key) = &idem
-            && let Some(r) = replay(s, &customer, key).await?
-        {
-            return Ok(r);
-        }
-        return Err(ApiError::internal("order insert conflicted"));
-    }
-    let (order, http_status) = place(s, order).await;
-    metrics::counter!("shop_orders_total", "outcome" => if order.reason.is_empty() { "confirmed".to_string() } else { order.reason.clone() }).increment(1);
-    Ok(answer(order, http_status))
+    Ok(found.map(|(order, status)| answer(order, if status == 0 { 202 } else { status })))
 }
 
-/// The stored answer of an earlier request with the same key, waiting for it if
-/// it is still running.
-async fn replay(s: &OrderState, customer: &str, key: &str) -> Result<Option<Response>, ApiError> {
-    let deadline = tokio::time::Instant::now() + IDEMPOTENT_WAIT;
-    loop {
-        let (c, k) = (customer.to_string(), key.to_string());
-        let found =
-            s.db.tx(move |tx| {
-                Ok(tx
-                    .query_row(
-                        &format!(
-                            "SELECT {ORDER_COLS} FROM orders WHERE customer = ?1 AND idem_key = ?2"
-                        ),
-                        params![c, k],
-                        order_row,
-                    )
-                    .optional()?)
-            })
-            .await?;
-        match found {
-            None => return Ok(None),
-            Some((order, status)) if status != 0 => return Ok(Some(answer(order, status))),
-            Some((order, _)) if tokio::time::Instant::now() >= deadline => {
-                return Ok(Some(answer(order, 202)));
-            }
-            Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+/// The unit price of the product ordered.
+async fn price_of(s: &OrderState, req: &OrderRequest) -> Result<i64, ApiError> {
+    let path = format!("/products/{}", req.sku);
+    match s.mw.http().get("inventory", &path).await {
+        Ok(r) if r.status().is_success() => serde_json::from_slice::<Product>(r.body())
+            .map(|p| p.price_cents)
+            .map_err(|e| {
+                tracing::error!(error = %e, "inventory answered an unreadable product");
+                refuse("inventory_unavailable", req)
+            }),
+        Ok(r) if r.status() == StatusCode::NOT_FOUND => Err(refuse("unknown_product", req)),
+        Ok(r) => {
+            tracing::warn!(status = %r.status(), "inventory could not price the order");
+            Err(refuse("inventory_unavailable", req))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "inventory could not price the order");
+            Err(refuse("inventory_unavailable", req))
         }
     }
 }
 
-/// How a call ended, for the order flow.
-enum Outcome {
-    /// 2xx with this body.
-    Ok(Bytes),
-    /// A definite refusal: status and the callee's error code.
-    No(u16, String),
-    /// Never sent (breaker open, no instance): nothing happened.
-    NotSent,
-    /// Unknown: it may or may not have happened.
-    Unknown(String),
-}
-
-async fn call<T: Serialize>(s: &OrderState, service: &str, path: &str, body: &T) -> Outcome {
-    match s.mw.http().json(service, Method::POST, path, body).await {
-        Ok(r) if r.status().is_success() => Outcome::Ok(r.into_body()),
-        Ok(r) if r.status().is_client_error() => {
-            let code = meshwork_sdk::ErrorBody::parse(r.body())
-                .map_or_else(|| r.status().as_str().to_string(), |e| e.code);
-            Outcome::No(r.status().as_u16(), code)
-        }
-        Ok(r) => Outcome::Unknown(format!("{service} answered {}", r.status())),
-        Err(e @ (CallError::CircuitOpen { .. } | CallError::NoInstance { .. })) => {
-            tracing::warn!(error = %e, "call not sent");
-            Outcome::NotSent
-        }
-        Err(e) => Outcome::Unknown(e.to_string()),
-    }
-}
-
-/// Runs the order flow and records the outcome.
-async fn place(s: &OrderState, mut order: Order) -> (Order, u16) {
-    if s.payments.current().is_some_and(|on| !*on) {
-        return finish(s, order, "failed", "payments_disabled", 503).await;
-    }
-    let reserve = ReserveRequest {
-        order_id: order.id,
-        sku: order.sku.clone(),
-        qty: order.qty,
+/// The order's TCC transaction: its own branch first (the order exists
+/// before anything is taken), then the stock, then the money.
+fn order_spec(order: &Order, idem: Option<&str>, price: i64) -> Value {
+    let id = order.id;
+    let branch = |name: &str, service: &str, stage: u32, action: Value, base: String| {
+        json!({
+            "name": name,
+            "service": service,
+            "stage": stage,
+            "action": action,
+            "confirm": { "path": format!("{base}/{}", confirm_path(service)) },
+            "undo": { "path": format!("{base}/{}", undo_path(service)) },
+            "timeout_ms": BRANCH_TIMEOUT_MS,
+        })
     };
-    let reservation: Reservation = match call(s, "inventory", "/reservations", &reserve).await {
-        Outcome::Ok(body) => match serde_json::from_slice(&body) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "inventory answered an unreadable reservation");
-                return fail(s, order, "inventory_unavailable", false).await;
-            }
+    json!({
+        "mode": "tcc",
+        "timeout_ms": ORDER_TIMEOUT_MS,
+        "retry": {
+            "initial_backoff_ms": 50,
+            "max_backoff_ms": 5_000,
+            "multiplier": 2.0,
+            "max_attempts": 3,
+            "stuck_after": 20,
         },
-        Outcome::No(409, code) if code == "out_of_stock" => {
-            return finish(s, order, "failed", "out_of_stock", 409).await;
-        }
-        Outcome::No(404, _) => return finish(s, order, "failed", "unknown_product", 404).await,
-        Outcome::No(status, code) => {
-            tracing::warn!(status, %code, "inventory refused the reservation");
-            return finish(s, order, "failed", "inventory_refused", 409).await;
-        }
-        Outcome::NotSent => {
-            return finish(s, order, "failed", "inventory_unavailable", 503).await;
-        }
-        Outcome::Unknown(why) => {
-            tracing::warn!(%why, "reservation outcome unknown; releasing");
-            return fail(s, order, "inventory_unavailable", false).await;
-        }
-    };
-    order.amount_cents = reservation.price_cents * reservation.qty;
-    let (id, amount) = (order.id, order.amount_cents);
-    if let Err(e) =
-        s.db.tx(move |tx| {
-            tx.execute(
-                "UPDATE orders SET amount_cents = ?1, updated_ms = ?2 WHERE id = ?3",
-                params![amount, now_ms(), id],
-            )?;
-            Ok(())
-        })
-        .await
-    {
-        tracing::error!(error = %e, "recording the amount failed");
-    }
-    let charge = ChargeRequest {
-        order_id: order.id,
-        account: order.account.clone(),
-        amount_cents: order.amount_cents,
-    };
-    match call(s, "payment", "/charges", &charge).await {
-        Outcome::Ok(_) => {
-            let path = format!("/reservations/{}/commit", order.id);
-            for _ in 0..3 {
-                if let Outcome::Ok(_) = call(s, "inventory", &path, &()).await {
-                    return finish(s, order, "confirmed", "", 201).await;
-                }
-            }
-            // Paid; the sweeper commits the reservation.
-            finish(s, order, "committing", "", 201).await
-        }
-        Outcome::No(402, _) => fail(s, order, "insufficient_funds", false).await,
-        Outcome::No(404, _) => fail(s, order, "unknown_account", false).await,
-        Outcome::No(status, code) => {
-            tracing::warn!(status, %code, "payment refused the charge");
-            fail(s, order, "payment_refused", true).await
-        }
-        Outcome::NotSent => fail(s, order, "payment_unavailable", false).await,
-        Outcome::Unknown(why) => {
-            tracing::warn!(%why, "charge outcome unknown; voiding");
-            fail(s, order, "payment_unavailable", true).await
-        }
+        "branches": [
+            branch("order", "order", 0,
+                json!({ "path": format!("/orders/{id}/open"),
+                        "body": OpenRequest { order: order.clone(), idem_key: idem.map(str::to_owned) } }),
+                format!("/orders/{id}")),
+            branch("stock", "inventory", 1,
+                json!({ "path": "/reservations",
+                        "body": { "order_id": id.to_string(), "sku": order.sku, "qty": order.qty, "price_cents": price } }),
+                format!("/reservations/{id}")),
+            branch("payment", "payment", 2,
+                json!({ "path": "/charges",
+                        "body": { "order_id": id.to_string(), "account": order.account, "amount_cents": order.amount_cents } }),
+                format!("/charges/{id}")),
+        ],
+    })
+}
+
+fn confirm_path(service: &str) -> &'static str {
+    match service {
+        "payment" => "capture",
+        "inventory" => "commit",
+        _ => "confirm",
     }
 }
 
-fn status_of(reason: &str) -> u16 {
-    match reason {
-        "out_of_stock" | "inventory_refused" | "payment_refused" => 409,
-        "insufficient_funds" => 402,
-        "unknown_product" | "unknown_account" => 404,
-        _ => 503,
+fn undo_path(service: &str) -> &'static str {
+    match service {
+        "payment" => "refund",
+        "inventory" => "release",
+        _ => "cancel",
     }
 }
 
-/// Fails the order after undoing what may have happened: void the charge (when
-/// its outcome is unknown) and release the reservation.
-async fn fail(s: &OrderState, order: Order, reason: &str, void: bool) -> (Order, u16) {
-    let status = status_of(reason);
-    if compensate(s, order.id, void).await {
-        finish(s, order, "failed", reason, status).await
+fn is_final(record: &Value) -> bool {
+    matches!(record["status"].as_str(), Some("committed" | "aborted"))
+}
+
+/// Why an aborted order's transaction aborted, as the order's reason code
+/// and HTTP status, from the record's reason (`{branch} rejected: {status}
+/// {text}: {body}`, `{branch} failed N times: ...`, a timeout, or an
+/// operator's words).
+fn failure_of(record: &Value) -> (String, u16) {
+    let why = record["reason"].as_str().unwrap_or("");
+    let (branch, rest) = why.split_once(' ').unwrap_or(("", why));
+    let code = |detail: &str| -> (u16, String) {
+        let (head, body) = detail.split_once(": ").unwrap_or((detail, ""));
+        let status = head.get(..3).and_then(|s| s.parse().ok()).unwrap_or(0);
+        // The error envelope's code; the record keeps only the body's first
+        // bytes, so it is found by its key rather than by parsing.
+        let code = body
+            .split_once("\"code\":\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map_or_else(String::new, |(code, _)| code.to_owned());
+        (status, code)
+    };
+    let reason = if let Some(detail) = rest.strip_prefix("rejected: ") {
+        match (branch, code(detail)) {
+            ("stock", (_, c)) if c == "out_of_stock" || c == "price_changed" => c,
+            ("stock", (404, _)) => "unknown_product".into(),
+            ("stock", _) => "inventory_refused".into(),
+            ("payment", (402, _)) => "insufficient_funds".into(),
+            ("payment", (404, _)) => "unknown_account".into(),
+            ("payment", _) => "payment_refused".into(),
+            ("order", (_, c)) if c == "duplicate_key" => c,
+            _ => "cancelled".into(),
+        }
+    } else if rest.starts_with("failed ") {
+        match branch {
+            "stock" => "inventory_unavailable".into(),
+            "payment" => "payment_unavailable".into(),
+            _ => "order_unavailable".into(),
+        }
+    } else if why.starts_with("the forward phase did not finish") {
+        "timeout".into()
     } else {
-        finish(s, order, "compensating", reason, status).await
-    }
+        "cancelled".into()
+    };
+    let status = failure(&reason, "", "").0.as_u16();
+    (reason, status)
 }
 
-/// Undoes an order's side effects; true when all are undone.
-async fn compensate(s: &OrderState, order_id: i64, void: bool) -> bool {
-    if void {
-        let path = format!("/charges/{order_id}/refund");
-        if !matches!(call(s, "payment", &path, &()).await, Outcome::Ok(_)) {
-            return false;
-        }
-    }
-    let path = format!("/reservations/{order_id}/release");
-    matches!(call(s, "inventory", &path, &()).await, Outcome::Ok(_))
-}
-
-async fn finish(
-    s: &OrderState,
-    mut order: Order,
-    status: &str,
-    reason: &str,
-    http_status: u16,
-) -> (Order, u16) {
-    order.status = status.into();
-    order.reason = reason.into();
-    let (id, st, re) = (order.id, order.status.clone(), order.reason.clone());
-    if let Err(e) = s
-        .db
-        .tx(move |tx| {
-            tx.execute(
-                "UPDATE orders SET status = ?1, reason = ?2, http_status = ?3, updated_ms = ?4 WHERE id = ?5",
-                params![st, re, http_status, now_ms(), id],
-            )?;
-            Ok(())
-        })
-        .await
-    {
-        tracing::error!(error = %e, order = order.id, "recording the outcome failed");
-    }
-    (order, http_status)
-}
-
-/// Finishes orders left `compensating`, `committing` or abandoned `pending`;
-/// runs on the elected leader among order instances.
-async fn sweeper(s: OrderState) {
-    loop {
-        let lead = match s.mw.campaign("shop-order-sweeper", "order", None).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "sweeper election failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        tracing::info!(token = lead.fencing_token(), "order sweeper is leader");
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            if !s.mw.control_plane_reachable() {
-                continue;
-            }
-            if let Err(e) = sweep(&s).await {
-                tracing::warn!(error = %e, "sweep failed");
-            }
-        }
-    }
-}
-
-async fn sweep(s: &OrderState) -> Result<(), ApiError> {
-    let cutoff = now_ms() - ABANDONED_AFTER_MS;
-    let todo: Vec<(Order, u16)> =
-        s.db.tx(move |tx| {
-            let mut st = tx.prepare(&format!(
-                "SELECT {ORDER_COLS} FROM orders WHERE status IN ('compensating', 'committing')
-                 OR (status = 'pending' AND created_ms < ?1) LIMIT 100"
-            ))?;
-            let rows = st.query_map(params![cutoff], order_row)?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+/// The stored answer of an earlier request with the same key: at once when
+/// it is final, else after waiting up to [`ORDER_WAIT`] for it (202 with the
+/// order as it stands if it is still running).
+async fn replay(s: &OrderState, customer: &str, key: &str) -> Result<Option<Response>, ApiError> {
+    let (c, k) = (customer.to_string(), key.to_string());
+    let found =
+        s.db.read(move |tx| {
+            Ok(tx
+                .query_row(
+                    &format!(
+                        "SELECT {ORDER_COLS} FROM orders WHERE customer = ?1 AND idem_key = ?2"
+                    ),
+                    params![c, k],
+                    order_row,
+                )
+                .optional()?)
         })
         .await?;
-    for (order, http_status) in todo {
-        match order.status.as_str() {
-            "committing" => {
-                let path = format!("/reservations/{}/commit", order.id);
-                if let Outcome::Ok(_) = call(s, "inventory", &path, &()).await {
-                    finish(s, order, "confirmed", "", http_status).await;
-                }
+    match found {
+        None => Ok(None),
+        Some((order, status)) if status != 0 => Ok(Some(answer(order, status))),
+        Some((order, _)) => {
+            if let Err(e) = s.txns.wait(&txn_id(order.id), ORDER_WAIT).await {
+                tracing::warn!(order = order.id, error = %e, "waiting for a running order");
             }
-            "compensating" => {
-                if compensate(s, order.id, true).await {
-                    let reason = order.reason.clone();
-                    finish(s, order, "failed", &reason, http_status).await;
-                }
-            }
-            _ => {
-                tracing::warn!(order = order.id, "abandoned pending order; compensating");
-                if compensate(s, order.id, true).await {
-                    finish(s, order, "failed", "abandoned", 503).await;
-                }
-            }
+            Ok(stored(s, order.id).await?.or(Some(answer(order, 202))))
         }
     }
-    Ok(())
+}
+
+fn path_id(id: &str) -> Result<i64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::invalid(format!("order id {id:?} is not an integer")))
+}
+
+/// The `order` branch's try: records the order, `pending`. Refused with 409
+/// `duplicate_key` when the customer's idempotency key has an order already.
+async fn open(
+    State(s): State<OrderState>,
+    call: BranchCall,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<Order>, ApiError> {
+    let id = path_id(&id)?;
+    let req: OpenRequest = parse_json(&body)?;
+    let o = req.order;
+    if o.id != id {
+        return Err(ApiError::invalid(format!(
+            "the body's order {} is not the path's {id}",
+            o.id
+        )));
+    }
+    let ran = s
+        .db
+        .branch(Some(call), move |tx| {
+            if let Some(key) = &req.idem_key {
+                let other: Option<i64> = tx
+                    .query_row(
+                        "SELECT id FROM orders WHERE customer = ?1 AND idem_key = ?2",
+                        params![o.customer, key],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if let Some(other) = other.filter(|other| *other != o.id) {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "duplicate_key",
+                        format!("the idempotency key is order {other}'s"),
+                    ));
+                }
+            }
+            tx.execute(
+                "INSERT INTO orders (id, customer, idem_key, sku, qty, account, amount_cents, status, created_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8)
+                 ON CONFLICT (id) DO NOTHING",
+                params![o.id, o.customer, req.idem_key, o.sku, o.qty, o.account, o.amount_cents, o.created_ms],
+            )?;
+            Ok(())
+        })
+        .await?;
+    match ran {
+        Ran::Suspended => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "cancelled",
+            format!("order {id} was cancelled before it was recorded"),
+        )),
+        _ => get_one(State(s), Path(id.to_string())).await,
+    }
+}
+
+/// Sets a recorded order's final state (confirm and cancel).
+async fn settle(
+    s: &OrderState,
+    call: BranchCall,
+    id: i64,
+    status: &'static str,
+    reason: String,
+    http_status: u16,
+) -> Result<axum::Json<Value>, ApiError> {
+    let outcome = if reason.is_empty() {
+        "confirmed".to_owned()
+    } else {
+        reason.clone()
+    };
+    let ran =
+        s.db.branch(Some(call), move |tx| {
+            Ok(tx.execute(
+                "UPDATE orders SET status = ?1, reason = ?2, http_status = ?3, updated_ms = ?4
+                 WHERE id = ?5 AND status = 'pending'",
+                params![status, reason, http_status, now_ms(), id],
+            )?)
+        })
+        .await?;
+    if let Ran::Done(1) = ran {
+        metrics::counter!("shop_orders_total", "outcome" => outcome).increment(1);
+    }
+    Ok(axum::Json(
+        json!({ "id": id.to_string(), "status": status }),
+    ))
+}
+
+/// The `order` branch's confirm: the order is `confirmed`.
+async fn confirm(
+    State(s): State<OrderState>,
+    call: BranchCall,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let id = path_id(&id)?;
+    settle(&s, call, id, "confirmed", String::new(), 201).await
+}
+
+/// The `order` branch's cancel: the order is `failed`, with the reason read
+/// from the transaction's record.
+async fn cancel(
+    State(s): State<OrderState>,
+    call: BranchCall,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let id = path_id(&id)?;
+    let (reason, status) = match s.txns.wait(&call.txn, Duration::ZERO).await {
+        Ok(record) => failure_of(&record),
+        Err(e) => {
+            tracing::warn!(order = id, error = %e, "cannot read why the order's transaction aborted");
+            ("cancelled".to_owned(), 409)
+        }
+    };
+    settle(&s, call, id, "failed", reason, status).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -541,7 +655,7 @@ async fn list(
     let status = q.status.unwrap_or_default();
     let v = s
         .db
-        .tx(move |tx| {
+        .read(move |tx| {
             let mut st = tx.prepare(&format!(
                 "SELECT {ORDER_COLS} FROM orders WHERE (?1 = '' OR status = ?1) ORDER BY id DESC LIMIT ?2"
             ))?;
@@ -562,7 +676,7 @@ async fn get_one(
         .parse()
         .map_err(|_| ApiError::invalid(format!("order id {id:?} is not an integer")))?;
     let o =
-        s.db.tx(move |tx| {
+        s.db.read(move |tx| {
             tx.query_row(
                 &format!("SELECT {ORDER_COLS} FROM orders WHERE id = ?1"),
                 params![id],
@@ -574,4 +688,84 @@ async fn get_one(
         })
         .await?;
     Ok(axum::Json(o))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn aborted(reason: &str) -> Value {
+        json!({ "status": "aborted", "reason": reason })
+    }
+
+    #[test]
+    fn an_aborted_transaction_names_the_order_s_failure() {
+        let cases = [
+            (
+                r#"stock rejected: 409 Conflict: {"error":{"code":"out_of_stock","message":"sku-last has 0 left"}}"#,
+                ("out_of_stock", 409),
+            ),
+            (
+                r#"stock rejected: 404 Not Found: {"error":{"code":"not_found","mes"#,
+                ("unknown_product", 404),
+            ),
+            (
+                r#"payment rejected: 402 Payment Required: {"error":{"code":"insufficient_funds","message":"x"}}"#,
+                ("insufficient_funds", 402),
+            ),
+            (
+                "payment failed 3 times: 127.0.0.1:1: connection refused",
+                ("payment_unavailable", 503),
+            ),
+            (
+                "stock failed 3 times: no answer within 1s",
+                ("inventory_unavailable", 503),
+            ),
+            (
+                r#"order rejected: 409 Conflict: {"error":{"code":"duplicate_key","message":"x"}}"#,
+                ("duplicate_key", 409),
+            ),
+            (
+                "the forward phase did not finish within 30000 ms",
+                ("timeout", 503),
+            ),
+            ("aborted by an operator", ("cancelled", 409)),
+        ];
+        for (why, (reason, status)) in cases {
+            assert_eq!(
+                failure_of(&aborted(why)),
+                (reason.to_owned(), status),
+                "{why}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_spec_is_a_valid_three_branch_tcc() {
+        let order = Order {
+            id: 1 << 60,
+            customer: "c".into(),
+            sku: "sku-mouse".into(),
+            qty: 2,
+            account: "acct-1".into(),
+            amount_cents: 5_800,
+            status: "pending".into(),
+            reason: String::new(),
+            created_ms: 1,
+        };
+        let spec = order_spec(&order, Some("k"), 2_900);
+        let parsed = meshwork_sdk::txn::Spec::from_json(&spec.to_string());
+        assert!(parsed.is_ok(), "{parsed:?}");
+        let names: Vec<&str> = spec["branches"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["name"].as_str())
+            .collect();
+        assert_eq!(names, ["order", "stock", "payment"]);
+        assert_eq!(
+            spec["branches"][2]["undo"]["path"],
+            format!("/charges/{}/refund", 1_u64 << 60)
+        );
+    }
 }

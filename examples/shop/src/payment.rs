@@ -1,7 +1,8 @@
-//! The payment service: accounts with balances, charges and refunds, each
-//! idempotent on the order id (refunding a charge that never arrived leaves a
-//! `voided` tombstone so a late charge for that order is refused). A fault
-//! switch (`PUT /admin/fault`) slows or fails charges, for the demo.
+//! The payment service: accounts with balances, charges and refunds — the
+//! `payment` branch of an order's TCC transaction (try = charge, confirm =
+//! capture, cancel = refund), each call run behind the transaction barrier
+//! and idempotent on the order id; a decline is recorded like a charge. A
+//! fault switch (`PUT /admin/fault`) slows or fails charges, for the demo.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,11 +11,12 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::routing::{get, post, put};
 use bytes::Bytes;
-use http::StatusCode;
-use rusqlite::{OptionalExtension, params};
+use http::{HeaderMap, StatusCode};
+use meshwork_sdk::txn::sqlite::Ran;
+use rusqlite::{OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 
-use crate::db::Db;
+use crate::db::{Db, branch_call};
 use crate::error::{ApiError, parse_json};
 
 pub(crate) const SCHEMA: &str = "
@@ -134,6 +136,7 @@ pub(crate) fn router(db: Db) -> Router {
         .route("/accounts", get(list_accounts))
         .route("/accounts/{id}", get(get_account))
         .route("/charges", post(charge).get(list_charges))
+        .route("/charges/{order_id}/capture", post(capture))
         .route("/charges/{order_id}/refund", post(refund))
         .route("/admin/fault", put(set_fault).get(get_fault))
         .with_state(state)
@@ -155,7 +158,7 @@ fn charge_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Charge> {
     })
 }
 
-fn find_charge(tx: &rusqlite::Transaction<'_>, order_id: i64) -> rusqlite::Result<Option<Charge>> {
+fn find_charge(tx: &Transaction<'_>, order_id: i64) -> rusqlite::Result<Option<Charge>> {
     tx.query_row(
         "SELECT order_id, account, amount_cents, state FROM charges WHERE order_id = ?1",
         params![order_id],
@@ -168,7 +171,7 @@ async fn list_accounts(
     State(s): State<PaymentState>,
 ) -> Result<axum::Json<Vec<Account>>, ApiError> {
     let v =
-        s.db.tx(|tx| {
+        s.db.read(|tx| {
             let mut st = tx.prepare("SELECT id, balance_cents FROM accounts ORDER BY id")?;
             let rows = st.query_map([], account_row)?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -182,7 +185,7 @@ async fn get_account(
     Path(id): Path<String>,
 ) -> Result<axum::Json<Account>, ApiError> {
     let a =
-        s.db.tx(move |tx| {
+        s.db.read(move |tx| {
             tx.query_row(
                 "SELECT id, balance_cents FROM accounts WHERE id = ?1",
                 params![id],
@@ -197,7 +200,7 @@ async fn get_account(
 
 async fn list_charges(State(s): State<PaymentState>) -> Result<axum::Json<Vec<Charge>>, ApiError> {
     let v =
-        s.db.tx(|tx| {
+        s.db.read(|tx| {
             let mut st = tx.prepare(
                 "SELECT order_id, account, amount_cents, state FROM charges ORDER BY order_id",
             )?;
@@ -208,8 +211,39 @@ async fn list_charges(State(s): State<PaymentState>) -> Result<axum::Json<Vec<Ch
     Ok(axum::Json(v))
 }
 
+/// The answer to a charge call that the barrier did not run: the charge as
+/// it stands (a duplicate, or an undo without its action), or 409 for a
+/// charge that arrived after its order was cancelled.
+async fn settled(db: &Db, order_id: i64, ran: Ran<Charge>) -> Result<Charge, ApiError> {
+    match ran {
+        Ran::Done(c) => Ok(c),
+        Ran::Suspended => Err(voided(order_id)),
+        Ran::Duplicate | Ran::EmptyUndo => Ok(db
+            .read(move |tx| Ok(find_charge(tx, order_id)?))
+            .await?
+            .unwrap_or_else(|| Charge {
+                order_id,
+                account: String::new(),
+                amount_cents: 0,
+                state: "voided".into(),
+            })),
+    }
+}
+
+fn voided(order_id: i64) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "voided",
+        format!("order {order_id} was voided"),
+    )
+}
+
+/// Debits an account for an order (a transaction's try). A decline is
+/// recorded too, so a retried charge is declined again without a second look
+/// at the balance.
 async fn charge(
     State(s): State<PaymentState>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, axum::Json<Charge>), ApiError> {
     let req: ChargeRequest = parse_json(&body)?;
@@ -219,6 +253,7 @@ async fn charge(
             req.amount_cents
         )));
     }
+    let call = branch_call(&headers)?;
     let delay = s.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
@@ -230,49 +265,45 @@ async fn charge(
             "payment processor unavailable (injected fault)",
         ));
     }
-    s.db.tx(move |tx| {
-        if let Some(c) = find_charge(tx, req.order_id)? {
-            return match c.state.as_str() {
-                "voided" | "refunded" => Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "voided",
-                    format!("order {} was voided", req.order_id),
-                )),
-                "declined" => Err(declined(&req.account)),
-                _ => Ok((StatusCode::OK, axum::Json(c))),
-            };
-        }
-        tx.query_row(
-            "SELECT id FROM accounts WHERE id = ?1",
-            params![req.account],
-            |_| Ok(()),
-        )
-        .optional()?
-        .ok_or_else(|| ApiError::not_found(format!("no account {:?}", req.account)))?;
-        // The balance check and the debit are one statement.
-        let debited = tx.execute(
-            "UPDATE accounts SET balance_cents = balance_cents - ?1 WHERE id = ?2 AND balance_cents >= ?1",
-            params![req.amount_cents, req.account],
-        )?;
-        let state = if debited == 1 { "charged" } else { "declined" };
-        tx.execute(
-            "INSERT INTO charges (order_id, account, amount_cents, state) VALUES (?1, ?2, ?3, ?4)",
-            params![req.order_id, req.account, req.amount_cents, state],
-        )?;
-        if debited == 0 {
-            return Err(declined(&req.account));
-        }
-        Ok((
-            StatusCode::CREATED,
-            axum::Json(Charge {
-                order_id: req.order_id,
-                account: req.account,
-                amount_cents: req.amount_cents,
-                state: state.into(),
-            }),
-        ))
+    let order_id = req.order_id;
+    let ran = s.db.branch(call, move |tx| charge_in(tx, req)).await?;
+    let created = matches!(ran, Ran::Done(_));
+    let c = settled(&s.db, order_id, ran).await?;
+    match c.state.as_str() {
+        "declined" => Err(declined(&c.account)),
+        "voided" | "refunded" => Err(voided(order_id)),
+        _ if created => Ok((StatusCode::CREATED, axum::Json(c))),
+        _ => Ok((StatusCode::OK, axum::Json(c))),
+    }
+}
+
+fn charge_in(tx: &Transaction<'_>, req: ChargeRequest) -> Result<Charge, ApiError> {
+    if let Some(c) = find_charge(tx, req.order_id)? {
+        return Ok(c);
+    }
+    tx.query_row(
+        "SELECT id FROM accounts WHERE id = ?1",
+        params![req.account],
+        |_| Ok(()),
+    )
+    .optional()?
+    .ok_or_else(|| ApiError::not_found(format!("no account {:?}", req.account)))?;
+    // The balance check and the debit are one statement.
+    let debited = tx.execute(
+        "UPDATE accounts SET balance_cents = balance_cents - ?1 WHERE id = ?2 AND balance_cents >= ?1",
+        params![req.amount_cents, req.account],
+    )?;
+    let state = if debited == 1 { "charged" } else { "declined" };
+    tx.execute(
+        "INSERT INTO charges (order_id, account, amount_cents, state) VALUES (?1, ?2, ?3, ?4)",
+        params![req.order_id, req.account, req.amount_cents, state],
+    )?;
+    Ok(Charge {
+        order_id: req.order_id,
+        account: req.account,
+        amount_cents: req.amount_cents,
+        state: state.into(),
     })
-    .await
 }
 
 fn declined(account: &str) -> ApiError {
@@ -283,42 +314,75 @@ fn declined(account: &str) -> ApiError {
     )
 }
 
-async fn refund(
+/// Keeps a charge (a transaction's confirm): the money was taken by the try,
+/// so this only checks that it still is.
+async fn capture(
     State(s): State<PaymentState>,
+    headers: HeaderMap,
     Path(order_id): Path<String>,
 ) -> Result<axum::Json<Charge>, ApiError> {
-    let order_id: i64 = order_id
-        .parse()
-        .map_err(|_| ApiError::invalid(format!("order id {order_id:?} is not an integer")))?;
-    s.db.tx(move |tx| match find_charge(tx, order_id)? {
-        None => {
-            // A charge may still be in flight: the tombstone refuses it.
-            tx.execute(
-                "INSERT INTO charges (order_id, account, amount_cents, state) VALUES (?1, '', 0, 'voided')",
-                params![order_id],
-            )?;
-            Ok(axum::Json(Charge {
-                order_id,
-                account: String::new(),
-                amount_cents: 0,
-                state: "voided".into(),
-            }))
-        }
-        Some(mut c) if c.state == "charged" => {
-            tx.execute(
-                "UPDATE accounts SET balance_cents = balance_cents + ?1 WHERE id = ?2",
-                params![c.amount_cents, c.account],
-            )?;
-            tx.execute(
-                "UPDATE charges SET state = 'refunded' WHERE order_id = ?1",
-                params![order_id],
-            )?;
-            c.state = "refunded".into();
-            Ok(axum::Json(c))
-        }
-        Some(c) => Ok(axum::Json(c)),
-    })
-    .await
+    let order_id = parse_order_id(&order_id)?;
+    let ran =
+        s.db.branch(branch_call(&headers)?, move |tx| {
+            let c = find_charge(tx, order_id)?
+                .ok_or_else(|| ApiError::not_found(format!("order {order_id} has no charge")))?;
+            match c.state.as_str() {
+                "charged" => Ok(c),
+                "declined" => Err(declined(&c.account)),
+                _ => Err(voided(order_id)),
+            }
+        })
+        .await?;
+    Ok(axum::Json(settled(&s.db, order_id, ran).await?))
+}
+
+fn parse_order_id(s: &str) -> Result<i64, ApiError> {
+    s.parse()
+        .map_err(|_| ApiError::invalid(format!("order id {s:?} is not an integer")))
+}
+
+/// Gives the money back (a transaction's cancel). Without the barrier (a call
+/// outside any transaction), refunding a charge that never arrived leaves a
+/// `voided` tombstone that refuses a late charge.
+async fn refund(
+    State(s): State<PaymentState>,
+    headers: HeaderMap,
+    Path(order_id): Path<String>,
+) -> Result<axum::Json<Charge>, ApiError> {
+    let order_id = parse_order_id(&order_id)?;
+    let ran = s
+        .db
+        .branch(branch_call(&headers)?, move |tx| {
+            match find_charge(tx, order_id)? {
+                None => {
+                    tx.execute(
+                        "INSERT INTO charges (order_id, account, amount_cents, state) VALUES (?1, '', 0, 'voided')",
+                        params![order_id],
+                    )?;
+                    Ok(Charge {
+                        order_id,
+                        account: String::new(),
+                        amount_cents: 0,
+                        state: "voided".into(),
+                    })
+                }
+                Some(mut c) if c.state == "charged" => {
+                    tx.execute(
+                        "UPDATE accounts SET balance_cents = balance_cents + ?1 WHERE id = ?2",
+                        params![c.amount_cents, c.account],
+                    )?;
+                    tx.execute(
+                        "UPDATE charges SET state = 'refunded' WHERE order_id = ?1",
+                        params![order_id],
+                    )?;
+                    c.state = "refunded".into();
+                    Ok(c)
+                }
+                Some(c) => Ok(c),
+            }
+        })
+        .await?;
+    Ok(axum::Json(settled(&s.db, order_id, ran).await?))
 }
 
 async fn set_fault(

@@ -21,6 +21,9 @@ use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
 use http::request::Parts;
 pub use meshwork_txn::Phase;
+/// A transaction's definition, to build in Rust and validate before sending
+/// ([`Spec::validate`]); [`TxnClient::start`] takes its JSON.
+pub use meshwork_txn::spec::{BranchSpec, Call, Mode, Recovery, RetryPolicy, Spec, SpecError};
 use meshwork_txn::{HEADER_BRANCH, HEADER_PHASE, HEADER_TXN};
 
 /// Longest transaction id or branch name accepted from a header.
