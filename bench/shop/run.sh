@@ -9,10 +9,11 @@
 # each run, means):
 #   L  = client latency (Little's law: concurrency / throughput)
 #   O  = order service's server time for POST /orders
-#   K  = order's time inside SDK calls (inventory + payment, all calls of an order)
-#   D  = inventory's + payment's server time for those calls
-#   gateway and network = L - O;  SDK client and network = K - D
-#   services' own work  = (O - K) + D   (handlers, SQLite, fsync)
+#   K  = its time inside SDK calls (pricing the order at inventory)
+#   gateway and network = L - O;  pricing = K;  the TCC transaction = O - K
+#   (start, the coordinator's calls to the branches, their answers, the wait)
+#   branch handlers = server time of every branch call (try, confirm; the
+#   three services summed, although the coordinator runs some in parallel)
 # and CPU seconds per 1,000 orders of the node process and of each service.
 #
 # Usage: bench/shop/run.sh             env: ORDERS=5000 CONCURRENCY="16 64" WARMUP=500
@@ -112,7 +113,7 @@ def load(n): return json.load(open(f"{out}/{n}.json"))
 def pick(m, svc, name, pred, kind):
     return sum(v for k, v in m["metrics"][svc].items()
                if k.startswith(name + "{") and k.endswith("_" + kind) and pred(k))
-print("| concurrency | orders/s | confirmed | p50 ms | p99 ms | L ms | gateway+net ms | SDK+net ms | services ms | Meshwork share | CPU s/1k orders: node / order / inventory / payment |")
+print("| concurrency | orders/s | confirmed | p50 ms | p99 ms | L ms | gateway+net ms | pricing ms | transaction ms | branch handlers ms | CPU s/1k orders: node / order / inventory / payment |")
 print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
 for c in conc:
     a, b, r = load(f"before-{c}"), load(f"after-{c}"), load(f"load-{c}")
@@ -121,16 +122,14 @@ for c in conc:
     srv = "meshwork_sdk_server_request_duration_seconds"
     call = "meshwork_sdk_call_duration_seconds"
     is_post_orders = lambda k: 'route="/orders"' in k and 'method="POST"' in k
+    is_branch = lambda k: 'method="POST"' in k and 'route="/orders"' not in k
     o_sum, o_cnt = d("order", srv, is_post_orders, "sum"), d("order", srv, is_post_orders, "count")
     k_sum = d("order", call, lambda k: True, "sum")
-    d_sum = d("inventory", srv, lambda k: True, "sum") + d("payment", srv, lambda k: True, "sum")
+    b_sum = sum(d(svc, srv, is_branch, "sum") for svc in ["order", "inventory", "payment"])
+    per = lambda x: x / max(o_cnt, 1) * 1000
     L = int(c) / r["rate_per_sec"] * 1000
-    O = o_sum / max(o_cnt, 1) * 1000
-    K = k_sum / max(o_cnt, 1) * 1000
-    D = d_sum / max(o_cnt, 1) * 1000
-    gw, sdk, own = L - O, K - D, (O - K) + D
-    share = (gw + sdk) / L if L else 0
+    O, K, B = per(o_sum), per(k_sum), per(b_sum)
     cpu = {p: (b["cpu"][p] - a["cpu"][p]) / n * 1000 for p in ["node", "order", "inventory", "payment"]}
-    print(f"| {c} | {r['rate_per_sec']:.0f} | {r['confirmed']}/{n} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {L:.1f} | {gw:.1f} | {sdk:.1f} | {own:.1f} | {share:.0%} | {cpu['node']:.2f} / {cpu['order']:.2f} / {cpu['inventory']:.2f} / {cpu['payment']:.2f} |")
+    print(f"| {c} | {r['rate_per_sec']:.0f} | {r['confirmed']}/{n} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {L:.1f} | {L - O:.1f} | {K:.1f} | {O - K:.1f} | {B:.1f} | {cpu['node']:.2f} / {cpu['order']:.2f} / {cpu['inventory']:.2f} / {cpu['payment']:.2f} |")
 PY
 echo "raw: $OUT" >&2

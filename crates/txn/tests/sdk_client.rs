@@ -62,6 +62,16 @@ async fn a_service_starts_a_transaction_and_waits_for_its_end() {
     let done = txns.wait("order-7", Duration::from_secs(20)).await.unwrap();
     assert_eq!(done["status"], "committed");
     assert_eq!(inventory.hits(), 1);
+    // Start and wait in one: the final record, from the node that drove it.
+    let done = txns
+        .start_and_wait(Some("order-8"), saga.clone(), Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(
+        (done["id"].as_str(), done["status"].as_str()),
+        (Some("order-8"), Some("committed"))
+    );
+    assert_eq!(inventory.hits(), 2);
 
     assert!(matches!(
         txns.wait("nobody", Duration::from_millis(10)).await,

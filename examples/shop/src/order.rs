@@ -1,10 +1,11 @@
 //! The order service. `POST /orders` prices the order, then starts one TCC
-//! transaction on Meshwork's coordinator with three branches, by stage:
+//! transaction on Meshwork's coordinator with three branches:
 //!
-//! 1. `order` (this service): try = record the order `pending`, confirm =
-//!    `confirmed`, cancel = `failed` with the reason;
-//! 2. `stock` (inventory): try = reserve, confirm = commit, cancel = release;
-//! 3. `payment`: try = charge, confirm = capture, cancel = refund.
+//! - stage 0, in parallel: `order` (this service): try = record the order
+//!   `pending`, confirm = `confirmed`, cancel = `failed` with the reason; and
+//!   `stock` (inventory): try = reserve, confirm = commit, cancel = release;
+//! - stage 1, once both succeeded (no charge for what is out of stock):
+//!   `payment`: try = charge, confirm = capture, cancel = refund.
 //!
 //! Why TCC and not a saga: the stock is sold and the order confirmed only in
 //! the confirm phase, after every try succeeded, and the coordinator retries
@@ -311,16 +312,20 @@ async fn create_inner(
         created_ms: now_ms(),
     };
     let spec = order_spec(&order, idem.as_deref(), price);
-    if let Err(e) = s.txns.start(Some(&txn_id(id)), spec).await {
-        // Refused or unreachable: nothing was taken yet. If the start did
-        // land after all, the order goes through and a retry with the same
-        // key finds it.
-        tracing::warn!(order = id, error = %e, "could not start the order's transaction");
-        return Err(refuse("coordinator_unavailable", &req));
-    }
-    let record = s.txns.wait(&txn_id(id), ORDER_WAIT).await;
+    let record = s
+        .txns
+        .start_and_wait(Some(&txn_id(id)), spec, ORDER_WAIT)
+        .await;
     if let Some(found) = stored(s, id).await? {
         return Ok(found);
+    }
+    if let Err(e) = &record {
+        // Not started, or started and then the coordinator stopped
+        // answering. Either way nothing is owed to the client yet: the
+        // transaction (if any) finishes on its own, and a retry with the
+        // same key finds its order, or places it.
+        tracing::warn!(order = id, error = %e, "the order's transaction did not answer");
+        return Err(refuse("coordinator_unavailable", &req));
     }
     // No final row: the order branch's try has not run, or was refused.
     match record {
@@ -381,8 +386,8 @@ async fn price_of(s: &OrderState, req: &OrderRequest) -> Result<i64, ApiError> {
     }
 }
 
-/// The order's TCC transaction: its own branch first (the order exists
-/// before anything is taken), then the stock, then the money.
+/// The order's TCC transaction: the order and its stock in parallel, then
+/// the money.
 fn order_spec(order: &Order, idem: Option<&str>, price: i64) -> Value {
     let id = order.id;
     let branch = |name: &str, service: &str, stage: u32, action: Value, base: String| {
@@ -411,11 +416,11 @@ fn order_spec(order: &Order, idem: Option<&str>, price: i64) -> Value {
                 json!({ "path": format!("/orders/{id}/open"),
                         "body": OpenRequest { order: order.clone(), idem_key: idem.map(str::to_owned) } }),
                 format!("/orders/{id}")),
-            branch("stock", "inventory", 1,
+            branch("stock", "inventory", 0,
                 json!({ "path": "/reservations",
                         "body": { "order_id": id.to_string(), "sku": order.sku, "qty": order.qty, "price_cents": price } }),
                 format!("/reservations/{id}")),
-            branch("payment", "payment", 2,
+            branch("payment", "payment", 1,
                 json!({ "path": "/charges",
                         "body": { "order_id": id.to_string(), "account": order.account, "amount_cents": order.amount_cents } }),
                 format!("/charges/{id}")),

@@ -59,7 +59,17 @@ pub struct TxnClient {
     http: Client<HttpConnector, Full<Bytes>>,
     next: Arc<AtomicUsize>,
     auth: Option<String>,
+    /// The `txn` nodes' addresses and when they were read (re-read after
+    /// [`MEMBERSHIP_TTL`], or at once after a request found no node).
+    members: Arc<parking_lot::Mutex<Option<Members>>>,
 }
+
+/// The `txn` nodes' HTTP addresses, and when they were read.
+type Members = (tokio::time::Instant, Vec<String>);
+
+/// How long the membership read is reused: a node that died is tried at
+/// most this long after (and skipped as soon as it does not answer).
+pub const MEMBERSHIP_TTL: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for TxnClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -75,6 +85,7 @@ impl TxnClient {
             http: Client::builder(TokioExecutor::new()).build_http(),
             next: Arc::new(AtomicUsize::new(0)),
             auth: None,
+            members: Arc::default(),
         }
     }
 
@@ -87,20 +98,37 @@ impl TxnClient {
         self
     }
 
-    /// The HTTP addresses of the live `txn` nodes, rotated so calls spread.
-    async fn nodes(&self) -> Result<Vec<String>, TxnError> {
-        let (kvs, _) = self.coord.backend().get_prefix(NODES_PREFIX, 0).await?;
-        let mut addrs: Vec<String> = kvs
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<NodeInfo>(&kv.value).ok())
-            .filter(|n| n.roles.iter().any(|r| r == TXN_ROLE))
-            .map(|n| n.http_addr)
-            .collect();
+    /// The HTTP addresses of the live `txn` nodes, rotated so calls spread,
+    /// with `first` (when it is one of them) in front.
+    async fn nodes(&self, first: Option<&str>) -> Result<Vec<String>, TxnError> {
+        let cached = self
+            .members
+            .lock()
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < MEMBERSHIP_TTL)
+            .map(|(_, addrs)| addrs.clone());
+        let mut addrs = match cached {
+            Some(a) => a,
+            None => {
+                let (kvs, _) = self.coord.backend().get_prefix(NODES_PREFIX, 0).await?;
+                let addrs: Vec<String> = kvs
+                    .iter()
+                    .filter_map(|kv| serde_json::from_slice::<NodeInfo>(&kv.value).ok())
+                    .filter(|n| n.roles.iter().any(|r| r == TXN_ROLE))
+                    .map(|n| n.http_addr)
+                    .collect();
+                *self.members.lock() = Some((tokio::time::Instant::now(), addrs.clone()));
+                addrs
+            }
+        };
         if addrs.is_empty() {
             return Err(TxnError::NoCoordinator);
         }
         let n = addrs.len();
         addrs.rotate_left(self.next.fetch_add(1, Ordering::Relaxed) % n);
+        if let Some(i) = first.and_then(|f| addrs.iter().position(|a| a == f)) {
+            addrs[..=i].rotate_right(1);
+        }
         Ok(addrs)
     }
 
@@ -111,9 +139,10 @@ impl TxnClient {
         path: &str,
         body: Option<Value>,
         timeout: Duration,
-    ) -> Result<(u16, Value), TxnError> {
+        first: Option<&str>,
+    ) -> Result<(String, u16, Value), TxnError> {
         let mut last = String::new();
-        for addr in self.nodes().await? {
+        for addr in self.nodes(first).await? {
             let mut req = http::Request::builder()
                 .method(method.clone())
                 .uri(format!("http://{addr}{path}"))
@@ -140,12 +169,14 @@ impl TxnClient {
             match tokio::time::timeout(timeout, exchange).await {
                 Ok(Ok((status, body))) => {
                     let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                    return Ok((status, v));
+                    return Ok((addr, status, v));
                 }
                 Ok(Err(e)) => last = format!("{addr}: {e}"),
                 Err(_) => last = format!("{addr}: no answer within {timeout:?}"),
             }
         }
+        // Re-read the membership next time: the nodes read may be gone.
+        *self.members.lock() = None;
         Err(TxnError::Unreachable(last))
     }
 
@@ -153,15 +184,41 @@ impl TxnClient {
     /// /v1/txn`); `id` is generated when `None`. Durable when this returns:
     /// the transaction finishes whatever happens to the caller. The record.
     pub async fn start(&self, id: Option<&str>, spec: Value) -> Result<Value, TxnError> {
+        self.start_on(id, spec).await.map(|(_, v)| v)
+    }
+
+    /// Starts a transaction, then waits up to `max` for it to be final, on
+    /// the node that started it when it can (that node drives it and
+    /// answers the moment it finishes). The record, final or not.
+    pub async fn start_and_wait(
+        &self,
+        id: Option<&str>,
+        spec: Value,
+        max: Duration,
+    ) -> Result<Value, TxnError> {
+        let (addr, started) = self.start_on(id, spec).await?;
+        let Some(id) = started["id"].as_str() else {
+            return Ok(started);
+        };
+        self.wait_on(id, max, Some(&addr)).await
+    }
+
+    async fn start_on(&self, id: Option<&str>, spec: Value) -> Result<(String, Value), TxnError> {
         let mut body = json!({ "spec": spec });
         if let Some(id) = id {
             body["id"] = json!(id);
         }
-        let (status, v) = self
-            .call(http::Method::POST, "/v1/txn", Some(body), REQUEST_TIMEOUT)
+        let (addr, status, v) = self
+            .call(
+                http::Method::POST,
+                "/v1/txn",
+                Some(body),
+                REQUEST_TIMEOUT,
+                None,
+            )
             .await?;
         match status {
-            201 => Ok(v),
+            201 => Ok((addr, v)),
             409 => Err(TxnError::Exists(id.unwrap_or_default().to_owned())),
             _ => Err(refused(status, &v)),
         }
@@ -170,10 +227,19 @@ impl TxnClient {
     /// The transaction's record, once final or after `max` (at most
     /// [`MAX_WAIT`]), whichever comes first.
     pub async fn wait(&self, id: &str, max: Duration) -> Result<Value, TxnError> {
+        self.wait_on(id, max, None).await
+    }
+
+    async fn wait_on(
+        &self,
+        id: &str,
+        max: Duration,
+        first: Option<&str>,
+    ) -> Result<Value, TxnError> {
         let max = max.min(MAX_WAIT);
         let path = format!("/v1/txn/{}?wait_ms={}", encode_segment(id), max.as_millis());
-        let (status, v) = self
-            .call(http::Method::GET, &path, None, REQUEST_TIMEOUT + max)
+        let (_, status, v) = self
+            .call(http::Method::GET, &path, None, REQUEST_TIMEOUT + max, first)
             .await?;
         match status {
             200 => Ok(v),
