@@ -5,6 +5,12 @@
 
 use serde::{Deserialize, Deserializer, Serializer, de};
 
+/// An order id from a URL path segment (400 naming it when it is not one).
+pub(crate) fn from_path(id: &str) -> Result<i64, crate::ApiError> {
+    id.parse()
+        .map_err(|_| crate::ApiError::invalid(format!("order id {id:?} is not an integer")))
+}
+
 /// Writes the id as a decimal string.
 pub fn serialize<S: Serializer>(id: &i64, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(id)

@@ -307,18 +307,13 @@ fn reserve_in(tx: &Transaction<'_>, req: ReserveRequest) -> Result<Reservation, 
     Ok(r)
 }
 
-fn parse_order_id(s: &str) -> Result<i64, ApiError> {
-    s.parse()
-        .map_err(|_| ApiError::invalid(format!("order id {s:?} is not an integer")))
-}
-
 /// Sells a reservation's stock (a transaction's confirm).
 async fn commit(
     State(db): State<Db>,
     headers: HeaderMap,
     Path(order_id): Path<String>,
 ) -> Result<axum::Json<Reservation>, ApiError> {
-    let order_id = parse_order_id(&order_id)?;
+    let order_id = crate::ids::from_path(&order_id)?;
     let ran = db
         .branch(branch_call(&headers)?, move |tx| {
             let mut r = find_reservation(tx, order_id)?.ok_or_else(|| {
@@ -355,7 +350,7 @@ async fn release(
     headers: HeaderMap,
     Path(order_id): Path<String>,
 ) -> Result<axum::Json<Reservation>, ApiError> {
-    let order_id = parse_order_id(&order_id)?;
+    let order_id = crate::ids::from_path(&order_id)?;
     let ran = db
         .branch(branch_call(&headers)?, move |tx| {
             match find_reservation(tx, order_id)? {

@@ -522,11 +522,6 @@ async fn replay(s: &OrderState, customer: &str, key: &str) -> Result<Option<Resp
     }
 }
 
-fn path_id(id: &str) -> Result<i64, ApiError> {
-    id.parse()
-        .map_err(|_| ApiError::invalid(format!("order id {id:?} is not an integer")))
-}
-
 /// The `order` branch's try: records the order, `pending`. Refused with 409
 /// `duplicate_key` when the customer's idempotency key has an order already.
 async fn open(
@@ -535,7 +530,7 @@ async fn open(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<axum::Json<Order>, ApiError> {
-    let id = path_id(&id)?;
+    let id = crate::ids::from_path(&id)?;
     let req: OpenRequest = parse_json(&body)?;
     let o = req.order;
     if o.id != id {
@@ -619,7 +614,7 @@ async fn confirm(
     call: BranchCall,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let id = path_id(&id)?;
+    let id = crate::ids::from_path(&id)?;
     settle(&s, call, id, "confirmed", String::new(), 201).await
 }
 
@@ -630,7 +625,7 @@ async fn cancel(
     call: BranchCall,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let id = path_id(&id)?;
+    let id = crate::ids::from_path(&id)?;
     let (reason, status) = match s.txns.wait(&call.txn, Duration::ZERO).await {
         Ok(record) => failure_of(&record),
         Err(e) => {
@@ -677,9 +672,7 @@ async fn get_one(
     State(s): State<OrderState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Order>, ApiError> {
-    let id: i64 = id
-        .parse()
-        .map_err(|_| ApiError::invalid(format!("order id {id:?} is not an integer")))?;
+    let id = crate::ids::from_path(&id)?;
     let o =
         s.db.read(move |tx| {
             tx.query_row(

@@ -321,7 +321,7 @@ async fn capture(
     headers: HeaderMap,
     Path(order_id): Path<String>,
 ) -> Result<axum::Json<Charge>, ApiError> {
-    let order_id = parse_order_id(&order_id)?;
+    let order_id = crate::ids::from_path(&order_id)?;
     let ran =
         s.db.branch(branch_call(&headers)?, move |tx| {
             let c = find_charge(tx, order_id)?
@@ -336,11 +336,6 @@ async fn capture(
     Ok(axum::Json(settled(&s.db, order_id, ran).await?))
 }
 
-fn parse_order_id(s: &str) -> Result<i64, ApiError> {
-    s.parse()
-        .map_err(|_| ApiError::invalid(format!("order id {s:?} is not an integer")))
-}
-
 /// Gives the money back (a transaction's cancel). Without the barrier (a call
 /// outside any transaction), refunding a charge that never arrived leaves a
 /// `voided` tombstone that refuses a late charge.
@@ -349,7 +344,7 @@ async fn refund(
     headers: HeaderMap,
     Path(order_id): Path<String>,
 ) -> Result<axum::Json<Charge>, ApiError> {
-    let order_id = parse_order_id(&order_id)?;
+    let order_id = crate::ids::from_path(&order_id)?;
     let ran = s
         .db
         .branch(branch_call(&headers)?, move |tx| {
