@@ -89,6 +89,26 @@ fn instance(http: &str, service: &str) -> Option<(String, Value)> {
     ))
 }
 
+/// `HOST:PORT` and metadata of an instance of `service` that accepts
+/// connections.
+fn live(http: &str, service: &str) -> (String, Value) {
+    eventually(&format!("a live {service} instance"), WAIT, || {
+        let (status, v) = get(
+            http,
+            &format!("/v1/services/{service}/instances?healthy=true"),
+        );
+        if status != 200 {
+            return None;
+        }
+        v["instances"].as_array()?.iter().find_map(|i| {
+            let addr = format!("{}:{}", i["address"].as_str()?, i["port"].as_u64()?);
+            std::net::TcpStream::connect(&addr)
+                .ok()
+                .map(|_| (addr, i["metadata"].clone()))
+        })
+    })
+}
+
 fn kill9(pid: i32) {
     // SAFETY: kill(2) has no memory effects; the pid is a live child of the node
     // this test started.
@@ -278,7 +298,7 @@ fn the_shop_keeps_its_books_through_failures() {
 
     // Kill payment: orders fail with payment_unavailable while reads still work;
     // the node restarts payment and orders recover.
-    let (_, meta) = instance(&http, "payment").unwrap();
+    let (_, meta) = live(&http, "payment");
     let pid: i32 = meta["pid"].as_str().unwrap().parse().unwrap();
     kill9(pid);
     until("orders to fail with payment_unavailable", WAIT, || {
@@ -302,7 +322,7 @@ fn the_shop_keeps_its_books_through_failures() {
         .collect();
     for svc in ["order", "inventory", "payment"] {
         std::thread::sleep(Duration::from_millis(700));
-        let (_, meta) = instance(&http, svc).unwrap();
+        let (_, meta) = live(&http, svc);
         kill9(meta["pid"].as_str().unwrap().parse().unwrap());
     }
     std::thread::sleep(Duration::from_millis(700));
@@ -326,8 +346,18 @@ fn the_shop_keeps_its_books_through_failures() {
 
     // The books: wait until every order is final ("no order stays
     // non-final"), then reconcile.
-    let (inv, _) = instance(&http, "inventory").unwrap();
-    let (pay, _) = instance(&http, "payment").unwrap();
+    // The live instances (a killed one may still be listed healthy until its
+    // next check).
+    let (inv, _) = live(&http, "inventory");
+    let (pay, _) = live(&http, "payment");
+    // Every order's transaction finished (an order that failed before it was
+    // recorded still had its stock to release), then every order is final.
+    until("every transaction to finish", WAIT, || {
+        ["running", "committing", "aborting"].iter().all(|s| {
+            let (status, v) = get(&http, &format!("/v1/txn?status={s}"));
+            status == 200 && v["total"] == 0
+        })
+    });
     let orders = eventually("every order to settle", WAIT, || {
         let orders = get(&gw, "/api/orders?limit=10000").1;
         orders
