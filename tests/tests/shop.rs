@@ -158,18 +158,7 @@ fn the_shop_keeps_its_books_through_failures() {
             && instance(&http, "order").is_some()
             && instance(&http, "payment").is_some()
     });
-    let (_, products) = get(&gw, "/api/products");
-    let initial_stock: HashMap<String, i64> = products
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["sku"].as_str().unwrap().to_string(),
-                p["stock"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let initial_stock = stock_of(&gw);
 
     // A retried request with the same key is one order.
     let (s1, o1) = order(&gw, "alice", Some("k-1"), "sku-keyboard", "acct-1");
@@ -344,30 +333,8 @@ fn the_shop_keeps_its_books_through_failures() {
     assert!(answered.len() >= 2 * CHAOS_CLIENTS, "{}", answered.len());
     assert!(answered.iter().any(|(_, _, s, _)| *s == 201));
 
-    // The books: wait until every order is final ("no order stays
-    // non-final"), then reconcile.
-    // The live instances (a killed one may still be listed healthy until its
-    // next check).
-    let (inv, _) = live(&http, "inventory");
-    let (pay, _) = live(&http, "payment");
-    // Every order's transaction finished (an order that failed before it was
-    // recorded still had its stock to release), then every order is final.
-    until("every transaction to finish", WAIT, || {
-        ["running", "committing", "aborting"].iter().all(|s| {
-            let (status, v) = get(&http, &format!("/v1/txn?status={s}"));
-            status == 200 && v["total"] == 0
-        })
-    });
-    let orders = eventually("every order to settle", WAIT, || {
-        let orders = get(&gw, "/api/orders?limit=10000").1;
-        orders
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|o| o["status"] == "confirmed" || o["status"] == "failed")
-            .then_some(orders)
-    });
-    let orders = orders.as_array().unwrap();
+    // The books: every order final ("no order stays non-final"), reconciled.
+    let orders = settled_orders(&gw, &http);
     // Every key the chaos clients used is exactly one order, in the state its
     // final answer said.
     for (customer, key, status, v) in &answered {
@@ -387,12 +354,202 @@ fn the_shop_keeps_its_books_through_failures() {
         let placed = orders.iter().filter(|o| o["customer"] == customer).count();
         assert_eq!(placed, keys, "{customer}: one order per key");
     }
+    let confirmed = reconcile(&gw, &http, &orders, &initial_stock);
+    assert!(confirmed >= 5, "{confirmed} confirmed");
+    let (_, products) = get(&gw, "/api/products");
+    assert_eq!(
+        products
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["sku"] == "sku-last")
+            .unwrap()["stock"],
+        0
+    );
+    drop(node);
+}
+
+/// Each product's stock.
+fn stock_of(gw: &str) -> HashMap<String, i64> {
+    let (_, products) = get(gw, "/api/products");
+    products
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["sku"].as_str().unwrap().to_string(),
+                p["stock"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A participant SIGKILLed at each crash point of its transaction barrier:
+/// with its work done but not committed (it rolls back; the coordinator's
+/// resent call runs it again) and committed but not answered (the resent
+/// call finds it done), in a try, a confirm and a cancel. Each order ends as
+/// it should, its key answers it, and the books hold.
+#[test]
+fn a_participant_killed_at_its_crash_points_loses_nothing() {
+    // (point, branch, phase, the service that runs that branch, account, the
+    // outcomes allowed). A try cut short may end either way (the coordinator
+    // gives up on a participant that stays down through its retries); once
+    // decided, the outcome is fixed.
+    let either: &[&str] = &["confirmed", "failed"];
+    let cases = [
+        (
+            "barrier_before_commit",
+            "payment",
+            "action",
+            "payment",
+            "acct-5",
+            either,
+        ),
+        (
+            "barrier_after_commit",
+            "payment",
+            "action",
+            "payment",
+            "acct-5",
+            either,
+        ),
+        (
+            "barrier_after_commit",
+            "stock",
+            "confirm",
+            "inventory",
+            "acct-5",
+            &["confirmed"],
+        ),
+        (
+            "barrier_before_commit",
+            "order",
+            "confirm",
+            "order",
+            "acct-5",
+            &["confirmed"],
+        ),
+        (
+            "barrier_after_commit",
+            "stock",
+            "undo",
+            "inventory",
+            "acct-poor",
+            &["failed"],
+        ),
+        (
+            "barrier_before_commit",
+            "order",
+            "undo",
+            "order",
+            "acct-poor",
+            &["failed"],
+        ),
+    ];
+    for (point, branch, phase, victim, account, allowed) in cases {
+        let case = format!("{point}/{branch}/{phase}");
+        let dir = tempfile::tempdir().unwrap();
+        let parked = dir.path().join("parked");
+        let armed = format!("{case}:1:{}", parked.display());
+        let node = meshwork_tests::start(
+            &dir.path().join("node"),
+            &[
+                "--roles",
+                "store,coord,gateway,txn",
+                "--gateway-addr",
+                "127.0.0.1:0",
+                "--demo",
+            ],
+            &[("MESHWORK_TXN_FAILPOINT", &armed)],
+        );
+        let (gw, http) = (node.gateway.clone().unwrap(), node.http.clone());
+        until("the shop behind the gateway", WAIT, || {
+            get(&gw, "/api/products").0 == 200
+                && ["order", "inventory", "payment"]
+                    .iter()
+                    .all(|s| instance(&http, s).is_some())
+        });
+        let initial_stock = stock_of(&gw);
+        let client = {
+            let gw = gw.clone();
+            std::thread::spawn(move || {
+                try_order(&gw, "crash", "crash-1", "sku-monitor", account, WAIT)
+            })
+        };
+        until(&format!("{case} to be reached"), WAIT, || parked.exists());
+        let (_, meta) = live(&http, victim);
+        kill9(meta["pid"].as_str().unwrap().parse().unwrap());
+        // Whatever the first request was answered (a 502 if its own service
+        // died), the order finishes without it.
+        let first = client.join().unwrap();
+        let orders = settled_orders(&gw, &http);
+        assert_eq!(
+            orders.len(),
+            1,
+            "{case}: {orders:?} (first answer {first:?})"
+        );
+        let outcome = orders[0]["status"].as_str().unwrap_or("");
+        assert!(allowed.contains(&outcome), "{case}: {orders:?}");
+        let (status, again) = order(&gw, "crash", Some("crash-1"), "sku-monitor", account);
+        let id = if status == 201 {
+            &again["id"]
+        } else {
+            &again["order"]["id"]
+        };
+        assert_eq!(id_of(id), id_of(&orders[0]["id"]), "{case}: {again}");
+        assert_eq!(
+            status == 201,
+            outcome == "confirmed",
+            "{case}: {status} {again}"
+        );
+        eprintln!("{case}: {outcome}");
+        reconcile(&gw, &http, &orders, &initial_stock);
+        drop(node);
+    }
+}
+
+/// Waits until every order's transaction and every order is final; the
+/// orders.
+fn settled_orders(gw: &str, http: &str) -> Vec<Value> {
+    // Every order's transaction finished (an order that failed before it was
+    // recorded still had its stock to release), then every order is final.
+    until("every transaction to finish", WAIT, || {
+        ["running", "committing", "aborting"].iter().all(|s| {
+            let (status, v) = get(http, &format!("/v1/txn?status={s}"));
+            status == 200 && v["total"] == 0
+        })
+    });
+    let orders = eventually("every order to settle", WAIT, || {
+        let orders = get(gw, "/api/orders?limit=10000").1;
+        orders
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|o| o["status"] == "confirmed" || o["status"] == "failed")
+            .then_some(orders)
+    });
+    orders.as_array().unwrap().clone()
+}
+
+/// The books: every confirmed order has exactly one committed reservation
+/// and one charge of its amount; a failed one holds neither; no money or
+/// stock was created or lost. The number of confirmed orders.
+fn reconcile(
+    gw: &str,
+    http: &str,
+    orders: &[Value],
+    initial_stock: &HashMap<String, i64>,
+) -> usize {
+    // The live instances (a killed one may still be listed healthy until its
+    // next check).
+    let (inv, _) = live(http, "inventory");
+    let (pay, _) = live(http, "payment");
     let confirmed: HashMap<i64, &Value> = orders
         .iter()
         .filter(|o| o["status"] == "confirmed")
         .map(|o| (id_of(&o["id"]), o))
         .collect();
-    assert!(confirmed.len() >= 5, "{} confirmed", confirmed.len());
     let (_, reservations) = get(&inv, "/reservations");
     let (_, charges) = get(&pay, "/charges");
     let mut sold: HashMap<String, i64> = HashMap::new();
@@ -461,7 +618,7 @@ fn the_shop_keeps_its_books_through_failures() {
         100 * meshwork_shop::payment::SEED_BALANCE_CENTS + 100,
         "no money created or lost"
     );
-    let (_, products) = get(&gw, "/api/products");
+    let (_, products) = get(gw, "/api/products");
     for p in products.as_array().unwrap() {
         let sku = p["sku"].as_str().unwrap();
         assert_eq!(
@@ -470,16 +627,7 @@ fn the_shop_keeps_its_books_through_failures() {
             "stock of {sku}"
         );
     }
-    assert_eq!(
-        products
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["sku"] == "sku-last")
-            .unwrap()["stock"],
-        0
-    );
-    drop(node);
+    confirmed.len()
 }
 
 /// Clients of the chaos phase.

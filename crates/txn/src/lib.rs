@@ -22,8 +22,7 @@
 
 #[cfg(feature = "server")]
 pub mod api;
-#[cfg(feature = "server")]
-mod failpoint;
+pub mod failpoint;
 #[cfg(feature = "server")]
 pub mod log;
 pub mod machine;

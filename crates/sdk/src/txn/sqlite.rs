@@ -116,7 +116,9 @@ impl Barrier {
             Phase::Undo if mark(&tx, call, Phase::Action.as_str(), "undo")? => Ran::EmptyUndo,
             _ => Ran::Done(work(&tx).map_err(BarrierError::Work)?),
         };
+        meshwork_txn::failpoint::hit_branch_blocking("barrier_before_commit", &call.branch, phase);
         tx.commit()?;
+        meshwork_txn::failpoint::hit_branch_blocking("barrier_after_commit", &call.branch, phase);
         if !matches!(ran, Ran::Done(_)) {
             tracing::debug!(txn = %call.txn, branch = %call.branch, phase, outcome = ?Outcome::of(&ran), "transaction barrier");
         }
