@@ -12,6 +12,7 @@
 //! node partitions transactions over its coordinators); two are safe — every
 //! write is a compare-and-swap and every call idempotent — only wasteful.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -252,6 +253,40 @@ pub enum RunError {
 pub struct Runner<C> {
     log: TxnLog,
     caller: Arc<C>,
+    drivers: Drivers,
+}
+
+/// The transactions driven in this process, each with the bell that tells
+/// its driver the record changed under it (an operator's abort or retry):
+/// it reloads at once instead of at its next write, which may be a long
+/// call or backoff away.
+type Drivers = Arc<parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Notify>>>>;
+
+/// A driver's entry in [`Drivers`], removed when the driver stops.
+struct Registered<'a> {
+    drivers: &'a Drivers,
+    id: &'a str,
+    bell: Arc<tokio::sync::Notify>,
+}
+
+impl<'a> Registered<'a> {
+    fn new(drivers: &'a Drivers, id: &'a str) -> Registered<'a> {
+        let bell = Arc::new(tokio::sync::Notify::new());
+        drivers.lock().insert(id.to_owned(), bell.clone());
+        Registered { drivers, id, bell }
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut drivers = self.drivers.lock();
+        if drivers
+            .get(self.id)
+            .is_some_and(|b| Arc::ptr_eq(b, &self.bell))
+        {
+            drivers.remove(self.id);
+        }
+    }
 }
 
 impl<C> Clone for Runner<C> {
@@ -259,6 +294,7 @@ impl<C> Clone for Runner<C> {
         Runner {
             log: self.log.clone(),
             caller: self.caller.clone(),
+            drivers: self.drivers.clone(),
         }
     }
 }
@@ -269,6 +305,7 @@ impl<C: Caller> Runner<C> {
         Runner {
             log,
             caller: Arc::new(caller),
+            drivers: Drivers::default(),
         }
     }
 
@@ -325,6 +362,7 @@ impl<C: Caller> Runner<C> {
         let id = id.as_str();
         let mut calls = JoinSet::new();
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+        let registered = Registered::new(&self.drivers, id);
         crate::failpoint::hit("drive_start").await;
         let mut event = Event::Resume;
         let mut wake: Option<Millis> = None;
@@ -372,14 +410,7 @@ impl<C: Caller> Runner<C> {
                         // sending the calls it has in flight (their writer may
                         // not have sent them; a duplicate carries the same
                         // idempotency key and its late answer is ignored).
-                        stored = self.load(id).await?;
-                        let by = &stored.txn.coordinator;
-                        if !me.is_empty() && by != me {
-                            return Err(RunError::TakenOver {
-                                id: id.to_owned(),
-                                by: by.clone(),
-                            });
-                        }
+                        stored = self.reload(id, me).await?;
                         event = Event::Resume;
                         continue;
                     }
@@ -428,11 +459,21 @@ impl<C: Caller> Runner<C> {
                 }
             }
             let sleep = wake.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
-            event = tokio::select! {
-                Some(ev) = rx.recv() => ev,
+            let next = tokio::select! {
+                Some(ev) = rx.recv() => Some(ev),
                 _ = tokio::time::sleep(sleep.unwrap_or(Duration::MAX)), if sleep.is_some() => {
                     wake = None;
-                    Event::Tick
+                    Some(Event::Tick)
+                }
+                () = registered.bell.notified() => None,
+            };
+            event = match next {
+                Some(ev) => ev,
+                // The record changed under us: continue from it, as after a
+                // lost write.
+                None => {
+                    stored = self.reload(id, me).await?;
+                    Event::Resume
                 }
             };
             // Reap finished call tasks.
@@ -442,19 +483,39 @@ impl<C: Caller> Runner<C> {
 
     /// Applies an operator's event (abort, retry now) to a transaction that
     /// another task may be driving: a compare-and-swap write, retried on a
-    /// conflict. It sends no call itself: the driving task sees the change
-    /// when its next write loses, reloads and resumes, sending the calls the
-    /// new record has in flight.
+    /// conflict. It sends no call itself: a driving task in this process is
+    /// woken at once, reloads and resumes, sending the calls the new record
+    /// has in flight; a driver in another process sees the change when its
+    /// next write loses.
     pub async fn apply(&self, id: &str, event: Event) -> Result<Txn, ApplyError> {
         loop {
             let mut stored = self.load(id).await?;
             stored.txn.step(now_ms(), event.clone())?;
             match self.log.save(&stored.txn, stored.revision).await {
-                Ok(_) => return Ok(stored.txn),
+                Ok(_) => {
+                    if let Some(bell) = self.drivers.lock().get(id) {
+                        bell.notify_one();
+                    }
+                    return Ok(stored.txn);
+                }
                 Err(LogError::Superseded(_)) => continue,
                 Err(e) => return Err(RunError::Log(e).into()),
             }
         }
+    }
+
+    /// The record as stored, unless another coordinator (not `me`) drives it
+    /// now.
+    async fn reload(&self, id: &str, me: &str) -> Result<Stored, RunError> {
+        let stored = self.load(id).await?;
+        let by = &stored.txn.coordinator;
+        if !me.is_empty() && by != me {
+            return Err(RunError::TakenOver {
+                id: id.to_owned(),
+                by: by.clone(),
+            });
+        }
+        Ok(stored)
     }
 
     async fn load(&self, id: &str) -> Result<Stored, RunError> {

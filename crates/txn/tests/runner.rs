@@ -299,3 +299,40 @@ async fn recent(log: &TxnLog) -> Vec<String> {
     let all = log.recent(10).await.unwrap();
     all.into_iter().map(|s| s.txn.id).collect()
 }
+
+/// An operator's abort reaches a driver that is waiting on a long call at
+/// once: it compensates without waiting for the call (held for good here,
+/// with a 60 s deadline) to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_abort_wakes_a_driver_waiting_on_a_call() {
+    let shop = Shop::start().await;
+    let runner = shop.runner().await;
+    let mut spec = order_saga("/hold");
+    spec.branches[1].timeout_ms = 60_000;
+    runner
+        .create(&Txn::new("order-5", spec, now_ms()))
+        .await
+        .unwrap();
+    let r = runner.clone();
+    let driving = tokio::spawn(async move { r.drive("order-5").await });
+    until("the charge is in flight", WITHIN, async || {
+        shop.payment.hits() == 1
+    })
+    .await;
+    runner
+        .apply(
+            "order-5",
+            Event::Abort {
+                reason: "the client cancelled".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(finished(driving).await, Status::Aborted);
+    assert_eq!(paths(&shop.payment.seen()), ["POST /hold", "POST /refund"]);
+    assert_eq!(
+        paths(&shop.inventory.seen()),
+        ["POST /reserve", "POST /release"]
+    );
+    shop.payment.release.notify_waiters();
+}
