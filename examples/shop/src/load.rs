@@ -40,7 +40,7 @@ pub struct LoadSummary {
     /// Confirmed (201).
     pub confirmed: usize,
     /// Failures by reason code (`out_of_stock`, `payment_unavailable`,
-    /// `rate_limited`, `transport`, ...).
+    /// `rate_limited`, `transport`, `pending` for a 202, ...).
     pub failures: BTreeMap<String, usize>,
     /// Wall time, seconds.
     pub elapsed_secs: f64,
@@ -184,8 +184,12 @@ pub async fn run(opts: LoadOptions) -> Result<LoadSummary, String> {
     })
 }
 
-/// The error code of a failed order answer (or its status).
+/// The error code of a failed order answer (or its status); `pending` for a
+/// 202 (the order was still running when the service answered).
 fn reason(status: http::StatusCode, body: Option<&[u8]>) -> String {
+    if status == http::StatusCode::ACCEPTED {
+        return "pending".into();
+    }
     body.and_then(meshwork_sdk::ErrorBody::parse)
         .map_or_else(|| format!("http_{}", status.as_u16()), |e| e.code)
 }
