@@ -79,7 +79,7 @@ pub(crate) use on::hit;
 pub use on::hit_branch_blocking;
 
 /// A crash point (nothing without the `failpoints` feature).
-#[cfg(not(feature = "failpoints"))]
+#[cfg(all(feature = "server", not(feature = "failpoints")))]
 #[inline(always)]
 pub(crate) async fn hit(_point: &str) {}
 
