@@ -184,6 +184,50 @@ fn a_saga_started_over_http_commits_and_bad_requests_are_refused() {
     assert!(err.contains("already committed"), "{err}");
 }
 
+/// An operator's abort sent to a node that does not drive the transaction
+/// is forwarded to the one that does, whose driver compensates at once —
+/// not when its call (held here, with a 60 s deadline) ends.
+#[test]
+fn an_abort_sent_to_another_node_reaches_the_driver_at_once() {
+    let (dir, a) = store_node();
+    let b = coordinator(&dir, &a, "b", &[]);
+    let c = coordinator(&dir, &a, "c", &[]);
+    let p = Participants::start();
+    p.register(&a.http);
+    let saga = json!({"id": "order-9", "spec": {"mode": "saga", "branches": [
+        {"name": "reserve", "service": "inventory", "action": {"path": "/reserve"}, "undo": {"path": "/release"}},
+        {"name": "charge", "service": "payment", "stage": 1, "action": {"path": "/hold"},
+         "undo": {"path": "/refund"}, "timeout_ms": 60000}
+    ]}});
+    let (code, body) = http::post(&b.http, "/v1/txn", &saga.to_string()).unwrap();
+    assert_eq!(code, 201, "{body}");
+    until(
+        "the charge to be in flight",
+        Duration::from_secs(20),
+        || p.payment.hits() == 1,
+    );
+    let (code, body) = http::post(
+        &c.http,
+        "/v1/txn/order-9/abort",
+        r#"{"reason": "the customer cancelled"}"#,
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let answered: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answered["status"], "aborting", "{body}");
+    assert_eq!(answered["coordinator"], "b", "{body}");
+    eventually("order-9 to be compensated", Duration::from_secs(20), || {
+        let v = get(&c.http, "/v1/txn/order-9");
+        (v["status"] == "aborted").then_some(())
+    });
+    assert_eq!(paths(&p.payment.seen()), ["POST /hold", "POST /refund"]);
+    assert_eq!(
+        paths(&p.inventory.seen()),
+        ["POST /reserve", "POST /release"]
+    );
+    p.payment.release.notify_waiters();
+}
+
 /// Node `a` serves the store; `b` and `c` coordinate transactions on it. `b`
 /// starts a saga and is SIGKILLed while the charge is in flight; `c` claims
 /// the transaction once `b`'s session expires and resends the charge with

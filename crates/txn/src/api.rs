@@ -169,7 +169,65 @@ async fn show(
     }
 }
 
-async fn abort(State(role): State<TxnRole>, Path(id): Path<String>, body: Bytes) -> Response {
+/// Marks an operator's request forwarded by a node to the transaction's
+/// driver (forwarded once, never again).
+const FORWARDED: &str = "x-meshwork-forwarded";
+/// Deadline of a forwarded request.
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sends an operator's request (`abort` or `retry`) to the node driving the
+/// transaction, so its driver acts at once; `None` (apply it here) when this
+/// node drives it, nobody does, or that node does not answer.
+async fn forward(
+    role: &TxnRole,
+    id: &str,
+    action: &str,
+    headers: &http::HeaderMap,
+    body: Bytes,
+) -> Option<Response> {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+    static CLIENT: std::sync::OnceLock<Client<HttpConnector, Full<Bytes>>> =
+        std::sync::OnceLock::new();
+    if headers.contains_key(FORWARDED) {
+        return None;
+    }
+    let addr = role.driven_elsewhere(id).await.ok()??;
+    let uri = format!("http://{addr}/v1/txn/{}/{action}", crate::path_segment(id));
+    let mut req = http::Request::post(uri)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(FORWARDED, "1");
+    if let Some(auth) = headers.get(http::header::AUTHORIZATION) {
+        req = req.header(http::header::AUTHORIZATION, auth);
+    }
+    let req = req.body(Full::new(body)).ok()?;
+    let client = CLIENT.get_or_init(|| Client::builder(TokioExecutor::new()).build_http());
+    let exchange = async {
+        let resp = client.request(req).await.ok()?;
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await.ok()?.to_bytes();
+        Some(Response::from_parts(parts, axum::body::Body::from(bytes)))
+    };
+    match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
+        Ok(Some(resp)) => Some(resp),
+        _ => {
+            tracing::warn!(txn = %id, driver = %addr, "the driving node did not answer; applying here");
+            None
+        }
+    }
+}
+
+async fn abort(
+    State(role): State<TxnRole>,
+    Path(id): Path<String>,
+    headers: http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(answer) = forward(&role, &id, "abort", &headers, body.clone()).await {
+        return answer;
+    }
     let body: AbortBody = if body.is_empty() {
         AbortBody::default()
     } else {
@@ -191,7 +249,14 @@ async fn abort(State(role): State<TxnRole>, Path(id): Path<String>, body: Bytes)
     }
 }
 
-async fn retry(State(role): State<TxnRole>, Path(id): Path<String>) -> Response {
+async fn retry(
+    State(role): State<TxnRole>,
+    Path(id): Path<String>,
+    headers: http::HeaderMap,
+) -> Response {
+    if let Some(answer) = forward(&role, &id, "retry", &headers, Bytes::new()).await {
+        return answer;
+    }
     match role.apply(&id, Event::RetryNow).await {
         Ok(t) => axum::Json(t).into_response(),
         Err(e) => error(e).into_response(),

@@ -47,3 +47,17 @@ pub const HEADER_BRANCH: &str = "x-meshwork-branch";
 pub const HEADER_PHASE: &str = "x-meshwork-phase";
 /// Header carrying the idempotency key (the IETF draft's name).
 pub const HEADER_IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// A transaction id (or any text) as one URL path segment: unreserved bytes
+/// as they are, every other byte percent-encoded.
+pub fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

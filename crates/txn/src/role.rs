@@ -160,6 +160,25 @@ impl TxnRole {
         Ok(self.runner.apply(id, event).await?)
     }
 
+    /// The HTTP address of the live `txn` node driving unfinished `id`,
+    /// when that is another node (an operator's event sent there wakes its
+    /// driver at once).
+    pub async fn driven_elsewhere(&self, id: &str) -> Result<Option<String>, LogError> {
+        let Some(stored) = self.runner.log().load(id).await? else {
+            return Ok(None);
+        };
+        let by = &stored.txn.coordinator;
+        if *by == self.me || stored.txn.status.is_final() {
+            return Ok(None);
+        }
+        Ok(self
+            .membership
+            .members()
+            .into_iter()
+            .find(|n| n.name == *by && n.roles.iter().any(|r| r == TXN_ROLE))
+            .map(|n| n.http_addr))
+    }
+
     /// Reads `id`, waiting up to `wait` for it to be final (answered from
     /// memory the moment this node finishes it, re-read every [`WAIT_POLL`]
     /// when another node drives it); None if there is no such transaction.

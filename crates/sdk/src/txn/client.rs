@@ -237,7 +237,11 @@ impl TxnClient {
         first: Option<&str>,
     ) -> Result<Value, TxnError> {
         let max = max.min(MAX_WAIT);
-        let path = format!("/v1/txn/{}?wait_ms={}", encode_segment(id), max.as_millis());
+        let path = format!(
+            "/v1/txn/{}?wait_ms={}",
+            meshwork_txn::path_segment(id),
+            max.as_millis()
+        );
         let (_, status, v) = self
             .call(http::Method::GET, &path, None, REQUEST_TIMEOUT + max, first)
             .await?;
@@ -257,17 +261,4 @@ fn refused(status: u16, v: &Value) -> TxnError {
             .unwrap_or("no error message")
             .to_owned(),
     }
-}
-
-/// Percent-encodes a path segment.
-fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
