@@ -4,35 +4,20 @@
 //! as the node does.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::Duration;
 
-use meshwork_coord::{Coord, CoordOptions};
 use meshwork_sdk::txn::TxnError;
 use meshwork_sdk::{Meshwork, Options};
 use meshwork_testkit::store::embedded;
 use meshwork_testkit::upstream::Upstream;
-use meshwork_txn::role::{TXN_ROLE, TxnRole};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_starts_a_transaction_and_waits_for_its_end() {
     let store = embedded().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = listener.local_addr().unwrap();
-    let coord = Coord::start(
-        std::slice::from_ref(&store.endpoint),
-        CoordOptions {
-            node_name: "n1".into(),
-            http_addr: http.to_string(),
-            extra_roles: vec![TXN_ROLE.into()],
-            ..CoordOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    let role = TxnRole::start(&coord);
-    let app = meshwork_txn::api::router(role);
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let coord = common::txn_node(&store.endpoint).await;
     let inventory = Upstream::start("inventory").await;
     let spec = serde_json::from_value(json!({
         "address": "127.0.0.1", "port": inventory.addr.port(), "ephemeral": false

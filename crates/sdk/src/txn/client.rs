@@ -253,6 +253,33 @@ impl TxnClient {
     }
 }
 
+/// What a two-phase-commit participant in doubt should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The transaction decided to commit.
+    Commit,
+    /// It decided to abort, or has no record (presumed abort).
+    Abort,
+    /// It is still in its first phase: ask again later.
+    Pending,
+}
+
+impl TxnClient {
+    /// The verdict on transaction `id` for a participant in doubt.
+    pub async fn verdict(&self, id: &str) -> Result<Verdict, TxnError> {
+        let path = format!("/v1/txn/{}/verdict", meshwork_txn::path_segment(id));
+        let (_, status, v) = self
+            .call(http::Method::GET, &path, None, REQUEST_TIMEOUT, None)
+            .await?;
+        match (status, v["verdict"].as_str()) {
+            (200, Some("commit")) => Ok(Verdict::Commit),
+            (200, Some("abort")) => Ok(Verdict::Abort),
+            (200, Some("pending")) => Ok(Verdict::Pending),
+            _ => Err(refused(status, &v)),
+        }
+    }
+}
+
 fn refused(status: u16, v: &Value) -> TxnError {
     TxnError::Refused {
         status,

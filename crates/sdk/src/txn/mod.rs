@@ -14,7 +14,7 @@ pub mod client;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
-pub use client::{TxnClient, TxnError};
+pub use client::{TxnClient, TxnError, Verdict};
 
 use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};

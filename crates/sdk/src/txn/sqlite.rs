@@ -16,6 +16,15 @@
 //!
 //! The barrier rows and the business rows commit or roll back together:
 //! that is what makes the guarantee hold across crashes of the participant.
+//!
+//! A two-phase-commit participant uses [`Barrier::prepare`],
+//! [`Barrier::commit`] and [`Barrier::rollback`]: prepare locks what the
+//! commit needs and keeps the work to apply (a payload) in [`PREPARED_TABLE`],
+//! in the same local transaction, so a participant that crashes after
+//! answering "prepared" still holds it. [`Barrier::in_doubt`] lists the
+//! branches prepared here whose outcome has not arrived; ask the coordinator
+//! (`TxnClient::verdict`) and commit or roll each back — the barrier makes
+//! that and the coordinator's own later call take effect once.
 
 use std::time::Duration;
 
@@ -26,6 +35,8 @@ use super::{BranchCall, Phase};
 
 /// The barrier table.
 pub const TABLE: &str = "meshwork_txn_barrier";
+/// The prepared work of two-phase-commit branches.
+pub const PREPARED_TABLE: &str = "meshwork_txn_prepared";
 
 /// How long a call waits for another writer of the database before failing
 /// (set on the connection by [`Barrier::install`]).
@@ -84,9 +95,94 @@ impl Barrier {
                 reason TEXT NOT NULL,
                 at_ms INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)),
                 PRIMARY KEY (txn, branch, phase)
+            ) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS {PREPARED_TABLE} (
+                txn TEXT NOT NULL,
+                branch TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                at_ms INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)),
+                PRIMARY KEY (txn, branch)
             ) WITHOUT ROWID;"
         ))?;
         Ok(Barrier)
+    }
+
+    /// Two-phase commit's prepare (the branch's action): `work` checks and
+    /// locks what the commit will need, and `payload` (what the commit
+    /// applies) is kept in [`PREPARED_TABLE`] — one local transaction behind
+    /// the barrier.
+    pub fn prepare<E>(
+        &self,
+        conn: &mut Connection,
+        call: &BranchCall,
+        payload: &str,
+        work: impl FnOnce(&Transaction<'_>) -> Result<(), E>,
+    ) -> Result<Ran<()>, BarrierError<E>> {
+        let ran = self.run(conn, call, |tx| {
+            work(tx).map_err(Staged::Work)?;
+            tx.execute(
+                &format!("INSERT INTO {PREPARED_TABLE} (txn, branch, payload) VALUES (?1, ?2, ?3)"),
+                params![call.txn, call.branch, payload],
+            )
+            .map_err(Staged::Db)?;
+            Ok(())
+        });
+        unstage(ran)
+    }
+
+    /// Two-phase commit's commit (the branch's confirm): `apply` runs with
+    /// the payload its prepare kept, and the entry goes.
+    pub fn commit<E>(
+        &self,
+        conn: &mut Connection,
+        call: &BranchCall,
+        apply: impl FnOnce(&Transaction<'_>, &str) -> Result<(), E>,
+    ) -> Result<Ran<()>, BarrierError<E>> {
+        let ran = self.run(conn, call, |tx| {
+            let payload = take_prepared(tx, call).map_err(Staged::Db)?;
+            apply(tx, &payload).map_err(Staged::Work)
+        });
+        unstage(ran)
+    }
+
+    /// Two-phase commit's rollback (the branch's undo): `release` runs with
+    /// the payload its prepare kept (to unlock what it locked), and the entry
+    /// goes. A rollback whose prepare never arrived is an empty undo, and
+    /// bars that prepare.
+    pub fn rollback<E>(
+        &self,
+        conn: &mut Connection,
+        call: &BranchCall,
+        release: impl FnOnce(&Transaction<'_>, &str) -> Result<(), E>,
+    ) -> Result<Ran<()>, BarrierError<E>> {
+        self.commit(conn, call, release)
+    }
+
+    /// The branches prepared here at least `older_than` ago whose commit or
+    /// rollback has not arrived, oldest first: the ones to ask the
+    /// coordinator about.
+    pub fn in_doubt(
+        &self,
+        conn: &Connection,
+        older_than: Duration,
+    ) -> rusqlite::Result<Vec<InDoubt>> {
+        let cutoff = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(older_than)
+            .as_millis() as i64;
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT txn, branch, payload, at_ms FROM {PREPARED_TABLE} WHERE at_ms <= ?1 ORDER BY at_ms"
+        ))?;
+        let rows = stmt.query_map(params![cutoff], |r| {
+            Ok(InDoubt {
+                txn: r.get(0)?,
+                branch: r.get(1)?,
+                payload: r.get(2)?,
+                prepared_at_ms: r.get(3)?,
+            })
+        })?;
+        rows.collect()
     }
 
     /// Runs `work` for `call` behind the barrier, in one `BEGIN IMMEDIATE`
@@ -124,6 +220,58 @@ impl Barrier {
         }
         Ok(ran)
     }
+}
+
+/// A two-phase-commit branch prepared here, its outcome not known here yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InDoubt {
+    /// The global transaction.
+    pub txn: String,
+    /// The branch.
+    pub branch: String,
+    /// What its commit applies.
+    pub payload: String,
+    /// When it was prepared, Unix milliseconds.
+    pub prepared_at_ms: i64,
+}
+
+impl InDoubt {
+    /// The call that finishes it: commit (`Phase::Confirm`) or rollback
+    /// (`Phase::Undo`), as the coordinator's verdict says.
+    pub fn call(&self, phase: Phase) -> BranchCall {
+        BranchCall {
+            txn: self.txn.clone(),
+            branch: self.branch.clone(),
+            phase,
+        }
+    }
+}
+
+/// A two-phase-commit step's failure inside the barrier's transaction.
+enum Staged<E> {
+    Work(E),
+    Db(rusqlite::Error),
+}
+
+fn unstage<T, E>(ran: Result<Ran<T>, BarrierError<Staged<E>>>) -> Result<Ran<T>, BarrierError<E>> {
+    ran.map_err(|e| match e {
+        BarrierError::Db(e) | BarrierError::Work(Staged::Db(e)) => BarrierError::Db(e),
+        BarrierError::Work(Staged::Work(e)) => BarrierError::Work(e),
+    })
+}
+
+/// Removes and returns the payload `call`'s prepare kept.
+fn take_prepared(tx: &Transaction<'_>, call: &BranchCall) -> rusqlite::Result<String> {
+    let payload: String = tx.query_row(
+        &format!("SELECT payload FROM {PREPARED_TABLE} WHERE txn = ?1 AND branch = ?2"),
+        params![call.txn, call.branch],
+        |r| r.get(0),
+    )?;
+    tx.execute(
+        &format!("DELETE FROM {PREPARED_TABLE} WHERE txn = ?1 AND branch = ?2"),
+        params![call.txn, call.branch],
+    )?;
+    Ok(payload)
 }
 
 /// `Ran` without its value, for logs.
