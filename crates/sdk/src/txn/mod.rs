@@ -12,6 +12,8 @@
 
 pub mod client;
 #[cfg(feature = "sqlite")]
+pub mod outbox;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 pub use client::{TxnClient, TxnError, Verdict};
