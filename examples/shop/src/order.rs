@@ -34,7 +34,7 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use meshwork_sdk::txn::sqlite::Ran;
-use meshwork_sdk::txn::{BranchCall, TxnClient};
+use meshwork_sdk::txn::{BranchCall, BranchSpec, Call, RetryPolicy, Spec, TxnClient};
 use meshwork_sdk::{Meshwork, TypedConfig};
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -70,9 +70,9 @@ pub const PAYMENTS_FLAG: &str = "shop/features/payments-enabled";
 /// under the gateway route's 10 s timeout, so the 202 reaches the client).
 pub const ORDER_WAIT: Duration = Duration::from_secs(5);
 /// Deadline of one call from the coordinator to a participant.
-const BRANCH_TIMEOUT_MS: u64 = 1_000;
+const BRANCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// The forward phase (every try) must finish within this, or the order fails.
-const ORDER_TIMEOUT_MS: u64 = 30_000;
+const ORDER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An order.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -388,60 +388,58 @@ async fn price_of(s: &OrderState, req: &OrderRequest) -> Result<i64, ApiError> {
 
 /// The order's TCC transaction: the order and its stock in parallel, then
 /// the money.
-fn order_spec(order: &Order, idem: Option<&str>, price: i64) -> Value {
+fn order_spec(order: &Order, idem: Option<&str>, price: i64) -> Spec {
     let id = order.id;
-    let branch = |name: &str, service: &str, stage: u32, action: Value, base: String| {
-        json!({
-            "name": name,
-            "service": service,
-            "stage": stage,
-            "action": action,
-            "confirm": { "path": format!("{base}/{}", confirm_path(service)) },
-            "undo": { "path": format!("{base}/{}", undo_path(service)) },
-            "timeout_ms": BRANCH_TIMEOUT_MS,
-        })
+    // Each branch's confirm and cancel are `{base}/{confirm}` and `{base}/{cancel}`.
+    let branch =
+        |name: &str, service: &str, action: Call, base: String, [confirm, cancel]: [&str; 2]| {
+            BranchSpec::new(name, service, action)
+                .confirm(Call::post(format!("{base}/{confirm}")))
+                .undo(Call::post(format!("{base}/{cancel}")))
+                .timeout(BRANCH_TIMEOUT)
+        };
+    let open = OpenRequest {
+        order: order.clone(),
+        idem_key: idem.map(str::to_owned),
     };
-    json!({
-        "mode": "tcc",
-        "timeout_ms": ORDER_TIMEOUT_MS,
-        "retry": {
-            "initial_backoff_ms": 50,
-            "max_backoff_ms": 5_000,
-            "multiplier": 2.0,
-            "max_attempts": 3,
-            "stuck_after": 20,
-        },
-        "branches": [
-            branch("order", "order", 0,
-                json!({ "path": format!("/orders/{id}/open"),
-                        "body": OpenRequest { order: order.clone(), idem_key: idem.map(str::to_owned) } }),
-                format!("/orders/{id}")),
-            branch("stock", "inventory", 0,
-                json!({ "path": "/reservations",
-                        "body": { "order_id": id.to_string(), "sku": order.sku, "qty": order.qty, "price_cents": price } }),
-                format!("/reservations/{id}")),
-            branch("payment", "payment", 1,
-                json!({ "path": "/charges",
-                        "body": { "order_id": id.to_string(), "account": order.account, "amount_cents": order.amount_cents } }),
-                format!("/charges/{id}")),
-        ],
-    })
-}
-
-fn confirm_path(service: &str) -> &'static str {
-    match service {
-        "payment" => "capture",
-        "inventory" => "commit",
-        _ => "confirm",
-    }
-}
-
-fn undo_path(service: &str) -> &'static str {
-    match service {
-        "payment" => "refund",
-        "inventory" => "release",
-        _ => "cancel",
-    }
+    Spec::tcc()
+        .timeout(ORDER_TIMEOUT)
+        .retry(RetryPolicy {
+            initial_backoff_ms: 50,
+            max_backoff_ms: 5_000,
+            multiplier: 2.0,
+            max_attempts: 3,
+            stuck_after: 20,
+        })
+        .branch(branch(
+            "order",
+            "order",
+            Call::post(format!("/orders/{id}/open")).json(json!(open)),
+            format!("/orders/{id}"),
+            ["confirm", "cancel"],
+        ))
+        .branch(branch(
+            "stock",
+            "inventory",
+            Call::post("/reservations").json(json!({
+                "order_id": id.to_string(), "sku": order.sku, "qty": order.qty, "price_cents": price
+            })),
+            format!("/reservations/{id}"),
+            ["commit", "release"],
+        ))
+        .branch(
+            branch(
+                "payment",
+                "payment",
+                Call::post("/charges").json(json!({
+                    "order_id": id.to_string(), "account": order.account,
+                    "amount_cents": order.amount_cents
+                })),
+                format!("/charges/{id}"),
+                ["capture", "refund"],
+            )
+            .stage(1),
+        )
 }
 
 fn is_final(record: &Value) -> bool {
@@ -752,18 +750,14 @@ mod tests {
             created_ms: 1,
         };
         let spec = order_spec(&order, Some("k"), 2_900);
-        let parsed = meshwork_sdk::txn::Spec::from_json(&spec.to_string());
-        assert!(parsed.is_ok(), "{parsed:?}");
-        let names: Vec<&str> = spec["branches"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|b| b["name"].as_str())
-            .collect();
+        assert!(spec.validate().is_ok(), "{spec:?}");
+        let names: Vec<&str> = spec.branches.iter().map(|b| b.name.as_str()).collect();
         assert_eq!(names, ["order", "stock", "payment"]);
+        let stages: Vec<u32> = spec.branches.iter().map(|b| b.stage).collect();
+        assert_eq!(stages, [0, 0, 1]);
         assert_eq!(
-            spec["branches"][2]["undo"]["path"],
-            format!("/charges/{}/refund", 1_u64 << 60)
+            spec.branches[2].undo.as_ref().map(|c| c.path.clone()),
+            Some(format!("/charges/{}/refund", 1_u64 << 60))
         );
     }
 }

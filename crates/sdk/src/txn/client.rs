@@ -180,10 +180,14 @@ impl TxnClient {
         Err(TxnError::Unreachable(last))
     }
 
-    /// Starts a transaction from its definition (`spec`, as in `POST
-    /// /v1/txn`); `id` is generated when `None`. Durable when this returns:
+    /// Starts a transaction from its definition (`spec`: a [`super::Spec`],
+    /// or its JSON as in `POST /v1/txn`); `id` is generated when `None`. Durable when this returns:
     /// the transaction finishes whatever happens to the caller. The record.
-    pub async fn start(&self, id: Option<&str>, spec: Value) -> Result<Value, TxnError> {
+    pub async fn start(
+        &self,
+        id: Option<&str>,
+        spec: impl serde::Serialize,
+    ) -> Result<Value, TxnError> {
         self.start_on(id, spec).await.map(|(_, v)| v)
     }
 
@@ -193,7 +197,7 @@ impl TxnClient {
     pub async fn start_and_wait(
         &self,
         id: Option<&str>,
-        spec: Value,
+        spec: impl serde::Serialize,
         max: Duration,
     ) -> Result<Value, TxnError> {
         let (addr, started) = self.start_on(id, spec).await?;
@@ -203,7 +207,15 @@ impl TxnClient {
         self.wait_on(id, max, Some(&addr)).await
     }
 
-    async fn start_on(&self, id: Option<&str>, spec: Value) -> Result<(String, Value), TxnError> {
+    async fn start_on(
+        &self,
+        id: Option<&str>,
+        spec: impl serde::Serialize,
+    ) -> Result<(String, Value), TxnError> {
+        let spec = serde_json::to_value(spec).map_err(|e| TxnError::Refused {
+            status: 400,
+            message: format!("the definition does not serialize: {e}"),
+        })?;
         let mut body = json!({ "spec": spec });
         if let Some(id) = id {
             body["id"] = json!(id);
