@@ -63,6 +63,8 @@ pub struct CallRequest {
     pub path: String,
     /// JSON body.
     pub body: Option<serde_json::Value>,
+    /// For a gRPC call: the request message (and `path` is the method).
+    pub grpc: Option<Bytes>,
     /// The same for every attempt of this call.
     pub idempotency_key: String,
     /// Deadline of this attempt.
@@ -89,6 +91,7 @@ impl CallRequest {
             method: call.method.clone(),
             path: call.path.clone(),
             body: call.body.clone(),
+            grpc: call.grpc_message().map(Bytes::from),
             idempotency_key: txn.idempotency_key(branch, phase),
             timeout: Duration::from_millis(b.timeout_ms),
             traceparent: txn
@@ -145,6 +148,8 @@ impl Endpoints for StaticEndpoints {
 pub struct HttpCaller<E> {
     endpoints: E,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// HTTP/2 with prior knowledge, for gRPC calls.
+    grpc: Client<HttpConnector, Full<Bytes>>,
     next: AtomicUsize,
 }
 
@@ -156,7 +161,10 @@ impl<E: Endpoints> HttpCaller<E> {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         HttpCaller {
             endpoints,
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: Client::builder(TokioExecutor::new()).build(connector.clone()),
+            grpc: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build(connector),
             next: AtomicUsize::new(0),
         }
     }
@@ -167,15 +175,27 @@ impl<E: Endpoints> HttpCaller<E> {
             return Outcome::Unknown(format!("no instance of {} takes traffic", req.service));
         }
         let addr = addrs[self.next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
-        let body = req
-            .body
-            .as_ref()
-            .map(|b| Bytes::from(b.to_string()))
-            .unwrap_or_default();
+        let (body, content_type) = match &req.grpc {
+            // One length-prefixed, uncompressed message.
+            Some(message) => {
+                let mut framed = Vec::with_capacity(5 + message.len());
+                framed.push(0);
+                framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+                framed.extend_from_slice(message);
+                (Bytes::from(framed), "application/grpc")
+            }
+            None => (
+                req.body
+                    .as_ref()
+                    .map(|b| Bytes::from(b.to_string()))
+                    .unwrap_or_default(),
+                "application/json",
+            ),
+        };
         let built = http::Request::builder()
             .method(req.method.as_str())
             .uri(format!("http://{addr}{}", req.path))
-            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_TYPE, content_type)
             .header(HEADER_TXN, &req.txn)
             .header(HEADER_BRANCH, &req.branch)
             .header(HEADER_PHASE, req.phase.as_str())
@@ -183,6 +203,13 @@ impl<E: Endpoints> HttpCaller<E> {
         let built = match &req.traceparent {
             Some(tp) => built.header("traceparent", tp),
             None => built,
+        };
+        let built = if req.grpc.is_some() {
+            built
+                .header(http::header::TE, "trailers")
+                .header("grpc-timeout", format!("{}m", req.timeout.as_millis()))
+        } else {
+            built
         }
         .body(Full::new(body));
         let request = match built {
@@ -190,16 +217,29 @@ impl<E: Endpoints> HttpCaller<E> {
             // Validated specs build valid requests; a bad one can never succeed.
             Err(e) => return Outcome::Rejected(format!("invalid request: {e}")),
         };
+        let client = if req.grpc.is_some() {
+            &self.grpc
+        } else {
+            &self.client
+        };
         let exchange = async {
-            let resp = self.client.request(request).await?;
+            let resp = client.request(request).await?;
             let (parts, body) = resp.into_parts();
-            let bytes = body.collect().await?.to_bytes();
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, bytes))
+            let collected = body.collect().await?;
+            let trailers = collected.trailers().cloned();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((
+                parts,
+                trailers,
+                collected.to_bytes(),
+            ))
         };
         match tokio::time::timeout(req.timeout, exchange).await {
             Err(_) => Outcome::Unknown(format!("{addr}: no answer within {:?}", req.timeout)),
             Ok(Err(e)) => Outcome::Unknown(format!("{addr}: {e}")),
-            Ok(Ok((parts, body))) => classify(parts.status, &parts.headers, &body),
+            Ok(Ok((parts, trailers, _))) if req.grpc.is_some() => {
+                classify_grpc(parts.status, &parts.headers, trailers.as_ref())
+            }
+            Ok(Ok((parts, _, body))) => classify(parts.status, &parts.headers, &body),
         }
     }
 }
@@ -207,6 +247,36 @@ impl<E: Endpoints> HttpCaller<E> {
 impl<E: Endpoints> Caller for HttpCaller<E> {
     async fn call(&self, req: CallRequest) -> Outcome {
         self.send(&req).await
+    }
+}
+
+/// How a gRPC answer counts: `grpc-status` from the trailers (or the
+/// headers, for a trailers-only answer); 0 done, the codes in
+/// [`crate::spec::GRPC_REJECTED`] rejected, anything else unknown.
+fn classify_grpc(
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+    trailers: Option<&http::HeaderMap>,
+) -> Outcome {
+    let field = |name: &str| {
+        trailers
+            .and_then(|t| t.get(name))
+            .or_else(|| headers.get(name))
+            .and_then(|v| v.to_str().ok())
+    };
+    let Some(code) = field("grpc-status").and_then(|c| c.parse::<u8>().ok()) else {
+        return Outcome::Unknown(format!("{status} without a grpc-status"));
+    };
+    if code == 0 {
+        return Outcome::Done;
+    }
+    let message = field("grpc-message").unwrap_or("");
+    let message = message.get(..DETAIL_BYTES).unwrap_or(message);
+    let detail = format!("grpc-status {code}: {message}");
+    if crate::spec::GRPC_REJECTED.contains(&code) {
+        Outcome::Rejected(detail)
+    } else {
+        Outcome::Unknown(detail)
     }
 }
 

@@ -48,11 +48,7 @@ fn spec() -> impl Strategy<Value = Spec> {
         2_000u64..20_000,
     )
         .prop_map(|(mode, branches, forward, max_attempts, timeout_ms)| {
-            let call = |p: &str| Call {
-                method: "POST".into(),
-                path: format!("/{p}"),
-                body: None,
-            };
+            let call = |p: &str| Call::post(format!("/{p}"));
             let two_phase = mode != Mode::Saga;
             Spec {
                 mode,

@@ -49,6 +49,8 @@ impl Shop {
         let endpoints = StaticEndpoints(HashMap::from([
             ("inventory".to_owned(), vec![self.inventory.addr]),
             ("payment".to_owned(), vec![self.payment.addr]),
+            // The store's etcd gRPC API, as a gRPC participant.
+            ("store".to_owned(), vec![self.endpoint.parse().unwrap()]),
         ]));
         Runner::new(TxnLog::new(backend), HttpCaller::new(endpoints))
     }
@@ -335,4 +337,84 @@ async fn an_operator_abort_wakes_a_driver_waiting_on_a_call() {
         ["POST /reserve", "POST /release"]
     );
     shop.payment.release.notify_waiters();
+}
+
+/// Protobuf bytes of a message whose fields are all short byte strings.
+fn pb(fields: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (number, bytes) in fields {
+        out.push((number << 3) | 2);
+        out.push(u8::try_from(bytes.len()).unwrap());
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// gRPC branch calls: the store's etcd KV API is the participant (`Put`,
+/// compensated by `DeleteRange`). A committed saga leaves the key; one whose
+/// next step is refused deletes it again; a call the server refuses
+/// (`InvalidArgument`: an empty key) is rejected, not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_take_part_in_a_saga() {
+    use meshwork_txn::spec::{BranchSpec, Call};
+    let shop = Shop::start().await;
+    let runner = shop.runner().await;
+    // `put` writes `key`; its compensation deletes `undo_key` (the same key
+    // but in the last case, whose put is refused).
+    let saga = |key: &[u8], undo_key: &[u8], charge: &str| {
+        Spec::saga()
+            .branch(
+                BranchSpec::new(
+                    "put",
+                    "store",
+                    Call::grpc("/etcdserverpb.KV/Put", &pb(&[(1, key), (2, b"v")])),
+                )
+                .undo(Call::grpc(
+                    "/etcdserverpb.KV/DeleteRange",
+                    &pb(&[(1, undo_key)]),
+                )),
+            )
+            .branch(BranchSpec::new("charge", "payment", Call::post(charge)).stage(1))
+            .build()
+            .unwrap()
+    };
+    let backend = Backend::connect(
+        std::slice::from_ref(&shop.endpoint),
+        BackendOptions::default(),
+    )
+    .await
+    .unwrap();
+    let run = async |id: &str, spec: Spec| {
+        runner.create(&Txn::new(id, spec, now_ms())).await.unwrap();
+        let r = runner.clone();
+        let id = id.to_owned();
+        finished(tokio::spawn(async move { r.drive(&id).await })).await
+    };
+
+    assert_eq!(
+        run("grpc-1", saga(b"/g/1", b"/g/1", "/charge")).await,
+        Status::Committed
+    );
+    let (kv, _) = backend.get("/g/1").await.unwrap();
+    assert_eq!(kv.map(|kv| kv.value.to_vec()), Some(b"v".to_vec()));
+
+    assert_eq!(
+        run("grpc-2", saga(b"/g/2", b"/g/2", "/status/402")).await,
+        Status::Aborted
+    );
+    assert!(
+        backend.get("/g/2").await.unwrap().0.is_none(),
+        "compensated"
+    );
+
+    assert_eq!(
+        run("grpc-3", saga(b"", b"/g/3", "/charge")).await,
+        Status::Aborted
+    );
+    let record = runner.log().load("grpc-3").await.unwrap().unwrap().txn;
+    let reason = record.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("put rejected: grpc-status 3"),
+        "{reason}"
+    );
 }
