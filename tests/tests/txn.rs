@@ -206,6 +206,11 @@ fn an_abort_sent_to_another_node_reaches_the_driver_at_once() {
         Duration::from_secs(20),
         || p.payment.hits() == 1,
     );
+    // A client waiting on the other node is answered when the driver ends.
+    let waiter = {
+        let c = c.http.clone();
+        std::thread::spawn(move || get(&c, "/v1/txn/order-9?wait_ms=20000"))
+    };
     let (code, body) = http::post(
         &c.http,
         "/v1/txn/order-9/abort",
@@ -220,6 +225,7 @@ fn an_abort_sent_to_another_node_reaches_the_driver_at_once() {
         let v = get(&c.http, "/v1/txn/order-9");
         (v["status"] == "aborted").then_some(())
     });
+    assert_eq!(waiter.join().unwrap()["status"], "aborted");
     assert_eq!(paths(&p.payment.seen()), ["POST /hold", "POST /refund"]);
     assert_eq!(
         paths(&p.inventory.seen()),

@@ -68,6 +68,15 @@ pub struct TxnLog {
     backend: Backend,
 }
 
+impl TxnLog {
+    /// Follows record `id` from the write after `revision`: the stream yields
+    /// when the record changes (read it again for its content).
+    pub fn watch(&self, id: &str, revision: i64) -> meshwork_coord::backend::WatchStream {
+        self.backend
+            .watch_range(Bytes::from(key(id)), Bytes::new(), revision + 1)
+    }
+}
+
 fn key(id: &str) -> String {
     format!("{PREFIX}{id}")
 }

@@ -35,8 +35,9 @@ use crate::spec::Spec;
 pub const TXN_ROLE: &str = "txn";
 /// How often unfinished transactions are checked for a dead coordinator.
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
-/// How often [`TxnRole::wait_final`] re-reads a transaction driven elsewhere.
-pub const WAIT_POLL: Duration = Duration::from_millis(200);
+/// Longest [`TxnRole::wait_final`] goes without re-reading a transaction
+/// driven elsewhere (it watches the record, and re-reads on each write).
+pub const WAIT_POLL: Duration = Duration::from_secs(1);
 /// How long finished transactions are kept by default.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Most expired transactions one scan deletes.
@@ -179,9 +180,10 @@ impl TxnRole {
             .map(|n| n.http_addr))
     }
 
-    /// Reads `id`, waiting up to `wait` for it to be final (answered from
-    /// memory the moment this node finishes it, re-read every [`WAIT_POLL`]
-    /// when another node drives it); None if there is no such transaction.
+    /// Reads `id`, waiting up to `wait` for it to be final: answered from
+    /// memory the moment this node finishes it; when another node drives it,
+    /// re-read at each write of its record (and at least every
+    /// [`WAIT_POLL`]). None if there is no such transaction.
     pub async fn wait_final(&self, id: &str, wait: Duration) -> Result<Option<Txn>, LogError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -197,16 +199,23 @@ impl TxnRole {
                 // Timed out, or the task stopped without finishing (taken
                 // over, shut down): read the record.
             }
-            let txn = self.runner.log().load(id).await?.map(|s| s.txn);
+            let stored = self.runner.log().load(id).await?;
             let now = tokio::time::Instant::now();
-            match txn {
-                Some(t) if !t.status.is_final() && now < deadline => {
+            match stored {
+                Some(s) if !s.txn.status.is_final() && now < deadline => {
                     if self.driving.lock().contains_key(id) {
                         continue;
                     }
-                    tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+                    // Driven elsewhere: wake at the record's next write (or
+                    // after WAIT_POLL, should the watch be slow to start).
+                    let mut changes = self.runner.log().watch(id, s.revision);
+                    let wait = WAIT_POLL.min(deadline - now);
+                    if let Ok(None) = tokio::time::timeout(wait, changes.next()).await {
+                        // The watch stopped (history compacted): poll.
+                        tokio::time::sleep(wait).await;
+                    }
                 }
-                other => return Ok(other),
+                other => return Ok(other.map(|s| s.txn)),
             }
         }
     }
