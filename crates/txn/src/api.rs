@@ -29,6 +29,7 @@ pub fn router(role: TxnRole) -> Router {
         .route("/v1/txn/{id}", axum::routing::get(show))
         .route("/v1/txn/{id}/abort", axum::routing::post(abort))
         .route("/v1/txn/{id}/retry", axum::routing::post(retry))
+        .route("/v1/txn/{id}/wake", axum::routing::get(wake))
         .route("/v1/txn/{id}/verdict", axum::routing::get(verdict))
         .layer(axum::middleware::map_response(meshwork_api::json_errors))
         .with_state(role)
@@ -169,65 +170,50 @@ async fn show(
     }
 }
 
-/// Marks an operator's request forwarded by a node to the transaction's
-/// driver (forwarded once, never again).
-const FORWARDED: &str = "x-meshwork-forwarded";
-/// Deadline of a forwarded request.
-const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Deadline of a wake-up sent to the node driving a transaction.
+const WAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Sends an operator's request (`abort` or `retry`) to the node driving the
-/// transaction, so its driver acts at once; `None` (apply it here) when this
-/// node drives it, nobody does, or that node does not answer.
-async fn forward(
-    role: &TxnRole,
-    id: &str,
-    action: &str,
-    headers: &http::HeaderMap,
-    body: Bytes,
-) -> Option<Response> {
-    use http_body_util::{BodyExt, Full};
+/// After an operator's event was applied here (a compare-and-swap on the
+/// shared record), tells the node that drives the transaction to re-read it
+/// now: `GET /v1/txn/{id}/wake` there (a read for the API's guard: it only
+/// makes the driver reload). Best effort: a driver not woken still sees the
+/// change at its next write.
+async fn wake_driver(role: &TxnRole, id: &str) {
+    use http_body_util::{BodyExt, Empty};
     use hyper_util::client::legacy::Client;
     use hyper_util::client::legacy::connect::HttpConnector;
     use hyper_util::rt::TokioExecutor;
-    static CLIENT: std::sync::OnceLock<Client<HttpConnector, Full<Bytes>>> =
+    static CLIENT: std::sync::OnceLock<Client<HttpConnector, Empty<Bytes>>> =
         std::sync::OnceLock::new();
-    if headers.contains_key(FORWARDED) {
-        return None;
-    }
-    let addr = role.driven_elsewhere(id).await.ok()??;
-    let uri = format!("http://{addr}/v1/txn/{}/{action}", crate::path_segment(id));
-    let mut req = http::Request::post(uri)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(FORWARDED, "1");
-    if let Some(auth) = headers.get(http::header::AUTHORIZATION) {
-        req = req.header(http::header::AUTHORIZATION, auth);
-    }
-    let req = req.body(Full::new(body)).ok()?;
+    let Ok(Some(addr)) = role.driven_elsewhere(id).await else {
+        return;
+    };
+    let uri = format!("http://{addr}/v1/txn/{}/wake", crate::path_segment(id));
+    let Ok(req) = http::Request::get(uri).body(Empty::new()) else {
+        return;
+    };
     let client = CLIENT.get_or_init(|| Client::builder(TokioExecutor::new()).build_http());
     let exchange = async {
         let resp = client.request(req).await.ok()?;
-        let (parts, body) = resp.into_parts();
-        let bytes = body.collect().await.ok()?.to_bytes();
-        Some(Response::from_parts(parts, axum::body::Body::from(bytes)))
+        let status = resp.status();
+        resp.into_body().collect().await.ok()?;
+        Some(status)
     };
-    match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
-        Ok(Some(resp)) => Some(resp),
-        _ => {
-            tracing::warn!(txn = %id, driver = %addr, "the driving node did not answer; applying here");
-            None
+    match tokio::time::timeout(WAKE_TIMEOUT, exchange).await {
+        Ok(Some(status)) if status.is_success() => {}
+        other => {
+            tracing::debug!(txn = %id, driver = %addr, answer = ?other, "could not wake the driving node; it sees the change at its next write");
         }
     }
 }
 
-async fn abort(
-    State(role): State<TxnRole>,
-    Path(id): Path<String>,
-    headers: http::HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Some(answer) = forward(&role, &id, "abort", &headers, body.clone()).await {
-        return answer;
-    }
+/// Wakes this node's driver of `id`, if any, to re-read the record.
+async fn wake(State(role): State<TxnRole>, Path(id): Path<String>) -> Response {
+    let woken = role.runner().wake(&id);
+    axum::Json(json!({ "id": id, "woken": woken })).into_response()
+}
+
+async fn abort(State(role): State<TxnRole>, Path(id): Path<String>, body: Bytes) -> Response {
     let body: AbortBody = if body.is_empty() {
         AbortBody::default()
     } else {
@@ -244,21 +230,20 @@ async fn abort(
             .into_response();
     }
     match role.apply(&id, Event::Abort { reason }).await {
-        Ok(t) => axum::Json(t).into_response(),
+        Ok(t) => {
+            wake_driver(&role, &id).await;
+            axum::Json(t).into_response()
+        }
         Err(e) => error(e).into_response(),
     }
 }
 
-async fn retry(
-    State(role): State<TxnRole>,
-    Path(id): Path<String>,
-    headers: http::HeaderMap,
-) -> Response {
-    if let Some(answer) = forward(&role, &id, "retry", &headers, Bytes::new()).await {
-        return answer;
-    }
+async fn retry(State(role): State<TxnRole>, Path(id): Path<String>) -> Response {
     match role.apply(&id, Event::RetryNow).await {
-        Ok(t) => axum::Json(t).into_response(),
+        Ok(t) => {
+            wake_driver(&role, &id).await;
+            axum::Json(t).into_response()
+        }
         Err(e) => error(e).into_response(),
     }
 }

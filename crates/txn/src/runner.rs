@@ -207,7 +207,7 @@ impl<E: Endpoints> HttpCaller<E> {
         let built = if req.grpc.is_some() {
             built
                 .header(http::header::TE, "trailers")
-                .header("grpc-timeout", format!("{}m", req.timeout.as_millis()))
+                .header("grpc-timeout", grpc_timeout(req.timeout))
         } else {
             built
         }
@@ -247,6 +247,15 @@ impl<E: Endpoints> HttpCaller<E> {
 impl<E: Endpoints> Caller for HttpCaller<E> {
     async fn call(&self, req: CallRequest) -> Outcome {
         self.send(&req).await
+    }
+}
+
+/// A `grpc-timeout` value: at most 8 digits, so milliseconds up to ~27
+/// hours and seconds beyond.
+fn grpc_timeout(d: Duration) -> String {
+    match d.as_millis() {
+        ms @ 0..=99_999_999 => format!("{ms}m"),
+        _ => format!("{}S", d.as_secs().min(99_999_999)),
     }
 }
 
@@ -563,14 +572,24 @@ impl<C: Caller> Runner<C> {
             stored.txn.step(now_ms(), event.clone())?;
             match self.log.save(&stored.txn, stored.revision).await {
                 Ok(_) => {
-                    if let Some(bell) = self.drivers.lock().get(id) {
-                        bell.notify_one();
-                    }
+                    self.wake(id);
                     return Ok(stored.txn);
                 }
                 Err(LogError::Superseded(_)) => continue,
                 Err(e) => return Err(RunError::Log(e).into()),
             }
+        }
+    }
+
+    /// Rings the bell of this process's driver of `id`, if there is one: it
+    /// re-reads the record now. Whether there was one.
+    pub fn wake(&self, id: &str) -> bool {
+        match self.drivers.lock().get(id) {
+            Some(bell) => {
+                bell.notify_one();
+                true
+            }
+            None => false,
         }
     }
 

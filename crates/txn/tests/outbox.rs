@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshwork_sdk::txn::outbox::{Outbox, TABLE};
+use meshwork_sdk::txn::outbox::{DEAD_TABLE, Outbox, TABLE};
 use meshwork_sdk::txn::sqlite::rusqlite::Connection;
 use meshwork_sdk::{Meshwork, Options};
 use meshwork_testkit::store::embedded;
@@ -104,6 +104,39 @@ async fn a_message_is_sent_once_exactly_when_its_local_transaction_commits() {
     );
     assert_eq!(ledger.hits(), 2);
 
+    // An invalid definition is refused when staged.
+    {
+        let mut c = conn.lock();
+        let tx = c.transaction().unwrap();
+        let bad = json!({"mode": "saga", "branches": []});
+        assert!(Outbox.stage(&tx, "msg-x", &bad).is_err());
+    }
+    // One the coordinator refuses for good (its id) is set aside with the
+    // reason; the one behind it still starts.
+    {
+        let mut c = conn.lock();
+        let tx = c.transaction().unwrap();
+        Outbox.stage(&tx, "bad id!", &message(5)).unwrap();
+        Outbox.stage(&tx, "msg-5", &message(5)).unwrap();
+        tx.commit().unwrap();
+    }
+    assert_eq!(Outbox.drain(&conn, &txns).await.unwrap(), 2);
+    assert_eq!(staged(&conn), 0);
+    let reason: String = conn
+        .lock()
+        .query_row(
+            &format!("SELECT reason FROM {DEAD_TABLE} WHERE id = 'bad id!'"),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(reason.starts_with("400"), "{reason}");
+    assert_eq!(
+        txns.wait("msg-5", WITHIN).await.unwrap()["status"],
+        "committed"
+    );
+    assert_eq!(ledger.hits(), 3);
+
     // The background drainer.
     let drainer = Outbox.spawn_drainer(conn.clone(), txns.clone(), Duration::from_millis(20));
     {
@@ -120,6 +153,6 @@ async fn a_message_is_sent_once_exactly_when_its_local_transaction_commits() {
         txns.wait("msg-4", WITHIN).await.unwrap()["status"],
         "committed"
     );
-    assert_eq!(ledger.hits(), 3);
+    assert_eq!(ledger.hits(), 4);
     drainer.abort();
 }

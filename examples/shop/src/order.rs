@@ -624,11 +624,17 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
     let id = crate::ids::from_path(&id)?;
+    // The reason is recorded for good (a retried cancel is a duplicate), so
+    // without the record answer 503: the coordinator retries the cancel.
     let (reason, status) = match s.txns.wait(&call.txn, Duration::ZERO).await {
         Ok(record) => failure_of(&record),
         Err(e) => {
             tracing::warn!(order = id, error = %e, "cannot read why the order's transaction aborted");
-            ("cancelled".to_owned(), 409)
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "coordinator_unavailable",
+                format!("cannot read transaction {}: {e}", call.txn),
+            ));
         }
     };
     settle(&s, call, id, "failed", reason, status).await

@@ -20,6 +20,8 @@ use serde_json::{Value, json};
 pub const TXN_ROLE: &str = "txn";
 /// Deadline of one request to a node (a wait adds its own time).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time left for a wait's answer to arrive after the node stops waiting.
+const ANSWER_SLACK: Duration = Duration::from_secs(1);
 /// Longest wait one [`TxnClient::wait`] asks a node for (the API's limit).
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -133,16 +135,25 @@ impl TxnClient {
     }
 
     /// One request to the first node that answers: (status, JSON body).
+    /// `path_for(remaining)` is the path to ask with `remaining` of `budget`
+    /// left (a wait asks a node for no more than that).
     async fn call(
         &self,
         method: http::Method,
-        path: &str,
+        path_for: impl Fn(Duration) -> String,
         body: Option<Value>,
-        timeout: Duration,
+        budget: Duration,
         first: Option<&str>,
     ) -> Result<(String, u16, Value), TxnError> {
+        let deadline = tokio::time::Instant::now() + budget;
         let mut last = String::new();
         for addr in self.nodes(first).await? {
+            let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if timeout.is_zero() {
+                last = format!("{last}; no time left to ask {addr}");
+                break;
+            }
+            let path = path_for(timeout);
             let mut req = http::Request::builder()
                 .method(method.clone())
                 .uri(format!("http://{addr}{path}"))
@@ -188,7 +199,8 @@ impl TxnClient {
         id: Option<&str>,
         spec: impl serde::Serialize,
     ) -> Result<Value, TxnError> {
-        self.start_on(id, spec).await.map(|(_, v)| v)
+        let id = id.map_or_else(new_id, str::to_owned);
+        self.start_on(&id, spec).await.map(|(_, v)| v)
     }
 
     /// Starts a transaction, then waits up to `max` for it to be final, on
@@ -200,30 +212,33 @@ impl TxnClient {
         spec: impl serde::Serialize,
         max: Duration,
     ) -> Result<Value, TxnError> {
-        let (addr, started) = self.start_on(id, spec).await?;
-        let Some(id) = started["id"].as_str() else {
-            return Ok(started);
-        };
-        self.wait_on(id, max, Some(&addr)).await
+        let id = id.map_or_else(new_id, str::to_owned);
+        match self.start_on(&id, spec).await {
+            Ok((addr, _)) => self.wait_on(&id, max, Some(&addr)).await,
+            // Our own start, resent to another node after the first stored it
+            // without answering (or an earlier start of this id): follow it.
+            Err(TxnError::Exists(_)) => self.wait_on(&id, max, None).await,
+            Err(e) => Err(e),
+        }
     }
 
     async fn start_on(
         &self,
-        id: Option<&str>,
+        id: &str,
         spec: impl serde::Serialize,
     ) -> Result<(String, Value), TxnError> {
         let spec = serde_json::to_value(spec).map_err(|e| TxnError::Refused {
             status: 400,
             message: format!("the definition does not serialize: {e}"),
         })?;
-        let mut body = json!({ "spec": spec });
-        if let Some(id) = id {
-            body["id"] = json!(id);
-        }
+        // The id is chosen here, not by the node: a start resent to another
+        // node after no answer (the first may have stored it) is then
+        // refused as `Exists` instead of creating a second transaction.
+        let body = json!({ "spec": spec, "id": id });
         let (addr, status, v) = self
             .call(
                 http::Method::POST,
-                "/v1/txn",
+                |_| "/v1/txn".to_owned(),
                 Some(body),
                 REQUEST_TIMEOUT,
                 None,
@@ -231,7 +246,7 @@ impl TxnClient {
             .await?;
         match status {
             201 => Ok((addr, v)),
-            409 => Err(TxnError::Exists(id.unwrap_or_default().to_owned())),
+            409 => Err(TxnError::Exists(id.to_owned())),
             _ => Err(refused(status, &v)),
         }
     }
@@ -249,13 +264,15 @@ impl TxnClient {
         first: Option<&str>,
     ) -> Result<Value, TxnError> {
         let max = max.min(MAX_WAIT);
-        let path = format!(
-            "/v1/txn/{}?wait_ms={}",
-            meshwork_txn::path_segment(id),
-            max.as_millis()
-        );
+        let segment = meshwork_txn::path_segment(id);
+        // One deadline over every node tried: each is asked to wait only for
+        // what is left, less a second for its answer to arrive.
+        let path_for = |left: Duration| {
+            let wait = left.saturating_sub(ANSWER_SLACK).min(max);
+            format!("/v1/txn/{segment}?wait_ms={}", wait.as_millis())
+        };
         let (_, status, v) = self
-            .call(http::Method::GET, &path, None, REQUEST_TIMEOUT + max, first)
+            .call(http::Method::GET, path_for, None, max + ANSWER_SLACK, first)
             .await?;
         match status {
             200 => Ok(v),
@@ -281,7 +298,13 @@ impl TxnClient {
     pub async fn verdict(&self, id: &str) -> Result<Verdict, TxnError> {
         let path = format!("/v1/txn/{}/verdict", meshwork_txn::path_segment(id));
         let (_, status, v) = self
-            .call(http::Method::GET, &path, None, REQUEST_TIMEOUT, None)
+            .call(
+                http::Method::GET,
+                |_| path.clone(),
+                None,
+                REQUEST_TIMEOUT,
+                None,
+            )
             .await?;
         match (status, v["verdict"].as_str()) {
             (200, Some("commit")) => Ok(Verdict::Commit),
@@ -290,6 +313,18 @@ impl TxnClient {
             _ => Err(refused(status, &v)),
         }
     }
+}
+
+/// A new transaction id: the creation time and 64 random bits (ids sort by
+/// age), as the nodes make them.
+fn new_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(ms);
+    format!("{ms:012x}-{:016x}", h.finish())
 }
 
 fn refused(status: u16, v: &Value) -> TxnError {

@@ -22,6 +22,9 @@ use super::{TxnClient, TxnError};
 
 /// The outbox table.
 pub const TABLE: &str = "meshwork_txn_outbox";
+/// Where entries the coordinator refuses for good go (with the reason), so
+/// one bad entry cannot hold up the ones behind it.
+pub const DEAD_TABLE: &str = "meshwork_txn_outbox_dead";
 /// Most staged transactions one drain starts.
 pub const DRAIN_BATCH: usize = 100;
 
@@ -59,6 +62,12 @@ impl Outbox {
                 id TEXT PRIMARY KEY,
                 spec TEXT NOT NULL,
                 at_ms INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER))
+            ) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS {DEAD_TABLE} (
+                id TEXT PRIMARY KEY,
+                spec TEXT NOT NULL,
+                reason TEXT NOT NULL,
+                at_ms INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER))
             ) WITHOUT ROWID;"
         ))?;
         Ok(Outbox)
@@ -66,8 +75,12 @@ impl Outbox {
 
     /// Stages transaction `id` (its definition `spec`, as `TxnClient::start`
     /// takes it) in the caller's local transaction `tx`: it is started only
-    /// if `tx` commits.
-    pub fn stage(&self, tx: &Transaction<'_>, id: &str, spec: &Value) -> rusqlite::Result<()> {
+    /// if `tx` commits. An invalid definition is refused here.
+    pub fn stage(&self, tx: &Transaction<'_>, id: &str, spec: &Value) -> Result<(), OutboxError> {
+        super::Spec::from_json(&spec.to_string()).map_err(|e| OutboxError::Corrupt {
+            id: id.to_owned(),
+            message: e.to_string(),
+        })?;
         tx.execute(
             &format!("INSERT INTO {TABLE} (id, spec) VALUES (?1, ?2)"),
             params![id, spec.to_string()],
@@ -76,8 +89,9 @@ impl Outbox {
     }
 
     /// Starts the staged transactions (oldest first, at most
-    /// [`DRAIN_BATCH`]) and removes each once the coordinator has it; how
-    /// many it removed. Stops at the first that cannot be started.
+    /// [`DRAIN_BATCH`]) and removes each once the coordinator has it (or has
+    /// refused it for good: then it moves to [`DEAD_TABLE`]); how many it
+    /// removed. Stops when the coordinator cannot be reached.
     pub async fn drain(
         &self,
         conn: &Arc<Mutex<Connection>>,
@@ -94,18 +108,32 @@ impl Outbox {
         })
         .await?;
         let mut done = 0;
-        for (id, spec) in staged {
-            let spec: Value = serde_json::from_str(&spec).map_err(|e| OutboxError::Corrupt {
-                id: id.clone(),
-                message: e.to_string(),
-            })?;
-            match client.start(Some(&id), spec).await {
-                Ok(_) | Err(TxnError::Exists(_)) => {}
-                Err(e) => return Err(e.into()),
+        for (id, text) in staged {
+            let refused = match serde_json::from_str::<Value>(&text) {
+                Err(e) => Some(format!("not JSON: {e}")),
+                Ok(spec) => match client.start(Some(&id), spec).await {
+                    Ok(_) | Err(TxnError::Exists(_)) => None,
+                    // Refused for good (a 4xx): set aside, go on.
+                    Err(TxnError::Refused { status, message }) if (400..500).contains(&status) => {
+                        Some(format!("{status}: {message}"))
+                    }
+                    // The coordinator is away: stop, keep the order.
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            if let Some(reason) = &refused {
+                tracing::warn!(txn = %id, %reason, "outbox entry refused; moved to {DEAD_TABLE}");
             }
-            let gone = id.clone();
             blocking(conn, move |c| {
-                c.execute(&format!("DELETE FROM {TABLE} WHERE id = ?1"), params![gone])
+                let tx = c.unchecked_transaction()?;
+                if let Some(reason) = refused {
+                    tx.execute(
+                        &format!("INSERT OR REPLACE INTO {DEAD_TABLE} (id, spec, reason) VALUES (?1, ?2, ?3)"),
+                        params![id, text, reason],
+                    )?;
+                }
+                tx.execute(&format!("DELETE FROM {TABLE} WHERE id = ?1"), params![id])?;
+                tx.commit()
             })
             .await?;
             done += 1;
