@@ -349,9 +349,14 @@ struct Registered<'a> {
 }
 
 impl<'a> Registered<'a> {
+    /// The bell of `id`: the one hung up before the record was read (by
+    /// [`Runner::start`]), so an event applied in between still rings it.
     fn new(drivers: &'a Drivers, id: &'a str) -> Registered<'a> {
-        let bell = Arc::new(tokio::sync::Notify::new());
-        drivers.lock().insert(id.to_owned(), bell.clone());
+        let bell = drivers
+            .lock()
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Notify::new()))
+            .clone();
         Registered { drivers, id, bell }
     }
 }
@@ -409,11 +414,28 @@ impl<C: Caller> Runner<C> {
         // The actions are derived again by the driver's first `Resume`; a
         // fresh transaction cannot refuse it.
         let _ = txn.step(now_ms(), Event::Resume);
-        let revision = self.log.create(txn).await?;
-        Ok(Stored {
-            txn: txn.clone(),
-            revision,
-        })
+        // Hang up its driver's bell first: an operator's event applied before
+        // the driver starts still wakes it.
+        let hung = {
+            let mut drivers = self.drivers.lock();
+            let absent = !drivers.contains_key(&txn.id);
+            if absent {
+                drivers.insert(txn.id.clone(), Arc::new(tokio::sync::Notify::new()));
+            }
+            absent
+        };
+        match self.log.create(txn).await {
+            Ok(revision) => Ok(Stored {
+                txn: txn.clone(),
+                revision,
+            }),
+            Err(e) => {
+                if hung {
+                    self.drivers.lock().remove(&txn.id);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Drives transaction `id` until it is final; its final status.
@@ -430,18 +452,30 @@ impl<C: Caller> Runner<C> {
 
     /// [`Runner::drive_as`], answering the final record.
     pub async fn drive_as_record(&self, id: &str, me: &str) -> Result<Txn, RunError> {
+        // The bell before the read: an event applied after it rings.
+        let registered = Registered::new(&self.drivers, id);
         let stored = self.load(id).await?;
-        self.drive_stored(stored, me).await
+        self.drive_registered(stored, me, registered).await
     }
 
     /// [`Runner::drive_as`] from a record already read (or just written):
     /// the final record.
-    pub async fn drive_stored(&self, mut stored: Stored, me: &str) -> Result<Txn, RunError> {
+    pub async fn drive_stored(&self, stored: Stored, me: &str) -> Result<Txn, RunError> {
+        let id = stored.txn.id.clone();
+        let registered = Registered::new(&self.drivers, &id);
+        self.drive_registered(stored, me, registered).await
+    }
+
+    async fn drive_registered(
+        &self,
+        mut stored: Stored,
+        me: &str,
+        registered: Registered<'_>,
+    ) -> Result<Txn, RunError> {
         let id = stored.txn.id.clone();
         let id = id.as_str();
         let mut calls = JoinSet::new();
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-        let registered = Registered::new(&self.drivers, id);
         crate::failpoint::hit("drive_start").await;
         let mut event = Event::Resume;
         let mut wake: Option<Millis> = None;

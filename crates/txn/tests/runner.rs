@@ -418,3 +418,38 @@ async fn grpc_calls_take_part_in_a_saga() {
         "{reason}"
     );
 }
+
+/// An operator's abort applied after the record is written but before its
+/// driver starts still wakes that driver at once (its bell is hung up with
+/// the record), instead of when its first call (held here, 60 s deadline)
+/// ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_before_the_driver_starts_still_wakes_it() {
+    use meshwork_txn::spec::{BranchSpec, Call};
+    let shop = Shop::start().await;
+    let runner = shop.runner().await;
+    let spec = Spec::saga()
+        .branch(
+            BranchSpec::new("charge", "payment", Call::post("/hold"))
+                .undo(Call::post("/refund"))
+                .timeout(Duration::from_secs(60)),
+        )
+        .build()
+        .unwrap();
+    let mut txn = Txn::new("order-7", spec, now_ms());
+    let stale = runner.start(&mut txn).await.unwrap();
+    runner
+        .apply(
+            "order-7",
+            Event::Abort {
+                reason: "cancelled at once".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let r = runner.clone();
+    let driving = tokio::spawn(async move { r.drive_stored(stale, "").await.map(|t| t.status) });
+    assert_eq!(finished(driving).await, Status::Aborted);
+    assert_eq!(paths(&shop.payment.seen()), ["POST /hold", "POST /refund"]);
+    shop.payment.release.notify_waiters();
+}
