@@ -37,15 +37,7 @@ async fn a_message_is_sent_once_exactly_when_its_local_transaction_commits() {
     let store = embedded().await;
     let coord = common::txn_node(&store.endpoint).await;
     let ledger = Upstream::start("ledger").await;
-    let spec = serde_json::from_value(json!({
-        "address": "127.0.0.1", "port": ledger.addr.port(), "ephemeral": false
-    }))
-    .unwrap();
-    coord
-        .registry
-        .register("ledger", spec, "test", None)
-        .await
-        .unwrap();
+    common::register(&coord, "ledger", ledger.addr.port()).await;
     let mw = Meshwork::connect(Options::new("orders", vec![store.endpoint.clone()]).unwrap())
         .await
         .unwrap();

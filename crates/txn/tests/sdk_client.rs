@@ -19,15 +19,7 @@ async fn a_service_starts_a_transaction_and_waits_for_its_end() {
     let store = embedded().await;
     let coord = common::txn_node(&store.endpoint).await;
     let inventory = Upstream::start("inventory").await;
-    let spec = serde_json::from_value(json!({
-        "address": "127.0.0.1", "port": inventory.addr.port(), "ephemeral": false
-    }))
-    .unwrap();
-    coord
-        .registry
-        .register("inventory", spec, "test", None)
-        .await
-        .unwrap();
+    common::register(&coord, "inventory", inventory.addr.port()).await;
 
     let mw = Meshwork::connect(Options::new("order", vec![store.endpoint.clone()]).unwrap())
         .await

@@ -143,15 +143,7 @@ async fn setup(bank: &Bank) -> (TxnClient, impl Sized) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let spec = serde_json::from_value(json!({
-        "address": "127.0.0.1", "port": port, "ephemeral": false
-    }))
-    .unwrap();
-    coord
-        .registry
-        .register("bank", spec, "test", None)
-        .await
-        .unwrap();
+    common::register(&coord, "bank", port).await;
     let mw = Meshwork::connect(Options::new("shop", vec![store.endpoint.clone()]).unwrap())
         .await
         .unwrap();

@@ -25,3 +25,16 @@ pub(crate) async fn txn_node(endpoint: &str) -> Coord {
     tokio::spawn(async move { axum::serve(listener, app).await });
     coord
 }
+
+/// Registers `service` at 127.0.0.1:`port` (persistent) in `coord`'s registry.
+pub(crate) async fn register(coord: &Coord, service: &str, port: u16) {
+    let spec = serde_json::from_value(serde_json::json!({
+        "address": "127.0.0.1", "port": port, "ephemeral": false
+    }))
+    .unwrap();
+    coord
+        .registry
+        .register(service, spec, "test", None)
+        .await
+        .unwrap();
+}
