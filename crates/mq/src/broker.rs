@@ -1,0 +1,1560 @@
+//! The broker: topics of partitioned logs, consumer groups over them, and the committer
+//! that makes every change durable before it is acknowledged.
+//!
+//! On disk, under the broker's directory:
+//! - `topics/{topic}/topic.json` (its settings) and `topics/{topic}/{partition}/` (segments);
+//! - `groups/{topic}/{group}.json` (a group's settings and start offsets);
+//! - `journal/` (segments of group-state changes) and `groups.snapshot` (every group's
+//!   state as of a journal position; the journal before it is deleted).
+//!
+//! Invariants:
+//! - one thread, the committer, writes every log and the journal; a publish, ack, nack or
+//!   delivery answers only after its batch is fsynced (group commit), and a failed write
+//!   or fsync stops the broker (fail-stop: restart recovers from disk);
+//! - a group's state changes in memory first, then its ops go to the journal and the call
+//!   waits for them: a crash can forget a delivery (the message goes out again, counted
+//!   once less) but never an acknowledged ack;
+//! - a dead-lettered message is appended to the dead-letter topic in the same batch as the
+//!   op that finishes it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::config::{BrokerConfig, GroupConfig, StartAt, TopicConfig, validate_name};
+use crate::error::{MqError, Result};
+use crate::group::{self, Cursor, GroupState, Op, Slot};
+use crate::log::{LogSettings, PartitionLog, sync_dir};
+use crate::message::{Message, NewMessage};
+
+/// Most messages in one publish call.
+pub const MAX_PUBLISH_BATCH: usize = 1000;
+/// Most messages one fetch returns.
+pub const MAX_FETCH: usize = 1000;
+/// Name of the group every dead-letter topic has, whose cursor is the redrive position.
+const REDRIVE_GROUP: &str = "__redrive";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"MWMQSNP1";
+
+/// Where a published message went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    /// The partition.
+    pub partition: u32,
+    /// Its offset there.
+    pub offset: u64,
+    /// The id was published before, within the dedup window: this is the first's place
+    /// and nothing was written.
+    pub duplicate: bool,
+}
+
+/// A message handed to a consumer of a group.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The partition.
+    pub partition: u32,
+    /// The offset (with the partition, what an ack names).
+    pub offset: u64,
+    /// Which delivery of this message this is (1 = first).
+    pub delivery: u16,
+    /// The message.
+    pub message: Message,
+}
+
+/// A message read back without a group (peek, dead-letter browse).
+#[derive(Clone, Debug)]
+pub struct Stored {
+    /// The partition.
+    pub partition: u32,
+    /// The offset.
+    pub offset: u64,
+    /// The message.
+    pub message: Message,
+}
+
+/// One partition's extent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PartitionInfo {
+    /// The first retained offset.
+    pub start: u64,
+    /// The offset the next message gets.
+    pub end: u64,
+    /// Bytes of log retained.
+    pub bytes: u64,
+}
+
+/// A topic's settings and extent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TopicInfo {
+    /// The name.
+    pub name: String,
+    /// Its settings.
+    pub config: TopicConfig,
+    /// Each partition's extent.
+    pub partitions: Vec<PartitionInfo>,
+    /// Its groups (the broker's own excluded).
+    pub groups: Vec<String>,
+    /// A topic of the broker's own (a dead-letter topic).
+    pub internal: bool,
+}
+
+/// A group's position in one partition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CursorInfo {
+    /// Every offset below is finished.
+    pub floor: u64,
+    /// The next offset the group reads.
+    pub next: u64,
+    /// The partition's end.
+    pub end: u64,
+    /// Messages delivered and not yet acked.
+    pub unacked: u32,
+}
+
+/// A group's settings and progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GroupInfo {
+    /// The topic.
+    pub topic: String,
+    /// The group.
+    pub group: String,
+    /// Its settings.
+    pub config: GroupConfig,
+    /// Its position in each partition.
+    pub partitions: Vec<CursorInfo>,
+    /// Messages not yet finished (not acked, filtered or dead-lettered).
+    pub backlog: u64,
+    /// Messages delivered and not yet acked.
+    pub unacked: u32,
+    /// Publish time (ms since the epoch) of the oldest unfinished message.
+    pub oldest_unfinished_ms: Option<u64>,
+    /// The group's dead-letter topic.
+    pub dead_letter_topic: String,
+    /// Messages in the dead-letter topic not yet redriven.
+    pub dead_letters: u64,
+}
+
+/// Remembers recently published ids per topic (the dedup window).
+#[derive(Default)]
+struct Dedup {
+    ids: HashMap<u64, (u32, u64)>,
+    order: VecDeque<(u64, u64)>,
+}
+
+impl Dedup {
+    fn expire(&mut self, now_ms: u64, window_ms: u64, max: usize) {
+        while let Some(&(ms, id)) = self.order.front() {
+            if now_ms.saturating_sub(ms) <= window_ms && self.order.len() <= max {
+                break;
+            }
+            self.order.pop_front();
+            self.ids.remove(&id);
+        }
+    }
+
+    fn insert(&mut self, id: u64, ms: u64, partition: u32, offset: u64) {
+        if self.ids.insert(id, (partition, offset)).is_none() {
+            self.order.push_back((ms, id));
+        }
+    }
+}
+
+/// A consumer group on a topic.
+struct Group {
+    name: String,
+    state: Mutex<GroupState>,
+    /// Rung when messages become deliverable other than by a publish (a nack, an extension given back).
+    wake: Notify,
+    /// The dead-letter topic (`None` for the broker's own redrive groups).
+    dlq: Option<Arc<Topic>>,
+}
+
+/// A topic: its logs and its groups.
+struct Topic {
+    name: String,
+    config: TopicConfig,
+    parts: Vec<Arc<PartitionLog>>,
+    turn: AtomicU32,
+    /// Rung after each commit that made new messages visible.
+    published: Notify,
+    dedup: Mutex<Dedup>,
+    groups: RwLock<BTreeMap<String, Arc<Group>>>,
+    internal: bool,
+}
+
+impl Topic {
+    fn part(&self, partition: u32) -> Result<&Arc<PartitionLog>> {
+        self.parts
+            .get(partition as usize)
+            .ok_or_else(|| MqError::NoPartition {
+                topic: self.name.clone(),
+                partition,
+                partitions: self.parts.len() as u32,
+            })
+    }
+
+    fn group(&self, name: &str) -> Result<Arc<Group>> {
+        self.groups
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| MqError::NoGroup {
+                topic: self.name.clone(),
+                group: name.to_string(),
+            })
+    }
+
+    fn info(&self) -> TopicInfo {
+        TopicInfo {
+            name: self.name.clone(),
+            config: self.config.clone(),
+            partitions: self
+                .parts
+                .iter()
+                .map(|p| PartitionInfo {
+                    start: p.start(),
+                    end: p.end(),
+                    bytes: p.bytes(),
+                })
+                .collect(),
+            groups: self
+                .groups
+                .read()
+                .keys()
+                .filter(|g| !g.starts_with("__"))
+                .cloned()
+                .collect(),
+            internal: self.internal,
+        }
+    }
+}
+
+/// One message to append.
+struct Append {
+    topic: Arc<Topic>,
+    part: u32,
+    msg: NewMessage,
+}
+
+/// A unit of work for the committer.
+struct Cmd {
+    appends: Vec<Append>,
+    journal: Vec<u8>,
+    reply: oneshot::Sender<Result<Vec<Published>>>,
+}
+
+/// Settings of a group as kept on disk.
+#[derive(Serialize, Deserialize)]
+struct GroupFile {
+    config: GroupConfig,
+    start: Vec<u64>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    cfg: BrokerConfig,
+    topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    /// Serializes topic and group creation (file writes), not the data path.
+    admin: tokio::sync::Mutex<()>,
+    journal: PartitionLog,
+    tx: mpsc::Sender<Cmd>,
+    failed: AtomicBool,
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The message broker engine. Cloning shares it.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+fn log_settings(cfg: &BrokerConfig) -> LogSettings {
+    LogSettings {
+        segment_bytes: cfg.segment_bytes,
+        index_interval_bytes: cfg.index_interval_bytes,
+    }
+}
+
+fn dlq_name(topic: &str, group: &str) -> String {
+    format!("__dlq.{topic}.{group}")
+}
+
+/// Writes a file atomically and durably: temporary file, fsync, rename, fsync of the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| MqError::Storage(format!("{} has no parent directory", path.display())))?;
+    std::fs::create_dir_all(dir).map_err(MqError::storage)?;
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(MqError::storage)?;
+        f.write_all(bytes).map_err(MqError::storage)?;
+        f.sync_all().map_err(MqError::storage)?;
+    }
+    std::fs::rename(&tmp, path).map_err(MqError::storage)?;
+    sync_dir(dir)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(MqError::storage)?;
+    serde_json::from_slice(&bytes).map_err(|e| MqError::Storage(format!("{}: {e}", path.display())))
+}
+
+impl Broker {
+    /// Opens (or creates) the broker in `dir`: loads topics and groups, replays the
+    /// journal over the last snapshot, rebuilds the dedup window and starts the committer.
+    pub fn open(dir: impl AsRef<Path>, cfg: BrokerConfig) -> Result<Broker> {
+        cfg.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(dir.join("topics")).map_err(MqError::storage)?;
+        let settings = log_settings(&cfg);
+        let now = cfg.clock.now_ms();
+
+        // Topics.
+        let mut topics = BTreeMap::new();
+        let mut names: Vec<String> = Vec::new();
+        for entry in std::fs::read_dir(dir.join("topics")).map_err(MqError::storage)? {
+            let entry = entry.map_err(MqError::storage)?;
+            if let Some(name) = entry.file_name().to_str()
+                && entry.path().join("topic.json").exists()
+            {
+                names.push(name.to_string());
+            }
+        }
+        for name in names {
+            let tdir = dir.join("topics").join(&name);
+            let config: TopicConfig = read_json(&tdir.join("topic.json"))?;
+            let topic = Self::open_topic(&tdir, &name, config, settings, name.starts_with("__"))?;
+            topics.insert(name, Arc::new(topic));
+        }
+
+        // Groups at their start offsets; the snapshot and the journal bring them forward.
+        let gdir = dir.join("groups");
+        if gdir.exists() {
+            for t in std::fs::read_dir(&gdir).map_err(MqError::storage)? {
+                let t = t.map_err(MqError::storage)?;
+                let Some(tname) = t.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if !t.path().is_dir() {
+                    continue;
+                }
+                let Some(topic) = topics.get(&tname) else {
+                    tracing::warn!(topic = %tname, "group files of a topic that does not exist; ignored");
+                    continue;
+                };
+                for g in std::fs::read_dir(t.path()).map_err(MqError::storage)? {
+                    let g = g.map_err(MqError::storage)?;
+                    let Some(gname) = g
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_suffix(".json"))
+                        .map(str::to_string)
+                    else {
+                        continue;
+                    };
+                    let file: GroupFile = read_json(&g.path())?;
+                    let dlq = if gname == REDRIVE_GROUP {
+                        None
+                    } else {
+                        topics.get(&dlq_name(&tname, &gname)).cloned()
+                    };
+                    let group = Self::new_group(topic, &gname, file.config, &file.start, dlq);
+                    topic.groups.write().insert(gname, Arc::new(group));
+                }
+            }
+        }
+
+        // Snapshot, then the journal after it.
+        let journal = PartitionLog::open(&dir.join("journal"), 0, settings)?;
+        let mut from = journal.start();
+        let snap_path = dir.join("groups.snapshot");
+        if snap_path.exists() {
+            from = Self::load_snapshot(&snap_path, &topics)?.max(from);
+        }
+        let mut at = from;
+        let end = journal.end();
+        while at < end {
+            let recs = journal.read(at, 1024, 4 * 1024 * 1024)?;
+            let Some(last) = recs.last() else { break };
+            at = last.offset + 1;
+            for r in recs {
+                let (t, g, ops) = group::decode_ops(&r.payload)?;
+                if let Some(group) = topics
+                    .get(&t)
+                    .and_then(|t| t.groups.read().get(&g).cloned())
+                {
+                    group.state.lock().replay(&ops);
+                }
+            }
+        }
+
+        // Bring cursors inside what the logs hold; rebuild the dedup window.
+        for topic in topics.values() {
+            for group in topic.groups.read().values() {
+                let mut st = group.state.lock();
+                for (c, part) in st.cursors.iter_mut().zip(&topic.parts) {
+                    let lost = c.skip_to(part.start());
+                    if lost > 0 {
+                        tracing::warn!(topic = %topic.name, group = %group.name, partition = part.id, lost, "messages removed by retention before the group finished them");
+                    }
+                    Self::clamp(c, part.end());
+                }
+            }
+            let window = cfg.dedup_window.as_millis() as u64;
+            let mut dedup = topic.dedup.lock();
+            for part in &topic.parts {
+                let mut at = part.offset_for_time(now.saturating_sub(window))?;
+                let end = part.end();
+                while at < end {
+                    let recs = part.read(at, 1024, 4 * 1024 * 1024)?;
+                    let Some(last) = recs.last() else { break };
+                    at = last.offset + 1;
+                    for r in recs {
+                        let m = Message::decode(r.payload)?;
+                        if m.id != 0 {
+                            dedup.insert(m.id, m.publish_ms, part.id, r.offset);
+                        }
+                    }
+                }
+            }
+            dedup.expire(now, window, cfg.max_dedup_ids);
+        }
+
+        let (tx, rx) = mpsc::channel(cfg.max_pending_writes);
+        let inner = Arc::new(Inner {
+            dir,
+            cfg,
+            topics: RwLock::new(topics),
+            admin: tokio::sync::Mutex::new(()),
+            journal,
+            tx,
+            failed: AtomicBool::new(false),
+            committer: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&inner);
+        let handle = std::thread::Builder::new()
+            .name("meshwork-mq-committer".into())
+            .spawn(move || committer(weak, rx))
+            .map_err(|e| MqError::Storage(format!("starting the committer thread: {e}")))?;
+        *inner.committer.lock() = Some(handle);
+        Ok(Broker { inner })
+    }
+
+    /// Drops slots past a log's end (its tail was lost outside the broker).
+    fn clamp(c: &mut Cursor, end: u64) {
+        while c.next > end {
+            if let Some(s) = c.slots.pop_back() {
+                c.next -= 1;
+                if !s.done {
+                    c.timers.remove(&(s.visible_at, c.next));
+                    if s.deliveries > 0 {
+                        c.unacked -= 1;
+                    }
+                }
+            } else {
+                c.next = end;
+                c.floor = c.floor.min(end);
+            }
+        }
+    }
+
+    fn open_topic(
+        tdir: &Path,
+        name: &str,
+        config: TopicConfig,
+        settings: LogSettings,
+        internal: bool,
+    ) -> Result<Topic> {
+        let mut parts = Vec::with_capacity(config.partitions as usize);
+        for p in 0..config.partitions {
+            parts.push(Arc::new(PartitionLog::open(
+                &tdir.join(p.to_string()),
+                p,
+                settings,
+            )?));
+        }
+        Ok(Topic {
+            name: name.to_string(),
+            config,
+            parts,
+            turn: AtomicU32::new(0),
+            published: Notify::new(),
+            dedup: Mutex::new(Dedup::default()),
+            groups: RwLock::new(BTreeMap::new()),
+            internal,
+        })
+    }
+
+    fn new_group(
+        topic: &Topic,
+        name: &str,
+        config: GroupConfig,
+        start: &[u64],
+        dlq: Option<Arc<Topic>>,
+    ) -> Group {
+        let cursors = (0..topic.parts.len())
+            .map(|i| Cursor::at(start.get(i).copied().unwrap_or(0)))
+            .collect();
+        Group {
+            name: name.to_string(),
+            state: Mutex::new(GroupState {
+                config,
+                cursors,
+                turn: 0,
+            }),
+            wake: Notify::new(),
+            dlq,
+        }
+    }
+
+    /// Loads the groups' snapshot; returns the journal offset it covers up to.
+    fn load_snapshot(path: &Path, topics: &BTreeMap<String, Arc<Topic>>) -> Result<u64> {
+        let b = std::fs::read(path).map_err(MqError::storage)?;
+        let bad = |why: &str| MqError::Storage(format!("{}: {why}", path.display()));
+        if b.len() < 8 + 8 + 4 + 4 || &b[..8] != SNAPSHOT_MAGIC {
+            return Err(bad("not a group snapshot"));
+        }
+        let (body, crc) = b.split_at(b.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+            return Err(bad("checksum mismatch"));
+        }
+        let mut at = 8;
+        let u64_at = |at: usize| -> Result<u64> {
+            body.get(at..at + 8)
+                .map(|s| u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]))
+                .ok_or_else(|| bad("truncated"))
+        };
+        let u32_at = |at: usize| -> Result<u32> {
+            body.get(at..at + 4)
+                .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+                .ok_or_else(|| bad("truncated"))
+        };
+        let seq = u64_at(at)?;
+        at += 8;
+        let count = u32_at(at)?;
+        at += 4;
+        for _ in 0..count {
+            let name = |at: &mut usize| -> Result<String> {
+                let n = *body.get(*at).ok_or_else(|| bad("truncated"))? as usize;
+                let s = body
+                    .get(*at + 1..*at + 1 + n)
+                    .ok_or_else(|| bad("truncated"))?;
+                *at += 1 + n;
+                String::from_utf8(s.to_vec()).map_err(|_| bad("a name is not UTF-8"))
+            };
+            let t = name(&mut at)?;
+            let g = name(&mut at)?;
+            let len = u32_at(at)? as usize;
+            at += 4;
+            let state = body.get(at..at + len).ok_or_else(|| bad("truncated"))?;
+            at += len;
+            if let Some(group) = topics
+                .get(&t)
+                .and_then(|t| t.groups.read().get(&g).cloned())
+            {
+                group.state.lock().decode_snapshot(state)?;
+            }
+        }
+        Ok(seq)
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        self.inner
+            .topics
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| MqError::NoTopic(name.chars().take(256).collect()))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.inner.cfg.clock.now_ms()
+    }
+
+    /// The broker's settings.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.cfg
+    }
+
+    /// Creates a topic; creating it again with the same settings is a no-op.
+    pub async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicInfo> {
+        validate_name("topic", name)?;
+        self.create_topic_inner(name, config, false)
+            .await
+            .map(|t| t.info())
+    }
+
+    async fn create_topic_inner(
+        &self,
+        name: &str,
+        config: TopicConfig,
+        internal: bool,
+    ) -> Result<Arc<Topic>> {
+        let cfg = &self.inner.cfg;
+        if config.partitions == 0 || config.partitions > cfg.max_partitions {
+            return Err(MqError::Invalid(format!(
+                "partitions must be between 1 and {} (mq.max_partitions)",
+                cfg.max_partitions
+            )));
+        }
+        let _admin = self.inner.admin.lock().await;
+        if let Ok(t) = self.topic(name) {
+            return if t.config == config {
+                Ok(t)
+            } else {
+                Err(MqError::TopicExists(name.to_string()))
+            };
+        }
+        let user_topics = self
+            .inner
+            .topics
+            .read()
+            .values()
+            .filter(|t| !t.internal)
+            .count();
+        if !internal && user_topics >= cfg.max_topics {
+            return Err(MqError::Limit {
+                what: "topics",
+                limit: cfg.max_topics as u64,
+                setting: "max_topics",
+            });
+        }
+        let tdir = self.inner.dir.join("topics").join(name);
+        let topic = Arc::new(Self::open_topic(
+            &tdir,
+            name,
+            config.clone(),
+            log_settings(cfg),
+            internal,
+        )?);
+        // The settings file last: a topic without it is not a topic on the next open.
+        let json = serde_json::to_vec_pretty(&config).map_err(MqError::storage)?;
+        write_atomic(&tdir.join("topic.json"), &json)?;
+        self.inner
+            .topics
+            .write()
+            .insert(name.to_string(), topic.clone());
+        tracing::info!(
+            topic = name,
+            partitions = config.partitions,
+            "topic created"
+        );
+        Ok(topic)
+    }
+
+    /// Every topic, the broker's own included (flagged `internal`).
+    pub fn topics(&self) -> Vec<TopicInfo> {
+        self.inner
+            .topics
+            .read()
+            .values()
+            .map(|t| t.info())
+            .collect()
+    }
+
+    /// One topic's settings and extent.
+    pub fn topic_info(&self, name: &str) -> Result<TopicInfo> {
+        Ok(self.topic(name)?.info())
+    }
+
+    /// Publishes messages to a topic; answers once they are durable. A message with a key
+    /// goes to the key's partition, one without to the partitions in turn.
+    pub async fn publish(&self, topic: &str, msgs: Vec<NewMessage>) -> Result<Vec<Published>> {
+        let t = self.topic(topic)?;
+        if t.internal {
+            return Err(MqError::Invalid(format!(
+                "{topic:?} is the broker's own topic; publish to it is refused"
+            )));
+        }
+        if msgs.len() > MAX_PUBLISH_BATCH {
+            return Err(MqError::TooLarge {
+                what: "publish batch (messages)",
+                size: msgs.len() as u64,
+                limit: MAX_PUBLISH_BATCH as u64,
+                setting: "max_publish_batch (fixed)",
+            });
+        }
+        let cfg = &self.inner.cfg;
+        let latest = self
+            .now_ms()
+            .saturating_add(cfg.max_delay.as_millis() as u64);
+        let n = t.parts.len() as u32;
+        let mut appends = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            msg.validate(cfg.max_message_bytes)?;
+            if msg.deliver_at_ms > latest {
+                return Err(MqError::Invalid(format!(
+                    "deliver_at_ms is more than mq.max_delay ({} s) ahead",
+                    cfg.max_delay.as_secs()
+                )));
+            }
+            let part = if msg.key.is_empty() {
+                t.turn.fetch_add(1, Ordering::Relaxed) % n
+            } else {
+                crc32fast::hash(&msg.key) % n
+            };
+            appends.push(Append {
+                topic: t.clone(),
+                part,
+                msg,
+            });
+        }
+        self.submit(appends, Vec::new()).await
+    }
+
+    /// Hands work to the committer and waits for it to be durable.
+    async fn submit(&self, appends: Vec<Append>, journal: Vec<u8>) -> Result<Vec<Published>> {
+        if self.inner.failed.load(Ordering::Acquire) {
+            return Err(MqError::Stopped);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Cmd {
+                appends,
+                journal,
+                reply,
+            })
+            .await
+            .map_err(|_| MqError::Stopped)?;
+        rx.await.map_err(|_| MqError::Stopped)?
+    }
+
+    /// Reads up to `max` messages of one partition from `offset`, without a group.
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<Stored>> {
+        let t = self.topic(topic)?;
+        let part = t.part(partition)?;
+        let recs = part.read(offset, max.clamp(1, MAX_FETCH), 16 * 1024 * 1024)?;
+        recs.into_iter()
+            .map(|r| {
+                Ok(Stored {
+                    partition,
+                    offset: r.offset,
+                    message: Message::decode(r.payload)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The first offset of a partition published at or after `ms` (its end if none).
+    pub fn offset_for_time(&self, topic: &str, partition: u32, ms: u64) -> Result<u64> {
+        self.topic(topic)?.part(partition)?.offset_for_time(ms)
+    }
+
+    /// Creates a consumer group (and its dead-letter topic); creating it again with the
+    /// same settings is a no-op.
+    pub async fn create_group(
+        &self,
+        topic: &str,
+        group: &str,
+        config: GroupConfig,
+    ) -> Result<GroupInfo> {
+        validate_name("group", group)?;
+        config.validate()?;
+        let t = self.topic(topic)?;
+        if t.internal {
+            return Err(MqError::Invalid(format!(
+                "{topic:?} is the broker's own topic; use the dead-letter endpoints"
+            )));
+        }
+        if let Ok(g) = t.group(group) {
+            let same = g.state.lock().config == config;
+            return if same {
+                self.group_info(topic, group)
+            } else {
+                Err(MqError::GroupExists {
+                    topic: topic.to_string(),
+                    group: group.to_string(),
+                })
+            };
+        }
+        if t.groups.read().len() >= self.inner.cfg.max_groups_per_topic {
+            return Err(MqError::Limit {
+                what: "groups on this topic",
+                limit: self.inner.cfg.max_groups_per_topic as u64,
+                setting: "max_groups_per_topic",
+            });
+        }
+        let dlq = self
+            .create_topic_inner(
+                &dlq_name(topic, group),
+                TopicConfig {
+                    partitions: 1,
+                    ..t.config.clone()
+                },
+                true,
+            )
+            .await?;
+        self.add_group(
+            &dlq,
+            REDRIVE_GROUP,
+            GroupConfig {
+                start: StartAt::Earliest,
+                ack_wait_ms: 60_000,
+                max_deliveries: u16::MAX as u32,
+                ..GroupConfig::default()
+            },
+            None,
+        )
+        .await?;
+        self.add_group(&t, group, config, Some(dlq)).await?;
+        self.group_info(topic, group)
+    }
+
+    async fn add_group(
+        &self,
+        t: &Arc<Topic>,
+        group: &str,
+        config: GroupConfig,
+        dlq: Option<Arc<Topic>>,
+    ) -> Result<()> {
+        let _admin = self.inner.admin.lock().await;
+        if t.groups.read().contains_key(group) {
+            return Ok(());
+        }
+        let mut start = Vec::with_capacity(t.parts.len());
+        for part in &t.parts {
+            let (s, e) = (part.start(), part.end());
+            start.push(match config.start {
+                StartAt::Earliest => s,
+                StartAt::Latest => e,
+                StartAt::Offset(o) => o.clamp(s, e),
+                StartAt::Time(ms) => part.offset_for_time(ms)?,
+            });
+        }
+        let file = GroupFile {
+            config: config.clone(),
+            start: start.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(MqError::storage)?;
+        write_atomic(
+            &self
+                .inner
+                .dir
+                .join("groups")
+                .join(&t.name)
+                .join(format!("{group}.json")),
+            &json,
+        )?;
+        let g = Self::new_group(t, group, config, &start, dlq);
+        t.groups.write().insert(group.to_string(), Arc::new(g));
+        tracing::info!(topic = %t.name, group, "group created");
+        Ok(())
+    }
+
+    /// A group's settings and progress.
+    pub fn group_info(&self, topic: &str, group: &str) -> Result<GroupInfo> {
+        let t = self.topic(topic)?;
+        let g = t.group(group)?;
+        let (config, partitions, backlog, unacked, oldest) = {
+            let st = g.state.lock();
+            let mut backlog = 0u64;
+            let mut oldest: Option<(u32, u64)> = None;
+            let partitions: Vec<CursorInfo> = st
+                .cursors
+                .iter()
+                .zip(&t.parts)
+                .map(|(c, p)| {
+                    let end = p.end();
+                    let open = c.slots.iter().filter(|s| !s.done).count() as u64;
+                    backlog += open + end.saturating_sub(c.next);
+                    if c.floor < end && (open > 0 || c.next < end) && oldest.is_none() {
+                        oldest = Some((p.id, c.floor.max(p.start())));
+                    }
+                    CursorInfo {
+                        floor: c.floor,
+                        next: c.next,
+                        end,
+                        unacked: c.unacked,
+                    }
+                })
+                .collect();
+            (st.config.clone(), partitions, backlog, st.unacked(), oldest)
+        };
+        let oldest_unfinished_ms = oldest.and_then(|(p, o)| {
+            t.parts[p as usize]
+                .read(o, 1, 1)
+                .ok()
+                .and_then(|r| r.first().map(|r| crate::segment::publish_ms(&r.payload)))
+        });
+        let (dead_letter_topic, dead_letters) = match &g.dlq {
+            Some(d) => {
+                let left = d
+                    .group(REDRIVE_GROUP)
+                    .map(|r| {
+                        let st = r.state.lock();
+                        let c = &st.cursors[0];
+                        d.parts[0].end().saturating_sub(c.floor)
+                    })
+                    .unwrap_or(0);
+                (d.name.clone(), left)
+            }
+            None => (String::new(), 0),
+        };
+        Ok(GroupInfo {
+            topic: topic.to_string(),
+            group: group.to_string(),
+            config,
+            partitions,
+            backlog,
+            unacked,
+            oldest_unfinished_ms,
+            dead_letter_topic,
+            dead_letters,
+        })
+    }
+
+    /// Takes up to `max` messages for a consumer of the group, waiting up to `wait` for one.
+    /// Each stays invisible to the group's other consumers until acked, nacked or past its
+    /// ack deadline.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        group: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let t = self.topic(topic)?;
+        if t.internal && group != REDRIVE_GROUP {
+            return Err(MqError::Invalid(format!(
+                "{topic:?} is the broker's own topic"
+            )));
+        }
+        let g = t.group(group)?;
+        let max = max.clamp(1, MAX_FETCH);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let published = t.published.notified();
+            let woken = g.wake.notified();
+            tokio::pin!(published, woken);
+            published.as_mut().enable();
+            woken.as_mut().enable();
+            let now = self.now_ms();
+            let polled = poll(&t, &g, max, now)?;
+            if !polled.ops.is_empty() || !polled.dead.is_empty() {
+                let mut journal = Vec::new();
+                group::encode_ops(&t.name, &g.name, &polled.ops, &mut journal);
+                self.submit(polled.dead, journal).await?;
+            }
+            let n = polled.out.len() as u64;
+            if n > 0 {
+                metrics::counter!("meshwork_mq_delivered_total", "topic" => t.name.clone(), "group" => g.name.clone()).increment(n);
+                if polled.redelivered > 0 {
+                    metrics::counter!("meshwork_mq_redelivered_total", "topic" => t.name.clone(), "group" => g.name.clone())
+                        .increment(polled.redelivered);
+                }
+            }
+            if !polled.out.is_empty() || polled.more {
+                if polled.out.is_empty() {
+                    continue;
+                }
+                return Ok(polled.out);
+            }
+            let now_i = tokio::time::Instant::now();
+            if now_i >= deadline || self.inner.cfg.clock.is_manual() {
+                return Ok(Vec::new());
+            }
+            let mut until = deadline;
+            if let Some(at) = polled.next_timer {
+                let d = Duration::from_millis(at.saturating_sub(now).max(1));
+                until = until.min(now_i + d);
+            }
+            tokio::select! {
+                _ = published => {}
+                _ = woken => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    fn settle(
+        &self,
+        topic: &str,
+        group: &str,
+        items: &[(u32, u64)],
+    ) -> Result<(Arc<Topic>, Arc<Group>)> {
+        let t = self.topic(topic)?;
+        let g = t.group(group)?;
+        if items.len() > MAX_FETCH {
+            return Err(MqError::TooLarge {
+                what: "ack batch (messages)",
+                size: items.len() as u64,
+                limit: MAX_FETCH as u64,
+                setting: "max_fetch (fixed)",
+            });
+        }
+        let st = g.state.lock();
+        for &(p, o) in items {
+            t.part(p)?;
+            if st.cursors[p as usize].delivered(o).is_none() {
+                return Err(MqError::UnknownDelivery {
+                    group: group.to_string(),
+                    partition: p,
+                    offset: o,
+                });
+            }
+        }
+        drop(st);
+        Ok((t, g))
+    }
+
+    async fn journal(&self, t: &Topic, g: &Group, ops: Vec<Op>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut journal = Vec::new();
+        group::encode_ops(&t.name, &g.name, &ops, &mut journal);
+        self.submit(Vec::new(), journal).await.map(|_| ())
+    }
+
+    /// Acknowledges delivered messages: finished for the group. Acking one already
+    /// finished is a no-op; one the group never read is an error and nothing changes.
+    pub async fn ack(&self, topic: &str, group: &str, items: &[(u32, u64)]) -> Result<()> {
+        let (t, g) = self.settle(topic, group, items)?;
+        let mut ops = Vec::new();
+        {
+            let mut st = g.state.lock();
+            for &(p, o) in items {
+                if st.cursors[p as usize].finish(o) {
+                    ops.push(Op::Finish {
+                        part: p,
+                        from: o,
+                        to: o + 1,
+                    });
+                }
+            }
+        }
+        metrics::counter!("meshwork_mq_acked_total", "topic" => t.name.clone(), "group" => g.name.clone()).increment(ops.len() as u64);
+        self.journal(&t, &g, ops).await
+    }
+
+    /// Gives delivered messages back: deliverable again after `delay` (counts as a delivery).
+    pub async fn nack(
+        &self,
+        topic: &str,
+        group: &str,
+        items: &[(u32, u64)],
+        delay: Duration,
+    ) -> Result<()> {
+        let at = self.now_ms().saturating_add(delay.as_millis() as u64);
+        let n = self.set_visible(topic, group, items, at).await?;
+        metrics::counter!("meshwork_mq_nacked_total", "topic" => topic.to_string(), "group" => group.to_string()).increment(n);
+        Ok(())
+    }
+
+    /// Extends delivered messages' ack deadlines by the group's ack wait (or `by`), for a
+    /// consumer still working on them.
+    pub async fn extend(
+        &self,
+        topic: &str,
+        group: &str,
+        items: &[(u32, u64)],
+        by: Option<Duration>,
+    ) -> Result<()> {
+        let t = self.topic(topic)?;
+        let wait = match by {
+            Some(d) => d.as_millis() as u64,
+            None => t.group(group)?.state.lock().config.ack_wait_ms,
+        };
+        let at = self.now_ms().saturating_add(wait);
+        self.set_visible(topic, group, items, at).await.map(|_| ())
+    }
+
+    async fn set_visible(
+        &self,
+        topic: &str,
+        group: &str,
+        items: &[(u32, u64)],
+        at: u64,
+    ) -> Result<u64> {
+        let (t, g) = self.settle(topic, group, items)?;
+        let mut ops = Vec::new();
+        {
+            let mut st = g.state.lock();
+            for &(p, o) in items {
+                let c = &mut st.cursors[p as usize];
+                let Some(slot) = c.delivered(o) else { continue };
+                if slot.done || slot.deliveries == 0 {
+                    continue;
+                }
+                c.set(o, slot.deliveries, at);
+                ops.push(Op::Set {
+                    part: p,
+                    offset: o,
+                    deliveries: slot.deliveries,
+                    visible_at: at,
+                });
+            }
+        }
+        let n = ops.len() as u64;
+        self.journal(&t, &g, ops).await?;
+        g.wake.notify_waiters();
+        Ok(n)
+    }
+
+    /// Dead letters of a group not yet redriven, oldest first.
+    pub fn dead_letters(&self, topic: &str, group: &str, max: usize) -> Result<Vec<Stored>> {
+        let t = self.topic(topic)?;
+        let g = t.group(group)?;
+        let Some(d) = &g.dlq else {
+            return Ok(Vec::new());
+        };
+        let from = d.group(REDRIVE_GROUP)?.state.lock().cursors[0]
+            .floor
+            .max(d.parts[0].start());
+        self.read(&d.name, 0, from, max)
+    }
+
+    /// Publishes up to `max` of a group's dead letters to the topic again (with a fresh
+    /// delivery count) and marks them redriven; returns how many moved.
+    pub async fn redrive(&self, topic: &str, group: &str, max: usize) -> Result<usize> {
+        let t = self.topic(topic)?;
+        let g = t.group(group)?;
+        let Some(d) = g.dlq.clone() else { return Ok(0) };
+        let batch = self
+            .fetch(&d.name, REDRIVE_GROUP, max, Duration::ZERO)
+            .await?;
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let msgs = batch
+            .iter()
+            .map(|b| {
+                let mut m = b.message.to_new();
+                // A fresh id: the original's is still inside the dedup window.
+                m.id = 0;
+                m.headers.retain(|(k, _)| !k.starts_with("mq-dead-"));
+                m.headers.push((
+                    "mq-redriven-from".into(),
+                    Bytes::from(format!("{}/{}", b.partition, b.offset)),
+                ));
+                m
+            })
+            .collect();
+        self.publish(topic, msgs).await?;
+        let items: Vec<(u32, u64)> = batch.iter().map(|b| (b.partition, b.offset)).collect();
+        self.ack(&d.name, REDRIVE_GROUP, &items).await?;
+        Ok(batch.len())
+    }
+
+    /// Waits until everything submitted so far is durable.
+    pub async fn sync(&self) -> Result<()> {
+        self.submit(Vec::new(), Vec::new()).await.map(|_| ())
+    }
+
+    /// Stops the committer after the work queued before this call, and waits for it.
+    /// Only the last handle waits: other clones keep the broker running.
+    pub fn close(self) {
+        if Arc::strong_count(&self.inner) != 1 {
+            return;
+        }
+        let handle = self.inner.committer.lock().take();
+        // The committer ends when the queue's sender, held by `Inner`, is dropped.
+        drop(self);
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+/// What one poll of a group produced.
+struct Polled {
+    out: Vec<Delivery>,
+    ops: Vec<Op>,
+    dead: Vec<Append>,
+    redelivered: u64,
+    /// The earliest time a pending message becomes deliverable.
+    next_timer: Option<u64>,
+    /// Work was done (filtered or dead-lettered) that may have made room: poll again.
+    more: bool,
+}
+
+/// Picks deliveries for a group under its lock: due redeliveries first, then new messages.
+fn poll(t: &Topic, g: &Group, max: usize, now: u64) -> Result<Polled> {
+    let mut st = g.state.lock();
+    let mut p = Polled {
+        out: Vec::new(),
+        ops: Vec::new(),
+        dead: Vec::new(),
+        redelivered: 0,
+        next_timer: None,
+        more: false,
+    };
+    let n = st.cursors.len();
+    let first = st.turn % n.max(1);
+    st.turn = st.turn.wrapping_add(1);
+    let cfg = st.config.clone();
+    let mut unacked = st.unacked();
+    let tag_ok = |tag: &[u8]| cfg.tags.is_empty() || cfg.tags.iter().any(|t| t.as_bytes() == tag);
+    let ack_wait = cfg.ack_wait_ms;
+
+    // Due messages: redeliveries, nacked, delayed ones come due, fresh slots after a restart.
+    for i in 0..n {
+        let pi = (first + i) % n;
+        let part = &t.parts[pi];
+        let c = &mut st.cursors[pi];
+        let lost = c.skip_to(part.start());
+        if lost > 0 {
+            tracing::warn!(topic = %t.name, group = %g.name, partition = pi, lost, "messages removed by retention before the group finished them");
+        }
+        while p.out.len() < max {
+            let Some(&(vis, off)) = c.timers.first() else {
+                break;
+            };
+            if vis > now {
+                break;
+            }
+            let Some(slot) = c.delivered(off) else { break };
+            if slot.deliveries == 0 && unacked >= cfg.max_unacked {
+                break;
+            }
+            let msg = match part.read(off, 1, 1) {
+                Ok(mut r) if !r.is_empty() => Message::decode(r.swap_remove(0).payload)?,
+                Ok(_) | Err(MqError::OffsetOutOfRange { .. }) => {
+                    c.finish(off);
+                    p.ops.push(Op::Finish {
+                        part: pi as u32,
+                        from: off,
+                        to: off + 1,
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if slot.deliveries == 0 {
+                if !tag_ok(msg.tag.as_bytes()) {
+                    c.finish(off);
+                    p.ops.push(Op::Finish {
+                        part: pi as u32,
+                        from: off,
+                        to: off + 1,
+                    });
+                    continue;
+                }
+                if msg.deliver_at_ms > now {
+                    c.set(off, 0, msg.deliver_at_ms);
+                    continue;
+                }
+            }
+            if slot.deliveries as u32 >= cfg.max_deliveries {
+                if let Some(dlq) = &g.dlq {
+                    let mut m = msg.to_new();
+                    m.headers
+                        .push(("mq-dead-topic".into(), Bytes::from(t.name.clone())));
+                    m.headers
+                        .push(("mq-dead-group".into(), Bytes::from(g.name.clone())));
+                    m.headers
+                        .push(("mq-dead-partition".into(), Bytes::from(pi.to_string())));
+                    m.headers
+                        .push(("mq-dead-offset".into(), Bytes::from(off.to_string())));
+                    m.headers.push((
+                        "mq-dead-deliveries".into(),
+                        Bytes::from(slot.deliveries.to_string()),
+                    ));
+                    p.dead.push(Append {
+                        topic: dlq.clone(),
+                        part: 0,
+                        msg: m,
+                    });
+                    metrics::counter!("meshwork_mq_dead_lettered_total", "topic" => t.name.clone(), "group" => g.name.clone()).increment(1);
+                }
+                c.finish(off);
+                unacked = unacked.saturating_sub(1);
+                p.ops.push(Op::Finish {
+                    part: pi as u32,
+                    from: off,
+                    to: off + 1,
+                });
+                p.more = true;
+                continue;
+            }
+            let deliveries = slot.deliveries.saturating_add(1);
+            if slot.deliveries == 0 {
+                unacked += 1;
+            } else {
+                p.redelivered += 1;
+            }
+            let visible_at = now.saturating_add(ack_wait);
+            c.set(off, deliveries, visible_at);
+            p.ops.push(Op::Set {
+                part: pi as u32,
+                offset: off,
+                deliveries,
+                visible_at,
+            });
+            p.out.push(Delivery {
+                partition: pi as u32,
+                offset: off,
+                delivery: deliveries,
+                message: msg,
+            });
+        }
+    }
+
+    // New messages.
+    for i in 0..n {
+        let pi = (first + i) % n;
+        let part = &t.parts[pi];
+        let end = part.end();
+        loop {
+            let c = &mut st.cursors[pi];
+            let room_window = (cfg.max_window as usize).saturating_sub(c.slots.len());
+            let want = (max - p.out.len())
+                .min(cfg.max_unacked.saturating_sub(unacked) as usize)
+                .min(room_window);
+            if want == 0 || c.next >= end {
+                break;
+            }
+            let recs = part.read(c.next, want, 4 * 1024 * 1024)?;
+            if recs.is_empty() {
+                break;
+            }
+            for r in recs {
+                let off = r.offset;
+                debug_assert_eq!(off, c.next);
+                let tag = crate::message::Message::peek_tag(&r.payload)?;
+                if !tag_ok(tag) {
+                    c.push(Slot {
+                        done: true,
+                        deliveries: 0,
+                        visible_at: 0,
+                    });
+                    match p.ops.last_mut() {
+                        Some(Op::Finish { part, to, .. }) if *part == pi as u32 && *to == off => {
+                            *to = off + 1
+                        }
+                        _ => p.ops.push(Op::Finish {
+                            part: pi as u32,
+                            from: off,
+                            to: off + 1,
+                        }),
+                    }
+                    continue;
+                }
+                let msg = Message::decode(r.payload)?;
+                if msg.deliver_at_ms > now {
+                    c.push(Slot {
+                        done: false,
+                        deliveries: 0,
+                        visible_at: msg.deliver_at_ms,
+                    });
+                    continue;
+                }
+                let visible_at = now.saturating_add(ack_wait);
+                c.push(Slot {
+                    done: false,
+                    deliveries: 1,
+                    visible_at,
+                });
+                unacked += 1;
+                p.ops.push(Op::Set {
+                    part: pi as u32,
+                    offset: off,
+                    deliveries: 1,
+                    visible_at,
+                });
+                p.out.push(Delivery {
+                    partition: pi as u32,
+                    offset: off,
+                    delivery: 1,
+                    message: msg,
+                });
+            }
+            c.advance();
+        }
+    }
+    p.next_timer = st
+        .cursors
+        .iter()
+        .filter_map(|c| c.timers.first().map(|t| t.0))
+        .min();
+    Ok(p)
+}
+
+/// The committer thread: drains the queue into batches and commits each.
+fn committer(weak: Weak<Inner>, mut rx: mpsc::Receiver<Cmd>) {
+    let mut last_retention = 0u64;
+    while let Some(first) = rx.blocking_recv() {
+        let Some(inner) = weak.upgrade() else { return };
+        let mut batch = vec![first];
+        while batch.len() < inner.cfg.max_batch_requests {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        commit(&inner, batch);
+        let now = inner.cfg.clock.now_ms();
+        if now.saturating_sub(last_retention) >= 1000 {
+            last_retention = now;
+            retention(&inner, now);
+        }
+        if !inner.failed.load(Ordering::Acquire)
+            && inner.journal.bytes() >= inner.cfg.journal_checkpoint_bytes
+            && let Err(e) = checkpoint(&inner)
+        {
+            tracing::warn!(error = %e, "group snapshot failed; the journal keeps growing until one succeeds");
+        }
+    }
+}
+
+/// Commits one batch: every request answered, after its writes are durable.
+fn commit(inner: &Inner, batch: Vec<Cmd>) {
+    if inner.failed.load(Ordering::Acquire) {
+        for cmd in batch {
+            let _ = cmd.reply.send(Err(MqError::Stopped));
+        }
+        return;
+    }
+    let started = std::time::Instant::now();
+    let now = inner.cfg.clock.now_ms();
+    let window = inner.cfg.dedup_window.as_millis() as u64;
+    // Each partition written, with its topic and how many messages.
+    let mut touched: Vec<(Arc<Topic>, Arc<PartitionLog>, u64)> = Vec::new();
+    let mut results: Vec<Vec<Published>> = Vec::with_capacity(batch.len());
+    let mut failure: Option<MqError> = None;
+    'cmds: for cmd in &batch {
+        let mut pubs = Vec::with_capacity(cmd.appends.len());
+        for a in &cmd.appends {
+            if a.msg.id != 0 {
+                let mut d = a.topic.dedup.lock();
+                d.expire(now, window, inner.cfg.max_dedup_ids);
+                if let Some(&(partition, offset)) = d.ids.get(&a.msg.id) {
+                    pubs.push(Published {
+                        partition,
+                        offset,
+                        duplicate: true,
+                    });
+                    metrics::counter!("meshwork_mq_duplicates_total", "topic" => a.topic.name.clone()).increment(1);
+                    continue;
+                }
+            }
+            let part = &a.topic.parts[a.part as usize];
+            let staged = part.stage(now, a.msg.encoded_len(), |ms, out| a.msg.encode(ms, out));
+            match staged {
+                Ok((offset, ms)) => {
+                    if a.msg.id != 0 {
+                        a.topic.dedup.lock().insert(a.msg.id, ms, a.part, offset);
+                    }
+                    pubs.push(Published {
+                        partition: a.part,
+                        offset,
+                        duplicate: false,
+                    });
+                    match touched.iter_mut().find(|(_, p, _)| Arc::ptr_eq(p, part)) {
+                        Some(entry) => entry.2 += 1,
+                        None => touched.push((a.topic.clone(), part.clone(), 1)),
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break 'cmds;
+                }
+            }
+        }
+        if !cmd.journal.is_empty()
+            && let Err(e) = inner.journal.stage(now, cmd.journal.len(), |_, out| {
+                out.extend_from_slice(&cmd.journal)
+            })
+        {
+            failure = Some(e);
+            break;
+        }
+        results.push(pubs);
+    }
+    if failure.is_none() {
+        for (_, part, _) in &touched {
+            if let Err(e) = part.write_and_sync(inner.cfg.fsync) {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    if failure.is_none()
+        && let Err(e) = inner.journal.write_and_sync(inner.cfg.fsync)
+    {
+        failure = Some(e);
+    }
+    if let Some(e) = failure {
+        tracing::error!(error = %e, "broker commit failed; the broker stops taking writes (restart to recover from disk)");
+        inner.failed.store(true, Ordering::Release);
+        for cmd in batch {
+            let _ = cmd.reply.send(Err(e.clone()));
+        }
+        return;
+    }
+    inner.journal.publish();
+    for (topic, part, n) in &touched {
+        part.publish();
+        metrics::counter!("meshwork_mq_published_total", "topic" => topic.name.clone())
+            .increment(*n);
+    }
+    for (i, (topic, _, _)) in touched.iter().enumerate() {
+        if !touched[..i].iter().any(|(t, _, _)| Arc::ptr_eq(t, topic)) {
+            topic.published.notify_waiters();
+        }
+    }
+    metrics::histogram!("meshwork_mq_commit_seconds").record(started.elapsed().as_secs_f64());
+    for (cmd, pubs) in batch.into_iter().zip(results) {
+        let _ = cmd.reply.send(Ok(pubs));
+    }
+}
+
+/// Applies each topic's retention.
+fn retention(inner: &Inner, now: u64) {
+    let topics: Vec<Arc<Topic>> = inner.topics.read().values().cloned().collect();
+    for t in topics {
+        for part in &t.parts {
+            part.enforce_retention(now, t.config.retention_ms, t.config.retention_bytes);
+        }
+    }
+}
+
+/// Snapshots every group's state and drops the journal before it.
+fn checkpoint(inner: &Inner) -> Result<()> {
+    inner.journal.roll_now()?;
+    let seq = inner.journal.end();
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.extend_from_slice(&seq.to_le_bytes());
+    let count_at = out.len();
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let mut count = 0u32;
+    let topics: Vec<Arc<Topic>> = inner.topics.read().values().cloned().collect();
+    for t in topics {
+        let groups: Vec<Arc<Group>> = t.groups.read().values().cloned().collect();
+        for g in groups {
+            out.push(t.name.len() as u8);
+            out.extend_from_slice(t.name.as_bytes());
+            out.push(g.name.len() as u8);
+            out.extend_from_slice(g.name.as_bytes());
+            let len_at = out.len();
+            out.extend_from_slice(&0u32.to_le_bytes());
+            g.state.lock().encode_snapshot(&mut out);
+            let len = (out.len() - len_at - 4) as u32;
+            out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
+            count += 1;
+        }
+    }
+    out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    write_atomic(&inner.dir.join("groups.snapshot"), &out)?;
+    inner.journal.drop_before(seq);
+    tracing::debug!(seq, bytes = out.len(), "group snapshot written");
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! Meshwork's message broker engine: topics of partitioned, append-only logs (segments with
+//! offset and time indexes, CRC per record, group-commit fsync, retention, torn-tail
+//! recovery) and consumer groups over them (per-message ack with deadlines, nack with
+//! delay, max deliveries then a dead-letter topic, tag filters, delayed messages, dedup by
+//! message id). No networking: the node serves it.
+
+mod broker;
+pub mod config;
+pub mod error;
+mod group;
+mod log;
+pub mod message;
+mod segment;
+
+pub use broker::{
+    Broker, CursorInfo, Delivery, GroupInfo, MAX_FETCH, MAX_PUBLISH_BATCH, PartitionInfo,
+    Published, Stored, TopicInfo,
+};
+pub use config::{BrokerConfig, Clock, GroupConfig, StartAt, TopicConfig};
+pub use error::{MqError, Result};
+pub use message::{Message, NewMessage};
