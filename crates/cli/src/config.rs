@@ -19,7 +19,7 @@ pub(crate) struct ServerFile {
     pub(crate) http_addr: Option<String>,
     /// `etcd://HOST:PORT[,...]`: coordination on an external etcd cluster.
     pub(crate) store: Option<String>,
-    /// Roles to run (`store,coord,gateway,txn`).
+    /// Roles to run (`store,coord,gateway,txn,mq`).
     pub(crate) roles: Option<String>,
     /// Gateway listen address (enables the gateway role).
     pub(crate) gateway_addr: Option<String>,
@@ -36,9 +36,11 @@ pub(crate) struct Roles {
     pub(crate) gateway: bool,
     /// The distributed-transaction coordinator.
     pub(crate) txn: bool,
+    /// The message broker.
+    pub(crate) mq: bool,
 }
 
-/// Parses `store,coord,gateway,txn`; the default is every role that fits the
+/// Parses `store,coord,gateway,txn,mq`; the default is every role that fits the
 /// store choice (the gateway when it has an address).
 pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -> Result<Roles> {
     let mut r = Roles {
@@ -46,6 +48,7 @@ pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -
         coord: false,
         gateway: false,
         txn: false,
+        mq: false,
     };
     match s {
         None => {
@@ -53,6 +56,7 @@ pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -
             r.coord = true;
             r.gateway = gateway_addr;
             r.txn = true;
+            r.mq = true;
         }
         Some(list) => {
             for role in list.split(',').map(str::trim).filter(|x| !x.is_empty()) {
@@ -61,8 +65,9 @@ pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -
                     "coord" => r.coord = true,
                     "gateway" => r.gateway = true,
                     "txn" => r.txn = true,
+                    "mq" => r.mq = true,
                     other => {
-                        bail!("unknown role {other:?}; roles are store, coord, gateway and txn")
+                        bail!("unknown role {other:?}; roles are store, coord, gateway, txn and mq")
                     }
                 }
             }
@@ -73,8 +78,8 @@ pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -
             "the store role runs the embedded store; with --store etcd://... leave it out (--roles coord)"
         );
     }
-    if !r.store && !r.coord && !r.gateway && !r.txn {
-        bail!("no role to run; give --roles with store, coord, gateway and/or txn");
+    if !r.store && !r.coord && !r.gateway && !r.txn && !r.mq {
+        bail!("no role to run; give --roles with store, coord, gateway, txn and/or mq");
     }
     if r.txn && !r.coord {
         bail!(
@@ -219,6 +224,68 @@ pub(crate) struct FileConfig {
     /// The transaction coordinator.
     #[serde(default)]
     pub(crate) txn: TxnFile,
+    /// The message broker.
+    #[serde(default)]
+    pub(crate) mq: MqFile,
+}
+
+/// `[mq]`: the message broker's limits.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MqFile {
+    /// Largest message in bytes (default 1 MiB).
+    #[serde(default)]
+    pub(crate) max_message_bytes: Option<usize>,
+    /// Most topics (default 1000).
+    #[serde(default)]
+    pub(crate) max_topics: Option<usize>,
+    /// Most partitions per topic (default 64).
+    #[serde(default)]
+    pub(crate) max_partitions: Option<u32>,
+    /// Most groups per topic (default 100).
+    #[serde(default)]
+    pub(crate) max_groups_per_topic: Option<usize>,
+    /// Log segment size in bytes (default 64 MiB).
+    #[serde(default)]
+    pub(crate) segment_bytes: Option<u64>,
+    /// Seconds a message id is remembered for dedup (default 120).
+    #[serde(default)]
+    pub(crate) dedup_window_secs: Option<u64>,
+    /// Longest delay of a delayed message, in seconds (default 30 days).
+    #[serde(default)]
+    pub(crate) max_delay_secs: Option<u64>,
+}
+
+impl MqFile {
+    /// The broker's settings.
+    pub(crate) fn config(&self, fsync: bool) -> Result<meshwork_mq::BrokerConfig> {
+        let mut c = meshwork_mq::BrokerConfig::default();
+        if let Some(v) = self.max_message_bytes {
+            c.max_message_bytes = v;
+        }
+        if let Some(v) = self.max_topics {
+            c.max_topics = v;
+        }
+        if let Some(v) = self.max_partitions {
+            c.max_partitions = v;
+        }
+        if let Some(v) = self.max_groups_per_topic {
+            c.max_groups_per_topic = v;
+        }
+        if let Some(v) = self.segment_bytes {
+            c.segment_bytes = v;
+        }
+        if let Some(v) = self.dedup_window_secs {
+            c.dedup_window = Duration::from_secs(v);
+        }
+        if let Some(v) = self.max_delay_secs {
+            c.max_delay = Duration::from_secs(v);
+        }
+        c.fsync = fsync;
+        c.validate()
+            .map_err(|e| anyhow::anyhow!("[mq] table: {e}"))?;
+        Ok(c)
+    }
 }
 
 /// `[txn]`: the transaction coordinator.

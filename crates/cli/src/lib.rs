@@ -62,6 +62,7 @@ mod http;
 mod httpc;
 mod kv;
 mod listen;
+mod mqcli;
 mod node;
 mod output;
 mod snapshotcli;
@@ -122,6 +123,8 @@ enum Command {
     Gateway(gatewaycli::GatewayArgs),
     /// Distributed transactions (saga, TCC, 2PC): start, list, show, abort, retry.
     Txn(txncli::TxnArgs),
+    /// The message broker: topics, publish, subscribe, dead letters.
+    Mq(mqcli::MqArgs),
     /// The demo shop: run one of its services, or drive orders through the gateway.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
@@ -174,8 +177,9 @@ struct NodeArgs {
     unsafe_no_fsync: bool,
     /// Roles to run, comma-separated: `store` (the embedded etcd-compatible store),
     /// `coord` (registry, config center, locks, election, ids), `gateway` (the API
-    /// gateway) and `txn` (the distributed-transaction coordinator) [default:
-    /// store,coord,txn, plus gateway when --gateway-addr is given].
+    /// gateway), `txn` (the distributed-transaction coordinator) and `mq` (the
+    /// message broker) [default: store,coord,txn,mq, plus gateway when
+    /// --gateway-addr is given].
     #[arg(long, env = "MESHWORK_ROLES")]
     roles: Option<String>,
     /// Run coordination on an external etcd cluster instead of the embedded store:
@@ -324,6 +328,7 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         .clone()
         .or(file.server.http_addr.clone())
         .unwrap_or_else(|| "127.0.0.1:7070".into());
+    let mq = file.mq.config(store.fsync)?;
     Ok(node::NodeConfig {
         name: args
             .name
@@ -346,6 +351,7 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         gateway_workers: args.gateway_workers,
         console_auth: console_auth(&file.console)?,
         txn: file.txn.options()?,
+        mq,
         listen: {
             let mut l = file.listen.clone();
             l.validate()?;
@@ -587,6 +593,7 @@ fn run() -> Result<()> {
             Command::Id(a) => coordcli::id(a).await,
             Command::Gateway(a) => gatewaycli::run(a).await,
             Command::Txn(a) => txncli::run(a).await,
+            Command::Mq(a) => mqcli::run(a).await,
             #[cfg(feature = "demo")]
             Command::Demo(a) => demo::run(a).await,
             Command::Snapshot(a) => snapshotcli::run(a).await,

@@ -37,6 +37,8 @@ pub(crate) struct NodeConfig {
     pub(crate) listen: crate::listen::ListenConfig,
     /// The transaction coordinator's options.
     pub(crate) txn: meshwork_txn::role::TxnOptions,
+    /// The message broker's settings (its files live in `data_dir/mq`).
+    pub(crate) mq: meshwork_mq::BrokerConfig,
 }
 
 /// A node that is up: its bound addresses, and how to stop it.
@@ -52,6 +54,7 @@ pub(crate) struct Running {
     coord: Option<Coord>,
     gateway: Option<meshwork_gateway::GatewayRole>,
     txn: Option<meshwork_txn::role::TxnRole>,
+    mq: Option<meshwork_mq::Broker>,
 }
 
 impl Running {
@@ -71,6 +74,10 @@ impl Running {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        if let Some(b) = self.mq {
+            // Waits for the committer to finish what is queued.
+            let _ = tokio::task::spawn_blocking(move || b.close()).await;
         }
         if let Some(store) = self.store {
             store.close().await;
@@ -196,9 +203,37 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         (Some(c), true) => Some(meshwork_txn::role::TxnRole::start_with(c, cfg.txn.clone())),
         _ => None,
     };
+    let mq = if cfg.roles.mq {
+        let dir = cfg.data_dir.join("mq");
+        let config = cfg.mq.clone();
+        let opened = tokio::task::spawn_blocking(move || meshwork_mq::Broker::open(&dir, config))
+            .await
+            .context("opening the message broker")?;
+        Some(opened.with_context(|| {
+            format!(
+                "opening the message broker in {}",
+                cfg.data_dir.join("mq").display()
+            )
+        })?)
+    } else {
+        None
+    };
     let mut app = http::router(state);
     if let Some(t) = &txn {
         app = app.merge(meshwork_txn::api::router(t.clone()));
+    }
+    if let Some(b) = &mq {
+        app = app.merge(meshwork_mq::api::router(b.clone()));
+        let (b, mut rx) = (b.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                b.export_gauges();
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                    _ = rx.changed() => return,
+                }
+            }
+        }));
     }
     if let Some(c) = &coord {
         // One document for everything this node serves.
@@ -207,6 +242,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             meshwork_gateway::OPENAPI,
             meshwork_console::OPENAPI,
             meshwork_txn::OPENAPI,
+            meshwork_mq::OPENAPI,
         ])?;
         app = app
             .merge(meshwork_gateway::role::routes_router(
@@ -254,6 +290,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         coord,
         gateway,
         txn,
+        mq,
     })
 }
 

@@ -1151,6 +1151,31 @@ impl Broker {
         Ok(batch.len())
     }
 
+    /// Sets the per-group gauges (backlog, unacked, age of the oldest unfinished message,
+    /// dead letters) and per-partition log sizes; the node calls it every few seconds.
+    pub fn export_gauges(&self) {
+        let now = self.now_ms();
+        let topics: Vec<Arc<Topic>> = self.inner.topics.read().values().cloned().collect();
+        for t in topics.iter().filter(|t| !t.internal) {
+            let bytes: u64 = t.parts.iter().map(|p| p.bytes()).sum();
+            metrics::gauge!("meshwork_mq_log_bytes", "topic" => t.name.clone()).set(bytes as f64);
+            let groups: Vec<String> = t.groups.read().keys().cloned().collect();
+            for g in groups {
+                let Ok(info) = self.group_info(&t.name, &g) else {
+                    continue;
+                };
+                let labels = [("topic", t.name.clone()), ("group", g.clone())];
+                metrics::gauge!("meshwork_mq_backlog_messages", &labels).set(info.backlog as f64);
+                metrics::gauge!("meshwork_mq_unacked_messages", &labels).set(info.unacked as f64);
+                metrics::gauge!("meshwork_mq_dead_letters", &labels).set(info.dead_letters as f64);
+                let age = info
+                    .oldest_unfinished_ms
+                    .map_or(0.0, |ms| now.saturating_sub(ms) as f64 / 1000.0);
+                metrics::gauge!("meshwork_mq_oldest_unfinished_age_seconds", &labels).set(age);
+            }
+        }
+    }
+
     /// Waits until everything submitted so far is durable.
     pub async fn sync(&self) -> Result<()> {
         self.submit(Vec::new(), Vec::new()).await.map(|_| ())

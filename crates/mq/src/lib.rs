@@ -4,6 +4,8 @@
 //! delay, max deliveries then a dead-letter topic, tag filters, delayed messages, dedup by
 //! message id). No networking: the node serves it.
 
+#[cfg(feature = "api")]
+pub mod api;
 mod broker;
 pub mod config;
 pub mod error;
@@ -19,3 +21,6 @@ pub use broker::{
 pub use config::{BrokerConfig, Clock, GroupConfig, StartAt, TopicConfig};
 pub use error::{MqError, Result};
 pub use message::{Message, NewMessage};
+
+/// The API's OpenAPI fragment (merged into the node's `/openapi.json`).
+pub const OPENAPI: &str = include_str!("../openapi.json");

@@ -1,0 +1,312 @@
+//! The message broker through the node: the CLI's quickstart (topic, publish, subscribe,
+//! dead letters) against a real `meshwork server`, the API in the node's `/openapi.json`
+//! and its metrics; and the node killed with SIGKILL while clients publish and consume
+//! over HTTP: every acknowledged publish is there after the restart, nothing acked comes
+//! back, and everything else (delayed messages included) is delivered.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use meshwork_testkit::http::blocking as http;
+use meshwork_tests::meshwork_http as run;
+use serde_json::{Value, json};
+
+const ROLES: &[&str] = &["--roles", "store,coord,mq"];
+
+fn post(node: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (s, b) = http::post(node, path, &body.to_string()).unwrap();
+    (s, serde_json::from_str(&b).unwrap_or(Value::Null))
+}
+
+#[test]
+fn cli_quickstart_api_document_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(dir.path(), ROLES, &[]);
+    let h = node.http.as_str();
+    let (ok, out, err) = run(h, &["mq", "topic", "create", "orders", "--partitions", "2"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("topic orders (2 partitions)"), "{out}");
+    let (ok, out, err) = run(
+        h,
+        &[
+            "mq", "pub", "orders", "hello", "--key", "o-1", "--tag", "paid", "--header", "a=b",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("false"), "{out}");
+    let (ok, _, err) = run(h, &["mq", "pub", "orders", "world", "--id", "42"]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = run(
+        h,
+        &[
+            "mq",
+            "pub",
+            "orders",
+            "world again",
+            "--id",
+            "42",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(ok);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["results"][0]["duplicate"],
+        true
+    );
+    let (ok, out, err) = run(
+        h,
+        &[
+            "mq", "sub", "orders", "--group", "mailer", "--from", "earliest", "--count", "2",
+        ],
+    );
+    assert!(ok, "{err}");
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["hello", "world"]);
+    let (ok, out, _) = run(h, &["mq", "topic", "list"]);
+    assert!(
+        ok && out.contains("orders") && !out.contains("__dlq"),
+        "{out}"
+    );
+    let (ok, out, _) = run(h, &["mq", "topic", "describe", "orders"]);
+    assert!(
+        ok && out.contains("group mailer: backlog 0, unacked 0"),
+        "{out}"
+    );
+    let (ok, out, _) = run(
+        h,
+        &[
+            "mq", "dlq", "list", "orders", "--group", "mailer", "-o", "json",
+        ],
+    );
+    assert!(ok);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap()["messages"],
+        json!([])
+    );
+    // Mistakes: a non-zero exit and the API's message.
+    let (ok, _, err) = run(h, &["mq", "pub", "nope", "x"]);
+    assert!(
+        !ok && err.contains("topic \"nope\" does not exist"),
+        "{err}"
+    );
+    let (ok, _, err) = run(
+        h,
+        &[
+            "mq",
+            "sub",
+            "orders",
+            "--group",
+            "g2",
+            "--from",
+            "yesterday",
+        ],
+    );
+    assert!(!ok && err.contains("RFC 3339"), "{err}");
+
+    let (s, d) = http::get(h, "/openapi.json").unwrap();
+    assert_eq!(s, 200);
+    assert!(d.contains("/v1/mq/topics/{topic}/groups/{group}/fetch"));
+    let (_, m) = http::get(h, "/metrics").unwrap();
+    assert!(
+        m.contains("meshwork_mq_published_total{topic=\"orders\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("meshwork_mq_duplicates_total{topic=\"orders\"} 1"),
+        "{m}"
+    );
+    // The per-group gauges are refreshed every few seconds.
+    meshwork_testkit::blocking::until("the backlog gauge", Duration::from_secs(20), || {
+        http::get(h, "/metrics").is_ok_and(|(_, m)| {
+            m.contains("meshwork_mq_backlog_messages{topic=\"orders\",group=\"mailer\"} 0")
+                && m.contains("meshwork_mq_oldest_unfinished_age_seconds{topic=\"orders\",group=\"mailer\"} 0")
+        })
+    });
+}
+
+#[test]
+fn sigkill_the_node_while_clients_publish_and_consume() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut high = BTreeMap::new();
+    for round in 1..=5u64 {
+        let mut node = meshwork_tests::start(dir.path(), ROLES, &[]);
+        let h = node.http.clone();
+        if round == 1 {
+            assert_eq!(
+                http::request(&h, "PUT", "/v1/mq/topics/t", r#"{"partitions":2}"#)
+                    .unwrap()
+                    .0,
+                201
+            );
+            let g = json!({"start": "earliest", "ack_wait_ms": 500, "max_deliveries": 1000});
+            assert_eq!(
+                http::request(&h, "PUT", "/v1/mq/topics/t/groups/g", &g.to_string())
+                    .unwrap()
+                    .0,
+                201
+            );
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let published = Arc::new(parking_lot::Mutex::new(
+            BTreeMap::<String, (u64, u64)>::new(),
+        ));
+        let sent = Arc::new(parking_lot::Mutex::new(BTreeSet::<(u64, u64)>::new()));
+        let acked = Arc::new(parking_lot::Mutex::new(BTreeSet::<(u64, u64)>::new()));
+        let mut threads = Vec::new();
+        for p in 0..4u64 {
+            let (h, stop, published) = (h.clone(), stop.clone(), published.clone());
+            threads.push(std::thread::spawn(move || {
+                for i in 0.. {
+                    if stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let id = format!("{}", (round << 40) | (p << 32) | (i + 1));
+                    let mut m = json!({"id": id, "body": id});
+                    if i % 5 == 2 {
+                        m["delay_ms"] = json!(300);
+                    }
+                    let Ok((200, b)) = http::post(
+                        &h,
+                        "/v1/mq/topics/t/messages",
+                        &json!({"messages": [m]}).to_string(),
+                    ) else {
+                        return;
+                    };
+                    let v: Value = serde_json::from_str(&b).unwrap();
+                    let r = &v["results"][0];
+                    published.lock().insert(
+                        id,
+                        (
+                            r["partition"].as_u64().unwrap(),
+                            r["offset"].as_u64().unwrap(),
+                        ),
+                    );
+                }
+            }));
+        }
+        {
+            let (h, stop, sent, acked) = (h.clone(), stop.clone(), sent.clone(), acked.clone());
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let Ok((200, b)) = http::post(&h, "/v1/mq/topics/t/groups/g/fetch", r#"{"max":20,"wait_ms":200}"#) else {
+                        return;
+                    };
+                    let v: Value = serde_json::from_str(&b).unwrap();
+                    let items: Vec<(u64, u64)> = v["messages"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|m| (m["partition"].as_u64().unwrap(), m["offset"].as_u64().unwrap()))
+                        .collect();
+                    if items.is_empty() {
+                        continue;
+                    }
+                    sent.lock().extend(items.iter().copied());
+                    let body = json!({"messages": items.iter().map(|(p, o)| json!({"partition": p, "offset": o})).collect::<Vec<_>>()});
+                    let Ok((204, _)) = http::post(&h, "/v1/mq/topics/t/groups/g/ack", &body.to_string()) else {
+                        return;
+                    };
+                    acked.lock().extend(items);
+                }
+            }));
+        }
+        // Kill at a different point each round.
+        let target = 30 + (round as usize * 37) % 120;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while published.lock().len() < target && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        node.kill9();
+        stop.store(true, Ordering::Release);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let published = published.lock().clone();
+        let (sent, acked) = (sent.lock().clone(), acked.lock().clone());
+        assert!(!published.is_empty(), "round {round}: nothing published");
+
+        let node = meshwork_tests::start(dir.path(), ROLES, &[]);
+        let h = node.http.clone();
+        for (id, (p, o)) in &published {
+            let (s, b) = http::get(
+                &h,
+                &format!("/v1/mq/topics/t/messages?partition={p}&offset={o}&limit=1"),
+            )
+            .unwrap();
+            assert_eq!(s, 200, "round {round}: {b}");
+            let v: Value = serde_json::from_str(&b).unwrap();
+            assert_eq!(
+                v["messages"][0]["body"].as_str(),
+                Some(id.as_str()),
+                "round {round}: {p}/{o}"
+            );
+        }
+        let (_, b) = http::get(&h, "/v1/mq/topics/t").unwrap();
+        let v: Value = serde_json::from_str(&b).unwrap();
+        for (p, part) in v["partitions"].as_array().unwrap().iter().enumerate() {
+            let end = part["end"].as_u64().unwrap();
+            let h = high.entry(p).or_insert(0u64);
+            assert!(
+                end >= *h,
+                "round {round}: partition {p} went back from {h} to {end}"
+            );
+            *h = end;
+        }
+        let mut want: BTreeSet<(u64, u64)> = published
+            .values()
+            .copied()
+            .filter(|x| !sent.contains(x))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (s, v) = post(
+                &h,
+                "/v1/mq/topics/t/groups/g/fetch",
+                &json!({"max": 1000, "wait_ms": 300}),
+            );
+            assert_eq!(s, 200);
+            let msgs = v["messages"].as_array().unwrap().clone();
+            for m in &msgs {
+                let x = (
+                    m["partition"].as_u64().unwrap(),
+                    m["offset"].as_u64().unwrap(),
+                );
+                assert!(
+                    !acked.contains(&x),
+                    "round {round}: acked {x:?} delivered again"
+                );
+                want.remove(&x);
+            }
+            if !msgs.is_empty() {
+                let items: Vec<Value> = msgs
+                    .iter()
+                    .map(|m| json!({"partition": m["partition"], "offset": m["offset"]}))
+                    .collect();
+                assert_eq!(
+                    post(
+                        &h,
+                        "/v1/mq/topics/t/groups/g/ack",
+                        &json!({"messages": items})
+                    )
+                    .0,
+                    204
+                );
+            }
+            let (_, g) = http::get(&h, "/v1/mq/topics/t/groups/g").unwrap();
+            let g: Value = serde_json::from_str(&g).unwrap();
+            if want.is_empty() && g["backlog"] == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {} acknowledged publishes never delivered: {g}",
+                want.len()
+            );
+        }
+    }
+}
