@@ -28,9 +28,9 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::config::{BrokerConfig, GroupConfig, StartAt, TopicConfig, validate_name};
+use crate::config::{BrokerConfig, GroupConfig, GroupMode, StartAt, TopicConfig, validate_name};
 use crate::error::{MqError, Result};
-use crate::group::{self, Cursor, GroupState, Op, Slot};
+use crate::group::{self, BLOCKED, Cursor, GroupState, Op, Slot};
 use crate::log::{LogSettings, PartitionLog, sync_dir};
 use crate::message::{Message, NewMessage};
 
@@ -406,6 +406,10 @@ impl Broker {
                         tracing::warn!(topic = %topic.name, group = %group.name, partition = part.id, lost, "messages removed by retention before the group finished them");
                     }
                     Self::clamp(c, part.end());
+                    c.rebuild_keys(|o| {
+                        let rec = part.read(o, 1, 1).ok()?.into_iter().next()?;
+                        Message::decode(rec.payload).ok().map(|m| m.key)
+                    });
                 }
             }
             let window = cfg.dedup_window.as_millis() as u64;
@@ -501,7 +505,12 @@ impl Broker {
         dlq: Option<Arc<Topic>>,
     ) -> Group {
         let cursors = (0..topic.parts.len())
-            .map(|i| Cursor::at(start.get(i).copied().unwrap_or(0)))
+            .map(|i| {
+                Cursor::at(
+                    start.get(i).copied().unwrap_or(0),
+                    config.mode == GroupMode::Ordered,
+                )
+            })
             .collect();
         Group {
             name: name.to_string(),
@@ -1371,12 +1380,26 @@ fn poll(t: &Topic, g: &Group, max: usize, now: u64) -> Result<Polled> {
                     continue;
                 }
                 let msg = Message::decode(r.payload)?;
+                // Ordered groups: a key's later messages wait for its first.
+                let keyed = c.keys.is_some() && !msg.key.is_empty();
+                if keyed && c.key_busy(&msg.key) {
+                    c.push(Slot {
+                        done: false,
+                        deliveries: 0,
+                        visible_at: BLOCKED,
+                    });
+                    c.track_key(off, msg.key.clone());
+                    continue;
+                }
                 if msg.deliver_at_ms > now {
                     c.push(Slot {
                         done: false,
                         deliveries: 0,
                         visible_at: msg.deliver_at_ms,
                     });
+                    if keyed {
+                        c.track_key(off, msg.key.clone());
+                    }
                     continue;
                 }
                 let visible_at = now.saturating_add(ack_wait);
@@ -1385,6 +1408,9 @@ fn poll(t: &Topic, g: &Group, max: usize, now: u64) -> Result<Polled> {
                     deliveries: 1,
                     visible_at,
                 });
+                if keyed {
+                    c.track_key(off, msg.key.clone());
+                }
                 unacked += 1;
                 p.ops.push(Op::Set {
                     part: pi as u32,

@@ -197,10 +197,25 @@ pub enum StartAt {
     Time(u64),
 }
 
+/// How a group hands out messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupMode {
+    /// Any message to any consumer, in parallel (the default).
+    #[default]
+    Shared,
+    /// At most one message per key out at a time, in the key's order; parallel across keys.
+    /// A message that exhausts its deliveries goes to the dead letters and the key goes on.
+    Ordered,
+}
+
 /// A consumer group's settings, fixed at creation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
+    /// Shared (default) or ordered by key.
+    #[serde(default)]
+    pub mode: GroupMode,
     /// Where the group starts reading (default latest).
     #[serde(default)]
     pub start: StartAt,
@@ -239,6 +254,7 @@ fn hundred_thousand() -> u32 {
 impl Default for GroupConfig {
     fn default() -> Self {
         Self {
+            mode: GroupMode::default(),
             start: StartAt::default(),
             ack_wait_ms: thirty_s(),
             max_deliveries: five(),

@@ -12,10 +12,23 @@
 //! call that made it answers; ops are absolute and finishing is terminal, so replaying
 //! one twice, or after a snapshot that already holds it, changes nothing.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use crate::config::GroupConfig;
+use bytes::Bytes;
+
+use crate::config::{GroupConfig, GroupMode};
 use crate::error::{MqError, Result};
+
+/// `visible_at` of a message held back behind an earlier one with its key (ordered groups).
+pub(crate) const BLOCKED: u64 = u64::MAX;
+
+/// Ordered groups: each key's unfinished offsets, oldest first. Only the first of a key
+/// may be out with a consumer; the others wait `BLOCKED` until it is finished.
+#[derive(Debug, Default)]
+pub(crate) struct KeyQueues {
+    queues: HashMap<Bytes, VecDeque<u64>>,
+    key_of: HashMap<u64, Bytes>,
+}
 
 /// One offset's state inside the window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,15 +59,85 @@ pub(crate) struct Cursor {
     pub(crate) timers: BTreeSet<(u64, u64)>,
     /// Pending slots delivered at least once (out with a consumer or waiting to go again).
     pub(crate) unacked: u32,
+    /// Ordered groups only: the keys of unfinished messages (in memory; rebuilt on open).
+    pub(crate) keys: Option<KeyQueues>,
 }
 
 impl Cursor {
-    /// A cursor starting at `offset`.
-    pub(crate) fn at(offset: u64) -> Cursor {
+    /// A cursor starting at `offset`; `ordered` keeps one message per key out at a time.
+    pub(crate) fn at(offset: u64, ordered: bool) -> Cursor {
         Cursor {
             floor: offset,
             next: offset,
+            keys: ordered.then(KeyQueues::default),
             ..Cursor::default()
+        }
+    }
+
+    /// Ordered groups: whether `key` has an unfinished message (which the next one waits for).
+    pub(crate) fn key_busy(&self, key: &[u8]) -> bool {
+        self.keys
+            .as_ref()
+            .is_some_and(|k| k.queues.get(key).is_some_and(|q| !q.is_empty()))
+    }
+
+    /// Ordered groups: records that the unfinished `offset` has `key`.
+    pub(crate) fn track_key(&mut self, offset: u64, key: Bytes) {
+        if let Some(k) = self.keys.as_mut() {
+            k.queues.entry(key.clone()).or_default().push_back(offset);
+            k.key_of.insert(offset, key);
+        }
+    }
+
+    /// Ordered groups: `offset` is finished; the next message of its key may go.
+    fn release_key(&mut self, offset: u64) {
+        let Some(k) = self.keys.as_mut() else { return };
+        let Some(key) = k.key_of.remove(&offset) else {
+            return;
+        };
+        let Some(q) = k.queues.get_mut(&key) else {
+            return;
+        };
+        let was_head = q.front() == Some(&offset);
+        q.retain(|&o| o != offset);
+        let next = if was_head { q.front().copied() } else { None };
+        if q.is_empty() {
+            k.queues.remove(&key);
+        }
+        if let Some(n) = next
+            && n >= self.floor
+            && let Some(slot) = self.slots.get_mut((n - self.floor) as usize)
+            && !slot.done
+            && slot.visible_at == BLOCKED
+        {
+            self.timers.remove(&(BLOCKED, n));
+            slot.visible_at = 0;
+            self.timers.insert((0, n));
+        }
+    }
+
+    /// Ordered groups, after recovery: rebuilds the key queues from the unfinished
+    /// messages' keys (`key_of` reads one) and holds back all but each key's first.
+    pub(crate) fn rebuild_keys(&mut self, mut key_of: impl FnMut(u64) -> Option<Bytes>) {
+        if self.keys.is_none() {
+            return;
+        }
+        self.keys = Some(KeyQueues::default());
+        for i in 0..self.slots.len() {
+            let slot = self.slots[i];
+            let offset = self.floor + i as u64;
+            if slot.done {
+                continue;
+            }
+            let Some(key) = key_of(offset).filter(|k| !k.is_empty()) else {
+                continue;
+            };
+            if self.key_busy(&key) && slot.deliveries == 0 && slot.visible_at != BLOCKED {
+                self.timers.remove(&(slot.visible_at, offset));
+                self.slots[i].visible_at = BLOCKED;
+                self.timers.insert((BLOCKED, offset));
+            }
+            self.track_key(offset, key);
         }
     }
 
@@ -118,6 +201,7 @@ impl Cursor {
         if old.deliveries > 0 {
             self.unacked -= 1;
         }
+        self.release_key(offset);
         self.advance();
         true
     }
@@ -145,6 +229,9 @@ impl Cursor {
     pub(crate) fn skip_to(&mut self, start: u64) -> u64 {
         let mut lost = 0;
         while self.floor < start {
+            if self.slots.front().is_some_and(|s| !s.done) {
+                self.release_key(self.floor);
+            }
             if let Some(s) = self.slots.pop_front() {
                 if !s.done {
                     lost += 1;
@@ -333,7 +420,7 @@ impl GroupState {
         for _ in 0..parts {
             let floor = u64::from_le_bytes(arr(take(8)?));
             let n = u32::from_le_bytes(arr(take(4)?));
-            let mut c = Cursor::at(floor);
+            let mut c = Cursor::at(floor, self.config.mode == GroupMode::Ordered);
             for _ in 0..n {
                 let done = take(1)?[0] != 0;
                 let deliveries = u16::from_le_bytes(arr(take(2)?));
@@ -388,7 +475,7 @@ mod tests {
         assert_eq!(back, ops);
         let mut st = GroupState {
             config: GroupConfig::default(),
-            cursors: vec![Cursor::at(0)],
+            cursors: vec![Cursor::at(0, false)],
             turn: 0,
         };
         st.replay(&ops);
@@ -403,7 +490,7 @@ mod tests {
 
     #[test]
     fn gaps_are_fresh_and_snapshot_round_trips() {
-        let mut c = Cursor::at(10);
+        let mut c = Cursor::at(10, false);
         assert!(c.set(12, 2, 500));
         assert_eq!(c.next, 13);
         assert_eq!(c.unacked, 1);
@@ -424,7 +511,7 @@ mod tests {
         st.encode_snapshot(&mut buf);
         let mut back = GroupState {
             config: GroupConfig::default(),
-            cursors: vec![Cursor::at(0)],
+            cursors: vec![Cursor::at(0, false)],
             turn: 0,
         };
         assert_eq!(back.decode_snapshot(&buf).expect("decode"), buf.len());

@@ -18,7 +18,7 @@ pub use broker::{
     Broker, CursorInfo, Delivery, GroupInfo, MAX_FETCH, MAX_PUBLISH_BATCH, PartitionInfo,
     Published, Stored, TopicInfo,
 };
-pub use config::{BrokerConfig, Clock, GroupConfig, StartAt, TopicConfig};
+pub use config::{BrokerConfig, Clock, GroupConfig, GroupMode, StartAt, TopicConfig};
 pub use error::{MqError, Result};
 pub use message::{Message, NewMessage};
 

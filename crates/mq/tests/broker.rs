@@ -735,3 +735,106 @@ async fn a_waiting_fetch_wakes_on_publish_and_many_publishers_commit_in_groups()
         .sum();
     assert_eq!(total, 640);
 }
+
+#[tokio::test]
+async fn ordered_groups_keep_one_message_per_key_out_and_a_poison_message_does_not_block_its_key() {
+    use meshwork_mq::GroupMode;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Clock::manual(T0);
+    let b = Broker::open(dir.path(), cfg(&clock)).expect("open");
+    b.create_topic(
+        "t",
+        TopicConfig {
+            partitions: 2,
+            ..TopicConfig::default()
+        },
+    )
+    .await
+    .expect("create");
+    let g = GroupConfig {
+        mode: GroupMode::Ordered,
+        start: StartAt::Earliest,
+        ack_wait_ms: 1000,
+        max_deliveries: 2,
+        ..GroupConfig::default()
+    };
+    b.create_group("t", "g", g).await.expect("group");
+    let keyed = |k: &str, body: &str| NewMessage {
+        key: Bytes::from(k.to_string()),
+        ..msg(body)
+    };
+    b.publish(
+        "t",
+        vec![
+            keyed("A", "a1"),
+            keyed("B", "b1"),
+            keyed("A", "a2"),
+            msg("u1"),
+            keyed("B", "b2"),
+            keyed("A", "a3"),
+        ],
+    )
+    .await
+    .expect("publish");
+
+    let take = |d: &[meshwork_mq::Delivery]| {
+        let mut v = bodies(d);
+        v.sort();
+        v
+    };
+    let d = b.fetch("t", "g", 10, Duration::ZERO).await.expect("fetch");
+    assert_eq!(take(&d), ["a1", "b1", "u1"]);
+    let at = |name: &str, d: &[meshwork_mq::Delivery]| {
+        let x = d
+            .iter()
+            .find(|x| x.message.body == name.as_bytes())
+            .expect("delivered");
+        (x.partition, x.offset)
+    };
+    let (a1, b1, u1) = (at("a1", &d), at("b1", &d), at("u1", &d));
+    assert!(
+        b.fetch("t", "g", 10, Duration::ZERO)
+            .await
+            .expect("fetch")
+            .is_empty(),
+        "a key's next waits"
+    );
+    b.ack("t", "g", &[a1, u1]).await.expect("ack a1 and u1");
+    let d = b.fetch("t", "g", 10, Duration::ZERO).await.expect("fetch");
+    assert_eq!(take(&d), ["a2"]);
+    let a2 = at("a2", &d);
+
+    // Restart with a2 out and a3 waiting: a3 still waits for a2.
+    b.close();
+    let b = Broker::open(dir.path(), cfg(&clock)).expect("reopen");
+    assert!(
+        b.fetch("t", "g", 10, Duration::ZERO)
+            .await
+            .expect("fetch")
+            .is_empty()
+    );
+    clock.advance(Duration::from_millis(1100));
+    let d = b.fetch("t", "g", 10, Duration::ZERO).await.expect("fetch");
+    // a2 and b1 again (their deadlines passed); not a3, not b2.
+    assert_eq!(take(&d), ["a2", "b1"]);
+    assert!(d.iter().all(|x| x.delivery == 2));
+    b.ack("t", "g", &[a2]).await.expect("ack a2");
+    // b1 is poison: out of deliveries it goes to the dead letters, and b2 goes on.
+    clock.advance(Duration::from_millis(1100));
+    let d = b.fetch("t", "g", 10, Duration::ZERO).await.expect("fetch");
+    assert_eq!(take(&d), ["a3", "b2"]);
+    let dead = b.dead_letters("t", "g", 10).expect("dlq");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message.body, "b1");
+    assert_eq!(
+        b1.1,
+        dead[0]
+            .message
+            .header("mq-dead-offset")
+            .map(|v| String::from_utf8_lossy(v).parse::<u64>().expect("offset"))
+            .expect("header")
+    );
+    let items: Vec<(u32, u64)> = d.iter().map(|x| (x.partition, x.offset)).collect();
+    b.ack("t", "g", &items).await.expect("ack");
+    assert_eq!(b.group_info("t", "g").expect("info").backlog, 0);
+}
