@@ -400,15 +400,20 @@ impl Broker {
         for topic in topics.values() {
             for group in topic.groups.read().values() {
                 let mut st = group.state.lock();
+                let st_config = st.config.clone();
                 for (c, part) in st.cursors.iter_mut().zip(&topic.parts) {
                     let lost = c.skip_to(part.start());
                     if lost > 0 {
                         tracing::warn!(topic = %topic.name, group = %group.name, partition = part.id, lost, "messages removed by retention before the group finished them");
                     }
                     Self::clamp(c, part.end());
-                    c.rebuild_keys(|o| {
+                    let cfg = st_config.clone();
+                    c.rebuild(|o| {
                         let rec = part.read(o, 1, 1).ok()?.into_iter().next()?;
-                        Message::decode(rec.payload).ok().map(|m| m.key)
+                        let m = Message::decode(rec.payload).ok()?;
+                        let filtered =
+                            !cfg.tags.is_empty() && !cfg.tags.iter().any(|t| *t == m.tag);
+                        Some((m.key.clone(), fresh_visible(&m, &cfg, now), filtered))
                     });
                 }
             }
@@ -1217,7 +1222,26 @@ struct Polled {
     more: bool,
 }
 
-/// Picks deliveries for a group under its lock: due redeliveries first, then new messages.
+/// Most messages a partition reads ahead of what is asked for, so that priorities and
+/// (in ordered groups) other keys can be found behind what waits.
+const LOOKAHEAD: usize = 64;
+
+/// When a fresh (never delivered) message may go, and so the order of fresh messages:
+/// delayed ones at their time; the others at their publish time moved earlier by their
+/// priority times the group's `priority_aging_ms`, so higher priorities go first and a
+/// low one waits at most 9 × that behind newer high ones (never starved).
+fn fresh_visible(m: &Message, cfg: &GroupConfig, now: u64) -> u64 {
+    if m.deliver_at_ms > now {
+        return m.deliver_at_ms;
+    }
+    m.publish_ms
+        .min(now)
+        .saturating_sub(u64::from(m.priority) * cfg.priority_aging_ms)
+        .max(1)
+}
+
+/// Picks deliveries for a group under its lock: per partition, reads new messages into
+/// the window (fill), then hands out the due ones in the order of their times (deliver).
 fn poll(t: &Topic, g: &Group, max: usize, now: u64) -> Result<Polled> {
     let mut st = g.state.lock();
     let mut p = Polled {
@@ -1233,10 +1257,7 @@ fn poll(t: &Topic, g: &Group, max: usize, now: u64) -> Result<Polled> {
     st.turn = st.turn.wrapping_add(1);
     let cfg = st.config.clone();
     let mut unacked = st.unacked();
-    let tag_ok = |tag: &[u8]| cfg.tags.is_empty() || cfg.tags.iter().any(|t| t.as_bytes() == tag);
-    let ack_wait = cfg.ack_wait_ms;
-
-    // Due messages: redeliveries, nacked, delayed ones come due, fresh slots after a restart.
+    let lookahead = max.max(LOOKAHEAD);
     for i in 0..n {
         let pi = (first + i) % n;
         let part = &t.parts[pi];
@@ -1245,187 +1266,26 @@ fn poll(t: &Topic, g: &Group, max: usize, now: u64) -> Result<Polled> {
         if lost > 0 {
             tracing::warn!(topic = %t.name, group = %g.name, partition = pi, lost, "messages removed by retention before the group finished them");
         }
-        while p.out.len() < max {
-            let Some(&(vis, off)) = c.timers.first() else {
-                break;
-            };
-            if vis > now {
-                break;
-            }
-            let Some(slot) = c.delivered(off) else { break };
-            if slot.deliveries == 0 && unacked >= cfg.max_unacked {
-                break;
-            }
-            let msg = match part.read(off, 1, 1) {
-                Ok(mut r) if !r.is_empty() => Message::decode(r.swap_remove(0).payload)?,
-                Ok(_) | Err(MqError::OffsetOutOfRange { .. }) => {
-                    c.finish(off);
-                    p.ops.push(Op::Finish {
-                        part: pi as u32,
-                        from: off,
-                        to: off + 1,
-                    });
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if slot.deliveries == 0 {
-                if !tag_ok(msg.tag.as_bytes()) {
-                    c.finish(off);
-                    p.ops.push(Op::Finish {
-                        part: pi as u32,
-                        from: off,
-                        to: off + 1,
-                    });
-                    continue;
-                }
-                if msg.deliver_at_ms > now {
-                    c.set(off, 0, msg.deliver_at_ms);
-                    continue;
-                }
-            }
-            if slot.deliveries as u32 >= cfg.max_deliveries {
-                if let Some(dlq) = &g.dlq {
-                    let mut m = msg.to_new();
-                    m.headers
-                        .push(("mq-dead-topic".into(), Bytes::from(t.name.clone())));
-                    m.headers
-                        .push(("mq-dead-group".into(), Bytes::from(g.name.clone())));
-                    m.headers
-                        .push(("mq-dead-partition".into(), Bytes::from(pi.to_string())));
-                    m.headers
-                        .push(("mq-dead-offset".into(), Bytes::from(off.to_string())));
-                    m.headers.push((
-                        "mq-dead-deliveries".into(),
-                        Bytes::from(slot.deliveries.to_string()),
-                    ));
-                    p.dead.push(Append {
-                        topic: dlq.clone(),
-                        part: 0,
-                        msg: m,
-                    });
-                    metrics::counter!("meshwork_mq_dead_lettered_total", "topic" => t.name.clone(), "group" => g.name.clone()).increment(1);
-                }
-                c.finish(off);
-                unacked = unacked.saturating_sub(1);
-                p.ops.push(Op::Finish {
-                    part: pi as u32,
-                    from: off,
-                    to: off + 1,
-                });
-                p.more = true;
-                continue;
-            }
-            let deliveries = slot.deliveries.saturating_add(1);
-            if slot.deliveries == 0 {
-                unacked += 1;
-            } else {
-                p.redelivered += 1;
-            }
-            let visible_at = now.saturating_add(ack_wait);
-            c.set(off, deliveries, visible_at);
-            p.ops.push(Op::Set {
-                part: pi as u32,
-                offset: off,
-                deliveries,
-                visible_at,
-            });
-            p.out.push(Delivery {
-                partition: pi as u32,
-                offset: off,
-                delivery: deliveries,
-                message: msg,
-            });
-        }
-    }
-
-    // New messages.
-    for i in 0..n {
-        let pi = (first + i) % n;
-        let part = &t.parts[pi];
-        let end = part.end();
-        loop {
-            let c = &mut st.cursors[pi];
-            let room_window = (cfg.max_window as usize).saturating_sub(c.slots.len());
-            let want = (max - p.out.len())
-                .min(cfg.max_unacked.saturating_sub(unacked) as usize)
-                .min(room_window);
-            if want == 0 || c.next >= end {
+        let mut cache = HashMap::new();
+        // Bounded: each round reads new messages or hands some out.
+        for _ in 0..16 {
+            let read = fill(c, part, &cfg, now, lookahead, &mut p.ops, &mut cache)?;
+            let before = p.out.len();
+            deliver(
+                t,
+                g,
+                c,
+                part,
+                &cfg,
+                now,
+                max,
+                &mut unacked,
+                &mut p,
+                &mut cache,
+            )?;
+            if p.out.len() >= max || (read == 0 && p.out.len() == before) {
                 break;
             }
-            let recs = part.read(c.next, want, 4 * 1024 * 1024)?;
-            if recs.is_empty() {
-                break;
-            }
-            for r in recs {
-                let off = r.offset;
-                debug_assert_eq!(off, c.next);
-                let tag = crate::message::Message::peek_tag(&r.payload)?;
-                if !tag_ok(tag) {
-                    c.push(Slot {
-                        done: true,
-                        deliveries: 0,
-                        visible_at: 0,
-                    });
-                    match p.ops.last_mut() {
-                        Some(Op::Finish { part, to, .. }) if *part == pi as u32 && *to == off => {
-                            *to = off + 1
-                        }
-                        _ => p.ops.push(Op::Finish {
-                            part: pi as u32,
-                            from: off,
-                            to: off + 1,
-                        }),
-                    }
-                    continue;
-                }
-                let msg = Message::decode(r.payload)?;
-                // Ordered groups: a key's later messages wait for its first.
-                let keyed = c.keys.is_some() && !msg.key.is_empty();
-                if keyed && c.key_busy(&msg.key) {
-                    c.push(Slot {
-                        done: false,
-                        deliveries: 0,
-                        visible_at: BLOCKED,
-                    });
-                    c.track_key(off, msg.key.clone());
-                    continue;
-                }
-                if msg.deliver_at_ms > now {
-                    c.push(Slot {
-                        done: false,
-                        deliveries: 0,
-                        visible_at: msg.deliver_at_ms,
-                    });
-                    if keyed {
-                        c.track_key(off, msg.key.clone());
-                    }
-                    continue;
-                }
-                let visible_at = now.saturating_add(ack_wait);
-                c.push(Slot {
-                    done: false,
-                    deliveries: 1,
-                    visible_at,
-                });
-                if keyed {
-                    c.track_key(off, msg.key.clone());
-                }
-                unacked += 1;
-                p.ops.push(Op::Set {
-                    part: pi as u32,
-                    offset: off,
-                    deliveries: 1,
-                    visible_at,
-                });
-                p.out.push(Delivery {
-                    partition: pi as u32,
-                    offset: off,
-                    delivery: 1,
-                    message: msg,
-                });
-            }
-            c.advance();
         }
     }
     p.next_timer = st
@@ -1434,6 +1294,190 @@ fn poll(t: &Topic, g: &Group, max: usize, now: u64) -> Result<Polled> {
         .filter_map(|c| c.timers.first().map(|t| t.0))
         .min();
     Ok(p)
+}
+
+/// Reads new messages into a cursor's window as fresh slots (filtered ones finished at
+/// once, an ordered key's later ones held back); returns how many were read.
+fn fill(
+    c: &mut Cursor,
+    part: &PartitionLog,
+    cfg: &GroupConfig,
+    now: u64,
+    lookahead: usize,
+    ops: &mut Vec<Op>,
+    cache: &mut HashMap<u64, Message>,
+) -> Result<usize> {
+    let end = part.end();
+    let room = (cfg.max_window as usize).saturating_sub(c.slots.len());
+    let want = lookahead
+        .saturating_sub(c.due_fresh(now, lookahead))
+        .min(room);
+    if want == 0 || c.next >= end {
+        return Ok(0);
+    }
+    let recs = part.read(c.next, want, 4 * 1024 * 1024)?;
+    let pi = part.id;
+    for r in &recs {
+        let off = r.offset;
+        let tag = Message::peek_tag(&r.payload)?;
+        if !cfg.tags.is_empty() && !cfg.tags.iter().any(|t| t.as_bytes() == tag) {
+            c.push(Slot {
+                done: true,
+                deliveries: 0,
+                visible_at: 0,
+            });
+            match ops.last_mut() {
+                Some(Op::Finish { part, to, .. }) if *part == pi && *to == off => *to = off + 1,
+                _ => ops.push(Op::Finish {
+                    part: pi,
+                    from: off,
+                    to: off + 1,
+                }),
+            }
+            continue;
+        }
+        let msg = Message::decode(r.payload.clone())?;
+        // Ordered groups: a key's later messages wait for its first.
+        let keyed = c.keys.is_some() && !msg.key.is_empty();
+        let visible_at = if keyed && c.key_busy(&msg.key) {
+            BLOCKED
+        } else {
+            fresh_visible(&msg, cfg, now)
+        };
+        c.push(Slot {
+            done: false,
+            deliveries: 0,
+            visible_at,
+        });
+        if keyed {
+            c.track_key(off, msg.key.clone());
+        }
+        cache.insert(off, msg);
+    }
+    c.advance();
+    Ok(recs.len())
+}
+
+/// Hands out a cursor's due messages in the order of their times: fresh ones, nacked
+/// ones and those past their ack deadline (redeliveries); a message out of deliveries
+/// goes to the dead letters instead.
+#[allow(clippy::too_many_arguments)]
+fn deliver(
+    t: &Topic,
+    g: &Group,
+    c: &mut Cursor,
+    part: &PartitionLog,
+    cfg: &GroupConfig,
+    now: u64,
+    max: usize,
+    unacked: &mut u32,
+    p: &mut Polled,
+    cache: &mut HashMap<u64, Message>,
+) -> Result<()> {
+    let pi = part.id;
+    let tag_ok = |tag: &[u8]| cfg.tags.is_empty() || cfg.tags.iter().any(|t| t.as_bytes() == tag);
+    // Timers skipped because the group is at `max_unacked` (redeliveries may still go).
+    let mut skip = 0usize;
+    while p.out.len() < max {
+        let Some(&(vis, off)) = c.timers.iter().nth(skip) else {
+            break;
+        };
+        if vis > now {
+            break;
+        }
+        let Some(slot) = c.delivered(off) else { break };
+        if slot.deliveries == 0 && *unacked >= cfg.max_unacked {
+            skip += 1;
+            if skip > 4 * max {
+                break;
+            }
+            continue;
+        }
+        let msg = match cache.remove(&off) {
+            Some(m) => m,
+            None => match part.read(off, 1, 1) {
+                Ok(mut r) if !r.is_empty() => Message::decode(r.swap_remove(0).payload)?,
+                Ok(_) | Err(MqError::OffsetOutOfRange { .. }) => {
+                    c.finish(off);
+                    p.ops.push(Op::Finish {
+                        part: pi,
+                        from: off,
+                        to: off + 1,
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        if slot.deliveries == 0 {
+            if !tag_ok(msg.tag.as_bytes()) {
+                c.finish(off);
+                p.ops.push(Op::Finish {
+                    part: pi,
+                    from: off,
+                    to: off + 1,
+                });
+                continue;
+            }
+            if msg.deliver_at_ms > now {
+                c.set(off, 0, msg.deliver_at_ms);
+                continue;
+            }
+        }
+        if slot.deliveries as u32 >= cfg.max_deliveries {
+            if let Some(dlq) = &g.dlq {
+                let mut m = msg.to_new();
+                m.headers
+                    .push(("mq-dead-topic".into(), Bytes::from(t.name.clone())));
+                m.headers
+                    .push(("mq-dead-group".into(), Bytes::from(g.name.clone())));
+                m.headers
+                    .push(("mq-dead-partition".into(), Bytes::from(pi.to_string())));
+                m.headers
+                    .push(("mq-dead-offset".into(), Bytes::from(off.to_string())));
+                m.headers.push((
+                    "mq-dead-deliveries".into(),
+                    Bytes::from(slot.deliveries.to_string()),
+                ));
+                p.dead.push(Append {
+                    topic: dlq.clone(),
+                    part: 0,
+                    msg: m,
+                });
+                metrics::counter!("meshwork_mq_dead_lettered_total", "topic" => t.name.clone(), "group" => g.name.clone()).increment(1);
+            }
+            c.finish(off);
+            *unacked = unacked.saturating_sub(1);
+            p.ops.push(Op::Finish {
+                part: pi,
+                from: off,
+                to: off + 1,
+            });
+            p.more = true;
+            continue;
+        }
+        let deliveries = slot.deliveries.saturating_add(1);
+        if slot.deliveries == 0 {
+            *unacked += 1;
+        } else {
+            p.redelivered += 1;
+        }
+        let visible_at = now.saturating_add(cfg.ack_wait_ms);
+        c.set(off, deliveries, visible_at);
+        p.ops.push(Op::Set {
+            part: pi,
+            offset: off,
+            deliveries,
+            visible_at,
+        });
+        p.out.push(Delivery {
+            partition: pi,
+            offset: off,
+            delivery: deliveries,
+            message: msg,
+        });
+    }
+    Ok(())
 }
 
 /// The committer thread: drains the queue into batches and commits each.

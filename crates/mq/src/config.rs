@@ -229,6 +229,11 @@ pub struct GroupConfig {
     /// Deliver only messages with one of these tags (default: every message).
     #[serde(default)]
     pub tags: Vec<String>,
+    /// What one priority level is worth in waiting time, in ms (default 1000): a message
+    /// of priority p goes as if published p × this earlier, so higher priorities go first
+    /// and a low one is never starved (0 = priorities ignored).
+    #[serde(default = "thousand_ms")]
+    pub priority_aging_ms: u64,
     /// Most messages delivered and not yet acked, across the group's consumers (default 1,000).
     #[serde(default = "thousand")]
     pub max_unacked: u32,
@@ -243,6 +248,9 @@ fn thirty_s() -> u64 {
 }
 fn five() -> u32 {
     5
+}
+fn thousand_ms() -> u64 {
+    1000
 }
 fn thousand() -> u32 {
     1000
@@ -259,6 +267,7 @@ impl Default for GroupConfig {
             ack_wait_ms: thirty_s(),
             max_deliveries: five(),
             tags: Vec::new(),
+            priority_aging_ms: thousand_ms(),
             max_unacked: thousand(),
             max_window: hundred_thousand(),
         }
@@ -281,6 +290,11 @@ impl GroupConfig {
         if self.max_unacked == 0 || self.max_window == 0 || self.max_unacked > self.max_window {
             return Err(MqError::Invalid(
                 "max_unacked must be positive and at most max_window".into(),
+            ));
+        }
+        if self.priority_aging_ms > 3_600_000 {
+            return Err(MqError::Invalid(
+                "priority_aging_ms must be at most 3600000 (one hour per priority level)".into(),
             ));
         }
         if self.tags.len() > 64 || self.tags.iter().any(|t| t.is_empty() || t.len() > 255) {

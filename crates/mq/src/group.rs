@@ -116,29 +116,60 @@ impl Cursor {
         }
     }
 
-    /// Ordered groups, after recovery: rebuilds the key queues from the unfinished
-    /// messages' keys (`key_of` reads one) and holds back all but each key's first.
-    pub(crate) fn rebuild_keys(&mut self, mut key_of: impl FnMut(u64) -> Option<Bytes>) {
-        if self.keys.is_none() {
-            return;
+    /// Fresh (never delivered) slots due by `now`, counted up to `limit`.
+    pub(crate) fn due_fresh(&self, now: u64, limit: usize) -> usize {
+        let mut n = 0;
+        for &(vis, off) in self.timers.iter().take(limit.saturating_mul(4)) {
+            if vis > now || n >= limit {
+                break;
+            }
+            if self
+                .slots
+                .get((off - self.floor) as usize)
+                .is_some_and(|s| s.deliveries == 0)
+            {
+                n += 1;
+            }
         }
-        self.keys = Some(KeyQueues::default());
+        n
+    }
+
+    /// After recovery: gives each fresh slot its time and, for ordered groups, rebuilds
+    /// the key queues (all but each key's first held back). `info` reads an offset's
+    /// message: `(key, time if fresh, filtered out)`.
+    pub(crate) fn rebuild(&mut self, mut info: impl FnMut(u64) -> Option<(Bytes, u64, bool)>) {
+        if self.keys.is_some() {
+            self.keys = Some(KeyQueues::default());
+        }
         for i in 0..self.slots.len() {
             let slot = self.slots[i];
             let offset = self.floor + i as u64;
             if slot.done {
                 continue;
             }
-            let Some(key) = key_of(offset).filter(|k| !k.is_empty()) else {
+            let Some((key, visible, filtered)) = info(offset) else {
                 continue;
             };
-            if self.key_busy(&key) && slot.deliveries == 0 && slot.visible_at != BLOCKED {
-                self.timers.remove(&(slot.visible_at, offset));
-                self.slots[i].visible_at = BLOCKED;
-                self.timers.insert((BLOCKED, offset));
+            if filtered && slot.deliveries == 0 {
+                self.finish(offset);
+                continue;
             }
-            self.track_key(offset, key);
+            let keyed = self.keys.is_some() && !key.is_empty();
+            if slot.deliveries == 0 {
+                let vis = if keyed && self.key_busy(&key) {
+                    BLOCKED
+                } else {
+                    visible
+                };
+                self.timers.remove(&(slot.visible_at, offset));
+                self.slots[i].visible_at = vis;
+                self.timers.insert((vis, offset));
+            }
+            if keyed {
+                self.track_key(offset, key);
+            }
         }
+        self.advance();
     }
 
     /// The slot of `offset`, creating fresh slots up to it when it is at or past `next`.

@@ -838,3 +838,70 @@ async fn ordered_groups_keep_one_message_per_key_out_and_a_poison_message_does_n
     b.ack("t", "g", &items).await.expect("ack");
     assert_eq!(b.group_info("t", "g").expect("info").backlog, 0);
 }
+
+#[tokio::test]
+async fn higher_priority_goes_first_and_aging_keeps_low_priority_from_starving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Clock::manual(T0);
+    let b = Broker::open(dir.path(), cfg(&clock)).expect("open");
+    b.create_topic("t", one_partition()).await.expect("create");
+    b.create_group(
+        "t",
+        "g",
+        GroupConfig {
+            start: StartAt::Earliest,
+            ..GroupConfig::default()
+        },
+    )
+    .await
+    .expect("group");
+    let prio = |p: u8, body: &str| NewMessage {
+        priority: p,
+        ..msg(body)
+    };
+    b.publish(
+        "t",
+        vec![
+            prio(0, "low1"),
+            prio(9, "high"),
+            prio(5, "mid"),
+            prio(0, "low2"),
+        ],
+    )
+    .await
+    .expect("publish");
+    let mut order = Vec::new();
+    for _ in 0..2 {
+        let d = b.fetch("t", "g", 1, Duration::ZERO).await.expect("fetch");
+        order.extend(bodies(&d));
+        b.ack("t", "g", &[(d[0].partition, d[0].offset)])
+            .await
+            .expect("ack");
+    }
+    // The rest after a restart: still in priority order.
+    b.close();
+    let b = Broker::open(dir.path(), cfg(&clock)).expect("reopen");
+    for _ in 0..2 {
+        let d = b.fetch("t", "g", 1, Duration::ZERO).await.expect("fetch");
+        order.extend(bodies(&d));
+        b.ack("t", "g", &[(d[0].partition, d[0].offset)])
+            .await
+            .expect("ack");
+    }
+    assert_eq!(order, ["high", "mid", "low1", "low2"]);
+
+    // Aging: one priority level is worth a second of waiting (the default).
+    b.publish("t", vec![prio(0, "old-low")])
+        .await
+        .expect("publish");
+    clock.advance(Duration::from_secs(5));
+    b.publish("t", vec![prio(9, "high-5s-later")])
+        .await
+        .expect("publish");
+    clock.advance(Duration::from_secs(5));
+    b.publish("t", vec![prio(9, "high-10s-later")])
+        .await
+        .expect("publish");
+    let d = b.fetch("t", "g", 3, Duration::ZERO).await.expect("fetch");
+    assert_eq!(bodies(&d), ["high-5s-later", "old-low", "high-10s-later"]);
+}
