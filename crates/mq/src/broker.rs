@@ -411,8 +411,7 @@ impl Broker {
                     c.rebuild(|o| {
                         let rec = part.read(o, 1, 1).ok()?.into_iter().next()?;
                         let m = Message::decode(rec.payload).ok()?;
-                        let filtered =
-                            !cfg.tags.is_empty() && !cfg.tags.iter().any(|t| *t == m.tag);
+                        let filtered = !cfg.tags.is_empty() && !cfg.tags.contains(&m.tag);
                         Some((m.key.clone(), fresh_visible(&m, &cfg, now), filtered))
                     });
                 }
