@@ -156,6 +156,9 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             .extra_roles
             .push(meshwork_gateway::GATEWAY_ROLE.to_string());
     }
+    if cfg.roles.mq {
+        coord_opts.extra_roles.push("mq".to_string());
+    }
     if cfg.roles.txn {
         coord_opts
             .extra_roles

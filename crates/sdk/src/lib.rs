@@ -37,6 +37,7 @@ pub mod client;
 pub mod context;
 mod error;
 pub mod grpc;
+pub mod mq;
 pub mod server;
 pub mod txn;
 
@@ -207,6 +208,11 @@ impl Meshwork {
     /// nodes (see [`txn::TxnClient`]).
     pub fn transactions(&self) -> txn::TxnClient {
         txn::TxnClient::new(self.inner.coord.clone())
+    }
+
+    /// Publishes and subscribes on the cluster's broker (see [`mq::MqClient`]).
+    pub fn mq(&self) -> mq::MqClient {
+        mq::MqClient::new(self.inner.coord.clone())
     }
 
     /// The coordination client underneath (registry, config center, raw etcd).
