@@ -34,6 +34,8 @@ use crate::group::{self, BLOCKED, Cursor, GroupState, Op, Slot};
 use crate::log::{LogSettings, PartitionLog, sync_dir};
 use crate::message::{Message, NewMessage};
 
+/// Most payload bytes one fetch returns (at least one message).
+pub const MAX_FETCH_BYTES: usize = 16 * 1024 * 1024;
 /// Most messages in one publish call.
 pub const MAX_PUBLISH_BATCH: usize = 1000;
 /// Most messages one fetch returns.
@@ -282,7 +284,8 @@ fn log_settings(cfg: &BrokerConfig) -> LogSettings {
 }
 
 fn dlq_name(topic: &str, group: &str) -> String {
-    format!("__dlq.{topic}.{group}")
+    // `~` is in no topic or group name, so no two (topic, group) pairs share a name.
+    format!("__dlq~{topic}~{group}")
 }
 
 /// Writes a file atomically and durably: temporary file, fsync, rename, fsync of the directory.
@@ -291,6 +294,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .parent()
         .ok_or_else(|| MqError::Storage(format!("{} has no parent directory", path.display())))?;
     std::fs::create_dir_all(dir).map_err(MqError::storage)?;
+    if let Some(parent) = dir.parent() {
+        // The directory's own entry, when it was just created.
+        sync_dir(parent)?;
+    }
     let tmp = path.with_extension("tmp");
     {
         use std::io::Write;
@@ -459,17 +466,11 @@ impl Broker {
     /// Drops slots past a log's end (its tail was lost outside the broker).
     fn clamp(c: &mut Cursor, end: u64) {
         while c.next > end {
-            if let Some(s) = c.slots.pop_back() {
-                c.next -= 1;
-                if !s.done {
-                    c.timers.remove(&(s.visible_at, c.next));
-                    if s.deliveries > 0 {
-                        c.unacked -= 1;
-                    }
-                }
-            } else {
+            if c.slots.is_empty() {
                 c.next = end;
                 c.floor = c.floor.min(end);
+            } else {
+                c.pop_back();
             }
         }
     }
@@ -688,12 +689,10 @@ impl Broker {
             )));
         }
         if msgs.len() > MAX_PUBLISH_BATCH {
-            return Err(MqError::TooLarge {
-                what: "publish batch (messages)",
-                size: msgs.len() as u64,
-                limit: MAX_PUBLISH_BATCH as u64,
-                setting: "max_publish_batch (fixed)",
-            });
+            return Err(MqError::Invalid(format!(
+                "at most {MAX_PUBLISH_BATCH} messages per publish ({} given)",
+                msgs.len()
+            )));
         }
         let cfg = &self.inner.cfg;
         let latest = self
@@ -876,7 +875,7 @@ impl Broker {
         let (config, partitions, backlog, unacked, oldest) = {
             let st = g.state.lock();
             let mut backlog = 0u64;
-            let mut oldest: Option<(u32, u64)> = None;
+            let mut oldest: Vec<(u32, u64)> = Vec::new();
             let partitions: Vec<CursorInfo> = st
                 .cursors
                 .iter()
@@ -885,8 +884,8 @@ impl Broker {
                     let end = p.end();
                     let open = c.slots.iter().filter(|s| !s.done).count() as u64;
                     backlog += open + end.saturating_sub(c.next);
-                    if c.floor < end && (open > 0 || c.next < end) && oldest.is_none() {
-                        oldest = Some((p.id, c.floor.max(p.start())));
+                    if c.floor < end && (open > 0 || c.next < end) {
+                        oldest.push((p.id, c.floor.max(p.start())));
                     }
                     CursorInfo {
                         floor: c.floor,
@@ -898,12 +897,16 @@ impl Broker {
                 .collect();
             (st.config.clone(), partitions, backlog, st.unacked(), oldest)
         };
-        let oldest_unfinished_ms = oldest.and_then(|(p, o)| {
-            t.parts[p as usize]
-                .read(o, 1, 1)
-                .ok()
-                .and_then(|r| r.first().map(|r| crate::segment::publish_ms(&r.payload)))
-        });
+        // The oldest over the partitions' first unfinished messages.
+        let oldest_unfinished_ms = oldest
+            .iter()
+            .filter_map(|&(p, o)| {
+                t.parts[p as usize]
+                    .read(o, 1, 1)
+                    .ok()
+                    .and_then(|r| r.first().map(|r| crate::segment::publish_ms(&r.payload)))
+            })
+            .min();
         let (dead_letter_topic, dead_letters) = match &g.dlq {
             Some(d) => {
                 let left = d
@@ -941,13 +944,18 @@ impl Broker {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>> {
-        let t = self.topic(topic)?;
-        if t.internal && group != REDRIVE_GROUP {
-            return Err(MqError::Invalid(format!(
-                "{topic:?} is the broker's own topic"
-            )));
-        }
-        let g = t.group(group)?;
+        self.fetch_inner(topic, group, max, wait, false).await
+    }
+
+    async fn fetch_inner(
+        &self,
+        topic: &str,
+        group: &str,
+        max: usize,
+        wait: Duration,
+        internal: bool,
+    ) -> Result<Vec<Delivery>> {
+        let (t, g) = self.group_of(topic, group, internal)?;
         let max = max.clamp(1, MAX_FETCH);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -956,12 +964,19 @@ impl Broker {
             tokio::pin!(published, woken);
             published.as_mut().enable();
             woken.as_mut().enable();
+            if self.inner.failed.load(Ordering::Acquire) {
+                return Err(MqError::Stopped);
+            }
+            let permit = self
+                .inner
+                .tx
+                .reserve()
+                .await
+                .map_err(|_| MqError::Stopped)?;
             let now = self.now_ms();
-            let polled = poll(&t, &g, max, now)?;
-            if !polled.ops.is_empty() || !polled.dead.is_empty() {
-                let mut journal = Vec::new();
-                group::encode_ops(&t.name, &g.name, &polled.ops, &mut journal);
-                self.submit(polled.dead, journal).await?;
+            let (polled, durable) = poll(&t, &g, max, now, permit)?;
+            if let Some(rx) = durable {
+                rx.await.map_err(|_| MqError::Stopped)??;
             }
             let n = polled.out.len() as u64;
             if n > 0 {
@@ -999,21 +1014,22 @@ impl Broker {
         topic: &str,
         group: &str,
         items: &[(u32, u64)],
+        internal: bool,
     ) -> Result<(Arc<Topic>, Arc<Group>)> {
-        let t = self.topic(topic)?;
-        let g = t.group(group)?;
+        let (t, g) = self.group_of(topic, group, internal)?;
         if items.len() > MAX_FETCH {
-            return Err(MqError::TooLarge {
-                what: "ack batch (messages)",
-                size: items.len() as u64,
-                limit: MAX_FETCH as u64,
-                setting: "max_fetch (fixed)",
-            });
+            return Err(MqError::Invalid(format!(
+                "at most {MAX_FETCH} messages per ack, nack or extension"
+            )));
         }
         let st = g.state.lock();
         for &(p, o) in items {
             t.part(p)?;
-            if st.cursors[p as usize].delivered(o).is_none() {
+            // Finished, or handed to a consumer: a message only read ahead is not.
+            let known = st.cursors[p as usize]
+                .delivered(o)
+                .is_some_and(|s| s.done || s.deliveries > 0);
+            if !known {
                 return Err(MqError::UnknownDelivery {
                     group: group.to_string(),
                     partition: p,
@@ -1025,37 +1041,101 @@ impl Broker {
         Ok((t, g))
     }
 
-    async fn journal(&self, t: &Topic, g: &Group, ops: Vec<Op>) -> Result<()> {
-        if ops.is_empty() {
-            return Ok(());
+    /// A topic and group; the broker's own (`__`) groups only for `internal` callers.
+    fn group_of(
+        &self,
+        topic: &str,
+        group: &str,
+        internal: bool,
+    ) -> Result<(Arc<Topic>, Arc<Group>)> {
+        let t = self.topic(topic)?;
+        if !internal && (t.internal || group.starts_with("__")) {
+            return Err(MqError::Invalid(format!(
+                "{topic:?}/{group:?} is the broker's own; use the dead-letter endpoints"
+            )));
         }
-        let mut journal = Vec::new();
-        group::encode_ops(&t.name, &g.name, &ops, &mut journal);
-        self.submit(Vec::new(), journal).await.map(|_| ())
+        let g = t.group(group)?;
+        Ok((t, g))
+    }
+
+    /// Changes a group's state with `f` and waits for the ops it returns to be durable.
+    /// The journal record is queued while the group is locked (a queue slot is reserved
+    /// first), so records reach the journal in the order the changes were made, and a
+    /// call that changed nothing still waits for the changes before it (a repeated ack
+    /// is answered only once the first is durable).
+    async fn journaled(
+        &self,
+        t: &Topic,
+        g: &Group,
+        f: impl FnOnce(&mut GroupState) -> Vec<Op>,
+    ) -> Result<usize> {
+        if self.inner.failed.load(Ordering::Acquire) {
+            return Err(MqError::Stopped);
+        }
+        let permit = self
+            .inner
+            .tx
+            .reserve()
+            .await
+            .map_err(|_| MqError::Stopped)?;
+        let (reply, rx) = oneshot::channel();
+        let n = {
+            let mut st = g.state.lock();
+            let ops = f(&mut st);
+            let mut journal = Vec::new();
+            if !ops.is_empty() {
+                group::encode_ops(&t.name, &g.name, &ops, &mut journal);
+            }
+            permit.send(Cmd {
+                appends: Vec::new(),
+                journal,
+                reply,
+            });
+            ops.len()
+        };
+        rx.await.map_err(|_| MqError::Stopped)??;
+        Ok(n)
     }
 
     /// Acknowledges delivered messages: finished for the group. Acking one already
-    /// finished is a no-op; one the group never read is an error and nothing changes.
+    /// finished is a no-op; one the group never delivered is an error and nothing changes.
     pub async fn ack(&self, topic: &str, group: &str, items: &[(u32, u64)]) -> Result<()> {
-        let (t, g) = self.settle(topic, group, items)?;
-        let mut ops = Vec::new();
-        {
-            let mut st = g.state.lock();
-            for &(p, o) in items {
-                if st.cursors[p as usize].finish(o) {
-                    ops.push(Op::Finish {
-                        part: p,
-                        from: o,
-                        to: o + 1,
-                    });
-                }
-            }
-        }
-        metrics::counter!("meshwork_mq_acked_total", "topic" => t.name.clone(), "group" => g.name.clone()).increment(ops.len() as u64);
-        self.journal(&t, &g, ops).await
+        self.ack_inner(topic, group, items, false).await
     }
 
-    /// Gives delivered messages back: deliverable again after `delay` (counts as a delivery).
+    async fn ack_inner(
+        &self,
+        topic: &str,
+        group: &str,
+        items: &[(u32, u64)],
+        internal: bool,
+    ) -> Result<()> {
+        let (t, g) = self.settle(topic, group, items, internal)?;
+        let n = self
+            .journaled(&t, &g, |st| {
+                let mut ops = Vec::new();
+                for &(p, o) in items {
+                    if st.cursors[p as usize].finish(o) {
+                        ops.push(Op::Finish {
+                            part: p,
+                            from: o,
+                            to: o + 1,
+                        });
+                    }
+                }
+                ops
+            })
+            .await?;
+        metrics::counter!("meshwork_mq_acked_total", "topic" => t.name.clone(), "group" => g.name.clone()).increment(n as u64);
+        if n > 0 {
+            // An ordered key's next message may go now.
+            g.wake.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Gives delivered messages back: deliverable again after `delay` (counts as a
+    /// delivery; at most `mq.max_delay`).
     pub async fn nack(
         &self,
         topic: &str,
@@ -1063,14 +1143,20 @@ impl Broker {
         items: &[(u32, u64)],
         delay: Duration,
     ) -> Result<()> {
+        if delay > self.inner.cfg.max_delay {
+            return Err(MqError::Invalid(format!(
+                "a nack's delay is at most mq.max_delay ({} s)",
+                self.inner.cfg.max_delay.as_secs()
+            )));
+        }
         let at = self.now_ms().saturating_add(delay.as_millis() as u64);
         let n = self.set_visible(topic, group, items, at).await?;
         metrics::counter!("meshwork_mq_nacked_total", "topic" => topic.to_string(), "group" => group.to_string()).increment(n);
         Ok(())
     }
 
-    /// Extends delivered messages' ack deadlines by the group's ack wait (or `by`), for a
-    /// consumer still working on them.
+    /// Extends delivered messages' ack deadlines by the group's ack wait (or `by`, at
+    /// most 12 hours), for a consumer still working on them.
     pub async fn extend(
         &self,
         topic: &str,
@@ -1078,10 +1164,13 @@ impl Broker {
         items: &[(u32, u64)],
         by: Option<Duration>,
     ) -> Result<()> {
-        let t = self.topic(topic)?;
+        let (_, g) = self.group_of(topic, group, false)?;
         let wait = match by {
+            Some(d) if d > Duration::from_secs(12 * 3600) => {
+                return Err(MqError::Invalid("an extension is at most 12 hours".into()));
+            }
             Some(d) => d.as_millis() as u64,
-            None => t.group(group)?.state.lock().config.ack_wait_ms,
+            None => g.state.lock().config.ack_wait_ms,
         };
         let at = self.now_ms().saturating_add(wait);
         self.set_visible(topic, group, items, at).await.map(|_| ())
@@ -1094,29 +1183,29 @@ impl Broker {
         items: &[(u32, u64)],
         at: u64,
     ) -> Result<u64> {
-        let (t, g) = self.settle(topic, group, items)?;
-        let mut ops = Vec::new();
-        {
-            let mut st = g.state.lock();
-            for &(p, o) in items {
-                let c = &mut st.cursors[p as usize];
-                let Some(slot) = c.delivered(o) else { continue };
-                if slot.done || slot.deliveries == 0 {
-                    continue;
+        let (t, g) = self.settle(topic, group, items, false)?;
+        let n = self
+            .journaled(&t, &g, |st| {
+                let mut ops = Vec::new();
+                for &(p, o) in items {
+                    let c = &mut st.cursors[p as usize];
+                    let Some(slot) = c.delivered(o) else { continue };
+                    if slot.done || slot.deliveries == 0 {
+                        continue;
+                    }
+                    c.set(o, slot.deliveries, at);
+                    ops.push(Op::Set {
+                        part: p,
+                        offset: o,
+                        deliveries: slot.deliveries,
+                        visible_at: at,
+                    });
                 }
-                c.set(o, slot.deliveries, at);
-                ops.push(Op::Set {
-                    part: p,
-                    offset: o,
-                    deliveries: slot.deliveries,
-                    visible_at: at,
-                });
-            }
-        }
-        let n = ops.len() as u64;
-        self.journal(&t, &g, ops).await?;
+                ops
+            })
+            .await?;
         g.wake.notify_waiters();
-        Ok(n)
+        Ok(n as u64)
     }
 
     /// Dead letters of a group not yet redriven, oldest first.
@@ -1139,29 +1228,40 @@ impl Broker {
         let g = t.group(group)?;
         let Some(d) = g.dlq.clone() else { return Ok(0) };
         let batch = self
-            .fetch(&d.name, REDRIVE_GROUP, max, Duration::ZERO)
+            .fetch_inner(&d.name, REDRIVE_GROUP, max, Duration::ZERO, true)
             .await?;
         if batch.is_empty() {
             return Ok(0);
         }
-        let msgs = batch
-            .iter()
-            .map(|b| {
-                let mut m = b.message.to_new();
-                // A fresh id: the original's is still inside the dedup window.
-                m.id = 0;
-                m.headers.retain(|(k, _)| !k.starts_with("mq-dead-"));
-                m.headers.push((
-                    "mq-redriven-from".into(),
-                    Bytes::from(format!("{}/{}", b.partition, b.offset)),
-                ));
-                m
-            })
-            .collect();
+        let max_bytes = self.inner.cfg.max_message_bytes;
+        let mut msgs = Vec::with_capacity(batch.len());
+        let mut items = Vec::with_capacity(batch.len());
+        for b in &batch {
+            let mut m = b.message.to_new();
+            // A fresh id: the original's is still inside the dedup window.
+            m.id = 0;
+            m.headers
+                .retain(|(k, _)| !k.starts_with("mq-dead-") && k != "mq-redriven-from");
+            m.headers.push((
+                "mq-redriven-from".into(),
+                Bytes::from(format!("{}/{}", b.partition, b.offset)),
+            ));
+            // One that no longer fits the limits (lowered since) stays a dead letter
+            // (offered again after the redrive group's ack wait) and holds up nothing.
+            if let Err(e) = m.validate(max_bytes) {
+                tracing::warn!(topic, group, dead_letter_offset = b.offset, error = %e, "a dead letter cannot be republished; left in place");
+                continue;
+            }
+            msgs.push(m);
+            items.push((b.partition, b.offset));
+        }
+        if msgs.is_empty() {
+            return Ok(0);
+        }
+        let moved = msgs.len();
         self.publish(topic, msgs).await?;
-        let items: Vec<(u32, u64)> = batch.iter().map(|b| (b.partition, b.offset)).collect();
-        self.ack(&d.name, REDRIVE_GROUP, &items).await?;
-        Ok(batch.len())
+        self.ack_inner(&d.name, REDRIVE_GROUP, &items, true).await?;
+        Ok(moved)
     }
 
     /// Sets the per-group gauges (backlog, unacked, age of the oldest unfinished message,
@@ -1215,6 +1315,8 @@ struct Polled {
     ops: Vec<Op>,
     dead: Vec<Append>,
     redelivered: u64,
+    /// Payload bytes in `out`.
+    bytes: usize,
     /// The earliest time a pending message becomes deliverable.
     next_timer: Option<u64>,
     /// Work was done (filtered or dead-lettered) that may have made room: poll again.
@@ -1241,16 +1343,56 @@ fn fresh_visible(m: &Message, cfg: &GroupConfig, now: u64) -> u64 {
 
 /// Picks deliveries for a group under its lock: per partition, reads new messages into
 /// the window (fill), then hands out the due ones in the order of their times (deliver).
-fn poll(t: &Topic, g: &Group, max: usize, now: u64) -> Result<Polled> {
+/// The reply a queued command answers on.
+type Durable = oneshot::Receiver<Result<Vec<Published>>>;
+
+fn poll(
+    t: &Topic,
+    g: &Group,
+    max: usize,
+    now: u64,
+    permit: mpsc::Permit<'_, Cmd>,
+) -> Result<(Polled, Option<Durable>)> {
     let mut st = g.state.lock();
     let mut p = Polled {
         out: Vec::new(),
         ops: Vec::new(),
         dead: Vec::new(),
         redelivered: 0,
+        bytes: 0,
         next_timer: None,
         more: false,
     };
+    let r = poll_locked(t, g, &mut st, max, now, &mut p);
+    // Queue what changed while the group is locked, even when a read failed part way:
+    // the journal then holds the changes in the order they were made.
+    let durable = if p.ops.is_empty() && p.dead.is_empty() {
+        drop(permit);
+        None
+    } else {
+        let mut journal = Vec::new();
+        group::encode_ops(&t.name, &g.name, &p.ops, &mut journal);
+        let (reply, rx) = oneshot::channel();
+        permit.send(Cmd {
+            appends: std::mem::take(&mut p.dead),
+            journal,
+            reply,
+        });
+        Some(rx)
+    };
+    drop(st);
+    r?;
+    Ok((p, durable))
+}
+
+fn poll_locked(
+    t: &Topic,
+    g: &Group,
+    st: &mut GroupState,
+    max: usize,
+    now: u64,
+    p: &mut Polled,
+) -> Result<()> {
     let n = st.cursors.len();
     let first = st.turn % n.max(1);
     st.turn = st.turn.wrapping_add(1);
@@ -1267,32 +1409,30 @@ fn poll(t: &Topic, g: &Group, max: usize, now: u64) -> Result<Polled> {
         }
         let mut cache = HashMap::new();
         // Bounded: each round reads new messages or hands some out.
-        for _ in 0..16 {
+        const ROUNDS: usize = 16;
+        for round in 0..ROUNDS {
             let read = fill(c, part, &cfg, now, lookahead, &mut p.ops, &mut cache)?;
             let before = p.out.len();
-            deliver(
-                t,
-                g,
-                c,
-                part,
-                &cfg,
-                now,
-                max,
-                &mut unacked,
-                &mut p,
-                &mut cache,
-            )?;
-            if p.out.len() >= max || (read == 0 && p.out.len() == before) {
+            deliver(t, g, c, part, &cfg, now, max, &mut unacked, p, &mut cache)?;
+            if p.out.len() >= max
+                || p.bytes >= MAX_FETCH_BYTES
+                || (read == 0 && p.out.len() == before)
+            {
                 break;
+            }
+            if round == ROUNDS - 1 && read > 0 {
+                // More may be readable (all filtered, say): the caller polls again.
+                p.more = true;
             }
         }
     }
+    let fresh = unacked < cfg.max_unacked;
     p.next_timer = st
         .cursors
         .iter()
-        .filter_map(|c| c.timers.first().map(|t| t.0))
+        .filter_map(|c| c.next_due(fresh).map(|t| t.0))
         .min();
-    Ok(p)
+    Ok(())
 }
 
 /// Reads new messages into a cursor's window as fresh slots (filtered ones finished at
@@ -1314,10 +1454,28 @@ fn fill(
     if want == 0 || c.next >= end {
         return Ok(0);
     }
-    let recs = part.read(c.next, want, 4 * 1024 * 1024)?;
+    let recs = match part.read(c.next, want, 4 * 1024 * 1024) {
+        Ok(r) => r,
+        // Retention ran meanwhile: the next poll skips to the new start.
+        Err(MqError::OffsetOutOfRange { .. }) => return Ok(0),
+        Err(e) => return Err(e),
+    };
     let pi = part.id;
     for r in &recs {
         let off = r.offset;
+        // Offsets missing from the log (a gap left by damage outside the broker): finished.
+        while c.next < off {
+            ops.push(Op::Finish {
+                part: pi,
+                from: c.next,
+                to: c.next + 1,
+            });
+            c.push(Slot {
+                done: true,
+                deliveries: 0,
+                visible_at: 0,
+            });
+        }
         let tag = Message::peek_tag(&r.payload)?;
         if !cfg.tags.is_empty() && !cfg.tags.iter().any(|t| t.as_bytes() == tag) {
             c.push(Slot {
@@ -1375,27 +1533,21 @@ fn deliver(
 ) -> Result<()> {
     let pi = part.id;
     let tag_ok = |tag: &[u8]| cfg.tags.is_empty() || cfg.tags.iter().any(|t| t.as_bytes() == tag);
-    // Timers skipped because the group is at `max_unacked` (redeliveries may still go).
-    let mut skip = 0usize;
-    while p.out.len() < max {
-        let Some(&(vis, off)) = c.timers.iter().nth(skip) else {
+    while p.out.len() < max && p.bytes < MAX_FETCH_BYTES {
+        // At `max_unacked` only redeliveries may go.
+        let Some((vis, off)) = c.next_due(*unacked < cfg.max_unacked) else {
             break;
         };
         if vis > now {
             break;
         }
         let Some(slot) = c.delivered(off) else { break };
-        if slot.deliveries == 0 && *unacked >= cfg.max_unacked {
-            skip += 1;
-            if skip > 4 * max {
-                break;
-            }
-            continue;
-        }
         let msg = match cache.remove(&off) {
             Some(m) => m,
             None => match part.read(off, 1, 1) {
-                Ok(mut r) if !r.is_empty() => Message::decode(r.swap_remove(0).payload)?,
+                Ok(mut r) if r.first().is_some_and(|r| r.offset == off) => {
+                    Message::decode(r.swap_remove(0).payload)?
+                }
                 Ok(_) | Err(MqError::OffsetOutOfRange { .. }) => {
                     c.finish(off);
                     p.ops.push(Op::Finish {
@@ -1469,6 +1621,7 @@ fn deliver(
             deliveries,
             visible_at,
         });
+        p.bytes += msg.body.len() + msg.key.len();
         p.out.push(Delivery {
             partition: pi,
             offset: off,
@@ -1499,7 +1652,7 @@ fn committer(weak: Weak<Inner>, mut rx: mpsc::Receiver<Cmd>) {
         }
         if !inner.failed.load(Ordering::Acquire)
             && inner.journal.bytes() >= inner.cfg.journal_checkpoint_bytes
-            && let Err(e) = checkpoint(&inner)
+            && let Err(e) = checkpoint(&inner, &mut rx)
         {
             tracing::warn!(error = %e, "group snapshot failed; the journal keeps growing until one succeeds");
         }
@@ -1619,7 +1772,7 @@ fn retention(inner: &Inner, now: u64) {
 }
 
 /// Snapshots every group's state and drops the journal before it.
-fn checkpoint(inner: &Inner) -> Result<()> {
+fn checkpoint(inner: &Inner, rx: &mut mpsc::Receiver<Cmd>) -> Result<()> {
     inner.journal.roll_now()?;
     let seq = inner.journal.end();
     let mut out = Vec::with_capacity(1024);
@@ -1645,6 +1798,19 @@ fn checkpoint(inner: &Inner) -> Result<()> {
         }
     }
     out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
+    // Every change the snapshot holds had its command queued before the snapshot saw it
+    // (commands are queued under the group's lock): commit those first, so that nothing
+    // the snapshot says is done — a dead letter's append above all — is still only queued.
+    let mut pending = Vec::new();
+    while let Ok(c) = rx.try_recv() {
+        pending.push(c);
+    }
+    if !pending.is_empty() {
+        commit(inner, pending);
+    }
+    if inner.failed.load(Ordering::Acquire) {
+        return Err(MqError::Stopped);
+    }
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     write_atomic(&inner.dir.join("groups.snapshot"), &out)?;

@@ -57,6 +57,10 @@ pub(crate) struct Cursor {
     pub(crate) slots: VecDeque<Slot>,
     /// `(visible_at, offset)` of every pending slot.
     pub(crate) timers: BTreeSet<(u64, u64)>,
+    /// `(visible_at, offset)` of every pending slot delivered at least once (its ack
+    /// deadline or nack delay): apart from `timers`, so that a group at `max_unacked`
+    /// finds its redeliveries without walking the fresh backlog.
+    pub(crate) retimers: BTreeSet<(u64, u64)>,
     /// Pending slots delivered at least once (out with a consumer or waiting to go again).
     pub(crate) unacked: u32,
     /// Ordered groups only: the keys of unfinished messages (in memory; rebuilt on open).
@@ -119,17 +123,11 @@ impl Cursor {
     /// Fresh (never delivered) slots due by `now`, counted up to `limit`.
     pub(crate) fn due_fresh(&self, now: u64, limit: usize) -> usize {
         let mut n = 0;
-        for &(vis, off) in self.timers.iter().take(limit.saturating_mul(4)) {
+        for &(vis, _) in &self.timers {
             if vis > now || n >= limit {
                 break;
             }
-            if self
-                .slots
-                .get((off - self.floor) as usize)
-                .is_some_and(|s| s.deliveries == 0)
-            {
-                n += 1;
-            }
+            n += 1;
         }
         n
     }
@@ -141,6 +139,7 @@ impl Cursor {
         if self.keys.is_some() {
             self.keys = Some(KeyQueues::default());
         }
+        // The floor does not move inside the loop (finish_keep), so `i` stays valid.
         for i in 0..self.slots.len() {
             let slot = self.slots[i];
             let offset = self.floor + i as u64;
@@ -151,7 +150,7 @@ impl Cursor {
                 continue;
             };
             if filtered && slot.deliveries == 0 {
-                self.finish(offset);
+                self.finish_keep(offset);
                 continue;
             }
             let keyed = self.keys.is_some() && !key.is_empty();
@@ -186,10 +185,56 @@ impl Cursor {
         self.slots.get_mut((offset - self.floor) as usize)
     }
 
+    /// Removes a pending slot's timer.
+    fn untime(&mut self, slot: Slot, offset: u64) {
+        if slot.deliveries == 0 {
+            self.timers.remove(&(slot.visible_at, offset));
+        } else {
+            self.retimers.remove(&(slot.visible_at, offset));
+        }
+    }
+
+    /// Adds a pending slot's timer.
+    fn time(&mut self, slot: Slot, offset: u64) {
+        if slot.deliveries == 0 {
+            self.timers.insert((slot.visible_at, offset));
+        } else {
+            self.retimers.insert((slot.visible_at, offset));
+        }
+    }
+
+    /// The earliest pending timer: redeliveries always, fresh messages only when
+    /// `fresh` (the group is below `max_unacked`).
+    pub(crate) fn next_due(&self, fresh: bool) -> Option<(u64, u64)> {
+        let re = self.retimers.first().copied();
+        let fr = if fresh {
+            self.timers.first().copied()
+        } else {
+            None
+        };
+        match (re, fr) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Drops the last slot (a log whose tail was lost outside the broker).
+    pub(crate) fn pop_back(&mut self) {
+        if let Some(s) = self.slots.pop_back() {
+            self.next -= 1;
+            if !s.done {
+                self.untime(s, self.next);
+                if s.deliveries > 0 {
+                    self.unacked -= 1;
+                }
+            }
+        }
+    }
+
     /// Appends a newly read offset (must be `next`).
     pub(crate) fn push(&mut self, slot: Slot) {
         if !slot.done {
-            self.timers.insert((slot.visible_at, self.next));
+            self.time(slot, self.next);
             if slot.deliveries > 0 {
                 self.unacked += 1;
             }
@@ -210,8 +255,8 @@ impl Cursor {
         slot.deliveries = old.deliveries.max(deliveries);
         slot.visible_at = visible_at;
         let new = *slot;
-        self.timers.remove(&(old.visible_at, offset));
-        self.timers.insert((new.visible_at, offset));
+        self.untime(old, offset);
+        self.time(new, offset);
         if old.deliveries == 0 && new.deliveries > 0 {
             self.unacked += 1;
         }
@@ -220,6 +265,13 @@ impl Cursor {
 
     /// Finishes an offset; false if it already was.
     pub(crate) fn finish(&mut self, offset: u64) -> bool {
+        let done = self.finish_keep(offset);
+        self.advance();
+        done
+    }
+
+    /// Finishes an offset without moving the floor (callers walking the window).
+    fn finish_keep(&mut self, offset: u64) -> bool {
         let Some(slot) = self.slot_mut(offset) else {
             return false;
         };
@@ -228,12 +280,11 @@ impl Cursor {
         }
         let old = *slot;
         slot.done = true;
-        self.timers.remove(&(old.visible_at, offset));
+        self.untime(old, offset);
         if old.deliveries > 0 {
             self.unacked -= 1;
         }
         self.release_key(offset);
-        self.advance();
         true
     }
 
@@ -266,7 +317,7 @@ impl Cursor {
             if let Some(s) = self.slots.pop_front() {
                 if !s.done {
                     lost += 1;
-                    self.timers.remove(&(s.visible_at, self.floor));
+                    self.untime(s, self.floor);
                     if s.deliveries > 0 {
                         self.unacked -= 1;
                     }
@@ -513,7 +564,7 @@ mod tests {
         st.replay(&ops);
         assert_eq!(st.cursors[0].floor, 4);
         assert_eq!(st.cursors[0].unacked, 0);
-        assert!(st.cursors[0].timers.is_empty());
+        assert!(st.cursors[0].timers.is_empty() && st.cursors[0].retimers.is_empty());
         for cut in 0..buf.len() {
             assert!(decode_ops(&buf[..cut]).is_err());
         }
@@ -548,8 +599,29 @@ mod tests {
         assert_eq!(back.decode_snapshot(&buf).expect("decode"), buf.len());
         let (a, b) = (&st.cursors[0], &back.cursors[0]);
         assert_eq!(
-            (a.floor, a.next, a.unacked, &a.slots, &a.timers),
-            (b.floor, b.next, b.unacked, &b.slots, &b.timers)
+            (a.floor, a.next, a.unacked, &a.slots, &a.timers, &a.retimers),
+            (b.floor, b.next, b.unacked, &b.slots, &b.timers, &b.retimers)
         );
+    }
+
+    #[test]
+    fn rebuild_finishes_filtered_slots_anywhere_in_the_window_without_skipping() {
+        // Fresh gap slots (as a replayed `Set` leaves them), the first and third filtered.
+        let mut c = Cursor::at(0, true);
+        assert!(c.set(4, 1, 100));
+        let keys = |o: u64| -> Option<(Bytes, u64, bool)> {
+            Some((
+                Bytes::from(if o.is_multiple_of(2) { "k" } else { "j" }),
+                5,
+                o == 0 || o == 2,
+            ))
+        };
+        c.rebuild(keys);
+        // 0 and 2 finished (floor past 0), 1 and 3 fresh at 5; 3 waits behind 1 (key "j").
+        assert_eq!(c.floor, 1);
+        assert_eq!(c.delivered(2).map(|s| s.done), Some(true));
+        assert_eq!(c.delivered(1).map(|s| s.visible_at), Some(5));
+        assert_eq!(c.delivered(3).map(|s| s.visible_at), Some(BLOCKED));
+        assert_eq!(c.unacked, 1);
     }
 }

@@ -15,8 +15,8 @@ pub mod message;
 mod segment;
 
 pub use broker::{
-    Broker, CursorInfo, Delivery, GroupInfo, MAX_FETCH, MAX_PUBLISH_BATCH, PartitionInfo,
-    Published, Stored, TopicInfo,
+    Broker, CursorInfo, Delivery, GroupInfo, MAX_FETCH, MAX_FETCH_BYTES, MAX_PUBLISH_BATCH,
+    PartitionInfo, Published, Stored, TopicInfo,
 };
 pub use config::{BrokerConfig, Clock, GroupConfig, GroupMode, StartAt, TopicConfig};
 pub use error::{MqError, Result};

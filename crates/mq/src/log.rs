@@ -56,7 +56,16 @@ pub(crate) struct PartitionLog {
 impl PartitionLog {
     /// Opens (or creates) the log in `dir`, recovering the active segment's tail.
     pub(crate) fn open(dir: &Path, id: u32, settings: LogSettings) -> Result<PartitionLog> {
-        std::fs::create_dir_all(dir).map_err(MqError::storage)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(MqError::storage)?;
+            // The new entries up the tree (`topics/{t}/{p}`, `journal`) survive a crash.
+            let mut d = dir.parent();
+            for _ in 0..2 {
+                let Some(p) = d else { break };
+                sync_dir(p)?;
+                d = p.parent();
+            }
+        }
         let mut bases = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(MqError::storage)? {
             let entry = entry.map_err(MqError::storage)?;
@@ -293,6 +302,16 @@ impl PartitionLog {
         let mut out = Vec::new();
         let segs: Vec<Arc<Segment>> = {
             let all = self.segments.read();
+            // Retention may have removed segments since `start` was read.
+            let first = all.first().map_or(0, |s| s.base);
+            if offset < first {
+                return Err(MqError::OffsetOutOfRange {
+                    partition: self.id,
+                    offset,
+                    start: first,
+                    end,
+                });
+            }
             let i = all.partition_point(|s| s.base <= offset).saturating_sub(1);
             all[i..].to_vec()
         };
@@ -304,6 +323,8 @@ impl PartitionLog {
             if seg.next() <= at {
                 continue;
             }
+            // A gap between segments (records lost outside the broker): skip to this one.
+            at = at.max(seg.base);
             let before = out.len();
             let bytes_before: usize = out.iter().map(|r: &Record| r.payload.len()).sum();
             seg.read(

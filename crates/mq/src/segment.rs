@@ -418,6 +418,7 @@ impl Segment {
         max_bytes: usize,
         out: &mut Vec<Record>,
     ) -> io::Result<()> {
+        let offset = offset.max(self.base);
         let limit_pos = self.len();
         let mut pos = self.position_for(offset);
         let mut chunk = Bytes::new();

@@ -905,3 +905,90 @@ async fn higher_priority_goes_first_and_aging_keeps_low_priority_from_starving()
     let d = b.fetch("t", "g", 3, Duration::ZERO).await.expect("fetch");
     assert_eq!(bodies(&d), ["high-5s-later", "old-low", "high-10s-later"]);
 }
+
+#[tokio::test]
+async fn review_regressions_stall_at_max_unacked_read_ahead_acks_dead_letter_names_and_bounds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Clock::manual(T0);
+    let b = Broker::open(dir.path(), cfg(&clock)).expect("open");
+    b.create_topic("t", one_partition()).await.expect("create");
+    let g = GroupConfig {
+        start: StartAt::Earliest,
+        ack_wait_ms: 1000,
+        max_unacked: 3,
+        ..GroupConfig::default()
+    };
+    b.create_group("t", "g", g).await.expect("group");
+    let msgs: Vec<NewMessage> = (0..100).map(|i| msg(&format!("m{i}"))).collect();
+    b.publish("t", msgs).await.expect("publish");
+    // A consumer takes the group's 3 and dies; with a backlog of fresh messages due
+    // ahead of them, small fetches must still find the expired ones.
+    assert_eq!(
+        b.fetch("t", "g", 3, Duration::ZERO)
+            .await
+            .expect("fetch")
+            .len(),
+        3
+    );
+    assert!(
+        b.fetch("t", "g", 1, Duration::ZERO)
+            .await
+            .expect("fetch")
+            .is_empty()
+    );
+    clock.advance(Duration::from_millis(1100));
+    let d = b.fetch("t", "g", 1, Duration::ZERO).await.expect("fetch");
+    assert_eq!(
+        (d.len(), d[0].delivery),
+        (1, 2),
+        "an expired delivery goes again"
+    );
+    // Read ahead but never handed out: not ackable.
+    let e = b
+        .ack("t", "g", &[(0, 50)])
+        .await
+        .expect_err("never delivered");
+    assert!(matches!(e, MqError::UnknownDelivery { .. }), "{e}");
+    // Bounds on nack delays and extensions.
+    assert!(matches!(
+        b.nack("t", "g", &[(0, 0)], Duration::from_secs(31 * 24 * 3600))
+            .await,
+        Err(MqError::Invalid(_))
+    ));
+    assert!(matches!(
+        b.extend("t", "g", &[(0, 0)], Some(Duration::from_secs(13 * 3600)))
+            .await,
+        Err(MqError::Invalid(_))
+    ));
+    // The broker's own groups are not reachable through the public calls.
+    let e = b
+        .fetch("t", "__redrive", 1, Duration::ZERO)
+        .await
+        .expect_err("internal");
+    assert!(matches!(e, MqError::Invalid(_)), "{e}");
+
+    // (topic "a.b", group "c") and (topic "a", group "b.c") get different dead letters.
+    b.create_topic("a.b", one_partition())
+        .await
+        .expect("create");
+    b.create_topic(
+        "a",
+        TopicConfig {
+            retention_ms: 1000,
+            ..one_partition()
+        },
+    )
+    .await
+    .expect("create");
+    b.create_group("a.b", "c", GroupConfig::default())
+        .await
+        .expect("group");
+    b.create_group("a", "b.c", GroupConfig::default())
+        .await
+        .expect("group");
+    let (x, y) = (
+        b.group_info("a.b", "c").expect("info"),
+        b.group_info("a", "b.c").expect("info"),
+    );
+    assert_ne!(x.dead_letter_topic, y.dead_letter_topic);
+}
