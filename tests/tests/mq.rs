@@ -310,3 +310,61 @@ fn sigkill_the_node_while_clients_publish_and_consume() {
         }
     }
 }
+
+#[test]
+fn a_service_finds_the_broker_in_the_membership_and_consumes_with_the_sdk() {
+    use meshwork_sdk::mq::{OutMessage, SubscribeOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(dir.path(), ROLES, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = meshwork_sdk::Options::new("mailer", vec![node.etcd.clone()]).unwrap();
+        let mw = meshwork_sdk::Meshwork::connect(opts).await.unwrap();
+        // No MESHWORK_MQ in this test's environment: the node is found by its `mq` role.
+        let mq = mw.mq();
+        mq.create_topic("events", 2).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sub = mq
+            .subscribe(
+                "events",
+                "mailer",
+                SubscribeOptions {
+                    group: json!({"start": "earliest"}),
+                    ..SubscribeOptions::default()
+                },
+                move |m| {
+                    let tx = tx.clone();
+                    async move {
+                        tx.send(m.text()).unwrap();
+                        Ok::<(), String>(())
+                    }
+                },
+            )
+            .await
+            .unwrap();
+        let publisher = mq.publisher("events");
+        for i in 0..10 {
+            publisher
+                .publish(OutMessage::new(format!("e{i}")).key(format!("k{}", i % 3)))
+                .await
+                .unwrap();
+        }
+        let mut got = BTreeSet::new();
+        while got.len() < 10 {
+            let t = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            got.insert(t);
+        }
+        sub.shutdown().await;
+        mw.shutdown().await;
+    });
+    let (_, g) = http::get(&node.http, "/v1/mq/topics/events/groups/mailer").unwrap();
+    let g: Value = serde_json::from_str(&g).unwrap();
+    assert_eq!(
+        (g["backlog"].as_u64(), g["unacked"].as_u64()),
+        (Some(0), Some(0)),
+        "{g}"
+    );
+}

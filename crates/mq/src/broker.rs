@@ -964,15 +964,7 @@ impl Broker {
             tokio::pin!(published, woken);
             published.as_mut().enable();
             woken.as_mut().enable();
-            if self.inner.failed.load(Ordering::Acquire) {
-                return Err(MqError::Stopped);
-            }
-            let permit = self
-                .inner
-                .tx
-                .reserve()
-                .await
-                .map_err(|_| MqError::Stopped)?;
+            let permit = self.queue_slot().await?;
             let now = self.now_ms();
             let (polled, durable) = poll(&t, &g, max, now, permit)?;
             if let Some(rx) = durable {
@@ -1058,6 +1050,14 @@ impl Broker {
         Ok((t, g))
     }
 
+    /// A reserved place in the committer's queue (waits while it is full).
+    async fn queue_slot(&self) -> Result<mpsc::Permit<'_, Cmd>> {
+        if self.inner.failed.load(Ordering::Acquire) {
+            return Err(MqError::Stopped);
+        }
+        self.inner.tx.reserve().await.map_err(|_| MqError::Stopped)
+    }
+
     /// Changes a group's state with `f` and waits for the ops it returns to be durable.
     /// The journal record is queued while the group is locked (a queue slot is reserved
     /// first), so records reach the journal in the order the changes were made, and a
@@ -1069,15 +1069,7 @@ impl Broker {
         g: &Group,
         f: impl FnOnce(&mut GroupState) -> Vec<Op>,
     ) -> Result<usize> {
-        if self.inner.failed.load(Ordering::Acquire) {
-            return Err(MqError::Stopped);
-        }
-        let permit = self
-            .inner
-            .tx
-            .reserve()
-            .await
-            .map_err(|_| MqError::Stopped)?;
+        let permit = self.queue_slot().await?;
         let (reply, rx) = oneshot::channel();
         let n = {
             let mut st = g.state.lock();

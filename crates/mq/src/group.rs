@@ -352,7 +352,7 @@ const OP_FINISH: u8 = 2;
 
 /// Encodes a batch of one group's ops as a journal payload.
 pub(crate) fn encode_ops(topic: &str, group: &str, ops: &[Op], out: &mut Vec<u8>) {
-    // Names are validated to at most 200 bytes (internal ones stay below 255).
+    // Names are validated to at most 120 bytes; internal ones (`__dlq~t~g`) stay below 255.
     out.push(topic.len() as u8);
     out.extend_from_slice(topic.as_bytes());
     out.push(group.len() as u8);
