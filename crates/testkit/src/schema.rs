@@ -36,6 +36,20 @@ impl Spec {
         json!({ "$ref": format!("#/components/schemas/{name}") })
     }
 
+    /// Asserts that an answer is documented: `status` is listed for `method` on `path`
+    /// and `body` validates, in full and at every depth, against its schema.
+    pub fn check_response(&self, path: &str, method: &str, status: u16, body: &Value) {
+        let resp = self.resolve(&self.doc["paths"][path][method]["responses"][status.to_string()]);
+        assert!(!resp.is_null(), "{method} {path} answered {status}: {body}");
+        if let Some(schema) = resp.pointer("/content/application~1json/schema") {
+            let errs = self.validate(schema, body);
+            assert!(
+                errs.is_empty(),
+                "{method} {path} {status}: {errs:#?}\n{body}"
+            );
+        }
+    }
+
     /// The problems of `v` against `schema` (empty when it validates).
     pub fn validate(&self, schema: &Value, v: &Value) -> Vec<String> {
         let mut errs = Vec::new();
