@@ -245,6 +245,9 @@ pub(crate) struct MqFile {
     /// Most groups per topic (default 100).
     #[serde(default)]
     pub(crate) max_groups_per_topic: Option<usize>,
+    /// Most consumers of one broadcast group (default 1000).
+    #[serde(default)]
+    pub(crate) max_consumers_per_group: Option<usize>,
     /// Log segment size in bytes (default 64 MiB).
     #[serde(default)]
     pub(crate) segment_bytes: Option<u64>,
@@ -271,6 +274,9 @@ impl MqFile {
         }
         if let Some(v) = self.max_groups_per_topic {
             c.max_groups_per_topic = v;
+        }
+        if let Some(v) = self.max_consumers_per_group {
+            c.max_consumers_per_group = v;
         }
         if let Some(v) = self.segment_bytes {
             c.segment_bytes = v;

@@ -363,6 +363,9 @@ async fn create_group(
 struct FetchBody {
     #[serde(default)]
     max: Option<usize>,
+    /// A broadcast group's consumer.
+    #[serde(default)]
+    consumer: Option<String>,
     #[serde(default)]
     wait_ms: Option<u64>,
 }
@@ -385,6 +388,7 @@ async fn fetch(
         return ApiError::invalid(format!("max must be between 1 and {}", crate::MAX_FETCH))
             .into_response();
     }
+    let group = with_consumer(group, req.consumer.as_deref());
     match b
         .fetch(&topic, &group, max, Duration::from_millis(wait))
         .await
@@ -419,6 +423,17 @@ struct SettleBody {
     delay_ms: Option<u64>,
     #[serde(default)]
     by_ms: Option<u64>,
+    /// A broadcast group's consumer.
+    #[serde(default)]
+    consumer: Option<String>,
+}
+
+/// `group/consumer` for a broadcast group's consumer (names cannot hold `/`).
+fn with_consumer(group: String, consumer: Option<&str>) -> String {
+    match consumer {
+        Some(c) => format!("{group}/{c}"),
+        None => group,
+    }
 }
 
 fn items(req: &SettleBody) -> Result<Vec<(u32, u64)>, ApiError> {
@@ -450,6 +465,7 @@ async fn settle(b: Broker, topic: String, group: String, body: Bytes, how: Settl
         Ok(l) => l,
         Err(e) => return e.into_response(),
     };
+    let group = with_consumer(group, req.consumer.as_deref());
     let done = match how {
         Settle::Ack if req.delay_ms.is_some() || req.by_ms.is_some() => {
             return ApiError::invalid("ack takes messages only").into_response();

@@ -43,6 +43,12 @@ pub const MAX_FETCH: usize = 1000;
 /// Name of the group every dead-letter topic has, whose cursor is the redrive position.
 const REDRIVE_GROUP: &str = "__redrive";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"MWMQSNP1";
+/// Prefix of a broadcast group's consumers' own groups: `__bc~{group}~{consumer}`.
+const MEMBER_PREFIX: &str = "__bc~";
+
+fn member_name(group: &str, consumer: &str) -> String {
+    format!("{MEMBER_PREFIX}{group}~{consumer}")
+}
 
 /// Where a published message went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +146,8 @@ pub struct GroupInfo {
     pub dead_letter_topic: String,
     /// Messages in the dead-letter topic not yet redriven.
     pub dead_letters: u64,
+    /// A broadcast group's consumers (empty for other groups).
+    pub consumers: Vec<String>,
 }
 
 /// Remembers recently published ids per topic (the dedup window).
@@ -368,10 +376,15 @@ impl Broker {
                         continue;
                     };
                     let file: GroupFile = read_json(&g.path())?;
+                    // A broadcast consumer shares its group's dead letters.
+                    let owner = gname
+                        .strip_prefix(MEMBER_PREFIX)
+                        .and_then(|rest| rest.split('~').next())
+                        .unwrap_or(&gname);
                     let dlq = if gname == REDRIVE_GROUP {
                         None
                     } else {
-                        topics.get(&dlq_name(&tname, &gname)).cloned()
+                        topics.get(&dlq_name(&tname, owner)).cloned()
                     };
                     let group = Self::new_group(topic, &gname, file.config, &file.start, dlq);
                     topic.groups.write().insert(gname, Arc::new(group));
@@ -794,7 +807,13 @@ impl Broker {
                 })
             };
         }
-        if t.groups.read().len() >= self.inner.cfg.max_groups_per_topic {
+        let groups = t
+            .groups
+            .read()
+            .keys()
+            .filter(|g| !g.starts_with("__"))
+            .count();
+        if groups >= self.inner.cfg.max_groups_per_topic {
             return Err(MqError::Limit {
                 what: "groups on this topic",
                 limit: self.inner.cfg.max_groups_per_topic as u64,
@@ -869,7 +888,48 @@ impl Broker {
     }
 
     /// A group's settings and progress.
+    /// `group/consumer` is one consumer of a broadcast group; a broadcast group itself
+    /// reports its furthest-behind consumer's position and backlog and the sum of unacked.
     pub fn group_info(&self, topic: &str, group: &str) -> Result<GroupInfo> {
+        if let Some((g, c)) = group.split_once('/') {
+            validate_name("consumer", c)?;
+            let mut info = self.group_info_of(topic, &member_name(g, c))?;
+            info.group = group.to_string();
+            return Ok(info);
+        }
+        let mut info = self.group_info_of(topic, group)?;
+        if info.config.mode == GroupMode::Broadcast {
+            let prefix = member_name(group, "");
+            let members: Vec<String> = self
+                .topic(topic)?
+                .groups
+                .read()
+                .keys()
+                .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
+                .collect();
+            let (mut backlog, mut unacked, mut oldest, mut parts) = (0, 0, None, Vec::new());
+            for m in &members {
+                let i = self.group_info_of(topic, &member_name(group, m))?;
+                if parts.is_empty() || i.backlog > backlog {
+                    backlog = i.backlog;
+                    parts = i.partitions;
+                }
+                unacked += i.unacked;
+                oldest = match (oldest, i.oldest_unfinished_ms) {
+                    (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            info.partitions = parts;
+            info.backlog = backlog;
+            info.unacked = unacked;
+            info.oldest_unfinished_ms = oldest;
+            info.consumers = members;
+        }
+        Ok(info)
+    }
+
+    fn group_info_of(&self, topic: &str, group: &str) -> Result<GroupInfo> {
         let t = self.topic(topic)?;
         let g = t.group(group)?;
         let (config, partitions, backlog, unacked, oldest) = {
@@ -931,6 +991,7 @@ impl Broker {
             oldest_unfinished_ms,
             dead_letter_topic,
             dead_letters,
+            consumers: Vec::new(),
         })
     }
 
@@ -955,7 +1016,13 @@ impl Broker {
         wait: Duration,
         internal: bool,
     ) -> Result<Vec<Delivery>> {
-        let (t, g) = self.group_of(topic, group, internal)?;
+        let (group, member) = self.member(topic, group, true).await?;
+        let (t, g) = self.group_of(topic, &group, internal || member)?;
+        if g.state.lock().config.mode == GroupMode::Broadcast {
+            return Err(MqError::Invalid(format!(
+                "{group:?} is a broadcast group: each consumer fetches as \"{group}/CONSUMER\""
+            )));
+        }
         let max = max.clamp(1, MAX_FETCH);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -1033,6 +1100,46 @@ impl Broker {
         Ok((t, g))
     }
 
+    /// The group a name stands for: itself, or for `group/consumer` (a broadcast group's
+    /// consumer) that consumer's own group, made on first use when `create`; and whether
+    /// that is one of the broker's own.
+    async fn member(&self, topic: &str, group: &str, create: bool) -> Result<(String, bool)> {
+        let Some((g, consumer)) = group.split_once('/') else {
+            return Ok((group.to_string(), false));
+        };
+        validate_name("consumer", consumer)?;
+        let (t, parent) = self.group_of(topic, g, false)?;
+        let cfg = parent.state.lock().config.clone();
+        if cfg.mode != GroupMode::Broadcast {
+            return Err(MqError::Invalid(format!(
+                "group {g:?} is not a broadcast group; use it without a consumer"
+            )));
+        }
+        let name = member_name(g, consumer);
+        if create && t.group(&name).is_err() {
+            let prefix = member_name(g, "");
+            let n = t
+                .groups
+                .read()
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .count();
+            if n >= self.inner.cfg.max_consumers_per_group {
+                return Err(MqError::Limit {
+                    what: "consumers of this broadcast group",
+                    limit: self.inner.cfg.max_consumers_per_group as u64,
+                    setting: "max_consumers_per_group",
+                });
+            }
+            let own = GroupConfig {
+                mode: GroupMode::Shared,
+                ..cfg
+            };
+            self.add_group(&t, &name, own, parent.dlq.clone()).await?;
+        }
+        Ok((name, true))
+    }
+
     /// A topic and group; the broker's own (`__`) groups only for `internal` callers.
     fn group_of(
         &self,
@@ -1092,7 +1199,8 @@ impl Broker {
     /// Acknowledges delivered messages: finished for the group. Acking one already
     /// finished is a no-op; one the group never delivered is an error and nothing changes.
     pub async fn ack(&self, topic: &str, group: &str, items: &[(u32, u64)]) -> Result<()> {
-        self.ack_inner(topic, group, items, false).await
+        let (group, member) = self.member(topic, group, false).await?;
+        self.ack_inner(topic, &group, items, member).await
     }
 
     async fn ack_inner(
@@ -1156,7 +1264,8 @@ impl Broker {
         items: &[(u32, u64)],
         by: Option<Duration>,
     ) -> Result<()> {
-        let (_, g) = self.group_of(topic, group, false)?;
+        let (name, member) = self.member(topic, group, false).await?;
+        let (_, g) = self.group_of(topic, &name, member)?;
         let wait = match by {
             Some(d) if d > Duration::from_secs(12 * 3600) => {
                 return Err(MqError::Invalid("an extension is at most 12 hours".into()));
@@ -1175,7 +1284,8 @@ impl Broker {
         items: &[(u32, u64)],
         at: u64,
     ) -> Result<u64> {
-        let (t, g) = self.settle(topic, group, items, false)?;
+        let (group, member) = self.member(topic, group, false).await?;
+        let (t, g) = self.settle(topic, &group, items, member)?;
         let n = self
             .journaled(&t, &g, |st| {
                 let mut ops = Vec::new();
@@ -1264,7 +1374,13 @@ impl Broker {
         for t in topics.iter().filter(|t| !t.internal) {
             let bytes: u64 = t.parts.iter().map(|p| p.bytes()).sum();
             metrics::gauge!("meshwork_mq_log_bytes", "topic" => t.name.clone()).set(bytes as f64);
-            let groups: Vec<String> = t.groups.read().keys().cloned().collect();
+            let groups: Vec<String> = t
+                .groups
+                .read()
+                .keys()
+                .filter(|g| !g.starts_with("__"))
+                .cloned()
+                .collect();
             for g in groups {
                 let Ok(info) = self.group_info(&t.name, &g) else {
                     continue;

@@ -17,6 +17,8 @@ pub struct BrokerConfig {
     pub max_partitions: u32,
     /// Most groups on one topic (default 100).
     pub max_groups_per_topic: usize,
+    /// Most consumers of one broadcast group (default 1,000).
+    pub max_consumers_per_group: usize,
     /// Size at which a segment is sealed and a new one started, in bytes (default 64 MiB).
     pub segment_bytes: u64,
     /// Bytes of log between two entries of a segment's offset and time indexes (default 4 KiB).
@@ -99,6 +101,7 @@ impl Default for BrokerConfig {
             max_topics: 1000,
             max_partitions: 64,
             max_groups_per_topic: 100,
+            max_consumers_per_group: 1000,
             segment_bytes: 64 * 1024 * 1024,
             index_interval_bytes: 4096,
             max_batch_requests: 1024,
@@ -207,6 +210,9 @@ pub enum GroupMode {
     /// At most one message per key out at a time, in the key's order; parallel across keys.
     /// A message that exhausts its deliveries goes to the dead letters and the key goes on.
     Ordered,
+    /// Every consumer gets every message: each consumer (`group/consumer`) has its own
+    /// position, made on its first fetch at the group's `start`, and its own acks.
+    Broadcast,
 }
 
 /// A consumer group's settings, fixed at creation.

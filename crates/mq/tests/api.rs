@@ -236,6 +236,50 @@ async fn every_operation_answers_as_documented() {
     );
     assert_eq!(v["moved"], 1);
 
+    // A broadcast group: each consumer names itself.
+    let bg = format!("{t}/groups/cache");
+    let (s, v) = call(a, "PUT", &bg, r#"{"mode":"broadcast","start":"earliest"}"#).await;
+    check(&d, "/v1/mq/topics/{topic}/groups/{group}", "put", s, &v);
+    assert_eq!(s, 201, "{v}");
+    for c in ["n1", "n2"] {
+        let (s, v) = call(
+            a,
+            "POST",
+            &format!("{bg}/fetch"),
+            &format!(r#"{{"max":10,"consumer":"{c}"}}"#),
+        )
+        .await;
+        check(
+            &d,
+            "/v1/mq/topics/{topic}/groups/{group}/fetch",
+            "post",
+            s,
+            &v,
+        );
+        let msgs = v["messages"].as_array().unwrap().clone();
+        assert!(msgs.len() >= 2, "{v}");
+        let items: Vec<String> = msgs.iter().map(item).collect();
+        let (s, v) = call(
+            a,
+            "POST",
+            &format!("{bg}/ack"),
+            &format!(r#"{{"messages":[{}],"consumer":"{c}"}}"#, items.join(",")),
+        )
+        .await;
+        check(
+            &d,
+            "/v1/mq/topics/{topic}/groups/{group}/ack",
+            "post",
+            s,
+            &v,
+        );
+        assert_eq!(s, 204);
+    }
+    let (s, v) = call(a, "GET", &bg, "").await;
+    check(&d, "/v1/mq/topics/{topic}/groups/{group}", "get", s, &v);
+    assert_eq!(v["consumers"], serde_json::json!(["n1", "n2"]));
+    assert_eq!(v["backlog"], 0);
+
     // Errors, as documented.
     let (s, v) = call(
         a,

@@ -992,3 +992,104 @@ async fn review_regressions_stall_at_max_unacked_read_ahead_acks_dead_letter_nam
     );
     assert_ne!(x.dead_letter_topic, y.dead_letter_topic);
 }
+
+#[tokio::test]
+async fn broadcast_groups_give_every_consumer_every_message_with_its_own_acks() {
+    use meshwork_mq::GroupMode;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Clock::manual(T0);
+    let b = Broker::open(dir.path(), cfg(&clock)).expect("open");
+    b.create_topic(
+        "t",
+        TopicConfig {
+            partitions: 2,
+            ..TopicConfig::default()
+        },
+    )
+    .await
+    .expect("create");
+    let g = GroupConfig {
+        mode: GroupMode::Broadcast,
+        ack_wait_ms: 1000,
+        ..GroupConfig::default()
+    };
+    b.create_group("t", "cache", g).await.expect("group");
+    // Fetching the group itself, or a consumer of a group that is not broadcast: refused.
+    assert!(matches!(
+        b.fetch("t", "cache", 10, Duration::ZERO).await,
+        Err(MqError::Invalid(_))
+    ));
+    b.create_group("t", "plain", GroupConfig::default())
+        .await
+        .expect("group");
+    assert!(matches!(
+        b.fetch("t", "plain/x", 10, Duration::ZERO).await,
+        Err(MqError::Invalid(_))
+    ));
+    assert!(matches!(
+        b.fetch("t", "cache/bad name", 10, Duration::ZERO).await,
+        Err(MqError::InvalidName { .. })
+    ));
+
+    // Two consumers join (start: latest, at their first fetch), then messages come.
+    assert!(
+        b.fetch("t", "cache/a", 10, Duration::ZERO)
+            .await
+            .expect("fetch")
+            .is_empty()
+    );
+    assert!(
+        b.fetch("t", "cache/b", 10, Duration::ZERO)
+            .await
+            .expect("fetch")
+            .is_empty()
+    );
+    b.publish("t", (0..6).map(|i| msg(&format!("m{i}"))).collect())
+        .await
+        .expect("publish");
+    let mut da = bodies(
+        &b.fetch("t", "cache/a", 10, Duration::ZERO)
+            .await
+            .expect("fetch"),
+    );
+    da.sort();
+    assert_eq!(da, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    let dbb = b
+        .fetch("t", "cache/b", 10, Duration::ZERO)
+        .await
+        .expect("fetch");
+    assert_eq!(dbb.len(), 6);
+    // b acks; a does not: only a's come back after the deadline.
+    let items: Vec<(u32, u64)> = dbb.iter().map(|x| (x.partition, x.offset)).collect();
+    b.ack("t", "cache/b", &items).await.expect("ack");
+    let info = b.group_info("t", "cache").expect("info");
+    assert_eq!(
+        (info.consumers.len(), info.unacked, info.backlog),
+        (2, 6, 6),
+        "{info:?}"
+    );
+    b.close();
+    let b = Broker::open(dir.path(), cfg(&clock)).expect("reopen");
+    clock.advance(Duration::from_millis(1100));
+    assert!(
+        b.fetch("t", "cache/b", 10, Duration::ZERO)
+            .await
+            .expect("fetch")
+            .is_empty()
+    );
+    let again = b
+        .fetch("t", "cache/a", 10, Duration::ZERO)
+        .await
+        .expect("fetch");
+    assert_eq!(again.len(), 6);
+    assert!(again.iter().all(|x| x.delivery == 2));
+    assert_eq!(b.group_info("t", "cache/b").expect("info").backlog, 0);
+    // A consumer that joins later starts at that point.
+    b.publish("t", vec![msg("late")]).await.expect("publish");
+    assert!(
+        b.fetch("t", "cache/c", 10, Duration::ZERO)
+            .await
+            .expect("fetch")
+            .is_empty()
+    );
+}

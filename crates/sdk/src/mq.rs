@@ -257,6 +257,9 @@ pub struct SubscribeOptions {
     pub retry_initial: Duration,
     /// Longest retry delay (default 60 s).
     pub retry_max: Duration,
+    /// This consumer's name, for a broadcast group (every consumer gets every message;
+    /// use the instance's id); `None` for shared and ordered groups.
+    pub consumer: Option<String>,
     /// How long [`Subscription::shutdown`] waits for running handlers (default 30 s);
     /// what is still running then is given back at once.
     pub shutdown_grace: Duration,
@@ -267,6 +270,7 @@ impl Default for SubscribeOptions {
         SubscribeOptions {
             concurrency: 16,
             group: json!({}),
+            consumer: None,
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
@@ -635,7 +639,11 @@ where
                 }
                 continue;
             }
-            let body = json!({ "max": free.min(1000), "wait_ms": FETCH_WAIT.as_millis() as u64 });
+            let mut body =
+                json!({ "max": free.min(1000), "wait_ms": FETCH_WAIT.as_millis() as u64 });
+            if let Some(c) = &self.opts.consumer {
+                body["consumer"] = json!(c);
+            }
             let fetched = tokio::select! {
                 r = self.client.call(http::Method::POST, &fetch_path, Some(body), REQUEST_TIMEOUT + FETCH_WAIT) => r,
                 _ = stop.changed() => break,
@@ -664,6 +672,7 @@ where
                     break;
                 };
                 let job = Job {
+                    consumer: self.opts.consumer.clone(),
                     client: self.client.clone(),
                     base: self.base.clone(),
                     ack_wait: self.ack_wait,
@@ -694,6 +703,7 @@ where
 
 /// What one handler task needs to settle its message.
 struct Job {
+    consumer: Option<String>,
     client: MqClient,
     base: String,
     ack_wait: Duration,
@@ -707,7 +717,11 @@ impl Job {
         msg: Received,
         fut: impl Future<Output = Result<(), E>>,
     ) {
-        let item = json!({ "messages": [{ "partition": msg.partition, "offset": msg.offset }] });
+        let mut item =
+            json!({ "messages": [{ "partition": msg.partition, "offset": msg.offset }] });
+        if let Some(c) = &self.consumer {
+            item["consumer"] = json!(c);
+        }
         // Given back at once if this task is aborted (shutdown past its grace).
         let guard = GiveBack {
             client: Some(self.client.clone()),

@@ -278,3 +278,50 @@ async fn a_slow_handler_keeps_its_message_and_shutdown_finishes_or_gives_back() 
     assert_eq!(got, 2);
     next.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_group_gives_each_instance_every_message() {
+    let b = broker().await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut subs = Vec::new();
+    for instance in ["i1", "i2"] {
+        let tx = tx.clone();
+        let o = SubscribeOptions {
+            consumer: Some(instance.to_string()),
+            ..opts(json!({"mode": "broadcast", "start": "earliest"}))
+        };
+        subs.push(
+            b.client
+                .subscribe("t", "cache", o, move |m: Received| {
+                    let tx = tx.clone();
+                    async move {
+                        tx.send((instance, m.text())).unwrap();
+                        Ok::<(), String>(())
+                    }
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    b.client
+        .publisher("t")
+        .publish(OutMessage::new("invalidate k1"))
+        .await
+        .unwrap();
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < 2 {
+        got.insert(
+            tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        got.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        ["i1", "i2"]
+    );
+    for s in subs {
+        s.shutdown().await;
+    }
+}
