@@ -473,6 +473,12 @@ async fn run_up(args: UpArgs) -> Result<()> {
     println!(
         "  locks/ids  meshwork lock --http {http} acquire jobs;  meshwork id --http {http} next --count 5"
     );
+    if running.has_mq() {
+        println!("  messaging  meshwork mq --http {http} topic create orders --partitions 3");
+        println!(
+            "               meshwork mq --http {http} pub orders hello;  meshwork mq --http {http} sub orders --group g --from earliest"
+        );
+    }
     println!("  API        curl http://{http}/openapi.json");
     if let Some(g) = running.gateway_addr {
         println!(

@@ -58,6 +58,11 @@ pub(crate) struct Running {
 }
 
 impl Running {
+    /// Whether the broker (role `mq`) runs.
+    pub(crate) fn has_mq(&self) -> bool {
+        self.mq.is_some()
+    }
+
     /// Stops accepting, waits for in-flight requests, closes the store.
     pub(crate) async fn shutdown(self) {
         if let Some(g) = self.gateway {
