@@ -184,6 +184,20 @@ pub async fn json_errors(resp: Response) -> Response {
     out
 }
 
+/// Percent-encodes a path segment or query value (everything but `A-Z a-z 0-9 - _ . ~`):
+/// what every client of the HTTP APIs (CLI, SDK, console links) puts in a URL.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -36,15 +36,7 @@ pub fn esc(s: &str) -> String {
 
 /// Percent-encodes a path segment or query value.
 pub fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
+    meshwork_api::percent_encode(s)
 }
 
 fn fmt_bytes(n: i64) -> String {

@@ -4,7 +4,6 @@
 //! is configured.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -94,25 +93,7 @@ fn check(doc: &Value, path: &str, method: &str, status: u16, body: &Value) {
 
 #[test]
 fn the_document_lists_exactly_the_console_routes() {
-    let d = doc();
-    let documented: BTreeSet<(String, String)> = d["paths"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(_, i)| i["x-meshwork-role"] == "console")
-        .flat_map(|(p, i)| {
-            i.as_object()
-                .unwrap()
-                .keys()
-                .filter(|k| ["get", "post", "put", "delete"].contains(&k.as_str()))
-                .map(move |m| (m.clone(), p.clone()))
-        })
-        .collect();
-    let routed: BTreeSet<(String, String)> = meshwork_console::api::ROUTES
-        .iter()
-        .map(|(m, p)| (m.to_string(), p.to_string()))
-        .collect();
-    assert_eq!(documented, routed);
+    Spec { doc: doc() }.assert_routes("console", meshwork_console::api::ROUTES);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1573,32 +1573,11 @@ fn fill(
         let off = r.offset;
         // Offsets missing from the log (a gap left by damage outside the broker): finished.
         while c.next < off {
-            ops.push(Op::Finish {
-                part: pi,
-                from: c.next,
-                to: c.next + 1,
-            });
-            c.push(Slot {
-                done: true,
-                deliveries: 0,
-                visible_at: 0,
-            });
+            finish_op(c, ops, pi, c.next);
         }
         let tag = Message::peek_tag(&r.payload)?;
         if !cfg.tags.is_empty() && !cfg.tags.iter().any(|t| t.as_bytes() == tag) {
-            c.push(Slot {
-                done: true,
-                deliveries: 0,
-                visible_at: 0,
-            });
-            match ops.last_mut() {
-                Some(Op::Finish { part, to, .. }) if *part == pi && *to == off => *to = off + 1,
-                _ => ops.push(Op::Finish {
-                    part: pi,
-                    from: off,
-                    to: off + 1,
-                }),
-            }
+            finish_op(c, ops, pi, off);
             continue;
         }
         let msg = Message::decode(r.payload.clone())?;
@@ -1621,6 +1600,19 @@ fn fill(
     }
     c.advance();
     Ok(recs.len())
+}
+
+/// Finishes `off` and records it, joined to the last op when it continues its range.
+fn finish_op(c: &mut Cursor, ops: &mut Vec<Op>, pi: u32, off: u64) {
+    c.finish(off);
+    match ops.last_mut() {
+        Some(Op::Finish { part, to, .. }) if *part == pi && *to == off => *to = off + 1,
+        _ => ops.push(Op::Finish {
+            part: pi,
+            from: off,
+            to: off + 1,
+        }),
+    }
 }
 
 /// Hands out a cursor's due messages in the order of their times: fresh ones, nacked
@@ -1657,12 +1649,7 @@ fn deliver(
                     Message::decode(r.swap_remove(0).payload)?
                 }
                 Ok(_) | Err(MqError::OffsetOutOfRange { .. }) => {
-                    c.finish(off);
-                    p.ops.push(Op::Finish {
-                        part: pi,
-                        from: off,
-                        to: off + 1,
-                    });
+                    finish_op(c, &mut p.ops, pi, off);
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -1670,12 +1657,7 @@ fn deliver(
         };
         if slot.deliveries == 0 {
             if !tag_ok(msg.tag.as_bytes()) {
-                c.finish(off);
-                p.ops.push(Op::Finish {
-                    part: pi,
-                    from: off,
-                    to: off + 1,
-                });
+                finish_op(c, &mut p.ops, pi, off);
                 continue;
             }
             if msg.deliver_at_ms > now {
@@ -1705,13 +1687,8 @@ fn deliver(
                 });
                 metrics::counter!("meshwork_mq_dead_lettered_total", "topic" => t.name.clone(), "group" => g.name.clone()).increment(1);
             }
-            c.finish(off);
+            finish_op(c, &mut p.ops, pi, off);
             *unacked = unacked.saturating_sub(1);
-            p.ops.push(Op::Finish {
-                part: pi,
-                from: off,
-                to: off + 1,
-            });
             p.more = true;
             continue;
         }

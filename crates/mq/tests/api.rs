@@ -51,25 +51,7 @@ fn check(d: &Spec, path: &str, method: &str, status: u16, body: &Value) {
 
 #[test]
 fn the_document_lists_exactly_the_routes() {
-    let d = doc();
-    let documented: BTreeSet<(String, String)> = d.doc["paths"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(_, i)| i["x-meshwork-role"] == "mq")
-        .flat_map(|(p, i)| {
-            i.as_object()
-                .unwrap()
-                .keys()
-                .filter(|k| ["get", "post", "put", "delete"].contains(&k.as_str()))
-                .map(move |m| (m.clone(), p.clone()))
-        })
-        .collect();
-    let routed: BTreeSet<(String, String)> = meshwork_mq::api::ROUTES
-        .iter()
-        .map(|(m, p)| (m.to_string(), p.to_string()))
-        .collect();
-    assert_eq!(documented, routed);
+    doc().assert_routes("mq", meshwork_mq::api::ROUTES);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! SIGKILL durability: a child process publishes (some messages delayed) and consumes with
+//! SIGKILL durability (its own harness: `harness = false`): a child process publishes (some messages delayed) and consumes with
 //! acks on a real broker directory and reports each acknowledged publish, each ack about to
 //! be sent and each ack answered on stdout;
 //! the test kills it with SIGKILL at a random point, reopens the directory and checks that
@@ -43,16 +43,23 @@ fn config() -> BrokerConfig {
     }
 }
 
-/// The child's work; run by the parent as `crash -- --ignored --exact child`.
-#[test]
-#[ignore = "the crash test's child process, started by `sigkill_rounds`"]
-fn child() {
-    let (Ok(dir), Ok(round)) = (
+/// This file is its own test harness (`harness = false`): the same binary is the test
+/// and, started again with `MQ_CRASH_DIR` set, the child it kills.
+fn main() {
+    match (
         std::env::var("MQ_CRASH_DIR"),
         std::env::var("MQ_CRASH_ROUND"),
-    ) else {
-        return;
-    };
+    ) {
+        (Ok(dir), Ok(round)) => child(dir, round),
+        _ => {
+            sigkill_rounds();
+            println!("test sigkill_rounds ... ok");
+        }
+    }
+}
+
+/// The child's work: publish and consume until killed.
+fn child(dir: String, round: String) {
     let round: u64 = round.parse().expect("round");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -123,7 +130,6 @@ fn child() {
     });
 }
 
-#[test]
 fn sigkill_rounds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = std::env::current_exe().expect("test binary");
@@ -136,14 +142,6 @@ fn sigkill_rounds() {
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     for round in 1..=ROUNDS {
         let mut child = Command::new(&exe)
-            .args([
-                "--ignored",
-                "--exact",
-                "child",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
             .env("MQ_CRASH_DIR", dir.path())
             .env("MQ_CRASH_ROUND", round.to_string())
             .stdout(Stdio::piped())

@@ -581,15 +581,7 @@ fn rand_u64() -> u64 {
 }
 
 fn enc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    meshwork_api::percent_encode(s)
 }
 
 /// A running subscription.

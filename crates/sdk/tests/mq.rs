@@ -203,14 +203,14 @@ async fn a_slow_handler_keeps_its_message_and_shutdown_finishes_or_gives_back() 
             let seen = seen.clone();
             async move {
                 seen.lock().push((m.text(), m.delivery));
-                let ms = if m.text() == "stuck" { 60_000 } else { 1500 };
+                let ms = if m.text() == "stuck" { 60_000 } else { 3000 };
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 Ok::<(), String>(())
             }
         }
     };
-    // An ack wait of 400 ms and a 1.5 s handler: extended, never delivered twice.
-    let group = json!({"start": "earliest", "ack_wait_ms": 400});
+    // An ack wait of 1 s and a 3 s handler: extended (every 500 ms), never delivered twice.
+    let group = json!({"start": "earliest", "ack_wait_ms": 1000});
     let sub = b
         .client
         .subscribe("t", "g", opts(group.clone()), slow.clone())

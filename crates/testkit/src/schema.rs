@@ -36,6 +36,33 @@ impl Spec {
         json!({ "$ref": format!("#/components/schemas/{name}") })
     }
 
+    /// Asserts that the document lists exactly `routes` (`(method, path)`, lowercase
+    /// methods) among the paths marked `x-meshwork-role: role`.
+    pub fn assert_routes(&self, role: &str, routes: &[(&str, &str)]) {
+        let documented: std::collections::BTreeSet<(String, String)> = self.doc["paths"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, i)| i["x-meshwork-role"] == role)
+            .flat_map(|(p, i)| {
+                i.as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, _)| k)
+                    .filter(|k| ["get", "post", "put", "delete", "patch"].contains(&k.as_str()))
+                    .map(move |m| (m.clone(), p.clone()))
+            })
+            .collect();
+        let routed = routes
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(
+            documented, routed,
+            "the {role} routes and their document differ"
+        );
+    }
+
     /// Asserts that an answer is documented: `status` is listed for `method` on `path`
     /// and `body` validates, in full and at every depth, against its schema.
     pub fn check_response(&self, path: &str, method: &str, status: u16, body: &Value) {
