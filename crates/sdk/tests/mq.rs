@@ -2,6 +2,9 @@
 //! delivery with headers and the publisher's trace, retries through nack with backoff,
 //! bounded concurrency, deadline extension for a slow handler, graceful shutdown that
 //! finishes running handlers, and one that gives back what it could not finish.
+//! Every case runs on both backends: the embedded broker over its HTTP API, and a
+//! real NATS JetStream server (Debian's `nats-server`, a peer: skipped when missing,
+//! failed under `MESHWORK_REQUIRE_PEERS=1`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -9,16 +12,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use meshwork_sdk::RequestContext;
-use meshwork_sdk::mq::{MqClient, OutMessage, Received, SubscribeOptions};
+use meshwork_sdk::mq::{MqClient, MqError, OutMessage, Received, SubscribeOptions};
 use serde_json::json;
 
 struct Broker {
     client: MqClient,
-    _broker: meshwork_mq::Broker,
-    _dir: tempfile::TempDir,
+    _keep: Box<dyn std::any::Any + Send>,
 }
 
-async fn broker() -> Broker {
+/// The embedded broker, served over its HTTP API, with topic `t` (2 partitions).
+async fn embedded() -> Broker {
     let dir = tempfile::tempdir().unwrap();
     let broker =
         meshwork_mq::Broker::open(dir.path(), meshwork_mq::BrokerConfig::default()).unwrap();
@@ -29,13 +32,56 @@ async fn broker() -> Broker {
         let _ = axum::serve(listener, app).await;
     });
     let client = MqClient::at(&addr.to_string());
+    assert_eq!(client.backend(), "http");
     client.create_topic("t", 2).await.unwrap();
     Broker {
         client,
-        _broker: broker,
-        _dir: dir,
+        _keep: Box::new((broker, dir)),
     }
 }
+
+/// A real nats-server with JetStream, with topic `t`; `None` (skip) when not installed.
+async fn nats() -> Option<Broker> {
+    if !cfg!(feature = "nats") {
+        eprintln!("skipping: meshwork-sdk is built without its `nats` feature");
+        return None;
+    }
+    let server = meshwork_testkit::nats_server::NatsServer::start()?;
+    let client = MqClient::at(&server.url());
+    assert_eq!(client.backend(), "nats");
+    client.create_topic("t", 2).await.unwrap();
+    Some(Broker {
+        client,
+        _keep: Box::new(server),
+    })
+}
+
+/// Runs the case `$case(Broker)` on both backends (`$case::embedded`, `$case::nats`).
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$case(super::embedded().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                if let Some(b) = super::nats().await {
+                    super::$case(b).await;
+                }
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    delivered_with_headers_and_the_publishers_trace_then_acked,
+    a_failing_handler_gets_the_message_again_with_backoff_and_concurrency_is_bounded,
+    a_slow_handler_keeps_its_message_and_shutdown_finishes_or_gives_back,
+    a_broadcast_group_gives_each_instance_every_message,
+    a_message_failing_every_delivery_goes_to_the_dead_letters,
+);
 
 fn opts(group: serde_json::Value) -> SubscribeOptions {
     SubscribeOptions {
@@ -47,9 +93,7 @@ fn opts(group: serde_json::Value) -> SubscribeOptions {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivered_with_headers_and_the_publishers_trace_then_acked() {
-    let b = broker().await;
+async fn delivered_with_headers_and_the_publishers_trace_then_acked(b: Broker) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Received, Option<RequestContext>)>();
     let sub = b
         .client
@@ -120,9 +164,9 @@ async fn delivered_with_headers_and_the_publishers_trace_then_acked() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_handler_gets_the_message_again_with_backoff_and_concurrency_is_bounded() {
-    let b = broker().await;
+async fn a_failing_handler_gets_the_message_again_with_backoff_and_concurrency_is_bounded(
+    b: Broker,
+) {
     let publisher = b.client.publisher("t");
     let msgs: Vec<OutMessage> = (0..20).map(|i| OutMessage::new(format!("m{i}"))).collect();
     publisher.publish_all(msgs).await.unwrap();
@@ -192,9 +236,7 @@ async fn a_failing_handler_gets_the_message_again_with_backoff_and_concurrency_i
     assert_eq!(m0, [1, 2, 3]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_handler_keeps_its_message_and_shutdown_finishes_or_gives_back() {
-    let b = broker().await;
+async fn a_slow_handler_keeps_its_message_and_shutdown_finishes_or_gives_back(b: Broker) {
     let publisher = b.client.publisher("t");
     let seen = Arc::new(parking_lot::Mutex::new(Vec::<(String, u32)>::new()));
     let slow = {
@@ -275,13 +317,15 @@ async fn a_slow_handler_keeps_its_message_and_shutdown_finishes_or_gives_back() 
     })
     .await
     .expect("given back well before its 60 s deadline");
-    assert_eq!(got, 2);
+    if b.client.backend() == "http" {
+        // The embedded broker counts the aborted delivery; nats-server 2.9 was seen to
+        // hand the given-back message out again as delivery 1 (its count is the server's).
+        assert_eq!(got, 2);
+    }
     next.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broadcast_group_gives_each_instance_every_message() {
-    let b = broker().await;
+async fn a_broadcast_group_gives_each_instance_every_message(b: Broker) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut subs = Vec::new();
     for instance in ["i1", "i2"] {
@@ -324,4 +368,115 @@ async fn a_broadcast_group_gives_each_instance_every_message() {
     for s in subs {
         s.shutdown().await;
     }
+}
+
+async fn a_message_failing_every_delivery_goes_to_the_dead_letters(b: Broker) {
+    let publisher = b.client.publisher("t");
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let sub = {
+        let seen = seen.clone();
+        b.client
+            .subscribe(
+                "t",
+                "g",
+                opts(json!({"start": "earliest", "max_deliveries": 3})),
+                move |m: Received| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().push((m.text(), m.delivery));
+                        if m.text() == "poison" {
+                            Err("cannot handle this")
+                        } else {
+                            Ok(())
+                        }
+                    }
+                },
+            )
+            .await
+            .unwrap()
+    };
+    publisher
+        .publish(OutMessage::new("poison").header("x-kind", "bad"))
+        .await
+        .unwrap();
+    publisher.publish(OutMessage::new("fine")).await.unwrap();
+    let dead = meshwork_testkit::eventually("the dead letter", Duration::from_secs(30), || {
+        let c = b.client.clone();
+        async move {
+            let d = c.dead_letters("t", "g", 10).await.unwrap();
+            (!d.is_empty()).then_some(d)
+        }
+    })
+    .await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        (dead[0].text().as_str(), dead[0].delivery),
+        ("poison", 3),
+        "{dead:?}"
+    );
+    assert_eq!(dead[0].headers["x-kind"], "bad");
+    sub.shutdown().await;
+    let poison: Vec<u32> = seen
+        .lock()
+        .iter()
+        .filter(|(t, _)| t == "poison")
+        .map(|(_, d)| *d)
+        .collect();
+    assert_eq!(poison, [1, 2, 3], "three deliveries, then the dead letters");
+    assert!(seen.lock().iter().any(|(t, _)| t == "fine"));
+    let info = b.client.ensure_group("t", "g", &json!({})).await.unwrap();
+    assert_eq!(info["backlog"], 0, "{info}");
+}
+
+/// What JetStream cannot do is refused with a clear error, before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_backend_refuses_what_jetstream_cannot_do() {
+    let Some(b) = nats().await else { return };
+    let p = b.client.publisher("t");
+    for m in [
+        OutMessage::new("later").delay(Duration::from_secs(5)),
+        OutMessage::new("urgent").priority(9),
+    ] {
+        match p.publish(m).await {
+            Err(MqError::Refused {
+                status,
+                code,
+                message,
+            }) => {
+                assert_eq!((status, code.as_str()), (501, "unsupported"), "{message}");
+                assert!(
+                    message.contains("unsupported on the NATS JetStream backend"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    match b
+        .client
+        .publisher("nope")
+        .publish(OutMessage::new("x"))
+        .await
+    {
+        Err(MqError::Refused {
+            status: 404, code, ..
+        }) => assert_eq!(code, "not_found"),
+        other => panic!("{other:?}"),
+    }
+    for bad in ["", "a b", "__x"] {
+        assert!(b.client.create_topic(bad, 1).await.is_err(), "{bad:?}");
+    }
+    assert!(
+        b.client
+            .ensure_group("t", "g", &json!({"tags": ["a", "b"]}))
+            .await
+            .is_err()
+    );
+    // Nothing was written.
+    let info = b
+        .client
+        .ensure_group("t", "g", &json!({"start": "earliest"}))
+        .await
+        .unwrap();
+    assert_eq!(info["backlog"], 0, "{info}");
 }

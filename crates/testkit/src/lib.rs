@@ -11,6 +11,7 @@
 //! - [`peer`]: finding the real peers (etcd, etcdctl, chromium), skipping or
 //!   failing under `MESHWORK_REQUIRE_PEERS=1`;
 //! - `etcd_cluster` (feature `etcd`): a real etcd cluster of child processes;
+//! - `nats_server` (feature `etcd`): a real NATS JetStream server, a child process;
 //! - `store` (feature `store`): Meshwork's store served as an etcd endpoint
 //!   in the test's process.
 
@@ -20,6 +21,8 @@ pub mod blocking;
 #[cfg(feature = "etcd")]
 pub mod etcd_cluster;
 pub mod http;
+#[cfg(feature = "etcd")]
+pub mod nats_server;
 pub mod peer;
 pub mod proxy;
 pub mod schema;

@@ -7,7 +7,9 @@
 //! The backend is the broker of a node with the `mq` role, over its `/v1/mq/`
 //! API: the one named by `MESHWORK_MQ` (`http://HOST:PORT`), else the first
 //! (by name) live `mq` node in the control plane's membership, so every service
-//! of a cluster uses the same broker.
+//! of a cluster uses the same broker. At scale, `MESHWORK_MQ=nats://HOST:PORT`
+//! puts the same API on NATS JetStream (feature `nats`, on by default; see the
+//! `nats` module for what maps to what and what that backend refuses).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -26,12 +28,17 @@ use serde_json::{Value, json};
 
 use crate::context::RequestContext;
 
+#[cfg(feature = "nats")]
+mod nats;
+
 /// The membership role of nodes that run the broker.
 pub const MQ_ROLE: &str = "mq";
 /// Deadline of one request to the broker (a long poll adds its wait).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one fetch waits for a message.
 const FETCH_WAIT: Duration = Duration::from_secs(10);
+/// Acks and nacks sent in one request, at most.
+const SETTLE_BATCH: usize = 500;
 
 /// Why a messaging call failed.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +142,18 @@ impl OutMessage {
         self
     }
 
+    /// The headers to send: the message's, with the publisher's trace added.
+    fn headers_with_trace(&self) -> BTreeMap<String, String> {
+        let mut headers = self.headers.clone();
+        // The publisher's trace: a child of the request being handled, if any.
+        if !headers.contains_key("traceparent") {
+            let trace =
+                RequestContext::current().map_or_else(TraceContext::new_root, |c| c.trace.child());
+            headers.insert("traceparent".into(), trace.traceparent());
+        }
+        headers
+    }
+
     fn to_json(&self, id: u64) -> Value {
         use base64::Engine as _;
         let mut m = json!({ "id": id.to_string() });
@@ -151,14 +170,7 @@ impl OutMessage {
         if let Some(t) = &self.tag {
             m["tag"] = json!(t);
         }
-        let mut headers = self.headers.clone();
-        // The publisher's trace: a child of the request being handled, if any.
-        if !headers.contains_key("traceparent") {
-            let trace =
-                RequestContext::current().map_or_else(TraceContext::new_root, |c| c.trace.child());
-            headers.insert("traceparent".into(), trace.traceparent());
-        }
-        m["headers"] = json!(headers);
+        m["headers"] = json!(self.headers_with_trace());
         if let Some(d) = self.delay {
             m["delay_ms"] = json!(d.as_millis() as u64);
         }
@@ -233,6 +245,20 @@ impl Received {
         })
     }
 
+    /// A dead letter as stored: its deliveries from the `mq-dead-deliveries` header,
+    /// the broker's `mq-dead-*` bookkeeping headers taken off.
+    fn into_dead_letter(mut self) -> Received {
+        if let Some(n) = self
+            .headers
+            .get("mq-dead-deliveries")
+            .and_then(|v| v.parse().ok())
+        {
+            self.delivery = n;
+        }
+        self.headers.retain(|k, _| !k.starts_with("mq-dead-"));
+        self
+    }
+
     /// The body as JSON.
     pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         serde_json::from_slice(&self.body)
@@ -287,6 +313,11 @@ pub struct MqClient {
     auth: Option<String>,
     /// The broker's address once found (forgotten when it stops answering).
     broker: Arc<parking_lot::Mutex<Option<String>>>,
+    /// Acks and nacks waiting to be sent, batched per group.
+    settler: Settler,
+    /// The NATS JetStream backend, when the address is `nats://`.
+    #[cfg(feature = "nats")]
+    nats: Option<nats::Nats>,
 }
 
 impl std::fmt::Debug for MqClient {
@@ -299,36 +330,60 @@ impl MqClient {
     /// A client finding the broker through `coord`'s membership (or `MESHWORK_MQ`).
     pub fn new(coord: CoordClient) -> MqClient {
         let fixed = std::env::var("MESHWORK_MQ").ok().filter(|s| !s.is_empty());
+        MqClient::make(Some(coord), fixed)
+    }
+
+    /// A client for the broker at `addr`: `HOST:PORT` or `http://HOST:PORT` for a
+    /// node's broker, `nats://HOST:PORT` for NATS JetStream.
+    pub fn at(addr: &str) -> MqClient {
+        MqClient::make(None, Some(addr.to_owned()))
+    }
+
+    fn make(coord: Option<CoordClient>, fixed: Option<String>) -> MqClient {
         MqClient {
-            coord: Some(coord),
+            #[cfg(feature = "nats")]
+            nats: fixed
+                .as_deref()
+                .filter(|a| nats::is_nats_url(a))
+                .map(nats::Nats::new),
+            coord,
             fixed,
             http: Client::builder(TokioExecutor::new()).build_http(),
             auth: None,
             broker: Arc::default(),
+            settler: Settler::default(),
         }
     }
 
-    /// A client for the broker at `addr` (`HOST:PORT` or `http://HOST:PORT`).
-    pub fn at(addr: &str) -> MqClient {
-        MqClient {
-            coord: None,
-            fixed: Some(addr.to_owned()),
-            http: Client::builder(TokioExecutor::new()).build_http(),
-            auth: None,
-            broker: Arc::default(),
-        }
-    }
-
-    /// Sends these credentials (HTTP basic), for nodes with a console login.
+    /// Sends these credentials (HTTP basic to a node with a console login; user and
+    /// password to a NATS server).
     pub fn with_login(mut self, user: &str, password: &str) -> MqClient {
         use base64::Engine as _;
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         self.auth = Some(format!("Basic {token}"));
+        #[cfg(feature = "nats")]
+        {
+            self.nats = self.nats.map(|n| n.with_login(user, password));
+        }
         self
+    }
+
+    /// Which backend this client talks to: `"nats"` or `"http"`.
+    pub fn backend(&self) -> &'static str {
+        #[cfg(feature = "nats")]
+        if self.nats.is_some() {
+            return "nats";
+        }
+        "http"
     }
 
     async fn broker(&self) -> Result<String, MqError> {
         if let Some(f) = &self.fixed {
+            if f.starts_with("nats://") || f.starts_with("tls://") {
+                return Err(MqError::Invalid(format!(
+                    "{f}: this build has no NATS backend (meshwork-sdk's feature `nats`)"
+                )));
+            }
             return Ok(f
                 .trim_start_matches("http://")
                 .trim_end_matches('/')
@@ -408,6 +463,10 @@ impl MqClient {
 
     /// Creates a topic with `partitions` (a no-op when it exists with them).
     pub async fn create_topic(&self, topic: &str, partitions: u32) -> Result<(), MqError> {
+        #[cfg(feature = "nats")]
+        if let Some(n) = &self.nats {
+            return n.create_topic(topic, partitions).await;
+        }
         let path = format!("/v1/mq/topics/{}", enc(topic));
         self.call(
             http::Method::PUT,
@@ -427,6 +486,10 @@ impl MqClient {
         group: &str,
         settings: &Value,
     ) -> Result<Value, MqError> {
+        #[cfg(feature = "nats")]
+        if let Some(n) = &self.nats {
+            return n.ensure_group(topic, group, settings).await;
+        }
         let path = format!("/v1/mq/topics/{}/groups/{}", enc(topic), enc(group));
         match self
             .call(http::Method::GET, &path, None, REQUEST_TIMEOUT)
@@ -458,10 +521,41 @@ impl MqClient {
         }
     }
 
+    /// Up to `limit` of the dead letters of `group` on `topic`, oldest first: the
+    /// messages that failed every delivery (their offset is where they sit in the
+    /// dead-letter topic; `delivery` counts the deliveries they had).
+    pub async fn dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<Received>, MqError> {
+        #[cfg(feature = "nats")]
+        if let Some(n) = &self.nats {
+            return n.dead_letters(topic, group, limit).await;
+        }
+        let path = format!(
+            "/v1/mq/topics/{}/groups/{}/dlq?limit={limit}",
+            enc(topic),
+            enc(group)
+        );
+        let (_, v) = self
+            .call(http::Method::GET, &path, None, REQUEST_TIMEOUT)
+            .await?;
+        Ok(v["messages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Received::from_json)
+            .map(Received::into_dead_letter)
+            .collect())
+    }
+
     /// A publisher for `topic`.
     pub fn publisher(&self, topic: &str) -> Publisher {
         Publisher {
             client: self.clone(),
+            topic: topic.to_owned(),
             path: format!("/v1/mq/topics/{}/messages", enc(topic)),
         }
     }
@@ -487,14 +581,11 @@ impl MqClient {
                 "concurrency must be between 1 and 1000".into(),
             ));
         }
-        let info = self.ensure_group(topic, group, &opts.group).await?;
-        let ack_wait =
-            Duration::from_millis(info["config"]["ack_wait_ms"].as_u64().unwrap_or(30_000));
+        let (source, ack_wait) = self.source(topic, group, &opts).await?;
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let base = format!("/v1/mq/topics/{}/groups/{}", enc(topic), enc(group));
         let run = Runner {
-            client: self.clone(),
-            base,
+            name: format!("{topic}/{group}"),
+            source,
             opts,
             ack_wait,
             handler: Arc::new(handler),
@@ -502,12 +593,41 @@ impl MqClient {
         let task = tokio::spawn(run.run(stop_rx));
         Ok(Subscription { stop, task })
     }
+
+    /// Where a subscription's messages come from, and the group's ack wait.
+    async fn source(
+        &self,
+        topic: &str,
+        group: &str,
+        opts: &SubscribeOptions,
+    ) -> Result<(Source, Duration), MqError> {
+        #[cfg(feature = "nats")]
+        if let Some(n) = &self.nats {
+            let (s, ack_wait) = n
+                .source(topic, group, opts.consumer.as_deref(), &opts.group)
+                .await?;
+            return Ok((Source::Nats(Box::new(s)), ack_wait));
+        }
+        let info = self.ensure_group(topic, group, &opts.group).await?;
+        let ack_wait =
+            Duration::from_millis(info["config"]["ack_wait_ms"].as_u64().unwrap_or(30_000));
+        Ok((
+            Source::Http {
+                client: self.clone(),
+                base: format!("/v1/mq/topics/{}/groups/{}", enc(topic), enc(group)),
+                consumer: opts.consumer.clone(),
+            },
+            ack_wait,
+        ))
+    }
 }
 
 /// Publishes to one topic. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Publisher {
     client: MqClient,
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    topic: String,
     path: String,
 }
 
@@ -523,40 +643,60 @@ impl Publisher {
     /// A transient failure is retried (three attempts) with the same ids, so nothing is
     /// written twice.
     pub async fn publish_all(&self, msgs: Vec<OutMessage>) -> Result<Vec<Published>, MqError> {
+        let msgs: Vec<(OutMessage, u64)> = msgs
+            .into_iter()
+            .map(|m| {
+                let id = m.id.unwrap_or_else(random_id);
+                (m, id)
+            })
+            .collect();
         let body = json!({
-            "messages": msgs.iter().map(|m| m.to_json(m.id.unwrap_or_else(random_id))).collect::<Vec<_>>()
+            "messages": msgs.iter().map(|(m, id)| m.to_json(*id)).collect::<Vec<_>>()
         });
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match self
-                .client
-                .call(
-                    http::Method::POST,
-                    &self.path,
-                    Some(body.clone()),
-                    REQUEST_TIMEOUT,
-                )
-                .await
-            {
-                Ok((_, v)) => {
-                    return Ok(v["results"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|r| Published {
-                            partition: r["partition"].as_u64().unwrap_or(0) as u32,
-                            offset: r["offset"].as_u64().unwrap_or(0),
-                            duplicate: r["duplicate"].as_bool().unwrap_or(false),
-                        })
-                        .collect());
-                }
+            let sent = self.send(&msgs, &body).await;
+            match sent {
+                Ok(published) => return Ok(published),
                 Err(e) if e.is_transient() && attempt < 3 => {
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// One attempt.
+    async fn send(
+        &self,
+        msgs: &[(OutMessage, u64)],
+        body: &Value,
+    ) -> Result<Vec<Published>, MqError> {
+        #[cfg(feature = "nats")]
+        if let Some(n) = &self.client.nats {
+            return n.publish_all(&self.topic, msgs).await;
+        }
+        let _ = msgs;
+        let (_, v) = self
+            .client
+            .call(
+                http::Method::POST,
+                &self.path,
+                Some(body.clone()),
+                REQUEST_TIMEOUT,
+            )
+            .await?;
+        Ok(v["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| Published {
+                partition: r["partition"].as_u64().unwrap_or(0) as u32,
+                offset: r["offset"].as_u64().unwrap_or(0),
+                duplicate: r["duplicate"].as_bool().unwrap_or(false),
+            })
+            .collect())
     }
 }
 
@@ -602,9 +742,297 @@ impl Subscription {
 
 type Handler<F> = dyn Fn(Received) -> F + Send + Sync;
 
-struct Runner<F> {
+/// Where a subscription's messages come from (one per subscription: its size is no matter).
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    /// A node's broker over `/v1/mq/` (long-polled fetches).
+    Http {
+        client: MqClient,
+        base: String,
+        consumer: Option<String>,
+    },
+    /// A JetStream pull consumer.
+    #[cfg(feature = "nats")]
+    Nats(Box<nats::Source>),
+}
+
+/// One fetch's deliveries, handed out one at a time.
+enum Fetched {
+    Http(std::vec::IntoIter<Value>),
+    #[cfg(feature = "nats")]
+    Nats(Box<nats::Batch>),
+}
+
+impl Source {
+    /// Asks for up to `max` messages (waiting up to the fetch wait for the first).
+    async fn fetch(&self, max: usize) -> Result<Fetched, MqError> {
+        match self {
+            Source::Http {
+                client,
+                base,
+                consumer,
+            } => {
+                let mut body =
+                    json!({ "max": max.min(1000), "wait_ms": FETCH_WAIT.as_millis() as u64 });
+                if let Some(c) = consumer {
+                    body["consumer"] = json!(c);
+                }
+                let (_, v) = client
+                    .call(
+                        http::Method::POST,
+                        &format!("{base}/fetch"),
+                        Some(body),
+                        REQUEST_TIMEOUT + FETCH_WAIT,
+                    )
+                    .await?;
+                let msgs = match v {
+                    Value::Object(mut o) => match o.remove("messages") {
+                        Some(Value::Array(a)) => a,
+                        _ => Vec::new(),
+                    },
+                    _ => Vec::new(),
+                };
+                Ok(Fetched::Http(msgs.into_iter()))
+            }
+            #[cfg(feature = "nats")]
+            Source::Nats(s) => Ok(Fetched::Nats(Box::new(s.batch(max).await?))),
+        }
+    }
+
+    /// The next delivery of `fetched` to run a handler on; `None` when it is over.
+    async fn next(
+        &self,
+        fetched: &mut Fetched,
+    ) -> Option<Result<Option<(Received, Settle)>, MqError>> {
+        match (self, fetched) {
+            (
+                Source::Http {
+                    client,
+                    base,
+                    consumer,
+                },
+                Fetched::Http(it),
+            ) => {
+                let m = it.next()?;
+                let Some(msg) = Received::from_json(&m) else {
+                    tracing::warn!(subscription = %base, "a delivery the SDK cannot read; it comes back after its ack deadline");
+                    return Some(Ok(None));
+                };
+                let mut item =
+                    json!({ "messages": [{ "partition": msg.partition, "offset": msg.offset }] });
+                if let Some(c) = consumer {
+                    item["consumer"] = json!(c);
+                }
+                let settle = Settle::Http {
+                    client: client.clone(),
+                    base: base.clone(),
+                    item,
+                };
+                Some(Ok(Some((msg, settle))))
+            }
+            #[cfg(feature = "nats")]
+            (Source::Nats(s), Fetched::Nats(b)) => match b.next().await? {
+                Err(e) => Some(Err(e)),
+                Ok(m) => Some(Ok(s.take(m).await.map(|(r, d)| (r, Settle::Nats(d))))),
+            },
+            #[cfg(feature = "nats")]
+            _ => None,
+        }
+    }
+}
+
+/// How one delivery is settled.
+#[derive(Clone)]
+enum Settle {
+    /// Over the node's `/v1/mq/` API; `item` is the settle request's body.
+    Http {
+        client: MqClient,
+        base: String,
+        item: Value,
+    },
+    /// On the JetStream message itself.
+    #[cfg(feature = "nats")]
+    Nats(nats::Delivery),
+}
+
+impl Settle {
+    async fn extend(&self) -> Result<(), MqError> {
+        match self {
+            Settle::Http { client, base, item } => client
+                .call(
+                    http::Method::POST,
+                    &format!("{base}/extend"),
+                    Some(item.clone()),
+                    REQUEST_TIMEOUT,
+                )
+                .await
+                .map(|_| ()),
+            #[cfg(feature = "nats")]
+            Settle::Nats(d) => d.extend().await,
+        }
+    }
+
+    async fn ack(&self) -> Result<(), MqError> {
+        match self {
+            Settle::Http { client, base, item } => {
+                client.settler.ack(client, base, item.clone()).await
+            }
+            #[cfg(feature = "nats")]
+            Settle::Nats(d) => d.ack().await,
+        }
+    }
+
+    /// Gives the message back, deliverable again after `delay`; a failure of its last
+    /// delivery sends it to the dead letters (the broker does this itself; on
+    /// JetStream the SDK does).
+    async fn nack(&self, delivery: u32, delay: Option<Duration>) -> Result<(), MqError> {
+        match self {
+            Settle::Http { client, base, item } => {
+                let _ = delivery;
+                let mut b = item.clone();
+                if let Some(d) = delay {
+                    b["delay_ms"] = json!(d.as_millis() as u64);
+                }
+                client
+                    .call(
+                        http::Method::POST,
+                        &format!("{base}/nack"),
+                        Some(b),
+                        REQUEST_TIMEOUT,
+                    )
+                    .await
+                    .map(|_| ())
+            }
+            #[cfg(feature = "nats")]
+            Settle::Nats(d) => {
+                if d.last_chance(delivery) {
+                    d.dead_letter("max_deliveries").await;
+                    Ok(())
+                } else {
+                    d.nack(delay).await
+                }
+            }
+        }
+    }
+}
+
+/// Acks over HTTP, batched per group: while one ack request is out, the acks that
+/// arrive meanwhile queue up and go together in the next (at most [`SETTLE_BATCH`]).
+#[derive(Clone, Default)]
+struct Settler {
+    queues: Arc<parking_lot::Mutex<std::collections::HashMap<String, AckQueue>>>,
+}
+
+type AckQueue =
+    tokio::sync::mpsc::UnboundedSender<(Value, tokio::sync::oneshot::Sender<Result<(), MqError>>)>;
+
+impl Settler {
+    async fn ack(&self, client: &MqClient, base: &str, item: Value) -> Result<(), MqError> {
+        let key = format!("{base}\n{}", item["consumer"].as_str().unwrap_or_default());
+        let queue = self
+            .queues
+            .lock()
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(ack_loop(
+                    client.clone(),
+                    format!("{base}/ack"),
+                    item.get("consumer").cloned(),
+                    rx,
+                ));
+                tx
+            })
+            .clone();
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if let Err(back) = queue.send((item, done)) {
+            // The queue's task just ended (idle): send this one alone.
+            self.queues.lock().remove(&key);
+            let (item, _) = back.0;
+            return client
+                .call(
+                    http::Method::POST,
+                    &format!("{base}/ack"),
+                    Some(item),
+                    REQUEST_TIMEOUT,
+                )
+                .await
+                .map(|_| ());
+        }
+        wait.await
+            .unwrap_or_else(|_| Err(MqError::Unreachable("the ack was not sent".into())))
+    }
+}
+
+/// Sends the queued acks of one group in batches; ends after a minute without any.
+async fn ack_loop(
     client: MqClient,
-    base: String,
+    path: String,
+    consumer: Option<Value>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(
+        Value,
+        tokio::sync::oneshot::Sender<Result<(), MqError>>,
+    )>,
+) {
+    loop {
+        let first = match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(first)) => first,
+            // Idle or closed: new acks make a new queue (or go alone).
+            _ => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < SETTLE_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<Value> = batch
+            .iter()
+            .flat_map(|(item, _)| item["messages"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let mut body = json!({ "messages": items });
+        if let Some(c) = &consumer {
+            body["consumer"] = c.clone();
+        }
+        let r = client
+            .call(http::Method::POST, &path, Some(body), REQUEST_TIMEOUT)
+            .await;
+        match r {
+            Ok(_) => {
+                for (_, done) in batch {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            // One bad item refuses the whole request: settle each alone for its own answer.
+            Err(e) if batch.len() > 1 && !e.is_transient() => {
+                for (item, done) in batch {
+                    let one = client
+                        .call(http::Method::POST, &path, Some(item), REQUEST_TIMEOUT)
+                        .await
+                        .map(|_| ());
+                    let _ = done.send(one);
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let transient = e.is_transient();
+                for (_, done) in batch {
+                    let _ = done.send(Err(if transient {
+                        MqError::Unreachable(text.clone())
+                    } else {
+                        MqError::Invalid(text.clone())
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// A subscription's fetch loop.
+struct Runner<F> {
+    name: String,
+    source: Source,
     opts: SubscribeOptions,
     ack_wait: Duration,
     handler: Arc<Handler<F>>,
@@ -619,8 +1047,7 @@ where
         let sem = Arc::new(tokio::sync::Semaphore::new(self.opts.concurrency));
         let mut running = tokio::task::JoinSet::new();
         let mut backoff = Duration::from_millis(100);
-        let fetch_path = format!("{}/fetch", self.base);
-        while !*stop.borrow() {
+        'fetching: while !*stop.borrow() {
             // Take no more than there are free handlers.
             let free = sem.available_permits();
             if free == 0 {
@@ -631,22 +1058,17 @@ where
                 }
                 continue;
             }
-            let mut body =
-                json!({ "max": free.min(1000), "wait_ms": FETCH_WAIT.as_millis() as u64 });
-            if let Some(c) = &self.opts.consumer {
-                body["consumer"] = json!(c);
-            }
             let fetched = tokio::select! {
-                r = self.client.call(http::Method::POST, &fetch_path, Some(body), REQUEST_TIMEOUT + FETCH_WAIT) => r,
+                r = self.source.fetch(free) => r,
                 _ = stop.changed() => break,
             };
-            let msgs = match fetched {
-                Ok((_, v)) => {
+            let mut fetched = match fetched {
+                Ok(f) => {
                     backoff = Duration::from_millis(100);
-                    v["messages"].as_array().cloned().unwrap_or_default()
+                    f
                 }
                 Err(e) => {
-                    tracing::warn!(subscription = %self.base, error = %e, "fetch failed; retrying");
+                    tracing::warn!(subscription = %self.name, error = %e, "fetch failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => break,
@@ -655,18 +1077,26 @@ where
                     continue;
                 }
             };
-            for m in msgs {
-                let Some(msg) = Received::from_json(&m) else {
-                    tracing::warn!(subscription = %self.base, "a delivery the SDK cannot read; it comes back after its ack deadline");
-                    continue;
+            loop {
+                let next = tokio::select! {
+                    n = self.source.next(&mut fetched) => n,
+                    _ = stop.changed() => break 'fetching,
+                };
+                let (msg, settle) = match next {
+                    None => break,
+                    Some(Ok(Some(d))) => d,
+                    Some(Ok(None)) => continue,
+                    Some(Err(e)) => {
+                        tracing::warn!(subscription = %self.name, error = %e, "a fetch broke off");
+                        break;
+                    }
                 };
                 let Ok(permit) = sem.clone().acquire_owned().await else {
-                    break;
+                    break 'fetching;
                 };
                 let job = Job {
-                    consumer: self.opts.consumer.clone(),
-                    client: self.client.clone(),
-                    base: self.base.clone(),
+                    name: self.name.clone(),
+                    settle,
                     ack_wait: self.ack_wait,
                     retry_initial: self.opts.retry_initial,
                     retry_max: self.opts.retry_max,
@@ -676,8 +1106,8 @@ where
                     job.handle(msg, fut).await;
                     drop(permit);
                 });
+                while running.try_join_next().is_some() {}
             }
-            while running.try_join_next().is_some() {}
         }
         // Shutdown: running handlers get the grace period; the rest are given back.
         let grace = tokio::time::sleep(self.opts.shutdown_grace);
@@ -695,9 +1125,8 @@ where
 
 /// What one handler task needs to settle its message.
 struct Job {
-    consumer: Option<String>,
-    client: MqClient,
-    base: String,
+    name: String,
+    settle: Settle,
     ack_wait: Duration,
     retry_initial: Duration,
     retry_max: Duration,
@@ -709,16 +1138,10 @@ impl Job {
         msg: Received,
         fut: impl Future<Output = Result<(), E>>,
     ) {
-        let mut item =
-            json!({ "messages": [{ "partition": msg.partition, "offset": msg.offset }] });
-        if let Some(c) = &self.consumer {
-            item["consumer"] = json!(c);
-        }
         // Given back at once if this task is aborted (shutdown past its grace).
         let guard = GiveBack {
-            client: Some(self.client.clone()),
-            path: format!("{}/nack", self.base),
-            item: item.clone(),
+            settle: Some(self.settle.clone()),
+            delivery: msg.delivery,
         };
         let ctx = RequestContext {
             trace: msg
@@ -730,51 +1153,43 @@ impl Job {
         };
         // Keep the message while the handler works: extend at half the ack wait.
         let every = (self.ack_wait / 2).max(Duration::from_millis(50));
-        let extend_path = format!("{}/extend", self.base);
         let work = ctx.scope(fut);
         tokio::pin!(work);
         let result = loop {
             tokio::select! {
                 r = &mut work => break r,
                 _ = tokio::time::sleep(every) => {
-                    if let Err(e) = self.client.call(http::Method::POST, &extend_path, Some(item.clone()), REQUEST_TIMEOUT).await {
+                    if let Err(e) = self.settle.extend().await {
                         tracing::debug!(error = %e, "extending a delivery failed");
                     }
                 }
             }
         };
-        let (path, body) = match result {
-            Ok(()) => (format!("{}/ack", self.base), item),
+        let delay = match result {
+            Ok(()) => None,
             Err(e) => {
                 let shift = msg.delivery.saturating_sub(1).min(20);
                 let delay = self
                     .retry_initial
                     .saturating_mul(1u32 << shift)
                     .min(self.retry_max);
-                tracing::warn!(subscription = %self.base, partition = msg.partition, offset = msg.offset, delivery = msg.delivery, error = %e, retry_in_ms = delay.as_millis() as u64, "handler failed; the message is given back");
-                let mut b = item;
-                b["delay_ms"] = json!(delay.as_millis() as u64);
-                (format!("{}/nack", self.base), b)
+                tracing::warn!(subscription = %self.name, partition = msg.partition, offset = msg.offset, delivery = msg.delivery, error = %e, retry_in_ms = delay.as_millis() as u64, "handler failed; the message is given back");
+                Some(delay)
             }
         };
         // Settle, retrying briefly: an ack that never arrives means a redelivery.
         for attempt in 0..3u32 {
-            match self
-                .client
-                .call(
-                    http::Method::POST,
-                    &path,
-                    Some(body.clone()),
-                    REQUEST_TIMEOUT,
-                )
-                .await
-            {
-                Ok(_) => break,
+            let r = match delay {
+                None => self.settle.ack().await,
+                Some(d) => self.settle.nack(msg.delivery, Some(d)).await,
+            };
+            match r {
+                Ok(()) => break,
                 Err(e) if e.is_transient() && attempt < 2 => {
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                 }
                 Err(e) => {
-                    tracing::warn!(subscription = %self.base, error = %e, "settling a delivery failed; it is delivered again after its ack deadline");
+                    tracing::warn!(subscription = %self.name, error = %e, "settling a delivery failed; it is delivered again after its ack deadline");
                     break;
                 }
             }
@@ -786,26 +1201,28 @@ impl Job {
 /// Gives a message back (nack, no delay) when dropped armed: a handler aborted at
 /// shutdown does not hold its message until the ack deadline.
 struct GiveBack {
-    client: Option<MqClient>,
-    path: String,
-    item: Value,
+    settle: Option<Settle>,
+    delivery: u32,
 }
 
 impl GiveBack {
     fn disarm(mut self) {
-        self.client = None;
+        self.settle = None;
     }
 }
 
 impl Drop for GiveBack {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            let (path, item) = (std::mem::take(&mut self.path), self.item.take());
+        if let Some(settle) = self.settle.take() {
+            let delivery = self.delivery;
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
-                    let _ = client
-                        .call(http::Method::POST, &path, Some(item), REQUEST_TIMEOUT)
-                        .await;
+                    // Not the handler's failure: never a dead letter for this.
+                    let _ = match &settle {
+                        Settle::Http { .. } => settle.nack(delivery, None).await,
+                        #[cfg(feature = "nats")]
+                        Settle::Nats(d) => d.nack(None).await,
+                    };
                 });
             }
         }
