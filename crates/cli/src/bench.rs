@@ -1,6 +1,7 @@
 //! `meshwork bench kv`: a load generator for any etcd v3 endpoint (Meshwork or etcd),
 //! with a live progress line and a final summary (throughput, latency percentiles, errors);
-//! `meshwork bench registry | config` (in `bench_coord`) drive a node's coordination API.
+//! `meshwork bench registry | config` (in `bench_coord`) drive a node's coordination API;
+//! `meshwork bench txn` (`bench_txn`) and `meshwork bench mq` (`bench_mq`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,9 @@ pub(crate) enum BenchCommand {
     Config(crate::bench_coord::ConfigBench),
     /// Sagas through a node's /v1/txn/ API: sagas per second and the cost per step.
     Txn(crate::bench_txn::TxnBench),
+    /// The message queue through the SDK on each target (a node's broker, NATS JetStream):
+    /// publish and consume throughput, end-to-end latency, memory with a backlog.
+    Mq(crate::bench_mq::MqBench),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -89,6 +93,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Registry(b) => crate::bench_coord::registry(b).await,
         BenchCommand::Config(b) => crate::bench_coord::config(b).await,
         BenchCommand::Txn(b) => crate::bench_txn::run(b).await,
+        BenchCommand::Mq(b) => crate::bench_mq::run(b).await,
     }
 }
 

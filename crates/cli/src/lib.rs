@@ -27,6 +27,7 @@ macro_rules! progress_end {
 
 mod bench;
 mod bench_coord;
+mod bench_mq;
 mod bench_txn;
 mod config;
 mod coordcli;

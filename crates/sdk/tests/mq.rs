@@ -81,6 +81,7 @@ on_both_backends!(
     a_slow_handler_keeps_its_message_and_shutdown_finishes_or_gives_back,
     a_broadcast_group_gives_each_instance_every_message,
     a_message_failing_every_delivery_goes_to_the_dead_letters,
+    concurrent_publishes_share_requests_and_each_gets_its_own_answer,
 );
 
 fn opts(group: serde_json::Value) -> SubscribeOptions {
@@ -479,4 +480,68 @@ async fn the_nats_backend_refuses_what_jetstream_cannot_do() {
         .await
         .unwrap();
     assert_eq!(info["backlog"], 0, "{info}");
+}
+
+async fn concurrent_publishes_share_requests_and_each_gets_its_own_answer(b: Broker) {
+    let publisher = b.client.publisher("t");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300u32 {
+        let p = publisher.clone();
+        tasks.spawn(async move {
+            // One message over the 1 MiB limit, among good ones.
+            let body = if i == 150 {
+                vec![b'x'; 1_100_000]
+            } else {
+                format!("m{i}").into_bytes()
+            };
+            (i, p.publish(OutMessage::new(body)).await)
+        });
+    }
+    let mut places = std::collections::BTreeSet::new();
+    while let Some(r) = tasks.join_next().await {
+        let (i, r) = r.unwrap();
+        if i == 150 {
+            match r {
+                Err(MqError::Refused { status, code, .. }) => {
+                    assert_eq!((status, code.as_str()), (413, "too_large"));
+                }
+                other => panic!("the oversize message: {other:?}"),
+            }
+        } else {
+            let p = r.unwrap_or_else(|e| panic!("m{i}: {e}"));
+            assert!(!p.duplicate);
+            assert!(
+                places.insert((p.partition, p.offset)),
+                "m{i} shares a place"
+            );
+        }
+    }
+    assert_eq!(places.len(), 299);
+    // Every good one is there once.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sub = b
+        .client
+        .subscribe(
+            "t",
+            "all",
+            opts(json!({"start": "earliest"})),
+            move |m: Received| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(m.text()).unwrap();
+                    Ok::<(), String>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < 299 {
+        let t = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(got.insert(t.clone()), "{t} twice");
+    }
+    sub.shutdown().await;
 }

@@ -37,8 +37,14 @@ pub const MQ_ROLE: &str = "mq";
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one fetch waits for a message.
 const FETCH_WAIT: Duration = Duration::from_secs(10);
-/// Acks and nacks sent in one request, at most.
+/// Acks sent in one request, at most.
 const SETTLE_BATCH: usize = 500;
+/// Messages of concurrent `publish` calls coalesced into one request, at most
+/// (the broker takes 1,000).
+const PUBLISH_BATCH: usize = 1000;
+/// Body bytes coalesced into one publish request, at most (well under a node's
+/// default request limit; a bigger message goes alone).
+const PUBLISH_BATCH_BYTES: usize = 1 << 20;
 
 /// Why a messaging call failed.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +74,25 @@ pub enum MqError {
 }
 
 impl MqError {
+    /// The same error again (for each of several waiters).
+    fn duplicate(&self) -> MqError {
+        match self {
+            MqError::NoBroker => MqError::NoBroker,
+            MqError::Refused {
+                status,
+                code,
+                message,
+            } => MqError::Refused {
+                status: *status,
+                code: code.clone(),
+                message: message.clone(),
+            },
+            MqError::Unreachable(m) => MqError::Unreachable(m.clone()),
+            MqError::Invalid(m) => MqError::Invalid(m.clone()),
+            MqError::Coord(e) => MqError::Unreachable(format!("the control plane: {e}")),
+        }
+    }
+
     /// Worth trying again: the broker was unreachable or briefly unavailable.
     pub fn is_transient(&self) -> bool {
         matches!(self, MqError::Unreachable(_))
@@ -557,6 +582,7 @@ impl MqClient {
             client: self.clone(),
             topic: topic.to_owned(),
             path: format!("/v1/mq/topics/{}/messages", enc(topic)),
+            queue: Arc::default(),
         }
     }
 
@@ -629,14 +655,63 @@ pub struct Publisher {
     #[cfg_attr(not(feature = "nats"), allow(dead_code))]
     topic: String,
     path: String,
+    /// Concurrent publishes waiting to go in one request (HTTP backend).
+    queue: Arc<parking_lot::Mutex<Option<PublishQueue>>>,
 }
 
+type PublishQueue = tokio::sync::mpsc::UnboundedSender<(
+    OutMessage,
+    tokio::sync::oneshot::Sender<Result<Published, MqError>>,
+)>;
+
 impl Publisher {
-    /// Publishes one message; answers once it is durable on the broker.
+    /// Publishes one message; answers once it is durable on the broker. Concurrent
+    /// calls on one publisher (or its clones) share requests: while one request is
+    /// out, the messages published meanwhile queue up and go together in the next
+    /// (each still answered only once it is durable), as Kafka's producers batch.
     pub async fn publish(&self, msg: OutMessage) -> Result<Published, MqError> {
-        let mut r = self.publish_all(vec![msg]).await?;
-        r.pop()
-            .ok_or_else(|| MqError::Unreachable("the broker answered no result".into()))
+        #[cfg(feature = "nats")]
+        if self.client.nats.is_some() {
+            // The NATS client pipelines publishes on its one connection already.
+            let mut r = self.publish_all(vec![msg]).await?;
+            return r
+                .pop()
+                .ok_or_else(|| MqError::Unreachable("the broker answered no result".into()));
+        }
+        let queue = self
+            .queue
+            .lock()
+            .get_or_insert_with(|| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(publish_loop(self.unqueued(), rx));
+                tx
+            })
+            .clone();
+        // The caller's trace, taken here: the queue's task runs outside it.
+        let mut msg = msg;
+        msg.headers = msg.headers_with_trace();
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if let Err(back) = queue.send((msg, done)) {
+            // The queue's task just ended (idle): publish this one alone.
+            *self.queue.lock() = None;
+            let (msg, _) = back.0;
+            let mut r = self.publish_all(vec![msg]).await?;
+            return r
+                .pop()
+                .ok_or_else(|| MqError::Unreachable("the broker answered no result".into()));
+        }
+        wait.await
+            .unwrap_or_else(|_| Err(MqError::Unreachable("the publish was not sent".into())))
+    }
+
+    /// This publisher without its queue (what the queue's task sends with).
+    fn unqueued(&self) -> Publisher {
+        Publisher {
+            client: self.client.clone(),
+            topic: self.topic.clone(),
+            path: self.path.clone(),
+            queue: Arc::default(),
+        }
     }
 
     /// Publishes messages in one request (at most 1000); answers once all are durable.
@@ -697,6 +772,82 @@ impl Publisher {
                 duplicate: r["duplicate"].as_bool().unwrap_or(false),
             })
             .collect())
+    }
+}
+
+/// Sends the queued publishes of one publisher in batches; ends after a minute
+/// without any.
+async fn publish_loop(
+    publisher: Publisher,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(
+        OutMessage,
+        tokio::sync::oneshot::Sender<Result<Published, MqError>>,
+    )>,
+) {
+    let mut held = None;
+    loop {
+        let first = match held.take() {
+            Some(m) => m,
+            None => match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+                Ok(Some(first)) => first,
+                _ => return,
+            },
+        };
+        let mut bytes = first.0.body.len();
+        let mut batch = vec![first];
+        while batch.len() < PUBLISH_BATCH {
+            match rx.try_recv() {
+                Ok(next) if bytes + next.0.body.len() > PUBLISH_BATCH_BYTES => {
+                    held = Some(next);
+                    break;
+                }
+                Ok(next) => {
+                    bytes += next.0.body.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        // Ids fixed now: the fallback below resends the same messages.
+        let (msgs, waiters): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .map(|(m, done)| {
+                let id = m.id.unwrap_or_else(random_id);
+                (m.id(id), done)
+            })
+            .unzip();
+        let n = msgs.len();
+        match publisher.publish_all(msgs.clone()).await {
+            Ok(results) if results.len() == n => {
+                for (r, done) in results.into_iter().zip(waiters) {
+                    let _ = done.send(Ok(r));
+                }
+            }
+            // One bad message refuses the whole request: publish each alone for its
+            // own answer (same ids: nothing is written twice).
+            Err(e) if n > 1 && !e.is_transient() => {
+                for (m, done) in msgs.into_iter().zip(waiters) {
+                    let one = publisher.publish_all(vec![m]).await.and_then(|mut r| {
+                        r.pop().ok_or_else(|| {
+                            MqError::Unreachable("the broker answered no result".into())
+                        })
+                    });
+                    let _ = done.send(one);
+                }
+            }
+            other => {
+                let e = match other {
+                    Err(e) => e,
+                    Ok(r) => MqError::Unreachable(format!(
+                        "the broker answered {} results for {n} messages",
+                        r.len()
+                    )),
+                };
+                for done in waiters {
+                    let _ = done.send(Err(e.duplicate()));
+                }
+            }
+        }
     }
 }
 
@@ -1015,14 +1166,8 @@ async fn ack_loop(
                 }
             }
             Err(e) => {
-                let text = e.to_string();
-                let transient = e.is_transient();
                 for (_, done) in batch {
-                    let _ = done.send(Err(if transient {
-                        MqError::Unreachable(text.clone())
-                    } else {
-                        MqError::Invalid(text.clone())
-                    }));
+                    let _ = done.send(Err(e.duplicate()));
                 }
             }
         }
