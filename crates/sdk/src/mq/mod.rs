@@ -30,6 +30,8 @@ use crate::context::RequestContext;
 
 #[cfg(feature = "nats")]
 mod nats;
+#[cfg(feature = "sqlite")]
+pub mod outbox;
 
 /// The membership role of nodes that run the broker.
 pub const MQ_ROLE: &str = "mq";
@@ -42,6 +44,9 @@ const SETTLE_BATCH: usize = 500;
 /// Messages of concurrent `publish` calls coalesced into one request, at most
 /// (the broker takes 1,000).
 const PUBLISH_BATCH: usize = 1000;
+/// Coalesced publish requests of one publisher out at once (as Kafka's
+/// `max.in.flight.requests`): while they are out, the next batch fills up.
+const PUBLISH_IN_FLIGHT: usize = 4;
 /// Body bytes coalesced into one publish request, at most (well under a node's
 /// default request limit; a bigger message goes alone).
 const PUBLISH_BATCH_BYTES: usize = 1 << 20;
@@ -177,6 +182,28 @@ impl OutMessage {
             headers.insert("traceparent".into(), trace.traceparent());
         }
         headers
+    }
+
+    /// The message [`OutMessage::to_json`] wrote (the outbox keeps them so).
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    fn from_json(m: &Value) -> Option<OutMessage> {
+        use base64::Engine as _;
+        let body = match (m["body"].as_str(), m["body_base64"].as_str()) {
+            (Some(s), _) => Bytes::from(s.to_owned()),
+            (None, Some(b)) => {
+                Bytes::from(base64::engine::general_purpose::STANDARD.decode(b).ok()?)
+            }
+            (None, None) => Bytes::new(),
+        };
+        Some(OutMessage {
+            body,
+            key: m["key"].as_str().map(str::to_owned),
+            tag: m["tag"].as_str().map(str::to_owned),
+            headers: serde_json::from_value(m["headers"].clone()).unwrap_or_default(),
+            id: Some(m["id"].as_str()?.parse().ok()?),
+            delay: m["delay_ms"].as_u64().map(Duration::from_millis),
+            priority: u8::try_from(m["priority"].as_u64().unwrap_or(0)).ok()?,
+        })
     }
 
     fn to_json(&self, id: u64) -> Value {
@@ -785,6 +812,7 @@ async fn publish_loop(
     )>,
 ) {
     let mut held = None;
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(PUBLISH_IN_FLIGHT));
     loop {
         let first = match held.take() {
             Some(m) => m,
@@ -792,6 +820,11 @@ async fn publish_loop(
                 Ok(Some(first)) => first,
                 _ => return,
             },
+        };
+        // Wait for a free request slot with the first message in hand: what arrives
+        // meanwhile joins its batch.
+        let Ok(slot) = in_flight.clone().acquire_owned().await else {
+            return;
         };
         let mut bytes = first.0.body.len();
         let mut batch = vec![first];
@@ -816,36 +849,45 @@ async fn publish_loop(
                 (m.id(id), done)
             })
             .unzip();
-        let n = msgs.len();
-        match publisher.publish_all(msgs.clone()).await {
-            Ok(results) if results.len() == n => {
-                for (r, done) in results.into_iter().zip(waiters) {
-                    let _ = done.send(Ok(r));
-                }
+        tokio::spawn(send_batch(publisher.clone(), msgs, waiters, slot));
+    }
+}
+
+/// Sends one coalesced batch and answers each of its publishers.
+async fn send_batch(
+    publisher: Publisher,
+    msgs: Vec<OutMessage>,
+    waiters: Vec<tokio::sync::oneshot::Sender<Result<Published, MqError>>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let n = msgs.len();
+    match publisher.publish_all(msgs.clone()).await {
+        Ok(results) if results.len() == n => {
+            for (r, done) in results.into_iter().zip(waiters) {
+                let _ = done.send(Ok(r));
             }
-            // One bad message refuses the whole request: publish each alone for its
-            // own answer (same ids: nothing is written twice).
-            Err(e) if n > 1 && !e.is_transient() => {
-                for (m, done) in msgs.into_iter().zip(waiters) {
-                    let one = publisher.publish_all(vec![m]).await.and_then(|mut r| {
-                        r.pop().ok_or_else(|| {
-                            MqError::Unreachable("the broker answered no result".into())
-                        })
-                    });
-                    let _ = done.send(one);
-                }
+        }
+        // One bad message refuses the whole request: publish each alone for its
+        // own answer (same ids: nothing is written twice).
+        Err(e) if n > 1 && !e.is_transient() => {
+            for (m, done) in msgs.into_iter().zip(waiters) {
+                let one = publisher.publish_all(vec![m]).await.and_then(|mut r| {
+                    r.pop()
+                        .ok_or_else(|| MqError::Unreachable("the broker answered no result".into()))
+                });
+                let _ = done.send(one);
             }
-            other => {
-                let e = match other {
-                    Err(e) => e,
-                    Ok(r) => MqError::Unreachable(format!(
-                        "the broker answered {} results for {n} messages",
-                        r.len()
-                    )),
-                };
-                for done in waiters {
-                    let _ = done.send(Err(e.duplicate()));
-                }
+        }
+        other => {
+            let e = match other {
+                Err(e) => e,
+                Ok(r) => MqError::Unreachable(format!(
+                    "the broker answered {} results for {n} messages",
+                    r.len()
+                )),
+            };
+            for done in waiters {
+                let _ = done.send(Err(e.duplicate()));
             }
         }
     }
