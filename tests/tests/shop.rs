@@ -8,7 +8,10 @@
 //! recover once the node has restarted it). Then chaos: clients that give up
 //! mid-order and retry with the same key while each service and a
 //! transaction coordinator are SIGKILLed; afterwards every key is one order,
-//! no order stays non-final, and the books reconcile.
+//! no order stays non-final, and the books reconcile — including the order
+//! events: every settled order has exactly one notification of its outcome (the
+//! event staged in the order service's outbox with the order's state, published
+//! to the broker, recorded once by the notification consumer).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -125,7 +128,7 @@ fn the_shop_keeps_its_books_through_failures() {
         &dir.path().join("a"),
         &[
             "--roles",
-            "store,coord,gateway,txn",
+            "store,coord,gateway,txn,mq",
             "--name",
             "a",
             "--gateway-addr",
@@ -456,7 +459,7 @@ fn a_participant_killed_at_its_crash_points_loses_nothing() {
             &dir.path().join("node"),
             &[
                 "--roles",
-                "store,coord,gateway,txn",
+                "store,coord,gateway,txn,mq",
                 "--gateway-addr",
                 "127.0.0.1:0",
                 "--demo",
@@ -627,7 +630,47 @@ fn reconcile(
             "stock of {sku}"
         );
     }
+    notified(http, orders);
     confirmed.len()
+}
+
+/// Every settled order has exactly one notification, of its outcome: its event went
+/// out through the order service's outbox with its state, and the notification
+/// consumer recorded it once whatever the redeliveries. Waits for the last ones.
+fn notified(http: &str, orders: &[Value]) {
+    let want: HashMap<i64, String> = orders
+        .iter()
+        .map(|o| {
+            let event = if o["status"] == "confirmed" {
+                "confirmed"
+            } else {
+                "cancelled"
+            };
+            (id_of(&o["id"]), event.to_string())
+        })
+        .collect();
+    let got = eventually("a notification for every settled order", WAIT, || {
+        let (ord, _) = live(http, "order");
+        let (status, v) = get(&ord, "/notifications");
+        if status != 200 {
+            return None;
+        }
+        let got: HashMap<i64, String> = v
+            .as_array()?
+            .iter()
+            .map(|n| {
+                (
+                    id_of(&n["order"]),
+                    n["event"].as_str().unwrap_or("?").to_string(),
+                )
+            })
+            .collect();
+        (got.len() >= want.len()).then_some(got)
+    });
+    assert_eq!(
+        got, want,
+        "one notification per settled order, of its outcome"
+    );
 }
 
 /// Clients of the chaos phase.

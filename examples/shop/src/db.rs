@@ -98,7 +98,12 @@ impl Db {
         .await
     }
 
-    async fn with<T, F>(&self, f: F) -> Result<T, ApiError>
+    /// The connection itself (for the SDK's outbox drainer).
+    pub(crate) fn conn(&self) -> Arc<Mutex<Connection>> {
+        self.0.clone()
+    }
+
+    pub(crate) async fn with<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, ApiError> + Send + 'static,

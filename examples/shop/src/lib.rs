@@ -216,6 +216,16 @@ service = "order"
 strip_prefix = "/api"
 
 [[routes]]
+name = "shop-notifications"
+priority = 10
+[routes.match]
+path = { exact = "/api/notifications" }
+methods = ["GET", "HEAD"]
+[routes.forward]
+service = "order"
+strip_prefix = "/api"
+
+[[routes]]
 name = "shop-products"
 priority = 10
 [routes.match]

@@ -33,6 +33,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
+use meshwork_sdk::mq::outbox::MqOutbox;
+use meshwork_sdk::mq::{OutMessage, Received, SubscribeOptions};
 use meshwork_sdk::txn::sqlite::Ran;
 use meshwork_sdk::txn::{BranchCall, BranchSpec, Call, RetryPolicy, Spec, TxnClient};
 use meshwork_sdk::{Meshwork, TypedConfig};
@@ -61,7 +63,24 @@ CREATE TABLE IF NOT EXISTS orders (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS orders_idem ON orders (customer, idem_key) WHERE idem_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS orders_status ON orders (status);
+CREATE TABLE IF NOT EXISTS notifications (
+    order_id INTEGER PRIMARY KEY,
+    event TEXT NOT NULL CHECK (event IN ('confirmed', 'cancelled')),
+    deliveries INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL
+);
 ";
+
+/// The topic of the order events (`OrderConfirmed`, `OrderCancelled`).
+pub const EVENTS_TOPIC: &str = "shop.orders";
+/// Its partitions (an order's events keep their order: the key is the order id).
+const EVENTS_PARTITIONS: u32 = 3;
+/// The consumer group that records one notification per order.
+pub const NOTIFY_GROUP: &str = "notifications";
+/// How often the outbox is drained (a committed event waits at most this).
+const OUTBOX_EVERY: Duration = Duration::from_millis(200);
+/// How often a missing topic or broker is tried again.
+const MQ_RETRY: Duration = Duration::from_secs(2);
 
 /// Config entry holding the payments switch (JSON `true`/`false`; absent = on).
 pub const PAYMENTS_FLAG: &str = "shop/features/payments-enabled";
@@ -136,6 +155,10 @@ pub(crate) async fn router(db: Db, mw: Meshwork) -> Result<Router, meshwork_sdk:
         let user = std::env::var("MESHWORK_CONSOLE_USER").unwrap_or_else(|_| "admin".into());
         txns = txns.with_login(&user, &password);
     }
+    db.with(|c| Ok(MqOutbox::install(c)?)).await.map_err(|e| {
+        meshwork_sdk::Error::Invalid(format!("installing the message outbox: {e:?}"))
+    })?;
+    events(&db, &mw);
     let state = OrderState {
         db,
         mw,
@@ -143,6 +166,7 @@ pub(crate) async fn router(db: Db, mw: Meshwork) -> Result<Router, meshwork_sdk:
         payments,
     };
     Ok(Router::new()
+        .route("/notifications", get(notifications))
         .route("/orders", post(create).get(list))
         .route("/orders/{id}", get(get_one))
         .route("/orders/{id}/open", post(open))
@@ -575,6 +599,96 @@ async fn open(
     }
 }
 
+/// The order events: the topic made (retried until a broker answers), the
+/// outbox drained to it, and the notification consumer, which records one
+/// notification per order whatever the redeliveries (the order id is the
+/// key of the table).
+fn events(db: &Db, mw: &Meshwork) {
+    let mq = mw.mq();
+    let (conn, topic_mq) = (db.conn(), mq.clone());
+    tokio::spawn(async move {
+        while let Err(e) = topic_mq.create_topic(EVENTS_TOPIC, EVENTS_PARTITIONS).await {
+            tracing::warn!(error = %e, "cannot create the order events topic yet; retrying");
+            tokio::time::sleep(MQ_RETRY).await;
+        }
+        MqOutbox.spawn_drainer(conn, topic_mq, OUTBOX_EVERY);
+    });
+    let db = db.clone();
+    tokio::spawn(async move {
+        let opts = SubscribeOptions {
+            concurrency: 8,
+            group: json!({"start": "earliest"}),
+            ..SubscribeOptions::default()
+        };
+        loop {
+            let db = db.clone();
+            let handler = move |m: Received| {
+                let db = db.clone();
+                async move { notify(&db, &m).await }
+            };
+            match mq
+                .subscribe(EVENTS_TOPIC, NOTIFY_GROUP, opts.clone(), handler)
+                .await
+            {
+                Ok(sub) => {
+                    // Runs for the life of the service.
+                    std::mem::forget(sub);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to the order events yet; retrying");
+                    tokio::time::sleep(MQ_RETRY).await;
+                }
+            }
+        }
+    });
+}
+
+/// Records the notification of an order event (once per order: a redelivery
+/// only counts).
+async fn notify(db: &Db, m: &Received) -> Result<(), String> {
+    let v: Value = m.json().map_err(|e| format!("not an order event: {e}"))?;
+    let id = v["order"]
+        .as_str()
+        .and_then(|s| s.parse::<i64>().ok())
+        .ok_or("an order event without an order id")?;
+    let event = match v["event"].as_str() {
+        Some(e @ ("confirmed" | "cancelled")) => e.to_owned(),
+        other => return Err(format!("unknown order event {other:?}")),
+    };
+    db.tx(move |tx| {
+        tx.execute(
+            "INSERT INTO notifications (order_id, event, deliveries, first_ms) VALUES (?1, ?2, 1, ?3)
+             ON CONFLICT (order_id) DO UPDATE SET deliveries = deliveries + 1",
+            params![id, event, now_ms()],
+        )?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| format!("recording the notification: {e:?}"))
+}
+
+/// `GET /notifications`: one per order that reached a final state.
+async fn notifications(State(s): State<OrderState>) -> Result<axum::Json<Value>, ApiError> {
+    let v =
+        s.db.read(|tx| {
+            let mut st = tx.prepare(
+                "SELECT order_id, event, deliveries, first_ms FROM notifications ORDER BY order_id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(json!({
+                    "order": r.get::<_, i64>(0)?.to_string(),
+                    "event": r.get::<_, String>(1)?,
+                    "deliveries": r.get::<_, i64>(2)?,
+                    "first_ms": r.get::<_, i64>(3)?,
+                }))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await?;
+    Ok(axum::Json(Value::Array(v)))
+}
+
 /// Sets a recorded order's final state (confirm and cancel).
 async fn settle(
     s: &OrderState,
@@ -591,11 +705,27 @@ async fn settle(
     };
     let ran =
         s.db.branch(Some(call), move |tx| {
-            Ok(tx.execute(
+            let n = tx.execute(
                 "UPDATE orders SET status = ?1, reason = ?2, http_status = ?3, updated_ms = ?4
                  WHERE id = ?5 AND status = 'pending'",
                 params![status, reason, http_status, now_ms(), id],
-            )?)
+            )?;
+            if n == 1 {
+                // The event commits with the order's state (the outbox).
+                let event = if status == "confirmed" {
+                    "confirmed"
+                } else {
+                    "cancelled"
+                };
+                let body = json!({"order": id.to_string(), "event": event, "reason": reason});
+                let msg = OutMessage::new(body.to_string())
+                    .key(id.to_string())
+                    .tag(event);
+                MqOutbox
+                    .stage(tx, EVENTS_TOPIC, &msg)
+                    .map_err(|e| ApiError::internal(&format!("staging the order event: {e}")))?;
+            }
+            Ok(n)
         })
         .await?;
     if let Ran::Done(1) = ran {

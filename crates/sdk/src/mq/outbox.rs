@@ -91,7 +91,8 @@ impl MqOutbox {
     /// request per run of a topic, so a key's messages keep their order) and
     /// removes each once the broker has it — or has refused it for good: then it
     /// moves to [`DEAD_TABLE`]. Returns how many it removed; stops, keeping the
-    /// rest in order, when the broker cannot be reached.
+    /// rest in order, when the broker cannot be reached, is busy, has no such
+    /// topic or none is found.
     pub async fn drain(
         &self,
         conn: &Arc<Mutex<Connection>>,
@@ -133,7 +134,7 @@ impl MqOutbox {
             let all: Vec<OutMessage> = msgs.iter().map(|(_, m)| m.clone()).collect();
             match publisher.publish_all(all).await {
                 Ok(_) => sent.extend(msgs.iter().map(|(s, _)| *s)),
-                Err(e) if e.is_transient() => {
+                Err(e) if !refused_for_good(&e) => {
                     settle(conn, sent, dead).await?;
                     return Err(e.into());
                 }
@@ -142,7 +143,7 @@ impl MqOutbox {
                     for (seq, m) in &msgs {
                         match publisher.publish_all(vec![m.clone()]).await {
                             Ok(_) => sent.push(*seq),
-                            Err(e) if e.is_transient() => {
+                            Err(e) if !refused_for_good(&e) => {
                                 settle(conn, sent, dead).await?;
                                 return Err(e.into());
                             }
@@ -190,6 +191,13 @@ impl MqOutbox {
             }
         })
     }
+}
+
+/// The broker refused the message itself (bad input, too large): retrying cannot
+/// help. A missing topic (404), a broker away or busy, no broker at all: the
+/// message stays for the next drain.
+fn refused_for_good(e: &MqError) -> bool {
+    matches!(e, MqError::Refused { status, .. } if (400..500).contains(status) && !matches!(status, 404 | 408 | 429))
 }
 
 /// Removes what was published and moves what was refused; how many rows left the outbox.
