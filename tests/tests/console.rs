@@ -1,6 +1,7 @@
 //! The web console in a real headless Chromium (Debian's `chromium` and
 //! `chromium-driver`, driven over WebDriver), against a real node started with
-//! `--demo`: every page opens; a service registered from the console appears; a
+//! `--demo`: every page opens; the Queues page follows the broker live; a service
+//! registered from the console appears; a
 //! config entry is validated, published, diffed and rolled back from the editor;
 //! the shop's payments flag is flipped and orders see it; the gateway tester
 //! explains a URL; the KV watch shows a change live; and with a password
@@ -145,7 +146,7 @@ fn start_node(dir: &std::path::Path, envs: &[(&str, &str)]) -> meshwork_tests::S
         dir,
         &[
             "--roles",
-            "store,coord,gateway,txn",
+            "store,coord,gateway,txn,mq",
             "--gateway-addr",
             "127.0.0.1:0",
             "--demo",
@@ -180,12 +181,32 @@ async fn every_page_works_in_a_real_browser() {
         ("/ui/kv?prefix=/meshwork/", "KV browser", "kv"),
         ("/ui/locks", "Locks and elections", "locks"),
         ("/ui/transactions", "Transactions", "transactions"),
+        ("/ui/queues", "Queues", "queues"),
     ] {
         c.goto(&format!("{base}{path}")).await.unwrap();
         let t = wait_text(&c, "h1", h1, |t| t.contains(h1)).await;
         assert!(t.contains(h1));
         shot(&c, name).await;
     }
+    // The Queues page follows the broker by itself: the shop's order events topic
+    // appears (its order service makes it at start), then its own page.
+    c.goto(&format!("{base}/ui/queues")).await.unwrap();
+    wait_text(&c, "main", "the shop's events topic", |t| {
+        t.contains("shop.orders") && t.contains("notifications")
+    })
+    .await;
+    c.goto(&format!("{base}/ui/queues/shop.orders"))
+        .await
+        .unwrap();
+    wait_text(&c, "h1", "the topic's heading", |t| {
+        t.contains("Topic shop.orders")
+    })
+    .await;
+    wait_text(&c, "main", "its partitions and group", |t| {
+        t.contains("Partitions") && t.contains("notifications")
+    })
+    .await;
+    shot(&c, "queue-topic").await;
     // Tablet width: the same pages, laid out for 800 px.
     c.set_window_size(800, 1000).await.unwrap();
     for (path, name) in [("/", "overview-tablet"), ("/ui/gateway", "gateway-tablet")] {

@@ -261,6 +261,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             .merge(meshwork_console::router(meshwork_console::ConsoleState {
                 coord: c.clone(),
                 gateway: gateway.as_ref().map(|g| g.gateway.clone()),
+                mq: mq.clone(),
                 auth: cfg.console_auth.clone(),
             }));
     }

@@ -1,7 +1,7 @@
 // Meshwork console: a little script on server-rendered pages.
 // - [data-live]: a region the server renders; refreshed from `URL?fragment=1`
 //   when its server-sent-event source ([data-sse]) reports a change or a tick
-//   (at most every [data-every] ms).
+//   (at most every [data-every] ms), or every [data-poll] ms without a source.
 // - form[data-api] / button[data-api]: JSON calls to the node's API.
 // - canvas[data-chart]: live charts fed by /v1/console/stream.
 "use strict";
@@ -165,6 +165,12 @@ function liveRegions() {
   // (as a server-rendered fragment) at most every [data-every] ms when it says
   // something changed or ticked.
   for (const region of document.querySelectorAll("[data-live]")) {
+    if (region.dataset.poll) {
+      // No event source: fetched again every [data-poll] ms while the page is visible.
+      const every = Math.max(500, Number(region.dataset.poll));
+      setInterval(() => { if (!document.hidden) refresh(region); }, every);
+      continue;
+    }
     if (!region.dataset.sse) continue;
     const every = Number(region.dataset.every || 250);
     let pending = null, lastRun = 0;

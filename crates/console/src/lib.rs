@@ -1,5 +1,6 @@
 //! The Meshwork web console, served from the node's HTTP port: server-rendered
-//! pages (overview, services, configuration, gateway, KV, locks) with a little
+//! pages (overview, services, configuration, gateway, KV, locks, transactions,
+//! queues) with a little
 //! hand-written JavaScript for live updates (server-sent events) and actions,
 //! assets embedded in the binary (no CDN, no JS build step), and the JSON API
 //! behind every page ([`api`]).
@@ -10,6 +11,7 @@
 pub mod api;
 pub mod auth;
 pub mod pages;
+pub mod queues;
 pub mod secrets;
 pub mod transactions;
 
@@ -33,6 +35,8 @@ pub struct ConsoleState {
     pub coord: Coord,
     /// This node's gateway, when it runs the role.
     pub gateway: Option<Gateway>,
+    /// This node's message broker, when it runs the role (the Queues pages).
+    pub mq: Option<meshwork_mq::Broker>,
     /// The login, when configured.
     pub auth: Option<Auth>,
 }

@@ -72,7 +72,7 @@ pub fn fmt_ms(ms: u64) -> String {
     )
 }
 
-const NAV: [(&str, &str, &str); 7] = [
+const NAV: [(&str, &str, &str); 8] = [
     ("overview", "/", "Overview"),
     ("services", "/ui/services", "Services"),
     ("config", "/ui/config", "Configuration"),
@@ -80,6 +80,7 @@ const NAV: [(&str, &str, &str); 7] = [
     ("kv", "/ui/kv", "KV"),
     ("locks", "/ui/locks", "Locks"),
     ("transactions", "/ui/transactions", "Transactions"),
+    ("queues", "/ui/queues", "Queues"),
 ];
 
 fn shell(
@@ -168,6 +169,8 @@ pub(crate) fn routes() -> Router<ConsoleState> {
         .route("/ui/locks", get(locks))
         .route("/ui/transactions", get(crate::transactions::list))
         .route("/ui/transactions/{id}", get(crate::transactions::detail))
+        .route("/ui/queues", get(crate::queues::list))
+        .route("/ui/queues/{topic}", get(crate::queues::detail))
         .route("/ui/login", get(login))
 }
 

@@ -34,6 +34,7 @@ async fn start(auth: Option<Auth>) -> Harness {
         .merge(meshwork_console::router(ConsoleState {
             coord: coord.clone(),
             gateway: None,
+            mq: None,
             auth: auth.clone(),
         }))
         .layer(axum::middleware::from_fn_with_state(
