@@ -299,32 +299,15 @@ impl Nats {
             })
             .await
             .map_err(|e| refused(&e, "reading the dead letters"))?;
-        let mut out = Vec::new();
-        if limit == 0 {
-            return Ok(out);
-        }
-        let mut batch = reader
-            .fetch()
-            .max_messages(limit.min(10_000))
-            .messages()
-            .await
-            .map_err(|e| MqError::Unreachable(format!("reading the dead letters: {e}")))?;
-        while let Some(m) = batch.next().await {
-            let m =
-                m.map_err(|e| MqError::Unreachable(format!("reading the dead letters: {e}")))?;
-            let d = Delivery {
-                js: js.clone(),
-                message: m,
-                dlq_subject: String::new(),
-                max_deliveries: 0,
-                topic: topic.to_owned(),
-                group: group.to_owned(),
-            };
-            if let Some(r) = d.received() {
-                out.push(r.into_dead_letter());
-            }
-        }
-        Ok(out)
+        let name = reader.cached_info().name.clone();
+        let out = if limit > 0 {
+            read_dead(&js, &reader, topic, group, limit).await
+        } else {
+            Ok(Vec::new())
+        };
+        // Gone now rather than after its inactivity threshold (best effort).
+        let _ = stream.delete_consumer(&name).await;
+        out
     }
 
     /// A source of deliveries for a subscription.
@@ -348,6 +331,38 @@ impl Nats {
             ack_wait,
         ))
     }
+}
+
+/// Up to `limit` dead letters through the short-lived `reader`.
+async fn read_dead(
+    js: &jetstream::Context,
+    reader: &consumer::PullConsumer,
+    topic: &str,
+    group: &str,
+    limit: usize,
+) -> Result<Vec<Received>, MqError> {
+    let mut out = Vec::new();
+    let mut batch = reader
+        .fetch()
+        .max_messages(limit.min(10_000))
+        .messages()
+        .await
+        .map_err(|e| MqError::Unreachable(format!("reading the dead letters: {e}")))?;
+    while let Some(m) = batch.next().await {
+        let m = m.map_err(|e| MqError::Unreachable(format!("reading the dead letters: {e}")))?;
+        let d = Delivery {
+            js: js.clone(),
+            message: m,
+            dlq_subject: String::new(),
+            max_deliveries: 0,
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+        };
+        if let Some(r) = d.received() {
+            out.push(r.into_dead_letter());
+        }
+    }
+    Ok(out)
 }
 
 /// A subscription's pull consumer.
@@ -758,7 +773,17 @@ fn not_found(message: String) -> MqError {
 /// A JetStream API error: the server's refusal, or unreachable when it timed out.
 fn refused(e: &dyn std::error::Error, doing: &str) -> MqError {
     let text = e.to_string();
-    if text.contains("timed out") || text.contains("request") || text.contains("no responders") {
+    // async-nats's kinds that mean "no answer" (timeouts, a request that could not
+    // be sent, no JetStream listening), as its Display words them.
+    let away = [
+        "timed out",
+        "request error",
+        "request failed",
+        "no responders",
+        "broken pipe",
+        "disconnected",
+    ];
+    if away.iter().any(|w| text.contains(w)) {
         MqError::Unreachable(format!("{doing}: {text}"))
     } else {
         MqError::Refused {
