@@ -2,7 +2,8 @@
 //! dead letters) against a real `meshwork server`, the API in the node's `/openapi.json`
 //! and its metrics; and the node killed with SIGKILL while clients publish and consume
 //! over HTTP: every acknowledged publish is there after the restart, nothing acked comes
-//! back, and everything else (delayed messages included) is delivered.
+//! back, and everything else (delayed messages included) is delivered; and the
+//! gRPC service on the node's HTTP port.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -367,4 +368,96 @@ fn a_service_finds_the_broker_in_the_membership_and_consumes_with_the_sdk() {
         (Some(0), Some(0)),
         "{g}"
     );
+}
+
+/// The broker's gRPC service on the node's HTTP port (h2c), with the generated
+/// client: a publish, then a Consume stream that receives it and acks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_service_answers_on_the_http_port() {
+    use meshwork_mq::grpc::proto::broker_client::BrokerClient;
+    use meshwork_mq::grpc::proto::consume_request::Kind;
+    use meshwork_mq::grpc::proto::{
+        ConsumeRequest, OutMessage, Position, PublishRequest, Settle, Subscribe,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(dir.path(), ROLES, &[]);
+    let h = node.http.clone();
+    tokio::task::spawn_blocking({
+        let h = h.clone();
+        move || {
+            for (path, body) in [
+                ("/v1/mq/topics/events", r#"{"partitions": 1}"#),
+                ("/v1/mq/topics/events/groups/g", r#"{"start": "earliest"}"#),
+            ] {
+                let (s, v) = http::request(&h, "PUT", path, body).unwrap();
+                assert!(s == 200 || s == 201, "{path}: {s} {v}");
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{h}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = BrokerClient::new(channel);
+    let r = client
+        .publish(PublishRequest {
+            topic: "events".into(),
+            messages: vec![OutMessage {
+                body: b"over grpc".to_vec().into(),
+                ..OutMessage::default()
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.results[0].partition, r.results[0].offset), (0, 0));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let sub = Subscribe {
+        topic: "events".into(),
+        group: "g".into(),
+        consumer: String::new(),
+        credit: 10,
+    };
+    tx.send(ConsumeRequest {
+        kind: Some(Kind::Subscribe(sub)),
+    })
+    .await
+    .unwrap();
+    let mut stream = client
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let got = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.deliveries[0].body.as_ref(), b"over grpc");
+    let settle = Settle {
+        positions: vec![Position {
+            partition: 0,
+            offset: 0,
+        }],
+        delay_ms: 0,
+    };
+    tx.send(ConsumeRequest {
+        kind: Some(Kind::Ack(settle)),
+    })
+    .await
+    .unwrap();
+    let h2 = h.clone();
+    tokio::task::spawn_blocking(move || {
+        meshwork_testkit::blocking::until("the ack applied", Duration::from_secs(20), || {
+            let (_, v) = http::get(&h2, "/v1/mq/topics/events/groups/g").unwrap();
+            let v: Value = serde_json::from_str(&v).unwrap();
+            v["unacked"] == 0 && v["backlog"] == 0
+        });
+    })
+    .await
+    .unwrap();
 }

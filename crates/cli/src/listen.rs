@@ -315,6 +315,15 @@ async fn handle(
     }
     let (mut parts, body) = req.into_parts();
     parts.extensions.insert(ConnectInfo(peer));
+    if is_grpc_stream(&parts) {
+        // A gRPC call over HTTP/2 streams its body (a Consume stream lives as long
+        // as its consumer): the service bounds each message, not the whole body.
+        let req = Request::from_parts(parts, Body::new(body));
+        return match app.oneshot(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        };
+    }
     let body = match read_body(body, cfg).await {
         Ok(b) => b,
         Err(refusal) => return refusal.response(cfg),
@@ -324,6 +333,16 @@ async fn handle(
         Ok(resp) => resp,
         Err(never) => match never {},
     }
+}
+
+/// An HTTP/2 request to a gRPC service (`content-type: application/grpc...`).
+fn is_grpc_stream(parts: &axum::http::request::Parts) -> bool {
+    parts.version == axum::http::Version::HTTP_2
+        && parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("application/grpc"))
 }
 
 /// Why a request was not served.

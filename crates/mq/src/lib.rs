@@ -2,7 +2,8 @@
 //! offset and time indexes, CRC per record, group-commit fsync, retention, torn-tail
 //! recovery) and consumer groups over them (per-message ack with deadlines, nack with
 //! delay, max deliveries then a dead-letter topic, tag filters, delayed messages, dedup by
-//! message id). No networking: the node serves it.
+//! message id). No networking: the node serves it, over its HTTP API (feature `api`)
+//! and gRPC (feature `grpc`).
 
 #[cfg(feature = "api")]
 pub mod api;
@@ -10,6 +11,8 @@ mod broker;
 pub mod config;
 pub mod error;
 mod group;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 mod log;
 pub mod message;
 mod segment;

@@ -10,6 +10,7 @@
 //! - [`schema`]: the one OpenAPI schema checker;
 //! - [`peer`]: finding the real peers (etcd, etcdctl, chromium), skipping or
 //!   failing under `MESHWORK_REQUIRE_PEERS=1`;
+//! - `codegen` (feature `codegen`): checked-in gRPC code kept equal to its protos;
 //! - `etcd_cluster` (feature `etcd`): a real etcd cluster of child processes;
 //! - `nats_server` (feature `etcd`): a real NATS JetStream server, a child process;
 //! - `store` (feature `store`): Meshwork's store served as an etcd endpoint
@@ -18,6 +19,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod blocking;
+#[cfg(feature = "codegen")]
+pub mod codegen;
 #[cfg(feature = "etcd")]
 pub mod etcd_cluster;
 pub mod http;
