@@ -232,12 +232,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     }
     if let Some(b) = &mq {
         // The HTTP API, and the gRPC service on the same port (h2c).
-        app = app
-            .merge(meshwork_mq::api::router(b.clone()))
-            .route_service(
-                meshwork_mq::grpc::ROUTE,
-                meshwork_mq::grpc::service(b.clone()),
-            );
+        app = app.merge(meshwork_mq::api::router(b.clone()));
         let (b, mut rx) = (b.clone(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
             loop {

@@ -8,11 +8,12 @@ fn checked_in_grpc_code_matches_the_protos() {
     meshwork_testkit::codegen::check_generated(
         env!("CARGO_MANIFEST_DIR"),
         "meshwork-etcd",
+        "proto",
         &[
-            "proto/mvccpb/kv.proto",
-            "proto/etcdserverpb/rpc.proto",
-            "proto/v3lockpb/lock.proto",
-            "proto/v3electionpb/election.proto",
+            "mvccpb/kv.proto",
+            "etcdserverpb/rpc.proto",
+            "v3lockpb/lock.proto",
+            "v3electionpb/election.proto",
         ],
         |b| {
             b.build_server(true)

@@ -40,10 +40,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/mq/topics/{topic}/groups/{group}/dlq/redrive"),
 ];
 
-/// The role's routes.
+/// The role's routes (with feature `grpc`, the gRPC service `meshwork.mq.v1.Broker`
+/// too, at [`crate::grpc::ROUTE`]).
 pub fn router(broker: Broker) -> Router {
     use axum::routing::{get, post};
-    Router::new()
+    let routes = Router::new()
         .route("/v1/mq/topics", get(list_topics))
         .route("/v1/mq/topics/{topic}", get(show_topic).put(create_topic))
         .route("/v1/mq/topics/{topic}/messages", get(peek).post(publish))
@@ -63,8 +64,10 @@ pub fn router(broker: Broker) -> Router {
             "/v1/mq/topics/{topic}/groups/{group}/dlq/redrive",
             post(redrive),
         )
-        .layer(axum::middleware::map_response(meshwork_api::json_errors))
-        .with_state(broker)
+        .layer(axum::middleware::map_response(meshwork_api::json_errors));
+    #[cfg(feature = "grpc")]
+    let routes = routes.route_service(crate::grpc::ROUTE, crate::grpc::service(broker.clone()));
+    routes.with_state(broker)
 }
 
 /// The API error for a broker error.

@@ -8,7 +8,8 @@ fn checked_in_grpc_code_matches_the_protos() {
     meshwork_testkit::codegen::check_generated(
         env!("CARGO_MANIFEST_DIR"),
         "meshwork-mq",
-        &["proto/mq.proto"],
+        "proto",
+        &["mq.proto"],
         |b| b.build_server(true).build_client(true).bytes("."),
     );
 }

@@ -6,20 +6,22 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// Generates the code of `protos` (paths under `manifest_dir`, includes from
-/// `manifest_dir/proto`) with `configure` and compares it with
+/// Generates the code of `protos` (paths under `manifest_dir/proto_dir`, which is
+/// also the include path) with `configure` and compares it with
 /// `manifest_dir/src/generated/`; with `MESHWORK_REGENERATE` set, rewrites that
 /// directory instead. `package` names the crate in the failure's hint.
 pub fn check_generated(
     manifest_dir: &str,
     package: &str,
+    proto_dir: &str,
     protos: &[&str],
     configure: impl FnOnce(tonic_prost_build::Builder) -> tonic_prost_build::Builder,
 ) {
     let root = Path::new(manifest_dir);
+    let includes = root.join(proto_dir);
     let fresh_dir = tempfile::tempdir().expect("a temporary directory");
-    let files: Vec<PathBuf> = protos.iter().map(|p| root.join(p)).collect();
-    let fds = protox::compile(files, [root.join("proto")]).expect("protos compile");
+    let files: Vec<PathBuf> = protos.iter().map(|p| includes.join(p)).collect();
+    let fds = protox::compile(files, [includes]).expect("protos compile");
     configure(tonic_prost_build::configure())
         .out_dir(fresh_dir.path())
         .compile_fds(fds)

@@ -30,6 +30,19 @@ use crate::context::RequestContext;
 
 #[cfg(feature = "nats")]
 mod nats;
+
+/// The broker's gRPC client (`crates/mq/proto/mq.proto`; checked in, see
+/// `tests/generated_code.rs`).
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    dead_code,
+    clippy::all,
+    clippy::pedantic
+)]
+mod proto {
+    include!("../generated/meshwork.mq.v1.rs");
+}
 #[cfg(feature = "sqlite")]
 pub mod outbox;
 
@@ -184,6 +197,23 @@ impl OutMessage {
         headers
     }
 
+    /// The message as the broker's gRPC service takes it.
+    fn to_proto(&self, id: u64) -> proto::OutMessage {
+        proto::OutMessage {
+            id,
+            key: self.key.clone().map(Bytes::from).unwrap_or_default(),
+            tag: self.tag.clone().unwrap_or_default(),
+            headers: self
+                .headers_with_trace()
+                .into_iter()
+                .map(|(k, v)| (k, Bytes::from(v)))
+                .collect(),
+            body: self.body.clone(),
+            delay_ms: self.delay.map_or(0, |d| d.as_millis() as u64),
+            priority: u32::from(self.priority),
+        }
+    }
+
     /// The message [`OutMessage::to_json`] wrote (the outbox keeps them so).
     #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     fn from_json(m: &Value) -> Option<OutMessage> {
@@ -206,6 +236,7 @@ impl OutMessage {
         })
     }
 
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     fn to_json(&self, id: u64) -> Value {
         use base64::Engine as _;
         let mut m = json!({ "id": id.to_string() });
@@ -367,6 +398,8 @@ pub struct MqClient {
     broker: Arc<parking_lot::Mutex<Option<String>>>,
     /// Acks and nacks waiting to be sent, batched per group.
     settler: Settler,
+    /// The gRPC channel to the broker's address (publish and delivery streams).
+    channel: Arc<parking_lot::Mutex<Option<(String, tonic::transport::Channel)>>>,
     /// The NATS JetStream backend, when the address is `nats://`.
     #[cfg(feature = "nats")]
     nats: Option<nats::Nats>,
@@ -404,6 +437,68 @@ impl MqClient {
             auth: None,
             broker: Arc::default(),
             settler: Settler::default(),
+            channel: Arc::default(),
+        }
+    }
+
+    /// A gRPC channel to the broker (h2c on its HTTP port), made lazily per address.
+    async fn channel(&self) -> Result<tonic::transport::Channel, MqError> {
+        let addr = self.broker().await?;
+        if let Some((a, c)) = self.channel.lock().as_ref()
+            && *a == addr
+        {
+            return Ok(c.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| MqError::Invalid(format!("broker address {addr:?}: {e}")))?
+            .connect_timeout(REQUEST_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        *self.channel.lock() = Some((addr, channel.clone()));
+        Ok(channel)
+    }
+
+    /// A gRPC request with this client's credentials and `timeout`.
+    fn grpc_request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = timeout {
+            req.set_timeout(t);
+        }
+        if let Some(v) = self
+            .auth
+            .as_deref()
+            .and_then(|a| tonic::metadata::MetadataValue::try_from(a).ok())
+        {
+            req.metadata_mut().insert("authorization", v);
+        }
+        req
+    }
+
+    /// The error of a gRPC status, in the HTTP API's terms; a broker that did not
+    /// answer is forgotten (found again on the next call).
+    fn grpc_error(&self, s: tonic::Status) -> MqError {
+        use tonic::Code;
+        let refused = |status: u16, code: &str| MqError::Refused {
+            status,
+            code: code.into(),
+            message: s.message().to_owned(),
+        };
+        match s.code() {
+            Code::InvalidArgument => refused(400, "invalid_argument"),
+            Code::NotFound => refused(404, "not_found"),
+            Code::AlreadyExists => refused(409, "conflict"),
+            Code::FailedPrecondition => refused(409, "limit_reached"),
+            Code::ResourceExhausted => refused(413, "too_large"),
+            Code::Unauthenticated => refused(401, "unauthenticated"),
+            Code::PermissionDenied => refused(403, "forbidden"),
+            Code::Unavailable if !s.message().contains("transport") => {
+                refused(503, "broker_unavailable")
+            }
+            _ => {
+                *self.broker.lock() = None;
+                *self.channel.lock() = None;
+                MqError::Unreachable(format!("gRPC {:?}: {}", s.code(), s.message()))
+            }
         }
     }
 
@@ -608,7 +703,6 @@ impl MqClient {
         Publisher {
             client: self.clone(),
             topic: topic.to_owned(),
-            path: format!("/v1/mq/topics/{}/messages", enc(topic)),
             queue: Arc::default(),
         }
     }
@@ -665,11 +759,14 @@ impl MqClient {
         let ack_wait =
             Duration::from_millis(info["config"]["ack_wait_ms"].as_u64().unwrap_or(30_000));
         Ok((
-            Source::Http {
+            Source::Stream(Box::new(StreamSource {
                 client: self.clone(),
+                topic: topic.to_owned(),
+                group: group.to_owned(),
                 base: format!("/v1/mq/topics/{}/groups/{}", enc(topic), enc(group)),
                 consumer: opts.consumer.clone(),
-            },
+                state: tokio::sync::Mutex::default(),
+            })),
             ack_wait,
         ))
     }
@@ -681,7 +778,6 @@ pub struct Publisher {
     client: MqClient,
     #[cfg_attr(not(feature = "nats"), allow(dead_code))]
     topic: String,
-    path: String,
     /// Concurrent publishes waiting to go in one request (HTTP backend).
     queue: Arc<parking_lot::Mutex<Option<PublishQueue>>>,
 }
@@ -736,7 +832,6 @@ impl Publisher {
         Publisher {
             client: self.client.clone(),
             topic: self.topic.clone(),
-            path: self.path.clone(),
             queue: Arc::default(),
         }
     }
@@ -752,13 +847,10 @@ impl Publisher {
                 (m, id)
             })
             .collect();
-        let body = json!({
-            "messages": msgs.iter().map(|(m, id)| m.to_json(*id)).collect::<Vec<_>>()
-        });
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let sent = self.send(&msgs, &body).await;
+            let sent = self.send(&msgs).await;
             match sent {
                 Ok(published) => return Ok(published),
                 Err(e) if e.is_transient() && attempt < 3 => {
@@ -770,33 +862,29 @@ impl Publisher {
     }
 
     /// One attempt.
-    async fn send(
-        &self,
-        msgs: &[(OutMessage, u64)],
-        body: &Value,
-    ) -> Result<Vec<Published>, MqError> {
+    async fn send(&self, msgs: &[(OutMessage, u64)]) -> Result<Vec<Published>, MqError> {
         #[cfg(feature = "nats")]
         if let Some(n) = &self.client.nats {
             return n.publish_all(&self.topic, msgs).await;
         }
-        let _ = msgs;
-        let (_, v) = self
-            .client
-            .call(
-                http::Method::POST,
-                &self.path,
-                Some(body.clone()),
-                REQUEST_TIMEOUT,
-            )
-            .await?;
-        Ok(v["results"]
-            .as_array()
+        // The node's broker over gRPC (`meshwork.mq.v1.Broker/Publish`).
+        let channel = self.client.channel().await?;
+        let req = proto::PublishRequest {
+            topic: self.topic.clone(),
+            messages: msgs.iter().map(|(m, id)| m.to_proto(*id)).collect(),
+        };
+        let req = self.client.grpc_request(req, Some(REQUEST_TIMEOUT));
+        let r = proto::broker_client::BrokerClient::new(channel)
+            .publish(req)
+            .await
+            .map_err(|s| self.client.grpc_error(s))?;
+        Ok(r.into_inner()
+            .results
             .into_iter()
-            .flatten()
             .map(|r| Published {
-                partition: r["partition"].as_u64().unwrap_or(0) as u32,
-                offset: r["offset"].as_u64().unwrap_or(0),
-                duplicate: r["duplicate"].as_bool().unwrap_or(false),
+                partition: r.partition,
+                offset: r.offset,
+                duplicate: r.duplicate,
             })
             .collect())
     }
@@ -938,12 +1026,8 @@ type Handler<F> = dyn Fn(Received) -> F + Send + Sync;
 /// Where a subscription's messages come from (one per subscription: its size is no matter).
 #[allow(clippy::large_enum_variant)]
 enum Source {
-    /// A node's broker over `/v1/mq/` (long-polled fetches).
-    Http {
-        client: MqClient,
-        base: String,
-        consumer: Option<String>,
-    },
+    /// A node's broker: deliveries on a gRPC `Consume` stream, settled over `/v1/mq/`.
+    Stream(Box<StreamSource>),
     /// A JetStream pull consumer.
     #[cfg(feature = "nats")]
     Nats(Box<nats::Source>),
@@ -951,7 +1035,8 @@ enum Source {
 
 /// One fetch's deliveries, handed out one at a time.
 enum Fetched {
-    Http(std::vec::IntoIter<Value>),
+    /// From the subscription's stream, until it is quiet for the fetch wait.
+    Stream,
     #[cfg(feature = "nats")]
     Nats(Box<nats::Batch>),
 }
@@ -960,35 +1045,19 @@ impl Source {
     /// Asks for up to `max` messages (waiting up to the fetch wait for the first).
     async fn fetch(&self, max: usize) -> Result<Fetched, MqError> {
         match self {
-            Source::Http {
-                client,
-                base,
-                consumer,
-            } => {
-                let mut body =
-                    json!({ "max": max.min(1000), "wait_ms": FETCH_WAIT.as_millis() as u64 });
-                if let Some(c) = consumer {
-                    body["consumer"] = json!(c);
-                }
-                let (_, v) = client
-                    .call(
-                        http::Method::POST,
-                        &format!("{base}/fetch"),
-                        Some(body),
-                        REQUEST_TIMEOUT + FETCH_WAIT,
-                    )
-                    .await?;
-                let msgs = match v {
-                    Value::Object(mut o) => match o.remove("messages") {
-                        Some(Value::Array(a)) => a,
-                        _ => Vec::new(),
-                    },
-                    _ => Vec::new(),
-                };
-                Ok(Fetched::Http(msgs.into_iter()))
+            Source::Stream(s) => {
+                s.grant(max).await?;
+                Ok(Fetched::Stream)
             }
             #[cfg(feature = "nats")]
             Source::Nats(s) => Ok(Fetched::Nats(Box::new(s.batch(max).await?))),
+        }
+    }
+
+    /// Takes no more deliveries: the stream, if any, is closed.
+    async fn close(&self) {
+        if let Source::Stream(s) = self {
+            s.state.lock().await.open = None;
         }
     }
 
@@ -998,31 +1067,7 @@ impl Source {
         fetched: &mut Fetched,
     ) -> Option<Result<Option<(Received, Settle)>, MqError>> {
         match (self, fetched) {
-            (
-                Source::Http {
-                    client,
-                    base,
-                    consumer,
-                },
-                Fetched::Http(it),
-            ) => {
-                let m = it.next()?;
-                let Some(msg) = Received::from_json(&m) else {
-                    tracing::warn!(subscription = %base, "a delivery the SDK cannot read; it comes back after its ack deadline");
-                    return Some(Ok(None));
-                };
-                let mut item =
-                    json!({ "messages": [{ "partition": msg.partition, "offset": msg.offset }] });
-                if let Some(c) = consumer {
-                    item["consumer"] = json!(c);
-                }
-                let settle = Settle::Http {
-                    client: client.clone(),
-                    base: base.clone(),
-                    item,
-                };
-                Some(Ok(Some((msg, settle))))
-            }
+            (Source::Stream(s), Fetched::Stream) => s.next().await,
             #[cfg(feature = "nats")]
             (Source::Nats(s), Fetched::Nats(b)) => match b.next().await? {
                 Err(e) => Some(Err(e)),
@@ -1031,6 +1076,146 @@ impl Source {
             #[cfg(feature = "nats")]
             _ => None,
         }
+    }
+}
+
+/// A subscription to a node's broker: one gRPC `Consume` stream (reopened when it
+/// breaks) with credit for no more deliveries than there are free handlers; acks,
+/// nacks and extensions go over `/v1/mq/` (acks batched per group, each answered).
+struct StreamSource {
+    client: MqClient,
+    topic: String,
+    group: String,
+    base: String,
+    consumer: Option<String>,
+    state: tokio::sync::Mutex<StreamState>,
+}
+
+#[derive(Default)]
+struct StreamState {
+    /// The open stream: where requests go, and the deliveries.
+    open: Option<(
+        tokio::sync::mpsc::Sender<proto::ConsumeRequest>,
+        tonic::Streaming<proto::ConsumeResponse>,
+    )>,
+    /// Credit granted and not yet used by a delivery.
+    credit: u64,
+    /// Deliveries received and not yet handed to a handler.
+    pending: std::collections::VecDeque<proto::Delivery>,
+}
+
+impl StreamSource {
+    /// Opens the stream if it is not, and raises the credit so that what is
+    /// granted or waiting covers `free` handlers.
+    async fn grant(&self, free: usize) -> Result<(), MqError> {
+        use proto::consume_request::Kind;
+        let mut st = self.state.lock().await;
+        if st.open.is_none() {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let subscribe = proto::Subscribe {
+                topic: self.topic.clone(),
+                group: self.group.clone(),
+                consumer: self.consumer.clone().unwrap_or_default(),
+                credit: 0,
+            };
+            let _ = tx
+                .send(proto::ConsumeRequest {
+                    kind: Some(Kind::Subscribe(subscribe)),
+                })
+                .await;
+            let channel = self.client.channel().await?;
+            let req = self
+                .client
+                .grpc_request(tokio_stream::wrappers::ReceiverStream::new(rx), None);
+            let stream = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                proto::broker_client::BrokerClient::new(channel).consume(req),
+            )
+            .await
+            .map_err(|_| MqError::Unreachable("no answer to Consume in time".into()))?
+            .map_err(|s| self.client.grpc_error(s))?
+            .into_inner();
+            *st = StreamState {
+                open: Some((tx, stream)),
+                ..StreamState::default()
+            };
+        }
+        let held = st.credit + st.pending.len() as u64;
+        let more = (free as u64).saturating_sub(held);
+        if more > 0 {
+            let sent = match &st.open {
+                Some((tx, _)) => tx
+                    .send(proto::ConsumeRequest {
+                        kind: Some(Kind::Credit(u32::try_from(more).unwrap_or(u32::MAX))),
+                    })
+                    .await
+                    .is_ok(),
+                None => false,
+            };
+            if !sent {
+                st.open = None;
+                return Err(MqError::Unreachable("the delivery stream closed".into()));
+            }
+            st.credit += more;
+        }
+        Ok(())
+    }
+
+    /// The next delivery: one received already, else the stream's next within the
+    /// fetch wait (`None` when none came, or the stream ended).
+    async fn next(&self) -> Option<Result<Option<(Received, Settle)>, MqError>> {
+        let mut st = self.state.lock().await;
+        if st.pending.is_empty() {
+            // Nothing can come without credit: over, so the caller grants more as
+            // its handlers free up.
+            if st.credit == 0 {
+                return None;
+            }
+            let (_, stream) = st.open.as_mut()?;
+            match tokio::time::timeout(FETCH_WAIT, stream.message()).await {
+                Err(_) => return None,
+                Ok(Ok(Some(r))) => {
+                    st.credit = st.credit.saturating_sub(r.deliveries.len() as u64);
+                    st.pending.extend(r.deliveries);
+                }
+                Ok(Ok(None)) => {
+                    st.open = None;
+                    return None;
+                }
+                Ok(Err(s)) => {
+                    st.open = None;
+                    return Some(Err(self.client.grpc_error(s)));
+                }
+            }
+        }
+        let d = st.pending.pop_front()?;
+        drop(st);
+        let mut item = json!({ "messages": [{ "partition": d.partition, "offset": d.offset }] });
+        if let Some(c) = &self.consumer {
+            item["consumer"] = json!(c);
+        }
+        let settle = Settle::Http {
+            client: self.client.clone(),
+            base: self.base.clone(),
+            item,
+        };
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let msg = Received {
+            partition: d.partition,
+            offset: d.offset,
+            delivery: d.delivery,
+            id: d.id,
+            key: text(&d.key),
+            tag: d.tag,
+            headers: d
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), text(v)))
+                .collect(),
+            body: d.body,
+            publish_ms: d.publish_ms,
+        };
+        Some(Ok(Some((msg, settle))))
     }
 }
 
@@ -1296,7 +1481,10 @@ where
                 while running.try_join_next().is_some() {}
             }
         }
-        // Shutdown: running handlers get the grace period; the rest are given back.
+        // Shutdown: no more deliveries (so none given back below goes out on this
+        // subscription's stream again); running handlers get the grace period; the
+        // rest are given back.
+        self.source.close().await;
         let grace = tokio::time::sleep(self.opts.shutdown_grace);
         tokio::pin!(grace);
         loop {
