@@ -197,23 +197,6 @@ impl OutMessage {
         headers
     }
 
-    /// The message as the broker's gRPC service takes it.
-    fn to_proto(&self, id: u64) -> proto::OutMessage {
-        proto::OutMessage {
-            id,
-            key: self.key.clone().map(Bytes::from).unwrap_or_default(),
-            tag: self.tag.clone().unwrap_or_default(),
-            headers: self
-                .headers_with_trace()
-                .into_iter()
-                .map(|(k, v)| (k, Bytes::from(v)))
-                .collect(),
-            body: self.body.clone(),
-            delay_ms: self.delay.map_or(0, |d| d.as_millis() as u64),
-            priority: u32::from(self.priority),
-        }
-    }
-
     /// The message [`OutMessage::to_json`] wrote (the outbox keeps them so).
     #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     fn from_json(m: &Value) -> Option<OutMessage> {
@@ -236,7 +219,6 @@ impl OutMessage {
         })
     }
 
-    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     fn to_json(&self, id: u64) -> Value {
         use base64::Engine as _;
         let mut m = json!({ "id": id.to_string() });
@@ -867,24 +849,25 @@ impl Publisher {
         if let Some(n) = &self.client.nats {
             return n.publish_all(&self.topic, msgs).await;
         }
-        // The node's broker over gRPC (`meshwork.mq.v1.Broker/Publish`).
-        let channel = self.client.channel().await?;
-        let req = proto::PublishRequest {
-            topic: self.topic.clone(),
-            messages: msgs.iter().map(|(m, id)| m.to_proto(*id)).collect(),
-        };
-        let req = self.client.grpc_request(req, Some(REQUEST_TIMEOUT));
-        let r = proto::broker_client::BrokerClient::new(channel)
-            .publish(req)
-            .await
-            .map_err(|s| self.client.grpc_error(s))?;
-        Ok(r.into_inner()
-            .results
+        // The node's broker over `/v1/mq/`: for a unary call, HTTP/1.1 with a JSON
+        // body measured faster here than gRPC (0.16 vs 0.20 ms per publish alone;
+        // BENCHMARKS.md), so the stream is kept for deliveries.
+        let body = json!({
+            "messages": msgs.iter().map(|(m, id)| m.to_json(*id)).collect::<Vec<_>>()
+        });
+        let path = format!("/v1/mq/topics/{}/messages", enc(&self.topic));
+        let (_, v) = self
+            .client
+            .call(http::Method::POST, &path, Some(body), REQUEST_TIMEOUT)
+            .await?;
+        Ok(v["results"]
+            .as_array()
             .into_iter()
+            .flatten()
             .map(|r| Published {
-                partition: r.partition,
-                offset: r.offset,
-                duplicate: r.duplicate,
+                partition: r["partition"].as_u64().unwrap_or(0) as u32,
+                offset: r["offset"].as_u64().unwrap_or(0),
+                duplicate: r["duplicate"].as_bool().unwrap_or(false),
             })
             .collect())
     }
