@@ -232,9 +232,8 @@ async fn blocking<T: Send + 'static>(
     conn: &Arc<Mutex<Connection>>,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
 ) -> Result<T, MqOutboxError> {
-    let conn = conn.clone();
-    match tokio::task::spawn_blocking(move || f(&conn.lock())).await {
-        Ok(r) => Ok(r?),
-        Err(e) => Err(MqOutboxError::Task(e.to_string())),
-    }
+    crate::txn::sqlite::on_blocking_pool(conn, f)
+        .await
+        .map_err(MqOutboxError::Task)?
+        .map_err(MqOutboxError::Db)
 }

@@ -169,9 +169,8 @@ async fn blocking<T: Send + 'static>(
     conn: &Arc<Mutex<Connection>>,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
 ) -> Result<T, OutboxError> {
-    let conn = conn.clone();
-    match tokio::task::spawn_blocking(move || f(&conn.lock())).await {
-        Ok(r) => Ok(r?),
-        Err(e) => Err(OutboxError::Task(e.to_string())),
-    }
+    super::sqlite::on_blocking_pool(conn, f)
+        .await
+        .map_err(OutboxError::Task)?
+        .map_err(OutboxError::Db)
 }

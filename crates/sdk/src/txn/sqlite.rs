@@ -319,3 +319,15 @@ fn reason(
         None => Ok(None),
     }
 }
+
+/// Runs `f` on a shared connection on tokio's blocking pool: its database
+/// result, or why the task failed (the outboxes' database calls).
+pub(crate) async fn on_blocking_pool<T: Send + 'static>(
+    conn: &std::sync::Arc<parking_lot::Mutex<Connection>>,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<rusqlite::Result<T>, String> {
+    let conn = conn.clone();
+    tokio::task::spawn_blocking(move || f(&conn.lock()))
+        .await
+        .map_err(|e| e.to_string())
+}
