@@ -40,10 +40,24 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// Responses buffered towards a slow client before the broker stops fetching.
 const OUT_BUFFER: usize = 4;
 
+/// How long a new Consume stream has to send its `subscribe`.
+pub const SUBSCRIBE_WITHIN: Duration = Duration::from_secs(10);
+
 /// The service over `broker`, ready for a tonic router.
 pub fn service(broker: Broker) -> proto::broker_server::BrokerServer<Service> {
-    proto::broker_server::BrokerServer::new(Service { broker })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    service_with(broker, SUBSCRIBE_WITHIN)
+}
+
+/// The service, with a stream's deadline for its `subscribe`.
+pub fn service_with(
+    broker: Broker,
+    subscribe_within: Duration,
+) -> proto::broker_server::BrokerServer<Service> {
+    proto::broker_server::BrokerServer::new(Service {
+        broker,
+        subscribe_within,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// The gRPC status of a broker error (the same classes as the HTTP API's).
@@ -69,6 +83,7 @@ pub fn status(e: MqError) -> Status {
 #[derive(Clone)]
 pub struct Service {
     broker: Broker,
+    subscribe_within: Duration,
 }
 
 fn delivery(d: Delivery) -> proto::Delivery {
@@ -154,7 +169,16 @@ impl proto::broker_server::Broker for Service {
         req: Request<Streaming<proto::ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
         let mut inbound = req.into_inner();
-        let sub = match inbound.message().await? {
+        // A stream that says nothing is not kept: it would hold a task for nothing.
+        let first = tokio::time::timeout(self.subscribe_within, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no `subscribe` within {:?} of opening the stream",
+                    self.subscribe_within
+                ))
+            })?;
+        let sub = match first? {
             Some(proto::ConsumeRequest {
                 kind: Some(Kind::Subscribe(s)),
             }) => s,

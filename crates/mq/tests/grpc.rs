@@ -1,7 +1,7 @@
 //! The gRPC service over a real socket with the generated client: a batch
 //! publish; a Consume stream that never sends more than the credit granted,
 //! takes acks, nacks (redelivered, counted) and extensions on the same stream;
-//! and what it refuses: no subscribe first, an unknown group, an ack of an
+//! and what it refuses: no subscribe first (or nothing at all), an unknown group, an ack of an
 //! unknown delivery (the stream ends with its status), an empty or oversize
 //! publish.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -44,7 +44,7 @@ async fn start() -> (BrokerClient<Channel>, Broker, tempfile::TempDir) {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = meshwork_mq::grpc::service(b.clone());
+    let svc = meshwork_mq::grpc::service_with(b.clone(), Duration::from_millis(300));
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(svc)
@@ -212,6 +212,16 @@ async fn what_the_service_refuses() {
     .unwrap();
     let e = client.consume(ReceiverStream::new(rx)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
+    // A stream that never says anything is closed at the subscribe deadline.
+    let (_silent, rx) = mpsc::channel::<ConsumeRequest>(1);
+    let e = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.consume(ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("the broker ends it")
+    .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
 
     // An ack of a delivery that was never made ends the stream with its status,
     // and changes nothing.
