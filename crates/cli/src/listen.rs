@@ -335,9 +335,14 @@ async fn handle(
     }
 }
 
-/// An HTTP/2 request to a gRPC service (`content-type: application/grpc...`).
+/// The gRPC methods whose request is a long-lived stream; every other request,
+/// a unary gRPC call included, is read whole under the body limits first.
+const GRPC_STREAMS: [&str; 1] = ["/meshwork.mq.v1.Broker/Consume"];
+
+/// An HTTP/2 request to a streaming gRPC method (`content-type: application/grpc...`).
 fn is_grpc_stream(parts: &axum::http::request::Parts) -> bool {
     parts.version == axum::http::Version::HTTP_2
+        && GRPC_STREAMS.contains(&parts.uri.path())
         && parts
             .headers
             .get(header::CONTENT_TYPE)

@@ -156,7 +156,8 @@ pub fn is_write(method: &Method, path: &str) -> bool {
     {
         return false;
     }
-    path.starts_with("/v1/") || path.starts_with("/gateway/")
+    // gRPC services (`/meshwork.mq.v1.Broker/...`): every call publishes or consumes.
+    path.starts_with("/v1/") || path.starts_with("/gateway/") || path.starts_with("/meshwork.")
 }
 
 /// Middleware for the node's whole HTTP router: refuses writes without a login.
@@ -206,5 +207,7 @@ mod tests {
         assert!(!is_write(&Method::GET, "/v1/config/a/b/c"));
         assert!(!is_write(&Method::POST, "/v1/config/listener"));
         assert!(!is_write(&Method::POST, "/ui/login"));
+        assert!(is_write(&Method::POST, "/meshwork.mq.v1.Broker/Publish"));
+        assert!(is_write(&Method::POST, "/meshwork.mq.v1.Broker/Consume"));
     }
 }

@@ -1744,10 +1744,12 @@ fn committer(weak: Weak<Inner>, mut rx: mpsc::Receiver<Cmd>) {
     }
 }
 
-/// Writes the touched partitions and the journal, each durable on return. With
-/// fsync on and more than one file, their fdatasyncs run at once (one thread each):
-/// the device flushes them together instead of one after another, so a batch
-/// spread over N partitions waits about one flush, not N.
+/// Writes the touched partitions, then the journal, each durable on return. The
+/// partitions come first: a journal op can finish a message whose dead-letter copy
+/// is in a partition of the same batch, and must never be durable without it. With
+/// fsync on and more than one partition, their fdatasyncs run at once (one thread
+/// each; inline when a thread cannot be made): the device flushes them together,
+/// so a batch spread over N partitions waits about two flushes, not N + 1.
 fn write_and_sync_all(
     inner: &Inner,
     touched: &[(Arc<Topic>, Arc<PartitionLog>, u64)],
@@ -1757,24 +1759,38 @@ fn write_and_sync_all(
         for (_, part, _) in touched {
             part.write_and_sync(fsync)?;
         }
-        return inner.journal.write_and_sync(fsync);
-    }
-    std::thread::scope(|s| {
-        let syncs: Vec<_> = touched
-            .iter()
-            .map(|(_, part, _)| s.spawn(move || part.write_and_sync(true)))
-            .collect();
-        let mut result = inner.journal.write_and_sync(true);
-        for h in syncs {
-            let r = h
-                .join()
-                .unwrap_or_else(|_| Err(MqError::storage("a partition's sync thread panicked")));
-            if result.is_ok() {
-                result = r;
+    } else {
+        std::thread::scope(|s| {
+            let mut inline = Vec::new();
+            let mut syncs = Vec::new();
+            for (_, part, _) in touched {
+                match std::thread::Builder::new()
+                    .name("mq-sync".into())
+                    .spawn_scoped(s, move || part.write_and_sync(true))
+                {
+                    Ok(h) => syncs.push(h),
+                    Err(_) => inline.push(part),
+                }
             }
-        }
-        result
-    })
+            let mut result = Ok(());
+            for part in inline {
+                let r = part.write_and_sync(true);
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            for h in syncs {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(MqError::storage("a partition's sync thread panicked"))
+                });
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+        })?;
+    }
+    inner.journal.write_and_sync(fsync)
 }
 
 /// Commits one batch: every request answered, after its writes are durable.

@@ -199,17 +199,25 @@ impl proto::broker_server::Broker for Service {
             .map_err(status)?;
         let credit = Arc::new(AtomicU64::new(u64::from(sub.credit)));
         let more = Arc::new(Notify::new());
+        // Set when the client's side is over: no more credit will come.
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(OUT_BUFFER);
 
         // Settles and credit from the client, applied in order.
         let (broker, topic, g) = (self.broker.clone(), sub.topic.clone(), group.clone());
         let (credit_in, more_in, tx_in) = (credit.clone(), more.clone(), tx.clone());
-        let reader = tokio::spawn(async move {
+        let ended_in = ended.clone();
+        let finish = move || {
+            ended_in.store(true, Ordering::Release);
+            more_in.notify_one();
+        };
+        let more_in = more.clone();
+        tokio::spawn(async move {
             loop {
                 let next = match inbound.message().await {
                     Ok(Some(r)) => r,
                     // The client closed its side, or went away.
-                    Ok(None) | Err(_) => return,
+                    Ok(None) | Err(_) => return finish(),
                 };
                 let done = match next.kind {
                     Some(Kind::Credit(n)) => {
@@ -242,7 +250,7 @@ impl proto::broker_server::Broker for Service {
                 };
                 if let Err(e) = done {
                     let _ = tx_in.send(Err(e)).await;
-                    return;
+                    return finish();
                 }
             }
         });
@@ -251,7 +259,7 @@ impl proto::broker_server::Broker for Service {
         let broker = self.broker.clone();
         tokio::spawn(async move {
             loop {
-                if reader.is_finished() || tx.is_closed() {
+                if ended.load(Ordering::Acquire) || tx.is_closed() {
                     return;
                 }
                 let n = credit.load(Ordering::Acquire).min(MAX_BATCH);

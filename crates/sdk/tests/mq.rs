@@ -82,6 +82,7 @@ on_both_backends!(
     a_broadcast_group_gives_each_instance_every_message,
     a_message_failing_every_delivery_goes_to_the_dead_letters,
     concurrent_publishes_share_requests_and_each_gets_its_own_answer,
+    large_messages_arrive_many_at_a_time,
 );
 
 fn opts(group: serde_json::Value) -> SubscribeOptions {
@@ -464,6 +465,14 @@ async fn the_nats_backend_refuses_what_jetstream_cannot_do() {
         }) => assert_eq!(code, "not_found"),
         other => panic!("{other:?}"),
     }
+    // A header NATS cannot carry is refused, not a panic.
+    match p
+        .publish(OutMessage::new("x").header("bad name", "v"))
+        .await
+    {
+        Err(MqError::Invalid(m)) => assert!(m.contains("header name"), "{m}"),
+        other => panic!("{other:?}"),
+    }
     for bad in ["", "a b", "__x"] {
         assert!(b.client.create_topic(bad, 1).await.is_err(), "{bad:?}");
     }
@@ -544,4 +553,49 @@ async fn concurrent_publishes_share_requests_and_each_gets_its_own_answer(b: Bro
         assert!(got.insert(t.clone()), "{t} twice");
     }
     sub.shutdown().await;
+}
+
+/// Twenty 400 KB messages to twenty handlers: more than 4 MiB in one delivery batch.
+async fn large_messages_arrive_many_at_a_time(b: Broker) {
+    let publisher = b.client.publisher("t");
+    let body = vec![b'x'; 400_000];
+    let mut sends = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (p, body) = (publisher.clone(), body.clone());
+        sends.spawn(async move { p.publish(OutMessage::new(body)).await });
+    }
+    while let Some(r) = sends.join_next().await {
+        r.unwrap().unwrap();
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let sub = {
+        let done = done.clone();
+        b.client
+            .subscribe(
+                "t",
+                "big",
+                SubscribeOptions {
+                    concurrency: 20,
+                    ..opts(json!({"start": "earliest"}))
+                },
+                move |m: Received| {
+                    let done = done.clone();
+                    async move {
+                        assert_eq!(m.body.len(), 400_000);
+                        done.fetch_add(1, Ordering::SeqCst);
+                        Ok::<(), String>(())
+                    }
+                },
+            )
+            .await
+            .unwrap()
+    };
+    meshwork_testkit::eventually("all 20 large ones handled", Duration::from_secs(30), || {
+        let done = done.clone();
+        async move { (done.load(Ordering::SeqCst) == 20).then_some(()) }
+    })
+    .await;
+    sub.shutdown().await;
+    let info = b.client.ensure_group("t", "big", &json!({})).await.unwrap();
+    assert_eq!(info["backlog"], 0, "{info}");
 }

@@ -52,6 +52,9 @@ pub const MQ_ROLE: &str = "mq";
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one fetch waits for a message.
 const FETCH_WAIT: Duration = Duration::from_secs(10);
+/// Largest delivery batch the gRPC stream takes (the broker sends at most 16 MiB
+/// of messages in one, plus their metadata).
+const MAX_DELIVERY_BATCH_BYTES: usize = 64 << 20;
 /// Acks sent in one request, at most.
 const SETTLE_BATCH: usize = 500;
 /// Messages of concurrent `publish` calls coalesced into one request, at most
@@ -473,9 +476,8 @@ impl MqClient {
             Code::ResourceExhausted => refused(413, "too_large"),
             Code::Unauthenticated => refused(401, "unauthenticated"),
             Code::PermissionDenied => refused(403, "forbidden"),
-            Code::Unavailable if !s.message().contains("transport") => {
-                refused(503, "broker_unavailable")
-            }
+            // UNAVAILABLE (the broker stopping, or no connection) and the rest: not
+            // answered; the address is looked up again on the next call.
             _ => {
                 *self.broker.lock() = None;
                 *self.channel.lock() = None;
@@ -1040,7 +1042,7 @@ impl Source {
     /// Takes no more deliveries: the stream, if any, is closed.
     async fn close(&self) {
         if let Source::Stream(s) = self {
-            s.state.lock().await.open = None;
+            s.close().await;
         }
     }
 
@@ -1088,6 +1090,35 @@ struct StreamState {
 }
 
 impl StreamSource {
+    /// Closes the stream and gives back at once what it delivered that no handler
+    /// took (what was still on the wire comes back after its ack deadline).
+    async fn close(&self) {
+        let pending: Vec<proto::Delivery> = {
+            let mut st = self.state.lock().await;
+            st.open = None;
+            st.pending.drain(..).collect()
+        };
+        if pending.is_empty() {
+            return;
+        }
+        let positions: Vec<Value> = pending
+            .iter()
+            .map(|d| json!({ "partition": d.partition, "offset": d.offset }))
+            .collect();
+        let mut body = json!({ "messages": positions });
+        if let Some(c) = &self.consumer {
+            body["consumer"] = json!(c);
+        }
+        let path = format!("{}/nack", self.base);
+        if let Err(e) = self
+            .client
+            .call(http::Method::POST, &path, Some(body), REQUEST_TIMEOUT)
+            .await
+        {
+            tracing::debug!(error = %e, "giving back unstarted deliveries failed; they come back after their ack deadline");
+        }
+    }
+
     /// Opens the stream if it is not, and raises the credit so that what is
     /// granted or waiting covers `free` handlers.
     async fn grant(&self, free: usize) -> Result<(), MqError> {
@@ -1112,7 +1143,11 @@ impl StreamSource {
                 .grpc_request(tokio_stream::wrappers::ReceiverStream::new(rx), None);
             let stream = tokio::time::timeout(
                 REQUEST_TIMEOUT,
-                proto::broker_client::BrokerClient::new(channel).consume(req),
+                proto::broker_client::BrokerClient::new(channel)
+                    // A response holds up to 16 MiB of deliveries (the broker's fetch
+                    // limit) plus framing: room for the largest.
+                    .max_decoding_message_size(MAX_DELIVERY_BATCH_BYTES)
+                    .consume(req),
             )
             .await
             .map_err(|_| MqError::Unreachable("no answer to Consume in time".into()))?

@@ -24,6 +24,7 @@
 //! Names (topics, tags, groups, consumers) are escaped into NATS tokens: every
 //! byte outside `A-Z a-z 0-9 -` becomes `_XX` (hex), so distinct names stay distinct.
 
+use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -238,16 +239,25 @@ impl Nats {
                 m.tag.as_deref().map_or_else(|| "_".to_owned(), token)
             );
             let mut h = HeaderMap::new();
-            for (k, v) in m.headers_with_trace() {
-                h.insert(k.as_str(), v.as_str());
-            }
-            h.insert("Nats-Msg-Id", id.to_string().as_str());
-            h.insert("Mw-Id", id.to_string().as_str());
+            let mut fields: Vec<(String, String)> = m.headers_with_trace().into_iter().collect();
+            fields.push(("Nats-Msg-Id".into(), id.to_string()));
+            fields.push(("Mw-Id".into(), id.to_string()));
             if let Some(k) = &m.key {
-                h.insert("Mw-Key", k.as_str());
+                fields.push(("Mw-Key".into(), k.clone()));
             }
             if let Some(t) = &m.tag {
-                h.insert("Mw-Tag", t.as_str());
+                fields.push(("Mw-Tag".into(), t.clone()));
+            }
+            for (k, v) in fields {
+                let name = async_nats::HeaderName::from_str(&k).map_err(|_| {
+                    MqError::Invalid(format!("header name {k:?} is not a valid NATS header name"))
+                })?;
+                let value = async_nats::HeaderValue::from_str(&v).map_err(|_| {
+                    MqError::Invalid(format!(
+                        "header {k:?}: a value must not hold CR or LF on the NATS backend"
+                    ))
+                })?;
+                h.insert(name, value);
             }
             let ack = js
                 .publish_with_headers(subject, h, m.body.clone())
@@ -542,10 +552,16 @@ impl Delivery {
             .info()
             .map(|i| (i.stream_sequence, i.delivered))
             .unwrap_or((0, 0));
-        // The same dead letter written twice (a retry after a lost ack) is stored once.
+        // The same dead letter written twice (a retry after a lost ack) is stored once;
+        // each broadcast member's copy is its own (the durable names the member).
+        let consumer = self
+            .message
+            .info()
+            .map(|i| i.consumer.to_owned())
+            .unwrap_or_default();
         h.insert(
             "Nats-Msg-Id",
-            format!("{}.{}.{seq}", self.topic, self.group).as_str(),
+            format!("{}.{consumer}.{seq}", self.topic).as_str(),
         );
         // The embedded broker's dead-letter headers.
         h.insert("mq-dead-topic", self.topic.as_str());
@@ -803,14 +819,9 @@ fn publish_error(topic: &str, e: &jetstream::context::PublishError) -> MqError {
             code: "too_large".into(),
             message: e.to_string(),
         },
-        K::TimedOut | K::BrokenPipe | K::MaxAckPending => {
-            MqError::Unreachable(format!("publishing to {topic:?}: {e}"))
-        }
-        _ => MqError::Refused {
-            status: 400,
-            code: "nats".into(),
-            message: format!("publishing to {topic:?}: {e}"),
-        },
+        // The rest (a closed connection, JetStream's own errors such as "temporarily
+        // unavailable" or "insufficient storage") may pass: tried again, never dropped.
+        _ => MqError::Unreachable(format!("publishing to {topic:?}: {e}")),
     }
 }
 

@@ -193,11 +193,13 @@ impl MqOutbox {
     }
 }
 
-/// The broker refused the message itself (bad input, too large): retrying cannot
-/// help. A missing topic (404), a broker away or busy, no broker at all: the
-/// message stays for the next drain.
+/// The broker refused the message itself (bad input, too large, a feature its
+/// backend lacks): retrying cannot help. Anything else — a missing topic, a login
+/// missing or refused, a limit reached, a broker away, busy or not found — keeps
+/// the message for the next drain.
 fn refused_for_good(e: &MqError) -> bool {
-    matches!(e, MqError::Refused { status, .. } if (400..500).contains(status) && !matches!(status, 404 | 408 | 429))
+    matches!(e, MqError::Refused { status, .. } if matches!(status, 400 | 413 | 415 | 422 | 501))
+        || matches!(e, MqError::Invalid(_))
 }
 
 /// Removes what was published and moves what was refused; how many rows left the outbox.
