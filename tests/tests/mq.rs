@@ -461,3 +461,61 @@ async fn the_grpc_service_answers_on_the_http_port() {
     .await
     .unwrap();
 }
+
+/// With a console login, a gRPC call needs it like any write: refused without
+/// credentials (`UNAUTHENTICATED`, nothing written), served with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_need_the_console_login() {
+    use meshwork_mq::grpc::proto::broker_client::BrokerClient;
+    use meshwork_mq::grpc::proto::{OutMessage, PublishRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(
+        dir.path(),
+        ROLES,
+        &[("MESHWORK_CONSOLE_PASSWORD", "s3cret-pass")],
+    );
+    let h = node.http.clone();
+    let (s, v) = tokio::task::spawn_blocking({
+        let h = h.clone();
+        move || {
+            http::raw(
+                &h,
+                "PUT /v1/mq/topics/t HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nAuthorization: Basic YWRtaW46czNjcmV0LXBhc3M=",
+                "{}",
+            )
+            .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(s == 200 || s == 201, "{s} {v}");
+    let channel = tonic::transport::Channel::from_shared(format!("http://{h}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let publish = || PublishRequest {
+        topic: "t".into(),
+        messages: vec![OutMessage {
+            body: b"x".to_vec().into(),
+            ..OutMessage::default()
+        }],
+    };
+    let e = BrokerClient::new(channel.clone())
+        .publish(publish())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    let mut req = tonic::Request::new(publish());
+    req.metadata_mut().insert(
+        "authorization",
+        "Basic YWRtaW46czNjcmV0LXBhc3M=".parse().unwrap(),
+    );
+    let r = BrokerClient::new(channel).publish(req).await.unwrap();
+    assert_eq!(
+        r.into_inner().results[0].offset,
+        0,
+        "the refused one wrote nothing"
+    );
+}

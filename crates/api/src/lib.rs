@@ -147,6 +147,45 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Whether a request is a gRPC call (`content-type: application/grpc...`): its
+/// refusals must be gRPC statuses, not JSON, for its client to read them.
+pub fn is_grpc(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+impl ApiError {
+    /// The error as a gRPC "trailers-only" answer: HTTP 200 with `grpc-status`
+    /// (the code closest to the HTTP status) and `grpc-message`.
+    pub fn grpc_response(&self) -> Response {
+        let code: u16 = match self.status.as_u16() {
+            400 | 415 | 422 => 3, // INVALID_ARGUMENT
+            401 => 16,            // UNAUTHENTICATED
+            403 | 421 => 7,       // PERMISSION_DENIED
+            404 => 5,             // NOT_FOUND
+            408 | 504 => 4,       // DEADLINE_EXCEEDED
+            409 => 6,             // ALREADY_EXISTS
+            413 | 429 => 8,       // RESOURCE_EXHAUSTED
+            501 => 12,            // UNIMPLEMENTED
+            503 => 14,            // UNAVAILABLE
+            _ => 13,              // INTERNAL
+        };
+        let mut resp = Response::new(axum::body::Body::empty());
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(code));
+        // grpc-message is percent-encoded (gRPC over HTTP/2, "Responses").
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(&self.body.message)) {
+            h.insert("grpc-message", v);
+        }
+        resp
+    }
+}
+
 /// Largest framework error text [`json_errors`] reads into a message.
 const MAX_FRAMEWORK_TEXT: usize = 16 * 1024;
 

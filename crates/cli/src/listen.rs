@@ -310,8 +310,9 @@ async fn handle(
     app: Router,
     cfg: &ListenConfig,
 ) -> Response<Body> {
+    let grpc = meshwork_api::is_grpc(req.headers());
     if let Err(refusal) = check_request(&req, cfg) {
-        return refusal.response(cfg);
+        return refusal.response(cfg, grpc);
     }
     let (mut parts, body) = req.into_parts();
     parts.extensions.insert(ConnectInfo(peer));
@@ -326,7 +327,7 @@ async fn handle(
     }
     let body = match read_body(body, cfg).await {
         Ok(b) => b,
-        Err(refusal) => return refusal.response(cfg),
+        Err(refusal) => return refusal.response(cfg, grpc),
     };
     let req = Request::from_parts(parts, Body::from(body));
     match app.oneshot(req).await {
@@ -367,7 +368,8 @@ enum Refusal {
 }
 
 impl Refusal {
-    fn response(self, cfg: &ListenConfig) -> Response<Body> {
+    /// The refusal as JSON, or as a gRPC status for a gRPC call (`grpc`).
+    fn response(self, cfg: &ListenConfig, grpc: bool) -> Response<Body> {
         let (status, code, message) = match self {
             Refusal::TooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -419,13 +421,18 @@ impl Refusal {
                 "a write to the API needs Content-Type: application/json".to_string(),
             ),
         };
-        let body = meshwork_api::ApiError::new(status, code, message).to_json();
-        let mut resp = Response::new(Body::from(body));
-        *resp.status_mut() = status;
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        let error = meshwork_api::ApiError::new(status, code, message);
+        let mut resp = if grpc {
+            error.grpc_response()
+        } else {
+            let mut r = Response::new(Body::from(error.to_json()));
+            *r.status_mut() = status;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        };
         // The rest of the body is not read: the connection cannot carry
         // another request.
         resp.headers_mut()

@@ -169,12 +169,16 @@ pub async fn guard(State(auth): State<Option<Auth>>, req: Request, next: Next) -
         // No WWW-Authenticate challenge: browsers would answer the console's
         // fetch() calls with their own password prompt. API clients send Basic
         // credentials up front (`curl -u`).
-        return meshwork_api::ApiError::new(
+        let e = meshwork_api::ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
             "writes need a login: sign in on the console (/ui/login) or send HTTP Basic credentials",
-        )
-        .into_response();
+        );
+        // A gRPC client reads a status, not a JSON body.
+        if meshwork_api::is_grpc(req.headers()) {
+            return e.grpc_response();
+        }
+        return e.into_response();
     }
     next.run(req).await
 }
