@@ -571,22 +571,31 @@ impl<C: Caller> Runner<C> {
                     }
                 }
             }
-            let sleep = wake.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
-            let next = tokio::select! {
-                Some(ev) = rx.recv() => Some(ev),
-                _ = tokio::time::sleep(sleep.unwrap_or(Duration::MAX)), if sleep.is_some() => {
-                    wake = None;
-                    Some(Event::Tick)
-                }
-                () = registered.bell.notified() => None,
-            };
-            event = match next {
-                Some(ev) => ev,
-                // The record changed under us: continue from it, as after a
-                // lost write.
-                None => {
-                    stored = self.reload(id, me).await?;
-                    Event::Resume
+            event = loop {
+                let sleep = wake.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
+                let next = tokio::select! {
+                    Some(ev) = rx.recv() => Some(ev),
+                    _ = tokio::time::sleep(sleep.unwrap_or(Duration::MAX)), if sleep.is_some() => {
+                        wake = None;
+                        Some(Event::Tick)
+                    }
+                    () = registered.bell.notified() => None,
+                };
+                match next {
+                    Some(ev) => break ev,
+                    // The record changed under us: continue from it, as after a
+                    // lost write — unless this task has already taken that change
+                    // in (its lost write reloaded it before the bell rang): then
+                    // what it has in flight was sent, and resuming again would
+                    // send it twice.
+                    None => {
+                        let fresh = self.reload(id, me).await?;
+                        if fresh.revision == stored.revision {
+                            continue;
+                        }
+                        stored = fresh;
+                        break Event::Resume;
+                    }
                 }
             };
             // Reap finished call tasks.
