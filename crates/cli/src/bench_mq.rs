@@ -304,8 +304,7 @@ async fn latency_run(
             })
             .await?
     };
-    // The group exists from its subscription on; give its first fetch a moment.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The group exists once `subscribe` returns (it starts at the latest offset).
     let publisher = t.client.publisher(&t.topic);
     let total = rate * secs;
     let errors = Arc::new(Errors::default());

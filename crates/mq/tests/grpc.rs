@@ -3,7 +3,7 @@
 //! takes acks, nacks (redelivered, counted) and extensions on the same stream;
 //! and what it refuses: no subscribe first (or nothing at all), an unknown group, an ack of an
 //! unknown delivery (the stream ends with its status), an empty or oversize
-//! publish.
+//! publish; and a consumer that vanishes mid-stream holding deliveries.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -239,4 +239,58 @@ async fn what_the_service_refuses() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert_eq!(b.group_info("t", "g").unwrap().backlog, 1, "nothing lost");
+}
+
+/// A consumer that vanishes mid-stream holding deliveries costs nobody else:
+/// another stream gets them after their ack deadline, counted as a second delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_vanishes_holding_deliveries_loses_nothing() {
+    let (mut client, b, _dir) = start().await;
+    b.create_group(
+        "t",
+        "quick",
+        GroupConfig {
+            start: StartAt::Earliest,
+            ack_wait_ms: 300,
+            ..GroupConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    client
+        .publish(PublishRequest {
+            topic: "t".into(),
+            messages: vec![msg("held")],
+        })
+        .await
+        .unwrap();
+    let open = |c: &mut BrokerClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(req(Kind::Subscribe(Subscribe {
+                topic: "t".into(),
+                group: "quick".into(),
+                consumer: String::new(),
+                credit: 5,
+            })))
+            .await
+            .unwrap();
+            let s = c
+                .consume(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            (tx, s)
+        }
+    };
+    let (tx, mut first) = open(&mut client).await;
+    let got = next(&mut first).await;
+    assert_eq!(got.deliveries[0].delivery, 1);
+    // Gone without a word: both halves dropped, nothing acked.
+    drop((tx, first));
+    let (_tx, mut second) = open(&mut client).await;
+    let again = next(&mut second).await;
+    assert_eq!(again.deliveries[0].body.as_ref(), b"held");
+    assert_eq!(again.deliveries[0].delivery, 2);
 }

@@ -443,12 +443,9 @@ impl MqClient {
         Ok(channel)
     }
 
-    /// A gRPC request with this client's credentials and `timeout`.
-    fn grpc_request<T>(&self, msg: T, timeout: Option<Duration>) -> tonic::Request<T> {
+    /// A gRPC request with this client's credentials.
+    fn grpc_request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
-        if let Some(t) = timeout {
-            req.set_timeout(t);
-        }
         if let Some(v) = self
             .auth
             .as_deref()
@@ -1008,8 +1005,7 @@ impl Subscription {
 
 type Handler<F> = dyn Fn(Received) -> F + Send + Sync;
 
-/// Where a subscription's messages come from (one per subscription: its size is no matter).
-#[allow(clippy::large_enum_variant)]
+/// Where a subscription's messages come from.
 enum Source {
     /// A node's broker: deliveries on a gRPC `Consume` stream, settled over `/v1/mq/`.
     Stream(Box<StreamSource>),
@@ -1140,7 +1136,7 @@ impl StreamSource {
             let channel = self.client.channel().await?;
             let req = self
                 .client
-                .grpc_request(tokio_stream::wrappers::ReceiverStream::new(rx), None);
+                .grpc_request(tokio_stream::wrappers::ReceiverStream::new(rx));
             let stream = tokio::time::timeout(
                 REQUEST_TIMEOUT,
                 proto::broker_client::BrokerClient::new(channel)
