@@ -257,6 +257,18 @@ pub(crate) struct MqFile {
     /// Longest delay of a delayed message, in seconds (default 30 days).
     #[serde(default)]
     pub(crate) max_delay_secs: Option<u64>,
+    /// Milliseconds before an unresolved half message is first checked back (default 10,000).
+    #[serde(default)]
+    pub(crate) half_check_after_ms: Option<u64>,
+    /// Milliseconds between two check-backs of a half message (default 30,000).
+    #[serde(default)]
+    pub(crate) half_check_interval_ms: Option<u64>,
+    /// Check-backs before an unresolved half message is rolled back (default 15).
+    #[serde(default)]
+    pub(crate) half_max_checks: Option<u32>,
+    /// Most half messages pending at once (default 100,000).
+    #[serde(default)]
+    pub(crate) max_half_pending: Option<usize>,
 }
 
 impl MqFile {
@@ -286,6 +298,18 @@ impl MqFile {
         }
         if let Some(v) = self.max_delay_secs {
             c.max_delay = Duration::from_secs(v);
+        }
+        if let Some(v) = self.half_check_after_ms {
+            c.half_check_after = Duration::from_millis(v);
+        }
+        if let Some(v) = self.half_check_interval_ms {
+            c.half_check_interval = Duration::from_millis(v);
+        }
+        if let Some(v) = self.half_max_checks {
+            c.half_max_checks = v;
+        }
+        if let Some(v) = self.max_half_pending {
+            c.max_half_pending = v;
         }
         c.fsync = fsync;
         c.validate()

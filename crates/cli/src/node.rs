@@ -243,6 +243,19 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                 }
             }
         }));
+        // Half messages left unresolved are checked back with their producer service,
+        // found in the registry.
+        if let Some(c) = &coord {
+            let registry = c.registry.clone();
+            let resolve: meshwork_mq::check::Resolver = std::sync::Arc::new(move |service| {
+                meshwork_txn::runner::Endpoints::endpoints(&registry, service)
+            });
+            tasks.push(tokio::spawn(meshwork_mq::check::run_checker(
+                b.clone(),
+                resolve,
+                stop_rx.clone(),
+            )));
+        }
     }
     if let Some(c) = &coord {
         // One document for everything this node serves.

@@ -18,7 +18,10 @@ use meshwork_api::ApiError;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{Broker, GroupConfig, Message, MqError, NewMessage, TopicConfig};
+use crate::{
+    Broker, GroupConfig, HalfDecision, HalfInfo, HalfOutcome, Message, MqError, NewMessage,
+    TopicConfig,
+};
 
 /// Longest `wait_ms` of a fetch (a long poll).
 pub const MAX_WAIT_MS: u64 = 30_000;
@@ -38,6 +41,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/mq/topics/{topic}/groups/{group}/extend"),
     ("get", "/v1/mq/topics/{topic}/groups/{group}/dlq"),
     ("post", "/v1/mq/topics/{topic}/groups/{group}/dlq/redrive"),
+    ("post", "/v1/mq/topics/{topic}/half"),
+    ("get", "/v1/mq/half"),
+    ("get", "/v1/mq/half/{id}"),
+    ("post", "/v1/mq/half/{id}/commit"),
+    ("post", "/v1/mq/half/{id}/rollback"),
 ];
 
 /// The role's routes (with feature `grpc`, the gRPC service `meshwork.mq.v1.Broker`
@@ -64,6 +72,11 @@ pub fn router(broker: Broker) -> Router {
             "/v1/mq/topics/{topic}/groups/{group}/dlq/redrive",
             post(redrive),
         )
+        .route("/v1/mq/topics/{topic}/half", post(prepare_half))
+        .route("/v1/mq/half", get(list_halves))
+        .route("/v1/mq/half/{id}", get(show_half))
+        .route("/v1/mq/half/{id}/commit", post(commit_half))
+        .route("/v1/mq/half/{id}/rollback", post(rollback_half))
         .layer(axum::middleware::map_response(meshwork_api::json_errors));
     #[cfg(feature = "grpc")]
     let routes = routes.route_service(crate::grpc::ROUTE, crate::grpc::service(broker.clone()));
@@ -76,10 +89,11 @@ pub fn error(e: MqError) -> ApiError {
     match e {
         MqError::InvalidName { .. } | MqError::Invalid(_) => ApiError::invalid(msg),
         MqError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", msg),
-        MqError::NoTopic(_) | MqError::NoGroup { .. } | MqError::NoPartition { .. } => {
-            ApiError::not_found(msg)
-        }
-        MqError::TopicExists(_) | MqError::GroupExists { .. } => {
+        MqError::NoTopic(_)
+        | MqError::NoGroup { .. }
+        | MqError::NoPartition { .. }
+        | MqError::NoHalf(_) => ApiError::not_found(msg),
+        MqError::TopicExists(_) | MqError::GroupExists { .. } | MqError::HalfResolved { .. } => {
             ApiError::new(StatusCode::CONFLICT, "conflict", msg)
         }
         MqError::OffsetOutOfRange { start, end, .. } => ApiError::bad_request("out_of_range", msg)
@@ -210,8 +224,8 @@ struct PublishBody {
     messages: Vec<PubMessage>,
 }
 
-fn to_new(m: PubMessage, i: usize, now_ms: u64) -> Result<NewMessage, ApiError> {
-    let at = |what: String| ApiError::invalid(format!("messages[{i}]: {what}"));
+fn to_new(m: PubMessage, field: &str, now_ms: u64) -> Result<NewMessage, ApiError> {
+    let at = |what: String| ApiError::invalid(format!("{field}: {what}"));
     let id = match m.id.as_deref() {
         None | Some("") => 0,
         Some(s) => s
@@ -262,7 +276,7 @@ async fn publish(State(b): State<Broker>, Path(topic): Path<String>, body: Bytes
     let now = b.config().clock.now_ms();
     let mut msgs = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.into_iter().enumerate() {
-        match to_new(m, i, now) {
+        match to_new(m, &format!("messages[{i}]"), now) {
             Ok(m) => msgs.push(m),
             Err(e) => return e.into_response(),
         }
@@ -557,4 +571,86 @@ async fn redrive(
         Ok(n) => axum::Json(json!({ "moved": n })).into_response(),
         Err(e) => reply(e),
     }
+}
+
+/// A half message as JSON (its id as decimal text, as message ids are).
+pub fn half_json(h: &HalfInfo) -> Value {
+    json!({
+        "id": h.id.to_string(),
+        "topic": h.topic,
+        "producer": h.producer,
+        "prepared_ms": h.prepared_ms,
+        "checks": h.checks,
+        "next_check_ms": h.next_check_ms,
+    })
+}
+
+fn outcome_json(id: u64, o: HalfOutcome) -> Value {
+    let mut v = json!(o);
+    v["id"] = json!(id.to_string());
+    v
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrepareBody {
+    /// The service asked whether to commit when the half message is left unresolved.
+    producer: String,
+    message: PubMessage,
+}
+
+async fn prepare_half(State(b): State<Broker>, Path(topic): Path<String>, body: Bytes) -> Response {
+    let req: PrepareBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return ApiError::invalid(format!("body: {e}")).into_response(),
+    };
+    let msg = match to_new(req.message, "message", b.config().clock.now_ms()) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    match b.prepare_half(&topic, &req.producer, msg).await {
+        Ok(h) => axum::Json(half_json(&h)).into_response(),
+        Err(e) => reply(e),
+    }
+}
+
+async fn list_halves(State(b): State<Broker>, Query(q): Query<LimitQuery>) -> Response {
+    let list: Vec<Value> = b
+        .halves(q.limit.unwrap_or(100).min(10_000))
+        .iter()
+        .map(half_json)
+        .collect();
+    axum::Json(json!({ "half": list })).into_response()
+}
+
+fn half_id(id: &str) -> Result<u64, ApiError> {
+    id.parse::<u64>().ok().filter(|&v| v != 0).ok_or_else(|| {
+        ApiError::invalid(format!("id {id:?} is not a positive 64-bit decimal number"))
+    })
+}
+
+async fn show_half(State(b): State<Broker>, Path(id): Path<String>) -> Response {
+    match half_id(&id).map(|id| b.half(id).map_err(error)) {
+        Ok(Ok(h)) => axum::Json(half_json(&h)).into_response(),
+        Ok(Err(e)) | Err(e) => e.into_response(),
+    }
+}
+
+async fn resolve(b: Broker, id: String, decision: HalfDecision) -> Response {
+    let id = match half_id(&id) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    match b.resolve_half(id, decision).await {
+        Ok(o) => axum::Json(outcome_json(id, o)).into_response(),
+        Err(e) => reply(e),
+    }
+}
+
+async fn commit_half(State(b): State<Broker>, Path(id): Path<String>) -> Response {
+    resolve(b, id, HalfDecision::Commit).await
+}
+
+async fn rollback_half(State(b): State<Broker>, Path(id): Path<String>) -> Response {
+    resolve(b, id, HalfDecision::Rollback).await
 }

@@ -34,6 +34,9 @@ use crate::group::{self, BLOCKED, Cursor, GroupState, Op, Slot};
 use crate::log::{LogSettings, PartitionLog, sync_dir};
 use crate::message::{Message, NewMessage};
 
+mod half;
+pub use half::{HalfCheck, HalfDecision, HalfInfo, HalfOutcome};
+
 /// Most payload bytes one fetch returns (at least one message).
 pub const MAX_FETCH_BYTES: usize = 16 * 1024 * 1024;
 /// Most messages in one publish call.
@@ -276,6 +279,10 @@ struct Inner {
     tx: mpsc::Sender<Cmd>,
     failed: AtomicBool,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Pending and recently resolved half messages.
+    halves: Mutex<half::Halves>,
+    /// Rung when a half message's resolution ends.
+    half_changed: Notify,
 }
 
 /// The message broker engine. Cloning shares it.
@@ -456,6 +463,15 @@ impl Broker {
             dedup.expire(now, window, cfg.max_dedup_ids);
         }
 
+        let halves = match topics.get(half::HALF_TOPIC) {
+            Some(t) => half::load(
+                t,
+                cfg.half_check_after.as_millis() as u64,
+                cfg.max_half_pending,
+            )?,
+            None => half::Halves::default(),
+        };
+
         let (tx, rx) = mpsc::channel(cfg.max_pending_writes);
         let inner = Arc::new(Inner {
             dir,
@@ -466,6 +482,8 @@ impl Broker {
             tx,
             failed: AtomicBool::new(false),
             committer: Mutex::new(None),
+            halves: Mutex::new(halves),
+            half_changed: Notify::new(),
         });
         let weak = Arc::downgrade(&inner);
         let handle = std::thread::Builder::new()
@@ -707,20 +725,10 @@ impl Broker {
                 msgs.len()
             )));
         }
-        let cfg = &self.inner.cfg;
-        let latest = self
-            .now_ms()
-            .saturating_add(cfg.max_delay.as_millis() as u64);
         let n = t.parts.len() as u32;
         let mut appends = Vec::with_capacity(msgs.len());
         for msg in msgs {
-            msg.validate(cfg.max_message_bytes)?;
-            if msg.deliver_at_ms > latest {
-                return Err(MqError::Invalid(format!(
-                    "deliver_at_ms is more than mq.max_delay ({} s) ahead",
-                    cfg.max_delay.as_secs()
-                )));
-            }
+            self.check_message(&msg)?;
             let part = if msg.key.is_empty() {
                 t.turn.fetch_add(1, Ordering::Relaxed) % n
             } else {
@@ -733,6 +741,22 @@ impl Broker {
             });
         }
         self.submit(appends, Vec::new()).await
+    }
+
+    /// Checks a message against the size limits and the longest delay.
+    fn check_message(&self, msg: &NewMessage) -> Result<()> {
+        let cfg = &self.inner.cfg;
+        msg.validate(cfg.max_message_bytes)?;
+        let latest = self
+            .now_ms()
+            .saturating_add(cfg.max_delay.as_millis() as u64);
+        if msg.deliver_at_ms > latest {
+            return Err(MqError::Invalid(format!(
+                "deliver_at_ms is more than mq.max_delay ({} s) ahead",
+                cfg.max_delay.as_secs()
+            )));
+        }
+        Ok(())
     }
 
     /// Hands work to the committer and waits for it to be durable.
@@ -1370,6 +1394,8 @@ impl Broker {
     /// dead letters) and per-partition log sizes; the node calls it every few seconds.
     pub fn export_gauges(&self) {
         let now = self.now_ms();
+        let halves = self.inner.halves.lock().pending_count();
+        metrics::gauge!("meshwork_mq_half_pending").set(halves as f64);
         let topics: Vec<Arc<Topic>> = self.inner.topics.read().values().cloned().collect();
         for t in topics.iter().filter(|t| !t.internal) {
             let bytes: u64 = t.parts.iter().map(|p| p.bytes()).sum();
@@ -1889,6 +1915,13 @@ fn commit(inner: &Inner, batch: Vec<Cmd>) {
 fn retention(inner: &Inner, now: u64) {
     let topics: Vec<Arc<Topic>> = inner.topics.read().values().cloned().collect();
     for t in topics {
+        if t.name == half::HALF_TOPIC {
+            // Kept from the oldest pending half message on.
+            let part = &t.parts[0];
+            let keep = inner.halves.lock().oldest_offset().unwrap_or(part.end());
+            part.drop_before(keep);
+            continue;
+        }
         for part in &t.parts {
             part.enforce_retention(now, t.config.retention_ms, t.config.retention_bytes);
         }

@@ -37,6 +37,16 @@ pub struct BrokerConfig {
     pub max_dedup_ids: usize,
     /// Longest delay of a delayed message (default 30 days).
     pub max_delay: Duration,
+    /// How long after its prepare an unresolved half message is first checked back with
+    /// its producer (default 10 s).
+    pub half_check_after: Duration,
+    /// Time between two check-backs of one half message (default 30 s).
+    pub half_check_interval: Duration,
+    /// Check-backs after which a half message still unresolved is rolled back (default 15).
+    pub half_max_checks: u32,
+    /// Most half messages pending at once (default 100,000); also how many resolved ones
+    /// are remembered to answer a repeated commit or rollback.
+    pub max_half_pending: usize,
     /// Fsync every commit (default true). Turning it off loses acknowledged publishes and
     /// acks on a crash.
     pub fsync: bool,
@@ -110,6 +120,10 @@ impl Default for BrokerConfig {
             dedup_window: Duration::from_secs(120),
             max_dedup_ids: 1_000_000,
             max_delay: Duration::from_secs(30 * 24 * 3600),
+            half_check_after: Duration::from_secs(10),
+            half_check_interval: Duration::from_secs(30),
+            half_max_checks: 15,
+            max_half_pending: 100_000,
             fsync: true,
             clock: Clock::system(),
         }
@@ -145,6 +159,11 @@ impl BrokerConfig {
         if self.max_partitions == 0 {
             return Err(MqError::Invalid(
                 "mq.max_partitions must be positive".into(),
+            ));
+        }
+        if self.half_check_interval.is_zero() || self.max_half_pending == 0 {
+            return Err(MqError::Invalid(
+                "mq.half_check_interval and mq.max_half_pending must be positive".into(),
             ));
         }
         Ok(())

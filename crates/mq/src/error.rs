@@ -92,6 +92,17 @@ pub enum MqError {
         /// The setting that raises it.
         setting: &'static str,
     },
+    /// No pending half message has that id (never prepared, or resolved long ago).
+    #[error("no half message {0} is pending (never prepared, or resolved long ago)")]
+    NoHalf(u64),
+    /// The half message was already resolved the other way.
+    #[error("half message {id} is already {outcome}")]
+    HalfResolved {
+        /// The id.
+        id: u64,
+        /// How it ended ("committed" or "rolled back").
+        outcome: &'static str,
+    },
     /// Reading or writing the broker's files failed.
     #[error("broker storage: {0}")]
     Storage(String),

@@ -70,10 +70,12 @@ pub fn status(e: MqError) -> Status {
         | MqError::UnknownDelivery { .. } => Status::invalid_argument(msg),
         // Too large is the only RESOURCE_EXHAUSTED: clients map it back to 413.
         MqError::TooLarge { .. } => Status::resource_exhausted(msg),
-        MqError::NoTopic(_) | MqError::NoGroup { .. } | MqError::NoPartition { .. } => {
-            Status::not_found(msg)
-        }
+        MqError::NoTopic(_)
+        | MqError::NoGroup { .. }
+        | MqError::NoPartition { .. }
+        | MqError::NoHalf(_) => Status::not_found(msg),
         MqError::TopicExists(_) | MqError::GroupExists { .. } => Status::already_exists(msg),
+        MqError::HalfResolved { .. } => Status::aborted(msg),
         MqError::Limit { .. } => Status::failed_precondition(msg),
         MqError::Storage(_) | MqError::Stopped => Status::unavailable(msg),
     }

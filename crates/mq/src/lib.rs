@@ -8,6 +8,8 @@
 #[cfg(feature = "api")]
 pub mod api;
 mod broker;
+#[cfg(feature = "api")]
+pub mod check;
 pub mod config;
 pub mod error;
 mod group;
@@ -18,8 +20,8 @@ pub mod message;
 mod segment;
 
 pub use broker::{
-    Broker, CursorInfo, Delivery, GroupInfo, MAX_FETCH, MAX_FETCH_BYTES, MAX_PUBLISH_BATCH,
-    PartitionInfo, Published, Stored, TopicInfo,
+    Broker, CursorInfo, Delivery, GroupInfo, HalfCheck, HalfDecision, HalfInfo, HalfOutcome,
+    MAX_FETCH, MAX_FETCH_BYTES, MAX_PUBLISH_BATCH, PartitionInfo, Published, Stored, TopicInfo,
 };
 pub use config::{BrokerConfig, Clock, GroupConfig, GroupMode, StartAt, TopicConfig};
 pub use error::{MqError, Result};
