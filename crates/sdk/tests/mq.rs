@@ -83,6 +83,7 @@ on_both_backends!(
     a_message_failing_every_delivery_goes_to_the_dead_letters,
     concurrent_publishes_share_requests_and_each_gets_its_own_answer,
     large_messages_arrive_many_at_a_time,
+    half_messages_go_out_once_committed,
 );
 
 fn opts(group: serde_json::Value) -> SubscribeOptions {
@@ -598,4 +599,153 @@ async fn large_messages_arrive_many_at_a_time(b: Broker) {
     sub.shutdown().await;
     let info = b.client.ensure_group("t", "big", &json!({})).await.unwrap();
     assert_eq!(info["backlog"], 0, "{info}");
+}
+
+async fn half_messages_go_out_once_committed(b: Broker) {
+    let publisher = b.client.publisher("t");
+    let prepared = publisher
+        .prepare("order-svc", OutMessage::new("confirmed").key("o-1"))
+        .await;
+    if b.client.backend() == "nats" {
+        // JetStream has no half messages: a clear refusal, nothing published.
+        let Err(MqError::Refused { status, code, .. }) = prepared else {
+            panic!("prepare on NATS: {prepared:?}");
+        };
+        assert_eq!((status, code.as_str()), (501, "unsupported"));
+        return;
+    }
+    let confirmed = prepared.unwrap();
+    let cancelled = publisher
+        .prepare("order-svc", OutMessage::new("cancelled").key("o-2"))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Received>();
+    let sub = b
+        .client
+        .subscribe("t", "g", opts(json!({"start": "earliest"})), move |m| {
+            let tx = tx.clone();
+            async move {
+                tx.send(m).unwrap();
+                Ok::<(), String>(())
+            }
+        })
+        .await
+        .unwrap();
+    cancelled.rollback().await.unwrap();
+    cancelled.rollback().await.unwrap();
+    let placed = confirmed.commit().await.unwrap();
+    // A retry of the commit (or one after a restart, by id) answers the same place.
+    assert_eq!(
+        b.client.half(confirmed.id()).commit().await.unwrap(),
+        placed
+    );
+    let err = b.client.half(cancelled.id()).commit().await.unwrap_err();
+    assert!(
+        matches!(&err, MqError::Refused { status: 409, .. }),
+        "{err:?}"
+    );
+    let m = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (m.text().as_str(), m.id, m.partition, m.offset),
+        ("confirmed", confirmed.id(), placed.partition, placed.offset)
+    );
+    sub.shutdown().await;
+    // Nothing else came: the rolled back one never goes out.
+    assert!(rx.try_recv().is_err());
+}
+
+/// The broker's check-back reaches the producer's route made by `half_check_router`,
+/// which answers from the service's own state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresolved_half_message_is_checked_back_through_the_sdk_route() {
+    use meshwork_sdk::mq::{CheckDecision, HalfCheck, half_check_router};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = meshwork_mq::BrokerConfig {
+        half_check_after: Duration::from_millis(100),
+        half_check_interval: Duration::from_millis(100),
+        ..meshwork_mq::BrokerConfig::default()
+    };
+    let broker = meshwork_mq::Broker::open(dir.path(), cfg).unwrap();
+    let app = meshwork_mq::api::router(broker.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    // The producer: its "database" knows which orders were confirmed.
+    let seen: Arc<parking_lot::Mutex<Vec<(String, u32, String)>>> = Arc::default();
+    let route = {
+        let seen = seen.clone();
+        half_check_router(move |c: HalfCheck| {
+            let seen = seen.clone();
+            async move {
+                seen.lock()
+                    .push((c.topic.clone(), c.checks, c.message.key.clone()));
+                match c.message.key.as_str() {
+                    "o-1" => CheckDecision::Commit,
+                    "o-2" => CheckDecision::Rollback,
+                    _ => CheckDecision::Unknown,
+                }
+            }
+        })
+    };
+    let plistener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let producer = plistener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(plistener, route).await;
+    });
+    let resolve: meshwork_mq::check::Resolver = Arc::new(move |s: &str| {
+        if s == "order-svc" {
+            vec![producer]
+        } else {
+            Vec::new()
+        }
+    });
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(meshwork_mq::check::run_checker(
+        broker.clone(),
+        resolve,
+        stop_rx,
+    ));
+
+    let client = MqClient::at(&addr.to_string());
+    client.create_topic("t", 1).await.unwrap();
+    let publisher = client.publisher("t");
+    let one = publisher
+        .prepare("order-svc", OutMessage::new("confirmed").key("o-1"))
+        .await
+        .unwrap();
+    let two = publisher
+        .prepare("order-svc", OutMessage::new("cancelled").key("o-2"))
+        .await
+        .unwrap();
+    // The producer "crashed" here: neither is resolved by it. The check-backs do it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !broker.halves(10).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still pending: {:?}",
+            broker.halves(10)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(one.commit().await, Ok(p) if p.offset == 0));
+    assert!(matches!(two.rollback().await, Ok(())));
+    let mut asked = seen.lock().clone();
+    asked.sort();
+    assert_eq!(
+        asked,
+        [
+            ("t".to_string(), 1, "o-1".to_string()),
+            ("t".to_string(), 1, "o-2".to_string())
+        ]
+    );
+    let msgs = broker.read("t", 0, 0, 10).unwrap();
+    assert_eq!(
+        msgs.iter().map(|m| &m.message.body[..]).collect::<Vec<_>>(),
+        [&b"confirmed"[..]]
+    );
 }

@@ -43,8 +43,11 @@ mod nats;
 mod proto {
     include!("../generated/meshwork.mq.v1.rs");
 }
+mod half;
 #[cfg(feature = "sqlite")]
 pub mod outbox;
+
+pub use half::{CHECK_PATH, CheckDecision, HalfCheck, HalfMessage, half_check_router};
 
 /// The membership role of nodes that run the broker.
 pub const MQ_ROLE: &str = "mq";

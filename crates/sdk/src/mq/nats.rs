@@ -770,7 +770,7 @@ fn check_name(what: &str, name: &str) -> Result<(), MqError> {
     }
 }
 
-fn unsupported(what: &str) -> MqError {
+pub(super) fn unsupported(what: &str) -> MqError {
     MqError::Refused {
         status: 501,
         code: "unsupported".into(),
