@@ -1,10 +1,11 @@
-//! SIGKILL durability (its own harness: `harness = false`): a child process publishes (some messages delayed) and consumes with
-//! acks on a real broker directory and reports each acknowledged publish, each ack about to
-//! be sent and each ack answered on stdout;
-//! the test kills it with SIGKILL at a random point, reopens the directory and checks that
-//! every acknowledged publish is there at its offset, offsets never go backwards, nothing
-//! the child acked is delivered again, and everything else is delivered (delayed ones
-//! included) — over many rounds on the same directory.
+//! SIGKILL durability (its own harness: `harness = false`): a child process publishes
+//! (some messages delayed), prepares and resolves half messages, and consumes with acks on
+//! a real broker directory, and reports each acknowledged publish, prepare, rollback, ack
+//! about to be sent and ack answered on stdout; the test kills it with SIGKILL at a random
+//! point, reopens the directory and checks that every acknowledged publish is there at its
+//! offset, every prepared half message is still pending or resolved as the child meant,
+//! offsets never go backwards, nothing the child acked is delivered again, and everything
+//! else is delivered (delayed ones included) — over many rounds on the same directory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
@@ -12,7 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use meshwork_mq::{Broker, BrokerConfig, GroupConfig, NewMessage, StartAt, TopicConfig};
+use meshwork_mq::{
+    Broker, BrokerConfig, GroupConfig, HalfDecision, HalfOutcome, NewMessage, StartAt, TopicConfig,
+};
 
 const ROUNDS: u64 = 20;
 
@@ -107,6 +110,39 @@ fn child(dir: String, round: String) {
                 }
             }));
         }
+        // Half messages: "H" once prepared (durable), then "R" once rolled back or "P"
+        // once committed (published, at its place).
+        {
+            let (b, out) = (b.clone(), out.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0u64.. {
+                    let id = (round << 40) | (7 << 32) | (i + 1);
+                    let m = NewMessage {
+                        id,
+                        body: Bytes::from(format!("{id}")),
+                        ..NewMessage::default()
+                    };
+                    b.prepare_half("t", "producer", m).await.expect("prepare");
+                    writeln!(out.lock(), "H 0 0 {id}").expect("stdout");
+                    if i % 3 == 0 {
+                        b.resolve_half(id, HalfDecision::Rollback)
+                            .await
+                            .expect("rollback");
+                        writeln!(out.lock(), "R 0 0 {id}").expect("stdout");
+                    } else {
+                        let r = b
+                            .resolve_half(id, HalfDecision::Commit)
+                            .await
+                            .expect("commit");
+                        let HalfOutcome::Committed { partition, offset } = r else {
+                            panic!("commit answered {r:?}");
+                        };
+                        writeln!(out.lock(), "P {partition} {offset} {id}").expect("stdout");
+                    }
+                    out.lock().flush().expect("flush");
+                }
+            }));
+        }
         for _ in 0..2 {
             let (b, out) = (b.clone(), out.clone());
             tasks.push(tokio::spawn(async move {
@@ -156,12 +192,13 @@ fn sigkill_rounds() {
         let mut published: BTreeMap<u64, (u32, u64)> = BTreeMap::new();
         let mut sent: BTreeSet<(u32, u64)> = BTreeSet::new();
         let mut acked: BTreeSet<(u32, u64)> = BTreeSet::new();
+        let mut halves: BTreeSet<u64> = BTreeSet::new();
         let mut lines = 0usize;
         let started = Instant::now();
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             let f: Vec<&str> = line.split(' ').collect();
-            if f.len() != 4 || !matches!(f[0], "P" | "S" | "A") {
+            if f.len() != 4 || !matches!(f[0], "P" | "S" | "A" | "H" | "R") {
                 continue;
             }
             let (p, o): (u32, u64) = (f[1].parse().expect("p"), f[2].parse().expect("o"));
@@ -174,6 +211,13 @@ fn sigkill_rounds() {
                 }
                 "A" => {
                     acked.insert((p, o));
+                }
+                "H" => {
+                    halves.insert(f[3].parse().expect("id"));
+                }
+                "R" => {
+                    let id: u64 = f[3].parse().expect("id");
+                    assert!(halves.contains(&id), "rolled back before prepared: {id}");
                 }
                 _ => {}
             }
@@ -204,6 +248,34 @@ fn sigkill_rounds() {
                     "round {round}: partition {p} offset {o}"
                 );
                 assert_eq!(got[0].message.body, id.to_string());
+            }
+            // Every prepared half message survived: a rolled back one stays so, a
+            // committed one answers its place, and one the kill caught in between
+            // commits now (deduplicated if its publish was written before the kill).
+            for &id in &halves {
+                // The child rolls back every third (one the kill caught before its "R"
+                // may be either pending or rolled back: rolling back answers the same).
+                if ((id & 0xffff_ffff) - 1) % 3 == 0 {
+                    assert_eq!(
+                        b.resolve_half(id, HalfDecision::Rollback).await,
+                        Ok(HalfOutcome::RolledBack),
+                        "round {round}: half {id}"
+                    );
+                    continue;
+                }
+                let r = b.resolve_half(id, HalfDecision::Commit).await;
+                match (published.get(&id), r) {
+                    (Some(&(partition, offset)), r) => assert_eq!(
+                        r,
+                        Ok(HalfOutcome::Committed { partition, offset }),
+                        "round {round}: committed half {id}"
+                    ),
+                    (None, Ok(HalfOutcome::Committed { partition, offset })) => {
+                        let got = b.read("t", partition, offset, 1).expect("read");
+                        assert_eq!(got[0].message.id, id, "round {round}: half {id}");
+                    }
+                    (None, r) => panic!("round {round}: prepared half {id}: {r:?}"),
+                }
             }
             // Offsets never go backwards.
             for (p, part) in info.partitions.iter().enumerate() {
