@@ -3,7 +3,8 @@
 //! and its metrics; and the node killed with SIGKILL while clients publish and consume
 //! over HTTP: every acknowledged publish is there after the restart, nothing acked comes
 //! back, and everything else (delayed messages included) is delivered; and the
-//! gRPC service on the node's HTTP port.
+//! gRPC service on the node's HTTP port; and half messages checked back with the
+//! producer's instance the node finds in the registry.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -517,5 +518,111 @@ async fn grpc_calls_need_the_console_login() {
         r.into_inner().results[0].offset,
         0,
         "the refused one wrote nothing"
+    );
+}
+
+/// A producer service prepares half messages with the SDK and dies before resolving
+/// them; the node's check-backs find its new instance in the registry (the old one's
+/// address refuses), whose `half_check_router` commits one and rolls back the other.
+#[test]
+fn the_node_checks_half_messages_back_with_the_producers_instance_in_the_registry() {
+    use meshwork_sdk::mq::{CheckDecision, HalfCheck, OutMessage, half_check_router};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mq.toml");
+    std::fs::write(
+        &config,
+        "[mq]\nhalf_check_after_ms = 300\nhalf_check_interval_ms = 300\n",
+    )
+    .unwrap();
+    let mut args = ROLES.to_vec();
+    args.extend(["--config", config.to_str().unwrap()]);
+    let node = meshwork_tests::start(&dir.path().join("node"), &args, &[]);
+    let h = node.http.as_str();
+    let register = |port: u16| {
+        let body = json!({"address": "127.0.0.1", "port": port, "ephemeral": false});
+        let (s, v) = post(h, "/v1/services/order-svc/instances", &body);
+        assert_eq!(s, 201, "{v}");
+        v["instance"]["id"].as_str().unwrap_or_default().to_string()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (confirmed, cancelled) = rt.block_on(async {
+        // The first instance: registered, prepares, then dies without resolving.
+        let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let first = register(gone.local_addr().unwrap().port());
+        drop(gone);
+        let opts = meshwork_sdk::Options::new("order-svc", vec![node.etcd.clone()]).unwrap();
+        let mw = meshwork_sdk::Meshwork::connect(opts).await.unwrap();
+        let mq = mw.mq();
+        mq.create_topic("orders", 1).await.unwrap();
+        let p = mq.publisher("orders");
+        let a = p
+            .prepare("order-svc", OutMessage::new("o-1 confirmed").key("o-1"))
+            .await
+            .unwrap();
+        let b = p
+            .prepare("order-svc", OutMessage::new("o-2 cancelled").key("o-2"))
+            .await
+            .unwrap();
+        mw.shutdown().await;
+        // Checked back while only the dead address is registered: still pending.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, v) = http::get(h, &format!("/v1/mq/half/{}", a.id())).unwrap();
+            let v: Value = serde_json::from_str(&v).unwrap();
+            if v["checks"].as_u64().unwrap_or(0) >= 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no check-back: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Back as a new instance, on a new port; the old one deregistered.
+        let route = half_check_router(|c: HalfCheck| async move {
+            match c.message.key.as_str() {
+                "o-1" => CheckDecision::Commit,
+                "o-2" => CheckDecision::Rollback,
+                _ => CheckDecision::Unknown,
+            }
+        });
+        let back = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = back.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let _ = axum::serve(back, route).await;
+        });
+        let (s, _) = http::request(
+            h,
+            "DELETE",
+            &format!("/v1/services/order-svc/instances/{first}"),
+            "",
+        )
+        .unwrap();
+        assert!(s == 200 || s == 204, "deregister: {s}");
+        register(port);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, v) = http::get(h, "/v1/mq/half").unwrap();
+            let v: Value = serde_json::from_str(&v).unwrap();
+            if v["half"].as_array().is_some_and(Vec::is_empty) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still pending: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (a.id(), b.id())
+    });
+    let (s, v) = http::get(h, "/v1/mq/topics/orders/messages").unwrap();
+    assert_eq!(s, 200, "{v}");
+    let v: Value = serde_json::from_str(&v).unwrap();
+    let got: Vec<(&str, &str)> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap(), m["body"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [(confirmed.to_string().as_str(), "o-1 confirmed")]);
+    let (s, v) = post(h, &format!("/v1/mq/half/{cancelled}/commit"), &json!({}));
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{v}"
     );
 }

@@ -233,10 +233,10 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     if let Some(b) = &mq {
         // The HTTP API, and the gRPC service on the same port (h2c).
         app = app.merge(meshwork_mq::api::router(b.clone()));
-        let (b, mut rx) = (b.clone(), stop_rx.clone());
+        let (gauges, mut rx) = (b.clone(), stop_rx.clone());
         tasks.push(tokio::spawn(async move {
             loop {
-                b.export_gauges();
+                gauges.export_gauges();
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
                     _ = rx.changed() => return,
