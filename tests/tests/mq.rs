@@ -626,3 +626,127 @@ fn the_node_checks_half_messages_back_with_the_producers_instance_in_the_registr
         "{v}"
     );
 }
+
+fn kv(etcd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(meshwork_tests::bin())
+        .arg("kv")
+        .args(args)
+        .args(["--endpoints", etcd])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kv {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls a node's API until `f` holds, for at most 20 s.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Topic and group metadata lives in the store: a topic and group created on one node's
+/// broker appear in the store and on a second node's broker sharing that store; one
+/// written to the store with a plain etcd client appears on both; a deleted key is
+/// written back; settings that conflict are kept by the broker and counted.
+#[test]
+fn topics_and_groups_live_in_the_store_and_follow_to_every_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = meshwork_tests::start(
+        &dir.path().join("a"),
+        &["--roles", "store,coord,mq", "--name", "a"],
+        &[],
+    );
+    let store = format!("etcd://{}", a.etcd);
+    let b = meshwork_tests::start(
+        &dir.path().join("b"),
+        &["--roles", "coord,mq", "--store", &store, "--name", "b"],
+        &[],
+    );
+    let has = |node: &str, path: &str| {
+        http::get(node, path)
+            .map(|(s, _)| s == 200)
+            .unwrap_or(false)
+    };
+
+    // Made on a: in the store, and on b.
+    let (s, v) = http::request(
+        &a.http,
+        "PUT",
+        "/v1/mq/topics/orders",
+        r#"{"partitions":3}"#,
+    )
+    .unwrap();
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = http::request(
+        &a.http,
+        "PUT",
+        "/v1/mq/topics/orders/groups/mail",
+        r#"{"start":"earliest","max_deliveries":4}"#,
+    )
+    .unwrap();
+    assert_eq!(s, 201, "{v}");
+    eventually("orders/mail on b", || {
+        has(&b.http, "/v1/mq/topics/orders/groups/mail")
+    });
+    let (_, t) = http::get(&b.http, "/v1/mq/topics/orders").unwrap();
+    let t: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(t["config"]["partitions"], 3, "{t}");
+    let (_, g) = http::get(&b.http, "/v1/mq/topics/orders/groups/mail").unwrap();
+    let g: Value = serde_json::from_str(&g).unwrap();
+    assert_eq!(g["config"]["max_deliveries"], 4, "{g}");
+    let stored = kv(&a.etcd, &["get", "/meshwork/mq/topics/orders"]);
+    assert!(stored.contains("\"partitions\":3"), "{stored}");
+
+    // Written to the store by a plain client: on both brokers.
+    kv(
+        &a.etcd,
+        &["put", "/meshwork/mq/topics/audit", r#"{"partitions":2}"#],
+    );
+    kv(
+        &a.etcd,
+        &[
+            "put",
+            "/meshwork/mq/groups/audit/archive",
+            r#"{"start":"earliest"}"#,
+        ],
+    );
+    for n in [&a, &b] {
+        eventually("audit/archive", || {
+            has(&n.http, "/v1/mq/topics/audit/groups/archive")
+        });
+    }
+
+    // A key deleted from the store is written back by the brokers that have it.
+    kv(&a.etcd, &["del", "/meshwork/mq/topics/orders"]);
+    eventually("orders written back", || {
+        kv(&a.etcd, &["get", "/meshwork/mq/topics/orders"]).contains("partitions")
+    });
+
+    // Conflicting or broken settings: the brokers keep theirs, and count it.
+    kv(
+        &a.etcd,
+        &["put", "/meshwork/mq/topics/audit", r#"{"partitions":5}"#],
+    );
+    kv(&a.etcd, &["put", "/meshwork/mq/topics/junk", "not json"]);
+    eventually("conflicts counted", || {
+        http::get(&b.http, "/metrics")
+            .map(|(_, m)| {
+                m.lines().any(|l| {
+                    l.starts_with("meshwork_mq_meta_conflicts_total")
+                        && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) >= Some(2.0)
+                })
+            })
+            .unwrap_or(false)
+    });
+    let (_, t) = http::get(&b.http, "/v1/mq/topics/audit").unwrap();
+    let t: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(t["config"]["partitions"], 2, "{t}");
+    assert!(!has(&b.http, "/v1/mq/topics/junk"));
+}

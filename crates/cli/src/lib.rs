@@ -63,6 +63,7 @@ mod http;
 mod httpc;
 mod kv;
 mod listen;
+mod mq_meta;
 mod mqcli;
 mod node;
 mod output;

@@ -255,6 +255,12 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                 resolve,
                 stop_rx.clone(),
             )));
+            // Topics and groups kept in the store too (see `mq_meta`).
+            tasks.push(tokio::spawn(crate::mq_meta::run(
+                b.clone(),
+                c.backend.clone(),
+                stop_rx.clone(),
+            )));
         }
     }
     if let Some(c) = &coord {

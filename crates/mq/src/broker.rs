@@ -283,6 +283,8 @@ struct Inner {
     halves: Mutex<half::Halves>,
     /// Rung when a half message's resolution ends.
     half_changed: Notify,
+    /// Counts topic and group creations (what a metadata mirror follows).
+    meta: tokio::sync::watch::Sender<u64>,
 }
 
 /// The message broker engine. Cloning shares it.
@@ -484,6 +486,7 @@ impl Broker {
             committer: Mutex::new(None),
             halves: Mutex::new(halves),
             half_changed: Notify::new(),
+            meta: tokio::sync::watch::Sender::new(0),
         });
         let weak = Arc::downgrade(&inner);
         let handle = std::thread::Builder::new()
@@ -632,9 +635,15 @@ impl Broker {
     /// Creates a topic; creating it again with the same settings is a no-op.
     pub async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicInfo> {
         validate_name("topic", name)?;
-        self.create_topic_inner(name, config, false)
-            .await
-            .map(|t| t.info())
+        let t = self.create_topic_inner(name, config, false).await?;
+        self.inner.meta.send_modify(|n| *n += 1);
+        Ok(t.info())
+    }
+
+    /// Changes each time a topic or group is created (or created again): what keeps a
+    /// copy of the metadata elsewhere (the store) current.
+    pub fn meta_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.meta.subscribe()
     }
 
     async fn create_topic_inner(
@@ -867,6 +876,7 @@ impl Broker {
         )
         .await?;
         self.add_group(&t, group, config, Some(dlq)).await?;
+        self.inner.meta.send_modify(|n| *n += 1);
         self.group_info(topic, group)
     }
 
