@@ -8,7 +8,9 @@
 //!   state as of a journal position; the journal before it is deleted).
 //!
 //! Invariants:
-//! - one thread, the committer, writes every log and the journal; a publish, ack, nack or
+//! - one writer at a time, under the commit lock: the committer thread, which writes every
+//!   batch of the queue and the journal, or (without fsync) a publish finding it idle and
+//!   the queue empty, committed by its own task; a publish, ack, nack or
 //!   delivery answers only after its batch is fsynced (group commit), and a failed write
 //!   or fsync stops the broker (fail-stop: restart recovers from disk);
 //! - a group's state changes in memory first, then its ops go to the journal and the call
@@ -285,6 +287,11 @@ struct Inner {
     half_changed: Notify,
     /// Counts topic and group creations (what a metadata mirror follows).
     meta: tokio::sync::watch::Sender<u64>,
+    /// Held by whoever writes the logs: the committer thread, or (without fsync) a
+    /// publishing task that found it idle.
+    commit_lock: Mutex<()>,
+    /// When retention last ran (ms since the epoch).
+    last_retention: std::sync::atomic::AtomicU64,
 }
 
 /// The message broker engine. Cloning shares it.
@@ -487,6 +494,8 @@ impl Broker {
             halves: Mutex::new(halves),
             half_changed: Notify::new(),
             meta: tokio::sync::watch::Sender::new(0),
+            commit_lock: Mutex::new(()),
+            last_retention: std::sync::atomic::AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&inner);
         let handle = std::thread::Builder::new()
@@ -774,15 +783,41 @@ impl Broker {
             return Err(MqError::Stopped);
         }
         let (reply, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .send(Cmd {
-                appends,
-                journal,
-                reply,
-            })
-            .await
-            .map_err(|_| MqError::Stopped)?;
+        let inner = &self.inner;
+        // Without fsync a commit is a write(): when the committer is idle and nothing is
+        // queued, this task commits its own publish under the commit lock instead of
+        // waking the committer thread and being woken back (two thread handoffs, most
+        // of a lone publisher's latency). Group changes always go through the queue,
+        // whose order the journal keeps.
+        if !inner.cfg.fsync
+            && journal.is_empty()
+            && inner.tx.capacity() == inner.cfg.max_pending_writes
+            && let Some(_writer) = inner.commit_lock.try_lock()
+        {
+            commit(
+                inner,
+                vec![Cmd {
+                    appends,
+                    journal,
+                    reply,
+                }],
+            );
+            let now = inner.cfg.clock.now_ms();
+            if now.saturating_sub(inner.last_retention.load(Ordering::Relaxed)) >= 1000 {
+                inner.last_retention.store(now, Ordering::Relaxed);
+                retention(inner, now);
+            }
+        } else {
+            inner
+                .tx
+                .send(Cmd {
+                    appends,
+                    journal,
+                    reply,
+                })
+                .await
+                .map_err(|_| MqError::Stopped)?;
+        }
         rx.await.map_err(|_| MqError::Stopped)?
     }
 
@@ -1755,9 +1790,9 @@ fn deliver(
 
 /// The committer thread: drains the queue into batches and commits each.
 fn committer(weak: Weak<Inner>, mut rx: mpsc::Receiver<Cmd>) {
-    let mut last_retention = 0u64;
     while let Some(first) = rx.blocking_recv() {
         let Some(inner) = weak.upgrade() else { return };
+        let _writer = inner.commit_lock.lock();
         let mut batch = vec![first];
         while batch.len() < inner.cfg.max_batch_requests {
             match rx.try_recv() {
@@ -1767,8 +1802,8 @@ fn committer(weak: Weak<Inner>, mut rx: mpsc::Receiver<Cmd>) {
         }
         commit(&inner, batch);
         let now = inner.cfg.clock.now_ms();
-        if now.saturating_sub(last_retention) >= 1000 {
-            last_retention = now;
+        if now.saturating_sub(inner.last_retention.load(Ordering::Relaxed)) >= 1000 {
+            inner.last_retention.store(now, Ordering::Relaxed);
             retention(&inner, now);
         }
         if !inner.failed.load(Ordering::Acquire)

@@ -688,6 +688,7 @@ impl MqClient {
             client: self.clone(),
             topic: topic.to_owned(),
             queue: Arc::default(),
+            active: Arc::default(),
         }
     }
 
@@ -764,6 +765,17 @@ pub struct Publisher {
     topic: String,
     /// Concurrent publishes waiting to go in one request (HTTP backend).
     queue: Arc<parking_lot::Mutex<Option<PublishQueue>>>,
+    /// Publishes of this publisher (and its clones) not yet answered.
+    active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one publish as active until dropped.
+struct Active(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 type PublishQueue = tokio::sync::mpsc::UnboundedSender<(
@@ -780,6 +792,18 @@ impl Publisher {
         #[cfg(feature = "nats")]
         if self.client.nats.is_some() {
             // The NATS client pipelines publishes on its one connection already.
+            let mut r = self.publish_all(vec![msg]).await?;
+            return r
+                .pop()
+                .ok_or_else(|| MqError::Unreachable("the broker answered no result".into()));
+        }
+        let before = self
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _active = Active(self.active.clone());
+        if before == 0 {
+            // Nothing else of this publisher's is out: send it from this task (no
+            // handoff to the queue's task and back), as one request.
             let mut r = self.publish_all(vec![msg]).await?;
             return r
                 .pop()
@@ -817,6 +841,7 @@ impl Publisher {
             client: self.client.clone(),
             topic: self.topic.clone(),
             queue: Arc::default(),
+            active: Arc::default(),
         }
     }
 
