@@ -429,6 +429,45 @@ async fn a_message_failing_every_delivery_goes_to_the_dead_letters(b: Broker) {
     assert!(seen.lock().iter().any(|(t, _)| t == "fine"));
     let info = b.client.ensure_group("t", "g", &json!({})).await.unwrap();
     assert_eq!(info["backlog"], 0, "{info}");
+
+    // The cause fixed, the dead letter is redriven: out of the dead letters, delivered
+    // again from a fresh count, marked with where it came from.
+    assert_eq!(b.client.redrive("t", "g", 10).await.unwrap(), 1);
+    assert!(
+        b.client
+            .dead_letters("t", "g", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(b.client.redrive("t", "g", 10).await.unwrap(), 0);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Received>();
+    let sub = b
+        .client
+        .subscribe("t", "g", opts(json!({})), move |m: Received| {
+            let tx = tx.clone();
+            async move {
+                tx.send(m).unwrap();
+                Ok::<(), String>(())
+            }
+        })
+        .await
+        .unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            again.text().as_str(),
+            again.delivery,
+            again.headers["x-kind"].as_str()
+        ),
+        ("poison", 1, "bad"),
+        "{again:?}"
+    );
+    assert!(again.headers.contains_key("mq-redriven-from"), "{again:?}");
+    sub.shutdown().await;
 }
 
 /// What JetStream cannot do is refused with a clear error, before anything is sent.

@@ -682,6 +682,29 @@ impl MqClient {
             .collect())
     }
 
+    /// Publishes up to `max` of `group`'s dead letters on `topic` to the topic again,
+    /// with a fresh delivery count (after the cause is fixed); returns how many moved.
+    pub async fn redrive(&self, topic: &str, group: &str, max: usize) -> Result<usize, MqError> {
+        #[cfg(feature = "nats")]
+        if let Some(n) = &self.nats {
+            return n.redrive(topic, group, max).await;
+        }
+        let path = format!(
+            "/v1/mq/topics/{}/groups/{}/dlq/redrive",
+            enc(topic),
+            enc(group)
+        );
+        let (_, v) = self
+            .call(
+                http::Method::POST,
+                &path,
+                Some(json!({ "max": max })),
+                REQUEST_TIMEOUT,
+            )
+            .await?;
+        Ok(v["moved"].as_u64().unwrap_or(0) as usize)
+    }
+
     /// A publisher for `topic`.
     pub fn publisher(&self, topic: &str) -> Publisher {
         Publisher {

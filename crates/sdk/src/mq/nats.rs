@@ -43,6 +43,8 @@ const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 const DLQ_STREAM: &str = "MW_DLQ";
 /// Its subjects' prefix.
 const DLQ_SUBJECTS: &str = "mwdlq";
+/// Marks the id of a redriven dead letter (`REDRIVE_ID_BIT | its MW_DLQ sequence`).
+const REDRIVE_ID_BIT: u64 = 1 << 62;
 /// Longest topic or group name in bytes (as on the embedded broker).
 const MAX_NAME_BYTES: usize = 120;
 
@@ -318,6 +320,47 @@ impl Nats {
         // Gone now rather than after its inactivity threshold (best effort).
         let _ = stream.delete_consumer(&name).await;
         out
+    }
+
+    /// Publishes up to `max` dead letters of `group` on `topic` to the topic again (a
+    /// fresh delivery count, an `mq-redriven-from` header naming the dead letter) and
+    /// deletes them from `MW_DLQ`; returns how many moved. Each goes out with an id
+    /// made from its place in `MW_DLQ`, so a redrive repeated after a failure between
+    /// the publish and the delete is dropped by the stream's duplicate window.
+    pub(super) async fn redrive(
+        &self,
+        topic: &str,
+        group: &str,
+        max: usize,
+    ) -> Result<usize, MqError> {
+        let dead = self.dead_letters(topic, group, max).await?;
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let js = self.js().await?;
+        let stream = js
+            .get_stream(DLQ_STREAM)
+            .await
+            .map_err(|e| refused(&e, "redriving the dead letters"))?;
+        let mut moved = 0;
+        for d in dead {
+            let seq = d.offset + 1;
+            let mut m = OutMessage::new(d.body.clone());
+            m.key = (!d.key.is_empty()).then(|| d.key.clone());
+            m.tag = (!d.tag.is_empty()).then(|| d.tag.clone());
+            m.headers = d.headers.clone();
+            m.headers.remove("mq-redriven-from");
+            m.headers
+                .insert("mq-redriven-from".into(), format!("{DLQ_STREAM}/{seq}"));
+            let id = REDRIVE_ID_BIT | seq;
+            self.publish_all(topic, &[(m, id)]).await?;
+            stream
+                .delete_message(seq)
+                .await
+                .map_err(|e| refused(&e, "deleting a redriven dead letter"))?;
+            moved += 1;
+        }
+        Ok(moved)
     }
 
     /// A source of deliveries for a subscription.
