@@ -59,6 +59,8 @@ pub struct Server {
     pub http: String,
     /// The gateway's address, when started with `--gateway-addr`.
     pub gateway: Option<String>,
+    /// The cache's RESP address, when started with `--cache-addr`.
+    pub cache: Option<String>,
 }
 
 /// Starts `meshwork server` on free ports (`--roles store` unless `extra`
@@ -133,6 +135,14 @@ fn start_cmd(mut cmd: Command, data_dir: &Path, extra: &[&str], envs: &[(&str, &
             .trim_start_matches("Gateway: http://")
             .to_string()
     });
+    let cache = extra.contains(&"--cache-addr").then(|| {
+        lines
+            .next()
+            .expect("the cache's line")
+            .unwrap()
+            .trim_start_matches("Cache: redis://")
+            .to_string()
+    });
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     meshwork_testkit::blocking::until(
@@ -145,6 +155,7 @@ fn start_cmd(mut cmd: Command, data_dir: &Path, extra: &[&str], envs: &[(&str, &
         etcd,
         http,
         gateway,
+        cache,
     }
 }
 

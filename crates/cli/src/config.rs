@@ -23,6 +23,8 @@ pub(crate) struct ServerFile {
     pub(crate) roles: Option<String>,
     /// Gateway listen address (enables the gateway role).
     pub(crate) gateway_addr: Option<String>,
+    /// Cache (RESP) listen address (enables the cache role).
+    pub(crate) cache_addr: Option<String>,
 }
 
 /// What a node runs.
@@ -38,17 +40,25 @@ pub(crate) struct Roles {
     pub(crate) txn: bool,
     /// The message broker.
     pub(crate) mq: bool,
+    /// The Redis-compatible cache.
+    pub(crate) cache: bool,
 }
 
-/// Parses `store,coord,gateway,txn,mq`; the default is every role that fits the
-/// store choice (the gateway when it has an address).
-pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -> Result<Roles> {
+/// Parses `store,coord,gateway,txn,mq,cache`; the default is every role that fits
+/// the store choice (the gateway and the cache when they have an address).
+pub(crate) fn parse_roles(
+    s: Option<&str>,
+    external: bool,
+    gateway_addr: bool,
+    cache_addr: bool,
+) -> Result<Roles> {
     let mut r = Roles {
         store: false,
         coord: false,
         gateway: false,
         txn: false,
         mq: false,
+        cache: false,
     };
     match s {
         None => {
@@ -57,6 +67,7 @@ pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -
             r.gateway = gateway_addr;
             r.txn = true;
             r.mq = true;
+            r.cache = cache_addr;
         }
         Some(list) => {
             for role in list.split(',').map(str::trim).filter(|x| !x.is_empty()) {
@@ -66,8 +77,11 @@ pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -
                     "gateway" => r.gateway = true,
                     "txn" => r.txn = true,
                     "mq" => r.mq = true,
+                    "cache" => r.cache = true,
                     other => {
-                        bail!("unknown role {other:?}; roles are store, coord, gateway, txn and mq")
+                        bail!(
+                            "unknown role {other:?}; roles are store, coord, gateway, txn, mq and cache"
+                        )
                     }
                 }
             }
@@ -78,8 +92,11 @@ pub(crate) fn parse_roles(s: Option<&str>, external: bool, gateway_addr: bool) -
             "the store role runs the embedded store; with --store etcd://... leave it out (--roles coord)"
         );
     }
-    if !r.store && !r.coord && !r.gateway && !r.txn && !r.mq {
-        bail!("no role to run; give --roles with store, coord, gateway, txn and/or mq");
+    if !r.store && !r.coord && !r.gateway && !r.txn && !r.mq && !r.cache {
+        bail!("no role to run; give --roles with store, coord, gateway, txn, mq and/or cache");
+    }
+    if r.cache && !cache_addr {
+        bail!("the cache role needs --cache-addr HOST:PORT (port 0 picks a free one)");
     }
     if r.txn && !r.coord {
         bail!(
@@ -227,6 +244,59 @@ pub(crate) struct FileConfig {
     /// The message broker.
     #[serde(default)]
     pub(crate) mq: MqFile,
+    /// The Redis-compatible cache.
+    #[serde(default)]
+    pub(crate) cache: CacheFile,
+}
+
+/// `[cache]`: the Redis-compatible cache's settings.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CacheFile {
+    /// The password `AUTH` checks (Redis' `requirepass`; default none).
+    #[serde(default)]
+    pub(crate) password: Option<String>,
+    /// Most connected clients (default 10,000).
+    #[serde(default)]
+    pub(crate) max_clients: Option<usize>,
+    /// Largest bulk string of a request, in bytes (default 512 MiB).
+    #[serde(default)]
+    pub(crate) max_bulk_bytes: Option<usize>,
+    /// Most unparsed request bytes held for one client (default 1 GiB).
+    #[serde(default)]
+    pub(crate) max_query_buffer_bytes: Option<usize>,
+    /// Shards per database (default 4 per CPU).
+    #[serde(default)]
+    pub(crate) shards: Option<usize>,
+}
+
+impl CacheFile {
+    /// The cache's settings.
+    pub(crate) fn config(&self) -> Result<meshwork_cache::CacheConfig> {
+        let mut c = meshwork_cache::CacheConfig {
+            password: std::env::var("MESHWORK_CACHE_PASSWORD")
+                .ok()
+                .or(self.password.clone()),
+            shards: self.shards,
+            ..meshwork_cache::CacheConfig::default()
+        };
+        if let Some(v) = self.max_clients {
+            c.max_clients = v;
+        }
+        if let Some(v) = self.max_bulk_bytes {
+            c.limits.max_bulk_bytes = v;
+        }
+        if let Some(v) = self.max_query_buffer_bytes {
+            c.max_query_buffer_bytes = v;
+        }
+        if c.max_clients == 0 || c.limits.max_bulk_bytes == 0 || c.shards == Some(0) {
+            bail!("[cache] table: max_clients, max_bulk_bytes and shards must be positive");
+        }
+        if c.password.as_deref() == Some("") {
+            bail!("[cache] table: an empty password; leave it out for no authentication");
+        }
+        Ok(c)
+    }
 }
 
 /// `[mq]`: the message broker's limits.

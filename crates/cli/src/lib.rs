@@ -192,6 +192,10 @@ struct NodeArgs {
     /// port) [up: 127.0.0.1:8080].
     #[arg(long, env = "MESHWORK_GATEWAY_ADDR")]
     gateway_addr: Option<String>,
+    /// Redis-compatible cache listen address (enables the cache role; port 0 picks a
+    /// free port) [up: 127.0.0.1:6479].
+    #[arg(long, env = "MESHWORK_CACHE_ADDR")]
+    cache_addr: Option<String>,
     /// Gateway worker threads (one accept loop and runtime each) [default: cores].
     #[arg(long, env = "MESHWORK_GATEWAY_WORKERS")]
     gateway_workers: Option<usize>,
@@ -305,10 +309,17 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         .or(file.server.gateway_addr.clone())
         .map(|a| config::parse_addr("gateway address", &a))
         .transpose()?;
+    let cache_addr = args
+        .cache_addr
+        .clone()
+        .or(file.server.cache_addr.clone())
+        .map(|a| config::parse_addr("cache address", &a))
+        .transpose()?;
     let roles = config::parse_roles(
         args.roles.as_deref().or(file.server.roles.as_deref()),
         !external.is_empty(),
         gateway_addr.is_some(),
+        cache_addr.is_some(),
     )?;
     let gateway = file.gateway.clone().unwrap_or_default();
     gateway
@@ -351,6 +362,8 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         gateway_addr,
         gateway,
         gateway_workers: args.gateway_workers,
+        cache_addr,
+        cache: file.cache.config()?,
         console_auth: console_auth(&file.console)?,
         txn: file.txn.options()?,
         mq,
@@ -398,6 +411,9 @@ async fn run_server(args: ServerArgs) -> Result<()> {
     if let Some(g) = running.gateway_addr {
         println!("Gateway: http://{g}");
     }
+    if let Some(c) = running.cache_addr {
+        println!("Cache: redis://{c}");
+    }
     let shop = start_demo(&args.node, &running, &external, &data_dir).await?;
     if shop.is_some() {
         println!("Demo: up");
@@ -430,6 +446,9 @@ async fn run_up(args: UpArgs) -> Result<()> {
     if node_args.gateway_addr.is_none() {
         node_args.gateway_addr = Some("127.0.0.1:8080".into());
     }
+    if node_args.cache_addr.is_none() {
+        node_args.cache_addr = Some("127.0.0.1:6479".into());
+    }
     if temp.is_some() {
         node_args.data_dir = Some(default_dir.clone());
     }
@@ -449,6 +468,9 @@ async fn run_up(args: UpArgs) -> Result<()> {
     println!("HTTP: http://{http}");
     if let Some(g) = running.gateway_addr {
         println!("Gateway: http://{g}");
+    }
+    if let Some(c) = running.cache_addr {
+        println!("Cache: redis://{c}");
     }
     println!();
     println!("Meshwork is up (single node).");
@@ -479,6 +501,13 @@ async fn run_up(args: UpArgs) -> Result<()> {
         println!("  messaging  meshwork mq --http {http} topic create orders --partitions 3");
         println!(
             "               meshwork mq --http {http} pub orders hello;  meshwork mq --http {http} sub orders --group g --from earliest"
+        );
+    }
+    if let Some(c) = running.cache_addr {
+        println!(
+            "  cache      redis-cli -p {} set greeting hello;  redis-cli -p {} get greeting",
+            c.port(),
+            c.port()
         );
     }
     println!("  API        curl http://{http}/openapi.json");

@@ -39,6 +39,10 @@ pub(crate) struct NodeConfig {
     pub(crate) txn: meshwork_txn::role::TxnOptions,
     /// The message broker's settings (its files live in `data_dir/mq`).
     pub(crate) mq: meshwork_mq::BrokerConfig,
+    /// The cache's RESP address (the cache role).
+    pub(crate) cache_addr: Option<SocketAddr>,
+    /// The cache's settings.
+    pub(crate) cache: meshwork_cache::CacheConfig,
 }
 
 /// A node that is up: its bound addresses, and how to stop it.
@@ -50,6 +54,8 @@ pub(crate) struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The gateway's address, when the gateway role runs.
     pub(crate) gateway_addr: Option<SocketAddr>,
+    /// The cache's RESP address, when the cache role runs.
+    pub(crate) cache_addr: Option<SocketAddr>,
     store: Option<Store>,
     coord: Option<Coord>,
     gateway: Option<meshwork_gateway::GatewayRole>,
@@ -163,6 +169,9 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     }
     if cfg.roles.mq {
         coord_opts.extra_roles.push("mq".to_string());
+    }
+    if cfg.roles.cache {
+        coord_opts.extra_roles.push("cache".to_string());
     }
     if cfg.roles.txn {
         coord_opts
@@ -296,6 +305,23 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         .layer(axum::extract::DefaultBodyLimit::max(
             cfg.listen.max_body_bytes,
         ));
+    let cache_addr = match (cfg.roles.cache, cfg.cache_addr) {
+        (true, Some(addr)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the cache address {addr}"))?;
+            let bound = listener.local_addr()?;
+            let cache = meshwork_cache::Cache::new(cfg.cache.clone(), bound.port());
+            tasks.push(tokio::spawn(meshwork_cache::serve(
+                listener,
+                cache,
+                stop_rx.clone(),
+            )));
+            tracing::info!(cache_addr = %bound, "cache serving RESP");
+            Some(bound)
+        }
+        _ => None,
+    };
     let rx = stop_rx.clone();
     let listen = cfg.listen.clone();
     tasks.push(tokio::spawn(async move {
@@ -313,6 +339,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         etcd_addr,
         http_addr,
         gateway_addr: gateway.as_ref().map(|g| g.addr),
+        cache_addr,
         stop,
         tasks,
         store,

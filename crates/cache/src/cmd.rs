@@ -1,0 +1,926 @@
+//! Commands: each request's arguments in, one reply out, with Redis' own error texts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+use crate::db::{Entry, Keyspace, Shard, Value};
+use crate::glob::glob_match;
+use crate::resp::{Reply, format_double};
+
+/// A connection's state.
+#[derive(Debug)]
+pub struct Session {
+    /// The client id (`CLIENT ID`).
+    pub id: u64,
+    /// The selected database.
+    pub db: usize,
+    /// The protocol version (2, or 3 after `HELLO 3`).
+    pub proto: u8,
+    /// `CLIENT SETNAME`.
+    pub name: Option<Bytes>,
+    /// Authenticated (always true without a password).
+    pub authed: bool,
+}
+
+/// What the connection does after the reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Goes on.
+    Continue,
+    /// Closes (QUIT).
+    Close,
+}
+
+/// What commands run against: the keyspace and the node's settings and counters.
+pub struct Node {
+    /// The data.
+    pub keyspace: Keyspace,
+    /// The password `AUTH` checks (none: no authentication).
+    pub password: Option<String>,
+    /// Commands processed.
+    pub commands: AtomicU64,
+    /// Reads that found their key.
+    pub hits: AtomicU64,
+    /// Reads that did not.
+    pub misses: AtomicU64,
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// When the node started (ms since the epoch).
+    pub started_ms: u64,
+    /// The TCP port (`INFO`).
+    pub port: u16,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
+const NOT_INT: &str = "value is not an integer or out of range";
+
+fn wrong_args(name: &str) -> Reply {
+    Reply::err(format!(
+        "wrong number of arguments for '{}' command",
+        name.to_ascii_lowercase()
+    ))
+}
+
+fn syntax() -> Reply {
+    Reply::err("syntax error")
+}
+
+fn int_of(b: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(b).ok()?;
+    // Redis refuses leading '+', spaces and leading zeros ("01").
+    if s.is_empty()
+        || s.starts_with('+')
+        || (s.len() > 1 && s.starts_with('0'))
+        || s.starts_with("-0")
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn float_of(b: &[u8]) -> Option<f64> {
+    let s = std::str::from_utf8(b).ok()?;
+    if s.is_empty() || s.starts_with(char::is_whitespace) || s.ends_with(char::is_whitespace) {
+        return None;
+    }
+    let v: f64 = match s.to_ascii_lowercase().as_str() {
+        "inf" | "+inf" | "infinity" | "+infinity" => f64::INFINITY,
+        "-inf" | "-infinity" => f64::NEG_INFINITY,
+        _ => s.parse().ok()?,
+    };
+    (!v.is_nan()).then_some(v)
+}
+
+fn upper(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_ascii_uppercase()
+}
+
+/// The commands this node knows, with their arity as Redis gives it (negative: at
+/// least that many), for `COMMAND COUNT` and the arity check.
+pub const COMMANDS: &[(&str, i32)] = &[
+    ("PING", -1),
+    ("ECHO", 2),
+    ("QUIT", -1),
+    ("SELECT", 2),
+    ("DBSIZE", 1),
+    ("FLUSHDB", -1),
+    ("FLUSHALL", -1),
+    ("HELLO", -1),
+    ("AUTH", -2),
+    ("CLIENT", -2),
+    ("COMMAND", -1),
+    ("INFO", -1),
+    ("TIME", 1),
+    ("GET", 2),
+    ("SET", -3),
+    ("SETNX", 3),
+    ("SETEX", 4),
+    ("PSETEX", 4),
+    ("MGET", -2),
+    ("MSET", -3),
+    ("MSETNX", -3),
+    ("INCR", 2),
+    ("DECR", 2),
+    ("INCRBY", 3),
+    ("DECRBY", 3),
+    ("INCRBYFLOAT", 3),
+    ("APPEND", 3),
+    ("STRLEN", 2),
+    ("GETDEL", 2),
+    ("GETEX", -2),
+    ("GETSET", 3),
+    ("GETRANGE", 4),
+    ("SETRANGE", 4),
+    ("DEL", -2),
+    ("UNLINK", -2),
+    ("EXISTS", -2),
+    ("EXPIRE", -3),
+    ("PEXPIRE", -3),
+    ("EXPIREAT", -3),
+    ("PEXPIREAT", -3),
+    ("TTL", 2),
+    ("PTTL", 2),
+    ("EXPIRETIME", 2),
+    ("PEXPIRETIME", 2),
+    ("PERSIST", 2),
+    ("TYPE", 2),
+    ("RENAME", 3),
+    ("RENAMENX", 3),
+    ("KEYS", 2),
+    ("RANDOMKEY", 1),
+];
+
+/// Runs one command.
+pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
+    let Some(first) = args.first() else {
+        return (Reply::Nil, Flow::Continue);
+    };
+    let name = upper(first);
+    node.commands.fetch_add(1, Ordering::Relaxed);
+    let Some(&(_, arity)) = COMMANDS.iter().find(|(n, _)| *n == name) else {
+        let mut shown = String::new();
+        for a in args.iter().skip(1) {
+            if shown.len() >= 128 {
+                break;
+            }
+            shown.push_str(&format!(
+                "'{}' ",
+                String::from_utf8_lossy(&a[..a.len().min(128)])
+            ));
+        }
+        let cmd = String::from_utf8_lossy(&first[..first.len().min(128)]).into_owned();
+        return (
+            Reply::err(format!(
+                "unknown command '{cmd}', with args beginning with: {shown}"
+            )),
+            Flow::Continue,
+        );
+    };
+    let n = args.len() as i32;
+    if (arity > 0 && n != arity) || (arity < 0 && n < -arity) {
+        return (wrong_args(&name), Flow::Continue);
+    }
+    if !s.authed && !matches!(name.as_str(), "AUTH" | "HELLO" | "QUIT") {
+        return (
+            Reply::Error("NOAUTH Authentication required.".into()),
+            Flow::Continue,
+        );
+    }
+    let now = now_ms();
+    let reply = match name.as_str() {
+        "QUIT" => return (Reply::Simple("OK"), Flow::Close),
+        "PING" => match args.len() {
+            1 => Reply::Simple("PONG"),
+            2 => Reply::Bulk(args[1].clone()),
+            _ => wrong_args(&name),
+        },
+        "ECHO" => Reply::Bulk(args[1].clone()),
+        "SELECT" => match int_of(&args[1]) {
+            Some(i) if (0..crate::db::DATABASES as i64).contains(&i) => {
+                s.db = i as usize;
+                Reply::Simple("OK")
+            }
+            Some(_) => Reply::err("DB index is out of range"),
+            None => Reply::err(NOT_INT),
+        },
+        "TIME" => {
+            let us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros());
+            Reply::Array(vec![
+                Reply::bulk((us / 1_000_000).to_string()),
+                Reply::bulk((us % 1_000_000).to_string()),
+            ])
+        }
+        "DBSIZE" => Reply::Int(db(node, s).len() as i64),
+        "FLUSHDB" | "FLUSHALL" => {
+            if args.len() > 2
+                || args
+                    .get(1)
+                    .is_some_and(|a| !matches!(upper(a).as_str(), "ASYNC" | "SYNC"))
+            {
+                syntax()
+            } else {
+                let dbs: Vec<&crate::db::Db> = if name == "FLUSHDB" {
+                    vec![db(node, s)]
+                } else {
+                    node.keyspace.dbs().iter().collect()
+                };
+                for d in dbs {
+                    for mut sh in d.lock_all() {
+                        sh.clear();
+                    }
+                }
+                Reply::Simple("OK")
+            }
+        }
+        "HELLO" => hello(node, s, args),
+        "AUTH" => auth(node, s, &args[1..]),
+        "CLIENT" => client(s, args),
+        "COMMAND" => match args.get(1).map(|a| upper(a)).as_deref() {
+            Some("COUNT") if args.len() == 2 => Reply::Int(COMMANDS.len() as i64),
+            None => Reply::Array(
+                COMMANDS
+                    .iter()
+                    .map(|(n, a)| {
+                        Reply::Array(vec![
+                            Reply::bulk(n.to_ascii_lowercase()),
+                            Reply::Int(i64::from(*a)),
+                        ])
+                    })
+                    .collect(),
+            ),
+            Some(_) => Reply::err(format!(
+                "unknown subcommand '{}'. Try COMMAND HELP.",
+                String::from_utf8_lossy(&args[1])
+            )),
+        },
+        "INFO" => Reply::Verbatim(info(node)),
+        _ => data(node, s, &name, args, now),
+    };
+    (reply, Flow::Continue)
+}
+
+fn db<'a>(node: &'a Node, s: &Session) -> &'a crate::db::Db {
+    // `s.db` is only ever set through SELECT's range check.
+    node.keyspace
+        .db(s.db)
+        .unwrap_or_else(|| &node.keyspace.dbs()[0])
+}
+
+fn hello(node: &Node, s: &mut Session, args: &[Bytes]) -> Reply {
+    let mut proto = s.proto;
+    let mut i = 1;
+    if let Some(v) = args.get(1) {
+        match int_of(v) {
+            Some(p @ (2 | 3)) => proto = p as u8,
+            Some(_) => return Reply::Error("NOPROTO unsupported protocol version".into()),
+            None => return Reply::err("Protocol version is not an integer or out of range"),
+        }
+        i = 2;
+    }
+    while i < args.len() {
+        match upper(&args[i]).as_str() {
+            "AUTH" if i + 2 < args.len() => {
+                let r = auth(node, s, &args[i + 1..i + 3]);
+                if let Reply::Error(_) = r {
+                    return r;
+                }
+                i += 3;
+            }
+            "SETNAME" if i + 1 < args.len() => {
+                s.name = Some(args[i + 1].clone());
+                i += 2;
+            }
+            _ => {
+                return Reply::err(format!(
+                    "Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(&args[i])
+                ));
+            }
+        }
+    }
+    if !s.authed {
+        return Reply::Error(
+            "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time".into(),
+        );
+    }
+    s.proto = proto;
+    let b = Reply::bulk;
+    Reply::Map(vec![
+        (b("server"), b("redis")),
+        (b("version"), b("7.0.0")),
+        (b("proto"), Reply::Int(i64::from(proto))),
+        (b("id"), Reply::Int(s.id as i64)),
+        (b("mode"), b("standalone")),
+        (b("role"), b("master")),
+        (b("modules"), Reply::Array(Vec::new())),
+    ])
+}
+
+fn auth(node: &Node, s: &mut Session, creds: &[Bytes]) -> Reply {
+    let (user, pass) = match creds {
+        [p] => (None, p),
+        [u, p] => (Some(u), p),
+        _ => return syntax(),
+    };
+    let Some(want) = &node.password else {
+        if user.is_none() {
+            return Reply::err(
+                "AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+            );
+        }
+        // No password: only the default user with any password.
+        return if user.is_some_and(|u| &u[..] == b"default") {
+            s.authed = true;
+            Reply::Simple("OK")
+        } else {
+            Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into())
+        };
+    };
+    let user_ok = user.is_none_or(|u| &u[..] == b"default");
+    if user_ok && constant_eq(pass, want.as_bytes()) {
+        s.authed = true;
+        Reply::Simple("OK")
+    } else {
+        Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into())
+    }
+}
+
+/// Compares without an early exit on the first difference.
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn client(s: &mut Session, args: &[Bytes]) -> Reply {
+    match upper(&args[1]).as_str() {
+        "ID" if args.len() == 2 => Reply::Int(s.id as i64),
+        "GETNAME" if args.len() == 2 => s.name.clone().map_or(Reply::Nil, Reply::Bulk),
+        "SETNAME" if args.len() == 3 => {
+            if args[2].iter().any(|&c| c <= b' ' || c > b'~') {
+                Reply::err("Client names cannot contain spaces, newlines or special characters.")
+            } else {
+                s.name = (!args[2].is_empty()).then(|| args[2].clone());
+                Reply::Simple("OK")
+            }
+        }
+        "ID" | "GETNAME" | "SETNAME" => {
+            wrong_args(&format!("client|{}", upper(&args[1]).to_ascii_lowercase()))
+        }
+        _ => Reply::err(format!(
+            "unknown subcommand '{}'. Try CLIENT HELP.",
+            String::from_utf8_lossy(&args[1])
+        )),
+    }
+}
+
+fn info(node: &Node) -> String {
+    let uptime = now_ms().saturating_sub(node.started_ms) / 1000;
+    let mut out = String::new();
+    out.push_str("# Server\r\nredis_version:7.0.0\r\nredis_mode:standalone\r\n");
+    out.push_str(&format!(
+        "process_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{uptime}\r\n\r\n",
+        std::process::id(),
+        node.port
+    ));
+    out.push_str(&format!(
+        "# Memory\r\nused_memory:{}\r\n\r\n",
+        node.keyspace.used_bytes()
+    ));
+    out.push_str(&format!(
+        "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\n\r\n",
+        node.connections.load(Ordering::Relaxed),
+        node.commands.load(Ordering::Relaxed),
+        node.hits.load(Ordering::Relaxed),
+        node.misses.load(Ordering::Relaxed)
+    ));
+    out.push_str("# Keyspace\r\n");
+    let now = now_ms();
+    for (i, d) in node.keyspace.dbs().iter().enumerate() {
+        let (mut keys, mut expires) = (0, 0);
+        for sh in d.lock_all() {
+            keys += sh.keys(now).count();
+            expires += sh.expiring();
+        }
+        if keys > 0 {
+            out.push_str(&format!(
+                "db{i}:keys={keys},expires={expires},avg_ttl=0\r\n"
+            ));
+        }
+    }
+    out
+}
+
+/// Reads a string value: `Ok(None)` when absent, `Err` (WRONGTYPE) for another type.
+fn read_str(sh: &mut Shard, key: &[u8], now: u64) -> Result<Option<Bytes>, Reply> {
+    match sh.get(key, now) {
+        None => Ok(None),
+        Some(Entry {
+            value: Value::Str(b),
+            ..
+        }) => Ok(Some(b.clone())),
+        Some(_) => Err(Reply::Error(WRONGTYPE.into())),
+    }
+}
+
+/// `EX`/`PX`/`EXAT`/`PXAT` to an absolute time; the error names the command.
+fn expiry(unit: &str, v: &[u8], now: u64, cmd: &str) -> Result<u64, Reply> {
+    let n = int_of(v).ok_or_else(|| Reply::err(NOT_INT))?;
+    let bad = || Reply::err(format!("invalid expire time in '{cmd}' command"));
+    if n <= 0 {
+        return Err(bad());
+    }
+    let n = n as u64;
+    let at = match unit {
+        "EX" => n.checked_mul(1000).and_then(|ms| ms.checked_add(now)),
+        "PX" => n.checked_add(now),
+        "EXAT" => n.checked_mul(1000),
+        _ => Some(n),
+    };
+    at.filter(|&t| t < (1u64 << 62)).ok_or_else(bad)
+}
+
+fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> Reply {
+    let d = db(node, s);
+    let hit = |found: bool| {
+        if found {
+            node.hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            node.misses.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    match name {
+        "GET" => {
+            let mut sh = d.lock(&args[1]);
+            match read_str(&mut sh, &args[1], now) {
+                Ok(v) => {
+                    hit(v.is_some());
+                    v.map_or(Reply::Nil, Reply::Bulk)
+                }
+                Err(e) => e,
+            }
+        }
+        "SET" => set(d, args, now),
+        "SETNX" => {
+            let mut sh = d.lock(&args[1]);
+            if sh.get(&args[1], now).is_some() {
+                Reply::Int(0)
+            } else {
+                sh.insert(args[1].clone(), str_entry(args[2].clone(), None));
+                Reply::Int(1)
+            }
+        }
+        "SETEX" | "PSETEX" => {
+            let unit = if name == "SETEX" { "EX" } else { "PX" };
+            match expiry(unit, &args[2], now, &name.to_ascii_lowercase()) {
+                Ok(at) => {
+                    d.lock(&args[1])
+                        .insert(args[1].clone(), str_entry(args[3].clone(), Some(at)));
+                    Reply::Simple("OK")
+                }
+                Err(e) => e,
+            }
+        }
+        "GETSET" => {
+            let mut sh = d.lock(&args[1]);
+            match read_str(&mut sh, &args[1], now) {
+                Ok(old) => {
+                    sh.insert(args[1].clone(), str_entry(args[2].clone(), None));
+                    old.map_or(Reply::Nil, Reply::Bulk)
+                }
+                Err(e) => e,
+            }
+        }
+        "MGET" => Reply::Array(
+            args[1..]
+                .iter()
+                .map(|k| {
+                    let mut sh = d.lock(k);
+                    match sh.get(k, now) {
+                        Some(Entry {
+                            value: Value::Str(b),
+                            ..
+                        }) => {
+                            hit(true);
+                            Reply::Bulk(b.clone())
+                        }
+                        _ => {
+                            hit(false);
+                            Reply::Nil
+                        }
+                    }
+                })
+                .collect(),
+        ),
+        "MSET" | "MSETNX" => {
+            if args.len() % 2 != 1 {
+                return wrong_args(name);
+            }
+            let keys: Vec<&[u8]> = args[1..].iter().step_by(2).map(|k| &k[..]).collect();
+            let mut locked = d.lock_many(&keys);
+            let shard = |locked: &mut Vec<(usize, parking_lot::MutexGuard<'_, Shard>)>,
+                         k: &[u8]| {
+                let i = d.shard_of(k);
+                locked.iter_mut().position(|(j, _)| *j == i)
+            };
+            if name == "MSETNX" {
+                for k in &keys {
+                    if let Some(p) = shard(&mut locked, k)
+                        && locked[p].1.get(k, now).is_some()
+                    {
+                        return Reply::Int(0);
+                    }
+                }
+            }
+            for pair in args[1..].chunks(2) {
+                if let Some(p) = shard(&mut locked, &pair[0]) {
+                    locked[p]
+                        .1
+                        .insert(pair[0].clone(), str_entry(pair[1].clone(), None));
+                }
+            }
+            if name == "MSETNX" {
+                Reply::Int(1)
+            } else {
+                Reply::Simple("OK")
+            }
+        }
+        "INCR" | "DECR" | "INCRBY" | "DECRBY" => {
+            let by = match name {
+                "INCR" => Some(1),
+                "DECR" => Some(-1),
+                "INCRBY" => int_of(&args[2]),
+                _ => int_of(&args[2]).and_then(i64::checked_neg),
+            };
+            let Some(by) = by else {
+                return Reply::err(NOT_INT);
+            };
+            let mut sh = d.lock(&args[1]);
+            let (cur, ttl) = match sh.get(&args[1], now) {
+                None => (0, None),
+                Some(Entry {
+                    value: Value::Str(b),
+                    expire_at,
+                }) => match int_of(b) {
+                    Some(v) => (v, *expire_at),
+                    None => return Reply::err(NOT_INT),
+                },
+                Some(_) => return Reply::Error(WRONGTYPE.into()),
+            };
+            let Some(v) = cur.checked_add(by) else {
+                return Reply::err("increment or decrement would overflow");
+            };
+            sh.insert(args[1].clone(), str_entry(Bytes::from(v.to_string()), ttl));
+            Reply::Int(v)
+        }
+        "INCRBYFLOAT" => {
+            let Some(by) = float_of(&args[2]) else {
+                return Reply::err("value is not a valid float");
+            };
+            let mut sh = d.lock(&args[1]);
+            let (cur, ttl) = match sh.get(&args[1], now) {
+                None => (0.0, None),
+                Some(Entry {
+                    value: Value::Str(b),
+                    expire_at,
+                }) => match float_of(b) {
+                    Some(v) => (v, *expire_at),
+                    None => return Reply::err("value is not a valid float"),
+                },
+                Some(_) => return Reply::Error(WRONGTYPE.into()),
+            };
+            let v = cur + by;
+            if !v.is_finite() {
+                return Reply::err("increment would produce NaN or Infinity");
+            }
+            let text = format_double(v);
+            sh.insert(args[1].clone(), str_entry(Bytes::from(text.clone()), ttl));
+            Reply::bulk(text)
+        }
+        "APPEND" => {
+            let mut sh = d.lock(&args[1]);
+            let before = sh.weight_of(&args[1]);
+            match sh.get_mut(&args[1], now) {
+                None => {
+                    let n = args[2].len();
+                    sh.insert(args[1].clone(), str_entry(args[2].clone(), None));
+                    Reply::Int(n as i64)
+                }
+                Some(Entry {
+                    value: Value::Str(b),
+                    ..
+                }) => {
+                    let mut v = Vec::with_capacity(b.len() + args[2].len());
+                    v.extend_from_slice(b);
+                    v.extend_from_slice(&args[2]);
+                    let n = v.len();
+                    *b = Bytes::from(v);
+                    sh.reweigh(&args[1], before);
+                    Reply::Int(n as i64)
+                }
+                Some(_) => Reply::Error(WRONGTYPE.into()),
+            }
+        }
+        "STRLEN" => {
+            let mut sh = d.lock(&args[1]);
+            match read_str(&mut sh, &args[1], now) {
+                Ok(v) => Reply::Int(v.map_or(0, |b| b.len() as i64)),
+                Err(e) => e,
+            }
+        }
+        "GETDEL" => {
+            let mut sh = d.lock(&args[1]);
+            match read_str(&mut sh, &args[1], now) {
+                Ok(Some(v)) => {
+                    sh.remove(&args[1]);
+                    Reply::Bulk(v)
+                }
+                Ok(None) => Reply::Nil,
+                Err(e) => e,
+            }
+        }
+        "GETEX" => {
+            let change = match args.get(2).map(|a| upper(a)).as_deref() {
+                None => None,
+                Some("PERSIST") if args.len() == 3 => Some(None),
+                Some(u @ ("EX" | "PX" | "EXAT" | "PXAT")) if args.len() == 4 => {
+                    match expiry(u, &args[3], now, "getex") {
+                        Ok(at) => Some(Some(at)),
+                        Err(e) => return e,
+                    }
+                }
+                Some(_) => return syntax(),
+            };
+            let mut sh = d.lock(&args[1]);
+            match read_str(&mut sh, &args[1], now) {
+                Ok(Some(v)) => {
+                    if let Some(at) = change {
+                        sh.set_expiry(&args[1], at, now);
+                    }
+                    Reply::Bulk(v)
+                }
+                Ok(None) => Reply::Nil,
+                Err(e) => e,
+            }
+        }
+        "GETRANGE" => {
+            let (Some(start), Some(end)) = (int_of(&args[2]), int_of(&args[3])) else {
+                return Reply::err(NOT_INT);
+            };
+            let mut sh = d.lock(&args[1]);
+            match read_str(&mut sh, &args[1], now) {
+                Ok(Some(v)) => Reply::Bulk(range_of(&v, start, end)),
+                Ok(None) => Reply::bulk(""),
+                Err(e) => e,
+            }
+        }
+        "SETRANGE" => {
+            let Some(off) = int_of(&args[2]).filter(|&o| o >= 0) else {
+                return Reply::err("offset is out of range");
+            };
+            let off = off as usize;
+            if off + args[3].len() > 512 * 1024 * 1024 {
+                return Reply::err("string exceeds maximum allowed size (proto-max-bulk-len)");
+            }
+            let mut sh = d.lock(&args[1]);
+            let (mut cur, ttl) = match sh.get(&args[1], now) {
+                None => (Vec::new(), None),
+                Some(Entry {
+                    value: Value::Str(b),
+                    expire_at,
+                }) => (b.to_vec(), *expire_at),
+                Some(_) => return Reply::Error(WRONGTYPE.into()),
+            };
+            if args[3].is_empty() {
+                return Reply::Int(cur.len() as i64);
+            }
+            if cur.len() < off + args[3].len() {
+                cur.resize(off + args[3].len(), 0);
+            }
+            cur[off..off + args[3].len()].copy_from_slice(&args[3]);
+            let n = cur.len();
+            sh.insert(args[1].clone(), str_entry(Bytes::from(cur), ttl));
+            Reply::Int(n as i64)
+        }
+        "DEL" | "UNLINK" | "EXISTS" => {
+            let mut n = 0;
+            for k in &args[1..] {
+                let mut sh = d.lock(k);
+                if name == "EXISTS" {
+                    n += i64::from(sh.get(k, now).is_some());
+                } else {
+                    let live = sh.get(k, now).is_some();
+                    sh.remove(k);
+                    n += i64::from(live);
+                }
+            }
+            Reply::Int(n)
+        }
+        "EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" => expire(d, name, args, now),
+        "TTL" | "PTTL" | "EXPIRETIME" | "PEXPIRETIME" => {
+            let mut sh = d.lock(&args[1]);
+            match sh.get(&args[1], now) {
+                None => Reply::Int(-2),
+                Some(Entry {
+                    expire_at: None, ..
+                }) => Reply::Int(-1),
+                Some(Entry {
+                    expire_at: Some(t), ..
+                }) => Reply::Int(match name {
+                    "TTL" => (t.saturating_sub(now) as i64 + 500) / 1000,
+                    "PTTL" => t.saturating_sub(now) as i64,
+                    "EXPIRETIME" => *t as i64 / 1000,
+                    _ => *t as i64,
+                }),
+            }
+        }
+        "PERSIST" => {
+            let mut sh = d.lock(&args[1]);
+            match sh.get(&args[1], now) {
+                Some(Entry {
+                    expire_at: Some(_), ..
+                }) => {
+                    sh.set_expiry(&args[1], None, now);
+                    Reply::Int(1)
+                }
+                _ => Reply::Int(0),
+            }
+        }
+        "TYPE" => {
+            let mut sh = d.lock(&args[1]);
+            Reply::Simple(
+                sh.get(&args[1], now)
+                    .map_or("none", |e| e.value.type_name()),
+            )
+        }
+        "RENAME" | "RENAMENX" => {
+            let keys = [&args[1][..], &args[2][..]];
+            let mut locked = d.lock_many(&keys);
+            let (from, to) = (d.shard_of(&args[1]), d.shard_of(&args[2]));
+            let pos = |i: usize| locked.iter().position(|(j, _)| *j == i).unwrap_or(0);
+            let (pf, pt) = (pos(from), pos(to));
+            let Some(entry) = locked[pf].1.get(&args[1], now).cloned() else {
+                return Reply::err("no such key");
+            };
+            if name == "RENAMENX" && args[1] != args[2] && locked[pt].1.get(&args[2], now).is_some()
+            {
+                return Reply::Int(0);
+            }
+            if args[1] != args[2] {
+                locked[pf].1.remove(&args[1]);
+                locked[pt].1.insert(args[2].clone(), entry);
+            }
+            if name == "RENAMENX" {
+                Reply::Int(i64::from(args[1] != args[2]))
+            } else {
+                Reply::Simple("OK")
+            }
+        }
+        "KEYS" => {
+            let mut out = Vec::new();
+            for sh in d.lock_all() {
+                out.extend(
+                    sh.keys(now)
+                        .filter(|k| glob_match(&args[1], k))
+                        .map(|k| Reply::Bulk(k.clone())),
+                );
+            }
+            Reply::Array(out)
+        }
+        "RANDOMKEY" => {
+            for sh in d.lock_all() {
+                if let Some(k) = sh.keys(now).next() {
+                    return Reply::Bulk(k.clone());
+                }
+            }
+            Reply::Nil
+        }
+        _ => Reply::err(format!("unknown command '{name}'")),
+    }
+}
+
+fn str_entry(b: Bytes, expire_at: Option<u64>) -> Entry {
+    Entry {
+        value: Value::Str(b),
+        expire_at,
+    }
+}
+
+/// `GETRANGE`'s slice: negative offsets from the end, clamped, inclusive end.
+fn range_of(v: &Bytes, start: i64, end: i64) -> Bytes {
+    let len = v.len() as i64;
+    if len == 0 {
+        return Bytes::new();
+    }
+    let fix = |i: i64| if i < 0 { (len + i).max(0) } else { i };
+    let (s, e) = (fix(start), fix(end).min(len - 1));
+    if s > e || s >= len {
+        return Bytes::new();
+    }
+    v.slice(s as usize..=e as usize)
+}
+
+fn set(d: &crate::db::Db, args: &[Bytes], now: u64) -> Reply {
+    let (mut nx, mut xx, mut get, mut keep) = (false, false, false, false);
+    let mut at: Option<u64> = None;
+    let mut i = 3;
+    while i < args.len() {
+        let opt = upper(&args[i]);
+        match opt.as_str() {
+            "NX" if !xx => nx = true,
+            "XX" if !nx => xx = true,
+            "GET" => get = true,
+            "KEEPTTL" if at.is_none() => keep = true,
+            "EX" | "PX" | "EXAT" | "PXAT" if at.is_none() && !keep && i + 1 < args.len() => {
+                match expiry(&opt, &args[i + 1], now, "set") {
+                    Ok(t) => at = Some(t),
+                    Err(e) => return e,
+                }
+                i += 1;
+            }
+            _ => return syntax(),
+        }
+        i += 1;
+    }
+    let mut sh = d.lock(&args[1]);
+    let old = if get {
+        match read_str(&mut sh, &args[1], now) {
+            Ok(v) => Some(v),
+            Err(e) => return e,
+        }
+    } else {
+        None
+    };
+    let existing = sh.get(&args[1], now).map(|e| e.expire_at);
+    let skip = (nx && existing.is_some()) || (xx && existing.is_none());
+    if !skip {
+        let ttl = if keep { existing.flatten() } else { at };
+        sh.insert(args[1].clone(), str_entry(args[2].clone(), ttl));
+    }
+    match (get, skip) {
+        (true, _) => old.flatten().map_or(Reply::Nil, Reply::Bulk),
+        (false, true) => Reply::Nil,
+        (false, false) => Reply::Simple("OK"),
+    }
+}
+
+fn expire(d: &crate::db::Db, name: &str, args: &[Bytes], now: u64) -> Reply {
+    let Some(n) = int_of(&args[2]) else {
+        return Reply::err(NOT_INT);
+    };
+    let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
+    for a in &args[3..] {
+        match upper(a).as_str() {
+            "NX" => nx = true,
+            "XX" => xx = true,
+            "GT" => gt = true,
+            "LT" => lt = true,
+            other => return Reply::err(format!("Unsupported option {other}")),
+        }
+    }
+    if nx && (xx || gt || lt) {
+        return Reply::err("NX and XX, GT or LT options at the same time are not compatible");
+    }
+    if gt && lt {
+        return Reply::err("GT and LT options at the same time are not compatible");
+    }
+    let at = match name {
+        "EXPIRE" => n
+            .checked_mul(1000)
+            .and_then(|ms| ms.checked_add(now as i64)),
+        "PEXPIRE" => n.checked_add(now as i64),
+        "EXPIREAT" => n.checked_mul(1000),
+        _ => Some(n),
+    };
+    let Some(at) = at else {
+        return Reply::err(format!(
+            "invalid expire time in '{}' command",
+            name.to_ascii_lowercase()
+        ));
+    };
+    let mut sh = d.lock(&args[1]);
+    let Some(cur) = sh.get(&args[1], now).map(|e| e.expire_at) else {
+        return Reply::Int(0);
+    };
+    let ok = match cur {
+        None => !(xx || gt),
+        Some(t) => !nx && (!gt || at > t as i64) && (!lt || at < t as i64),
+    };
+    if !ok {
+        return Reply::Int(0);
+    }
+    if at <= now as i64 {
+        sh.remove(&args[1]);
+    } else {
+        sh.set_expiry(&args[1], Some(at as u64), now);
+    }
+    Reply::Int(1)
+}

@@ -1,0 +1,37 @@
+//! The cache node's settings: every limit explicit, with Redis' defaults where Redis
+//! has one.
+
+use crate::resp::Limits;
+
+/// Settings of a cache node. `Default` holds the documented defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// The password `AUTH` and `HELLO AUTH` check (`None`: no authentication, as Redis
+    /// without `requirepass`).
+    pub password: Option<String>,
+    /// Most connected clients (Redis' `maxclients`, default 10,000); one more is answered
+    /// `ERR max number of clients reached` and closed.
+    pub max_clients: usize,
+    /// Request limits (bulk size, arguments, inline length).
+    pub limits: Limits,
+    /// Most unparsed request bytes held for one client (Redis' `client-query-buffer-limit`,
+    /// default 1 GiB); past it the connection is closed.
+    pub max_query_buffer_bytes: usize,
+    /// Shards per database (default: 4 per CPU).
+    pub shards: Option<usize>,
+    /// Keys the active expiry removes per shard per pass (default 200).
+    pub active_expire_budget: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            password: None,
+            max_clients: 10_000,
+            limits: Limits::default(),
+            max_query_buffer_bytes: 1024 * 1024 * 1024,
+            shards: None,
+            active_expire_budget: 200,
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! The cache node against Debian's redis-server 7.0 (a peer: skipped when missing,
+//! failed under `MESHWORK_REQUIRE_PEERS=1`): the same requests over real sockets to
+//! both, the replies compared byte for byte — strings, keys, expiry, errors, RESP3,
+//! inline requests, pipelining and protocol errors — and `redis-cli` against ours.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meshwork_cache::{Cache, CacheConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A redis-server child on a free port, without persistence; killed when dropped.
+struct Redis {
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn redis() -> Option<Redis> {
+    let bin = meshwork_testkit::peer::at(
+        "redis-server",
+        "MESHWORK_REDIS_SERVER",
+        "/usr/bin/redis-server",
+    )?;
+    let port = free_port();
+    let child = Command::new(bin)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "redis-server not ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some(Redis { addr, child })
+}
+
+async fn ours(cfg: CacheConfig) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cache = Cache::new(cfg, addr.port());
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(meshwork_cache::serve(listener, cache, rx));
+    (addr, stop)
+}
+
+/// Multibulk encoding of one command.
+fn cmd(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    out
+}
+
+/// The length of the complete reply at the front of `b`, if it is all there.
+fn reply_len(b: &[u8]) -> Option<usize> {
+    let line_end = b.windows(2).position(|w| w == b"\r\n")?;
+    let head = std::str::from_utf8(&b[1..line_end]).ok()?;
+    let after = line_end + 2;
+    match b.first()? {
+        b'+' | b'-' | b':' | b'_' | b',' | b'#' => Some(after),
+        b'$' | b'=' => {
+            let n: i64 = head.parse().ok()?;
+            if n < 0 {
+                return Some(after);
+            }
+            let end = after + n as usize + 2;
+            (b.len() >= end).then_some(end)
+        }
+        b'*' | b'~' | b'%' => {
+            let n: i64 = head.parse().ok()?;
+            let items = if b[0] == b'%' { n * 2 } else { n };
+            let mut at = after;
+            for _ in 0..items.max(0) {
+                at += reply_len(&b[at..])?;
+            }
+            Some(at)
+        }
+        _ => None,
+    }
+}
+
+/// A connection that sends raw bytes and reads whole replies.
+struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Conn {
+        Conn {
+            s: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, raw: &[u8]) {
+        self.s.write_all(raw).await.unwrap();
+    }
+
+    /// The next reply's bytes; empty when the server closed the connection.
+    async fn reply(&mut self) -> Vec<u8> {
+        loop {
+            if let Some(n) = reply_len(&self.buf) {
+                return self.buf.drain(..n).collect();
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut chunk))
+                .await
+                .expect("a reply within 10 s")
+                .unwrap_or(0);
+            if n == 0 {
+                return std::mem::take(&mut self.buf);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn call(&mut self, args: &[&str]) -> Vec<u8> {
+        self.send(&cmd(args)).await;
+        self.reply().await
+    }
+}
+
+const SCRIPT: &[&[&str]] = &[
+    &["SET", "k", "v"],
+    &["GET", "k"],
+    &["GET", "nokey"],
+    &["SET", "k", "v2", "XX", "GET"],
+    &["SET", "k2", "x", "NX"],
+    &["SET", "k2", "y", "NX"],
+    &["SET", "k3", "z", "XX"],
+    &["SET", "n", "10"],
+    &["INCR", "n"],
+    &["INCRBY", "n", "5"],
+    &["DECR", "n"],
+    &["DECRBY", "n", "3"],
+    &["INCR", "k"],
+    &["INCRBY", "n", "abc"],
+    &["INCRBY", "n", "01"],
+    &["SET", "big", "9223372036854775807"],
+    &["INCR", "big"],
+    &["INCRBYFLOAT", "f", "1.5"],
+    &["INCRBYFLOAT", "f", "2"],
+    &["INCRBYFLOAT", "f", "x"],
+    &["APPEND", "a", "hello"],
+    &["APPEND", "a", " world"],
+    &["STRLEN", "a"],
+    &["STRLEN", "nokey"],
+    &["GETRANGE", "a", "0", "4"],
+    &["GETRANGE", "a", "-5", "-1"],
+    &["GETRANGE", "a", "20", "30"],
+    &["SETRANGE", "a", "6", "W"],
+    &["SETRANGE", "pad", "3", "x"],
+    &["GET", "pad"],
+    &["GET", "a"],
+    &["MSET", "x", "1", "y", "2"],
+    &["MSET", "x", "1", "y"],
+    &["MGET", "x", "y", "nokey", "n"],
+    &["MSETNX", "x", "3", "z", "4"],
+    &["MSETNX", "z", "3", "w", "4"],
+    &["EXISTS", "x", "y", "nokey", "x"],
+    &["DEL", "x", "nokey"],
+    &["TYPE", "y"],
+    &["TYPE", "nokey"],
+    &["EXPIRE", "y", "100"],
+    &["TTL", "y"],
+    &["PERSIST", "y"],
+    &["PERSIST", "y"],
+    &["TTL", "y"],
+    &["TTL", "nokey"],
+    &["PTTL", "nokey"],
+    &["PEXPIRE", "y", "100000", "NX"],
+    &["EXPIRE", "y", "50", "GT"],
+    &["EXPIRE", "y", "500", "GT"],
+    &["EXPIRE", "y", "50", "NX", "XX"],
+    &["EXPIRE", "y", "50", "FOO"],
+    &["EXPIRE", "y", "x"],
+    &["EXPIRE", "nokey", "10"],
+    &["RENAME", "y", "y2"],
+    &["RENAME", "nokey", "z2"],
+    &["RENAMENX", "y2", "a"],
+    &["RENAMENX", "y2", "y3"],
+    &["GETDEL", "y3"],
+    &["GETDEL", "y3"],
+    &["GETSET", "gs", "1"],
+    &["GETSET", "gs", "2"],
+    &["SETNX", "gs", "3"],
+    &["SETEX", "s", "0", "v"],
+    &["SETEX", "s", "100", "v"],
+    &["PSETEX", "s", "-1", "v"],
+    &["SET", "s", "v", "EX", "0"],
+    &["SET", "s", "v", "EX", "abc"],
+    &["SET", "s", "v", "NX", "XX"],
+    &["SET", "s", "v", "EX", "10", "PX", "100"],
+    &["SET", "s", "v", "KEEPTTL"],
+    &["GETEX", "a", "PERSIST"],
+    &["GETEX", "a", "EX", "100"],
+    &["GETEX", "a", "EX"],
+    &["GETEX", "nokey"],
+    &["SET", "gone", "1", "PX", "1"],
+    &["DBSIZE"],
+    &["SELECT", "16"],
+    &["SELECT", "x"],
+    &["SELECT", "1"],
+    &["GET", "k"],
+    &["SELECT", "0"],
+    &["ECHO", "hi"],
+    &["PING"],
+    &["PING", "x"],
+    &["FOOBAR", "a", "b"],
+    &["GET"],
+    &["SET", "k"],
+    &["HELLO", "4"],
+    &["CLIENT", "SETNAME", "my-conn"],
+    &["CLIENT", "GETNAME"],
+    &["CLIENT", "SETNAME", "bad name"],
+    &["AUTH", "x"],
+    &["COMMAND", "FOO"],
+    &["FLUSHDB"],
+    &["DBSIZE"],
+    &["KEYS", "*"],
+];
+
+fn show(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).replace("\r\n", "\\r\\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_match_redis_byte_for_byte() {
+    let Some(r) = redis() else { return };
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    let (mut mine, mut theirs) = (Conn::open(a).await, Conn::open(r.addr).await);
+    for args in SCRIPT {
+        let (m, t) = (mine.call(args).await, theirs.call(args).await);
+        assert_eq!(show(&m), show(&t), "{args:?}");
+    }
+
+    // Pipelined: all sent at once, answered in order.
+    let mut batch = Vec::new();
+    for i in 0..100 {
+        batch.extend(cmd(&["SET", &format!("p{i}"), &i.to_string()]));
+        batch.extend(cmd(&["INCR", &format!("p{i}")]));
+    }
+    batch.extend_from_slice(b"GET p7\r\nset q \"a b\\x41\" \r\nGET q\r\n");
+    mine.send(&batch).await;
+    theirs.send(&batch).await;
+    for _ in 0..203 {
+        let (m, t) = (mine.reply().await, theirs.reply().await);
+        assert_eq!(show(&m), show(&t));
+    }
+
+    // RESP3 after HELLO 3 (HELLO's own map differs: server details).
+    let (m, t) = (
+        mine.call(&["HELLO", "3"]).await,
+        theirs.call(&["HELLO", "3"]).await,
+    );
+    assert_eq!((m[0], t[0]), (b'%', b'%'));
+    for args in [
+        &["GET", "nokey"][..],
+        &["SET", "r3", "1"],
+        &["INCRBYFLOAT", "r3", "0.5"],
+        &["MGET", "r3", "nokey"],
+        &["TTL", "r3"],
+        &["GET", "p7"],
+    ] {
+        let (m, t) = (mine.call(args).await, theirs.call(args).await);
+        assert_eq!(show(&m), show(&t), "RESP3 {args:?}");
+    }
+
+    // Protocol errors: the same error, then the connection closed.
+    for bad in [
+        &b"*1\r\n+x\r\n"[..],
+        b"*x\r\n",
+        b"*1\r\n$-5\r\n",
+        b"set \"a\r\n",
+    ] {
+        let (mut m, mut t) = (Conn::open(a).await, Conn::open(r.addr).await);
+        m.send(bad).await;
+        t.send(bad).await;
+        let (em, et) = (m.reply().await, t.reply().await);
+        assert_eq!(show(&em), show(&et), "{:?}", show(bad));
+        assert!(m.reply().await.is_empty(), "closed after {:?}", show(bad));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_expire_lazily_and_in_the_background() {
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    let mut c = Conn::open(a).await;
+    for i in 0..2000 {
+        c.send(&cmd(&["SET", &format!("e{i}"), "v", "PX", "50"]))
+            .await;
+    }
+    for _ in 0..2000 {
+        assert_eq!(c.reply().await, b"+OK\r\n");
+    }
+    assert_eq!(c.call(&["SET", "keep", "v"]).await, b"+OK\r\n");
+    assert_eq!(c.call(&["DBSIZE"]).await, b":2001\r\n");
+    // Nobody reads them: the background expiry removes them all.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if c.call(&["DBSIZE"]).await == b":1\r\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "expired keys not removed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.call(&["GET", "e5"]).await, b"$-1\r\n");
+    assert_eq!(c.call(&["GET", "keep"]).await, b"$1\r\nv\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_guards_every_command_and_limits_hold() {
+    let cfg = CacheConfig {
+        password: Some("s3cret".into()),
+        max_clients: 3,
+        ..CacheConfig::default()
+    };
+    let (a, _stop) = ours(cfg).await;
+    let mut c = Conn::open(a).await;
+    assert_eq!(
+        c.call(&["GET", "k"]).await,
+        b"-NOAUTH Authentication required.\r\n"
+    );
+    assert_eq!(
+        c.call(&["AUTH", "nope"]).await,
+        b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+    );
+    assert_eq!(c.call(&["AUTH", "default", "s3cret"]).await, b"+OK\r\n");
+    assert_eq!(c.call(&["GET", "k"]).await, b"$-1\r\n");
+    let mut h = Conn::open(a).await;
+    let r = h.call(&["HELLO", "3", "AUTH", "default", "s3cret"]).await;
+    assert_eq!(r[0], b'%');
+    // Past max_clients: refused with Redis' error, the others unharmed.
+    let mut third = Conn::open(a).await;
+    assert_eq!(third.call(&["AUTH", "s3cret"]).await, b"+OK\r\n");
+    let mut fourth = Conn::open(a).await;
+    assert_eq!(
+        fourth.reply().await,
+        b"-ERR max number of clients reached\r\n"
+    );
+    assert!(fourth.reply().await.is_empty());
+    assert_eq!(c.call(&["PING"]).await, b"+PONG\r\n");
+    // A giant declared bulk is refused before anything is allocated for it.
+    // QUIT frees the third's slot before its connection closes.
+    assert_eq!(third.call(&["QUIT"]).await, b"+OK\r\n");
+    assert!(third.reply().await.is_empty());
+    let mut g = Conn::open(a).await;
+    g.send(b"*2\r\n$3\r\nGET\r\n$9999999999\r\n").await;
+    let r = g.reply().await;
+    assert!(
+        r == b"-ERR Protocol error: invalid bulk length\r\n" || r.is_empty(),
+        "{}",
+        show(&r)
+    );
+    assert_eq!(c.call(&["PING"]).await, b"+PONG\r\n");
+}
+
+#[test]
+fn redis_cli_works_against_the_node() {
+    let Some(cli) =
+        meshwork_testkit::peer::at("redis-cli", "MESHWORK_REDIS_CLI", "/usr/bin/redis-cli")
+    else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (a, _stop) = rt.block_on(ours(CacheConfig::default()));
+    let run = |args: &[&str]| {
+        let out = Command::new(&cli)
+            .args(["-h", "127.0.0.1", "-p", &a.port().to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(run(&["PING"]), "PONG");
+    assert_eq!(run(&["SET", "greeting", "hello world"]), "OK");
+    assert_eq!(run(&["GET", "greeting"]), "hello world");
+    assert_eq!(run(&["INCRBY", "visits", "41"]), "41");
+    assert_eq!(run(&["INCR", "visits"]), "42");
+    assert_eq!(run(&["-3", "SET", "r3", "x"]), "OK");
+    assert!(run(&["NOSUCH"]).contains("unknown command"));
+}
