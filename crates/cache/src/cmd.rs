@@ -50,6 +50,8 @@ pub struct Node {
     pub started_ms: u64,
     /// The TCP port (`INFO`).
     pub port: u16,
+    /// What `CONFIG GET` shows: `(Redis' name, value)`.
+    pub settings: Vec<(&'static str, String)>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -119,6 +121,7 @@ pub const COMMANDS: &[(&str, i32)] = &[
     ("COMMAND", -1),
     ("INFO", -1),
     ("TIME", 1),
+    ("CONFIG", -2),
     ("GET", 2),
     ("SET", -3),
     ("SETNX", 3),
@@ -163,7 +166,18 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
     let Some(first) = args.first() else {
         return (Reply::Nil, Flow::Continue);
     };
-    let name = upper(first);
+    // The name upper-cased on the stack (no allocation per command); one longer than
+    // any command is unknown.
+    let mut upper_name = [0u8; 24];
+    let name = match upper_name.get_mut(..first.len()) {
+        Some(dst) => {
+            for (d, c) in dst.iter_mut().zip(first.iter()) {
+                *d = c.to_ascii_uppercase();
+            }
+            std::str::from_utf8(dst).unwrap_or("")
+        }
+        None => "",
+    };
     node.commands.fetch_add(1, Ordering::Relaxed);
     let Some(&(_, arity)) = COMMANDS.iter().find(|(n, _)| *n == name) else {
         let mut shown = String::new();
@@ -186,21 +200,21 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
     };
     let n = args.len() as i32;
     if (arity > 0 && n != arity) || (arity < 0 && n < -arity) {
-        return (wrong_args(&name), Flow::Continue);
+        return (wrong_args(name), Flow::Continue);
     }
-    if !s.authed && !matches!(name.as_str(), "AUTH" | "HELLO" | "QUIT") {
+    if !s.authed && !matches!(name, "AUTH" | "HELLO" | "QUIT") {
         return (
             Reply::Error("NOAUTH Authentication required.".into()),
             Flow::Continue,
         );
     }
     let now = now_ms();
-    let reply = match name.as_str() {
+    let reply = match name {
         "QUIT" => return (Reply::Simple("OK"), Flow::Close),
         "PING" => match args.len() {
             1 => Reply::Simple("PONG"),
             2 => Reply::Bulk(args[1].clone()),
-            _ => wrong_args(&name),
+            _ => wrong_args(name),
         },
         "ECHO" => Reply::Bulk(args[1].clone()),
         "SELECT" => match int_of(&args[1]) {
@@ -264,7 +278,8 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
             )),
         },
         "INFO" => Reply::Verbatim(info(node)),
-        _ => data(node, s, &name, args, now),
+        "CONFIG" => config(node, args),
+        _ => data(node, s, name, args, now),
     };
     (reply, Flow::Continue)
 }
@@ -377,6 +392,41 @@ fn client(s: &mut Session, args: &[Bytes]) -> Reply {
         }
         _ => Reply::err(format!(
             "unknown subcommand '{}'. Try CLIENT HELP.",
+            String::from_utf8_lossy(&args[1])
+        )),
+    }
+}
+
+/// `CONFIG GET pattern...` (the settings this node has, with Redis' names) and
+/// `CONFIG RESETSTAT`; settings are fixed at start, so `CONFIG SET` is refused.
+fn config(node: &Node, args: &[Bytes]) -> Reply {
+    match upper(&args[1]).as_str() {
+        "GET" if args.len() >= 3 => Reply::Map(
+            node.settings
+                .iter()
+                .filter(|(k, _)| {
+                    args[2..]
+                        .iter()
+                        .any(|p| glob_match(&p.to_ascii_lowercase(), k.as_bytes()))
+                })
+                .map(|(k, v)| (Reply::bulk(*k), Reply::bulk(v.clone())))
+                .collect(),
+        ),
+        "RESETSTAT" if args.len() == 2 => {
+            for c in [&node.commands, &node.hits, &node.misses, &node.connections] {
+                c.store(0, Ordering::Relaxed);
+            }
+            Reply::Simple("OK")
+        }
+        "SET" if args.len() >= 4 => Reply::err(format!(
+            "CONFIG SET failed (possibly related to argument '{}') - the cache's settings are fixed at start ([cache] in the config file)",
+            String::from_utf8_lossy(&args[2])
+        )),
+        "GET" | "SET" | "RESETSTAT" => {
+            wrong_args(&format!("config|{}", upper(&args[1]).to_ascii_lowercase()))
+        }
+        _ => Reply::err(format!(
+            "unknown subcommand '{}'. Try CONFIG HELP.",
             String::from_utf8_lossy(&args[1])
         )),
     }
@@ -807,9 +857,10 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
     }
 }
 
+/// A string entry holding its own copy of `b` (see [`Shard::insert`]).
 fn str_entry(b: Bytes, expire_at: Option<u64>) -> Entry {
     Entry {
-        value: Value::Str(b),
+        value: Value::Str(Bytes::copy_from_slice(&b)),
         expire_at,
     }
 }

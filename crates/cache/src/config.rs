@@ -19,6 +19,8 @@ pub struct CacheConfig {
     pub max_query_buffer_bytes: usize,
     /// Shards per database (default: 4 per CPU).
     pub shards: Option<usize>,
+    /// Worker threads serving connections (default: one per CPU).
+    pub workers: Option<usize>,
     /// Keys the active expiry removes per shard per pass (default 200).
     pub active_expire_budget: usize,
 }
@@ -31,6 +33,7 @@ impl Default for CacheConfig {
             limits: Limits::default(),
             max_query_buffer_bytes: 1024 * 1024 * 1024,
             shards: None,
+            workers: None,
             active_expire_budget: 200,
         }
     }

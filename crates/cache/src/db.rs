@@ -77,17 +77,20 @@ impl Shard {
         key.len() + e.value.weight() + ENTRY_OVERHEAD
     }
 
-    /// The live entry of `key` (one past its time is removed first).
+    /// The live entry of `key` (one past its time is absent; the active expiry, or
+    /// the next write of the key, removes it). One hash lookup.
     pub fn get(&mut self, key: &[u8], now: u64) -> Option<&Entry> {
-        self.expire_if_due(key, now);
-        self.map.get(key)
+        self.map
+            .get(key)
+            .filter(|e| e.expire_at.is_none_or(|t| t > now))
     }
 
     /// The live entry of `key`, to change in place. Call [`Shard::reweigh`] after
     /// changing its value's size.
     pub fn get_mut(&mut self, key: &[u8], now: u64) -> Option<&mut Entry> {
-        self.expire_if_due(key, now);
-        self.map.get_mut(key)
+        self.map
+            .get_mut(key)
+            .filter(|e| e.expire_at.is_none_or(|t| t > now))
     }
 
     fn expire_if_due(&mut self, key: &[u8], now: u64) {
@@ -102,14 +105,30 @@ impl Shard {
         }
     }
 
-    /// Sets `key` (replacing what was there, its expiry included).
+    /// Sets `key` (replacing what was there, its expiry included). The key is copied:
+    /// a request's arguments are slices of its connection's read buffer, which a stored
+    /// slice would keep alive whole.
     pub fn insert(&mut self, key: Bytes, entry: Entry) {
-        self.remove(&key);
-        if let Some(t) = entry.expire_at {
-            self.expiries.insert((t, key.clone()));
+        let new_weight = Self::weigh(&key, &entry);
+        let new_expiry = entry.expire_at;
+        // One lookup: replace in place, or add a copy of the key.
+        match self.map.get_mut(&key[..]) {
+            Some(slot) => {
+                if let Some(old) = slot.expire_at {
+                    self.expiries.remove(&(old, key.clone()));
+                }
+                let old_weight = Self::weigh(&key, slot);
+                *slot = entry;
+                self.used = self.used.saturating_sub(old_weight) + new_weight;
+            }
+            None => {
+                self.map.insert(Bytes::copy_from_slice(&key), entry);
+                self.used += new_weight;
+            }
         }
-        self.used += Self::weigh(&key, &entry);
-        self.map.insert(key, entry);
+        if let Some(t) = new_expiry {
+            self.expiries.insert((t, Bytes::copy_from_slice(&key)));
+        }
     }
 
     /// Removes `key`; its entry if it was there (expired or not).

@@ -14,4 +14,4 @@ pub mod resp;
 pub mod server;
 
 pub use config::CacheConfig;
-pub use server::{Cache, serve};
+pub use server::{Cache, Workers, spawn_workers};

@@ -1,6 +1,9 @@
-//! The RESP server: one task per connection, requests parsed from the read buffer as
+//! The RESP server: worker threads, each with its own single-threaded runtime and its
+//! own `SO_REUSEPORT` listener (the kernel spreads connections; a connection never
+//! crosses threads, so no request pays a wakeup of another thread), sharing the
+//! sharded keyspace. One task per connection parses requests from the read buffer as
 //! they complete (pipelining: every complete request is answered before the next read,
-//! in order, in one write), and a task that expires keys in the background.
+//! in order, in one write); a task on the first worker expires keys in the background.
 //!
 //! A client that stops reading its replies stops being read (the write waits), so it
 //! holds at most one batch of replies and its unread requests: it costs memory for
@@ -47,6 +50,21 @@ impl Cache {
                 connections: AtomicU64::new(0),
                 started_ms: cmd::now_ms(),
                 port,
+                settings: vec![
+                    ("maxclients", cfg.max_clients.to_string()),
+                    ("databases", crate::db::DATABASES.to_string()),
+                    ("proto-max-bulk-len", cfg.limits.max_bulk_bytes.to_string()),
+                    (
+                        "client-query-buffer-limit",
+                        cfg.max_query_buffer_bytes.to_string(),
+                    ),
+                    ("port", port.to_string()),
+                    ("save", String::new()),
+                    ("appendonly", "no".into()),
+                    ("maxmemory", "0".into()),
+                    ("maxmemory-policy", "noeviction".into()),
+                    ("timeout", "0".into()),
+                ],
             },
             cfg,
             clients: AtomicUsize::new(0),
@@ -65,9 +83,114 @@ impl Cache {
     }
 }
 
-/// Serves RESP on `listener` until `stop` changes.
-pub async fn serve(listener: TcpListener, cache: Arc<Cache>, mut stop: watch::Receiver<bool>) {
-    let expirer = tokio::spawn(expire_loop(cache.clone(), stop.clone()));
+/// Running cache workers; dropping them stops them (without waiting).
+pub struct Workers {
+    /// The bound address (port 0 resolved).
+    pub addr: std::net::SocketAddr,
+    cache: Arc<Cache>,
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// The cache they serve.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Stops accepting, closes every connection and waits for the threads.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(true);
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn reuseport_listener(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_tcp_nodelay(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// Serves RESP on `addr` (port 0 picks a free one) with `workers` threads (default:
+/// one per CPU).
+pub fn spawn_workers(
+    addr: std::net::SocketAddr,
+    cfg: CacheConfig,
+    workers: Option<usize>,
+) -> std::io::Result<Workers> {
+    let n = workers
+        .or(cfg.workers)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1);
+    let first = reuseport_listener(addr)?;
+    let addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..n {
+        listeners.push(reuseport_listener(addr)?);
+    }
+    let cache = Cache::new(cfg, addr.port());
+    let (stop, stop_rx) = watch::channel(false);
+    let mut threads = Vec::with_capacity(n);
+    for (i, l) in listeners.into_iter().enumerate() {
+        let (cache, stop_rx) = (cache.clone(), stop_rx.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("cache-{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cache worker: no runtime");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match TcpListener::from_std(l) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cache worker: listener");
+                            return;
+                        }
+                    };
+                    serve(listener, cache, stop_rx, i == 0).await;
+                });
+            })?;
+        threads.push(t);
+    }
+    tracing::info!(%addr, workers = n, "cache listening");
+    Ok(Workers {
+        addr,
+        cache,
+        stop,
+        threads,
+    })
+}
+
+/// Serves RESP on `listener` until `stop` changes (and expires keys in the background
+/// when `expirer`).
+async fn serve(
+    listener: TcpListener,
+    cache: Arc<Cache>,
+    mut stop: watch::Receiver<bool>,
+    expirer: bool,
+) {
+    let expirer = expirer.then(|| tokio::spawn(expire_loop(cache.clone(), stop.clone())));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -82,7 +205,6 @@ pub async fn serve(listener: TcpListener, cache: Arc<Cache>, mut stop: watch::Re
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let c = cache.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -91,7 +213,9 @@ pub async fn serve(listener: TcpListener, cache: Arc<Cache>, mut stop: watch::Re
             }
         });
     }
-    expirer.abort();
+    if let Some(e) = expirer {
+        e.abort();
+    }
 }
 
 /// Removes expired keys in the background: every 100 ms, a bounded amount per shard,

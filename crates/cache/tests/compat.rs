@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meshwork_cache::{Cache, CacheConfig};
+use meshwork_cache::{CacheConfig, Workers};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -65,13 +65,9 @@ fn redis() -> Option<Redis> {
     Some(Redis { addr, child })
 }
 
-async fn ours(cfg: CacheConfig) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let cache = Cache::new(cfg, addr.port());
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(meshwork_cache::serve(listener, cache, rx));
-    (addr, stop)
+async fn ours(cfg: CacheConfig) -> (SocketAddr, Workers) {
+    let w = meshwork_cache::spawn_workers("127.0.0.1:0".parse().unwrap(), cfg, Some(2)).unwrap();
+    (w.addr, w)
 }
 
 /// Multibulk encoding of one command.

@@ -268,6 +268,9 @@ pub(crate) struct CacheFile {
     /// Shards per database (default 4 per CPU).
     #[serde(default)]
     pub(crate) shards: Option<usize>,
+    /// Worker threads serving connections (default one per CPU).
+    #[serde(default)]
+    pub(crate) workers: Option<usize>,
 }
 
 impl CacheFile {
@@ -278,6 +281,7 @@ impl CacheFile {
                 .ok()
                 .or(self.password.clone()),
             shards: self.shards,
+            workers: self.workers,
             ..meshwork_cache::CacheConfig::default()
         };
         if let Some(v) = self.max_clients {
@@ -289,8 +293,14 @@ impl CacheFile {
         if let Some(v) = self.max_query_buffer_bytes {
             c.max_query_buffer_bytes = v;
         }
-        if c.max_clients == 0 || c.limits.max_bulk_bytes == 0 || c.shards == Some(0) {
-            bail!("[cache] table: max_clients, max_bulk_bytes and shards must be positive");
+        if c.max_clients == 0
+            || c.limits.max_bulk_bytes == 0
+            || c.shards == Some(0)
+            || c.workers == Some(0)
+        {
+            bail!(
+                "[cache] table: max_clients, max_bulk_bytes, shards and workers must be positive"
+            );
         }
         if c.password.as_deref() == Some("") {
             bail!("[cache] table: an empty password; leave it out for no authentication");

@@ -61,6 +61,7 @@ pub(crate) struct Running {
     gateway: Option<meshwork_gateway::GatewayRole>,
     txn: Option<meshwork_txn::role::TxnRole>,
     mq: Option<meshwork_mq::Broker>,
+    cache: Option<meshwork_cache::Workers>,
 }
 
 impl Running {
@@ -85,6 +86,9 @@ impl Running {
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        if let Some(c) = self.cache {
+            let _ = tokio::task::spawn_blocking(move || c.stop()).await;
         }
         if let Some(b) = self.mq {
             // Waits for the committer to finish what is queued.
@@ -306,20 +310,10 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             cfg.listen.max_body_bytes,
         ));
     let cache_addr = match (cfg.roles.cache, cfg.cache_addr) {
-        (true, Some(addr)) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the cache address {addr}"))?;
-            let bound = listener.local_addr()?;
-            let cache = meshwork_cache::Cache::new(cfg.cache.clone(), bound.port());
-            tasks.push(tokio::spawn(meshwork_cache::serve(
-                listener,
-                cache,
-                stop_rx.clone(),
-            )));
-            tracing::info!(cache_addr = %bound, "cache serving RESP");
-            Some(bound)
-        }
+        (true, Some(addr)) => Some(
+            meshwork_cache::spawn_workers(addr, cfg.cache.clone(), None)
+                .with_context(|| format!("binding the cache address {addr}"))?,
+        ),
         _ => None,
     };
     let rx = stop_rx.clone();
@@ -339,7 +333,8 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         etcd_addr,
         http_addr,
         gateway_addr: gateway.as_ref().map(|g| g.addr),
-        cache_addr,
+        cache_addr: cache_addr.as_ref().map(|c| c.addr),
+        cache: cache_addr,
         stop,
         tasks,
         store,
