@@ -159,6 +159,39 @@ pub const COMMANDS: &[(&str, i32)] = &[
     ("RENAMENX", 3),
     ("KEYS", 2),
     ("RANDOMKEY", 1),
+    ("HSET", -4),
+    ("HMSET", -4),
+    ("HSETNX", 4),
+    ("HGET", 3),
+    ("HEXISTS", 3),
+    ("HSTRLEN", 3),
+    ("HMGET", -3),
+    ("HDEL", -3),
+    ("HLEN", 2),
+    ("HKEYS", 2),
+    ("HVALS", 2),
+    ("HGETALL", 2),
+    ("HINCRBY", 4),
+    ("LPUSH", -3),
+    ("RPUSH", -3),
+    ("LPUSHX", -3),
+    ("RPUSHX", -3),
+    ("LPOP", -2),
+    ("RPOP", -2),
+    ("LLEN", 2),
+    ("LINDEX", 3),
+    ("LRANGE", 4),
+    ("LSET", 4),
+    ("LREM", 4),
+    ("LTRIM", 4),
+    ("SADD", -3),
+    ("SREM", -3),
+    ("SISMEMBER", 3),
+    ("SMISMEMBER", -3),
+    ("SCARD", 2),
+    ("SMEMBERS", 2),
+    ("SPOP", -2),
+    ("SRANDMEMBER", -2),
 ];
 
 /// Runs one command.
@@ -853,7 +886,8 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
             }
             Reply::Nil
         }
-        _ => Reply::err(format!("unknown command '{name}'")),
+        _ => crate::types::run(d, name, args, now, &mut |n| rand::random_range(0..n))
+            .unwrap_or_else(|| Reply::err(format!("unknown command '{name}'"))),
     }
 }
 

@@ -22,8 +22,8 @@ pub enum Value {
     Str(Bytes),
     /// A list.
     List(VecDeque<Bytes>),
-    /// A hash.
-    Hash(HashMap<Bytes, Bytes>),
+    /// A hash (fields in insertion order).
+    Hash(indexmap::IndexMap<Bytes, Bytes>),
     /// A set.
     Set(HashSet<Bytes>),
 }

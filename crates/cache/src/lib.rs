@@ -12,6 +12,7 @@ pub mod db;
 pub mod glob;
 pub mod resp;
 pub mod server;
+pub mod types;
 
 pub use config::CacheConfig;
 pub use server::{Cache, Workers, spawn_workers};
