@@ -21,6 +21,15 @@ pub struct Session {
     pub name: Option<Bytes>,
     /// Authenticated (always true without a password).
     pub authed: bool,
+    /// Its subscriptions, once it subscribed to something.
+    pub sub: Option<crate::pubsub::Subscriber>,
+}
+
+impl Session {
+    /// Subscribed to at least one channel or pattern.
+    pub fn subscribed(&self) -> bool {
+        self.sub.as_ref().is_some_and(|s| s.count() > 0)
+    }
 }
 
 /// What the connection does after the reply.
@@ -52,6 +61,8 @@ pub struct Node {
     pub port: u16,
     /// What `CONFIG GET` shows: `(Redis' name, value)`.
     pub settings: Vec<(&'static str, String)>,
+    /// Channels and patterns.
+    pub pubsub: crate::pubsub::PubSub,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -122,6 +133,12 @@ pub const COMMANDS: &[(&str, i32)] = &[
     ("INFO", -1),
     ("TIME", 1),
     ("CONFIG", -2),
+    ("SUBSCRIBE", -2),
+    ("PSUBSCRIBE", -2),
+    ("UNSUBSCRIBE", -1),
+    ("PUNSUBSCRIBE", -1),
+    ("PUBLISH", 3),
+    ("PUBSUB", -2),
     ("GET", 2),
     ("SET", -3),
     ("SETNX", 3),
@@ -241,14 +258,41 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
             Flow::Continue,
         );
     }
+    if s.proto == 2
+        && s.subscribed()
+        && !matches!(
+            name,
+            "SUBSCRIBE" | "UNSUBSCRIBE" | "PSUBSCRIBE" | "PUNSUBSCRIBE" | "PING" | "QUIT"
+        )
+    {
+        return (
+            Reply::err(format!(
+                "Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+                name.to_ascii_lowercase()
+            )),
+            Flow::Continue,
+        );
+    }
     let now = now_ms();
     let reply = match name {
         "QUIT" => return (Reply::Simple("OK"), Flow::Close),
+        "PING" if s.proto == 2 && s.subscribed() => match args.len() {
+            1 | 2 => Reply::Array(vec![
+                Reply::bulk("pong"),
+                Reply::Bulk(args.get(1).cloned().unwrap_or_default()),
+            ]),
+            _ => wrong_args(name),
+        },
         "PING" => match args.len() {
             1 => Reply::Simple("PONG"),
             2 => Reply::Bulk(args[1].clone()),
             _ => wrong_args(name),
         },
+        "SUBSCRIBE" | "PSUBSCRIBE" | "UNSUBSCRIBE" | "PUNSUBSCRIBE" => {
+            crate::server::subscriptions(node, s, name, &args[1..])
+        }
+        "PUBLISH" => Reply::Int(node.pubsub.publish(&args[1], &args[2])),
+        "PUBSUB" => pubsub_cmd(node, args),
         "ECHO" => Reply::Bulk(args[1].clone()),
         "SELECT" => match int_of(&args[1]) {
             Some(i) if (0..crate::db::DATABASES as i64).contains(&i) => {
@@ -425,6 +469,38 @@ fn client(s: &mut Session, args: &[Bytes]) -> Reply {
         }
         _ => Reply::err(format!(
             "unknown subcommand '{}'. Try CLIENT HELP.",
+            String::from_utf8_lossy(&args[1])
+        )),
+    }
+}
+
+/// `PUBSUB CHANNELS [pattern]`, `NUMSUB channel...`, `NUMPAT`.
+fn pubsub_cmd(node: &Node, args: &[Bytes]) -> Reply {
+    match upper(&args[1]).as_str() {
+        "CHANNELS" if args.len() <= 3 => Reply::Array(
+            node.pubsub
+                .channels(args.get(2).map(|p| &p[..]))
+                .into_iter()
+                .map(Reply::Bulk)
+                .collect(),
+        ),
+        "NUMSUB" => Reply::Array(
+            args[2..]
+                .iter()
+                .flat_map(|c| {
+                    [
+                        Reply::Bulk(c.clone()),
+                        Reply::Int(node.pubsub.numsub(c) as i64),
+                    ]
+                })
+                .collect(),
+        ),
+        "NUMPAT" if args.len() == 2 => Reply::Int(node.pubsub.numpat() as i64),
+        "CHANNELS" | "NUMPAT" => {
+            wrong_args(&format!("pubsub|{}", upper(&args[1]).to_ascii_lowercase()))
+        }
+        _ => Reply::err(format!(
+            "unknown subcommand '{}'. Try PUBSUB HELP.",
             String::from_utf8_lossy(&args[1])
         )),
     }

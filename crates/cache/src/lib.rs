@@ -10,6 +10,7 @@ pub mod cmd;
 pub mod config;
 pub mod db;
 pub mod glob;
+pub mod pubsub;
 pub mod resp;
 pub mod server;
 pub mod types;

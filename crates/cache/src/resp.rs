@@ -262,6 +262,10 @@ pub enum Reply {
     Bool(bool),
     /// A RESP3 verbatim string (`=n\r\ntxt:...`; RESP2: a bulk string).
     Verbatim(String),
+    /// A RESP3 push (`>n`; RESP2: an array): pub/sub messages and confirmations.
+    Push(Vec<Reply>),
+    /// Several replies to one command, one after the other (`SUBSCRIBE a b`).
+    Many(Vec<Reply>),
 }
 
 impl Reply {
@@ -297,6 +301,19 @@ impl Reply {
             Reply::NilArray => write!(out, "*-1\r\n"),
             Reply::Array(items) => {
                 let _ = write!(out, "*{}\r\n", items.len());
+                for i in items {
+                    i.write(proto, out);
+                }
+                Ok(())
+            }
+            Reply::Push(items) => {
+                let _ = write!(out, "{}{}\r\n", if resp3 { '>' } else { '*' }, items.len());
+                for i in items {
+                    i.write(proto, out);
+                }
+                Ok(())
+            }
+            Reply::Many(items) => {
                 for i in items {
                     i.write(proto, out);
                 }

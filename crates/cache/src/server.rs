@@ -65,6 +65,7 @@ impl Cache {
                     ("maxmemory-policy", "noeviction".into()),
                     ("timeout", "0".into()),
                 ],
+                pubsub: crate::pubsub::PubSub::default(),
             },
             cfg,
             clients: AtomicUsize::new(0),
@@ -268,7 +269,33 @@ async fn connection(
         proto: 2,
         name: None,
         authed: cache.node.password.is_none(),
+        sub: None,
     };
+    let r = requests(&mut stream, cache, &mut session, &mut stop).await;
+    // Whatever ended it, its subscriptions go.
+    if let Some(mut s) = session.sub.take() {
+        cache.node.pubsub.forget(&mut s);
+    }
+    r
+}
+
+/// The next message for a subscriber; never, for a connection without subscriptions.
+async fn next_message(
+    sub: &mut Option<crate::pubsub::Subscriber>,
+) -> Option<crate::pubsub::Message> {
+    match sub {
+        Some(s) => s.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves one connection's requests (and its subscriptions' messages).
+async fn requests(
+    stream: &mut TcpStream,
+    cache: &Cache,
+    session: &mut Session,
+    stop: &mut watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let limits = cache.cfg.limits;
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
@@ -277,7 +304,7 @@ async fn connection(
             match resp::parse(&mut buf, &limits) {
                 Ok(Some(args)) if args.is_empty() => {}
                 Ok(Some(args)) => {
-                    let (reply, flow) = cmd::execute(&cache.node, &mut session, &args);
+                    let (reply, flow) = cmd::execute(&cache.node, session, &args);
                     reply.write(session.proto, &mut out);
                     if flow == Flow::Close {
                         stream.write_all(&out).await?;
@@ -307,15 +334,107 @@ async fn connection(
         if buf.len() > cache.cfg.max_query_buffer_bytes {
             return Ok(());
         }
+        if session
+            .sub
+            .as_ref()
+            .is_some_and(|s| s.handle.cut.load(Ordering::Acquire))
+        {
+            // Its messages overflowed while it was not reading.
+            return Ok(());
+        }
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(16 * 1024);
         }
-        let read = tokio::select! {
-            r = stream.read_buf(&mut buf) => r?,
+        tokio::select! {
+            r = stream.read_buf(&mut buf) => {
+                if r? == 0 {
+                    return Ok(());
+                }
+            }
+            m = next_message(&mut session.sub) => {
+                let Some(m) = m else { return Ok(()) };
+                let Some(s) = session.sub.as_mut() else { return Ok(()) };
+                s.handle.queued.fetch_sub(m.size(), Ordering::AcqRel);
+                m.reply().write(session.proto, &mut out);
+                // What else is queued goes in the same write.
+                while out.len() < FLUSH_BYTES {
+                    match s.rx.try_recv() {
+                        Ok(m) => {
+                            s.handle.queued.fetch_sub(m.size(), Ordering::AcqRel);
+                            m.reply().write(session.proto, &mut out);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                // A subscriber that does not read is cut off even mid-write.
+                let handle = s.handle.clone();
+                tokio::select! {
+                    r = stream.write_all(&out) => r?,
+                    _ = handle.cut_signal.notified() => return Ok(()),
+                }
+                out.clear();
+            }
             _ = stop.changed() => return Ok(()),
-        };
-        if read == 0 {
-            return Ok(());
         }
     }
+}
+
+/// `(P)SUBSCRIBE` and `(P)UNSUBSCRIBE`: one confirmation per channel or pattern, each
+/// with the connection's subscription count after it.
+pub(crate) fn subscriptions(
+    node: &cmd::Node,
+    s: &mut Session,
+    name: &str,
+    targets: &[bytes::Bytes],
+) -> Reply {
+    let id = s.id;
+    let sub = s
+        .sub
+        .get_or_insert_with(|| crate::pubsub::Subscriber::new(id));
+    let ps = &node.pubsub;
+    let kind = name.to_ascii_lowercase();
+    let confirm = |kind: &str, target: Reply, count: usize| {
+        Reply::Push(vec![
+            Reply::bulk(kind.to_string()),
+            target,
+            Reply::Int(count as i64),
+        ])
+    };
+    let mut out = Vec::new();
+    match name {
+        "SUBSCRIBE" | "PSUBSCRIBE" => {
+            for t in targets {
+                if name == "SUBSCRIBE" {
+                    ps.subscribe(sub, t);
+                } else {
+                    ps.psubscribe(sub, t);
+                }
+                out.push(confirm(&kind, Reply::Bulk(t.clone()), sub.count()));
+            }
+        }
+        _ => {
+            let patterns = name == "PUNSUBSCRIBE";
+            let all: Vec<bytes::Bytes> = if targets.is_empty() {
+                if patterns {
+                    sub.patterns.iter().cloned().collect()
+                } else {
+                    sub.channels.iter().cloned().collect()
+                }
+            } else {
+                targets.to_vec()
+            };
+            if all.is_empty() {
+                out.push(confirm(&kind, Reply::Nil, sub.count()));
+            }
+            for t in all {
+                if patterns {
+                    ps.punsubscribe(sub, &t);
+                } else {
+                    ps.unsubscribe(sub, &t);
+                }
+                out.push(confirm(&kind, Reply::Bulk(t), sub.count()));
+            }
+        }
+    }
+    Reply::Many(out)
 }

@@ -94,7 +94,7 @@ fn reply_len(b: &[u8]) -> Option<usize> {
             let end = after + n as usize + 2;
             (b.len() >= end).then_some(end)
         }
-        b'*' | b'~' | b'%' => {
+        b'*' | b'~' | b'%' | b'>' => {
             let n: i64 = head.parse().ok()?;
             let items = if b[0] == b'%' { n * 2 } else { n };
             let mut at = after;
@@ -134,7 +134,9 @@ impl Conn {
             let mut chunk = [0u8; 64 * 1024];
             let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut chunk))
                 .await
-                .expect("a reply within 10 s")
+                .unwrap_or_else(|_| {
+                    panic!("no whole reply within 10 s; have {:?}", show(&self.buf))
+                })
                 .unwrap_or(0);
             if n == 0 {
                 return std::mem::take(&mut self.buf);
@@ -495,4 +497,102 @@ fn redis_cli_works_against_the_node() {
     assert_eq!(run(&["INCR", "visits"]), "42");
     assert_eq!(run(&["-3", "SET", "r3", "x"]), "OK");
     assert!(run(&["NOSUCH"]).contains("unknown command"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_matches_redis_byte_for_byte() {
+    let Some(r) = redis() else { return };
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    let (mut ms, mut ts) = (Conn::open(a).await, Conn::open(r.addr).await);
+    let (mut mp, mut tp) = (Conn::open(a).await, Conn::open(r.addr).await);
+    // (connection: 0 subscriber, 1 publisher; command; replies it gets)
+    let steps: &[(usize, &[&str], usize)] = &[
+        (0, &["SUBSCRIBE", "news", "sports"], 2),
+        (0, &["PSUBSCRIBE", "n*"], 1),
+        (0, &["SUBSCRIBE", "news"], 1),
+        (0, &["GET", "k"], 1),
+        (0, &["PING"], 1),
+        (0, &["PING", "hi"], 1),
+        (1, &["PUBLISH", "news", "hello"], 1),
+        (0, &[], 2),
+        (1, &["PUBLISH", "nowhere", "x"], 1),
+        (1, &["PUBLISH", "nat", "y"], 1),
+        // "nowhere" matches n* too.
+        (0, &[], 2),
+        (1, &["PUBSUB", "NUMSUB", "news", "nowhere"], 1),
+        (1, &["PUBSUB", "NUMPAT"], 1),
+        (1, &["PUBSUB", "CHANNELS", "n*"], 1),
+        (0, &["UNSUBSCRIBE", "news"], 1),
+        (0, &["UNSUBSCRIBE"], 1),
+        (0, &["PUNSUBSCRIBE"], 1),
+        (0, &["UNSUBSCRIBE"], 1),
+        (0, &["PUNSUBSCRIBE", "nope"], 1),
+        (0, &["GET", "k"], 1),
+        (1, &["PUBLISH", "news", "late"], 1),
+        (0, &["HELLO", "3"], 1),
+        (0, &["SUBSCRIBE", "r3"], 1),
+        (0, &["SET", "k", "v"], 1),
+        (1, &["PUBLISH", "r3", "pushed"], 1),
+        (0, &[], 1),
+        (0, &["PING"], 1),
+    ];
+    for (who, args, replies) in steps {
+        let (m, t) = if *who == 0 {
+            (&mut ms, &mut ts)
+        } else {
+            (&mut mp, &mut tp)
+        };
+        if !args.is_empty() {
+            m.send(&cmd(args)).await;
+            t.send(&cmd(args)).await;
+        }
+        for i in 0..*replies {
+            let (x, y) = (m.reply().await, t.reply().await);
+            if args.first() == Some(&"HELLO") {
+                assert_eq!((x[0], y[0]), (b'%', b'%'));
+                continue;
+            }
+            assert_eq!(show(&x), show(&y), "{args:?} reply {i}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_is_cut_off_and_others_go_on() {
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    let mut lazy = Conn::open(a).await;
+    lazy.send(&cmd(&["SUBSCRIBE", "firehose"])).await;
+    let mut good = Conn::open(a).await;
+    assert!(
+        good.call(&["SUBSCRIBE", "firehose"])
+            .await
+            .starts_with(b"*3\r\n")
+    );
+    let mut p = Conn::open(a).await;
+    let payload = "x".repeat(64 * 1024);
+    // 64 MiB published; the lazy one reads nothing (past its 32 MiB it is cut off).
+    let mut got = 0usize;
+    for _ in 0..1024 {
+        p.send(&cmd(&["PUBLISH", "firehose", &payload])).await;
+        assert!(p.reply().await.starts_with(b":"));
+        // The good one keeps up.
+        let m = good.reply().await;
+        assert!(m.starts_with(b"*3\r\n$7\r\nmessage\r\n"));
+        got += 1;
+    }
+    assert_eq!(got, 1024);
+    // The lazy one was disconnected: reading it now ends in EOF after what was sent.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = lazy.reply().await;
+        if r.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lazy subscriber is still connected"
+        );
+    }
+    // The node serves on.
+    assert_eq!(p.call(&["PUBLISH", "firehose", "x"]).await, b":1\r\n");
 }
