@@ -63,7 +63,38 @@ pub struct Node {
     pub settings: Vec<(&'static str, String)>,
     /// Channels and patterns.
     pub pubsub: crate::pubsub::PubSub,
+    /// `maxmemory` (0: none), its policy and sample size.
+    pub maxmemory: (usize, crate::db::Policy, usize),
 }
+
+/// Commands that may add memory: past `maxmemory` they evict first, or are refused
+/// (Redis' `denyoom` flag).
+const DENYOOM: &[&str] = &[
+    "SET",
+    "SETNX",
+    "SETEX",
+    "PSETEX",
+    "MSET",
+    "MSETNX",
+    "INCR",
+    "DECR",
+    "INCRBY",
+    "DECRBY",
+    "INCRBYFLOAT",
+    "APPEND",
+    "GETSET",
+    "SETRANGE",
+    "HSET",
+    "HMSET",
+    "HSETNX",
+    "HINCRBY",
+    "LPUSH",
+    "RPUSH",
+    "LPUSHX",
+    "RPUSHX",
+    "LSET",
+    "SADD",
+];
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -270,6 +301,17 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
                 "Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
                 name.to_ascii_lowercase()
             )),
+            Flow::Continue,
+        );
+    }
+    let (maxmemory, policy, samples) = node.maxmemory;
+    if maxmemory > 0
+        && DENYOOM.contains(&name)
+        && node.keyspace.used_bytes() > maxmemory
+        && !node.keyspace.evict_to(maxmemory, policy, samples)
+    {
+        return (
+            Reply::Error("OOM command not allowed when used memory > 'maxmemory'.".into()),
             Flow::Continue,
         );
     }
@@ -551,8 +593,10 @@ fn info(node: &Node) -> String {
         node.port
     ));
     out.push_str(&format!(
-        "# Memory\r\nused_memory:{}\r\n\r\n",
-        node.keyspace.used_bytes()
+        "# Memory\r\nused_memory:{}\r\nmaxmemory:{}\r\nmaxmemory_policy:{}\r\n\r\n",
+        node.keyspace.used_bytes(),
+        node.maxmemory.0,
+        node.maxmemory.1.name()
     ));
     out.push_str(&format!(
         "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\n\r\n",
@@ -728,6 +772,7 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
                 Some(Entry {
                     value: Value::Str(b),
                     expire_at,
+                    ..
                 }) => match int_of(b) {
                     Some(v) => (v, *expire_at),
                     None => return Reply::err(NOT_INT),
@@ -750,6 +795,7 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
                 Some(Entry {
                     value: Value::Str(b),
                     expire_at,
+                    ..
                 }) => match float_of(b) {
                     Some(v) => (v, *expire_at),
                     None => return Reply::err("value is not a valid float"),
@@ -855,6 +901,7 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
                 Some(Entry {
                     value: Value::Str(b),
                     expire_at,
+                    ..
                 }) => (b.to_vec(), *expire_at),
                 Some(_) => return Reply::Error(WRONGTYPE.into()),
             };
@@ -969,10 +1016,7 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
 
 /// A string entry holding its own copy of `b` (see [`Shard::insert`]).
 fn str_entry(b: Bytes, expire_at: Option<u64>) -> Entry {
-    Entry {
-        value: Value::Str(Bytes::copy_from_slice(&b)),
-        expire_at,
-    }
+    Entry::new(Value::Str(Bytes::copy_from_slice(&b)), expire_at)
 }
 
 /// `GETRANGE`'s slice: negative offsets from the end, clamped, inclusive end.

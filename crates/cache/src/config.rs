@@ -23,6 +23,13 @@ pub struct CacheConfig {
     pub workers: Option<usize>,
     /// Keys the active expiry removes per shard per pass (default 200).
     pub active_expire_budget: usize,
+    /// Bytes of data past which writes evict (or are refused, with `noeviction`);
+    /// 0 = no limit (Redis' `maxmemory`).
+    pub maxmemory: usize,
+    /// What to evict past `maxmemory` (Redis' `maxmemory-policy`, default noeviction).
+    pub policy: crate::db::Policy,
+    /// Keys sampled per eviction (Redis' `maxmemory-samples`, default 5).
+    pub samples: usize,
 }
 
 impl Default for CacheConfig {
@@ -35,6 +42,9 @@ impl Default for CacheConfig {
             shards: None,
             workers: None,
             active_expire_budget: 200,
+            maxmemory: 0,
+            policy: crate::db::Policy::NoEviction,
+            samples: 5,
         }
     }
 }

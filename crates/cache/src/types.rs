@@ -81,13 +81,7 @@ fn on<T>(
     let mut v = empty(k);
     let r = f(&mut v);
     if !is_empty(&v) {
-        sh.insert(
-            key.clone(),
-            Entry {
-                value: v,
-                expire_at: None,
-            },
-        );
+        sh.insert(key.clone(), Entry::new(v, None));
     }
     Ok(Some(r))
 }

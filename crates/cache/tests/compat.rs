@@ -596,3 +596,148 @@ async fn a_subscriber_that_never_reads_is_cut_off_and_others_go_on() {
     // The node serves on.
     assert_eq!(p.call(&["PUBLISH", "firehose", "x"]).await, b":1\r\n");
 }
+
+/// `INFO`'s `used_memory`.
+async fn used_memory(c: &mut Conn) -> usize {
+    let info = String::from_utf8(c.call(&["INFO"]).await).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+async fn dbsize(c: &mut Conn) -> usize {
+    let r = String::from_utf8(c.call(&["DBSIZE"]).await).unwrap();
+    r.trim_start_matches(':').trim().parse().unwrap()
+}
+
+fn limited(policy: meshwork_cache::db::Policy) -> CacheConfig {
+    CacheConfig {
+        maxmemory: 1024 * 1024,
+        policy,
+        ..CacheConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_maxmemory_noeviction_refuses_writes_and_reads_go_on() {
+    let (a, _w) = ours(limited(meshwork_cache::db::Policy::NoEviction)).await;
+    let mut c = Conn::open(a).await;
+    let value = "v".repeat(200);
+    let mut refused = None;
+    for i in 0..20_000 {
+        let r = c.call(&["SET", &format!("k{i}"), &value]).await;
+        if r != b"+OK\r\n" {
+            refused = Some((i, r));
+            break;
+        }
+    }
+    let (i, r) = refused.expect("writes refused past maxmemory");
+    assert_eq!(
+        r,
+        b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"
+    );
+    assert!(used_memory(&mut c).await <= 1024 * 1024 + 1024);
+    assert_eq!(c.call(&["GET", "k0"]).await.len(), 200 + 8, "reads go on");
+    assert_eq!(dbsize(&mut c).await, i);
+    // Deleting makes room again.
+    for j in 0..100 {
+        c.call(&["DEL", &format!("k{j}")]).await;
+    }
+    assert_eq!(c.call(&["SET", "again", "x"]).await, b"+OK\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allkeys_lru_and_lfu_stay_under_maxmemory_and_keep_what_is_used() {
+    use meshwork_cache::db::Policy;
+    for policy in [Policy::AllKeysLru, Policy::AllKeysLfu] {
+        let (a, _w) = ours(limited(policy)).await;
+        let mut c = Conn::open(a).await;
+        let value = "v".repeat(200);
+        for h in 0..20 {
+            assert_eq!(
+                c.call(&["SET", &format!("hot{h}"), &value]).await,
+                b"+OK\r\n"
+            );
+        }
+        for i in 0..20_000 {
+            assert_eq!(
+                c.call(&["SET", &format!("k{i}"), &value]).await,
+                b"+OK\r\n",
+                "{policy:?}"
+            );
+            if i % 50 == 0 {
+                // The hot keys are read all along (often, for LFU's counter).
+                for h in 0..20 {
+                    c.send(&cmd(&["GET", &format!("hot{h}")])).await;
+                }
+                for _ in 0..20 {
+                    c.reply().await;
+                }
+            }
+        }
+        let used = used_memory(&mut c).await;
+        assert!(used <= 1024 * 1024 + 1024, "{policy:?}: {used}");
+        let n = dbsize(&mut c).await;
+        assert!((1000..20_020).contains(&n), "{policy:?}: {n} keys");
+        let mut kept = 0;
+        for h in 0..20 {
+            kept += usize::from(c.call(&["EXISTS", &format!("hot{h}")]).await == b":1\r\n");
+        }
+        assert!(kept >= 18, "{policy:?}: {kept} of 20 hot keys kept");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volatile_policies_evict_only_keys_with_a_ttl() {
+    use meshwork_cache::db::Policy;
+    for policy in [Policy::VolatileLru, Policy::VolatileTtl] {
+        let (a, _w) = ours(limited(policy)).await;
+        let mut c = Conn::open(a).await;
+        let value = "v".repeat(200);
+        for i in 0..1000 {
+            assert_eq!(
+                c.call(&["SET", &format!("keep{i}"), &value]).await,
+                b"+OK\r\n"
+            );
+        }
+        let mut oom = false;
+        for i in 0..20_000 {
+            let r = c
+                .call(&[
+                    "SET",
+                    &format!("t{i}"),
+                    &value,
+                    "EX",
+                    &(1000 + i).to_string(),
+                ])
+                .await;
+            if r != b"+OK\r\n" {
+                assert_eq!(
+                    r,
+                    b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"
+                );
+                oom = true;
+                break;
+            }
+        }
+        assert!(!oom, "{policy:?}: keys with a TTL make room");
+        for i in 0..1000 {
+            assert_eq!(
+                c.call(&["EXISTS", &format!("keep{i}")]).await,
+                b":1\r\n",
+                "{policy:?}"
+            );
+        }
+        // Only keys without a TTL left to evict: writes refused.
+        c.call(&["FLUSHDB"]).await;
+        let mut refused = false;
+        for i in 0..20_000 {
+            if c.call(&["SET", &format!("p{i}"), &value]).await != b"+OK\r\n" {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "{policy:?}");
+    }
+}

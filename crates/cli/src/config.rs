@@ -271,6 +271,16 @@ pub(crate) struct CacheFile {
     /// Worker threads serving connections (default one per CPU).
     #[serde(default)]
     pub(crate) workers: Option<usize>,
+    /// Bytes of data past which writes evict or are refused (default 0: no limit).
+    #[serde(default)]
+    pub(crate) maxmemory: Option<usize>,
+    /// noeviction, allkeys-lru, allkeys-lfu, volatile-lru or volatile-ttl (default
+    /// noeviction).
+    #[serde(default)]
+    pub(crate) maxmemory_policy: Option<String>,
+    /// Keys sampled per eviction (default 5).
+    #[serde(default)]
+    pub(crate) maxmemory_samples: Option<usize>,
 }
 
 impl CacheFile {
@@ -292,6 +302,22 @@ impl CacheFile {
         }
         if let Some(v) = self.max_query_buffer_bytes {
             c.max_query_buffer_bytes = v;
+        }
+        if let Some(v) = self.maxmemory {
+            c.maxmemory = v;
+        }
+        if let Some(p) = &self.maxmemory_policy {
+            c.policy = meshwork_cache::db::Policy::parse(p).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "[cache] table: maxmemory_policy {p:?} is not one of noeviction, allkeys-lru, allkeys-lfu, volatile-lru, volatile-ttl"
+                )
+            })?;
+        }
+        if let Some(v) = self.maxmemory_samples {
+            if !(1..=64).contains(&v) {
+                bail!("[cache] table: maxmemory_samples must be 1 to 64");
+            }
+            c.samples = v;
         }
         if c.max_clients == 0
             || c.limits.max_bulk_bytes == 0
