@@ -207,6 +207,7 @@ pub const COMMANDS: &[(&str, i32)] = &[
     ("RENAMENX", 3),
     ("KEYS", 2),
     ("RANDOMKEY", 1),
+    ("SCAN", -2),
     ("HSET", -4),
     ("HMSET", -4),
     ("HSETNX", 4),
@@ -1001,6 +1002,7 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
             }
             Reply::Array(out)
         }
+        "SCAN" => scan(d, args, now),
         "RANDOMKEY" => {
             for sh in d.lock_all() {
                 if let Some(k) = sh.keys(now).next() {
@@ -1015,6 +1017,69 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
 }
 
 /// A string entry holding its own copy of `b` (see [`Shard::insert`]).
+/// `SCAN cursor [MATCH pattern] [COUNT n] [TYPE type]`: the cursor is the shard and
+/// the positions left in it (plus one; 0 when done), see [`Shard::scan`].
+fn scan(d: &crate::db::Db, args: &[Bytes], now: u64) -> Reply {
+    let Some(cursor) = std::str::from_utf8(&args[1])
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return Reply::err("invalid cursor");
+    };
+    let (mut pattern, mut count, mut kind) = (None, 10usize, None);
+    let mut i = 2;
+    while i < args.len() {
+        let Some(v) = args.get(i + 1) else {
+            return syntax();
+        };
+        match upper(&args[i]).as_str() {
+            "MATCH" => pattern = Some(v.clone()),
+            "COUNT" => match int_of(v) {
+                Some(n) if n >= 1 => count = n as usize,
+                Some(_) => return syntax(),
+                None => return Reply::err(NOT_INT),
+            },
+            "TYPE" => kind = Some(String::from_utf8_lossy(v).to_ascii_lowercase()),
+            _ => return syntax(),
+        }
+        i += 2;
+    }
+    let shards = d.shard_count();
+    let (mut shard, mut pos) = if cursor == 0 {
+        (0usize, None)
+    } else {
+        let c = cursor - 1;
+        ((c >> 32) as usize, Some((c & 0xffff_ffff) as usize))
+    };
+    let mut keys = Vec::new();
+    let mut steps = count;
+    while shard < shards && steps > 0 {
+        let Some(sh) = d.lock_shard(shard) else { break };
+        let start = pos.unwrap_or(sh.len());
+        let left = sh.scan(start, steps, now, |k, e| {
+            if pattern.as_ref().is_none_or(|p| glob_match(p, k))
+                && kind.as_deref().is_none_or(|t| t == e.value.type_name())
+            {
+                keys.push(Reply::Bulk(k.clone()));
+            }
+        });
+        steps -= (start.min(sh.len()) - left).max(1).min(steps);
+        if left == 0 {
+            shard += 1;
+            pos = None;
+        } else {
+            pos = Some(left);
+        }
+    }
+    // A shard not started yet is "everything left" (clamped to its length then).
+    let next = if shard >= shards {
+        0
+    } else {
+        ((shard as u64) << 32 | pos.map_or(0xffff_ffff, |p| p as u64)) + 1
+    };
+    Reply::Array(vec![Reply::bulk(next.to_string()), Reply::Array(keys)])
+}
+
 fn str_entry(b: Bytes, expire_at: Option<u64>) -> Entry {
     Entry::new(Value::Str(Bytes::copy_from_slice(&b)), expire_at)
 }

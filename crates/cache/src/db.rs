@@ -303,6 +303,31 @@ impl Shard {
             .map_or(0, |(k, e)| Self::weigh(k, e))
     }
 
+    /// `SCAN` over this shard: visits up to `steps` positions downward from `pos`
+    /// (the number of positions not yet visited), calling `f` for each live key;
+    /// returns the positions left. Downward, because removal moves the last key into
+    /// the gap: a key present all along is never skipped (it may come twice).
+    pub fn scan(
+        &self,
+        pos: usize,
+        steps: usize,
+        now: u64,
+        mut f: impl FnMut(&Bytes, &Entry),
+    ) -> usize {
+        let mut pos = pos.min(self.map.len());
+        let mut n = 0;
+        while pos > 0 && n < steps {
+            pos -= 1;
+            n += 1;
+            if let Some((k, e)) = self.map.get_index(pos)
+                && e.expire_at.is_none_or(|t| t > now)
+            {
+                f(k, e);
+            }
+        }
+        pos
+    }
+
     /// Live keys (expired ones not yet removed are skipped).
     pub fn keys(&self, now: u64) -> impl Iterator<Item = &Bytes> {
         self.map
@@ -428,6 +453,16 @@ impl Db {
         idx.into_iter()
             .map(|i| (i, self.shards[i].lock()))
             .collect()
+    }
+
+    /// How many shards it has.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Locks shard `i`.
+    pub fn lock_shard(&self, i: usize) -> Option<MutexGuard<'_, Shard>> {
+        self.shards.get(i).map(|s| s.lock())
     }
 
     /// Every shard, locked in order.

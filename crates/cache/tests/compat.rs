@@ -741,3 +741,85 @@ async fn volatile_policies_evict_only_keys_with_a_ttl() {
         assert!(refused, "{policy:?}");
     }
 }
+
+/// Every key present from the start to the end of a SCAN is returned, whatever is
+/// deleted or added meanwhile; MATCH and TYPE filter; `redis-cli --scan` walks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_returns_every_key_that_stays() {
+    let (a, _w) = ours(CacheConfig::default()).await;
+    let mut c = Conn::open(a).await;
+    for i in 0..2000 {
+        c.send(&cmd(&["SET", &format!("k{i}"), "v"])).await;
+    }
+    for _ in 0..2000 {
+        c.reply().await;
+    }
+    c.call(&["HSET", "h1", "f", "v"]).await;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut cursor = "0".to_string();
+    let mut round = 0;
+    loop {
+        let raw = c.call(&["SCAN", &cursor, "COUNT", "25"]).await;
+        let text = String::from_utf8(raw).unwrap();
+        let parts: Vec<&str> = text.split("\r\n").collect();
+        // *2, $n, cursor, *m, ($n, key)*
+        cursor = parts[2].to_string();
+        for k in parts[4..].iter().skip(1).step_by(2) {
+            if !k.is_empty() {
+                seen.insert(k.to_string());
+            }
+        }
+        // Meanwhile: odd keys deleted, new ones added.
+        round += 1;
+        if round < 40 {
+            for j in 0..25 {
+                let n = (round * 25 + j) * 2 + 1;
+                c.call(&["DEL", &format!("k{n}")]).await;
+                c.call(&["SET", &format!("new{round}-{j}"), "v"]).await;
+            }
+        }
+        if cursor == "0" {
+            break;
+        }
+        assert!(round < 10_000, "SCAN does not end");
+    }
+    for i in (0..2000).step_by(2) {
+        assert!(seen.contains(&format!("k{i}")), "k{i} never returned");
+    }
+    // Filters.
+    let r = String::from_utf8(
+        c.call(&["SCAN", "0", "MATCH", "h*", "COUNT", "100000"])
+            .await,
+    )
+    .unwrap();
+    assert!(r.ends_with("*1\r\n$2\r\nh1\r\n"), "{r}");
+    let r = String::from_utf8(
+        c.call(&["SCAN", "0", "TYPE", "hash", "COUNT", "100000"])
+            .await,
+    )
+    .unwrap();
+    assert!(r.ends_with("*1\r\n$2\r\nh1\r\n"), "{r}");
+    assert_eq!(c.call(&["SCAN", "x"]).await, b"-ERR invalid cursor\r\n");
+    assert_eq!(
+        c.call(&["SCAN", "0", "COUNT", "0"]).await,
+        b"-ERR syntax error\r\n"
+    );
+
+    if let Some(cli) =
+        meshwork_testkit::peer::at("redis-cli", "MESHWORK_REDIS_CLI", "/usr/bin/redis-cli")
+    {
+        let out = Command::new(cli)
+            .args(["-p", &a.port().to_string(), "--scan", "--pattern", "k1*"])
+            .output()
+            .unwrap();
+        let listed = String::from_utf8_lossy(&out.stdout);
+        let want = (0..2000)
+            .filter(|i| i.to_string().starts_with('1') && (i % 2 == 0 || *i < 2))
+            .count();
+        assert!(
+            listed.lines().count() >= want,
+            "{} < {want}",
+            listed.lines().count()
+        );
+    }
+}
