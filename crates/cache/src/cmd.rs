@@ -103,10 +103,14 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
-const NOT_INT: &str = "value is not an integer or out of range";
+/// Redis' error for a command on a value of another type.
+pub(crate) const WRONGTYPE: &str =
+    "WRONGTYPE Operation against a key holding the wrong kind of value";
+/// Redis' error for an argument that is not a 64-bit integer.
+pub(crate) const NOT_INT: &str = "value is not an integer or out of range";
 
-fn wrong_args(name: &str) -> Reply {
+/// Redis' error for a wrong argument count.
+pub(crate) fn wrong_args(name: &str) -> Reply {
     Reply::err(format!(
         "wrong number of arguments for '{}' command",
         name.to_ascii_lowercase()
@@ -117,7 +121,8 @@ fn syntax() -> Reply {
     Reply::err("syntax error")
 }
 
-fn int_of(b: &[u8]) -> Option<i64> {
+/// An argument as Redis reads a 64-bit integer (no '+', no leading zeros, no spaces).
+pub(crate) fn int_of(b: &[u8]) -> Option<i64> {
     let s = std::str::from_utf8(b).ok()?;
     // Redis refuses leading '+', spaces and leading zeros ("01").
     if s.is_empty()

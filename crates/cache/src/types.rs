@@ -7,10 +7,9 @@ use std::collections::{HashSet, VecDeque};
 use bytes::Bytes;
 use indexmap::IndexMap;
 
+use crate::cmd::{WRONGTYPE, int_of, wrong_args};
 use crate::db::{Db, Entry, Shard, Value};
 use crate::resp::Reply;
-
-const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -86,27 +85,8 @@ fn on<T>(
     Ok(Some(r))
 }
 
-fn int_of(b: &[u8]) -> Option<i64> {
-    let s = std::str::from_utf8(b).ok()?;
-    if s.is_empty()
-        || s.starts_with('+')
-        || (s.len() > 1 && s.starts_with('0'))
-        || s.starts_with("-0")
-    {
-        return None;
-    }
-    s.parse().ok()
-}
-
 fn not_int() -> Reply {
-    Reply::err("value is not an integer or out of range")
-}
-
-fn wrong_args(name: &str) -> Reply {
-    Reply::err(format!(
-        "wrong number of arguments for '{}' command",
-        name.to_ascii_lowercase()
-    ))
+    Reply::err(crate::cmd::NOT_INT)
 }
 
 /// Redis' range arithmetic: negative indexes from the end, clamped; `None` if empty.

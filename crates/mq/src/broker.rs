@@ -415,22 +415,16 @@ impl Broker {
         if snap_path.exists() {
             from = Self::load_snapshot(&snap_path, &topics)?.max(from);
         }
-        let mut at = from;
-        let end = journal.end();
-        while at < end {
-            let recs = journal.read(at, 1024, 4 * 1024 * 1024)?;
-            let Some(last) = recs.last() else { break };
-            at = last.offset + 1;
-            for r in recs {
-                let (t, g, ops) = group::decode_ops(&r.payload)?;
-                if let Some(group) = topics
-                    .get(&t)
-                    .and_then(|t| t.groups.read().get(&g).cloned())
-                {
-                    group.state.lock().replay(&ops);
-                }
+        journal.for_each(from, |r| {
+            let (t, g, ops) = group::decode_ops(&r.payload)?;
+            if let Some(group) = topics
+                .get(&t)
+                .and_then(|t| t.groups.read().get(&g).cloned())
+            {
+                group.state.lock().replay(&ops);
             }
-        }
+            Ok(())
+        })?;
 
         // Bring cursors inside what the logs hold; rebuild the dedup window.
         for topic in topics.values() {
@@ -455,19 +449,14 @@ impl Broker {
             let window = cfg.dedup_window.as_millis() as u64;
             let mut dedup = topic.dedup.lock();
             for part in &topic.parts {
-                let mut at = part.offset_for_time(now.saturating_sub(window))?;
-                let end = part.end();
-                while at < end {
-                    let recs = part.read(at, 1024, 4 * 1024 * 1024)?;
-                    let Some(last) = recs.last() else { break };
-                    at = last.offset + 1;
-                    for r in recs {
-                        let m = Message::decode(r.payload)?;
-                        if m.id != 0 {
-                            dedup.insert(m.id, m.publish_ms, part.id, r.offset);
-                        }
+                let from = part.offset_for_time(now.saturating_sub(window))?;
+                part.for_each(from, |r| {
+                    let m = Message::decode(r.payload)?;
+                    if m.id != 0 {
+                        dedup.insert(m.id, m.publish_ms, part.id, r.offset);
                     }
-                }
+                    Ok(())
+                })?;
             }
             dedup.expire(now, window, cfg.max_dedup_ids);
         }

@@ -282,6 +282,26 @@ impl PartitionLog {
         }
     }
 
+    /// Calls `f` for every record from `offset` to the end as it is now, in order, in
+    /// chunks of bounded size (recovery's scans).
+    pub(crate) fn for_each(
+        &self,
+        offset: u64,
+        mut f: impl FnMut(Record) -> Result<()>,
+    ) -> Result<()> {
+        let mut at = offset;
+        let end = self.end();
+        while at < end {
+            let recs = self.read(at, 1024, 4 * 1024 * 1024)?;
+            let Some(last) = recs.last() else { break };
+            at = last.offset + 1;
+            for r in recs {
+                f(r)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Reads up to `max_count` records from `offset` (about `max_bytes` of payload, at least
     /// one record when there is one).
     pub(crate) fn read(

@@ -174,42 +174,34 @@ fn header_str<'a>(m: &'a Message, name: &str) -> Option<&'a str> {
 pub(crate) fn load(topic: &Topic, check_after_ms: u64, keep: usize) -> Result<Halves> {
     let mut h = Halves::default();
     let part = &topic.parts[0];
-    let mut at = part.start();
-    let end = part.end();
-    while at < end {
-        let recs = part.read(at, 1024, 4 * 1024 * 1024)?;
-        let Some(last) = recs.last() else { break };
-        at = last.offset + 1;
-        for r in recs {
-            let m = Message::decode(r.payload)?;
-            if let Some(id) = header_str(&m, H_RESOLVE).and_then(|s| s.parse::<u64>().ok()) {
-                let outcome = match header_str(&m, H_STATE) {
-                    Some("commit") => {
-                        let place = header_str(&m, H_PLACE)
-                            .and_then(|p| p.split_once('/'))
-                            .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)));
-                        let (partition, offset) = place.unwrap_or((0, 0));
-                        HalfOutcome::Committed { partition, offset }
-                    }
-                    _ => HalfOutcome::RolledBack,
-                };
-                h.finish(id, outcome, keep);
-                continue;
-            }
-            let (Some(id), Some(t), Some(producer)) = (
-                header_str(&m, H_ID).and_then(|s| s.parse::<u64>().ok()),
-                header_str(&m, H_TOPIC),
-                header_str(&m, H_PRODUCER),
-            ) else {
-                tracing::warn!(
-                    offset = r.offset,
-                    "a record of __half without its headers; ignored"
-                );
-                continue;
+    part.for_each(part.start(), |r| {
+        let m = Message::decode(r.payload)?;
+        if let Some(id) = header_str(&m, H_RESOLVE).and_then(|s| s.parse::<u64>().ok()) {
+            let outcome = match header_str(&m, H_STATE) {
+                Some("commit") => {
+                    let place = header_str(&m, H_PLACE)
+                        .and_then(|p| p.split_once('/'))
+                        .and_then(|(p, o)| Some((p.parse().ok()?, o.parse().ok()?)));
+                    let (partition, offset) = place.unwrap_or((0, 0));
+                    HalfOutcome::Committed { partition, offset }
+                }
+                _ => HalfOutcome::RolledBack,
             };
-            if h.resolved.contains_key(&id) {
-                continue;
-            }
+            h.finish(id, outcome, keep);
+            return Ok(());
+        }
+        let (Some(id), Some(t), Some(producer)) = (
+            header_str(&m, H_ID).and_then(|s| s.parse::<u64>().ok()),
+            header_str(&m, H_TOPIC),
+            header_str(&m, H_PRODUCER),
+        ) else {
+            tracing::warn!(
+                offset = r.offset,
+                "a record of __half without its headers; ignored"
+            );
+            return Ok(());
+        };
+        if !h.resolved.contains_key(&id) {
             let pending = Pending {
                 topic: t.to_string(),
                 producer: producer.to_string(),
@@ -221,7 +213,8 @@ pub(crate) fn load(topic: &Topic, check_after_ms: u64, keep: usize) -> Result<Ha
             };
             h.add_pending(id, pending);
         }
-    }
+        Ok(())
+    })?;
     Ok(h)
 }
 
@@ -263,6 +256,21 @@ impl Broker {
             retention_bytes: 0,
         };
         self.create_topic_inner(HALF_TOPIC, config, true).await
+    }
+
+    /// Appends a record to `__half`, durably; its offset.
+    async fn append_half(&self, half: Arc<Topic>, rec: NewMessage) -> Result<u64> {
+        let placed = self
+            .submit(
+                vec![Append {
+                    topic: half,
+                    part: 0,
+                    msg: rec,
+                }],
+                Vec::new(),
+            )
+            .await?;
+        Ok(placed.first().map_or(0, |p| p.offset))
     }
 
     /// Prepares a half message for `topic`: durable, invisible to every group until
@@ -322,17 +330,7 @@ impl Broker {
             .push((H_TOPIC.into(), Bytes::from(topic.to_string())));
         rec.headers
             .push((H_PRODUCER.into(), Bytes::from(producer.to_string())));
-        let placed = self
-            .submit(
-                vec![Append {
-                    topic: half,
-                    part: 0,
-                    msg: rec,
-                }],
-                Vec::new(),
-            )
-            .await?;
-        let offset = placed.first().map_or(0, |p| p.offset);
+        let offset = self.append_half(half, rec).await?;
         let now = self.now_ms();
         let pending = Pending {
             topic: topic.to_string(),
@@ -533,15 +531,7 @@ impl Resolving {
             headers,
             ..NewMessage::default()
         };
-        b.submit(
-            vec![Append {
-                topic: half,
-                part: 0,
-                msg: rec,
-            }],
-            Vec::new(),
-        )
-        .await?;
+        b.append_half(half, rec).await?;
         let label = match outcome {
             HalfOutcome::Committed { .. } => "committed",
             HalfOutcome::RolledBack => "rolled_back",
