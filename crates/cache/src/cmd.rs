@@ -23,6 +23,49 @@ pub struct Session {
     pub authed: bool,
     /// Its subscriptions, once it subscribed to something.
     pub sub: Option<crate::pubsub::Subscriber>,
+    /// Inside MULTI: the commands queued.
+    pub multi: Option<Vec<Vec<Bytes>>>,
+    /// A command refused while queuing (EXEC then aborts).
+    pub multi_failed: bool,
+    /// Running EXEC's commands (under the exclusive lock already).
+    pub in_exec: bool,
+    /// WATCH: set when a watched key is written.
+    pub watch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// WATCH: the keys watched, as `(db, key)`.
+    pub watched: Vec<(usize, Bytes)>,
+}
+
+impl Session {
+    /// A fresh session for connection `id`.
+    pub fn new(id: u64, authed: bool) -> Session {
+        Session {
+            id,
+            db: 0,
+            proto: 2,
+            name: None,
+            authed,
+            sub: None,
+            multi: None,
+            multi_failed: false,
+            in_exec: false,
+            watch: None,
+            watched: Vec::new(),
+        }
+    }
+
+    /// Stops watching (EXEC, DISCARD, UNWATCH, the connection's end).
+    pub fn unwatch(&mut self, node: &Node) {
+        if let Some(flag) = self.watch.take() {
+            node.keyspace.watches().unwatch(&self.watched, &flag);
+        }
+        self.watched.clear();
+    }
+
+    fn refused(&mut self) {
+        if self.multi.is_some() {
+            self.multi_failed = true;
+        }
+    }
 }
 
 impl Session {
@@ -65,6 +108,9 @@ pub struct Node {
     pub pubsub: crate::pubsub::PubSub,
     /// `maxmemory` (0: none), its policy and sample size.
     pub maxmemory: (usize, crate::db::Policy, usize),
+    /// Every command holds it shared; EXEC holds it alone, so that a transaction's
+    /// commands run with no other command in between, whatever shards they touch.
+    pub exec_lock: parking_lot::RwLock<()>,
 }
 
 /// Commands that may add memory: past `maxmemory` they evict first, or are refused
@@ -169,6 +215,11 @@ pub const COMMANDS: &[(&str, i32)] = &[
     ("INFO", -1),
     ("TIME", 1),
     ("CONFIG", -2),
+    ("MULTI", 1),
+    ("EXEC", 1),
+    ("DISCARD", 1),
+    ("WATCH", -2),
+    ("UNWATCH", 1),
     ("SUBSCRIBE", -2),
     ("PSUBSCRIBE", -2),
     ("UNSUBSCRIBE", -1),
@@ -278,6 +329,7 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
             ));
         }
         let cmd = String::from_utf8_lossy(&first[..first.len().min(128)]).into_owned();
+        s.refused();
         return (
             Reply::err(format!(
                 "unknown command '{cmd}', with args beginning with: {shown}"
@@ -287,6 +339,7 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
     };
     let n = args.len() as i32;
     if (arity > 0 && n != arity) || (arity < 0 && n < -arity) {
+        s.refused();
         return (wrong_args(name), Flow::Continue);
     }
     if !s.authed && !matches!(name, "AUTH" | "HELLO" | "QUIT") {
@@ -310,6 +363,57 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
             Flow::Continue,
         );
     }
+    // Transactions.
+    match name {
+        "MULTI" if s.multi.is_some() => {
+            return (Reply::err("MULTI calls can not be nested"), Flow::Continue);
+        }
+        "MULTI" => {
+            s.multi = Some(Vec::new());
+            s.multi_failed = false;
+            return (Reply::Simple("OK"), Flow::Continue);
+        }
+        "DISCARD" if s.multi.is_none() => {
+            return (Reply::err("DISCARD without MULTI"), Flow::Continue);
+        }
+        "DISCARD" => {
+            s.multi = None;
+            s.unwatch(node);
+            return (Reply::Simple("OK"), Flow::Continue);
+        }
+        "EXEC" => return (exec(node, s), Flow::Continue),
+        "WATCH" if s.multi.is_some() => {
+            return (
+                Reply::err("WATCH inside MULTI is not allowed"),
+                Flow::Continue,
+            );
+        }
+        "WATCH" => {
+            let flag = s
+                .watch
+                .get_or_insert_with(|| {
+                    std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
+                })
+                .clone();
+            for k in &args[1..] {
+                node.keyspace.watches().watch(s.db, k, &flag);
+                s.watched.push((s.db, Bytes::copy_from_slice(k)));
+            }
+            return (Reply::Simple("OK"), Flow::Continue);
+        }
+        "UNWATCH" => {
+            s.unwatch(node);
+            return (Reply::Simple("OK"), Flow::Continue);
+        }
+        "QUIT" => {}
+        _ => {
+            if let Some(q) = s.multi.as_mut() {
+                q.push(args.to_vec());
+                return (Reply::Simple("QUEUED"), Flow::Continue);
+            }
+        }
+    }
+    let _shared = (!s.in_exec).then(|| node.exec_lock.read());
     let (maxmemory, policy, samples) = node.maxmemory;
     if maxmemory > 0
         && DENYOOM.contains(&name)
@@ -520,6 +624,31 @@ fn client(s: &mut Session, args: &[Bytes]) -> Reply {
             String::from_utf8_lossy(&args[1])
         )),
     }
+}
+
+/// `EXEC`: the queued commands, alone (no other command runs meanwhile), unless a
+/// watched key was written (a null array) or a command was refused while queuing.
+fn exec(node: &Node, s: &mut Session) -> Reply {
+    let Some(queued) = s.multi.take() else {
+        return Reply::err("EXEC without MULTI");
+    };
+    if std::mem::take(&mut s.multi_failed) {
+        s.unwatch(node);
+        return Reply::Error("EXECABORT Transaction discarded because of previous errors.".into());
+    }
+    let _alone = node.exec_lock.write();
+    let dirty = s
+        .watch
+        .as_ref()
+        .is_some_and(|f| f.load(std::sync::atomic::Ordering::Acquire));
+    s.unwatch(node);
+    if dirty {
+        return Reply::NilArray;
+    }
+    s.in_exec = true;
+    let replies = queued.iter().map(|args| execute(node, s, args).0).collect();
+    s.in_exec = false;
+    Reply::Array(replies)
 }
 
 /// `PUBSUB CHANNELS [pattern]`, `NUMSUB channel...`, `NUMPAT`.

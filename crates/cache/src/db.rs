@@ -170,6 +170,85 @@ impl Policy {
     }
 }
 
+/// `WATCH`: for each watched `(db, key)`, the flags of the connections watching it; a
+/// write to the key sets them (its `EXEC` then fails). Writes look only when something
+/// is watched.
+#[derive(Default)]
+pub struct Watches {
+    keys: Mutex<
+        std::collections::HashMap<
+            (usize, Bytes),
+            Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+        >,
+    >,
+    count: std::sync::atomic::AtomicUsize,
+}
+
+impl Watches {
+    /// Watches `key` of `db` with `flag`.
+    pub fn watch(
+        &self,
+        db: usize,
+        key: &Bytes,
+        flag: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        self.keys
+            .lock()
+            .entry((db, Bytes::copy_from_slice(key)))
+            .or_default()
+            .push(flag.clone());
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Stops watching what `flag` watched.
+    pub fn unwatch(
+        &self,
+        watched: &[(usize, Bytes)],
+        flag: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let mut keys = self.keys.lock();
+        for (db, key) in watched {
+            let k = (*db, key.clone());
+            if let Some(list) = keys.get_mut(&k) {
+                let before = list.len();
+                list.retain(|f| !std::sync::Arc::ptr_eq(f, flag));
+                self.count
+                    .fetch_sub(before - list.len(), std::sync::atomic::Ordering::AcqRel);
+                if list.is_empty() {
+                    keys.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// A write to `key` of `db` (every key of `db` when `None`).
+    fn touched(&self, db: usize, key: Option<&[u8]>) {
+        use std::sync::atomic::Ordering;
+        if self.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let keys = self.keys.lock();
+        match key {
+            Some(k) => {
+                if let Some(list) = keys.get(&(db, Bytes::copy_from_slice(k))) {
+                    for f in list {
+                        f.store(true, Ordering::Release);
+                    }
+                }
+            }
+            None => {
+                for ((d, _), list) in keys.iter() {
+                    if *d == db {
+                        for f in list {
+                            f.store(true, Ordering::Release);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A shard: part of one database's keys.
 pub struct Shard {
     /// Keys to entries; an `IndexMap` so that eviction samples random keys in O(1),
@@ -181,6 +260,10 @@ pub struct Shard {
     used: usize,
     /// Every shard's bytes together (what `maxmemory` is checked against).
     total: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Its database's number (for `WATCH`).
+    db: usize,
+    /// The keyspace's watched keys.
+    watches: std::sync::Arc<Watches>,
 }
 
 impl Shard {
@@ -213,6 +296,9 @@ impl Shard {
     /// The live entry of `key`, to change in place. Call [`Shard::reweigh`] after
     /// changing its value's size.
     pub fn get_mut(&mut self, key: &[u8], now: u64) -> Option<&mut Entry> {
+        // Taken to change it (reads through here count as writes for WATCH: an EXEC
+        // may fail that need not have, never the other way).
+        self.watches.touched(self.db, Some(key));
         let e = self
             .map
             .get_mut(key)
@@ -237,6 +323,7 @@ impl Shard {
     /// a request's arguments are slices of its connection's read buffer, which a stored
     /// slice would keep alive whole.
     pub fn insert(&mut self, key: Bytes, entry: Entry) {
+        self.watches.touched(self.db, Some(&key));
         let new_weight = Self::weigh(&key, &entry);
         let new_expiry = entry.expire_at;
         // One lookup: replace in place, or add a copy of the key.
@@ -262,6 +349,7 @@ impl Shard {
     /// Removes `key`; its entry if it was there (expired or not).
     pub fn remove(&mut self, key: &[u8]) -> Option<Entry> {
         let (k, e) = self.map.swap_remove_entry(key)?;
+        self.watches.touched(self.db, Some(key));
         if let Some(t) = e.expire_at {
             self.expiries.remove(&(t, k.clone()));
         }
@@ -271,6 +359,7 @@ impl Shard {
 
     /// Changes the expiry of a live key; false if there is none.
     pub fn set_expiry(&mut self, key: &[u8], at: Option<u64>, now: u64) -> bool {
+        self.watches.touched(self.db, Some(key));
         self.expire_if_due(key, now);
         let Some((k, e)) = self.map.get_key_value(key) else {
             return false;
@@ -353,6 +442,7 @@ impl Shard {
 
     /// Removes every key.
     pub fn clear(&mut self) {
+        self.watches.touched(self.db, None);
         self.map.clear();
         self.expiries.clear();
         self.set_used(0);
@@ -418,7 +508,12 @@ pub struct Db {
 }
 
 impl Db {
-    fn new(shards: usize, total: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Db {
+    fn new(
+        db: usize,
+        shards: usize,
+        total: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        watches: &std::sync::Arc<Watches>,
+    ) -> Db {
         Db {
             shards: (0..shards.max(1))
                 .map(|_| {
@@ -427,6 +522,8 @@ impl Db {
                         expiries: BTreeSet::new(),
                         used: 0,
                         total: total.clone(),
+                        db,
+                        watches: watches.clone(),
                     })
                 })
                 .collect(),
@@ -485,16 +582,26 @@ impl Db {
 pub struct Keyspace {
     dbs: Vec<Db>,
     total: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    watches: std::sync::Arc<Watches>,
 }
 
 impl Keyspace {
     /// An empty keyspace with `shards` shards per database.
     pub fn new(shards: usize) -> Keyspace {
         let total = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let watches = std::sync::Arc::new(Watches::default());
         Keyspace {
-            dbs: (0..DATABASES).map(|_| Db::new(shards, &total)).collect(),
+            dbs: (0..DATABASES)
+                .map(|i| Db::new(i, shards, &total, &watches))
+                .collect(),
             total,
+            watches,
         }
+    }
+
+    /// The watched keys.
+    pub fn watches(&self) -> &Watches {
+        &self.watches
     }
 
     /// Database `i` (0..16).

@@ -68,6 +68,7 @@ impl Cache {
                 ],
                 pubsub: crate::pubsub::PubSub::default(),
                 maxmemory: (cfg.maxmemory, cfg.policy, cfg.samples.max(1)),
+                exec_lock: parking_lot::RwLock::new(()),
             },
             cfg,
             clients: AtomicUsize::new(0),
@@ -265,15 +266,12 @@ async fn connection(
         return Ok(());
     }
     cache.node.connections.fetch_add(1, Ordering::Relaxed);
-    let mut session = Session {
-        id: cache.next_id.fetch_add(1, Ordering::Relaxed),
-        db: 0,
-        proto: 2,
-        name: None,
-        authed: cache.node.password.is_none(),
-        sub: None,
-    };
+    let mut session = Session::new(
+        cache.next_id.fetch_add(1, Ordering::Relaxed),
+        cache.node.password.is_none(),
+    );
     let r = requests(&mut stream, cache, &mut session, &mut stop).await;
+    session.unwatch(&cache.node);
     // Whatever ended it, its subscriptions go.
     if let Some(mut s) = session.sub.take() {
         cache.node.pubsub.forget(&mut s);

@@ -823,3 +823,108 @@ async fn scan_returns_every_key_that_stays() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_match_redis_byte_for_byte() {
+    let Some(r) = redis() else { return };
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    let mut conns = vec![
+        (Conn::open(a).await, Conn::open(r.addr).await),
+        (Conn::open(a).await, Conn::open(r.addr).await),
+    ];
+    let steps: &[(usize, &[&str])] = &[
+        (0, &["MULTI"]),
+        (0, &["SET", "a", "1"]),
+        (0, &["INCR", "a"]),
+        (0, &["GET", "a"]),
+        (0, &["EXEC"]),
+        (0, &["MULTI"]),
+        (0, &["MULTI"]),
+        (0, &["DISCARD"]),
+        (0, &["DISCARD"]),
+        (0, &["EXEC"]),
+        (0, &["MULTI"]),
+        (0, &["SET", "a"]),
+        (0, &["GET", "a"]),
+        (0, &["EXEC"]),
+        (0, &["MULTI"]),
+        (0, &["NOPE", "x"]),
+        (0, &["EXEC"]),
+        (0, &["SET", "s", "text"]),
+        (0, &["MULTI"]),
+        (0, &["INCR", "s"]),
+        (0, &["SET", "after", "yes"]),
+        (0, &["EXEC"]),
+        (0, &["GET", "after"]),
+        (0, &["WATCH", "w"]),
+        (1, &["SET", "w", "2"]),
+        (0, &["MULTI"]),
+        (0, &["SET", "x", "1"]),
+        (0, &["EXEC"]),
+        (0, &["GET", "x"]),
+        (0, &["WATCH", "w"]),
+        (0, &["MULTI"]),
+        (0, &["SET", "w", "3"]),
+        (0, &["EXEC"]),
+        (0, &["WATCH", "w"]),
+        (0, &["UNWATCH"]),
+        (1, &["SET", "w", "4"]),
+        (0, &["MULTI"]),
+        (0, &["PING"]),
+        (0, &["EXEC"]),
+        (0, &["MULTI"]),
+        (0, &["WATCH", "w"]),
+        (0, &["EXEC"]),
+        (0, &["WATCH", "gone"]),
+        (1, &["SET", "gone", "1", "PX", "1"]),
+        (0, &["MULTI"]),
+        (0, &["EXEC"]),
+        (0, &["HELLO", "3"]),
+        (0, &["WATCH", "w"]),
+        (1, &["DEL", "w"]),
+        (0, &["MULTI"]),
+        (0, &["EXEC"]),
+    ];
+    for (who, args) in steps {
+        let (m, t) = &mut conns[*who];
+        let (x, y) = (m.call(args).await, t.call(args).await);
+        if args[0] == "HELLO" {
+            continue;
+        }
+        assert_eq!(show(&x), show(&y), "{args:?}");
+    }
+}
+
+/// A transaction's commands run with nothing in between: concurrent MULTI/INCR/INCR/EXEC
+/// blocks on keys in different shards always see their two increments together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_runs_alone_across_shards() {
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        tasks.push(tokio::spawn(async move {
+            let mut c = Conn::open(a).await;
+            for _ in 0..200 {
+                let mut batch = cmd(&["MULTI"]);
+                batch.extend(cmd(&["INCR", "left"]));
+                batch.extend(cmd(&["INCR", "right"]));
+                batch.extend(cmd(&["EXEC"]));
+                c.send(&batch).await;
+                for _ in 0..3 {
+                    c.reply().await;
+                }
+                let exec = String::from_utf8(c.reply().await).unwrap();
+                let n: Vec<i64> = exec
+                    .split("\r\n")
+                    .filter_map(|l| l.strip_prefix(':'))
+                    .map(|v| v.parse().unwrap())
+                    .collect();
+                assert_eq!(n.len(), 2, "task {t}: {exec}");
+                assert_eq!(n[0], n[1], "task {t}: another EXEC ran in between: {exec}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
