@@ -170,28 +170,21 @@ impl Policy {
     }
 }
 
+/// A connection's "a watched key was written" flag.
+pub type WatchFlag = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
 /// `WATCH`: for each watched `(db, key)`, the flags of the connections watching it; a
 /// write to the key sets them (its `EXEC` then fails). Writes look only when something
 /// is watched.
 #[derive(Default)]
 pub struct Watches {
-    keys: Mutex<
-        std::collections::HashMap<
-            (usize, Bytes),
-            Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-        >,
-    >,
+    keys: Mutex<std::collections::HashMap<(usize, Bytes), Vec<WatchFlag>>>,
     count: std::sync::atomic::AtomicUsize,
 }
 
 impl Watches {
     /// Watches `key` of `db` with `flag`.
-    pub fn watch(
-        &self,
-        db: usize,
-        key: &Bytes,
-        flag: &std::sync::Arc<std::sync::atomic::AtomicBool>,
-    ) {
+    pub fn watch(&self, db: usize, key: &Bytes, flag: &WatchFlag) {
         self.keys
             .lock()
             .entry((db, Bytes::copy_from_slice(key)))
@@ -201,11 +194,7 @@ impl Watches {
     }
 
     /// Stops watching what `flag` watched.
-    pub fn unwatch(
-        &self,
-        watched: &[(usize, Bytes)],
-        flag: &std::sync::Arc<std::sync::atomic::AtomicBool>,
-    ) {
+    pub fn unwatch(&self, watched: &[(usize, Bytes)], flag: &WatchFlag) {
         let mut keys = self.keys.lock();
         for (db, key) in watched {
             let k = (*db, key.clone());
