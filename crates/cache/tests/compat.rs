@@ -828,7 +828,7 @@ async fn scan_returns_every_key_that_stays() {
 async fn transactions_match_redis_byte_for_byte() {
     let Some(r) = redis() else { return };
     let (a, _stop) = ours(CacheConfig::default()).await;
-    let mut conns = vec![
+    let mut conns = [
         (Conn::open(a).await, Conn::open(r.addr).await),
         (Conn::open(a).await, Conn::open(r.addr).await),
     ];
