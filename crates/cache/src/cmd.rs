@@ -902,22 +902,32 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
                 return Reply::err(NOT_INT);
             };
             let mut sh = d.lock(&args[1]);
-            let (cur, ttl) = match sh.get(&args[1], now) {
-                None => (0, None),
+            // In place when the key exists: one lookup, one allocation.
+            let (old_len, new_len, v) = match sh.get_mut(&args[1], now) {
+                None => {
+                    sh.insert(
+                        args[1].clone(),
+                        str_entry(Bytes::from(by.to_string()), None),
+                    );
+                    return Reply::Int(by);
+                }
                 Some(Entry {
                     value: Value::Str(b),
-                    expire_at,
                     ..
-                }) => match int_of(b) {
-                    Some(v) => (v, *expire_at),
-                    None => return Reply::err(NOT_INT),
-                },
+                }) => {
+                    let Some(cur) = int_of(b) else {
+                        return Reply::err(NOT_INT);
+                    };
+                    let Some(v) = cur.checked_add(by) else {
+                        return Reply::err("increment or decrement would overflow");
+                    };
+                    let old_len = b.len();
+                    *b = Bytes::from(v.to_string());
+                    (old_len, b.len(), v)
+                }
                 Some(_) => return Reply::Error(WRONGTYPE.into()),
             };
-            let Some(v) = cur.checked_add(by) else {
-                return Reply::err("increment or decrement would overflow");
-            };
-            sh.insert(args[1].clone(), str_entry(Bytes::from(v.to_string()), ttl));
+            sh.resized(old_len, new_len);
             Reply::Int(v)
         }
         "INCRBYFLOAT" => {

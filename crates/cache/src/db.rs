@@ -83,13 +83,13 @@ impl Entry {
 
     /// Counts an access: the LRU clock, and the LFU counter incremented with a
     /// probability that falls as it grows (Redis' `lfu-log-factor` 10).
-    fn touch(&mut self) {
-        let now = clock();
+    fn touch(&mut self, now_ms: u64) {
+        let now = now_ms as u32;
         self.freq = decayed(self.freq, self.access, now);
         self.access = now;
         if self.freq < 255 {
-            let base = f64::from(self.freq.saturating_sub(LFU_INIT));
-            if rand::random::<f64>() < 1.0 / (base * 10.0 + 1.0) {
+            let base = u64::from(self.freq.saturating_sub(LFU_INIT));
+            if base == 0 || fast_random() % (base * 10 + 1) == 0 {
                 self.freq += 1;
             }
         }
@@ -103,11 +103,27 @@ fn decayed(freq: u8, access: u32, now: u32) -> u8 {
     freq.saturating_sub(u8::try_from(minutes).unwrap_or(u8::MAX))
 }
 
-/// The LRU clock: milliseconds since the process started, wrapping.
+/// The LRU clock: the wall clock's milliseconds, wrapping at 2^32 (the commands pass
+/// the time they already read).
 fn clock() -> u32 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let start = START.get_or_init(std::time::Instant::now);
-    start.elapsed().as_millis() as u32
+    crate::cmd::now_ms() as u32
+}
+
+/// A cheap per-thread random number (xorshift; for the LFU counter's coin, called on
+/// every read, where a cryptographic generator would cost more than the read).
+fn fast_random() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(rand::random::<u64>() | 1);
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    })
 }
 
 /// Bytes counted per key beyond its key and value: the map's entry and index slot,
@@ -278,7 +294,7 @@ impl Shard {
             .map
             .get_mut(key)
             .filter(|e| e.expire_at.is_none_or(|t| t > now))?;
-        e.touch();
+        e.touch(now);
         Some(e)
     }
 
@@ -292,7 +308,7 @@ impl Shard {
             .map
             .get_mut(key)
             .filter(|e| e.expire_at.is_none_or(|t| t > now))?;
-        e.touch();
+        e.touch(now);
         Some(e)
     }
 
@@ -372,6 +388,11 @@ impl Shard {
             let w = Self::weigh(k, e);
             self.set_used(self.used.saturating_sub(before) + w);
         }
+    }
+
+    /// Recounts after a value changed in place from `old_len` to `new_len` bytes.
+    pub fn resized(&mut self, old_len: usize, new_len: usize) {
+        self.set_used(self.used.saturating_sub(old_len) + new_len);
     }
 
     /// The current weight of `key` (for [`Shard::reweigh`]).
