@@ -76,12 +76,22 @@ impl Session {
 }
 
 /// What the connection does after the reply.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Flow {
     /// Goes on.
     Continue,
     /// Closes (QUIT).
     Close,
+    /// Waits for an element of one of these lists (BLPOP/BRPOP found them empty): the
+    /// connection answers when one is pushed, or a null array at the deadline.
+    Block {
+        /// The lists, in order.
+        keys: Vec<Bytes>,
+        /// From the left (BLPOP).
+        left: bool,
+        /// When to give up (ms since the epoch; none: never).
+        deadline_ms: Option<u64>,
+    },
 }
 
 /// What commands run against: the keyspace and the node's settings and counters.
@@ -225,6 +235,8 @@ pub const COMMANDS: &[(&str, i32)] = &[
     ("UNSUBSCRIBE", -1),
     ("PUNSUBSCRIBE", -1),
     ("PUBLISH", 3),
+    ("BLPOP", -3),
+    ("BRPOP", -3),
     ("PUBSUB", -2),
     ("GET", 2),
     ("SET", -3),
@@ -444,6 +456,42 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
             crate::server::subscriptions(node, s, name, &args[1..])
         }
         "PUBLISH" => Reply::Int(node.pubsub.publish(&args[1], &args[2])),
+        "BLPOP" | "BRPOP" => {
+            let left = name == "BLPOP";
+            let timeout = match std::str::from_utf8(&args[args.len() - 1])
+                .ok()
+                .and_then(|t| t.parse::<f64>().ok())
+                .filter(|t| t.is_finite())
+            {
+                Some(t) if t < 0.0 => return (Reply::err("timeout is negative"), Flow::Continue),
+                Some(t) => t,
+                None => {
+                    return (
+                        Reply::err("timeout is not a float or out of range"),
+                        Flow::Continue,
+                    );
+                }
+            };
+            let keys = &args[1..args.len() - 1];
+            match crate::types::pop_first(db(node, s), keys, left, now_ms()) {
+                Ok(Some((k, v))) => Reply::Array(vec![Reply::Bulk(k), Reply::Bulk(v)]),
+                Err(e) => e,
+                // Inside EXEC nothing may wait: as Redis, a null answer.
+                Ok(None) if s.in_exec => Reply::NilArray,
+                Ok(None) => {
+                    let deadline_ms =
+                        (timeout > 0.0).then(|| now_ms() + (timeout * 1000.0).ceil() as u64);
+                    return (
+                        Reply::Many(Vec::new()),
+                        Flow::Block {
+                            keys: keys.iter().map(|k| Bytes::copy_from_slice(k)).collect(),
+                            left,
+                            deadline_ms,
+                        },
+                    );
+                }
+            }
+        }
         "PUBSUB" => pubsub_cmd(node, args),
         "ECHO" => Reply::Bulk(args[1].clone()),
         "SELECT" => match int_of(&args[1]) {

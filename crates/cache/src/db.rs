@@ -515,6 +515,10 @@ impl Shard {
 pub struct Db {
     shards: Box<[Mutex<Shard>]>,
     hasher: std::collections::hash_map::RandomState,
+    /// Rung when a list gets elements while a connection waits in BLPOP/BRPOP.
+    push: tokio::sync::Notify,
+    /// Connections waiting in BLPOP/BRPOP on this database.
+    pub blocked: std::sync::atomic::AtomicUsize,
 }
 
 impl Db {
@@ -538,7 +542,21 @@ impl Db {
                 })
                 .collect(),
             hasher: std::collections::hash_map::RandomState::new(),
+            push: tokio::sync::Notify::new(),
+            blocked: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// A list got elements: wakes the connections waiting to pop (if any).
+    pub fn pushed(&self) {
+        if self.blocked.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            self.push.notify_waiters();
+        }
+    }
+
+    /// A future that completes at the next [`Db::pushed`] (enable it before looking).
+    pub fn next_push(&self) -> tokio::sync::futures::Notified<'_> {
+        self.push.notified()
     }
 
     /// The shard index of `key`.

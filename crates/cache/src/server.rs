@@ -306,9 +306,34 @@ async fn requests(
                 Ok(Some(args)) => {
                     let (reply, flow) = cmd::execute(&cache.node, session, &args);
                     reply.write(session.proto, &mut out);
-                    if flow == Flow::Close {
-                        stream.write_all(&out).await?;
-                        return Ok(());
+                    match flow {
+                        Flow::Continue => {}
+                        Flow::Close => {
+                            stream.write_all(&out).await?;
+                            return Ok(());
+                        }
+                        Flow::Block {
+                            keys,
+                            left,
+                            deadline_ms,
+                        } => {
+                            // What came before is answered first; then wait.
+                            stream.write_all(&out).await?;
+                            out.clear();
+                            let reply = blocked_pop(
+                                stream,
+                                &mut buf,
+                                cache,
+                                session,
+                                &keys,
+                                left,
+                                deadline_ms,
+                                stop,
+                            )
+                            .await?;
+                            let Some(reply) = reply else { return Ok(()) };
+                            reply.write(session.proto, &mut out);
+                        }
                     }
                     if out.len() >= FLUSH_BYTES {
                         stream.write_all(&out).await?;
@@ -375,6 +400,75 @@ async fn requests(
                 out.clear();
             }
             _ = stop.changed() => return Ok(()),
+        }
+    }
+}
+
+/// Counts a connection waiting in BLPOP/BRPOP while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Waits in BLPOP/BRPOP until one of `keys` has an element (the answer), the deadline
+/// passes (a null array), or the connection ends (`None`). Requests the client sends
+/// meanwhile are kept for after, as Redis does.
+#[allow(clippy::too_many_arguments)]
+async fn blocked_pop(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    cache: &Cache,
+    session: &Session,
+    keys: &[bytes::Bytes],
+    left: bool,
+    deadline_ms: Option<u64>,
+    stop: &mut watch::Receiver<bool>,
+) -> std::io::Result<Option<Reply>> {
+    let Some(db) = cache.node.keyspace.db(session.db) else {
+        return Ok(Some(Reply::NilArray));
+    };
+    db.blocked.fetch_add(1, Ordering::AcqRel);
+    let _waiting = Waiting(&db.blocked);
+    loop {
+        let pushed = db.next_push();
+        tokio::pin!(pushed);
+        pushed.as_mut().enable();
+        let now = cmd::now_ms();
+        match crate::types::pop_first(db, keys, left, now) {
+            Ok(Some((k, v))) => {
+                return Ok(Some(Reply::Array(vec![Reply::Bulk(k), Reply::Bulk(v)])));
+            }
+            Err(e) => return Ok(Some(e)),
+            Ok(None) => {}
+        }
+        let left_ms = match deadline_ms {
+            Some(d) if d <= now => return Ok(Some(Reply::NilArray)),
+            Some(d) => Some(d - now),
+            None => None,
+        };
+        let timer = async {
+            match left_ms {
+                Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                None => std::future::pending().await,
+            }
+        };
+        // The socket first: a client already gone must not take an element with it.
+        tokio::select! {
+            biased;
+            r = stream.read_buf(buf) => {
+                if r? == 0 {
+                    return Ok(None);
+                }
+                if buf.len() > cache.cfg.max_query_buffer_bytes {
+                    return Ok(None);
+                }
+            }
+            _ = stop.changed() => return Ok(None),
+            _ = pushed => {}
+            _ = timer => {}
         }
     }
 }

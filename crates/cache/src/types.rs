@@ -105,6 +105,29 @@ fn range(len: usize, start: i64, stop: i64) -> Option<(usize, usize)> {
     (s <= e && s < len && e >= 0).then_some((s as usize, e as usize))
 }
 
+/// BLPOP/BRPOP's pop: the first of `keys` holding a non-empty list gives its first
+/// (`left`) or last element; `None` when all are empty; WRONGTYPE for a key of another
+/// type met before a list.
+pub fn pop_first(
+    db: &Db,
+    keys: &[Bytes],
+    left: bool,
+    now: u64,
+) -> Result<Option<(Bytes, Bytes)>, Reply> {
+    for k in keys {
+        let mut sh = db.lock(k);
+        let popped = on(&mut sh, k, now, false, Kind::List, |v| match v {
+            Value::List(l) if left => l.pop_front(),
+            Value::List(l) => l.pop_back(),
+            _ => None,
+        })?;
+        if let Some(Some(v)) = popped {
+            return Ok(Some((k.clone(), v)));
+        }
+    }
+    Ok(None)
+}
+
 /// Runs a hash, list or set command; `None` when `name` is none of them.
 pub fn run(
     db: &Db,
@@ -266,7 +289,12 @@ pub fn run(
                 }
                 l.len() as i64
             })
-            .map(|n| Reply::Int(n.unwrap_or(0))))
+            .map(|n| {
+                if n.is_some_and(|n| n > 0) {
+                    db.pushed();
+                }
+                Reply::Int(n.unwrap_or(0))
+            }))
         }
         "LPOP" | "RPOP" => {
             let count = match args.get(2) {

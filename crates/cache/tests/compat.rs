@@ -928,3 +928,53 @@ async fn exec_runs_alone_across_shards() {
         t.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_pops_match_redis() {
+    let Some(r) = redis() else { return };
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    let mut conns = [
+        (Conn::open(a).await, Conn::open(r.addr).await),
+        (Conn::open(a).await, Conn::open(r.addr).await),
+    ];
+    // (who, command, wait for the reply now)
+    let steps: &[(usize, &[&str], bool)] = &[
+        (0, &["RPUSH", "q", "a", "b"], true),
+        (0, &["BLPOP", "empty", "q", "1"], true),
+        (0, &["BRPOP", "q", "1"], true),
+        (0, &["BLPOP", "q", "0.05"], true),
+        (0, &["BLPOP", "q", "abc"], true),
+        (0, &["BLPOP", "q", "-1"], true),
+        (0, &["SET", "str", "x"], true),
+        (0, &["BLPOP", "str", "1"], true),
+        // Blocked, then woken by the other connection's push.
+        (0, &["BRPOP", "w1", "w2", "0"], false),
+        (1, &["LPUSH", "w2", "z"], true),
+        (0, &[], true),
+        (0, &["EXISTS", "w2"], true),
+        (0, &["MULTI"], true),
+        (0, &["BLPOP", "nothing", "0"], true),
+        (0, &["EXEC"], true),
+    ];
+    for (who, args, now) in steps {
+        let (m, t) = &mut conns[*who];
+        if !args.is_empty() {
+            m.send(&cmd(args)).await;
+            t.send(&cmd(args)).await;
+        }
+        if *now {
+            let (x, y) = (m.reply().await, t.reply().await);
+            assert_eq!(show(&x), show(&y), "{args:?}");
+        } else {
+            // Give both servers time to block the client before the push.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // A client that goes away while blocked leaves nothing behind.
+    let mut gone = Conn::open(a).await;
+    gone.send(&cmd(&["BLPOP", "q2", "0"])).await;
+    drop(gone);
+    let mut c = Conn::open(a).await;
+    assert_eq!(c.call(&["RPUSH", "q2", "kept"]).await, b":1\r\n");
+    assert_eq!(c.call(&["LPOP", "q2"]).await, b"$4\r\nkept\r\n");
+}
