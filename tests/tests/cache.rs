@@ -42,6 +42,16 @@ fn the_node_serves_resp_that_redis_cli_uses() {
     // The node lists the role in its membership.
     let (_, nodes) = meshwork_testkit::http::blocking::get(&node.http, "/v1/nodes").unwrap();
     assert!(nodes.contains("\"cache\""), "{nodes}");
+    // Its figures are on the node's /metrics (refreshed every second).
+    meshwork_testkit::blocking::until("the cache's metrics", Duration::from_secs(20), || {
+        meshwork_testkit::http::blocking::get(&node.http, "/metrics").is_ok_and(|(_, m)| {
+            m.lines().any(|l| l == "meshwork_cache_keys 1")
+                && m.lines()
+                    .any(|l| l.starts_with("meshwork_cache_commands_total "))
+                && m.lines()
+                    .any(|l| l.starts_with("meshwork_cache_keyspace_hits_total 1"))
+        })
+    });
 
     let Some(cli) =
         meshwork_testkit::peer::at("redis-cli", "MESHWORK_REDIS_CLI", "/usr/bin/redis-cli")

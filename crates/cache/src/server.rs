@@ -227,10 +227,15 @@ async fn serve(
 /// expiry order rather than by sampling).
 async fn expire_loop(cache: Arc<Cache>, mut stop: watch::Receiver<bool>) {
     let budget = cache.cfg.active_expire_budget;
+    let mut tick = 0u64;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             _ = stop.changed() => return,
+        }
+        tick += 1;
+        if tick % 10 == 1 {
+            export_gauges(&cache);
         }
         // Bounded passes, yielding between them, so a mass expiry never stalls clients.
         for _ in 0..10 {
@@ -241,6 +246,22 @@ async fn expire_loop(cache: Arc<Cache>, mut stop: watch::Receiver<bool>) {
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// Sets the cache's Prometheus gauges (every second, from the expiry task).
+fn export_gauges(cache: &Cache) {
+    let node = &cache.node;
+    let keys: usize = node.keyspace.dbs().iter().map(crate::db::Db::len).sum();
+    metrics::gauge!("meshwork_cache_keys").set(keys as f64);
+    metrics::gauge!("meshwork_cache_used_bytes").set(node.keyspace.used_bytes() as f64);
+    metrics::gauge!("meshwork_cache_maxmemory_bytes").set(node.maxmemory.0 as f64);
+    metrics::gauge!("meshwork_cache_clients").set(cache.clients() as f64);
+    metrics::counter!("meshwork_cache_commands_total")
+        .absolute(node.commands.load(Ordering::Relaxed));
+    metrics::counter!("meshwork_cache_keyspace_hits_total")
+        .absolute(node.hits.load(Ordering::Relaxed));
+    metrics::counter!("meshwork_cache_keyspace_misses_total")
+        .absolute(node.misses.load(Ordering::Relaxed));
 }
 
 /// Releases a client slot when the connection ends.
