@@ -300,3 +300,47 @@ async fn pending_and_resolved_half_messages_survive_a_restart_and_limits_are_ref
     let due = b.take_due_checks(10).await.expect("due");
     assert_eq!(due.iter().map(|c| c.info.id).collect::<Vec<_>>(), [33]);
 }
+
+/// A caller that goes away mid-prepare (an HTTP client disconnecting) leaves either
+/// nothing or a pending half message that can be committed — never a durable record
+/// the broker does not know about until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_abandoned_by_its_caller_still_ends_pending() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Clock::manual(T0);
+    let b = setup(dir.path(), &clock).await;
+    b.prepare_half("orders", "order-svc", msg(40, "first"))
+        .await
+        .expect("prepare");
+    for id in 41..44 {
+        let f = b.prepare_half("orders", "order-svc", msg(id, "abandoned"));
+        tokio::select! {
+            _ = f => {}
+            _ = tokio::task::yield_now() => {}
+        }
+    }
+    b.sync().await.expect("sync");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for id in 41..44 {
+        // Its record reached the log (sync), so it must become pending and committable.
+        let on_disk = b.read("__half", 0, 0, 100).expect("read").iter().any(|s| {
+            s.message
+                .header("mq-half-id")
+                .is_some_and(|v| v == id.to_string().as_bytes())
+        });
+        if !on_disk {
+            continue;
+        }
+        while b.half(id).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "half {id} durable but not pending"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(
+            b.resolve_half(id, HalfDecision::Commit).await,
+            Ok(HalfOutcome::Committed { .. })
+        ));
+    }
+}

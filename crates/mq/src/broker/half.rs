@@ -330,20 +330,27 @@ impl Broker {
             .push((H_TOPIC.into(), Bytes::from(topic.to_string())));
         rec.headers
             .push((H_PRODUCER.into(), Bytes::from(producer.to_string())));
-        let offset = self.append_half(half, rec).await?;
-        let now = self.now_ms();
-        let pending = Pending {
-            topic: topic.to_string(),
-            producer: producer.to_string(),
-            offset,
-            prepared_ms: now,
-            next_check_ms: now.saturating_add(self.inner.cfg.half_check_after.as_millis() as u64),
-            checks: 0,
-            resolving: false,
-        };
-        metrics::counter!("meshwork_mq_half_prepared_total", "topic" => topic.to_string())
-            .increment(1);
-        Ok(self.inner.halves.lock().add_pending(id, pending).info(id))
+        // The write and the pending entry in a task of their own: a caller that goes
+        // away between them must not leave a durable half message that only a restart
+        // would know about (its commit would be refused meanwhile).
+        let (b, topic, producer) = (self.clone(), topic.to_string(), producer.to_string());
+        let work = tokio::spawn(async move {
+            let offset = b.append_half(half, rec).await?;
+            let now = b.now_ms();
+            let pending = Pending {
+                topic: topic.clone(),
+                producer,
+                offset,
+                prepared_ms: now,
+                next_check_ms: now.saturating_add(b.inner.cfg.half_check_after.as_millis() as u64),
+                checks: 0,
+                resolving: false,
+            };
+            metrics::counter!("meshwork_mq_half_prepared_total", "topic" => topic).increment(1);
+            Ok(b.inner.halves.lock().add_pending(id, pending).info(id))
+        });
+        work.await
+            .map_err(|e| MqError::Storage(format!("preparing a half message: {e}")))?
     }
 
     /// Commits or rolls back a half message. Resolving it again the same way answers the
