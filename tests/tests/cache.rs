@@ -130,3 +130,85 @@ fn a_password_from_the_config_file_guards_the_cache() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cache-addr"));
 }
+
+/// A thousand idle clients on the cache port of a node whose open-files limit is
+/// 1,024 and cannot be raised: the cache takes what fits its share (the surplus is
+/// answered Redis' max-clients error and closed), the store keeps committing, and
+/// the cache serves again once they leave.
+#[test]
+fn idle_cache_clients_past_the_open_files_limit_do_not_stop_the_store() {
+    // This process holds the idle sockets: its own soft limit up to its hard one.
+    #[allow(unsafe_code)]
+    // SAFETY: getrlimit/setrlimit on structs we own, for this process.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start_with_nofile(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,cache",
+            "--cache-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+        1024,
+        1024,
+    );
+    let addr = node.cache.clone().unwrap();
+    let mut idle: Vec<std::net::TcpStream> = (0..1100)
+        .map(|i| {
+            std::net::TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connection {i}: {e}"))
+        })
+        .collect();
+    // The store commits meanwhile.
+    for i in 0..5 {
+        let out = Command::new(meshwork_tests::bin())
+            .args([
+                "kv",
+                "put",
+                &format!("during/{i}"),
+                "v",
+                "--endpoints",
+                &node.etcd,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        meshwork_testkit::http::blocking::get(&node.http, "/readyz")
+            .unwrap()
+            .0,
+        200
+    );
+    // The newest were refused with Redis' error and closed.
+    let mut refused = 0;
+    for s in idle.iter_mut().rev().take(500) {
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        if let Ok(n) = s.read(&mut buf)
+            && buf[..n].starts_with(b"-ERR max number of clients reached")
+        {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 400, "{refused} of the last 500 refused");
+    drop(idle);
+    meshwork_testkit::blocking::until("the cache to serve again", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&addr).is_ok() && resp(&addr, b"PING\r\n") == "+PONG\r\n"
+    });
+}

@@ -342,6 +342,7 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         .or(file.server.http_addr.clone())
         .unwrap_or_else(|| "127.0.0.1:7070".into());
     let mq = file.mq.config(store.fsync)?;
+    let mut cache = file.cache.config()?;
     Ok(node::NodeConfig {
         name: args
             .name
@@ -363,7 +364,6 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         gateway,
         gateway_workers: args.gateway_workers,
         cache_addr,
-        cache: file.cache.config()?,
         console_auth: console_auth(&file.console)?,
         txn: file.txn.options()?,
         mq,
@@ -371,10 +371,11 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
             let mut l = file.listen.clone();
             l.validate()?;
             if let Some(nofile) = listen::raise_nofile_limit() {
-                l.fit_to(nofile);
+                l.fit_to(nofile, roles.cache.then_some(&mut cache.max_clients));
             }
             l
         },
+        cache,
     })
 }
 

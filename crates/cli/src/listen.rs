@@ -572,25 +572,31 @@ async fn read_body(mut body: Incoming, cfg: &ListenConfig) -> Result<Bytes, Refu
 const RESERVED_FDS: u64 = 512;
 
 impl ListenConfig {
-    /// Lowers the connection limits so that both ports full still leave
-    /// [`RESERVED_FDS`] descriptors under the process's `nofile` limit: a
-    /// connection flood is refused at the port instead of starving the store
-    /// of descriptors.
-    pub(crate) fn fit_to(&mut self, nofile: u64) {
-        let wanted = (self.http_max_connections + self.etcd_max_connections) as u64;
-        let room = nofile.saturating_sub(RESERVED_FDS).max(2);
+    /// Lowers the connection limits so that every port full — HTTP, etcd, and the
+    /// cache's `max_clients` when that role runs — still leaves [`RESERVED_FDS`]
+    /// descriptors under the process's `nofile` limit: a connection flood is refused
+    /// at the port instead of starving the store of descriptors.
+    pub(crate) fn fit_to(&mut self, nofile: u64, mut cache_clients: Option<&mut usize>) {
+        let cache = cache_clients.as_deref().copied().unwrap_or(0);
+        let ports = if cache_clients.is_some() { 3 } else { 2 };
+        let wanted = (self.http_max_connections + self.etcd_max_connections + cache) as u64;
+        let room = nofile.saturating_sub(RESERVED_FDS).max(ports);
         if wanted <= room {
             return;
         }
-        let each = usize::try_from(room / 2).unwrap_or(usize::MAX).max(1);
+        let each = usize::try_from(room / ports).unwrap_or(usize::MAX).max(1);
         tracing::warn!(
             nofile,
             http_max_connections = self.http_max_connections.min(each),
             etcd_max_connections = self.etcd_max_connections.min(each),
+            cache_max_clients = cache.min(each),
             "the open-files limit is too low for the configured connection limits; lowering them (raise `ulimit -n` to keep them)"
         );
         self.http_max_connections = self.http_max_connections.min(each);
         self.etcd_max_connections = self.etcd_max_connections.min(each);
+        if let Some(c) = cache_clients.as_deref_mut() {
+            *c = (*c).min(each);
+        }
     }
 }
 
@@ -637,11 +643,19 @@ mod tests {
     #[test]
     fn connection_limits_fit_under_the_open_files_limit() {
         let mut c = ListenConfig::default();
-        c.fit_to(1_048_576);
+        c.fit_to(1_048_576, None);
         assert_eq!(c.http_max_connections, 4096);
-        c.fit_to(1024);
+        c.fit_to(1024, None);
         assert_eq!(c.http_max_connections, 256);
         assert_eq!(c.etcd_max_connections, 256);
+        // With the cache role, its clients share the room too.
+        let mut c = ListenConfig::default();
+        let mut cache = 10_000;
+        c.fit_to(1024, Some(&mut cache));
+        assert_eq!(
+            (c.http_max_connections, c.etcd_max_connections, cache),
+            (170, 170, 170)
+        );
         let bad = ListenConfig {
             idle_timeout_ms: 0,
             ..ListenConfig::default()
