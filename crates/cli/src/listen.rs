@@ -576,7 +576,7 @@ impl ListenConfig {
     /// cache's `max_clients` when that role runs — still leaves [`RESERVED_FDS`]
     /// descriptors under the process's `nofile` limit: a connection flood is refused
     /// at the port instead of starving the store of descriptors.
-    pub(crate) fn fit_to(&mut self, nofile: u64, mut cache_clients: Option<&mut usize>) {
+    pub(crate) fn fit_to(&mut self, nofile: u64, cache_clients: Option<&mut usize>) {
         let cache = cache_clients.as_deref().copied().unwrap_or(0);
         let ports = if cache_clients.is_some() { 3 } else { 2 };
         let wanted = (self.http_max_connections + self.etcd_max_connections + cache) as u64;
@@ -594,7 +594,7 @@ impl ListenConfig {
         );
         self.http_max_connections = self.http_max_connections.min(each);
         self.etcd_max_connections = self.etcd_max_connections.min(each);
-        if let Some(c) = cache_clients.as_deref_mut() {
+        if let Some(c) = cache_clients {
             *c = (*c).min(each);
         }
     }
