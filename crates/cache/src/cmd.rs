@@ -126,6 +126,8 @@ pub struct Node {
 /// Commands that may add memory: past `maxmemory` they evict first, or are refused
 /// (Redis' `denyoom` flag).
 const DENYOOM: &[&str] = &[
+    "ZADD",
+    "ZINCRBY",
     "SET",
     "SETNX",
     "SETEX",
@@ -191,7 +193,7 @@ pub(crate) fn int_of(b: &[u8]) -> Option<i64> {
     s.parse().ok()
 }
 
-fn float_of(b: &[u8]) -> Option<f64> {
+pub(crate) fn float_of(b: &[u8]) -> Option<f64> {
     let s = std::str::from_utf8(b).ok()?;
     if s.is_empty() || s.starts_with(char::is_whitespace) || s.ends_with(char::is_whitespace) {
         return None;
@@ -204,7 +206,7 @@ fn float_of(b: &[u8]) -> Option<f64> {
     (!v.is_nan()).then_some(v)
 }
 
-fn upper(b: &[u8]) -> String {
+pub(crate) fn upper(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_ascii_uppercase()
 }
 
@@ -309,6 +311,27 @@ pub const COMMANDS: &[(&str, i32)] = &[
     ("SMEMBERS", 2),
     ("SPOP", -2),
     ("SRANDMEMBER", -2),
+    ("ZADD", -4),
+    ("ZINCRBY", 4),
+    ("ZREM", -3),
+    ("ZCARD", 2),
+    ("ZSCORE", 3),
+    ("ZMSCORE", -3),
+    ("ZRANK", 3),
+    ("ZREVRANK", 3),
+    ("ZCOUNT", 4),
+    ("ZLEXCOUNT", 4),
+    ("ZRANGE", -4),
+    ("ZREVRANGE", -4),
+    ("ZRANGEBYSCORE", -4),
+    ("ZREVRANGEBYSCORE", -4),
+    ("ZRANGEBYLEX", -4),
+    ("ZREVRANGEBYLEX", -4),
+    ("ZREMRANGEBYRANK", 4),
+    ("ZREMRANGEBYSCORE", 4),
+    ("ZREMRANGEBYLEX", 4),
+    ("ZPOPMIN", -2),
+    ("ZPOPMAX", -2),
 ];
 
 /// Runs one command.
@@ -1204,6 +1227,7 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
             Reply::Nil
         }
         _ => crate::types::run(d, name, args, now, &mut |n| rand::random_range(0..n))
+            .or_else(|| crate::zset::run(d, name, args, now))
             .unwrap_or_else(|| Reply::err(format!("unknown command '{name}'"))),
     }
 }

@@ -28,6 +28,8 @@ pub enum Value {
     Hash(indexmap::IndexMap<Bytes, Bytes>),
     /// A set.
     Set(HashSet<Bytes>),
+    /// A sorted set.
+    ZSet(Box<crate::zset::ZSet>),
 }
 
 impl Value {
@@ -38,16 +40,34 @@ impl Value {
             Value::List(_) => "list",
             Value::Hash(_) => "hash",
             Value::Set(_) => "set",
+            Value::ZSet(_) => "zset",
         }
     }
 
-    /// Approximate bytes it holds (for `used_memory`).
+    /// Approximate bytes it holds (for `used_memory`); aggregates are sampled
+    /// ([`crate::types::estimate`]).
     fn weight(&self) -> usize {
+        use crate::types::estimate;
         match self {
             Value::Str(b) => b.len(),
-            Value::List(l) => l.iter().map(|b| b.len() + 16).sum(),
-            Value::Hash(h) => h.iter().map(|(k, v)| k.len() + v.len() + 48).sum(),
-            Value::Set(s) => s.iter().map(|b| b.len() + 32).sum(),
+            Value::List(l) => {
+                // Both ends: a queue's producers and consumers work there.
+                let (front, back) = if l.len() <= 32 {
+                    (l.len(), 0)
+                } else {
+                    (16, 16)
+                };
+                estimate(
+                    l.len(),
+                    l.iter()
+                        .take(front)
+                        .chain(l.iter().rev().take(back))
+                        .map(|b| b.len() + 16),
+                )
+            }
+            Value::Hash(h) => estimate(h.len(), h.iter().map(|(k, v)| k.len() + v.len() + 48)),
+            Value::Set(s) => estimate(s.len(), s.iter().map(|b| b.len() + 32)),
+            Value::ZSet(z) => z.weight(),
         }
     }
 }

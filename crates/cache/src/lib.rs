@@ -14,6 +14,7 @@ pub mod pubsub;
 pub mod resp;
 pub mod server;
 pub mod types;
+pub mod zset;
 
 pub use config::CacheConfig;
 pub use server::{Cache, Workers, spawn_workers};

@@ -256,8 +256,11 @@ pub enum Reply {
     Map(Vec<(Reply, Reply)>),
     /// A RESP3 set (RESP2: an array).
     Set(Vec<Reply>),
-    /// A RESP3 double (RESP2: a bulk string).
+    /// A RESP3 double (RESP2: a bulk string), written as C's `%.17g` (Redis 7.0).
     Double(f64),
+    /// `member, score`-like pairs: RESP2 a flat array, RESP3 an array of 2-arrays
+    /// (`ZRANGE ... WITHSCORES`).
+    Pairs(Vec<(Reply, Reply)>),
     /// A RESP3 boolean (RESP2: 1 or 0).
     Bool(bool),
     /// A RESP3 verbatim string (`=n\r\ntxt:...`; RESP2: a bulk string).
@@ -338,8 +341,23 @@ impl Reply {
                 }
                 Ok(())
             }
+            Reply::Pairs(pairs) => {
+                let _ = write!(
+                    out,
+                    "*{}\r\n",
+                    if resp3 { pairs.len() } else { pairs.len() * 2 }
+                );
+                for (a, b) in pairs {
+                    if resp3 {
+                        out.extend_from_slice(b"*2\r\n");
+                    }
+                    a.write(proto, out);
+                    b.write(proto, out);
+                }
+                Ok(())
+            }
             Reply::Double(d) => {
-                let text = format_double(*d);
+                let text = g17(*d);
                 if resp3 {
                     write!(out, ",{text}\r\n")
                 } else {
@@ -356,6 +374,41 @@ impl Reply {
 
 /// A double as Redis prints it (`inf`, `-inf`, `nan`, else the shortest form that
 /// reads back the same, with no trailing `.0`).
+/// C's `printf("%.17g", d)`, as Redis 7.0 writes a score: 17 significant digits,
+/// trailing zeros dropped, exponent form below 1e-4 and from 1e17.
+pub fn g17(d: f64) -> String {
+    if d.is_nan() {
+        return "nan".into();
+    }
+    if d.is_infinite() {
+        return if d > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    if d == 0.0 {
+        return if d.is_sign_negative() { "-0" } else { "0" }.into();
+    }
+    fn trim(s: &str) -> &str {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.')
+        } else {
+            s
+        }
+    }
+    let sci = format!("{d:.16e}");
+    let Some((mantissa, exp)) = sci.split_once('e') else {
+        return sci;
+    };
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if !(-4..17).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", trim(mantissa), exp.abs())
+    } else {
+        let prec = (16 - exp) as usize;
+        trim(&format!("{d:.prec$}")).to_string()
+    }
+}
+
+/// A float as Redis' `INCRBYFLOAT` writes it: an integer without a point, else the
+/// shortest text that reads back the same.
 pub fn format_double(d: f64) -> String {
     if d.is_nan() {
         "nan".into()
@@ -438,5 +491,23 @@ mod tests {
         assert_eq!(w(m, 3), "%1\r\n$1\r\na\r\n:1\r\n");
         assert_eq!(w(Reply::Double(1.5), 3), ",1.5\r\n");
         assert_eq!(w(Reply::Double(3.0), 2), "$1\r\n3\r\n");
+        let p = Reply::Pairs(vec![(Reply::bulk("m"), Reply::Double(1.1))]);
+        assert_eq!(
+            w(p.clone(), 2),
+            "*2\r\n$1\r\nm\r\n$18\r\n1.1000000000000001\r\n"
+        );
+        assert_eq!(w(p, 3), "*1\r\n*2\r\n$1\r\nm\r\n,1.1000000000000001\r\n");
+        for (d, s) in [
+            (0.1, "0.10000000000000001"),
+            (1e17, "1e+17"),
+            (123456789012345678.0, "1.2345678901234568e+17"),
+            (0.0001, "0.0001"),
+            (0.00001, "1.0000000000000001e-05"),
+            (-2.5, "-2.5"),
+            (99999999999999999.0, "1e+17"),
+            (1234.0, "1234"),
+        ] {
+            assert_eq!(g17(d), s, "{d}");
+        }
     }
 }

@@ -11,11 +11,13 @@ use crate::cmd::{WRONGTYPE, int_of, wrong_args};
 use crate::db::{Db, Entry, Shard, Value};
 use crate::resp::Reply;
 
+/// The aggregate kinds [`on`] works on.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     List,
     Hash,
     Set,
+    ZSet,
 }
 
 fn kind_of(v: &Value) -> Option<Kind> {
@@ -23,6 +25,7 @@ fn kind_of(v: &Value) -> Option<Kind> {
         Value::List(_) => Some(Kind::List),
         Value::Hash(_) => Some(Kind::Hash),
         Value::Set(_) => Some(Kind::Set),
+        Value::ZSet(_) => Some(Kind::ZSet),
         Value::Str(_) => None,
     }
 }
@@ -32,6 +35,7 @@ fn empty(k: Kind) -> Value {
         Kind::List => Value::List(VecDeque::new()),
         Kind::Hash => Value::Hash(IndexMap::new()),
         Kind::Set => Value::Set(HashSet::new()),
+        Kind::ZSet => Value::ZSet(Box::default()),
     }
 }
 
@@ -40,6 +44,7 @@ fn is_empty(v: &Value) -> bool {
         Value::List(l) => l.is_empty(),
         Value::Hash(h) => h.is_empty(),
         Value::Set(s) => s.is_empty(),
+        Value::ZSet(z) => z.is_empty(),
         Value::Str(_) => false,
     }
 }
@@ -52,7 +57,7 @@ fn own(b: &Bytes) -> Bytes {
 /// Runs `f` on the `k` value of `key`: an empty one when absent and `create` (stored
 /// only if `f` leaves something), `Ok(None)` when absent otherwise, WRONGTYPE for a
 /// value of another kind. A value left empty is deleted; the shard's byte count follows.
-fn on<T>(
+pub(crate) fn on<T>(
     sh: &mut Shard,
     key: &Bytes,
     now: u64,
@@ -90,7 +95,7 @@ fn not_int() -> Reply {
 }
 
 /// Redis' range arithmetic: negative indexes from the end, clamped; `None` if empty.
-fn range(len: usize, start: i64, stop: i64) -> Option<(usize, usize)> {
+pub(crate) fn range(len: usize, start: i64, stop: i64) -> Option<(usize, usize)> {
     let len = len as i64;
     let s = if start < 0 {
         (len + start).max(0)
@@ -103,6 +108,26 @@ fn range(len: usize, start: i64, stop: i64) -> Option<(usize, usize)> {
         stop.min(len - 1)
     };
     (s <= e && s < len && e >= 0).then_some((s as usize, e as usize))
+}
+
+/// How many entries an aggregate's `weight` samples: past it, the weight is the
+/// sample's mean times the length (O(1) per write; a big list pushed to stays cheap).
+const SAMPLE: usize = 32;
+
+/// An aggregate's approximate weight from the sizes of (up to [`SAMPLE`] of) its
+/// `len` entries. Deterministic for a given value, so a shard's total stays the sum
+/// of its values' current weights however they change.
+pub(crate) fn estimate(len: usize, sizes: impl Iterator<Item = usize>) -> usize {
+    let (mut n, mut sum) = (0usize, 0usize);
+    for s in sizes.take(SAMPLE) {
+        n += 1;
+        sum += s;
+    }
+    if n == 0 || n == len {
+        sum
+    } else {
+        (sum as u128 * len as u128 / n as u128) as usize
+    }
 }
 
 /// BLPOP/BRPOP's pop: the first of `keys` holding a non-empty list gives its first

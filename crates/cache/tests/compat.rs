@@ -978,3 +978,135 @@ async fn blocking_pops_match_redis() {
     assert_eq!(c.call(&["RPUSH", "q2", "kept"]).await, b":1\r\n");
     assert_eq!(c.call(&["LPOP", "q2"]).await, b"$4\r\nkept\r\n");
 }
+
+/// Sorted sets, in RESP2 and then RESP3 (scores as doubles, pairs nested).
+const ZSCRIPT: &[&[&str]] = &[
+    &["ZADD", "z", "1", "a", "2", "b", "3", "c"],
+    &["ZADD", "z", "1.1", "d", "-0", "e", "+inf", "f", "-inf", "g"],
+    &["ZADD", "z", "nan", "x"],
+    &["ZADD", "z", "abc", "x"],
+    &["ZADD", "z", "1"],
+    &["ZADD", "z", "NX", "XX", "1", "a"],
+    &["ZADD", "z", "NX", "GT", "1", "a"],
+    &["ZADD", "z", "GT", "LT", "1", "a"],
+    &["ZADD", "z", "INCR", "1", "a", "2", "b"],
+    &["ZADD", "z", "CH", "5", "a", "2", "b", "9", "new"],
+    &[
+        "ZADD", "z", "XX", "CH", "GT", "4", "a", "10", "b", "1", "nope",
+    ],
+    &["ZADD", "z", "INCR", "2.5", "a"],
+    &["ZADD", "z", "NX", "INCR", "2.5", "a"],
+    &["ZADD", "z", "LT", "INCR", "2.5", "a"],
+    &["ZADD", "nokey", "XX", "1", "a"],
+    &["ZADD", "nokey", "XX", "INCR", "1", "a"],
+    &["ZINCRBY", "z", "0.1", "c"],
+    &["ZINCRBY", "z", "x", "c"],
+    &["ZINCRBY", "z", "-inf", "f"],
+    &["ZSCORE", "z", "c"],
+    &["ZSCORE", "z", "f"],
+    &["ZSCORE", "z", "none"],
+    &["ZSCORE", "nokey", "a"],
+    &["ZMSCORE", "z", "a", "none", "e"],
+    &["ZMSCORE", "nokey", "a", "b"],
+    &["ZCARD", "z"],
+    &["ZCARD", "nokey"],
+    &["ZRANK", "z", "c"],
+    &["ZREVRANK", "z", "c"],
+    &["ZRANK", "z", "none"],
+    &["ZRANGE", "z", "0", "-1"],
+    &["ZRANGE", "z", "0", "-1", "WITHSCORES"],
+    &["ZRANGE", "z", "-3", "-2", "withscores"],
+    &["ZRANGE", "z", "5", "1"],
+    &["ZRANGE", "z", "x", "1"],
+    &["ZRANGE", "z", "0", "-1", "REV"],
+    &["ZRANGE", "z", "0", "1", "LIMIT", "0", "1"],
+    &["ZRANGE", "z", "(1", "5", "BYSCORE"],
+    &["ZRANGE", "z", "5", "(1", "BYSCORE", "REV", "WITHSCORES"],
+    &["ZRANGE", "z", "-inf", "+inf", "BYSCORE", "LIMIT", "1", "2"],
+    &["ZRANGE", "z", "-inf", "+inf", "BYSCORE", "LIMIT", "-1", "2"],
+    &["ZRANGE", "z", "-inf", "+inf", "BYSCORE", "LIMIT", "2", "0"],
+    &["ZRANGE", "z", "x", "+inf", "BYSCORE"],
+    &["ZRANGE", "z", "(5", "5", "BYSCORE"],
+    &["ZRANGE", "z", "-", "+", "BYLEX", "WITHSCORES"],
+    &["ZRANGE", "z", "0", "1", "BYSCORE", "BYLEX"],
+    &["ZRANGE", "z", "0", "1", "REV", "REV"],
+    &["ZRANGE", "nokey", "0", "-1"],
+    &["ZREVRANGE", "z", "0", "2", "WITHSCORES"],
+    &["ZREVRANGE", "z", "0", "2", "REV"],
+    &[
+        "ZRANGEBYSCORE",
+        "z",
+        "1",
+        "3",
+        "WITHSCORES",
+        "LIMIT",
+        "0",
+        "2",
+    ],
+    &["ZRANGEBYSCORE", "z", "1", "3", "BYSCORE"],
+    &["ZREVRANGEBYSCORE", "z", "+inf", "-inf"],
+    &["ZCOUNT", "z", "(1", "+inf"],
+    &["ZCOUNT", "z", "a", "b"],
+    &[
+        "ZADD", "lex", "0", "a", "0", "b", "0", "c", "0", "dd", "0", "e",
+    ],
+    &["ZRANGEBYLEX", "lex", "[b", "(dd"],
+    &["ZRANGEBYLEX", "lex", "-", "+", "LIMIT", "1", "3"],
+    &["ZREVRANGEBYLEX", "lex", "+", "[c"],
+    &["ZRANGEBYLEX", "lex", "b", "c"],
+    &["ZLEXCOUNT", "lex", "[b", "+"],
+    &["ZREMRANGEBYLEX", "lex", "-", "[b"],
+    &["ZREMRANGEBYRANK", "lex", "-1", "-1"],
+    &["ZRANGE", "lex", "0", "-1"],
+    &["ZREMRANGEBYSCORE", "z", "-inf", "(1"],
+    &["ZREMRANGEBYSCORE", "z", "x", "1"],
+    &["ZREMRANGEBYRANK", "z", "x", "1"],
+    &["ZREM", "z", "a", "none"],
+    &["ZPOPMIN", "z"],
+    &["ZPOPMAX", "z", "2"],
+    &["ZPOPMIN", "z", "0"],
+    &["ZPOPMIN", "z", "-1"],
+    &["ZPOPMIN", "nokey"],
+    &["ZPOPMIN", "nokey", "3"],
+    &["ZPOPMAX", "z", "100"],
+    &["EXISTS", "z"],
+    &["SET", "str", "x"],
+    &["ZADD", "str", "1", "a"],
+    &["ZRANGE", "str", "0", "-1"],
+    &["ZSCORE", "str", "a"],
+    &["ZADD", "t", "1", "a"],
+    &["TYPE", "t"],
+    &[
+        "ZADD",
+        "big",
+        "123456789012345678",
+        "a",
+        "0.0001",
+        "b",
+        "0.00001",
+        "c",
+    ],
+    &["ZRANGE", "big", "0", "-1", "WITHSCORES"],
+    &["ZADD", "inf", "+inf", "a", "-inf", "b"],
+    &["ZINCRBY", "inf", "-inf", "a"],
+    &["ZADD", "inf", "INCR", "+inf", "b"],
+    &["FLUSHDB"],
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sorted_sets_match_redis_byte_for_byte() {
+    let Some(r) = redis() else { return };
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    for proto in ["2", "3"] {
+        let (mut mine, mut theirs) = (Conn::open(a).await, Conn::open(r.addr).await);
+        let (m, t) = (
+            mine.call(&["HELLO", proto]).await,
+            theirs.call(&["HELLO", proto]).await,
+        );
+        assert_eq!(m[0], t[0]);
+        for args in ZSCRIPT {
+            let (m, t) = (mine.call(args).await, theirs.call(args).await);
+            assert_eq!(show(&m), show(&t), "RESP{proto} {args:?}");
+        }
+    }
+}
