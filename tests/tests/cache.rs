@@ -212,3 +212,39 @@ fn idle_cache_clients_past_the_open_files_limit_do_not_stop_the_store() {
         std::net::TcpStream::connect(&addr).is_ok() && resp(&addr, b"PING\r\n") == "+PONG\r\n"
     });
 }
+
+/// The SDK finds the node's cache through the registry (its record names the
+/// address actually bound) and keeps its entries there.
+#[test]
+fn the_sdk_finds_cache_nodes_through_the_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,cache",
+            "--cache-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let addr = node.cache.clone().expect("the cache's address");
+    let (_, nodes) = meshwork_testkit::http::blocking::get(&node.http, "/v1/nodes").unwrap();
+    assert!(nodes.contains(&format!("\"cache\":\"{addr}\"")), "{nodes}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = meshwork_sdk::Options::new("catalog", vec![node.etcd.clone()]).unwrap();
+        let mw = meshwork_sdk::Meshwork::connect(opts).await.unwrap();
+        let c = mw.cache("products").await.unwrap();
+        let v = c
+            .get_or_load("sku-1", Duration::from_secs(60), || async {
+                Ok::<_, std::io::Error>(Some(1250u32))
+            })
+            .await
+            .unwrap();
+        assert_eq!(v, Some(1250));
+        assert_eq!(c.stats().l2_errors, 0, "{:?}", c.stats());
+        mw.shutdown().await;
+    });
+    assert_eq!(resp(&addr, b"GET products:sku-1\r\n"), "$4\r\n1250\r\n");
+}

@@ -174,8 +174,20 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     if cfg.roles.mq {
         coord_opts.extra_roles.push("mq".to_string());
     }
-    if cfg.roles.cache {
+    // The cache listens before the node joins, so that its record names the
+    // address actually bound (port 0 allowed).
+    let cache_addr = match (cfg.roles.cache, cfg.cache_addr) {
+        (true, Some(addr)) => Some(
+            meshwork_cache::spawn_workers(addr, cfg.cache.clone(), None)
+                .with_context(|| format!("binding the cache address {addr}"))?,
+        ),
+        _ => None,
+    };
+    if let Some(c) = &cache_addr {
         coord_opts.extra_roles.push("cache".to_string());
+        coord_opts
+            .endpoints
+            .insert("cache".to_string(), c.addr.to_string());
     }
     if cfg.roles.txn {
         coord_opts
@@ -309,13 +321,6 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         .layer(axum::extract::DefaultBodyLimit::max(
             cfg.listen.max_body_bytes,
         ));
-    let cache_addr = match (cfg.roles.cache, cfg.cache_addr) {
-        (true, Some(addr)) => Some(
-            meshwork_cache::spawn_workers(addr, cfg.cache.clone(), None)
-                .with_context(|| format!("binding the cache address {addr}"))?,
-        ),
-        _ => None,
-    };
     let rx = stop_rx.clone();
     let listen = cfg.listen.clone();
     tasks.push(tokio::spawn(async move {

@@ -32,6 +32,9 @@ pub struct NodeInfo {
     pub roles: Vec<String>,
     /// When it joined, Unix milliseconds.
     pub started_at_ms: u64,
+    /// The addresses of its other listeners, by role (`cache` -> `HOST:PORT`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub endpoints: std::collections::BTreeMap<String, String>,
 }
 
 /// The live members, by name, with the create revision of their key.

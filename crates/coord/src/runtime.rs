@@ -26,6 +26,8 @@ pub struct CoordOptions {
     pub run_checks: bool,
     /// More roles this node announces in its membership record (e.g. `gateway`).
     pub extra_roles: Vec<String>,
+    /// Addresses of its other listeners it announces, by role (`cache`).
+    pub endpoints: std::collections::BTreeMap<String, String>,
     /// Registry limits.
     pub registry: RegistryOptions,
     /// Config center limits.
@@ -47,6 +49,7 @@ impl Default for CoordOptions {
             node_ttl: 10,
             run_checks: true,
             extra_roles: Vec::new(),
+            endpoints: Default::default(),
             registry: RegistryOptions::default(),
             config: ConfigOptions::default(),
             backend: BackendOptions::default(),
@@ -96,6 +99,7 @@ impl Coord {
                         r
                     },
                     started_at_ms: 0,
+                    endpoints: opts.endpoints.clone(),
                 },
                 opts.node_ttl,
             )

@@ -33,6 +33,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "cache")]
+pub mod cache;
 pub mod client;
 pub mod context;
 mod error;
@@ -213,6 +215,24 @@ impl Meshwork {
     /// Publishes and subscribes on the cluster's broker (see [`mq::MqClient`]).
     pub fn mq(&self) -> mq::MqClient {
         mq::MqClient::new(self.inner.coord.clone())
+    }
+
+    /// Opens the two-level cache `name` (see [`cache`]) with default options, over
+    /// the L2 named by `MESHWORK_CACHE`, else the registry's cache nodes.
+    #[cfg(feature = "cache")]
+    pub async fn cache(&self, name: &str) -> Result<cache::Cache, cache::CacheError> {
+        self.cache_with(name, cache::CacheOptions::default()).await
+    }
+
+    /// [`Meshwork::cache`] with options.
+    #[cfg(feature = "cache")]
+    pub async fn cache_with(
+        &self,
+        name: &str,
+        opts: cache::CacheOptions,
+    ) -> Result<cache::Cache, cache::CacheError> {
+        let l2 = cache::L2Spec::from_env(&self.inner.coord)?;
+        cache::Cache::open(name, l2, opts).await
     }
 
     /// The coordination client underneath (registry, config center, raw etcd).
