@@ -749,3 +749,94 @@ fn id_of(v: &Value) -> i64 {
         .parse()
         .unwrap_or_else(|_| panic!("order id {v} is not decimal"))
 }
+
+/// Prices are read through the shared price cache (the node's cache role, found
+/// in the registry): a price change at inventory invalidates it, and the next
+/// orders are priced anew; an unknown SKU is refused (and remembered as absent).
+#[test]
+fn a_price_change_reaches_the_next_orders_through_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,gateway,txn,mq,cache",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--cache-addr",
+            "127.0.0.1:0",
+            "--demo",
+        ],
+        &[],
+    );
+    let gw = node.gateway.clone().unwrap();
+    let http = node.http.clone();
+    let cache = node.cache.clone().unwrap();
+    until("the shop behind the gateway", WAIT, || {
+        get(&gw, "/api/products").0 == 200
+            && instance(&http, "order").is_some()
+            && instance(&http, "payment").is_some()
+    });
+    let (_, p) = get(&gw, "/api/products/sku-cable");
+    let old = p["price_cents"].as_i64().unwrap();
+    let (s, o) = order(&gw, "carol", None, "sku-cable", "acct-1");
+    assert_eq!(s, 201, "{o}");
+    assert_eq!(o["amount_cents"].as_i64(), Some(old), "{o}");
+    // The price sits in the node's cache.
+    let cached = resp_get(&cache, "shop-prices:sku-cable");
+    assert_eq!(cached, old.to_string());
+
+    let (inventory, _) = live(&http, "inventory");
+    let new = old + 100;
+    let (s, _, v) = request(
+        &inventory,
+        "PUT",
+        "/products/sku-cable/price",
+        &[],
+        &format!(r#"{{"price_cents":{new}}}"#),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, _, v) = request(
+        &inventory,
+        "PUT",
+        "/products/sku-cable/price",
+        &[],
+        r#"{"price_cents":-1}"#,
+    );
+    assert_eq!(s, 400, "{v}");
+    // The next orders are priced anew (an order priced from a copy dropped a
+    // moment late is refused with price_changed, never charged the old price).
+    eventually("an order at the new price", WAIT, || {
+        let (s, o) = order(&gw, "carol", None, "sku-cable", "acct-1");
+        match s {
+            201 => {
+                assert_eq!(o["amount_cents"].as_i64(), Some(new), "{o}");
+                Some(())
+            }
+            409 => {
+                assert_eq!(reason(&o), "price_changed", "{o}");
+                None
+            }
+            _ => panic!("{s} {o}"),
+        }
+    });
+    for _ in 0..2 {
+        let (s, o) = order(&gw, "carol", None, "sku-nothing", "acct-1");
+        assert_eq!((s, reason(&o).as_str()), (404, "unknown_product"), "{o}");
+    }
+    assert_eq!(resp_get(&cache, "shop-prices:sku-nothing"), "");
+}
+
+/// `GET key` over RESP: the value as text ("" for an empty or missing value).
+fn resp_get(addr: &str, key: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+    reply
+        .split_once("\r\n")
+        .map(|(_, rest)| rest.trim_end_matches("\r\n").to_string())
+        .unwrap_or_default()
+}

@@ -6,12 +6,14 @@
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use meshwork_sdk::txn::sqlite::Ran;
 use rusqlite::{OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
+
+use meshwork_sdk::cache::Cache;
 
 use crate::db::{Db, branch_call};
 use crate::error::{ApiError, parse_json};
@@ -114,8 +116,12 @@ pub(crate) async fn seed(db: &Db, products: Vec<Product>) -> Result<(), ApiError
     .await
 }
 
-/// The service's routes.
-pub(crate) fn router(db: Db) -> Router {
+/// The service's routes. `prices` is the shared price cache the order service
+/// reads through: a price change invalidates its entry everywhere.
+pub(crate) fn router(db: Db, prices: Option<Cache>) -> Router {
+    let price_routes = Router::new()
+        .route("/products/{sku}/price", put(set_price))
+        .with_state((db.clone(), prices));
     Router::new()
         .route("/products", get(list_products))
         .route("/products/{sku}", get(get_product))
@@ -123,6 +129,53 @@ pub(crate) fn router(db: Db) -> Router {
         .route("/reservations/{order_id}/commit", post(commit))
         .route("/reservations/{order_id}/release", post(release))
         .with_state(db)
+        .merge(price_routes)
+}
+
+/// The body of `PUT /products/{sku}/price`.
+#[derive(Deserialize)]
+struct PriceChange {
+    price_cents: i64,
+}
+
+/// Changes a product's price, then drops it from the price cache (every order
+/// service's L1 and the shared L2). An order priced from a stale copy in between
+/// is refused at reservation with 409 `price_changed`.
+async fn set_price(
+    State((db, prices)): State<(Db, Option<Cache>)>,
+    Path(sku): Path<String>,
+    body: Bytes,
+) -> Result<axum::Json<Product>, ApiError> {
+    let change: PriceChange = parse_json(&body)?;
+    if !(0..=1_000_000_000).contains(&change.price_cents) {
+        return Err(ApiError::invalid(format!(
+            "price_cents {} must be 0..=1000000000",
+            change.price_cents
+        )));
+    }
+    let key = sku.clone();
+    let p = db
+        .tx(move |tx| {
+            let n = tx.execute(
+                "UPDATE products SET price_cents = ?1 WHERE sku = ?2",
+                params![change.price_cents, sku],
+            )?;
+            if n == 0 {
+                return Err(ApiError::not_found(format!("no product {sku:?}")));
+            }
+            Ok(tx.query_row(
+                "SELECT sku, name, price_cents, stock FROM products WHERE sku = ?1",
+                params![sku],
+                product_row,
+            )?)
+        })
+        .await?;
+    if let Some(c) = &prices
+        && let Err(e) = c.invalidate(&key).await
+    {
+        tracing::warn!(sku = %key, error = %e, "price cache not invalidated (entries expire by themselves)");
+    }
+    Ok(axum::Json(p))
 }
 
 fn product_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Product> {

@@ -127,6 +127,21 @@ pub fn order_options(endpoints: Vec<String>) -> Result<Options, meshwork_sdk::Er
         .target("payment", policy(1_000)))
 }
 
+/// The price cache shared by the order and inventory services (`None`, logged,
+/// when it cannot be opened: prices are then read from inventory every time).
+pub(crate) async fn price_cache(mw: &Meshwork) -> Option<meshwork_sdk::cache::Cache> {
+    match mw.cache(PRICE_CACHE).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "no price cache");
+            None
+        }
+    }
+}
+
+/// The name of the price cache.
+pub const PRICE_CACHE: &str = "shop-prices";
+
 /// Runs one service until SIGTERM/Ctrl-C.
 pub async fn serve(opts: ServeOptions) -> Result<(), ShopError> {
     std::fs::create_dir_all(&opts.data_dir).map_err(|source| ShopError::Io {
@@ -150,7 +165,8 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ShopError> {
                     .map_err(ShopError::Seed)?;
             }
             let mw = Meshwork::connect(Options::new(name, opts.endpoints.clone())?).await?;
-            (mw, inventory::router(db))
+            let prices = price_cache(&mw).await;
+            (mw, inventory::router(db, prices))
         }
         ShopService::Payment => {
             let db = open(payment::SCHEMA)?;

@@ -142,6 +142,7 @@ struct OpenRequest {
 pub(crate) struct OrderState {
     db: Db,
     mw: Meshwork,
+    prices: Option<meshwork_sdk::cache::Cache>,
     txns: TxnClient,
     payments: Arc<TypedConfig<bool>>,
 }
@@ -159,8 +160,10 @@ pub(crate) async fn router(db: Db, mw: Meshwork) -> Result<Router, meshwork_sdk:
         meshwork_sdk::Error::Invalid(format!("installing the message outbox: {e:?}"))
     })?;
     events(&db, &mw);
+    let prices = crate::price_cache(&mw).await;
     let state = OrderState {
         db,
+        prices,
         mw,
         txns,
         payments,
@@ -388,24 +391,50 @@ async fn stored(s: &OrderState, id: i64) -> Result<Option<Response>, ApiError> {
     Ok(found.map(|(order, status)| answer(order, if status == 0 { 202 } else { status })))
 }
 
-/// The unit price of the product ordered.
+/// How long a price stays in the shared cache (inventory invalidates it on change).
+const PRICE_TTL: Duration = Duration::from_secs(300);
+
+/// The unit price of the product ordered: through the price cache (one load per
+/// SKU at a time, unknown SKUs remembered as absent), else from inventory.
 async fn price_of(s: &OrderState, req: &OrderRequest) -> Result<i64, ApiError> {
-    let path = format!("/products/{}", req.sku);
+    let Some(cache) = &s.prices else {
+        return fetch_price(s, &req.sku)
+            .await
+            .and_then(|p| p.ok_or("unknown_product"))
+            .map_err(|code| refuse(code, req));
+    };
+    match cache
+        .get_or_load(&req.sku, PRICE_TTL, || fetch_price(s, &req.sku))
+        .await
+    {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Err(refuse("unknown_product", req)),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not price the order");
+            Err(refuse("inventory_unavailable", req))
+        }
+    }
+}
+
+/// The price of `sku` from inventory: `Ok(None)` when it sells no such product,
+/// `Err(code)` when it cannot say.
+async fn fetch_price(s: &OrderState, sku: &str) -> Result<Option<i64>, &'static str> {
+    let path = format!("/products/{sku}");
     match s.mw.http().get("inventory", &path).await {
         Ok(r) if r.status().is_success() => serde_json::from_slice::<Product>(r.body())
-            .map(|p| p.price_cents)
+            .map(|p| Some(p.price_cents))
             .map_err(|e| {
                 tracing::error!(error = %e, "inventory answered an unreadable product");
-                refuse("inventory_unavailable", req)
+                "inventory_unavailable"
             }),
-        Ok(r) if r.status() == StatusCode::NOT_FOUND => Err(refuse("unknown_product", req)),
+        Ok(r) if r.status() == StatusCode::NOT_FOUND => Ok(None),
         Ok(r) => {
             tracing::warn!(status = %r.status(), "inventory could not price the order");
-            Err(refuse("inventory_unavailable", req))
+            Err("inventory_unavailable")
         }
         Err(e) => {
             tracing::warn!(error = %e, "inventory could not price the order");
-            Err(refuse("inventory_unavailable", req))
+            Err("inventory_unavailable")
         }
     }
 }
