@@ -17,6 +17,24 @@ fn resp(addr: &str, req: &[u8]) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// Pipelined requests over one connection: reads until as many bytes as
+/// `want` came (or the connection ends), then compares.
+fn expect(addr: &str, req: &[u8], want: &str) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(req).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.len() < want.len() {
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(String::from_utf8_lossy(&got), want);
+}
+
 #[test]
 fn the_node_serves_resp_that_redis_cli_uses() {
     let dir = tempfile::tempdir().unwrap();
@@ -247,4 +265,42 @@ fn the_sdk_finds_cache_nodes_through_the_registry() {
         mw.shutdown().await;
     });
     assert_eq!(resp(&addr, b"GET products:sku-1\r\n"), "$4\r\n1250\r\n");
+}
+
+/// With `[cache] snapshot = true` the data outlives a restart (written at SIGTERM,
+/// read at start, TTLs kept); without it the cache starts empty.
+#[test]
+fn a_snapshot_carries_the_data_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cache.toml");
+    std::fs::write(&config, "[cache]\nsnapshot = true\n").unwrap();
+    let data = dir.path().join("node");
+    let args = [
+        "--roles",
+        "store,cache",
+        "--cache-addr",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let mut node = meshwork_tests::start(&data, &args, &[]);
+    let addr = node.cache.clone().unwrap();
+    expect(
+        &addr,
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n$2\r\nEX\r\n$4\r\n1000\r\nRPUSH l a b\r\nZADD z 1.5 m\r\nSELECT 2\r\nSET other x\r\n",
+        "+OK\r\n:2\r\n:1\r\n+OK\r\n+OK\r\n",
+    );
+    assert_eq!(node.terminate(), Some(0));
+    assert!(data.join("cache.snapshot").exists());
+
+    let node = meshwork_tests::start(&data, &args, &[]);
+    let addr = node.cache.clone().unwrap();
+    expect(
+        &addr,
+        b"GET k\r\nLRANGE l 0 -1\r\nZSCORE z m\r\nSELECT 2\r\nGET other\r\nDBSIZE\r\n",
+        "$1\r\nv\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n$3\r\n1.5\r\n+OK\r\n$1\r\nx\r\n:1\r\n",
+    );
+    let ttl = resp(&addr, b"TTL k\r\n");
+    let secs: i64 = ttl.trim_start_matches(':').trim().parse().unwrap();
+    assert!((990..=1000).contains(&secs), "{ttl}");
 }

@@ -30,6 +30,9 @@ pub struct CacheConfig {
     pub policy: crate::db::Policy,
     /// Keys sampled per eviction (Redis' `maxmemory-samples`, default 5).
     pub samples: usize,
+    /// Where the keyspace is written on stop and read on start (`None`, the
+    /// default: a cache starts empty).
+    pub snapshot: Option<std::path::PathBuf>,
 }
 
 impl Default for CacheConfig {
@@ -45,6 +48,7 @@ impl Default for CacheConfig {
             maxmemory: 0,
             policy: crate::db::Policy::NoEviction,
             samples: 5,
+            snapshot: None,
         }
     }
 }

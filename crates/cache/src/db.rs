@@ -447,6 +447,11 @@ impl Shard {
         pos
     }
 
+    /// Every entry held (expired ones not yet removed included).
+    pub fn entries(&self) -> impl Iterator<Item = (&Bytes, &Entry)> {
+        self.map.iter()
+    }
+
     /// Live keys (expired ones not yet removed are skipped).
     pub fn keys(&self, now: u64) -> impl Iterator<Item = &Bytes> {
         self.map

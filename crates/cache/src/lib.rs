@@ -13,6 +13,7 @@ pub mod glob;
 pub mod pubsub;
 pub mod resp;
 pub mod server;
+pub mod snapshot;
 pub mod types;
 pub mod zset;
 

@@ -85,6 +85,28 @@ impl Cache {
     pub fn clients(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
     }
+
+    /// Loads the snapshot, when one is configured (see [`crate::snapshot`]).
+    fn restore(&self) {
+        let Some(path) = &self.cfg.snapshot else {
+            return;
+        };
+        match crate::snapshot::load(&self.node.keyspace, path, cmd::now_ms()) {
+            Ok(n) => tracing::info!(keys = n, path = %path.display(), "cache snapshot loaded"),
+            Err(e) => tracing::error!(error = %e, "cache snapshot not loaded; starting empty"),
+        }
+    }
+
+    /// Writes the snapshot, when one is configured.
+    fn persist(&self) {
+        let Some(path) = &self.cfg.snapshot else {
+            return;
+        };
+        match crate::snapshot::save(&self.node.keyspace, path, cmd::now_ms()) {
+            Ok(n) => tracing::info!(keys = n, path = %path.display(), "cache snapshot written"),
+            Err(e) => tracing::error!(error = %e, "cache snapshot not written"),
+        }
+    }
 }
 
 /// Running cache workers; dropping them stops them (without waiting).
@@ -102,12 +124,14 @@ impl Workers {
         &self.cache
     }
 
-    /// Stops accepting, closes every connection and waits for the threads.
+    /// Stops accepting, closes every connection and waits for the threads; then
+    /// writes the snapshot when one is configured.
     pub fn stop(mut self) {
         let _ = self.stop.send(true);
         for t in std::mem::take(&mut self.threads) {
             let _ = t.join();
         }
+        self.cache.persist();
     }
 }
 
@@ -147,6 +171,7 @@ pub fn spawn_workers(
         listeners.push(reuseport_listener(addr)?);
     }
     let cache = Cache::new(cfg, addr.port());
+    cache.restore();
     let (stop, stop_rx) = watch::channel(false);
     let mut threads = Vec::with_capacity(n);
     for (i, l) in listeners.into_iter().enumerate() {

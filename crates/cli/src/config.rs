@@ -281,6 +281,10 @@ pub(crate) struct CacheFile {
     /// Keys sampled per eviction (default 5).
     #[serde(default)]
     pub(crate) maxmemory_samples: Option<usize>,
+    /// Write the data to `<data dir>/cache.snapshot` on shutdown and load it on
+    /// start (default false: a cache starts empty).
+    #[serde(default)]
+    pub(crate) snapshot: bool,
 }
 
 impl CacheFile {
@@ -292,6 +296,10 @@ impl CacheFile {
                 .or(self.password.clone()),
             shards: self.shards,
             workers: self.workers,
+            // Relative: the node puts it in its data directory.
+            snapshot: self
+                .snapshot
+                .then(|| std::path::PathBuf::from("cache.snapshot")),
             ..meshwork_cache::CacheConfig::default()
         };
         if let Some(v) = self.max_clients {

@@ -109,6 +109,17 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 /// Binds, opens the store (unless external), starts coordination and serves.
+/// The cache's settings, its snapshot file (if any) inside the data directory.
+fn cache_config(cfg: &NodeConfig) -> meshwork_cache::CacheConfig {
+    let mut c = cfg.cache.clone();
+    if let Some(p) = &mut c.snapshot
+        && p.is_relative()
+    {
+        *p = cfg.data_dir.join(&*p);
+    }
+    c
+}
+
 pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     let http_listener = TcpListener::bind(cfg.http_addr)
         .await
@@ -178,7 +189,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     // address actually bound (port 0 allowed).
     let cache_addr = match (cfg.roles.cache, cfg.cache_addr) {
         (true, Some(addr)) => Some(
-            meshwork_cache::spawn_workers(addr, cfg.cache.clone(), None)
+            meshwork_cache::spawn_workers(addr, cache_config(&cfg), None)
                 .with_context(|| format!("binding the cache address {addr}"))?,
         ),
         _ => None,
