@@ -304,3 +304,98 @@ fn a_snapshot_carries_the_data_across_a_restart() {
     let secs: i64 = ttl.trim_start_matches(':').trim().parse().unwrap();
     assert!((990..=1000).contains(&secs), "{ttl}");
 }
+
+/// The console's Cache page and its JSON show the node's figures, the slow log and
+/// the hit ratio the SDK caches report.
+#[test]
+fn the_console_shows_the_cache_and_the_sdk_hit_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,cache",
+            "--cache-addr",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let addr = node.cache.clone().expect("the cache's address");
+    expect(
+        &addr,
+        b"CONFIG SET slowlog-log-slower-than 0\r\nSELECT 2\r\nSET a 1\r\n",
+        "+OK\r\n+OK\r\n+OK\r\n",
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = meshwork_sdk::Options::new("catalog", vec![node.etcd.clone()]).unwrap();
+        let mw = meshwork_sdk::Meshwork::connect(opts).await.unwrap();
+        let c = mw
+            .cache_with(
+                "prices",
+                meshwork_sdk::cache::CacheOptions {
+                    report_every: Some(Duration::from_millis(100)),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        // One load, then three L1 hits.
+        for _ in 0..4 {
+            let v = c
+                .get_or_load("sku-1", Duration::from_secs(60), || async {
+                    Ok::<_, std::io::Error>(Some(7u32))
+                })
+                .await
+                .unwrap();
+            assert_eq!(v, Some(7));
+        }
+        let http = node.http.clone();
+        meshwork_testkit::until("the SDK's report", Duration::from_secs(20), async || {
+            let h = http.clone();
+            tokio::task::spawn_blocking(move || {
+                meshwork_testkit::http::blocking::get(&h, "/v1/console/cache")
+            })
+            .await
+            .unwrap()
+            .is_ok_and(|(_, b)| b.contains("\"name\":\"prices\",\"l1_hits\":3,"))
+        })
+        .await;
+        mw.shutdown().await;
+    });
+    let (status, json) =
+        meshwork_testkit::http::blocking::get(&node.http, "/v1/console/cache").unwrap();
+    assert_eq!(status, 200, "{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        v["port"].as_u64(),
+        addr.rsplit(':').next().unwrap().parse().ok()
+    );
+    let db2 = v["dbs"].as_array().unwrap().iter().find(|d| d["db"] == 2);
+    assert_eq!(db2.map(|d| d["keys"].as_u64()), Some(Some(1)), "{json}");
+    let sdk = &v["sdk"][0];
+    assert_eq!(
+        (sdk["l1_hits"].as_u64(), sdk["loads"].as_u64()),
+        (Some(3), Some(1)),
+        "{json}"
+    );
+    assert!(
+        v["slowlog"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["args"] == serde_json::json!(["SET", "a", "1"])),
+        "{json}"
+    );
+    let (status, html) = meshwork_testkit::http::blocking::get(&node.http, "/ui/cache").unwrap();
+    assert_eq!(status, 200);
+    for want in [
+        "<h1>Cache</h1>",
+        "hit ratio",
+        "<td>prices</td><td>75.0 %</td>",
+        "<td>db2</td><td>1</td>",
+        "<code>SET a 1</code>",
+    ] {
+        assert!(html.contains(want), "{want} in {html}");
+    }
+}

@@ -33,6 +33,8 @@ pub struct Session {
     pub watch: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// WATCH: the keys watched, as `(db, key)`.
     pub watched: Vec<(usize, Bytes)>,
+    /// What `CLIENT LIST` shows of it (none for the node's own queries).
+    pub meta: Option<std::sync::Arc<crate::clients::ClientMeta>>,
 }
 
 impl Session {
@@ -50,6 +52,7 @@ impl Session {
             in_exec: false,
             watch: None,
             watched: Vec::new(),
+            meta: None,
         }
     }
 
@@ -121,6 +124,12 @@ pub struct Node {
     /// Every command holds it shared; EXEC holds it alone, so that a transaction's
     /// commands run with no other command in between, whatever shards they touch.
     pub exec_lock: parking_lot::RwLock<()>,
+    /// The connections (`CLIENT LIST`).
+    pub clients: crate::clients::Clients,
+    /// Commands slower than the threshold (`SLOWLOG`).
+    pub slowlog: crate::clients::SlowLog,
+    /// Commands per second over the last 1.6 s (`instantaneous_ops_per_sec`).
+    pub ops_per_sec: AtomicU64,
 }
 
 /// Commands that may add memory: past `maxmemory` they evict first, or are refused
@@ -227,6 +236,7 @@ pub const COMMANDS: &[(&str, i32)] = &[
     ("INFO", -1),
     ("TIME", 1),
     ("CONFIG", -2),
+    ("SLOWLOG", -2),
     ("MULTI", 1),
     ("EXEC", 1),
     ("DISCARD", 1),
@@ -352,7 +362,11 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
         None => "",
     };
     node.commands.fetch_add(1, Ordering::Relaxed);
-    let Some(&(_, arity)) = COMMANDS.iter().find(|(n, _)| *n == name) else {
+    let found = COMMANDS.iter().position(|(n, _)| *n == name);
+    if let (Some(m), Some(i), false) = (&s.meta, found, s.in_exec) {
+        m.running(i);
+    }
+    let Some(&(_, arity)) = found.and_then(|i| COMMANDS.get(i)) else {
         let mut shown = String::new();
         for a in args.iter().skip(1) {
             if shown.len() >= 128 {
@@ -558,7 +572,7 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
         }
         "HELLO" => hello(node, s, args),
         "AUTH" => auth(node, s, &args[1..]),
-        "CLIENT" => client(s, args),
+        "CLIENT" => client(node, s, args),
         "COMMAND" => match args.get(1).map(|a| upper(a)).as_deref() {
             Some("COUNT") if args.len() == 2 => Reply::Int(COMMANDS.len() as i64),
             None => Reply::Array(
@@ -579,6 +593,7 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
         },
         "INFO" => Reply::Verbatim(info(node)),
         "CONFIG" => config(node, args),
+        "SLOWLOG" => node.slowlog.command(args),
         _ => data(node, s, name, args, now),
     };
     (reply, Flow::Continue)
@@ -675,15 +690,19 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn client(s: &mut Session, args: &[Bytes]) -> Reply {
+fn client(node: &Node, s: &mut Session, args: &[Bytes]) -> Reply {
     match upper(&args[1]).as_str() {
         "ID" if args.len() == 2 => Reply::Int(s.id as i64),
+        "LIST" => client_list(node, &args[2..]),
         "GETNAME" if args.len() == 2 => s.name.clone().map_or(Reply::Nil, Reply::Bulk),
         "SETNAME" if args.len() == 3 => {
             if args[2].iter().any(|&c| c <= b' ' || c > b'~') {
                 Reply::err("Client names cannot contain spaces, newlines or special characters.")
             } else {
                 s.name = (!args[2].is_empty()).then(|| args[2].clone());
+                if let Some(m) = &s.meta {
+                    m.set_name(s.name.clone());
+                }
                 Reply::Simple("OK")
             }
         }
@@ -695,6 +714,52 @@ fn client(s: &mut Session, args: &[Bytes]) -> Reply {
             String::from_utf8_lossy(&args[1])
         )),
     }
+}
+
+/// `CLIENT LIST [TYPE normal|pubsub] [ID id ...]`: one line per connection.
+fn client_list(node: &Node, opts: &[Bytes]) -> Reply {
+    let mut kind: Option<String> = None;
+    let mut ids: Option<Vec<u64>> = None;
+    match opts.first().map(|o| upper(o)).as_deref() {
+        None => {}
+        Some("TYPE") if opts.len() == 2 => {
+            let t = upper(&opts[1]).to_ascii_lowercase();
+            if !matches!(t.as_str(), "normal" | "pubsub" | "master" | "replica") {
+                return Reply::err(format!(
+                    "Unknown client type '{}'",
+                    String::from_utf8_lossy(&opts[1])
+                ));
+            }
+            kind = Some(t);
+        }
+        Some("ID") if opts.len() >= 2 => {
+            let mut v = Vec::new();
+            for o in &opts[1..] {
+                match int_of(o) {
+                    Some(i) => v.push(i as u64),
+                    None => return Reply::err("Invalid client ID"),
+                }
+            }
+            ids = Some(v);
+        }
+        Some(_) => return syntax(),
+    }
+    let now = now_ms();
+    let mut out = String::new();
+    for c in node.clients.all() {
+        if ids.as_ref().is_some_and(|ids| !ids.contains(&c.id)) {
+            continue;
+        }
+        let line = c.line(now);
+        if let Some(k) = &kind {
+            let pubsub = line.contains(" flags=P ");
+            if (k == "pubsub") != pubsub || matches!(k.as_str(), "master" | "replica") {
+                continue;
+            }
+        }
+        out.push_str(&line);
+    }
+    Reply::Verbatim(out)
 }
 
 /// `EXEC`: the queued commands, alone (no other command runs meanwhile), unless a
@@ -754,31 +819,44 @@ fn pubsub_cmd(node: &Node, args: &[Bytes]) -> Reply {
     }
 }
 
-/// `CONFIG GET pattern...` (the settings this node has, with Redis' names) and
-/// `CONFIG RESETSTAT`; settings are fixed at start, so `CONFIG SET` is refused.
+/// `CONFIG GET pattern...` (the settings this node has, with Redis' names),
+/// `CONFIG SET` of the slow log's two settings (the others are fixed at start) and
+/// `CONFIG RESETSTAT`.
 fn config(node: &Node, args: &[Bytes]) -> Reply {
     match upper(&args[1]).as_str() {
-        "GET" if args.len() >= 3 => Reply::Map(
-            node.settings
-                .iter()
-                .filter(|(k, _)| {
-                    args[2..]
-                        .iter()
-                        .any(|p| glob_match(&p.to_ascii_lowercase(), k.as_bytes()))
-                })
-                .map(|(k, v)| (Reply::bulk(*k), Reply::bulk(v.clone())))
-                .collect(),
-        ),
+        "GET" if args.len() >= 3 => {
+            let dynamic = [
+                (
+                    "slowlog-log-slower-than",
+                    node.slowlog.slower_than_us().to_string(),
+                ),
+                ("slowlog-max-len", node.slowlog.max_len().to_string()),
+            ];
+            Reply::Map(
+                node.settings
+                    .iter()
+                    .cloned()
+                    .chain(dynamic)
+                    .filter(|(k, _)| {
+                        args[2..]
+                            .iter()
+                            .any(|p| glob_match(&p.to_ascii_lowercase(), k.as_bytes()))
+                    })
+                    .map(|(k, v)| (Reply::bulk(k), Reply::bulk(v)))
+                    .collect(),
+            )
+        }
         "RESETSTAT" if args.len() == 2 => {
             for c in [&node.commands, &node.hits, &node.misses, &node.connections] {
                 c.store(0, Ordering::Relaxed);
             }
+            let t = node.keyspace.totals();
+            t.expired.store(0, Ordering::Relaxed);
+            t.evicted.store(0, Ordering::Relaxed);
             Reply::Simple("OK")
         }
-        "SET" if args.len() >= 4 => Reply::err(format!(
-            "CONFIG SET failed (possibly related to argument '{}') - the cache's settings are fixed at start ([cache] in the config file)",
-            String::from_utf8_lossy(&args[2])
-        )),
+        "SET" if args.len() >= 4 && args.len().is_multiple_of(2) => config_set(node, &args[2..]),
+        "SET" if args.len() >= 4 => syntax(),
         "GET" | "SET" | "RESETSTAT" => {
             wrong_args(&format!("config|{}", upper(&args[1]).to_ascii_lowercase()))
         }
@@ -787,6 +865,54 @@ fn config(node: &Node, args: &[Bytes]) -> Reply {
             String::from_utf8_lossy(&args[1])
         )),
     }
+}
+
+/// `CONFIG SET name value ...`: every pair checked before any applies (as Redis 7).
+fn config_set(node: &Node, pairs: &[Bytes]) -> Reply {
+    let mut slower: Option<i64> = None;
+    let mut max_len: Option<usize> = None;
+    for p in pairs.chunks(2) {
+        let name = String::from_utf8_lossy(&p[0]).to_ascii_lowercase();
+        let failed = |why: &str| {
+            Reply::err(format!(
+                "CONFIG SET failed (possibly related to argument '{name}') - {why}"
+            ))
+        };
+        match name.as_str() {
+            "slowlog-log-slower-than" => match int_of(&p[1]) {
+                Some(v) if v >= -1 => slower = Some(v),
+                Some(_) => {
+                    return failed("argument must be between -1 and 9223372036854775807 inclusive");
+                }
+                None => return failed("argument couldn't be parsed into an integer"),
+            },
+            "slowlog-max-len" => match int_of(&p[1]) {
+                Some(v) if v >= 0 => max_len = Some(v as usize),
+                Some(_) => {
+                    return failed("argument must be between 0 and 9223372036854775807 inclusive");
+                }
+                None => return failed("argument couldn't be parsed into an integer"),
+            },
+            _ if node.settings.iter().any(|(k, _)| *k == name) => {
+                return failed(
+                    "the cache's other settings are fixed at start ([cache] in the config file)",
+                );
+            }
+            _ => {
+                return Reply::err(format!(
+                    "Unknown option or number of arguments for CONFIG SET - '{}'",
+                    String::from_utf8_lossy(&p[0])
+                ));
+            }
+        }
+    }
+    if let Some(v) = slower {
+        node.slowlog.set_slower_than_us(v);
+    }
+    if let Some(v) = max_len {
+        node.slowlog.set_max_len(v);
+    }
+    Reply::Simple("OK")
 }
 
 fn info(node: &Node) -> String {
@@ -799,24 +925,32 @@ fn info(node: &Node) -> String {
         node.port
     ));
     out.push_str(&format!(
+        "# Clients\r\nconnected_clients:{}\r\n\r\n",
+        node.clients.all().len()
+    ));
+    out.push_str(&format!(
         "# Memory\r\nused_memory:{}\r\nmaxmemory:{}\r\nmaxmemory_policy:{}\r\n\r\n",
         node.keyspace.used_bytes(),
         node.maxmemory.0,
         node.maxmemory.1.name()
     ));
     out.push_str(&format!(
-        "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\n\r\n",
+        "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\ninstantaneous_ops_per_sec:{}\r\nexpired_keys:{}\r\nevicted_keys:{}\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\n\r\n",
         node.connections.load(Ordering::Relaxed),
         node.commands.load(Ordering::Relaxed),
+        node.ops_per_sec.load(Ordering::Relaxed),
+        node.keyspace.totals().expired.load(Ordering::Relaxed),
+        node.keyspace.totals().evicted.load(Ordering::Relaxed),
         node.hits.load(Ordering::Relaxed),
         node.misses.load(Ordering::Relaxed)
     ));
     out.push_str("# Keyspace\r\n");
-    let now = now_ms();
+    // Keys held, as Redis counts them (expired ones not yet removed included): O(1)
+    // per shard, never a walk of the keyspace.
     for (i, d) in node.keyspace.dbs().iter().enumerate() {
         let (mut keys, mut expires) = (0, 0);
         for sh in d.lock_all() {
-            keys += sh.keys(now).count();
+            keys += sh.len();
             expires += sh.expiring();
         }
         if keys > 0 {

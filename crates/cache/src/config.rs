@@ -33,6 +33,11 @@ pub struct CacheConfig {
     /// Where the keyspace is written on stop and read on start (`None`, the
     /// default: a cache starts empty).
     pub snapshot: Option<std::path::PathBuf>,
+    /// Commands that take at least this many µs go to the slow log (Redis'
+    /// `slowlog-log-slower-than`, default 10,000; negative: none; 0: every one).
+    pub slowlog_slower_than_us: i64,
+    /// Slow-log entries kept (Redis' `slowlog-max-len`, default 128).
+    pub slowlog_max_len: usize,
 }
 
 impl Default for CacheConfig {
@@ -49,6 +54,8 @@ impl Default for CacheConfig {
             policy: crate::db::Policy::NoEviction,
             samples: 5,
             snapshot: None,
+            slowlog_slower_than_us: 10_000,
+            slowlog_max_len: 128,
         }
     }
 }

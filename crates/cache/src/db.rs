@@ -283,8 +283,8 @@ pub struct Shard {
     expiries: BTreeSet<(u64, Bytes)>,
     /// Approximate bytes held.
     used: usize,
-    /// Every shard's bytes together (what `maxmemory` is checked against).
-    total: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The keyspace's totals (its bytes are what `maxmemory` is checked against).
+    total: std::sync::Arc<Totals>,
     /// Its database's number (for `WATCH`).
     db: usize,
     /// The keyspace's watched keys.
@@ -296,9 +296,13 @@ impl Shard {
     fn set_used(&mut self, used: usize) {
         use std::sync::atomic::Ordering;
         if used >= self.used {
-            self.total.fetch_add(used - self.used, Ordering::Relaxed);
+            self.total
+                .used
+                .fetch_add(used - self.used, Ordering::Relaxed);
         } else {
-            self.total.fetch_sub(self.used - used, Ordering::Relaxed);
+            self.total
+                .used
+                .fetch_sub(self.used - used, Ordering::Relaxed);
         }
         self.used = used;
     }
@@ -340,6 +344,9 @@ impl Shard {
             .is_some_and(|t| t <= now);
         if due {
             self.remove(key);
+            self.total
+                .expired
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             metrics::counter!("meshwork_cache_expired_keys_total").increment(1);
         }
     }
@@ -550,7 +557,7 @@ impl Db {
     fn new(
         db: usize,
         shards: usize,
-        total: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        total: &std::sync::Arc<Totals>,
         watches: &std::sync::Arc<Watches>,
     ) -> Db {
         Db {
@@ -631,17 +638,28 @@ impl Db {
     }
 }
 
+/// The keyspace's running totals.
+#[derive(Default)]
+pub struct Totals {
+    /// Approximate bytes held by every key.
+    pub used: std::sync::atomic::AtomicUsize,
+    /// Keys removed because their time ran out (on access or by the active expiry).
+    pub expired: std::sync::atomic::AtomicU64,
+    /// Keys evicted under `maxmemory`.
+    pub evicted: std::sync::atomic::AtomicU64,
+}
+
 /// Every database.
 pub struct Keyspace {
     dbs: Vec<Db>,
-    total: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    total: std::sync::Arc<Totals>,
     watches: std::sync::Arc<Watches>,
 }
 
 impl Keyspace {
     /// An empty keyspace with `shards` shards per database.
     pub fn new(shards: usize) -> Keyspace {
-        let total = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let total = std::sync::Arc::new(Totals::default());
         let watches = std::sync::Arc::new(Watches::default());
         Keyspace {
             dbs: (0..DATABASES)
@@ -650,6 +668,11 @@ impl Keyspace {
             total,
             watches,
         }
+    }
+
+    /// Bytes held, keys expired and evicted.
+    pub fn totals(&self) -> &Totals {
+        &self.total
     }
 
     /// The watched keys.
@@ -669,7 +692,7 @@ impl Keyspace {
 
     /// Approximate bytes held by every key.
     pub fn used_bytes(&self) -> usize {
-        self.total.load(std::sync::atomic::Ordering::Relaxed)
+        self.total.used.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Evicts keys by `policy` until at most `limit` bytes are held; false when it
@@ -690,6 +713,9 @@ impl Keyspace {
                 Some(freed) => {
                     used = used.saturating_sub(freed);
                     misses = 0;
+                    self.total
+                        .evicted
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     metrics::counter!("meshwork_cache_evicted_keys_total").increment(1);
                 }
                 None => {
@@ -700,6 +726,9 @@ impl Keyspace {
                             let mut s = s.lock();
                             s.evict_one(policy, samples).is_some_and(|freed| {
                                 used = used.saturating_sub(freed);
+                                self.total
+                                    .evicted
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 true
                             })
                         }) {
@@ -726,6 +755,9 @@ impl Keyspace {
             }
         }
         if n > 0 {
+            self.total
+                .expired
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             metrics::counter!("meshwork_cache_expired_keys_total").increment(n as u64);
         }
         n

@@ -6,6 +6,7 @@
 //! commands. Lists, hashes, sets and sorted sets, pub/sub, transactions, eviction
 //! under `maxmemory`, snapshots and the SDK's two-level cache are still to come.
 
+pub mod clients;
 pub mod cmd;
 pub mod config;
 pub mod db;
@@ -18,4 +19,4 @@ pub mod types;
 pub mod zset;
 
 pub use config::CacheConfig;
-pub use server::{Cache, Workers, spawn_workers};
+pub use server::{Cache, DbStats, SdkStats, Stats, Workers, spawn_workers};

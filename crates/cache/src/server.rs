@@ -69,6 +69,12 @@ impl Cache {
                 pubsub: crate::pubsub::PubSub::default(),
                 maxmemory: (cfg.maxmemory, cfg.policy, cfg.samples.max(1)),
                 exec_lock: parking_lot::RwLock::new(()),
+                clients: crate::clients::Clients::default(),
+                slowlog: crate::clients::SlowLog::new(
+                    cfg.slowlog_slower_than_us,
+                    cfg.slowlog_max_len,
+                ),
+                ops_per_sec: AtomicU64::new(0),
             },
             cfg,
             clients: AtomicUsize::new(0),
@@ -84,6 +90,114 @@ impl Cache {
     /// Connected clients.
     pub fn clients(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
+    }
+
+    /// Runs one command as the node itself (database 0, authenticated, never
+    /// blocking), as a client would.
+    pub fn query(&self, args: &[&[u8]]) -> Reply {
+        let args: Vec<bytes::Bytes> = args
+            .iter()
+            .map(|a| bytes::Bytes::copy_from_slice(a))
+            .collect();
+        let mut s = Session::new(0, true);
+        cmd::execute(&self.node, &mut s, &args).0
+    }
+
+    /// What the console shows: memory, keys, hits, throughput, clients, evictions,
+    /// the newest slow commands and the SDK caches' reported counters.
+    pub fn stats(&self, slow: usize) -> Stats {
+        let n = &self.node;
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let dbs = n
+            .keyspace
+            .dbs()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                let (mut keys, mut expires) = (0, 0);
+                for sh in d.lock_all() {
+                    keys += sh.len();
+                    expires += sh.expiring();
+                }
+                (keys > 0).then_some(DbStats {
+                    db: i,
+                    keys,
+                    expires,
+                })
+            })
+            .collect();
+        let t = n.keyspace.totals();
+        Stats {
+            port: n.port,
+            uptime_s: cmd::now_ms().saturating_sub(n.started_ms) / 1000,
+            used_bytes: n.keyspace.used_bytes() as u64,
+            maxmemory: n.maxmemory.0 as u64,
+            policy: n.maxmemory.1.name().to_owned(),
+            dbs,
+            hits: r(&n.hits),
+            misses: r(&n.misses),
+            commands: r(&n.commands),
+            ops_per_sec: r(&n.ops_per_sec),
+            clients: self.clients(),
+            max_clients: self.cfg.max_clients,
+            connections: r(&n.connections),
+            expired: r(&t.expired),
+            evicted: r(&t.evicted),
+            slowlog_len: n.slowlog.len(),
+            slowlog_slower_than_us: n.slowlog.slower_than_us(),
+            slowlog: n.slowlog.newest(Some(slow)),
+            sdk: self.sdk_stats(),
+        }
+    }
+
+    /// The counters SDK caches reported into this node (`meshwork:caches` and each
+    /// name's `meshwork:cache:{name}:stats` hash).
+    fn sdk_stats(&self) -> Vec<SdkStats> {
+        let mut names: Vec<bytes::Bytes> = match self.query(&[b"SMEMBERS", b"meshwork:caches"]) {
+            Reply::Set(v) | Reply::Array(v) => v
+                .into_iter()
+                .filter_map(|r| match r {
+                    Reply::Bulk(b) => Some(b),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        names.sort();
+        names
+            .into_iter()
+            .map(|name| {
+                let key = [b"meshwork:cache:", &name[..], b":stats"].concat();
+                let mut s = SdkStats {
+                    name: String::from_utf8_lossy(&name).into_owned(),
+                    ..SdkStats::default()
+                };
+                let fields = match self.query(&[b"HGETALL", &key]) {
+                    Reply::Map(v) | Reply::Pairs(v) => v,
+                    _ => Vec::new(),
+                };
+                for (f, v) in fields {
+                    let (Reply::Bulk(f), Reply::Bulk(v)) = (f, v) else {
+                        continue;
+                    };
+                    let v: u64 = std::str::from_utf8(&v)
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    match &f[..] {
+                        b"l1_hits" => s.l1_hits = v,
+                        b"l2_hits" => s.l2_hits = v,
+                        b"misses" => s.misses = v,
+                        b"rejected" => s.rejected = v,
+                        b"loads" => s.loads = v,
+                        b"l2_errors" => s.l2_errors = v,
+                        b"reported_ms" => s.reported_ms = v,
+                        _ => {}
+                    }
+                }
+                s
+            })
+            .collect()
     }
 
     /// Loads the snapshot, when one is configured (see [`crate::snapshot`]).
@@ -107,6 +221,81 @@ impl Cache {
             Err(e) => tracing::error!(error = %e, "cache snapshot not written"),
         }
     }
+}
+
+/// One database's keys.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DbStats {
+    /// Its number (0 to 15).
+    pub db: usize,
+    /// Keys held (expired ones not yet removed included, as Redis counts them).
+    pub keys: usize,
+    /// Of which with a time to live.
+    pub expires: usize,
+}
+
+/// One SDK cache's counters, summed over every process that reported.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SdkStats {
+    /// The cache's name (`mw.cache(name)`).
+    pub name: String,
+    /// Reads answered by a process's L1.
+    pub l1_hits: u64,
+    /// Reads answered by L2.
+    pub l2_hits: u64,
+    /// Reads that found nothing in either level.
+    pub misses: u64,
+    /// Reads the Bloom filter answered "absent".
+    pub rejected: u64,
+    /// Loader runs.
+    pub loads: u64,
+    /// L2 commands that failed.
+    pub l2_errors: u64,
+    /// The last report (ms since the epoch).
+    pub reported_ms: u64,
+}
+
+/// A cache node's figures (see [`Cache::stats`]).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Stats {
+    /// The RESP port.
+    pub port: u16,
+    /// Seconds since it started.
+    pub uptime_s: u64,
+    /// Approximate bytes of data held.
+    pub used_bytes: u64,
+    /// `maxmemory` (0: no limit).
+    pub maxmemory: u64,
+    /// `maxmemory-policy`.
+    pub policy: String,
+    /// The databases that hold keys.
+    pub dbs: Vec<DbStats>,
+    /// Reads that found their key.
+    pub hits: u64,
+    /// Reads that did not.
+    pub misses: u64,
+    /// Commands processed.
+    pub commands: u64,
+    /// Commands per second, lately.
+    pub ops_per_sec: u64,
+    /// Connected clients.
+    pub clients: usize,
+    /// `maxclients`.
+    pub max_clients: usize,
+    /// Connections accepted since start.
+    pub connections: u64,
+    /// Keys removed because their time ran out.
+    pub expired: u64,
+    /// Keys evicted under `maxmemory`.
+    pub evicted: u64,
+    /// Slow-log entries held.
+    pub slowlog_len: usize,
+    /// The slow log's threshold in µs (negative: off).
+    pub slowlog_slower_than_us: i64,
+    /// The newest slow commands.
+    pub slowlog: Vec<crate::clients::SlowEntry>,
+    /// SDK caches' counters reported into this node.
+    pub sdk: Vec<SdkStats>,
 }
 
 /// Running cache workers; dropping them stops them (without waiting).
@@ -253,11 +442,28 @@ async fn serve(
 async fn expire_loop(cache: Arc<Cache>, mut stop: watch::Receiver<bool>) {
     let budget = cache.cfg.active_expire_budget;
     let mut tick = 0u64;
+    // Commands per 100 ms over the last 16 ticks (Redis' instantaneous_ops_per_sec).
+    let mut ops = [0u64; 16];
+    let mut last = (
+        std::time::Instant::now(),
+        cache.node.commands.load(Ordering::Relaxed),
+    );
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             _ = stop.changed() => return,
         }
+        let now = (
+            std::time::Instant::now(),
+            cache.node.commands.load(Ordering::Relaxed),
+        );
+        let ms = now.0.duration_since(last.0).as_millis().max(1) as u64;
+        ops[(tick % 16) as usize] = now.1.saturating_sub(last.1) * 1000 / ms;
+        last = now;
+        cache
+            .node
+            .ops_per_sec
+            .store(ops.iter().sum::<u64>() / 16, Ordering::Relaxed);
         tick += 1;
         if tick % 10 == 1 {
             export_gauges(&cache);
@@ -316,7 +522,19 @@ async fn connection(
         cache.next_id.fetch_add(1, Ordering::Relaxed),
         cache.node.password.is_none(),
     );
+    let addr =
+        |a: std::io::Result<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+    let meta = Arc::new(crate::clients::ClientMeta::new(
+        session.id,
+        addr(stream.peer_addr()),
+        addr(stream.local_addr()),
+        i64::from(std::os::fd::AsRawFd::as_raw_fd(&stream)),
+        cmd::now_ms(),
+    ));
+    cache.node.clients.add(meta.clone());
+    session.meta = Some(meta);
     let r = requests(&mut stream, cache, &mut session, &mut stop).await;
+    cache.node.clients.remove(session.id);
     session.unwatch(&cache.node);
     // Whatever ended it, its subscriptions go.
     if let Some(mut s) = session.sub.take() {
@@ -346,11 +564,25 @@ async fn requests(
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
     loop {
+        // One clock read per command: each command's time runs from the end of the
+        // previous one (its parsing included); the wall clock once per batch.
+        let now = cmd::now_ms();
+        let mut mark = std::time::Instant::now();
         loop {
             match resp::parse(&mut buf, &limits) {
                 Ok(Some(args)) if args.is_empty() => {}
                 Ok(Some(args)) => {
                     let (reply, flow) = cmd::execute(&cache.node, session, &args);
+                    let done = std::time::Instant::now();
+                    let micros = done.duration_since(mark).as_micros() as u64;
+                    mark = done;
+                    if let Some(m) = &session.meta {
+                        m.after(session, now);
+                    }
+                    cache
+                        .node
+                        .slowlog
+                        .observe(micros, &args, session.meta.as_deref(), now);
                     reply.write(session.proto, &mut out);
                     match flow {
                         Flow::Continue => {}
@@ -379,11 +611,13 @@ async fn requests(
                             .await?;
                             let Some(reply) = reply else { return Ok(()) };
                             reply.write(session.proto, &mut out);
+                            mark = std::time::Instant::now();
                         }
                     }
                     if out.len() >= FLUSH_BYTES {
                         stream.write_all(&out).await?;
                         out.clear();
+                        mark = std::time::Instant::now();
                     }
                 }
                 Ok(None) => break,

@@ -1110,3 +1110,110 @@ async fn sorted_sets_match_redis_byte_for_byte() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowlog_client_list_and_config_set_answer_as_redis() {
+    let Some(r) = redis() else { return };
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    let (mut mine, mut theirs) = (Conn::open(a).await, Conn::open(r.addr).await);
+    for args in [
+        &["CONFIG", "SET", "foo", "bar"][..],
+        &["CONFIG", "SET", "slowlog-max-len", "x"],
+        &["CONFIG", "SET", "slowlog-max-len", "-5"],
+        &["CONFIG", "SET", "slowlog-log-slower-than", "-7"],
+        &["CONFIG", "SET", "maxclients"],
+        &["CONFIG", "SET", "slowlog-max-len", "3", "slowlog-max-len"],
+        &["CONFIG", "GET", "slowlog-max-len"],
+        &["SLOWLOG", "GET", "-2"],
+        &["SLOWLOG", "GET", "x"],
+        &["SLOWLOG", "NOPE"],
+        &["SLOWLOG", "LEN", "x"],
+        &["CLIENT", "LIST", "TYPE", "bogus"],
+        &["CLIENT", "LIST", "ID", "x"],
+        &["CLIENT", "LIST", "ID", "0"],
+        &["CLIENT", "LIST", "foo"],
+        &[
+            "CONFIG",
+            "SET",
+            "slowlog-log-slower-than",
+            "0",
+            "slowlog-max-len",
+            "2",
+        ],
+        &["SLOWLOG", "RESET"],
+        &["SLOWLOG", "LEN"],
+        &["CONFIG", "GET", "slowlog-log-slower-than"],
+    ] {
+        let (m, t) = (mine.call(args).await, theirs.call(args).await);
+        assert_eq!(show(&m), show(&t), "{args:?}");
+    }
+
+    // Every command is logged now: the newest first, passwords redacted, the
+    // client's address and name, at most two kept.
+    assert_eq!(mine.call(&["CLIENT", "SETNAME", "me"]).await, b"+OK\r\n");
+    assert!(
+        mine.call(&["AUTH", "user", "secret"])
+            .await
+            .starts_with(b"-")
+    );
+    let log = show(&mine.call(&["SLOWLOG", "GET", "5"]).await);
+    assert!(log.starts_with("*2\\r\\n*6\\r\\n"), "{log}");
+    assert!(
+        log.contains("$4\\r\\nAUTH\\r\\n$10\\r\\n(redacted)\\r\\n$10\\r\\n(redacted)\\r\\n"),
+        "{log}"
+    );
+    assert!(log.contains("$2\\r\\nme\\r\\n"), "{log}");
+    assert!(!log.contains("secret"), "{log}");
+    assert!(log.contains("SETNAME"), "{log}");
+    assert_eq!(mine.call(&["SLOWLOG", "LEN"]).await, b":2\r\n");
+
+    // CLIENT LIST: one line per connection, Redis' fields.
+    let mut other = Conn::open(a).await;
+    assert_eq!(other.call(&["SELECT", "3"]).await, b"+OK\r\n");
+    let list = String::from_utf8(mine.call(&["CLIENT", "LIST"]).await).unwrap();
+    let body: Vec<&str> = list.lines().skip(1).filter(|l| !l.is_empty()).collect();
+    assert_eq!(body.len(), 2, "{list}");
+    assert!(
+        body.iter()
+            .any(|l| l.contains(" name=me ") && l.contains(" cmd=client ")),
+        "{list}"
+    );
+    assert!(
+        body.iter()
+            .any(|l| l.contains(" db=3 ") && l.contains(" cmd=select ")),
+        "{list}"
+    );
+    for l in &body {
+        for field in [
+            "id=",
+            " addr=127.0.0.1:",
+            " laddr=127.0.0.1:",
+            " flags=N ",
+            " resp=2",
+        ] {
+            assert!(l.contains(field), "{field} in {l}");
+        }
+    }
+    drop(other);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = String::from_utf8(mine.call(&["CLIENT", "LIST"]).await).unwrap();
+        if list.lines().filter(|l| l.starts_with("id=")).count() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a closed connection stays listed: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let info = String::from_utf8(mine.call(&["INFO"]).await).unwrap();
+    for field in [
+        "connected_clients:1\r\n",
+        "instantaneous_ops_per_sec:",
+        "evicted_keys:0\r\n",
+        "expired_keys:0\r\n",
+    ] {
+        assert!(info.contains(field), "{field} in {info}");
+    }
+}

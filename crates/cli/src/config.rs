@@ -285,6 +285,13 @@ pub(crate) struct CacheFile {
     /// start (default false: a cache starts empty).
     #[serde(default)]
     pub(crate) snapshot: bool,
+    /// Commands slower than this many µs go to the slow log (default 10,000;
+    /// negative: none).
+    #[serde(default)]
+    pub(crate) slowlog_log_slower_than: Option<i64>,
+    /// Slow-log entries kept (default 128).
+    #[serde(default)]
+    pub(crate) slowlog_max_len: Option<usize>,
 }
 
 impl CacheFile {
@@ -313,6 +320,12 @@ impl CacheFile {
         }
         if let Some(v) = self.maxmemory {
             c.maxmemory = v;
+        }
+        if let Some(v) = self.slowlog_log_slower_than {
+            c.slowlog_slower_than_us = v;
+        }
+        if let Some(v) = self.slowlog_max_len {
+            c.slowlog_max_len = v;
         }
         if let Some(p) = &self.maxmemory_policy {
             c.policy = meshwork_cache::db::Policy::parse(p).ok_or_else(|| {

@@ -318,6 +318,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                 coord: c.clone(),
                 gateway: gateway.as_ref().map(|g| g.gateway.clone()),
                 mq: mq.clone(),
+                cache: cache_addr.as_ref().map(|w| w.cache().clone()),
                 auth: cfg.console_auth.clone(),
             }));
     }

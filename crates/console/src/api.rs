@@ -537,6 +537,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/console/kv/value"),
     ("get", "/v1/console/kv/watch"),
     ("get", "/v1/console/locks"),
+    ("get", "/v1/console/cache"),
     ("post", "/v1/console/validate"),
     ("get", "/v1/console/session"),
     ("post", "/v1/console/login"),
@@ -552,6 +553,7 @@ pub(crate) fn routes() -> Router<ConsoleState> {
         .route("/v1/console/kv/value", get(kv_value))
         .route("/v1/console/kv/watch", get(kv_watch))
         .route("/v1/console/locks", get(locks))
+        .route("/v1/console/cache", get(crate::cache::json))
         .route("/v1/console/validate", post(validate))
         .route("/v1/console/session", get(session))
         .route("/v1/console/login", post(login))

@@ -1,6 +1,6 @@
 //! The Meshwork web console, served from the node's HTTP port: server-rendered
 //! pages (overview, services, configuration, gateway, KV, locks, transactions,
-//! queues) with a little
+//! queues, cache) with a little
 //! hand-written JavaScript for live updates (server-sent events) and actions,
 //! assets embedded in the binary (no CDN, no JS build step), and the JSON API
 //! behind every page ([`api`]).
@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cache;
 pub mod pages;
 pub mod queues;
 pub mod secrets;
@@ -37,6 +38,8 @@ pub struct ConsoleState {
     pub gateway: Option<Gateway>,
     /// This node's message broker, when it runs the role (the Queues pages).
     pub mq: Option<meshwork_mq::Broker>,
+    /// This node's cache, when it runs the role (the Cache page).
+    pub cache: Option<std::sync::Arc<meshwork_cache::Cache>>,
     /// The login, when configured.
     pub auth: Option<Auth>,
 }

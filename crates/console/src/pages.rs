@@ -72,7 +72,7 @@ pub fn fmt_ms(ms: u64) -> String {
     )
 }
 
-const NAV: [(&str, &str, &str); 8] = [
+const NAV: [(&str, &str, &str); 9] = [
     ("overview", "/", "Overview"),
     ("services", "/ui/services", "Services"),
     ("config", "/ui/config", "Configuration"),
@@ -81,6 +81,7 @@ const NAV: [(&str, &str, &str); 8] = [
     ("locks", "/ui/locks", "Locks"),
     ("transactions", "/ui/transactions", "Transactions"),
     ("queues", "/ui/queues", "Queues"),
+    ("cache", "/ui/cache", "Cache"),
 ];
 
 fn shell(
@@ -171,6 +172,7 @@ pub(crate) fn routes() -> Router<ConsoleState> {
         .route("/ui/transactions/{id}", get(crate::transactions::detail))
         .route("/ui/queues", get(crate::queues::list))
         .route("/ui/queues/{topic}", get(crate::queues::detail))
+        .route("/ui/cache", get(crate::cache::page_handler))
         .route("/ui/login", get(login))
 }
 

@@ -35,6 +35,7 @@ async fn start(auth: Option<Auth>) -> Harness {
             coord: coord.clone(),
             gateway: None,
             mq: None,
+            cache: None,
             auth: auth.clone(),
         }))
         .layer(axum::middleware::from_fn_with_state(

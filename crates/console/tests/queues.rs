@@ -23,6 +23,7 @@ async fn serve(mq: Option<Broker>) -> (std::net::SocketAddr, Box<dyn std::any::A
         coord: coord.clone(),
         gateway: None,
         mq: mq.clone(),
+        cache: None,
         auth: None,
     });
     if let Some(b) = &mq {

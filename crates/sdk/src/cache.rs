@@ -161,6 +161,10 @@ pub struct CacheOptions {
     pub bloom: Option<(usize, f64)>,
     /// The password of the registry's cache nodes (else [`CACHE_PASSWORD_ENV`]).
     pub password: Option<String>,
+    /// How often the counters are added to L2's `meshwork:cache:{name}:stats` hash
+    /// (and the name to the `meshwork:caches` set), so that the console shows every
+    /// process's hit ratio together; `None`: never.
+    pub report_every: Option<Duration>,
 }
 
 impl Default for CacheOptions {
@@ -176,6 +180,7 @@ impl Default for CacheOptions {
             l2_timeout: Duration::from_millis(500),
             bloom: None,
             password: None,
+            report_every: Some(Duration::from_secs(5)),
         }
     }
 }
@@ -508,6 +513,12 @@ impl Cache {
         let weak = Arc::downgrade(&inner);
         let sub = tokio::spawn(subscriber(weak.clone()));
         inner.tasks.lock().push(sub);
+        if let Some(every) = inner.opts.report_every {
+            inner
+                .tasks
+                .lock()
+                .push(tokio::spawn(reporter(weak.clone(), every)));
+        }
         if let (Some(coord), L2::Ring(ring)) = (coord, &inner.l2) {
             let ring = ring.clone();
             inner.tasks.lock().push(tokio::spawn(async move {
@@ -892,6 +903,68 @@ fn decode<T: DeserializeOwned>(key: &str, data: Option<&[u8]>) -> Result<Option<
 /// Applies invalidation messages to L1 for as long as the cache lives; after any
 /// break of the subscription (or a change of the node it is on) L1 is emptied, as
 /// messages may have been missed meanwhile.
+/// The set of cache names that report their counters.
+pub const REPORT_SET: &str = "meshwork:caches";
+
+/// Adds the counters' growth since the last report to L2's stats hash of the cache,
+/// every `every` (nothing when nothing moved), until the cache is dropped.
+async fn reporter(weak: std::sync::Weak<Inner>, every: Duration) {
+    let mut sent = CacheStats::default();
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = weak.upgrade() else { return };
+        let this = Cache { inner };
+        let now = this.stats();
+        let fields = [
+            ("l1_hits", now.l1_hits - sent.l1_hits),
+            ("l2_hits", now.l2_hits - sent.l2_hits),
+            ("misses", now.misses - sent.misses),
+            ("rejected", now.rejected - sent.rejected),
+            ("loads", now.loads - sent.loads),
+            ("l2_errors", now.l2_errors - sent.l2_errors),
+        ];
+        if fields.iter().all(|(_, d)| *d == 0) {
+            continue;
+        }
+        let name = this.inner.name.clone();
+        let key = format!("meshwork:cache:{name}:stats");
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (f, d) in fields.iter().filter(|(_, d)| *d > 0) {
+            pipe.cmd("HINCRBY").arg(&key).arg(*f).arg(*d).ignore();
+        }
+        pipe.cmd("HSET")
+            .arg(&key)
+            .arg("reported_ms")
+            .arg(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            )
+            .ignore();
+        let added = this
+            .l2(REPORT_SET, |mut c| async move {
+                match &mut c {
+                    Conn::Single(c) => c.sadd::<_, _, ()>(REPORT_SET, &name).await,
+                    Conn::Cluster(c) => c.sadd::<_, _, ()>(REPORT_SET, &name).await,
+                }
+            })
+            .await;
+        // Same route as the set, so both land on the same node of a registry ring.
+        let r = this
+            .l2(REPORT_SET, |mut c| async move {
+                match &mut c {
+                    Conn::Single(c) => pipe.query_async::<()>(c).await,
+                    Conn::Cluster(c) => pipe.query_async::<()>(c).await,
+                }
+            })
+            .await;
+        if added.is_ok() && r.is_ok() {
+            sent = now;
+        }
+    }
+}
+
 async fn subscriber(weak: std::sync::Weak<Inner>) {
     let mut backoff = Duration::from_millis(100);
     loop {
