@@ -1,10 +1,10 @@
 //! Meshwork's cache node: a Redis-compatible server (RESP2 and RESP3, inline and
 //! multibulk requests, pipelining) over a sharded in-memory keyspace with lazy and
-//! active expiry. The node serves it as its `cache` role.
-//!
-//! This is the first part of issue 17: strings, keys, expiry, connection and server
-//! commands. Lists, hashes, sets and sorted sets, pub/sub, transactions, eviction
-//! under `maxmemory`, snapshots and the SDK's two-level cache are still to come.
+//! active expiry. The node serves it as its `cache` role: strings, keys, hashes,
+//! lists (blocking pops included), sets, sorted sets, pub/sub, transactions,
+//! eviction under `maxmemory`, the slow log, `CLIENT LIST`, and an optional
+//! snapshot written on stop and loaded on start. The SDK's two-level cache
+//! (`meshwork_sdk::cache`) uses it, or a real Redis, as its L2.
 
 pub mod clients;
 pub mod cmd;
