@@ -5,7 +5,7 @@
 # the machine's noise). The generator shares the cores with the servers.
 #
 # Usage: bench/cache/run.sh        (about a minute)
-#   env: TESTS=set,get,incr,mset CLIENTS=50 N=300000 NP=2000000 (pipelined runs)
+#   env: TESTS=set,get,incr,mset (issue 17 lists: set,get,incr,lpush,rpush,lpop,rpop,sadd,hset,spop,zadd,zpopmin,lrange_100,mset) CLIENTS=50 N=300000 NP=2000000 (pipelined runs)
 #        WORKERS=  (the cache's [cache] workers; empty = one per CPU)
 #        BIN=target/release/meshwork BUILD=0 (skip cargo build)
 # Results go to bench/results/cache-<timestamp>/. Only 127.0.0.1 is used; only the
@@ -47,7 +47,16 @@ for t in ${TESTS//,/ }; do
     echo "| $t | $P | ${m:-?} | ${r:-?} | $(python3 -c "print(f'{float(\"${m:-0}\")/float(\"${r:-1}\"):.2f}x')") |" | tee -a "$OUT/table.md"
   done
 done
-# Memory per key: one million 100-byte values on each side.
+# Memory per key: one million 100-byte values on each side, into fresh servers (memory
+# freed by the tests above would otherwise be reused and hide part of the growth).
+kill -9 "$NODE" "$REDIS"; wait "$NODE" "$REDIS" 2>/dev/null || true
+MP=$(free_port); RP=$(free_port)
+"$BIN" server --roles cache --cache-addr "127.0.0.1:$MP" --http-addr 127.0.0.1:0 --etcd-addr 127.0.0.1:0 \
+  --data-dir "$WORK/node2" --config "$CFG" >>"$WORK/node.out" 2>>"$WORK/node.err" &
+PIDS+=($!); NODE=$!
+redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no >>"$WORK/redis.log" 2>&1 &
+PIDS+=($!); REDIS=$!
+for p in $MP $RP; do for _ in $(seq 1 100); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done; done
 for side in meshwork:$MP:$NODE redis:$RP:$REDIS; do
   IFS=: read -r name port pid <<<"$side"
   before=$(awk '/VmRSS/{print $2}' /proc/"$pid"/status)

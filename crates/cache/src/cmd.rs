@@ -35,6 +35,8 @@ pub struct Session {
     pub watched: Vec<(usize, Bytes)>,
     /// What `CLIENT LIST` shows of it (none for the node's own queries).
     pub meta: Option<std::sync::Arc<crate::clients::ClientMeta>>,
+    /// Its worker's slot in the striped counters and lock ([`crate::stripe`]).
+    pub worker: usize,
 }
 
 impl Session {
@@ -53,6 +55,7 @@ impl Session {
             watch: None,
             watched: Vec::new(),
             meta: None,
+            worker: crate::stripe::INTERNAL,
         }
     }
 
@@ -104,11 +107,11 @@ pub struct Node {
     /// The password `AUTH` checks (none: no authentication).
     pub password: Option<String>,
     /// Commands processed.
-    pub commands: AtomicU64,
+    pub commands: crate::stripe::Striped,
     /// Reads that found their key.
-    pub hits: AtomicU64,
+    pub hits: crate::stripe::Striped,
     /// Reads that did not.
-    pub misses: AtomicU64,
+    pub misses: crate::stripe::Striped,
     /// Connections accepted.
     pub connections: AtomicU64,
     /// When the node started (ms since the epoch).
@@ -123,7 +126,7 @@ pub struct Node {
     pub maxmemory: (usize, crate::db::Policy, usize),
     /// Every command holds it shared; EXEC holds it alone, so that a transaction's
     /// commands run with no other command in between, whatever shards they touch.
-    pub exec_lock: parking_lot::RwLock<()>,
+    pub exec_lock: crate::stripe::StripedLock,
     /// The connections (`CLIENT LIST`).
     pub clients: crate::clients::Clients,
     /// Commands slower than the threshold (`SLOWLOG`).
@@ -288,6 +291,9 @@ pub const COMMANDS: &[(&str, i32)] = &[
     ("KEYS", 2),
     ("RANDOMKEY", 1),
     ("SCAN", -2),
+    ("HSCAN", -3),
+    ("SSCAN", -3),
+    ("ZSCAN", -3),
     ("HSET", -4),
     ("HMSET", -4),
     ("HSETNX", 4),
@@ -361,7 +367,7 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
         }
         None => "",
     };
-    node.commands.fetch_add(1, Ordering::Relaxed);
+    node.commands.add(s.worker, 1);
     let found = COMMANDS.iter().position(|(n, _)| *n == name);
     if let (Some(m), Some(i), false) = (&s.meta, found, s.in_exec) {
         m.running(i);
@@ -462,7 +468,7 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
             }
         }
     }
-    let _shared = (!s.in_exec).then(|| node.exec_lock.read());
+    let _shared = (!s.in_exec).then(|| node.exec_lock.read(s.worker));
     let (maxmemory, policy, samples) = node.maxmemory;
     if maxmemory > 0
         && DENYOOM.contains(&name)
@@ -847,9 +853,10 @@ fn config(node: &Node, args: &[Bytes]) -> Reply {
             )
         }
         "RESETSTAT" if args.len() == 2 => {
-            for c in [&node.commands, &node.hits, &node.misses, &node.connections] {
-                c.store(0, Ordering::Relaxed);
+            for c in [&node.commands, &node.hits, &node.misses] {
+                c.reset();
             }
+            node.connections.store(0, Ordering::Relaxed);
             let t = node.keyspace.totals();
             t.expired.store(0, Ordering::Relaxed);
             t.evicted.store(0, Ordering::Relaxed);
@@ -937,12 +944,12 @@ fn info(node: &Node) -> String {
     out.push_str(&format!(
         "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\ninstantaneous_ops_per_sec:{}\r\nexpired_keys:{}\r\nevicted_keys:{}\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\n\r\n",
         node.connections.load(Ordering::Relaxed),
-        node.commands.load(Ordering::Relaxed),
+        node.commands.get(),
         node.ops_per_sec.load(Ordering::Relaxed),
         node.keyspace.totals().expired.load(Ordering::Relaxed),
         node.keyspace.totals().evicted.load(Ordering::Relaxed),
-        node.hits.load(Ordering::Relaxed),
-        node.misses.load(Ordering::Relaxed)
+        node.hits.get(),
+        node.misses.get()
     ));
     out.push_str("# Keyspace\r\n");
     // Keys held, as Redis counts them (expired ones not yet removed included): O(1)
@@ -993,11 +1000,12 @@ fn expiry(unit: &str, v: &[u8], now: u64, cmd: &str) -> Result<u64, Reply> {
 
 fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> Reply {
     let d = db(node, s);
+    let worker = s.worker;
     let hit = |found: bool| {
         if found {
-            node.hits.fetch_add(1, Ordering::Relaxed);
+            node.hits.add(worker, 1);
         } else {
-            node.misses.fetch_add(1, Ordering::Relaxed);
+            node.misses.add(worker, 1);
         }
     };
     match name {
@@ -1352,6 +1360,7 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
             Reply::Array(out)
         }
         "SCAN" => scan(d, args, now),
+        "HSCAN" | "SSCAN" | "ZSCAN" => scan_value(d, name, args, now),
         "RANDOMKEY" => {
             for sh in d.lock_all() {
                 if let Some(k) = sh.keys(now).next() {
@@ -1428,6 +1437,88 @@ fn scan(d: &crate::db::Db, args: &[Bytes], now: u64) -> Reply {
         ((shard as u64) << 32 | pos.map_or(0xffff_ffff, |p| p as u64)) + 1
     };
     Reply::Array(vec![Reply::bulk(next.to_string()), Reply::Array(keys)])
+}
+
+/// Hashes of at most this many fields answer `HSCAN` in one reply, in insertion
+/// order (Redis' `hash-max-listpack-entries`: what Redis does for small hashes).
+const SMALL_HASH: usize = 128;
+
+/// `HSCAN`/`SSCAN`/`ZSCAN key cursor [MATCH pattern] [COUNT count]`. A hash past
+/// [`SMALL_HASH`] fields is walked by position from its end, `COUNT` fields per call
+/// (a removal shifts later fields down, so a field present throughout is never
+/// skipped; it may come twice, as Redis allows). Small hashes, sets and sorted sets
+/// answer in one reply with cursor 0 (sorted sets in score order), as Redis does
+/// for its small encodings.
+fn scan_value(d: &crate::db::Db, name: &str, args: &[Bytes], now: u64) -> Reply {
+    let Some(cursor) = std::str::from_utf8(&args[2])
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return Reply::err("invalid cursor");
+    };
+    let (mut pattern, mut count) = (None, 10usize);
+    let mut i = 3;
+    while i < args.len() {
+        let Some(v) = args.get(i + 1) else {
+            return syntax();
+        };
+        match upper(&args[i]).as_str() {
+            "MATCH" => pattern = Some(v.clone()),
+            "COUNT" => match int_of(v) {
+                Some(n) if n >= 1 => count = n as usize,
+                Some(_) => return syntax(),
+                None => return Reply::err(NOT_INT),
+            },
+            _ => return syntax(),
+        }
+        i += 2;
+    }
+    let keep = |m: &[u8]| pattern.as_ref().is_none_or(|p| glob_match(p, m));
+    let key = &args[1];
+    let mut sh = d.lock(key);
+    let Some(e) = sh.get(key, now) else {
+        return Reply::Array(vec![Reply::bulk("0"), Reply::Array(Vec::new())]);
+    };
+    let mut out = Vec::new();
+    let mut next = 0u64;
+    match (name, &e.value) {
+        ("HSCAN", Value::Hash(h)) if h.len() <= SMALL_HASH => {
+            for (f, v) in h.iter().filter(|(f, _)| keep(f)) {
+                out.push(Reply::Bulk(f.clone()));
+                out.push(Reply::Bulk(v.clone()));
+            }
+        }
+        ("HSCAN", Value::Hash(h)) => {
+            let mut pos = if cursor == 0 {
+                h.len()
+            } else {
+                (cursor as usize).min(h.len())
+            };
+            let mut steps = 0;
+            while pos > 0 && steps < count {
+                pos -= 1;
+                steps += 1;
+                if let Some((f, v)) = h.get_index(pos)
+                    && keep(f)
+                {
+                    out.push(Reply::Bulk(f.clone()));
+                    out.push(Reply::Bulk(v.clone()));
+                }
+            }
+            next = pos as u64;
+        }
+        ("SSCAN", Value::Set(s)) => {
+            out.extend(s.iter().filter(|m| keep(m)).map(|m| Reply::Bulk(m.clone())));
+        }
+        ("ZSCAN", Value::ZSet(z)) => {
+            for (m, score) in z.iter().filter(|(m, _)| keep(m)) {
+                out.push(Reply::Bulk(m.clone()));
+                out.push(Reply::bulk(crate::resp::g17(score)));
+            }
+        }
+        _ => return Reply::Error(WRONGTYPE.into()),
+    }
+    Reply::Array(vec![Reply::bulk(next.to_string()), Reply::Array(out)])
 }
 
 fn str_entry(b: Bytes, expire_at: Option<u64>) -> Entry {

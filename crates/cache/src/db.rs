@@ -24,10 +24,11 @@ pub enum Value {
     Str(Bytes),
     /// A list.
     List(VecDeque<Bytes>),
-    /// A hash (fields in insertion order).
-    Hash(indexmap::IndexMap<Bytes, Bytes>),
+    /// A hash (fields in insertion order). Boxed, as the set and the sorted set: a
+    /// value is then as small as a string's, and every key's entry with it.
+    Hash(Box<indexmap::IndexMap<Bytes, Bytes>>),
     /// A set.
-    Set(HashSet<Bytes>),
+    Set(Box<HashSet<Bytes>>),
     /// A sorted set.
     ZSet(Box<crate::zset::ZSet>),
 }
@@ -295,7 +296,9 @@ impl Shard {
     /// Sets this shard's byte count, and the keyspace's total with it.
     fn set_used(&mut self, used: usize) {
         use std::sync::atomic::Ordering;
-        if used >= self.used {
+        if used == self.used {
+            // The same size (an overwrite): no write to the shared total.
+        } else if used > self.used {
             self.total
                 .used
                 .fetch_add(used - self.used, Ordering::Relaxed);

@@ -15,6 +15,7 @@ pub mod pubsub;
 pub mod resp;
 pub mod server;
 pub mod snapshot;
+pub mod stripe;
 pub mod types;
 pub mod zset;
 

@@ -44,9 +44,9 @@ impl Cache {
             node: Node {
                 keyspace: Keyspace::new(shards),
                 password: cfg.password.clone(),
-                commands: AtomicU64::new(0),
-                hits: AtomicU64::new(0),
-                misses: AtomicU64::new(0),
+                commands: Default::default(),
+                hits: Default::default(),
+                misses: Default::default(),
                 connections: AtomicU64::new(0),
                 started_ms: cmd::now_ms(),
                 port,
@@ -68,7 +68,7 @@ impl Cache {
                 ],
                 pubsub: crate::pubsub::PubSub::default(),
                 maxmemory: (cfg.maxmemory, cfg.policy, cfg.samples.max(1)),
-                exec_lock: parking_lot::RwLock::new(()),
+                exec_lock: Default::default(),
                 clients: crate::clients::Clients::default(),
                 slowlog: crate::clients::SlowLog::new(
                     cfg.slowlog_slower_than_us,
@@ -134,9 +134,9 @@ impl Cache {
             maxmemory: n.maxmemory.0 as u64,
             policy: n.maxmemory.1.name().to_owned(),
             dbs,
-            hits: r(&n.hits),
-            misses: r(&n.misses),
-            commands: r(&n.commands),
+            hits: n.hits.get(),
+            misses: n.misses.get(),
+            commands: n.commands.get(),
             ops_per_sec: r(&n.ops_per_sec),
             clients: self.clients(),
             max_clients: self.cfg.max_clients,
@@ -386,7 +386,7 @@ pub fn spawn_workers(
                             return;
                         }
                     };
-                    serve(listener, cache, stop_rx, i == 0).await;
+                    serve(listener, cache, stop_rx, i).await;
                 });
             })?;
         threads.push(t);
@@ -400,15 +400,16 @@ pub fn spawn_workers(
     })
 }
 
-/// Serves RESP on `listener` until `stop` changes (and expires keys in the background
-/// when `expirer`).
+/// Serves RESP on `listener` as worker `worker` until `stop` changes (the first
+/// worker also expires keys in the background).
 async fn serve(
     listener: TcpListener,
     cache: Arc<Cache>,
     mut stop: watch::Receiver<bool>,
-    expirer: bool,
+    worker: usize,
 ) {
-    let expirer = expirer.then(|| tokio::spawn(expire_loop(cache.clone(), stop.clone())));
+    let slot = worker % (crate::stripe::SLOTS - 1);
+    let expirer = (worker == 0).then(|| tokio::spawn(expire_loop(cache.clone(), stop.clone())));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -426,7 +427,7 @@ async fn serve(
         let c = cache.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, &c, stop).await {
+            if let Err(e) = connection(stream, &c, stop, slot).await {
                 tracing::debug!(%peer, error = %e, "cache: connection ended");
             }
         });
@@ -444,19 +445,13 @@ async fn expire_loop(cache: Arc<Cache>, mut stop: watch::Receiver<bool>) {
     let mut tick = 0u64;
     // Commands per 100 ms over the last 16 ticks (Redis' instantaneous_ops_per_sec).
     let mut ops = [0u64; 16];
-    let mut last = (
-        std::time::Instant::now(),
-        cache.node.commands.load(Ordering::Relaxed),
-    );
+    let mut last = (std::time::Instant::now(), cache.node.commands.get());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             _ = stop.changed() => return,
         }
-        let now = (
-            std::time::Instant::now(),
-            cache.node.commands.load(Ordering::Relaxed),
-        );
+        let now = (std::time::Instant::now(), cache.node.commands.get());
         let ms = now.0.duration_since(last.0).as_millis().max(1) as u64;
         ops[(tick % 16) as usize] = now.1.saturating_sub(last.1) * 1000 / ms;
         last = now;
@@ -487,12 +482,9 @@ fn export_gauges(cache: &Cache) {
     metrics::gauge!("meshwork_cache_used_bytes").set(node.keyspace.used_bytes() as f64);
     metrics::gauge!("meshwork_cache_maxmemory_bytes").set(node.maxmemory.0 as f64);
     metrics::gauge!("meshwork_cache_clients").set(cache.clients() as f64);
-    metrics::counter!("meshwork_cache_commands_total")
-        .absolute(node.commands.load(Ordering::Relaxed));
-    metrics::counter!("meshwork_cache_keyspace_hits_total")
-        .absolute(node.hits.load(Ordering::Relaxed));
-    metrics::counter!("meshwork_cache_keyspace_misses_total")
-        .absolute(node.misses.load(Ordering::Relaxed));
+    metrics::counter!("meshwork_cache_commands_total").absolute(node.commands.get());
+    metrics::counter!("meshwork_cache_keyspace_hits_total").absolute(node.hits.get());
+    metrics::counter!("meshwork_cache_keyspace_misses_total").absolute(node.misses.get());
 }
 
 /// Releases a client slot when the connection ends.
@@ -508,6 +500,7 @@ async fn connection(
     mut stream: TcpStream,
     cache: &Cache,
     mut stop: watch::Receiver<bool>,
+    slot: usize,
 ) -> std::io::Result<()> {
     let n = cache.clients.fetch_add(1, Ordering::Relaxed);
     let _slot = Slot(&cache.clients);
@@ -522,6 +515,7 @@ async fn connection(
         cache.next_id.fetch_add(1, Ordering::Relaxed),
         cache.node.password.is_none(),
     );
+    session.worker = slot;
     let addr =
         |a: std::io::Result<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
     let meta = Arc::new(crate::clients::ClientMeta::new(

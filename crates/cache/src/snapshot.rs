@@ -64,7 +64,7 @@ fn encode(out: &mut Vec<u8>, db: u8, key: &[u8], e: &Entry) {
         Value::Hash(h) => {
             out.push(2);
             out.extend_from_slice(&(h.len() as u32).to_le_bytes());
-            for (k, v) in h {
+            for (k, v) in h.iter() {
                 put_bytes(out, k);
                 put_bytes(out, v);
             }
@@ -72,7 +72,7 @@ fn encode(out: &mut Vec<u8>, db: u8, key: &[u8], e: &Entry) {
         Value::Set(s) => {
             out.push(3);
             out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-            for b in s {
+            for b in s.iter() {
                 put_bytes(out, b);
             }
         }
@@ -181,7 +181,7 @@ fn decode(r: &mut Reader<'_>) -> Option<(u8, Bytes, Option<u64>, Value)> {
                 let k = r.bytes()?;
                 h.insert(k, r.bytes()?);
             }
-            Value::Hash(h)
+            Value::Hash(Box::new(h))
         }
         3 => {
             let n = r.count(4)?;
@@ -189,7 +189,7 @@ fn decode(r: &mut Reader<'_>) -> Option<(u8, Bytes, Option<u64>, Value)> {
             for _ in 0..n {
                 s.insert(r.bytes()?);
             }
-            Value::Set(s)
+            Value::Set(Box::new(s))
         }
         4 => {
             let n = r.count(12)?;

@@ -5,7 +5,6 @@
 use std::collections::{HashSet, VecDeque};
 
 use bytes::Bytes;
-use indexmap::IndexMap;
 
 use crate::cmd::{WRONGTYPE, int_of, wrong_args};
 use crate::db::{Db, Entry, Shard, Value};
@@ -33,8 +32,8 @@ fn kind_of(v: &Value) -> Option<Kind> {
 fn empty(k: Kind) -> Value {
     match k {
         Kind::List => Value::List(VecDeque::new()),
-        Kind::Hash => Value::Hash(IndexMap::new()),
-        Kind::Set => Value::Set(HashSet::new()),
+        Kind::Hash => Value::Hash(Box::default()),
+        Kind::Set => Value::Set(Box::default()),
         Kind::ZSet => Value::ZSet(Box::default()),
     }
 }

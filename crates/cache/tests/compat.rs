@@ -1217,3 +1217,79 @@ async fn slowlog_client_list_and_config_set_answer_as_redis() {
         assert!(info.contains(field), "{field} in {info}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hscan_sscan_and_zscan_match_redis_and_walk_big_hashes() {
+    let Some(r) = redis() else { return };
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    let (mut mine, mut theirs) = (Conn::open(a).await, Conn::open(r.addr).await);
+    for args in [
+        &["HSET", "h", "a", "1", "b", "2", "ab", "3"][..],
+        &["HSCAN", "h", "0"],
+        &["HSCAN", "h", "0", "MATCH", "a*", "COUNT", "1"],
+        &["HSCAN", "h", "x"],
+        &["HSCAN", "h", "0", "COUNT", "0"],
+        &["HSCAN", "h", "0", "TYPE", "string"],
+        &["HSCAN", "h", "0", "MATCH"],
+        &["HSCAN", "nokey", "0"],
+        &["HSCAN", "h"],
+        &["SADD", "s", "only"],
+        &["SSCAN", "s", "0"],
+        &["SSCAN", "s", "0", "MATCH", "x*"],
+        &["ZADD", "z", "2.5", "b", "1", "a", "0.1", "c", "-inf", "d"],
+        &["ZSCAN", "z", "0"],
+        &["ZSCAN", "z", "0", "MATCH", "[ab]"],
+        &["SET", "str", "v"],
+        &["HSCAN", "str", "0"],
+        &["SSCAN", "h", "0"],
+        &["ZSCAN", "s", "0"],
+    ] {
+        let (m, t) = (mine.call(args).await, theirs.call(args).await);
+        assert_eq!(show(&m), show(&t), "{args:?}");
+    }
+    let (m, t) = (
+        mine.call(&["HELLO", "3"]).await,
+        theirs.call(&["HELLO", "3"]).await,
+    );
+    assert_eq!((m[0], t[0]), (b'%', b'%'));
+    for args in [&["HSCAN", "h", "0"][..], &["ZSCAN", "z", "0"]] {
+        let (m, t) = (mine.call(args).await, theirs.call(args).await);
+        assert_eq!(show(&m), show(&t), "RESP3 {args:?}");
+    }
+
+    // A big hash, walked COUNT fields at a time while fields are removed and
+    // added: every field present throughout comes back.
+    let mut c = Conn::open(a).await;
+    for i in 0..1000 {
+        c.send(&cmd(&["HSET", "big", &format!("f{i}"), "v"])).await;
+    }
+    for _ in 0..1000 {
+        assert_eq!(c.reply().await, b":1\r\n");
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor = "0".to_string();
+    let mut calls = 0;
+    loop {
+        let reply =
+            String::from_utf8(c.call(&["HSCAN", "big", &cursor, "COUNT", "50"]).await).unwrap();
+        calls += 1;
+        let lines: Vec<&str> = reply.split("\r\n").collect();
+        cursor = lines[2].to_string();
+        // *2, $n, cursor, *2k, then ($len, field, $len, value) per field.
+        for l in lines.iter().skip(5).step_by(4) {
+            seen.insert(l.to_string());
+        }
+        // Churn: remove one field of the first hundred, add a new one.
+        c.call(&["HDEL", "big", &format!("f{}", (calls * 3) % 100)])
+            .await;
+        c.call(&["HSET", "big", &format!("new{calls}"), "v"]).await;
+        if cursor == "0" {
+            break;
+        }
+        assert!(calls < 100, "the walk ends");
+    }
+    assert!(calls >= 20, "walked in steps, not at once: {calls}");
+    for i in 100..1000 {
+        assert!(seen.contains(&format!("f{i}")), "f{i} missed");
+    }
+}
