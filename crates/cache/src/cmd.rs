@@ -581,6 +581,7 @@ pub fn execute(node: &Node, s: &mut Session, args: &[Bytes]) -> (Reply, Flow) {
         "CLIENT" => client(node, s, args),
         "COMMAND" => match args.get(1).map(|a| upper(a)).as_deref() {
             Some("COUNT") if args.len() == 2 => Reply::Int(COMMANDS.len() as i64),
+            Some("DOCS") => command_docs(&args[2..]),
             None => Reply::Array(
                 COMMANDS
                     .iter()
@@ -720,6 +721,53 @@ fn client(node: &Node, s: &mut Session, args: &[Bytes]) -> Reply {
             String::from_utf8_lossy(&args[1])
         )),
     }
+}
+
+/// Redis' group of a command (`COMMAND DOCS`).
+fn group_of(name: &str) -> &'static str {
+    match name {
+        "PING" | "ECHO" | "QUIT" | "SELECT" | "HELLO" | "AUTH" | "CLIENT" => "connection",
+        "DBSIZE" | "FLUSHDB" | "FLUSHALL" | "COMMAND" | "INFO" | "TIME" | "CONFIG" | "SLOWLOG" => {
+            "server"
+        }
+        "MULTI" | "EXEC" | "DISCARD" | "WATCH" | "UNWATCH" => "transactions",
+        "SUBSCRIBE" | "PSUBSCRIBE" | "UNSUBSCRIBE" | "PUNSUBSCRIBE" | "PUBLISH" | "PUBSUB" => {
+            "pubsub"
+        }
+        "DEL" | "UNLINK" | "EXISTS" | "EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" | "TTL"
+        | "PTTL" | "EXPIRETIME" | "PEXPIRETIME" | "PERSIST" | "TYPE" | "RENAME" | "RENAMENX"
+        | "KEYS" | "RANDOMKEY" | "SCAN" => "generic",
+        "BLPOP" | "BRPOP" => "list",
+        "SADD" | "SREM" | "SISMEMBER" | "SMISMEMBER" | "SCARD" | "SMEMBERS" | "SPOP"
+        | "SRANDMEMBER" | "SSCAN" => "set",
+        n if n.starts_with('Z') => "sorted-set",
+        n if n.starts_with('H') => "hash",
+        n if n.starts_with('L') || n.starts_with("RPUSH") || n == "RPOP" => "list",
+        _ => "string",
+    }
+}
+
+/// `COMMAND DOCS [name ...]`: each known command's group (unknown names are left
+/// out, as Redis does; summaries and argument lists are not kept here).
+fn command_docs(names: &[Bytes]) -> Reply {
+    let doc = |n: &str| {
+        (
+            Reply::bulk(n.to_ascii_lowercase()),
+            Reply::Map(vec![(Reply::bulk("group"), Reply::bulk(group_of(n)))]),
+        )
+    };
+    if names.is_empty() {
+        return Reply::Map(COMMANDS.iter().map(|(n, _)| doc(n)).collect());
+    }
+    Reply::Map(
+        names
+            .iter()
+            .filter_map(|a| {
+                let u = upper(a);
+                COMMANDS.iter().find(|(n, _)| *n == u).map(|(n, _)| doc(n))
+            })
+            .collect(),
+    )
 }
 
 /// `CLIENT LIST [TYPE normal|pubsub] [ID id ...]`: one line per connection.
@@ -1150,12 +1198,13 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
             let mut sh = d.lock(&args[1]);
             let (cur, ttl) = match sh.get(&args[1], now) {
                 None => (0.0, None),
-                Some(Entry {
-                    value: Value::Str(b),
-                    expire_at,
-                    ..
-                }) => match float_of(b) {
-                    Some(v) => (v, *expire_at),
+                Some(
+                    e @ Entry {
+                        value: Value::Str(b),
+                        ..
+                    },
+                ) => match float_of(b) {
+                    Some(v) => (v, e.expire_at()),
                     None => return Reply::err("value is not a valid float"),
                 },
                 Some(_) => return Reply::Error(WRONGTYPE.into()),
@@ -1256,11 +1305,12 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
             let mut sh = d.lock(&args[1]);
             let (mut cur, ttl) = match sh.get(&args[1], now) {
                 None => (Vec::new(), None),
-                Some(Entry {
-                    value: Value::Str(b),
-                    expire_at,
-                    ..
-                }) => (b.to_vec(), *expire_at),
+                Some(
+                    e @ Entry {
+                        value: Value::Str(b),
+                        ..
+                    },
+                ) => (b.to_vec(), e.expire_at()),
                 Some(_) => return Reply::Error(WRONGTYPE.into()),
             };
             if args[3].is_empty() {
@@ -1291,27 +1341,21 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
         "EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" => expire(d, name, args, now),
         "TTL" | "PTTL" | "EXPIRETIME" | "PEXPIRETIME" => {
             let mut sh = d.lock(&args[1]);
-            match sh.get(&args[1], now) {
+            match sh.get(&args[1], now).map(Entry::expire_at) {
                 None => Reply::Int(-2),
-                Some(Entry {
-                    expire_at: None, ..
-                }) => Reply::Int(-1),
-                Some(Entry {
-                    expire_at: Some(t), ..
-                }) => Reply::Int(match name {
+                Some(None) => Reply::Int(-1),
+                Some(Some(t)) => Reply::Int(match name {
                     "TTL" => (t.saturating_sub(now) as i64 + 500) / 1000,
                     "PTTL" => t.saturating_sub(now) as i64,
-                    "EXPIRETIME" => *t as i64 / 1000,
-                    _ => *t as i64,
+                    "EXPIRETIME" => t as i64 / 1000,
+                    _ => t as i64,
                 }),
             }
         }
         "PERSIST" => {
             let mut sh = d.lock(&args[1]);
-            match sh.get(&args[1], now) {
-                Some(Entry {
-                    expire_at: Some(_), ..
-                }) => {
+            match sh.get(&args[1], now).map(Entry::expire_at) {
+                Some(Some(_)) => {
                     sh.set_expiry(&args[1], None, now);
                     Reply::Int(1)
                 }
@@ -1354,7 +1398,7 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
                 out.extend(
                     sh.keys(now)
                         .filter(|k| glob_match(&args[1], k))
-                        .map(|k| Reply::Bulk(k.clone())),
+                        .map(|k| Reply::Bulk(Bytes::copy_from_slice(k))),
                 );
             }
             Reply::Array(out)
@@ -1362,9 +1406,14 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
         "SCAN" => scan(d, args, now),
         "HSCAN" | "SSCAN" | "ZSCAN" => scan_value(d, name, args, now),
         "RANDOMKEY" => {
-            for sh in d.lock_all() {
-                if let Some(k) = sh.keys(now).next() {
-                    return Reply::Bulk(k.clone());
+            // From a random shard on, one shard at a time: a random live key.
+            let n = d.shard_count();
+            let first = rand::random_range(0..n.max(1));
+            for i in 0..n {
+                if let Some(sh) = d.lock_shard((first + i) % n)
+                    && let Some(k) = sh.random_key(now)
+                {
+                    return Reply::Bulk(Bytes::copy_from_slice(k));
                 }
             }
             Reply::Nil
@@ -1419,7 +1468,7 @@ fn scan(d: &crate::db::Db, args: &[Bytes], now: u64) -> Reply {
             if pattern.as_ref().is_none_or(|p| glob_match(p, k))
                 && kind.as_deref().is_none_or(|t| t == e.value.type_name())
             {
-                keys.push(Reply::Bulk(k.clone()));
+                keys.push(Reply::Bulk(Bytes::copy_from_slice(k)));
             }
         });
         steps -= (start.min(sh.len()) - left).max(1).min(steps);
@@ -1570,7 +1619,7 @@ fn set(d: &crate::db::Db, args: &[Bytes], now: u64) -> Reply {
     } else {
         None
     };
-    let existing = sh.get(&args[1], now).map(|e| e.expire_at);
+    let existing = sh.get(&args[1], now).map(Entry::expire_at);
     let skip = (nx && existing.is_some()) || (xx && existing.is_none());
     if !skip {
         let ttl = if keep { existing.flatten() } else { at };
@@ -1618,7 +1667,7 @@ fn expire(d: &crate::db::Db, name: &str, args: &[Bytes], now: u64) -> Reply {
         ));
     };
     let mut sh = d.lock(&args[1]);
-    let Some(cur) = sh.get(&args[1], now).map(|e| e.expire_at) else {
+    let Some(cur) = sh.get(&args[1], now).map(Entry::expire_at) else {
         return Reply::Int(0);
     };
     let ok = match cur {

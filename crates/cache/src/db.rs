@@ -12,6 +12,8 @@ use indexmap::IndexMap;
 use std::hash::BuildHasher;
 
 use bytes::Bytes;
+
+use crate::key::Key;
 use parking_lot::{Mutex, MutexGuard};
 
 /// Databases, as Redis' default `databases 16`.
@@ -78,8 +80,9 @@ impl Value {
 pub struct Entry {
     /// The value.
     pub value: Value,
-    /// When it expires (ms since the epoch), if ever.
-    pub expire_at: Option<u64>,
+    /// When it expires (ms since the epoch), if ever: 8 bytes, not an
+    /// `Option<u64>`'s 16 (see [`Entry::expire_at`]).
+    expire: Option<std::num::NonZeroU64>,
     /// Last access, in milliseconds since the process started, wrapping (LRU: ages
     /// are compared modulo 2^32, so up to 24 days apart).
     pub access: u32,
@@ -91,12 +94,27 @@ pub struct Entry {
 /// evicted.
 const LFU_INIT: u8 = 5;
 
+/// A time as a non-zero one: 0 (the epoch, long past) becomes 1 ms, just as past.
+fn at_least_one(t: u64) -> std::num::NonZeroU64 {
+    std::num::NonZeroU64::new(t).unwrap_or(std::num::NonZeroU64::MIN)
+}
+
 impl Entry {
+    /// When it expires (ms since the epoch), if ever.
+    pub fn expire_at(&self) -> Option<u64> {
+        self.expire.map(std::num::NonZeroU64::get)
+    }
+
+    /// Sets or clears its expiry (the shard's expiry index is the caller's).
+    pub(crate) fn set_expire_at(&mut self, at: Option<u64>) {
+        self.expire = at.map(at_least_one);
+    }
+
     /// An entry just written.
     pub fn new(value: Value, expire_at: Option<u64>) -> Entry {
         Entry {
             value,
-            expire_at,
+            expire: expire_at.map(at_least_one),
             access: clock(),
             freq: LFU_INIT,
         }
@@ -147,10 +165,11 @@ fn fast_random() -> u64 {
     })
 }
 
-/// Bytes counted per key beyond its key and value: the map's entry and index slot,
-/// the two allocations' headers and rounding (measured: 290 bytes of RSS per key of
-/// 16-byte keys and 100-byte values, run cache-20261206T061555Z).
-const ENTRY_OVERHEAD: usize = 170;
+/// Bytes counted per key beyond its value (and a key too long to be inline): the
+/// map's entry (hash, inline key, entry) and index slot, the value's allocation
+/// header and rounding (measured: 212 bytes of RSS per key of 16-byte keys and
+/// 100-byte values, redis-server 211, 2026-12-06).
+const ENTRY_OVERHEAD: usize = 112;
 
 /// How `maxmemory` picks what to evict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,9 +219,9 @@ impl Policy {
             Policy::AllKeysLru => Some(u64::from(u32::MAX - now.wrapping_sub(e.access))),
             Policy::AllKeysLfu => Some(u64::from(decayed(e.freq, e.access, now))),
             Policy::VolatileLru => e
-                .expire_at
+                .expire_at()
                 .map(|_| u64::from(u32::MAX - now.wrapping_sub(e.access))),
-            Policy::VolatileTtl => e.expire_at,
+            Policy::VolatileTtl => e.expire_at(),
         }
     }
 }
@@ -279,9 +298,9 @@ impl Watches {
 pub struct Shard {
     /// Keys to entries; an `IndexMap` so that eviction samples random keys in O(1),
     /// as Redis' `dictGetRandomKey`.
-    map: IndexMap<Bytes, Entry>,
+    map: IndexMap<Key, Entry>,
     /// `(expire_at, key)` of every key with a time to live.
-    expiries: BTreeSet<(u64, Bytes)>,
+    expiries: BTreeSet<(u64, Key)>,
     /// Approximate bytes held.
     used: usize,
     /// The keyspace's totals (its bytes are what `maxmemory` is checked against).
@@ -310,8 +329,15 @@ impl Shard {
         self.used = used;
     }
 
-    fn weigh(key: &Bytes, e: &Entry) -> usize {
-        key.len() + e.value.weight() + ENTRY_OVERHEAD
+    fn weigh(key: &[u8], e: &Entry) -> usize {
+        // A key up to `key::INLINE` bytes lives in the entry; a longer one in its own
+        // allocation (a 16-byte header).
+        let key_heap = if key.len() > crate::key::INLINE {
+            key.len() + 16
+        } else {
+            0
+        };
+        key_heap + e.value.weight() + ENTRY_OVERHEAD
     }
 
     /// The live entry of `key` (one past its time is absent; the active expiry, or
@@ -320,7 +346,7 @@ impl Shard {
         let e = self
             .map
             .get_mut(key)
-            .filter(|e| e.expire_at.is_none_or(|t| t > now))?;
+            .filter(|e| e.expire_at().is_none_or(|t| t > now))?;
         e.touch(now);
         Some(e)
     }
@@ -334,7 +360,7 @@ impl Shard {
         let e = self
             .map
             .get_mut(key)
-            .filter(|e| e.expire_at.is_none_or(|t| t > now))?;
+            .filter(|e| e.expire_at().is_none_or(|t| t > now))?;
         e.touch(now);
         Some(e)
     }
@@ -343,7 +369,7 @@ impl Shard {
         let due = self
             .map
             .get(key)
-            .and_then(|e| e.expire_at)
+            .and_then(|e| e.expire_at())
             .is_some_and(|t| t <= now);
         if due {
             self.remove(key);
@@ -360,24 +386,24 @@ impl Shard {
     pub fn insert(&mut self, key: Bytes, entry: Entry) {
         self.watches.touched(self.db, Some(&key));
         let new_weight = Self::weigh(&key, &entry);
-        let new_expiry = entry.expire_at;
+        let new_expiry = entry.expire_at();
         // One lookup: replace in place, or add a copy of the key.
         match self.map.get_mut(&key[..]) {
             Some(slot) => {
-                if let Some(old) = slot.expire_at {
-                    self.expiries.remove(&(old, key.clone()));
+                if let Some(old) = slot.expire_at() {
+                    self.expiries.remove(&(old, Key::new(&key)));
                 }
                 let old_weight = Self::weigh(&key, slot);
                 *slot = entry;
                 self.set_used(self.used.saturating_sub(old_weight) + new_weight);
             }
             None => {
-                self.map.insert(Bytes::copy_from_slice(&key), entry);
+                self.map.insert(Key::new(&key), entry);
                 self.set_used(self.used + new_weight);
             }
         }
         if let Some(t) = new_expiry {
-            self.expiries.insert((t, Bytes::copy_from_slice(&key)));
+            self.expiries.insert((t, Key::new(&key)));
         }
     }
 
@@ -385,7 +411,7 @@ impl Shard {
     pub fn remove(&mut self, key: &[u8]) -> Option<Entry> {
         let (k, e) = self.map.swap_remove_entry(key)?;
         self.watches.touched(self.db, Some(key));
-        if let Some(t) = e.expire_at {
+        if let Some(t) = e.expire_at() {
             self.expiries.remove(&(t, k.clone()));
         }
         self.set_used(self.used.saturating_sub(Self::weigh(&k, &e)));
@@ -394,20 +420,22 @@ impl Shard {
 
     /// Changes the expiry of a live key; false if there is none.
     pub fn set_expiry(&mut self, key: &[u8], at: Option<u64>, now: u64) -> bool {
+        // As the entry keeps it (0 is 1), so that the index and the entry agree.
+        let at = at.map(|t| t.max(1));
         self.watches.touched(self.db, Some(key));
         self.expire_if_due(key, now);
         let Some((k, e)) = self.map.get_key_value(key) else {
             return false;
         };
         let k = k.clone();
-        if let Some(old) = e.expire_at {
+        if let Some(old) = e.expire_at() {
             self.expiries.remove(&(old, k.clone()));
         }
         if let Some(t) = at {
             self.expiries.insert((t, k.clone()));
         }
         if let Some(e) = self.map.get_mut(key) {
-            e.expire_at = at;
+            e.set_expire_at(at);
         }
         true
     }
@@ -441,7 +469,7 @@ impl Shard {
         pos: usize,
         steps: usize,
         now: u64,
-        mut f: impl FnMut(&Bytes, &Entry),
+        mut f: impl FnMut(&[u8], &Entry),
     ) -> usize {
         let mut pos = pos.min(self.map.len());
         let mut n = 0;
@@ -449,7 +477,7 @@ impl Shard {
             pos -= 1;
             n += 1;
             if let Some((k, e)) = self.map.get_index(pos)
-                && e.expire_at.is_none_or(|t| t > now)
+                && e.expire_at().is_none_or(|t| t > now)
             {
                 f(k, e);
             }
@@ -458,16 +486,30 @@ impl Shard {
     }
 
     /// Every entry held (expired ones not yet removed included).
-    pub fn entries(&self) -> impl Iterator<Item = (&Bytes, &Entry)> {
-        self.map.iter()
+    pub fn entries(&self) -> impl Iterator<Item = (&[u8], &Entry)> {
+        self.map.iter().map(|(k, e)| (k.as_bytes(), e))
     }
 
     /// Live keys (expired ones not yet removed are skipped).
-    pub fn keys(&self, now: u64) -> impl Iterator<Item = &Bytes> {
+    pub fn keys(&self, now: u64) -> impl Iterator<Item = &[u8]> {
         self.map
             .iter()
-            .filter(move |(_, e)| e.expire_at.is_none_or(|t| t > now))
-            .map(|(k, _)| k)
+            .filter(move |(_, e)| e.expire_at().is_none_or(|t| t > now))
+            .map(|(k, _)| k.as_bytes())
+    }
+
+    /// A random live key: a few random probes, then the first live one.
+    pub fn random_key(&self, now: u64) -> Option<&[u8]> {
+        let n = self.map.len();
+        if n == 0 {
+            return None;
+        }
+        let live = |e: &Entry| e.expire_at().is_none_or(|t| t > now);
+        (0..8)
+            .filter_map(|_| self.map.get_index(rand::random_range(0..n)))
+            .find(|(_, e)| live(e))
+            .map(|(k, _)| k.as_bytes())
+            .or_else(|| self.keys(now).next())
     }
 
     /// Keys held (expired ones not yet removed included).

@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod config;
 pub mod db;
 pub mod glob;
+pub mod key;
 pub mod pubsub;
 pub mod resp;
 pub mod server;

@@ -48,7 +48,7 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 fn encode(out: &mut Vec<u8>, db: u8, key: &[u8], e: &Entry) {
     out.push(db);
     put_bytes(out, key);
-    out.extend_from_slice(&e.expire_at.unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&e.expire_at().unwrap_or(0).to_le_bytes());
     match &e.value {
         Value::Str(b) => {
             out.push(0);
@@ -99,7 +99,7 @@ pub fn save(ks: &Keyspace, path: &Path, now: u64) -> Result<usize, SnapshotError
     for (i, db) in ks.dbs().iter().enumerate() {
         for sh in db.lock_all() {
             for (k, e) in sh.entries() {
-                if e.expire_at.is_none_or(|t| t > now) {
+                if e.expire_at().is_none_or(|t| t > now) {
                     encode(&mut out, i as u8, k, e);
                     keys += 1;
                 }
@@ -298,7 +298,7 @@ mod tests {
         let mut sh = back.db(0).unwrap().lock(b"s");
         let e = sh.get(b"s", now).unwrap();
         assert_eq!(e.value, Value::Str(Bytes::from_static(b"v")));
-        assert_eq!(e.expire_at, Some(now + 60_000));
+        assert_eq!(e.expire_at(), Some(now + 60_000));
         drop(sh);
         let mut sh = back.db(3).unwrap().lock(b"z");
         assert_eq!(sh.get(b"z", now).unwrap().value.type_name(), "zset");

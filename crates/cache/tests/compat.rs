@@ -1243,6 +1243,7 @@ async fn hscan_sscan_and_zscan_match_redis_and_walk_big_hashes() {
         &["HSCAN", "str", "0"],
         &["SSCAN", "h", "0"],
         &["ZSCAN", "s", "0"],
+        &["COMMAND", "DOCS", "nosuch"],
     ] {
         let (m, t) = (mine.call(args).await, theirs.call(args).await);
         assert_eq!(show(&m), show(&t), "{args:?}");
@@ -1291,5 +1292,35 @@ async fn hscan_sscan_and_zscan_match_redis_and_walk_big_hashes() {
     assert!(calls >= 20, "walked in steps, not at once: {calls}");
     for i in 100..1000 {
         assert!(seen.contains(&format!("f{i}")), "f{i} missed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_docs_names_each_known_commands_group_as_redis() {
+    let Some(r) = redis() else { return };
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    let (mut mine, mut theirs) = (Conn::open(a).await, Conn::open(r.addr).await);
+    let names: Vec<String> = {
+        let all = String::from_utf8(mine.call(&["COMMAND"]).await).unwrap();
+        all.split("\r\n")
+            .filter(|l| l.chars().next().is_some_and(|c| c.is_ascii_lowercase()))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(names.len() > 100, "{names:?}");
+    for n in &names {
+        let group = |reply: Vec<u8>| {
+            let s = String::from_utf8(reply).unwrap();
+            let parts: Vec<&str> = s.split("\r\n").collect();
+            parts
+                .iter()
+                .position(|p| *p == "group")
+                .map(|i| parts[i + 2].to_string())
+        };
+        let (m, t) = (
+            mine.call(&["COMMAND", "DOCS", n]).await,
+            theirs.call(&["COMMAND", "DOCS", n]).await,
+        );
+        assert_eq!(group(m), group(t), "{n}");
     }
 }
