@@ -269,6 +269,9 @@ pub enum Reply {
     Push(Vec<Reply>),
     /// Several replies to one command, one after the other (`SUBSCRIBE a b`).
     Many(Vec<Reply>),
+    /// A reply already written, the same in both protocols (an array of bulk strings,
+    /// written while the data is locked instead of a reference per element).
+    Raw(Vec<u8>),
 }
 
 impl Reply {
@@ -288,14 +291,28 @@ impl Reply {
         let resp3 = proto >= 3;
         // Writing to a Vec cannot fail.
         let _ = match self {
-            Reply::Simple(s) => write!(out, "+{s}\r\n"),
-            Reply::Status(s) => write!(out, "+{s}\r\n"),
-            Reply::Error(e) => write!(out, "-{e}\r\n"),
-            Reply::Int(n) => write!(out, ":{n}\r\n"),
+            Reply::Simple(s) => {
+                line(out, b'+', s);
+                Ok(())
+            }
+            Reply::Status(s) => {
+                line(out, b'+', s);
+                Ok(())
+            }
+            Reply::Error(e) => {
+                line(out, b'-', e);
+                Ok(())
+            }
+            Reply::Int(n) => {
+                head(out, b':', *n);
+                Ok(())
+            }
             Reply::Bulk(b) => {
-                let _ = write!(out, "${}\r\n", b.len());
-                out.extend_from_slice(b);
-                out.extend_from_slice(b"\r\n");
+                bulk(out, b);
+                Ok(())
+            }
+            Reply::Raw(bytes) => {
+                out.extend_from_slice(bytes);
                 Ok(())
             }
             Reply::Nil if resp3 => write!(out, "_\r\n"),
@@ -303,7 +320,7 @@ impl Reply {
             Reply::NilArray if resp3 => write!(out, "_\r\n"),
             Reply::NilArray => write!(out, "*-1\r\n"),
             Reply::Array(items) => {
-                let _ = write!(out, "*{}\r\n", items.len());
+                head(out, b'*', items.len() as i64);
                 for i in items {
                     i.write(proto, out);
                 }
@@ -370,6 +387,27 @@ impl Reply {
             Reply::Verbatim(s) => write!(out, "${}\r\n{s}\r\n", s.len()),
         };
     }
+}
+
+/// Writes `<kind><n>\r\n` (a length or an integer) without the formatting machinery.
+pub fn head(out: &mut Vec<u8>, kind: u8, n: i64) {
+    out.push(kind);
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes `<kind><text>\r\n`.
+fn line(out: &mut Vec<u8>, kind: u8, text: &str) {
+    out.push(kind);
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes one bulk string (the same in RESP2 and RESP3).
+pub fn bulk(out: &mut Vec<u8>, b: &[u8]) {
+    head(out, b'$', b.len() as i64);
+    out.extend_from_slice(b);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A double as Redis prints it (`inf`, `-inf`, `nan`, else the shortest form that

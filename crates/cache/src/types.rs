@@ -380,11 +380,23 @@ pub fn run(
                 let Value::List(l) = v else {
                     return Vec::new();
                 };
-                range(l.len(), s, e).map_or_else(Vec::new, |(s, e)| {
-                    l.range(s..=e).cloned().map(Reply::Bulk).collect()
-                })
+                // Written here, in the array form both protocols share.
+                let mut w = Vec::new();
+                match range(l.len(), s, e) {
+                    None => w.extend_from_slice(b"*0\r\n"),
+                    Some((s, e)) => {
+                        let items = l.range(s..=e);
+                        let size: usize = 16 + items.clone().map(|b| b.len() + 16).sum::<usize>();
+                        w.reserve(size);
+                        crate::resp::head(&mut w, b'*', (e - s + 1) as i64);
+                        for b in items {
+                            crate::resp::bulk(&mut w, b);
+                        }
+                    }
+                }
+                w
             })
-            .map(|r| Reply::Array(r.unwrap_or_default())))
+            .map(|r| r.map_or_else(|| Reply::Array(Vec::new()), Reply::Raw)))
         }
         "LSET" => {
             let Some(i) = int_of(&args[2]) else {
