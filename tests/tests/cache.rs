@@ -35,11 +35,11 @@ fn expect(addr: &str, req: &[u8], want: &str) {
     assert_eq!(String::from_utf8_lossy(&got), want);
 }
 
-#[test]
-fn the_node_serves_resp_that_redis_cli_uses() {
-    let dir = tempfile::tempdir().unwrap();
+/// A node with the store, coordination and the cache on a free port; the cache's
+/// address.
+fn cache_node(dir: &std::path::Path) -> (meshwork_tests::Server, String) {
     let node = meshwork_tests::start(
-        dir.path(),
+        dir,
         &[
             "--roles",
             "store,coord,cache",
@@ -49,6 +49,13 @@ fn the_node_serves_resp_that_redis_cli_uses() {
         &[],
     );
     let addr = node.cache.clone().expect("the cache's address");
+    (node, addr)
+}
+
+#[test]
+fn the_node_serves_resp_that_redis_cli_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, addr) = cache_node(dir.path());
     assert_eq!(resp(&addr, b"PING\r\n"), "+PONG\r\n");
     assert_eq!(
         resp(
@@ -236,17 +243,7 @@ fn idle_cache_clients_past_the_open_files_limit_do_not_stop_the_store() {
 #[test]
 fn the_sdk_finds_cache_nodes_through_the_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let node = meshwork_tests::start(
-        dir.path(),
-        &[
-            "--roles",
-            "store,coord,cache",
-            "--cache-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
-    let addr = node.cache.clone().expect("the cache's address");
+    let (node, addr) = cache_node(dir.path());
     let (_, nodes) = meshwork_testkit::http::blocking::get(&node.http, "/v1/nodes").unwrap();
     assert!(nodes.contains(&format!("\"cache\":\"{addr}\"")), "{nodes}");
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -310,17 +307,7 @@ fn a_snapshot_carries_the_data_across_a_restart() {
 #[test]
 fn the_console_shows_the_cache_and_the_sdk_hit_ratio() {
     let dir = tempfile::tempdir().unwrap();
-    let node = meshwork_tests::start(
-        dir.path(),
-        &[
-            "--roles",
-            "store,coord,cache",
-            "--cache-addr",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
-    let addr = node.cache.clone().expect("the cache's address");
+    let (node, addr) = cache_node(dir.path());
     expect(
         &addr,
         b"CONFIG SET slowlog-log-slower-than 0\r\nSELECT 2\r\nSET a 1\r\n",

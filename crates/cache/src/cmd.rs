@@ -1434,24 +1434,10 @@ fn scan(d: &crate::db::Db, args: &[Bytes], now: u64) -> Reply {
     else {
         return Reply::err("invalid cursor");
     };
-    let (mut pattern, mut count, mut kind) = (None, 10usize, None);
-    let mut i = 2;
-    while i < args.len() {
-        let Some(v) = args.get(i + 1) else {
-            return syntax();
-        };
-        match upper(&args[i]).as_str() {
-            "MATCH" => pattern = Some(v.clone()),
-            "COUNT" => match int_of(v) {
-                Some(n) if n >= 1 => count = n as usize,
-                Some(_) => return syntax(),
-                None => return Reply::err(NOT_INT),
-            },
-            "TYPE" => kind = Some(String::from_utf8_lossy(v).to_ascii_lowercase()),
-            _ => return syntax(),
-        }
-        i += 2;
-    }
+    let (pattern, count, kind) = match scan_options(&args[2..], true) {
+        Ok(o) => o,
+        Err(e) => return e,
+    };
     let shards = d.shard_count();
     let (mut shard, mut pos) = if cursor == 0 {
         (0usize, None)
@@ -1488,6 +1474,30 @@ fn scan(d: &crate::db::Db, args: &[Bytes], now: u64) -> Reply {
     Reply::Array(vec![Reply::bulk(next.to_string()), Reply::Array(keys)])
 }
 
+/// The options of the `SCAN` family: `MATCH pattern`, `COUNT n` (default 10) and,
+/// for `SCAN` alone (`with_type`), `TYPE name`.
+type ScanOptions = (Option<Bytes>, usize, Option<String>);
+
+fn scan_options(opts: &[Bytes], with_type: bool) -> Result<ScanOptions, Reply> {
+    let (mut pattern, mut count, mut kind) = (None, 10usize, None);
+    for pair in opts.chunks(2) {
+        let [name, v] = pair else {
+            return Err(syntax());
+        };
+        match upper(name).as_str() {
+            "MATCH" => pattern = Some(v.clone()),
+            "COUNT" => match int_of(v) {
+                Some(n) if n >= 1 => count = n as usize,
+                Some(_) => return Err(syntax()),
+                None => return Err(Reply::err(NOT_INT)),
+            },
+            "TYPE" if with_type => kind = Some(String::from_utf8_lossy(v).to_ascii_lowercase()),
+            _ => return Err(syntax()),
+        }
+    }
+    Ok((pattern, count, kind))
+}
+
 /// Hashes of at most this many fields answer `HSCAN` in one reply, in insertion
 /// order (Redis' `hash-max-listpack-entries`: what Redis does for small hashes).
 const SMALL_HASH: usize = 128;
@@ -1505,23 +1515,10 @@ fn scan_value(d: &crate::db::Db, name: &str, args: &[Bytes], now: u64) -> Reply 
     else {
         return Reply::err("invalid cursor");
     };
-    let (mut pattern, mut count) = (None, 10usize);
-    let mut i = 3;
-    while i < args.len() {
-        let Some(v) = args.get(i + 1) else {
-            return syntax();
-        };
-        match upper(&args[i]).as_str() {
-            "MATCH" => pattern = Some(v.clone()),
-            "COUNT" => match int_of(v) {
-                Some(n) if n >= 1 => count = n as usize,
-                Some(_) => return syntax(),
-                None => return Reply::err(NOT_INT),
-            },
-            _ => return syntax(),
-        }
-        i += 2;
-    }
+    let (pattern, count, _) = match scan_options(&args[3..], false) {
+        Ok(o) => o,
+        Err(e) => return e,
+    };
     let keep = |m: &[u8]| pattern.as_ref().is_none_or(|p| glob_match(p, m));
     let key = &args[1];
     let mut sh = d.lock(key);
