@@ -1123,24 +1123,23 @@ fn data(node: &Node, s: &mut Session, name: &str, args: &[Bytes], now: u64) -> R
             if args.len() % 2 != 1 {
                 return wrong_args(name);
             }
-            let keys: Vec<&[u8]> = args[1..].iter().step_by(2).map(|k| &k[..]).collect();
-            let mut locked = d.lock_many(&keys);
-            let shard = |locked: &mut Vec<(usize, parking_lot::MutexGuard<'_, Shard>)>,
-                         k: &[u8]| {
-                let i = d.shard_of(k);
-                locked.iter_mut().position(|(j, _)| *j == i)
-            };
+            // Each key hashed once for its shard: the shards locked in order, then
+            // each pair written under its shard's guard.
+            let shards: Vec<usize> = args[1..].iter().step_by(2).map(|k| d.shard_of(k)).collect();
+            let mut locked = d.lock_shards(&shards);
+            let guard = |i: usize| locked.binary_search_by_key(&i, |(j, _)| *j).ok();
+            let at: Vec<Option<usize>> = shards.iter().map(|&i| guard(i)).collect();
             if name == "MSETNX" {
-                for k in &keys {
-                    if let Some(p) = shard(&mut locked, k)
+                for (k, p) in args[1..].iter().step_by(2).zip(&at) {
+                    if let Some(p) = *p
                         && locked[p].1.get(k, now).is_some()
                     {
                         return Reply::Int(0);
                     }
                 }
             }
-            for pair in args[1..].chunks(2) {
-                if let Some(p) = shard(&mut locked, &pair[0]) {
+            for (pair, p) in args[1..].chunks(2).zip(&at) {
+                if let Some(p) = *p {
                     locked[p]
                         .1
                         .insert(pair[0].clone(), str_entry(pair[1].clone(), None));

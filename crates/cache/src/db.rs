@@ -649,7 +649,14 @@ impl Db {
     /// Locks every shard any of `keys` is in, in shard order (so two multi-key
     /// commands never wait on each other in a cycle): `(shard index, guard)`.
     pub fn lock_many<'a>(&'a self, keys: &[&[u8]]) -> Vec<(usize, MutexGuard<'a, Shard>)> {
-        let mut idx: Vec<usize> = keys.iter().map(|k| self.shard_of(k)).collect();
+        let idx: Vec<usize> = keys.iter().map(|k| self.shard_of(k)).collect();
+        self.lock_shards(&idx)
+    }
+
+    /// Locks shards `idx` (repeats allowed) in index order: `(shard index, guard)`,
+    /// sorted by index.
+    pub fn lock_shards<'a>(&'a self, idx: &[usize]) -> Vec<(usize, MutexGuard<'a, Shard>)> {
+        let mut idx = idx.to_vec();
         idx.sort_unstable();
         idx.dedup();
         idx.into_iter()
