@@ -1501,12 +1501,12 @@ fn scan_options(opts: &[Bytes], with_type: bool) -> Result<ScanOptions, Reply> {
 /// order (Redis' `hash-max-listpack-entries`: what Redis does for small hashes).
 const SMALL_HASH: usize = 128;
 
-/// `HSCAN`/`SSCAN`/`ZSCAN key cursor [MATCH pattern] [COUNT count]`. A hash past
-/// [`SMALL_HASH`] fields is walked by position from its end, `COUNT` fields per call
-/// (a removal shifts later fields down, so a field present throughout is never
-/// skipped; it may come twice, as Redis allows). Small hashes, sets and sorted sets
-/// answer in one reply with cursor 0 (sorted sets in score order), as Redis does
-/// for its small encodings.
+/// `HSCAN`/`SSCAN`/`ZSCAN key cursor [MATCH pattern] [COUNT count]`. A hash or a
+/// set past [`SMALL_HASH`] elements is walked by position from its end, `COUNT` per
+/// call (a removal only moves elements from after the gap into it or down, so one
+/// present throughout is never skipped; it may come twice, as Redis allows). Small
+/// hashes and sets, and sorted sets of any size, answer in one reply with cursor 0
+/// (sorted sets in score order), as Redis does for its small encodings.
 fn scan_value(d: &crate::db::Db, name: &str, args: &[Bytes], now: u64) -> Reply {
     let Some(cursor) = std::str::from_utf8(&args[2])
         .ok()
@@ -1552,8 +1552,28 @@ fn scan_value(d: &crate::db::Db, name: &str, args: &[Bytes], now: u64) -> Reply 
             }
             next = pos as u64;
         }
-        ("SSCAN", Value::Set(s)) => {
+        ("SSCAN", Value::Set(s)) if s.len() <= SMALL_HASH => {
             out.extend(s.iter().filter(|m| keep(m)).map(|m| Reply::Bulk(m.clone())));
+        }
+        ("SSCAN", Value::Set(s)) => {
+            // By position from the end, as a big hash (a removal moves the last
+            // member into the gap: a member present throughout is never skipped).
+            let mut pos = if cursor == 0 {
+                s.len()
+            } else {
+                (cursor as usize).min(s.len())
+            };
+            let mut steps = 0;
+            while pos > 0 && steps < count {
+                pos -= 1;
+                steps += 1;
+                if let Some(m) = s.get_index(pos)
+                    && keep(m)
+                {
+                    out.push(Reply::Bulk(m.clone()));
+                }
+            }
+            next = pos as u64;
         }
         ("ZSCAN", Value::ZSet(z)) => {
             for (m, score) in z.iter().filter(|(m, _)| keep(m)) {

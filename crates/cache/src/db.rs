@@ -6,7 +6,7 @@
 //! and active: [`Keyspace::expire_cycle`] removes keys in expiry order with a bound on
 //! the work per call, so many keys expiring at once never stop the world.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 use indexmap::IndexMap;
 use std::hash::BuildHasher;
@@ -29,8 +29,8 @@ pub enum Value {
     /// A hash (fields in insertion order). Boxed, as the set and the sorted set: a
     /// value is then as small as a string's, and every key's entry with it.
     Hash(Box<indexmap::IndexMap<Bytes, Bytes>>),
-    /// A set.
-    Set(Box<HashSet<Bytes>>),
+    /// A set (an index set: a random member and a removal are O(1)).
+    Set(Box<indexmap::IndexSet<Bytes>>),
     /// A sorted set.
     ZSet(Box<crate::zset::ZSet>),
 }

@@ -185,7 +185,7 @@ fn decode(r: &mut Reader<'_>) -> Option<(u8, Bytes, Option<u64>, Value)> {
         }
         3 => {
             let n = r.count(4)?;
-            let mut s = std::collections::HashSet::with_capacity(n);
+            let mut s = indexmap::IndexSet::with_capacity(n);
             for _ in 0..n {
                 s.insert(r.bytes()?);
             }

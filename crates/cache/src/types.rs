@@ -487,7 +487,7 @@ pub fn run(
             let mut sh = lock();
             out(on(&mut sh, key, now, false, Kind::Set, |v| {
                 let Value::Set(s) = v else { return 0 };
-                args[2..].iter().map(|m| i64::from(s.remove(m))).sum()
+                args[2..].iter().map(|m| i64::from(s.swap_remove(m))).sum()
             })
             .map(|n| Reply::Int(n.unwrap_or(0))))
         }
@@ -545,17 +545,18 @@ pub fn run(
                 let Value::Set(s) = v else {
                     return Reply::Nil;
                 };
-                let mut pick = |s: &HashSet<Bytes>| -> Option<Bytes> {
+                // O(1): a random position of the index set.
+                let mut pick = |s: &indexmap::IndexSet<Bytes>| -> Option<Bytes> {
                     if s.is_empty() {
                         return None;
                     }
-                    s.iter().nth(rng(s.len())).cloned()
+                    s.get_index(rng(s.len())).cloned()
                 };
                 match count {
                     None => {
                         let m = pick(s);
                         if pop && let Some(m) = &m {
-                            s.remove(m);
+                            s.swap_remove(m);
                         }
                         m.map_or(Reply::Nil, Reply::Bulk)
                     }
@@ -578,7 +579,7 @@ pub fn run(
                             }
                             for m in chosen {
                                 if pop {
-                                    s.remove(&m);
+                                    s.swap_remove(&m);
                                 }
                                 out.push(m);
                             }

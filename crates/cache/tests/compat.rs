@@ -1295,6 +1295,56 @@ async fn hscan_sscan_and_zscan_match_redis_and_walk_big_hashes() {
     }
 }
 
+/// A big set walked `COUNT` members at a time while members are removed and added:
+/// every member present throughout comes back; `SPOP` with a count takes distinct
+/// members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sscan_walks_big_sets_and_spop_takes_distinct_members() {
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    let mut c = Conn::open(a).await;
+    for i in 0..1000 {
+        c.send(&cmd(&["SADD", "bigs", &format!("m{i}")])).await;
+    }
+    for _ in 0..1000 {
+        assert_eq!(c.reply().await, b":1\r\n");
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor = "0".to_string();
+    let mut calls = 0;
+    loop {
+        let reply =
+            String::from_utf8(c.call(&["SSCAN", "bigs", &cursor, "COUNT", "50"]).await).unwrap();
+        calls += 1;
+        let lines: Vec<&str> = reply.split("\r\n").collect();
+        cursor = lines[2].to_string();
+        for l in lines.iter().skip(5).step_by(2) {
+            seen.insert(l.to_string());
+        }
+        c.call(&["SREM", "bigs", &format!("m{}", (calls * 3) % 100)])
+            .await;
+        c.call(&["SADD", "bigs", &format!("new{calls}")]).await;
+        if cursor == "0" {
+            break;
+        }
+        assert!(calls < 100, "the walk ends");
+    }
+    assert!(calls >= 20, "walked in steps, not at once: {calls}");
+    for i in 100..1000 {
+        assert!(seen.contains(&format!("m{i}")), "m{i} missed");
+    }
+    // SPOP with a count takes distinct members, and all of them at the end.
+    let popped = String::from_utf8(c.call(&["SPOP", "bigs", "10000"]).await).unwrap();
+    let members: std::collections::HashSet<&str> = popped
+        .split("\r\n")
+        .filter(|l| l.starts_with('m') || l.starts_with("new"))
+        .collect();
+    assert_eq!(
+        popped.split("\r\n").next(),
+        Some(format!("*{}", members.len()).as_str())
+    );
+    assert_eq!(c.call(&["SCARD", "bigs"]).await, b":0\r\n");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_docs_names_each_known_commands_group_as_redis() {
     let Some(r) = redis() else { return };
