@@ -49,7 +49,7 @@ impl Value {
 
     /// Approximate bytes it holds (for `used_memory`); aggregates are sampled
     /// ([`crate::types::estimate`]).
-    fn weight(&self) -> usize {
+    pub(crate) fn weight(&self) -> usize {
         use crate::types::estimate;
         match self {
             Value::Str(b) => b.len(),

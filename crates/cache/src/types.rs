@@ -64,17 +64,18 @@ pub(crate) fn on<T>(
     k: Kind,
     f: impl FnOnce(&mut Value) -> T,
 ) -> Result<Option<T>, Reply> {
-    let before = sh.weight_of(key);
+    // One lookup: the value's weight before and after `f` from the same entry.
     if let Some(e) = sh.get_mut(key, now) {
         if kind_of(&e.value) != Some(k) {
             return Err(Reply::Error(WRONGTYPE.into()));
         }
+        let before = e.value.weight();
         let r = f(&mut e.value);
-        let gone = is_empty(&e.value);
-        if gone {
+        if is_empty(&e.value) {
             sh.remove(key);
         } else {
-            sh.reweigh(key, before);
+            let after = e.value.weight();
+            sh.resized(before, after);
         }
         return Ok(Some(r));
     }
