@@ -386,3 +386,40 @@ fn the_console_shows_the_cache_and_the_sdk_hit_ratio() {
         assert!(html.contains(want), "{want} in {html}");
     }
 }
+
+/// A client we did not write: redis-py (Debian's python3-redis, a peer) runs
+/// `tests/scripts/redis_py.py` against the node — strings, pipelines, MULTI/EXEC
+/// and WATCH, the SCAN family's iterators, sorted sets, blocking pops, pub/sub,
+/// INFO, CONFIG, CLIENT, SLOWLOG and error replies as the library parses them (the
+/// script passes against redis-server 7.0 too).
+#[test]
+fn redis_py_works_against_the_node() {
+    let Some(py) = meshwork_testkit::peer::at("python3", "MESHWORK_PYTHON3", "/usr/bin/python3")
+    else {
+        return;
+    };
+    let has_module = Command::new(&py)
+        .args(["-c", "import redis"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_module {
+        assert!(
+            !meshwork_testkit::peer::required(),
+            "peer python3-redis is missing and MESHWORK_REQUIRE_PEERS=1 (install Debian's package, see .ci/run)"
+        );
+        eprintln!("skipping: peer python3-redis is missing");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, addr) = cache_node(dir.path());
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis_py.py");
+    let out = Command::new(&py).arg(script).arg(&port).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
