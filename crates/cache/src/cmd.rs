@@ -1501,12 +1501,12 @@ fn scan_options(opts: &[Bytes], with_type: bool) -> Result<ScanOptions, Reply> {
 /// order (Redis' `hash-max-listpack-entries`: what Redis does for small hashes).
 const SMALL_HASH: usize = 128;
 
-/// `HSCAN`/`SSCAN`/`ZSCAN key cursor [MATCH pattern] [COUNT count]`. A hash or a
-/// set past [`SMALL_HASH`] elements is walked by position from its end, `COUNT` per
-/// call (a removal only moves elements from after the gap into it or down, so one
-/// present throughout is never skipped; it may come twice, as Redis allows). Small
-/// hashes and sets, and sorted sets of any size, answer in one reply with cursor 0
-/// (sorted sets in score order), as Redis does for its small encodings.
+/// `HSCAN`/`SSCAN`/`ZSCAN key cursor [MATCH pattern] [COUNT count]`. A hash, set or
+/// sorted set past [`SMALL_HASH`] elements is walked by position from its end,
+/// `COUNT` per call (a removal only moves elements from after the gap into it or
+/// down, so one present throughout is never skipped; it may come twice, as Redis
+/// allows). Smaller ones answer in one reply with cursor 0 (a sorted set in score
+/// order), as Redis does for its small encodings.
 fn scan_value(d: &crate::db::Db, name: &str, args: &[Bytes], now: u64) -> Reply {
     let Some(cursor) = std::str::from_utf8(&args[2])
         .ok()
@@ -1575,11 +1575,30 @@ fn scan_value(d: &crate::db::Db, name: &str, args: &[Bytes], now: u64) -> Reply 
             }
             next = pos as u64;
         }
-        ("ZSCAN", Value::ZSet(z)) => {
+        ("ZSCAN", Value::ZSet(z)) if z.len() <= SMALL_HASH => {
             for (m, score) in z.iter().filter(|(m, _)| keep(m)) {
                 out.push(Reply::Bulk(m.clone()));
                 out.push(Reply::bulk(crate::resp::g17(score)));
             }
+        }
+        ("ZSCAN", Value::ZSet(z)) => {
+            let mut pos = if cursor == 0 {
+                z.len()
+            } else {
+                (cursor as usize).min(z.len())
+            };
+            let mut steps = 0;
+            while pos > 0 && steps < count {
+                pos -= 1;
+                steps += 1;
+                if let Some((m, score)) = z.member_at(pos)
+                    && keep(m)
+                {
+                    out.push(Reply::Bulk(m.clone()));
+                    out.push(Reply::bulk(crate::resp::g17(score)));
+                }
+            }
+            next = pos as u64;
         }
         _ => return Reply::Error(WRONGTYPE.into()),
     }

@@ -3,7 +3,9 @@
 //! an ordered tree from their first element (by score: one seek; by rank: from the
 //! nearer end). Scores are never NaN; -0 is kept as 0.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use indexmap::IndexMap;
 use std::ops::Bound;
 
 use bytes::Bytes;
@@ -38,7 +40,7 @@ fn score(s: f64) -> Score {
 /// A sorted set.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ZSet {
-    scores: HashMap<Bytes, f64>,
+    scores: IndexMap<Bytes, f64>,
     order: BTreeSet<(Score, Bytes)>,
 }
 
@@ -195,7 +197,7 @@ impl ZSet {
 
     /// Removes a member; whether it was there.
     pub fn remove(&mut self, m: &[u8]) -> bool {
-        match self.scores.remove_entry(m) {
+        match self.scores.swap_remove_entry(m) {
             Some((k, s)) => {
                 self.order.remove(&(Score(s), k));
                 true
@@ -221,8 +223,14 @@ impl ZSet {
         } else {
             self.order.pop_first()?
         };
-        self.scores.remove(&m);
+        self.scores.swap_remove(&m);
         Some((m, s.0))
+    }
+
+    /// The member at position `i` of the member index (not score order: what
+    /// `ZSCAN` walks; a removal moves the last member into the gap).
+    pub fn member_at(&self, i: usize) -> Option<(&Bytes, f64)> {
+        self.scores.get_index(i).map(|(m, s)| (m, *s))
     }
 
     /// Every member from the lowest score.

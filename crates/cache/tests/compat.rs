@@ -1308,26 +1308,13 @@ async fn sscan_walks_big_sets_and_spop_takes_distinct_members() {
     for _ in 0..1000 {
         assert_eq!(c.reply().await, b":1\r\n");
     }
-    let mut seen = std::collections::HashSet::new();
-    let mut cursor = "0".to_string();
-    let mut calls = 0;
-    loop {
-        let reply =
-            String::from_utf8(c.call(&["SSCAN", "bigs", &cursor, "COUNT", "50"]).await).unwrap();
-        calls += 1;
-        let lines: Vec<&str> = reply.split("\r\n").collect();
-        cursor = lines[2].to_string();
-        for l in lines.iter().skip(5).step_by(2) {
-            seen.insert(l.to_string());
-        }
-        c.call(&["SREM", "bigs", &format!("m{}", (calls * 3) % 100)])
-            .await;
-        c.call(&["SADD", "bigs", &format!("new{calls}")]).await;
-        if cursor == "0" {
-            break;
-        }
-        assert!(calls < 100, "the walk ends");
-    }
+    let (seen, calls) = walk(&mut c, "SSCAN", "bigs", 2, |n| {
+        vec![
+            vec!["SREM".into(), "bigs".into(), format!("m{}", (n * 3) % 100)],
+            vec!["SADD".into(), "bigs".into(), format!("new{n}")],
+        ]
+    })
+    .await;
     assert!(calls >= 20, "walked in steps, not at once: {calls}");
     for i in 100..1000 {
         assert!(seen.contains(&format!("m{i}")), "m{i} missed");
@@ -1372,5 +1359,75 @@ async fn command_docs_names_each_known_commands_group_as_redis() {
             theirs.call(&["COMMAND", "DOCS", n]).await,
         );
         assert_eq!(group(m), group(t), "{n}");
+    }
+}
+
+/// Walks `key` with `scan` (`SSCAN`/`ZSCAN`) 50 at a time, running `churn(call)`'s
+/// commands after each call; the elements seen (every `stride`-th line of the
+/// replies' element arrays) and the number of calls.
+async fn walk(
+    c: &mut Conn,
+    scan: &str,
+    key: &str,
+    stride: usize,
+    churn: impl Fn(usize) -> Vec<Vec<String>>,
+) -> (std::collections::HashSet<String>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor = "0".to_string();
+    let mut calls = 0;
+    loop {
+        let reply = String::from_utf8(c.call(&[scan, key, &cursor, "COUNT", "50"]).await).unwrap();
+        calls += 1;
+        let lines: Vec<&str> = reply.split("\r\n").collect();
+        cursor = lines[2].to_string();
+        for l in lines.iter().skip(5).step_by(stride) {
+            seen.insert(l.to_string());
+        }
+        for cmd in churn(calls) {
+            let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            c.call(&args).await;
+        }
+        if cursor == "0" {
+            return (seen, calls);
+        }
+        assert!(calls < 100, "the walk ends");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zscan_walks_big_sorted_sets() {
+    let (a, _stop) = ours(CacheConfig::default()).await;
+    let mut c = Conn::open(a).await;
+    for i in 0..1000 {
+        c.send(&cmd(&["ZADD", "bigz", &i.to_string(), &format!("m{i}")]))
+            .await;
+    }
+    for _ in 0..1000 {
+        assert_eq!(c.reply().await, b":1\r\n");
+    }
+    // Members and scores alternate: every fourth line is a member.
+    let (seen, calls) = walk(&mut c, "ZSCAN", "bigz", 4, |n| {
+        vec![
+            vec!["ZREM".into(), "bigz".into(), format!("m{}", (n * 3) % 100)],
+            vec!["ZADD".into(), "bigz".into(), "-1".into(), format!("new{n}")],
+        ]
+    })
+    .await;
+    assert!(calls >= 20, "walked in steps, not at once: {calls}");
+    for i in 100..1000 {
+        assert!(seen.contains(&format!("m{i}")), "m{i} missed");
+    }
+    // Each member comes with its own score.
+    let first = String::from_utf8(c.call(&["ZSCAN", "bigz", "0", "COUNT", "50"]).await).unwrap();
+    let lines: Vec<&str> = first.split("\r\n").collect();
+    let pairs: Vec<(&str, &str)> = lines[5..]
+        .chunks(4)
+        .filter(|p| p.len() == 4)
+        .map(|p| (p[0], p[2]))
+        .collect();
+    assert_eq!(pairs.len(), 50, "{first}");
+    for (m, s) in pairs {
+        let want = m.strip_prefix('m').unwrap_or("-1");
+        assert_eq!(s, want, "{m}");
     }
 }
