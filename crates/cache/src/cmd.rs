@@ -1473,6 +1473,21 @@ fn scan(d: &crate::db::Db, args: &[Bytes], now: u64) -> Reply {
     Reply::Array(vec![Reply::bulk(next.to_string()), Reply::Array(keys)])
 }
 
+/// Visits up to `count` positions of a collection of `len` downward from `cursor`
+/// (0: from the end), calling `f` with each; the cursor to answer (0: done).
+fn walk_down(len: usize, cursor: u64, count: usize, mut f: impl FnMut(usize)) -> u64 {
+    let start = if cursor == 0 {
+        len
+    } else {
+        (cursor as usize).min(len)
+    };
+    let end = start.saturating_sub(count);
+    for pos in (end..start).rev() {
+        f(pos);
+    }
+    end as u64
+}
+
 /// The options of the `SCAN` family: `MATCH pattern`, `COUNT n` (default 10) and,
 /// for `SCAN` alone (`with_type`), `TYPE name`.
 type ScanOptions = (Option<Bytes>, usize, Option<String>);
@@ -1534,23 +1549,14 @@ fn scan_value(d: &crate::db::Db, name: &str, args: &[Bytes], now: u64) -> Reply 
             }
         }
         ("HSCAN", Value::Hash(h)) => {
-            let mut pos = if cursor == 0 {
-                h.len()
-            } else {
-                (cursor as usize).min(h.len())
-            };
-            let mut steps = 0;
-            while pos > 0 && steps < count {
-                pos -= 1;
-                steps += 1;
+            next = walk_down(h.len(), cursor, count, |pos| {
                 if let Some((f, v)) = h.get_index(pos)
                     && keep(f)
                 {
                     out.push(Reply::Bulk(f.clone()));
                     out.push(Reply::Bulk(v.clone()));
                 }
-            }
-            next = pos as u64;
+            });
         }
         ("SSCAN", Value::Set(s)) if s.len() <= SMALL_HASH => {
             out.extend(s.iter().filter(|m| keep(m)).map(|m| Reply::Bulk(m.clone())));
@@ -1558,22 +1564,13 @@ fn scan_value(d: &crate::db::Db, name: &str, args: &[Bytes], now: u64) -> Reply 
         ("SSCAN", Value::Set(s)) => {
             // By position from the end, as a big hash (a removal moves the last
             // member into the gap: a member present throughout is never skipped).
-            let mut pos = if cursor == 0 {
-                s.len()
-            } else {
-                (cursor as usize).min(s.len())
-            };
-            let mut steps = 0;
-            while pos > 0 && steps < count {
-                pos -= 1;
-                steps += 1;
+            next = walk_down(s.len(), cursor, count, |pos| {
                 if let Some(m) = s.get_index(pos)
                     && keep(m)
                 {
                     out.push(Reply::Bulk(m.clone()));
                 }
-            }
-            next = pos as u64;
+            });
         }
         ("ZSCAN", Value::ZSet(z)) if z.len() <= SMALL_HASH => {
             for (m, score) in z.iter().filter(|(m, _)| keep(m)) {
@@ -1582,23 +1579,14 @@ fn scan_value(d: &crate::db::Db, name: &str, args: &[Bytes], now: u64) -> Reply 
             }
         }
         ("ZSCAN", Value::ZSet(z)) => {
-            let mut pos = if cursor == 0 {
-                z.len()
-            } else {
-                (cursor as usize).min(z.len())
-            };
-            let mut steps = 0;
-            while pos > 0 && steps < count {
-                pos -= 1;
-                steps += 1;
+            next = walk_down(z.len(), cursor, count, |pos| {
                 if let Some((m, score)) = z.member_at(pos)
                     && keep(m)
                 {
                     out.push(Reply::Bulk(m.clone()));
                     out.push(Reply::bulk(crate::resp::g17(score)));
                 }
-            }
-            next = pos as u64;
+            });
         }
         _ => return Reply::Error(WRONGTYPE.into()),
     }

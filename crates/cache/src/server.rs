@@ -151,7 +151,8 @@ impl Cache {
     }
 
     /// The counters SDK caches reported into this node (`meshwork:caches` and each
-    /// name's `meshwork:cache:{name}:stats` hash).
+    /// name's `meshwork:cache:{name}:stats` hash), for the first [`SDK_SHOWN`]
+    /// names in byte order.
     fn sdk_stats(&self) -> Vec<SdkStats> {
         let mut names: Vec<bytes::Bytes> = match self.query(&[b"SMEMBERS", b"meshwork:caches"]) {
             Reply::Set(v) | Reply::Array(v) => v
@@ -163,7 +164,10 @@ impl Cache {
                 .collect(),
             _ => Vec::new(),
         };
+        // Any client may add names: the first ones only, so a flood of them costs
+        // the console page a bounded amount of work.
         names.sort();
+        names.truncate(SDK_SHOWN);
         names
             .into_iter()
             .map(|name| {
@@ -222,6 +226,9 @@ impl Cache {
         }
     }
 }
+
+/// SDK caches [`Cache::stats`] reports at most.
+pub const SDK_SHOWN: usize = 100;
 
 /// One database's keys.
 #[derive(Clone, Debug, serde::Serialize)]

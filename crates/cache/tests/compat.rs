@@ -1431,3 +1431,23 @@ async fn zscan_walks_big_sorted_sets() {
         assert_eq!(s, want, "{m}");
     }
 }
+
+/// Any client can add cache names to `meshwork:caches`: the node's figures list a
+/// bounded number of them, so a flood costs the console page nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_reported_cache_names_is_bounded() {
+    let (a, w) = ours(CacheConfig::default()).await;
+    let mut c = Conn::open(a).await;
+    let names: Vec<String> = (0..5000).map(|i| format!("n{i:05}")).collect();
+    let mut args = vec!["SADD", "meshwork:caches"];
+    args.extend(names.iter().map(String::as_str));
+    assert_eq!(c.call(&args).await, b":5000\r\n");
+    assert_eq!(
+        c.call(&["HINCRBY", "meshwork:cache:n00000:stats", "l1_hits", "7"])
+            .await,
+        b":7\r\n"
+    );
+    let st = w.cache().stats(5);
+    assert_eq!(st.sdk.len(), meshwork_cache::server::SDK_SHOWN);
+    assert_eq!((st.sdk[0].name.as_str(), st.sdk[0].l1_hits), ("n00000", 7));
+}
