@@ -25,6 +25,10 @@ pub(crate) struct ServerFile {
     pub(crate) gateway_addr: Option<String>,
     /// Cache (RESP) listen address (enables the cache role).
     pub(crate) cache_addr: Option<String>,
+    /// OTLP/gRPC listen address of the trace store (enables the traces role).
+    pub(crate) otlp_grpc_addr: Option<String>,
+    /// OTLP/HTTP listen address of the trace store (enables the traces role).
+    pub(crate) otlp_http_addr: Option<String>,
 }
 
 /// What a node runs.
@@ -42,15 +46,19 @@ pub(crate) struct Roles {
     pub(crate) mq: bool,
     /// The Redis-compatible cache.
     pub(crate) cache: bool,
+    /// The built-in trace store and its OTLP receivers.
+    pub(crate) traces: bool,
 }
 
-/// Parses `store,coord,gateway,txn,mq,cache`; the default is every role that fits
-/// the store choice (the gateway and the cache when they have an address).
+/// Parses `store,coord,gateway,txn,mq,cache,traces`; the default is every role
+/// that fits the store choice (the gateway, the cache and the trace store when
+/// they have an address).
 pub(crate) fn parse_roles(
     s: Option<&str>,
     external: bool,
     gateway_addr: bool,
     cache_addr: bool,
+    otlp_addr: bool,
 ) -> Result<Roles> {
     let mut r = Roles {
         store: false,
@@ -59,6 +67,7 @@ pub(crate) fn parse_roles(
         txn: false,
         mq: false,
         cache: false,
+        traces: false,
     };
     match s {
         None => {
@@ -68,6 +77,7 @@ pub(crate) fn parse_roles(
             r.txn = true;
             r.mq = true;
             r.cache = cache_addr;
+            r.traces = otlp_addr;
         }
         Some(list) => {
             for role in list.split(',').map(str::trim).filter(|x| !x.is_empty()) {
@@ -78,9 +88,10 @@ pub(crate) fn parse_roles(
                     "txn" => r.txn = true,
                     "mq" => r.mq = true,
                     "cache" => r.cache = true,
+                    "traces" => r.traces = true,
                     other => {
                         bail!(
-                            "unknown role {other:?}; roles are store, coord, gateway, txn, mq and cache"
+                            "unknown role {other:?}; roles are store, coord, gateway, txn, mq, cache and traces"
                         )
                     }
                 }
@@ -92,8 +103,15 @@ pub(crate) fn parse_roles(
             "the store role runs the embedded store; with --store etcd://... leave it out (--roles coord)"
         );
     }
-    if !r.store && !r.coord && !r.gateway && !r.txn && !r.mq && !r.cache {
-        bail!("no role to run; give --roles with store, coord, gateway, txn, mq and/or cache");
+    if !r.store && !r.coord && !r.gateway && !r.txn && !r.mq && !r.cache && !r.traces {
+        bail!(
+            "no role to run; give --roles with store, coord, gateway, txn, mq, cache and/or traces"
+        );
+    }
+    if r.traces && !otlp_addr {
+        bail!(
+            "the traces role needs --otlp-grpc-addr and/or --otlp-http-addr HOST:PORT (port 0 picks a free one)"
+        );
     }
     if r.cache && !cache_addr {
         bail!("the cache role needs --cache-addr HOST:PORT (port 0 picks a free one)");
@@ -247,6 +265,79 @@ pub(crate) struct FileConfig {
     /// The Redis-compatible cache.
     #[serde(default)]
     pub(crate) cache: CacheFile,
+    /// The built-in trace store.
+    #[serde(default)]
+    pub(crate) traces: TracesFile,
+}
+
+/// `[traces]`: the built-in trace store's settings (its files live in
+/// `<data dir>/traces`).
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TracesFile {
+    /// Bytes of spans kept on disk at most; the oldest go first (default 512 MiB).
+    #[serde(default)]
+    pub(crate) max_bytes: Option<u64>,
+    /// Spans older than this go: `30m`, `24h`, `7d` (default 24h).
+    #[serde(default)]
+    pub(crate) max_age: Option<String>,
+    /// Size of one segment file (default 32 MiB, at most a quarter of max_bytes).
+    #[serde(default)]
+    pub(crate) segment_bytes: Option<u64>,
+    /// fsync spans before acknowledging an export (default: as the store's fsync).
+    #[serde(default)]
+    pub(crate) fsync: Option<bool>,
+    /// Spans waiting to be written at most; exports past it get "unavailable"
+    /// (default 100,000).
+    #[serde(default)]
+    pub(crate) queue_spans: Option<usize>,
+    /// Largest span accepted, encoded (default 256 KiB).
+    #[serde(default)]
+    pub(crate) max_span_bytes: Option<usize>,
+    /// Largest export request (default 4 MiB).
+    #[serde(default)]
+    pub(crate) max_request_bytes: Option<usize>,
+}
+
+impl TracesFile {
+    /// The trace store's settings (`dir` is set by the node).
+    pub(crate) fn config(&self, fsync: bool) -> Result<meshwork_traces::TracesConfig> {
+        let mut c = meshwork_traces::TracesConfig {
+            fsync: self.fsync.unwrap_or(fsync),
+            ..meshwork_traces::TracesConfig::default()
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(
+            max_bytes,
+            segment_bytes,
+            queue_spans,
+            max_span_bytes,
+            max_request_bytes
+        );
+        if let Some(age) = &self.max_age {
+            match parse_retention(age)
+                .with_context(|| format!("[traces] table: max_age {age:?}"))?
+            {
+                Retention::Time(d) if !d.is_zero() => c.max_age = d,
+                _ => bail!(
+                    "[traces] table: max_age {age:?} must be a duration such as 30m, 24h or 7d"
+                ),
+            }
+        }
+        if c.max_bytes < 1 << 20 || c.segment_bytes < 64 << 10 {
+            bail!(
+                "[traces] table: max_bytes must be at least 1 MiB and segment_bytes at least 64 KiB"
+            );
+        }
+        if c.queue_spans == 0 || c.max_span_bytes == 0 || c.max_request_bytes == 0 {
+            bail!(
+                "[traces] table: queue_spans, max_span_bytes and max_request_bytes must be positive"
+            );
+        }
+        Ok(c)
+    }
 }
 
 /// `[cache]`: the Redis-compatible cache's settings.

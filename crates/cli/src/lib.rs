@@ -179,9 +179,10 @@ struct NodeArgs {
     unsafe_no_fsync: bool,
     /// Roles to run, comma-separated: `store` (the embedded etcd-compatible store),
     /// `coord` (registry, config center, locks, election, ids), `gateway` (the API
-    /// gateway), `txn` (the distributed-transaction coordinator) and `mq` (the
-    /// message broker) [default: store,coord,txn,mq, plus gateway when
-    /// --gateway-addr is given].
+    /// gateway), `txn` (the distributed-transaction coordinator), `mq` (the
+    /// message broker), `cache` (the Redis-compatible cache) and `traces` (the
+    /// trace store and its OTLP receivers) [default: store,coord,txn,mq, plus
+    /// gateway, cache and traces when their addresses are given].
     #[arg(long, env = "MESHWORK_ROLES")]
     roles: Option<String>,
     /// Run coordination on an external etcd cluster instead of the embedded store:
@@ -196,6 +197,15 @@ struct NodeArgs {
     /// free port) [up: 127.0.0.1:6479].
     #[arg(long, env = "MESHWORK_CACHE_ADDR")]
     cache_addr: Option<String>,
+    /// OTLP/gRPC listen address of the built-in trace store (enables the traces
+    /// role; port 0 picks a free port) [up: 127.0.0.1:4317].
+    #[arg(long, env = "MESHWORK_OTLP_GRPC_ADDR")]
+    otlp_grpc_addr: Option<String>,
+    /// OTLP/HTTP listen address (`POST /v1/traces`, protobuf or JSON) of the
+    /// built-in trace store (enables the traces role; port 0 picks a free port)
+    /// [up: 127.0.0.1:4318].
+    #[arg(long, env = "MESHWORK_OTLP_HTTP_ADDR")]
+    otlp_http_addr: Option<String>,
     /// Gateway worker threads (one accept loop and runtime each) [default: cores].
     #[arg(long, env = "MESHWORK_GATEWAY_WORKERS")]
     gateway_workers: Option<usize>,
@@ -315,11 +325,24 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         .or(file.server.cache_addr.clone())
         .map(|a| config::parse_addr("cache address", &a))
         .transpose()?;
+    let otlp_grpc_addr = args
+        .otlp_grpc_addr
+        .clone()
+        .or(file.server.otlp_grpc_addr.clone())
+        .map(|a| config::parse_addr("OTLP/gRPC address", &a))
+        .transpose()?;
+    let otlp_http_addr = args
+        .otlp_http_addr
+        .clone()
+        .or(file.server.otlp_http_addr.clone())
+        .map(|a| config::parse_addr("OTLP/HTTP address", &a))
+        .transpose()?;
     let roles = config::parse_roles(
         args.roles.as_deref().or(file.server.roles.as_deref()),
         !external.is_empty(),
         gateway_addr.is_some(),
         cache_addr.is_some(),
+        otlp_grpc_addr.is_some() || otlp_http_addr.is_some(),
     )?;
     let gateway = file.gateway.clone().unwrap_or_default();
     gateway
@@ -343,6 +366,7 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         .unwrap_or_else(|| "127.0.0.1:7070".into());
     let mq = file.mq.config(store.fsync)?;
     let mut cache = file.cache.config()?;
+    let traces = file.traces.config(store.fsync)?;
     Ok(node::NodeConfig {
         name: args
             .name
@@ -364,6 +388,9 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         gateway,
         gateway_workers: args.gateway_workers,
         cache_addr,
+        otlp_grpc_addr,
+        otlp_http_addr,
+        traces,
         console_auth: console_auth(&file.console)?,
         txn: file.txn.options()?,
         mq,
@@ -415,6 +442,12 @@ async fn run_server(args: ServerArgs) -> Result<()> {
     if let Some(c) = running.cache_addr {
         println!("Cache: redis://{c}");
     }
+    if let Some(a) = running.otlp_grpc_addr {
+        println!("OTLP gRPC: {a}");
+    }
+    if let Some(a) = running.otlp_http_addr {
+        println!("OTLP HTTP: http://{a}");
+    }
     let shop = start_demo(&args.node, &running, &external, &data_dir).await?;
     if shop.is_some() {
         println!("Demo: up");
@@ -450,6 +483,10 @@ async fn run_up(args: UpArgs) -> Result<()> {
     if node_args.cache_addr.is_none() {
         node_args.cache_addr = Some("127.0.0.1:6479".into());
     }
+    if node_args.otlp_grpc_addr.is_none() && node_args.otlp_http_addr.is_none() {
+        node_args.otlp_grpc_addr = Some("127.0.0.1:4317".into());
+        node_args.otlp_http_addr = Some("127.0.0.1:4318".into());
+    }
     if temp.is_some() {
         node_args.data_dir = Some(default_dir.clone());
     }
@@ -472,6 +509,12 @@ async fn run_up(args: UpArgs) -> Result<()> {
     }
     if let Some(c) = running.cache_addr {
         println!("Cache: redis://{c}");
+    }
+    if let Some(a) = running.otlp_grpc_addr {
+        println!("OTLP gRPC: {a}");
+    }
+    if let Some(a) = running.otlp_http_addr {
+        println!("OTLP HTTP: http://{a}");
     }
     println!();
     println!("Meshwork is up (single node).");
@@ -509,6 +552,18 @@ async fn run_up(args: UpArgs) -> Result<()> {
             "  cache      redis-cli -p {} set greeting hello;  redis-cli -p {} get greeting",
             c.port(),
             c.port()
+        );
+    }
+    if let Some(a) = running.otlp_http_addr.or(running.otlp_grpc_addr) {
+        let how = match running.otlp_http_addr {
+            Some(h) => format!("OTEL_EXPORTER_OTLP_ENDPOINT=http://{h}"),
+            None => {
+                format!("OTEL_EXPORTER_OTLP_ENDPOINT=http://{a} OTEL_EXPORTER_OTLP_PROTOCOL=grpc")
+            }
+        };
+        println!("  traces     {how}   (any OpenTelemetry SDK)");
+        println!(
+            "               curl 'http://{http}/v1/traces?limit=5';  console http://{http}/ui/traces"
         );
     }
     println!("  API        curl http://{http}/openapi.json");

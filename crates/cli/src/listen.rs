@@ -54,6 +54,11 @@ pub(crate) struct ListenConfig {
     /// Host names (besides loopback names and IP addresses) the HTTP port
     /// answers to, and whose pages may write through it; `"*"` allows any.
     pub(crate) allowed_hosts: Vec<String>,
+    /// A data-ingest port (OTLP/HTTP), not the API: any Host is answered and
+    /// bodies are not required to be JSON (the handler checks its own media
+    /// types). Set by the node, never by the file.
+    #[serde(skip)]
+    pub(crate) ingest: bool,
 }
 
 impl Default for ListenConfig {
@@ -68,6 +73,7 @@ impl Default for ListenConfig {
             max_body_bytes: 2 * 1024 * 1024,
             shutdown_grace_ms: 10_000,
             allowed_hosts: Vec::new(),
+            ingest: false,
         }
     }
 }
@@ -478,6 +484,9 @@ fn check_request(req: &Request<Incoming>, cfg: &ListenConfig) -> Result<(), Refu
     }
     if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
         return Err(Refusal::TwoHosts);
+    }
+    if cfg.ingest {
+        return Ok(());
     }
     let authority = req
         .uri()

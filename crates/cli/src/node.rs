@@ -43,6 +43,12 @@ pub(crate) struct NodeConfig {
     pub(crate) cache_addr: Option<SocketAddr>,
     /// The cache's settings.
     pub(crate) cache: meshwork_cache::CacheConfig,
+    /// The trace store's OTLP/gRPC address (the traces role).
+    pub(crate) otlp_grpc_addr: Option<SocketAddr>,
+    /// The trace store's OTLP/HTTP address (the traces role).
+    pub(crate) otlp_http_addr: Option<SocketAddr>,
+    /// The trace store's settings (its files live in `data_dir/traces`).
+    pub(crate) traces: meshwork_traces::TracesConfig,
 }
 
 /// A node that is up: its bound addresses, and how to stop it.
@@ -56,6 +62,11 @@ pub(crate) struct Running {
     pub(crate) gateway_addr: Option<SocketAddr>,
     /// The cache's RESP address, when the cache role runs.
     pub(crate) cache_addr: Option<SocketAddr>,
+    /// The trace store's OTLP/gRPC address, when the traces role runs.
+    pub(crate) otlp_grpc_addr: Option<SocketAddr>,
+    /// The trace store's OTLP/HTTP address, when the traces role runs.
+    pub(crate) otlp_http_addr: Option<SocketAddr>,
+    traces: Option<meshwork_traces::TraceStore>,
     store: Option<Store>,
     coord: Option<Coord>,
     gateway: Option<meshwork_gateway::GatewayRole>,
@@ -89,6 +100,9 @@ impl Running {
         }
         if let Some(c) = self.cache {
             let _ = tokio::task::spawn_blocking(move || c.stop()).await;
+        }
+        if let Some(t) = self.traces {
+            let _ = tokio::task::spawn_blocking(move || t.close()).await;
         }
         if let Some(b) = self.mq {
             // Waits for the committer to finish what is queued.
@@ -205,6 +219,25 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             .extra_roles
             .push(meshwork_txn::role::TXN_ROLE.to_string());
     }
+    // The trace store also listens before the node joins.
+    let traces = if cfg.roles.traces {
+        Some(start_traces(&cfg, &stop_rx, &mut tasks).await?)
+    } else {
+        None
+    };
+    if let Some(t) = &traces {
+        coord_opts.extra_roles.push("traces".to_string());
+        if let Some(a) = t.grpc {
+            coord_opts
+                .endpoints
+                .insert("otlp-grpc".to_string(), a.to_string());
+        }
+        if let Some(a) = t.http {
+            coord_opts
+                .endpoints
+                .insert("otlp-http".to_string(), a.to_string());
+        }
+    }
     if std::fs::create_dir_all(&cfg.data_dir).is_ok() {
         coord_opts.session_file = Some(cfg.data_dir.join("coord-session"));
     }
@@ -263,6 +296,9 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         None
     };
     let mut app = http::router(state);
+    if let Some(t) = &traces {
+        app = app.merge(meshwork_traces::api::router(t.store.clone()));
+    }
     if let Some(t) = &txn {
         app = app.merge(meshwork_txn::api::router(t.clone()));
     }
@@ -307,6 +343,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             meshwork_console::OPENAPI,
             meshwork_txn::OPENAPI,
             meshwork_mq::OPENAPI,
+            meshwork_traces::OPENAPI,
         ])?;
         app = app
             .merge(meshwork_gateway::role::routes_router(
@@ -352,6 +389,9 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         gateway_addr: gateway.as_ref().map(|g| g.addr),
         cache_addr: cache_addr.as_ref().map(|c| c.addr),
         cache: cache_addr,
+        otlp_grpc_addr: traces.as_ref().and_then(|t| t.grpc),
+        otlp_http_addr: traces.as_ref().and_then(|t| t.http),
+        traces: traces.map(|t| t.store),
         stop,
         tasks,
         store,
@@ -360,6 +400,73 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         txn,
         mq,
     })
+}
+
+/// The trace store and the addresses its receivers bound.
+struct Traces {
+    store: meshwork_traces::TraceStore,
+    grpc: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+}
+
+/// Opens the trace store in `data_dir/traces` and serves OTLP/gRPC and
+/// OTLP/HTTP on the configured addresses.
+async fn start_traces(
+    cfg: &NodeConfig,
+    stop_rx: &watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<Traces> {
+    let grpc_listener = match cfg.otlp_grpc_addr {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the OTLP/gRPC address {a}"))?,
+        ),
+        None => None,
+    };
+    let http_listener = match cfg.otlp_http_addr {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the OTLP/HTTP address {a}"))?,
+        ),
+        None => None,
+    };
+    let mut tc = cfg.traces.clone();
+    tc.dir = cfg.data_dir.join("traces");
+    let dir = tc.dir.clone();
+    let store = tokio::task::spawn_blocking(move || meshwork_traces::TraceStore::open(tc))
+        .await
+        .context("opening the trace store")?
+        .with_context(|| format!("opening the trace store in {}", dir.display()))?;
+    let mut out = Traces {
+        store: store.clone(),
+        grpc: None,
+        http: None,
+    };
+    if let Some(l) = grpc_listener {
+        out.grpc = Some(l.local_addr()?);
+        let (s, rx) = (store.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = meshwork_traces::serve_grpc(l, s, stopped(rx)).await {
+                tracing::error!(error = %e, "OTLP/gRPC server failed");
+            }
+        }));
+    }
+    if let Some(l) = http_listener {
+        out.http = Some(l.local_addr()?);
+        let app = meshwork_traces::otlp::http_router(store.clone());
+        let mut listen = cfg.listen.clone();
+        listen.ingest = true;
+        listen.max_body_bytes = cfg.traces.max_request_bytes;
+        let rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::listen::serve(l, app, listen, stopped(rx)).await {
+                tracing::error!(error = %e, "OTLP/HTTP server failed");
+            }
+        }));
+    }
+    Ok(out)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

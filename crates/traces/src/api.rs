@@ -22,6 +22,15 @@ pub const MAX_LIMIT: usize = 1000;
 /// Traces the dependency graph looks at, at most (the newest in the window).
 pub const MAX_GRAPH_TRACES: usize = 10_000;
 
+/// The routes [`router`] serves, as (method, path) pairs.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/v1/traces"),
+    ("get", "/v1/traces/{trace_id}"),
+    ("get", "/v1/traces/services"),
+    ("get", "/v1/traces/dependencies"),
+    ("get", "/v1/traces/stats"),
+];
+
 /// The query API's routes.
 pub fn router(store: TraceStore) -> Router {
     Router::new()

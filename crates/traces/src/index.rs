@@ -123,7 +123,10 @@ impl Names {
     }
 
     fn get(&self, id: u32) -> &str {
-        self.names.get(id as usize).map(String::as_str).unwrap_or("")
+        self.names
+            .get(id as usize)
+            .map(String::as_str)
+            .unwrap_or("")
     }
 }
 
@@ -181,7 +184,10 @@ impl Index {
             }
             self.by_start.insert((t.start_ns, m.trace_id), ());
         }
-        self.seg_traces.entry(loc.seg).or_default().insert(m.trace_id);
+        self.seg_traces
+            .entry(loc.seg)
+            .or_default()
+            .insert(m.trace_id);
         self.spans += 1;
     }
 
@@ -293,38 +299,42 @@ impl Index {
         } else {
             Some(self.by_start.range((lo, [0; 16])..=(hi, [0xff; 16])))
         };
-        range.into_iter().flatten().rev().filter_map(move |((_, id), _)| {
-            let t = self.traces.get(id)?;
-            if !attr_hashes.iter().all(|h| t.attrs.binary_search(h).is_ok()) {
-                return None;
-            }
-            match q.error {
-                Some(true) if !t.spans.iter().any(|s| s.error) => return None,
-                Some(false) if t.spans.iter().any(|s| s.error) => return None,
-                _ => {}
-            }
-            let mut needs_disk = !attr_hashes.is_empty();
-            let any = t.spans.iter().any(|s| {
-                if service.is_some_and(|sv| sv != s.service) {
-                    return false;
+        range
+            .into_iter()
+            .flatten()
+            .rev()
+            .filter_map(move |((_, id), _)| {
+                let t = self.traces.get(id)?;
+                if !attr_hashes.iter().all(|h| t.attrs.binary_search(h).is_ok()) {
+                    return None;
                 }
-                if q.min_duration_ns.is_some_and(|m| s.dur_ns < m) {
-                    return false;
+                match q.error {
+                    Some(true) if !t.spans.iter().any(|s| s.error) => return None,
+                    Some(false) if t.spans.iter().any(|s| s.error) => return None,
+                    _ => {}
                 }
-                if q.max_duration_ns.is_some_and(|m| s.dur_ns > m) {
-                    return false;
-                }
-                if q.operation.is_some() {
-                    match op_id {
-                        Some(o) if o == s.op => {}
-                        _ if s.op == OTHER_OP => needs_disk = true,
-                        _ => return false,
+                let mut needs_disk = !attr_hashes.is_empty();
+                let any = t.spans.iter().any(|s| {
+                    if service.is_some_and(|sv| sv != s.service) {
+                        return false;
                     }
-                }
-                true
-            });
-            any.then_some((*id, t, needs_disk))
-        })
+                    if q.min_duration_ns.is_some_and(|m| s.dur_ns < m) {
+                        return false;
+                    }
+                    if q.max_duration_ns.is_some_and(|m| s.dur_ns > m) {
+                        return false;
+                    }
+                    if q.operation.is_some() {
+                        match op_id {
+                            Some(o) if o == s.op => {}
+                            _ if s.op == OTHER_OP => needs_disk = true,
+                            _ => return false,
+                        }
+                    }
+                    true
+                });
+                any.then_some((*id, t, needs_disk))
+            })
     }
 
     /// The summary of a trace.
@@ -428,7 +438,11 @@ mod tests {
     }
 
     fn loc(seg: u32) -> Loc {
-        Loc { seg, off: 0, len: 1 }
+        Loc {
+            seg,
+            off: 0,
+            len: 1,
+        }
     }
 
     #[test]
@@ -473,7 +487,10 @@ mod tests {
             }]
         );
         let s = ix.summary(&[1; 16], ix.trace(&[1; 16]).expect("trace 1"));
-        assert_eq!((s.root_service.as_str(), s.root_operation.as_str()), ("gw", "GET /a"));
+        assert_eq!(
+            (s.root_service.as_str(), s.root_operation.as_str()),
+            ("gw", "GET /a")
+        );
         assert_eq!((s.spans, s.errors), (2, 1));
         assert_eq!(ix.drop_segment(1), 2);
         assert_eq!((ix.span_count(), ix.trace_count()), (1, 1));

@@ -159,9 +159,18 @@ async fn export_http(State(store): State<TraceStore>, headers: HeaderMap, body: 
             let resp = ExportTraceServiceResponse {
                 partial_success: partial(&i),
             };
-            let body = match enc {
-                Encoding::Protobuf => resp.encode_to_vec(),
-                Encoding::Json => serde_json::to_vec(&resp).unwrap_or_else(|_| b"{}".to_vec()),
+            let body = match (enc, &resp.partial_success) {
+                (Encoding::Protobuf, _) => resp.encode_to_vec(),
+                (Encoding::Json, None) => b"{}".to_vec(),
+                // proto3 JSON writes int64 as a string.
+                (Encoding::Json, Some(p)) => serde_json::json!({
+                    "partialSuccess": {
+                        "rejectedSpans": p.rejected_spans.to_string(),
+                        "errorMessage": p.error_message,
+                    }
+                })
+                .to_string()
+                .into_bytes(),
             };
             let mut r = (StatusCode::OK, body).into_response();
             r.headers_mut().insert(

@@ -367,7 +367,9 @@ impl TraceStore {
         let mut buf = vec![0; loc.len as usize];
         file.read_exact_at(&mut buf, u64::from(loc.off))
             .map_err(|source| TraceError::Io {
-                path: seg_path(&self.shared.cfg.dir, loc.seg).display().to_string(),
+                path: seg_path(&self.shared.cfg.dir, loc.seg)
+                    .display()
+                    .to_string(),
                 source,
             })?;
         Ok(model::decode(&buf))
@@ -482,8 +484,8 @@ fn recover(
     }
     let mut off = HEADER;
     while off + 8 <= data.len() {
-        let len = u32::from_le_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]])
-            as usize;
+        let len =
+            u32::from_le_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]]) as usize;
         let crc = u32::from_le_bytes([data[off + 4], data[off + 5], data[off + 6], data[off + 7]]);
         let start = off + 8;
         let Some(payload) = data.get(start..start + len) else {
@@ -716,12 +718,14 @@ fn retain(shared: &Shared) -> Result<(), TraceError> {
         };
         let dropped = shared.index.write().drop_segment(victim);
         shared.segments.write().remove(&victim);
-        shared
-            .expired
-            .fetch_add(dropped as u64, Ordering::Relaxed);
+        shared.expired.fetch_add(dropped as u64, Ordering::Relaxed);
         metrics::counter!("meshwork_traces_spans_expired_total").increment(dropped as u64);
         let path = seg_path(&cfg.dir, victim);
         fs::remove_file(&path).map_err(io(&path))?;
-        tracing::debug!(segment = victim, spans = dropped, "trace segment removed by retention");
+        tracing::debug!(
+            segment = victim,
+            spans = dropped,
+            "trace segment removed by retention"
+        );
     }
 }
