@@ -61,6 +61,10 @@ pub struct Server {
     pub gateway: Option<String>,
     /// The cache's RESP address, when started with `--cache-addr`.
     pub cache: Option<String>,
+    /// The trace store's OTLP/gRPC address, when started with `--otlp-grpc-addr`.
+    pub otlp_grpc: Option<String>,
+    /// The trace store's OTLP/HTTP address, when started with `--otlp-http-addr`.
+    pub otlp_http: Option<String>,
 }
 
 /// Starts `meshwork server` on free ports (`--roles store` unless `extra`
@@ -143,6 +147,22 @@ fn start_cmd(mut cmd: Command, data_dir: &Path, extra: &[&str], envs: &[(&str, &
             .trim_start_matches("Cache: redis://")
             .to_string()
     });
+    let otlp_grpc = extra.contains(&"--otlp-grpc-addr").then(|| {
+        lines
+            .next()
+            .expect("the OTLP/gRPC line")
+            .unwrap()
+            .trim_start_matches("OTLP gRPC: ")
+            .to_string()
+    });
+    let otlp_http = extra.contains(&"--otlp-http-addr").then(|| {
+        lines
+            .next()
+            .expect("the OTLP/HTTP line")
+            .unwrap()
+            .trim_start_matches("OTLP HTTP: http://")
+            .to_string()
+    });
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     meshwork_testkit::blocking::until(
@@ -156,6 +176,8 @@ fn start_cmd(mut cmd: Command, data_dir: &Path, extra: &[&str], envs: &[(&str, &
         http,
         gateway,
         cache,
+        otlp_grpc,
+        otlp_http,
     }
 }
 
