@@ -117,3 +117,218 @@ fn the_traces_role_needs_an_address_and_is_documented() {
     let doc = get(&n.http, "/openapi.json");
     assert_eq!(doc["paths"]["/v1/traces"]["x-meshwork-role"], "traces");
 }
+
+/// An upstream that answers 200 on `/ok` and 503 elsewhere, and keeps the
+/// `traceparent` of every request it got.
+fn upstream(seen: std::sync::Arc<parking_lot::Mutex<Vec<String>>>) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            let app = axum::Router::new().fallback(
+                move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
+                    let seen = seen.clone();
+                    async move {
+                        if let Some(tp) = headers.get("traceparent") {
+                            seen.lock().push(tp.to_str().unwrap().to_string());
+                        }
+                        if uri.path().ends_with("/ok") {
+                            (axum::http::StatusCode::OK, "fine")
+                        } else {
+                            (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down")
+                        }
+                    }
+                },
+            );
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    port
+}
+
+/// The gateway sends a server span per request and a client span per
+/// upstream try into the node's trace store: the server span continues the
+/// caller's `traceparent`, each try is its child and the upstream's parent,
+/// and a retried 503 shows as two failed tries with their attempt numbers.
+#[test]
+fn the_gateway_records_a_server_span_and_a_client_span_per_try() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = meshwork_tests::start(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,gateway,traces",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--otlp-grpc-addr",
+            "127.0.0.1:0",
+        ],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    let (h, gw) = (n.http.as_str(), n.gateway.clone().unwrap());
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    // Two instances, so that the retry has another endpoint to go to.
+    let ports = [upstream(seen.clone()), upstream(seen.clone())];
+    for port in ports {
+        let (ok, _, err) = meshwork_tests::meshwork_http(
+            h,
+            &[
+                "svc",
+                "register",
+                "web",
+                "--address",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--persistent",
+            ],
+        );
+        assert!(ok, "{err}");
+    }
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        "[[routes]]\nname = \"web\"\n[routes.match]\npath = { prefix = \"/api\" }\n[routes.forward]\nservice = \"web\"\nretry = { max_attempts = 2, initial_backoff_ms = 1, max_backoff_ms = 1 }\n",
+    )
+    .unwrap();
+    let (ok, _, err) =
+        meshwork_tests::meshwork_http(h, &["gateway", "apply", "-f", routes.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    meshwork_testkit::blocking::until(
+        "the route to go live",
+        std::time::Duration::from_secs(10),
+        || http::get(&gw, "/api/ok").is_ok_and(|(c, _)| c == 200),
+    );
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    for path in ["/api/ok", "/api/fail"] {
+        let (status, _) = http::raw(
+            &gw,
+            &format!("GET {path} HTTP/1.1\r\nHost: {gw}\r\ntraceparent: 00-{trace_id}-{caller}-01"),
+            "",
+        )
+        .unwrap();
+        assert_eq!(status, if path == "/api/ok" { 200 } else { 503 });
+    }
+    // Two traces' worth of spans under one trace id: 2 server spans, 1 + 2 tries.
+    let mut spans = Vec::new();
+    meshwork_testkit::blocking::until(
+        "the gateway's spans",
+        std::time::Duration::from_secs(10),
+        || {
+            let (code, body) = http::get(h, &format!("/v1/traces/{trace_id}")).unwrap();
+            if code != 200 {
+                return false;
+            }
+            let t: Value = serde_json::from_str(&body).unwrap();
+            spans = t["spans"].as_array().unwrap().clone();
+            spans.len() == 5
+        },
+    );
+    let servers: Vec<&Value> = spans.iter().filter(|s| s["kind"] == "server").collect();
+    let clients: Vec<&Value> = spans.iter().filter(|s| s["kind"] == "client").collect();
+    assert_eq!((servers.len(), clients.len()), (2, 3), "{spans:#?}");
+    for s in &servers {
+        assert_eq!(s["service"], "gateway");
+        assert_eq!(s["parent_span_id"], caller);
+        assert_eq!(s["name"], "GET web");
+        assert_eq!(s["attributes"]["meshwork.route"], "web");
+    }
+    let failed = servers
+        .iter()
+        .find(|s| s["attributes"]["url.path"] == "/api/fail")
+        .unwrap();
+    assert_eq!(failed["status"]["code"], "error");
+    assert_eq!(failed["attributes"]["http.response.status_code"], 503);
+    let tries: Vec<&&Value> = clients
+        .iter()
+        .filter(|c| c["parent_span_id"] == failed["span_id"])
+        .collect();
+    assert_eq!(tries.len(), 2, "{spans:#?}");
+    let mut attempts: Vec<i64> = tries
+        .iter()
+        .map(|c| c["attributes"]["meshwork.attempt"].as_i64().unwrap())
+        .collect();
+    attempts.sort();
+    assert_eq!(attempts, [1, 2]);
+    assert!(tries.iter().all(|c| {
+        c["status"]["code"] == "error"
+            && c["attributes"]["http.response.status_code"] == 503
+            && ports
+                .iter()
+                .any(|p| c["attributes"]["server.port"] == i64::from(*p))
+    }));
+    // The upstream's parent is the try's span.
+    let seen = seen.lock().clone();
+    for c in &clients {
+        let want = format!("00-{trace_id}-{}-01", c["span_id"].as_str().unwrap());
+        assert!(seen.contains(&want), "{want} not in {seen:?}");
+    }
+    // The graph has no edge yet (the upstream sends no spans), and the search finds
+    // the failed request by its status.
+    let found = get(
+        h,
+        "/v1/traces?service=gateway&attr=http.response.status_code=503",
+    );
+    assert_eq!(found["traces"][0]["trace_id"], trace_id);
+}
+
+/// `--otlp-endpoint` (HTTP/protobuf, the default protocol) and the standard
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` + `OTEL_EXPORTER_OTLP_PROTOCOL=grpc` send the
+/// gateway's spans to another collector — here a second node's trace store.
+#[test]
+fn spans_go_to_the_configured_otlp_collector() {
+    let collector_dir = tempfile::tempdir().unwrap();
+    let collector = node(collector_dir.path());
+    let grpc = collector.otlp_grpc.clone().unwrap();
+    let http_ep = collector.otlp_http.clone().unwrap();
+    let http_flag = format!("http://{http_ep}");
+    let grpc_env = format!("http://{grpc}");
+    for (i, (extra, envs)) in [
+        (vec!["--otlp-endpoint", http_flag.as_str()], vec![]),
+        (
+            vec![],
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", grpc_env.as_str()),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec![
+            "--roles",
+            "store,coord,gateway",
+            "--gateway-addr",
+            "127.0.0.1:0",
+        ];
+        args.extend(extra);
+        let mut envs = envs;
+        envs.push(("OTEL_BSP_SCHEDULE_DELAY", "100"));
+        envs.push((
+            "OTEL_SERVICE_NAME",
+            if i == 0 { "edge-http" } else { "edge-grpc" },
+        ));
+        let n = meshwork_tests::start(dir.path(), &args, &envs);
+        // No route: a 404 from the gateway itself, still one server span.
+        let (status, _) = http::get(n.gateway.as_ref().unwrap(), "/nowhere").unwrap();
+        assert_eq!(status, 404);
+        let service = if i == 0 { "edge-http" } else { "edge-grpc" };
+        meshwork_testkit::blocking::until(
+            "the span at the collector",
+            std::time::Duration::from_secs(10),
+            || {
+                let v = get(&collector.http, &format!("/v1/traces?service={service}"));
+                v["traces"].as_array().is_some_and(|t| t.len() == 1)
+            },
+        );
+    }
+}

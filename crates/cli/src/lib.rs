@@ -206,6 +206,12 @@ struct NodeArgs {
     /// [up: 127.0.0.1:4318].
     #[arg(long, env = "MESHWORK_OTLP_HTTP_ADDR")]
     otlp_http_addr: Option<String>,
+    /// Send this node's spans (the gateway's) to this OTLP collector,
+    /// `http://HOST:PORT`, instead of the built-in trace store; the protocol is
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the default, or `grpc`).
+    /// Without it, `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` is used when set.
+    #[arg(long, env = "MESHWORK_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Gateway worker threads (one accept loop and runtime each) [default: cores].
     #[arg(long, env = "MESHWORK_GATEWAY_WORKERS")]
     gateway_workers: Option<usize>,
@@ -390,6 +396,9 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         cache_addr,
         otlp_grpc_addr,
         otlp_http_addr,
+        otlp_endpoint: meshwork_telemetry::export::Endpoint::from_env(
+            args.otlp_endpoint.as_deref(),
+        )?,
         traces,
         console_auth: console_auth(&file.console)?,
         txn: file.txn.options()?,

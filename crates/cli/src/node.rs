@@ -49,6 +49,8 @@ pub(crate) struct NodeConfig {
     pub(crate) otlp_http_addr: Option<SocketAddr>,
     /// The trace store's settings (its files live in `data_dir/traces`).
     pub(crate) traces: meshwork_traces::TracesConfig,
+    /// Where this node's spans go instead of its own trace store.
+    pub(crate) otlp_endpoint: Option<meshwork_telemetry::export::Endpoint>,
 }
 
 /// A node that is up: its bound addresses, and how to stop it.
@@ -276,6 +278,10 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         )?),
         _ => None,
     };
+    if let Some(g) = &gateway {
+        g.gateway
+            .set_tracer(tracer(&cfg, traces.as_ref().map(|t| &t.store), "gateway"));
+    }
     let txn = match (&coord, cfg.roles.txn) {
         (Some(c), true) => Some(meshwork_txn::role::TxnRole::start_with(c, cfg.txn.clone())),
         _ => None,
@@ -400,6 +406,37 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         txn,
         mq,
     })
+}
+
+/// The span exporter of this node's component `service`: to the configured
+/// OTLP endpoint, else into this node's trace store, else none.
+fn tracer(
+    cfg: &NodeConfig,
+    store: Option<&meshwork_traces::TraceStore>,
+    service: &str,
+) -> meshwork_telemetry::export::Tracer {
+    use meshwork_telemetry::export::{ExportConfig, Sink, Tracer};
+    let mut ec = ExportConfig::from_env(service);
+    ec.resource
+        .push(("meshwork.node".to_string(), cfg.name.clone()));
+    if let Some(ep) = &cfg.otlp_endpoint {
+        tracing::info!(endpoint = %ep.url, protocol = ?ep.protocol, service, "exporting spans over OTLP");
+        return Tracer::start(ec, ep.sink());
+    }
+    let Some(store) = store.cloned() else {
+        return Tracer::disabled();
+    };
+    let sink: Sink = Arc::new(move |req| {
+        let store = store.clone();
+        Box::pin(async move {
+            store
+                .ingest(req)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    });
+    Tracer::start(ec, sink)
 }
 
 /// The trace store and the addresses its receivers bound.

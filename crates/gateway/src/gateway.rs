@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) via: crate::headers::ViaValues,
     pub(crate) stats: GatewayStats,
     pub(crate) m_active_connections: metrics::Gauge,
+    /// Where the request and upstream-call spans go (unset: nowhere).
+    pub(crate) tracer: std::sync::OnceLock<meshwork_telemetry::export::Tracer>,
 }
 
 /// A running gateway's state; cheap to clone (an `Arc`).
@@ -159,8 +161,15 @@ impl Gateway {
                 via,
                 stats: GatewayStats::default(),
                 m_active_connections: metrics::gauge!("meshwork_gateway_active_connections"),
+                tracer: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Sends a server span per request and a client span per upstream try to
+    /// `tracer` from now on (once; a second call changes nothing).
+    pub fn set_tracer(&self, tracer: meshwork_telemetry::export::Tracer) {
+        let _ = self.shared.tracer.set(tracer);
     }
 
     /// The configuration in force.

@@ -1,7 +1,10 @@
 //! Telemetry shared by every Meshwork component that handles requests: the
 //! W3C trace context ([`TraceContext`]) the gateway starts or continues and
-//! the SDK carries from an inbound request to the calls it makes.
+//! the SDK carries from an inbound request to the calls it makes, and the
+//! span exporter ([`export::Tracer`]) that sends finished spans over OTLP or
+//! into the node's trace store.
 
+pub mod export;
 mod trace;
 
 pub use trace::{TraceContext, hex};

@@ -97,6 +97,11 @@ impl TraceContext {
         }
     }
 
+    /// Whether the trace is sampled (the `traceparent` flags' low bit).
+    pub fn sampled(&self) -> bool {
+        u8::from_str_radix(&self.flags, 16).is_ok_and(|f| f & 1 == 1)
+    }
+
     /// The `traceparent` value to send on (this span as the parent).
     pub fn traceparent(&self) -> String {
         format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)

@@ -74,6 +74,48 @@ pub(super) async fn call_upstream(
     })
 }
 
+/// One try's client span: the endpoint, the attempt number, whether it was
+/// the endpoint's trial after an ejection (the breaker's half-open probe),
+/// and how it ended (an error for a failure or a 4xx/5xx answer).
+fn client_span(
+    ctx: &meshwork_telemetry::TraceContext,
+    wall: std::time::SystemTime,
+    method: &Method,
+    picked: &Picked,
+    attempt: u32,
+    end: &TryEnd,
+) -> meshwork_telemetry::export::SpanRecord {
+    use meshwork_telemetry::export::{Kind, SpanRecord};
+    let mut s = SpanRecord::new(ctx, method.as_str(), Kind::Client, wall)
+        .attr("http.request.method", method.as_str())
+        .attr("server.address", picked.addr.ip().to_string())
+        .attr("server.port", picked.addr.port())
+        .attr("meshwork.attempt", attempt);
+    if attempt > 1 {
+        s = s.attr("http.request.resend_count", attempt - 1);
+    }
+    if picked.trial {
+        s = s.attr("meshwork.breaker.trial", true);
+    }
+    match end {
+        TryEnd::Answered(r) => {
+            let status = r.status().as_u16();
+            s = s.attr("http.response.status_code", status);
+            if status >= 400 {
+                s = s.failed(format!("HTTP {status}"));
+            }
+            s
+        }
+        TryEnd::Failed(Some(e)) => s.attr("error.type", "upstream_error").failed(e.to_string()),
+        TryEnd::Failed(None) => s
+            .attr("error.type", "timeout")
+            .failed("no answer within the try's time"),
+        TryEnd::ClientFault(_) => s
+            .attr("error.type", "client_body")
+            .failed("the client's request body failed"),
+    }
+}
+
 /// How one try ended. Only what the upstream did counts against it.
 enum TryEnd {
     /// The upstream answered (any status).
@@ -297,7 +339,7 @@ impl<'a> Tries<'a> {
                 .per_try
                 .min(self.deadline.saturating_duration_since(Instant::now()));
             let end = self
-                .send(cx, &picked, last, this_try, plan.failure_statuses)
+                .send(cx, &picked, last, this_try, plan.failure_statuses, attempt)
                 .await?;
             log_end(cx, route, &picked, attempt, &end, this_try);
             if !last && let Some(backoff) = self.retry_wait(&end, plan, rt, picked.trial, attempt) {
@@ -320,6 +362,7 @@ impl<'a> Tries<'a> {
         last: bool,
         this_try: Duration,
         statuses: StatusSet,
+        attempt: u32,
     ) -> Result<TryEnd, GatewayError> {
         let uri = self.head.uri(&picked.authority).map_err(|_| {
             GatewayError::new(ErrorCode::BadRequest, "cannot build the upstream URI")
@@ -334,6 +377,12 @@ impl<'a> Tries<'a> {
         } else {
             self.head.headers.clone()
         };
+        // With tracing on, each try is a client span: the upstream's parent.
+        let tracer = cx.sh.tracer.get().filter(|t| t.enabled());
+        let span = tracer.map(|_| (cx.trace.child(), std::time::SystemTime::now()));
+        if let Some((ctx, _)) = &span {
+            ctx.apply(up.headers_mut());
+        }
         let guard = TryGuard::start(picked);
         let res = tokio::time::timeout(
             this_try,
@@ -356,6 +405,16 @@ impl<'a> Tries<'a> {
             Ok(Err(e)) => TryEnd::Failed(Some(e)),
             Err(_) => TryEnd::Failed(None),
         };
+        if let (Some(t), Some((ctx, wall))) = (tracer, span) {
+            t.record(client_span(
+                &ctx,
+                wall,
+                &self.head.method,
+                picked,
+                attempt,
+                &end,
+            ));
+        }
         let outcome = end.outcome(&statuses);
         if outcome == Outcome::Failure {
             picked.stats.failures.fetch_add(1, Ordering::Relaxed);

@@ -31,6 +31,7 @@ use crate::framing::FramingFault;
 use crate::gateway::{Clients, Shared};
 use crate::headers::{self, TraceContext};
 use crate::table::Route;
+use meshwork_telemetry::export::{Kind, SpanRecord};
 
 /// What the accepting side knows about a connection.
 #[derive(Debug, Clone)]
@@ -82,6 +83,10 @@ where
     let version = req.version();
     let mut out = RequestLog::default();
     let trace = TraceContext::from_headers(req.headers());
+    let tracer = sh.tracer.get().filter(|t| t.enabled()).cloned();
+    let traced = tracer
+        .as_ref()
+        .map(|_| (std::time::SystemTime::now(), req.uri().path().to_string()));
     // One span per request, carrying the W3C ids (an OpenTelemetry layer on
     // the subscriber can export it); free when no subscriber wants it.
     let span = tracing::info_span!(
@@ -117,6 +122,11 @@ where
     if let Some(r) = &out.route {
         r.stats.record(status, elapsed.as_secs_f64());
     }
+    if let (Some(t), Some((wall, path))) = (&tracer, traced) {
+        t.record(server_span(
+            &trace, wall, path, &method, status, &conn, &rid, &out,
+        ));
+    }
     if sh.cfg.access_log {
         tracing::info!(
             target: "meshwork_gateway::access",
@@ -136,6 +146,42 @@ where
         );
     }
     resp
+}
+
+/// The request's server span: HTTP semantic conventions, plus the route and
+/// the upstream that answered; an error for a gateway error or a 5xx.
+#[allow(clippy::too_many_arguments)]
+fn server_span(
+    trace: &TraceContext,
+    wall: std::time::SystemTime,
+    path: String,
+    method: &http::Method,
+    status: u16,
+    conn: &ConnInfo,
+    rid: &HeaderValue,
+    out: &RequestLog,
+) -> SpanRecord {
+    let name = match &out.route {
+        Some(r) => format!("{method} {}", r.plan.name),
+        None => method.to_string(),
+    };
+    let mut s = SpanRecord::new(trace, name, Kind::Server, wall)
+        .attr("http.request.method", method.as_str())
+        .attr("url.path", path)
+        .attr("http.response.status_code", status)
+        .attr("client.address", conn.peer.ip().to_string())
+        .attr("meshwork.request_id", rid.to_str().unwrap_or(""));
+    if let Some(r) = &out.route {
+        s = s.attr("meshwork.route", r.plan.name.as_str());
+    }
+    if let Some(u) = out.upstream {
+        s = s.attr("meshwork.upstream", u.to_string());
+    }
+    match out.error {
+        Some(e) => s.attr("error.type", e).failed(e),
+        None if status >= 500 => s.failed(format!("HTTP {status}")),
+        None => s,
+    }
 }
 
 /// Answers a request whose head the framing tracker refused (both
