@@ -840,3 +840,151 @@ fn resp_get(addr: &str, key: &str) -> String {
         .map(|(_, rest)| rest.trim_end_matches("\r\n").to_string())
         .unwrap_or_default()
 }
+
+/// The spans of trace `id` once every span named in `last` is in the node's
+/// trace store (and every span has its parent there, but the caller's).
+fn trace_spans(http: &str, id: &str, last: &[&str], caller: &str) -> Vec<Value> {
+    let mut spans = Vec::new();
+    until("the order's spans in the trace store", WAIT, || {
+        let (s, v) = get(http, &format!("/v1/traces/{id}"));
+        spans = v["spans"].as_array().cloned().unwrap_or_default();
+        let ids: std::collections::HashSet<&str> =
+            spans.iter().filter_map(|s| s["span_id"].as_str()).collect();
+        s == 200
+            && last.iter().all(|n| spans.iter().any(|s| s["name"] == *n))
+            && spans.iter().all(|s| {
+                s["parent_span_id"]
+                    .as_str()
+                    .is_some_and(|p| p == caller || ids.contains(p))
+            })
+    });
+    spans
+}
+
+/// One order is one trace: from the gateway through the order service, the
+/// transaction coordinator and its calls to inventory and payment, every
+/// span's parent in the trace; a declined card shows as the failed call to
+/// payment.
+#[test]
+fn an_order_is_one_trace_from_the_gateway_to_payment() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,gateway,txn,mq,traces",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+            "--demo",
+        ],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    let gw = node.gateway.clone().unwrap();
+    let http = node.http.clone();
+    until("the shop behind the gateway", WAIT, || {
+        get(&gw, "/api/products").0 == 200
+            && instance(&http, "order").is_some()
+            && instance(&http, "payment").is_some()
+    });
+    let caller = "00f067aa0ba902b7";
+    for (trace, account, want) in [
+        ("4bf92f3577b34da6a3ce929d0e0e4736", "acct-1", 201),
+        ("5bf92f3577b34da6a3ce929d0e0e4737", "acct-poor", 402),
+    ] {
+        let tp = format!("00-{trace}-{caller}-01");
+        let (s, _, v) = request(
+            &gw,
+            "POST",
+            "/api/orders",
+            &[("x-customer", "tracy"), ("traceparent", &tp)],
+            r#"{"sku":"sku-cable","qty":1,"account":"ACCOUNT"}"#
+                .replace("ACCOUNT", account)
+                .as_str(),
+        );
+        assert_eq!(s, want, "{v}");
+        // gateway (server, client), order (server, price call, txn calls),
+        // coordinator (server, branch calls), inventory and payment (servers).
+        let last: &[&str] = if want == 201 {
+            &[
+                "POST /charges/{order_id}/capture",
+                "POST /reservations/{order_id}/commit",
+            ]
+        } else {
+            &["POST /reservations/{order_id}/release", "POST /charges"]
+        };
+        let spans = trace_spans(&http, trace, last, caller);
+        let ids: std::collections::HashSet<&str> = spans
+            .iter()
+            .map(|s| s["span_id"].as_str().unwrap())
+            .collect();
+        for s in &spans {
+            let parent = s["parent_span_id"].as_str().unwrap();
+            assert!(
+                parent == caller || ids.contains(parent),
+                "{} {} has a parent outside the trace: {spans:#?}",
+                s["service"],
+                s["name"]
+            );
+        }
+        let find = |service: &str, kind: &str, name: &str| {
+            spans
+                .iter()
+                .find(|s| s["service"] == service && s["kind"] == kind && s["name"] == name)
+                .unwrap_or_else(|| panic!("no {service} {kind} span {name:?}: {spans:#?}"))
+        };
+        let root = find("gateway", "server", "POST shop-orders-create");
+        assert_eq!(root["parent_span_id"], caller);
+        let order = find("order", "server", "POST /orders");
+        let hop = find("gateway", "client", "POST");
+        assert_eq!(order["parent_span_id"], hop["span_id"]);
+        assert_eq!(hop["parent_span_id"], root["span_id"]);
+        find("txn-coordinator", "server", "POST /v1/txn/transactions");
+        find("inventory", "server", "POST /reservations");
+        let charge = find("txn-coordinator", "client", "action payment");
+        let charged = find("payment", "server", "POST /charges");
+        assert_eq!(charged["parent_span_id"], charge["span_id"]);
+        if want == 201 {
+            assert!(
+                spans.iter().all(|s| s["status"]["code"] != "error"),
+                "{spans:#?}"
+            );
+            find("payment", "server", "POST /charges/{order_id}/capture");
+        } else {
+            // Refused for good by payment: the coordinator's call to it failed.
+            assert_eq!(charge["status"]["code"], "error", "{charge}");
+            assert_eq!(charge["attributes"]["meshwork.txn.outcome"], "rejected");
+            assert_eq!(charged["attributes"]["http.response.status_code"], 402);
+            find(
+                "inventory",
+                "server",
+                "POST /reservations/{order_id}/release",
+            );
+        }
+    }
+    // The dependency graph has the shop's edges.
+    let (_, g) = get(&http, "/v1/traces/dependencies");
+    let edges: Vec<(String, String)> = g["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["parent"].as_str().unwrap().into(),
+                e["child"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    for (p, c) in [
+        ("gateway", "order"),
+        ("order", "txn-coordinator"),
+        ("txn-coordinator", "payment"),
+        ("txn-coordinator", "inventory"),
+    ] {
+        assert!(
+            edges.contains(&(p.into(), c.into())),
+            "{p} -> {c} in {edges:?}"
+        );
+    }
+}

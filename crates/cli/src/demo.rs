@@ -153,7 +153,14 @@ pub(crate) struct Shop {
 impl Shop {
     /// Starts the shop against a node: routes, flag, children; returns once every
     /// service has a registered instance.
-    pub(crate) async fn start(http: &str, endpoints: &[String], data_dir: &Path) -> Result<Shop> {
+    /// `otlp_env`: the `OTEL_*` variables that send the services' spans (to
+    /// the node's trace store or the configured collector).
+    pub(crate) async fn start(
+        http: &str,
+        endpoints: &[String],
+        data_dir: &Path,
+        otlp_env: &[(&str, String)],
+    ) -> Result<Shop> {
         publish_routes(http).await?;
         publish_flag(http).await?;
         let exe = std::env::current_exe().context("locating the meshwork binary")?;
@@ -171,6 +178,7 @@ impl Shop {
                 .arg(data_dir.join("shop"))
                 .arg("--seed")
                 .arg("--exit-with-parent")
+                .envs(otlp_env.iter().map(|(k, v)| (*k, v.as_str())))
                 .stdout(std::process::Stdio::null())
                 .kill_on_drop(true);
             supervisors.push(tokio::spawn(supervise(

@@ -619,9 +619,36 @@ async fn start_demo(
         Some(a) => vec![a.to_string()],
         None => external.to_vec(),
     };
-    let shop = demo::Shop::start(&running.http_addr.to_string(), &endpoints, data_dir)
-        .await
-        .context("starting the demo shop")?;
+    // The services send their spans where the node sends its own.
+    let configured = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
+    let otlp_env: Vec<(&str, String)> = match (&args.otlp_endpoint, configured) {
+        (Some(url), _) => vec![("OTEL_EXPORTER_OTLP_ENDPOINT", url.clone())],
+        (None, true) => Vec::new(),
+        (None, false) => match (running.otlp_http_addr, running.otlp_grpc_addr) {
+            (Some(h), _) => vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{h}")),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_string()),
+            ],
+            (None, Some(g)) => vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{g}")),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_string()),
+            ],
+            (None, None) => Vec::new(),
+        },
+    };
+    let shop = demo::Shop::start(
+        &running.http_addr.to_string(),
+        &endpoints,
+        data_dir,
+        &otlp_env,
+    )
+    .await
+    .context("starting the demo shop")?;
     Ok(Some(shop))
 }
 

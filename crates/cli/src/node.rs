@@ -283,7 +283,11 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             .set_tracer(tracer(&cfg, traces.as_ref().map(|t| &t.store), "gateway"));
     }
     let txn = match (&coord, cfg.roles.txn) {
-        (Some(c), true) => Some(meshwork_txn::role::TxnRole::start_with(c, cfg.txn.clone())),
+        (Some(c), true) => Some(meshwork_txn::role::TxnRole::start_with(c, {
+            let mut o = cfg.txn.clone();
+            o.tracer = tracer(&cfg, traces.as_ref().map(|t| &t.store), "txn-coordinator");
+            o
+        })),
         _ => None,
     };
     let mq = if cfg.roles.mq {

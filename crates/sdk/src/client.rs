@@ -359,10 +359,32 @@ impl HttpClient {
         let policy = self.policy(service);
         let result = async {
             let target = self.target(service).await?;
-            crate::context::stamp(&mut req);
+            let span = crate::context::stamp(&mut req);
+            let traced = crate::telemetry::tracer().map(|t| {
+                (
+                    t,
+                    std::time::SystemTime::now(),
+                    req.method().clone(),
+                    req.uri().path().to_string(),
+                )
+            });
             let started = tokio::time::Instant::now();
             let result = target.stack.clone().oneshot(req).await;
             let elapsed = started.elapsed().as_secs_f64();
+            if let Some((t, wall, method, path)) = traced {
+                use meshwork_telemetry::export::{Kind, SpanRecord};
+                let s = SpanRecord::new(&span, format!("{method} {service}"), Kind::Client, wall)
+                    .attr("http.request.method", method.as_str())
+                    .attr("server.address", service)
+                    .attr("url.path", path);
+                t.record(match &result {
+                    Ok(r) if r.status().as_u16() >= 400 => s
+                        .attr("http.response.status_code", r.status().as_u16())
+                        .failed(format!("HTTP {}", r.status().as_u16())),
+                    Ok(r) => s.attr("http.response.status_code", r.status().as_u16()),
+                    Err(e) => s.attr("error.type", "call_failed").failed(e.to_string()),
+                });
+            }
             let outcome = match &result {
                 Ok(r) if r.status().is_server_error() => "server_error",
                 Ok(_) => "ok",

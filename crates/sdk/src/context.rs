@@ -56,8 +56,8 @@ impl RequestContext {
 }
 
 /// Stamps an outgoing request with the current context: a child span of its
-/// trace (or a new trace) and its deadline.
-pub(crate) fn stamp<B>(req: &mut http::Request<B>) {
+/// trace (or a new trace) and its deadline; returns that span's context.
+pub(crate) fn stamp<B>(req: &mut http::Request<B>) -> TraceContext {
     let ctx = RequestContext::current();
     let trace = ctx
         .as_ref()
@@ -67,4 +67,5 @@ pub(crate) fn stamp<B>(req: &mut http::Request<B>) {
         req.extensions_mut()
             .insert(meshwork_resilience::timeout::Deadline(d));
     }
+    trace
 }

@@ -115,7 +115,7 @@ impl Service<http::Request<Body>> for GrpcChannel {
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
-        crate::context::stamp(&mut req);
+        let _ = crate::context::stamp(&mut req);
         Box::pin(self.inner.call(req))
     }
 }

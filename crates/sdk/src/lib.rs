@@ -41,6 +41,7 @@ mod error;
 pub mod grpc;
 pub mod mq;
 pub mod server;
+pub mod telemetry;
 pub mod txn;
 
 use std::collections::HashMap;

@@ -109,6 +109,7 @@ pub struct Server {
 impl Server {
     /// Serves `router` for `mw`'s service.
     pub fn new(mw: &Meshwork, router: Router, opts: ServerOptions) -> Server {
+        crate::telemetry::init(mw.name());
         Server {
             mw: mw.clone(),
             router,
@@ -313,6 +314,14 @@ async fn rejection(e: BoxError) -> Response {
 
 async fn observe(State(shared): State<Shared>, req: Request, next: Next) -> Response {
     let ctx = RequestContext::from_request(&req);
+    let traced = crate::telemetry::tracer().map(|t| {
+        (
+            t,
+            ctx.trace.clone(),
+            std::time::SystemTime::now(),
+            req.uri().path().to_string(),
+        )
+    });
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -321,6 +330,20 @@ async fn observe(State(shared): State<Shared>, req: Request, next: Next) -> Resp
     let span = tracing::info_span!("request", service = %shared.service, %method, %route, trace_id = %ctx.trace.trace_id, span_id = %ctx.trace.span_id);
     let started = tokio::time::Instant::now();
     let resp = ctx.scope(next.run(req)).instrument(span).await;
+    if let Some((t, trace, wall, path)) = traced {
+        use meshwork_telemetry::export::{Kind, SpanRecord};
+        let code = resp.status().as_u16();
+        let s = SpanRecord::new(&trace, format!("{method} {route}"), Kind::Server, wall)
+            .attr("http.request.method", method.as_str())
+            .attr("http.route", route.as_str())
+            .attr("url.path", path)
+            .attr("http.response.status_code", code);
+        t.record(if code >= 500 {
+            s.failed(format!("HTTP {code}"))
+        } else {
+            s
+        });
+    }
     let status = resp.status().as_u16().to_string();
     metrics::counter!("meshwork_sdk_server_requests_total", "service" => shared.service.to_string(), "route" => route.clone(), "method" => method.clone(), "status" => status).increment(1);
     metrics::histogram!("meshwork_sdk_server_request_duration_seconds", "service" => shared.service.to_string(), "route" => route, "method" => method).record(started.elapsed().as_secs_f64());

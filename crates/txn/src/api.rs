@@ -118,10 +118,24 @@ async fn create(State(role): State<TxnRole>, headers: http::HeaderMap, body: Byt
     };
     // The transaction is a span of the caller's trace (or starts one).
     let span = meshwork_telemetry::TraceContext::from_headers(&headers);
-    match role
+    let wall = std::time::SystemTime::now();
+    let created = role
         .create(body.spec, body.id, Some(span.traceparent()))
-        .await
-    {
+        .await;
+    // The server span the branch calls hang under.
+    if role.tracer().enabled() {
+        use meshwork_telemetry::export::{Kind, SpanRecord};
+        let s = SpanRecord::new(&span, "POST /v1/txn/transactions", Kind::Server, wall)
+            .attr("http.request.method", "POST")
+            .attr("http.route", "/v1/txn/transactions");
+        role.tracer().record(match &created {
+            Ok(t) => s
+                .attr("meshwork.txn.id", t.id.as_str())
+                .attr("http.response.status_code", 201u16),
+            Err(e) => s.failed(e.to_string()),
+        });
+    }
+    match created {
         Ok(t) => (StatusCode::CREATED, axum::Json(t)).into_response(),
         Err(e) => error(e).into_response(),
     }

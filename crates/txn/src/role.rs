@@ -50,12 +50,15 @@ const RETENTION_OWNER: &str = "retention";
 pub struct TxnOptions {
     /// How long a finished transaction's record is kept (then deleted).
     pub retention: Duration,
+    /// Where the branch calls' client spans go (disabled: nowhere).
+    pub tracer: meshwork_telemetry::export::Tracer,
 }
 
 impl Default for TxnOptions {
     fn default() -> Self {
         TxnOptions {
             retention: DEFAULT_RETENTION,
+            tracer: meshwork_telemetry::export::Tracer::disabled(),
         }
     }
 }
@@ -104,11 +107,16 @@ impl TxnRole {
         TxnRole::start_with(coord, TxnOptions::default())
     }
 
+    /// Where the role's spans go.
+    pub(crate) fn tracer(&self) -> &meshwork_telemetry::export::Tracer {
+        &self.options.tracer
+    }
+
     /// [`TxnRole::start`] with options.
     pub fn start_with(coord: &Coord, options: TxnOptions) -> TxnRole {
         let runner = Runner::new(
             TxnLog::new(coord.backend.clone()),
-            HttpCaller::new(coord.registry.clone()),
+            HttpCaller::new(coord.registry.clone()).with_tracer(options.tracer.clone()),
         );
         let role = TxnRole {
             runner,

@@ -71,6 +71,9 @@ pub struct CallRequest {
     pub timeout: Duration,
     /// The call's `traceparent`: a new span, child of the transaction's.
     pub traceparent: Option<String>,
+    /// That span (its id is the one in `traceparent`, its parent the
+    /// transaction's).
+    pub trace: Option<meshwork_telemetry::TraceContext>,
 }
 
 impl CallRequest {
@@ -82,6 +85,10 @@ impl CallRequest {
             Phase::Confirm => b.confirm.as_ref(),
             Phase::Undo => b.undo.as_ref(),
         }?;
+        let trace = txn
+            .traceparent
+            .as_deref()
+            .and_then(meshwork_telemetry::TraceContext::parse);
         Some(CallRequest {
             txn: txn.id.clone(),
             branch: b.name.clone(),
@@ -94,11 +101,8 @@ impl CallRequest {
             grpc: call.grpc_message().map(Bytes::from),
             idempotency_key: txn.idempotency_key(branch, phase),
             timeout: Duration::from_millis(b.timeout_ms),
-            traceparent: txn
-                .traceparent
-                .as_deref()
-                .and_then(meshwork_telemetry::TraceContext::parse)
-                .map(|span| span.traceparent()),
+            traceparent: trace.as_ref().map(|span| span.traceparent()),
+            trace,
         })
     }
 }
@@ -151,6 +155,7 @@ pub struct HttpCaller<E> {
     /// HTTP/2 with prior knowledge, for gRPC calls.
     grpc: Client<HttpConnector, Full<Bytes>>,
     next: AtomicUsize,
+    tracer: meshwork_telemetry::export::Tracer,
 }
 
 impl<E: Endpoints> HttpCaller<E> {
@@ -166,7 +171,14 @@ impl<E: Endpoints> HttpCaller<E> {
                 .http2_only(true)
                 .build(connector),
             next: AtomicUsize::new(0),
+            tracer: meshwork_telemetry::export::Tracer::disabled(),
         }
+    }
+
+    /// Records a client span per branch call with `tracer`.
+    pub fn with_tracer(mut self, tracer: meshwork_telemetry::export::Tracer) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     async fn send(&self, req: &CallRequest) -> Outcome {
@@ -246,7 +258,33 @@ impl<E: Endpoints> HttpCaller<E> {
 
 impl<E: Endpoints> Caller for HttpCaller<E> {
     async fn call(&self, req: CallRequest) -> Outcome {
-        self.send(&req).await
+        let wall = std::time::SystemTime::now();
+        let out = self.send(&req).await;
+        if self.tracer.enabled()
+            && let Some(ctx) = &req.trace
+        {
+            use meshwork_telemetry::export::{Kind, SpanRecord};
+            let s = SpanRecord::new(
+                ctx,
+                format!("{} {}", req.phase.as_str(), req.branch),
+                Kind::Client,
+                wall,
+            )
+            .attr("meshwork.txn.id", req.txn.as_str())
+            .attr("meshwork.txn.branch", req.branch.as_str())
+            .attr("meshwork.txn.phase", req.phase.as_str())
+            .attr("meshwork.attempt", req.attempt)
+            .attr("server.address", req.service.as_str())
+            .attr("http.request.method", req.method.as_str());
+            self.tracer.record(match &out {
+                Outcome::Done => s,
+                Outcome::Rejected(d) => {
+                    s.attr("meshwork.txn.outcome", "rejected").failed(d.clone())
+                }
+                Outcome::Unknown(d) => s.attr("meshwork.txn.outcome", "unknown").failed(d.clone()),
+            });
+        }
+        out
     }
 }
 

@@ -165,19 +165,40 @@ impl TxnClient {
                 .as_ref()
                 .map(|b| Bytes::from(b.to_string()))
                 .unwrap_or_default();
-            let Ok(req) = req.body(Full::new(bytes)) else {
+            let Ok(mut req) = req.body(Full::new(bytes)) else {
                 return Err(TxnError::Refused {
                     status: 400,
                     message: format!("invalid request path {path:?}"),
                 });
             };
+            // The transaction continues the caller's trace: its branch calls
+            // are children of this request.
+            let span = crate::context::stamp(&mut req);
+            let wall = std::time::SystemTime::now();
             let exchange = async {
                 let resp = self.http.request(req).await?;
                 let status = resp.status().as_u16();
                 let body = resp.into_body().collect().await?.to_bytes();
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
             };
-            match tokio::time::timeout(timeout, exchange).await {
+            let result = tokio::time::timeout(timeout, exchange).await;
+            if let Some(t) = crate::telemetry::tracer() {
+                use meshwork_telemetry::export::{Kind, SpanRecord};
+                let s =
+                    SpanRecord::new(&span, format!("{method} meshwork-txn"), Kind::Client, wall)
+                        .attr("http.request.method", method.as_str())
+                        .attr("server.address", addr.as_str())
+                        .attr("url.path", path.as_str());
+                t.record(match &result {
+                    Ok(Ok((status, _))) if *status >= 400 => s
+                        .attr("http.response.status_code", *status)
+                        .failed(format!("HTTP {status}")),
+                    Ok(Ok((status, _))) => s.attr("http.response.status_code", *status),
+                    Ok(Err(e)) => s.failed(e.to_string()),
+                    Err(_) => s.failed("no answer in time"),
+                });
+            }
+            match result {
                 Ok(Ok((status, body))) => {
                     let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
                     return Ok((addr, status, v));
