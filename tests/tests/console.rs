@@ -490,3 +490,111 @@ async fn writes_need_a_login_and_secrets_stay_masked() {
     shot(&c, "secret-masked").await;
     c.close().await.unwrap();
 }
+
+/// The Traces pages in a real browser: orders through the demo shop are
+/// found by a search on the payment service with errors, the trace opens as a
+/// waterfall (every span a row, the declined call marked as an error, the
+/// critical path marked), a row folds its children, and the dependency graph
+/// lists the shop's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_traces_pages_search_and_draw_a_waterfall() {
+    let Some(d) = driver() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,gateway,txn,mq,traces",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+            "--demo",
+        ],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    wait_demo(&node);
+    let gw = node.gateway.clone().unwrap();
+    for account in ["acct-1", "acct-poor"] {
+        let body = format!(r#"{{"sku":"sku-cable","qty":1,"account":"{account}"}}"#);
+        let (status, text) = http::raw(
+            &gw,
+            "POST /api/orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-customer: tracy",
+            &body,
+        )
+        .unwrap();
+        assert!(matches!(status, 201 | 402), "{status} {text}");
+    }
+    // The declined order's refund reaches the store last.
+    until("the declined order's trace", WAIT, || {
+        http::get(
+            &node.http,
+            "/v1/traces?service=payment&operation=POST%20/charges/%7Border_id%7D/refund",
+        )
+        .is_ok_and(|(s, b)| s == 200 && b.contains("trace_id"))
+    });
+    let base = format!("http://{}", node.http);
+    let c = browser(&d).await;
+    c.goto(&format!("{base}/ui/traces")).await.unwrap();
+    wait_text(&c, "h1", "the heading", |t| t.contains("Traces")).await;
+    wait_text(&c, "#trace-graph", "the dependency graph", |t| {
+        t.contains("txn-coordinator") && t.contains("payment")
+    })
+    .await;
+    shot(&c, "traces").await;
+    fill(&c, "input[name=service]", "payment").await;
+    c.find(Locator::Css("select[name=error]"))
+        .await
+        .unwrap()
+        .select_by_value("true")
+        .await
+        .unwrap();
+    click(&c, "form[aria-label='Search traces'] button[type=submit]").await;
+    let rows = wait_text(&c, "#trace-results", "one trace with errors", |t| {
+        t.contains("gateway: POST shop-orders-create")
+    })
+    .await;
+    assert_eq!(rows.matches("shop-orders-create").count(), 1, "{rows}");
+    click(&c, "#trace-results a").await;
+    wait_text(&c, "h1", "the trace's heading", |t| t.starts_with("Trace")).await;
+    let spans = c.find_all(Locator::Css(".waterfall .span")).await.unwrap();
+    assert!(spans.len() >= 12, "{} spans", spans.len());
+    let failed = c
+        .find(Locator::Css(".waterfall .span.err"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(failed.contains("gateway"), "{failed}");
+    let critical = c.find_all(Locator::Css(".waterfall .crit")).await.unwrap();
+    assert!(critical.len() >= 3, "{} critical spans", critical.len());
+    let charge = c
+        .find(Locator::XPath(
+            "//*[contains(@class,'span') and contains(@class,'err')][.//summary[contains(.,'action payment')]]",
+        ))
+        .await
+        .unwrap();
+    assert!(charge.text().await.unwrap().contains("payment"));
+    shot(&c, "trace").await;
+    // A click on the root's row folds everything under it.
+    let visible_before = c.find_all(Locator::Css(".waterfall .row")).await.unwrap();
+    let mut shown = 0;
+    for r in &visible_before {
+        if r.is_displayed().await.unwrap() {
+            shown += 1;
+        }
+    }
+    click(&c, ".waterfall > details > summary").await;
+    let mut after = 0;
+    for r in c.find_all(Locator::Css(".waterfall .row")).await.unwrap() {
+        if r.is_displayed().await.unwrap() {
+            after += 1;
+        }
+    }
+    assert!(
+        after == 1 && shown > 1,
+        "{shown} rows shown, {after} after folding"
+    );
+    c.close().await.unwrap();
+}

@@ -366,6 +366,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                 gateway: gateway.as_ref().map(|g| g.gateway.clone()),
                 mq: mq.clone(),
                 cache: cache_addr.as_ref().map(|w| w.cache().clone()),
+                traces: traces.as_ref().map(|t| t.store.clone()),
                 auth: cfg.console_auth.clone(),
             }));
     }

@@ -14,6 +14,7 @@ pub mod cache;
 pub mod pages;
 pub mod queues;
 pub mod secrets;
+pub mod traces;
 pub mod transactions;
 
 use axum::Router;
@@ -40,6 +41,8 @@ pub struct ConsoleState {
     pub mq: Option<meshwork_mq::Broker>,
     /// This node's cache, when it runs the role (the Cache page).
     pub cache: Option<std::sync::Arc<meshwork_cache::Cache>>,
+    /// This node's trace store, when it runs the role (the Traces pages).
+    pub traces: Option<meshwork_traces::TraceStore>,
     /// The login, when configured.
     pub auth: Option<Auth>,
 }

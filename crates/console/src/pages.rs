@@ -72,7 +72,7 @@ pub fn fmt_ms(ms: u64) -> String {
     )
 }
 
-const NAV: [(&str, &str, &str); 9] = [
+const NAV: [(&str, &str, &str); 10] = [
     ("overview", "/", "Overview"),
     ("services", "/ui/services", "Services"),
     ("config", "/ui/config", "Configuration"),
@@ -82,6 +82,7 @@ const NAV: [(&str, &str, &str); 9] = [
     ("transactions", "/ui/transactions", "Transactions"),
     ("queues", "/ui/queues", "Queues"),
     ("cache", "/ui/cache", "Cache"),
+    ("traces", "/ui/traces", "Traces"),
 ];
 
 fn shell(
@@ -173,6 +174,8 @@ pub(crate) fn routes() -> Router<ConsoleState> {
         .route("/ui/queues", get(crate::queues::list))
         .route("/ui/queues/{topic}", get(crate::queues::detail))
         .route("/ui/cache", get(crate::cache::page_handler))
+        .route("/ui/traces", get(crate::traces::list))
+        .route("/ui/traces/{id}", get(crate::traces::detail))
         .route("/ui/login", get(login))
 }
 

@@ -36,6 +36,7 @@ async fn start(auth: Option<Auth>) -> Harness {
             gateway: None,
             mq: None,
             cache: None,
+            traces: None,
             auth: auth.clone(),
         }))
         .layer(axum::middleware::from_fn_with_state(

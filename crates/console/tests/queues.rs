@@ -24,6 +24,7 @@ async fn serve(mq: Option<Broker>) -> (std::net::SocketAddr, Box<dyn std::any::A
         gateway: None,
         mq: mq.clone(),
         cache: None,
+        traces: None,
         auth: None,
     });
     if let Some(b) = &mq {
