@@ -576,6 +576,11 @@ async fn the_traces_pages_search_and_draw_a_waterfall() {
         .await
         .unwrap();
     assert!(charge.text().await.unwrap().contains("payment"));
+    // The node's own log lines for the trace have their section.
+    wait_text(&c, "#trace-logs", "the log lines section", |t| {
+        t.contains("Log lines on this node")
+    })
+    .await;
     shot(&c, "trace").await;
     // A click on the root's row folds everything under it.
     let visible_before = c.find_all(Locator::Css(".waterfall .row")).await.unwrap();

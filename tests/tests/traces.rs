@@ -191,10 +191,27 @@ fn the_gateway_records_a_server_span_and_a_client_span_per_try() {
         );
         assert!(ok, "{err}");
     }
+    // And an instance nobody listens on, behind its own route.
+    let dead = meshwork_tests::free_port().to_string();
+    let (ok, _, err) = meshwork_tests::meshwork_http(
+        h,
+        &[
+            "svc",
+            "register",
+            "dead",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            &dead,
+            "--persistent",
+        ],
+    );
+    assert!(ok, "{err}");
     let routes = dir.path().join("routes.toml");
     std::fs::write(
         &routes,
-        "[[routes]]\nname = \"web\"\n[routes.match]\npath = { prefix = \"/api\" }\n[routes.forward]\nservice = \"web\"\nretry = { max_attempts = 2, initial_backoff_ms = 1, max_backoff_ms = 1 }\n",
+        "[[routes]]\nname = \"web\"\n[routes.match]\npath = { prefix = \"/api\" }\n[routes.forward]\nservice = \"web\"\nretry = { max_attempts = 2, initial_backoff_ms = 1, max_backoff_ms = 1 }\n\
+         [[routes]]\nname = \"dead\"\n[routes.match]\npath = { prefix = \"/dead\" }\n[routes.forward]\nservice = \"dead\"\n",
     )
     .unwrap();
     let (ok, _, err) =
@@ -277,6 +294,37 @@ fn the_gateway_records_a_server_span_and_a_client_span_per_try() {
         "/v1/traces?service=gateway&attr=http.response.status_code=503",
     );
     assert_eq!(found["traces"][0]["trace_id"], trace_id);
+    // The gateway's own log line about the failed try is in the trace's view.
+    let dead_trace = "6bf92f3577b34da6a3ce929d0e0e4738";
+    let (status, _) = http::raw(
+        &gw,
+        &format!("GET /dead/x HTTP/1.1\r\nHost: {gw}\r\ntraceparent: 00-{dead_trace}-{caller}-01"),
+        "",
+    )
+    .unwrap();
+    assert!(status >= 500, "{status}");
+    let mut logs = Value::Null;
+    meshwork_testkit::blocking::until(
+        "the failed try's log line",
+        std::time::Duration::from_secs(10),
+        || {
+            let (code, body) = http::get(h, &format!("/v1/traces/{dead_trace}")).unwrap();
+            logs = serde_json::from_str::<Value>(&body)
+                .map(|v| v["logs"].clone())
+                .unwrap_or(Value::Null);
+            code == 200 && logs.as_array().is_some_and(|l| !l.is_empty())
+        },
+    );
+    let line = &logs[0];
+    assert_eq!(line["level"], "WARN", "{logs}");
+    assert!(
+        line["message"]
+            .as_str()
+            .unwrap()
+            .contains("upstream try failed"),
+        "{logs}"
+    );
+    assert_eq!(line["trace_id"], dead_trace);
 }
 
 /// `--otlp-endpoint` (HTTP/protobuf, the default protocol) and the standard

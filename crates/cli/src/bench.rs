@@ -29,6 +29,8 @@ pub(crate) enum BenchCommand {
     /// The message queue through the SDK on each target (a node's broker, NATS JetStream):
     /// publish and consume throughput, end-to-end latency, memory with a backlog.
     Mq(crate::bench_mq::MqBench),
+    /// The trace store: OTLP/gRPC ingestion (spans/s), bytes per span, query latency.
+    Traces(crate::bench_traces::TracesBench),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -94,6 +96,7 @@ pub(crate) async fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Config(b) => crate::bench_coord::config(b).await,
         BenchCommand::Txn(b) => crate::bench_txn::run(b).await,
         BenchCommand::Mq(b) => crate::bench_mq::run(b).await,
+        BenchCommand::Traces(b) => crate::bench_traces::run(b).await,
     }
 }
 

@@ -297,6 +297,22 @@ pub(crate) struct TracesFile {
     /// Largest export request (default 4 MiB).
     #[serde(default)]
     pub(crate) max_request_bytes: Option<usize>,
+    /// Keep whole traces by outcome: every trace with an error, every slow
+    /// one, `sample_ratio` of the rest (default false: every span is kept).
+    #[serde(default)]
+    pub(crate) tail_sampling: Option<bool>,
+    /// Share of the other traces kept, 0.0-1.0 (default 0.1).
+    #[serde(default)]
+    pub(crate) sample_ratio: Option<f64>,
+    /// A trace at least this long is kept (default 500 ms).
+    #[serde(default)]
+    pub(crate) slow_ms: Option<u64>,
+    /// How long a trace must be quiet before its decision (default 5000 ms).
+    #[serde(default)]
+    pub(crate) decision_wait_ms: Option<u64>,
+    /// Spans waiting for a decision at most (default 200,000).
+    #[serde(default)]
+    pub(crate) max_pending_spans: Option<usize>,
 }
 
 impl TracesFile {
@@ -334,6 +350,39 @@ impl TracesFile {
         if c.queue_spans == 0 || c.max_span_bytes == 0 || c.max_request_bytes == 0 {
             bail!(
                 "[traces] table: queue_spans, max_span_bytes and max_request_bytes must be positive"
+            );
+        }
+        if self.tail_sampling == Some(true) {
+            let mut t = meshwork_traces::TailSampling::default();
+            if let Some(r) = self.sample_ratio {
+                if !(0.0..=1.0).contains(&r) {
+                    bail!("[traces] table: sample_ratio {r} must be between 0.0 and 1.0");
+                }
+                t.keep_ratio = r;
+            }
+            if let Some(ms) = self.slow_ms {
+                t.slow = Duration::from_millis(ms);
+            }
+            if let Some(ms) = self.decision_wait_ms {
+                if !(100..=600_000).contains(&ms) {
+                    bail!("[traces] table: decision_wait_ms {ms} must be between 100 and 600000");
+                }
+                t.decision_wait = Duration::from_millis(ms);
+            }
+            if let Some(n) = self.max_pending_spans {
+                if n == 0 {
+                    bail!("[traces] table: max_pending_spans must be positive");
+                }
+                t.max_pending_spans = n;
+            }
+            c.tail_sampling = Some(t);
+        } else if self.sample_ratio.is_some()
+            || self.slow_ms.is_some()
+            || self.decision_wait_ms.is_some()
+            || self.max_pending_spans.is_some()
+        {
+            bail!(
+                "[traces] table: sample_ratio, slow_ms, decision_wait_ms and max_pending_spans need tail_sampling = true"
             );
         }
         Ok(c)

@@ -28,6 +28,7 @@ macro_rules! progress_end {
 mod bench;
 mod bench_coord;
 mod bench_mq;
+mod bench_traces;
 mod bench_txn;
 mod config;
 mod coordcli;
@@ -282,15 +283,26 @@ fn colour_on_stderr() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
+/// Logs to stderr (text or JSON; a line inside a request's span carries the
+/// span's `trace_id` and `span_id`), and keeps the lines written inside
+/// traced spans for the trace view (`meshwork_telemetry::logs`).
 fn init_tracing(format: &str) {
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(log_filter())
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr);
+    // The ring sees INFO and above inside traced spans whatever the printed
+    // level is (the request spans are INFO: a `warn` filter must not hide them).
+    let registry = tracing_subscriber::registry().with(
+        meshwork_telemetry::logs::TraceLogLayer::global(meshwork_telemetry::logs::DEFAULT_LINES)
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+    );
     if format == "json" {
-        b.json().init()
+        registry.with(fmt.json().with_filter(log_filter())).init()
     } else {
-        b.init()
+        registry.with(fmt.with_filter(log_filter())).init()
     }
 }
 

@@ -346,8 +346,39 @@ pub(crate) async fn detail(
             return page(&s, &headers, &q, "traces", &title, b);
         }
     };
-    let b = waterfall(&id, spans.iter().map(span_json).collect());
+    let mut b = waterfall(&id, spans.iter().map(span_json).collect());
+    log_lines(&mut b, &id.to_ascii_lowercase());
     page(&s, &headers, &q, "traces", &title, b)
+}
+
+/// This node's own log lines written inside the trace's spans.
+fn log_lines(b: &mut String, id: &str) {
+    let lines = meshwork_telemetry::logs::global()
+        .map(|l| l.for_trace(id))
+        .unwrap_or_default();
+    b.push_str("<section id=\"trace-logs\"><h2>Log lines on this node</h2>");
+    if lines.is_empty() {
+        b.push_str("<p class=\"muted\">None: this node wrote no log line inside the trace's spans (or they left its ring of the newest 10,000).</p></section>");
+        return;
+    }
+    b.push_str("<table><thead><tr><th scope=\"col\">Time</th><th scope=\"col\">Level</th><th scope=\"col\">Span</th><th scope=\"col\">Target</th><th scope=\"col\">Message</th></tr></thead><tbody>");
+    for l in lines {
+        let _ = write!(
+            b,
+            "<tr{}><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td><code>{}</code></td></tr>",
+            if l.level == "ERROR" || l.level == "WARN" {
+                " class=\"warn\""
+            } else {
+                ""
+            },
+            esc(&crate::pages::fmt_ms(l.time_ms)),
+            esc(&l.level),
+            esc(&l.span_id),
+            esc(&l.target),
+            esc(&l.message),
+        );
+    }
+    b.push_str("</tbody></table></section>");
 }
 
 fn waterfall(id: &str, spans: Vec<Value>) -> String {

@@ -2,9 +2,11 @@
 //! W3C trace context ([`TraceContext`]) the gateway starts or continues and
 //! the SDK carries from an inbound request to the calls it makes, and the
 //! span exporter ([`export::Tracer`]) that sends finished spans over OTLP or
-//! into the node's trace store.
+//! into the node's trace store, and the ring of log lines written inside
+//! traced spans ([`logs`]).
 
 pub mod export;
+pub mod logs;
 mod trace;
 
 pub use trace::{TraceContext, hex};

@@ -169,11 +169,19 @@ async fn trace(State(store): State<TraceStore>, Path(id): Path<String>) -> Respo
         .into_response();
     };
     match tokio::task::spawn_blocking(move || store.trace(&tid)).await {
-        Ok(Ok(Some(spans))) => Json(json!({
-            "trace_id": id.to_ascii_lowercase(),
-            "spans": spans.iter().map(span_json).collect::<Vec<_>>(),
-        }))
-        .into_response(),
+        Ok(Ok(Some(spans))) => {
+            let id = id.to_ascii_lowercase();
+            // This node's own log lines written inside the trace's spans.
+            let logs = meshwork_telemetry::logs::global()
+                .map(|l| l.for_trace(&id))
+                .unwrap_or_default();
+            Json(json!({
+                "trace_id": id,
+                "spans": spans.iter().map(span_json).collect::<Vec<_>>(),
+                "logs": logs,
+            }))
+            .into_response()
+        }
         Ok(Ok(None)) => ApiError::not_found(format!(
             "no trace {id} in the store (never received, or removed by retention)"
         ))

@@ -7,10 +7,12 @@ pub mod api;
 mod index;
 mod model;
 pub mod otlp;
+mod sampling;
 mod store;
 
 pub use index::{Edge, Query, TraceSummary};
 pub use model::{MAX_NAME_BYTES, StoredSpan, UNKNOWN_SERVICE};
+pub use sampling::TailSampling;
 pub use store::{Ingested, TraceError, TraceStats, TraceStore, TracesConfig};
 
 /// The OpenAPI fragment of the query API.

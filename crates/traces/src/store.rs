@@ -47,6 +47,11 @@ pub struct TracesConfig {
     pub max_span_bytes: usize,
     /// Largest export request body accepted (OTLP/HTTP and OTLP/gRPC).
     pub max_request_bytes: usize,
+    /// Keep whole traces by their outcome (errors, slow ones, a share of the
+    /// rest) instead of every span. With it, an export is answered once its
+    /// spans wait in memory for their trace's decision; what is kept is then
+    /// written as above.
+    pub tail_sampling: Option<crate::sampling::TailSampling>,
 }
 
 impl Default for TracesConfig {
@@ -60,6 +65,7 @@ impl Default for TracesConfig {
             queue_spans: 100_000,
             max_span_bytes: 256 << 10,
             max_request_bytes: 4 << 20,
+            tail_sampling: None,
         }
     }
 }
@@ -123,6 +129,10 @@ pub struct TraceStats {
     pub refused_busy: u64,
     /// Spans removed by retention since start.
     pub expired: u64,
+    /// Spans of traces tail sampling dropped since start.
+    pub sampled_out: u64,
+    /// Spans waiting for their trace's sampling decision.
+    pub pending_decision: usize,
     /// The retention limits.
     pub max_bytes: u64,
     /// Retention by age, seconds.
@@ -145,7 +155,9 @@ struct Shared {
     rejected: AtomicU64,
     refused: AtomicU64,
     expired: AtomicU64,
+    sampled_out: AtomicU64,
     failed: Mutex<Option<String>>,
+    sampler: Option<Mutex<crate::sampling::Sampler>>,
 }
 
 struct Batch {
@@ -215,6 +227,7 @@ impl TraceStore {
                 },
             );
         }
+        let cfg_sampling = cfg.tail_sampling.clone();
         let shared = Arc::new(Shared {
             cfg,
             index: RwLock::new(index),
@@ -224,7 +237,9 @@ impl TraceStore {
             rejected: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            sampled_out: AtomicU64::new(0),
             failed: Mutex::new(None),
+            sampler: cfg_sampling.map(|t| Mutex::new(crate::sampling::Sampler::new(t))),
         });
         let (tx, rx) = mpsc::channel();
         let s2 = shared.clone();
@@ -253,7 +268,15 @@ impl TraceStore {
     /// fsynced, unless configured otherwise); invalid spans are counted and
     /// reported, not stored.
     pub async fn ingest(&self, req: ExportTraceServiceRequest) -> Result<Ingested, TraceError> {
-        let split = model::split(req, self.shared.cfg.max_span_bytes);
+        let mut split = model::split(req, self.shared.cfg.max_span_bytes);
+        let received = split.spans.len();
+        if let Some(sampler) = &self.shared.sampler {
+            let d = sampler
+                .lock()
+                .add(std::mem::take(&mut split.spans), std::time::Instant::now());
+            self.sampled_out(d.dropped);
+            split.spans = d.keep;
+        }
         let n = split.spans.len();
         self.shared
             .rejected
@@ -288,14 +311,25 @@ impl TraceStore {
                 Ok(r) => r?,
                 Err(_) => return Err(TraceError::Stopped("the writer stopped".into())),
             }
-            self.shared.received.fetch_add(n as u64, Ordering::Relaxed);
-            metrics::counter!("meshwork_traces_spans_received_total").increment(n as u64);
         }
+        self.shared
+            .received
+            .fetch_add(received as u64, Ordering::Relaxed);
+        metrics::counter!("meshwork_traces_spans_received_total").increment(received as u64);
         Ok(Ingested {
-            accepted: n as u64,
+            accepted: received as u64,
             rejected: split.rejected,
             message: split.first_error,
         })
+    }
+
+    fn sampled_out(&self, n: usize) {
+        if n > 0 {
+            self.shared
+                .sampled_out
+                .fetch_add(n as u64, Ordering::Relaxed);
+            metrics::counter!("meshwork_traces_spans_sampled_out_total").increment(n as u64);
+        }
     }
 
     /// Traces matching `q`, newest first.
@@ -419,6 +453,12 @@ impl TraceStore {
             rejected: self.shared.rejected.load(Ordering::Relaxed),
             refused_busy: self.shared.refused.load(Ordering::Relaxed),
             expired: self.shared.expired.load(Ordering::Relaxed),
+            sampled_out: self.shared.sampled_out.load(Ordering::Relaxed),
+            pending_decision: self
+                .shared
+                .sampler
+                .as_ref()
+                .map_or(0, |s| s.lock().pending_spans()),
             max_bytes: self.shared.cfg.max_bytes,
             max_age_secs: self.shared.cfg.max_age.as_secs(),
         }
@@ -523,12 +563,26 @@ fn recover(
 /// once (group commit), indexes, acknowledges; enforces retention.
 fn writer_loop(shared: Arc<Shared>, rx: mpsc::Receiver<Batch>) {
     let mut last_gauges = std::time::Instant::now();
+    let mut last_sweep = std::time::Instant::now();
+    let tick = if shared.sampler.is_some() {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(1)
+    };
     loop {
-        let first = match rx.recv_timeout(Duration::from_secs(1)) {
+        let first = match rx.recv_timeout(tick) {
             Ok(b) => Some(b),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // Closing: every pending trace is decided and what is kept written.
+                sweep(&shared, true);
+                break;
+            }
         };
+        if last_sweep.elapsed() >= tick {
+            sweep(&shared, false);
+            last_sweep = std::time::Instant::now();
+        }
         let mut batches: Vec<Batch> = first.into_iter().collect();
         while batches.len() < 1024 {
             match rx.try_recv() {
@@ -560,6 +614,39 @@ fn writer_loop(shared: Arc<Shared>, rx: mpsc::Receiver<Batch>) {
         }
     }
     publish(&shared);
+}
+
+/// Writes the traces tail sampling decided to keep (all pending ones when
+/// `all`).
+fn sweep(shared: &Shared, all: bool) {
+    let Some(sampler) = &shared.sampler else {
+        return;
+    };
+    let now = std::time::Instant::now();
+    let d = {
+        let mut s = sampler.lock();
+        if all { s.all(now) } else { s.due(now) }
+    };
+    if d.dropped > 0 {
+        shared
+            .sampled_out
+            .fetch_add(d.dropped as u64, Ordering::Relaxed);
+        metrics::counter!("meshwork_traces_spans_sampled_out_total").increment(d.dropped as u64);
+    }
+    if d.keep.is_empty() {
+        return;
+    }
+    let (done, _) = tokio::sync::oneshot::channel();
+    if let Err(e) = append(
+        shared,
+        &mut [Batch {
+            spans: d.keep,
+            done,
+        }],
+    ) {
+        tracing::error!(error = %e, "trace store write failed; it stops taking spans");
+        *shared.failed.lock() = Some(e.to_string());
+    }
 }
 
 /// Appends the batches' spans to the newest segment (rotating when it is

@@ -491,3 +491,77 @@ async fn the_query_api_answers_as_documented() {
     assert_eq!(v["spans"], 4);
     store.close();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_sampling_keeps_failed_and_slow_traces_and_samples_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TraceStore::open(TracesConfig {
+        tail_sampling: Some(meshwork_traces::TailSampling {
+            decision_wait: Duration::from_millis(200),
+            keep_ratio: 0.0,
+            slow: Duration::from_millis(500),
+            max_pending_spans: 10_000,
+        }),
+        ..config(dir.path())
+    })
+    .unwrap();
+    let mut slow_root = span(22, 1, 0, "GET /slow", T0, false);
+    slow_root.end_time_unix_nano = T0 + 900_000_000;
+    let got = store
+        .ingest(request(
+            "shop",
+            vec![
+                span(21, 1, 0, "GET /fast", T0, false),
+                span(21, 2, 1, "db", T0 + 10, false),
+                slow_root,
+                span(23, 1, 0, "GET /failing", T0, false),
+            ],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(got.accepted, 4);
+    // The failing trace's error arrives in a later export: still one decision.
+    store
+        .ingest(request(
+            "shop",
+            vec![span(23, 2, 1, "charge", T0 + 5, true)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(store.stats().pending_decision, 5);
+    meshwork_testkit::until(
+        "the sampling decisions",
+        Duration::from_secs(20),
+        async || store.stats().pending_decision == 0,
+    )
+    .await;
+    let stats = store.stats();
+    assert_eq!((stats.spans, stats.sampled_out), (3, 2), "{stats:?}");
+    assert!(store.trace(&21u128.to_be_bytes()).unwrap().is_none());
+    assert_eq!(
+        store.trace(&22u128.to_be_bytes()).unwrap().unwrap().len(),
+        1
+    );
+    assert_eq!(
+        store.trace(&23u128.to_be_bytes()).unwrap().unwrap().len(),
+        2
+    );
+    // A late span follows its trace's decision.
+    store
+        .ingest(request(
+            "shop",
+            vec![span(21, 3, 1, "late", T0 + 20, false)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(store.stats().sampled_out, 3);
+    // Spans still waiting when the store closes are decided and written.
+    store
+        .ingest(request("shop", vec![span(24, 1, 0, "boom", T0, true)]))
+        .await
+        .unwrap();
+    store.close();
+    let store = TraceStore::open(config(dir.path())).unwrap();
+    assert!(store.trace(&24u128.to_be_bytes()).unwrap().is_some());
+    store.close();
+}
