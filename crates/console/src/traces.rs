@@ -49,13 +49,23 @@ pub(crate) async fn list(
     let Some(store) = s.traces.clone() else {
         return page(&s, &headers, &q, "traces", "Traces", no_store());
     };
-    // The form's own parameters only (`fragment` is the page's).
+    // The form's own parameters only (`fragment` is the page's); `last`
+    // (a window in minutes) becomes the search's start time.
+    let mut pairs: Vec<(String, String)> = form_list(raw.as_deref())
+        .into_iter()
+        .filter(|(k, v)| k != "fragment" && k != "last" && !v.is_empty())
+        .collect();
+    if let Some(minutes) = q.get("last").and_then(|m| m.parse::<u64>().ok()) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        pairs.push((
+            "start_ms".into(),
+            now.saturating_sub(minutes * 60_000).to_string(),
+        ));
+    }
     let search_raw: String = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(
-            form_list(raw.as_deref())
-                .into_iter()
-                .filter(|(k, v)| k != "fragment" && !v.is_empty()),
-        )
+        .extend_pairs(pairs)
         .finish();
     let mut b = String::from("<h1>Traces</h1>");
     search_form(&mut b, &store, &q);
@@ -133,6 +143,30 @@ fn search_form(b: &mut String, store: &TraceStore, q: &HashMap<String, String>) 
     );
     for (v, label) in [("", "any"), ("true", "with errors"), ("false", "without")] {
         let sel = if q.get("error").map(String::as_str).unwrap_or("") == v {
+            " selected"
+        } else {
+            ""
+        };
+        let _ = write!(b, "<option value=\"{v}\"{sel}>{label}</option>");
+    }
+    b.push_str("</select></label><label>Within<select name=\"last\">");
+    for (v, label) in [
+        ("", "any time"),
+        ("1", "last minute"),
+        ("15", "last 15 minutes"),
+        ("60", "last hour"),
+        ("1440", "last day"),
+    ] {
+        let sel = if q.get("last").map(String::as_str).unwrap_or("") == v {
+            " selected"
+        } else {
+            ""
+        };
+        let _ = write!(b, "<option value=\"{v}\"{sel}>{label}</option>");
+    }
+    b.push_str("</select></label><label>Order<select name=\"sort\">");
+    for (v, label) in [("", "newest first"), ("duration", "slowest first")] {
+        let sel = if q.get("sort").map(String::as_str).unwrap_or("") == v {
             " selected"
         } else {
             ""

@@ -99,6 +99,17 @@ pub fn parse_query(raw: Option<String>) -> Result<Query, ApiError> {
                 }
                 q.attributes.push((key.to_string(), value.to_string()));
             }
+            "sort" => {
+                q.slowest_first = match v.as_str() {
+                    "" | "newest" => false,
+                    "duration" => true,
+                    _ => {
+                        return Err(ApiError::invalid(format!(
+                            "sort must be newest or duration, not {v:?}"
+                        )));
+                    }
+                }
+            }
             "limit" => {
                 q.limit = match v.parse::<usize>() {
                     Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
@@ -111,7 +122,7 @@ pub fn parse_query(raw: Option<String>) -> Result<Query, ApiError> {
             }
             other => {
                 return Err(ApiError::invalid(format!(
-                    "unknown parameter {other:?}; the search takes service, operation, min_duration_ms, max_duration_ms, error, attr, start_ms, end_ms and limit"
+                    "unknown parameter {other:?}; the search takes service, operation, min_duration_ms, max_duration_ms, error, attr, start_ms, end_ms, sort and limit"
                 )));
             }
         }

@@ -61,9 +61,15 @@ pub struct Query {
     pub start_ns: Option<u64>,
     /// Traces starting at or before this time (ns since the epoch).
     pub end_ns: Option<u64>,
-    /// At most this many traces, newest first.
+    /// At most this many traces, newest first (or slowest first).
     pub limit: usize,
+    /// Slowest first instead of newest first (over at most
+    /// [`MAX_SORTED_CANDIDATES`] matching traces, the newest).
+    pub slowest_first: bool,
 }
+
+/// Matching traces a slowest-first search looks at, at most.
+pub const MAX_SORTED_CANDIDATES: usize = 200_000;
 
 /// One trace in a search result.
 #[derive(Clone, Debug, serde::Serialize)]

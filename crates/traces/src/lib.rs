@@ -10,7 +10,7 @@ pub mod otlp;
 mod sampling;
 mod store;
 
-pub use index::{Edge, Query, TraceSummary};
+pub use index::{Edge, MAX_SORTED_CANDIDATES, Query, TraceSummary};
 pub use model::{MAX_NAME_BYTES, StoredSpan, UNKNOWN_SERVICE};
 pub use sampling::TailSampling;
 pub use store::{Ingested, TraceError, TraceStats, TraceStore, TracesConfig};

@@ -336,6 +336,35 @@ impl TraceStore {
     pub fn search(&self, q: &Query) -> Result<Vec<TraceSummary>, TraceError> {
         let limit = q.limit.max(1);
         let index = self.shared.index.read();
+        if q.slowest_first {
+            // The `limit` longest among the matching traces: a min-heap of
+            // (duration, id) holding the best so far.
+            use std::cmp::Reverse;
+            let mut heap: std::collections::BinaryHeap<Reverse<(u64, [u8; 16])>> =
+                std::collections::BinaryHeap::with_capacity(limit + 1);
+            for (id, t, on_disk) in index
+                .candidates(q)
+                .take(crate::index::MAX_SORTED_CANDIDATES)
+            {
+                let dur = t.end_ns.saturating_sub(t.start_ns);
+                if heap.len() >= limit && heap.peek().is_some_and(|Reverse((d, _))| *d >= dur) {
+                    continue;
+                }
+                if on_disk && !self.verify(&index, t, q)? {
+                    continue;
+                }
+                heap.push(Reverse((dur, id)));
+                if heap.len() > limit {
+                    heap.pop();
+                }
+            }
+            let mut top: Vec<(u64, [u8; 16])> = heap.into_iter().map(|Reverse(x)| x).collect();
+            top.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            return Ok(top
+                .into_iter()
+                .filter_map(|(_, id)| index.trace(&id).map(|t| index.summary(&id, t)))
+                .collect());
+        }
         let mut out = Vec::new();
         for (id, t, on_disk) in index.candidates(q) {
             if out.len() >= limit {

@@ -489,6 +489,24 @@ async fn the_query_api_answers_as_documented() {
     let (s, v) = get(a, "/v1/traces/stats").await;
     d.check_response("/v1/traces/stats", "get", s, &v);
     assert_eq!(v["spans"], 4);
+    // Slowest first: a long trace, older than the others, comes first.
+    let mut slow = span(13, 1, 0, "GET /slow", T0 - 1_000_000_000, false);
+    slow.end_time_unix_nano = T0;
+    store.ingest(request("gateway", vec![slow])).await.unwrap();
+    let (s, v) = get(a, "/v1/traces?sort=duration&limit=2").await;
+    d.check_response("/v1/traces", "get", s, &v);
+    let ids: Vec<&str> = v["traces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["trace_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [format!("{:032x}", 13u128), format!("{:032x}", 11u128)]
+    );
+    let (s, v) = get(a, "/v1/traces?sort=slowest").await;
+    assert_eq!(s, 400, "{v}");
     store.close();
 }
 
@@ -529,10 +547,14 @@ async fn tail_sampling_keeps_failed_and_slow_traces_and_samples_the_rest() {
         .await
         .unwrap();
     assert_eq!(store.stats().pending_decision, 5);
+    // Decided (nothing pending) and written (kept + dropped = all).
     meshwork_testkit::until(
         "the sampling decisions",
         Duration::from_secs(20),
-        async || store.stats().pending_decision == 0,
+        async || {
+            let s = store.stats();
+            s.pending_decision == 0 && s.spans as u64 + s.sampled_out == 5
+        },
     )
     .await;
     let stats = store.stats();
