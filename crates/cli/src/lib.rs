@@ -207,7 +207,8 @@ struct NodeArgs {
     /// [up: 127.0.0.1:4318].
     #[arg(long, env = "MESHWORK_OTLP_HTTP_ADDR")]
     otlp_http_addr: Option<String>,
-    /// Send this node's spans (the gateway's) to this OTLP collector,
+    /// Send this node's spans (the gateway's and the transaction
+    /// coordinator's; with `--demo`, the shop's too) to this OTLP collector,
     /// `http://HOST:PORT`, instead of the built-in trace store; the protocol is
     /// `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the default, or `grpc`).
     /// Without it, `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` is used when set.
