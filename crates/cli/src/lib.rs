@@ -46,6 +46,7 @@ mod demo {
             _http: &str,
             _endpoints: &[String],
             _data_dir: &std::path::Path,
+            _otlp_env: &[(&str, String)],
         ) -> anyhow::Result<Shop> {
             anyhow::bail!(
                 "this meshwork was built without the demo shop (cargo feature `demo`, on by default)"
