@@ -58,10 +58,37 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     // Gauges read at scrape time.
     if let Some(store) = &s.store {
         let st = store.status();
-        body.push_str(&format!(
-        "# TYPE meshwork_store_keys gauge\nmeshwork_store_keys {}\n# TYPE meshwork_store_leases gauge\nmeshwork_store_leases {}\n# TYPE meshwork_store_watchers gauge\nmeshwork_store_watchers {}\n# TYPE meshwork_store_compact_revision gauge\nmeshwork_store_compact_revision {}\n",
-        st.keys, st.leases, st.watchers, st.compact_revision
-    ));
+        for (name, help, value) in [
+            (
+                "meshwork_store_keys",
+                "Keys in the store at its current revision.",
+                st.keys,
+            ),
+            (
+                "meshwork_store_leases",
+                "Leases granted and not yet expired or revoked.",
+                st.leases,
+            ),
+            (
+                "meshwork_store_watchers",
+                "Watchers open on the store.",
+                st.watchers,
+            ),
+            (
+                "meshwork_store_compact_revision",
+                "The store's compacted revision.",
+                st.compact_revision as _,
+            ),
+        ] {
+            body.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+            ));
+        }
     }
+    // What every Prometheus client writes: process figures and the build.
+    body.push_str(&meshwork_telemetry::metrics::process_text(
+        "meshwork",
+        env!("CARGO_PKG_VERSION"),
+    ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

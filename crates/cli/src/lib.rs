@@ -249,9 +249,12 @@ static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 pub(crate) fn metrics_handle() -> Option<PrometheusHandle> {
     PROMETHEUS
         .get_or_init(|| {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
+            let handle = meshwork_telemetry::metrics::builder()
                 .install_recorder()
-                .ok()
+                .ok();
+            // Help texts go to the recorder just installed.
+            meshwork_telemetry::metrics::describe_all();
+            handle
         })
         .clone()
 }

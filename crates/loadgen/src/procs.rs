@@ -3,75 +3,15 @@
 //! clock tick), current and peak RSS; plus the whole machine's busy CPU, so
 //! load from other processes shows.
 
-use std::sync::OnceLock;
 use std::time::Instant;
 
 use serde_json::{Map, Value, json};
 
 use crate::LoadError;
 
-/// `AT_CLKTCK` in the ELF auxiliary vector: the kernel's clock ticks per second.
-const AT_CLKTCK: u64 = 17;
-
-/// Clock ticks per second of `/proc`'s CPU times: the kernel's `AT_CLKTCK`
-/// from `/proc/self/auxv`, or the usual 100 when it cannot be read.
-pub fn clock_ticks() -> f64 {
-    static TICKS: OnceLock<f64> = OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::fs::read("/proc/self/auxv")
-            .ok()
-            .and_then(|b| auxv_value(&b, AT_CLKTCK))
-            .filter(|t| *t > 0)
-            .map_or(100.0, |t| t as f64)
-    })
-}
-
-/// The value of `key` in an auxiliary vector (native-endian word pairs).
-fn auxv_value(auxv: &[u8], key: u64) -> Option<u64> {
-    const W: usize = std::mem::size_of::<usize>();
-    auxv.chunks_exact(2 * W).find_map(|pair| {
-        let word = |b: &[u8]| {
-            let mut a = [0u8; W];
-            a.copy_from_slice(b);
-            usize::from_ne_bytes(a) as u64
-        };
-        (word(&pair[..W]) == key).then(|| word(&pair[W..]))
-    })
-}
-
-/// CPU seconds (user + system) of `/proc/{pid}` (`self` for this process;
-/// `machine` for every busy CPU of the machine, from `/proc/stat`).
-pub fn cpu_secs(pid: &str) -> Option<f64> {
-    if pid == "machine" {
-        let s = std::fs::read_to_string("/proc/stat").ok()?;
-        let f: Vec<f64> = s
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .take(8)
-            .map(|v| v.parse().ok())
-            .collect::<Option<Vec<f64>>>()?;
-        let idle = f.get(3)? + f.get(4)?;
-        return Some((f.iter().sum::<f64>() - idle) / clock_ticks());
-    }
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = &s[s.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ut: f64 = f.get(11)?.parse().ok()?;
-    let st: f64 = f.get(12)?.parse().ok()?;
-    Some((ut + st) / clock_ticks())
-}
-
-/// A `/proc/{pid}/status` field in KiB (`VmRSS`, `VmHWM`, ...).
-pub fn status_kb(pid: &str, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
+// The `/proc` readers are shared with the process metrics every node and
+// service exports.
+pub use meshwork_telemetry::metrics::{clock_ticks, cpu_secs, status_kb};
 
 /// Warns on stderr when the open-file limit cannot hold `needed` connections.
 pub fn check_fd_limit(needed: usize) {
@@ -208,24 +148,6 @@ impl Procs {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn the_clock_tick_is_read_from_the_auxiliary_vector() {
-        // Linux puts AT_CLKTCK in every process's auxv (100 on common kernels).
-        let auxv = std::fs::read("/proc/self/auxv").unwrap();
-        let t = auxv_value(&auxv, AT_CLKTCK).unwrap();
-        assert!(t > 0);
-        assert_eq!(clock_ticks(), t as f64);
-        let w = std::mem::size_of::<usize>();
-        let mut fake = Vec::new();
-        for (k, v) in [(3usize, 7usize), (17, 250), (0, 0)] {
-            fake.extend_from_slice(&k.to_ne_bytes());
-            fake.extend_from_slice(&v.to_ne_bytes());
-        }
-        assert_eq!(fake.len(), 6 * w);
-        assert_eq!(auxv_value(&fake, AT_CLKTCK), Some(250));
-        assert_eq!(auxv_value(&fake, 99), None);
-    }
 
     #[test]
     fn own_cpu_and_rss_are_readable() {

@@ -258,7 +258,11 @@ fn build_router(router: Router, opts: &ServerOptions, shared: Shared) -> Result<
         app = app.route(
             &opts.metrics_path,
             axum::routing::get(move || {
-                let text = handle.render();
+                let mut text = handle.render();
+                text.push_str(&meshwork_telemetry::metrics::process_text(
+                    "meshwork_sdk",
+                    env!("CARGO_PKG_VERSION"),
+                ));
                 async move { text }
             }),
         );
@@ -273,9 +277,11 @@ pub fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
         std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
+            let handle = meshwork_telemetry::metrics::builder()
                 .install_recorder()
-                .ok()
+                .ok();
+            meshwork_telemetry::metrics::describe_all();
+            handle
         })
         .clone()
 }

@@ -7,6 +7,7 @@
 
 pub mod export;
 pub mod logs;
+pub mod metrics;
 mod trace;
 
 pub use trace::{TraceContext, hex};

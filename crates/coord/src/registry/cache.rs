@@ -85,6 +85,9 @@ pub struct RegistryCache {
     any: broadcast::Sender<String>,
     bad_records: u64,
     instance_count: usize,
+    /// The one service this copy follows (a client's discovery), or None for
+    /// the whole registry (a node's): which metrics it writes.
+    scope: Option<String>,
 }
 
 impl Default for RegistryCache {
@@ -104,6 +107,16 @@ impl RegistryCache {
             any: broadcast::channel(4096).0,
             bad_records: 0,
             instance_count: 0,
+            scope: None,
+        }
+    }
+
+    /// An empty copy of one service's part of the registry (its figures go to
+    /// `meshwork_discovery_*{service}`, not to the registry's).
+    pub fn scoped(service: &str) -> RegistryCache {
+        RegistryCache {
+            scope: Some(service.to_string()),
+            ..RegistryCache::new()
         }
     }
 
@@ -128,9 +141,19 @@ impl RegistryCache {
     }
 
     fn export_gauges(&self) {
-        metrics::gauge!("meshwork_registry_services").set(self.services.len() as f64);
-        metrics::gauge!("meshwork_registry_instances").set(self.instance_count as f64);
-        metrics::gauge!("meshwork_registry_revision").set(self.revision as f64);
+        match &self.scope {
+            None => {
+                metrics::gauge!("meshwork_registry_services").set(self.services.len() as f64);
+                metrics::gauge!("meshwork_registry_instances").set(self.instance_count as f64);
+                metrics::gauge!("meshwork_registry_revision").set(self.revision as f64);
+            }
+            Some(s) => {
+                metrics::gauge!("meshwork_discovery_instances", "service" => s.clone())
+                    .set(self.instance_count as f64);
+                metrics::gauge!("meshwork_discovery_revision", "service" => s.clone())
+                    .set(self.revision as f64);
+            }
+        }
     }
 
     /// The index a blocking query on `service` compares with: never below what its

@@ -96,7 +96,10 @@ impl Registry {
                 service_prefix(s)
             }
         };
-        let cache = Arc::new(Mutex::new(RegistryCache::new()));
+        let cache = Arc::new(Mutex::new(match scope {
+            None => RegistryCache::new(),
+            Some(s) => RegistryCache::scoped(s),
+        }));
         let mirror = mirror(backend, prefix, cache.clone());
         let reg = Registry {
             backend: backend.clone(),

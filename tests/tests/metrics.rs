@@ -1,0 +1,118 @@
+//! `/metrics` follows Prometheus' conventions, checked by Debian's `promtool
+//! check metrics` (a peer): on a node running every role with the demo shop
+//! after an order, and on each shop service (the SDK's endpoint). Every
+//! family has help text, latencies are histograms with buckets, process and
+//! build metrics are there, and one name means one thing (the registry's
+//! count on the node, a client's discovery copy in a service).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use meshwork_testkit::blocking::until;
+use meshwork_testkit::http::blocking as http;
+use serde_json::Value;
+
+fn promtool_check(promtool: &std::path::Path, what: &str, text: &str) {
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics on {what}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_metrics_endpoint_passes_promtool() {
+    let Some(promtool) = meshwork_testkit::peer::on_path("promtool") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,gateway,txn,mq,cache,traces",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--cache-addr",
+            "127.0.0.1:0",
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+            "--demo",
+        ],
+        &[],
+    );
+    let gw = node.gateway.clone().unwrap();
+    until("the shop", Duration::from_secs(60), || {
+        http::get(&gw, "/api/products").is_ok_and(|(s, _)| s == 200)
+    });
+    // The services register one by one: an order goes through once all are up.
+    until("an order through the shop", Duration::from_secs(60), || {
+        http::raw(
+            &gw,
+            "POST /api/orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-customer: prom",
+            r#"{"sku":"sku-cable","qty":1,"account":"acct-1"}"#,
+        )
+        .is_ok_and(|(s, _)| s == 201)
+    });
+    let (status, text) = http::get(&node.http, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    promtool_check(&promtool, "the node", &text);
+    for want in [
+        "meshwork_gateway_request_duration_seconds_bucket{",
+        "meshwork_store_commit_seconds_bucket{le=\"0.005\"}",
+        "# HELP meshwork_gateway_requests_total ",
+        "# HELP meshwork_registry_instances ",
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "meshwork_build_info{version=",
+    ] {
+        assert!(text.contains(want), "{want} in the node's metrics");
+    }
+    assert!(!text.contains("quantile=\""), "no summaries on the node");
+    for service in ["order", "inventory", "payment"] {
+        let (_, v) = http::get(&node.http, &format!("/v1/services/{service}/instances")).unwrap();
+        let v: Value = serde_json::from_str(&v).unwrap();
+        let i = &v["instances"][0];
+        let addr = format!("{}:{}", i["address"].as_str().unwrap(), i["port"]);
+        let (status, text) = http::get(&addr, "/metrics").unwrap();
+        assert_eq!(status, 200);
+        promtool_check(&promtool, service, &text);
+        assert!(
+            text.contains("meshwork_sdk_server_request_duration_seconds_bucket{"),
+            "{service}"
+        );
+        assert!(
+            text.contains("meshwork_sdk_build_info{version="),
+            "{service}"
+        );
+        assert!(
+            !text.contains("meshwork_registry_instances"),
+            "{service}: the node's name"
+        );
+        if service == "order" {
+            assert!(
+                text.contains("meshwork_discovery_instances{service=\"inventory\"}"),
+                "the order service's copy of inventory's instances"
+            );
+        }
+    }
+}
