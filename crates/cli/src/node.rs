@@ -367,6 +367,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                 mq: mq.clone(),
                 cache: cache_addr.as_ref().map(|w| w.cache().clone()),
                 traces: traces.as_ref().map(|t| t.store.clone()),
+                history: Default::default(),
                 auth: cfg.console_auth.clone(),
             }));
     }

@@ -187,10 +187,10 @@ function liveRegions() {
 
 // ---- charts ----
 const COLORS = ["#0b5fff", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a7ea4", "#57606a"];
-const WINDOW = 300; // points (seconds)
+const WINDOW = 3600; // seconds shown: the node keeps the last hour (/v1/console/history)
 const series = { "route-rate": {}, "route-errors": {}, "route-p99": {}, "service-latency": {} };
 let last = null;
-const history = []; // recent ticks, for windowed quantiles
+const recent = []; // recent ticks, for windowed quantiles
 
 // p99 (upper bucket bound, ms) of the requests between two bucket snapshots.
 function p99(bounds, older, newer) {
@@ -209,7 +209,7 @@ function p99(bounds, older, newer) {
 function push(kind, name, t, v) {
   const s = (series[kind][name] ||= []);
   s.push([t, v]);
-  while (s.length > WINDOW) s.shift();
+  while (s.length && s[0][0] < t - WINDOW * 1000) s.shift();
 }
 
 function draw(canvas) {
@@ -227,7 +227,7 @@ function draw(canvas) {
     ctx.beginPath(); ctx.moveTo(L, y); ctx.lineTo(W, y); ctx.stroke();
     ctx.fillText((max * i / 4).toFixed(max < 10 ? 1 : 0), 4, y + 4);
   }
-  ctx.fillText("-5 min", L, H - 4); ctx.fillText("now", W - 26, H - 4);
+  ctx.fillText("-1 h", L, H - 4); ctx.fillText("now", W - 26, H - 4);
   names.forEach((n, i) => {
     ctx.strokeStyle = COLORS[i % COLORS.length]; ctx.lineWidth = 2; ctx.beginPath();
     data[n].forEach(([t, v], j) => {
@@ -255,9 +255,9 @@ function charts() {
   const canvases = document.querySelectorAll("canvas[data-chart]");
   const rate = document.getElementById("gw-rate"), errors = document.getElementById("gw-errors");
   if (!canvases.length && !rate) return;
-  const es = source("/v1/console/stream");
-  es.addEventListener("tick", (ev) => {
-    const d = JSON.parse(ev.data);
+  // One tick (from the history or the live stream): rates from the last one.
+  const onTick = (d, live) => {
+    if (last && d.t_ms <= last.t_ms) return;
     if (last) {
       const dt = Math.max(0.001, (d.t_ms - last.t_ms) / 1000);
       const prev = Object.fromEntries(last.routes.map((r) => [r.route, r]));
@@ -271,21 +271,30 @@ function charts() {
         push("route-errors", r.route, d.t_ms, er);
       }
       for (const s of d.services) push("service-latency", s.service, d.t_ms, s.latency_ms);
-      const old = history.length ? history[0] : last;
+      const old = recent.length ? recent[0] : last;
       const olderRoutes = Object.fromEntries(old.routes.map((r) => [r.route, r]));
       for (const r of d.routes) {
         const o = olderRoutes[r.route];
         const q = o ? p99(d.latency_bounds_us, o.latency, r.latency) : null;
         if (q !== null) push("route-p99", r.route, d.t_ms, q);
       }
-      if (rate) rate.textContent = total.toFixed(1);
-      if (errors) errors.textContent = errs.toFixed(1);
-      for (const c of canvases) draw(c);
+      if (live && rate) rate.textContent = total.toFixed(1);
+      if (live && errors) errors.textContent = errs.toFixed(1);
+      if (live) for (const c of canvases) draw(c);
     }
     last = d;
-    history.push(d);
-    while (history.length > 10) history.shift();
-  });
+    recent.push(d);
+    while (recent.length > 10) recent.shift();
+  };
+  // The last hour first (ticks 10 s apart), then the live stream.
+  const start = () => {
+    source("/v1/console/stream").addEventListener("tick", (ev) => onTick(JSON.parse(ev.data), true));
+  };
+  fetch("/v1/console/history", { credentials: "same-origin" })
+    .then((r) => (r.ok ? r.json() : { ticks: [] }))
+    .then((h) => { for (const d of h.ticks || []) onTick(d, false); recent.length = 0; for (const c of canvases) draw(c); })
+    .catch(() => {})
+    .finally(start);
 }
 
 document.addEventListener("DOMContentLoaded", () => { wire(document); liveRegions(); charts(); });

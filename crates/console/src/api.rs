@@ -533,6 +533,7 @@ struct LoginBody {
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/console/overview"),
     ("get", "/v1/console/stream"),
+    ("get", "/v1/console/history"),
     ("get", "/v1/console/kv"),
     ("get", "/v1/console/kv/value"),
     ("get", "/v1/console/kv/watch"),
@@ -549,6 +550,7 @@ pub(crate) fn routes() -> Router<ConsoleState> {
     Router::new()
         .route("/v1/console/overview", get(overview))
         .route("/v1/console/stream", get(stream))
+        .route("/v1/console/history", get(history))
         .route("/v1/console/kv", get(kv_list))
         .route("/v1/console/kv/value", get(kv_value))
         .route("/v1/console/kv/watch", get(kv_watch))
@@ -573,6 +575,14 @@ async fn stream(State(s): State<ConsoleState>) -> Response {
                 data: serde_json::to_value(s.tick()).unwrap_or_default(),
             });
     sse(ticks)
+}
+
+async fn history(State(s): State<ConsoleState>) -> Response {
+    axum::Json(serde_json::json!({
+        "interval_ms": crate::HISTORY_EVERY.as_millis() as u64,
+        "ticks": s.history.ticks(),
+    }))
+    .into_response()
 }
 
 fn check_prefix(p: &str) -> Result<(), ApiError> {

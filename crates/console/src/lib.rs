@@ -43,6 +43,8 @@ pub struct ConsoleState {
     pub cache: Option<std::sync::Arc<meshwork_cache::Cache>>,
     /// This node's trace store, when it runs the role (the Traces pages).
     pub traces: Option<meshwork_traces::TraceStore>,
+    /// The charts' recent past ([`History::default`]; [`router`] fills it).
+    pub history: History,
     /// The login, when configured.
     pub auth: Option<Auth>,
 }
@@ -50,9 +52,50 @@ pub struct ConsoleState {
 const CSS: &str = include_str!("../assets/console.css");
 const JS: &str = include_str!("../assets/console.js");
 
+/// Ticks the history keeps: one hour at [`HISTORY_EVERY`].
+pub const HISTORY_TICKS: usize = 360;
+/// How often the history takes a tick.
+pub const HISTORY_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The charted counters' recent past: a tick every [`HISTORY_EVERY`] for
+/// the last [`HISTORY_TICKS`], so that a chart opened now starts an hour back.
+#[derive(Clone, Default)]
+pub struct History(std::sync::Arc<parking_lot::Mutex<std::collections::VecDeque<api::Tick>>>);
+
+impl History {
+    /// The ticks kept, oldest first.
+    pub fn ticks(&self) -> Vec<api::Tick> {
+        self.0.lock().iter().cloned().collect()
+    }
+
+    fn push(&self, t: api::Tick) {
+        let mut q = self.0.lock();
+        if q.len() >= HISTORY_TICKS {
+            q.pop_front();
+        }
+        q.push_back(t);
+    }
+}
+
 /// The console: pages at `/` and `/ui/...`, assets at `/ui/assets/...`, and
-/// its JSON API at `/v1/console/...`.
+/// its JSON API at `/v1/console/...`. Starts the history's sampler (on the
+/// current tokio runtime; it ends when the last router is dropped).
 pub fn router(state: ConsoleState) -> Router {
+    let weak = std::sync::Arc::downgrade(&state.history.0);
+    state.history.push(state.tick());
+    let sampler = state.clone();
+    tokio::spawn(async move {
+        let mut every =
+            tokio::time::interval_at(tokio::time::Instant::now() + HISTORY_EVERY, HISTORY_EVERY);
+        loop {
+            every.tick().await;
+            // Only while someone still holds the history (a router's state).
+            if weak.strong_count() <= 1 {
+                return;
+            }
+            sampler.history.push(sampler.tick());
+        }
+    });
     Router::new()
         .merge(pages::routes())
         .merge(api::routes())

@@ -37,6 +37,7 @@ async fn start(auth: Option<Auth>) -> Harness {
             mq: None,
             cache: None,
             traces: None,
+            history: Default::default(),
             auth: auth.clone(),
         }))
         .layer(axum::middleware::from_fn_with_state(
@@ -176,6 +177,12 @@ async fn every_console_operation_answers_as_documented() {
     assert_eq!(s, 404, "no login configured");
     let (s, _, b) = call(a, "POST", "/v1/console/logout", "{}", &[]).await;
     check(&d, "/v1/console/logout", "post", s, &b);
+
+    // The history: the sampler's first tick is taken as the router starts.
+    let (s, _, b) = call(a, "GET", "/v1/console/history", "", &[]).await;
+    check(&d, "/v1/console/history", "get", s, &b);
+    assert_eq!(b["interval_ms"], 10_000);
+    assert!(!b["ticks"].as_array().unwrap().is_empty(), "{b}");
 
     // Streams: the first tick, and a change seen by a watch.
     let client: Client<HttpConnector, Full<Bytes>> =

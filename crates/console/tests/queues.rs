@@ -25,6 +25,7 @@ async fn serve(mq: Option<Broker>) -> (std::net::SocketAddr, Box<dyn std::any::A
         mq: mq.clone(),
         cache: None,
         traces: None,
+        history: Default::default(),
         auth: None,
     });
     if let Some(b) = &mq {
