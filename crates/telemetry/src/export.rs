@@ -583,3 +583,141 @@ fn http_sink(ep: Endpoint) -> Sink {
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cfg(queue: usize, batch: usize) -> ExportConfig {
+        ExportConfig {
+            service: "svc".into(),
+            resource: vec![],
+            queue,
+            batch,
+            delay: Duration::from_millis(10),
+            scope: "test".into(),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_queue_drops_and_counts_and_never_waits() {
+        // A collector that never answers: the batch task is stuck on its first batch.
+        let sink: Sink = Arc::new(|_| Box::pin(std::future::pending()));
+        let t = Tracer::start(cfg(2, 1), sink);
+        let ctx = TraceContext::new_root();
+        // Nothing runs the batch task in between: two fit, three are dropped.
+        for _ in 0..5 {
+            t.record(SpanRecord::new(
+                &ctx,
+                "op",
+                Kind::Internal,
+                SystemTime::now(),
+            ));
+        }
+        assert_eq!(t.stats().dropped, 3);
+        // An unsampled trace is not even queued.
+        let mut unsampled = TraceContext::new_root();
+        unsampled.flags = "00".into();
+        t.record(SpanRecord::new(
+            &unsampled,
+            "op",
+            Kind::Internal,
+            SystemTime::now(),
+        ));
+        assert_eq!(t.stats().dropped, 3);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn spans_go_out_in_batches_as_otlp() {
+        let got: Arc<parking_lot::Mutex<Vec<ExportTraceServiceRequest>>> = Arc::default();
+        let got2 = got.clone();
+        let sink: Sink = Arc::new(move |req| {
+            got2.lock().push(req);
+            Box::pin(async { Ok(()) })
+        });
+        let t = Tracer::start(cfg(100, 3), sink);
+        let ctx = TraceContext::new_root();
+        for i in 0..4 {
+            t.record(
+                SpanRecord::new(
+                    &ctx.child(),
+                    format!("op{i}"),
+                    Kind::Client,
+                    SystemTime::now(),
+                )
+                .attr("attempt", i as i64)
+                .failed("boom"),
+            );
+        }
+        // A full batch at once, the rest after the schedule delay.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let reqs = got.lock().clone();
+        let spans: Vec<&Span> = reqs
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .collect();
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(spans.len(), 4);
+        assert_eq!(spans[0].trace_id, unhex(&ctx.trace_id));
+        assert_eq!(spans[0].parent_span_id, unhex(&ctx.span_id));
+        assert_eq!(spans[0].kind, 3);
+        assert_eq!(spans[0].status.as_ref().unwrap().code, 2);
+        let res = reqs[0].resource_spans[0].resource.as_ref().unwrap();
+        assert_eq!(res.attributes[0].key, "service.name");
+        assert_eq!(t.stats().exported, 4);
+    }
+
+    #[test]
+    fn endpoints_follow_the_otlp_variables_rules() {
+        let ep = Endpoint::new(
+            "http://collector:4318/",
+            false,
+            Protocol::HttpProtobuf,
+            vec![],
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(ep.url, "http://collector:4318/v1/traces");
+        let exact = Endpoint::new(
+            "http://c:4318/custom",
+            true,
+            Protocol::HttpProtobuf,
+            vec![],
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(exact.url, "http://c:4318/custom");
+        let grpc = Endpoint::new(
+            "http://c:4317",
+            false,
+            Protocol::Grpc,
+            vec![],
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(grpc.url, "http://c:4317");
+        assert!(
+            Endpoint::new(
+                "https://c:4317",
+                false,
+                Protocol::Grpc,
+                vec![],
+                Duration::from_secs(1)
+            )
+            .is_err()
+        );
+        assert!(
+            Endpoint::new(
+                "c:4317",
+                false,
+                Protocol::Grpc,
+                vec![],
+                Duration::from_secs(1)
+            )
+            .is_err()
+        );
+    }
+}
