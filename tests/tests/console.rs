@@ -601,5 +601,20 @@ async fn the_traces_pages_search_and_draw_a_waterfall() {
         after == 1 && shown > 1,
         "{shown} rows shown, {after} after folding"
     );
+    // A route's counters and a service's page lead to their traces.
+    c.goto(&format!("{base}/ui/gateway")).await.unwrap();
+    click(&c, "a[href*='meshwork.route%3Dshop-orders-create']").await;
+    wait_text(&c, "#trace-results", "the route's traces", |t| {
+        t.matches("shop-orders-create").count() == 2
+    })
+    .await;
+    c.goto(&format!("{base}/ui/services/payment"))
+        .await
+        .unwrap();
+    click(&c, "a[href='/ui/traces?service=payment&error=true']").await;
+    wait_text(&c, "#trace-results", "payment's failed trace", |t| {
+        t.matches("shop-orders-create").count() == 1
+    })
+    .await;
     c.close().await.unwrap();
 }

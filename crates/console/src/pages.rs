@@ -306,11 +306,20 @@ async fn service(
 ) -> Response {
     let d = s.coord.registry.discover(&name, &Filter::default());
     let mut b = format!(
-        "<h1>Service <code>{n}</code></h1><p><a href=\"/ui/services\">← all services</a></p>
+        "<h1>Service <code>{n}</code></h1><p><a href=\"/ui/services\">← all services</a>{tr}</p>
 <div data-live=\"/ui/services/{e}\" data-sse=\"/v1/services/{e}/watch\">
 <p>{h} of {t} instances healthy · index {i}{p}</p>",
         n = esc(&name),
         e = enc(&name),
+        tr = if s.traces.is_some() {
+            format!(
+                " · <a href=\"/ui/traces?service={}\">its traces</a> · <a href=\"/ui/traces?service={}&amp;error=true\">with errors</a>",
+                enc(&name),
+                enc(&name)
+            )
+        } else {
+            String::new()
+        },
         h = d.healthy_count,
         t = d.total_count,
         i = d.index,
@@ -602,6 +611,14 @@ async fn gateway(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Res
             .collect::<Vec<_>>()
             .join(" ");
         let sc = r.counters.status_classes;
+        // With a trace store on this node, the counters lead to their traces.
+        let traces = |extra: &str, text: String| match &s.traces {
+            Some(_) => format!(
+                "<a href=\"/ui/traces?service=gateway&amp;attr={}{extra}\">{text}</a>",
+                enc(&format!("meshwork.route={}", r.name))
+            ),
+            None => text,
+        };
         let _ = write!(
             b,
             "<tr><td>{}</td><td><b>{}</b></td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{} / {} / {} / {} / {}</td><td>{}</td><td>{}</td><td>{br}</td></tr>",
@@ -609,7 +626,7 @@ async fn gateway(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Res
             esc(&r.name),
             r.priority,
             esc(&r.action),
-            r.counters.requests,
+            traces("", r.counters.requests.to_string()),
             r.counters
                 .p99_ms
                 .map_or_else(|| "–".to_string(), |v| format!("≤ {v}")),
@@ -617,7 +634,7 @@ async fn gateway(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Res
             sc[1],
             sc[2],
             sc[3],
-            sc[4],
+            traces("&amp;error=true", sc[4].to_string()),
             r.counters.rate_limited,
             r.counters.active
         );
