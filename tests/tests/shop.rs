@@ -910,9 +910,16 @@ fn an_order_is_one_trace_from_the_gateway_to_payment() {
             &[
                 "POST /charges/{order_id}/capture",
                 "POST /reservations/{order_id}/commit",
+                "publish shop.orders",
+                "process shop.orders/notifications",
             ]
         } else {
-            &["POST /reservations/{order_id}/release", "POST /charges"]
+            &[
+                "POST /reservations/{order_id}/release",
+                "POST /charges",
+                "publish shop.orders",
+                "process shop.orders/notifications",
+            ]
         };
         let spans = trace_spans(&http, trace, last, caller);
         let ids: std::collections::HashSet<&str> = spans
@@ -941,6 +948,15 @@ fn an_order_is_one_trace_from_the_gateway_to_payment() {
         assert_eq!(order["parent_span_id"], hop["span_id"]);
         assert_eq!(hop["parent_span_id"], root["span_id"]);
         find("txn-coordinator", "server", "POST /v1/txn/transactions");
+        // The order's event: staged in the outbox with the order's state (a
+        // producer span), processed by the notifications group (its child).
+        let published = find("order", "producer", "publish shop.orders");
+        let processed = find("order", "consumer", "process shop.orders/notifications");
+        assert_eq!(processed["parent_span_id"], published["span_id"]);
+        assert_eq!(
+            published["attributes"]["messaging.destination.name"],
+            "shop.orders"
+        );
         find("inventory", "server", "POST /reservations");
         let charge = find("txn-coordinator", "client", "action payment");
         let charged = find("payment", "server", "POST /charges");

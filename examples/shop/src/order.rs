@@ -732,6 +732,9 @@ async fn settle(
     } else {
         reason.clone()
     };
+    // The event belongs to this request's trace (the closure runs on the
+    // database's thread, outside the request's task).
+    let ctx = meshwork_sdk::RequestContext::current();
     let ran =
         s.db.branch(Some(call), move |tx| {
             let n = tx.execute(
@@ -751,7 +754,7 @@ async fn settle(
                     .key(id.to_string())
                     .tag(event);
                 MqOutbox
-                    .stage(tx, EVENTS_TOPIC, &msg)
+                    .stage_in(tx, EVENTS_TOPIC, &msg, ctx.as_ref())
                     .map_err(|e| ApiError::internal(&format!("staging the order event: {e}")))?;
             }
             Ok(n)

@@ -193,11 +193,15 @@ impl OutMessage {
 
     /// The headers to send: the message's, with the publisher's trace added.
     fn headers_with_trace(&self) -> BTreeMap<String, String> {
+        self.headers_with_trace_from(RequestContext::current().as_ref())
+    }
+
+    /// As [`OutMessage::headers_with_trace`], a child of `ctx` (a root without).
+    fn headers_with_trace_from(&self, ctx: Option<&RequestContext>) -> BTreeMap<String, String> {
         let mut headers = self.headers.clone();
         // The publisher's trace: a child of the request being handled, if any.
         if !headers.contains_key("traceparent") {
-            let trace =
-                RequestContext::current().map_or_else(TraceContext::new_root, |c| c.trace.child());
+            let trace = ctx.map_or_else(TraceContext::new_root, |c| c.trace.child());
             headers.insert("traceparent".into(), trace.traceparent());
         }
         headers
@@ -812,6 +816,45 @@ impl Publisher {
     /// out, the messages published meanwhile queue up and go together in the next
     /// (each still answered only once it is durable), as Kafka's producers batch.
     pub async fn publish(&self, msg: OutMessage) -> Result<Published, MqError> {
+        // With span export on, the publish is a producer span (the consumer's parent).
+        let Some(tracer) = crate::telemetry::tracer() else {
+            return self.publish_inner(msg).await;
+        };
+        if msg.headers.contains_key("traceparent") {
+            return self.publish_inner(msg).await;
+        }
+        let ctx =
+            RequestContext::current().map_or_else(TraceContext::new_root, |c| c.trace.child());
+        let mut msg = msg.header("traceparent", ctx.traceparent());
+        msg.id = Some(msg.id.unwrap_or_else(random_id));
+        let id = msg.id.unwrap_or_default();
+        let wall = std::time::SystemTime::now();
+        let result = self.publish_inner(msg).await;
+        use meshwork_telemetry::export::{Kind, SpanRecord};
+        let s = SpanRecord::new(
+            &ctx,
+            format!("publish {}", self.topic),
+            Kind::Producer,
+            wall,
+        )
+        .attr("messaging.system", "meshwork")
+        .attr("messaging.operation.type", "send")
+        .attr("messaging.destination.name", self.topic.as_str())
+        .attr("messaging.message.id", id.to_string());
+        tracer.record(match &result {
+            Ok(p) => s
+                .attr(
+                    "messaging.destination.partition.id",
+                    p.partition.to_string(),
+                )
+                .attr("meshwork.mq.offset", p.offset as i64)
+                .attr("meshwork.mq.duplicate", p.duplicate),
+            Err(e) => s.failed(e.to_string()),
+        });
+        result
+    }
+
+    async fn publish_inner(&self, msg: OutMessage) -> Result<Published, MqError> {
         #[cfg(feature = "nats")]
         if self.client.nats.is_some() {
             // The NATS client pipelines publishes on its one connection already.
@@ -1587,10 +1630,14 @@ impl Job {
             trace: msg
                 .headers
                 .get("traceparent")
+                // `parse` continues the publisher's trace with a new span: the
+                // consumer's, whose parent is the producer's span.
                 .and_then(|t| TraceContext::parse(t))
-                .map_or_else(TraceContext::new_root, |t| t.child()),
+                .unwrap_or_else(TraceContext::new_root),
             deadline: None,
         };
+        let span = crate::telemetry::tracer()
+            .map(|t| (t, ctx.trace.clone(), std::time::SystemTime::now()));
         // Keep the message while the handler works: extend at half the ack wait.
         let every = (self.ack_wait / 2).max(Duration::from_millis(50));
         let work = ctx.scope(fut);
@@ -1605,6 +1652,29 @@ impl Job {
                 }
             }
         };
+        if let Some((t, trace, wall)) = span {
+            use meshwork_telemetry::export::{Kind, SpanRecord};
+            let s = SpanRecord::new(
+                &trace,
+                format!("process {}", self.name),
+                Kind::Consumer,
+                wall,
+            )
+            .attr("messaging.system", "meshwork")
+            .attr("messaging.operation.type", "process")
+            .attr("messaging.consumer.group.name", self.name.as_str())
+            .attr(
+                "messaging.destination.partition.id",
+                msg.partition.to_string(),
+            )
+            .attr("messaging.message.id", msg.id.to_string())
+            .attr("meshwork.mq.offset", msg.offset as i64)
+            .attr("meshwork.mq.delivery", msg.delivery);
+            t.record(match &result {
+                Ok(()) => s,
+                Err(e) => s.failed(e.to_string()),
+            });
+        }
         let delay = match result {
             Ok(()) => None,
             Err(e) => {

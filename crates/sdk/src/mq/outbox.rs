@@ -77,9 +77,53 @@ impl MqOutbox {
         topic: &str,
         msg: &OutMessage,
     ) -> Result<u64, MqOutboxError> {
+        self.stage_in(tx, topic, msg, crate::RequestContext::current().as_ref())
+    }
+
+    /// [`MqOutbox::stage`] in the trace of `ctx`: for code that runs outside
+    /// the request's task (a closure on a blocking database thread), where
+    /// [`crate::RequestContext::current`] is empty — take it before.
+    pub fn stage_in(
+        &self,
+        tx: &Transaction<'_>,
+        topic: &str,
+        msg: &OutMessage,
+        ctx: Option<&crate::RequestContext>,
+    ) -> Result<u64, MqOutboxError> {
         let id = msg.id.unwrap_or_else(random_id);
         let mut m = msg.clone();
-        m.headers = m.headers_with_trace();
+        let traced = !m.headers.contains_key("traceparent");
+        m.headers = m.headers_with_trace_from(ctx);
+        // Staging is the message's producer span (created here, sent later by
+        // the drain): the consumer's parent.
+        if traced
+            && let Some(t) = crate::telemetry::tracer()
+            && let Some(sent) = m
+                .headers
+                .get("traceparent")
+                .and_then(|tp| meshwork_telemetry::TraceContext::parse(tp))
+        {
+            use meshwork_telemetry::export::{Kind, SpanRecord};
+            // `parse` made a new span; the staged one is its parent.
+            let staged = meshwork_telemetry::TraceContext {
+                span_id: sent.parent_id.clone().unwrap_or_default(),
+                parent_id: ctx.map(|c| c.trace.span_id.clone()),
+                ..sent
+            };
+            t.record(
+                SpanRecord::new(
+                    &staged,
+                    format!("publish {topic}"),
+                    Kind::Producer,
+                    std::time::SystemTime::now(),
+                )
+                .attr("messaging.system", "meshwork")
+                .attr("messaging.operation.type", "create")
+                .attr("messaging.destination.name", topic)
+                .attr("messaging.message.id", id.to_string())
+                .attr("meshwork.mq.outbox", true),
+            );
+        }
         tx.execute(
             &format!("INSERT INTO {TABLE} (topic, message) VALUES (?1, ?2)"),
             params![topic, m.to_json(id).to_string()],
