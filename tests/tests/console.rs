@@ -122,6 +122,23 @@ async fn click(c: &Client, css: &str) {
         .unwrap();
 }
 
+/// Clicks the first element matching `css` in a region the page refreshes
+/// live: a refresh between finding and clicking replaces the element, so a
+/// stale one is looked up again.
+async fn click_live(c: &Client, css: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match c.find(Locator::Css(css)).await {
+            Ok(el) => match el.click().await {
+                Ok(()) => return,
+                Err(e) => assert!(Instant::now() < deadline, "clicking {css}: {e}"),
+            },
+            Err(e) => assert!(Instant::now() < deadline, "finding {css}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Accepts the confirm() dialog a click opened.
 async fn accept(c: &Client) {
     let deadline = Instant::now() + WAIT;
@@ -515,7 +532,17 @@ async fn the_traces_pages_search_and_draw_a_waterfall() {
     );
     wait_demo(&node);
     let gw = node.gateway.clone().unwrap();
-    for account in ["acct-1", "acct-poor"] {
+    // The services register one by one: the orders go once all are healthy.
+    until("every shop service healthy", WAIT, || {
+        ["order", "inventory", "payment"].iter().all(|s| {
+            http::get(
+                &node.http,
+                &format!("/v1/services/{s}/instances?healthy=true"),
+            )
+            .is_ok_and(|(c, b)| c == 200 && b.contains("\"port\""))
+        })
+    });
+    for (account, want) in [("acct-1", 201), ("acct-poor", 402)] {
         let body = format!(r#"{{"sku":"sku-cable","qty":1,"account":"{account}"}}"#);
         let (status, text) = http::raw(
             &gw,
@@ -523,7 +550,7 @@ async fn the_traces_pages_search_and_draw_a_waterfall() {
             &body,
         )
         .unwrap();
-        assert!(matches!(status, 201 | 402), "{status} {text}");
+        assert_eq!(status, want, "{text}");
     }
     // The declined order's refund reaches the store last.
     until("the declined order's trace", WAIT, || {
@@ -603,7 +630,7 @@ async fn the_traces_pages_search_and_draw_a_waterfall() {
     );
     // A route's counters and a service's page lead to their traces.
     c.goto(&format!("{base}/ui/gateway")).await.unwrap();
-    click(&c, "a[href*='meshwork.route%3Dshop-orders-create']").await;
+    click_live(&c, "a[href*='meshwork.route%3Dshop-orders-create']").await;
     wait_text(&c, "#trace-results", "the route's traces", |t| {
         t.matches("shop-orders-create").count() == 2
     })
@@ -611,9 +638,16 @@ async fn the_traces_pages_search_and_draw_a_waterfall() {
     c.goto(&format!("{base}/ui/services/payment"))
         .await
         .unwrap();
-    click(&c, "a[href='/ui/traces?service=payment&error=true']").await;
+    click_live(&c, "a[href='/ui/traces?service=payment&error=true']").await;
     wait_text(&c, "#trace-results", "payment's failed trace", |t| {
         t.matches("shop-orders-create").count() == 1
+    })
+    .await;
+    // A service's instances show their own breakers (read from their metrics):
+    // the order service has called inventory and payment.
+    c.goto(&format!("{base}/ui/services/order")).await.unwrap();
+    wait_text(&c, "main table", "the order service's breakers", |t| {
+        t.contains("inventory: closed")
     })
     .await;
     c.close().await.unwrap();

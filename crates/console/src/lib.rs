@@ -11,6 +11,7 @@
 pub mod api;
 pub mod auth;
 pub mod cache;
+pub mod instances;
 pub mod pages;
 pub mod queues;
 pub mod secrets;

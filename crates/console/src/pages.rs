@@ -329,11 +329,52 @@ async fn service(
             ""
         }
     );
+    // Each SDK instance's own breakers and ejections, read from its metrics
+    // (in parallel, 500 ms each at most).
+    let reads = d
+        .instances
+        .iter()
+        .take(crate::instances::MAX_INSTANCES)
+        .map(|v| {
+            let sp = &v.instance.spec;
+            let addr = format!("{}:{}", sp.address, sp.port);
+            let path = sp.metadata.get("metrics_path").cloned();
+            async move {
+                match path {
+                    Some(p) if p.starts_with('/') => crate::instances::fetch(&addr, &p)
+                        .await
+                        .map(|t| crate::instances::parse(&t)),
+                    _ => None,
+                }
+            }
+        });
+    let own: Vec<Option<crate::instances::Resilience>> =
+        futures_util::future::join_all(reads).await;
     if d.instances.is_empty() {
         b.push_str("<p class=\"muted\">No instance.</p>");
     } else {
-        b.push_str("<table><thead><tr><th scope=\"col\">Instance</th><th scope=\"col\">Address</th><th scope=\"col\">Zone</th><th scope=\"col\">Version</th><th scope=\"col\">Tags</th><th scope=\"col\">Health</th><th scope=\"col\">Last check</th><th scope=\"col\">Actions</th></tr></thead><tbody>");
-        for v in &d.instances {
+        b.push_str("<table><thead><tr><th scope=\"col\">Instance</th><th scope=\"col\">Address</th><th scope=\"col\">Zone</th><th scope=\"col\">Version</th><th scope=\"col\">Tags</th><th scope=\"col\">Health</th><th scope=\"col\">Last check</th><th scope=\"col\">Its breakers</th><th scope=\"col\">Actions</th></tr></thead><tbody>");
+        for (n, v) in d.instances.iter().enumerate() {
+            let breakers = match own.get(n).cloned().flatten() {
+                None => "<span class=\"muted\">–</span>".to_string(),
+                Some(r) => {
+                    let mut t: Vec<String> = r
+                        .breakers
+                        .iter()
+                        .map(|(name, st)| {
+                            format!("<span class=\"state-{st}\">{}: {st}</span>", esc(name))
+                        })
+                        .collect();
+                    if r.ejections > 0 {
+                        t.push(format!("{} ejections", r.ejections));
+                    }
+                    if t.is_empty() {
+                        "<span class=\"muted\">none yet</span>".to_string()
+                    } else {
+                        t.join(" ")
+                    }
+                }
+            };
             let sp = &v.instance.spec;
             let detail = v
                 .health_detail
@@ -347,7 +388,7 @@ async fn service(
             };
             let _ = write!(
                 b,
-                "<tr class=\"health-{health}\"><td><code>{id}</code>{disabled}</td><td>{addr}:{port}</td><td>{zone}</td><td>{ver}</td><td>{tags}</td><td>{health}</td><td>{detail}</td>
+                "<tr class=\"health-{health}\"><td><code>{id}</code>{disabled}</td><td>{addr}:{port}</td><td>{zone}</td><td>{ver}</td><td>{tags}</td><td>{health}</td><td>{detail}</td><td>{breakers}</td>
 <td class=\"actions\"><button type=\"button\" data-api=\"/v1/services/{es}/instances/{eid}/enabled\" data-method=\"PUT\" data-body='{{\"enabled\":{tv}}}' data-then=\"reload\">{tl}</button>
 <button type=\"button\" class=\"danger\" data-api=\"/v1/services/{es}/instances/{eid}\" data-method=\"DELETE\" data-confirm=\"Deregister {id}?\" data-then=\"reload\">Deregister</button></td></tr>",
                 health = v.health,

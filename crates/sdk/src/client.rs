@@ -132,6 +132,9 @@ impl Default for TargetPolicy {
             breaker: BreakerConfig {
                 consecutive_failures: Some(5),
                 open_duration_ms: 5_000,
+                // Empty: each target's breaker is named after its service
+                // (`guards`), so their metrics stay apart.
+                name: String::new(),
                 ..BreakerConfig::default()
             },
             outlier: Some(OutlierConfig {

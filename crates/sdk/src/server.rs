@@ -190,6 +190,9 @@ impl Bound {
             spec.metadata = opts.metadata.clone();
             spec.metadata
                 .insert("pid".into(), std::process::id().to_string());
+            // Where the console reads this instance's own breakers and ejections.
+            spec.metadata
+                .insert("metrics_path".into(), opts.metrics_path.clone());
             let r = mw.register(spec).await?;
             tracing::info!(service = %mw.name(), id = %r.instance.spec.id, %addr, "registered");
             Some(r.instance.spec.id)
