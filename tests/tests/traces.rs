@@ -380,3 +380,92 @@ fn spans_go_to_the_configured_otlp_collector() {
         );
     }
 }
+
+/// Misbehaving clients on the OTLP/gRPC port: connections that send nothing
+/// are closed past the `[listen]` header deadline, one past the connection
+/// limit is closed at once, and neither costs a well-behaved exporter its
+/// export afterwards.
+#[test]
+fn idle_and_surplus_connections_on_the_otlp_grpc_port_do_not_stop_exports() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("meshwork.toml");
+    std::fs::write(
+        &cfg,
+        "[listen]\nheader_read_timeout_ms = 300\nhttp_max_connections = 6\n",
+    )
+    .unwrap();
+    let n = meshwork_tests::start(
+        &dir.path().join("data"),
+        &[
+            "--roles",
+            "store,coord,traces",
+            "--otlp-grpc-addr",
+            "127.0.0.1:0",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let grpc = n.otlp_grpc.clone().unwrap();
+    // Every slot taken by a client that sends nothing.
+    let idle: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| std::net::TcpStream::connect(&grpc).unwrap())
+        .collect();
+    let closed = |mut s: &std::net::TcpStream| {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut b = [0u8; 256];
+        // The server's HTTP/2 preface may come first; then EOF or a reset: the
+        // server closed it (a read timeout is an error of another kind, and
+        // fails the test).
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        }
+    };
+    // One more (accepted after them) is refused: closed at once.
+    let surplus = std::net::TcpStream::connect(&grpc).unwrap();
+    assert!(closed(&surplus), "the connection past the limit is closed");
+    // The silent ones are closed past the header deadline.
+    for s in &idle {
+        assert!(closed(s), "a silent connection is closed");
+    }
+    // A real exporter is served afterwards.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+        let mut c = TraceServiceClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let span = Span {
+            trace_id: vec![7; 16],
+            span_id: vec![7; 8],
+            name: "after the flood".into(),
+            start_time_unix_nano: 1_700_000_000_000_000_000,
+            end_time_unix_nano: 1_700_000_000_000_000_001,
+            ..Default::default()
+        };
+        c.export(ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![span],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    });
+    let t = get(&n.http, "/v1/traces/07070707070707070707070707070707");
+    assert_eq!(t["spans"][0]["name"], "after the flood");
+}

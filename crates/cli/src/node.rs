@@ -490,8 +490,23 @@ async fn start_traces(
     if let Some(l) = grpc_listener {
         out.grpc = Some(l.local_addr()?);
         let (s, rx) = (store.clone(), stop_rx.clone());
+        // The [listen] limits of the HTTP port: connection slots, first bytes
+        // within the header deadline, silent clients closed past the idle one.
+        let limits = meshwork_etcd::ListenLimits {
+            max_connections: cfg.listen.http_max_connections,
+            max_concurrent_streams: cfg.listen.etcd_max_concurrent_streams,
+            handshake_timeout: std::time::Duration::from_millis(cfg.listen.header_read_timeout_ms),
+            idle_timeout: std::time::Duration::from_millis(cfg.listen.idle_timeout_ms),
+        };
+        let grpc = meshwork_traces::GrpcLimits {
+            max_concurrent_streams: limits.max_concurrent_streams,
+            keepalive: (limits.idle_timeout / 3).max(std::time::Duration::from_millis(100)),
+        };
+        let incoming = meshwork_etcd::server::limited_incoming(l, limits, "otlp-grpc");
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = meshwork_traces::serve_grpc(l, s, stopped(rx)).await {
+            if let Err(e) =
+                meshwork_traces::serve_grpc_incoming(incoming, s, grpc, stopped(rx)).await
+            {
                 tracing::error!(error = %e, "OTLP/gRPC server failed");
             }
         }));

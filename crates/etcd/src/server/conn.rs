@@ -59,13 +59,16 @@ impl Default for ListenLimits {
 pub(crate) struct Slots {
     slots: Arc<Semaphore>,
     limits: ListenLimits,
+    /// The `listener` label of its metrics.
+    name: &'static str,
 }
 
 impl Slots {
-    pub(crate) fn new(limits: ListenLimits) -> Self {
+    pub(crate) fn new(limits: ListenLimits, name: &'static str) -> Self {
         Slots {
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
+            name,
         }
     }
 
@@ -74,11 +77,12 @@ impl Slots {
     pub(crate) fn admit(&self, stream: TcpStream) -> Option<Guarded> {
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) => {
-                metrics::gauge!("meshwork_listener_connections", "listener" => "etcd")
+                metrics::gauge!("meshwork_listener_connections", "listener" => self.name)
                     .increment(1.0);
                 Some(Guarded {
                     inner: stream,
-                    _slot: Slot(permit),
+                    _slot: Slot(permit, self.name),
+                    name: self.name,
                     silence: Box::pin(tokio::time::sleep(self.limits.handshake_timeout)),
                     idle: self.limits.idle_timeout,
                     round: Round::Open,
@@ -88,11 +92,12 @@ impl Slots {
                 })
             }
             Err(_) => {
-                metrics::counter!("meshwork_listener_refused_connections_total", "listener" => "etcd")
+                metrics::counter!("meshwork_listener_refused_connections_total", "listener" => self.name)
                     .increment(1);
                 tracing::debug!(
+                    listener = self.name,
                     limit = self.limits.max_connections,
-                    "etcd port: connection limit reached, closing a new connection"
+                    "connection limit reached, closing a new connection"
                 );
                 None
             }
@@ -102,20 +107,21 @@ impl Slots {
 
 /// A taken slot; given back (and the gauge lowered) on drop.
 #[derive(Debug)]
-struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+struct Slot(#[allow(dead_code)] OwnedSemaphorePermit, &'static str);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        metrics::gauge!("meshwork_listener_connections", "listener" => "etcd").decrement(1.0);
+        metrics::gauge!("meshwork_listener_connections", "listener" => self.1).decrement(1.0);
     }
 }
 
 /// An admitted connection: closed (read error `TimedOut`) once its client
 /// has been silent past the deadline.
 #[derive(Debug)]
-pub(crate) struct Guarded {
+pub struct Guarded {
     inner: TcpStream,
     _slot: Slot,
+    name: &'static str,
     silence: Pin<Box<Sleep>>,
     idle: Duration,
     round: Round,
@@ -186,7 +192,7 @@ impl AsyncRead for Guarded {
             }
             Poll::Pending => match self.silence.as_mut().poll(cx) {
                 Poll::Ready(()) => {
-                    metrics::counter!("meshwork_listener_timeouts_total", "listener" => "etcd")
+                    metrics::counter!("meshwork_listener_timeouts_total", "listener" => self.name)
                         .increment(1);
                     Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -235,6 +241,17 @@ impl Connected for Guarded {
     }
 }
 
+/// The connections of `listener` admitted under `limits` (a slot each,
+/// first bytes within the handshake timeout, closed past the idle timeout),
+/// for any tonic server; `name` labels the `meshwork_listener_*` metrics.
+pub fn limited_incoming(
+    listener: tokio::net::TcpListener,
+    limits: ListenLimits,
+    name: &'static str,
+) -> impl futures_util::Stream<Item = io::Result<Guarded>> + Send + 'static {
+    incoming(listener, Slots::new(limits, name))
+}
+
 /// The admitted connections of `listener`, for tonic. An accept error (out of
 /// file descriptors, say) is logged and waited out for a moment instead of
 /// ending the stream or spinning on it.
@@ -256,7 +273,7 @@ pub(crate) fn incoming(
                     }
                 }
                 Err(e) => {
-                    metrics::counter!("meshwork_listener_accept_errors_total", "listener" => "etcd")
+                    metrics::counter!("meshwork_listener_accept_errors_total", "listener" => slots.name)
                         .increment(1);
                     tracing::warn!(error = %e, "etcd port: accept failed; retrying in 100 ms");
                     tokio::time::sleep(Duration::from_millis(100)).await;

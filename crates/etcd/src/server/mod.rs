@@ -14,7 +14,7 @@ use std::future::Future;
 use meshwork_store::Store;
 use tokio::net::TcpListener;
 
-pub use conn::ListenLimits;
+pub use conn::{Guarded, ListenLimits, limited_incoming};
 
 use crate::convert::Header;
 use crate::proto::etcdserverpb::{
@@ -102,7 +102,7 @@ pub async fn serve_limited(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let keepalive = (limits.idle_timeout / 3).max(std::time::Duration::from_millis(100));
-    let incoming = conn::incoming(listener, conn::Slots::new(limits.clone()));
+    let incoming = conn::incoming(listener, conn::Slots::new(limits.clone(), "etcd"));
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
