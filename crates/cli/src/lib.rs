@@ -215,6 +215,19 @@ struct NodeArgs {
     /// Without it, `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` is used when set.
     #[arg(long, env = "MESHWORK_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Tokens the store's `Authenticate` issues once auth is on (`etcdctl auth
+    /// enable`): `simple` (random, held in memory, lost on restart) or `jwt`
+    /// (HS256, signed with a key generated on first start and kept in the data
+    /// directory, or read from `--auth-jwt-key-file`) [default: simple].
+    #[arg(long, env = "MESHWORK_AUTH_TOKEN")]
+    auth_token: Option<String>,
+    /// Seconds a store auth token stays valid (a simple token: since its last use)
+    /// [default: 300].
+    #[arg(long, env = "MESHWORK_AUTH_TOKEN_TTL")]
+    auth_token_ttl: Option<u64>,
+    /// File holding the HS256 key (at least 32 bytes) for `--auth-token jwt`.
+    #[arg(long, env = "MESHWORK_AUTH_JWT_KEY_FILE")]
+    auth_jwt_key_file: Option<PathBuf>,
     /// Gateway worker threads (one accept loop and runtime each) [default: cores].
     #[arg(long, env = "MESHWORK_GATEWAY_WORKERS")]
     gateway_workers: Option<usize>,
@@ -418,6 +431,7 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         )?,
         traces,
         console_auth: console_auth(&file.console)?,
+        store_auth: store_auth(args)?,
         txn: file.txn.options()?,
         mq,
         listen: {
@@ -430,6 +444,37 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         },
         cache,
     })
+}
+
+/// The store's auth settings from `--auth-token`, `--auth-token-ttl` and
+/// `--auth-jwt-key-file`.
+fn store_auth(args: &NodeArgs) -> Result<meshwork_etcd::auth::AuthConfig> {
+    use meshwork_etcd::auth::{AuthConfig, TokenKind};
+    let mut cfg = AuthConfig::default();
+    match args.auth_token.as_deref() {
+        None | Some("simple") => {}
+        Some("jwt") => cfg.token = TokenKind::Jwt,
+        Some(other) => anyhow::bail!("--auth-token {other:?}: expected `simple` or `jwt`"),
+    }
+    if let Some(ttl) = args.auth_token_ttl {
+        anyhow::ensure!(
+            (1..=31_536_000).contains(&ttl),
+            "--auth-token-ttl {ttl}: expected 1 to 31536000 seconds"
+        );
+        cfg.token_ttl = std::time::Duration::from_secs(ttl);
+    }
+    if let Some(path) = &args.auth_jwt_key_file {
+        let key = std::fs::read(path)
+            .with_context(|| format!("reading the JWT key file {}", path.display()))?;
+        anyhow::ensure!(
+            key.len() >= 32,
+            "{}: a JWT key needs at least 32 bytes, found {}",
+            path.display(),
+            key.len()
+        );
+        cfg.jwt_key = Some(key);
+    }
+    Ok(cfg)
 }
 
 /// The console login from `[console]` and `MESHWORK_CONSOLE_USER`/`_PASSWORD`.

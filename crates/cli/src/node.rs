@@ -31,6 +31,8 @@ pub(crate) struct NodeConfig {
     pub(crate) gateway_addr: Option<SocketAddr>,
     pub(crate) gateway: meshwork_gateway::GatewayConfig,
     pub(crate) gateway_workers: Option<usize>,
+    /// The store's authentication settings (users and roles live in the data dir).
+    pub(crate) store_auth: meshwork_etcd::auth::AuthConfig,
     /// The console login (None: writes are open).
     pub(crate) console_auth: Option<meshwork_console::Auth>,
     /// Limits of the HTTP and etcd ports.
@@ -154,14 +156,29 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         // Leases that ran out while the node was down go, with their keys,
         // before any client can read them.
         store.settled().await;
+        let auth = meshwork_etcd::auth::Auth::open(&cfg.data_dir, cfg.store_auth.clone())
+            .with_context(|| {
+                format!(
+                    "opening the store's auth state in {}",
+                    cfg.data_dir.display()
+                )
+            })?;
         let info = ServerInfo::single(&cfg.name, format!("http://{etcd_addr}"));
         let store2 = store.clone();
+        let auth2 = auth.clone();
         let rx = stop_rx.clone();
         let serving2 = serving.clone();
         let limits = cfg.listen.etcd();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) =
-                meshwork_etcd::serve_limited(etcd_listener, store2, info, limits, stopped(rx)).await
+            if let Err(e) = meshwork_etcd::serve_limited(
+                etcd_listener,
+                store2,
+                auth2,
+                info,
+                limits,
+                stopped(rx),
+            )
+            .await
             {
                 tracing::error!(error = %e, "etcd gRPC server failed");
             }
@@ -181,7 +198,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         );
         tasks.push(tokio::spawn(async move {
             if let Err(e) =
-                meshwork_etcd::serve_in_process(inproc, store3, info3, stopped(rx3)).await
+                meshwork_etcd::serve_in_process(inproc, store3, auth, info3, stopped(rx3)).await
             {
                 tracing::error!(error = %e, "in-process etcd server failed");
             }

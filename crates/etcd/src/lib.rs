@@ -6,6 +6,8 @@
 //! Only this crate knows the wire format: the store has its own types and
 //! [`convert`] maps between them.
 
+#[cfg(feature = "server")]
+pub mod auth;
 pub mod client;
 pub mod codec;
 #[cfg(feature = "server")]
@@ -24,6 +26,10 @@ pub mod proto {
     /// Storage data model (`mvccpb`).
     pub mod mvccpb {
         include!("generated/mvccpb.rs");
+    }
+    /// Users, roles and permissions (`authpb`).
+    pub mod authpb {
+        include!("generated/authpb.rs");
     }
     /// The etcd v3 client API (`etcdserverpb`).
     pub mod etcdserverpb {

@@ -357,11 +357,12 @@ async fn malformed_requests_answer_as_etcd_and_change_nothing() {
 
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreConfig::default()).unwrap();
+    let auth = meshwork_etcd::auth::Auth::open(dir.path(), Default::default()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let info = ServerInfo::single("peer-test", format!("http://{addr}"));
-    let server = tokio::spawn(meshwork_etcd::serve(listener, store, info, async {
+    let server = tokio::spawn(meshwork_etcd::serve(listener, store, auth, info, async {
         let _ = stopped.await;
     }));
     let meshwork = Client::connect(&[addr.to_string()]).await.unwrap();

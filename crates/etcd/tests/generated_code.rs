@@ -11,6 +11,7 @@ fn checked_in_grpc_code_matches_the_protos() {
         "proto",
         &[
             "mvccpb/kv.proto",
+            "authpb/auth.proto",
             "etcdserverpb/rpc.proto",
             "v3lockpb/lock.proto",
             "v3electionpb/election.proto",

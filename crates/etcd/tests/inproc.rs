@@ -28,6 +28,7 @@ async fn a_store_served_in_process_answers_reads_writes_and_watches() {
     let served = tokio::spawn(meshwork_etcd::serve_in_process(
         listener,
         store,
+        meshwork_etcd::auth::Auth::open(dir.path(), Default::default()).unwrap(),
         info,
         async {
             let _ = rx.await;

@@ -21,12 +21,13 @@ struct Node {
 async fn start(cfg: StoreConfig) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), cfg).unwrap();
+    let auth = meshwork_etcd::auth::Auth::open(dir.path(), Default::default()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let info = ServerInfo::single("test", format!("http://{addr}"));
     tokio::spawn(async move {
-        meshwork_etcd::serve(listener, store, info, async {
+        meshwork_etcd::serve(listener, store, auth, info, async {
             let _ = rx.await;
         })
         .await

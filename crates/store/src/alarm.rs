@@ -14,7 +14,6 @@
 //! corrupt cluster`, while reads still answer.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StoreError};
@@ -131,23 +130,12 @@ impl Alarms {
     }
 
     fn save(&self, set: &BTreeSet<AlarmMember>) -> Result<()> {
-        let io = |e: std::io::Error| {
-            StoreError::Storage(format!("writing {}: {e}", self.path.display()))
-        };
-        let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        let mut text = String::new();
         for a in set {
-            writeln!(f, "{} {}", a.member_id, a.alarm.as_str()).map_err(io)?;
+            text.push_str(&format!("{} {}\n", a.member_id, a.alarm.as_str()));
         }
-        f.sync_all().map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io)?;
-        }
-        Ok(())
+        crate::durable::write_file(&self.path, text.as_bytes())
+            .map_err(|e| StoreError::Storage(format!("writing {}: {e}", self.path.display())))
     }
 }
 

@@ -209,7 +209,6 @@ pub(crate) fn save_deadlines(
     dir: &std::path::Path,
     deadlines: &[(i64, u64)],
 ) -> std::io::Result<()> {
-    use std::io::Write;
     let mut buf = Vec::with_capacity(16 + deadlines.len() * 16);
     buf.extend_from_slice(DEADLINES_MAGIC);
     buf.extend_from_slice(&(deadlines.len() as u64).to_le_bytes());
@@ -219,13 +218,7 @@ pub(crate) fn save_deadlines(
     }
     let crc = crc32fast::hash(&buf);
     buf.extend_from_slice(&crc.to_le_bytes());
-    let tmp = dir.join(format!("{DEADLINES_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&buf)?;
-    f.sync_data()?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(DEADLINES_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::durable::write_file(&dir.join(DEADLINES_FILE), &buf)
 }
 
 /// The checkpointed deadlines, or `None` when there are none or the file is

@@ -5,6 +5,7 @@ mod alarm;
 mod apply;
 mod codec;
 pub mod config;
+pub mod durable;
 pub mod error;
 pub mod export;
 mod index;

@@ -13,26 +13,30 @@ const SINGLE: &str = "meshwork runs a single member; membership changes are not 
 impl pb::cluster_server::Cluster for ClusterService {
     async fn member_add(
         &self,
-        _r: Request<pb::MemberAddRequest>,
+        r: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
+        self.0.caller(&r)?.admin()?;
         Err(Status::unimplemented(SINGLE))
     }
     async fn member_remove(
         &self,
-        _r: Request<pb::MemberRemoveRequest>,
+        r: Request<pb::MemberRemoveRequest>,
     ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        self.0.caller(&r)?.admin()?;
         Err(Status::unimplemented(SINGLE))
     }
     async fn member_update(
         &self,
-        _r: Request<pb::MemberUpdateRequest>,
+        r: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+        self.0.caller(&r)?.admin()?;
         Err(Status::unimplemented(SINGLE))
     }
     async fn member_promote(
         &self,
-        _r: Request<pb::MemberPromoteRequest>,
+        r: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        self.0.caller(&r)?.admin()?;
         Err(Status::unimplemented(SINGLE))
     }
     async fn member_list(

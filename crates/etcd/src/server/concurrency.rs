@@ -12,6 +12,7 @@ use meshwork_store::{KeyRange, KeyValue, Store, WatchMessage, WatchSpec};
 use tonic::{Request, Response, Status};
 
 use super::Ctx;
+use crate::auth::Caller;
 use crate::convert::{kv_out, status};
 use crate::proto::v3electionpb as epb;
 use crate::proto::v3lockpb as lpb;
@@ -30,6 +31,17 @@ fn prefix_of(name: &[u8]) -> KeyRange {
     let mut p = name.to_vec();
     p.push(b'/');
     KeyRange::prefix(Bytes::from(p))
+}
+
+/// May `c` wait on `name` with `lease`, as etcd's concurrency package would
+/// through KV: write its own key `name/<lease>` (on that lease) and read
+/// every key under `name/`.
+fn check_waiter(ctx: &Ctx, c: &Caller, name: &[u8], lease: i64) -> Result<(), Status> {
+    c.write(&waiter_key(name, lease), b"")?;
+    let p = prefix_of(name);
+    c.read(&p.key, &p.end)?;
+    super::kv::check_lease_keys(ctx, c, lease)?;
+    Ok(())
 }
 
 fn first_created(range: KeyRange, max_create_revision: i64, order: SortOrder) -> RangeRequest {
@@ -206,7 +218,9 @@ impl lpb::lock_server::Lock for LockService {
         &self,
         req: Request<lpb::LockRequest>,
     ) -> Result<Response<lpb::LockResponse>, Status> {
+        let c = self.0.caller(&req)?;
         let r = req.into_inner();
+        check_waiter(&self.0, &c, &r.name, r.lease)?;
         let kv = acquire(&self.0.store, &r.name, r.lease, Bytes::new(), false).await?;
         Ok(Response::new(lpb::LockResponse {
             header: self.0.header.at(self.0.store.revision()),
@@ -218,7 +232,9 @@ impl lpb::lock_server::Lock for LockService {
         &self,
         req: Request<lpb::UnlockRequest>,
     ) -> Result<Response<lpb::UnlockResponse>, Status> {
+        let c = self.0.caller(&req)?;
         let r = req.into_inner();
+        c.write(&r.key, b"")?;
         let d = self
             .0
             .store
@@ -274,7 +290,9 @@ impl epb::election_server::Election for ElectionService {
         &self,
         req: Request<epb::CampaignRequest>,
     ) -> Result<Response<epb::CampaignResponse>, Status> {
+        let c = self.0.caller(&req)?;
         let r = req.into_inner();
+        check_waiter(&self.0, &c, &r.name, r.lease)?;
         let kv = acquire(&self.0.store, &r.name, r.lease, r.value, true).await?;
         Ok(Response::new(epb::CampaignResponse {
             header: self.0.header.at(self.0.store.revision()),
@@ -286,8 +304,10 @@ impl epb::election_server::Election for ElectionService {
         &self,
         req: Request<epb::ProclaimRequest>,
     ) -> Result<Response<epb::ProclaimResponse>, Status> {
+        let c = self.0.caller(&req)?;
         let r = req.into_inner();
         let leader = r.leader.ok_or_else(not_leader)?;
+        c.write(&leader.key, b"")?;
         let put = RequestOp::Put(PutRequest {
             key: leader.key.clone(),
             value: r.value,
@@ -312,7 +332,10 @@ impl epb::election_server::Election for ElectionService {
         &self,
         req: Request<epb::LeaderRequest>,
     ) -> Result<Response<epb::LeaderResponse>, Status> {
-        let (kv, rev) = current_leader(&self.0.store, &req.into_inner().name)?;
+        let c = self.0.caller(&req)?;
+        let name = req.into_inner().name;
+        c.read(&prefix_of(&name).key, &prefix_of(&name).end)?;
+        let (kv, rev) = current_leader(&self.0.store, &name)?;
         let kv =
             kv.ok_or_else(|| Status::failed_precondition("etcdserver: election: no leader"))?;
         Ok(Response::new(epb::LeaderResponse {
@@ -327,7 +350,9 @@ impl epb::election_server::Election for ElectionService {
         &self,
         req: Request<epb::LeaderRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
+        let c = self.0.caller(&req)?;
         let name = req.into_inner().name;
+        c.read(&prefix_of(&name).key, &prefix_of(&name).end)?;
         let store = self.0.store.clone();
         let header = self.0.header;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -391,7 +416,9 @@ impl epb::election_server::Election for ElectionService {
         &self,
         req: Request<epb::ResignRequest>,
     ) -> Result<Response<epb::ResignResponse>, Status> {
+        let c = self.0.caller(&req)?;
         let leader = req.into_inner().leader.ok_or_else(not_leader)?;
+        c.write(&leader.key, b"")?;
         let del = RequestOp::Delete(DeleteRequest {
             range: KeyRange::single(leader.key.clone()),
             prev_kv: false,

@@ -21,6 +21,7 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         req: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        self.0.caller(&req)?.authenticated()?;
         let r = req.into_inner();
         let (id, ttl, revision) = self
             .0
@@ -40,12 +41,11 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         req: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        let revision = self
-            .0
-            .store
-            .lease_revoke(req.into_inner().id)
-            .await
-            .map_err(status)?;
+        let c = self.0.caller(&req)?;
+        c.authenticated()?;
+        let id = req.into_inner().id;
+        super::kv::check_lease_keys(&self.0, &c, id)?;
+        let revision = self.0.store.lease_revoke(id).await.map_err(status)?;
         Ok(Response::new(pb::LeaseRevokeResponse {
             header: self.0.header.at(revision),
         }))
@@ -58,6 +58,7 @@ impl pb::lease_server::Lease for LeaseService {
         req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         let ctx = self.0.clone();
+        ctx.caller(&req)?.authenticated()?;
         let incoming = req.into_inner();
         let out = incoming.map(move |r| {
             let r = r?;
@@ -76,16 +77,26 @@ impl pb::lease_server::Lease for LeaseService {
         &self,
         req: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let c = self.0.caller(&req)?;
+        c.authenticated()?;
         let r = req.into_inner();
         let header = self.0.header.at(self.0.store.revision());
         let resp = match self.0.store.lease_time_to_live(r.id, r.keys) {
-            Some(info) => pb::LeaseTimeToLiveResponse {
-                header,
-                id: r.id,
-                ttl: info.remaining_ttl_secs,
-                granted_ttl: info.granted_ttl_secs,
-                keys: info.keys.into_iter().map(Into::into).collect(),
-            },
+            Some(info) => {
+                // Listing the keys needs read on each of them (etcd 3.5).
+                if r.keys {
+                    for k in &info.keys {
+                        c.read(k, b"")?;
+                    }
+                }
+                pb::LeaseTimeToLiveResponse {
+                    header,
+                    id: r.id,
+                    ttl: info.remaining_ttl_secs,
+                    granted_ttl: info.granted_ttl_secs,
+                    keys: info.keys.into_iter().map(Into::into).collect(),
+                }
+            }
             // etcd reports an unknown lease as TTL -1, not as an error.
             None => pb::LeaseTimeToLiveResponse {
                 header,
@@ -100,8 +111,9 @@ impl pb::lease_server::Lease for LeaseService {
 
     async fn lease_leases(
         &self,
-        _req: Request<pb::LeaseLeasesRequest>,
+        req: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        self.0.caller(&req)?.authenticated()?;
         let leases = self
             .0
             .store

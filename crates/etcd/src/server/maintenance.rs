@@ -26,7 +26,12 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         &self,
         req: Request<pb::AlarmRequest>,
     ) -> Result<Response<pb::AlarmResponse>, Status> {
+        let c = self.0.caller(&req)?;
         let r = req.into_inner();
+        // Listing is open; raising or clearing an alarm is for administrators.
+        if r.action != pb::alarm_request::AlarmAction::Get as i32 {
+            c.admin()?;
+        }
         let kind = match pb::AlarmType::try_from(r.alarm) {
             Ok(pb::AlarmType::None) => None,
             Ok(pb::AlarmType::Nospace) => Some(Alarm::NoSpace),
@@ -131,8 +136,9 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
 
     async fn defragment(
         &self,
-        _req: Request<pb::DefragmentRequest>,
+        req: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
+        self.0.caller(&req)?.admin()?;
         let store = self.0.store.clone();
         tokio::task::spawn_blocking(move || store.defragment())
             .await
@@ -145,8 +151,9 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
 
     async fn hash(
         &self,
-        _req: Request<pb::HashRequest>,
+        req: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
+        self.0.caller(&req)?.admin()?;
         let store = self.0.store.clone();
         let (revision, hash) = tokio::task::spawn_blocking(move || {
             let export = store.export().map_err(status)?;
@@ -166,6 +173,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         &self,
         req: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
+        self.0.caller(&req)?.admin()?;
         let wanted = req.into_inner().revision;
         let store = self.0.store.clone();
         let (current, compact, hash_revision, hash) = tokio::task::spawn_blocking(move || {
@@ -199,8 +207,9 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
 
     async fn snapshot(
         &self,
-        _req: Request<pb::SnapshotRequest>,
+        req: Request<pb::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.0.caller(&req)?.admin()?;
         let store = self.0.store.clone();
         // etcd's own format (a bbolt database in etcd's layout), so that
         // etcdctl and a real etcd can read what we send.
@@ -300,6 +309,7 @@ impl pb::maintenance_server::Maintenance for MaintenanceService {
         &self,
         req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        self.0.caller(&req)?.admin()?;
         // As a single-member etcd: moving leadership to itself is done at
         // once; to any other id the transfer never completes.
         if req.into_inner().target_id == self.0.info.member_id {

@@ -1,6 +1,7 @@
 //! The etcd v3 gRPC server over a [`Store`]: KV, Watch, Lease, Cluster, Maintenance,
-//! Lock and Election.
+//! Auth, Lock and Election. Every call is checked against [`Auth`] first.
 
+mod auth;
 mod cluster;
 mod concurrency;
 mod conn;
@@ -13,10 +14,13 @@ use std::future::Future;
 
 use meshwork_store::Store;
 use tokio::net::TcpListener;
+use tonic::{Request, Status};
 
 pub use conn::{Guarded, ListenLimits, limited_incoming};
 
+use crate::auth::{Auth, Caller};
 use crate::convert::Header;
+use crate::proto::etcdserverpb::auth_server::AuthServer;
 use crate::proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
@@ -76,6 +80,29 @@ pub(crate) struct Ctx {
     pub(crate) store: Store,
     pub(crate) info: ServerInfo,
     pub(crate) header: Header,
+    pub(crate) auth: Auth,
+    /// Callers are this process's own code (the in-process endpoint).
+    pub(crate) trusted: bool,
+}
+
+impl Ctx {
+    /// Who sent `req`: its `token` (or `authorization`) metadata checked
+    /// against the auth state.
+    pub(crate) fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        if self.trusted {
+            return Ok(Caller::Trusted);
+        }
+        let md = req.metadata();
+        let token = match md.get("token").or_else(|| md.get("authorization")) {
+            None => None,
+            // A token that is not text is no token of ours.
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| Status::from(crate::auth::AuthError::InvalidAuthToken))?,
+            ),
+        };
+        Ok(self.auth.caller(token)?)
+    }
 }
 
 /// Serves the etcd v3 API on `listener` until `shutdown` resolves, then finishes
@@ -84,10 +111,19 @@ pub(crate) struct Ctx {
 pub async fn serve(
     listener: TcpListener,
     store: Store,
+    auth: Auth,
     info: ServerInfo,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    serve_limited(listener, store, info, ListenLimits::default(), shutdown).await
+    serve_limited(
+        listener,
+        store,
+        auth,
+        info,
+        ListenLimits::default(),
+        shutdown,
+    )
+    .await
 }
 
 /// [`serve`] with explicit connection limits: at most `max_connections` open
@@ -97,6 +133,7 @@ pub async fn serve(
 pub async fn serve_limited(
     listener: TcpListener,
     store: Store,
+    auth: Auth,
     info: ServerInfo,
     limits: ListenLimits,
     shutdown: impl Future<Output = ()> + Send,
@@ -108,21 +145,23 @@ pub async fn serve_limited(
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
         .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(keepalive));
-    services(server, store, info)
+    services(server, store, auth, info, false)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 
 /// Serves the etcd v3 API to this process's own clients at `listener`'s
 /// `inproc://` endpoint (see [`crate::inproc`]) until `shutdown` resolves.
-/// No connection limits: only code in this process can connect.
+/// No connection limits and no auth checks: only code in this process can
+/// connect, and it is trusted.
 pub async fn serve_in_process(
     listener: crate::inproc::Listener,
     store: Store,
+    auth: Auth,
     info: ServerInfo,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    services(tonic::transport::Server::builder(), store, info)
+    services(tonic::transport::Server::builder(), store, auth, info, true)
         .serve_with_incoming_shutdown(listener.incoming(), shutdown)
         .await
 }
@@ -131,7 +170,9 @@ pub async fn serve_in_process(
 fn services(
     mut server: tonic::transport::Server,
     store: Store,
+    auth: Auth,
     info: ServerInfo,
+    trusted: bool,
 ) -> tonic::transport::server::Router {
     let max_msg = store.config().max_request_bytes + GRPC_OVERHEAD_BYTES;
     store.set_member_id(info.member_id);
@@ -139,6 +180,8 @@ fn services(
         header: info.header(),
         store,
         info,
+        auth,
+        trusted,
     };
     server
         .add_service(KvServer::new(kv::KvService(ctx.clone())).max_decoding_message_size(max_msg))
@@ -150,6 +193,7 @@ fn services(
         .add_service(MaintenanceServer::new(maintenance::MaintenanceService(
             ctx.clone(),
         )))
+        .add_service(AuthServer::new(auth::AuthService(ctx.clone())))
         .add_service(LockServer::new(concurrency::LockService(ctx.clone())))
         .add_service(
             ElectionServer::new(concurrency::ElectionService(ctx))

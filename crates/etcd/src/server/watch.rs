@@ -25,6 +25,8 @@ impl pb::watch_server::Watch for WatchService {
         req: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let ctx = self.0.clone();
+        // The stream's token decides every watch created on it.
+        let caller = ctx.caller(&req)?;
         let mut incoming = req.into_inner();
         let (stream, rx) = ctx.store.watch_stream();
         // Answers the stream itself produces (errors on create) go through this channel.
@@ -50,13 +52,19 @@ impl pb::watch_server::Watch for WatchService {
                             progress_notify: c.progress_notify,
                             watch_id: c.watch_id,
                         };
-                        if let Err(e) = stream.create(spec).await {
+                        // As etcd: a watch the caller may not read is
+                        // answered created and canceled, with the reason.
+                        let made = match caller.read(&spec.range.key, &spec.range.end) {
+                            Ok(()) => stream.create(spec).await.map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        if let Err(e) = made {
                             let resp = pb::WatchResponse {
                                 header: reader_ctx.header.at(reader_ctx.store.revision()),
                                 watch_id: if c.watch_id != 0 { c.watch_id } else { -1 },
                                 created: true,
                                 canceled: true,
-                                cancel_reason: e.to_string(),
+                                cancel_reason: e,
                                 ..Default::default()
                             };
                             if err_tx.send(resp).await.is_err() {
