@@ -6,8 +6,8 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::etcdserverpb::{
-    cluster_client::ClusterClient, kv_client::KvClient, lease_client::LeaseClient,
-    maintenance_client::MaintenanceClient, watch_client::WatchClient,
+    auth_client::AuthClient, cluster_client::ClusterClient, kv_client::KvClient,
+    lease_client::LeaseClient, maintenance_client::MaintenanceClient, watch_client::WatchClient,
 };
 use crate::proto::v3electionpb::election_client::ElectionClient;
 use crate::proto::v3lockpb::lock_client::LockClient;
@@ -53,6 +53,8 @@ pub struct Client {
     pub lock: LockClient<Channel>,
     /// Election service.
     pub election: ElectionClient<Channel>,
+    /// Auth service.
+    pub auth: AuthClient<Channel>,
 }
 
 /// Turns `HOST:PORT` (or a URL) into an endpoint URL.
@@ -101,7 +103,8 @@ impl Client {
             maintenance: MaintenanceClient::new(ch.clone()).max_decoding_message_size(max),
             cluster: ClusterClient::new(ch.clone()),
             lock: LockClient::new(ch.clone()),
-            election: ElectionClient::new(ch),
+            election: ElectionClient::new(ch.clone()),
+            auth: AuthClient::new(ch),
         }
     }
 }

@@ -565,16 +565,17 @@ impl Auth {
             return Err(AuthError::AuthNotEnabled);
         }
         let key = (name.to_string(), from);
-        if let Some(f) = self.0.failures.lock().get(&key).copied() {
-            if let Some(extra) = f.count.checked_sub(self.0.cfg.free_login_failures) {
-                let wait = Duration::from_secs(1u64 << extra.min(6)).min(MAX_LOGIN_WAIT);
-                let since = f.last.elapsed();
-                if since < wait {
-                    let left = (wait - since).as_millis().div_ceil(1000);
-                    return Err(AuthError::Throttled(
-                        u64::try_from(left).unwrap_or(60).max(1),
-                    ));
-                }
+        let failed = self.0.failures.lock().get(&key).copied();
+        if let Some(f) = failed
+            && let Some(extra) = f.count.checked_sub(self.0.cfg.free_login_failures)
+        {
+            let wait = Duration::from_secs(1u64 << extra.min(6)).min(MAX_LOGIN_WAIT);
+            let since = f.last.elapsed();
+            if since < wait {
+                let left = (wait - since).as_millis().div_ceil(1000);
+                return Err(AuthError::Throttled(
+                    u64::try_from(left).unwrap_or(60).max(1),
+                ));
             }
         }
         let stored = {
@@ -775,18 +776,11 @@ impl Auth {
         })
     }
 
-    /// A role's permissions (`root`'s is everything, as etcd reports it).
+    /// A role's permissions as granted (`root` lists none, as in etcd 3.4,
+    /// though it may do everything).
     pub fn role_get(&self, name: &str) -> Result<Vec<Permission>, AuthError> {
         let s = self.0.state.read();
-        let perms = s.roles.get(name).ok_or(AuthError::RoleNotFound)?;
-        if name == ROOT {
-            return Ok(vec![Permission {
-                perm_type: Type::Readwrite as i32,
-                key: bytes::Bytes::new(),
-                range_end: bytes::Bytes::from_static(b"\0"),
-            }]);
-        }
-        Ok(perms.clone())
+        s.roles.get(name).cloned().ok_or(AuthError::RoleNotFound)
     }
 
     /// Every role's name, sorted.

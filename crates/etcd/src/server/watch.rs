@@ -14,6 +14,17 @@ use crate::proto::etcdserverpb as pb;
 
 pub(crate) struct WatchService(pub(crate) Ctx);
 
+/// A status as etcd's Go server writes one into a cancel reason.
+fn go_status_text(s: &Status) -> String {
+    let code = match s.code() {
+        tonic::Code::InvalidArgument => "InvalidArgument",
+        tonic::Code::Unauthenticated => "Unauthenticated",
+        tonic::Code::PermissionDenied => "PermissionDenied",
+        _ => "Unknown",
+    };
+    format!("rpc error: code = {code} desc = {}", s.message())
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -25,8 +36,9 @@ impl pb::watch_server::Watch for WatchService {
         req: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let ctx = self.0.clone();
-        // The stream's token decides every watch created on it.
-        let caller = ctx.caller(&req)?;
+        // The stream's token decides every watch created on it; a bad one
+        // cancels each watch with the reason, as etcd does.
+        let caller = ctx.caller(&req);
         let mut incoming = req.into_inner();
         let (stream, rx) = ctx.store.watch_stream();
         // Answers the stream itself produces (errors on create) go through this channel.
@@ -54,9 +66,13 @@ impl pb::watch_server::Watch for WatchService {
                         };
                         // As etcd: a watch the caller may not read is
                         // answered created and canceled, with the reason.
-                        let made = match caller.read(&spec.range.key, &spec.range.end) {
+                        let allowed = caller.as_ref().map_err(Clone::clone).and_then(|c| {
+                            c.read(&spec.range.key, &spec.range.end)
+                                .map_err(Status::from)
+                        });
+                        let made = match allowed {
                             Ok(()) => stream.create(spec).await.map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
+                            Err(s) => Err(go_status_text(&s)),
                         };
                         if let Err(e) = made {
                             let resp = pb::WatchResponse {
