@@ -334,3 +334,151 @@ fn etcdctl_interoperates_with_coordination_locks_and_elections() {
     let _ = holder.wait();
     assert_eq!(code, 200, "{body}");
 }
+
+/// `etcdctl` output and errors of a run that may fail.
+fn attempt(ctl: &Ctl, args: &[&str]) -> (bool, String) {
+    let out = ctl.cmd().args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn store_auth_on_a_node_keeps_coordination_working_and_survives_a_crash() {
+    let Some(bin) = peer::on_path("etcdctl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let roles = ["--roles", "store,coord"];
+    let mut s = meshwork_tests::start(&data, &roles, &[]);
+    let ctl = Ctl {
+        bin: bin.clone(),
+        ep: s.etcd.clone(),
+    };
+    ctl.run(&["user", "add", "root:rootpw"]);
+    ctl.run(&["auth", "enable"]);
+    let (ok, out) = attempt(&ctl, &["get", "/meshwork/", "--prefix"]);
+    assert!(!ok && out.contains("user name is empty"), "{out}");
+    // A reader of the registry only.
+    let root = ["--user", "root:rootpw"];
+    let as_root = |args: &[&str]| ctl.run(&[&root[..], args].concat());
+    as_root(&["role", "add", "registry-reader"]);
+    as_root(&[
+        "role",
+        "grant-permission",
+        "registry-reader",
+        "read",
+        "/meshwork/registry/s/",
+        "--prefix",
+    ]);
+    as_root(&["user", "add", "viewer:viewerpw"]);
+    as_root(&["user", "grant-role", "viewer", "registry-reader"]);
+
+    // The node's own coordination reaches the store in-process: it is not
+    // locked out by auth.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = target.local_addr().unwrap().port();
+    let body = format!(r#"{{"address":"127.0.0.1","port":{port},"ephemeral":false}}"#);
+    let (code, resp) = http::post(&s.http, "/v1/services/web/instances", &body).unwrap();
+    assert_eq!(code, 201, "{resp}");
+    assert!(matches!(http::get(&s.http, "/readyz"), Ok((200, _))));
+    let viewer = ["--user", "viewer:viewerpw"];
+    let listed = ctl.run(
+        &[
+            &viewer[..],
+            &["get", "/meshwork/registry/s/", "--prefix", "--keys-only"],
+        ]
+        .concat(),
+    );
+    assert!(listed.contains("web"), "{listed}");
+    let (ok, out) = attempt(
+        &ctl,
+        &[&viewer[..], &["put", "/meshwork/registry/s/web/i/x", "evil"]].concat(),
+    );
+    assert!(!ok && out.contains("permission denied"), "{out}");
+    let (ok, out) = attempt(
+        &ctl,
+        &[&viewer[..], &["del", "/meshwork/", "--prefix"]].concat(),
+    );
+    assert!(!ok && out.contains("permission denied"), "{out}");
+
+    // A crash loses no user, role or switch.
+    s.kill9();
+    let s = meshwork_tests::start(&data, &roles, &[]);
+    let ctl = Ctl {
+        bin: bin.clone(),
+        ep: s.etcd.clone(),
+    };
+    let (ok, out) = attempt(&ctl, &["get", "x"]);
+    assert!(!ok && out.contains("user name is empty"), "{out}");
+    let (ok, out) = attempt(&ctl, &["--user", "root:wrong", "get", "x"]);
+    assert!(!ok && out.contains("authentication failed"), "{out}");
+    let listed = ctl.run(
+        &[
+            &viewer[..],
+            &["get", "/meshwork/registry/s/", "--prefix", "--keys-only"],
+        ]
+        .concat(),
+    );
+    assert!(listed.contains("web"), "{listed}");
+    let (code, _) = http::get(&s.http, "/v1/services/web/instances").unwrap();
+    assert_eq!(code, 200);
+    ctl.run(&[&root[..], &["auth", "disable"]].concat());
+    assert_eq!(ctl.run(&["put", "open", "again"]).trim(), "OK");
+}
+
+#[test]
+fn jwt_tokens_from_a_node_work_with_etcdctl() {
+    let Some(bin) = peer::on_path("etcdctl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("jwt.key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef-test-key").unwrap();
+    let s = meshwork_tests::start(
+        &dir.path().join("data"),
+        &[
+            "--auth-token",
+            "jwt",
+            "--auth-jwt-key-file",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let ctl = Ctl {
+        bin,
+        ep: s.etcd.clone(),
+    };
+    ctl.run(&["user", "add", "root:rootpw"]);
+    ctl.run(&["auth", "enable"]);
+    assert_eq!(
+        ctl.run(&["--user", "root:rootpw", "put", "k", "v"]).trim(),
+        "OK"
+    );
+    assert_eq!(
+        ctl.run(&["--user", "root:rootpw", "get", "k", "--print-value-only"])
+            .trim(),
+        "v"
+    );
+    // A short key file is refused at start, with the reason.
+    std::fs::write(&key, "short").unwrap();
+    let out = std::process::Command::new(meshwork_tests::bin())
+        .args(["server", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .args(["--etcd-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args([
+            "--auth-token",
+            "jwt",
+            "--auth-jwt-key-file",
+            key.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 32 bytes"), "{err}");
+}
