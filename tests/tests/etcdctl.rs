@@ -397,7 +397,11 @@ fn store_auth_on_a_node_keeps_coordination_working_and_survives_a_crash() {
     assert!(listed.contains("web"), "{listed}");
     let (ok, out) = attempt(
         &ctl,
-        &[&viewer[..], &["put", "/meshwork/registry/s/web/i/x", "evil"]].concat(),
+        &[
+            &viewer[..],
+            &["put", "/meshwork/registry/s/web/i/x", "evil"],
+        ]
+        .concat(),
     );
     assert!(!ok && out.contains("permission denied"), "{out}");
     let (ok, out) = attempt(
@@ -405,6 +409,27 @@ fn store_auth_on_a_node_keeps_coordination_working_and_survives_a_crash() {
         &[&viewer[..], &["del", "/meshwork/", "--prefix"]].concat(),
     );
     assert!(!ok && out.contains("permission denied"), "{out}");
+
+    // Meshwork's own command line logs in with --user.
+    let mw = |args: &[&str]| {
+        std::process::Command::new(meshwork_tests::bin())
+            .arg("kv")
+            .args(args)
+            .args(["--endpoints", &s.etcd])
+            .output()
+            .unwrap()
+    };
+    let out = mw(&["put", "/cli", "1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("user name is empty"));
+    let out = mw(&["--user", "root:rootpw", "put", "/cli", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = mw(&["--user", "root:nope", "get", "/cli"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("authentication failed"));
 
     // A crash loses no user, role or switch.
     s.kill9();

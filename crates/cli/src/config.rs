@@ -191,10 +191,23 @@ pub(crate) fn validate_coord(c: &meshwork_coord::CoordOptions) -> Result<()> {
 }
 
 /// Parses `etcd://HOST:PORT[,HOST:PORT...]` into endpoints.
-pub(crate) fn parse_store_url(s: &str) -> Result<Vec<String>> {
+pub(crate) fn parse_store_url(
+    s: &str,
+) -> Result<(Vec<String>, Option<meshwork_etcd::client::Credentials>)> {
     let rest = s.strip_prefix("etcd://").with_context(|| {
-        format!("--store {s:?}: expected etcd://HOST:PORT[,HOST:PORT...] (omit --store for the embedded store)")
+        format!("--store {s:?}: expected etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...] (omit --store for the embedded store)")
     })?;
+    // The user part ends at the last `@`: a password may hold one.
+    let (creds, rest) = match rest.rsplit_once('@') {
+        Some((user, hosts)) => (
+            Some(
+                meshwork_etcd::client::Credentials::parse(user)
+                    .context("--store: expected etcd://USER:PASSWORD@HOST:PORT")?,
+            ),
+            hosts,
+        ),
+        None => (None, rest),
+    };
     let eps: Vec<String> = rest
         .split(',')
         .map(str::trim)
@@ -212,7 +225,7 @@ pub(crate) fn parse_store_url(s: &str) -> Result<Vec<String>> {
             bail!("--store endpoint {e:?} needs HOST:PORT with a port 1..=65535");
         }
     }
-    Ok(eps)
+    Ok((eps, creds))
 }
 
 /// The `[store]` table: every store limit, named as in `StoreConfig`.

@@ -23,6 +23,14 @@ pub(crate) struct Conn {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub(crate) json: bool,
+    /// Log in to a store with auth on as `USER:PASSWORD` (as etcdctl's `--user`).
+    #[arg(
+        long,
+        env = "MESHWORK_STORE_USER",
+        hide_env_values = true,
+        global = true
+    )]
+    pub(crate) user: Option<String>,
 }
 
 /// `meshwork kv`.
@@ -110,7 +118,13 @@ fn text(b: &[u8]) -> String {
 }
 
 pub(crate) async fn connect(conn: &Conn) -> Result<Client> {
-    Ok(Client::connect(&conn.endpoints).await?)
+    let c = Client::connect(&conn.endpoints).await?;
+    if let Some(u) = &conn.user {
+        let creds = meshwork_etcd::client::Credentials::parse(u)
+            .context("--user: expected USER:PASSWORD")?;
+        c.authenticate(&creds).await.map_err(grpc)?;
+    }
+    Ok(c)
 }
 
 fn grpc(e: tonic::Status) -> anyhow::Error {

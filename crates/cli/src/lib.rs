@@ -188,9 +188,17 @@ struct NodeArgs {
     #[arg(long, env = "MESHWORK_ROLES")]
     roles: Option<String>,
     /// Run coordination on an external etcd cluster instead of the embedded store:
-    /// `etcd://HOST:PORT[,HOST:PORT...]`.
+    /// `etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]`. With a user, the node
+    /// logs in (etcd auth) and renews its token; prefer `--store-credentials-file`
+    /// to a password on the command line.
     #[arg(long, env = "MESHWORK_STORE")]
     store: Option<String>,
+    /// Log in to the external etcd as `USER:PASSWORD` (as etcdctl's `--user`).
+    #[arg(long, env = "MESHWORK_STORE_USER", hide_env_values = true)]
+    store_user: Option<String>,
+    /// File whose first line is `USER:PASSWORD` for the external etcd.
+    #[arg(long, env = "MESHWORK_STORE_CREDENTIALS_FILE")]
+    store_credentials_file: Option<PathBuf>,
     /// API gateway listen address (enables the gateway role; port 0 picks a free
     /// port) [up: 127.0.0.1:8080].
     #[arg(long, env = "MESHWORK_GATEWAY_ADDR")]
@@ -345,10 +353,26 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         store.fsync = false;
     }
     store.validate()?;
-    let external = match args.store.as_ref().or(file.server.store.as_ref()) {
+    let (external, mut store_credentials) = match args.store.as_ref().or(file.server.store.as_ref())
+    {
         Some(s) => config::parse_store_url(s)?,
-        None => Vec::new(),
+        None => (Vec::new(), None),
     };
+    if let Some(u) = &args.store_user {
+        store_credentials = Some(
+            meshwork_etcd::client::Credentials::parse(u)
+                .context("--store-user: expected USER:PASSWORD")?,
+        );
+    }
+    if let Some(p) = &args.store_credentials_file {
+        store_credentials =
+            Some(meshwork_etcd::client::Credentials::from_file(p).map_err(anyhow::Error::msg)?);
+    }
+    if store_credentials.is_some() && external.is_empty() {
+        anyhow::bail!(
+            "--store-user and --store-credentials-file log in to an external etcd: give --store etcd://... too"
+        );
+    }
     let gateway_addr = args
         .gateway_addr
         .clone()
@@ -390,6 +414,7 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         coord.node_ttl = t;
     }
     config::validate_coord(&coord)?;
+    coord.backend.credentials = store_credentials;
     let etcd = args
         .etcd_addr
         .clone()

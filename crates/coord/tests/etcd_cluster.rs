@@ -56,6 +56,7 @@ fn backend_options() -> BackendOptions {
         request_timeout: Duration::from_secs(2),
         retry_for: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(1),
+        credentials: None,
     }
 }
 

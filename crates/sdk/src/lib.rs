@@ -80,11 +80,16 @@ pub struct Options {
     pub default_target: TargetPolicy,
     /// Per target service policies.
     pub targets: HashMap<String, TargetPolicy>,
+    /// Who to log in to the control plane's store as, when it has auth on
+    /// (renewed before and whenever the store refuses the token).
+    pub credentials: Option<meshwork_coord::backend::Credentials>,
 }
 
 impl Options {
     /// Options for service `name` with the control plane at
-    /// `MESHWORK_ENDPOINTS` (default [`DEFAULT_ENDPOINT`]).
+    /// `MESHWORK_ENDPOINTS` (default [`DEFAULT_ENDPOINT`]), logging in as
+    /// `MESHWORK_STORE_USER` (`USER:PASSWORD`) or the credentials in the file
+    /// `MESHWORK_STORE_CREDENTIALS_FILE` when set.
     ///
     /// ```
     /// let opts = meshwork_sdk::Options::from_env("order").expect("a valid service name");
@@ -100,7 +105,10 @@ impl Options {
                 .collect(),
             Err(_) => vec![DEFAULT_ENDPOINT.to_string()],
         };
-        Options::new(name, endpoints)
+        let mut opts = Options::new(name, endpoints)?;
+        opts.credentials =
+            meshwork_coord::backend::Credentials::from_env().map_err(Error::Invalid)?;
+        Ok(opts)
     }
 
     /// Options for service `name` with the control plane at `endpoints`.
@@ -118,6 +126,7 @@ impl Options {
             session_ttl: 10,
             default_target: TargetPolicy::default(),
             targets: HashMap::new(),
+            credentials: None,
         })
     }
 
@@ -185,6 +194,10 @@ impl Meshwork {
             ClientOptions {
                 name: opts.name.clone(),
                 session_ttl: opts.session_ttl,
+                backend: meshwork_coord::backend::BackendOptions {
+                    credentials: opts.credentials.clone(),
+                    ..Default::default()
+                },
                 ..ClientOptions::default()
             },
         )

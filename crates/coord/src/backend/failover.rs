@@ -29,6 +29,14 @@ fn retryable(s: &tonic::Status) -> bool {
     }
 }
 
+/// Whether the store refused a call for its token: expired, revoked, or
+/// issued before a change to users and roles (etcd's two answers).
+fn token_refused(s: &tonic::Status) -> bool {
+    (s.code() == Code::Unauthenticated && s.message().contains("invalid auth token"))
+        || (s.code() == Code::InvalidArgument
+            && s.message().contains("revision of auth store is old"))
+}
+
 /// Time kept at the end of a call's deadline to find out why it failed.
 const DIAGNOSIS_TIME: Duration = Duration::from_millis(500);
 
@@ -54,6 +62,15 @@ fn describe_failure(s: &tonic::Status) -> String {
         "failed"
     };
     format!("{what} ({:?}: {m})", s.code())
+}
+
+/// A failed login, in terms an operator acts on.
+fn login_error(creds: &meshwork_etcd::client::Credentials, s: tonic::Status) -> CoordError {
+    CoordError::Invalid(format!(
+        "logging in to etcd as user {:?} failed: {} (check --store's user and password or the credentials file)",
+        creds.user,
+        s.message()
+    ))
 }
 
 /// A failure no other endpoint would change, in the caller's terms.
@@ -114,6 +131,7 @@ impl Backend {
     {
         let deadline = tokio::time::Instant::now() + self.inner.opts.retry_for;
         let mut backoff = Duration::from_millis(20);
+        let mut relogged = false;
         loop {
             let cur = self.current();
             // No attempt outlives the call's deadline (less a moment to say why).
@@ -126,6 +144,18 @@ impl Backend {
                 .max(Duration::from_millis(1));
             let (err, timed_out) = match tokio::time::timeout(limit, f(cur.client.clone())).await {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                // An expired token: log in again once and retry at once.
+                Ok(Err(s)) if token_refused(&s) && !relogged => {
+                    if let Some(creds) = &self.inner.opts.credentials {
+                        relogged = true;
+                        tracing::debug!(error = %s, "etcd token refused; logging in again");
+                        if let Err(e) = cur.client.authenticate(creds).await {
+                            return Err(login_error(creds, e));
+                        }
+                        continue;
+                    }
+                    return Err(backend_error(s));
+                }
                 Ok(Err(s)) if !retryable(&s) => return Err(backend_error(s)),
                 Ok(Err(s)) => (describe_failure(&s), false),
                 Err(_) => (
@@ -182,7 +212,19 @@ pub(super) async fn connect_from(
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
         match ep.connect().await {
-            Ok(ch) => return Ok((index, Client::from_channel(ch))),
+            Ok(ch) => {
+                let client = Client::from_channel(ch);
+                let Some(creds) = &opts.credentials else {
+                    return Ok((index, client));
+                };
+                match client.authenticate(creds).await {
+                    Ok(()) => return Ok((index, client)),
+                    // This member cannot answer now; another may.
+                    Err(s) if retryable(&s) => last = format!("{url}: {}", describe_failure(&s)),
+                    // Wrong credentials are wrong on every member.
+                    Err(s) => return Err(login_error(creds, s)),
+                }
+            }
             Err(e) => last = format!("{url}: {e}"),
         }
     }

@@ -42,6 +42,7 @@ use lease::{KEEPALIVE_STREAMS, KeepAliveReq};
 
 pub use kv::{LOAD_PAGE, is_delete, prefix_end};
 pub use lease::LeaseKeeper;
+pub use meshwork_etcd::client::Credentials;
 pub use mirror::{LOAD_LIMIT, MIRROR_WAIT, Mirror, MirrorHandler, mirror};
 pub use mvccpb::{Event, KeyValue};
 pub use watch::{WatchItem, WatchStream};
@@ -55,7 +56,15 @@ pub struct BackendOptions {
     pub retry_for: Duration,
     /// Timeout of one connection attempt.
     pub connect_timeout: Duration,
+    /// Who to log in as when the store has auth on (`None`: no login). The
+    /// token is renewed every [`TOKEN_REFRESH`] and whenever the store calls
+    /// it invalid or old, so calls keep working across token expiry.
+    pub credentials: Option<meshwork_etcd::client::Credentials>,
 }
+
+/// How often a backend with credentials logs in again, well inside etcd's
+/// default token TTL (5 minutes) for simple and JWT tokens.
+pub const TOKEN_REFRESH: Duration = Duration::from_secs(60);
 
 impl Default for BackendOptions {
     fn default() -> Self {
@@ -63,6 +72,7 @@ impl Default for BackendOptions {
             request_timeout: Duration::from_secs(5),
             retry_for: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(2),
+            credentials: None,
         }
     }
 }
@@ -115,14 +125,18 @@ impl Backend {
             ));
         }
         let (index, client) = connect_from(&endpoints, 0, &opts).await?;
-        Ok(Backend {
+        let backend = Backend {
             inner: Arc::new(Inner {
                 endpoints,
                 opts,
                 current: RwLock::new(Arc::new(Current::new(index, 0, client))),
                 reconnect: tokio::sync::Mutex::new(()),
             }),
-        })
+        };
+        if backend.inner.opts.credentials.is_some() {
+            tokio::spawn(refresh_token(Arc::downgrade(&backend.inner)));
+        }
+        Ok(backend)
     }
 
     /// The endpoints this backend was given.
@@ -137,5 +151,22 @@ impl Backend {
 
     fn current(&self) -> Arc<Current> {
         self.inner.current.read().clone()
+    }
+}
+
+/// Logs in again every [`TOKEN_REFRESH`] while the backend lives, so that
+/// a token never expires under a client that is idle between calls.
+async fn refresh_token(inner: std::sync::Weak<Inner>) {
+    loop {
+        tokio::time::sleep(TOKEN_REFRESH).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let Some(creds) = inner.opts.credentials.clone() else {
+            return;
+        };
+        let cur = inner.current.read().clone();
+        drop(inner);
+        if let Err(e) = cur.client.authenticate(&creds).await {
+            tracing::warn!(user = %creds.user, error = %e, "renewing the etcd auth token failed; retrying on the next call or in a minute");
+        }
     }
 }
