@@ -15,6 +15,7 @@
 //! document from each crate's fragment.
 
 pub mod openapi;
+pub mod scope;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};

@@ -633,8 +633,12 @@ pub(crate) struct ConsoleFile {
     #[serde(default)]
     pub(crate) user: Option<String>,
     /// Password (at least 8 characters); `MESHWORK_CONSOLE_PASSWORD` overrides it.
+    /// With it set, the HTTP API needs a token or this login (see README, Security).
     #[serde(default)]
     pub(crate) password: Option<String>,
+    /// Reads need a token or the login too, not only writes (default false).
+    #[serde(default)]
+    pub(crate) protect_reads: Option<bool>,
 }
 
 impl FileConfig {

@@ -70,9 +70,14 @@ pub(crate) async fn call_with_headers(
     for (name, value) in headers {
         req = req.header(name.as_str(), value.as_str());
     }
-    // With a console login configured on the node, the same credentials from the
-    // environment let the CLI write.
-    if let Ok(password) = std::env::var("MESHWORK_CONSOLE_PASSWORD") {
+    // An API token from the environment, or else the console login the node
+    // was configured with.
+    if let Ok(token) = std::env::var("MESHWORK_TOKEN") {
+        req = req.header(
+            hyper::header::AUTHORIZATION,
+            format!("Bearer {}", token.trim()),
+        );
+    } else if let Ok(password) = std::env::var("MESHWORK_CONSOLE_PASSWORD") {
         let user = std::env::var("MESHWORK_CONSOLE_USER").unwrap_or_else(|_| "admin".into());
         req = req.header(
             hyper::header::AUTHORIZATION,

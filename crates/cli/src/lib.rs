@@ -70,6 +70,7 @@ mod mqcli;
 mod node;
 mod output;
 mod snapshotcli;
+mod tokencli;
 mod txncli;
 
 use std::path::PathBuf;
@@ -127,6 +128,8 @@ enum Command {
     Gateway(gatewaycli::GatewayArgs),
     /// Distributed transactions (saga, TCC, 2PC): start, list, show, abort, retry.
     Txn(txncli::TxnArgs),
+    /// The HTTP API's bearer tokens: create (with scopes and a lifetime), list, revoke.
+    Token(tokencli::TokenArgs),
     /// The message broker: topics, publish, subscribe, dead letters.
     Mq(mqcli::MqArgs),
     /// The demo shop: run one of its services, or drive orders through the gateway.
@@ -236,6 +239,12 @@ struct NodeArgs {
     /// File holding the HS256 key (at least 32 bytes) for `--auth-token jwt`.
     #[arg(long, env = "MESHWORK_AUTH_JWT_KEY_FILE")]
     auth_jwt_key_file: Option<PathBuf>,
+    /// Start even though a listener that takes commands is bound to a
+    /// non-loopback address without authentication (the HTTP API without a
+    /// console password, the etcd port without store auth, the cache without
+    /// a password). Without it such a node refuses to start.
+    #[arg(long, env = "MESHWORK_INSECURE_ALLOW_OPEN")]
+    insecure_allow_open: bool,
     /// Gateway worker threads (one accept loop and runtime each) [default: cores].
     #[arg(long, env = "MESHWORK_GATEWAY_WORKERS")]
     gateway_workers: Option<usize>,
@@ -456,6 +465,8 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         )?,
         traces,
         console_auth: console_auth(&file.console)?,
+        protect_reads: file.console.protect_reads.unwrap_or(false),
+        insecure_allow_open: args.insecure_allow_open,
         store_auth: store_auth(args)?,
         txn: file.txn.options()?,
         mq,
@@ -621,6 +632,19 @@ async fn run_up(args: UpArgs) -> Result<()> {
             " (ephemeral: removed on exit)"
         } else {
             ""
+        }
+    );
+    println!(
+        "  security   HTTP API {}; store auth {}; listeners on loopback only",
+        if running.http_auth {
+            "needs a token or the console login (meshwork token create)"
+        } else {
+            "open (set MESHWORK_CONSOLE_PASSWORD to require tokens)"
+        },
+        if running.store_auth {
+            "on"
+        } else {
+            "off (etcdctl user add root; etcdctl auth enable)"
         }
     );
     println!("  store      etcd v3 API on {etcd}");
@@ -809,6 +833,7 @@ fn run() -> Result<()> {
             Command::Id(a) => coordcli::id(a).await,
             Command::Gateway(a) => gatewaycli::run(a).await,
             Command::Txn(a) => txncli::run(a).await,
+            Command::Token(a) => tokencli::run(a).await,
             Command::Mq(a) => mqcli::run(a).await,
             #[cfg(feature = "demo")]
             Command::Demo(a) => demo::run(a).await,

@@ -31,6 +31,10 @@ pub(crate) struct NodeConfig {
     pub(crate) gateway_addr: Option<SocketAddr>,
     pub(crate) gateway: meshwork_gateway::GatewayConfig,
     pub(crate) gateway_workers: Option<usize>,
+    /// Reads of the HTTP API need a token or login too.
+    pub(crate) protect_reads: bool,
+    /// Start with command listeners open to the network without authentication.
+    pub(crate) insecure_allow_open: bool,
     /// The store's authentication settings (users and roles live in the data dir).
     pub(crate) store_auth: meshwork_etcd::auth::AuthConfig,
     /// The console login (None: writes are open).
@@ -70,6 +74,10 @@ pub(crate) struct Running {
     pub(crate) otlp_grpc_addr: Option<SocketAddr>,
     /// The trace store's OTLP/HTTP address, when the traces role runs.
     pub(crate) otlp_http_addr: Option<SocketAddr>,
+    /// The HTTP API checks tokens (a console password is configured).
+    pub(crate) http_auth: bool,
+    /// The embedded store has auth on (at start).
+    pub(crate) store_auth: bool,
     traces: Option<meshwork_traces::TraceStore>,
     store: Option<Store>,
     coord: Option<Coord>,
@@ -138,7 +146,48 @@ fn cache_config(cfg: &NodeConfig) -> meshwork_cache::CacheConfig {
     c
 }
 
+/// Refuses listeners that take commands bound beyond loopback without
+/// authentication (Redis' protected mode, for every port), unless the node
+/// was started with `--insecure-allow-open`.
+fn check_exposure(cfg: &NodeConfig, store_auth_on: bool) -> Result<()> {
+    if cfg.insecure_allow_open {
+        return Ok(());
+    }
+    let exposed = |a: &SocketAddr| !a.ip().is_loopback();
+    let mut open = Vec::new();
+    if exposed(&cfg.http_addr) && cfg.console_auth.is_none() {
+        open.push(format!(
+            "the HTTP API on {} has no console password (set MESHWORK_CONSOLE_PASSWORD or [console] password; then API tokens work)",
+            cfg.http_addr
+        ));
+    }
+    if cfg.roles.store && exposed(&cfg.etcd_addr) && !store_auth_on {
+        open.push(format!(
+            "the etcd port on {} has store auth off (start it on loopback once, `etcdctl user add root` and `etcdctl auth enable`)",
+            cfg.etcd_addr
+        ));
+    }
+    if let Some(c) = cfg.cache_addr
+        && exposed(&c)
+        && cfg.cache.password.is_none()
+    {
+        open.push(format!(
+            "the cache on {c} has no password ([cache] password)"
+        ));
+    }
+    if open.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to start with listeners open to the network without authentication:\n  - {}\n(bind them to 127.0.0.1, turn authentication on, or pass --insecure-allow-open)",
+        open.join("\n  - ")
+    )
+}
+
 pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
+    if !cfg.roles.store {
+        check_exposure(&cfg, false)?;
+    }
     let http_listener = TcpListener::bind(cfg.http_addr)
         .await
         .with_context(|| format!("binding the HTTP address {}", cfg.http_addr))?;
@@ -146,6 +195,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     let (stop, stop_rx) = watch::channel(false);
     let serving = Arc::new(AtomicBool::new(true));
     let mut tasks = Vec::new();
+    let mut store_auth_on = false;
     let (store, etcd_addr, endpoints) = if cfg.roles.store {
         let etcd_listener = TcpListener::bind(cfg.etcd_addr)
             .await
@@ -163,6 +213,8 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                     cfg.data_dir.display()
                 )
             })?;
+        store_auth_on = auth.enabled();
+        check_exposure(&cfg, store_auth_on)?;
         let info = ServerInfo::single(&cfg.name, format!("http://{etcd_addr}"));
         let store2 = store.clone();
         let auth2 = auth.clone();
@@ -393,7 +445,11 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     }
     let app = app
         .layer(axum::middleware::from_fn_with_state(
-            cfg.console_auth.clone(),
+            meshwork_console::auth::HttpAuth {
+                console: cfg.console_auth.clone(),
+                tokens: coord.as_ref().map(|c| c.tokens.clone()),
+                protect_reads: cfg.protect_reads,
+            },
             meshwork_console::auth::guard,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(
@@ -415,6 +471,8 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     Ok(Running {
         etcd_addr,
         http_addr,
+        http_auth: cfg.console_auth.is_some(),
+        store_auth: store_auth_on,
         gateway_addr: gateway.as_ref().map(|g| g.addr),
         cache_addr: cache_addr.as_ref().map(|c| c.addr),
         cache: cache_addr,

@@ -1,7 +1,8 @@
-//! Console login. When a password is configured, every write to the node's HTTP
-//! API (any method but GET/HEAD/OPTIONS under `/v1/` and `/gateway/`, except
-//! the config long-poll, which only reads) needs either the session cookie the
-//! login sets or HTTP Basic credentials; reads stay open. Sessions are signed
+//! Who may call the node's HTTP API. When a console password is configured,
+//! every call a route's scope covers (`meshwork_api::scope::need`: writes, and
+//! with `protect_reads` reads too) needs an API token whose scopes cover it
+//! (`Authorization: Bearer mwt_...`), or the administrator's login: the session
+//! cookie the console sets, or HTTP Basic credentials. Sessions are signed
 //! with HMAC-SHA256 under a key drawn at start, so a restart logs everyone out.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,7 +12,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use http::{HeaderMap, Method, StatusCode, header};
+use http::{HeaderMap, StatusCode, header};
 use sha2::{Digest, Sha256};
 
 /// Name of the session cookie.
@@ -144,41 +145,92 @@ pub fn basic(user: &str, password: &str) -> String {
     )
 }
 
-/// Whether a request writes (and so needs a login when auth is on).
-pub fn is_write(method: &Method, path: &str) -> bool {
-    let reads = [Method::GET, Method::HEAD, Method::OPTIONS];
-    if reads.contains(method) {
-        return false;
-    }
-    if path == "/v1/config/listener"
-        || path == "/v1/console/login"
-        || path == "/v1/console/validate"
-    {
-        return false;
-    }
-    // gRPC services (`/meshwork.mq.v1.Broker/...`): every call publishes or consumes.
-    path.starts_with("/v1/") || path.starts_with("/gateway/") || path.starts_with("/meshwork.")
+/// Who may call the node's HTTP API: the console's administrator login and
+/// the API tokens, against the scope each route needs
+/// (`meshwork_api::scope::need`).
+#[derive(Clone, Default)]
+pub struct HttpAuth {
+    /// The administrator login; `None` leaves the API open (loopback only,
+    /// unless the node was started with `--insecure-allow-open`).
+    pub console: Option<Auth>,
+    /// The API tokens (on nodes running coordination).
+    pub tokens: Option<meshwork_coord::tokens::Tokens>,
+    /// Reads need a token or login too, not only writes.
+    pub protect_reads: bool,
 }
 
-/// Middleware for the node's whole HTTP router: refuses writes without a login.
-pub async fn guard(State(auth): State<Option<Auth>>, req: Request, next: Next) -> Response {
-    if let Some(auth) = &auth
-        && is_write(req.method(), req.uri().path())
-        && auth.user_of(req.headers()).is_none()
-    {
-        // No WWW-Authenticate challenge: browsers would answer the console's
-        // fetch() calls with their own password prompt. API clients send Basic
-        // credentials up front (`curl -u`).
-        let e = meshwork_api::ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "writes need a login: sign in on the console (/ui/login) or send HTTP Basic credentials",
-        );
-        // A gRPC client reads a status, not a JSON body.
-        if meshwork_api::is_grpc(req.headers()) {
-            return e.grpc_response();
+impl HttpAuth {
+    /// Whether calls are checked at all.
+    pub fn enabled(&self) -> bool {
+        self.console.is_some()
+    }
+}
+
+fn refuse(req_headers: &HeaderMap, status: StatusCode, code: &str, message: String) -> Response {
+    let e = meshwork_api::ApiError::new(status, code, message);
+    // A gRPC client reads a status, not a JSON body.
+    if meshwork_api::is_grpc(req_headers) {
+        return e.grpc_response();
+    }
+    e.into_response()
+}
+
+/// Middleware for the node's whole HTTP router: a call a route's scope
+/// covers passes; one without credentials is refused with 401, one whose
+/// token lacks the scope with 403, before any handler runs.
+pub async fn guard(State(auth): State<HttpAuth>, req: Request, next: Next) -> Response {
+    use meshwork_api::scope::{Access, Scope, allowed, need};
+    let Some(console) = &auth.console else {
+        return next.run(req).await;
+    };
+    let Some(need) = need(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    if need.access == Access::Read && need.area != "admin" && !auth.protect_reads {
+        return next.run(req).await;
+    }
+    let headers = req.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let scopes: Vec<Scope> = match bearer {
+        Some(token) => {
+            let checked = match &auth.tokens {
+                Some(t) => t.check(token).map_err(|r| r.to_string()),
+                None => Err("this node runs no coordination, so it has no API tokens".into()),
+            };
+            match checked {
+                // Stored scopes were validated when the token was made.
+                Ok(info) => info.scopes.iter().filter_map(|s| s.parse().ok()).collect(),
+                Err(why) => {
+                    return refuse(headers, StatusCode::UNAUTHORIZED, "unauthenticated", why);
+                }
+            }
         }
-        return e.into_response();
+        None if console.user_of(headers).is_some() => vec![Scope::Admin],
+        // No WWW-Authenticate challenge: browsers would answer the console's
+        // fetch() calls with their own password prompt.
+        None => {
+            return refuse(
+                headers,
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                format!(
+                    "this call needs {need}: send a token (Authorization: Bearer mwt_...; `meshwork token create`), \
+                     sign in on the console (/ui/login) or send HTTP Basic credentials"
+                ),
+            );
+        }
+    };
+    if !allowed(&scopes, &need) {
+        return refuse(
+            headers,
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this call needs the scope {need}, which the token does not have"),
+        );
     }
     next.run(req).await
 }
@@ -202,16 +254,5 @@ mod tests {
         assert!(!a.check("admin", "wrong horse"));
         assert!(!a.check("root", "correct horse"));
         assert!(Auth::new("admin", "short").is_err());
-    }
-
-    #[test]
-    fn writes_are_told_from_reads() {
-        assert!(is_write(&Method::PUT, "/v1/config/a/b/c"));
-        assert!(is_write(&Method::DELETE, "/v1/services/x/instances/y"));
-        assert!(!is_write(&Method::GET, "/v1/config/a/b/c"));
-        assert!(!is_write(&Method::POST, "/v1/config/listener"));
-        assert!(!is_write(&Method::POST, "/ui/login"));
-        assert!(is_write(&Method::POST, "/meshwork.mq.v1.Broker/Publish"));
-        assert!(is_write(&Method::POST, "/meshwork.mq.v1.Broker/Consume"));
     }
 }

@@ -41,7 +41,11 @@ async fn start(auth: Option<Auth>) -> Harness {
             auth: auth.clone(),
         }))
         .layer(axum::middleware::from_fn_with_state(
-            auth,
+            meshwork_console::auth::HttpAuth {
+                console: auth,
+                tokens: Some(coord.tokens.clone()),
+                protect_reads: false,
+            },
             meshwork_console::auth::guard,
         ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -21,6 +21,8 @@ pub mod nodes;
 pub mod registry;
 #[cfg(feature = "server")]
 pub mod runtime;
+#[cfg(feature = "server")]
+pub mod tokens;
 
 pub use backend::Backend;
 pub use client::{ClientOptions, CoordClient};

@@ -70,6 +70,8 @@ pub struct Coord {
     pub config: ConfigCenter,
     /// This node's membership.
     pub membership: Arc<Membership>,
+    /// The HTTP API's bearer tokens (a watched copy).
+    pub tokens: crate::tokens::Tokens,
     ids: Arc<parking_lot::RwLock<Option<Arc<IdGenerator>>>>,
     _ids_task: Arc<AbortOnDrop>,
     _checker: Option<Arc<Checker>>,
@@ -107,6 +109,7 @@ impl Coord {
         );
         let registry = Registry::open(&backend, None, opts.registry.clone()).await?;
         let config = ConfigCenter::open(&backend, opts.config.clone()).await?;
+        let tokens = crate::tokens::Tokens::open(&backend).await?;
         if let Some(path) = &opts.session_file {
             remember_session(path, membership.session().lease);
         }
@@ -135,6 +138,7 @@ impl Coord {
             registry,
             config,
             membership,
+            tokens,
             ids,
             _ids_task: ids_task,
             _checker: checker,

@@ -1020,6 +1020,52 @@ async fn every_operation_answers_as_documented() {
         json!(r.json()["worker"].as_u64().unwrap())
     );
 
+    // ------------------------------------------------------------------- tokens
+    let r = api
+        .expect(
+            201,
+            "post",
+            "/v1/auth/tokens",
+            "/v1/auth/tokens",
+            Some(json!({"scopes": ["services:write:orders", "config:read"], "ttl": "30d", "description": "ci"})),
+        )
+        .await;
+    let token = r.json()["token"].as_str().unwrap().to_string();
+    let token_id = r.json()["info"]["id"].as_str().unwrap().to_string();
+    assert!(token.starts_with(&format!("mwt_{token_id}_")), "{token}");
+    api.expect(
+        400,
+        "post",
+        "/v1/auth/tokens",
+        "/v1/auth/tokens",
+        Some(json!({"scopes": ["kv:read"]})),
+    )
+    .await;
+    let r = api
+        .expect(200, "get", "/v1/auth/tokens", "/v1/auth/tokens", None)
+        .await;
+    assert_eq!(r.json()["tokens"][0]["id"], token_id.as_str());
+    assert!(
+        !r.json().to_string().contains(&token),
+        "the list shows no secret"
+    );
+    api.expect(
+        204,
+        "delete",
+        "/v1/auth/tokens/{id}",
+        &format!("/v1/auth/tokens/{token_id}"),
+        None,
+    )
+    .await;
+    api.expect(
+        404,
+        "delete",
+        "/v1/auth/tokens/{id}",
+        &format!("/v1/auth/tokens/{token_id}"),
+        None,
+    )
+    .await;
+
     // Registry clean-up, last: the deregistration is a documented operation too.
     api.expect(204, "delete", one, &format!("{s}/instances/{eph}"), None)
         .await;

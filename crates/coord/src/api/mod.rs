@@ -7,6 +7,9 @@
 mod config;
 mod coordination;
 mod registry;
+mod tokens;
+
+pub use tokens::parse_ttl;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -82,6 +85,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/elections/{name}/observe"),
     ("post", "/v1/ids"),
     ("get", "/v1/ids/{id}"),
+    ("get", "/v1/auth/tokens"),
+    ("post", "/v1/auth/tokens"),
+    ("delete", "/v1/auth/tokens/{id}"),
 ];
 
 pub use meshwork_api::ApiError;
@@ -254,6 +260,7 @@ pub fn router_documented(coord: Coord, openapi: &serde_json::Value) -> Router {
         .merge(registry::routes())
         .merge(config::routes())
         .merge(coordination::routes())
+        .merge(tokens::routes())
         .merge(meshwork_api::openapi::router(openapi))
         .fallback(not_found)
         .layer(axum::middleware::map_response(meshwork_api::json_errors))

@@ -1,0 +1,371 @@
+//! The node's HTTP API with auth on (a console password configured): every
+//! route of the served `/openapi.json` is called without credentials, with a
+//! token whose scopes do not cover it, and as an administrator. Without
+//! credentials a write is refused with 401 and a token without the scope
+//! with 403, before any handler runs (the store's revision does not move);
+//! an administrator gets past the check everywhere. The routes come from the
+//! served document, so a new route cannot be left out. Then forged, revoked
+//! and expired tokens, and the tricks that bypassed Nacos' auth.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use meshwork_testkit::http::blocking as http;
+
+const PASSWORD: &str = "a long passphrase";
+
+/// The status of one request, read from the first line of the answer (a
+/// streaming answer is not waited for).
+fn status(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> u16 {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(head.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.windows(2).any(|w| w == b"\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    meshwork_testkit::http::status_of(&String::from_utf8_lossy(&got))
+}
+
+fn basic() -> String {
+    use std::fmt::Write as _;
+    // base64 of admin:PASSWORD, by hand (no dependency for one header).
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let raw = format!("admin:{PASSWORD}");
+    let mut out = String::new();
+    for c in raw.as_bytes().chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    let mut h = String::new();
+    write!(h, "Basic {out}").unwrap();
+    h
+}
+
+/// Makes a token with `scopes` as the administrator.
+fn token(addr: &str, scopes: &[&str], ttl: Option<&str>) -> (String, String) {
+    let body = serde_json::json!({"scopes": scopes, "ttl": ttl}).to_string();
+    let (code, resp) = http::raw(
+        addr,
+        &format!(
+            "POST /v1/auth/tokens HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAuthorization: {}",
+            basic()
+        ),
+        &body,
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{resp}");
+    let v: serde_json::Value =
+        serde_json::from_str(meshwork_testkit::http::body_of(&resp)).unwrap();
+    (
+        v["token"].as_str().unwrap().to_string(),
+        v["info"]["id"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Every documented (method, path), with its parameters filled in.
+fn routes(addr: &str) -> Vec<(String, String)> {
+    let (code, doc) = http::get(addr, "/openapi.json").unwrap();
+    assert_eq!(code, 200);
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    let mut out = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let filled = path
+            .replace("{service}", "svc")
+            .replace("{namespace}", "public")
+            .replace("{group}", "g")
+            .replace("{data_id}", "d.toml")
+            .replace("{version}", "1")
+            .replace("{name}", "n")
+            .replace("{topic}", "t")
+            .replace("{trace_id}", "0af7651916cd43dd8448eb211c80319c")
+            .replace("{id}", "1");
+        assert!(!filled.contains('{'), "an unfilled parameter in {path}");
+        for m in ["get", "put", "post", "delete", "patch"] {
+            if item.get(m).is_some() {
+                out.push((m.to_uppercase(), filled.clone()));
+            }
+        }
+    }
+    assert!(out.len() > 60, "{} routes documented", out.len());
+    out
+}
+
+fn revision(etcd: &str) -> i64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = meshwork_etcd::Client::connect(&[etcd.to_string()])
+            .await
+            .unwrap();
+        c.maintenance
+            .clone()
+            .status(meshwork_etcd::proto::etcdserverpb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .header
+            .unwrap()
+            .revision
+    })
+}
+
+#[test]
+fn every_route_needs_its_scope_and_refusals_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = meshwork_tests::start(
+        &dir.path().join("data"),
+        &["--roles", "store,coord"],
+        &[("MESHWORK_CONSOLE_PASSWORD", PASSWORD)],
+    );
+    let addr = s.http.as_str();
+    let (admin, _) = token(addr, &["admin"], None);
+    // Traces are read-only: this token can write nothing.
+    let (reader, _) = token(addr, &["traces:read"], None);
+    let all = routes(addr);
+    let before = revision(&s.etcd);
+    let mut wrong = Vec::new();
+    for (m, p) in &all {
+        let write = m != "GET";
+        let open =
+            p == "/openapi.json" || p.starts_with("/v1/console/log") || p == "/v1/console/session";
+        let admin_only = p.starts_with("/v1/auth/");
+        let body = if write { "{}" } else { "" };
+        let none = status(addr, m, p, &[], body);
+        let bearer = format!("Bearer {reader}");
+        let weak = status(addr, m, p, &[("Authorization", &bearer)], body);
+        let refused_without =
+            (write && !p.ends_with("/listener") && !p.ends_with("/validate")) || admin_only;
+        if refused_without && !open && none != 401 {
+            wrong.push(format!("{m} {p} without credentials: {none}"));
+        }
+        if refused_without && !open && weak != 403 {
+            wrong.push(format!("{m} {p} with traces:read: {weak}"));
+        }
+    }
+    let after = revision(&s.etcd);
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert_eq!(before, after, "a refused call changed the store");
+    // An administrator gets past the check everywhere.
+    let bearer = format!("Bearer {admin}");
+    for (m, p) in &all {
+        let body = if m == "GET" { "" } else { "{}" };
+        let code = status(addr, m, p, &[("Authorization", &bearer)], body);
+        assert!(code != 401 && code != 403, "{m} {p} as admin: {code}");
+    }
+}
+
+#[test]
+fn forged_revoked_and_expired_tokens_and_known_bypasses_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = meshwork_tests::start(
+        &dir.path().join("data"),
+        &["--roles", "store,coord"],
+        &[("MESHWORK_CONSOLE_PASSWORD", PASSWORD)],
+    );
+    let addr = s.http.as_str();
+    let put = |headers: &[(&str, &str)]| {
+        status(
+            addr,
+            "PUT",
+            "/v1/services/svc",
+            headers,
+            r#"{"protect_threshold":0.5}"#,
+        )
+    };
+    let (good, id) = token(addr, &["services:write:svc"], None);
+    let bearer = format!("Bearer {good}");
+    assert!(
+        !matches!(put(&[("Authorization", &bearer)]), 401 | 403),
+        "a valid token passes"
+    );
+    // Forgeries: the right id with another secret, another format, a JWT.
+    let forged = format!("Bearer mwt_{id}_{}", "0".repeat(64));
+    let jwt = "Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.";
+    for h in [
+        forged.as_str(),
+        jwt,
+        "Bearer ",
+        "Bearer mwt_",
+        "Basic YWRtaW46YWRtaW4=",
+    ] {
+        assert_eq!(put(&[("Authorization", h)]), 401, "{h}");
+    }
+    // Nacos #4779 (a server User-Agent skipped auth) and Host tricks.
+    assert_eq!(put(&[("User-Agent", "Nacos-Server")]), 401);
+    let code = put(&[("Host", "localhost")]);
+    assert!(matches!(code, 400 | 401 | 421), "Host: localhost -> {code}");
+    for p in [
+        "/v1//auth/tokens",
+        "/v1/%61uth/tokens",
+        "/v1/services/../auth/tokens",
+    ] {
+        let code = status(addr, "GET", p, &[], "");
+        assert!(code == 401 || code == 400 || code == 404, "GET {p}: {code}");
+        assert_ne!(code, 200, "GET {p}");
+    }
+    // Revoked: refused at once.
+    let code = status(
+        addr,
+        "DELETE",
+        &format!("/v1/auth/tokens/{id}"),
+        &[("Authorization", &basic())],
+        "",
+    );
+    assert_eq!(code, 204);
+    assert_eq!(put(&[("Authorization", &bearer)]), 401);
+    // Expired: refused once its lifetime is over.
+    let (short, _) = token(addr, &["services:write:svc"], Some("1s"));
+    let bearer = format!("Bearer {short}");
+    meshwork_testkit::blocking::until("the token to expire", Duration::from_secs(10), || {
+        put(&[("Authorization", &bearer)]) == 401
+    });
+    // The token list never shows a secret.
+    let (code, resp) = http::raw(
+        addr,
+        &format!(
+            "GET /v1/auth/tokens HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}",
+            basic()
+        ),
+        "",
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    assert!(!resp.contains(&good[good.len() - 64..]), "{resp}");
+    assert!(!resp.contains("secret"), "{resp}");
+}
+
+#[test]
+fn the_cli_makes_lists_and_revokes_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = meshwork_tests::start(
+        &dir.path().join("data"),
+        &["--roles", "store,coord"],
+        &[("MESHWORK_CONSOLE_PASSWORD", PASSWORD)],
+    );
+    let cli = |args: &[&str], envs: &[(&str, &str)]| {
+        let out = std::process::Command::new(meshwork_tests::bin())
+            .args(args)
+            .args(["--http", &s.http])
+            .env_remove("MESHWORK_CONSOLE_PASSWORD")
+            .env_remove("MESHWORK_TOKEN")
+            .envs(envs.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let admin = [("MESHWORK_CONSOLE_PASSWORD", PASSWORD)];
+    let (ok, out, err) = cli(
+        &[
+            "token",
+            "create",
+            "--scope",
+            "ids:write",
+            "--ttl",
+            "30d",
+            "--description",
+            "batch",
+            "--json",
+        ],
+        &admin,
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let token = v["token"].as_str().unwrap().to_string();
+    let id = v["info"]["id"].as_str().unwrap().to_string();
+    // The token works for what its scope covers, from the environment.
+    let (ok, _, err) = cli(
+        &["id", "next", "--count", "2"],
+        &[("MESHWORK_TOKEN", &token)],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(
+        &["lock", "acquire", "jobs", "--ttl", "10"],
+        &[("MESHWORK_TOKEN", &token)],
+    );
+    assert!(!ok && err.contains("403"), "{err}");
+    // Without credentials nothing is written.
+    let (ok, _, err) = cli(&["id", "next"], &[]);
+    assert!(!ok && err.contains("401"), "{err}");
+    // A token cannot list or make tokens; the administrator can.
+    let (ok, _, err) = cli(&["token", "list"], &[("MESHWORK_TOKEN", &token)]);
+    assert!(!ok && err.contains("403"), "{err}");
+    let (ok, out, err) = cli(&["token", "list"], &admin);
+    assert!(
+        ok && out.contains(&id) && out.contains("batch"),
+        "{out}{err}"
+    );
+    assert!(!out.contains(&token), "the list shows no secret");
+    let (ok, _, err) = cli(&["token", "create", "--scope", "kv:read"], &admin);
+    assert!(!ok && err.contains("unknown area"), "{err}");
+    let (ok, _, err) = cli(&["token", "revoke", &id], &admin);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&["id", "next"], &[("MESHWORK_TOKEN", &token)]);
+    assert!(!ok && err.contains("401"), "{err}");
+}
+
+#[test]
+fn a_node_open_to_the_network_refuses_to_start_unless_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(meshwork_tests::bin())
+            .arg("server")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--roles", "store"])
+            .args(extra)
+            .env_remove("MESHWORK_CONSOLE_PASSWORD")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--http-addr", "0.0.0.0:0", "--etcd-addr", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refusing to start") && err.contains("no console password"),
+        "{err}"
+    );
+    let out = run(&["--http-addr", "127.0.0.1:0", "--etcd-addr", "0.0.0.0:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("store auth off"),
+        "{err}"
+    );
+    // Told: it starts (and is stopped here).
+    let s = meshwork_tests::start(
+        &dir.path().join("data2"),
+        &["--http-addr", "0.0.0.0:0", "--insecure-allow-open"],
+        &[],
+    );
+    assert!(!s.http.is_empty());
+}
