@@ -34,7 +34,6 @@ pub mod role;
 pub mod route;
 mod server;
 mod table;
-mod tls;
 mod upstream;
 
 /// The gateway's part of the node's OpenAPI document (`/v1/gateway/routes`
@@ -47,6 +46,7 @@ pub use error::{ErrorCode, GatewayError};
 pub use gateway::{Gateway, GatewayCounters, RouteInfo};
 pub use headers::{TraceContext, cookie};
 pub use limits::{LocalSharedLimiter, SharedLimiter};
+pub use meshwork_tls::{TlsConfig, TlsError, TlsReloader};
 pub use registry::{GATEWAY_ROLE, MembershipSharedLimiter, RegistryResolver};
 pub use resolver::{Endpoint, InstanceFilter, Resolver, StaticResolver};
 pub use role::{GatewayRole, ROUTES_PATH, RoleError};
@@ -54,7 +54,6 @@ pub use route::model::{RouteConfig, RouteError, RouteSet};
 pub use route::{Explanation, RouteCheck};
 pub use server::{Workers, serve, serve_tls, spawn_workers};
 pub use table::{LATENCY_BUCKETS_US, RouteCounters, bucket_quantile_ms};
-pub use tls::{TlsConfig, TlsError, TlsReloader};
 pub use upstream::{ClusterSnapshot, EndpointSnapshot, OutlierSnapshot};
 
 #[cfg(test)]

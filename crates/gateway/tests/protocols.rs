@@ -129,6 +129,7 @@ async fn tls_with_alpn_and_certificate_reload() {
     let reloader = TlsReloader::load(TlsConfig {
         cert_file: dir.path().join("cert.pem"),
         key_file: dir.path().join("key.pem"),
+        client_ca_file: None,
     })
     .unwrap();
     let gateway = Gateway::new(GatewayConfig::default(), Arc::new(StaticResolver::new())).unwrap();

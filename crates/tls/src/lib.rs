@@ -1,5 +1,8 @@
-//! TLS for client connections: rustls with ALPN (`h2`, `http/1.1`), the
-//! certificate and key read from PEM files and reloaded when they change.
+//! TLS for every Meshwork listener (the gateway's downstream, the etcd port,
+//! the HTTP port): rustls with ALPN, the certificate and key read from PEM
+//! files and reloaded when they change (no restart), and optionally mutual
+//! TLS — client certificates verified against a CA, the client's identity
+//! (its certificate's common name) read with [`peer_common_name`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +25,10 @@ pub struct TlsConfig {
     pub cert_file: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: PathBuf,
+    /// PEM CA certificates client certificates must chain to; when set,
+    /// every client must present one (mutual TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// TLS could not be set up.
@@ -95,20 +102,47 @@ pub struct TlsReloader {
 }
 
 impl TlsReloader {
-    /// Loads the certificate and key (errors name the file).
+    /// Loads the certificate and key (errors name the file), offering HTTP/2
+    /// and HTTP/1.1.
     pub fn load(cfg: TlsConfig) -> Result<Arc<Self>, TlsError> {
+        Self::load_with_alpn(cfg, &[b"h2", b"http/1.1"])
+    }
+
+    /// [`load`](Self::load) offering the protocols `alpn` (gRPC: `h2` alone).
+    pub fn load_with_alpn(cfg: TlsConfig, alpn: &[&[u8]]) -> Result<Arc<Self>, TlsError> {
         let seen = mtimes(&cfg);
         let ck = load(&cfg)?;
         let resolver = Arc::new(Resolver {
             current: ArcSwap::from_pointee(ck),
         });
-        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver.clone());
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let builder = match &cfg.client_ca_file {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in
+                    CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, e.to_string()))?
+                {
+                    roots
+                        .add(c.map_err(|e| file_err(ca, e.to_string()))?)
+                        .map_err(|e| file_err(ca, e.to_string()))?;
+                }
+                if roots.is_empty() {
+                    return Err(file_err(ca, "no CA certificate found"));
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| file_err(ca, e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut server = builder.with_cert_resolver(resolver.clone());
+        server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(Self {
             cfg,
             resolver,
@@ -158,5 +192,62 @@ impl TlsReloader {
                 }
             }
         })
+    }
+}
+
+/// The common name (CN) of the first certificate in `chain` (a verified
+/// client's own certificate), if it has one.
+pub fn peer_common_name(chain: &[CertificateDer<'_>]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_common_name_is_read_from_a_certificate() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["orders.local".into()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "orders");
+        let cert = params.self_signed(&key).unwrap();
+        let der = CertificateDer::from(cert.der().to_vec());
+        assert_eq!(peer_common_name(&[der]).as_deref(), Some("orders"));
+        assert_eq!(peer_common_name(&[]), None);
+        assert_eq!(
+            peer_common_name(&[CertificateDer::from(vec![1, 2, 3])]),
+            None
+        );
+    }
+
+    #[test]
+    fn mismatched_keys_and_missing_files_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let a = rcgen::generate_simple_self_signed(vec!["a".into()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["b".into()]).unwrap();
+        let cfg = TlsConfig {
+            cert_file: write("a.pem", &a.cert.pem()),
+            key_file: write("b.key", &b.key_pair.serialize_pem()),
+            client_ca_file: None,
+        };
+        let e = TlsReloader::load(cfg).unwrap_err().to_string();
+        assert!(e.contains("b.key") && e.contains("does not match"), "{e}");
+        let cfg = TlsConfig {
+            cert_file: dir.path().join("missing.pem"),
+            key_file: write("a.key", &a.key_pair.serialize_pem()),
+            client_ca_file: None,
+        };
+        let e = TlsReloader::load(cfg).unwrap_err().to_string();
+        assert!(e.contains("missing.pem"), "{e}");
     }
 }
