@@ -30,6 +30,7 @@ mod bench_coord;
 mod bench_mq;
 mod bench_traces;
 mod bench_txn;
+mod certcli;
 mod config;
 mod coordcli;
 #[cfg(feature = "demo")]
@@ -130,6 +131,8 @@ enum Command {
     Txn(txncli::TxnArgs),
     /// The HTTP API's bearer tokens: create (with scopes and a lifetime), list, revoke.
     Token(tokencli::TokenArgs),
+    /// A local certificate authority and certificates it signs (for TLS and mTLS).
+    Cert(certcli::CertArgs),
     /// The message broker: topics, publish, subscribe, dead letters.
     Mq(mqcli::MqArgs),
     /// The demo shop: run one of its services, or drive orders through the gateway.
@@ -239,6 +242,18 @@ struct NodeArgs {
     /// File holding the HS256 key (at least 32 bytes) for `--auth-token jwt`.
     #[arg(long, env = "MESHWORK_AUTH_JWT_KEY_FILE")]
     auth_jwt_key_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS on the etcd, HTTP and OTLP ports (with
+    /// --tls-key); reloaded when the file changes.
+    #[arg(long, env = "MESHWORK_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "MESHWORK_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates: every client must present a certificate signed by
+    /// one (mutual TLS); on the etcd port a client without a token is the
+    /// user its certificate's common name names, as etcd's --client-cert-auth.
+    #[arg(long, env = "MESHWORK_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Start even though a listener that takes commands is bound to a
     /// non-loopback address without authentication (the HTTP API without a
     /// console password, the etcd port without store auth, the cache without
@@ -271,6 +286,10 @@ struct UpArgs {
     /// Use a throw-away temporary data directory, removed on exit.
     #[arg(long)]
     ephemeral: bool,
+    /// TLS on every listener with a certificate from a local authority made
+    /// in DATA_DIR/tls on first use (unless --tls-cert is given).
+    #[arg(long)]
+    tls: bool,
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -466,6 +485,15 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         traces,
         console_auth: console_auth(&file.console)?,
         protect_reads: file.console.protect_reads.unwrap_or(false),
+        tls: args
+            .tls_cert
+            .clone()
+            .zip(args.tls_key.clone())
+            .map(|(cert, key)| meshwork_tls::TlsConfig {
+                cert_file: cert,
+                key_file: key,
+                client_ca_file: args.tls_client_ca.clone(),
+            }),
         insecure_allow_open: args.insecure_allow_open,
         store_auth: store_auth(args)?,
         txn: file.txn.options()?,
@@ -596,6 +624,22 @@ async fn run_up(args: UpArgs) -> Result<()> {
     }
     if temp.is_some() {
         node_args.data_dir = Some(default_dir.clone());
+    }
+    if args.tls && node_args.tls_cert.is_none() {
+        // A local authority and a node certificate, made once per data dir.
+        let dir = node_args
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| default_dir.clone())
+            .join("tls");
+        if !dir.join("ca.pem").exists() {
+            certcli::init(&dir, 10)?;
+        }
+        if !dir.join("node.pem").exists() {
+            certcli::issue(&dir, "node", &[], false, 365)?;
+        }
+        node_args.tls_cert = Some(dir.join("node.pem"));
+        node_args.tls_key = Some(dir.join("node-key.pem"));
     }
     let cfg = resolve(&node_args, default_dir)?;
     let data_dir = cfg.data_dir.clone();
@@ -834,6 +878,7 @@ fn run() -> Result<()> {
             Command::Gateway(a) => gatewaycli::run(a).await,
             Command::Txn(a) => txncli::run(a).await,
             Command::Token(a) => tokencli::run(a).await,
+            Command::Cert(a) => certcli::run(a),
             Command::Mq(a) => mqcli::run(a).await,
             #[cfg(feature = "demo")]
             Command::Demo(a) => demo::run(a).await,

@@ -24,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use parking_lot::Mutex;
 use serde::Deserialize;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 use tower::ServiceExt;
@@ -161,6 +161,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     cfg: ListenConfig,
+    tls: Option<Arc<meshwork_tls::TlsReloader>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let cfg = Arc::new(cfg);
@@ -211,17 +212,31 @@ pub(crate) async fn serve(
             open: open.clone(),
             _slot: slot,
         };
-        let conn = serve_conn(
-            stream,
-            peer,
-            app.clone(),
-            cfg.clone(),
-            builder.clone(),
-            stop_rx.clone(),
-        );
+        let (app, cfg2, builder, stop) =
+            (app.clone(), cfg.clone(), builder.clone(), stop_rx.clone());
+        let tls = tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
             let _guard = guard;
-            conn.await;
+            match tls {
+                None => serve_conn(stream, peer, app, cfg2, builder, stop).await,
+                // The handshake in the connection's own task, within the
+                // header deadline: a slow client delays nobody else.
+                Some(acceptor) => {
+                    let limit = Duration::from_millis(cfg2.header_read_timeout_ms);
+                    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_conn(tls, peer, app, cfg2, builder, stop).await,
+                        Ok(Err(e)) => {
+                            metrics::counter!("meshwork_listener_tls_failures_total", "listener" => "http")
+                                .increment(1);
+                            tracing::debug!(%peer, error = %e, "HTTP port: TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics::counter!("meshwork_listener_timeouts_total", "listener" => "http")
+                                .increment(1);
+                        }
+                    }
+                }
+            }
         });
     }
     drop(listener);
@@ -246,7 +261,7 @@ pub(crate) async fn serve(
 }
 
 async fn serve_conn(
-    stream: TcpStream,
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     peer: SocketAddr,
     app: Router,
     cfg: Arc<ListenConfig>,

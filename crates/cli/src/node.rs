@@ -31,6 +31,8 @@ pub(crate) struct NodeConfig {
     pub(crate) gateway_addr: Option<SocketAddr>,
     pub(crate) gateway: meshwork_gateway::GatewayConfig,
     pub(crate) gateway_workers: Option<usize>,
+    /// TLS on the etcd, HTTP and OTLP ports (None: plaintext).
+    pub(crate) tls: Option<meshwork_tls::TlsConfig>,
     /// Reads of the HTTP API need a token or login too.
     pub(crate) protect_reads: bool,
     /// Start with command listeners open to the network without authentication.
@@ -185,6 +187,16 @@ fn check_exposure(cfg: &NodeConfig, store_auth_on: bool) -> Result<()> {
 }
 
 pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
+    // One certificate for every listener, reloaded when its files change.
+    let tls = match &cfg.tls {
+        Some(t) => {
+            let r = meshwork_tls::TlsReloader::load(t.clone())
+                .context("loading the TLS certificate")?;
+            r.spawn_watch(std::time::Duration::from_secs(2));
+            Some(r)
+        }
+        None => None,
+    };
     if !cfg.roles.store {
         check_exposure(&cfg, false)?;
     }
@@ -218,6 +230,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         let info = ServerInfo::single(&cfg.name, format!("http://{etcd_addr}"));
         let store2 = store.clone();
         let auth2 = auth.clone();
+        let tls2 = tls.clone();
         let rx = stop_rx.clone();
         let serving2 = serving.clone();
         let limits = cfg.listen.etcd();
@@ -228,6 +241,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                 auth2,
                 info,
                 limits,
+                tls2,
                 stopped(rx),
             )
             .await
@@ -292,7 +306,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     }
     // The trace store also listens before the node joins.
     let traces = if cfg.roles.traces {
-        Some(start_traces(&cfg, &stop_rx, &mut tasks).await?)
+        Some(start_traces(&cfg, tls.clone(), &stop_rx, &mut tasks).await?)
     } else {
         None
     };
@@ -457,8 +471,11 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         ));
     let rx = stop_rx.clone();
     let listen = cfg.listen.clone();
+    let http_tls = tls.clone();
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = crate::listen::serve(http_listener, app, listen, stopped(rx)).await {
+        if let Err(e) =
+            crate::listen::serve(http_listener, app, listen, http_tls, stopped(rx)).await
+        {
             tracing::error!(error = %e, "HTTP server failed");
         }
     }));
@@ -531,6 +548,7 @@ struct Traces {
 /// OTLP/HTTP on the configured addresses.
 async fn start_traces(
     cfg: &NodeConfig,
+    tls: Option<std::sync::Arc<meshwork_tls::TlsReloader>>,
     stop_rx: &watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Result<Traces> {
@@ -577,11 +595,29 @@ async fn start_traces(
             max_concurrent_streams: limits.max_concurrent_streams,
             keepalive: (limits.idle_timeout / 3).max(std::time::Duration::from_millis(100)),
         };
-        let incoming = meshwork_etcd::server::limited_incoming(l, limits, "otlp-grpc");
+        let served = match tls.clone() {
+            Some(t) => {
+                let incoming =
+                    meshwork_etcd::server::limited_incoming_tls(l, limits, "otlp-grpc", t);
+                tokio::spawn(meshwork_traces::serve_grpc_incoming(
+                    incoming,
+                    s,
+                    grpc,
+                    stopped(rx),
+                ))
+            }
+            None => {
+                let incoming = meshwork_etcd::server::limited_incoming(l, limits, "otlp-grpc");
+                tokio::spawn(meshwork_traces::serve_grpc_incoming(
+                    incoming,
+                    s,
+                    grpc,
+                    stopped(rx),
+                ))
+            }
+        };
         tasks.push(tokio::spawn(async move {
-            if let Err(e) =
-                meshwork_traces::serve_grpc_incoming(incoming, s, grpc, stopped(rx)).await
-            {
+            if let Ok(Err(e)) = served.await {
                 tracing::error!(error = %e, "OTLP/gRPC server failed");
             }
         }));
@@ -594,7 +630,7 @@ async fn start_traces(
         listen.max_body_bytes = cfg.traces.max_request_bytes;
         let rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = crate::listen::serve(l, app, listen, stopped(rx)).await {
+            if let Err(e) = crate::listen::serve(l, app, listen, tls, stopped(rx)).await {
                 tracing::error!(error = %e, "OTLP/HTTP server failed");
             }
         }));

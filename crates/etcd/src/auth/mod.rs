@@ -542,6 +542,23 @@ impl Auth {
         })
     }
 
+    /// The caller a verified client certificate names (etcd's
+    /// `--client-cert-auth`): that user, if it exists.
+    pub fn caller_named(&self, user: &str) -> Result<Caller, AuthError> {
+        let s = self.0.state.read();
+        if !s.enabled {
+            return Ok(Caller::Trusted);
+        }
+        match (s.users.get(user), s.perms.get(user)) {
+            (Some(u), Some(perms)) => Ok(Caller::User {
+                root: u.roles.contains(ROOT),
+                name: user.to_string(),
+                perms: perms.clone(),
+            }),
+            _ => Err(AuthError::PermissionDenied),
+        }
+    }
+
     async fn hashed(&self, password: String) -> Result<String, AuthError> {
         let _permit = self
             .0

@@ -70,7 +70,11 @@ impl pb::auth_server::Auth for AuthService {
         &self,
         req: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
-        let from = req.remote_addr().map(|a| a.ip());
+        let from = req
+            .extensions()
+            .get::<super::PeerInfo>()
+            .and_then(|p| p.remote_addr)
+            .map(|a| a.ip());
         let r = req.into_inner();
         match self.0.auth.authenticate(&r.name, &r.password, from).await {
             Ok(token) => Ok(Response::new(pb::AuthenticateResponse {

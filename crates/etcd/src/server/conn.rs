@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 
 /// Limits of the etcd gRPC listener.
 #[derive(Debug, Clone)]
@@ -80,7 +80,9 @@ impl Slots {
                 metrics::gauge!("meshwork_listener_connections", "listener" => self.name)
                     .increment(1.0);
                 Some(Guarded {
-                    inner: stream,
+                    remote_addr: stream.peer_addr().ok(),
+                    common_name: None,
+                    inner: Stream::Plain(stream),
                     _slot: Slot(permit, self.name),
                     name: self.name,
                     silence: Box::pin(tokio::time::sleep(self.limits.handshake_timeout)),
@@ -119,7 +121,10 @@ impl Drop for Slot {
 /// has been silent past the deadline.
 #[derive(Debug)]
 pub struct Guarded {
-    inner: TcpStream,
+    inner: Stream,
+    remote_addr: Option<std::net::SocketAddr>,
+    /// The verified client certificate's common name (mutual TLS).
+    common_name: Option<String>,
     _slot: Slot,
     name: &'static str,
     silence: Pin<Box<Sleep>>,
@@ -234,10 +239,102 @@ impl AsyncWrite for Guarded {
     }
 }
 
+/// Who is on the other end of a connection, in each request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    /// The client's address.
+    pub remote_addr: Option<std::net::SocketAddr>,
+    /// The common name of the client's verified certificate (mutual TLS).
+    pub common_name: Option<String>,
+}
+
 impl Connected for Guarded {
-    type ConnectInfo = TcpConnectInfo;
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.inner.connect_info()
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        PeerInfo {
+            remote_addr: self.remote_addr,
+            common_name: self.common_name.clone(),
+        }
+    }
+}
+
+/// A connection's byte stream: plain TCP, or TLS over it.
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+macro_rules! both {
+    ($s:expr, $x:ident => $e:expr) => {
+        match $s {
+            Stream::Plain($x) => $e,
+            Stream::Tls($x) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        both!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        both!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        both!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        both!(self, s => s.is_write_vectored())
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        both!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+impl Guarded {
+    /// The TLS handshake on an admitted connection, within `limit`; the
+    /// client's certificate (mutual TLS) names it.
+    async fn tls(
+        self,
+        acceptor: tokio_rustls::TlsAcceptor,
+        limit: Duration,
+    ) -> io::Result<Guarded> {
+        let tcp = match self.inner {
+            Stream::Plain(tcp) => tcp,
+            tls @ Stream::Tls(_) => return Ok(Guarded { inner: tls, ..self }),
+        };
+        let tls = tokio::time::timeout(limit, acceptor.accept(tcp))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        let common_name = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(meshwork_tls::peer_common_name);
+        Ok(Guarded {
+            inner: Stream::Tls(Box::new(tls)),
+            common_name,
+            ..self
+        })
     }
 }
 
@@ -250,6 +347,45 @@ pub fn limited_incoming(
     name: &'static str,
 ) -> impl futures_util::Stream<Item = io::Result<Guarded>> + Send + 'static {
     incoming(listener, Slots::new(limits, name))
+}
+
+/// [`limited_incoming`] over TLS: each admitted connection's handshake runs
+/// in its own task (a slow or silent client delays nobody else) within the
+/// handshake timeout; failed handshakes are logged, counted and closed.
+pub fn limited_incoming_tls(
+    listener: tokio::net::TcpListener,
+    limits: ListenLimits,
+    name: &'static str,
+    tls: std::sync::Arc<meshwork_tls::TlsReloader>,
+) -> impl futures_util::Stream<Item = io::Result<Guarded>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Guarded>>(64);
+    let limit = limits.handshake_timeout;
+    let plain = Box::pin(incoming(listener, Slots::new(limits, name)));
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut plain = plain;
+        loop {
+            let next = tokio::select! {
+                c = plain.next() => c,
+                () = tx.closed() => return,
+            };
+            let Some(Ok(conn)) = next else { return };
+            let (tx, acceptor) = (tx.clone(), tls.acceptor());
+            tokio::spawn(async move {
+                match conn.tls(acceptor, limit).await {
+                    Ok(c) => {
+                        let _ = tx.send(Ok(c)).await;
+                    }
+                    Err(e) => {
+                        metrics::counter!("meshwork_listener_tls_failures_total", "listener" => name)
+                            .increment(1);
+                        tracing::debug!(listener = name, error = %e, "TLS handshake failed");
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// The admitted connections of `listener`, for tonic. An accept error (out of

@@ -16,7 +16,7 @@ use meshwork_store::Store;
 use tokio::net::TcpListener;
 use tonic::{Request, Status};
 
-pub use conn::{Guarded, ListenLimits, limited_incoming};
+pub use conn::{Guarded, ListenLimits, PeerInfo, limited_incoming, limited_incoming_tls};
 
 use crate::auth::{Auth, Caller};
 use crate::convert::Header;
@@ -94,7 +94,17 @@ impl Ctx {
         }
         let md = req.metadata();
         let token = match md.get("token").or_else(|| md.get("authorization")) {
-            None => None,
+            // No token: a verified client certificate names the user.
+            None => {
+                if let Some(cn) = req
+                    .extensions()
+                    .get::<PeerInfo>()
+                    .and_then(|p| p.common_name.as_deref())
+                {
+                    return Ok(self.auth.caller_named(cn)?);
+                }
+                None
+            }
             // A token that is not text is no token of ours.
             Some(v) => Some(
                 v.to_str()
@@ -121,6 +131,7 @@ pub async fn serve(
         auth,
         info,
         ListenLimits::default(),
+        None,
         shutdown,
     )
     .await
@@ -129,17 +140,34 @@ pub async fn serve(
 /// [`serve`] with explicit connection limits: at most `max_connections` open
 /// at once (more are closed on accept and counted), silent clients closed,
 /// and an accept error (such as running out of file descriptors) waited out
-/// rather than ending the server.
+/// rather than ending the server. With `tls`, clients speak TLS (and, when
+/// it verifies client certificates, a client with no token is the user its
+/// certificate's common name names, as etcd's `--client-cert-auth` does).
 pub async fn serve_limited(
     listener: TcpListener,
     store: Store,
     auth: Auth,
     info: ServerInfo,
     limits: ListenLimits,
+    tls: Option<std::sync::Arc<meshwork_tls::TlsReloader>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let keepalive = (limits.idle_timeout / 3).max(std::time::Duration::from_millis(100));
-    let incoming = conn::incoming(listener, conn::Slots::new(limits.clone(), "etcd"));
+    type Incoming = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = std::io::Result<Guarded>> + Send + 'static>,
+    >;
+    let incoming: Incoming = match tls {
+        Some(tls) => Box::pin(conn::limited_incoming_tls(
+            listener,
+            limits.clone(),
+            "etcd",
+            tls,
+        )),
+        None => Box::pin(conn::incoming(
+            listener,
+            conn::Slots::new(limits.clone(), "etcd"),
+        )),
+    };
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
