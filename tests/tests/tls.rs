@@ -53,7 +53,7 @@ fn start(dir: &Path, certs: &Path, mtls: bool) -> Node {
             "--http-addr",
             "127.0.0.1:0",
             "--roles",
-            "store",
+            "store,coord",
         ])
         .arg("--tls-cert")
         .arg(certs.join("node.pem"))
@@ -77,7 +77,7 @@ fn start(dir: &Path, certs: &Path, mtls: bool) -> Node {
         .next()
         .unwrap()
         .unwrap()
-        .trim_start_matches("HTTP: http://")
+        .trim_start_matches("HTTP: https://")
         .to_string();
     std::thread::spawn(move || for _ in lines {});
     Node { child, etcd, http }
@@ -187,6 +187,63 @@ fn etcdctl_and_curl_over_tls_and_what_they_refuse() {
         &format!("https://{}/readyz", node.http),
     ]);
     assert!(!ok && out.contains("certificate"), "{out}");
+
+    // Meshwork's own clients: the CLI (gRPC and HTTP) trusting the CA, and
+    // a second node whose coordination runs on this one's store over TLS.
+    let mw = |args: &[&str], envs: &[(&str, &str)]| {
+        let out = Command::new(meshwork_tests::bin())
+            .args(args)
+            .envs(envs.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = mw(
+        &[
+            "kv",
+            "--endpoints",
+            &node.etcd,
+            "--cacert",
+            path(&ca),
+            "get",
+            "k",
+        ],
+        &[],
+    );
+    assert!(ok && out.contains('v'), "{out}");
+    let (ok, out) = mw(&["kv", "--endpoints", &node.etcd, "get", "k"], &[]);
+    assert!(!ok, "plaintext from the CLI: {out}");
+    let https_api = format!("https://{}", node.http);
+    let (ok, out) = mw(
+        &["id", "--http", &https_api, "next", "--count", "2"],
+        &[("MESHWORK_CACERT", path(&ca))],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = mw(&["id", "--http", &https_api, "next"], &[]);
+    assert!(!ok && out.contains("MESHWORK_CACERT"), "{out}");
+    let second = meshwork_tests::start(
+        &dir.path().join("second"),
+        &[
+            "--roles",
+            "coord",
+            "--name",
+            "second",
+            "--store",
+            &format!("etcd://{}", node.etcd),
+            "--store-cacert",
+            path(&ca),
+        ],
+        &[],
+    );
+    let (code, body) = meshwork_testkit::http::blocking::get(&second.http, "/v1/nodes").unwrap();
+    assert!(
+        code == 200 && body.matches("\"name\"").count() >= 2,
+        "{body}"
+    );
 
     // A certificate for another host name, then an expired one: swapped in
     // place, taken without a restart, and refused by the client.

@@ -31,6 +31,25 @@ pub(crate) struct Conn {
         global = true
     )]
     pub(crate) user: Option<String>,
+    /// CA certificates to trust: talk TLS to the endpoints.
+    #[arg(long, env = "MESHWORK_CACERT", global = true)]
+    pub(crate) cacert: Option<std::path::PathBuf>,
+    /// This client's certificate (mutual TLS).
+    #[arg(
+        long = "cert",
+        env = "MESHWORK_CERT",
+        global = true,
+        requires = "tls_key"
+    )]
+    pub(crate) tls_cert: Option<std::path::PathBuf>,
+    /// This client's key (mutual TLS).
+    #[arg(
+        long = "key",
+        env = "MESHWORK_KEY",
+        global = true,
+        requires = "tls_cert"
+    )]
+    pub(crate) tls_key: Option<std::path::PathBuf>,
 }
 
 /// `meshwork kv`.
@@ -118,7 +137,15 @@ fn text(b: &[u8]) -> String {
 }
 
 pub(crate) async fn connect(conn: &Conn) -> Result<Client> {
-    let c = Client::connect(&conn.endpoints).await?;
+    let tls = conn
+        .cacert
+        .clone()
+        .map(|ca_file| meshwork_etcd::client::ClientTls {
+            ca_file,
+            cert_file: conn.tls_cert.clone(),
+            key_file: conn.tls_key.clone(),
+        });
+    let c = Client::connect_with(&conn.endpoints, tls.as_ref()).await?;
     if let Some(u) = &conn.user {
         let creds = meshwork_etcd::client::Credentials::parse(u)
             .context("--user: expected USER:PASSWORD")?;

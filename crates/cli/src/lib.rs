@@ -205,6 +205,15 @@ struct NodeArgs {
     /// File whose first line is `USER:PASSWORD` for the external etcd.
     #[arg(long, env = "MESHWORK_STORE_CREDENTIALS_FILE")]
     store_credentials_file: Option<PathBuf>,
+    /// CA certificates to trust: talk TLS to the external etcd.
+    #[arg(long, env = "MESHWORK_STORE_CACERT")]
+    store_cacert: Option<PathBuf>,
+    /// This node's client certificate for the external etcd (mutual TLS).
+    #[arg(long, env = "MESHWORK_STORE_CERT", requires = "store_key")]
+    store_cert: Option<PathBuf>,
+    /// The key of --store-cert.
+    #[arg(long, env = "MESHWORK_STORE_KEY", requires = "store_cert")]
+    store_key: Option<PathBuf>,
     /// API gateway listen address (enables the gateway role; port 0 picks a free
     /// port) [up: 127.0.0.1:8080].
     #[arg(long, env = "MESHWORK_GATEWAY_ADDR")]
@@ -443,6 +452,14 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
     }
     config::validate_coord(&coord)?;
     coord.backend.credentials = store_credentials;
+    coord.backend.tls = args
+        .store_cacert
+        .clone()
+        .map(|ca_file| meshwork_etcd::client::ClientTls {
+            ca_file,
+            cert_file: args.store_cert.clone(),
+            key_file: args.store_key.clone(),
+        });
     let etcd = args
         .etcd_addr
         .clone()
@@ -570,7 +587,11 @@ async fn run_server(args: ServerArgs) -> Result<()> {
             external.join(",")
         ),
     }
-    println!("HTTP: http://{}", running.http_addr);
+    println!(
+        "HTTP: {}://{}",
+        if running.tls { "https" } else { "http" },
+        running.http_addr
+    );
     if let Some(g) = running.gateway_addr {
         println!("Gateway: http://{g}");
     }
@@ -654,7 +675,10 @@ async fn run_up(args: UpArgs) -> Result<()> {
         .context("the embedded store has no etcd address")?;
     let http = running.http_addr;
     println!("etcd gRPC: {etcd}");
-    println!("HTTP: http://{http}");
+    println!(
+        "HTTP: {}://{http}",
+        if running.tls { "https" } else { "http" }
+    );
     if let Some(g) = running.gateway_addr {
         println!("Gateway: http://{g}");
     }
@@ -691,6 +715,24 @@ async fn run_up(args: UpArgs) -> Result<()> {
             "off (etcdctl user add root; etcdctl auth enable)"
         }
     );
+    if running.tls
+        && let Some(cert) = &node_args.tls_cert
+    {
+        let ca = cert.with_file_name("ca.pem");
+        println!(
+            "  tls        every listener speaks TLS; trust {}:",
+            ca.display()
+        );
+        println!(
+            "               export MESHWORK_CACERT={} MESHWORK_HTTP=https://{http}   (meshwork and the SDK)",
+            ca.display()
+        );
+        println!(
+            "               etcdctl --endpoints https://{etcd} --cacert {} get greeting;  curl --cacert {} https://{http}/readyz",
+            ca.display(),
+            ca.display()
+        );
+    }
     println!("  store      etcd v3 API on {etcd}");
     println!("               meshwork kv --endpoints {etcd} put greeting hello");
     println!("               meshwork kv --endpoints {etcd} get greeting");

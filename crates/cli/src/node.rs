@@ -78,6 +78,8 @@ pub(crate) struct Running {
     pub(crate) otlp_http_addr: Option<SocketAddr>,
     /// The HTTP API checks tokens (a console password is configured).
     pub(crate) http_auth: bool,
+    /// The listeners speak TLS.
+    pub(crate) tls: bool,
     /// The embedded store has auth on (at start).
     pub(crate) store_auth: bool,
     traces: Option<meshwork_traces::TraceStore>,
@@ -489,6 +491,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         etcd_addr,
         http_addr,
         http_auth: cfg.console_auth.is_some(),
+        tls: tls.is_some(),
         store_auth: store_auth_on,
         gateway_addr: gateway.as_ref().map(|g| g.addr),
         cache_addr: cache_addr.as_ref().map(|c| c.addr),

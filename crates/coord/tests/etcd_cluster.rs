@@ -57,6 +57,7 @@ fn backend_options() -> BackendOptions {
         retry_for: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(1),
         credentials: None,
+        tls: None,
     }
 }
 

@@ -97,6 +97,52 @@ impl Credentials {
     }
 }
 
+/// TLS for a client: the authority to trust and, for mutual TLS, its own
+/// certificate and key (PEM files).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientTls {
+    /// CA certificates the server's certificate must chain to.
+    pub ca_file: std::path::PathBuf,
+    /// This client's certificate (mutual TLS).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// This client's key (mutual TLS).
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl ClientTls {
+    /// From `MESHWORK_CACERT` (and `MESHWORK_CERT` / `MESHWORK_KEY` for
+    /// mutual TLS); `None` when `MESHWORK_CACERT` is unset.
+    pub fn from_env() -> Option<ClientTls> {
+        let path = |v: &str| std::env::var_os(v).map(std::path::PathBuf::from);
+        Some(ClientTls {
+            ca_file: path("MESHWORK_CACERT")?,
+            cert_file: path("MESHWORK_CERT"),
+            key_file: path("MESHWORK_KEY"),
+        })
+    }
+
+    /// The tonic configuration (files read now; errors name the file).
+    pub fn tonic(&self) -> Result<tonic::transport::ClientTlsConfig, String> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))
+        };
+        let mut c = tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(read(&self.ca_file)?),
+        );
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                c = c.identity(tonic::transport::Identity::from_pem(
+                    read(cert)?,
+                    read(key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => return Err("a client certificate needs both its certificate and its key".into()),
+        }
+        Ok(c)
+    }
+}
+
 /// The channel every service client of a [`Client`] sends on: a tonic
 /// channel that adds the client's current auth token, if any, to each call.
 #[derive(Clone)]
@@ -151,8 +197,15 @@ pub struct Client {
 
 /// Turns `HOST:PORT` (or a URL) into an endpoint URL.
 pub fn endpoint_url(ep: &str) -> String {
+    endpoint_url_tls(ep, false)
+}
+
+/// [`endpoint_url`] with `https://` for a bare `HOST:PORT` when `tls`.
+pub fn endpoint_url_tls(ep: &str, tls: bool) -> String {
     if ep.starts_with("http://") || ep.starts_with("https://") {
         ep.to_string()
+    } else if tls {
+        format!("https://{ep}")
     } else {
         format!("http://{ep}")
     }
@@ -161,19 +214,33 @@ pub fn endpoint_url(ep: &str) -> String {
 impl Client {
     /// Connects to the first reachable endpoint.
     pub async fn connect(endpoints: &[String]) -> Result<Client, ConnectError> {
+        Client::connect_with(endpoints, None).await
+    }
+
+    /// [`connect`](Self::connect), over TLS when `tls` is given.
+    pub async fn connect_with(
+        endpoints: &[String],
+        tls: Option<&ClientTls>,
+    ) -> Result<Client, ConnectError> {
         if endpoints.is_empty() {
             return Err(ConnectError::NoEndpoints);
         }
         let mut last = String::new();
         for ep in endpoints {
-            let url = endpoint_url(ep.trim());
-            let e = Endpoint::from_shared(url.clone())
-                .map_err(|e| ConnectError::Invalid {
-                    endpoint: ep.clone(),
-                    reason: e.to_string(),
-                })?
+            let url = endpoint_url_tls(ep.trim(), tls.is_some());
+            let invalid = |reason: String| ConnectError::Invalid {
+                endpoint: ep.clone(),
+                reason,
+            };
+            let mut e = Endpoint::from_shared(url.clone())
+                .map_err(|e| invalid(e.to_string()))?
                 .connect_timeout(Duration::from_secs(3))
                 .tcp_nodelay(true);
+            if let Some(t) = tls {
+                e = e
+                    .tls_config(t.tonic().map_err(invalid)?)
+                    .map_err(|e| invalid(e.to_string()))?;
+            }
             match e.connect().await {
                 Ok(ch) => return Ok(Client::from_channel(ch)),
                 Err(err) => last = format!("{url}: {err}"),

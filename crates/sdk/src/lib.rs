@@ -83,6 +83,9 @@ pub struct Options {
     /// Who to log in to the control plane's store as, when it has auth on
     /// (renewed before and whenever the store refuses the token).
     pub credentials: Option<meshwork_coord::backend::Credentials>,
+    /// TLS to the control plane (`MESHWORK_CACERT`, and `MESHWORK_CERT` /
+    /// `MESHWORK_KEY` for mutual TLS).
+    pub tls: Option<meshwork_coord::backend::ClientTls>,
 }
 
 impl Options {
@@ -108,6 +111,7 @@ impl Options {
         let mut opts = Options::new(name, endpoints)?;
         opts.credentials =
             meshwork_coord::backend::Credentials::from_env().map_err(Error::Invalid)?;
+        opts.tls = meshwork_coord::backend::ClientTls::from_env();
         Ok(opts)
     }
 
@@ -127,6 +131,7 @@ impl Options {
             default_target: TargetPolicy::default(),
             targets: HashMap::new(),
             credentials: None,
+            tls: None,
         })
     }
 
@@ -196,6 +201,7 @@ impl Meshwork {
                 session_ttl: opts.session_ttl,
                 backend: meshwork_coord::backend::BackendOptions {
                     credentials: opts.credentials.clone(),
+                    tls: opts.tls.clone(),
                     ..Default::default()
                 },
                 ..ClientOptions::default()

@@ -204,13 +204,19 @@ pub(super) async fn connect_from(
                 }
             }
         }
-        let url = meshwork_etcd::client::endpoint_url(&endpoints[index]);
-        let ep = tonic::transport::Endpoint::from_shared(url.clone())
+        let url = meshwork_etcd::client::endpoint_url_tls(&endpoints[index], opts.tls.is_some());
+        let mut ep = tonic::transport::Endpoint::from_shared(url.clone())
             .map_err(|e| CoordError::invalid(format!("invalid etcd endpoint {url:?}: {e}")))?
             .connect_timeout(opts.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
+        if let Some(t) = &opts.tls {
+            let cfg = t.tonic().map_err(CoordError::invalid)?;
+            ep = ep
+                .tls_config(cfg)
+                .map_err(|e| CoordError::invalid(format!("TLS for {url:?}: {e}")))?;
+        }
         match ep.connect().await {
             Ok(ch) => {
                 let client = Client::from_channel(ch);

@@ -42,7 +42,7 @@ use lease::{KEEPALIVE_STREAMS, KeepAliveReq};
 
 pub use kv::{LOAD_PAGE, is_delete, prefix_end};
 pub use lease::LeaseKeeper;
-pub use meshwork_etcd::client::Credentials;
+pub use meshwork_etcd::client::{ClientTls, Credentials};
 pub use mirror::{LOAD_LIMIT, MIRROR_WAIT, Mirror, MirrorHandler, mirror};
 pub use mvccpb::{Event, KeyValue};
 pub use watch::{WatchItem, WatchStream};
@@ -60,6 +60,8 @@ pub struct BackendOptions {
     /// token is renewed every [`TOKEN_REFRESH`] and whenever the store calls
     /// it invalid or old, so calls keep working across token expiry.
     pub credentials: Option<meshwork_etcd::client::Credentials>,
+    /// TLS to the endpoints (`None`: plaintext, unless an endpoint says `https://`).
+    pub tls: Option<meshwork_etcd::client::ClientTls>,
 }
 
 /// How often a backend with credentials logs in again, well inside etcd's
@@ -73,6 +75,7 @@ impl Default for BackendOptions {
             retry_for: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(2),
             credentials: None,
+            tls: None,
         }
     }
 }
