@@ -2,7 +2,7 @@
 //! route of the served `/openapi.json` is called without credentials, with a
 //! token whose scopes do not cover it, and as an administrator. Without
 //! credentials a write is refused with 401 and a token without the scope
-//! with 403, before any handler runs (the store's revision does not move);
+//! with 403, before any handler runs (no key but the audit log's changes);
 //! an administrator gets past the check everywhere. The routes come from the
 //! served document, so a new route cannot be left out. Then forged, revoked
 //! and expired tokens, and the tricks that bypassed Nacos' auth.
@@ -115,7 +115,8 @@ fn routes(addr: &str) -> Vec<(String, String)> {
     out
 }
 
-fn revision(etcd: &str) -> i64 {
+/// Every key but the audit log's, with the revision it was last changed at.
+fn keyspace(etcd: &str) -> Vec<(Vec<u8>, i64)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -124,15 +125,22 @@ fn revision(etcd: &str) -> i64 {
         let c = meshwork_etcd::Client::connect(&[etcd.to_string()])
             .await
             .unwrap();
-        c.maintenance
-            .clone()
-            .status(meshwork_etcd::proto::etcdserverpb::StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .header
-            .unwrap()
-            .revision
+        let all =
+            c.kv.clone()
+                .range(meshwork_etcd::proto::etcdserverpb::RangeRequest {
+                    key: vec![0].into(),
+                    range_end: vec![0].into(),
+                    keys_only: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+        all.kvs
+            .into_iter()
+            .filter(|kv| !kv.key.starts_with(b"/meshwork/audit/"))
+            .map(|kv| (kv.key.to_vec(), kv.mod_revision))
+            .collect()
     })
 }
 
@@ -149,7 +157,7 @@ fn every_route_needs_its_scope_and_refusals_change_nothing() {
     // Traces are read-only: this token can write nothing.
     let (reader, _) = token(addr, &["traces:read"], None);
     let all = routes(addr);
-    let before = revision(&s.etcd);
+    let before = keyspace(&s.etcd);
     let mut wrong = Vec::new();
     for (m, p) in &all {
         let write = m != "GET";
@@ -169,9 +177,9 @@ fn every_route_needs_its_scope_and_refusals_change_nothing() {
             wrong.push(format!("{m} {p} with traces:read: {weak}"));
         }
     }
-    let after = revision(&s.etcd);
+    let after = keyspace(&s.etcd);
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
-    assert_eq!(before, after, "a refused call changed the store");
+    assert!(before == after, "a refused call changed the store");
     // An administrator gets past the check everywhere.
     let bearer = format!("Bearer {admin}");
     for (m, p) in &all {
@@ -368,4 +376,94 @@ fn a_node_open_to_the_network_refuses_to_start_unless_told() {
         &[],
     );
     assert!(!s.http.is_empty());
+}
+
+#[test]
+fn the_audit_log_says_who_changed_what_and_who_was_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = meshwork_tests::start(
+        &dir.path().join("data"),
+        &["--roles", "store,coord"],
+        &[("MESHWORK_CONSOLE_PASSWORD", PASSWORD)],
+    );
+    let addr = s.http.as_str();
+    let (ids, id) = token(addr, &["ids:write"], None);
+    let bearer = format!("Bearer {ids}");
+    assert_eq!(
+        status(addr, "POST", "/v1/ids", &[("Authorization", &bearer)], ""),
+        200
+    );
+    assert_eq!(
+        status(
+            addr,
+            "POST",
+            "/v1/locks/jobs",
+            &[("Authorization", &bearer)],
+            "{}"
+        ),
+        403
+    );
+    assert_eq!(
+        status(addr, "DELETE", "/v1/services/x/instances/y", &[], ""),
+        401
+    );
+    let entries = meshwork_testkit::blocking::eventually(
+        "the audit entries to be written",
+        Duration::from_secs(10),
+        || {
+            let (code, resp) = http::raw(
+                addr,
+                &format!(
+                    "GET /v1/audit?limit=50 HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}",
+                    basic()
+                ),
+                "",
+            )
+            .ok()?;
+            assert_eq!(code, 200, "{resp}");
+            let v: serde_json::Value =
+                serde_json::from_str(meshwork_testkit::http::body_of(&resp)).ok()?;
+            let entries = v["entries"].as_array()?.clone();
+            (entries.len() >= 4).then_some(entries)
+        },
+    );
+    let find = |method: &str, path: &str| {
+        entries
+            .iter()
+            .find(|e| e["method"] == method && e["path"] == path)
+            .unwrap_or_else(|| panic!("no entry for {method} {path} in {entries:?}"))
+            .clone()
+    };
+    let made = find("POST", "/v1/auth/tokens");
+    assert_eq!(made["who"], "console:admin");
+    assert_eq!(made["status"], 201);
+    assert!(
+        made["from"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{made}"
+    );
+    let next = find("POST", "/v1/ids");
+    assert_eq!(next["who"], format!("token:{id}"));
+    assert_eq!(next["scope"], "ids:write");
+    assert_eq!(next["status"], 200);
+    let refused = find("POST", "/v1/locks/jobs");
+    assert_eq!(
+        (refused["who"].as_str(), refused["status"].as_u64()),
+        (Some(format!("token:{id}").as_str()), Some(403))
+    );
+    let anon = find("DELETE", "/v1/services/x/instances/y");
+    assert_eq!(
+        (anon["who"].as_str(), anon["status"].as_u64()),
+        (Some("anonymous"), Some(401))
+    );
+    // Newest first.
+    let times: Vec<u64> = entries
+        .iter()
+        .map(|e| e["at_ms"].as_u64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
+    // The log itself needs admin.
+    assert_eq!(
+        status(addr, "GET", "/v1/audit", &[("Authorization", &bearer)], ""),
+        403
+    );
 }

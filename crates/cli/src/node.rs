@@ -465,6 +465,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                 console: cfg.console_auth.clone(),
                 tokens: coord.as_ref().map(|c| c.tokens.clone()),
                 protect_reads: cfg.protect_reads,
+                audit: coord.as_ref().map(|c| c.audit.clone()),
             },
             meshwork_console::auth::guard,
         ))

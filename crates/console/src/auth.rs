@@ -157,6 +157,8 @@ pub struct HttpAuth {
     pub tokens: Option<meshwork_coord::tokens::Tokens>,
     /// Reads need a token or login too, not only writes.
     pub protect_reads: bool,
+    /// Where calls that change something are recorded.
+    pub audit: Option<meshwork_coord::audit::AuditLog>,
 }
 
 impl HttpAuth {
@@ -177,25 +179,66 @@ fn refuse(req_headers: &HeaderMap, status: StatusCode, code: &str, message: Stri
 
 /// Middleware for the node's whole HTTP router: a call a route's scope
 /// covers passes; one without credentials is refused with 401, one whose
-/// token lacks the scope with 403, before any handler runs.
+/// token lacks the scope with 403, before any handler runs. Every call that
+/// is not a read, passed or refused, goes to the audit log.
 pub async fn guard(State(auth): State<HttpAuth>, req: Request, next: Next) -> Response {
-    use meshwork_api::scope::{Access, Scope, allowed, need};
-    let Some(console) = &auth.console else {
-        return next.run(req).await;
-    };
+    use meshwork_api::scope::{Access, need};
     let Some(need) = need(req.method(), req.uri().path()) else {
         return next.run(req).await;
     };
-    if need.access == Access::Read && need.area != "admin" && !auth.protect_reads {
-        return next.run(req).await;
+    let reading = need.access == Access::Read;
+    let method = req.method().clone();
+    let audited = !matches!(
+        method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    );
+    let path = req.uri().path().to_string();
+    let from = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_default();
+    let checked = match &auth.console {
+        None => Ok("anonymous".to_string()),
+        Some(_) if reading && need.area != "admin" && !auth.protect_reads => Ok("-".to_string()),
+        Some(console) => identify(&auth, console, req.headers(), &need),
+    };
+    let (who, resp) = match checked {
+        Ok(who) => (who, next.run(req).await),
+        Err(refused) => *refused,
+    };
+    if audited && let Some(log) = &auth.audit {
+        log.record(meshwork_coord::audit::AuditEntry {
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            who,
+            from,
+            method: method.to_string(),
+            path,
+            scope: need.to_string(),
+            status: resp.status().as_u16(),
+            node: String::new(),
+        });
     }
-    let headers = req.headers();
+    resp
+}
+
+/// Who sent a call that needs `need`, if allowed: `token:<id>` or
+/// `console:<user>`; else who it claimed to be and the refusal.
+fn identify(
+    auth: &HttpAuth,
+    console: &Auth,
+    headers: &HeaderMap,
+    need: &meshwork_api::scope::Need,
+) -> Result<String, Box<(String, Response)>> {
+    use meshwork_api::scope::{Scope, allowed};
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let scopes: Vec<Scope> = match bearer {
+    let (who, scopes): (String, Vec<Scope>) = match bearer {
         Some(token) => {
             let checked = match &auth.tokens {
                 Some(t) => t.check(token).map_err(|r| r.to_string()),
@@ -203,36 +246,50 @@ pub async fn guard(State(auth): State<HttpAuth>, req: Request, next: Next) -> Re
             };
             match checked {
                 // Stored scopes were validated when the token was made.
-                Ok(info) => info.scopes.iter().filter_map(|s| s.parse().ok()).collect(),
+                Ok(info) => (
+                    format!("token:{}", info.id),
+                    info.scopes.iter().filter_map(|s| s.parse().ok()).collect(),
+                ),
                 Err(why) => {
-                    return refuse(headers, StatusCode::UNAUTHORIZED, "unauthenticated", why);
+                    return Err(Box::new((
+                        "invalid-token".into(),
+                        refuse(headers, StatusCode::UNAUTHORIZED, "unauthenticated", why),
+                    )));
                 }
             }
         }
-        None if console.user_of(headers).is_some() => vec![Scope::Admin],
-        // No WWW-Authenticate challenge: browsers would answer the console's
-        // fetch() calls with their own password prompt.
-        None => {
-            return refuse(
-                headers,
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                format!(
-                    "this call needs {need}: send a token (Authorization: Bearer mwt_...; `meshwork token create`), \
-                     sign in on the console (/ui/login) or send HTTP Basic credentials"
-                ),
-            );
-        }
+        None => match console.user_of(headers) {
+            Some(user) => (format!("console:{user}"), vec![Scope::Admin]),
+            // No WWW-Authenticate challenge: browsers would answer the console's
+            // fetch() calls with their own password prompt.
+            None => {
+                return Err(Box::new((
+                    "anonymous".into(),
+                    refuse(
+                        headers,
+                        StatusCode::UNAUTHORIZED,
+                        "unauthenticated",
+                        format!(
+                            "this call needs {need}: send a token (Authorization: Bearer mwt_...; `meshwork token create`), \
+                             sign in on the console (/ui/login) or send HTTP Basic credentials"
+                        ),
+                    ),
+                )));
+            }
+        },
     };
-    if !allowed(&scopes, &need) {
-        return refuse(
-            headers,
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("this call needs the scope {need}, which the token does not have"),
-        );
+    if !allowed(&scopes, need) {
+        return Err(Box::new((
+            who,
+            refuse(
+                headers,
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this call needs the scope {need}, which the token does not have"),
+            ),
+        )));
     }
-    next.run(req).await
+    Ok(who)
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ async fn start(auth: Option<Auth>) -> Harness {
                 console: auth,
                 tokens: Some(coord.tokens.clone()),
                 protect_reads: false,
+                audit: Some(coord.audit.clone()),
             },
             meshwork_console::auth::guard,
         ));

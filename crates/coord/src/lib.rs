@@ -11,6 +11,8 @@
 
 #[cfg(feature = "server")]
 pub mod api;
+#[cfg(feature = "server")]
+pub mod audit;
 pub mod backend;
 pub mod client;
 pub mod config;

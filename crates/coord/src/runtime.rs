@@ -39,6 +39,8 @@ pub struct CoordOptions {
     /// Where the node remembers its session lease, so that a restart after a crash
     /// revokes the previous run's session at once instead of waiting out its TTL.
     pub session_file: Option<std::path::PathBuf>,
+    /// How long the audit log keeps an entry.
+    pub audit_retention: std::time::Duration,
 }
 
 impl Default for CoordOptions {
@@ -55,6 +57,7 @@ impl Default for CoordOptions {
             backend: BackendOptions::default(),
             ids: IdLayout::default(),
             session_file: None,
+            audit_retention: std::time::Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -72,6 +75,8 @@ pub struct Coord {
     pub membership: Arc<Membership>,
     /// The HTTP API's bearer tokens (a watched copy).
     pub tokens: crate::tokens::Tokens,
+    /// The audit log of changes made through the HTTP API.
+    pub audit: crate::audit::AuditLog,
     ids: Arc<parking_lot::RwLock<Option<Arc<IdGenerator>>>>,
     _ids_task: Arc<AbortOnDrop>,
     _checker: Option<Arc<Checker>>,
@@ -110,6 +115,7 @@ impl Coord {
         let registry = Registry::open(&backend, None, opts.registry.clone()).await?;
         let config = ConfigCenter::open(&backend, opts.config.clone()).await?;
         let tokens = crate::tokens::Tokens::open(&backend).await?;
+        let audit = crate::audit::AuditLog::start(&backend, &opts.node_name, opts.audit_retention);
         if let Some(path) = &opts.session_file {
             remember_session(path, membership.session().lease);
         }
@@ -139,6 +145,7 @@ impl Coord {
             config,
             membership,
             tokens,
+            audit,
             ids,
             _ids_task: ids_task,
             _checker: checker,

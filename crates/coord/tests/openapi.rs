@@ -1066,6 +1066,14 @@ async fn every_operation_answers_as_documented() {
     )
     .await;
 
+    // -------------------------------------------------------------------- audit
+    let r = api
+        .expect(200, "get", "/v1/audit", "/v1/audit?limit=5", None)
+        .await;
+    assert!(r.json()["entries"].is_array(), "{}", r.json());
+    api.expect(400, "get", "/v1/audit", "/v1/audit?limit=0", None)
+        .await;
+
     // Registry clean-up, last: the deregistration is a documented operation too.
     api.expect(204, "delete", one, &format!("{s}/instances/{eph}"), None)
         .await;

@@ -88,6 +88,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/auth/tokens"),
     ("post", "/v1/auth/tokens"),
     ("delete", "/v1/auth/tokens/{id}"),
+    ("get", "/v1/audit"),
 ];
 
 pub use meshwork_api::ApiError;

@@ -25,6 +25,37 @@ pub(super) fn routes() -> Router<Coord> {
     Router::new()
         .route("/v1/auth/tokens", get(list).post(create))
         .route("/v1/auth/tokens/{id}", delete(revoke))
+        .route("/v1/audit", get(audit))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+    #[serde(default)]
+    since_ms: Option<u64>,
+}
+
+/// Most audit entries one call returns.
+const MAX_AUDIT: usize = 1000;
+
+async fn audit(
+    State(c): State<Coord>,
+    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
+) -> ApiResult<Response> {
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_AUDIT {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("limit {limit} is out of range 1..={MAX_AUDIT}"),
+        ));
+    }
+    let entries = c.audit.list(limit, q.since_ms.unwrap_or(0)).await?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "entries": entries }),
+    ))
 }
 
 /// Parses a lifetime such as `30d`, `12h`, `15m` or `90s`.
