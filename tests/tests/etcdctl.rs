@@ -2,7 +2,7 @@
 //! They fail instead of skipping when MESHWORK_REQUIRE_PEERS=1 and etcdctl is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -40,21 +40,7 @@ impl Ctl {
     }
 
     fn run_stdin(&self, args: &[&str], input: &str) -> String {
-        let mut child = self
-            .cmd()
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = peer::run_with_input(self.cmd().args(args), input);
         assert!(
             out.status.success(),
             "etcdctl {args:?} failed: {}",

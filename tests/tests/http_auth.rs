@@ -144,14 +144,19 @@ fn keyspace(etcd: &str) -> Vec<(Vec<u8>, i64)> {
     })
 }
 
+/// A node running coordination with the console password set (auth on).
+fn node(dir: &std::path::Path) -> meshwork_tests::Server {
+    meshwork_tests::start(
+        &dir.join("data"),
+        &["--roles", "store,coord"],
+        &[("MESHWORK_CONSOLE_PASSWORD", PASSWORD)],
+    )
+}
+
 #[test]
 fn every_route_needs_its_scope_and_refusals_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let s = meshwork_tests::start(
-        &dir.path().join("data"),
-        &["--roles", "store,coord"],
-        &[("MESHWORK_CONSOLE_PASSWORD", PASSWORD)],
-    );
+    let s = node(dir.path());
     let addr = s.http.as_str();
     let (admin, _) = token(addr, &["admin"], None);
     // Traces are read-only: this token can write nothing.
@@ -192,11 +197,7 @@ fn every_route_needs_its_scope_and_refusals_change_nothing() {
 #[test]
 fn forged_revoked_and_expired_tokens_and_known_bypasses_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let s = meshwork_tests::start(
-        &dir.path().join("data"),
-        &["--roles", "store,coord"],
-        &[("MESHWORK_CONSOLE_PASSWORD", PASSWORD)],
-    );
+    let s = node(dir.path());
     let addr = s.http.as_str();
     let put = |headers: &[(&str, &str)]| {
         status(
@@ -272,11 +273,7 @@ fn forged_revoked_and_expired_tokens_and_known_bypasses_are_refused() {
 #[test]
 fn the_cli_makes_lists_and_revokes_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let s = meshwork_tests::start(
-        &dir.path().join("data"),
-        &["--roles", "store,coord"],
-        &[("MESHWORK_CONSOLE_PASSWORD", PASSWORD)],
-    );
+    let s = node(dir.path());
     let cli = |args: &[&str], envs: &[(&str, &str)]| {
         let out = std::process::Command::new(meshwork_tests::bin())
             .args(args)
@@ -381,11 +378,7 @@ fn a_node_open_to_the_network_refuses_to_start_unless_told() {
 #[test]
 fn the_audit_log_says_who_changed_what_and_who_was_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let s = meshwork_tests::start(
-        &dir.path().join("data"),
-        &["--roles", "store,coord"],
-        &[("MESHWORK_CONSOLE_PASSWORD", PASSWORD)],
-    );
+    let s = node(dir.path());
     let addr = s.http.as_str();
     let (ids, id) = token(addr, &["ids:write"], None);
     let bearer = format!("Bearer {ids}");

@@ -13,7 +13,7 @@
 //! `MESHWORK_REQUIRE_PEERS=1` it fails instead.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use bytes::Bytes;
 use meshwork_etcd::auth::{Auth, AuthConfig};
@@ -53,30 +53,20 @@ async fn meshwork() -> Meshwork {
 
 /// One etcdctl run: arguments and what goes to its standard input.
 fn etcdctl(bin: &std::path::Path, ep: &str, args: &[&str], input: &str) -> String {
-    let mut child = Command::new(bin)
-        .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            ep,
-            "--dial-timeout",
-            "5s",
-            "--command-timeout",
-            "20s",
-        ])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = peer::run_with_input(
+        Command::new(bin)
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                ep,
+                "--dial-timeout",
+                "5s",
+                "--command-timeout",
+                "20s",
+            ])
+            .args(args),
+        input,
+    );
     // Errors only: etcdctl's retry warnings carry timestamps.
     let errors: Vec<String> = String::from_utf8_lossy(&out.stderr)
         .lines()

@@ -48,3 +48,24 @@ fn missing(name: &str, why: &str) {
     );
     eprintln!("skipping: peer {name} is missing ({why})");
 }
+
+/// Runs `cmd` with `input` on its standard input (then closed) and collects
+/// its output.
+///
+/// # Panics
+/// When the command cannot be started (tests only).
+pub fn run_with_input(cmd: &mut std::process::Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the peer starts");
+    if let Some(mut stdin) = child.stdin.take() {
+        // A peer may exit without reading: its answer still counts.
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    child.wait_with_output().expect("the peer's output")
+}
