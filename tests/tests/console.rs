@@ -199,6 +199,7 @@ async fn every_page_works_in_a_real_browser() {
         ("/ui/locks", "Locks and elections", "locks"),
         ("/ui/transactions", "Transactions", "transactions"),
         ("/ui/queues", "Queues", "queues"),
+        ("/ui/access", "Access", "access"),
     ] {
         c.goto(&format!("{base}{path}")).await.unwrap();
         let t = wait_text(&c, "h1", h1, |t| t.contains(h1)).await;
@@ -505,6 +506,48 @@ async fn writes_need_a_login_and_secrets_stay_masked() {
     );
     assert!(src.contains("••••••"));
     shot(&c, "secret-masked").await;
+    // The Access page: a token made in the form is shown once and works for
+    // its scope; its use is in the audit log; revoked, it stops working.
+    c.goto(&format!("{base}/ui/access")).await.unwrap();
+    wait_text(&c, "h1", "the Access page", |t| t.contains("Access")).await;
+    fill(&c, "input[name=scopes]", "ids:write").await;
+    fill(&c, "input[name=description]", "browser").await;
+    click(&c, "form[data-api] button").await;
+    let token = wait_text(&c, "form[data-api] .result", "the new token", |t| {
+        t.starts_with("mwt_")
+    })
+    .await;
+    let (st, body) = http::raw(
+        &node.http,
+        &format!(
+            "POST /v1/ids HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}",
+            node.http,
+            token.trim()
+        ),
+        "",
+    )
+    .unwrap();
+    assert_eq!(st, 200, "{body}");
+    c.goto(&format!("{base}/ui/access")).await.unwrap();
+    wait_text(&c, "main", "the token and its use", |t| {
+        t.contains("browser") && t.contains("POST /v1/ids") && t.contains("ids:write")
+    })
+    .await;
+    shot(&c, "access").await;
+    click_live(&c, "button[data-method=DELETE]").await;
+    accept(&c).await;
+    wait_text(&c, "main", "the token gone", |t| t.contains("No token yet")).await;
+    let (st, _) = http::raw(
+        &node.http,
+        &format!(
+            "POST /v1/ids HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}",
+            node.http,
+            token.trim()
+        ),
+        "",
+    )
+    .unwrap();
+    assert_eq!(st, 401);
     c.close().await.unwrap();
 }
 

@@ -19,6 +19,7 @@ function byName(form) {
     if (el.type === "checkbox") { body[el.name] = el.checked; continue; }
     if (el.type === "radio") { if (el.checked) body[el.name] = el.value; continue; }
     if (el.value === "" ) continue;
+    if ("list" in el.dataset) { body[el.name] = el.value.split(/[\s,]+/).filter(Boolean); continue; }
     body[el.name] = (el.type === "number" || "number" in el.dataset) ? Number(el.value) : el.value;
   }
   return body;
@@ -100,7 +101,8 @@ function wire(root) {
       const url = fill(form.dataset.api, body);
       for (const el of form.querySelectorAll("[data-path]")) delete body[el.name];
       const r = await call(form.dataset.method || "POST", url, body);
-      if (r.ok) { say(out, true, "Done."); setTimeout(() => after(form.dataset.then, form), 300); }
+      if (r.ok && form.dataset.show && r.data) { say(out, true, String(r.data[form.dataset.show])); }
+      else if (r.ok) { say(out, true, "Done."); setTimeout(() => after(form.dataset.then, form), 300); }
       else say(out, false, errorText(r));
     });
   }
@@ -128,7 +130,8 @@ function wire(root) {
     btn.addEventListener("click", async () => {
       if (btn.dataset.confirm && !confirm(btn.dataset.confirm)) return;
       const r = await call(btn.dataset.method || "POST", btn.dataset.api, btn.dataset.body);
-      if (r.ok) after(btn.dataset.then, btn); else alert(errorText(r));
+      // Focus left on the button would hold its live region's refresh back.
+      if (r.ok) { btn.blur(); after(btn.dataset.then, btn); } else alert(errorText(r));
     });
   }
   for (const btn of root.querySelectorAll("button[data-watch]")) {

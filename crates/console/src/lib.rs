@@ -8,6 +8,7 @@
 //! Writes need a login when one is configured ([`auth`]); secrets are never
 //! shown in clear ([`secrets`]).
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod cache;

@@ -72,7 +72,7 @@ pub fn fmt_ms(ms: u64) -> String {
     )
 }
 
-const NAV: [(&str, &str, &str); 10] = [
+const NAV: [(&str, &str, &str); 11] = [
     ("overview", "/", "Overview"),
     ("services", "/ui/services", "Services"),
     ("config", "/ui/config", "Configuration"),
@@ -83,6 +83,7 @@ const NAV: [(&str, &str, &str); 10] = [
     ("queues", "/ui/queues", "Queues"),
     ("cache", "/ui/cache", "Cache"),
     ("traces", "/ui/traces", "Traces"),
+    ("access", "/ui/access", "Access"),
 ];
 
 fn shell(
@@ -177,6 +178,7 @@ pub(crate) fn routes() -> Router<ConsoleState> {
         .route("/ui/traces", get(crate::traces::list))
         .route("/ui/traces/{id}", get(crate::traces::detail))
         .route("/ui/login", get(login))
+        .route("/ui/access", get(crate::access::page_handler))
 }
 
 async fn overview(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Response {

@@ -1,0 +1,100 @@
+//! The Access page (`/ui/access`): the HTTP API's tokens (create with
+//! scopes and a lifetime, shown once; revoke) and the audit log. Shown only
+//! to the signed-in administrator when a login is configured.
+
+use std::fmt::Write as _;
+
+use axum::extract::State;
+use axum::response::Response;
+use http::HeaderMap;
+
+use crate::ConsoleState;
+use crate::pages::{Q, esc, fmt_ms, page};
+
+/// Audit entries the page shows.
+const AUDIT_ROWS: usize = 50;
+
+/// `GET /ui/access`.
+pub(crate) async fn page_handler(
+    State(s): State<ConsoleState>,
+    headers: HeaderMap,
+    q: Q,
+) -> Response {
+    let mut b = String::from("<h1>Access</h1>");
+    let allowed = s
+        .auth
+        .as_ref()
+        .is_none_or(|a| a.user_of(&headers).is_some());
+    if !allowed {
+        b.push_str(
+            "<p><a href=\"/ui/login\">Sign in</a> to see the API tokens and the audit log.</p>",
+        );
+        return page(&s, &headers, &q.0, "access", "Access", b);
+    }
+    if s.auth.is_none() {
+        b.push_str("<p class=\"muted\">No login is configured: the HTTP API is open and tokens are not checked. Set <code>MESHWORK_CONSOLE_PASSWORD</code> to require them.</p>");
+    }
+    b.push_str("<div data-live=\"/ui/access\" data-poll=\"5000\"><section><h2>API tokens</h2>");
+    let tokens = s.coord.tokens.list();
+    if tokens.is_empty() {
+        b.push_str("<p class=\"muted\">No token yet.</p>");
+    } else {
+        b.push_str("<table><thead><tr><th scope=\"col\">Id</th><th scope=\"col\">Scopes</th><th scope=\"col\">Description</th><th scope=\"col\">Created</th><th scope=\"col\">Expires</th><th scope=\"col\"></th></tr></thead><tbody>");
+        for t in &tokens {
+            let _ = write!(
+                b,
+                "<tr><td><code>{id}</code></td><td>{scopes}</td><td>{desc}</td><td>{created}</td><td>{expires}</td><td><button type=\"button\" data-api=\"/v1/auth/tokens/{id}\" data-method=\"DELETE\" data-confirm=\"Revoke token {id}? It stops working at once.\" data-then=\"reload\">Revoke</button></td></tr>",
+                id = esc(&t.id),
+                scopes = esc(&t.scopes.join(" ")),
+                desc = esc(&t.description),
+                created = fmt_ms(t.created_ms),
+                expires = t.expires_ms.map_or_else(|| "never".to_string(), fmt_ms),
+            );
+        }
+        b.push_str("</tbody></table>");
+    }
+    b.push_str("</section><section><h2>Audit log</h2>");
+    match s.coord.audit.list(AUDIT_ROWS, 0).await {
+        Ok(entries) if entries.is_empty() => {
+            b.push_str("<p class=\"muted\">No change recorded yet.</p>");
+        }
+        Ok(entries) => {
+            b.push_str("<table><thead><tr><th scope=\"col\">When</th><th scope=\"col\">Who</th><th scope=\"col\">From</th><th scope=\"col\">Call</th><th scope=\"col\">Scope</th><th scope=\"col\">Status</th></tr></thead><tbody>");
+            for e in &entries {
+                let class = if e.status >= 400 {
+                    " class=\"bad\""
+                } else {
+                    ""
+                };
+                let _ = write!(
+                    b,
+                    "<tr{class}><td>{}</td><td>{}</td><td>{}</td><td><code>{} {}</code></td><td>{}</td><td>{}</td></tr>",
+                    fmt_ms(e.at_ms),
+                    esc(&e.who),
+                    esc(&e.from),
+                    esc(&e.method),
+                    esc(&e.path),
+                    esc(&e.scope),
+                    e.status
+                );
+            }
+            b.push_str("</tbody></table>");
+        }
+        Err(e) => {
+            let _ = write!(b, "<p class=\"error\">{}</p>", esc(&e.to_string()));
+        }
+    }
+    b.push_str("</section></div>");
+    b.push_str(
+        "<section><h2>New token</h2>
+<form data-api=\"/v1/auth/tokens\" data-method=\"POST\" data-show=\"token\">
+<label>Scopes (space-separated: <code>admin</code>, or <code>AREA:read|write[:RESOURCE]</code>) <input name=\"scopes\" data-list required placeholder=\"services:write:orders config:read:public\"></label>
+<label>Lifetime <input name=\"ttl\" placeholder=\"30d (empty: until revoked)\"></label>
+<label>Description <input name=\"description\" maxlength=\"256\"></label>
+<button type=\"submit\">Create</button>
+<output class=\"result\"></output>
+</form>
+<p class=\"muted\">The token is shown once, here; only its hash is kept.</p></section>",
+    );
+    page(&s, &headers, &q.0, "access", "Access", b)
+}
