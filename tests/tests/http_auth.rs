@@ -460,3 +460,57 @@ fn the_audit_log_says_who_changed_what_and_who_was_refused() {
         403
     );
 }
+
+#[test]
+fn password_guessing_is_throttled_and_tokens_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(&cfg, "[console]\ntoken_rate_per_sec = 5\n").unwrap();
+    let s = meshwork_tests::start(
+        &dir.path().join("data"),
+        &["--roles", "store,coord", "--config", cfg.to_str().unwrap()],
+        &[("MESHWORK_CONSOLE_PASSWORD", PASSWORD)],
+    );
+    let addr = s.http.as_str();
+    let login = |password: &str| {
+        status(
+            addr,
+            "POST",
+            "/v1/console/login",
+            &[],
+            &serde_json::json!({"user": "admin", "password": password}).to_string(),
+        )
+    };
+    // Five wrong guesses are answered; then even the right password waits.
+    for _ in 0..5 {
+        assert_eq!(login("guess-guess"), 401);
+    }
+    assert_eq!(login(PASSWORD), 429);
+    // Basic credentials for the same user from here wait too; another user
+    // name is its own count, and a token is not held back.
+    let wrong = "Basic YWRtaW46d3Jvbmctd3Jvbmc="; // admin:wrong-wrong
+    assert_eq!(
+        status(addr, "POST", "/v1/ids", &[("Authorization", wrong)], ""),
+        429
+    );
+    let other = "Basic cm9vdDp3cm9uZy13cm9uZw=="; // root:wrong-wrong
+    assert_eq!(
+        status(addr, "POST", "/v1/ids", &[("Authorization", other)], ""),
+        401
+    );
+    meshwork_testkit::blocking::until("the wait to end", Duration::from_secs(5), || {
+        login(PASSWORD) == 200
+    });
+    // A token calls at most 5/s in bursts of 10: a quick run of 30 is cut.
+    let (tok, _) = token(addr, &["ids:write"], None);
+    let bearer = format!("Bearer {tok}");
+    let codes: Vec<u16> = (0..30)
+        .map(|_| status(addr, "POST", "/v1/ids", &[("Authorization", &bearer)], ""))
+        .collect();
+    assert!(
+        codes.iter().filter(|c| **c == 200).count() >= 10,
+        "{codes:?}"
+    );
+    assert!(codes.contains(&429), "{codes:?}");
+    assert!(codes.iter().all(|c| *c == 200 || *c == 429), "{codes:?}");
+}

@@ -278,3 +278,79 @@ mod tests {
         assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
     }
 }
+
+/// Failed logins remembered per key (a user, an address): after `free`
+/// failures each next try must wait 1 s, doubling up to 60 s, until one
+/// succeeds. Bounded: past [`Throttle::MAX_KEYS`] keys the quiet ones go.
+#[derive(Debug)]
+pub struct Throttle<K> {
+    free: u32,
+    seen: parking_lot::Mutex<std::collections::HashMap<K, (u32, std::time::Instant)>>,
+}
+
+impl<K> Default for Throttle<K> {
+    /// Five free failures.
+    fn default() -> Self {
+        Throttle {
+            free: 5,
+            seen: parking_lot::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Throttle<K> {
+    /// Keys remembered at most.
+    pub const MAX_KEYS: usize = 10_000;
+    /// Longest wait.
+    pub const MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// A throttle letting `free` failures through before it slows a key down.
+    pub fn new(free: u32) -> Self {
+        Throttle {
+            free,
+            seen: parking_lot::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn seen(
+        &self,
+    ) -> parking_lot::MutexGuard<'_, std::collections::HashMap<K, (u32, std::time::Instant)>> {
+        self.seen.lock()
+    }
+
+    /// `Err(seconds to wait)` when `key` must wait before trying again.
+    pub fn check(&self, key: &K) -> Result<(), u64> {
+        let Some((count, last)) = self.seen().get(key).copied() else {
+            return Ok(());
+        };
+        let Some(extra) = count.checked_sub(self.free) else {
+            return Ok(());
+        };
+        let wait = std::time::Duration::from_secs(1u64 << extra.min(6)).min(Self::MAX_WAIT);
+        let since = last.elapsed();
+        if since >= wait {
+            return Ok(());
+        }
+        let left = (wait - since).as_millis().div_ceil(1000);
+        Err(u64::try_from(left).unwrap_or(60).max(1))
+    }
+
+    /// Counts a failure of `key`.
+    pub fn failed(&self, key: K) {
+        let mut seen = self.seen();
+        if seen.len() >= Self::MAX_KEYS && !seen.contains_key(&key) {
+            seen.retain(|_, (_, last)| last.elapsed() < Self::MAX_WAIT);
+            if seen.len() >= Self::MAX_KEYS {
+                seen.clear();
+            }
+        }
+        let e = seen.entry(key).or_insert((0, std::time::Instant::now()));
+        e.0 = e.0.saturating_add(1);
+        e.1 = std::time::Instant::now();
+    }
+
+    /// Forgets `key`'s failures.
+    pub fn succeeded(&self, key: &K) {
+        self.seen().remove(key);
+    }
+}

@@ -639,6 +639,10 @@ pub(crate) struct ConsoleFile {
     /// Reads need a token or the login too, not only writes (default false).
     #[serde(default)]
     pub(crate) protect_reads: Option<bool>,
+    /// Calls one token (or the console login) may make per second, in
+    /// bursts of twice that; 0 for no limit (default 200).
+    #[serde(default)]
+    pub(crate) token_rate_per_sec: Option<u32>,
 }
 
 impl FileConfig {

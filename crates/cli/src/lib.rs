@@ -502,6 +502,7 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         traces,
         console_auth: console_auth(&file.console)?,
         protect_reads: file.console.protect_reads.unwrap_or(false),
+        token_rate_per_sec: file.console.token_rate_per_sec.unwrap_or(200),
         tls: args
             .tls_cert
             .clone()

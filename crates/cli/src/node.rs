@@ -35,6 +35,8 @@ pub(crate) struct NodeConfig {
     pub(crate) tls: Option<meshwork_tls::TlsConfig>,
     /// Reads of the HTTP API need a token or login too.
     pub(crate) protect_reads: bool,
+    /// Calls per second each token or login may make (0: no limit).
+    pub(crate) token_rate_per_sec: u32,
     /// Start with command listeners open to the network without authentication.
     pub(crate) insecure_allow_open: bool,
     /// The store's authentication settings (users and roles live in the data dir).
@@ -466,6 +468,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                 tokens: coord.as_ref().map(|c| c.tokens.clone()),
                 protect_reads: cfg.protect_reads,
                 audit: coord.as_ref().map(|c| c.audit.clone()),
+                rate: meshwork_console::auth::HttpAuth::rate_limit(cfg.token_rate_per_sec),
             },
             meshwork_console::auth::guard,
         ))

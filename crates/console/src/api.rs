@@ -724,7 +724,12 @@ fn session_cookie(value: &str, max_age: u64) -> String {
     format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}")
 }
 
-async fn login(State(s): State<ConsoleState>, body: Bytes) -> Result<Response, ApiError> {
+async fn login(
+    State(s): State<ConsoleState>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let Some(auth) = &s.auth else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -739,7 +744,12 @@ async fn login(State(s): State<ConsoleState>, body: Bytes) -> Result<Response, A
             format!("expected {{\"user\", \"password\"}}: {e}"),
         )
     })?;
-    if !auth.check(&b.user, &b.password) {
+    let ip = peer.map(|p| p.0.0.ip());
+    let ok = match auth.login(&b.user, &b.password, ip) {
+        Ok(ok) => ok,
+        Err(wait) => return Ok(crate::auth::throttled(&headers, wait)),
+    };
+    if !ok {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthenticated",

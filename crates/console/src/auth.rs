@@ -26,6 +26,8 @@ pub struct Auth {
     user: String,
     password_digest: [u8; 32],
     key: [u8; 32],
+    /// Failed password logins per (address, user name).
+    throttle: std::sync::Arc<meshwork_api::Throttle<(Option<std::net::IpAddr>, String)>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -64,7 +66,43 @@ impl Auth {
             user: user.to_string(),
             password_digest: digest(password),
             key: rand::random(),
+            throttle: std::sync::Arc::new(meshwork_api::Throttle::new(FREE_LOGIN_FAILURES)),
         })
+    }
+
+    /// Checks a password login of `user` from `ip`: `Err(seconds)` while
+    /// this address and user must wait after too many failures (the
+    /// password is then not even checked), else whether it is right.
+    pub fn login(
+        &self,
+        user: &str,
+        password: &str,
+        ip: Option<std::net::IpAddr>,
+    ) -> Result<bool, u64> {
+        let key = (ip, user.to_string());
+        self.throttle.check(&key)?;
+        let ok = self.check(user, password);
+        if ok {
+            self.throttle.succeeded(&key);
+        } else {
+            self.throttle.failed(key);
+        }
+        Ok(ok)
+    }
+
+    /// The user and password of HTTP Basic credentials in `headers`.
+    pub fn basic_of(headers: &HeaderMap) -> Option<(String, String)> {
+        let basic = headers
+            .get(header::AUTHORIZATION)?
+            .to_str()
+            .ok()?
+            .strip_prefix("Basic ")?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(basic.trim())
+            .ok()?;
+        let decoded = String::from_utf8(decoded).ok()?;
+        let (u, p) = decoded.split_once(':')?;
+        Some((u.to_string(), p.to_string()))
     }
 
     /// The user name.
@@ -123,17 +161,8 @@ impl Auth {
         {
             return Some(u);
         }
-        let basic = headers
-            .get(header::AUTHORIZATION)?
-            .to_str()
-            .ok()?
-            .strip_prefix("Basic ")?;
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(basic.trim())
-            .ok()?;
-        let decoded = String::from_utf8(decoded).ok()?;
-        let (u, p) = decoded.split_once(':')?;
-        self.check(u, p).then(|| u.to_string())
+        let (u, p) = Self::basic_of(headers)?;
+        self.check(&u, &p).then_some(u)
     }
 }
 
@@ -159,7 +188,25 @@ pub struct HttpAuth {
     pub protect_reads: bool,
     /// Where calls that change something are recorded.
     pub audit: Option<meshwork_coord::audit::AuditLog>,
+    /// Calls each token or login may make per second (`None`: no limit).
+    pub rate: Option<std::sync::Arc<governor::DefaultKeyedRateLimiter<String>>>,
 }
+
+impl HttpAuth {
+    /// The per-identity limiter for `per_second` calls (bursts of twice that).
+    pub fn rate_limit(
+        per_second: u32,
+    ) -> Option<std::sync::Arc<governor::DefaultKeyedRateLimiter<String>>> {
+        let rate = std::num::NonZeroU32::new(per_second)?;
+        let burst = rate.saturating_mul(std::num::NonZeroU32::new(2)?);
+        Some(std::sync::Arc::new(governor::RateLimiter::keyed(
+            governor::Quota::per_second(rate).allow_burst(burst),
+        )))
+    }
+}
+
+/// Failed logins let through from one address before each next try waits.
+pub const FREE_LOGIN_FAILURES: u32 = 5;
 
 impl HttpAuth {
     /// Whether calls are checked at all.
@@ -182,6 +229,11 @@ fn refuse(req_headers: &HeaderMap, status: StatusCode, code: &str, message: Stri
 /// token lacks the scope with 403, before any handler runs. Every call that
 /// is not a read, passed or refused, goes to the audit log.
 pub async fn guard(State(auth): State<HttpAuth>, req: Request, next: Next) -> Response {
+    guarded(&auth, req, next).await
+}
+
+/// The check itself: needs, identity, scope, rate, then the audit log.
+async fn guarded(auth: &HttpAuth, req: Request, next: Next) -> Response {
     use meshwork_api::scope::{Access, need};
     let Some(need) = need(req.method(), req.uri().path()) else {
         return next.run(req).await;
@@ -193,15 +245,29 @@ pub async fn guard(State(auth): State<HttpAuth>, req: Request, next: Next) -> Re
         http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
     );
     let path = req.uri().path().to_string();
-    let from = req
+    let peer = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.to_string())
-        .unwrap_or_default();
+        .map(|c| c.0);
+    let from = peer.map(|p| p.to_string()).unwrap_or_default();
     let checked = match &auth.console {
         None => Ok("anonymous".to_string()),
         Some(_) if reading && need.area != "admin" && !auth.protect_reads => Ok("-".to_string()),
-        Some(console) => identify(&auth, console, req.headers(), &need),
+        Some(console) => identify(auth, console, req.headers(), peer.map(|p| p.ip()), &need),
+    };
+    // Each token or login calls at most its rate.
+    let checked = match (checked, &auth.rate) {
+        (Ok(who), Some(rate)) if who.contains(':') && rate.check_key(&who).is_err() => {
+            metrics::counter!("meshwork_api_rate_limited_total").increment(1);
+            let r = refuse(
+                req.headers(),
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "this token calls faster than the node allows ([console] token_rate_per_sec); slow down".into(),
+            );
+            Err(Box::new((who, r)))
+        }
+        (c, _) => c,
     };
     let (who, resp) = match checked {
         Ok(who) => (who, next.run(req).await),
@@ -224,12 +290,45 @@ pub async fn guard(State(auth): State<HttpAuth>, req: Request, next: Next) -> Re
     resp
 }
 
+/// The administrator a call signs in as: its session cookie, or HTTP Basic
+/// credentials (throttled per address and user after failures).
+fn login_of(
+    console: &Auth,
+    headers: &HeaderMap,
+    ip: Option<std::net::IpAddr>,
+) -> Result<Option<String>, u64> {
+    if let Some(v) = meshwork_gateway::cookie(headers, COOKIE)
+        && let Some(u) = console.verify(v)
+    {
+        return Ok(Some(u));
+    }
+    match Auth::basic_of(headers) {
+        Some((u, p)) => Ok(console.login(&u, &p, ip)?.then_some(u)),
+        None => Ok(None),
+    }
+}
+
+/// A 429 with Retry-After for a throttled login.
+pub fn throttled(headers: &HeaderMap, wait: u64) -> Response {
+    let mut r = refuse(
+        headers,
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("too many failed logins for this user from this address; retry in {wait} s"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&wait.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
 /// Who sent a call that needs `need`, if allowed: `token:<id>` or
 /// `console:<user>`; else who it claimed to be and the refusal.
 fn identify(
     auth: &HttpAuth,
     console: &Auth,
     headers: &HeaderMap,
+    ip: Option<std::net::IpAddr>,
     need: &meshwork_api::scope::Need,
 ) -> Result<String, Box<(String, Response)>> {
     use meshwork_api::scope::{Scope, allowed};
@@ -258,11 +357,14 @@ fn identify(
                 }
             }
         }
-        None => match console.user_of(headers) {
-            Some(user) => (format!("console:{user}"), vec![Scope::Admin]),
+        None => match login_of(console, headers, ip) {
+            Ok(Some(user)) => (format!("console:{user}"), vec![Scope::Admin]),
+            Err(wait) => {
+                return Err(Box::new(("throttled".into(), throttled(headers, wait))));
+            }
             // No WWW-Authenticate challenge: browsers would answer the console's
             // fetch() calls with their own password prompt.
-            None => {
+            Ok(None) => {
                 return Err(Box::new((
                     "anonymous".into(),
                     refuse(

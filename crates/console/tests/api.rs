@@ -46,6 +46,7 @@ async fn start(auth: Option<Auth>) -> Harness {
                 tokens: Some(coord.tokens.clone()),
                 protect_reads: false,
                 audit: Some(coord.audit.clone()),
+                ..Default::default()
             },
             meshwork_console::auth::guard,
         ));
