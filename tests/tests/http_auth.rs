@@ -168,7 +168,8 @@ fn every_route_needs_its_scope_and_refusals_change_nothing() {
         let write = m != "GET";
         let open =
             p == "/openapi.json" || p.starts_with("/v1/console/log") || p == "/v1/console/session";
-        let admin_only = p.starts_with("/v1/auth/");
+        let admin_only =
+            p.starts_with("/v1/auth/") || p == "/v1/audit" || p.starts_with("/v1/console/kv");
         let body = if write { "{}" } else { "" };
         let none = status(addr, m, p, &[], body);
         let bearer = format!("Bearer {reader}");

@@ -191,6 +191,13 @@ pub fn need(method: &Method, path: &str) -> Option<Need> {
         (Some("v1"), Some(area)) => match area {
             "console" => match seg(2) {
                 Some("login" | "logout" | "session") => None,
+                // The raw keyspace (every key the store's own auth guards):
+                // administrators only, even where reads are open.
+                Some("kv") => Some(Need {
+                    area: "admin",
+                    access: Access::Read,
+                    resource: None,
+                }),
                 Some("validate") => mk("console", true, None),
                 _ => mk("console", false, None),
             },
@@ -294,6 +301,11 @@ mod tests {
             Some("gateway:write")
         );
         assert_eq!(n(Method::GET, "/v1/auth/tokens").as_deref(), Some("admin"));
+        assert_eq!(n(Method::GET, "/v1/console/kv").as_deref(), Some("admin"));
+        assert_eq!(
+            n(Method::GET, "/v1/console/kv/watch").as_deref(),
+            Some("admin")
+        );
         assert_eq!(n(Method::GET, "/v1/whatever").as_deref(), Some("admin"));
     }
 

@@ -740,6 +740,14 @@ fn outlier_state(o: &meshwork_gateway::OutlierSnapshot) -> String {
 async fn kv(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Response {
     let prefix = q.0.get("prefix").cloned().unwrap_or_default();
     let mut b = String::from("<h1>KV browser</h1>");
+    // The raw keyspace is for the administrator once a login is configured.
+    if s.auth
+        .as_ref()
+        .is_some_and(|a| a.user_of(&headers).is_none())
+    {
+        b.push_str("<p><a href=\"/ui/login\">Sign in</a> to browse the keyspace.</p>");
+        return page(&s, &headers, &q.0, "kv", "KV browser", b);
+    }
     // Breadcrumbs.
     b.push_str("<nav aria-label=\"Prefix\" class=\"crumbs\"><a href=\"/ui/kv\">(root)</a>");
     let mut acc = String::new();
