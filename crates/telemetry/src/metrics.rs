@@ -86,6 +86,26 @@ pub const METRICS: &[(Kind, &str, &str)] = &[
     ),
     (
         C,
+        "meshwork_listener_tls_failures_total",
+        "TLS handshakes that failed (plaintext to a TLS port, an unknown client certificate, a protocol error).",
+    ),
+    (
+        C,
+        "meshwork_audit_entries_total",
+        "Audit log entries written to the store.",
+    ),
+    (
+        C,
+        "meshwork_audit_dropped_total",
+        "Audit log entries dropped: the queue was full or the store refused the write.",
+    ),
+    (
+        C,
+        "meshwork_api_rate_limited_total",
+        "HTTP API calls refused because their token or login called faster than [console] token_rate_per_sec.",
+    ),
+    (
+        C,
         "meshwork_listener_accept_errors_total",
         "Errors accepting connections (such as too many open files), waited out.",
     ),
