@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use meshwork_etcd::Client;
 use meshwork_etcd::proto::etcdserverpb as pb;
@@ -50,6 +50,9 @@ pub(crate) struct KvBench {
     /// Comma-separated HOST:PORT endpoints.
     #[arg(long, default_value = "127.0.0.1:2479", value_delimiter = ',')]
     endpoints: Vec<String>,
+    /// Log in as USER:PASSWORD (a store with auth on): every call carries the token.
+    #[arg(long)]
+    user: Option<String>,
     /// Operation.
     #[arg(long, value_enum, default_value = "put")]
     op: Op,
@@ -108,8 +111,21 @@ fn key(i: u64, size: usize) -> Vec<u8> {
 
 async fn clients(b: &KvBench) -> Result<Vec<Client>> {
     let mut out = Vec::with_capacity(b.conns);
+    let creds = match &b.user {
+        Some(u) => Some(
+            meshwork_etcd::client::Credentials::parse(u)
+                .context("--user: expected USER:PASSWORD")?,
+        ),
+        None => None,
+    };
     for _ in 0..b.conns.max(1) {
-        out.push(Client::connect(&b.endpoints).await?);
+        let c = Client::connect(&b.endpoints).await?;
+        if let Some(creds) = &creds {
+            c.authenticate(creds)
+                .await
+                .map_err(|e| anyhow::anyhow!("logging in: {}", e.message()))?;
+        }
+        out.push(c);
     }
     Ok(out)
 }
