@@ -6,13 +6,51 @@
 //! ACCESS is `read` or `write` (write includes read) and RESOURCE narrows the
 //! area to one service, configuration namespace, lock or election name, or
 //! topic: `services:write:orders`, `config:read:public`, `queues:write:events`.
+//!
+//! `secrets:read:NS` is checked by the handlers themselves, on top of what the
+//! route needs: it lets a caller see the content of secret config entries in
+//! namespace NS (the guard passes what it let in as a [`Granted`] extension).
 
 use axum::http::Method;
 
 /// The areas a scope can name.
 pub const AREAS: &[&str] = &[
-    "services", "config", "leases", "locks", "ids", "gateway", "queues", "txn", "traces", "console",
+    "services", "config", "secrets", "leases", "locks", "ids", "gateway", "queues", "txn",
+    "traces", "console",
 ];
+
+/// What the HTTP guard let a request in with, as a request extension.
+#[derive(Clone, Debug)]
+pub enum Granted {
+    /// The node runs without HTTP auth: everything is open.
+    Open,
+    /// These scopes (none for an anonymous read where reads are open).
+    Scopes(Vec<Scope>),
+}
+
+impl Granted {
+    /// Whether what was granted covers `need`.
+    pub fn allows(&self, need: &Need) -> bool {
+        match self {
+            Granted::Open => true,
+            Granted::Scopes(s) => allowed(s, need),
+        }
+    }
+
+    /// Whether the caller showed no credentials at all.
+    pub fn anonymous(&self) -> bool {
+        matches!(self, Granted::Scopes(s) if s.is_empty())
+    }
+}
+
+/// What reading the content of a secret config entry in `namespace` needs.
+pub fn secret_read(namespace: &str) -> Need {
+    Need {
+        area: "secrets",
+        access: Access::Read,
+        resource: Some(namespace.to_string()),
+    }
+}
 
 /// Reading or changing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -207,6 +245,12 @@ pub fn need(method: &Method, path: &str) -> Option<Need> {
                 None | Some("namespaces") => mk("config", false, None),
                 // The long-poll names its namespaces in the body: it reads.
                 Some("listener") => mk("config", true, None),
+                // The secrets' keys (a namespace called so has longer paths).
+                Some("secrets") if seg(4).is_none() => Some(Need {
+                    area: "admin",
+                    access: access(false),
+                    resource: None,
+                }),
                 Some(ns) => mk("config", false, Some(ns.to_string())),
             },
             "leases" => mk("leases", false, None),

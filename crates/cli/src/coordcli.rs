@@ -367,7 +367,20 @@ enum ConfigCmd {
         /// Publish only if the current version is this (0 = absent).
         #[arg(long)]
         if_version: Option<u64>,
+        /// Mark the entry secret: encrypted at rest, hidden in the console,
+        /// readable only with the scope secrets:read:NAMESPACE. Give the
+        /// content with --file, not --content (which `ps` shows).
+        #[arg(long, conflicts_with = "not_secret")]
+        secret: bool,
+        /// Unmark a secret entry.
+        #[arg(long)]
+        not_secret: bool,
     },
+    /// Show the secrets' keys (ids only): master key, active data key, entries per key.
+    Secrets,
+    /// Rotate the secrets' keys: a new data key, every data key rewrapped under
+    /// the node's master key, every secret entry resealed.
+    RotateKeys,
     /// Print an entry (`--raw`: only the content).
     Get {
         /// namespace/group/data_id
@@ -443,6 +456,8 @@ pub(crate) async fn config(a: ConfigArgs) -> Result<()> {
             author,
             description,
             if_version,
+            secret,
+            not_secret,
         } => {
             let content = match (file, content) {
                 (Some(f), None) if f.as_os_str() == "-" => {
@@ -456,6 +471,9 @@ pub(crate) async fn config(a: ConfigArgs) -> Result<()> {
             let mut body = json!({"content": content, "format": format, "author": author, "description": description});
             if let Some(v) = if_version {
                 body["if_version"] = json!(v);
+            }
+            if secret || not_secret {
+                body["secret"] = json!(secret);
             }
             let v = req(h, "PUT", &cfg_path(&path)?, Some(body)).await?;
             println!(
@@ -519,6 +537,50 @@ pub(crate) async fn config(a: ConfigArgs) -> Result<()> {
                 }
                 t
             });
+        }
+        ConfigCmd::Secrets => {
+            let v = req(h, "GET", "/v1/config/secrets", None).await?;
+            a.out.print(&v, |v, _| {
+                let mut t = Table::new(&[
+                    "DATA KEY",
+                    "MASTER KEY",
+                    "USABLE",
+                    "ENTRIES",
+                    "CREATED",
+                    "ACTIVE",
+                ]);
+                for k in v["keys"].as_array().into_iter().flatten() {
+                    t.row(vec![
+                        cell(&k["id"]),
+                        cell(&k["master"]),
+                        cell(&k["usable"]),
+                        cell(&k["entries"]),
+                        time_ms(&k["created_at_ms"]),
+                        if k["id"] == v["active"] {
+                            "*".into()
+                        } else {
+                            String::new()
+                        },
+                    ]);
+                }
+                t
+            });
+        }
+        ConfigCmd::RotateKeys => {
+            let v = req(h, "POST", "/v1/config/secrets/rotate", None).await?;
+            println!(
+                "active data key {}: {} data keys rewrapped, {} secret entries resealed, {} skipped (changed meanwhile)",
+                v["active"].as_str().unwrap_or(""),
+                v["rewrapped"],
+                v["resealed"],
+                v["skipped"]
+            );
+            for e in v["unreadable"].as_array().into_iter().flatten() {
+                eprintln!(
+                    "warning: {} does not open (tampered with, or under a key this node lacks); left as it is",
+                    e.as_str().unwrap_or("")
+                );
+            }
         }
         ConfigCmd::History { path } => {
             let v = req(h, "GET", &format!("{}/history", cfg_path(&path)?), None).await?;

@@ -263,6 +263,16 @@ struct NodeArgs {
     /// user its certificate's common name names, as etcd's --client-cert-auth.
     #[arg(long, env = "MESHWORK_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Master key that encrypts secret config entries at rest: a file of 32
+    /// bytes, raw, as 64 hex digits or in base64 (`MESHWORK_SECRETS_KEY` gives
+    /// it inline). Without one, secret entries can be neither published nor
+    /// read [up: generated once as secrets.key in the data directory].
+    #[arg(long, env = "MESHWORK_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
+    /// The master key being replaced, while rotating to a new one (start with
+    /// the new key and this, run `meshwork config rotate-keys`, then drop it).
+    #[arg(long, env = "MESHWORK_SECRETS_PREVIOUS_KEY_FILE")]
+    secrets_previous_key_file: Option<PathBuf>,
     /// Start even though a listener that takes commands is bound to a
     /// non-loopback address without authentication (the HTTP API without a
     /// console password, the etcd port without store auth, the cache without
@@ -451,6 +461,7 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         coord.node_ttl = t;
     }
     config::validate_coord(&coord)?;
+    coord.config.secret_keys = secret_keys(args)?;
     coord.backend.credentials = store_credentials;
     coord.backend.tls = args
         .store_cacert
@@ -526,6 +537,53 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
         },
         cache,
     })
+}
+
+/// The master keys of secret config entries: `MESHWORK_SECRETS_KEY` or
+/// `--secrets-key-file`, then `--secrets-previous-key-file`.
+fn secret_keys(args: &NodeArgs) -> Result<meshwork_coord::config::secret::MasterKeys> {
+    use meshwork_coord::config::secret::{MasterKey, MasterKeys};
+    let mut keys = Vec::new();
+    match std::env::var("MESHWORK_SECRETS_KEY") {
+        Ok(t) if !t.trim().is_empty() => keys.push(
+            MasterKey::from_text(&t).map_err(|e| anyhow::anyhow!("MESHWORK_SECRETS_KEY: {e}"))?,
+        ),
+        _ => {
+            if let Some(p) = &args.secrets_key_file {
+                keys.push(MasterKey::from_file(p)?);
+            }
+        }
+    }
+    if let Some(p) = &args.secrets_previous_key_file {
+        anyhow::ensure!(
+            !keys.is_empty(),
+            "--secrets-previous-key-file needs the new key too (--secrets-key-file)"
+        );
+        keys.push(MasterKey::from_file(p)?);
+    }
+    Ok(MasterKeys(keys))
+}
+
+/// `<data>/secrets.key`, made (mode 0600) on first use: `meshwork up`'s master
+/// key when none is given. Kept beside the data, it guards against a leaked
+/// store snapshot or backup, not a leaked data directory.
+fn local_secrets_key(data_dir: &std::path::Path) -> Result<PathBuf> {
+    let path = data_dir.join("secrets.key");
+    if !path.exists() {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let key = meshwork_coord::config::secret::MasterKey::generate_text()?;
+        let mut f = std::fs::OpenOptions::new();
+        f.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut f, 0o600);
+        let mut file = f
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        std::io::Write::write_all(&mut file, format!("{key}\n").as_bytes())?;
+        file.sync_all()?;
+    }
+    Ok(path)
 }
 
 /// The store's auth settings from `--auth-token`, `--auth-token-ttl` and
@@ -663,7 +721,14 @@ async fn run_up(args: UpArgs) -> Result<()> {
         node_args.tls_cert = Some(dir.join("node.pem"));
         node_args.tls_key = Some(dir.join("node-key.pem"));
     }
-    let cfg = resolve(&node_args, default_dir)?;
+
+    let mut cfg = resolve(&node_args, default_dir)?;
+    if cfg.coord.config.secret_keys.0.is_empty() {
+        let path = local_secrets_key(&cfg.data_dir)?;
+        cfg.coord.config.secret_keys = meshwork_coord::config::secret::MasterKeys(vec![
+            meshwork_coord::config::secret::MasterKey::from_file(&path)?,
+        ]);
+    }
     let data_dir = cfg.data_dir.clone();
     if !cfg.external.is_empty() {
         anyhow::bail!(

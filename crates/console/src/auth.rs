@@ -250,14 +250,37 @@ async fn guarded(auth: &HttpAuth, req: Request, next: Next) -> Response {
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
     let from = peer.map(|p| p.to_string()).unwrap_or_default();
+    use meshwork_api::scope::{Granted, allowed};
+    let ip = peer.map(|p| p.ip());
     let checked = match &auth.console {
-        None => Ok("anonymous".to_string()),
-        Some(_) if reading && need.area != "admin" && !auth.protect_reads => Ok("-".to_string()),
-        Some(console) => identify(auth, console, req.headers(), peer.map(|p| p.ip()), &need),
+        None => Ok(("anonymous".to_string(), Granted::Open)),
+        // An open read: anyone may, but credentials that check out still count
+        // (what the route does not need, a handler may: a secret's content).
+        Some(console) if reading && need.area != "admin" && !auth.protect_reads => {
+            let shown = req.headers().contains_key(header::AUTHORIZATION)
+                || meshwork_gateway::cookie(req.headers(), COOKIE).is_some();
+            match shown.then(|| authenticate(auth, console, req.headers(), ip, &need)) {
+                Some(Ok((who, scopes))) => Ok((who, Granted::Scopes(scopes))),
+                _ => Ok(("-".to_string(), Granted::Scopes(Vec::new()))),
+            }
+        }
+        Some(console) => match authenticate(auth, console, req.headers(), ip, &need) {
+            Ok((who, scopes)) if allowed(&scopes, &need) => Ok((who, Granted::Scopes(scopes))),
+            Ok((who, _)) => {
+                let r = refuse(
+                    req.headers(),
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    format!("this call needs the scope {need}, which the token does not have"),
+                );
+                Err(Box::new((who, r)))
+            }
+            Err(refused) => Err(refused),
+        },
     };
     // Each token or login calls at most its rate.
     let checked = match (checked, &auth.rate) {
-        (Ok(who), Some(rate)) if who.contains(':') && rate.check_key(&who).is_err() => {
+        (Ok((who, _)), Some(rate)) if who.contains(':') && rate.check_key(&who).is_err() => {
             metrics::counter!("meshwork_api_rate_limited_total").increment(1);
             let r = refuse(
                 req.headers(),
@@ -270,7 +293,11 @@ async fn guarded(auth: &HttpAuth, req: Request, next: Next) -> Response {
         (c, _) => c,
     };
     let (who, resp) = match checked {
-        Ok(who) => (who, next.run(req).await),
+        Ok((who, granted)) => {
+            let mut req = req;
+            req.extensions_mut().insert(granted);
+            (who, next.run(req).await)
+        }
         Err(refused) => *refused,
     };
     if audited && let Some(log) = &auth.audit {
@@ -322,16 +349,17 @@ pub fn throttled(headers: &HeaderMap, wait: u64) -> Response {
     r
 }
 
-/// Who sent a call that needs `need`, if allowed: `token:<id>` or
-/// `console:<user>`; else who it claimed to be and the refusal.
-fn identify(
+/// Who sent a call (for a call that needs `need`) and the scopes they hold:
+/// `token:<id>` or `console:<user>`; else who it claimed to be and the refusal.
+#[allow(clippy::type_complexity)]
+fn authenticate(
     auth: &HttpAuth,
     console: &Auth,
     headers: &HeaderMap,
     ip: Option<std::net::IpAddr>,
     need: &meshwork_api::scope::Need,
-) -> Result<String, Box<(String, Response)>> {
-    use meshwork_api::scope::{Scope, allowed};
+) -> Result<(String, Vec<meshwork_api::scope::Scope>), Box<(String, Response)>> {
+    use meshwork_api::scope::Scope;
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -380,18 +408,7 @@ fn identify(
             }
         },
     };
-    if !allowed(&scopes, need) {
-        return Err(Box::new((
-            who,
-            refuse(
-                headers,
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!("this call needs the scope {need}, which the token does not have"),
-            ),
-        )));
-    }
-    Ok(who)
+    Ok((who, scopes))
 }
 
 #[cfg(test)]

@@ -460,9 +460,14 @@ async fn config_list(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) ->
             } else {
                 ""
             };
+            let secret = if e.secret {
+                " <span class=\"badge\">secret</span>"
+            } else {
+                ""
+            };
             let _ = write!(
                 b,
-                "<tr><td>{}</td><td>{}</td><td><a href=\"/ui/config/{}/{}/{}\">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{beta}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td><a href=\"/ui/config/{}/{}/{}\">{}</a>{secret}</td><td>{}</td><td>{}</td><td>{}</td><td>{beta}</td></tr>",
                 esc(&k.namespace),
                 esc(&k.group),
                 enc(&k.namespace),
@@ -508,10 +513,23 @@ async fn config_entry(
         "<h1>Config <code>{}</code></h1><p><a href=\"/ui/config\">← all entries</a></p>",
         esc(&key.to_string())
     );
+    // A secret entry's content never reaches the page: `get` gives it without.
+    let secret = entry.as_ref().is_some_and(|e| e.secret);
     let (content, format, version) = entry
         .as_ref()
         .map(|e| (mask(&e.content), e.format.as_str(), e.version))
         .unwrap_or_default();
+    let (content_label, secret_box) = if secret {
+        (
+            "Content: a secret, encrypted at rest and never shown here; type the whole new content to replace it",
+            "",
+        )
+    } else {
+        (
+            "Content (secret values are masked; type them again to change them)",
+            "<label><input type=\"checkbox\" name=\"secret\"> Secret (encrypted at rest, hidden here, readable only with the secrets:read scope)</label>",
+        )
+    };
     let format = if format.is_empty() { "text" } else { format };
     let mut options = String::new();
     for f in ["text", "json", "toml", "yaml", "properties"] {
@@ -526,8 +544,9 @@ async fn config_entry(
         "<section><h2>Editor</h2>
 <form class=\"editor\" data-api=\"/v1/config/{path}\" data-method=\"PUT\" data-validate=\"/v1/console/validate\" data-then=\"reload\">
 <label>Format <select name=\"format\">{options}</select></label>
-<label class=\"wide\">Content (secret values are masked; type them again to change them)
+<label class=\"wide\">{content_label}
 <textarea name=\"content\" rows=\"14\" spellcheck=\"false\">{content}</textarea></label>
+{secret_box}
 <label>Description <input name=\"description\"></label>
 <input type=\"hidden\" name=\"author\" value=\"{author}\">
 <input type=\"hidden\" name=\"if_version\" value=\"{version}\" data-number>
@@ -594,6 +613,9 @@ async fn config_entry(
                 .unwrap_or(to_default);
         if from != to {
             match s.coord.config.diff(&key, from, to).await {
+                Ok(d) if d.secret => {
+                    b.push_str("<p class=\"muted\">Secret versions are not compared here (the API's diff needs the secrets:read scope).</p>");
+                }
                 Ok(d) => {
                     let _ = write!(
                         b,

@@ -29,6 +29,8 @@ pub struct ClientOptions {
     pub identity: ClientIdentity,
     /// Connection and retry behaviour.
     pub backend: BackendOptions,
+    /// Master keys that open secret config entries (none: they stay locked).
+    pub secret_keys: crate::config::secret::MasterKeys,
 }
 
 impl Default for ClientOptions {
@@ -38,6 +40,7 @@ impl Default for ClientOptions {
             session_ttl: 10,
             identity: ClientIdentity::default(),
             backend: BackendOptions::default(),
+            secret_keys: Default::default(),
         }
     }
 }
@@ -184,7 +187,15 @@ impl CoordClient {
     /// The configuration center (opened on first use).
     pub async fn config(&self) -> Result<&ConfigCenter> {
         self.config
-            .get_or_try_init(|| ConfigCenter::open(&self.backend, ConfigOptions::default()))
+            .get_or_try_init(|| {
+                ConfigCenter::open(
+                    &self.backend,
+                    ConfigOptions {
+                        secret_keys: self.opts.secret_keys.clone(),
+                        ..ConfigOptions::default()
+                    },
+                )
+            })
             .await
     }
 
@@ -204,7 +215,7 @@ impl CoordClient {
         if let Some(first) = stream.next().await
             && let Some(served) = first
         {
-            match decode::<T>(served.entry.format, &served.entry.content) {
+            match decode_served::<T>(&served) {
                 Ok(v) => {
                     tx.send_replace(Some(Arc::new(v)));
                 }
@@ -219,7 +230,7 @@ impl CoordClient {
         let task = tokio::spawn(async move {
             while let Some(item) = stream.next().await {
                 let Some(served) = item else { continue };
-                match decode::<T>(served.entry.format, &served.entry.content) {
+                match decode_served::<T>(&served) {
                     Ok(v) => {
                         *err2.lock() = None;
                         if tx.send(Some(Arc::new(v))).is_err() {
@@ -249,6 +260,16 @@ impl CoordClient {
             held: Some(held),
             backend: self.backend.clone(),
         })
+    }
+}
+
+/// Decodes what was served, or says why a secret entry stayed locked.
+fn decode_served<T: DeserializeOwned>(served: &crate::config::Served) -> Result<T> {
+    match &served.locked {
+        Some(why) => Err(CoordError::Unavailable(format!(
+            "the secret entry cannot be opened: {why}"
+        ))),
+        None => decode(served.entry.format, &served.entry.content),
     }
 }
 

@@ -265,6 +265,7 @@ async fn publisher(coord: Coord, p: Arc<Progress>) -> PublishLog {
                 author: "fault-test".into(),
                 description: format!("round {n}"),
                 if_version: None,
+                secret: None,
             };
             match coord.config.publish(key, publish).await {
                 Ok(r) => {

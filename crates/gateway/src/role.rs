@@ -221,6 +221,7 @@ async fn put_routes(
             .unwrap_or_else(|| "gateway apply".into()),
         description: q.get("description").cloned().unwrap_or_default(),
         if_version,
+        secret: None,
     };
     match s.coord.config.publish(&key, publish).await {
         Ok(p) => axum::Json(serde_json::json!({

@@ -86,6 +86,9 @@ pub struct Options {
     /// TLS to the control plane (`MESHWORK_CACERT`, and `MESHWORK_CERT` /
     /// `MESHWORK_KEY` for mutual TLS).
     pub tls: Option<meshwork_coord::backend::ClientTls>,
+    /// Master keys that open secret config entries (`MESHWORK_SECRETS_KEY`,
+    /// `MESHWORK_SECRETS_KEY_FILE`); without one a secret entry stays locked.
+    pub secret_keys: meshwork_coord::config::secret::MasterKeys,
 }
 
 impl Options {
@@ -112,6 +115,8 @@ impl Options {
         opts.credentials =
             meshwork_coord::backend::Credentials::from_env().map_err(Error::Invalid)?;
         opts.tls = meshwork_coord::backend::ClientTls::from_env();
+        opts.secret_keys = meshwork_coord::config::secret::MasterKeys::from_env()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         Ok(opts)
     }
 
@@ -132,6 +137,7 @@ impl Options {
             targets: HashMap::new(),
             credentials: None,
             tls: None,
+            secret_keys: Default::default(),
         })
     }
 
@@ -204,6 +210,7 @@ impl Meshwork {
                     tls: opts.tls.clone(),
                     ..Default::default()
                 },
+                secret_keys: opts.secret_keys.clone(),
                 ..ClientOptions::default()
             },
         )

@@ -439,6 +439,7 @@ async fn a_bad_config_update_keeps_the_last_good_value() {
         author: "test".into(),
         description: String::new(),
         if_version: None,
+        secret: None,
     };
     center
         .publish(&key, publish(r#"{"payments_enabled": true}"#))

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -10,6 +11,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures_util::StreamExt;
+use meshwork_api::scope::{Granted, secret_read};
 use serde::Deserialize;
 
 use super::{ApiError, ApiResult, Caller, json, parse_body, parse_body_or_default, parse_labels};
@@ -22,6 +24,8 @@ pub(super) fn routes() -> Router<Coord> {
         .route("/v1/config", get(list))
         .route("/v1/config/namespaces", get(namespaces))
         .route("/v1/config/listener", post(listener))
+        .route("/v1/config/secrets", get(secrets_status))
+        .route("/v1/config/secrets/rotate", post(rotate_secrets))
         .route(
             "/v1/config/{namespace}/{group}/{data_id}",
             get(get_entry).put(publish).delete(delete),
@@ -51,6 +55,38 @@ pub(super) fn routes() -> Router<Coord> {
 }
 
 type P3 = Path<(String, String, String)>;
+
+/// What the guard let the request in with (absent: the router runs unguarded, open).
+type Grant = Option<Extension<Granted>>;
+
+/// Refuses the content of secret entry `k` to a caller without `secrets:read` on its namespace.
+fn may_read_secret(grant: &Grant, k: &ConfigKey) -> ApiResult<()> {
+    let need = secret_read(&k.namespace);
+    match grant {
+        None => Ok(()),
+        Some(Extension(g)) if g.allows(&need) => Ok(()),
+        Some(Extension(g)) => {
+            let (status, code, to) = if g.anonymous() {
+                (
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    "send a token that has it (Authorization: Bearer mwt_...)",
+                )
+            } else {
+                (
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "the token does not have it",
+                )
+            };
+            Err(ApiError::new(
+                status,
+                code,
+                format!("{k} is a secret entry: its content needs the scope {need}; {to}"),
+            ))
+        }
+    }
+}
 
 fn key(Path((ns, g, id)): P3) -> ApiResult<ConfigKey> {
     ConfigKey::new(&ns, &g, &id).map_err(ApiError::from)
@@ -102,6 +138,7 @@ async fn get_entry(
     State(c): State<Coord>,
     p: P3,
     Caller(addr): Caller,
+    grant: Grant,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let k = key(p)?;
@@ -110,6 +147,15 @@ async fn get_entry(
         .config
         .get_for(&k, &who)
         .ok_or_else(|| CoordError::NotFound(format!("no config entry {k}")))?;
+    if served.entry.secret {
+        may_read_secret(&grant, &k)?;
+    }
+    if let Some(why) = &served.locked {
+        return Err(CoordError::Unavailable(format!(
+            "{k} is a secret entry that cannot be opened: {why}"
+        ))
+        .into());
+    }
     if q.get("raw").is_some_and(|v| v == "true" || v == "1") {
         let mut r = served.entry.content.clone().into_response();
         if let Ok(v) = HeaderValue::from_str(served.entry.format.media_type()) {
@@ -163,18 +209,28 @@ async fn history(
 
 async fn version(
     State(c): State<Coord>,
+    grant: Grant,
     Path((ns, g, id, v)): Path<(String, String, String, String)>,
 ) -> ApiResult<Response> {
     let k = ConfigKey::new(&ns, &g, &id)?;
     let v: u64 = v.parse().map_err(|_| {
         ApiError::bad_request("invalid_argument", format!("version {v:?} is not a number"))
     })?;
-    Ok(json(StatusCode::OK, &c.config.version(&k, v).await?))
+    // Refuse before opening anything when the entry is or was secret.
+    if c.config.get(&k).is_some_and(|e| e.secret) {
+        may_read_secret(&grant, &k)?;
+    }
+    let rec = c.config.version(&k, v).await?;
+    if rec.entry.secret {
+        may_read_secret(&grant, &k)?;
+    }
+    Ok(json(StatusCode::OK, &rec))
 }
 
 async fn diff(
     State(c): State<Coord>,
     p: P3,
+    grant: Grant,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let k = key(p)?;
@@ -184,7 +240,14 @@ async fn diff(
             "diff needs ?from=VERSION&to=VERSION",
         ));
     };
-    Ok(json(StatusCode::OK, &c.config.diff(&k, from, to).await?))
+    if c.config.get(&k).is_some_and(|e| e.secret) {
+        may_read_secret(&grant, &k)?;
+    }
+    let d = c.config.diff(&k, from, to).await?;
+    if d.secret {
+        may_read_secret(&grant, &k)?;
+    }
+    Ok(json(StatusCode::OK, &d))
 }
 
 #[derive(Deserialize)]
@@ -208,11 +271,25 @@ async fn watch(
     State(c): State<Coord>,
     p: P3,
     Caller(addr): Caller,
+    grant: Grant,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     let k = key(p)?;
     let who = client(&q, addr)?;
-    Ok(super::sse(c.config.subscribe(k, who).map(|s| match s {
+    if c.config.get(&k).is_some_and(|e| e.secret) {
+        may_read_secret(&grant, &k)?;
+    }
+    let key = k.clone();
+    Ok(super::sse(c.config.subscribe(k, who).map(move |s| match s {
+        // An entry that became secret while watched is not shown to a caller
+        // without the scope: the stream says so instead.
+        Some(s) if s.entry.secret && may_read_secret(&grant, &key).is_err() => super::SseItem {
+            event: "forbidden",
+            id: None,
+            data: serde_json::json!({
+                "message": format!("{key} is now a secret entry; its content needs the scope {}", secret_read(&key.namespace))
+            }),
+        },
         Some(s) => super::SseItem {
             event: "config",
             id: None,
@@ -264,6 +341,14 @@ async fn promote_beta(State(c): State<Coord>, p: P3, body: Bytes) -> ApiResult<R
     let a: Author = parse_body_or_default(&body)?;
     let r = c.config.end_beta(&k, true, &a.author).await?;
     Ok(json(StatusCode::OK, &r))
+}
+
+async fn secrets_status(State(c): State<Coord>) -> Response {
+    json(StatusCode::OK, &c.config.secrets_status())
+}
+
+async fn rotate_secrets(State(c): State<Coord>) -> ApiResult<Response> {
+    Ok(json(StatusCode::OK, &c.config.rotate_secrets().await?))
 }
 
 #[derive(Deserialize)]

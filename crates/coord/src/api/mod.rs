@@ -54,6 +54,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/config"),
     ("get", "/v1/config/namespaces"),
     ("post", "/v1/config/listener"),
+    ("get", "/v1/config/secrets"),
+    ("post", "/v1/config/secrets/rotate"),
     ("get", "/v1/config/{namespace}/{group}/{data_id}"),
     ("put", "/v1/config/{namespace}/{group}/{data_id}"),
     ("delete", "/v1/config/{namespace}/{group}/{data_id}"),

@@ -9,7 +9,11 @@
 //! /meshwork/config/live/items/{ns}/{group}/{id}      ConfigEntry (current version)
 //! /meshwork/config/live/beta/{ns}/{group}/{id}       BetaEntry (gray release)
 //! /meshwork/config/history/{ns}/{group}/{id}/{v:012} ConfigVersion (every version)
+//! /meshwork/config/live/keyring                       Keyring (data keys of secret entries)
 //! ```
+//!
+//! Entries marked secret are stored sealed (see [`secret`]): the store, its
+//! snapshots and the history hold only ciphertext.
 //!
 //! A publish is one transaction: the entry (guarded by its mod revision) and its
 //! history record, so history never misses a version. Every node keeps the `live`
@@ -18,6 +22,7 @@
 #[cfg(feature = "server")]
 pub mod diff;
 pub mod format;
+pub mod secret;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -40,6 +45,7 @@ const LIVE_PREFIX: &str = "/meshwork/config/live/";
 const ITEMS: &str = "/meshwork/config/live/items/";
 const BETA: &str = "/meshwork/config/live/beta/";
 const HISTORY: &str = "/meshwork/config/history/";
+const KEYRING: &str = "/meshwork/config/live/keyring";
 
 /// Limits of the configuration center.
 #[derive(Debug, Clone)]
@@ -49,6 +55,9 @@ pub struct ConfigOptions {
     pub max_content: usize,
     /// Longest long-poll wait.
     pub max_wait: Duration,
+    /// Master keys that seal and open secret entries (none: secret entries
+    /// can be neither published nor read by this process).
+    pub secret_keys: secret::MasterKeys,
 }
 
 impl Default for ConfigOptions {
@@ -56,6 +65,7 @@ impl Default for ConfigOptions {
         ConfigOptions {
             max_content: 512 * 1024,
             max_wait: Duration::from_secs(120),
+            secret_keys: secret::MasterKeys::default(),
         }
     }
 }
@@ -140,6 +150,25 @@ pub struct ConfigEntry {
     pub description: String,
     /// When, Unix milliseconds.
     pub updated_at_ms: u64,
+    /// Whether the content is a secret: encrypted at rest, masked in the
+    /// console, readable only with the `secrets:read` scope.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secret: bool,
+    /// The sealed content of a secret entry, as stored (never in API answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<secret::Sealed>,
+}
+
+impl ConfigEntry {
+    /// The entry as an API may show it: no sealed bytes, and no content when
+    /// `hide` (a list, a history, a secret).
+    fn shown(mut self, hide: bool) -> ConfigEntry {
+        self.sealed = None;
+        if hide {
+            self.content = String::new();
+        }
+        self
+    }
 }
 
 /// One version in an entry's history.
@@ -218,6 +247,9 @@ pub struct Publish {
     /// Compare-and-set: publish only if the current version is this (0 = absent).
     #[serde(default)]
     pub if_version: Option<u64>,
+    /// Mark the entry secret (true) or not (false); absent keeps what it is.
+    #[serde(default)]
+    pub secret: Option<bool>,
 }
 
 /// A gray-release request.
@@ -248,6 +280,19 @@ pub struct Served {
     pub entry: ConfigEntry,
     /// True when the beta content is served.
     pub beta: bool,
+    /// Why a secret entry's content could not be opened (it is then empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked: Option<String>,
+}
+
+/// A secret entry served without its content, and why.
+fn locked(mut entry: ConfigEntry, why: String) -> Served {
+    entry.content = String::new();
+    Served {
+        entry,
+        beta: false,
+        locked: Some(why),
+    }
 }
 
 /// Result of a publish.
@@ -273,6 +318,7 @@ pub fn checksum(content: &str) -> String {
 struct Live {
     items: BTreeMap<ConfigKey, (ConfigEntry, i64)>,
     beta: HashMap<ConfigKey, BetaEntry>,
+    keyring: Option<(secret::Keyring, i64)>,
     bad_records: u64,
 }
 
@@ -302,6 +348,13 @@ fn parse_live_key(key: &[u8]) -> Option<(bool, ConfigKey)> {
 
 impl LiveCache {
     fn put(&mut self, kv: &KeyValue) {
+        if kv.key == KEYRING.as_bytes() {
+            match serde_json::from_slice::<secret::Keyring>(&kv.value) {
+                Ok(r) => self.live.keyring = Some((r, kv.mod_revision)),
+                Err(_) => self.live.bad_records += 1,
+            }
+            return;
+        }
         let Some((beta, key)) = parse_live_key(&kv.key) else {
             return;
         };
@@ -343,6 +396,9 @@ impl MirrorHandler for LiveCache {
         for e in &events {
             let Some(kv) = e.kv.as_ref() else { continue };
             if is_delete(e) {
+                if kv.key == KEYRING.as_bytes() {
+                    self.live.keyring = None;
+                }
                 if let Some((beta, key)) = parse_live_key(&kv.key) {
                     if beta {
                         self.live.beta.remove(&key);
@@ -376,6 +432,7 @@ pub struct ConfigCenter {
     cache: Arc<Mutex<LiveCache>>,
     changes: watch::Receiver<u64>,
     mirror: Arc<Mirror>,
+    vault: Arc<secret::Vault>,
     opts: ConfigOptions,
 }
 
@@ -401,6 +458,7 @@ impl ConfigCenter {
             cache,
             changes,
             mirror: Arc::new(mirror),
+            vault: Arc::new(secret::Vault::new(opts.secret_keys.clone())),
             opts,
         };
         if !c.mirror.loaded(LOAD_LIMIT).await {
@@ -429,21 +487,30 @@ impl ConfigCenter {
         Ok(())
     }
 
-    /// The current entry, from the local copy.
+    /// The current entry, from the local copy (a secret one without its content).
     pub fn get(&self, key: &ConfigKey) -> Option<ConfigEntry> {
         self.cache
             .lock()
             .live
             .items
             .get(key)
-            .map(|(e, _)| e.clone())
+            .map(|(e, _)| e.clone().shown(false))
     }
 
-    /// The content `client` should see: the beta when it matches a gray release.
+    /// The content `client` should see: the beta when it matches a gray release;
+    /// a secret entry opened (or, when it cannot be, empty and `locked`).
     pub fn get_for(&self, key: &ConfigKey, client: &ClientIdentity) -> Option<Served> {
         let c = self.cache.lock();
         let (entry, _) = c.live.items.get(key)?;
         let mut entry = entry.clone();
+        if let Some(sealed) = entry.sealed.take() {
+            let ring = c.live.keyring.as_ref().map(|(r, _)| r);
+            match ring.map(|r| self.vault.open(r, &key.suffix(), &sealed)) {
+                Some(Ok(plain)) => entry.content = plain,
+                Some(Err(e)) => return Some(locked(entry, e.to_string())),
+                None => return Some(locked(entry, "the keyring is missing".into())),
+            }
+        }
         let beta = match c.live.beta.get(key) {
             Some(b) if b.matches(client) => {
                 entry.content = b.content.clone();
@@ -453,7 +520,11 @@ impl ConfigCenter {
             }
             _ => false,
         };
-        Some(Served { entry, beta })
+        Some(Served {
+            entry,
+            beta,
+            locked: None,
+        })
     }
 
     /// The gray release of an entry, if one is running.
@@ -471,10 +542,7 @@ impl ConfigCenter {
                 namespace.is_none_or(|n| e.key.namespace == n)
                     && group.is_none_or(|g| e.key.group == g)
             })
-            .map(|(e, _)| ConfigEntry {
-                content: String::new(),
-                ..e.clone()
-            })
+            .map(|(e, _)| e.clone().shown(true))
             .collect()
     }
 
@@ -504,6 +572,7 @@ impl ConfigCenter {
             p.if_version,
             "publish",
             None,
+            p.secret,
         )
         .await
     }
@@ -525,6 +594,8 @@ impl ConfigCenter {
             None,
             "rollback",
             Some(version),
+            // Content that was secret stays secret; else the entry keeps its mark.
+            v.entry.secret.then_some(true),
         )
         .await
     }
@@ -546,6 +617,7 @@ impl ConfigCenter {
                 if_version,
                 "delete",
                 None,
+                None,
             )
             .await?;
         Ok(r.entry.version)
@@ -562,6 +634,7 @@ impl ConfigCenter {
         if_version: Option<u64>,
         op: &str,
         restored_from: Option<u64>,
+        secret: Option<bool>,
     ) -> Result<Published> {
         free_text("author", author, 256, false)?;
         free_text("description", description, 4096, true)?;
@@ -593,6 +666,7 @@ impl ConfigCenter {
                     entry: ConfigEntry {
                         content: String::new(),
                         checksum: String::new(),
+                        sealed: None,
                         version,
                         author: author.to_string(),
                         description: description.to_string(),
@@ -629,19 +703,36 @@ impl ConfigCenter {
                 }
                 continue;
             };
-            let sum = checksum(&content);
+            let secret = secret.unwrap_or_else(|| cur_entry.as_ref().is_some_and(|e| e.secret));
             if let Some(e) = &cur_entry
-                && e.checksum == sum
                 && e.format == format
+                && e.secret == secret
                 && op == "publish"
+                && self.holds(e, &content)
             {
                 // Already current (also what a retried publish whose first attempt
                 // landed sees): nothing to write.
                 return Ok(Published {
-                    entry: e.clone(),
+                    entry: e.clone().shown(secret),
                     changed: false,
                 });
             }
+            let (content, sum, sealed) = if secret {
+                if content.len() > self.opts.max_content / 4 * 3 {
+                    return Err(CoordError::TooLarge(format!(
+                        "secret content is {} bytes; the limit is {} (3/4 of config.max_content: \
+                         sealed content is stored in base64)",
+                        content.len(),
+                        self.opts.max_content / 4 * 3
+                    )));
+                }
+                let ring = self.ensure_keyring().await?;
+                let s = self.vault.seal(&ring, &key.suffix(), &content)?;
+                (String::new(), s.checksum(), Some(s))
+            } else {
+                let sum = checksum(&content);
+                (content, sum, None)
+            };
             let version = if cur_entry.is_some() {
                 cur_version + 1
             } else {
@@ -656,6 +747,8 @@ impl ConfigCenter {
                 author: author.to_string(),
                 description: description.to_string(),
                 updated_at_ms: now_ms(),
+                secret,
+                sealed,
             };
             let rec = ConfigVersion {
                 entry: entry.clone(),
@@ -686,7 +779,7 @@ impl ConfigCenter {
                 self.mirror.wait_for(txn::revision(&r)).await;
                 metrics::counter!("meshwork_config_publishes_total").increment(1);
                 return Ok(Published {
-                    entry,
+                    entry: entry.shown(false),
                     changed: true,
                 });
             }
@@ -732,19 +825,221 @@ impl ConfigCenter {
         for kv in kvs.iter().rev().take(limit) {
             let mut v: ConfigVersion = serde_json::from_slice(&kv.value)
                 .map_err(|e| corrupt(&String::from_utf8_lossy(&kv.key), e))?;
-            v.entry.content = String::new();
+            v.entry = v.entry.shown(true);
             out.push(v);
         }
         Ok(out)
     }
 
-    /// One version of an entry, with its content.
+    /// One version of an entry, with its content (a secret one opened).
     pub async fn version(&self, key: &ConfigKey, version: u64) -> Result<ConfigVersion> {
         let hk = key.history_key(version);
         let (kv, _) = self.backend.get(hk.clone()).await?;
         let kv =
             kv.ok_or_else(|| CoordError::NotFound(format!("{key} has no version {version}")))?;
-        serde_json::from_slice(&kv.value).map_err(|e| corrupt(&hk, e))
+        let mut v: ConfigVersion =
+            serde_json::from_slice(&kv.value).map_err(|e| corrupt(&hk, e))?;
+        if let Some(sealed) = v.entry.sealed.take() {
+            v.entry.content = self.open_sealed(key, &sealed).await?;
+        }
+        Ok(v)
+    }
+
+    /// Whether `e` holds exactly `content`.
+    fn holds(&self, e: &ConfigEntry, content: &str) -> bool {
+        match &e.sealed {
+            None => !e.secret && e.checksum == checksum(content),
+            Some(s) => {
+                let c = self.cache.lock();
+                let ring = c.live.keyring.as_ref().map(|(r, _)| r);
+                ring.and_then(|r| self.vault.open(r, &e.key.suffix(), s).ok())
+                    .is_some_and(|plain| plain == content)
+            }
+        }
+    }
+
+    /// Opens `sealed` content of `key`, reading the keyring from the store when
+    /// the local copy does not know its data key yet.
+    async fn open_sealed(&self, key: &ConfigKey, sealed: &secret::Sealed) -> Result<String> {
+        let cached = self.cache.lock().live.keyring.clone();
+        let ring = match cached {
+            Some((r, _)) if r.keys.iter().any(|k| k.id == sealed.key) => r,
+            _ => self
+                .stored_keyring()
+                .await?
+                .map(|(r, _)| r)
+                .unwrap_or_default(),
+        };
+        self.vault.open(&ring, &key.suffix(), sealed)
+    }
+
+    async fn stored_keyring(&self) -> Result<Option<(secret::Keyring, i64)>> {
+        let (kv, _) = self.backend.get(KEYRING.to_string()).await?;
+        kv.map(|kv| {
+            serde_json::from_slice(&kv.value)
+                .map(|r| (r, kv.mod_revision))
+                .map_err(|e| corrupt(KEYRING, e))
+        })
+        .transpose()
+    }
+
+    /// The keyring, made with a first data key when there is none.
+    async fn ensure_keyring(&self) -> Result<secret::Keyring> {
+        if let Some((r, _)) = self.cache.lock().live.keyring.clone() {
+            return Ok(r);
+        }
+        let dk = self.vault.new_data_key()?;
+        let ring = secret::Keyring {
+            active: dk.id.clone(),
+            keys: vec![dk],
+        };
+        let value = serde_json::to_vec(&ring).map_err(|e| CoordError::invalid(e.to_string()))?;
+        let r = self
+            .backend
+            .txn(pb::TxnRequest {
+                compare: vec![txn::absent(KEYRING.to_string())],
+                success: vec![txn::put(KEYRING.to_string(), value, 0)],
+                failure: vec![],
+            })
+            .await?;
+        if r.succeeded {
+            self.mirror.wait_for(txn::revision(&r)).await;
+            return Ok(ring);
+        }
+        // Another node made it first: use that one.
+        self.stored_keyring()
+            .await?
+            .map(|(r, _)| r)
+            .ok_or_else(|| CoordError::Conflict("the keyring was deleted while being made".into()))
+    }
+
+    /// Rotates the secrets' keys: every data key rewrapped under the primary
+    /// master key, a new active data key, and every secret entry resealed under it.
+    pub async fn rotate_secrets(&self) -> Result<secret::Rotated> {
+        let mut attempt = 0;
+        let (ring, rewrapped) = loop {
+            attempt += 1;
+            let (mut ring, mod_rev) = self.stored_keyring().await?.unwrap_or_default();
+            let mut rewrapped = 0;
+            for k in &mut ring.keys {
+                let new = self.vault.rewrap(k)?;
+                if new != *k {
+                    rewrapped += 1;
+                    *k = new;
+                }
+            }
+            let dk = self.vault.new_data_key()?;
+            ring.active = dk.id.clone();
+            ring.keys.push(dk);
+            let value =
+                serde_json::to_vec(&ring).map_err(|e| CoordError::invalid(e.to_string()))?;
+            let r = self
+                .backend
+                .txn(pb::TxnRequest {
+                    compare: vec![txn::mod_rev_is(KEYRING.to_string(), mod_rev)],
+                    success: vec![txn::put(KEYRING.to_string(), value, 0)],
+                    failure: vec![],
+                })
+                .await?;
+            if r.succeeded {
+                self.mirror.wait_for(txn::revision(&r)).await;
+                break (ring, rewrapped);
+            }
+            if attempt >= 8 {
+                return Err(CoordError::Conflict(
+                    "the keyring kept changing under concurrent rotations; try again".into(),
+                ));
+            }
+        };
+        let secrets: Vec<(ConfigEntry, i64)> = self
+            .cache
+            .lock()
+            .live
+            .items
+            .values()
+            .filter(|(e, _)| e.sealed.is_some())
+            .cloned()
+            .collect();
+        let (mut resealed, mut skipped, mut unreadable) = (0, 0, Vec::new());
+        for (mut e, mod_rev) in secrets {
+            let Some(old) = e.sealed.take() else { continue };
+            if old.key == ring.active {
+                continue;
+            }
+            let plain = match self.vault.open(&ring, &e.key.suffix(), &old) {
+                Ok(p) => p,
+                Err(err) => {
+                    // One entry that does not open (tampered with, or under a
+                    // key nobody has) does not hold the others back.
+                    tracing::warn!(entry = %e.key, error = %err, "a secret entry does not open; left as it is");
+                    unreadable.push(e.key.to_string());
+                    continue;
+                }
+            };
+            let s = self.vault.seal(&ring, &e.key.suffix(), &plain)?;
+            e.checksum = s.checksum();
+            e.sealed = Some(s);
+            let value = serde_json::to_vec(&e).map_err(|e| CoordError::invalid(e.to_string()))?;
+            let item_key = e.key.item_key();
+            let r = self
+                .backend
+                .txn(pb::TxnRequest {
+                    compare: vec![txn::mod_rev_is(item_key.clone(), mod_rev)],
+                    success: vec![txn::put(item_key, value, 0)],
+                    failure: vec![],
+                })
+                .await?;
+            if r.succeeded {
+                resealed += 1;
+                self.mirror.wait_for(txn::revision(&r)).await;
+            } else {
+                skipped += 1;
+            }
+        }
+        tracing::info!(active = %ring.active, rewrapped, resealed, skipped, "rotated the secrets' data key");
+        Ok(secret::Rotated {
+            active: ring.active,
+            rewrapped,
+            resealed,
+            skipped,
+            unreadable,
+        })
+    }
+
+    /// The secrets' keys as this node sees them (ids only, never key material).
+    pub fn secrets_status(&self) -> secret::SecretsStatus {
+        let c = self.cache.lock();
+        let masters = &self.vault.masters().0;
+        let mut per_key: HashMap<&str, usize> = HashMap::new();
+        let mut entries = 0;
+        for (e, _) in c.live.items.values() {
+            if let Some(s) = &e.sealed {
+                entries += 1;
+                *per_key.entry(s.key.as_str()).or_default() += 1;
+            }
+        }
+        let ring = c.live.keyring.as_ref().map(|(r, _)| r);
+        secret::SecretsStatus {
+            enabled: self.vault.enabled(),
+            master: masters.first().map(|m| m.id().to_string()),
+            previous: masters.iter().skip(1).map(|m| m.id().to_string()).collect(),
+            active: ring.map(|r| r.active.clone()),
+            keys: ring
+                .map(|r| {
+                    r.keys
+                        .iter()
+                        .map(|k| secret::KeyStatus {
+                            id: k.id.clone(),
+                            master: k.master.clone(),
+                            usable: masters.iter().any(|m| m.id() == k.master),
+                            created_at_ms: k.created_at_ms,
+                            entries: per_key.get(k.id.as_str()).copied().unwrap_or(0),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            entries,
+        }
     }
 
     /// A unified diff and side-by-side rows between two versions.
@@ -755,6 +1050,7 @@ impl ConfigCenter {
         Ok(VersionDiff {
             from,
             to,
+            secret: a.entry.secret || b.entry.secret,
             unified: diff::unified(
                 &a.entry.content,
                 &b.entry.content,
@@ -780,6 +1076,12 @@ impl ConfigCenter {
             ));
         }
         free_text("author", &req.author, 256, false)?;
+        if self.get(key).is_some_and(|e| e.secret) {
+            return Err(CoordError::invalid(format!(
+                "{key} is a secret entry; gray releases of secrets are not supported \
+                 (publish the new secret to a separate entry and switch readers to it)"
+            )));
+        }
         let beta = BetaEntry {
             key: key.clone(),
             checksum: checksum(&req.content),
@@ -832,6 +1134,7 @@ impl ConfigCenter {
                     "promoted gray release",
                     None,
                     "publish",
+                    None,
                     None,
                 )
                 .await?,
@@ -951,6 +1254,9 @@ pub struct VersionDiff {
     pub from: u64,
     /// Newer version.
     pub to: u64,
+    /// Either version is secret.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub secret: bool,
     /// Unified diff text.
     pub unified: String,
     /// Side-by-side rows.

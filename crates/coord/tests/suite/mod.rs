@@ -11,7 +11,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use meshwork_coord::backend::{Backend, BackendOptions};
-use meshwork_coord::config::{BetaRequest, ClientIdentity, ConfigKey, Format, Listening, Publish};
+use meshwork_coord::config::secret::{MasterKey, MasterKeys};
+use meshwork_coord::config::{
+    BetaRequest, ClientIdentity, ConfigCenter, ConfigKey, ConfigOptions, Format, Listening,
+    Publish, checksum,
+};
 use meshwork_coord::registry::{Filter, InstanceSpec, Registry, RegistryOptions, ServiceSettings};
 use meshwork_coord::{Coord, CoordError, CoordOptions, lock};
 
@@ -31,6 +35,7 @@ macro_rules! for_each_suite_test {
             checks_move_when_their_node_dies,
             client_typed_config_session_and_guards,
             backend_loads_large_prefixes_in_pages,
+            config_secrets_sealed_opened_rotated,
         );
     };
 }
@@ -468,6 +473,7 @@ fn publish(content: &str, format: Format) -> Publish {
         author: "tester".into(),
         description: String::new(),
         if_version: None,
+        secret: None,
     }
 }
 
@@ -1102,4 +1108,189 @@ pub async fn backend_loads_large_prefixes_in_pages(endpoints: Vec<String>) {
         .map(|kv| String::from_utf8(kv.key.to_vec()).unwrap())
         .collect();
     assert_eq!(got, keys);
+}
+
+/// A config center on `endpoints` holding these master keys.
+async fn center(endpoints: &[String], keys: &[&MasterKey]) -> ConfigCenter {
+    let backend = Backend::connect(endpoints, BackendOptions::default())
+        .await
+        .unwrap();
+    ConfigCenter::open(
+        &backend,
+        ConfigOptions {
+            secret_keys: MasterKeys(keys.iter().map(|k| (*k).clone()).collect()),
+            ..ConfigOptions::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Every value stored under `/meshwork/config/`, as one byte string.
+async fn stored_config(endpoints: &[String]) -> Vec<u8> {
+    let backend = Backend::connect(endpoints, BackendOptions::default())
+        .await
+        .unwrap();
+    let (kvs, _) = backend.get_prefix("/meshwork/config/", 0).await.unwrap();
+    kvs.iter().flat_map(|kv| kv.value.to_vec()).collect()
+}
+
+fn holds(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Secret entries: only ciphertext in the store (entry and history), opened
+/// by a process with the master key, locked (with the reason) for one without
+/// or with another key, bound to their entry, refused a gray release; a key
+/// rotation reseals them and keeps history readable, and a master key is
+/// replaced by rotating with the old one as previous.
+pub async fn config_secrets_sealed_opened_rotated(endpoints: Vec<String>) {
+    let key_a = MasterKey::from_text(&MasterKey::generate_text().unwrap()).unwrap();
+    let key_b = MasterKey::from_text(&MasterKey::generate_text().unwrap()).unwrap();
+    let a = center(&endpoints, &[&key_a]).await;
+    let k = ConfigKey::new("prod", "db", "password").unwrap();
+    const PLAIN: &str = "password = \"correct-horse-battery-staple\"\n";
+    let mut p = publish(PLAIN, Format::Toml);
+    p.secret = Some(true);
+    let first = a.publish(&k, p.clone()).await.unwrap();
+    assert!(first.changed && first.entry.secret);
+    assert_eq!(first.entry.content, "", "a publish does not echo a secret");
+    assert_ne!(
+        first.entry.checksum,
+        checksum(PLAIN),
+        "the checksum tells nothing"
+    );
+    // The same content again changes nothing; other content is a new version.
+    assert!(!a.publish(&k, p.clone()).await.unwrap().changed);
+    let mut p2 = publish("password = \"second-secret-value\"\n", Format::Toml);
+    p2.secret = None; // keeps the mark
+    let second = a.publish(&k, p2).await.unwrap();
+    assert!(second.changed && second.entry.secret && second.entry.version == 2);
+    let raw = stored_config(&endpoints).await;
+    assert!(!holds(&raw, "correct-horse"), "no plaintext in the store");
+    assert!(!holds(&raw, "second-secret"), "no plaintext in the store");
+
+    // Opened for a reader with the key: live, a history version, a diff.
+    let anyone = ClientIdentity::default();
+    let served = a.get_for(&k, &anyone).unwrap();
+    assert_eq!(served.entry.content, "password = \"second-secret-value\"\n");
+    assert!(served.locked.is_none());
+    assert_eq!(a.version(&k, 1).await.unwrap().entry.content, PLAIN);
+    assert!(a.diff(&k, 1, 2).await.unwrap().secret);
+    // Lists, history and `get` never carry it.
+    assert!(
+        a.list(Some("prod"), None)
+            .iter()
+            .all(|e| e.content.is_empty() && e.secret)
+    );
+    assert!(
+        a.history(&k, 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|v| v.entry.content.is_empty())
+    );
+    assert_eq!(a.get(&k).unwrap().content, "");
+
+    // Without a key, or with another: locked, saying why; no secret publish.
+    let none = center(&endpoints, &[]).await;
+    let locked = none.get_for(&k, &anyone).unwrap();
+    assert_eq!(locked.entry.content, "");
+    assert!(locked.locked.unwrap().contains("no secrets master key"));
+    let err = none.publish(&k, p.clone()).await.unwrap_err().to_string();
+    assert!(err.contains("no secrets master key"), "{err}");
+    let other = center(&endpoints, &[&key_b]).await;
+    let why = other.get_for(&k, &anyone).unwrap().locked.unwrap();
+    assert!(why.contains("which this process does not have"), "{why}");
+
+    // A sealed value copied onto another entry does not open there.
+    let backend = Backend::connect(&endpoints, BackendOptions::default())
+        .await
+        .unwrap();
+    let (kv, _) = backend
+        .get("/meshwork/config/live/items/prod/db/password")
+        .await
+        .unwrap();
+    let stolen = String::from_utf8(kv.unwrap().value.to_vec())
+        .unwrap()
+        .replace("\"password\"", "\"copy\"");
+    backend
+        .put("/meshwork/config/live/items/prod/db/copy", stolen, 0)
+        .await
+        .unwrap();
+    let copy = ConfigKey::new("prod", "db", "copy").unwrap();
+    let why = eventually("the copy in the local view", SOON, async || {
+        a.get_for(&copy, &anyone).and_then(|s| s.locked)
+    })
+    .await;
+    assert!(why.contains("not authentic"), "{why}");
+
+    // No gray release of a secret.
+    let beta = BetaRequest {
+        content: "x = 1".into(),
+        format: Format::Toml,
+        addresses: vec!["10.0.0.1".into()],
+        ..Default::default()
+    };
+    assert!(
+        a.start_beta(&k, beta)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("secret")
+    );
+
+    // Rotation: a new data key, the entry resealed, history still readable.
+    let before = a.secrets_status();
+    let r = a.rotate_secrets().await.unwrap();
+    assert_ne!(Some(r.active.clone()), before.active);
+    assert!(r.resealed >= 1, "{r:?}");
+    assert_eq!(
+        r.unreadable,
+        vec!["prod/db/copy".to_string()],
+        "the copy is reported, not resealed"
+    );
+    eventually("the new active key", SOON, async || {
+        (a.secrets_status().active.as_deref() == Some(r.active.as_str())).then_some(())
+    })
+    .await;
+    assert_eq!(
+        a.get_for(&k, &anyone).unwrap().entry.content,
+        "password = \"second-secret-value\"\n"
+    );
+    assert_eq!(a.version(&k, 1).await.unwrap().entry.content, PLAIN);
+
+    // A new master key: start with it first and the old one as previous,
+    // rotate, and from then on the new key alone opens everything.
+    let both = center(&endpoints, &[&key_b, &key_a]).await;
+    let r = both.rotate_secrets().await.unwrap();
+    assert!(r.rewrapped >= 2, "every data key rewrapped: {r:?}");
+    let only_b = center(&endpoints, &[&key_b]).await;
+    eventually("the rewrapped keyring", SOON, async || {
+        only_b
+            .get_for(&k, &anyone)
+            .filter(|s| s.locked.is_none())
+            .map(|s| s.entry.content)
+    })
+    .await;
+    assert_eq!(only_b.version(&k, 1).await.unwrap().entry.content, PLAIN);
+    let status = only_b.secrets_status();
+    assert!(
+        status
+            .keys
+            .iter()
+            .all(|k| k.usable && k.master == key_b.id()),
+        "{status:?}"
+    );
+    // The old key alone no longer opens anything.
+    let only_a = center(&endpoints, &[&key_a]).await;
+    assert!(only_a.get_for(&k, &anyone).unwrap().locked.is_some());
+
+    // Unmarking makes it plain again.
+    let mut plain = publish("public = true\n", Format::Toml);
+    plain.secret = Some(false);
+    let r = a.publish(&k, plain).await;
+    // `a` holds only the old key now: it cannot compare, but it can write plain content.
+    let r = r.unwrap();
+    assert!(!r.entry.secret && r.entry.content == "public = true\n");
 }
