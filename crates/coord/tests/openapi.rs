@@ -746,6 +746,26 @@ async fn every_operation_answers_as_documented() {
         )
         .await;
     assert_eq!(r.json()["namespaces"]["prod"], 1);
+    // This node has no secrets master key: it says so, and cannot rotate.
+    let r = api
+        .expect(200, "get", "/v1/config/secrets", "/v1/config/secrets", None)
+        .await;
+    assert_eq!(r.json()["enabled"], false);
+    let r = api
+        .expect(
+            503,
+            "post",
+            "/v1/config/secrets/rotate",
+            "/v1/config/secrets/rotate",
+            None,
+        )
+        .await;
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no secrets master key")
+    );
 
     let r = api
         .expect(

@@ -475,6 +475,57 @@ async fn a_bad_config_update_keeps_the_last_good_value() {
     mw.shutdown().await;
 }
 
+/// A secret entry reaches a service that holds the master key, decoded like
+/// any other; a service without it keeps no value and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_config_opens_with_the_master_key_only() {
+    use meshwork_coord::config::secret::{MasterKey, MasterKeys};
+    let cp = ControlPlane::start().await;
+    let master = MasterKey::from_text(&MasterKey::generate_text().unwrap()).unwrap();
+    let keys = MasterKeys(vec![master]);
+    let with_key = connect(&cp, "order", |mut o| {
+        o.secret_keys = keys.clone();
+        o
+    })
+    .await;
+    let center = with_key.coord().config().await.unwrap().clone();
+    let key = ConfigKey::parse("shop/features/flags").unwrap();
+    center
+        .publish(
+            &key,
+            Publish {
+                content: r#"{"payments_enabled": true}"#.into(),
+                format: Format::Json,
+                author: "test".into(),
+                description: String::new(),
+                if_version: None,
+                secret: Some(true),
+            },
+        )
+        .await
+        .unwrap();
+    let flags = with_key
+        .config::<Features>("shop/features/flags")
+        .await
+        .unwrap();
+    assert_eq!(
+        flags.current().as_deref(),
+        Some(&Features {
+            payments_enabled: true
+        })
+    );
+    let without = connect(&cp, "payment", |o| o).await;
+    let locked = without
+        .config::<Features>("shop/features/flags")
+        .await
+        .unwrap();
+    assert!(locked.current().is_none());
+    let why = locked.last_error().unwrap();
+    assert!(why.contains("no secrets master key"), "{why}");
+    with_key.shutdown().await;
+    without.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_limits_reports_health_and_leaves_rotation_on_shutdown() {
     let cp = ControlPlane::start().await;
