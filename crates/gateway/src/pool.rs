@@ -1,5 +1,5 @@
-//! The HTTP/1.1 upstream pool: keep-alive connections per endpoint, owned
-//! by one listener loop (with `spawn_workers`, one thread), on hyper's
+//! The HTTP/1.1 upstream pool: keep-alive connections per endpoint (and per
+//! TLS client, for upstreams spoken to over TLS), owned by one listener loop (with `spawn_workers`, one thread), on hyper's
 //! connection-level client. A connection goes back to the pool when its
 //! response body has been read to the end; a pooled connection found closed
 //! when a request is sent on it is replaced transparently (the request was
@@ -68,7 +68,37 @@ impl Hasher for AddrHasher {
     }
 }
 
-type ByAddr<V> = HashMap<SocketAddr, V, BuildHasherDefault<AddrHasher>>;
+/// Connections are kept per endpoint and per TLS client (0: cleartext).
+type ByAddr<V> = HashMap<(SocketAddr, u64), V, BuildHasherDefault<AddrHasher>>;
+
+/// TLS to one target's endpoints: the client, and the name their
+/// certificates must carry (`None`: each endpoint's IP address).
+pub(crate) struct UpstreamTls {
+    id: u64,
+    connector: tokio_rustls::TlsConnector,
+    name: Option<rustls_pki_types::ServerName<'static>>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamTls {
+    /// TLS with `cfg`, verifying `name` (checked when the route compiled).
+    pub(crate) fn new(cfg: Arc<rustls::ClientConfig>, name: Option<&str>) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Self {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            connector: tokio_rustls::TlsConnector::from(cfg),
+            name: name.and_then(|n| rustls_pki_types::ServerName::try_from(n.to_string()).ok()),
+        }
+    }
+}
 
 /// Keep-alive HTTP/1.1 connections by endpoint.
 pub(crate) struct H1Pool {
@@ -94,10 +124,10 @@ impl H1Pool {
         }
     }
 
-    fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<Body>> {
+    fn checkout(&self, key: (SocketAddr, u64)) -> Option<SendRequest<Body>> {
         let now = Instant::now();
         let mut idle = self.idle.lock();
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(&key)?;
         while let Some((s, since)) = list.pop() {
             if s.is_closed() || now.saturating_duration_since(since) > self.idle_timeout {
                 continue;
@@ -107,61 +137,73 @@ impl H1Pool {
         None
     }
 
-    fn checkin(&self, addr: SocketAddr, s: SendRequest<Body>) {
+    fn checkin(&self, key: (SocketAddr, u64), s: SendRequest<Body>) {
         if s.is_closed() {
             return;
         }
         let mut idle = self.idle.lock();
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry(key).or_default();
         if list.len() < self.max_idle {
             list.push((s, Instant::now()));
         }
     }
 
-    /// Drops every idle connection to `addr` (it was seen dead).
-    fn evict(&self, addr: SocketAddr) {
-        self.idle.lock().remove(&addr);
+    /// Drops every idle connection to `key` (it was seen dead).
+    fn evict(&self, key: (SocketAddr, u64)) {
+        self.idle.lock().remove(&key);
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<SendRequest<Body>, PoolError> {
+    /// A new connection (TCP, and the TLS handshake when `tls`), both within
+    /// the connect timeout.
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<SendRequest<Body>, PoolError> {
         let err = |message: String| PoolError::Connect { addr, message };
-        let stream =
-            tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
-                .await
-                .map_err(|_| {
-                    err(format!(
-                        "timed out after {} ms",
-                        self.connect_timeout.as_millis()
-                    ))
-                })?
-                .map_err(|e| err(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+        let timed_out = || {
+            err(format!(
+                "timed out after {} ms",
+                self.connect_timeout.as_millis()
+            ))
+        };
+        let deadline = Instant::now() + self.connect_timeout;
+        let stream = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(addr))
             .await
+            .map_err(|_| timed_out())?
             .map_err(|e| err(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
-            }
-        });
-        Ok(sender)
+        let _ = stream.set_nodelay(true);
+        let Some(tls) = tls else {
+            return handshake(addr, TokioIo::new(stream)).await;
+        };
+        let name = tls
+            .name
+            .clone()
+            .unwrap_or_else(|| rustls_pki_types::ServerName::IpAddress(addr.ip().into()));
+        let shown = name.to_str().into_owned();
+        let stream = tokio::time::timeout_at(deadline, tls.connector.connect(name, stream))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| err(format!("TLS handshake (verifying {shown}): {e}")))?;
+        handshake(addr, TokioIo::new(stream)).await
     }
 
-    /// Sends `req` (origin-form URI, Host set) to `addr`.
+    /// Sends `req` (origin-form URI, Host set) to `addr`, over TLS when `tls`.
     pub(crate) async fn send(
         self: &Arc<Self>,
         addr: SocketAddr,
+        tls: Option<&UpstreamTls>,
         mut req: Request<Body>,
     ) -> Result<Response<Body>, PoolError> {
+        let key = (addr, tls.map_or(0, |t| t.id));
         loop {
-            let (mut sender, pooled) = match self.checkout(addr) {
+            let (mut sender, pooled) = match self.checkout(key) {
                 Some(s) => (s, true),
-                None => match self.connect(addr).await {
+                None => match self.connect(addr, tls).await {
                     Ok(s) => (s, false),
                     Err(e) => {
                         // Seen dead: its kept-alive connections go too.
-                        self.evict(addr);
+                        self.evict(key);
                         return Err(e);
                     }
                 },
@@ -170,7 +212,7 @@ impl H1Pool {
                 if pooled {
                     continue;
                 }
-                self.evict(addr);
+                self.evict(key);
                 return Err(PoolError::Connect {
                     addr,
                     message: "connection closed before use".into(),
@@ -184,7 +226,7 @@ impl H1Pool {
                         crate::body::boxed(PooledBody {
                             inner: b,
                             back: pool,
-                            addr,
+                            key,
                         })
                     }));
                 }
@@ -194,7 +236,7 @@ impl H1Pool {
                     // Not sent on a fresh connection: the endpoint is closing
                     // connections; nothing reached it.
                     Some(_) => {
-                        self.evict(addr);
+                        self.evict(key);
                         return Err(PoolError::Connect {
                             addr,
                             message: format!(
@@ -210,17 +252,38 @@ impl H1Pool {
     }
 }
 
+/// HTTP/1.1 over a connected stream; the connection runs on its own task.
+async fn handshake<T>(addr: SocketAddr, io: TokioIo<T>) -> Result<SendRequest<Body>, PoolError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) =
+        http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| PoolError::Connect {
+                addr,
+                message: e.to_string(),
+            })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
+
 /// A response body that returns its connection to the pool at its end.
 struct PooledBody {
     inner: Incoming,
     back: Option<(Arc<H1Pool>, SendRequest<Body>)>,
-    addr: SocketAddr,
+    key: (SocketAddr, u64),
 }
 
 impl PooledBody {
     fn release(&mut self) {
         if let Some((pool, s)) = self.back.take() {
-            pool.checkin(self.addr, s);
+            pool.checkin(self.key, s);
         }
     }
 }

@@ -159,6 +159,8 @@ pub(crate) struct TargetRt {
     pub(crate) name: String,
     pub(crate) cluster: Arc<Cluster>,
     pub(crate) breaker: Option<(Arc<BreakerCore>, metrics::Gauge)>,
+    /// TLS to its endpoints.
+    pub(crate) tls: Option<Arc<crate::pool::UpstreamTls>>,
 }
 
 /// Runtime state of a forward action.
@@ -296,6 +298,12 @@ pub(crate) fn build(
                             name: t.name.clone(),
                             cluster,
                             breaker,
+                            tls: f.tls.as_ref().map(|cfg| {
+                                Arc::new(crate::pool::UpstreamTls::new(
+                                    cfg.clone(),
+                                    t.tls_name.as_deref(),
+                                ))
+                            }),
                         }
                     })
                     .collect();

@@ -2,7 +2,10 @@
 //! the HTTP port): rustls with ALPN, the certificate and key read from PEM
 //! files and reloaded when they change (no restart), and optionally mutual
 //! TLS — client certificates verified against a CA, the client's identity
-//! (its certificate's common name) read with [`peer_common_name`].
+//! (its certificate's common name) read with [`peer_common_name`]. For the
+//! client side (the gateway's upstreams), [`client_config`] builds a rustls
+//! client that verifies servers against a CA file or the system's roots and
+//! can present its own certificate.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,16 +57,98 @@ fn file_err(path: &Path, message: impl Into<String>) -> TlsError {
     }
 }
 
-fn load(cfg: &TlsConfig) -> Result<CertifiedKey, TlsError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert_file)
-        .map_err(|e| file_err(&cfg.cert_file, e.to_string()))?
+/// A certificate chain and its key from PEM files.
+fn chain_and_key(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| file_err(cert_file, e.to_string()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| file_err(&cfg.cert_file, e.to_string()))?;
+        .map_err(|e| file_err(cert_file, e.to_string()))?;
     if certs.is_empty() {
-        return Err(file_err(&cfg.cert_file, "no certificate found"));
+        return Err(file_err(cert_file, "no certificate found"));
     }
-    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
-        .map_err(|e| file_err(&cfg.key_file, e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key_file).map_err(|e| file_err(key_file, e.to_string()))?;
+    Ok((certs, key))
+}
+
+/// The CA certificates in a PEM file (at least one).
+fn roots_from(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, e.to_string()))? {
+        roots
+            .add(c.map_err(|e| file_err(ca, e.to_string()))?)
+            .map_err(|e| file_err(ca, e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(file_err(ca, "no CA certificate found"));
+    }
+    Ok(roots)
+}
+
+/// How a TLS client verifies servers and, optionally, proves who it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    /// PEM CA certificates to trust (absent: the system's roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain to present (mutual TLS), with `key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// A rustls client for `cfg` offering the protocols `alpn`: servers are
+/// verified (chain and name) against `ca_file` or the system's roots.
+pub fn client_config(
+    cfg: &ClientTlsConfig,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = match &cfg.ca_file {
+        Some(ca) => roots_from(ca)?,
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(file_err(
+                    Path::new("(system roots)"),
+                    "no CA certificate found on this system; give a ca_file",
+                ));
+            }
+            roots
+        }
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut client = match (&cfg.cert_file, &cfg.key_file) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(c), Some(k)) => {
+            let (certs, key) = chain_and_key(c, k)?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| file_err(k, e.to_string()))?
+        }
+        (Some(c), None) | (None, Some(c)) => {
+            return Err(file_err(
+                c,
+                "a client certificate needs both cert_file and key_file",
+            ));
+        }
+    };
+    client.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(client))
+}
+
+fn load(cfg: &TlsConfig) -> Result<CertifiedKey, TlsError> {
+    let (certs, key) = chain_and_key(&cfg.cert_file, &cfg.key_file)?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| file_err(&cfg.key_file, e.to_string()))?;
     let ck = CertifiedKey::new(certs, signer);
@@ -121,17 +206,7 @@ impl TlsReloader {
         let builder = match &cfg.client_ca_file {
             None => builder.with_no_client_auth(),
             Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in
-                    CertificateDer::pem_file_iter(ca).map_err(|e| file_err(ca, e.to_string()))?
-                {
-                    roots
-                        .add(c.map_err(|e| file_err(ca, e.to_string()))?)
-                        .map_err(|e| file_err(ca, e.to_string()))?;
-                }
-                if roots.is_empty() {
-                    return Err(file_err(ca, "no CA certificate found"));
-                }
+                let roots = roots_from(ca)?;
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                     Arc::new(roots),
                     provider,

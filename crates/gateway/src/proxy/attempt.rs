@@ -45,6 +45,7 @@ pub(super) enum UpstreamError {
 pub(super) async fn call_upstream(
     clients: &Clients,
     h2: bool,
+    tls: Option<&crate::pool::UpstreamTls>,
     addr: SocketAddr,
     authority: &http::uri::Authority,
     mut req: Request<Body>,
@@ -65,7 +66,7 @@ pub(super) async fn call_upstream(
     {
         req.headers_mut().insert(header::HOST, v);
     }
-    clients.pool.send(addr, req).await.map_err(|e| {
+    clients.pool.send(addr, tls, req).await.map_err(|e| {
         if e.is_connect() {
             UpstreamError::NotSent(e.to_string())
         } else {
@@ -389,6 +390,7 @@ impl<'a> Tries<'a> {
             call_upstream(
                 &cx.conn.clients,
                 self.head.h2,
+                self.target.tls.as_deref(),
                 picked.addr,
                 &picked.authority,
                 up,

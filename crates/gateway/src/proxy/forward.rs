@@ -219,7 +219,8 @@ impl UpstreamHead {
             UpstreamProtocol::H2c => true,
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Auto => parts.version == Version::HTTP_2 && grpc,
-        } && !upgrade;
+        } && !upgrade
+            && plan.tls.is_none();
         let orig_authority = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri

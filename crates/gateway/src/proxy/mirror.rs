@@ -65,7 +65,9 @@ impl Mirror {
         tokio::spawn(async move {
             let _slot = slot;
             let _ = tokio::time::timeout(limit, async move {
-                if let Ok(resp) = call_upstream(&clients, false, p.addr, &p.authority, req).await {
+                if let Ok(resp) =
+                    call_upstream(&clients, false, None, p.addr, &p.authority, req).await
+                {
                     let mut b = resp.into_body();
                     while let Some(Ok(_)) = b.frame().await {}
                 }

@@ -175,6 +175,25 @@ pub struct ForwardConfig {
     pub outlier_detection: Option<bool>,
     /// Copy requests to a shadow upstream (responses discarded).
     pub mirror: Option<MirrorConfig>,
+    /// Speak TLS to the upstreams (HTTP/1.1 inside), verifying them.
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// TLS to a forward's upstreams: their certificates are verified (chain and
+/// name), and the gateway may present its own (mutual TLS).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// The name sent as SNI and checked against the upstream's certificate
+    /// [default: the target's service name; for static upstreams their host
+    /// name, or each endpoint's IP address].
+    pub server_name: Option<String>,
+    /// PEM CA certificates to trust [default: the system's roots].
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain the gateway presents (mutual TLS), with `key_file`.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// One named, weighted target of a forward.

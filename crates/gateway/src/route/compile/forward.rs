@@ -4,6 +4,7 @@
 //! mirroring), checked and compiled.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::HeaderName;
@@ -46,6 +47,9 @@ pub(crate) struct TargetPlan {
     pub(crate) name: String,
     pub(crate) source: Source,
     pub(crate) weight: u32,
+    /// With TLS: the name its endpoints' certificates are checked against
+    /// (`None`: each endpoint's IP address).
+    pub(crate) tls_name: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +85,8 @@ pub(crate) struct ForwardPlan {
     pub(crate) bulkhead: Option<BulkheadConfig>,
     pub(crate) outlier: Option<OutlierConfig>,
     pub(crate) mirror: Option<(TargetPlan, f64)>,
+    /// TLS to the upstreams.
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Compiles a route's `forward` table.
@@ -104,6 +110,7 @@ pub(super) fn compile(
     let timeout = ms(route, "forward.timeout_ms", f.timeout_ms)?;
     let per_try_timeout = ms(route, "forward.per_try_timeout_ms", f.per_try_timeout_ms)?;
     let (failure_statuses, outlier) = resilience(route, f)?;
+    let tls = tls(route, f)?;
     Ok(ForwardPlan {
         targets,
         split,
@@ -124,7 +131,66 @@ pub(super) fn compile(
         bulkhead: f.bulkhead,
         outlier,
         mirror: mirror(route, f, res)?,
+        tls,
     })
+}
+
+/// The TLS client of a forward with `tls`: files read and checked now, so a
+/// route set naming a missing or bad file is refused when published.
+fn tls(route: &str, f: &ForwardConfig) -> Result<Option<Arc<rustls::ClientConfig>>, RouteError> {
+    let Some(t) = &f.tls else {
+        return Ok(None);
+    };
+    if f.protocol == UpstreamProtocol::H2c {
+        return Err(invalid(
+            route,
+            "forward.tls",
+            "TLS upstreams speak HTTP/1.1: use protocol auto or http1",
+        ));
+    }
+    if let Some(n) = &t.server_name
+        && rustls_pki_types::ServerName::try_from(n.as_str()).is_err()
+    {
+        return Err(invalid(
+            route,
+            "forward.tls.server_name",
+            format!("`{n}` is neither a DNS name nor an IP address"),
+        ));
+    }
+    let cfg = meshwork_tls::ClientTlsConfig {
+        ca_file: t.ca_file.clone(),
+        cert_file: t.cert_file.clone(),
+        key_file: t.key_file.clone(),
+    };
+    meshwork_tls::client_config(&cfg, &[b"http/1.1"])
+        .map(Some)
+        .map_err(|e| invalid(route, "forward.tls", e.to_string()))
+}
+
+/// The name a target's endpoints are verified against: the configured
+/// `server_name`, else the service's name, else the static upstreams' one
+/// host name; `None` (each endpoint's IP) when they are IPs or differ.
+fn tls_name(
+    tls: Option<&UpstreamTlsConfig>,
+    service: &Option<String>,
+    upstreams: &[String],
+) -> Option<String> {
+    let t = tls?;
+    if let Some(n) = &t.server_name {
+        return Some(n.clone());
+    }
+    if let Some(s) = service {
+        return Some(s.clone());
+    }
+    let host = |u: &str| -> String {
+        let u = u.split_once("://").map_or(u, |(_, rest)| rest);
+        u.rsplit_once(':').map_or(u, |(h, _)| h).to_string()
+    };
+    let first = host(upstreams.first()?);
+    (upstreams.iter().all(|u| host(u) == first)
+        && first.parse::<std::net::IpAddr>().is_err()
+        && !first.starts_with('['))
+    .then_some(first)
 }
 
 /// The targets: one named `default` from `service`/`upstreams`, or the
@@ -135,6 +201,7 @@ fn targets(route: &str, f: &ForwardConfig, res: &Resolved) -> Result<Vec<TargetP
             name: "default".into(),
             source: source(route, "forward", &f.service, &f.upstreams, &f.filter, res)?,
             weight: 1,
+            tls_name: tls_name(f.tls.as_ref(), &f.service, &f.upstreams),
         }]);
     }
     if f.service.is_some() || !f.upstreams.is_empty() {
@@ -169,6 +236,7 @@ fn targets(route: &str, f: &ForwardConfig, res: &Resolved) -> Result<Vec<TargetP
             name: t.name.clone(),
             source: source(route, &field, &t.service, &t.upstreams, &t.filter, res)?,
             weight,
+            tls_name: tls_name(f.tls.as_ref(), &t.service, &t.upstreams),
         });
     }
     Ok(out)
@@ -414,6 +482,8 @@ fn mirror(
             name: "mirror".into(),
             source,
             weight: 1,
+            // Shadow traffic goes in clear (documented).
+            tls_name: None,
         },
         pct,
     )))
