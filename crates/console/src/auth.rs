@@ -252,11 +252,12 @@ async fn guarded(auth: &HttpAuth, req: Request, next: Next) -> Response {
     let from = peer.map(|p| p.to_string()).unwrap_or_default();
     use meshwork_api::scope::{Granted, allowed};
     let ip = peer.map(|p| p.ip());
+    let open_read = reading && need.area != "admin" && !auth.protect_reads;
     let checked = match &auth.console {
         None => Ok(("anonymous".to_string(), Granted::Open)),
         // An open read: anyone may, but credentials that check out still count
         // (what the route does not need, a handler may: a secret's content).
-        Some(console) if reading && need.area != "admin" && !auth.protect_reads => {
+        Some(console) if open_read => {
             let shown = req.headers().contains_key(header::AUTHORIZATION)
                 || meshwork_gateway::cookie(req.headers(), COOKIE).is_some();
             match shown.then(|| authenticate(auth, console, req.headers(), ip, &need)) {
@@ -280,7 +281,10 @@ async fn guarded(auth: &HttpAuth, req: Request, next: Next) -> Response {
     };
     // Each token or login calls at most its rate.
     let checked = match (checked, &auth.rate) {
-        (Ok((who, _)), Some(rate)) if who.contains(':') && rate.check_key(&who).is_err() => {
+        // Open reads are not counted: anyone may make them without a token.
+        (Ok((who, _)), Some(rate))
+            if !open_read && who.contains(':') && rate.check_key(&who).is_err() =>
+        {
             metrics::counter!("meshwork_api_rate_limited_total").increment(1);
             let r = refuse(
                 req.headers(),

@@ -563,7 +563,7 @@ async fn config_entry(
                 .unwrap_or_default()
         )),
     );
-    if let Some(beta) = s.coord.config.beta(&key) {
+    if let Some(beta) = s.coord.config.beta(&key).filter(|_| !secret) {
         let _ = write!(
             b,
             "<section><h2>Gray release</h2><p>Serving a beta to addresses <code>{}</code> and labels <code>{}</code> since {}.</p>
@@ -611,7 +611,10 @@ async fn config_entry(
             q.0.get("to")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(to_default);
-        if from != to {
+        if from != to && secret {
+            // Older versions may predate the secret mark: none is shown.
+            b.push_str("<p class=\"muted\">Versions of a secret entry are not compared here (the API's diff needs the secrets:read scope).</p>");
+        } else if from != to {
             match s.coord.config.diff(&key, from, to).await {
                 Ok(d) if d.secret => {
                     b.push_str("<p class=\"muted\">Secret versions are not compared here (the API's diff needs the secrets:read scope).</p>");

@@ -101,6 +101,15 @@ pub fn start(
     let follow = tokio::spawn(async move {
         while let Some(served) = updates.next().await {
             let (set, version) = match &served {
+                Some(s) if s.locked.is_some() => {
+                    tracing::error!(
+                        version = s.entry.version,
+                        reason = s.locked.as_deref().unwrap_or(""),
+                        "gateway routes are a secret entry this node cannot open; keeping the previous set"
+                    );
+                    metrics::counter!("meshwork_gateway_route_apply_errors_total").increment(1);
+                    continue;
+                }
                 Some(s) => match RouteSet::from_toml(&s.entry.content) {
                     Ok(set) => (set, s.entry.version),
                     Err(e) => {

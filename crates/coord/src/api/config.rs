@@ -56,14 +56,19 @@ pub(super) fn routes() -> Router<Coord> {
 
 type P3 = Path<(String, String, String)>;
 
-/// What the guard let the request in with (absent: the router runs unguarded, open).
+/// What the guard let the request in with (absent: the router runs without
+/// the node's guard, and secrets stay shut).
 type Grant = Option<Extension<Granted>>;
 
 /// Refuses the content of secret entry `k` to a caller without `secrets:read` on its namespace.
 fn may_read_secret(grant: &Grant, k: &ConfigKey) -> ApiResult<()> {
     let need = secret_read(&k.namespace);
     match grant {
-        None => Ok(()),
+        None => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{k} is a secret entry and this API runs without the node's auth guard"),
+        )),
         Some(Extension(g)) if g.allows(&need) => Ok(()),
         Some(Extension(g)) => {
             let (status, code, to) = if g.anonymous() {
@@ -303,8 +308,12 @@ async fn watch(
     })))
 }
 
-async fn get_beta(State(c): State<Coord>, p: P3) -> ApiResult<Response> {
+async fn get_beta(State(c): State<Coord>, p: P3, grant: Grant) -> ApiResult<Response> {
     let k = key(p)?;
+    // Secrets have no gray release; should one be left from before, it stays shut too.
+    if c.config.get(&k).is_some_and(|e| e.secret) {
+        may_read_secret(&grant, &k)?;
+    }
     let b = c
         .config
         .beta(&k)

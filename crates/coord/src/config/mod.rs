@@ -285,6 +285,12 @@ pub struct Served {
     pub locked: Option<String>,
 }
 
+/// What sealed content is bound to: the entry and its version, so a sealed
+/// value opens neither on another entry nor as another version of its own.
+fn sealed_as(key: &ConfigKey, version: u64) -> String {
+    format!("{}@{version}", key.suffix())
+}
+
 /// A secret entry served without its content, and why.
 fn locked(mut entry: ConfigEntry, why: String) -> Served {
     entry.content = String::new();
@@ -505,7 +511,7 @@ impl ConfigCenter {
         let mut entry = entry.clone();
         if let Some(sealed) = entry.sealed.take() {
             let ring = c.live.keyring.as_ref().map(|(r, _)| r);
-            match ring.map(|r| self.vault.open(r, &key.suffix(), &sealed)) {
+            match ring.map(|r| self.vault.open(r, &sealed_as(key, entry.version), &sealed)) {
                 Some(Ok(plain)) => entry.content = plain,
                 Some(Err(e)) => return Some(locked(entry, e.to_string())),
                 None => return Some(locked(entry, "the keyring is missing".into())),
@@ -704,11 +710,14 @@ impl ConfigCenter {
                 continue;
             };
             let secret = secret.unwrap_or_else(|| cur_entry.as_ref().is_some_and(|e| e.secret));
+            // A secret is never compared: "unchanged" would confirm a guess to
+            // a writer who may not read it. Each publish of one is a version.
             if let Some(e) = &cur_entry
                 && e.format == format
-                && e.secret == secret
+                && !e.secret
+                && !secret
                 && op == "publish"
-                && self.holds(e, &content)
+                && e.checksum == checksum(&content)
             {
                 // Already current (also what a retried publish whose first attempt
                 // landed sees): nothing to write.
@@ -717,6 +726,11 @@ impl ConfigCenter {
                     changed: false,
                 });
             }
+            let version = if cur_entry.is_some() {
+                cur_version + 1
+            } else {
+                self.last_version(key).await? + 1
+            };
             let (content, sum, sealed) = if secret {
                 if content.len() > self.opts.max_content / 4 * 3 {
                     return Err(CoordError::TooLarge(format!(
@@ -727,16 +741,11 @@ impl ConfigCenter {
                     )));
                 }
                 let ring = self.ensure_keyring().await?;
-                let s = self.vault.seal(&ring, &key.suffix(), &content)?;
+                let s = self.vault.seal(&ring, &sealed_as(key, version), &content)?;
                 (String::new(), s.checksum(), Some(s))
             } else {
                 let sum = checksum(&content);
                 (content, sum, None)
-            };
-            let version = if cur_entry.is_some() {
-                cur_version + 1
-            } else {
-                self.last_version(key).await? + 1
             };
             let entry = ConfigEntry {
                 key: key.clone(),
@@ -759,6 +768,15 @@ impl ConfigCenter {
                 serde_json::to_vec(&entry).map_err(|e| CoordError::invalid(e.to_string()))?;
             let hist = serde_json::to_vec(&rec).map_err(|e| CoordError::invalid(e.to_string()))?;
             let mod_rev = cur.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
+            let mut success = vec![
+                txn::put(item_key.clone(), value, 0),
+                txn::put(key.history_key(version), hist, 0),
+            ];
+            if secret {
+                // A gray release's content is kept in clear: none outlives
+                // the entry becoming secret.
+                success.push(txn::delete(key.beta_key()));
+            }
             let r = self
                 .backend
                 .txn(pb::TxnRequest {
@@ -768,10 +786,7 @@ impl ConfigCenter {
                         txn::mod_rev_is(item_key.clone(), mod_rev),
                         txn::absent(key.history_key(version)),
                     ],
-                    success: vec![
-                        txn::put(item_key.clone(), value, 0),
-                        txn::put(key.history_key(version), hist, 0),
-                    ],
+                    success,
                     failure: vec![],
                 })
                 .await?;
@@ -840,27 +855,19 @@ impl ConfigCenter {
         let mut v: ConfigVersion =
             serde_json::from_slice(&kv.value).map_err(|e| corrupt(&hk, e))?;
         if let Some(sealed) = v.entry.sealed.take() {
-            v.entry.content = self.open_sealed(key, &sealed).await?;
+            v.entry.content = self.open_sealed(key, v.entry.version, &sealed).await?;
         }
         Ok(v)
     }
 
-    /// Whether `e` holds exactly `content`.
-    fn holds(&self, e: &ConfigEntry, content: &str) -> bool {
-        match &e.sealed {
-            None => !e.secret && e.checksum == checksum(content),
-            Some(s) => {
-                let c = self.cache.lock();
-                let ring = c.live.keyring.as_ref().map(|(r, _)| r);
-                ring.and_then(|r| self.vault.open(r, &e.key.suffix(), s).ok())
-                    .is_some_and(|plain| plain == content)
-            }
-        }
-    }
-
     /// Opens `sealed` content of `key`, reading the keyring from the store when
     /// the local copy does not know its data key yet.
-    async fn open_sealed(&self, key: &ConfigKey, sealed: &secret::Sealed) -> Result<String> {
+    async fn open_sealed(
+        &self,
+        key: &ConfigKey,
+        version: u64,
+        sealed: &secret::Sealed,
+    ) -> Result<String> {
         let cached = self.cache.lock().live.keyring.clone();
         let ring = match cached {
             Some((r, _)) if r.keys.iter().any(|k| k.id == sealed.key) => r,
@@ -870,7 +877,26 @@ impl ConfigCenter {
                 .map(|(r, _)| r)
                 .unwrap_or_default(),
         };
-        self.vault.open(&ring, &key.suffix(), sealed)
+        self.vault.open(&ring, &sealed_as(key, version), sealed)
+    }
+
+    /// Whether any current entry is sealed (then a missing keyring is an
+    /// error, not something to make anew: a new one would open none of them).
+    fn any_sealed(&self) -> bool {
+        self.cache
+            .lock()
+            .live
+            .items
+            .values()
+            .any(|(e, _)| e.sealed.is_some())
+    }
+
+    fn keyring_lost(&self) -> CoordError {
+        corrupt(
+            KEYRING,
+            "the keyring is missing although secret entries exist; restore it from a backup \
+             (a new one would open none of them)",
+        )
     }
 
     async fn stored_keyring(&self) -> Result<Option<(secret::Keyring, i64)>> {
@@ -887,6 +913,9 @@ impl ConfigCenter {
     async fn ensure_keyring(&self) -> Result<secret::Keyring> {
         if let Some((r, _)) = self.cache.lock().live.keyring.clone() {
             return Ok(r);
+        }
+        if self.any_sealed() {
+            return Err(self.keyring_lost());
         }
         let dk = self.vault.new_data_key()?;
         let ring = secret::Keyring {
@@ -919,7 +948,11 @@ impl ConfigCenter {
         let mut attempt = 0;
         let (ring, rewrapped) = loop {
             attempt += 1;
-            let (mut ring, mod_rev) = self.stored_keyring().await?.unwrap_or_default();
+            let (mut ring, mod_rev) = match self.stored_keyring().await? {
+                Some(r) => r,
+                None if self.any_sealed() => return Err(self.keyring_lost()),
+                None => Default::default(),
+            };
             let mut rewrapped = 0;
             for k in &mut ring.keys {
                 let new = self.vault.rewrap(k)?;
@@ -966,7 +999,8 @@ impl ConfigCenter {
             if old.key == ring.active {
                 continue;
             }
-            let plain = match self.vault.open(&ring, &e.key.suffix(), &old) {
+            let as_ = sealed_as(&e.key, e.version);
+            let plain = match self.vault.open(&ring, &as_, &old) {
                 Ok(p) => p,
                 Err(err) => {
                     // One entry that does not open (tampered with, or under a
@@ -976,7 +1010,7 @@ impl ConfigCenter {
                     continue;
                 }
             };
-            let s = self.vault.seal(&ring, &e.key.suffix(), &plain)?;
+            let s = self.vault.seal(&ring, &as_, &plain)?;
             e.checksum = s.checksum();
             e.sealed = Some(s);
             let value = serde_json::to_vec(&e).map_err(|e| CoordError::invalid(e.to_string()))?;
@@ -1076,7 +1110,18 @@ impl ConfigCenter {
             ));
         }
         free_text("author", &req.author, 256, false)?;
-        if self.get(key).is_some_and(|e| e.secret) {
+        // Read from the store and guard the write with its revision: an entry
+        // made secret meanwhile gets no gray release (it would be in clear).
+        let item_key = key.item_key();
+        let (item, _) = self.backend.get(item_key.clone()).await?;
+        let Some(item) = item else {
+            return Err(CoordError::NotFound(format!(
+                "no config entry {key}: publish it before a gray release"
+            )));
+        };
+        let cur: ConfigEntry =
+            serde_json::from_slice(&item.value).map_err(|e| corrupt(&item_key, e))?;
+        if cur.secret {
             return Err(CoordError::invalid(format!(
                 "{key} is a secret entry; gray releases of secrets are not supported \
                  (publish the new secret to a separate entry and switch readers to it)"
@@ -1096,14 +1141,14 @@ impl ConfigCenter {
         let r = self
             .backend
             .txn(pb::TxnRequest {
-                compare: vec![txn::exists(key.item_key())],
+                compare: vec![txn::mod_rev_is(item_key, item.mod_revision)],
                 success: vec![txn::put(key.beta_key(), value, 0)],
                 failure: vec![],
             })
             .await?;
         if !r.succeeded {
-            return Err(CoordError::NotFound(format!(
-                "no config entry {key}: publish it before a gray release"
+            return Err(CoordError::Conflict(format!(
+                "{key} changed while the gray release was being started; try again"
             )));
         }
         self.mirror.wait_for(txn::revision(&r)).await;

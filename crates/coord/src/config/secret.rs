@@ -92,7 +92,10 @@ impl MasterKey {
                 path.display()
             ))
         })?;
-        let key = if bytes.len() == KEY_LEN {
+        // 32 bytes that are all printable are a typed passphrase, not a key:
+        // parsed as text, which refuses them (random bytes are that only
+        // once in ~10^14).
+        let key = if bytes.len() == KEY_LEN && !bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
             MasterKey::from_bytes(&bytes)
         } else {
             match std::str::from_utf8(&bytes) {
@@ -135,6 +138,12 @@ impl MasterKeys {
             keys.push(MasterKey::from_file(Path::new(&p))?);
         }
         if let Some(p) = std::env::var_os("MESHWORK_SECRETS_PREVIOUS_KEY_FILE") {
+            if keys.is_empty() {
+                return Err(CoordError::invalid(
+                    "MESHWORK_SECRETS_PREVIOUS_KEY_FILE needs the new key too \
+                     (MESHWORK_SECRETS_KEY or MESHWORK_SECRETS_KEY_FILE)",
+                ));
+            }
             keys.push(MasterKey::from_file(Path::new(&p))?);
         }
         Ok(MasterKeys(keys))
@@ -521,6 +530,9 @@ mod tests {
         std::fs::write(&p, &raw).unwrap();
         assert_eq!(MasterKey::from_file(&p).unwrap().id(), a.id());
         assert!(MasterKey::from_text("short").is_err());
+        // 32 typed characters are a passphrase, not a key: refused.
+        std::fs::write(&p, "correct horse battery staple 123").unwrap();
+        assert!(MasterKey::from_file(&p).is_err());
         assert!(
             !format!("{a:?}").contains("0011"),
             "Debug shows only the id"

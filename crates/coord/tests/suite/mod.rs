@@ -1160,12 +1160,15 @@ pub async fn config_secrets_sealed_opened_rotated(endpoints: Vec<String>) {
         checksum(PLAIN),
         "the checksum tells nothing"
     );
-    // The same content again changes nothing; other content is a new version.
-    assert!(!a.publish(&k, p.clone()).await.unwrap().changed);
+    // A secret is never compared ("unchanged" would confirm a writer's
+    // guess): the same content again is a new version.
+    let again = a.publish(&k, p.clone()).await.unwrap();
+    assert!(again.changed && again.entry.version == 2);
+    assert_ne!(again.entry.checksum, first.entry.checksum);
     let mut p2 = publish("password = \"second-secret-value\"\n", Format::Toml);
     p2.secret = None; // keeps the mark
     let second = a.publish(&k, p2).await.unwrap();
-    assert!(second.changed && second.entry.secret && second.entry.version == 2);
+    assert!(second.changed && second.entry.secret && second.entry.version == 3);
     let raw = stored_config(&endpoints).await;
     assert!(!holds(&raw, "correct-horse"), "no plaintext in the store");
     assert!(!holds(&raw, "second-secret"), "no plaintext in the store");
@@ -1176,7 +1179,7 @@ pub async fn config_secrets_sealed_opened_rotated(endpoints: Vec<String>) {
     assert_eq!(served.entry.content, "password = \"second-secret-value\"\n");
     assert!(served.locked.is_none());
     assert_eq!(a.version(&k, 1).await.unwrap().entry.content, PLAIN);
-    assert!(a.diff(&k, 1, 2).await.unwrap().secret);
+    assert!(a.diff(&k, 1, 3).await.unwrap().secret);
     // Lists, history and `get` never carry it.
     assert!(
         a.list(Some("prod"), None)
@@ -1219,11 +1222,66 @@ pub async fn config_secrets_sealed_opened_rotated(endpoints: Vec<String>) {
         .await
         .unwrap();
     let copy = ConfigKey::new("prod", "db", "copy").unwrap();
+    // Nor does an older version's sealed value replayed as the current one.
+    let replay_key = ConfigKey::new("prod", "db", "replayed").unwrap();
+    for content in ["token = \"old\"\n", "token = \"new\"\n"] {
+        let mut p = publish(content, Format::Toml);
+        p.secret = Some(true);
+        a.publish(&replay_key, p).await.unwrap();
+    }
+    let (old, _) = backend
+        .get("/meshwork/config/history/prod/db/replayed/000000000001")
+        .await
+        .unwrap();
+    let old: serde_json::Value = serde_json::from_slice(&old.unwrap().value).unwrap();
+    let (cur, _) = backend
+        .get("/meshwork/config/live/items/prod/db/replayed")
+        .await
+        .unwrap();
+    let mut replayed: serde_json::Value = serde_json::from_slice(&cur.unwrap().value).unwrap();
+    replayed["sealed"] = old["sealed"].clone();
+    backend
+        .put(
+            "/meshwork/config/live/items/prod/db/replayed",
+            serde_json::to_vec(&replayed).unwrap(),
+            0,
+        )
+        .await
+        .unwrap();
     let why = eventually("the copy in the local view", SOON, async || {
         a.get_for(&copy, &anyone).and_then(|s| s.locked)
     })
     .await;
     assert!(why.contains("not authentic"), "{why}");
+    let why = eventually("the replay in the local view", SOON, async || {
+        a.get_for(&replay_key, &anyone).and_then(|s| s.locked)
+    })
+    .await;
+    assert!(why.contains("not authentic"), "{why}");
+
+    // A gray release started before an entry is made secret does not outlive it.
+    let flags = ConfigKey::new("prod", "db", "flags").unwrap();
+    a.publish(&flags, publish("x = 1\n", Format::Toml))
+        .await
+        .unwrap();
+    a.start_beta(
+        &flags,
+        BetaRequest {
+            content: "x = 2\n".into(),
+            format: Format::Toml,
+            addresses: vec!["10.0.0.9".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut made_secret = publish("x = 3\n", Format::Toml);
+    made_secret.secret = Some(true);
+    a.publish(&flags, made_secret).await.unwrap();
+    assert!(
+        a.beta(&flags).is_none(),
+        "the beta went with the secret mark"
+    );
 
     // No gray release of a secret.
     let beta = BetaRequest {
@@ -1247,8 +1305,8 @@ pub async fn config_secrets_sealed_opened_rotated(endpoints: Vec<String>) {
     assert!(r.resealed >= 1, "{r:?}");
     assert_eq!(
         r.unreadable,
-        vec!["prod/db/copy".to_string()],
-        "the copy is reported, not resealed"
+        vec!["prod/db/copy".to_string(), "prod/db/replayed".to_string()],
+        "the tampered entries are reported, not resealed"
     );
     eventually("the new active key", SOON, async || {
         (a.secrets_status().active.as_deref() == Some(r.active.as_str())).then_some(())
