@@ -125,11 +125,12 @@ fn start_cmd(mut cmd: Command, data_dir: &Path, extra: &[&str], envs: &[(&str, &
         .unwrap()
         .trim_start_matches("etcd gRPC: ")
         .to_string();
-    let http = lines
-        .next()
-        .expect("second line")
-        .unwrap()
+    let http = lines.next().expect("second line").unwrap().to_string();
+    // With --tls-cert the HTTP port speaks https.
+    let tls = http.starts_with("HTTP: https://");
+    let http = http
         .trim_start_matches("HTTP: http://")
+        .trim_start_matches("HTTP: https://")
         .to_string();
     let gateway = extra.contains(&"--gateway-addr").then(|| {
         lines
@@ -161,16 +162,13 @@ fn start_cmd(mut cmd: Command, data_dir: &Path, extra: &[&str], envs: &[(&str, &
             .expect("the OTLP/HTTP line")
             .unwrap()
             .trim_start_matches("OTLP HTTP: http://")
+            .trim_start_matches("OTLP HTTP: https://")
             .to_string()
     });
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    meshwork_testkit::blocking::until(
-        "the server to become ready",
-        Duration::from_secs(60),
-        || matches!(http::get(&http, "/readyz"), Ok((200, _))),
-    );
-    Server {
+    // Built first, so that a node that never gets ready is killed, not leaked.
+    let server = Server {
         child,
         etcd,
         http,
@@ -178,7 +176,20 @@ fn start_cmd(mut cmd: Command, data_dir: &Path, extra: &[&str], envs: &[(&str, &
         cache,
         otlp_grpc,
         otlp_http,
-    }
+    };
+    meshwork_testkit::blocking::until(
+        "the server to become ready",
+        Duration::from_secs(60),
+        || {
+            if tls {
+                // No TLS client here: a TLS node printed its addresses once bound.
+                std::net::TcpStream::connect(&server.http).is_ok()
+            } else {
+                matches!(http::get(&server.http, "/readyz"), Ok((200, _)))
+            }
+        },
+    );
+    server
 }
 
 impl Server {

@@ -469,3 +469,111 @@ fn idle_and_surplus_connections_on_the_otlp_grpc_port_do_not_stop_exports() {
     let t = get(&n.http, "/v1/traces/07070707070707070707070707070707");
     assert_eq!(t["spans"][0]["name"], "after the flood");
 }
+
+/// An exporter that speaks TLS to its collector (`https://`, the collector's
+/// authority in `OTEL_EXPORTER_OTLP_CERTIFICATE`) and gzips its batches
+/// (`OTEL_EXPORTER_OTLP_COMPRESSION=gzip`), over OTLP/HTTP and OTLP/gRPC; the
+/// collector is a node with `--tls-cert`. And head sampling
+/// (`OTEL_TRACES_SAMPLER=parentbased_always_off`): a request whose caller did
+/// not sample it records nothing, one whose caller did is recorded.
+#[test]
+fn spans_go_to_a_tls_collector_gzipped_and_the_head_sampler_decides() {
+    let Some(curl) = meshwork_testkit::peer::on_path("curl") else {
+        return;
+    };
+    let certs = tempfile::tempdir().unwrap();
+    let c = certs.path().to_str().unwrap();
+    for args in [
+        vec!["cert", "init", "--dir", c],
+        vec!["cert", "issue", "--dir", c, "--name", "node"],
+    ] {
+        let out = Command::new(meshwork_tests::bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ca = certs.path().join("ca.pem");
+    let collector_dir = tempfile::tempdir().unwrap();
+    let collector = meshwork_tests::start(
+        collector_dir.path(),
+        &[
+            "--roles",
+            "store,coord,traces",
+            "--otlp-grpc-addr",
+            "127.0.0.1:0",
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+            "--tls-cert",
+            certs.path().join("node.pem").to_str().unwrap(),
+            "--tls-key",
+            certs.path().join("node-key.pem").to_str().unwrap(),
+        ],
+        &[],
+    );
+    let query = |path: &str| -> Value {
+        let out = Command::new(&curl)
+            .args(["-sS", "--cacert", ca.to_str().unwrap()])
+            .arg(format!("https://{}{path}", collector.http))
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let grpc = format!("https://{}", collector.otlp_grpc.clone().unwrap());
+    let http_ep = format!("https://{}", collector.otlp_http.clone().unwrap());
+    for (i, (protocol, endpoint)) in [("http/protobuf", &http_ep), ("grpc", &grpc)]
+        .into_iter()
+        .enumerate()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let service = format!("edge-tls-{i}");
+        let n = meshwork_tests::start(
+            dir.path(),
+            &[
+                "--roles",
+                "store,coord,gateway",
+                "--gateway-addr",
+                "127.0.0.1:0",
+            ],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.to_str().unwrap()),
+                ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+                ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+                ("OTEL_SERVICE_NAME", service.as_str()),
+                ("OTEL_TRACES_SAMPLER", "parentbased_always_off"),
+            ],
+        );
+        let gw = n.gateway.clone().unwrap();
+        // Not sampled by anyone: nothing recorded.
+        let (status, _) = http::get(&gw, "/nowhere").unwrap();
+        assert_eq!(status, 404);
+        // Sampled by its caller: recorded, with the caller's trace id.
+        let trace_id = format!("4bf92f3577b34da6a3ce929d0e0e47{i:02}");
+        let (status, _) = http::raw(
+            &gw,
+            &format!(
+                "GET /nowhere HTTP/1.1\r\nHost: {gw}\r\ntraceparent: 00-{trace_id}-00f067aa0ba902b7-01"
+            ),
+            "",
+        )
+        .unwrap();
+        assert_eq!(status, 404);
+        let found = meshwork_testkit::blocking::eventually(
+            "the sampled span at the TLS collector",
+            std::time::Duration::from_secs(15),
+            || {
+                let v = query(&format!("/v1/traces?service={service}"));
+                v["traces"].as_array().filter(|t| !t.is_empty()).cloned()
+            },
+        );
+        // Spans leave in order: the unsampled request's would be here by now.
+        assert_eq!(found.len(), 1, "{protocol}: {found:?}");
+        assert_eq!(found[0]["trace_id"], trace_id.as_str(), "{protocol}");
+    }
+}

@@ -233,8 +233,11 @@ struct NodeArgs {
     otlp_http_addr: Option<String>,
     /// Send this node's spans (the gateway's and the transaction
     /// coordinator's; with `--demo`, the shop's too) to this OTLP collector,
-    /// `http://HOST:PORT`, instead of the built-in trace store; the protocol is
-    /// `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`, the default, or `grpc`).
+    /// `http://HOST:PORT` or `https://HOST:PORT` (the collector verified against
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE` or the system's roots), instead of the
+    /// built-in trace store; the protocol is `OTEL_EXPORTER_OTLP_PROTOCOL`
+    /// (`http/protobuf`, the default, or `grpc`); gzip with
+    /// `OTEL_EXPORTER_OTLP_COMPRESSION=gzip`.
     /// Without it, `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` is used when set.
     #[arg(long, env = "MESHWORK_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -661,7 +664,10 @@ async fn run_server(args: ServerArgs) -> Result<()> {
         println!("OTLP gRPC: {a}");
     }
     if let Some(a) = running.otlp_http_addr {
-        println!("OTLP HTTP: http://{a}");
+        println!(
+            "OTLP HTTP: {}://{a}",
+            if running.tls { "https" } else { "http" }
+        );
     }
     let shop = start_demo(&args.node, &running, &external, &data_dir).await?;
     if shop.is_some() {
@@ -755,7 +761,10 @@ async fn run_up(args: UpArgs) -> Result<()> {
         println!("OTLP gRPC: {a}");
     }
     if let Some(a) = running.otlp_http_addr {
-        println!("OTLP HTTP: http://{a}");
+        println!(
+            "OTLP HTTP: {}://{a}",
+            if running.tls { "https" } else { "http" }
+        );
     }
     println!();
     println!("Meshwork is up (single node).");

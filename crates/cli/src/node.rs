@@ -191,6 +191,11 @@ fn check_exposure(cfg: &NodeConfig, store_auth_on: bool) -> Result<()> {
 }
 
 pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
+    // Which new traces this node records (OTEL_TRACES_SAMPLER[_ARG]).
+    let sampler = meshwork_telemetry::sampler_from_env();
+    if sampler != meshwork_telemetry::Sampler::default() {
+        tracing::info!(?sampler, "trace head sampling");
+    }
     // One certificate for every listener, reloaded when its files change.
     let tls = match &cfg.tls {
         Some(t) => {

@@ -1,7 +1,9 @@
 //! The service's span exporter: started by [`Server::new`](crate::server::Server::new)
 //! for the service it serves when an OTLP endpoint is configured the standard
 //! way (`OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, `OTEL_EXPORTER_OTLP_PROTOCOL`,
-//! `OTEL_SERVICE_NAME`, `OTEL_BSP_*`). The server middleware then records a
+//! `OTEL_SERVICE_NAME`, `OTEL_BSP_*`; TLS and gzip by `OTEL_EXPORTER_OTLP_CERTIFICATE`,
+//! `_CLIENT_CERTIFICATE`, `_CLIENT_KEY`, `_COMPRESSION`; head sampling by
+//! `OTEL_TRACES_SAMPLER[_ARG]`). The server middleware then records a
 //! server span per request and the [`HttpClient`](crate::HttpClient) a client
 //! span per call; nothing is recorded (and nothing costs) without an endpoint.
 
@@ -19,6 +21,8 @@ pub fn init(service: &str) -> &'static Tracer {
         if tokio::runtime::Handle::try_current().is_err() {
             return Tracer::disabled();
         }
+        // Which traces this service records (OTEL_TRACES_SAMPLER[_ARG]).
+        meshwork_telemetry::sampler_from_env();
         match Endpoint::from_env(None) {
             Ok(Some(ep)) => {
                 tracing::info!(endpoint = %ep.url, protocol = ?ep.protocol, service, "exporting spans over OTLP");

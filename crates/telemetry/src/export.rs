@@ -426,16 +426,26 @@ pub struct Endpoint {
     pub headers: Vec<(String, String)>,
     /// Time one export may take (`OTEL_EXPORTER_OTLP_TIMEOUT` ms, default 10 s).
     pub timeout: Duration,
+    /// TLS, for an `https://` URL: the collector's certificate verified against
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE` (or the system's roots), and this
+    /// process's own from `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` / `_CLIENT_KEY`.
+    pub tls: Option<meshwork_tls::ClientTlsConfig>,
+    /// Batches sent gzip-compressed (`OTEL_EXPORTER_OTLP_COMPRESSION=gzip`).
+    pub gzip: bool,
 }
 
 /// Why an endpoint cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
-    /// The URL is not `http://HOST:PORT[/path]`.
-    #[error(
-        "OTLP endpoint {0:?}: expected http://HOST:PORT (https needs TLS, which the exporter does not speak yet)"
-    )]
+    /// The URL is not `http[s]://HOST:PORT[/path]`.
+    #[error("OTLP endpoint {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
     Url(String),
+    /// The TLS files cannot be used.
+    #[error("OTLP endpoint TLS: {0}")]
+    Tls(String),
+    /// The compression is not one we speak.
+    #[error("OTLP compression {0:?}: use gzip or none")]
+    Compression(String),
     /// The protocol is not one we speak.
     #[error("OTLP protocol {0:?}: use grpc or http/protobuf")]
     Protocol(String),
@@ -482,7 +492,38 @@ impl Endpoint {
             .or_else(|| env("OTEL_EXPORTER_OTLP_TIMEOUT"))
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map_or(Duration::from_secs(10), Duration::from_millis);
-        Endpoint::new(&base, exact, protocol, headers, timeout).map(Some)
+        let mut ep = Endpoint::new(&base, exact, protocol, headers, timeout)?;
+        let var = |name: &str| {
+            env(&format!("OTEL_EXPORTER_OTLP_TRACES_{name}"))
+                .or_else(|| env(&format!("OTEL_EXPORTER_OTLP_{name}")))
+        };
+        ep.gzip = match var("COMPRESSION").as_deref().map(str::trim) {
+            None | Some("none") => false,
+            Some("gzip") => true,
+            Some(other) => return Err(EndpointError::Compression(other.to_string())),
+        };
+        if let Some(tls) = &mut ep.tls {
+            tls.ca_file = var("CERTIFICATE").map(Into::into);
+            tls.cert_file = var("CLIENT_CERTIFICATE").map(Into::into);
+            tls.key_file = var("CLIENT_KEY").map(Into::into);
+            // Checked now, so a bad file stops the start, not every export.
+            ep.tls_config()?;
+        }
+        Ok(Some(ep))
+    }
+
+    /// The rustls client of an `https://` endpoint (ALPN as its protocol needs).
+    fn tls_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, EndpointError> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let alpn: &[&[u8]] = match self.protocol {
+            Protocol::Grpc => &[b"h2"],
+            Protocol::HttpProtobuf => &[b"http/1.1"],
+        };
+        meshwork_tls::client_config(tls, alpn)
+            .map(Some)
+            .map_err(|e| EndpointError::Tls(e.to_string()))
     }
 
     /// An endpoint at `url` (`exact`: the HTTP traces path is in it already).
@@ -495,7 +536,12 @@ impl Endpoint {
     ) -> Result<Endpoint, EndpointError> {
         let url = url.trim();
         let parsed: http::Uri = url.parse().map_err(|_| EndpointError::Url(url.into()))?;
-        if parsed.scheme_str() != Some("http") || parsed.authority().is_none() {
+        let tls = match parsed.scheme_str() {
+            Some("http") => None,
+            Some("https") => Some(meshwork_tls::ClientTlsConfig::default()),
+            _ => return Err(EndpointError::Url(url.into())),
+        };
+        if parsed.authority().is_none() {
             return Err(EndpointError::Url(url.into()));
         }
         let url = match protocol {
@@ -507,6 +553,8 @@ impl Endpoint {
             protocol,
             headers,
             timeout,
+            tls,
+            gzip: false,
         })
     }
 
@@ -519,10 +567,35 @@ impl Endpoint {
     }
 }
 
+/// A sink that fails every export with `why` (the endpoint could not be set up).
+fn failing(why: String) -> Sink {
+    Arc::new(move |_| {
+        let why = why.clone();
+        Box::pin(async move { Err(why) })
+    })
+}
+
 fn grpc_sink(ep: Endpoint) -> Sink {
-    let channel = tonic::transport::Endpoint::from_shared(ep.url.clone())
-        .map(|e| e.timeout(ep.timeout).connect_lazy())
+    let tls = match ep.tls_config() {
+        Ok(t) => t,
+        Err(e) => return failing(e.to_string()),
+    };
+    // With TLS the connector does the handshake: tonic is handed the same
+    // authority with the http scheme (it would refuse https without its own TLS).
+    let url = match &tls {
+        Some(_) => ep.url.replacen("https://", "http://", 1),
+        None => ep.url.clone(),
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .map(|e| {
+            let e = e.timeout(ep.timeout);
+            match tls {
+                Some(cfg) => e.connect_with_connector_lazy(crate::https::HttpsConnector::new(cfg)),
+                None => e.connect_lazy(),
+            }
+        })
         .map_err(|e| e.to_string());
+    let gzip = ep.gzip;
     let headers: Vec<(
         tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
         tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
@@ -538,6 +611,9 @@ fn grpc_sink(ep: Endpoint) -> Sink {
         Box::pin(async move {
             let channel = channel?;
             let mut client = TraceServiceClient::new(channel);
+            if gzip {
+                client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+            }
             let mut r = tonic::Request::new(req);
             for (k, v) in headers.iter() {
                 r.metadata_mut().insert(k.clone(), v.clone());
@@ -552,10 +628,31 @@ fn grpc_sink(ep: Endpoint) -> Sink {
 }
 
 fn http_sink(ep: Endpoint) -> Sink {
+    use hyper_util::client::legacy::Client;
+    let builder = Client::builder(hyper_util::rt::TokioExecutor::new());
+    match ep.tls_config() {
+        Ok(Some(cfg)) => http_sink_over(ep, builder.build(crate::https::HttpsConnector::new(cfg))),
+        Ok(None) => http_sink_over(ep, builder.build_http()),
+        Err(e) => failing(e.to_string()),
+    }
+}
+
+/// Gzip of `data` (`None`: it could not be compressed, send it as it is).
+fn gzip(data: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(data).ok()?;
+    enc.finish().ok()
+}
+
+fn http_sink_over<C>(
+    ep: Endpoint,
+    client: hyper_util::client::legacy::Client<C, http_body_util::Full<bytes::Bytes>>,
+) -> Sink
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
     use http_body_util::{BodyExt, Full};
-    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
     let ep = Arc::new(ep);
     Arc::new(move |req| {
         let (client, ep) = (client.clone(), ep.clone());
@@ -565,8 +662,15 @@ fn http_sink(ep: Endpoint) -> Sink {
             for (k, v) in &ep.headers {
                 b = b.header(k.as_str(), v.as_str());
             }
+            let mut body = req.encode_to_vec();
+            if ep.gzip
+                && let Some(z) = gzip(&body)
+            {
+                body = z;
+                b = b.header(http::header::CONTENT_ENCODING, "gzip");
+            }
             let r = b
-                .body(Full::new(bytes::Bytes::from(req.encode_to_vec())))
+                .body(Full::new(bytes::Bytes::from(body)))
                 .map_err(|e| e.to_string())?;
             let resp = tokio::time::timeout(ep.timeout, client.request(r))
                 .await
@@ -699,9 +803,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(grpc.url, "http://c:4317");
+        let tls = Endpoint::new(
+            "https://c:4317",
+            false,
+            Protocol::Grpc,
+            vec![],
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(tls.tls, Some(meshwork_tls::ClientTlsConfig::default()));
         assert!(
             Endpoint::new(
-                "https://c:4317",
+                "ftp://c:4317",
                 false,
                 Protocol::Grpc,
                 vec![],

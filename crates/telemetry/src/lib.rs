@@ -6,8 +6,9 @@
 //! traced spans ([`logs`]).
 
 pub mod export;
+mod https;
 pub mod logs;
 pub mod metrics;
 mod trace;
 
-pub use trace::{TraceContext, hex};
+pub use trace::{Root, Sampler, TraceContext, hex, sampler, sampler_from_env, set_sampler};

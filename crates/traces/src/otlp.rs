@@ -53,7 +53,9 @@ impl TraceService for GrpcReceiver {
 /// `max_request_bytes`).
 pub fn grpc_service(store: TraceStore) -> TraceServiceServer<GrpcReceiver> {
     let max = store.config().max_request_bytes;
-    TraceServiceServer::new(GrpcReceiver { store }).max_decoding_message_size(max)
+    TraceServiceServer::new(GrpcReceiver { store })
+        .max_decoding_message_size(max)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
 }
 
 /// The body of an OTLP/HTTP error (`google.rpc.Status`: code and message).
@@ -97,6 +99,26 @@ fn status_reply(enc: Encoding, status: StatusCode, code: i32, message: String) -
     r
 }
 
+enum Gunzip {
+    TooLarge,
+    Bad(std::io::Error),
+}
+
+/// Inflates a gzip body, reading at most `max` bytes of it: a small body
+/// that inflates to gigabytes is refused, not held.
+fn gunzip(body: &[u8], max: usize) -> Result<Bytes, Gunzip> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(max));
+    flate2::read::GzDecoder::new(body)
+        .take(max as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(Gunzip::Bad)?;
+    if out.len() > max {
+        return Err(Gunzip::TooLarge);
+    }
+    Ok(Bytes::from(out))
+}
+
 /// The OTLP/HTTP receiver: `POST /v1/traces`.
 pub fn http_router(store: TraceStore) -> Router {
     let max = store.config().max_request_bytes;
@@ -131,19 +153,43 @@ async fn export_http(State(store): State<TraceStore>, headers: HeaderMap, body: 
             );
         }
     };
-    if let Some(ce) = headers.get(header::CONTENT_ENCODING)
-        && !ce.as_bytes().eq_ignore_ascii_case(b"identity")
-    {
-        return status_reply(
-            enc,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            3,
-            format!(
-                "Content-Encoding {:?} is not supported; send the body uncompressed",
-                String::from_utf8_lossy(ce.as_bytes())
-            ),
-        );
-    }
+    let body = match headers.get(header::CONTENT_ENCODING).map(|v| v.as_bytes()) {
+        None => body,
+        Some(ce) if ce.eq_ignore_ascii_case(b"identity") => body,
+        Some(ce) if ce.eq_ignore_ascii_case(b"gzip") => {
+            let max = store.config().max_request_bytes;
+            match gunzip(&body, max) {
+                Ok(b) => b,
+                Err(Gunzip::TooLarge) => {
+                    return status_reply(
+                        enc,
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        8,
+                        format!("the body inflates past {max} bytes ([traces] max_request_bytes)"),
+                    );
+                }
+                Err(Gunzip::Bad(e)) => {
+                    return status_reply(
+                        enc,
+                        StatusCode::BAD_REQUEST,
+                        3,
+                        format!("the body is not valid gzip: {e}"),
+                    );
+                }
+            }
+        }
+        Some(ce) => {
+            return status_reply(
+                enc,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                3,
+                format!(
+                    "Content-Encoding {:?} is not supported; send gzip or an uncompressed body",
+                    String::from_utf8_lossy(ce)
+                ),
+            );
+        }
+    };
     let req = match enc {
         Encoding::Protobuf => ExportTraceServiceRequest::decode(body.as_ref())
             .map_err(|e| format!("the body is not an OTLP ExportTraceServiceRequest: {e}")),

@@ -317,21 +317,44 @@ async fn otlp_http_takes_protobuf_and_json_and_refuses_what_is_not_otlp() {
     assert_eq!(status, 400);
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["code"], 3);
-    // Other media types and compressed bodies: 415, saying what to send.
+    // Other media types: 415, saying what to send.
     let (status, _, body) = http(a, "/v1/traces", &[("content-type", "text/plain")], b"x").await;
     assert_eq!(status, 415);
     assert!(String::from_utf8_lossy(&body).contains("application/x-protobuf"));
+    // Gzip bodies (what exporters send with OTEL_EXPORTER_OTLP_COMPRESSION=gzip)
+    // are taken; a broken one is a 400, one that inflates past the limit a
+    // 413 (read no further), another encoding a 415.
+    let gzip = |data: &[u8]| {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    };
     let gz = [
         ("content-type", "application/x-protobuf"),
         ("content-encoding", "gzip"),
     ];
-    let (status, _, _) = http(a, "/v1/traces", &gz, b"\x1f\x8b").await;
+    let req = request("gz", vec![span(7, 1, 0, "GET /gz", T0, false)]);
+    let (status, _, body) = http(a, "/v1/traces", &gz, &gzip(&req.encode_to_vec())).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (status, _, _) = http(a, "/v1/traces", &gz, b"\x1f\x8b not gzip").await;
+    assert_eq!(status, 400);
+    let bomb = gzip(&vec![0u8; 16 << 20]);
+    assert!(bomb.len() < 64 << 10, "small on the wire");
+    let (status, _, body) = http(a, "/v1/traces", &gz, &bomb).await;
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    let br = [
+        ("content-type", "application/x-protobuf"),
+        ("content-encoding", "br"),
+    ];
+    let (status, _, body) = http(a, "/v1/traces", &br, b"x").await;
     assert_eq!(status, 415);
+    assert!(String::from_utf8_lossy(&body).contains("gzip"));
     // Larger than max_request_bytes: 413.
     let (status, _, _) = http(a, "/v1/traces", &pb, &vec![0u8; 65 << 10]).await;
     assert_eq!(status, 413);
     // Only the good spans were stored.
-    assert_eq!(store.stats().spans, 2);
+    assert_eq!(store.stats().spans, 3);
     assert_eq!(store.stats().rejected, 1);
     store.close();
 }
