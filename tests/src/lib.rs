@@ -146,6 +146,7 @@ fn start_cmd(mut cmd: Command, data_dir: &Path, extra: &[&str], envs: &[(&str, &
             .expect("the cache's line")
             .unwrap()
             .trim_start_matches("Cache: redis://")
+            .trim_start_matches("Cache: rediss://")
             .to_string()
     });
     let otlp_grpc = extra.contains(&"--otlp-grpc-addr").then(|| {

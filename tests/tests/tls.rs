@@ -373,3 +373,76 @@ fn mutual_tls_names_the_store_user() {
     let (ok, out) = run(&root, &["get", "/alice/x", "--print-value-only"]);
     assert!(ok && out.trim() == "1", "{out}");
 }
+
+/// The cache's RESP port speaks TLS with the node's certificate, as Redis 6
+/// does with `tls-port`: Debian's `redis-cli --tls` works against it, a
+/// plaintext client or one trusting another authority gets nothing, and a
+/// client that never handshakes is let go.
+#[test]
+fn redis_cli_over_tls_to_the_cache() {
+    let Some(redis_cli) = peer::on_path("redis-cli") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let other = dir.path().join("other");
+    let c = path(&certs);
+    meshwork(&["cert", "init", "--dir", c]);
+    meshwork(&["cert", "issue", "--dir", c, "--name", "node"]);
+    meshwork(&["cert", "init", "--dir", path(&other)]);
+    let node = meshwork_tests::start(
+        &dir.path().join("data"),
+        &[
+            "--roles",
+            "store,coord,cache",
+            "--cache-addr",
+            "127.0.0.1:0",
+            "--tls-cert",
+            path(&certs.join("node.pem")),
+            "--tls-key",
+            path(&certs.join("node-key.pem")),
+        ],
+        &[],
+    );
+    let port = node.cache.clone().unwrap();
+    let port = port.rsplit(':').next().unwrap().to_string();
+    let cli = |tls: &[&str], args: &[&str]| {
+        let out = Command::new(&redis_cli)
+            .args(["-h", "127.0.0.1", "-p", &port])
+            .args(tls)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let ca = certs.join("ca.pem");
+    let good = ["--tls", "--cacert", path(&ca)];
+    assert_eq!(cli(&good, &["PING"]).trim(), "PONG");
+    assert_eq!(cli(&good, &["SET", "k", "over tls"]).trim(), "OK");
+    assert_eq!(cli(&good, &["GET", "k"]).trim(), "over tls");
+    // Plaintext: the handshake fails, no command runs.
+    let plain = cli(&[], &["GET", "k"]);
+    assert!(!plain.contains("over tls"), "{plain}");
+    // Another authority: redis-cli refuses the certificate.
+    let other_ca = other.join("ca.pem");
+    let wrong = cli(&["--tls", "--cacert", path(&other_ca)], &["GET", "k"]);
+    assert!(!wrong.contains("over tls"), "{wrong}");
+    assert!(
+        wrong.to_lowercase().contains("ssl") || wrong.to_lowercase().contains("certificate"),
+        "{wrong}"
+    );
+    // Silent clients are closed past the handshake deadline, and the port
+    // still serves.
+    let mut idle = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut b = [0u8; 16];
+    let n = std::io::Read::read(&mut idle, &mut b).unwrap_or(0);
+    assert_eq!(n, 0, "closed without a word");
+    assert_eq!(cli(&good, &["GET", "k"]).trim(), "over tls");
+}

@@ -21,4 +21,6 @@ pub mod types;
 pub mod zset;
 
 pub use config::CacheConfig;
-pub use server::{Cache, DbStats, SdkStats, Stats, Workers, spawn_workers};
+pub use server::{
+    Cache, DbStats, SdkStats, Stats, TLS_HANDSHAKE, Workers, spawn_workers, spawn_workers_tls,
+};

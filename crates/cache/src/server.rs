@@ -356,6 +356,18 @@ pub fn spawn_workers(
     cfg: CacheConfig,
     workers: Option<usize>,
 ) -> std::io::Result<Workers> {
+    spawn_workers_tls(addr, cfg, workers, None)
+}
+
+/// [`spawn_workers`], speaking TLS with `tls` when given (what `redis-cli
+/// --tls` and Redis 6+ clients speak): every client handshakes first, within
+/// [`TLS_HANDSHAKE`].
+pub fn spawn_workers_tls(
+    addr: std::net::SocketAddr,
+    cfg: CacheConfig,
+    workers: Option<usize>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<Workers> {
     let n = workers
         .or(cfg.workers)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
@@ -371,7 +383,7 @@ pub fn spawn_workers(
     let (stop, stop_rx) = watch::channel(false);
     let mut threads = Vec::with_capacity(n);
     for (i, l) in listeners.into_iter().enumerate() {
-        let (cache, stop_rx) = (cache.clone(), stop_rx.clone());
+        let (cache, stop_rx, tls) = (cache.clone(), stop_rx.clone(), tls.clone());
         let t = std::thread::Builder::new()
             .name(format!("cache-{i}"))
             .spawn(move || {
@@ -393,7 +405,7 @@ pub fn spawn_workers(
                             return;
                         }
                     };
-                    serve(listener, cache, stop_rx, i).await;
+                    serve(listener, cache, stop_rx, i, tls).await;
                 });
             })?;
         threads.push(t);
@@ -414,6 +426,7 @@ async fn serve(
     cache: Arc<Cache>,
     mut stop: watch::Receiver<bool>,
     worker: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let slot = worker % (crate::stripe::SLOTS - 1);
     let expirer = (worker == 0).then(|| tokio::spawn(expire_loop(cache.clone(), stop.clone())));
@@ -433,8 +446,9 @@ async fn serve(
         };
         let c = cache.clone();
         let stop = stop.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, &c, stop, slot).await {
+            if let Err(e) = connection(stream, &c, stop, slot, tls).await {
                 tracing::debug!(%peer, error = %e, "cache: connection ended");
             }
         });
@@ -503,15 +517,52 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// Longest a client may take to complete a TLS handshake.
+pub const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
 async fn connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     cache: &Cache,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     slot: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let n = cache.clients.fetch_add(1, Ordering::Relaxed);
     let _slot = Slot(&cache.clients);
-    if n >= cache.cfg.max_clients {
+    let full = n >= cache.cfg.max_clients;
+    let addr =
+        |a: std::io::Result<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+    let who = (
+        addr(stream.peer_addr()),
+        addr(stream.local_addr()),
+        i64::from(std::os::fd::AsRawFd::as_raw_fd(&stream)),
+    );
+    match tls {
+        None => client(stream, cache, stop, slot, full, who).await,
+        Some(acceptor) => {
+            let stream = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
+            client(stream, cache, stop, slot, full, who).await
+        }
+    }
+}
+
+/// Serves one client on its (plain or TLS) stream; `full`: only says so.
+async fn client<S>(
+    mut stream: S,
+    cache: &Cache,
+    mut stop: watch::Receiver<bool>,
+    slot: usize,
+    full: bool,
+    (peer, local, fd): (String, String, i64),
+) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if full {
         stream
             .write_all(b"-ERR max number of clients reached\r\n")
             .await?;
@@ -523,13 +574,11 @@ async fn connection(
         cache.node.password.is_none(),
     );
     session.worker = slot;
-    let addr =
-        |a: std::io::Result<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
     let meta = Arc::new(crate::clients::ClientMeta::new(
         session.id,
-        addr(stream.peer_addr()),
-        addr(stream.local_addr()),
-        i64::from(std::os::fd::AsRawFd::as_raw_fd(&stream)),
+        peer,
+        local,
+        fd,
         cmd::now_ms(),
     ));
     cache.node.clients.add(meta.clone());
@@ -555,12 +604,15 @@ async fn next_message(
 }
 
 /// Serves one connection's requests (and its subscriptions' messages).
-async fn requests(
-    stream: &mut TcpStream,
+async fn requests<S>(
+    stream: &mut S,
     cache: &Cache,
     session: &mut Session,
     stop: &mut watch::Receiver<bool>,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let limits = cache.cfg.limits;
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
@@ -698,8 +750,8 @@ impl Drop for Waiting<'_> {
 /// passes (a null array), or the connection ends (`None`). Requests the client sends
 /// meanwhile are kept for after, as Redis does.
 #[allow(clippy::too_many_arguments)]
-async fn blocked_pop(
-    stream: &mut TcpStream,
+async fn blocked_pop<S>(
+    stream: &mut S,
     buf: &mut BytesMut,
     cache: &Cache,
     session: &Session,
@@ -707,7 +759,10 @@ async fn blocked_pop(
     left: bool,
     deadline_ms: Option<u64>,
     stop: &mut watch::Receiver<bool>,
-) -> std::io::Result<Option<Reply>> {
+) -> std::io::Result<Option<Reply>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let Some(db) = cache.node.keyspace.db(session.db) else {
         return Ok(Some(Reply::NilArray));
     };

@@ -658,7 +658,10 @@ async fn run_server(args: ServerArgs) -> Result<()> {
         println!("Gateway: http://{g}");
     }
     if let Some(c) = running.cache_addr {
-        println!("Cache: redis://{c}");
+        println!(
+            "Cache: {}://{c}",
+            if running.tls { "rediss" } else { "redis" }
+        );
     }
     if let Some(a) = running.otlp_grpc_addr {
         println!("OTLP gRPC: {a}");
@@ -755,7 +758,10 @@ async fn run_up(args: UpArgs) -> Result<()> {
         println!("Gateway: http://{g}");
     }
     if let Some(c) = running.cache_addr {
-        println!("Cache: redis://{c}");
+        println!(
+            "Cache: {}://{c}",
+            if running.tls { "rediss" } else { "redis" }
+        );
     }
     if let Some(a) = running.otlp_grpc_addr {
         println!("OTLP gRPC: {a}");

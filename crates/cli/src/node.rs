@@ -297,8 +297,13 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     // address actually bound (port 0 allowed).
     let cache_addr = match (cfg.roles.cache, cfg.cache_addr) {
         (true, Some(addr)) => Some(
-            meshwork_cache::spawn_workers(addr, cache_config(&cfg), None)
-                .with_context(|| format!("binding the cache address {addr}"))?,
+            meshwork_cache::spawn_workers_tls(
+                addr,
+                cache_config(&cfg),
+                None,
+                tls.as_ref().map(|t| t.acceptor()),
+            )
+            .with_context(|| format!("binding the cache address {addr}"))?,
         ),
         _ => None,
     };
