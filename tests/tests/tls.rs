@@ -116,6 +116,18 @@ impl Ctl {
     }
 }
 
+/// Two authorities under `dir`: `certs` (with a certificate for the node,
+/// `node.pem`) and `other`, whose CA a client may wrongly trust.
+fn authorities(dir: &Path) -> (PathBuf, PathBuf) {
+    let certs = dir.join("certs");
+    let other = dir.join("other");
+    let c = path(&certs);
+    meshwork(&["cert", "init", "--dir", c]);
+    meshwork(&["cert", "issue", "--dir", c, "--name", "node"]);
+    meshwork(&["cert", "init", "--dir", path(&other)]);
+    (certs, other)
+}
+
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -126,12 +138,8 @@ fn etcdctl_and_curl_over_tls_and_what_they_refuse() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    let other = dir.path().join("other");
+    let (certs, other) = authorities(dir.path());
     let c = path(&certs);
-    meshwork(&["cert", "init", "--dir", c]);
-    meshwork(&["cert", "issue", "--dir", c, "--name", "node"]);
-    meshwork(&["cert", "init", "--dir", path(&other)]);
     let node = start(dir.path(), &certs, false);
     let ctl = Ctl {
         bin: etcdctl,
@@ -384,12 +392,7 @@ fn redis_cli_over_tls_to_the_cache() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    let other = dir.path().join("other");
-    let c = path(&certs);
-    meshwork(&["cert", "init", "--dir", c]);
-    meshwork(&["cert", "issue", "--dir", c, "--name", "node"]);
-    meshwork(&["cert", "init", "--dir", path(&other)]);
+    let (certs, other) = authorities(dir.path());
     let node = meshwork_tests::start(
         &dir.path().join("data"),
         &[
