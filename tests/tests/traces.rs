@@ -577,3 +577,62 @@ fn spans_go_to_a_tls_collector_gzipped_and_the_head_sampler_decides() {
         assert_eq!(found[0]["trace_id"], trace_id.as_str(), "{protocol}");
     }
 }
+
+/// The node's own HTTP API is traced: a config publish is a server span of
+/// service `meshwork-node` named by its route template, continuing the
+/// caller's trace, with its status; reading traces makes none.
+#[test]
+fn the_nodes_api_calls_are_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = meshwork_tests::start(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,traces",
+            "--otlp-grpc-addr",
+            "127.0.0.1:0",
+        ],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    let h = n.http.as_str();
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let body = r#"{"content":"port = 1\n","format":"toml"}"#;
+    let (status, resp) = http::raw(
+        h,
+        &format!(
+            "PUT /v1/config/public/G/app.toml HTTP/1.1\r\nHost: {h}\r\nContent-Type: application/json\r\ntraceparent: 00-{trace_id}-b7ad6b7169203331-01"
+        ),
+        body,
+    )
+    .unwrap();
+    assert_eq!(status, 201, "{resp}");
+    let (status, _) = http::get(h, "/v1/config/public/G/missing.toml").unwrap();
+    assert_eq!(status, 404);
+    let t = meshwork_testkit::blocking::eventually(
+        "the API's span",
+        std::time::Duration::from_secs(10),
+        || {
+            let (code, body) = http::get(h, &format!("/v1/traces/{trace_id}")).unwrap();
+            (code == 200).then(|| serde_json::from_str::<Value>(&body).unwrap())
+        },
+    );
+    let span = &t["spans"][0];
+    assert_eq!(span["service"], "meshwork-node", "{t}");
+    assert_eq!(span["name"], "PUT /v1/config/{namespace}/{group}/{data_id}");
+    assert_eq!(span["parent_span_id"], "b7ad6b7169203331");
+    let found = meshwork_testkit::blocking::eventually(
+        "the 404's span",
+        std::time::Duration::from_secs(10),
+        || {
+            let v = get(
+                h,
+                "/v1/traces?service=meshwork-node&attr=http.response.status_code=404",
+            );
+            v["traces"].as_array().filter(|a| !a.is_empty()).cloned()
+        },
+    );
+    assert_eq!(found.len(), 1);
+    // Every query above was a /v1/traces call: none of them is a trace.
+    let all = get(h, "/v1/traces?service=meshwork-node&limit=100");
+    assert_eq!(all["traces"].as_array().unwrap().len(), 2, "{all}");
+}

@@ -25,6 +25,7 @@ macro_rules! progress_end {
     };
 }
 
+mod apitrace;
 mod bench;
 mod bench_coord;
 mod bench_mq;

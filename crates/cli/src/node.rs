@@ -482,6 +482,11 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             },
             meshwork_console::auth::guard,
         ))
+        // Outside the guard: refused calls are traced too.
+        .layer(axum::middleware::from_fn_with_state(
+            tracer(&cfg, traces.as_ref().map(|t| &t.store), "meshwork-node"),
+            crate::apitrace::server_span,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(
             cfg.listen.max_body_bytes,
         ));
