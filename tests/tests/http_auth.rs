@@ -708,3 +708,51 @@ fn secret_config_entries_need_the_secrets_scope_and_stay_encrypted_on_disk() {
         "the secret is in a file under the data directory"
     );
 }
+
+/// A console session outlives a restart of the node (its signing key is kept
+/// in the store), and ends when the password changes.
+#[test]
+fn console_sessions_survive_a_restart_but_not_a_new_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let start = |password: &str| {
+        meshwork_tests::start(
+            &data,
+            &["--roles", "store,coord"],
+            &[("MESHWORK_CONSOLE_PASSWORD", password)],
+        )
+    };
+    let s = start(PASSWORD);
+    let body = serde_json::json!({"user": "admin", "password": PASSWORD}).to_string();
+    let (code, whole) = http::raw(
+        &s.http,
+        &format!(
+            "POST /v1/console/login HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json",
+            s.http
+        ),
+        &body,
+    )
+    .unwrap();
+    assert!(code == 200 || code == 204, "{code} {whole}");
+    let cookie = whole
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase().starts_with("set-cookie:").then(|| {
+                l["set-cookie:".len()..]
+                    .trim()
+                    .split(';')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+        })
+        .expect("a session cookie");
+    let write = |addr: &str| status(addr, "POST", "/v1/ids", &[("Cookie", cookie.as_str())], "");
+    assert_eq!(write(&s.http), 200);
+    drop(s);
+    let s = start(PASSWORD);
+    assert_eq!(write(&s.http), 200, "the session survived the restart");
+    drop(s);
+    let s = start("another long passphrase");
+    assert_eq!(write(&s.http), 401, "a new password ends every session");
+}

@@ -442,6 +442,18 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             )));
         }
     }
+    // Console sessions signed with the key kept in the store: they survive
+    // a restart and hold on every node.
+    let console_auth = match (&cfg.console_auth, &coord) {
+        (Some(a), Some(c)) => match meshwork_coord::tokens::session_key(&c.backend).await {
+            Ok(key) => Some(a.clone().with_session_key(key)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no session key from the store; console sessions end with this process");
+                Some(a.clone())
+            }
+        },
+        (a, _) => a.clone(),
+    };
     if let Some(c) = &coord {
         // One document for everything this node serves.
         let openapi = meshwork_api::openapi::merge(&[
@@ -465,7 +477,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                 cache: cache_addr.as_ref().map(|w| w.cache().clone()),
                 traces: traces.as_ref().map(|t| t.store.clone()),
                 history: Default::default(),
-                auth: cfg.console_auth.clone(),
+                auth: console_auth.clone(),
             }));
     }
     if let Some(g) = &gateway {
@@ -474,7 +486,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     let app = app
         .layer(axum::middleware::from_fn_with_state(
             meshwork_console::auth::HttpAuth {
-                console: cfg.console_auth.clone(),
+                console: console_auth.clone(),
                 tokens: coord.as_ref().map(|c| c.tokens.clone()),
                 protect_reads: cfg.protect_reads,
                 audit: coord.as_ref().map(|c| c.audit.clone()),

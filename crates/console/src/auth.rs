@@ -3,7 +3,9 @@
 //! with `protect_reads` reads too) needs an API token whose scopes cover it
 //! (`Authorization: Bearer mwt_...`), or the administrator's login: the session
 //! cookie the console sets, or HTTP Basic credentials. Sessions are signed
-//! with HMAC-SHA256 under a key drawn at start, so a restart logs everyone out.
+//! with HMAC-SHA256 under a key derived from one kept in the store (made once,
+//! shared by every node) and the password: sessions survive a restart, and a
+//! new password ends them all.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -54,6 +56,19 @@ fn now_ms() -> u64 {
 }
 
 impl Auth {
+    /// Signs sessions with a key derived from `key` (the one kept in the
+    /// store, so that they survive a restart and hold on every node) and the
+    /// password: a new password ends every session, and the stored key alone
+    /// forges none.
+    pub fn with_session_key(mut self, key: [u8; 32]) -> Auth {
+        let mut h = Sha256::new();
+        h.update(b"meshwork console session key\0");
+        h.update(key);
+        h.update(self.password_digest);
+        self.key = h.finalize().into();
+        self
+    }
+
     /// Writes need `user` / `password` (at least 8 characters).
     pub fn new(user: &str, password: &str) -> Result<Auth, String> {
         if user.is_empty() || user.len() > 64 || user.contains(['|', ':']) {

@@ -245,3 +245,44 @@ impl Tokens {
         Ok(stored.info.clone())
     }
 }
+
+/// Where the console's session signing key lives.
+const SESSION_KEY: &str = "/meshwork/auth/console/session-key";
+
+/// The key console sessions are signed with, shared by every node and kept
+/// across restarts: made (256 random bits) by the first node that asks, read
+/// by the others. Readable by whoever may read `/meshwork/auth/` in the store.
+pub async fn session_key(backend: &Backend) -> Result<[u8; 32]> {
+    let parse = |v: &[u8]| -> Result<[u8; 32]> {
+        v.try_into().map_err(|_| CoordError::Corrupt {
+            key: SESSION_KEY.into(),
+            reason: format!("a session key is 32 bytes, not {}", v.len()),
+        })
+    };
+    if let (Some(kv), _) = backend.get(SESSION_KEY).await? {
+        return parse(&kv.value);
+    }
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    let r = backend
+        .txn(meshwork_etcd::proto::etcdserverpb::TxnRequest {
+            compare: vec![crate::backend::txn::absent(SESSION_KEY.to_string())],
+            success: vec![crate::backend::txn::put(
+                SESSION_KEY.to_string(),
+                key.to_vec(),
+                0,
+            )],
+            failure: vec![],
+        })
+        .await?;
+    if r.succeeded {
+        return Ok(key);
+    }
+    // Another node made it first: use that one.
+    match backend.get(SESSION_KEY).await? {
+        (Some(kv), _) => parse(&kv.value),
+        (None, _) => Err(CoordError::Conflict(
+            "the session key was deleted while being made; try again".into(),
+        )),
+    }
+}
