@@ -546,26 +546,11 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
 /// The master keys of secret config entries: `MESHWORK_SECRETS_KEY` or
 /// `--secrets-key-file`, then `--secrets-previous-key-file`.
 fn secret_keys(args: &NodeArgs) -> Result<meshwork_coord::config::secret::MasterKeys> {
-    use meshwork_coord::config::secret::{MasterKey, MasterKeys};
-    let mut keys = Vec::new();
-    match std::env::var("MESHWORK_SECRETS_KEY") {
-        Ok(t) if !t.trim().is_empty() => keys.push(
-            MasterKey::from_text(&t).map_err(|e| anyhow::anyhow!("MESHWORK_SECRETS_KEY: {e}"))?,
-        ),
-        _ => {
-            if let Some(p) = &args.secrets_key_file {
-                keys.push(MasterKey::from_file(p)?);
-            }
-        }
-    }
-    if let Some(p) = &args.secrets_previous_key_file {
-        anyhow::ensure!(
-            !keys.is_empty(),
-            "--secrets-previous-key-file needs the new key too (--secrets-key-file)"
-        );
-        keys.push(MasterKey::from_file(p)?);
-    }
-    Ok(MasterKeys(keys))
+    meshwork_coord::config::secret::MasterKeys::load(
+        args.secrets_key_file.as_deref(),
+        args.secrets_previous_key_file.as_deref(),
+    )
+    .context("--secrets-key-file / --secrets-previous-key-file")
 }
 
 /// `<data>/secrets.key`, made (mode 0600) on first use: `meshwork up`'s master

@@ -299,3 +299,51 @@ async fn route_sets_with_bad_tls_settings_are_refused_when_published() {
         .to_string();
     assert!(e.contains("HTTP/1.1"), "{e}");
 }
+
+/// An upstream that accepts and then never answers the TLS handshake costs a
+/// request the connect timeout (TCP and handshake share it), then a 502, and
+/// holds no one else up: a route to a healthy TLS upstream answers meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_tls_upstream_is_bounded_by_the_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let (cert, key) = ca.issue("orders", "orders", &["orders.internal"], false);
+    let healthy = tls_upstream(&cert, &key, None).await;
+    // Accepts, reads nothing, says nothing.
+    let mute = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mute_addr = mute.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = mute.accept().await {
+            held.push(s);
+        }
+    });
+    let tls = format!(
+        "{{ ca_file = \"{}\", server_name = \"orders.internal\" }}",
+        path(&dir.path().join("ca.pem"))
+    );
+    let routes = [
+        route("mute", "/mute", &mute_addr.to_string(), &tls),
+        route("ok", "/ok", &healthy.addr.to_string(), &tls),
+    ]
+    .concat();
+    let cfg = meshwork_gateway::GatewayConfig {
+        upstream_connect_timeout_ms: 500,
+        ..Default::default()
+    };
+    let gw = Gw::start_with(cfg, &routes).await;
+    let c = client();
+    let stalled = {
+        let (c, url) = (c.clone(), gw.url("/mute/x"));
+        tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            (get(&c, &url).await, t.elapsed())
+        })
+    };
+    let r = get(&c, &gw.url("/ok/x")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (r, took) = stalled.await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(took < WITHIN, "bounded: {took:?}");
+    gw.shutdown().await;
+}

@@ -103,6 +103,24 @@ pub struct ClientTlsConfig {
     pub key_file: Option<PathBuf>,
 }
 
+/// The system's CA certificates, read once per process (every route set
+/// the gateway compiles would read the whole directory again otherwise).
+fn system_roots() -> Result<rustls::RootCertStore, TlsError> {
+    static ROOTS: std::sync::OnceLock<rustls::RootCertStore> = std::sync::OnceLock::new();
+    let roots = ROOTS.get_or_init(|| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        roots
+    });
+    if roots.is_empty() {
+        return Err(file_err(
+            Path::new("(system roots)"),
+            "no CA certificate found on this system; give a ca_file",
+        ));
+    }
+    Ok(roots.clone())
+}
+
 /// A rustls client for `cfg` offering the protocols `alpn`: servers are
 /// verified (chain and name) against `ca_file` or the system's roots.
 pub fn client_config(
@@ -111,18 +129,7 @@ pub fn client_config(
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let roots = match &cfg.ca_file {
         Some(ca) => roots_from(ca)?,
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            let mut roots = rustls::RootCertStore::empty();
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                return Err(file_err(
-                    Path::new("(system roots)"),
-                    "no CA certificate found on this system; give a ca_file",
-                ));
-            }
-            roots
-        }
+        None => system_roots()?,
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)

@@ -312,10 +312,15 @@ pub struct Published {
 
 /// SHA-256 of `content`, hex.
 pub fn checksum(content: &str) -> String {
-    let d = Sha256::digest(content.as_bytes());
-    let mut s = String::with_capacity(64);
-    for b in d {
-        s.push_str(&format!("{b:02x}"));
+    hex(&Sha256::digest(content.as_bytes()))
+}
+
+/// Lower-case hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
     }
     s
 }

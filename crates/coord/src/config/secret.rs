@@ -126,6 +126,16 @@ impl MasterKeys {
     /// The keys named by the environment: `MESHWORK_SECRETS_KEY` (text) or
     /// `MESHWORK_SECRETS_KEY_FILE` (a path), then `MESHWORK_SECRETS_PREVIOUS_KEY_FILE`.
     pub fn from_env() -> Result<MasterKeys> {
+        let file = std::env::var_os("MESHWORK_SECRETS_KEY_FILE").map(std::path::PathBuf::from);
+        let previous =
+            std::env::var_os("MESHWORK_SECRETS_PREVIOUS_KEY_FILE").map(std::path::PathBuf::from);
+        MasterKeys::load(file.as_deref(), previous.as_deref())
+    }
+
+    /// `MESHWORK_SECRETS_KEY` (inline, first) or the key in `file`, then the
+    /// `previous` key (only beside a new one). What the node's flags and the
+    /// SDK's variables both come to.
+    pub fn load(file: Option<&Path>, previous: Option<&Path>) -> Result<MasterKeys> {
         let mut keys = Vec::new();
         if let Ok(t) = std::env::var("MESHWORK_SECRETS_KEY")
             && !t.trim().is_empty()
@@ -134,17 +144,17 @@ impl MasterKeys {
                 MasterKey::from_text(&t)
                     .map_err(|e| CoordError::invalid(format!("MESHWORK_SECRETS_KEY: {e}")))?,
             );
-        } else if let Some(p) = std::env::var_os("MESHWORK_SECRETS_KEY_FILE") {
-            keys.push(MasterKey::from_file(Path::new(&p))?);
+        } else if let Some(p) = file {
+            keys.push(MasterKey::from_file(p)?);
         }
-        if let Some(p) = std::env::var_os("MESHWORK_SECRETS_PREVIOUS_KEY_FILE") {
+        if let Some(p) = previous {
             if keys.is_empty() {
                 return Err(CoordError::invalid(
-                    "MESHWORK_SECRETS_PREVIOUS_KEY_FILE needs the new key too \
-                     (MESHWORK_SECRETS_KEY or MESHWORK_SECRETS_KEY_FILE)",
+                    "the previous secrets key needs the new key too \
+                     (MESHWORK_SECRETS_KEY or a key file)",
                 ));
             }
-            keys.push(MasterKey::from_file(Path::new(&p))?);
+            keys.push(MasterKey::from_file(p)?);
         }
         Ok(MasterKeys(keys))
     }
@@ -249,9 +259,7 @@ pub struct Rotated {
     pub unreadable: Vec<String>,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use super::hex;
 
 fn random<const N: usize>() -> Result<[u8; N]> {
     let mut b = [0u8; N];
