@@ -528,7 +528,9 @@ async fn connection(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let n = cache.clients.fetch_add(1, Ordering::Relaxed);
-    let _slot = Slot(&cache.clients);
+    // Freed before the connection closes (below), so that a client that saw
+    // its connection end may connect again at once.
+    let guard = Slot(&cache.clients);
     let full = n >= cache.cfg.max_clients;
     let addr =
         |a: std::io::Result<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
@@ -538,21 +540,28 @@ async fn connection(
         i64::from(std::os::fd::AsRawFd::as_raw_fd(&stream)),
     );
     match tls {
-        None => client(stream, cache, stop, slot, full, who).await,
+        None => {
+            let mut stream = stream;
+            let r = client(&mut stream, cache, stop, slot, full, who).await;
+            drop(guard);
+            r
+        }
         Some(acceptor) => {
-            let stream = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream))
+            let mut stream = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream))
                 .await
                 .map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
                 })??;
-            client(stream, cache, stop, slot, full, who).await
+            let r = client(&mut stream, cache, stop, slot, full, who).await;
+            drop(guard);
+            r
         }
     }
 }
 
 /// Serves one client on its (plain or TLS) stream; `full`: only says so.
 async fn client<S>(
-    mut stream: S,
+    stream: &mut S,
     cache: &Cache,
     mut stop: watch::Receiver<bool>,
     slot: usize,
@@ -583,7 +592,7 @@ where
     ));
     cache.node.clients.add(meta.clone());
     session.meta = Some(meta);
-    let r = requests(&mut stream, cache, &mut session, &mut stop).await;
+    let r = requests(stream, cache, &mut session, &mut stop).await;
     cache.node.clients.remove(session.id);
     session.unwatch(&cache.node);
     // Whatever ended it, its subscriptions go.
