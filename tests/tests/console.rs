@@ -163,8 +163,10 @@ fn start_node(dir: &std::path::Path, envs: &[(&str, &str)]) -> meshwork_tests::S
         dir,
         &[
             "--roles",
-            "store,coord,gateway,txn,mq",
+            "store,coord,gateway,txn,mq,cache",
             "--gateway-addr",
+            "127.0.0.1:0",
+            "--cache-addr",
             "127.0.0.1:0",
             "--demo",
         ],
@@ -225,6 +227,34 @@ async fn every_page_works_in_a_real_browser() {
     })
     .await;
     shot(&c, "queue-topic").await;
+    // The broker's and the cache's charts: a series per group's backlog and
+    // the cache's memory, from the history and then the live ticks.
+    c.goto(&format!("{base}/ui/queues")).await.unwrap();
+    wait_text(
+        &c,
+        "canvas[data-chart='group-backlog'] + .legend",
+        "the notifications group's backlog series",
+        |t| t.contains("shop.orders/notifications"),
+    )
+    .await;
+    shot(&c, "queues-charts").await;
+    c.goto(&format!("{base}/ui/cache")).await.unwrap();
+    wait_text(&c, "h1", "the cache page", |t| t.contains("Cache")).await;
+    wait_text(
+        &c,
+        "canvas[data-chart='cache-memory'] + .legend",
+        "the cache's memory series",
+        |t| t.contains("MiB"),
+    )
+    .await;
+    wait_text(
+        &c,
+        "canvas[data-chart='cache-ops'] + .legend",
+        "the cache's command rate series",
+        |t| t.contains("commands"),
+    )
+    .await;
+    shot(&c, "cache").await;
     // Tablet width: the same pages, laid out for 800 px.
     c.set_window_size(800, 1000).await.unwrap();
     for (path, name) in [("/", "overview-tablet"), ("/ui/gateway", "gateway-tablet")] {

@@ -116,3 +116,122 @@ fn every_metrics_endpoint_passes_promtool() {
         }
     }
 }
+
+/// Debian's Prometheus, killed when the test ends.
+struct Prometheus(std::process::Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Exemplars, checked by the reference scraper: Prometheus (with its
+/// exemplar storage on) scrapes the node and the shop's order service in
+/// OpenMetrics, accepts both expositions, and answers an exemplar query with
+/// the trace id of an order a client sent with a sampled `traceparent`: the
+/// gateway's route and upstream latencies and the SDK's server latency each
+/// link to that trace.
+#[test]
+fn prometheus_scrapes_exemplars_that_name_the_trace() {
+    let Some(prometheus) = meshwork_testkit::peer::on_path("prometheus") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(
+        dir.path(),
+        &[
+            "--roles",
+            "store,coord,gateway,txn,mq,cache,traces",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--cache-addr",
+            "127.0.0.1:0",
+            "--otlp-http-addr",
+            "127.0.0.1:0",
+            "--demo",
+        ],
+        &[],
+    );
+    let gw = node.gateway.clone().unwrap();
+    until("the shop", Duration::from_secs(60), || {
+        http::get(&gw, "/api/products").is_ok_and(|(s, _)| s == 200)
+    });
+    let (_, v) = http::get(&node.http, "/v1/services/order/instances").unwrap();
+    let v: Value = serde_json::from_str(&v).unwrap();
+    let i = &v["instances"][0];
+    let order = format!("{}:{}", i["address"].as_str().unwrap(), i["port"]);
+
+    let port = meshwork_testkit::etcd_cluster::free_port();
+    let web = format!("127.0.0.1:{port}");
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: node\n    static_configs:\n      - targets: ['{}']\n  - job_name: order\n    static_configs:\n      - targets: ['{order}']\n",
+            node.http
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let _prom = Prometheus(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .arg("--enable-feature=exemplar-storage")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    // Both targets scraped and up: the OpenMetrics expositions parse.
+    until("prometheus scraping both targets", Duration::from_secs(60), || {
+        let Ok((200, body)) = http::get(&web, "/api/v1/targets") else {
+            return false;
+        };
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let targets = v["data"]["activeTargets"].as_array().cloned().unwrap_or_default();
+        for t in &targets {
+            let error = t["lastError"].as_str().unwrap_or("");
+            assert!(error.is_empty(), "scrape of {}: {error}", t["scrapeUrl"]);
+        }
+        targets.len() == 2 && targets.iter().all(|t| t["health"] == "up")
+    });
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let head = format!(
+        "POST /api/orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-customer: exemplar\r\ntraceparent: 00-{trace_id}-00f067aa0ba902b7-01"
+    );
+    until("an order through the shop", Duration::from_secs(60), || {
+        http::raw(&gw, &head, r#"{"sku":"sku-cable","qty":1,"account":"acct-1"}"#)
+            .is_ok_and(|(s, _)| s == 201)
+    });
+    for series in [
+        "meshwork_gateway_request_duration_seconds_bucket",
+        "meshwork_gateway_upstream_duration_seconds_bucket",
+        "meshwork_sdk_server_request_duration_seconds_bucket",
+    ] {
+        until(
+            &format!("an exemplar of {series} naming the order's trace"),
+            Duration::from_secs(60),
+            || {
+                let Ok((200, body)) = http::get(
+                    &web,
+                    &format!("/api/v1/query_exemplars?query={series}&start=0&end=9999999999"),
+                ) else {
+                    return false;
+                };
+                body.contains(&format!("\"trace_id\":\"{trace_id}\""))
+            },
+        );
+    }
+    // The Prometheus text format stays the default.
+    let (status, text) = http::get(&node.http, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(!text.contains("# EOF") && !text.contains("trace_id="));
+}

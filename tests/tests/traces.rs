@@ -636,3 +636,95 @@ fn the_nodes_api_calls_are_spans() {
     let all = get(h, "/v1/traces?service=meshwork-node&limit=100");
     assert_eq!(all["traces"].as_array().unwrap().len(), 2, "{all}");
 }
+
+/// The etcd gRPC port is traced too, for callers that trace: a unary call
+/// with a sampled `traceparent` is a server span of `meshwork-node` named
+/// `service/method` with the RPC attributes and its gRPC status (a refused
+/// call is an error span); a call without one makes no span.
+#[test]
+fn etcd_calls_that_carry_a_trace_are_spans() {
+    use meshwork_etcd::proto::etcdserverpb::{PutRequest, RangeRequest, kv_client::KvClient};
+    let dir = tempfile::tempdir().unwrap();
+    let n = meshwork_tests::start(
+        dir.path(),
+        &["--roles", "store,coord,traces", "--otlp-grpc-addr", "127.0.0.1:0"],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    let trace_id = "5af7651916cd43dd8448eb211c80319d";
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = n.etcd.clone();
+    rt.block_on(async move {
+        let mut kv = KvClient::connect(format!("http://{etcd}")).await.unwrap();
+        let traced = |msg, span: &str| {
+            let mut req = tonic::Request::new(msg);
+            req.metadata_mut().insert(
+                "traceparent",
+                format!("00-{trace_id}-{span}-01").parse().unwrap(),
+            );
+            req
+        };
+        // Untraced: no span.
+        kv.put(PutRequest {
+            key: b"untraced".to_vec(),
+            value: b"1".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        kv.put(traced(
+            PutRequest {
+                key: b"traced".to_vec(),
+                value: b"1".to_vec(),
+                ..Default::default()
+            },
+            "b7ad6b7169203331",
+        ))
+        .await
+        .unwrap();
+        // Refused as etcd refuses it (no key): an error span.
+        let e = kv
+            .range(traced(RangeRequest::default(), "c7ad6b7169203332"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    });
+    let h = n.http.as_str();
+    let t = meshwork_testkit::blocking::eventually(
+        "both etcd spans",
+        std::time::Duration::from_secs(10),
+        || {
+            let (code, body) = http::get(h, &format!("/v1/traces/{trace_id}")).unwrap();
+            let v: Value = serde_json::from_str(&body).unwrap_or_default();
+            (code == 200 && v["spans"].as_array().is_some_and(|s| s.len() == 2)).then_some(v)
+        },
+    );
+    let spans = t["spans"].as_array().unwrap();
+    let put = spans
+        .iter()
+        .find(|s| s["name"] == "etcdserverpb.KV/Put")
+        .unwrap_or_else(|| panic!("{t}"));
+    assert_eq!(put["service"], "meshwork-node");
+    assert_eq!(put["parent_span_id"], "b7ad6b7169203331");
+    let attrs = put["attributes"].to_string();
+    for want in [
+        r#""rpc.system":"grpc""#,
+        r#""rpc.service":"etcdserverpb.KV""#,
+        r#""rpc.method":"Put""#,
+    ] {
+        assert!(attrs.contains(want), "{want} in {attrs}");
+    }
+    let range = spans
+        .iter()
+        .find(|s| s["name"] == "etcdserverpb.KV/Range")
+        .unwrap_or_else(|| panic!("{t}"));
+    assert_eq!(range["parent_span_id"], "c7ad6b7169203332");
+    assert_eq!(range["attributes"]["rpc.grpc.status_code"], 3, "{range}");
+    assert_eq!(range["status"]["code"], "error", "{range}");
+    assert_eq!(put["status"]["code"], "unset", "{put}");
+    assert_eq!(put["kind"], "server");
+    let all = get(h, "/v1/traces?service=meshwork-node&limit=100");
+    assert_eq!(all["traces"].as_array().unwrap().len(), 1, "{all}");
+}

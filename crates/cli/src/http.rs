@@ -49,7 +49,7 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     (StatusCode::OK, "ready\n".to_string())
 }
 
-async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+async fn metrics(State(s): State<AppState>, headers: axum::http::HeaderMap) -> impl IntoResponse {
     let mut body = s
         .prometheus
         .as_ref()
@@ -90,5 +90,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         "meshwork",
         env!("CARGO_PKG_VERSION"),
     ));
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = meshwork_telemetry::exemplar::exposition(accept, body);
+    ([(header::CONTENT_TYPE, content_type)], body)
 }

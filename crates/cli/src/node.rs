@@ -216,6 +216,15 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     let (stop, stop_rx) = watch::channel(false);
     let serving = Arc::new(AtomicBool::new(true));
     let mut tasks = Vec::new();
+    // The trace store listens before the store, so that the node's own APIs
+    // (the etcd gRPC port among them) can record spans into it.
+    let traces = if cfg.roles.traces {
+        Some(start_traces(&cfg, tls.clone(), &stop_rx, &mut tasks).await?)
+    } else {
+        None
+    };
+    // Spans of the node's own APIs: the HTTP API's and the etcd port's.
+    let node_tracer = tracer(&cfg, traces.as_ref().map(|t| &t.store), "meshwork-node");
     let mut store_auth_on = false;
     let (store, etcd_addr, endpoints) = if cfg.roles.store {
         let etcd_listener = TcpListener::bind(cfg.etcd_addr)
@@ -243,6 +252,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         let rx = stop_rx.clone();
         let serving2 = serving.clone();
         let limits = cfg.listen.etcd();
+        let tracer2 = node_tracer.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = meshwork_etcd::serve_limited(
                 etcd_listener,
@@ -251,6 +261,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                 info,
                 limits,
                 tls2,
+                Some(tracer2),
                 stopped(rx),
             )
             .await
@@ -318,12 +329,6 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             .extra_roles
             .push(meshwork_txn::role::TXN_ROLE.to_string());
     }
-    // The trace store also listens before the node joins.
-    let traces = if cfg.roles.traces {
-        Some(start_traces(&cfg, tls.clone(), &stop_rx, &mut tasks).await?)
-    } else {
-        None
-    };
     if let Some(t) = &traces {
         coord_opts.extra_roles.push("traces".to_string());
         if let Some(a) = t.grpc {
@@ -496,7 +501,7 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         ))
         // Outside the guard: refused calls are traced too.
         .layer(axum::middleware::from_fn_with_state(
-            tracer(&cfg, traces.as_ref().map(|t| &t.store), "meshwork-node"),
+            node_tracer.clone(),
             crate::apitrace::server_span,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(

@@ -191,7 +191,10 @@ function liveRegions() {
 // ---- charts ----
 const COLORS = ["#0b5fff", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a7ea4", "#57606a"];
 const WINDOW = 3600; // seconds shown: the node keeps the last hour (/v1/console/history)
-const series = { "route-rate": {}, "route-errors": {}, "route-p99": {}, "service-latency": {} };
+const series = {
+  "route-rate": {}, "route-errors": {}, "route-p99": {}, "service-latency": {},
+  "topic-rate": {}, "group-backlog": {}, "cache-ops": {}, "cache-hits": {}, "cache-memory": {},
+};
 let last = null;
 const recent = []; // recent ticks, for windowed quantiles
 
@@ -274,6 +277,19 @@ function charts() {
         push("route-errors", r.route, d.t_ms, er);
       }
       for (const s of d.services) push("service-latency", s.service, d.t_ms, s.latency_ms);
+      const prevTopics = Object.fromEntries((last.topics || []).map((t) => [t.topic, t]));
+      for (const t of d.topics || []) {
+        const p = prevTopics[t.topic];
+        if (p) push("topic-rate", t.topic, d.t_ms, Math.max(0, t.published - p.published) / dt);
+        for (const g of t.groups) push("group-backlog", `${t.topic}/${g.group}`, d.t_ms, g.backlog);
+      }
+      if (d.cache && last.cache) {
+        const c = d.cache, o = last.cache;
+        push("cache-ops", "commands", d.t_ms, Math.max(0, c.commands - o.commands) / dt);
+        const h = Math.max(0, c.hits - o.hits), m = Math.max(0, c.misses - o.misses);
+        if (h + m) push("cache-hits", "hit %", d.t_ms, (100 * h) / (h + m));
+        push("cache-memory", "MiB", d.t_ms, c.used_bytes / 1048576);
+      }
       const old = recent.length ? recent[0] : last;
       const olderRoutes = Object.fromEntries(old.routes.map((r) => [r.route, r]));
       for (const r of d.routes) {

@@ -108,6 +108,47 @@ pub struct Tick {
     pub services: Vec<ServiceTick>,
     /// Upper bounds (µs) of the route latency buckets; one more bucket counts the rest.
     pub latency_bounds_us: &'static [u64],
+    /// Per topic of this node's broker (its own dead-letter topics left out).
+    pub topics: Vec<TopicTick>,
+    /// This node's cache, when it runs one.
+    pub cache: Option<CacheTick>,
+}
+
+/// Per-topic figures in a [`Tick`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TopicTick {
+    /// Topic.
+    pub topic: String,
+    /// Messages published so far (the sum of its partitions' ends).
+    pub published: u64,
+    /// Each group's backlog now (messages not yet finished).
+    pub groups: Vec<GroupTick>,
+}
+
+/// A group's backlog in a [`TopicTick`].
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupTick {
+    /// Group.
+    pub group: String,
+    /// Messages not yet finished.
+    pub backlog: u64,
+    /// Messages in its dead-letter topic.
+    pub dead_letters: u64,
+}
+
+/// The cache's figures in a [`Tick`].
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheTick {
+    /// Commands processed so far.
+    pub commands: u64,
+    /// Reads that found their key, so far.
+    pub hits: u64,
+    /// Reads that did not, so far.
+    pub misses: u64,
+    /// Approximate bytes of data held now.
+    pub used_bytes: u64,
+    /// Keys evicted under `maxmemory` so far.
+    pub evicted: u64,
 }
 
 /// Per-route counters in a [`Tick`].
@@ -223,6 +264,17 @@ impl ConsoleState {
         let t_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let topics = self.mq.as_ref().map(topic_ticks).unwrap_or_default();
+        let cache = self.cache.as_ref().map(|c| {
+            let st = c.stats(0);
+            CacheTick {
+                commands: st.commands,
+                hits: st.hits,
+                misses: st.misses,
+                used_bytes: st.used_bytes,
+                evicted: st.evicted,
+            }
+        });
         let Some(g) = &self.gateway else {
             return Tick {
                 t_ms,
@@ -230,10 +282,14 @@ impl ConsoleState {
                 routes: Vec::new(),
                 services: Vec::new(),
                 latency_bounds_us: &meshwork_gateway::LATENCY_BUCKETS_US,
+                topics,
+                cache,
             };
         };
         Tick {
             t_ms,
+            topics,
+            cache,
             requests_total: g.counters().requests_total,
             routes: g
                 .route_info()
@@ -264,6 +320,28 @@ impl ConsoleState {
             latency_bounds_us: &meshwork_gateway::LATENCY_BUCKETS_US,
         }
     }
+}
+
+/// The broker's topics for a [`Tick`].
+fn topic_ticks(b: &meshwork_mq::Broker) -> Vec<TopicTick> {
+    b.topics()
+        .into_iter()
+        .filter(|t| !t.internal)
+        .map(|t| TopicTick {
+            published: t.partitions.iter().map(|p| p.end).sum(),
+            groups: t
+                .groups
+                .iter()
+                .filter_map(|g| b.group_info(&t.name, g).ok())
+                .map(|g| GroupTick {
+                    group: g.group,
+                    backlog: g.backlog,
+                    dead_letters: g.dead_letters,
+                })
+                .collect(),
+            topic: t.name,
+        })
+        .collect()
 }
 
 /// A key in a KV listing.

@@ -22,6 +22,9 @@ pub const SLOW_SHOWN: usize = 20;
 /// How often the page refreshes, in ms.
 const POLL_MS: u32 = 2000;
 
+/// The cache's charts: commands per second, hit ratio and memory, the last hour.
+const CHARTS: &str = "<section><h2>Last hour</h2><figure><figcaption>Commands per second</figcaption><canvas data-chart=\"cache-ops\" width=\"900\" height=\"200\" role=\"img\" aria-label=\"Commands per second\"></canvas></figure><figure><figcaption>Hit ratio, % of reads</figcaption><canvas data-chart=\"cache-hits\" width=\"900\" height=\"200\" role=\"img\" aria-label=\"Hit ratio\"></canvas></figure><figure><figcaption>Data held, MiB</figcaption><canvas data-chart=\"cache-memory\" width=\"900\" height=\"200\" role=\"img\" aria-label=\"Data held\"></canvas></figure></section>";
+
 fn no_cache() -> String {
     "<p class=\"muted\">This node does not run the cache (role <code>cache</code>): start it with <code>--roles ...,cache</code>, or open the console of a node that does.</p>".to_owned()
 }
@@ -181,8 +184,9 @@ pub(crate) async fn page_handler(
         return page(&s, &headers, &q, "cache", "Cache", no_cache());
     };
     let st = c.stats(SLOW_SHOWN);
+    // Outside the live region: the charts keep their canvases.
     let html = format!(
-        "<h1>Cache</h1><div data-live=\"/ui/cache\" data-poll=\"{POLL_MS}\">{}</div>",
+        "<h1>Cache</h1><div data-live=\"/ui/cache\" data-poll=\"{POLL_MS}\">{}</div>{CHARTS}",
         body(&st)
     );
     page(&s, &headers, &q, "cache", "Cache", html)

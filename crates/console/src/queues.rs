@@ -24,6 +24,9 @@ const PREVIEW_CHARS: usize = 120;
 /// How often the pages refresh, in ms.
 const POLL_MS: u32 = 2000;
 
+/// The topics' charts: publish rate and each group's backlog, the last hour.
+const CHARTS: &str = "<section><h2>Last hour</h2><figure><figcaption>Messages published per second by topic</figcaption><canvas data-chart=\"topic-rate\" width=\"900\" height=\"200\" role=\"img\" aria-label=\"Messages published per second by topic\"></canvas></figure><figure><figcaption>Backlog by topic/group (messages not yet finished)</figcaption><canvas data-chart=\"group-backlog\" width=\"900\" height=\"200\" role=\"img\" aria-label=\"Backlog by group\"></canvas></figure></section>";
+
 fn live(inner: &str, url: &str) -> String {
     format!("<div data-live=\"{url}\" data-poll=\"{POLL_MS}\">{inner}</div>")
 }
@@ -123,7 +126,12 @@ pub(crate) async fn list(State(s): State<ConsoleState>, headers: HeaderMap, q: Q
         }
         body.push_str("</tbody></table>");
     }
-    let html = format!("<h1>Queues</h1>{}", live(&body, "/ui/queues"));
+    // Outside the live region: the charts keep their canvases (the last hour
+    // from /v1/console/history, then the live stream).
+    let html = format!(
+        "<h1>Queues</h1>{}{CHARTS}",
+        live(&body, "/ui/queues")
+    );
     page(&s, &headers, &q, "queues", "Queues", html)
 }
 

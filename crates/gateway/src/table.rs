@@ -18,6 +18,7 @@ use crate::resolver::Resolver;
 use crate::route::compile::{ActionPlan, RoutePlan, Source, TargetPlan};
 use crate::route::model::{LbPolicy, RouteSet};
 use crate::upstream::Cluster;
+use meshwork_telemetry::TraceContext;
 use meshwork_resilience::outlier::OutlierConfig;
 
 /// Upper bounds (microseconds) of the latency buckets kept per route; the last
@@ -65,7 +66,7 @@ pub(crate) struct RouteStats {
     pub(crate) active: AtomicU64,
     pub(crate) m_by_class: [metrics::Counter; 5],
     pub(crate) m_client_faults: metrics::Counter,
-    pub(crate) m_latency: metrics::Histogram,
+    pub(crate) m_latency: meshwork_telemetry::exemplar::Histogram,
     pub(crate) m_rate_limited: metrics::Counter,
 }
 
@@ -86,18 +87,23 @@ impl RouteStats {
                 class("4xx"),
                 class("5xx"),
             ],
-            m_latency: metrics::histogram!("meshwork_gateway_request_duration_seconds", "route" => route.to_owned()),
+            m_latency: meshwork_telemetry::exemplar::Histogram::new(
+                "meshwork_gateway_request_duration_seconds",
+                &[("route", route)],
+            ),
             m_rate_limited: metrics::counter!("meshwork_gateway_rate_limited_total", "route" => route.to_owned()),
             m_client_faults: metrics::counter!("meshwork_gateway_client_faults_total", "route" => route.to_owned()),
         }
     }
 
-    pub(crate) fn record(&self, status: u16, secs: f64) {
+    /// Counts one answered request; a sampled `trace` may become the
+    /// latency bucket's exemplar.
+    pub(crate) fn record(&self, status: u16, secs: f64, trace: Option<&TraceContext>) {
         let i = usize::from((status / 100).clamp(1, 5) - 1);
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.by_class[i].fetch_add(1, Ordering::Relaxed);
         self.m_by_class[i].increment(1);
-        self.m_latency.record(secs);
+        self.m_latency.record(secs, trace);
         let us = (secs * 1e6) as u64;
         let b = LATENCY_BUCKETS_US.partition_point(|&bound| bound < us);
         self.latency[b].fetch_add(1, Ordering::Relaxed);

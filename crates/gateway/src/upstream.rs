@@ -69,7 +69,7 @@ pub(crate) struct Cluster {
     ejections: metrics::Counter,
     m_success: metrics::Counter,
     m_failure: metrics::Counter,
-    m_latency: metrics::Histogram,
+    m_latency: meshwork_telemetry::exemplar::Histogram,
     pub(crate) ejections_total: AtomicU64,
 }
 
@@ -199,7 +199,10 @@ impl Cluster {
             "cluster" => name.clone(), "outcome" => "success");
         let m_failure = metrics::counter!("meshwork_gateway_upstream_requests_total",
             "cluster" => name.clone(), "outcome" => "failure");
-        let m_latency = metrics::histogram!("meshwork_gateway_upstream_duration_seconds", "cluster" => name.clone());
+        let m_latency = meshwork_telemetry::exemplar::Histogram::new(
+            "meshwork_gateway_upstream_duration_seconds",
+            &[("cluster", &name)],
+        );
         let mut rx = rx;
         rx.mark_changed();
         let c = Self {
@@ -320,7 +323,14 @@ impl Cluster {
 
     /// Records the outcome of one try on `addr` (`Ignored`: the client's
     /// fault or cancelled; it frees a trial slot and counts for nothing).
-    pub(crate) fn record(&self, addr: SocketAddr, outcome: Outcome, rtt: Duration) {
+    /// A sampled `trace` may become the latency bucket's exemplar.
+    pub(crate) fn record(
+        &self,
+        addr: SocketAddr,
+        outcome: Outcome,
+        rtt: Duration,
+        trace: Option<&meshwork_telemetry::TraceContext>,
+    ) {
         let now = Instant::now();
         match outcome {
             Outcome::Success => self.m_success.increment(1),
@@ -332,7 +342,7 @@ impl Cluster {
                 return;
             }
         }
-        self.m_latency.record(rtt.as_secs_f64());
+        self.m_latency.record(rtt.as_secs_f64(), trace);
         let mut st = self.state.lock();
         let Some(d) = st.outlier.as_mut() else {
             return;

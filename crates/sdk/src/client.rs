@@ -394,6 +394,12 @@ impl HttpClient {
                 Err(_) => "error",
             };
             metrics::histogram!("meshwork_sdk_call_duration_seconds", "service" => service.to_string(), "outcome" => outcome).record(elapsed);
+            meshwork_telemetry::exemplar::offer(
+                "meshwork_sdk_call_duration_seconds",
+                &[("service", service), ("outcome", outcome)],
+                elapsed,
+                &span,
+            );
             result.map_err(|e| classify(service, policy, e))
         }
         .await;

@@ -2,7 +2,8 @@
 //! registry's instances (following changes), with the target's timeout
 //! (shortened to the caller's deadline and sent as `grpc-timeout`) and circuit
 //! breaker (UNAVAILABLE and DEADLINE_EXCEEDED count as failures), continuing the
-//! current trace.
+//! current trace: with an exporter set, each call is a client span
+//! (`package.Service/Method`, the RPC attributes, its gRPC status).
 //!
 //! ```no_run
 //! # async fn demo(mw: meshwork_sdk::Meshwork) -> Result<(), meshwork_sdk::Error> {
@@ -38,6 +39,7 @@ const CHANGE_BUFFER: usize = 1024;
 #[derive(Clone)]
 pub struct GrpcChannel {
     inner: Timeout<CircuitBreaker<Channel, GrpcStatus>>,
+    service: Arc<str>,
     _feed: Arc<crate::client::AbortOnDrop>,
 }
 
@@ -101,6 +103,7 @@ pub(crate) async fn channel(
     let (breaker, timeout) = crate::client::guards(service, policy)?;
     Ok(GrpcChannel {
         inner: timeout.layer(CircuitBreaker::new(channel, breaker, GrpcStatus::default())),
+        service: service.into(),
         _feed: Arc::new(crate::client::AbortOnDrop(feed)),
     })
 }
@@ -115,7 +118,23 @@ impl Service<http::Request<Body>> for GrpcChannel {
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
-        let _ = crate::context::stamp(&mut req);
-        Box::pin(self.inner.call(req))
+        let span = crate::context::stamp(&mut req);
+        let traced = crate::telemetry::tracer()
+            .filter(|_| span.sampled())
+            .map(|t| (t, std::time::SystemTime::now(), req.uri().path().to_owned()));
+        let call = self.inner.call(req);
+        let Some((tracer, wall, path)) = traced else {
+            return Box::pin(call);
+        };
+        let service = self.service.clone();
+        Box::pin(async move {
+            use meshwork_telemetry::export::Kind;
+            let res = call.await;
+            let head = res.as_ref().map(|r| r.headers()).map_err(|e| e.to_string());
+            if let Some(s) = meshwork_telemetry::rpc::span(&span, &path, Kind::Client, wall, head) {
+                tracer.record(s.attr("server.address", &*service));
+            }
+            res
+        })
     }
 }

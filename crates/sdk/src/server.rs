@@ -260,13 +260,18 @@ fn build_router(router: Router, opts: &ServerOptions, shared: Shared) -> Result<
     if let Some(handle) = prometheus() {
         app = app.route(
             &opts.metrics_path,
-            axum::routing::get(move || {
+            axum::routing::get(move |headers: http::HeaderMap| {
                 let mut text = handle.render();
                 text.push_str(&meshwork_telemetry::metrics::process_text(
                     "meshwork_sdk",
                     env!("CARGO_PKG_VERSION"),
                 ));
-                async move { text }
+                let accept = headers
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let (content_type, body) =
+                    meshwork_telemetry::exemplar::exposition(accept, text);
+                async move { ([(http::header::CONTENT_TYPE, content_type)], body) }
             }),
         );
     }
@@ -355,7 +360,18 @@ async fn observe(State(shared): State<Shared>, req: Request, next: Next) -> Resp
     }
     let status = resp.status().as_u16().to_string();
     metrics::counter!("meshwork_sdk_server_requests_total", "service" => shared.service.to_string(), "route" => route.clone(), "method" => method.clone(), "status" => status).increment(1);
-    metrics::histogram!("meshwork_sdk_server_request_duration_seconds", "service" => shared.service.to_string(), "route" => route, "method" => method).record(started.elapsed().as_secs_f64());
+    let secs = started.elapsed().as_secs_f64();
+    meshwork_telemetry::exemplar::offer(
+        "meshwork_sdk_server_request_duration_seconds",
+        &[
+            ("service", &*shared.service),
+            ("route", route.as_str()),
+            ("method", method.as_str()),
+        ],
+        secs,
+        &ctx.trace,
+    );
+    metrics::histogram!("meshwork_sdk_server_request_duration_seconds", "service" => shared.service.to_string(), "route" => route, "method" => method).record(secs);
     resp
 }
 

@@ -541,6 +541,12 @@ pub const METRICS: &[(Kind, &str, &str)] = &[
         "meshwork_traces_disk_bytes",
         "Bytes of the trace store's segments on disk.",
     ),
+    // Service identity.
+    (
+        C,
+        "meshwork_identity_issued_total",
+        "Service certificates this node's issuer signed.",
+    ),
     // The demo shop.
     (
         C,
@@ -582,6 +588,18 @@ pub fn builder() -> metrics_exporter_prometheus::PrometheusBuilder {
     ) {
         Ok(b) => b,
         Err(_) => PrometheusBuilder::new(),
+    }
+}
+
+/// The bucket bounds [`builder`] gives the histogram `name`, `None` if it
+/// is not one of ours.
+pub fn buckets_for(name: &str) -> Option<&'static [f64]> {
+    if name == "meshwork_store_commit_batch_requests" {
+        Some(BATCH_BUCKETS)
+    } else if name.ends_with("_seconds") {
+        Some(LATENCY_BUCKETS)
+    } else {
+        None
     }
 }
 

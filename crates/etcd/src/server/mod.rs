@@ -8,6 +8,7 @@ mod conn;
 mod kv;
 mod lease;
 mod maintenance;
+pub mod spans;
 mod watch;
 
 use std::future::Future;
@@ -20,6 +21,7 @@ pub use conn::{Guarded, ListenLimits, PeerInfo, limited_incoming, limited_incomi
 
 use crate::auth::{Auth, Caller};
 use crate::convert::Header;
+use spans::SpanLayer;
 use crate::proto::etcdserverpb::auth_server::AuthServer;
 use crate::proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
@@ -132,6 +134,7 @@ pub async fn serve(
         info,
         ListenLimits::default(),
         None,
+        None,
         shutdown,
     )
     .await
@@ -143,6 +146,9 @@ pub async fn serve(
 /// rather than ending the server. With `tls`, clients speak TLS (and, when
 /// it verifies client certificates, a client with no token is the user its
 /// certificate's common name names, as etcd's `--client-cert-auth` does).
+/// With `tracer`, a unary call that carries a sampled `traceparent` is a
+/// server span ([`spans`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_limited(
     listener: TcpListener,
     store: Store,
@@ -150,6 +156,7 @@ pub async fn serve_limited(
     info: ServerInfo,
     limits: ListenLimits,
     tls: Option<std::sync::Arc<meshwork_tls::TlsReloader>>,
+    tracer: Option<meshwork_telemetry::export::Tracer>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let keepalive = (limits.idle_timeout / 3).max(std::time::Duration::from_millis(100));
@@ -173,7 +180,7 @@ pub async fn serve_limited(
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
         .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(keepalive));
-    services(server, store, auth, info, false)
+    services(server, SpanLayer::new(tracer), store, auth, info, false)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
@@ -189,19 +196,28 @@ pub async fn serve_in_process(
     info: ServerInfo,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    services(tonic::transport::Server::builder(), store, auth, info, true)
+    services(
+        tonic::transport::Server::builder(),
+        SpanLayer::default(),
+        store,
+        auth,
+        info,
+        true,
+    )
         .serve_with_incoming_shutdown(listener.incoming(), shutdown)
         .await
 }
 
-/// Every etcd service over `store`, on `server`.
+/// Every etcd service over `store`, on `server`, under `spans`.
 fn services(
-    mut server: tonic::transport::Server,
+    server: tonic::transport::Server,
+    spans: SpanLayer,
     store: Store,
     auth: Auth,
     info: ServerInfo,
     trusted: bool,
-) -> tonic::transport::server::Router {
+) -> tonic::transport::server::Router<tower_layer::Stack<SpanLayer, tower_layer::Identity>> {
+    let mut server = server.layer(spans);
     let max_msg = store.config().max_request_bytes + GRPC_OVERHEAD_BYTES;
     store.set_member_id(info.member_id);
     let ctx = Ctx {

@@ -407,10 +407,10 @@ impl<'a> Tries<'a> {
             Ok(Err(e)) => TryEnd::Failed(Some(e)),
             Err(_) => TryEnd::Failed(None),
         };
-        if let (Some(t), Some((ctx, wall))) = (tracer, span) {
+        if let (Some(t), Some((ctx, wall))) = (tracer, &span) {
             t.record(client_span(
-                &ctx,
-                wall,
+                ctx,
+                *wall,
                 &self.head.method,
                 picked,
                 attempt,
@@ -421,7 +421,10 @@ impl<'a> Tries<'a> {
         if outcome == Outcome::Failure {
             picked.stats.failures.fetch_add(1, Ordering::Relaxed);
         }
-        self.target.cluster.record(picked.addr, outcome, rtt);
+        let trace = span.as_ref().map_or(cx.trace, |(ctx, _)| ctx);
+        self.target
+            .cluster
+            .record(picked.addr, outcome, rtt, Some(trace));
         Ok(end)
     }
 

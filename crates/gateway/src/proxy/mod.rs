@@ -120,7 +120,7 @@ where
     let elapsed = start.elapsed();
     sh.stats.requests_total.fetch_add(1, Ordering::Relaxed);
     if let Some(r) = &out.route {
-        r.stats.record(status, elapsed.as_secs_f64());
+        r.stats.record(status, elapsed.as_secs_f64(), Some(&trace));
     }
     if let (Some(t), Some((wall, path))) = (&tracer, traced) {
         t.record(server_span(
