@@ -343,6 +343,7 @@ async fn observe(State(shared): State<Shared>, req: Request, next: Next) -> Resp
     let method = req.method().to_string();
     let span = tracing::info_span!("request", service = %shared.service, %method, %route, trace_id = %ctx.trace.trace_id, span_id = %ctx.trace.span_id);
     let started = tokio::time::Instant::now();
+    let trace = ctx.trace.clone();
     let resp = ctx.scope(next.run(req)).instrument(span).await;
     if let Some((t, trace, wall, path)) = traced {
         use meshwork_telemetry::export::{Kind, SpanRecord};
@@ -369,7 +370,7 @@ async fn observe(State(shared): State<Shared>, req: Request, next: Next) -> Resp
             ("method", method.as_str()),
         ],
         secs,
-        &ctx.trace,
+        &trace,
     );
     metrics::histogram!("meshwork_sdk_server_request_duration_seconds", "service" => shared.service.to_string(), "route" => route, "method" => method).record(secs);
     resp

@@ -144,6 +144,12 @@ pub struct Histogram {
     slots: Option<Arc<Slots>>,
 }
 
+impl std::fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Histogram").finish_non_exhaustive()
+    }
+}
+
 impl Histogram {
     /// The histogram `name` with `labels`, in the installed recorder.
     pub fn new(name: &'static str, labels: &[(&'static str, &str)]) -> Self {
@@ -357,7 +363,7 @@ mod tests {
             .unwrap();
         assert!(
             bucket.contains(&format!(
-                "} 2 # {{trace_id=\"{t1}\",span_id=\"{}\"}} 0.004 ",
+                "}} 2 # {{trace_id=\"{t1}\",span_id=\"{}\"}} 0.004 ",
                 "a".repeat(16)
             )),
             "{bucket}"
