@@ -657,36 +657,42 @@ fn etcd_calls_that_carry_a_trace_are_spans() {
         .unwrap();
     let etcd = n.etcd.clone();
     rt.block_on(async move {
-        let mut kv = KvClient::connect(format!("http://{etcd}")).await.unwrap();
-        let traced = |msg, span: &str| {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{etcd}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut kv = KvClient::new(channel);
+        fn traced<T>(msg: T, trace_id: &str, span: &str) -> tonic::Request<T> {
             let mut req = tonic::Request::new(msg);
             req.metadata_mut().insert(
                 "traceparent",
                 format!("00-{trace_id}-{span}-01").parse().unwrap(),
             );
             req
-        };
+        }
         // Untraced: no span.
         kv.put(PutRequest {
-            key: b"untraced".to_vec(),
-            value: b"1".to_vec(),
+            key: b"untraced".to_vec().into(),
+            value: b"1".to_vec().into(),
             ..Default::default()
         })
         .await
         .unwrap();
         kv.put(traced(
             PutRequest {
-                key: b"traced".to_vec(),
-                value: b"1".to_vec(),
+                key: b"traced".to_vec().into(),
+                value: b"1".to_vec().into(),
                 ..Default::default()
             },
+            trace_id,
             "b7ad6b7169203331",
         ))
         .await
         .unwrap();
         // Refused as etcd refuses it (no key): an error span.
         let e = kv
-            .range(traced(RangeRequest::default(), "c7ad6b7169203332"))
+            .range(traced(RangeRequest::default(), trace_id, "c7ad6b7169203332"))
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
