@@ -39,6 +39,20 @@ pub fn init(service: &str) -> &'static Tracer {
     })
 }
 
+/// Starts the process's exporter for `service` to `endpoint`, set in code
+/// rather than by the `OTEL_*` variables (the first call of this or
+/// [`init`] wins).
+pub fn init_with(service: &str, endpoint: Endpoint) -> &'static Tracer {
+    TRACER.get_or_init(|| {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Tracer::disabled();
+        }
+        let mut cfg = ExportConfig::from_env(service);
+        cfg.scope = "meshwork-sdk".to_string();
+        Tracer::start(cfg, endpoint.sink())
+    })
+}
+
 /// The exporter, when one records spans.
 pub fn tracer() -> Option<&'static Tracer> {
     TRACER.get().filter(|t| t.enabled())

@@ -1,7 +1,6 @@
 //! The SDK's gRPC channel records a client span per call, as OpenTelemetry's
 //! RPC conventions name it, when the service exports spans: the test is a
-//! service whose exporter points (through the standard `OTEL_*` variables)
-//! at an OTLP/HTTP receiver it runs, and calls a tonic service it found in
+//! service whose exporter points at an OTLP/HTTP receiver it runs, and calls a tonic service it found in
 //! the registry. Its own binary: the exporter is one per process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -30,17 +29,9 @@ fn attr(span: &Span, key: &str) -> Option<Any> {
 
 #[test]
 fn a_grpc_call_through_the_channel_is_a_client_span() {
-    // The receiver binds first; the variables are set before any runtime
-    // or other thread exists.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     listener.set_nonblocking(true).unwrap();
-    // SAFETY: no other thread exists yet in this test binary's only test
-    // (the harness runs it alone), so nothing reads the environment meanwhile.
-    unsafe {
-        std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}"));
-        std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "50");
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -66,7 +57,15 @@ fn a_grpc_call_through_the_channel_is_a_client_span() {
         );
         let l = tokio::net::TcpListener::from_std(listener).unwrap();
         tokio::spawn(async move { axum::serve(l, app).await });
-        assert!(meshwork_sdk::telemetry::init("order").enabled());
+        let endpoint = meshwork_telemetry::export::Endpoint::new(
+            &format!("http://{addr}"),
+            false,
+            meshwork_telemetry::export::Protocol::HttpProtobuf,
+            Vec::new(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(meshwork_sdk::telemetry::init_with("order", endpoint).enabled());
 
         let cp = ControlPlane::start().await;
         let mut opts = Options::new("order", vec![cp.endpoint.clone()]).unwrap();
