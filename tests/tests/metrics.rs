@@ -163,7 +163,12 @@ fn prometheus_scrapes_exemplars_that_name_the_trace() {
     let i = &v["instances"][0];
     let order = format!("{}:{}", i["address"].as_str().unwrap(), i["port"]);
 
-    let port = meshwork_testkit::etcd_cluster::free_port();
+    // A free port for Prometheus' web listener (taken back just before).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let web = format!("127.0.0.1:{port}");
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
