@@ -158,10 +158,17 @@ fn prometheus_scrapes_exemplars_that_name_the_trace() {
     until("the shop", Duration::from_secs(60), || {
         http::get(&gw, "/api/products").is_ok_and(|(s, _)| s == 200)
     });
-    let (_, v) = http::get(&node.http, "/v1/services/order/instances").unwrap();
-    let v: Value = serde_json::from_str(&v).unwrap();
-    let i = &v["instances"][0];
-    let order = format!("{}:{}", i["address"].as_str().unwrap(), i["port"]);
+    // The services register one by one.
+    let order = meshwork_testkit::blocking::eventually(
+        "the order service registered",
+        Duration::from_secs(60),
+        || {
+            let (_, v) = http::get(&node.http, "/v1/services/order/instances").ok()?;
+            let v: Value = serde_json::from_str(&v).ok()?;
+            let i = &v["instances"][0];
+            Some(format!("{}:{}", i["address"].as_str()?, i["port"]))
+        },
+    );
 
     // A free port for Prometheus' web listener (taken back just before).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
