@@ -202,26 +202,37 @@ fn prometheus_scrapes_exemplars_that_name_the_trace() {
             .unwrap(),
     );
     // Both targets scraped and up: the OpenMetrics expositions parse.
-    until("prometheus scraping both targets", Duration::from_secs(60), || {
-        let Ok((200, body)) = http::get(&web, "/api/v1/targets") else {
-            return false;
-        };
-        let v: Value = serde_json::from_str(&body).unwrap();
-        let targets = v["data"]["activeTargets"].as_array().cloned().unwrap_or_default();
-        for t in &targets {
-            let error = t["lastError"].as_str().unwrap_or("");
-            assert!(error.is_empty(), "scrape of {}: {error}", t["scrapeUrl"]);
-        }
-        targets.len() == 2 && targets.iter().all(|t| t["health"] == "up")
-    });
+    until(
+        "prometheus scraping both targets",
+        Duration::from_secs(60),
+        || {
+            let Ok((200, body)) = http::get(&web, "/api/v1/targets") else {
+                return false;
+            };
+            let v: Value = serde_json::from_str(&body).unwrap();
+            let targets = v["data"]["activeTargets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for t in &targets {
+                let error = t["lastError"].as_str().unwrap_or("");
+                assert!(error.is_empty(), "scrape of {}: {error}", t["scrapeUrl"]);
+            }
+            targets.len() == 2 && targets.iter().all(|t| t["health"] == "up")
+        },
+    );
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let head = format!(
         "POST /api/orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-customer: exemplar\r\ntraceparent: 00-{trace_id}-00f067aa0ba902b7-01"
     );
     until("an order through the shop", Duration::from_secs(60), || {
-        http::raw(&gw, &head, r#"{"sku":"sku-cable","qty":1,"account":"acct-1"}"#)
-            .is_ok_and(|(s, _)| s == 201)
+        http::raw(
+            &gw,
+            &head,
+            r#"{"sku":"sku-cable","qty":1,"account":"acct-1"}"#,
+        )
+        .is_ok_and(|(s, _)| s == 201)
     });
     for series in [
         "meshwork_gateway_request_duration_seconds_bucket",

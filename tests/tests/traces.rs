@@ -647,7 +647,12 @@ fn etcd_calls_that_carry_a_trace_are_spans() {
     let dir = tempfile::tempdir().unwrap();
     let n = meshwork_tests::start(
         dir.path(),
-        &["--roles", "store,coord,traces", "--otlp-grpc-addr", "127.0.0.1:0"],
+        &[
+            "--roles",
+            "store,coord,traces",
+            "--otlp-grpc-addr",
+            "127.0.0.1:0",
+        ],
         &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
     );
     let trace_id = "5af7651916cd43dd8448eb211c80319d";
@@ -692,7 +697,11 @@ fn etcd_calls_that_carry_a_trace_are_spans() {
         .unwrap();
         // Refused as etcd refuses it (no key): an error span.
         let e = kv
-            .range(traced(RangeRequest::default(), trace_id, "c7ad6b7169203332"))
+            .range(traced(
+                RangeRequest::default(),
+                trace_id,
+                "c7ad6b7169203332",
+            ))
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);

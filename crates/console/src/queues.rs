@@ -128,10 +128,7 @@ pub(crate) async fn list(State(s): State<ConsoleState>, headers: HeaderMap, q: Q
     }
     // Outside the live region: the charts keep their canvases (the last hour
     // from /v1/console/history, then the live stream).
-    let html = format!(
-        "<h1>Queues</h1>{}{CHARTS}",
-        live(&body, "/ui/queues")
-    );
+    let html = format!("<h1>Queues</h1>{}{CHARTS}", live(&body, "/ui/queues"));
     page(&s, &headers, &q, "queues", "Queues", html)
 }
 

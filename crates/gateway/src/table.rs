@@ -18,8 +18,8 @@ use crate::resolver::Resolver;
 use crate::route::compile::{ActionPlan, RoutePlan, Source, TargetPlan};
 use crate::route::model::{LbPolicy, RouteSet};
 use crate::upstream::Cluster;
-use meshwork_telemetry::TraceContext;
 use meshwork_resilience::outlier::OutlierConfig;
+use meshwork_telemetry::TraceContext;
 
 /// Upper bounds (microseconds) of the latency buckets kept per route; the last
 /// bucket counts everything slower. A reader that keeps two snapshots gets the

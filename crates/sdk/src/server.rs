@@ -269,8 +269,7 @@ fn build_router(router: Router, opts: &ServerOptions, shared: Shared) -> Result<
                 let accept = headers
                     .get(http::header::ACCEPT)
                     .and_then(|v| v.to_str().ok());
-                let (content_type, body) =
-                    meshwork_telemetry::exemplar::exposition(accept, text);
+                let (content_type, body) = meshwork_telemetry::exemplar::exposition(accept, text);
                 async move { ([(http::header::CONTENT_TYPE, content_type)], body) }
             }),
         );

@@ -93,26 +93,41 @@ fn a_grpc_call_through_the_channel_is_a_client_span() {
             {
                 let s = spans.lock();
                 let find = |name: &str| s.iter().find(|sp| sp.name == name).cloned();
-                if let (Some(p), Some(r)) = (find("etcdserverpb.KV/Put"), find("etcdserverpb.KV/Range")) {
+                if let (Some(p), Some(r)) =
+                    (find("etcdserverpb.KV/Put"), find("etcdserverpb.KV/Range"))
+                {
                     break (p, r);
                 }
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "no client spans: {:?}",
-                spans.lock().iter().map(|s| s.name.clone()).collect::<Vec<_>>()
+                spans
+                    .lock()
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         // SpanKind::Client is 3.
         assert_eq!(put.kind, 3);
-        assert_eq!(attr(&put, "rpc.system"), Some(Any::StringValue("grpc".into())));
+        assert_eq!(
+            attr(&put, "rpc.system"),
+            Some(Any::StringValue("grpc".into()))
+        );
         assert_eq!(
             attr(&put, "rpc.service"),
             Some(Any::StringValue("etcdserverpb.KV".into()))
         );
-        assert_eq!(attr(&put, "rpc.method"), Some(Any::StringValue("Put".into())));
-        assert_eq!(attr(&put, "server.address"), Some(Any::StringValue("etcd".into())));
+        assert_eq!(
+            attr(&put, "rpc.method"),
+            Some(Any::StringValue("Put".into()))
+        );
+        assert_eq!(
+            attr(&put, "server.address"),
+            Some(Any::StringValue("etcd".into()))
+        );
         assert_eq!(attr(&put, "rpc.grpc.status_code"), Some(Any::IntValue(0)));
         assert_eq!(attr(&range, "rpc.grpc.status_code"), Some(Any::IntValue(3)));
         // Status code 2 is ERROR.

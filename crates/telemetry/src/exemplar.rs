@@ -20,7 +20,8 @@ use parking_lot::Mutex;
 use crate::TraceContext;
 
 /// The `Content-Type` of an OpenMetrics exposition.
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The `Content-Type` of the Prometheus text exposition.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -177,7 +178,12 @@ impl Histogram {
 /// an observation already recorded in its histogram (for series looked up
 /// per call). Does nothing until exemplars are wanted or if the trace is not
 /// sampled.
-pub fn offer(name: &'static str, labels: &[(&'static str, &str)], value: f64, trace: &TraceContext) {
+pub fn offer(
+    name: &'static str,
+    labels: &[(&'static str, &str)],
+    value: f64,
+    trace: &TraceContext,
+) {
     if !WANTED.load(Ordering::Relaxed) || !trace.sampled() {
         return;
     }
@@ -359,7 +365,9 @@ mod tests {
         );
         let bucket = text
             .lines()
-            .find(|l| l.starts_with("demo_request_duration_seconds_bucket{route=\"a\\\"b\",le=\"0.005\"}"))
+            .find(|l| {
+                l.starts_with("demo_request_duration_seconds_bucket{route=\"a\\\"b\",le=\"0.005\"}")
+            })
             .unwrap();
         assert!(
             bucket.contains(&format!(

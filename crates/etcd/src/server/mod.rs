@@ -21,7 +21,6 @@ pub use conn::{Guarded, ListenLimits, PeerInfo, limited_incoming, limited_incomi
 
 use crate::auth::{Auth, Caller};
 use crate::convert::Header;
-use spans::SpanLayer;
 use crate::proto::etcdserverpb::auth_server::AuthServer;
 use crate::proto::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
@@ -29,6 +28,7 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::v3electionpb::election_server::ElectionServer;
 use crate::proto::v3lockpb::lock_server::LockServer;
+use spans::SpanLayer;
 
 /// Room gRPC framing may add beyond the request limit before the transport rejects a
 /// message outright (etcd allows the same 512 KiB).
@@ -204,8 +204,8 @@ pub async fn serve_in_process(
         info,
         true,
     )
-        .serve_with_incoming_shutdown(listener.incoming(), shutdown)
-        .await
+    .serve_with_incoming_shutdown(listener.incoming(), shutdown)
+    .await
 }
 
 /// Every etcd service over `store`, on `server`, under `spans`.

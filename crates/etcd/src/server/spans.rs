@@ -92,7 +92,8 @@ where
                 .as_ref()
                 .map(|r| r.headers())
                 .map_err(|_| "no response".to_owned());
-            if let Some(span) = meshwork_telemetry::rpc::span(&ctx, &path, Kind::Server, wall, head) {
+            if let Some(span) = meshwork_telemetry::rpc::span(&ctx, &path, Kind::Server, wall, head)
+            {
                 tracer.record(span);
             }
             res
