@@ -267,6 +267,16 @@ struct NodeArgs {
     /// user its certificate's common name names, as etcd's --client-cert-auth.
     #[arg(long, env = "MESHWORK_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Directory of a certificate authority (ca.pem, ca-key.pem: `meshwork
+    /// cert init`) this node issues service certificates from: services
+    /// connecting with MESHWORK_IDENTITY=1 get one naming them and talk
+    /// mutual TLS [up --tls: the authority it makes].
+    #[arg(long, env = "MESHWORK_IDENTITY_CA")]
+    identity_ca: Option<PathBuf>,
+    /// Seconds a service certificate is valid (renewed at half its life),
+    /// 60 to 2592000 [default: 86400].
+    #[arg(long, env = "MESHWORK_IDENTITY_TTL")]
+    identity_ttl: Option<u64>,
     /// Master key that encrypts secret config entries at rest: a file of 32
     /// bytes, raw, as 64 hex digits or in base64 (`MESHWORK_SECRETS_KEY` gives
     /// it inline). Without one, secret entries can be neither published nor
@@ -528,6 +538,18 @@ fn resolve(args: &NodeArgs, default_dir: PathBuf) -> Result<node::NodeConfig> {
                 client_ca_file: args.tls_client_ca.clone(),
             }),
         insecure_allow_open: args.insecure_allow_open,
+        identity: match &args.identity_ca {
+            Some(dir) => {
+                let ttl = args.identity_ttl.unwrap_or(86_400);
+                if !(60..=2_592_000).contains(&ttl) {
+                    anyhow::bail!(
+                        "--identity-ttl {ttl}: give 60 to 2592000 seconds (a minute to 30 days)"
+                    );
+                }
+                Some((dir.clone(), std::time::Duration::from_secs(ttl)))
+            }
+            None => None,
+        },
         store_auth: store_auth(args)?,
         txn: file.txn.options()?,
         mq,
@@ -715,6 +737,10 @@ async fn run_up(args: UpArgs) -> Result<()> {
         }
         node_args.tls_cert = Some(dir.join("node.pem"));
         node_args.tls_key = Some(dir.join("node-key.pem"));
+        // The same authority issues the services' certificates.
+        if node_args.identity_ca.is_none() {
+            node_args.identity_ca = Some(dir.clone());
+        }
     }
 
     let mut cfg = resolve(&node_args, default_dir)?;

@@ -33,6 +33,9 @@ pub(crate) struct NodeConfig {
     pub(crate) gateway_workers: Option<usize>,
     /// TLS on the etcd, HTTP and OTLP ports (None: plaintext).
     pub(crate) tls: Option<meshwork_tls::TlsConfig>,
+    /// The authority's directory and the certificates' lifetime, when this
+    /// node issues service certificates.
+    pub(crate) identity: Option<(PathBuf, std::time::Duration)>,
     /// Reads of the HTTP API need a token or login too.
     pub(crate) protect_reads: bool,
     /// Calls per second each token or login may make (0: no limit).
@@ -209,6 +212,18 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     if !cfg.roles.store {
         check_exposure(&cfg, false)?;
     }
+    // The authority service certificates come from; https health checks
+    // trust it (services serving with their identity are checked over TLS).
+    let authority = match &cfg.identity {
+        Some((dir, _)) => {
+            let a = meshwork_tls::identity::Authority::load(dir)
+                .context("loading the identity authority (--identity-ca)")?;
+            meshwork_coord::registry::prober::trust_for_https(a.ca_pem())
+                .map_err(|e| anyhow::anyhow!("trusting the identity authority: {e}"))?;
+            Some(Arc::new(a))
+        }
+        None => None,
+    };
     let http_listener = TcpListener::bind(cfg.http_addr)
         .await
         .with_context(|| format!("binding the HTTP address {}", cfg.http_addr))?;
@@ -364,6 +379,17 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
                 .with_context(|| format!("starting coordination on etcd endpoints {endpoints:?}"));
         }
     };
+    if let (Some(c), Some(a), Some((_, ttl))) = (&coord, &authority, &cfg.identity) {
+        let issuer = meshwork_coord::identity::Issuer::new(c.backend.clone(), a.clone(), *ttl);
+        let rx = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                () = issuer.run() => {}
+                () = stopped(rx) => {}
+            }
+        }));
+        tracing::info!(ttl_s = ttl.as_secs(), "issuing service certificates");
+    }
     let state = http::AppState {
         store: store.clone(),
         serving: serving.clone(),

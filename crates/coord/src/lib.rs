@@ -17,6 +17,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod identity;
 pub mod ids;
 pub mod lock;
 pub mod nodes;

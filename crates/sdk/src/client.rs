@@ -207,24 +207,40 @@ impl TargetPolicy {
 }
 
 type HyperClient = Client<HttpConnector, Full<Bytes>>;
+type TlsClient = Client<meshwork_telemetry::https::HttpsConnector, Full<Bytes>>;
 
 /// One instance: sends the request to its address and reads the answer whole.
 #[derive(Clone)]
 struct EndpointSvc {
     addr: SocketAddr,
     client: HyperClient,
+    /// To instances serving with their identity: mutual TLS, expecting the
+    /// target's name (`None`: this service has no identity to present).
+    identity_client: Option<TlsClient>,
+    /// This instance serves with its identity.
+    tls: bool,
+    service: Arc<str>,
     max_body: usize,
 }
 
 impl EndpointSvc {
     /// The same client, to another address.
-    fn at(&self, addr: SocketAddr) -> EndpointSvc {
+    fn at(&self, addr: SocketAddr, tls: bool) -> EndpointSvc {
         EndpointSvc {
             addr,
+            tls,
             ..self.clone()
         }
     }
 }
+
+/// The instance serves with its identity and this service has none.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{0} serves with its service identity (mutual TLS): give this service one ({} = 1) to call it",
+    crate::IDENTITY_ENV
+)]
+struct NeedsIdentity(Arc<str>);
 
 /// The future of one call through the stack's inner services.
 type CallFuture = std::pin::Pin<Box<dyn Future<Output = Result<Response<Bytes>, BoxError>> + Send>>;
@@ -245,6 +261,14 @@ impl Service<Request<Bytes>> for EndpointSvc {
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let client = self.client.clone();
+        let tls = match (self.tls, &self.identity_client) {
+            (false, _) => None,
+            (true, Some(c)) => Some(c.clone()),
+            (true, None) => {
+                let e = NeedsIdentity(self.service.clone());
+                return Box::pin(async move { Err(e.into()) });
+            }
+        };
         let addr = self.addr;
         let max = self.max_body;
         Box::pin(async move {
@@ -255,13 +279,15 @@ impl Service<Request<Bytes>> for EndpointSvc {
                 .map_or("/", |p| p.as_str())
                 .to_string();
             parts.uri = Uri::builder()
-                .scheme("http")
+                .scheme(if tls.is_some() { "https" } else { "http" })
                 .authority(addr.to_string())
                 .path_and_query(pq)
                 .build()?;
-            let resp = client
-                .request(Request::from_parts(parts, Full::new(body)))
-                .await?;
+            let req = Request::from_parts(parts, Full::new(body));
+            let resp = match tls {
+                Some(c) => c.request(req).await?,
+                None => client.request(req).await?,
+            };
             let (parts, body) = resp.into_parts();
             let body = match Limited::new(body, max).collect().await {
                 Ok(b) => b.to_bytes(),
@@ -331,6 +357,8 @@ pub struct HttpClient {
     default: Arc<TargetPolicy>,
     policies: Arc<HashMap<String, TargetPolicy>>,
     targets: Arc<tokio::sync::Mutex<HashMap<String, Arc<Target>>>>,
+    /// The rustls client presenting this service's identity, if it has one.
+    identity: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -340,13 +368,25 @@ impl std::fmt::Debug for HttpClient {
 }
 
 impl HttpClient {
-    pub(crate) fn new(coord: CoordClient, opts: &Options) -> HttpClient {
-        HttpClient {
+    pub(crate) fn new(
+        coord: CoordClient,
+        opts: &Options,
+        identity: Option<Arc<meshwork_tls::identity::Identity>>,
+    ) -> Result<HttpClient, Error> {
+        let identity = match identity {
+            Some(i) => Some(
+                i.client_config(&[b"http/1.1"])
+                    .map_err(|e| Error::Invalid(format!("service identity: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(HttpClient {
             coord,
             default: Arc::new(opts.default_target.clone()),
             policies: Arc::new(opts.targets.clone()),
             targets: Arc::default(),
-        }
+            identity,
+        })
     }
 
     fn policy(&self, service: &str) -> &TargetPolicy {
@@ -516,20 +556,38 @@ impl HttpClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_millis(policy.connect_timeout_ms)));
+        let identity_client = match &self.identity {
+            Some(tls) => Some(
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .build(
+                        meshwork_telemetry::https::HttpsConnector::new(tls.clone())
+                            .with_server_name(service)
+                            .map_err(Error::Invalid)?
+                            .with_connect_timeout(Duration::from_millis(
+                                policy.connect_timeout_ms,
+                            )),
+                    ),
+            ),
+            None => None,
+        };
         let template = EndpointSvc {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build(connector),
+            identity_client,
+            tls: false,
+            service: service.into(),
             max_body: policy.max_response_bytes,
         };
         // The current instances before the first call; the feed applies changes.
         let known = current_endpoints(&registry, service, &filter).await;
-        for (addr, weight) in &known {
+        for (addr, ep) in &known {
             lb.apply(Change::Insert {
                 key: *addr,
-                service: template.at(*addr),
-                weight: *weight,
+                service: template.at(*addr, ep.tls),
+                weight: ep.weight,
             });
         }
         let feed = tokio::spawn(follow(
@@ -539,9 +597,9 @@ impl HttpClient {
             known,
             move |change| {
                 let change = match change {
-                    EndpointChange::Add(addr, weight) => Change::Insert {
+                    EndpointChange::Add(addr, weight, tls) => Change::Insert {
                         key: addr,
-                        service: template.at(addr),
+                        service: template.at(addr, tls),
                         weight,
                     },
                     EndpointChange::Remove(addr) => Change::Remove(addr),
@@ -593,8 +651,9 @@ pub(crate) fn guards(
 /// One change of a service's traffic endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EndpointChange {
-    /// A new instance at this address, with its weight.
-    Add(SocketAddr, u32),
+    /// A new instance at this address, with its weight and whether it
+    /// serves TLS with its identity.
+    Add(SocketAddr, u32, bool),
     /// The instance at this address left.
     Remove(SocketAddr),
     /// Its weight changed.
@@ -606,12 +665,30 @@ pub(crate) async fn current_endpoints(
     registry: &Registry,
     service: &str,
     filter: &Filter,
-) -> HashMap<SocketAddr, u32> {
+) -> HashMap<SocketAddr, Ep> {
     traffic_endpoints(&registry.discover(service, filter))
         .await
         .into_iter()
-        .map(|e| (e.addr, e.weight))
+        .map(|e| (e.addr, Ep::of(&e)))
         .collect()
+}
+
+/// What the feed follows of an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ep {
+    /// Load-balancing weight.
+    pub(crate) weight: u32,
+    /// It serves TLS with its identity.
+    pub(crate) tls: bool,
+}
+
+impl Ep {
+    fn of(e: &meshwork_coord::registry::TrafficEndpoint) -> Ep {
+        Ep {
+            weight: e.weight,
+            tls: e.identity_tls,
+        }
+    }
 }
 
 /// Follows the registry from `known` on, handing each change to `apply` until it
@@ -620,24 +697,28 @@ pub(crate) async fn follow<F: Future<Output = bool>>(
     registry: Registry,
     service: String,
     filter: Filter,
-    mut known: HashMap<SocketAddr, u32>,
+    mut known: HashMap<SocketAddr, Ep>,
     mut apply: impl FnMut(EndpointChange) -> F,
 ) {
     let mut answers = Box::pin(registry.watch(&service, filter));
     while let Some(d) = answers.next().await {
-        let now: HashMap<SocketAddr, u32> = traffic_endpoints(&d)
+        let now: HashMap<SocketAddr, Ep> = traffic_endpoints(&d)
             .await
             .into_iter()
-            .map(|e| (e.addr, e.weight))
+            .map(|e| (e.addr, Ep::of(&e)))
             .collect();
+        // An address that now serves with (or without) TLS is another
+        // endpoint: out, then in again.
         let removed = known
-            .keys()
-            .filter(|a| !now.contains_key(a))
-            .map(|a| EndpointChange::Remove(*a));
-        let changed = now.iter().filter_map(|(a, w)| match known.get(a) {
-            None => Some(EndpointChange::Add(*a, *w)),
-            Some(old) if old != w => Some(EndpointChange::Weight(*a, *w)),
-            Some(_) => None,
+            .iter()
+            .filter(|(a, old)| now.get(a).is_none_or(|e| e.tls != old.tls))
+            .map(|(a, _)| EndpointChange::Remove(*a));
+        let changed = now.iter().filter_map(|(a, e)| match known.get(a) {
+            Some(old) if old.tls == e.tls && old.weight != e.weight => {
+                Some(EndpointChange::Weight(*a, e.weight))
+            }
+            Some(old) if old.tls == e.tls => None,
+            _ => Some(EndpointChange::Add(*a, e.weight, e.tls)),
         });
         let changes: Vec<EndpointChange> = removed.chain(changed).collect();
         for change in changes {

@@ -39,6 +39,7 @@ pub mod client;
 pub mod context;
 mod error;
 pub mod grpc;
+pub mod identity;
 pub mod mq;
 pub mod server;
 pub mod telemetry;
@@ -66,6 +67,8 @@ pub use meshwork_coord::registry::probe::{CheckPolicy, CheckSpec, HealthCheck};
 pub const ENDPOINTS_ENV: &str = "MESHWORK_ENDPOINTS";
 /// Default control plane endpoint: the local node's etcd port.
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:2479";
+/// Environment variable that turns the service identity on (`1`).
+pub const IDENTITY_ENV: &str = "MESHWORK_IDENTITY";
 
 /// How a service connects and how it calls others.
 #[derive(Debug, Clone)]
@@ -89,6 +92,12 @@ pub struct Options {
     /// Master keys that open secret config entries (`MESHWORK_SECRETS_KEY`,
     /// `MESHWORK_SECRETS_KEY_FILE`); without one a secret entry stays locked.
     pub secret_keys: meshwork_coord::config::secret::MasterKeys,
+    /// Get a certificate naming this service from the node's authority and
+    /// serve and call with it (mutual TLS between services;
+    /// `MESHWORK_IDENTITY=1`). See [`identity`].
+    pub identity: bool,
+    /// How long connecting waits for the certificate, milliseconds.
+    pub identity_wait_ms: u64,
 }
 
 impl Options {
@@ -117,6 +126,15 @@ impl Options {
         opts.tls = meshwork_coord::backend::ClientTls::from_env();
         opts.secret_keys = meshwork_coord::config::secret::MasterKeys::from_env()
             .map_err(|e| Error::Invalid(e.to_string()))?;
+        opts.identity = match std::env::var(IDENTITY_ENV).as_deref() {
+            Ok("1" | "true" | "on") => true,
+            Ok("" | "0" | "false" | "off") | Err(_) => false,
+            Ok(other) => {
+                return Err(Error::Invalid(format!(
+                    "{IDENTITY_ENV}={other:?}: use 1 or 0"
+                )));
+            }
+        };
         Ok(opts)
     }
 
@@ -138,6 +156,8 @@ impl Options {
             credentials: None,
             tls: None,
             secret_keys: Default::default(),
+            identity: false,
+            identity_wait_ms: 10_000,
         })
     }
 
@@ -161,12 +181,17 @@ struct Inner {
     coord: CoordClient,
     http: HttpClient,
     ids: tokio::sync::Mutex<Option<IdGenerator>>,
+    identity: Option<Arc<meshwork_tls::identity::Identity>>,
     _monitor: tokio::task::JoinHandle<()>,
+    _renewing: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self._monitor.abort();
+        if let Some(r) = &self._renewing {
+            r.abort();
+        }
     }
 }
 
@@ -215,15 +240,24 @@ impl Meshwork {
             },
         )
         .await?;
+        let (identity, renewing) = if opts.identity {
+            let wait = std::time::Duration::from_millis(opts.identity_wait_ms);
+            let (i, r) = identity::start(&coord, &opts.name, wait).await?;
+            (Some(i), Some(r))
+        } else {
+            (None, None)
+        };
         let monitor = tokio::spawn(monitor_control_plane(coord.control_plane()));
-        let http = HttpClient::new(coord.clone(), &opts);
+        let http = HttpClient::new(coord.clone(), &opts, identity.clone())?;
         Ok(Meshwork {
             inner: Arc::new(Inner {
                 opts,
                 coord,
                 http,
                 ids: tokio::sync::Mutex::new(None),
+                identity,
                 _monitor: monitor,
+                _renewing: renewing,
             }),
         })
     }
@@ -231,6 +265,11 @@ impl Meshwork {
     /// The service name this handle was opened for.
     pub fn name(&self) -> &str {
         &self.inner.opts.name
+    }
+
+    /// The service's identity, when [`Options::identity`] is on.
+    pub fn identity(&self) -> Option<&Arc<meshwork_tls::identity::Identity>> {
+        self.inner.identity.as_ref()
     }
 
     /// Starts and follows distributed transactions on the cluster's `txn`

@@ -79,6 +79,11 @@ pub struct ServerOptions {
     pub drain_timeout_ms: u64,
     /// Metadata registered with the instance (`pid` is always added).
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// With the service's identity on: the services whose certificates may
+    /// call (`None`: any caller, with or without a certificate; the health
+    /// and metrics paths are open to all either way). Handlers read who
+    /// called from the [`Caller`] extension.
+    pub allow_callers: Option<Vec<String>>,
 }
 
 impl Default for ServerOptions {
@@ -95,6 +100,7 @@ impl Default for ServerOptions {
             metrics_path: "/metrics".into(),
             drain_timeout_ms: 10_000,
             metadata: Default::default(),
+            allow_callers: None,
         }
     }
 }
@@ -175,7 +181,24 @@ impl Bound {
             service: mw.name().into(),
             draining: Arc::new(AtomicBool::new(false)),
         };
+        let identity = mw.identity().cloned();
+        if identity.is_none() && opts.allow_callers.is_some() {
+            return Err(Error::Invalid(
+                "allow_callers needs the service's identity (Options::identity)".into(),
+            ));
+        }
         let app = build_router(router, &opts, shared.clone())?;
+        let app = match &identity {
+            Some(_) => app.layer(axum::middleware::from_fn_with_state(
+                Arc::new(Gate {
+                    service: shared.service.clone(),
+                    allow: opts.allow_callers.clone(),
+                    open: vec![opts.health_path.clone(), opts.metrics_path.clone()],
+                }),
+                identify,
+            )),
+            None => app,
+        };
         let registered = if opts.register {
             let host = match &opts.advertise {
                 Some(h) => h.clone(),
@@ -193,6 +216,20 @@ impl Bound {
             // Where the console reads this instance's own breakers and ejections.
             spec.metadata
                 .insert("metrics_path".into(), opts.metrics_path.clone());
+            if identity.is_some() {
+                // Callers dial it with TLS; its health is checked over https.
+                spec.metadata.insert(
+                    crate::identity::TLS_METADATA.into(),
+                    crate::identity::TLS_IDENTITY.into(),
+                );
+                if let Some(meshwork_coord::registry::probe::HealthCheck {
+                    spec: meshwork_coord::registry::probe::CheckSpec::Http { scheme, .. },
+                    ..
+                }) = &mut spec.check
+                {
+                    *scheme = "https".into();
+                }
+            }
             let r = mw.register(spec).await?;
             tracing::info!(service = %mw.name(), id = %r.instance.spec.id, %addr, "registered");
             Some(r.instance.spec.id)
@@ -200,10 +237,27 @@ impl Bound {
             None
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let stopped = async move {
             let _ = stop_rx.await;
-        });
-        let serving = tokio::spawn(async move { serve.await });
+        };
+        let serving = match &identity {
+            None => {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(stopped);
+                tokio::spawn(async move { serve.await })
+            }
+            Some(id) => {
+                let tls = id
+                    .server_config(&[b"http/1.1"])
+                    .map_err(|e| Error::Invalid(format!("service identity: {e}")))?;
+                let listener = crate::identity::TlsListener::new(listener, tls);
+                let serve = axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<crate::identity::Peer>(),
+                )
+                .with_graceful_shutdown(stopped);
+                tokio::spawn(async move { serve.await })
+            }
+        };
         shutdown.await;
         // Out of rotation first: no new traffic, then drain what is in flight.
         shared.draining.store(true, Ordering::Release);
@@ -373,6 +427,51 @@ async fn observe(State(shared): State<Shared>, req: Request, next: Next) -> Resp
     );
     metrics::histogram!("meshwork_sdk_server_request_duration_seconds", "service" => shared.service.to_string(), "route" => route, "method" => method).record(secs);
     resp
+}
+
+/// Who called, on a service serving with its identity: the service its
+/// certificate names, `None` for a caller without one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller(pub Option<String>);
+
+struct Gate {
+    service: Arc<str>,
+    allow: Option<Vec<String>>,
+    open: Vec<String>,
+}
+
+/// Tells the handlers who called ([`Caller`]) and turns away callers the
+/// options do not allow.
+async fn identify(State(gate): State<Arc<Gate>>, mut req: Request, next: Next) -> Response {
+    let caller = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::identity::Peer>>()
+        .and_then(|c| c.0.service.clone());
+    let open = gate.open.iter().any(|p| p == req.uri().path());
+    if let (Some(allow), false) = (&gate.allow, open) {
+        match &caller {
+            Some(s) if allow.iter().any(|a| a == s) => {}
+            Some(s) => {
+                return json_error(
+                    StatusCode::FORBIDDEN,
+                    "caller_not_allowed",
+                    &format!("service {s} may not call {}", gate.service),
+                );
+            }
+            None => {
+                return json_error(
+                    StatusCode::UNAUTHORIZED,
+                    "no_caller_identity",
+                    &format!(
+                        "{} takes calls from services presenting their certificate (mutual TLS)",
+                        gate.service
+                    ),
+                );
+            }
+        }
+    }
+    req.extensions_mut().insert(Caller(caller));
+    next.run(req).await
 }
 
 async fn shutdown_signal() {

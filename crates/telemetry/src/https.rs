@@ -1,6 +1,8 @@
-//! An HTTPS connector for the exporter's clients (hyper-util's pooled client
-//! for OTLP/HTTP, tonic's channel for OTLP/gRPC): TCP, then TLS with the
-//! URI's host as SNI and the name the collector's certificate must carry.
+//! An HTTPS connector for hyper-util's pooled client and tonic's channel
+//! (the exporter's OTLP clients, the SDK's calls to services serving with
+//! their identity): TCP, then TLS with the URI's host — or a fixed name, the
+//! called service's — as SNI and the name the server's certificate must
+//! carry.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,20 +17,41 @@ use tokio_rustls::client::TlsStream;
 
 /// Connects to `https://HOST:PORT` URIs over TLS.
 #[derive(Clone)]
-pub(crate) struct HttpsConnector {
+pub struct HttpsConnector {
     tls: tokio_rustls::TlsConnector,
+    name: Option<ServerName<'static>>,
+    connect_timeout: Option<std::time::Duration>,
 }
 
 impl HttpsConnector {
-    pub(crate) fn new(cfg: Arc<rustls::ClientConfig>) -> Self {
+    /// A connector with `cfg` that verifies the URI's host.
+    pub fn new(cfg: Arc<rustls::ClientConfig>) -> Self {
         Self {
             tls: tokio_rustls::TlsConnector::from(cfg),
+            name: None,
+            connect_timeout: None,
         }
+    }
+
+    /// Verifies (and sends as SNI) `name` instead of the URI's host: a
+    /// service's name when dialling its instances by address.
+    pub fn with_server_name(mut self, name: &str) -> Result<Self, String> {
+        self.name = Some(
+            ServerName::try_from(name.to_owned())
+                .map_err(|_| format!("{name:?} is not a DNS name"))?,
+        );
+        Ok(self)
+    }
+
+    /// Gives up a TCP connect after `timeout`.
+    pub fn with_connect_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
     }
 }
 
 /// A TLS connection as hyper sees it.
-pub(crate) struct TlsIo(TokioIo<TlsStream<TcpStream>>);
+pub struct TlsIo(TokioIo<TlsStream<TcpStream>>);
 
 impl Connection for TlsIo {
     fn connected(&self) -> Connected {
@@ -81,7 +104,7 @@ impl tower_service::Service<http::Uri> for HttpsConnector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let tls = self.tls.clone();
+        let (tls, fixed, limit) = (self.tls.clone(), self.name.clone(), self.connect_timeout);
         Box::pin(async move {
             let host = uri
                 .host()
@@ -90,9 +113,18 @@ impl tower_service::Service<http::Uri> for HttpsConnector {
                 .trim_end_matches(']')
                 .to_string();
             let port = uri.port_u16().unwrap_or(443);
-            let name = ServerName::try_from(host.clone())
-                .map_err(|_| format!("{host:?} is neither a DNS name nor an IP address"))?;
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            let name = match fixed {
+                Some(n) => n,
+                None => ServerName::try_from(host.clone())
+                    .map_err(|_| format!("{host:?} is neither a DNS name nor an IP address"))?,
+            };
+            let connect = TcpStream::connect((host.as_str(), port));
+            let tcp = match limit {
+                Some(t) => tokio::time::timeout(t, connect)
+                    .await
+                    .map_err(|_| format!("connect to {host}:{port} timed out"))??,
+                None => connect.await?,
+            };
             let _ = tcp.set_nodelay(true);
             let stream = tls.connect(name, tcp).await?;
             Ok(TlsIo(TokioIo::new(stream)))

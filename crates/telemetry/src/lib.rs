@@ -8,7 +8,7 @@
 
 pub mod exemplar;
 pub mod export;
-mod https;
+pub mod https;
 pub mod logs;
 pub mod metrics;
 pub mod rpc;

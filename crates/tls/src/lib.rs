@@ -7,6 +7,9 @@
 //! client that verifies servers against a CA file or the system's roots and
 //! can present its own certificate.
 
+#[cfg(feature = "identity")]
+pub mod identity;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -119,6 +122,37 @@ fn system_roots() -> Result<rustls::RootCertStore, TlsError> {
         ));
     }
     Ok(roots.clone())
+}
+
+/// A rustls client trusting the system's roots and `extra_ca_pem` (PEM CA
+/// certificates, such as a node's identity authority), offering `alpn`, with
+/// no certificate of its own. Fails only if it would trust nothing.
+pub fn client_config_trusting(
+    extra_ca_pem: Option<&str>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = system_roots().unwrap_or_else(|_| rustls::RootCertStore::empty());
+    if let Some(pem) = extra_ca_pem {
+        for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let c = c.map_err(|e| file_err(Path::new("(identity authority)"), e.to_string()))?;
+            roots
+                .add(c)
+                .map_err(|e| file_err(Path::new("(identity authority)"), e.to_string()))?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(file_err(
+            Path::new("(system roots)"),
+            "no CA certificate to trust",
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
 }
 
 /// A rustls client for `cfg` offering the protocols `alpn`: servers are

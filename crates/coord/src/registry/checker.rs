@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use super::Registry;
 use super::model::{HealthStatus, Instance, health_key, instance_key, now_ms};
 use super::probe::HealthCheck;
-use super::prober::{ProbeOutcome, probe};
+use super::prober::{ProbeOutcome, probe_as};
 use crate::backend::txn;
 use crate::nodes::{CHECKER_ROLE, Membership};
 
@@ -220,12 +220,19 @@ async fn run_check(registry: Registry, membership: Arc<Membership>, inst: Instan
     let mut streak = 0u32;
     let interval = Duration::from_millis(check.policy.interval_ms);
     let host = format!("{}:{}", inst.spec.address, inst.spec.port);
+    // An instance serving with its service identity is verified by its name.
+    let server_name = inst
+        .spec
+        .metadata
+        .get("tls")
+        .is_some_and(|v| v == "identity")
+        .then(|| svc.clone());
     // What the store holds from us (None until our first write lands): a flip whose
     // write failed is written again on the next round.
     let mut written: Option<bool> = None;
     loop {
         let outcome = match resolve(&inst.spec.address, inst.spec.port).await {
-            Ok(addr) => probe(&check, addr, &host).await,
+            Ok(addr) => probe_as(&check, addr, &host, server_name.as_deref()).await,
             Err(e) => ProbeOutcome {
                 healthy: false,
                 detail: e,

@@ -400,6 +400,9 @@ pub struct TrafficEndpoint {
     pub version: Option<String>,
     /// Tags.
     pub tags: Vec<String>,
+    /// It serves TLS with its service identity (metadata `tls = identity`):
+    /// dial it with TLS, expecting its service's name.
+    pub identity_tls: bool,
 }
 
 /// The instances of a discovery answer that should take traffic: enabled, weight
@@ -419,6 +422,7 @@ fn endpoint_of(s: &InstanceSpec, addr: std::net::SocketAddr) -> TrafficEndpoint 
         zone: (!s.zone.is_empty()).then(|| s.zone.clone()),
         version: (!s.version.is_empty()).then(|| s.version.clone()),
         tags: s.tags.clone(),
+        identity_tls: s.metadata.get("tls").is_some_and(|v| v == "identity"),
     }
 }
 

@@ -77,7 +77,10 @@ pub enum CheckSpec {
         /// Status that means healthy; `None` accepts any 2xx.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expected_status: Option<u16>,
-        /// URL scheme; only `http` is supported for now.
+        /// URL scheme: `http`, or `https` (the server verified against the
+        /// system's roots and the node's identity authority, by the
+        /// instance's service name when it serves with its identity, else
+        /// its address).
         #[serde(default = "default_http_scheme")]
         scheme: String,
         /// Extra request headers (a `host` entry replaces the default Host).
@@ -141,16 +144,10 @@ impl CheckSpec {
                     ));
                 }
                 match scheme.as_str() {
-                    "http" => {}
-                    "https" => {
-                        return Err(
-                            "scheme \"https\" is not supported yet: HTTP checks use plain http"
-                                .to_owned(),
-                        );
-                    }
+                    "http" | "https" => {}
                     other => {
                         return Err(format!(
-                            "scheme {other:?} is not supported: only \"http\" is"
+                            "scheme {other:?} is not supported: use \"http\" or \"https\""
                         ));
                     }
                 }
@@ -498,8 +495,8 @@ pub(crate) mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
         };
-        assert!(err(with("https", &[])).contains("not supported yet"));
-        assert!(err(with("ftp", &[])).contains("only \"http\""));
+        assert!(with("https", &[]).validate().is_ok());
+        assert!(err(with("ftp", &[])).contains("use \"http\" or \"https\""));
         assert!(err(with("http", &[("bad name", "x")])).contains("not a valid HTTP header name"));
         assert!(
             err(with("http", &[("x-a", "line\nbreak")])).contains("not a valid HTTP header value")

@@ -1,4 +1,4 @@
-//! Runs health probes: HTTP, TCP and gRPC (`grpc.health.v1`).
+//! Runs health probes: HTTP (and HTTPS), TCP and gRPC (`grpc.health.v1`).
 //!
 //! A probe opens a fresh connection to one instance, asks one question and
 //! closes the connection. Every probe is bounded by the check's timeout and
@@ -42,26 +42,59 @@ pub struct ProbeOutcome {
     pub latency: Duration,
 }
 
+/// The client https checks verify servers with: the system's roots and,
+/// once the node sets it, its identity authority ([`trust_for_https`]).
+static HTTPS: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> =
+    std::sync::OnceLock::new();
+
+/// Makes https checks trust `ca_pem` (the node's identity authority) besides
+/// the system's roots. Only the first call counts (one node per process).
+pub fn trust_for_https(ca_pem: &str) -> Result<(), String> {
+    let cfg = meshwork_tls::client_config_trusting(Some(ca_pem), &[b"http/1.1"])
+        .map_err(|e| e.to_string())?;
+    let _ = HTTPS.set(cfg);
+    Ok(())
+}
+
+fn https_config() -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    if let Some(c) = HTTPS.get() {
+        return Ok(c.clone());
+    }
+    meshwork_tls::client_config_trusting(None, &[b"http/1.1"]).map_err(|e| e.to_string())
+}
+
 /// Probes `addr` once as `check` says, within `check.policy.timeout_ms`.
 ///
 /// `host` names the instance for the HTTP `Host` header and the gRPC
 /// authority (`host:port`); when empty, the address itself is used.
 pub async fn probe(check: &HealthCheck, addr: SocketAddr, host: &str) -> ProbeOutcome {
+    probe_as(check, addr, host, None).await
+}
+
+/// [`probe`], an https check verifying `server_name` (an instance serving
+/// with its service identity: the service's name) instead of the address.
+pub async fn probe_as(
+    check: &HealthCheck,
+    addr: SocketAddr,
+    host: &str,
+    server_name: Option<&str>,
+) -> ProbeOutcome {
     let timeout = check.policy.timeout();
     let started = Instant::now();
     let result = match &check.spec {
-        CheckSpec::Http { scheme, .. } if scheme != "http" => Err(format!(
-            "scheme {scheme:?} is not supported: HTTP checks use plain http"
+        CheckSpec::Http { scheme, .. } if scheme != "http" && scheme != "https" => Err(format!(
+            "scheme {scheme:?} is not supported: use http or https"
         )),
         CheckSpec::Http {
             path,
             expected_status,
             headers,
-            ..
+            scheme,
         } => {
+            let tls = (scheme == "https").then(|| server_name.map_or_else(|| addr.ip().to_string(), str::to_owned));
             bounded(
                 timeout,
-                probe_http(addr, host, path, *expected_status, headers),
+                probe_http(addr, host, path, *expected_status, headers, tls),
             )
             .await
         }
@@ -118,6 +151,7 @@ async fn probe_http(
     path: &str,
     expected_status: Option<u16>,
     headers: &BTreeMap<String, String>,
+    tls: Option<String>,
 ) -> Result<String, String> {
     let mut request = Request::builder()
         .method(Method::GET)
@@ -146,6 +180,24 @@ async fn probe_http(
         .map_err(|e| format!("connect: {}", describe_io(&e)))?;
     // Probes are tiny request/response exchanges: do not wait for Nagle.
     let _ = stream.set_nodelay(true);
+    let Some(name) = tls else {
+        return exchange(stream, request, expected_status).await;
+    };
+    let name = rustls_pki_types::ServerName::try_from(name.clone())
+        .map_err(|_| format!("{name:?} is not a server name"))?;
+    let stream = tokio_rustls::TlsConnector::from(https_config()?)
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    exchange(stream, request, expected_status).await
+}
+
+/// One request and its answer over `stream`.
+async fn exchange(
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    request: Request<Empty<Bytes>>,
+    expected_status: Option<u16>,
+) -> Result<String, String> {
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await
@@ -539,7 +591,7 @@ mod tests {
         let spec = CheckSpec::Http {
             path: "/".to_owned(),
             expected_status: None,
-            scheme: "https".to_owned(),
+            scheme: "gopher".to_owned(),
             headers: BTreeMap::new(),
         };
         let out = probe(&check(spec, 2000), addr, "").await;

@@ -1,0 +1,438 @@
+//! Service identity (feature `identity`): an authority that signs
+//! short-lived certificates for services ([`Authority`]), the request a
+//! service makes for one without its key leaving the process
+//! ([`new_request`]), and the rustls configurations of a service holding one
+//! ([`Identity`]): a server that verifies the certificates callers present
+//! and a client that presents its own and checks that the server is the
+//! service it called.
+//!
+//! A service's certificate names it three ways: the common name, a DNS name
+//! (so any TLS client verifying the server name `orders` accepts it) and the
+//! URI `spiffe://meshwork/service/orders`, which [`peer_service`] reads.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rcgen::{
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::client::ResolvesClientCert;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The URI every service certificate carries, before the service's name.
+pub const URI_PREFIX: &str = "spiffe://meshwork/service/";
+
+/// What went wrong making, signing or loading a certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The service name cannot be a certificate's name.
+    #[error(
+        "service name {0:?} cannot name a certificate: use 1 to 63 letters, digits, '-' and '.'"
+    )]
+    Name(String),
+    /// A signing request that is not one, or whose signature does not verify.
+    #[error("certificate signing request: {0}")]
+    Request(String),
+    /// The authority's files.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// PEM that holds no usable certificate or key.
+    #[error("{0}")]
+    Pem(String),
+    /// rcgen or rustls refused.
+    #[error("{0}")]
+    Crypto(String),
+}
+
+/// Whether `service` can name a certificate: a DNS label-like name (letters,
+/// digits, `-` and `.`, not starting or ending with `-` or `.`), at most 63.
+pub fn valid_service(service: &str) -> bool {
+    !service.is_empty()
+        && service.len() <= 63
+        && service
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !service.starts_with(['-', '.'])
+        && !service.ends_with(['-', '.'])
+        && !service.contains("..")
+}
+
+/// The certificate's fields for `service`, valid from a minute ago (a peer
+/// whose clock is a little behind accepts it at once) for `ttl`.
+fn service_params(service: &str, ttl: Duration) -> Result<CertificateParams, IdentityError> {
+    if !valid_service(service) {
+        return Err(IdentityError::Name(service.to_owned()));
+    }
+    let crypto = |e: rcgen::Error| IdentityError::Crypto(e.to_string());
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, service);
+    p.distinguished_name = dn;
+    p.subject_alt_names = vec![
+        SanType::DnsName(service.try_into().map_err(crypto)?),
+        SanType::URI(format!("{URI_PREFIX}{service}").try_into().map_err(crypto)?),
+    ];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // A service serves its callers and calls others.
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::minutes(1);
+    p.not_after = now + time::Duration::try_from(ttl).map_err(|e| IdentityError::Crypto(e.to_string()))?;
+    Ok(p)
+}
+
+/// A certificate authority: its certificate and key, from `ca.pem` and
+/// `ca-key.pem` (what `meshwork cert init` writes).
+pub struct Authority {
+    ca: rcgen::Certificate,
+    key: KeyPair,
+    pem: String,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority").finish_non_exhaustive()
+    }
+}
+
+impl Authority {
+    /// The authority in `dir` (`ca.pem`, `ca-key.pem`).
+    pub fn load(dir: &Path) -> Result<Authority, IdentityError> {
+        let read = |f: &str| {
+            let path = dir.join(f);
+            std::fs::read_to_string(&path).map_err(|e| IdentityError::File {
+                message: format!(
+                    "{e} (make an authority with: meshwork cert init --dir {})",
+                    dir.display()
+                ),
+                path,
+            })
+        };
+        let pem = read("ca.pem")?;
+        let bad = |f: &str, e: rcgen::Error| IdentityError::File {
+            path: dir.join(f),
+            message: e.to_string(),
+        };
+        let key = KeyPair::from_pem(&read("ca-key.pem")?).map_err(|e| bad("ca-key.pem", e))?;
+        let ca = CertificateParams::from_ca_cert_pem(&pem)
+            .map_err(|e| bad("ca.pem", e))?
+            .self_signed(&key)
+            .map_err(|e| bad("ca.pem", e))?;
+        Ok(Authority { ca, key, pem })
+    }
+
+    /// The authority's certificate (PEM), which peers trust.
+    pub fn ca_pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// Signs `service`'s certificate for the key of the request `csr_pem`
+    /// (whose signature proves the requester holds it), valid for `ttl`.
+    /// Only the key is taken from the request: names, usages and lifetime
+    /// are the authority's. Returns the PEM chain (leaf, then authority).
+    pub fn sign_request(
+        &self,
+        service: &str,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<String, IdentityError> {
+        let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+            .map_err(|e| IdentityError::Request(format!("not a PEM request: {e}")))?;
+        self.sign_der(service, &der, ttl)
+    }
+
+    fn sign_der(
+        &self,
+        service: &str,
+        der: &rustls_pki_types::CertificateSigningRequestDer<'_>,
+        ttl: Duration,
+    ) -> Result<String, IdentityError> {
+        // Parsing verifies the request's signature: proof its maker holds the key.
+        let mut csr = CertificateSigningRequestParams::from_der(der).map_err(|e| {
+            IdentityError::Request(match e {
+                rcgen::Error::RingUnspecified => "its signature does not verify".into(),
+                e => e.to_string(),
+            })
+        })?;
+        csr.params = service_params(service, ttl)?;
+        let cert = csr
+            .signed_by(&self.ca, &self.key)
+            .map_err(|e| IdentityError::Crypto(e.to_string()))?;
+        Ok(format!("{}{}", cert.pem(), self.pem))
+    }
+
+    /// A new key and `name`'s certificate for it, valid for `ttl`: for the
+    /// node's own clients (the gateway calling services). Returns the PEM
+    /// chain and the PEM key.
+    pub fn issue(&self, name: &str, ttl: Duration) -> Result<(String, String), IdentityError> {
+        let key = KeyPair::generate().map_err(|e| IdentityError::Crypto(e.to_string()))?;
+        let cert = service_params(name, ttl)?
+            .signed_by(&key, &self.ca, &self.key)
+            .map_err(|e| IdentityError::Crypto(e.to_string()))?;
+        Ok((format!("{}{}", cert.pem(), self.pem), key.serialize_pem()))
+    }
+}
+
+/// A new key and a request for `service`'s certificate: `(key_pem,
+/// csr_pem)`. The key stays with the caller; the request goes to the
+/// authority.
+pub fn new_request(service: &str) -> Result<(String, String), IdentityError> {
+    if !valid_service(service) {
+        return Err(IdentityError::Name(service.to_owned()));
+    }
+    let crypto = |e: rcgen::Error| IdentityError::Crypto(e.to_string());
+    let key = KeyPair::generate().map_err(crypto)?;
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, service);
+    p.distinguished_name = dn;
+    let csr = p.serialize_request(&key).map_err(crypto)?;
+    Ok((key.serialize_pem(), csr.pem().map_err(crypto)?))
+}
+
+/// The service a peer's certificate names (its `spiffe://meshwork/service/`
+/// URI), if it is a service certificate.
+pub fn peer_service(chain: &[CertificateDer<'_>]) -> Option<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(chain.first()?.as_ref()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => u
+            .strip_prefix(URI_PREFIX)
+            .filter(|s| valid_service(s))
+            .map(str::to_owned),
+        _ => None,
+    })
+}
+
+/// When a PEM certificate (the first in `chain_pem`) stops being valid.
+pub fn not_after(chain_pem: &str) -> Result<SystemTime, IdentityError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .ok_or_else(|| IdentityError::Pem("no certificate in the chain".into()))?
+        .map_err(|e| IdentityError::Pem(e.to_string()))?;
+    let (_, cert) = X509Certificate::from_der(der.as_ref())
+        .map_err(|e| IdentityError::Pem(e.to_string()))?;
+    let secs = cert.validity().not_after.timestamp();
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
+}
+
+fn certified(chain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, IdentityError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| IdentityError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(IdentityError::Pem("no certificate in the chain".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| IdentityError::Pem(e.to_string()))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| IdentityError::Crypto(e.to_string()))?;
+    Ok(Arc::new(CertifiedKey::new(certs, signer)))
+}
+
+/// A service's identity: its current certificate (replaced in place when
+/// renewed: connections made after see the new one) and the authority it
+/// trusts.
+pub struct Identity {
+    service: String,
+    current: ArcSwap<CertifiedKey>,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// `service`'s identity from its PEM chain and key, trusting `ca_pem`.
+    pub fn new(
+        service: &str,
+        chain_pem: &str,
+        key_pem: &str,
+        ca_pem: &str,
+    ) -> Result<Arc<Identity>, IdentityError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots
+                .add(c.map_err(|e| IdentityError::Pem(e.to_string()))?)
+                .map_err(|e| IdentityError::Crypto(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(IdentityError::Pem("no authority certificate".into()));
+        }
+        Ok(Arc::new(Identity {
+            service: service.to_owned(),
+            current: ArcSwap::new(certified(chain_pem, key_pem)?),
+            roots: Arc::new(roots),
+        }))
+    }
+
+    /// The service it names.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Replaces the certificate (a renewal).
+    pub fn renew(&self, chain_pem: &str, key_pem: &str) -> Result<(), IdentityError> {
+        self.current.store(certified(chain_pem, key_pem)?);
+        Ok(())
+    }
+
+    /// A server that presents this identity and verifies the certificate a
+    /// caller presents against the authority. A caller without one still
+    /// connects (health checks, metrics scrapers): whoever serves decides
+    /// what it may do ([`peer_service`] on the connection's chain).
+    pub fn server_config(
+        self: &Arc<Self>,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<rustls::ServerConfig>, IdentityError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| IdentityError::Crypto(e.to_string()))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| IdentityError::Crypto(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.clone());
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(cfg))
+    }
+
+    /// A client that presents this identity and accepts a server only with
+    /// a certificate from the authority naming the server name it dials
+    /// (the called service's name).
+    pub fn client_config(
+        self: &Arc<Self>,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| IdentityError::Crypto(e.to_string()))?
+            .with_root_certificates(self.roots.clone())
+            .with_client_cert_resolver(self.clone());
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(cfg))
+    }
+}
+
+impl ResolvesServerCert for Identity {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+impl ResolvesClientCert for Identity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn authority(dir: &Path) -> Authority {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "test CA");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let ca = p.self_signed(&key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("ca-key.pem"), key.serialize_pem()).unwrap();
+        Authority::load(dir).unwrap()
+    }
+
+    #[test]
+    fn a_signed_request_names_the_service_and_only_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = authority(dir.path());
+        let (key, csr) = new_request("orders").unwrap();
+        // The authority names the service whose request it is, whatever
+        // the request says.
+        let chain = ca
+            .sign_request("orders", &csr, Duration::from_secs(3600))
+            .unwrap();
+        let certs: Vec<_> = CertificateDer::pem_slice_iter(chain.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(certs.len(), 2, "leaf and authority");
+        assert_eq!(peer_service(&certs).as_deref(), Some("orders"));
+        let left = not_after(&chain)
+            .unwrap()
+            .duration_since(SystemTime::now())
+            .unwrap();
+        assert!(left <= Duration::from_secs(3600) && left > Duration::from_secs(3500));
+        Identity::new("orders", &chain, &key, ca.ca_pem()).unwrap();
+        // Garbage and bad names are refused with what is wrong.
+        assert!(matches!(
+            ca.sign_request("orders", "not a request", Duration::from_secs(60)),
+            Err(IdentityError::Request(_))
+        ));
+        assert!(matches!(
+            ca.sign_request("../x", &csr, Duration::from_secs(60)),
+            Err(IdentityError::Name(_))
+        ));
+        // A request whose signature does not verify (its last byte changed).
+        let mut tampered = pem_body(&csr);
+        if let Some(b) = tampered.last_mut() {
+            *b ^= 0x55;
+        }
+        let tampered = rustls_pki_types::CertificateSigningRequestDer::from(tampered);
+        assert!(matches!(
+            ca.sign_der("orders", &tampered, Duration::from_secs(60)),
+            Err(IdentityError::Request(_))
+        ));
+    }
+
+    fn pem_body(pem: &str) -> Vec<u8> {
+        rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec()
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["orders", "order-v2", "a.b", "x1"] {
+            assert!(valid_service(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", ".a", "a..b", "a/b", "a_b", &"x".repeat(64)] {
+            assert!(!valid_service(bad), "{bad}");
+        }
+    }
+}
