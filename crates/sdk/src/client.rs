@@ -237,8 +237,7 @@ impl EndpointSvc {
 /// The instance serves with its identity and this service has none.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{0} serves with its service identity (mutual TLS): give this service one ({} = 1) to call it",
-    crate::IDENTITY_ENV
+    "{0} serves with its service identity (mutual TLS): give this service one (MESHWORK_IDENTITY=1) to call it"
 )]
 struct NeedsIdentity(Arc<str>);
 
