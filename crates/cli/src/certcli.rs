@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
     KeyPair, KeyUsagePurpose, SanType,
 };
 
@@ -72,17 +72,7 @@ pub(crate) fn run(a: CertArgs) -> Result<()> {
 }
 
 fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.sync_all())
+    meshwork_tls::identity::write_private(path, text)
         .with_context(|| format!("writing {}", path.display()))
 }
 
@@ -97,31 +87,7 @@ fn days_from_now(days: u32) -> (time::OffsetDateTime, time::OffsetDateTime) {
 
 /// Writes a new authority into `dir` (refusing to overwrite one).
 pub(crate) fn init(dir: &Path, years: u32) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
-    if cert_path.exists() || key_path.exists() {
-        bail!(
-            "{} already holds an authority (ca.pem / ca-key.pem); remove it first to make a new one",
-            dir.display()
-        );
-    }
-    let key = KeyPair::generate().context("generating the authority's key")?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    // A name of its own: verifiers tell two authorities apart by name first.
-    let mut tag = [0u8; 4];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut tag);
-    let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
-    dn.push(DnType::CommonName, format!("Meshwork local CA {tag}"));
-    dn.push(DnType::OrganizationName, "Meshwork");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    (params.not_before, params.not_after) = days_from_now(years.saturating_mul(365));
-    let cert = params.self_signed(&key).context("signing the authority")?;
-    write_private(&key_path, &key.serialize_pem())?;
-    std::fs::write(&cert_path, cert.pem())
-        .with_context(|| format!("writing {}", cert_path.display()))?;
+    meshwork_tls::identity::Authority::create(dir, years)?;
     Ok(())
 }
 

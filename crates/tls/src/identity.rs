@@ -110,6 +110,49 @@ impl std::fmt::Debug for Authority {
 }
 
 impl Authority {
+    /// Makes a new authority valid for `years` and writes it into `dir`
+    /// (`ca.pem`, and `ca-key.pem` readable by its owner only), refusing to
+    /// overwrite one.
+    pub fn create(dir: &Path, years: u32) -> Result<Authority, IdentityError> {
+        let file = |path: std::path::PathBuf, e: std::io::Error| IdentityError::File {
+            path,
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| file(dir.to_owned(), e))?;
+        let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+        if cert_path.exists() || key_path.exists() {
+            return Err(IdentityError::File {
+                path: dir.to_owned(),
+                message: "already holds an authority (ca.pem / ca-key.pem); remove it first to make a new one".into(),
+            });
+        }
+        let crypto = |e: rcgen::Error| IdentityError::Crypto(e.to_string());
+        let key = KeyPair::generate().map_err(crypto)?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        // A name of its own: verifiers tell two authorities apart by name first.
+        let tag = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+            ^ u128::from(std::process::id());
+        dn.push(
+            DnType::CommonName,
+            format!("Meshwork local CA {:08x}", (tag as u32) ^ ((tag >> 32) as u32)),
+        );
+        dn.push(DnType::OrganizationName, "Meshwork");
+        p.distinguished_name = dn;
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = now + time::Duration::days(365 * i64::from(years));
+        let ca = p.self_signed(&key).map_err(crypto)?;
+        write_private(&key_path, &key.serialize_pem()).map_err(|e| file(key_path.clone(), e))?;
+        std::fs::write(&cert_path, ca.pem()).map_err(|e| file(cert_path.clone(), e))?;
+        let pem = ca.pem();
+        Ok(Authority { ca, key, pem })
+    }
+
     /// The authority in `dir` (`ca.pem`, `ca-key.pem`).
     pub fn load(dir: &Path) -> Result<Authority, IdentityError> {
         let read = |f: &str| {
@@ -185,6 +228,20 @@ impl Authority {
             .map_err(|e| IdentityError::Crypto(e.to_string()))?;
         Ok((format!("{}{}", cert.pem(), self.pem), key.serialize_pem()))
     }
+}
+
+/// Writes `text` to `path` readable by its owner only, synced to disk.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
 }
 
 /// A new key and a request for `service`'s certificate: `(key_pem,
@@ -366,14 +423,9 @@ mod tests {
     use super::*;
 
     fn authority(dir: &Path) -> Authority {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::default();
-        p.distinguished_name.push(DnType::CommonName, "test CA");
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        let ca = p.self_signed(&key).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        std::fs::write(dir.join("ca-key.pem"), key.serialize_pem()).unwrap();
+        Authority::create(dir, 1).unwrap();
+        // Made once, loaded as a node does; a second one is refused.
+        assert!(Authority::create(dir, 1).is_err());
         Authority::load(dir).unwrap()
     }
 
