@@ -1,7 +1,8 @@
 //! Service identity end to end: a node issuing certificates from an
 //! authority (`--identity-ca`), services connecting with their identity on
 //! (the SDK's `identity`), serving mutual TLS and calling each other over
-//! it; the node checks their health over https by their name; curl (a
+//! it; the node checks their health over https by their name; the gateway
+//! calls them with its own certificate (`forward.tls.identity`); curl (a
 //! client we did not write) sees what a caller without a certificate sees.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -44,7 +45,9 @@ async fn services_get_certificates_and_call_each_other_over_mutual_tls() {
         &dir.path().join("data"),
         &[
             "--roles",
-            "store,coord",
+            "store,coord,gateway",
+            "--gateway-addr",
+            "127.0.0.1:0",
             "--identity-ca",
             &ca_arg,
             "--identity-ttl",
@@ -71,7 +74,7 @@ async fn services_get_certificates_and_call_each_other_over_mutual_tls() {
         &inv,
         router,
         ServerOptions {
-            allow_callers: Some(vec!["order".into()]),
+            allow_callers: Some(vec!["order".into(), "meshwork-gateway".into()]),
             ..ServerOptions::default()
         },
     )
@@ -174,8 +177,49 @@ async fn services_get_certificates_and_call_each_other_over_mutual_tls() {
         "{refused}"
     );
 
+    // The gateway calls it with its own certificate, naming it.
+    let h = node.http.clone();
+    let gw = node.gateway.clone().unwrap();
+    let through = tokio::task::spawn_blocking(move || {
+        let set = "[[routes]]\nname = \"inv\"\n[routes.match]\npath = { prefix = \"/whoami\" }\n[routes.forward]\nservice = \"inventory\"\ntls = { identity = true }\n";
+        let (st, body) = http::request(&h, "PUT", "/v1/gateway/routes", set).unwrap();
+        assert_eq!(st, 200, "{body}");
+        // Without the identity's authority, plain TLS settings are refused.
+        let bad = "[[routes]]\nname = \"inv\"\n[routes.match]\npath = { prefix = \"/whoami\" }\n[routes.forward]\nservice = \"inventory\"\ntls = { identity = true, ca_file = \"/nowhere.pem\" }\n";
+        let (st, body) = http::request(&h, "PUT", "/v1/gateway/routes", bad).unwrap();
+        assert_eq!(st, 400, "{body}");
+        assert!(body.contains("forward.tls.identity"), "{body}");
+        meshwork_testkit::blocking::eventually(
+            "the gateway to call inventory with its identity",
+            Duration::from_secs(20),
+            || {
+                let (st, body) = http::get(&gw, "/whoami").ok()?;
+                (st == 200).then_some(body)
+            },
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(through, "meshwork-gateway");
+
     let _ = stop.send(());
     serving.await.unwrap().unwrap();
+}
+
+/// A route asking for the service identity on a node that issues none is
+/// refused when published, saying what to start the node with.
+#[test]
+fn a_route_with_identity_needs_a_node_that_issues_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = meshwork_tests::start(
+        dir.path(),
+        &["--roles", "store,coord,gateway", "--gateway-addr", "127.0.0.1:0"],
+        &[],
+    );
+    let set = "[[routes]]\nname = \"inv\"\n[routes.match]\npath = { prefix = \"/\" }\n[routes.forward]\nservice = \"inventory\"\ntls = { identity = true }\n";
+    let (st, body) = http::request(&node.http, "PUT", "/v1/gateway/routes", set).unwrap();
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("--identity-ca"), "{body}");
 }
 
 /// The issuer answers a request it cannot sign with why, and signs nothing:

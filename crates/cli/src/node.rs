@@ -224,6 +224,37 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         }
         None => None,
     };
+    // The gateway's own certificate, for routes calling services over
+    // mutual TLS (`forward.tls.identity`), renewed at half its life.
+    if let (Some(a), Some((_, ttl)), true) = (&authority, &cfg.identity, cfg.roles.gateway) {
+        use meshwork_gateway::identity::SERVICE;
+        let (chain, key) = a
+            .issue(SERVICE, *ttl)
+            .context("issuing the gateway's certificate")?;
+        let id = meshwork_tls::identity::Identity::new(SERVICE, &chain, &key, a.ca_pem())
+            .context("the gateway's certificate")?;
+        meshwork_gateway::identity::set(id.clone());
+        let (a, ttl, rx) = (a.clone(), *ttl, stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let renew = async {
+                loop {
+                    tokio::time::sleep(ttl / 2).await;
+                    match a.issue(SERVICE, ttl) {
+                        Ok((chain, key)) => {
+                            if let Err(e) = id.renew(&chain, &key) {
+                                tracing::warn!(error = %e, "renewing the gateway's certificate");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "renewing the gateway's certificate"),
+                    }
+                }
+            };
+            tokio::select! {
+                () = renew => {}
+                () = stopped(rx) => {}
+            }
+        }));
+    }
     let http_listener = TcpListener::bind(cfg.http_addr)
         .await
         .with_context(|| format!("binding the HTTP address {}", cfg.http_addr))?;

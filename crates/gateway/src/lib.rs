@@ -24,6 +24,7 @@ mod framing;
 pub mod fuzz;
 mod gateway;
 mod headers;
+pub mod identity;
 mod limits;
 mod pool;
 mod proxy;

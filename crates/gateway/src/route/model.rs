@@ -194,6 +194,12 @@ pub struct UpstreamTlsConfig {
     pub cert_file: Option<std::path::PathBuf>,
     /// PEM private key of `cert_file`.
     pub key_file: Option<std::path::PathBuf>,
+    /// Mutual TLS with service identity: trust the node's service authority
+    /// and present the gateway's own certificate (service
+    /// `meshwork-gateway`), verifying the target's service name. Needs a
+    /// node issuing service certificates (`--identity-ca`); excludes
+    /// `ca_file`, `cert_file` and `key_file`.
+    pub identity: bool,
 }
 
 /// One named, weighted target of a forward.

@@ -157,6 +157,26 @@ fn tls(route: &str, f: &ForwardConfig) -> Result<Option<Arc<rustls::ClientConfig
             format!("`{n}` is neither a DNS name nor an IP address"),
         ));
     }
+    if t.identity {
+        if t.ca_file.is_some() || t.cert_file.is_some() || t.key_file.is_some() {
+            return Err(invalid(
+                route,
+                "forward.tls.identity",
+                "the service identity brings its own authority and certificate: drop ca_file, cert_file and key_file",
+            ));
+        }
+        let Some(id) = crate::identity::get() else {
+            return Err(invalid(
+                route,
+                "forward.tls.identity",
+                "this node issues no service certificates: start it with --identity-ca DIR (or `meshwork up --tls`)",
+            ));
+        };
+        return id
+            .client_config(&[b"http/1.1"])
+            .map(Some)
+            .map_err(|e| invalid(route, "forward.tls.identity", e.to_string()));
+    }
     let cfg = meshwork_tls::ClientTlsConfig {
         ca_file: t.ca_file.clone(),
         cert_file: t.cert_file.clone(),
