@@ -224,6 +224,13 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         }
         None => None,
     };
+    let http_listener = TcpListener::bind(cfg.http_addr)
+        .await
+        .with_context(|| format!("binding the HTTP address {}", cfg.http_addr))?;
+    let http_addr = http_listener.local_addr()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let serving = Arc::new(AtomicBool::new(true));
+    let mut tasks = Vec::new();
     // The gateway's own certificate, for routes calling services over
     // mutual TLS (`forward.tls.identity`), renewed at half its life.
     if let (Some(a), Some((_, ttl)), true) = (&authority, &cfg.identity, cfg.roles.gateway) {
@@ -255,13 +262,6 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             }
         }));
     }
-    let http_listener = TcpListener::bind(cfg.http_addr)
-        .await
-        .with_context(|| format!("binding the HTTP address {}", cfg.http_addr))?;
-    let http_addr = http_listener.local_addr()?;
-    let (stop, stop_rx) = watch::channel(false);
-    let serving = Arc::new(AtomicBool::new(true));
-    let mut tasks = Vec::new();
     // The trace store listens before the store, so that the node's own APIs
     // (the etcd gRPC port among them) can record spans into it.
     let traces = if cfg.roles.traces {
