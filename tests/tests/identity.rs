@@ -145,8 +145,20 @@ async fn services_get_certificates_and_call_each_other_over_mutual_tls() {
     let (cacert2, resolve2, base2) = (cacert.clone(), resolve.clone(), base.clone());
     let (health, whoami) = tokio::task::spawn_blocking(move || {
         (
-            curl(&["--cacert", &cacert2, "--resolve", &resolve2, &format!("{base2}/health")]),
-            curl(&["--cacert", &cacert2, "--resolve", &resolve2, &format!("{base2}/whoami")]),
+            curl(&[
+                "--cacert",
+                &cacert2,
+                "--resolve",
+                &resolve2,
+                &format!("{base2}/health"),
+            ]),
+            curl(&[
+                "--cacert",
+                &cacert2,
+                "--resolve",
+                &resolve2,
+                &format!("{base2}/whoami"),
+            ]),
         )
     })
     .await
@@ -157,18 +169,23 @@ async fn services_get_certificates_and_call_each_other_over_mutual_tls() {
         "{whoami}"
     );
     // Plain HTTP to a TLS port is no way in.
-    let plain_http = tokio::task::spawn_blocking(move || {
-        curl(&[&format!("http://127.0.0.1:{port}/whoami")])
-    })
-    .await
-    .unwrap();
+    let plain_http =
+        tokio::task::spawn_blocking(move || curl(&[&format!("http://127.0.0.1:{port}/whoami")]))
+            .await
+            .unwrap();
     assert!(!plain_http.contains("nobody"), "{plain_http}");
     // And a server certificate from another authority is refused by curl.
     let other = dir.path().join("other");
     meshwork_tls::identity::Authority::create(&other, 1).unwrap();
     let wrong = other.join("ca.pem").display().to_string();
     let refused = tokio::task::spawn_blocking(move || {
-        curl(&["--cacert", &wrong, "--resolve", &resolve, &format!("{base}/health")])
+        curl(&[
+            "--cacert",
+            &wrong,
+            "--resolve",
+            &resolve,
+            &format!("{base}/health"),
+        ])
     })
     .await
     .unwrap();
@@ -213,7 +230,12 @@ fn a_route_with_identity_needs_a_node_that_issues_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let node = meshwork_tests::start(
         dir.path(),
-        &["--roles", "store,coord,gateway", "--gateway-addr", "127.0.0.1:0"],
+        &[
+            "--roles",
+            "store,coord,gateway",
+            "--gateway-addr",
+            "127.0.0.1:0",
+        ],
         &[],
     );
     let set = "[[routes]]\nname = \"inv\"\n[routes.match]\npath = { prefix = \"/\" }\n[routes.forward]\nservice = \"inventory\"\ntls = { identity = true }\n";

@@ -563,9 +563,7 @@ impl HttpClient {
                         meshwork_telemetry::https::HttpsConnector::new(tls.clone())
                             .with_server_name(service)
                             .map_err(Error::Invalid)?
-                            .with_connect_timeout(Duration::from_millis(
-                                policy.connect_timeout_ms,
-                            )),
+                            .with_connect_timeout(Duration::from_millis(policy.connect_timeout_ms)),
                     ),
             ),
             None => None,

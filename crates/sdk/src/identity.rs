@@ -36,15 +36,9 @@ async fn obtain(
     static ATTEMPTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = ATTEMPTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let id = format!("{:x}-{n}", coord.lease());
-    let got = meshwork_coord::identity::obtain(
-        coord.backend(),
-        service,
-        &id,
-        &csr,
-        coord.lease(),
-        wait,
-    )
-    .await?;
+    let got =
+        meshwork_coord::identity::obtain(coord.backend(), service, &id, &csr, coord.lease(), wait)
+            .await?;
     Ok((got.chain, key, got.ca))
 }
 

@@ -81,7 +81,11 @@ fn service_params(service: &str, ttl: Duration) -> Result<CertificateParams, Ide
     p.distinguished_name = dn;
     p.subject_alt_names = vec![
         SanType::DnsName(service.try_into().map_err(crypto)?),
-        SanType::URI(format!("{URI_PREFIX}{service}").try_into().map_err(crypto)?),
+        SanType::URI(
+            format!("{URI_PREFIX}{service}")
+                .try_into()
+                .map_err(crypto)?,
+        ),
     ];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     // A service serves its callers and calls others.
@@ -91,7 +95,8 @@ fn service_params(service: &str, ttl: Duration) -> Result<CertificateParams, Ide
     ];
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::minutes(1);
-    p.not_after = now + time::Duration::try_from(ttl).map_err(|e| IdentityError::Crypto(e.to_string()))?;
+    p.not_after =
+        now + time::Duration::try_from(ttl).map_err(|e| IdentityError::Crypto(e.to_string()))?;
     Ok(p)
 }
 
@@ -137,7 +142,10 @@ impl Authority {
             ^ u128::from(std::process::id());
         dn.push(
             DnType::CommonName,
-            format!("Meshwork local CA {:08x}", (tag as u32) ^ ((tag >> 32) as u32)),
+            format!(
+                "Meshwork local CA {:08x}",
+                (tag as u32) ^ ((tag >> 32) as u32)
+            ),
         );
         dn.push(DnType::OrganizationName, "Meshwork");
         p.distinguished_name = dn;
@@ -193,8 +201,9 @@ impl Authority {
         csr_pem: &str,
         ttl: Duration,
     ) -> Result<String, IdentityError> {
-        let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
-            .map_err(|e| IdentityError::Request(format!("not a PEM request: {e}")))?;
+        let der =
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+                .map_err(|e| IdentityError::Request(format!("not a PEM request: {e}")))?;
         self.sign_der(service, &der, ttl)
     }
 
@@ -283,8 +292,8 @@ pub fn not_after(chain_pem: &str) -> Result<SystemTime, IdentityError> {
         .next()
         .ok_or_else(|| IdentityError::Pem("no certificate in the chain".into()))?
         .map_err(|e| IdentityError::Pem(e.to_string()))?;
-    let (_, cert) = X509Certificate::from_der(der.as_ref())
-        .map_err(|e| IdentityError::Pem(e.to_string()))?;
+    let (_, cert) =
+        X509Certificate::from_der(der.as_ref()).map_err(|e| IdentityError::Pem(e.to_string()))?;
     let secs = cert.validity().not_after.timestamp();
     Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
 }

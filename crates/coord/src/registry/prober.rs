@@ -91,7 +91,8 @@ pub async fn probe_as(
             headers,
             scheme,
         } => {
-            let tls = (scheme == "https").then(|| server_name.map_or_else(|| addr.ip().to_string(), str::to_owned));
+            let tls = (scheme == "https")
+                .then(|| server_name.map_or_else(|| addr.ip().to_string(), str::to_owned));
             bounded(
                 timeout,
                 probe_http(addr, host, path, *expected_status, headers, tls),
