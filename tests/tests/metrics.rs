@@ -38,14 +38,11 @@ fn promtool_check(promtool: &std::path::Path, what: &str, text: &str) {
     );
 }
 
-#[test]
-fn every_metrics_endpoint_passes_promtool() {
-    let Some(promtool) = meshwork_testkit::peer::on_path("promtool") else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
+/// A node running every role with the demo shop, once the shop answers;
+/// and its gateway's address.
+fn shop_node(dir: &std::path::Path) -> (meshwork_tests::Server, String) {
     let node = meshwork_tests::start(
-        dir.path(),
+        dir,
         &[
             "--roles",
             "store,coord,gateway,txn,mq,cache,traces",
@@ -63,6 +60,16 @@ fn every_metrics_endpoint_passes_promtool() {
     until("the shop", Duration::from_secs(60), || {
         http::get(&gw, "/api/products").is_ok_and(|(s, _)| s == 200)
     });
+    (node, gw)
+}
+
+#[test]
+fn every_metrics_endpoint_passes_promtool() {
+    let Some(promtool) = meshwork_testkit::peer::on_path("promtool") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (node, gw) = shop_node(dir.path());
     // The services register one by one: an order goes through once all are up.
     until("an order through the shop", Duration::from_secs(60), || {
         http::raw(
@@ -139,25 +146,7 @@ fn prometheus_scrapes_exemplars_that_name_the_trace() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let node = meshwork_tests::start(
-        dir.path(),
-        &[
-            "--roles",
-            "store,coord,gateway,txn,mq,cache,traces",
-            "--gateway-addr",
-            "127.0.0.1:0",
-            "--cache-addr",
-            "127.0.0.1:0",
-            "--otlp-http-addr",
-            "127.0.0.1:0",
-            "--demo",
-        ],
-        &[],
-    );
-    let gw = node.gateway.clone().unwrap();
-    until("the shop", Duration::from_secs(60), || {
-        http::get(&gw, "/api/products").is_ok_and(|(s, _)| s == 200)
-    });
+    let (node, gw) = shop_node(dir.path());
     // The services register one by one.
     let order = meshwork_testkit::blocking::eventually(
         "the order service registered",

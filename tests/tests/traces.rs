@@ -578,14 +578,10 @@ fn spans_go_to_a_tls_collector_gzipped_and_the_head_sampler_decides() {
     }
 }
 
-/// The node's own HTTP API is traced: a config publish is a server span of
-/// service `meshwork-node` named by its route template, continuing the
-/// caller's trace, with its status; reading traces makes none.
-#[test]
-fn the_nodes_api_calls_are_spans() {
-    let dir = tempfile::tempdir().unwrap();
-    let n = meshwork_tests::start(
-        dir.path(),
+/// A node with its trace store, exporting its own spans every 100 ms.
+fn node_with_traces(dir: &std::path::Path) -> meshwork_tests::Server {
+    meshwork_tests::start(
+        dir,
         &[
             "--roles",
             "store,coord,traces",
@@ -593,7 +589,16 @@ fn the_nodes_api_calls_are_spans() {
             "127.0.0.1:0",
         ],
         &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
-    );
+    )
+}
+
+/// The node's own HTTP API is traced: a config publish is a server span of
+/// service `meshwork-node` named by its route template, continuing the
+/// caller's trace, with its status; reading traces makes none.
+#[test]
+fn the_nodes_api_calls_are_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node_with_traces(dir.path());
     let h = n.http.as_str();
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let body = r#"{"content":"port = 1\n","format":"toml"}"#;
@@ -645,16 +650,7 @@ fn the_nodes_api_calls_are_spans() {
 fn etcd_calls_that_carry_a_trace_are_spans() {
     use meshwork_etcd::proto::etcdserverpb::{PutRequest, RangeRequest, kv_client::KvClient};
     let dir = tempfile::tempdir().unwrap();
-    let n = meshwork_tests::start(
-        dir.path(),
-        &[
-            "--roles",
-            "store,coord,traces",
-            "--otlp-grpc-addr",
-            "127.0.0.1:0",
-        ],
-        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
-    );
+    let n = node_with_traces(dir.path());
     let trace_id = "5af7651916cd43dd8448eb211c80319d";
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
