@@ -44,10 +44,15 @@ fn status(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: 
 }
 
 fn basic() -> String {
+    basic_of("admin", PASSWORD)
+}
+
+/// HTTP Basic credentials of `user` and `password`.
+fn basic_of(user: &str, password: &str) -> String {
     use std::fmt::Write as _;
-    // base64 of admin:PASSWORD, by hand (no dependency for one header).
+    // base64 by hand (no dependency for one header).
     const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let raw = format!("admin:{PASSWORD}");
+    let raw = format!("{user}:{password}");
     let mut out = String::new();
     for c in raw.as_bytes().chunks(3) {
         let n = (u32::from(c[0]) << 16)
@@ -755,4 +760,122 @@ fn console_sessions_survive_a_restart_but_not_a_new_password() {
     drop(s);
     let s = start("another long passphrase");
     assert_eq!(write(&s.http), 401, "a new password ends every session");
+}
+
+/// The session cookie of a console login by `user`.
+fn login_cookie(addr: &str, user: &str, password: &str) -> Option<String> {
+    let body = serde_json::json!({"user": user, "password": password}).to_string();
+    let (_, whole) = http::raw(
+        addr,
+        &format!("POST /v1/console/login HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json"),
+        &body,
+    )
+    .unwrap();
+    whole.lines().find_map(|l| {
+        l.to_ascii_lowercase().starts_with("set-cookie:").then(|| {
+            l["set-cookie:".len()..]
+                .trim()
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+    })
+}
+
+/// Users kept in the store sign in (console login or HTTP Basic) with their
+/// own password and get their own scopes, nothing more; a new password or
+/// new scopes end their sessions, removal ends them all; no answer shows a
+/// password or its hash.
+#[test]
+fn store_users_sign_in_with_their_own_scopes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = node(dir.path());
+    let h = s.http.as_str();
+    let admin = basic();
+    let add = |body: &str| call(h, "POST", "/v1/auth/users", Some(&admin), body);
+    let (code, body) = add(r#"{"name":"alice","password":"alice passphrase","scopes":["config:write:public"]}"#);
+    assert_eq!(code, 201, "{body}");
+    assert!(!body.contains("passphrase") && !body.contains("argon2"), "{body}");
+    // A taken name, a short password, a bad scope, a bad name: refused.
+    let (code, _) = add(r#"{"name":"alice","password":"another passphrase","scopes":["admin"]}"#);
+    assert_eq!(code, 409);
+    let (code, body) = add(r#"{"name":"bob","password":"short","scopes":["admin"]}"#);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("8 characters"), "{body}");
+    let (code, _) = add(r#"{"name":"bob","password":"long enough","scopes":["root"]}"#);
+    assert_eq!(code, 400);
+    let (code, _) = add(r#"{"name":"bo b","password":"long enough","scopes":["admin"]}"#);
+    assert_eq!(code, 400);
+
+    let alice = basic_of("alice", "alice passphrase");
+    let publish = |ns: &str, auth: &str| {
+        call(
+            h,
+            "PUT",
+            &format!("/v1/config/{ns}/G/app.toml"),
+            Some(auth),
+            r#"{"content":"port = 1\n","format":"toml"}"#,
+        )
+        .0
+    };
+    assert_eq!(publish("public", &alice), 201, "her scope");
+    assert_eq!(publish("billing", &alice), 403, "not her namespace");
+    let (code, _) = call(h, "POST", "/v1/auth/tokens", Some(&alice), r#"{"scopes":["admin"]}"#);
+    assert_eq!(code, 403, "no admin scope: no tokens");
+    let (code, _) = call(h, "GET", "/v1/auth/users", Some(&alice), "");
+    assert_eq!(code, 403);
+    assert_eq!(
+        publish("public", &basic_of("alice", "wrong passphrase")),
+        401
+    );
+
+    // A console login: the cookie carries her scopes.
+    let cookie = login_cookie(h, "alice", "alice passphrase").expect("a session");
+    let with_cookie = |path: &str| {
+        status(
+            h,
+            "PUT",
+            path,
+            &[("Cookie", cookie.as_str())],
+            r#"{"content":"port = 2\n","format":"toml"}"#,
+        )
+    };
+    assert_eq!(with_cookie("/v1/config/public/G/app.toml"), 200);
+    assert_eq!(with_cookie("/v1/config/billing/G/app.toml"), 403);
+
+    // A new password: her session and her old password end.
+    let (code, body) = call(
+        h,
+        "PUT",
+        "/v1/auth/users/alice",
+        Some(&admin),
+        r#"{"password":"a newer passphrase"}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(with_cookie("/v1/config/public/G/app.toml"), 401);
+    assert_eq!(publish("public", &alice), 401);
+    let alice = basic_of("alice", "a newer passphrase");
+    assert_eq!(publish("public", &alice), 200);
+    // New scopes take effect at once.
+    let (code, _) = call(
+        h,
+        "PUT",
+        "/v1/auth/users/alice",
+        Some(&admin),
+        r#"{"scopes":["config:write:billing"]}"#,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(publish("billing", &alice), 201);
+    assert_eq!(publish("public", &alice), 403);
+
+    let (code, body) = call(h, "GET", "/v1/auth/users", Some(&admin), "");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"alice\"") && !body.contains("argon2"), "{body}");
+    // Removed: nothing she holds works.
+    let (code, _) = call(h, "DELETE", "/v1/auth/users/alice", Some(&admin), "");
+    assert_eq!(code, 204);
+    assert_eq!(publish("billing", &alice), 401);
+    let (code, _) = call(h, "DELETE", "/v1/auth/users/alice", Some(&admin), "");
+    assert_eq!(code, 404);
 }

@@ -507,11 +507,12 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
     // Console sessions signed with the key kept in the store: they survive
     // a restart and hold on every node.
     let console_auth = match (&cfg.console_auth, &coord) {
+        // The users kept in the store sign in too.
         (Some(a), Some(c)) => match meshwork_coord::tokens::session_key(&c.backend).await {
-            Ok(key) => Some(a.clone().with_session_key(key)),
+            Ok(key) => Some(a.clone().with_session_key(key).with_users(c.users.clone())),
             Err(e) => {
                 tracing::warn!(error = %e, "no session key from the store; console sessions end with this process");
-                Some(a.clone())
+                Some(a.clone().with_users(c.users.clone()))
             }
         },
         (a, _) => a.clone(),

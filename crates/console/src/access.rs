@@ -1,6 +1,7 @@
-//! The Access page (`/ui/access`): the HTTP API's tokens (create with
-//! scopes and a lifetime, shown once; revoke) and the audit log. Shown only
-//! to the signed-in administrator when a login is configured.
+//! The Access page (`/ui/access`): the console's users (add with a password
+//! and scopes, remove), the HTTP API's tokens (create with scopes and a
+//! lifetime, shown once; revoke) and the audit log. Shown only to a
+//! signed-in administrator (scope `admin`) when a login is configured.
 
 use std::fmt::Write as _;
 
@@ -21,20 +22,38 @@ pub(crate) async fn page_handler(
     q: Q,
 ) -> Response {
     let mut b = String::from("<h1>Access</h1>");
-    let allowed = s
-        .auth
-        .as_ref()
-        .is_none_or(|a| a.user_of(&headers).is_some());
+    let allowed = s.auth.as_ref().is_none_or(|a| {
+        a.user_of(&headers)
+            .is_some_and(|u| a.scopes_of(&u).contains(&meshwork_api::scope::Scope::Admin))
+    });
     if !allowed {
         b.push_str(
-            "<p><a href=\"/ui/login\">Sign in</a> to see the API tokens and the audit log.</p>",
+            "<p><a href=\"/ui/login\">Sign in</a> as an administrator to see the users, the API tokens and the audit log.</p>",
         );
         return page(&s, &headers, &q.0, "access", "Access", b);
     }
     if s.auth.is_none() {
         b.push_str("<p class=\"muted\">No login is configured: the HTTP API is open and tokens are not checked. Set <code>MESHWORK_CONSOLE_PASSWORD</code> to require them.</p>");
     }
-    b.push_str("<div data-live=\"/ui/access\" data-poll=\"5000\"><section><h2>API tokens</h2>");
+    b.push_str("<div data-live=\"/ui/access\" data-poll=\"5000\"><section><h2>Users</h2>");
+    let users = s.coord.users.list();
+    if users.is_empty() {
+        b.push_str("<p class=\"muted\">No user besides the administrator yet.</p>");
+    } else {
+        b.push_str("<table><thead><tr><th scope=\"col\">Name</th><th scope=\"col\">Scopes</th><th scope=\"col\">Added</th><th scope=\"col\">Changed</th><th scope=\"col\"></th></tr></thead><tbody>");
+        for u in &users {
+            let _ = write!(
+                b,
+                "<tr><td>{name}</td><td>{scopes}</td><td>{created}</td><td>{updated}</td><td><button type=\"button\" data-api=\"/v1/auth/users/{name}\" data-method=\"DELETE\" data-confirm=\"Remove user {name}? Its sessions end at once.\" data-then=\"reload\">Remove</button></td></tr>",
+                name = esc(&u.name),
+                scopes = esc(&u.scopes.join(" ")),
+                created = fmt_ms(u.created_ms),
+                updated = fmt_ms(u.updated_ms),
+            );
+        }
+        b.push_str("</tbody></table>");
+    }
+    b.push_str("</section><section><h2>API tokens</h2>");
     let tokens = s.coord.tokens.list();
     if tokens.is_empty() {
         b.push_str("<p class=\"muted\">No token yet.</p>");
@@ -85,6 +104,17 @@ pub(crate) async fn page_handler(
         }
     }
     b.push_str("</section></div>");
+    b.push_str(
+        "<section><h2>New user</h2>
+<form data-api=\"/v1/auth/users\" data-method=\"POST\" data-then=\"reload\">
+<label>Name <input name=\"name\" required maxlength=\"64\" pattern=\"[A-Za-z0-9._@-]+\"></label>
+<label>Password <input name=\"password\" type=\"password\" required minlength=\"8\" autocomplete=\"new-password\"></label>
+<label>Scopes (space-separated) <input name=\"scopes\" data-list required placeholder=\"config:write:public services:read\"></label>
+<button type=\"submit\">Add</button>
+<output class=\"result\"></output>
+</form>
+<p class=\"muted\">The password is kept only as an Argon2id hash. Changing or removing a user ends its sessions.</p></section>",
+    );
     b.push_str(
         "<section><h2>New token</h2>
 <form data-api=\"/v1/auth/tokens\" data-method=\"POST\" data-show=\"token\">

@@ -823,21 +823,24 @@ async fn login(
         )
     })?;
     let ip = peer.map(|p| p.0.0.ip());
-    let ok = match auth.login(&b.user, &b.password, ip) {
-        Ok(ok) => ok,
+    let generation = match auth.login(&b.user, &b.password, ip) {
+        Ok(Some(g)) => g,
+        Ok(None) => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "wrong user or password",
+            ));
+        }
         Err(wait) => return Ok(crate::auth::throttled(&headers, wait)),
     };
-    if !ok {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "wrong user or password",
-        ));
-    }
     Ok((
         [(
             header::SET_COOKIE,
-            session_cookie(&auth.session(), SESSION_TTL.as_secs()),
+            session_cookie(
+                &auth.session_for(&b.user, &generation),
+                SESSION_TTL.as_secs(),
+            ),
         )],
         axum::Json(serde_json::json!({ "user": b.user })),
     )

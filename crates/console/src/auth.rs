@@ -2,10 +2,13 @@
 //! every call a route's scope covers (`meshwork_api::scope::need`: writes, and
 //! with `protect_reads` reads too) needs an API token whose scopes cover it
 //! (`Authorization: Bearer mwt_...`), or the administrator's login: the session
-//! cookie the console sets, or HTTP Basic credentials. Sessions are signed
-//! with HMAC-SHA256 under a key derived from one kept in the store (made once,
-//! shared by every node) and the password: sessions survive a restart, and a
-//! new password ends them all.
+//! cookie the console sets, or HTTP Basic credentials; or the login of a user
+//! kept in the store (`meshwork_coord::users`: its own password and scopes).
+//! Sessions are signed with HMAC-SHA256 under a key derived from one kept in
+//! the store (made once, shared by every node) and the administrator's
+//! password: sessions survive a restart, and a new password ends them all; a
+//! store user's session also names the generation of its record, so changing
+//! or removing the user ends its sessions.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,7 +33,15 @@ pub struct Auth {
     key: [u8; 32],
     /// Failed password logins per (address, user name).
     throttle: std::sync::Arc<meshwork_api::Throttle<(Option<std::net::IpAddr>, String)>>,
+    /// The users kept in the store, on nodes running coordination.
+    users: Option<meshwork_coord::users::Users>,
+    /// Store users' Basic credentials already checked: (user, password
+    /// digest) → the generation they were checked at (Argon2 once, not per call).
+    checked: std::sync::Arc<parking_lot::Mutex<std::collections::HashMap<(String, [u8; 32]), String>>>,
 }
+
+/// Most remembered Basic credential checks (cleared when full).
+const MAX_CHECKED: usize = 1024;
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,27 +93,80 @@ impl Auth {
             password_digest: digest(password),
             key: rand::random(),
             throttle: std::sync::Arc::new(meshwork_api::Throttle::new(FREE_LOGIN_FAILURES)),
+            users: None,
+            checked: Default::default(),
         })
+    }
+
+    /// Also signs in the users kept in the store.
+    pub fn with_users(mut self, users: meshwork_coord::users::Users) -> Auth {
+        self.users = Some(users);
+        self
+    }
+
+    /// A store user's name and password: who, with which scopes, at which
+    /// generation (Argon2 the first time, remembered after).
+    fn store_user(&self, user: &str, password: &str) -> Option<meshwork_coord::users::SignedIn> {
+        let users = self.users.as_ref()?;
+        let key = (user.to_string(), digest(password));
+        let known = self.checked.lock().get(&key).cloned();
+        if let Some(generation) = known
+            && let Some(s) = users.at_generation(user, &generation)
+        {
+            return Some(s);
+        }
+        let s = users.verify(user, password)?;
+        let mut checked = self.checked.lock();
+        if checked.len() >= MAX_CHECKED {
+            checked.clear();
+        }
+        checked.insert(key, s.generation.clone());
+        Some(s)
+    }
+
+    /// The scopes of a signed-in `user` (the administrator: `admin`).
+    pub fn scopes_of(&self, user: &str) -> Vec<meshwork_api::scope::Scope> {
+        if user == self.user {
+            return vec![meshwork_api::scope::Scope::Admin];
+        }
+        self.users
+            .as_ref()
+            .map(|u| u.list())
+            .and_then(|l| l.into_iter().find(|i| i.name == user))
+            .map(|i| i.scopes.iter().filter_map(|s| s.parse().ok()).collect())
+            .unwrap_or_default()
     }
 
     /// Checks a password login of `user` from `ip`: `Err(seconds)` while
     /// this address and user must wait after too many failures (the
-    /// password is then not even checked), else whether it is right.
+    /// password is then not even checked), else, when it is right, the
+    /// generation its session names (empty for the administrator).
     pub fn login(
         &self,
         user: &str,
         password: &str,
         ip: Option<std::net::IpAddr>,
-    ) -> Result<bool, u64> {
+    ) -> Result<Option<String>, u64> {
         let key = (ip, user.to_string());
         self.throttle.check(&key)?;
-        let ok = self.check(user, password);
-        if ok {
+        let ok = self.generation_if(user, password);
+        if ok.is_some() {
             self.throttle.succeeded(&key);
         } else {
             self.throttle.failed(key);
         }
         Ok(ok)
+    }
+
+    /// The session generation of `user` if `password` is right.
+    fn generation_if(&self, user: &str, password: &str) -> Option<String> {
+        // Both compared, always: no early answer on a wrong user.
+        let user_ok = same(&digest(user), &digest(&self.user));
+        let pass_ok = same(&digest(password), &self.password_digest);
+        if user_ok {
+            return pass_ok.then(String::new);
+        }
+        self.store_user(user, password).map(|s| s.generation)
     }
 
     /// The user and password of HTTP Basic credentials in `headers`.
@@ -125,12 +189,9 @@ impl Auth {
         &self.user
     }
 
-    /// Whether `user`/`password` are the configured ones.
+    /// Whether `user`/`password` are the administrator's or a store user's.
     pub fn check(&self, user: &str, password: &str) -> bool {
-        // Both compared, always: no early answer on a wrong user.
-        let user_ok = same(&digest(user), &digest(&self.user));
-        let pass_ok = same(&digest(password), &self.password_digest);
-        user_ok & pass_ok
+        self.generation_if(user, password).is_some()
     }
 
     fn sign(&self, payload: &str) -> String {
@@ -143,11 +204,16 @@ impl Auth {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
     }
 
-    /// A session cookie value for the user, valid for [`SESSION_TTL`].
+    /// A session cookie value for the administrator, valid for [`SESSION_TTL`].
     pub fn session(&self) -> String {
+        self.session_for(&self.user, "")
+    }
+
+    /// A session cookie value for `user` at `generation` (what
+    /// [`Auth::login`] answered), valid for [`SESSION_TTL`].
+    pub fn session_for(&self, user: &str, generation: &str) -> String {
         let payload = format!(
-            "{}|{}",
-            self.user,
+            "{user}|{}|{generation}",
             now_ms() + SESSION_TTL.as_millis() as u64
         );
         let sig = self.sign(&payload);
@@ -165,8 +231,19 @@ impl Auth {
         if expected.len() != sig.len() || !same(&digest(&expected), &digest(sig)) {
             return None;
         }
-        let (user, expiry) = payload.split_once('|')?;
-        (expiry.parse::<u64>().ok()? > now_ms() && user == self.user).then(|| user.to_string())
+        let mut parts = payload.splitn(3, '|');
+        let (user, expiry, generation) = (parts.next()?, parts.next()?, parts.next()?);
+        if expiry.parse::<u64>().ok()? <= now_ms() {
+            return None;
+        }
+        if user == self.user && generation.is_empty() {
+            return Some(user.to_string());
+        }
+        // A store user: only while its record is the one it signed in with.
+        self.users
+            .as_ref()?
+            .at_generation(user, generation)
+            .map(|s| s.name)
     }
 
     /// The logged-in user of a request (session cookie or Basic credentials).
@@ -349,7 +426,7 @@ fn login_of(
         return Ok(Some(u));
     }
     match Auth::basic_of(headers) {
-        Some((u, p)) => Ok(console.login(&u, &p, ip)?.then_some(u)),
+        Some((u, p)) => Ok(console.login(&u, &p, ip)?.map(|_| u)),
         None => Ok(None),
     }
 }
@@ -405,7 +482,10 @@ fn authenticate(
             }
         }
         None => match login_of(console, headers, ip) {
-            Ok(Some(user)) => (format!("console:{user}"), vec![Scope::Admin]),
+            Ok(Some(user)) => {
+                let scopes = console.scopes_of(&user);
+                (format!("console:{user}"), scopes)
+            }
             Err(wait) => {
                 return Err(Box::new(("throttled".into(), throttled(headers, wait))));
             }

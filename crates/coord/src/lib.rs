@@ -26,6 +26,8 @@ pub mod registry;
 pub mod runtime;
 #[cfg(feature = "server")]
 pub mod tokens;
+#[cfg(feature = "server")]
+pub mod users;
 
 pub use backend::Backend;
 pub use client::{ClientOptions, CoordClient};

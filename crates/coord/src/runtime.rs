@@ -75,6 +75,8 @@ pub struct Coord {
     pub membership: Arc<Membership>,
     /// The HTTP API's bearer tokens (a watched copy).
     pub tokens: crate::tokens::Tokens,
+    /// The console's users.
+    pub users: crate::users::Users,
     /// The audit log of changes made through the HTTP API.
     pub audit: crate::audit::AuditLog,
     ids: Arc<parking_lot::RwLock<Option<Arc<IdGenerator>>>>,
@@ -115,6 +117,7 @@ impl Coord {
         let registry = Registry::open(&backend, None, opts.registry.clone()).await?;
         let config = ConfigCenter::open(&backend, opts.config.clone()).await?;
         let tokens = crate::tokens::Tokens::open(&backend).await?;
+        let users = crate::users::Users::open(&backend).await?;
         let audit = crate::audit::AuditLog::start(&backend, &opts.node_name, opts.audit_retention);
         if let Some(path) = &opts.session_file {
             remember_session(path, membership.session().lease);
@@ -145,6 +148,7 @@ impl Coord {
             config,
             membership,
             tokens,
+            users,
             audit,
             ids,
             _ids_task: ids_task,

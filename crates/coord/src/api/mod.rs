@@ -90,6 +90,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/auth/tokens"),
     ("post", "/v1/auth/tokens"),
     ("delete", "/v1/auth/tokens/{id}"),
+    ("get", "/v1/auth/users"),
+    ("post", "/v1/auth/users"),
+    ("put", "/v1/auth/users/{name}"),
+    ("delete", "/v1/auth/users/{name}"),
     ("get", "/v1/audit"),
 ];
 

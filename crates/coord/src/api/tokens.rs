@@ -1,5 +1,6 @@
-//! `/v1/auth/tokens`: the HTTP API's bearer tokens, for administrators
-//! (the route needs the `admin` scope; see `meshwork_api::scope`).
+//! `/v1/auth/tokens` and `/v1/auth/users`: the HTTP API's bearer tokens and
+//! the console's users, for administrators (the routes need the `admin`
+//! scope; see `meshwork_api::scope`).
 
 use std::time::Duration;
 
@@ -25,6 +26,11 @@ pub(super) fn routes() -> Router<Coord> {
     Router::new()
         .route("/v1/auth/tokens", get(list).post(create))
         .route("/v1/auth/tokens/{id}", delete(revoke))
+        .route("/v1/auth/users", get(list_users).post(create_user))
+        .route(
+            "/v1/auth/users/{name}",
+            axum::routing::put(update_user).delete(remove_user),
+        )
         .route("/v1/audit", get(audit))
 }
 
@@ -92,16 +98,7 @@ struct Create {
 
 async fn create(State(c): State<Coord>, body: Bytes) -> ApiResult<Response> {
     let r: Create = parse_body(&body)?;
-    if r.scopes.is_empty() || r.scopes.len() > MAX_SCOPES {
-        return Err(ApiError::bad_request(
-            "invalid_argument",
-            format!("a token needs 1 to {MAX_SCOPES} scopes"),
-        ));
-    }
-    for s in &r.scopes {
-        s.parse::<meshwork_api::scope::Scope>()
-            .map_err(|e| ApiError::bad_request("invalid_argument", e))?;
-    }
+    check_scopes(&r.scopes)?;
     if r.description.len() > MAX_DESCRIPTION {
         return Err(ApiError::bad_request(
             "invalid_argument",
@@ -135,6 +132,86 @@ async fn revoke(State(c): State<Coord>, Path(id): Path<String>) -> ApiResult<Res
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::not_found(format!("no token {id:?}")))
+    }
+}
+
+fn check_scopes(scopes: &[String]) -> ApiResult<()> {
+    if scopes.is_empty() || scopes.len() > MAX_SCOPES {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            format!("1 to {MAX_SCOPES} scopes"),
+        ));
+    }
+    for s in scopes {
+        s.parse::<meshwork_api::scope::Scope>()
+            .map_err(|e| ApiError::bad_request("invalid_argument", e))?;
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    name: String,
+    password: String,
+    scopes: Vec<String>,
+}
+
+async fn create_user(State(c): State<Coord>, body: Bytes) -> ApiResult<Response> {
+    let r: NewUser = parse_body(&body)?;
+    check_scopes(&r.scopes)?;
+    let info = c.users.create(&r.name, &r.password, r.scopes).await?;
+    tracing::info!(user = %info.name, scopes = ?info.scopes, "console user added");
+    Ok(json(StatusCode::CREATED, &info))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserChange {
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+}
+
+async fn update_user(
+    State(c): State<Coord>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let r: UserChange = parse_body(&body)?;
+    if r.password.is_none() && r.scopes.is_none() {
+        return Err(ApiError::bad_request(
+            "invalid_argument",
+            "give a password, scopes or both",
+        ));
+    }
+    if let Some(s) = &r.scopes {
+        check_scopes(s)?;
+    }
+    match c
+        .users
+        .update(&name, r.password.as_deref(), r.scopes)
+        .await?
+    {
+        Some(info) => {
+            tracing::info!(user = %info.name, "console user changed; its sessions end");
+            Ok(json(StatusCode::OK, &info))
+        }
+        None => Err(ApiError::not_found(format!("no user {name:?}"))),
+    }
+}
+
+async fn list_users(State(c): State<Coord>) -> Response {
+    json(StatusCode::OK, &serde_json::json!({"users": c.users.list()}))
+}
+
+async fn remove_user(State(c): State<Coord>, Path(name): Path<String>) -> ApiResult<Response> {
+    if c.users.remove(&name).await? {
+        tracing::info!(user = %name, "console user removed");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found(format!("no user {name:?}")))
     }
 }
 
