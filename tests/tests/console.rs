@@ -540,10 +540,16 @@ async fn writes_need_a_login_and_secrets_stay_masked() {
     // its scope; its use is in the audit log; revoked, it stops working.
     c.goto(&format!("{base}/ui/access")).await.unwrap();
     wait_text(&c, "h1", "the Access page", |t| t.contains("Access")).await;
-    fill(&c, "input[name=scopes]", "ids:write").await;
-    fill(&c, "input[name=description]", "browser").await;
-    click(&c, "form[data-api] button").await;
-    let token = wait_text(&c, "form[data-api] .result", "the new token", |t| {
+    const TOKEN_FORM: &str = "form[data-api='/v1/auth/tokens']";
+    fill(&c, &format!("{TOKEN_FORM} input[name=scopes]"), "ids:write").await;
+    fill(
+        &c,
+        &format!("{TOKEN_FORM} input[name=description]"),
+        "browser",
+    )
+    .await;
+    click(&c, &format!("{TOKEN_FORM} button")).await;
+    let token = wait_text(&c, &format!("{TOKEN_FORM} .result"), "the new token", |t| {
         t.starts_with("mwt_")
     })
     .await;
@@ -578,6 +584,29 @@ async fn writes_need_a_login_and_secrets_stay_masked() {
     )
     .unwrap();
     assert_eq!(st, 401);
+    // A user added in the form is listed, and signs in with its own password.
+    const USER_FORM: &str = "form[data-api='/v1/auth/users']";
+    fill(&c, &format!("{USER_FORM} input[name=name]"), "alice").await;
+    fill(
+        &c,
+        &format!("{USER_FORM} input[name=password]"),
+        "alice passphrase",
+    )
+    .await;
+    fill(&c, &format!("{USER_FORM} input[name=scopes]"), "ids:write").await;
+    click(&c, &format!("{USER_FORM} button")).await;
+    wait_text(&c, "main", "the new user", |t| t.contains("alice")).await;
+    shot(&c, "access-users").await;
+    let (st, body) = http::raw(
+        &node.http,
+        &format!(
+            "POST /v1/ids HTTP/1.1\r\nHost: {}\r\nAuthorization: Basic YWxpY2U6YWxpY2UgcGFzc3BocmFzZQ==",
+            node.http
+        ),
+        "",
+    )
+    .unwrap();
+    assert_eq!(st, 200, "alice:alice passphrase: {body}");
     c.close().await.unwrap();
 }
 

@@ -767,7 +767,9 @@ fn login_cookie(addr: &str, user: &str, password: &str) -> Option<String> {
     let body = serde_json::json!({"user": user, "password": password}).to_string();
     let (_, whole) = http::raw(
         addr,
-        &format!("POST /v1/console/login HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json"),
+        &format!(
+            "POST /v1/console/login HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json"
+        ),
         &body,
     )
     .unwrap();
@@ -794,9 +796,13 @@ fn store_users_sign_in_with_their_own_scopes() {
     let h = s.http.as_str();
     let admin = basic();
     let add = |body: &str| call(h, "POST", "/v1/auth/users", Some(&admin), body);
-    let (code, body) = add(r#"{"name":"alice","password":"alice passphrase","scopes":["config:write:public"]}"#);
+    let (code, body) =
+        add(r#"{"name":"alice","password":"alice passphrase","scopes":["config:write:public"]}"#);
     assert_eq!(code, 201, "{body}");
-    assert!(!body.contains("passphrase") && !body.contains("argon2"), "{body}");
+    assert!(
+        !body.contains("passphrase") && !body.contains("argon2"),
+        "{body}"
+    );
     // A taken name, a short password, a bad scope, a bad name: refused.
     let (code, _) = add(r#"{"name":"alice","password":"another passphrase","scopes":["admin"]}"#);
     assert_eq!(code, 409);
@@ -821,7 +827,13 @@ fn store_users_sign_in_with_their_own_scopes() {
     };
     assert_eq!(publish("public", &alice), 201, "her scope");
     assert_eq!(publish("billing", &alice), 403, "not her namespace");
-    let (code, _) = call(h, "POST", "/v1/auth/tokens", Some(&alice), r#"{"scopes":["admin"]}"#);
+    let (code, _) = call(
+        h,
+        "POST",
+        "/v1/auth/tokens",
+        Some(&alice),
+        r#"{"scopes":["admin"]}"#,
+    );
     assert_eq!(code, 403, "no admin scope: no tokens");
     let (code, _) = call(h, "GET", "/v1/auth/users", Some(&alice), "");
     assert_eq!(code, 403);
@@ -871,7 +883,10 @@ fn store_users_sign_in_with_their_own_scopes() {
 
     let (code, body) = call(h, "GET", "/v1/auth/users", Some(&admin), "");
     assert_eq!(code, 200);
-    assert!(body.contains("\"alice\"") && !body.contains("argon2"), "{body}");
+    assert!(
+        body.contains("\"alice\"") && !body.contains("argon2"),
+        "{body}"
+    );
     // Removed: nothing she holds works.
     let (code, _) = call(h, "DELETE", "/v1/auth/users/alice", Some(&admin), "");
     assert_eq!(code, 204);

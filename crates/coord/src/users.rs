@@ -189,7 +189,12 @@ impl Users {
 
     /// Adds user `name` with `password` and `scopes` (validated by the
     /// caller); a name taken already is a conflict.
-    pub async fn create(&self, name: &str, password: &str, scopes: Vec<String>) -> Result<UserInfo> {
+    pub async fn create(
+        &self,
+        name: &str,
+        password: &str,
+        scopes: Vec<String>,
+    ) -> Result<UserInfo> {
         if !valid_name(name) {
             return Err(CoordError::invalid(format!(
                 "user name {name:?}: use 1 to 64 letters, digits, '.', '_', '-' and '@'"
@@ -233,7 +238,9 @@ impl Users {
             })
             .await?;
         if !r.succeeded {
-            return Err(CoordError::Conflict(format!("user {name:?} exists already")));
+            return Err(CoordError::Conflict(format!(
+                "user {name:?} exists already"
+            )));
         }
         self.mirror.wait_for(txn::revision(&r)).await;
         Ok(info)

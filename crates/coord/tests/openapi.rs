@@ -1086,6 +1086,67 @@ async fn every_operation_answers_as_documented() {
     )
     .await;
 
+    // -------------------------------------------------------------------- users
+    let user =
+        json!({"name": "alice", "password": "alice passphrase", "scopes": ["config:write:public"]});
+    let r = api
+        .expect(
+            201,
+            "post",
+            "/v1/auth/users",
+            "/v1/auth/users",
+            Some(user.clone()),
+        )
+        .await;
+    assert_eq!(r.json()["name"], "alice");
+    api.expect(409, "post", "/v1/auth/users", "/v1/auth/users", Some(user))
+        .await;
+    api.expect(
+        400,
+        "post",
+        "/v1/auth/users",
+        "/v1/auth/users",
+        Some(json!({"name": "bob", "password": "short", "scopes": ["admin"]})),
+    )
+    .await;
+    let r = api
+        .expect(200, "get", "/v1/auth/users", "/v1/auth/users", None)
+        .await;
+    assert_eq!(r.json()["users"][0]["name"], "alice");
+    assert!(!r.json().to_string().contains("argon2"), "no hash shown");
+    api.expect(
+        200,
+        "put",
+        "/v1/auth/users/{name}",
+        "/v1/auth/users/alice",
+        Some(json!({"scopes": ["admin"]})),
+    )
+    .await;
+    api.expect(
+        404,
+        "put",
+        "/v1/auth/users/{name}",
+        "/v1/auth/users/nobody",
+        Some(json!({"password": "a long passphrase"})),
+    )
+    .await;
+    api.expect(
+        204,
+        "delete",
+        "/v1/auth/users/{name}",
+        "/v1/auth/users/alice",
+        None,
+    )
+    .await;
+    api.expect(
+        404,
+        "delete",
+        "/v1/auth/users/{name}",
+        "/v1/auth/users/alice",
+        None,
+    )
+    .await;
+
     // -------------------------------------------------------------------- audit
     let r = api
         .expect(200, "get", "/v1/audit", "/v1/audit?limit=5", None)

@@ -203,7 +203,10 @@ async fn update_user(
 }
 
 async fn list_users(State(c): State<Coord>) -> Response {
-    json(StatusCode::OK, &serde_json::json!({"users": c.users.list()}))
+    json(
+        StatusCode::OK,
+        &serde_json::json!({"users": c.users.list()}),
+    )
 }
 
 async fn remove_user(State(c): State<Coord>, Path(name): Path<String>) -> ApiResult<Response> {
