@@ -37,9 +37,12 @@ pub struct Auth {
     users: Option<meshwork_coord::users::Users>,
     /// Store users' Basic credentials already checked: (user, password
     /// digest) → the generation they were checked at (Argon2 once, not per call).
-    checked:
-        std::sync::Arc<parking_lot::Mutex<std::collections::HashMap<(String, [u8; 32]), String>>>,
+    checked: std::sync::Arc<parking_lot::Mutex<CheckedLogins>>,
 }
+
+/// Store users' Basic credentials already checked: (user, password digest)
+/// → the generation they were checked at.
+type CheckedLogins = std::collections::HashMap<(String, [u8; 32]), String>;
 
 /// Most remembered Basic credential checks (cleared when full).
 const MAX_CHECKED: usize = 1024;
