@@ -894,3 +894,68 @@ fn store_users_sign_in_with_their_own_scopes() {
     let (code, _) = call(h, "DELETE", "/v1/auth/users/alice", Some(&admin), "");
     assert_eq!(code, 404);
 }
+
+/// `meshwork user`: add (the password from standard input), list, passwd,
+/// scopes, rm; the user then signs in from the CLI like the administrator
+/// (`MESHWORK_CONSOLE_USER` / `MESHWORK_CONSOLE_PASSWORD`).
+#[test]
+fn the_cli_manages_users_who_then_sign_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = node(dir.path());
+    let cli = |args: &[&str], envs: &[(&str, &str)], input: &str| {
+        let mut cmd = std::process::Command::new(meshwork_tests::bin());
+        cmd.args(args)
+            .args(["--http", &s.http])
+            .env_remove("MESHWORK_CONSOLE_USER")
+            .env_remove("MESHWORK_CONSOLE_PASSWORD")
+            .env_remove("MESHWORK_TOKEN")
+            .envs(envs.iter().copied());
+        let out = meshwork_testkit::peer::run_with_input(&mut cmd, input);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let admin = [("MESHWORK_CONSOLE_PASSWORD", PASSWORD)];
+    let (ok, out, err) = cli(
+        &["user", "add", "batch", "--scope", "ids:write"],
+        &admin,
+        "batch passphrase\n",
+    );
+    assert!(ok && out.contains("batch") && out.contains("ids:write"), "{out}{err}");
+    assert!(!out.contains("passphrase"), "{out}");
+    let as_batch = |password: &str| {
+        cli(
+            &["id", "next"],
+            &[
+                ("MESHWORK_CONSOLE_USER", "batch"),
+                ("MESHWORK_CONSOLE_PASSWORD", password),
+            ],
+            "",
+        )
+    };
+    let (ok, _, err) = as_batch("batch passphrase");
+    assert!(ok, "{err}");
+    // Without a password on standard input nothing is added.
+    let (ok, _, err) = cli(&["user", "add", "x", "--scope", "admin"], &admin, "");
+    assert!(!ok && err.contains("standard input"), "{err}");
+    let (ok, _, err) = cli(&["user", "passwd", "batch"], &admin, "another passphrase\n");
+    assert!(ok, "{err}");
+    let (ok, _, err) = as_batch("batch passphrase");
+    assert!(!ok && err.contains("401"), "{err}");
+    let (ok, _, err) = cli(
+        &["user", "scopes", "batch", "--scope", "locks:write"],
+        &admin,
+        "",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = as_batch("another passphrase");
+    assert!(!ok && err.contains("403"), "ids:write is gone: {err}");
+    let (ok, out, err) = cli(&["user", "list"], &admin, "");
+    assert!(ok && out.contains("locks:write"), "{out}{err}");
+    let (ok, _, err) = cli(&["user", "rm", "batch"], &admin, "");
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&["user", "rm", "batch"], &admin, "");
+    assert!(!ok && err.contains("404"), "{err}");
+}

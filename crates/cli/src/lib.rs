@@ -73,6 +73,7 @@ mod node;
 mod output;
 mod snapshotcli;
 mod tokencli;
+mod usercli;
 mod txncli;
 
 use std::path::PathBuf;
@@ -132,6 +133,8 @@ enum Command {
     Txn(txncli::TxnArgs),
     /// The HTTP API's bearer tokens: create (with scopes and a lifetime), list, revoke.
     Token(tokencli::TokenArgs),
+    /// The console's users kept in the store: add, list, passwd, scopes, rm.
+    User(usercli::UserArgs),
     /// A local certificate authority and certificates it signs (for TLS and mTLS).
     Cert(certcli::CertArgs),
     /// The message broker: topics, publish, subscribe, dead letters.
@@ -1013,6 +1016,7 @@ fn run() -> Result<()> {
             Command::Gateway(a) => gatewaycli::run(a).await,
             Command::Txn(a) => txncli::run(a).await,
             Command::Token(a) => tokencli::run(a).await,
+            Command::User(a) => usercli::run(a).await,
             Command::Cert(a) => certcli::run(a),
             Command::Mq(a) => mqcli::run(a).await,
             #[cfg(feature = "demo")]
