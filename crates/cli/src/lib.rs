@@ -131,6 +131,8 @@ enum Command {
     Gateway(gatewaycli::GatewayArgs),
     /// Distributed transactions (saga, TCC, 2PC): start, list, show, abort, retry.
     Txn(txncli::TxnArgs),
+    /// This binary's version, git revision and commit date.
+    Version,
     /// The HTTP API's bearer tokens: create (with scopes and a lifetime), list, revoke.
     Token(tokencli::TokenArgs),
     /// The console's users kept in the store: add, list, passwd, scopes, rm.
@@ -952,6 +954,17 @@ async fn start_demo(
 /// backtrace, whatever `RUST_BACKTRACE` says, and the exit code is 1. Panics
 /// (our bugs) keep Rust's report and its backtrace. Usage and help say
 /// `meshwork` whatever the executable file is called.
+/// `meshwork 0.1.0 (git 0123456789ab, 2026-12-07)`: the version, the git
+/// revision and its commit date the binary was built from.
+pub(crate) fn version_line() -> String {
+    format!(
+        "meshwork {} (git {}, {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("MESHWORK_GIT_REV"),
+        env!("MESHWORK_GIT_DATE")
+    )
+}
+
 pub fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -1017,6 +1030,10 @@ fn run() -> Result<()> {
             Command::Txn(a) => txncli::run(a).await,
             Command::Token(a) => tokencli::run(a).await,
             Command::User(a) => usercli::run(a).await,
+            Command::Version => {
+                println!("{}", version_line());
+                Ok(())
+            }
             Command::Cert(a) => certcli::run(a),
             Command::Mq(a) => mqcli::run(a).await,
             #[cfg(feature = "demo")]
