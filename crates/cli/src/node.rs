@@ -244,16 +244,20 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
         let (a, ttl, rx) = (a.clone(), *ttl, stop_rx.clone());
         tasks.push(tokio::spawn(async move {
             let renew = async {
+                let mut wait = ttl / 2;
                 loop {
-                    tokio::time::sleep(ttl / 2).await;
-                    match a.issue(SERVICE, ttl) {
-                        Ok((chain, key)) => {
-                            if let Err(e) = id.renew(&chain, &key) {
-                                tracing::warn!(error = %e, "renewing the gateway's certificate");
-                            }
+                    tokio::time::sleep(wait).await;
+                    let renewed = a
+                        .issue(SERVICE, ttl)
+                        .and_then(|(chain, key)| id.renew(&chain, &key));
+                    wait = match renewed {
+                        Ok(()) => ttl / 2,
+                        Err(e) => {
+                            // Well before the one in use runs out.
+                            tracing::warn!(error = %e, "renewing the gateway's certificate; retrying");
+                            (ttl / 20).max(std::time::Duration::from_secs(1))
                         }
-                        Err(e) => tracing::warn!(error = %e, "renewing the gateway's certificate"),
-                    }
+                    };
                 }
             };
             tokio::select! {
@@ -420,6 +424,27 @@ pub(crate) async fn start(cfg: NodeConfig) -> Result<Running> {
             }
         }));
         tracing::info!(ttl_s = ttl.as_secs(), "issuing service certificates");
+    } else if let (Some(c), None) = (&coord, &authority) {
+        // Another node issues: trust its published authority for https
+        // health checks of services serving with their identity.
+        let (backend, rx) = (c.backend.clone(), stop_rx.clone());
+        tasks.push(tokio::spawn(async move {
+            let learn = async {
+                loop {
+                    if let Ok(Some(pem)) = meshwork_coord::identity::published_ca(&backend).await {
+                        match meshwork_coord::registry::prober::trust_for_https(&pem) {
+                            Ok(()) => return,
+                            Err(e) => tracing::warn!(error = %e, "the published identity authority is unusable"),
+                        }
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                }
+            };
+            tokio::select! {
+                () = learn => {}
+                () = stopped(rx) => {}
+            }
+        }));
     }
     let state = http::AppState {
         store: store.clone(),

@@ -22,10 +22,10 @@ pub(crate) async fn page_handler(
     q: Q,
 ) -> Response {
     let mut b = String::from("<h1>Access</h1>");
-    let allowed = s.auth.as_ref().is_none_or(|a| {
-        a.user_of(&headers)
-            .is_some_and(|u| a.scopes_of(&u).contains(&meshwork_api::scope::Scope::Admin))
-    });
+    let allowed = s
+        .auth
+        .as_ref()
+        .is_none_or(|a| a.principal_of(&headers).is_some_and(|p| p.is_admin()));
     if !allowed {
         b.push_str(
             "<p><a href=\"/ui/login\">Sign in</a> as an administrator to see the users, the API tokens and the audit log.</p>",

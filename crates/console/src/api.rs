@@ -823,8 +823,8 @@ async fn login(
         )
     })?;
     let ip = peer.map(|p| p.0.0.ip());
-    let generation = match auth.login(&b.user, &b.password, ip) {
-        Ok(Some(g)) => g,
+    let who = match auth.login(&b.user, &b.password, ip).await {
+        Ok(Some(who)) => who,
         Ok(None) => {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -837,10 +837,7 @@ async fn login(
     Ok((
         [(
             header::SET_COOKIE,
-            session_cookie(
-                &auth.session_for(&b.user, &generation),
-                SESSION_TTL.as_secs(),
-            ),
+            session_cookie(&auth.session_for(&who), SESSION_TTL.as_secs()),
         )],
         axum::Json(serde_json::json!({ "user": b.user })),
     )

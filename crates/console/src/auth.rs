@@ -108,69 +108,78 @@ impl Auth {
         self
     }
 
-    /// A store user's name and password: who, with which scopes, at which
-    /// generation (Argon2 the first time, remembered after).
-    fn store_user(&self, user: &str, password: &str) -> Option<meshwork_coord::users::SignedIn> {
-        let users = self.users.as_ref()?;
-        let key = (user.to_string(), digest(password));
-        let known = self.checked.lock().get(&key).cloned();
-        if let Some(generation) = known
-            && let Some(s) = users.at_generation(user, &generation)
-        {
-            return Some(s);
-        }
-        let s = users.verify(user, password)?;
-        let mut checked = self.checked.lock();
-        if checked.len() >= MAX_CHECKED {
-            checked.clear();
-        }
-        checked.insert(key, s.generation.clone());
-        Some(s)
-    }
-
-    /// The scopes of a signed-in `user` (the administrator: `admin`).
-    pub fn scopes_of(&self, user: &str) -> Vec<meshwork_api::scope::Scope> {
-        if user == self.user {
-            return vec![meshwork_api::scope::Scope::Admin];
-        }
-        self.users
-            .as_ref()
-            .map(|u| u.list())
-            .and_then(|l| l.into_iter().find(|i| i.name == user))
-            .map(|i| i.scopes.iter().filter_map(|s| s.parse().ok()).collect())
-            .unwrap_or_default()
-    }
-
-    /// Checks a password login of `user` from `ip`: `Err(seconds)` while
-    /// this address and user must wait after too many failures (the
-    /// password is then not even checked), else, when it is right, the
-    /// generation its session names (empty for the administrator).
-    pub fn login(
+    /// A store user whose `password` was checked already (at its current
+    /// generation): no Argon2 here.
+    fn cached_store_user(
         &self,
         user: &str,
         password: &str,
-        ip: Option<std::net::IpAddr>,
-    ) -> Result<Option<String>, u64> {
-        let key = (ip, user.to_string());
-        self.throttle.check(&key)?;
-        let ok = self.generation_if(user, password);
-        if ok.is_some() {
-            self.throttle.succeeded(&key);
-        } else {
-            self.throttle.failed(key);
-        }
-        Ok(ok)
+    ) -> Option<meshwork_coord::users::SignedIn> {
+        let users = self.users.as_ref()?;
+        let generation = self
+            .checked
+            .lock()
+            .get(&(user.to_string(), digest(password)))
+            .cloned()?;
+        users.at_generation(user, &generation)
     }
 
-    /// The session generation of `user` if `password` is right.
-    fn generation_if(&self, user: &str, password: &str) -> Option<String> {
+    /// Who `user`/`password` are without running Argon2: the administrator,
+    /// or a store user whose password was checked before.
+    fn known_login(&self, user: &str, password: &str) -> Option<Principal> {
         // Both compared, always: no early answer on a wrong user.
         let user_ok = same(&digest(user), &digest(&self.user));
         let pass_ok = same(&digest(password), &self.password_digest);
         if user_ok {
-            return pass_ok.then(String::new);
+            // The administrator's name is the administrator's only: a store
+            // user of the same name never signs in as either.
+            return pass_ok.then_some(Principal::Admin);
         }
-        self.store_user(user, password).map(|s| s.generation)
+        self.cached_store_user(user, password).map(Principal::User)
+    }
+
+    /// Checks a password login of `user` from `ip`: `Err(seconds)` while
+    /// this address and user must wait after too many failures (the
+    /// password is then not even checked; also while every Argon2 slot is
+    /// busy), else who signed in, if the password is right. Argon2 runs on
+    /// the blocking pool, at most [`ARGON2_AT_ONCE`] at a time.
+    pub async fn login(
+        &self,
+        user: &str,
+        password: &str,
+        ip: Option<std::net::IpAddr>,
+    ) -> Result<Option<Principal>, u64> {
+        let key = (ip, user.to_string());
+        self.throttle.check(&key)?;
+        let mut who = self.known_login(user, password);
+        if who.is_none()
+            && user != self.user
+            && let Some(users) = self.users.clone()
+        {
+            static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(ARGON2_AT_ONCE);
+            let Ok(_slot) = SLOTS.try_acquire() else {
+                return Err(1);
+            };
+            let (u, p) = (user.to_string(), password.to_string());
+            let checked = tokio::task::spawn_blocking(move || users.verify(&u, &p))
+                .await
+                .ok()
+                .flatten();
+            if let Some(s) = &checked {
+                let mut map = self.checked.lock();
+                if map.len() >= MAX_CHECKED {
+                    map.clear();
+                }
+                map.insert((user.to_string(), digest(password)), s.generation.clone());
+            }
+            who = checked.map(Principal::User);
+        }
+        if who.is_some() {
+            self.throttle.succeeded(&key);
+        } else {
+            self.throttle.failed(key);
+        }
+        Ok(who)
     }
 
     /// The user and password of HTTP Basic credentials in `headers`.
@@ -193,9 +202,10 @@ impl Auth {
         &self.user
     }
 
-    /// Whether `user`/`password` are the administrator's or a store user's.
+    /// Whether `user`/`password` are the administrator's, or a store user's
+    /// checked before (no Argon2 here).
     pub fn check(&self, user: &str, password: &str) -> bool {
-        self.generation_if(user, password).is_some()
+        self.known_login(user, password).is_some()
     }
 
     fn sign(&self, payload: &str) -> String {
@@ -210,12 +220,16 @@ impl Auth {
 
     /// A session cookie value for the administrator, valid for [`SESSION_TTL`].
     pub fn session(&self) -> String {
-        self.session_for(&self.user, "")
+        self.session_for(&Principal::Admin)
     }
 
-    /// A session cookie value for `user` at `generation` (what
-    /// [`Auth::login`] answered), valid for [`SESSION_TTL`].
-    pub fn session_for(&self, user: &str, generation: &str) -> String {
+    /// A session cookie value for `who` (what [`Auth::login`] answered),
+    /// valid for [`SESSION_TTL`]: a store user's names its generation.
+    pub fn session_for(&self, who: &Principal) -> String {
+        let (user, generation) = match who {
+            Principal::Admin => (self.user.as_str(), ""),
+            Principal::User(s) => (s.name.as_str(), s.generation.as_str()),
+        };
         let payload = format!(
             "{user}|{}|{generation}",
             now_ms() + SESSION_TTL.as_millis() as u64
@@ -224,8 +238,8 @@ impl Auth {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{payload}|{sig}"))
     }
 
-    /// The user of a valid, unexpired session cookie value.
-    pub fn verify(&self, value: &str) -> Option<String> {
+    /// Who a valid, unexpired session cookie value signs in.
+    pub fn verify(&self, value: &str) -> Option<Principal> {
         let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(value)
             .ok()?;
@@ -240,25 +254,67 @@ impl Auth {
         if expiry.parse::<u64>().ok()? <= now_ms() {
             return None;
         }
-        if user == self.user && generation.is_empty() {
-            return Some(user.to_string());
+        if generation.is_empty() {
+            return (user == self.user).then_some(Principal::Admin);
         }
         // A store user: only while its record is the one it signed in with.
         self.users
             .as_ref()?
             .at_generation(user, generation)
-            .map(|s| s.name)
+            .map(Principal::User)
     }
 
-    /// The logged-in user of a request (session cookie or Basic credentials).
+    /// The logged-in user of a request (session cookie, or Basic
+    /// credentials of the administrator or checked before).
     pub fn user_of(&self, headers: &HeaderMap) -> Option<String> {
+        self.principal_of(headers).map(|p| p.name(self).to_string())
+    }
+
+    /// Who a request signs in as, without running Argon2 (see [`Auth::user_of`]).
+    pub fn principal_of(&self, headers: &HeaderMap) -> Option<Principal> {
         if let Some(v) = meshwork_gateway::cookie(headers, COOKIE)
-            && let Some(u) = self.verify(v)
+            && let Some(p) = self.verify(v)
         {
-            return Some(u);
+            return Some(p);
         }
         let (u, p) = Self::basic_of(headers)?;
-        self.check(&u, &p).then_some(u)
+        self.known_login(&u, &p)
+    }
+}
+
+/// Most Argon2 password checks running at once (each takes a blocking
+/// thread, ~19 MiB and tens of milliseconds): more logins wait a second.
+pub const ARGON2_AT_ONCE: usize = 2;
+
+/// Who signed in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// The configured administrator (every scope).
+    Admin,
+    /// A user kept in the store, with its record's scopes.
+    User(meshwork_coord::users::SignedIn),
+}
+
+impl Principal {
+    /// Its name.
+    pub fn name<'a>(&'a self, auth: &'a Auth) -> &'a str {
+        match self {
+            Principal::Admin => &auth.user,
+            Principal::User(s) => &s.name,
+        }
+    }
+
+    /// What it may do.
+    pub fn scopes(&self) -> Vec<meshwork_api::scope::Scope> {
+        match self {
+            Principal::Admin => vec![meshwork_api::scope::Scope::Admin],
+            Principal::User(s) => s.scopes.iter().filter_map(|x| x.parse().ok()).collect(),
+        }
+    }
+
+    /// Whether it holds the `admin` scope.
+    pub fn is_admin(&self) -> bool {
+        self.scopes().contains(&meshwork_api::scope::Scope::Admin)
     }
 }
 
@@ -356,12 +412,17 @@ async fn guarded(auth: &HttpAuth, req: Request, next: Next) -> Response {
         Some(console) if open_read => {
             let shown = req.headers().contains_key(header::AUTHORIZATION)
                 || meshwork_gateway::cookie(req.headers(), COOKIE).is_some();
-            match shown.then(|| authenticate(auth, console, req.headers(), ip, &need)) {
+            let who = if shown {
+                Some(authenticate(auth, console, req.headers(), ip, &need).await)
+            } else {
+                None
+            };
+            match who {
                 Some(Ok((who, scopes))) => Ok((who, Granted::Scopes(scopes))),
                 _ => Ok(("-".to_string(), Granted::Scopes(Vec::new()))),
             }
         }
-        Some(console) => match authenticate(auth, console, req.headers(), ip, &need) {
+        Some(console) => match authenticate(auth, console, req.headers(), ip, &need).await {
             Ok((who, scopes)) if allowed(&scopes, &need) => Ok((who, Granted::Scopes(scopes))),
             Ok((who, _)) => {
                 let r = refuse(
@@ -419,18 +480,18 @@ async fn guarded(auth: &HttpAuth, req: Request, next: Next) -> Response {
 
 /// The administrator a call signs in as: its session cookie, or HTTP Basic
 /// credentials (throttled per address and user after failures).
-fn login_of(
+async fn login_of(
     console: &Auth,
     headers: &HeaderMap,
     ip: Option<std::net::IpAddr>,
-) -> Result<Option<String>, u64> {
+) -> Result<Option<Principal>, u64> {
     if let Some(v) = meshwork_gateway::cookie(headers, COOKIE)
-        && let Some(u) = console.verify(v)
+        && let Some(p) = console.verify(v)
     {
-        return Ok(Some(u));
+        return Ok(Some(p));
     }
     match Auth::basic_of(headers) {
-        Some((u, p)) => Ok(console.login(&u, &p, ip)?.map(|_| u)),
+        Some((u, p)) => console.login(&u, &p, ip).await,
         None => Ok(None),
     }
 }
@@ -452,7 +513,7 @@ pub fn throttled(headers: &HeaderMap, wait: u64) -> Response {
 /// Who sent a call (for a call that needs `need`) and the scopes they hold:
 /// `token:<id>` or `console:<user>`; else who it claimed to be and the refusal.
 #[allow(clippy::type_complexity)]
-fn authenticate(
+async fn authenticate(
     auth: &HttpAuth,
     console: &Auth,
     headers: &HeaderMap,
@@ -485,11 +546,8 @@ fn authenticate(
                 }
             }
         }
-        None => match login_of(console, headers, ip) {
-            Ok(Some(user)) => {
-                let scopes = console.scopes_of(&user);
-                (format!("console:{user}"), scopes)
-            }
+        None => match login_of(console, headers, ip).await {
+            Ok(Some(who)) => (format!("console:{}", who.name(console)), who.scopes()),
             Err(wait) => {
                 return Err(Box::new(("throttled".into(), throttled(headers, wait))));
             }
@@ -523,7 +581,7 @@ mod tests {
     fn sessions_verify_and_forgeries_do_not() {
         let a = Auth::new("admin", "correct horse").unwrap();
         let s = a.session();
-        assert_eq!(a.verify(&s).as_deref(), Some("admin"));
+        assert_eq!(a.verify(&s), Some(super::Principal::Admin));
         let other = Auth::new("admin", "correct horse").unwrap();
         assert_eq!(other.verify(&s), None, "another key does not verify it");
         let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD

@@ -765,12 +765,15 @@ fn outlier_state(o: &meshwork_gateway::OutlierSnapshot) -> String {
 async fn kv(State(s): State<ConsoleState>, headers: HeaderMap, q: Q) -> Response {
     let prefix = q.0.get("prefix").cloned().unwrap_or_default();
     let mut b = String::from("<h1>KV browser</h1>");
-    // The raw keyspace is for the administrator once a login is configured.
+    // The raw keyspace is for administrators (scope `admin`) once a login is
+    // configured, as its API is.
     if s.auth
         .as_ref()
-        .is_some_and(|a| a.user_of(&headers).is_none())
+        .is_some_and(|a| !a.principal_of(&headers).is_some_and(|p| p.is_admin()))
     {
-        b.push_str("<p><a href=\"/ui/login\">Sign in</a> to browse the keyspace.</p>");
+        b.push_str(
+            "<p><a href=\"/ui/login\">Sign in</a> as an administrator to browse the keyspace.</p>",
+        );
         return page(&s, &headers, &q.0, "kv", "KV browser", b);
     }
     // Breadcrumbs.

@@ -23,6 +23,9 @@ use crate::error::{CoordError, Result};
 
 /// Where requests wait.
 pub const REQUESTS: &str = "/meshwork/identity/requests/";
+/// The authority's certificate (public), put by the issuers, read by nodes
+/// that check services' health over https without holding the authority.
+pub const CA_KEY: &str = "/meshwork/identity/ca";
 /// Where certificates are answered.
 pub const ISSUED: &str = "/meshwork/identity/issued/";
 /// The largest request the issuer reads.
@@ -62,6 +65,15 @@ fn key_end(key: &str) -> Bytes {
     let mut end = key.as_bytes().to_vec();
     end.push(0);
     Bytes::from(end)
+}
+
+/// The authority's certificate the issuers published, if any.
+pub async fn published_ca(backend: &Backend) -> Result<Option<String>> {
+    Ok(backend
+        .get(CA_KEY)
+        .await?
+        .0
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
 }
 
 /// Asks for `service`'s certificate for the request `csr_pem`, as request
@@ -169,9 +181,14 @@ mod issuer {
             &self.authority
         }
 
-        /// Answers the requests waiting now, then each new one, until the
-        /// task is dropped.
+        /// Publishes the authority's certificate, then answers the requests
+        /// waiting now and each new one, until the task is dropped.
         pub async fn run(self) {
+            let pem = self.authority.ca_pem().to_owned();
+            while let Err(e) = self.backend.put(super::CA_KEY, pem.clone(), 0).await {
+                tracing::warn!(error = %e, "identity issuer: publishing the authority failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             loop {
                 let rev = match self.backend.load_prefix(REQUESTS).await {
                     Ok((kvs, rev)) => {

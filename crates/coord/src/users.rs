@@ -338,14 +338,24 @@ impl Users {
     /// Checks `name`'s password (Argon2id: slow on purpose; call it off the
     /// async threads). `None` for a wrong password or an unknown user.
     pub fn verify(&self, name: &str, password: &str) -> Option<SignedIn> {
-        let stored = self.copy.lock().by_name.get(name).cloned()?;
+        let stored = self.copy.lock().by_name.get(name).cloned();
         if password.len() > MAX_PASSWORD_BYTES {
             return None;
         }
-        let parsed = PasswordHash::new(&stored.password_hash).ok()?;
-        argon2::Argon2::default()
+        // An unknown user costs the same Argon2 run as a known one: the
+        // answer's time does not tell which names exist.
+        static DUMMY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let phc = match &stored {
+            Some(s) => s.password_hash.clone(),
+            None => DUMMY
+                .get_or_init(|| hash("not a password of anyone").ok())
+                .clone()?,
+        };
+        let parsed = PasswordHash::new(&phc).ok()?;
+        let ok = argon2::Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
-            .ok()?;
+            .is_ok();
+        let stored = stored.filter(|_| ok)?;
         Some(SignedIn {
             name: name.to_string(),
             scopes: stored.info.scopes,

@@ -29,6 +29,7 @@ async fn obtain(
     coord: &CoordClient,
     service: &str,
     wait: Duration,
+    pinned: Option<&str>,
 ) -> Result<(String, String, String), Error> {
     let (key, csr) = new_request(service).map_err(crypto)?;
     // Unique per attempt: the session's lease is the process's, the count
@@ -39,6 +40,10 @@ async fn obtain(
     let got =
         meshwork_coord::identity::obtain(coord.backend(), service, &id, &csr, coord.lease(), wait)
             .await?;
+    // Whoever wrote the answer, it must be for our key and name, from the
+    // (pinned) authority.
+    meshwork_tls::identity::check_issued(service, &got.chain, &key, &got.ca, pinned)
+        .map_err(crypto)?;
     Ok((got.chain, key, got.ca))
 }
 
@@ -48,12 +53,20 @@ pub(crate) async fn start(
     coord: &CoordClient,
     service: &str,
     wait: Duration,
+    pinned_ca: Option<std::path::PathBuf>,
 ) -> Result<(Arc<Identity>, tokio::task::JoinHandle<()>), Error> {
-    let (chain, key, ca) = obtain(coord, service, wait).await?;
+    let pinned = match &pinned_ca {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+            Error::Invalid(format!("the identity authority {}: {e}", p.display()))
+        })?),
+        None => None,
+    };
+    let (chain, key, ca) = obtain(coord, service, wait, pinned.as_deref()).await?;
     let until = not_after(&chain).map_err(crypto)?;
     let identity = Identity::new(service, &chain, &key, &ca).map_err(crypto)?;
     tracing::info!(service, "service identity obtained");
-    let renewing = tokio::spawn(renew(coord.clone(), identity.clone(), until, wait));
+    // Renewals must come from the authority the first answer named.
+    let renewing = tokio::spawn(renew(coord.clone(), identity.clone(), until, wait, ca));
     Ok((identity, renewing))
 }
 
@@ -64,11 +77,17 @@ fn left(until: SystemTime) -> Duration {
         .unwrap_or(Duration::ZERO)
 }
 
-async fn renew(coord: CoordClient, identity: Arc<Identity>, mut until: SystemTime, wait: Duration) {
+async fn renew(
+    coord: CoordClient,
+    identity: Arc<Identity>,
+    mut until: SystemTime,
+    wait: Duration,
+    ca: String,
+) {
     let mut delay = left(until) / 2;
     loop {
         tokio::time::sleep(delay.max(Duration::from_secs(1))).await;
-        match obtain(&coord, identity.service(), wait).await {
+        match obtain(&coord, identity.service(), wait, Some(&ca)).await {
             Ok((chain, key, _)) => match (not_after(&chain), identity.renew(&chain, &key)) {
                 (Ok(t), Ok(())) => {
                     until = t;
@@ -105,6 +124,10 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 /// Most handshaken connections waiting for the server to take them.
 const READY_BACKLOG: usize = 128;
 
+/// Most handshakes in flight at once: past it a new connection is closed
+/// at once (a flood of silent clients holds at most this many sockets).
+const MAX_HANDSHAKES: usize = 512;
+
 /// A TLS listener for axum: each handshake in its own task within
 /// [`HANDSHAKE`] (a caller that stalls delays nobody else), the connection
 /// handed over with its caller's identity.
@@ -127,6 +150,7 @@ impl TlsListener {
             .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
         let (tx, rx) = tokio::sync::mpsc::channel(READY_BACKLOG);
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         let accepting = tokio::spawn(async move {
             loop {
                 let (stream, addr) = match tcp.accept().await {
@@ -138,17 +162,28 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::debug!(%addr, limit = MAX_HANDSHAKES, "too many TLS handshakes in flight; closing a new connection");
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let (tx, acceptor) = (tx.clone(), acceptor.clone());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {
+                    let shaken = tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await;
+                    drop(slot);
+                    match shaken {
                         Ok(Ok(tls)) => {
                             let service = tls
                                 .get_ref()
                                 .1
                                 .peer_certificates()
                                 .and_then(meshwork_tls::identity::peer_service);
-                            let _ = tx.send((tls, Peer { addr, service })).await;
+                            // A server that takes no connections (shutting
+                            // down) does not hold this one for ever.
+                            let _ = tx
+                                .send_timeout((tls, Peer { addr, service }), HANDSHAKE)
+                                .await;
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(%addr, error = %e, "TLS handshake failed");

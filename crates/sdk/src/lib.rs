@@ -98,6 +98,10 @@ pub struct Options {
     pub identity: bool,
     /// How long connecting waits for the certificate, milliseconds.
     pub identity_wait_ms: u64,
+    /// The authority's certificate (PEM file) the answer must come from
+    /// (`MESHWORK_IDENTITY_CA`); unset, the first answer's authority is
+    /// trusted and renewals must come from the same one.
+    pub identity_ca: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -126,6 +130,7 @@ impl Options {
         opts.tls = meshwork_coord::backend::ClientTls::from_env();
         opts.secret_keys = meshwork_coord::config::secret::MasterKeys::from_env()
             .map_err(|e| Error::Invalid(e.to_string()))?;
+        opts.identity_ca = std::env::var_os("MESHWORK_IDENTITY_CA").map(Into::into);
         opts.identity = match std::env::var(IDENTITY_ENV).as_deref() {
             Ok("1" | "true" | "on") => true,
             Ok("" | "0" | "false" | "off") | Err(_) => false,
@@ -158,6 +163,7 @@ impl Options {
             secret_keys: Default::default(),
             identity: false,
             identity_wait_ms: 10_000,
+            identity_ca: None,
         })
     }
 
@@ -242,7 +248,7 @@ impl Meshwork {
         .await?;
         let (identity, renewing) = if opts.identity {
             let wait = std::time::Duration::from_millis(opts.identity_wait_ms);
-            let (i, r) = identity::start(&coord, &opts.name, wait).await?;
+            let (i, r) = identity::start(&coord, &opts.name, wait, opts.identity_ca.clone()).await?;
             (Some(i), Some(r))
         } else {
             (None, None)

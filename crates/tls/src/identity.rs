@@ -36,6 +36,9 @@ pub enum IdentityError {
         "service name {0:?} cannot name a certificate: use 1 to 63 letters, digits, '-' and '.'"
     )]
     Name(String),
+    /// A name kept for Meshwork's own components.
+    #[error("service name {0:?} is reserved for Meshwork's own components (meshwork-*, localhost)")]
+    Reserved(String),
     /// A signing request that is not one, or whose signature does not verify.
     #[error("certificate signing request: {0}")]
     Request(String),
@@ -68,6 +71,13 @@ pub fn valid_service(service: &str) -> bool {
         && !service.contains("..")
 }
 
+/// Names the authority signs no request for: `meshwork-*` (Meshwork's own
+/// components, such as the gateway's `meshwork-gateway`, which the node
+/// signs itself) and `localhost` (node certificates carry it).
+pub fn reserved(service: &str) -> bool {
+    service.starts_with("meshwork-") || service.eq_ignore_ascii_case("localhost")
+}
+
 /// The certificate's fields for `service`, valid from a minute ago (a peer
 /// whose clock is a little behind accepts it at once) for `ttl`.
 fn service_params(service: &str, ttl: Duration) -> Result<CertificateParams, IdentityError> {
@@ -76,9 +86,9 @@ fn service_params(service: &str, ttl: Duration) -> Result<CertificateParams, Ide
     }
     let crypto = |e: rcgen::Error| IdentityError::Crypto(e.to_string());
     let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, service);
-    p.distinguished_name = dn;
+    // No common name: where a common name means a user (etcd's
+    // --client-cert-auth), a service's certificate must name none.
+    p.distinguished_name = DistinguishedName::new();
     p.subject_alt_names = vec![
         SanType::DnsName(service.try_into().map_err(crypto)?),
         SanType::URI(
@@ -153,7 +163,7 @@ impl Authority {
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now - time::Duration::minutes(1);
-        p.not_after = now + time::Duration::days(365 * i64::from(years));
+        p.not_after = now + time::Duration::days(365 * i64::from(years.clamp(1, 100)));
         let ca = p.self_signed(&key).map_err(crypto)?;
         write_private(&key_path, &key.serialize_pem()).map_err(|e| file(key_path.clone(), e))?;
         std::fs::write(&cert_path, ca.pem()).map_err(|e| file(cert_path.clone(), e))?;
@@ -201,6 +211,9 @@ impl Authority {
         csr_pem: &str,
         ttl: Duration,
     ) -> Result<String, IdentityError> {
+        if reserved(service) {
+            return Err(IdentityError::Reserved(service.to_owned()));
+        }
         let der =
             rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
                 .map_err(|e| IdentityError::Request(format!("not a PEM request: {e}")))?;
@@ -283,6 +296,67 @@ pub fn peer_service(chain: &[CertificateDer<'_>]) -> Option<String> {
             .map(str::to_owned),
         _ => None,
     })
+}
+
+/// Checks a certificate an authority answered before trusting it: the leaf
+/// carries our key (`key_pem`), names `service`, and chains to `ca_pem`
+/// (signature, validity, usage); and, when the caller pinned an authority
+/// (`pinned_ca_pem`), `ca_pem` is that one. An answer that fails any of
+/// these is not ours, whoever wrote it into the store.
+pub fn check_issued(
+    service: &str,
+    chain_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+    pinned_ca_pem: Option<&str>,
+) -> Result<(), IdentityError> {
+    use rustls::server::danger::ClientCertVerifier;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let pem_err = |e: rustls_pki_types::pem::Error| IdentityError::Pem(e.to_string());
+    let ders = |pem: &str| -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem_err)
+    };
+    let chain = ders(chain_pem)?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| IdentityError::Pem("no certificate in the answer".into()))?;
+    let cas = ders(ca_pem)?;
+    if let Some(pinned) = pinned_ca_pem
+        && ders(pinned)? != cas
+    {
+        return Err(IdentityError::Request(
+            "the answer's authority is not the pinned one (MESHWORK_IDENTITY_CA)".into(),
+        ));
+    }
+    let key = KeyPair::from_pem(key_pem).map_err(|e| IdentityError::Crypto(e.to_string()))?;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|e| IdentityError::Pem(e.to_string()))?;
+    if cert.public_key().raw != key.public_key_der().as_slice() {
+        return Err(IdentityError::Request(
+            "the answer's certificate is not for our key".into(),
+        ));
+    }
+    if peer_service(std::slice::from_ref(leaf)).as_deref() != Some(service) {
+        return Err(IdentityError::Request(format!(
+            "the answer's certificate does not name {service}"
+        )));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in cas {
+        roots
+            .add(c)
+            .map_err(|e| IdentityError::Crypto(e.to_string()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| IdentityError::Crypto(e.to_string()))?;
+    verifier
+        .verify_client_cert(leaf, &chain[1..], rustls_pki_types::UnixTime::now())
+        .map_err(|e| IdentityError::Request(format!("the answer's certificate: {e}")))?;
+    Ok(())
 }
 
 /// When a PEM certificate (the first in `chain_pem`) stops being valid.
@@ -459,6 +533,15 @@ mod tests {
             .unwrap();
         assert!(left <= Duration::from_secs(3600) && left > Duration::from_secs(3500));
         Identity::new("orders", &chain, &key, ca.ca_pem()).unwrap();
+        check_issued("orders", &chain, &key, ca.ca_pem(), Some(ca.ca_pem())).unwrap();
+        // Not ours: another key, another service, another (pinned) authority.
+        let (other_key, _) = new_request("orders").unwrap();
+        assert!(check_issued("orders", &chain, &other_key, ca.ca_pem(), None).is_err());
+        assert!(check_issued("billing", &chain, &key, ca.ca_pem(), None).is_err());
+        let dir2 = tempfile::tempdir().unwrap();
+        let other = Authority::create(dir2.path(), 1).unwrap();
+        assert!(check_issued("orders", &chain, &key, ca.ca_pem(), Some(other.ca_pem())).is_err());
+        assert!(check_issued("orders", &chain, &key, other.ca_pem(), None).is_err());
         // Garbage and bad names are refused with what is wrong.
         assert!(matches!(
             ca.sign_request("orders", "not a request", Duration::from_secs(60)),
@@ -468,6 +551,13 @@ mod tests {
             ca.sign_request("../x", &csr, Duration::from_secs(60)),
             Err(IdentityError::Name(_))
         ));
+        // Names of Meshwork's own components are not for requests.
+        for name in ["meshwork-gateway", "localhost"] {
+            assert!(matches!(
+                ca.sign_request(name, &csr, Duration::from_secs(60)),
+                Err(IdentityError::Reserved(_))
+            ));
+        }
         // A request whose signature does not verify (its last byte changed).
         let mut tampered = pem_body(&csr);
         if let Some(b) = tampered.last_mut() {
