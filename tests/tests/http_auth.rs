@@ -841,6 +841,24 @@ fn store_users_sign_in_with_their_own_scopes() {
         publish("public", &basic_of("alice", "wrong passphrase")),
         401
     );
+    // The raw keyspace page is for administrators, as its API is.
+    let (code, page) = call(h, "GET", "/ui/kv?prefix=/meshwork/auth/", Some(&alice), "");
+    assert_eq!(code, 200);
+    assert!(
+        page.contains("as an administrator") && !page.contains("argon2"),
+        "{page}"
+    );
+    // A store user named like the administrator is never the administrator.
+    let (code, body) = add(r#"{"name":"admin","password":"not the admin's","scopes":["ids:write"]}"#);
+    assert_eq!(code, 201, "{body}");
+    let (code, _) = call(
+        h,
+        "POST",
+        "/v1/auth/tokens",
+        Some(&basic_of("admin", "not the admin's")),
+        r#"{"scopes":["admin"]}"#,
+    );
+    assert_eq!(code, 401);
 
     // A console login: the cookie carries her scopes.
     let cookie = login_cookie(h, "alice", "alice passphrase").expect("a session");

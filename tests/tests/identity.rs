@@ -130,6 +130,12 @@ async fn services_get_certificates_and_call_each_other_over_mutual_tls() {
         "{resp:?}"
     );
 
+    // Meshwork's own names are not for services.
+    let e = Meshwork::connect(options(&etcd, "meshwork-gateway", true))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("reserved"), "{e}");
+
     // A service without an identity is told what it lacks.
     let plain = Meshwork::connect(options(&etcd, "reports", false))
         .await
