@@ -947,13 +947,6 @@ async fn start_demo(
     Ok(Some(shop))
 }
 
-/// The `meshwork` command line: parses the arguments and runs the command.
-///
-/// An error is the user's to act on (a bad flag value, an unreachable node,
-/// an invalid config), so it is printed as one line with its causes and no
-/// backtrace, whatever `RUST_BACKTRACE` says, and the exit code is 1. Panics
-/// (our bugs) keep Rust's report and its backtrace. Usage and help say
-/// `meshwork` whatever the executable file is called.
 /// `meshwork 0.1.0 (git 0123456789ab, 2026-12-07)`: the version, the git
 /// revision and its commit date the binary was built from.
 pub(crate) fn version_line() -> String {
@@ -965,6 +958,13 @@ pub(crate) fn version_line() -> String {
     )
 }
 
+/// The `meshwork` command line: parses the arguments and runs the command.
+///
+/// An error is the user's to act on (a bad flag value, an unreachable node,
+/// an invalid config), so it is printed as one line with its causes and no
+/// backtrace, whatever `RUST_BACKTRACE` says, and the exit code is 1. Panics
+/// (our bugs) keep Rust's report and its backtrace. Usage and help say
+/// `meshwork` whatever the executable file is called.
 pub fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,

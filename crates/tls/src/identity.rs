@@ -310,7 +310,6 @@ pub fn check_issued(
     ca_pem: &str,
     pinned_ca_pem: Option<&str>,
 ) -> Result<(), IdentityError> {
-    use rustls::server::danger::ClientCertVerifier;
     use x509_parser::prelude::{FromDer, X509Certificate};
     let pem_err = |e: rustls_pki_types::pem::Error| IdentityError::Pem(e.to_string());
     let ders = |pem: &str| -> Result<Vec<CertificateDer<'static>>, IdentityError> {
