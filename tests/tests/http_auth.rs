@@ -849,7 +849,8 @@ fn store_users_sign_in_with_their_own_scopes() {
         "{page}"
     );
     // A store user named like the administrator is never the administrator.
-    let (code, body) = add(r#"{"name":"admin","password":"not the admin's","scopes":["ids:write"]}"#);
+    let (code, body) =
+        add(r#"{"name":"admin","password":"not the admin's","scopes":["ids:write"]}"#);
     assert_eq!(code, 201, "{body}");
     let (code, _) = call(
         h,
@@ -941,7 +942,10 @@ fn the_cli_manages_users_who_then_sign_in() {
         &admin,
         "batch passphrase\n",
     );
-    assert!(ok && out.contains("batch") && out.contains("ids:write"), "{out}{err}");
+    assert!(
+        ok && out.contains("batch") && out.contains("ids:write"),
+        "{out}{err}"
+    );
     assert!(!out.contains("passphrase"), "{out}");
     let as_batch = |password: &str| {
         cli(

@@ -73,8 +73,8 @@ mod node;
 mod output;
 mod snapshotcli;
 mod tokencli;
-mod usercli;
 mod txncli;
+mod usercli;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

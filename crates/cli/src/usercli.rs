@@ -91,23 +91,39 @@ pub(crate) async fn run(a: UserArgs) -> Result<()> {
     let path = |name: &str| format!("/v1/auth/users/{}", enc(name));
     let v = match a.cmd {
         UserCmd::Add { name, scopes } => {
-            let body = json!({ "name": name, "password": password_from_stdin()?, "scopes": scopes });
-            call(http, "POST", "/v1/auth/users", Some(Bytes::from(body.to_string())))
-                .await?
-                .json()?
+            let body =
+                json!({ "name": name, "password": password_from_stdin()?, "scopes": scopes });
+            call(
+                http,
+                "POST",
+                "/v1/auth/users",
+                Some(Bytes::from(body.to_string())),
+            )
+            .await?
+            .json()?
         }
         UserCmd::List => call(http, "GET", "/v1/auth/users", None).await?.json()?,
         UserCmd::Passwd { name } => {
             let body = json!({ "password": password_from_stdin()? });
-            call(http, "PUT", &path(&name), Some(Bytes::from(body.to_string())))
-                .await?
-                .json()?
+            call(
+                http,
+                "PUT",
+                &path(&name),
+                Some(Bytes::from(body.to_string())),
+            )
+            .await?
+            .json()?
         }
         UserCmd::Scopes { name, scopes } => {
             let body = json!({ "scopes": scopes });
-            call(http, "PUT", &path(&name), Some(Bytes::from(body.to_string())))
-                .await?
-                .json()?
+            call(
+                http,
+                "PUT",
+                &path(&name),
+                Some(Bytes::from(body.to_string())),
+            )
+            .await?
+            .json()?
         }
         UserCmd::Rm { name } => {
             let r = call(http, "DELETE", &path(&name), None).await?;

@@ -156,7 +156,8 @@ impl Auth {
             && user != self.user
             && let Some(users) = self.users.clone()
         {
-            static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(ARGON2_AT_ONCE);
+            static SLOTS: tokio::sync::Semaphore =
+                tokio::sync::Semaphore::const_new(ARGON2_AT_ONCE);
             let Ok(_slot) = SLOTS.try_acquire() else {
                 return Err(1);
             };

@@ -55,12 +55,13 @@ pub(crate) async fn start(
     wait: Duration,
     pinned_ca: Option<std::path::PathBuf>,
 ) -> Result<(Arc<Identity>, tokio::task::JoinHandle<()>), Error> {
-    let pinned = match &pinned_ca {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
-            Error::Invalid(format!("the identity authority {}: {e}", p.display()))
-        })?),
-        None => None,
-    };
+    let pinned =
+        match &pinned_ca {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+                Error::Invalid(format!("the identity authority {}: {e}", p.display()))
+            })?),
+            None => None,
+        };
     let (chain, key, ca) = obtain(coord, service, wait, pinned.as_deref()).await?;
     let until = not_after(&chain).map_err(crypto)?;
     let identity = Identity::new(service, &chain, &key, &ca).map_err(crypto)?;

@@ -248,7 +248,8 @@ impl Meshwork {
         .await?;
         let (identity, renewing) = if opts.identity {
             let wait = std::time::Duration::from_millis(opts.identity_wait_ms);
-            let (i, r) = identity::start(&coord, &opts.name, wait, opts.identity_ca.clone()).await?;
+            let (i, r) =
+                identity::start(&coord, &opts.name, wait, opts.identity_ca.clone()).await?;
             (Some(i), Some(r))
         } else {
             (None, None)

@@ -330,8 +330,8 @@ pub fn check_issued(
         ));
     }
     let key = KeyPair::from_pem(key_pem).map_err(|e| IdentityError::Crypto(e.to_string()))?;
-    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
-        .map_err(|e| IdentityError::Pem(e.to_string()))?;
+    let (_, cert) =
+        X509Certificate::from_der(leaf.as_ref()).map_err(|e| IdentityError::Pem(e.to_string()))?;
     if cert.public_key().raw != key.public_key_der().as_slice() {
         return Err(IdentityError::Request(
             "the answer's certificate is not for our key".into(),
