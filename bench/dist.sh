@@ -17,7 +17,7 @@ printf '%-40s %12s\n' binary bytes
 printf '%-40s %12s\n' "meshwork (shipped, stripped)" "$(size "$out/meshwork")"
 printf '%-40s %12s\n' "meshwork.debug (split debug info)" "$(size "$out/meshwork.debug")"
 printf '%-40s %12s\n' "target/release/meshwork (release)" "$( [ -f target/release/meshwork ] && size target/release/meshwork || echo -)"
-for peer in /usr/bin/etcd /usr/sbin/nginx /usr/bin/redis-server /usr/bin/nats-server /usr/bin/prometheus; do
+for peer in /usr/bin/etcd /usr/sbin/nginx /usr/bin/redis-server /usr/sbin/nats-server /usr/bin/prometheus; do
   [ -f "$peer" ] && printf '%-40s %12s\n' "$peer" "$(size "$(readlink -f "$peer")")"
 done
 "$out/meshwork" version
