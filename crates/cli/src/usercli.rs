@@ -89,42 +89,20 @@ fn user_table(v: &serde_json::Value) -> Table {
 pub(crate) async fn run(a: UserArgs) -> Result<()> {
     let http = a.http.addr();
     let path = |name: &str| format!("/v1/auth/users/{}", enc(name));
-    let v = match a.cmd {
-        UserCmd::Add { name, scopes } => {
-            let body =
-                json!({ "name": name, "password": password_from_stdin()?, "scopes": scopes });
-            call(
-                http,
-                "POST",
-                "/v1/auth/users",
-                Some(Bytes::from(body.to_string())),
-            )
-            .await?
-            .json()?
-        }
-        UserCmd::List => call(http, "GET", "/v1/auth/users", None).await?.json()?,
-        UserCmd::Passwd { name } => {
-            let body = json!({ "password": password_from_stdin()? });
-            call(
-                http,
-                "PUT",
-                &path(&name),
-                Some(Bytes::from(body.to_string())),
-            )
-            .await?
-            .json()?
-        }
-        UserCmd::Scopes { name, scopes } => {
-            let body = json!({ "scopes": scopes });
-            call(
-                http,
-                "PUT",
-                &path(&name),
-                Some(Bytes::from(body.to_string())),
-            )
-            .await?
-            .json()?
-        }
+    // Every command but rm sends one JSON body (or none) and prints users.
+    let (method, target, body) = match a.cmd {
+        UserCmd::Add { name, scopes } => (
+            "POST",
+            "/v1/auth/users".to_string(),
+            Some(json!({ "name": name, "password": password_from_stdin()?, "scopes": scopes })),
+        ),
+        UserCmd::List => ("GET", "/v1/auth/users".to_string(), None),
+        UserCmd::Passwd { name } => (
+            "PUT",
+            path(&name),
+            Some(json!({ "password": password_from_stdin()? })),
+        ),
+        UserCmd::Scopes { name, scopes } => ("PUT", path(&name), Some(json!({ "scopes": scopes }))),
         UserCmd::Rm { name } => {
             let r = call(http, "DELETE", &path(&name), None).await?;
             if r.status >= 400 {
@@ -134,6 +112,14 @@ pub(crate) async fn run(a: UserArgs) -> Result<()> {
             return Ok(());
         }
     };
+    let v = call(
+        http,
+        method,
+        &target,
+        body.map(|b| Bytes::from(b.to_string())),
+    )
+    .await?
+    .json()?;
     a.out.print(&v, |v, _| user_table(v));
     Ok(())
 }
