@@ -8,7 +8,9 @@
 #
 # Per target and round: requests/s (wrk -t2), user and kernel CPU of the
 # proxy per request from /proc/PID/stat (utime, stime over the run), and
-# wrk's p50. nginx (Debian's package, same settings as run.sh) is always
+# wrk's p50; and, for the arithmetic of what the cores can give, the CPU per
+# request of the upstream and of wrk itself (children's times of this
+# shell). nginx (Debian's package, same settings as run.sh) is always
 # one of the targets; set NGINX=0 to leave it out.
 set -euo pipefail
 
@@ -28,7 +30,7 @@ P_UP=18181 P_NGINX=18191 P_FIRST_GW=18192
 
 source "$HERE/lib.sh"
 
-UPSTREAM_THREADS=1 "$UP" "127.0.0.1:$P_UP" "$SIZE" up >/dev/null & PIDS+=($!)
+UPSTREAM_THREADS=1 "$UP" "127.0.0.1:$P_UP" "$SIZE" up >/dev/null & UPID=$!; PIDS+=($UPID)
 wait_port $P_UP
 one_upstream_routes $P_UP
 
@@ -54,9 +56,6 @@ NGINX
 fi
 for p in "${PORTS[@]}"; do wait_port "$p"; done
 
-# utime and stime ticks summed over a pid list.
-ticks() { local u=0 s=0; for p in $1; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)); s=$((s + b)); done; echo "$u $s"; }
-HZ=$(getconf CLK_TCK)
 
 : > "$TMP/rows"
 for round in $(seq 1 "$ROUNDS"); do
@@ -64,11 +63,15 @@ for round in $(seq 1 "$ROUNDS"); do
     url="http://127.0.0.1:${PORTS[$i]}/x"
     curl -sf -o /dev/null "$url" || { echo "${NAMES[$i]} does not answer" >&2; exit 1; }
     wrk -t"$THREADS" -c"$CONNS" -d1s "$url" >/dev/null
-    read -r u0 s0 < <(ticks "${TPIDS[$i]}")
+    read -r u0 s0 < <(cpu_ticks "${TPIDS[$i]}")
+    read -r uu0 us0 < <(cpu_ticks "$UPID")
+    read -r wu0 ws0 < <(awk '{print $16, $17}' "/proc/$$/stat")
     out=$(wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" -s "$HERE/latency.lua" "$url")
-    read -r u1 s1 < <(ticks "${TPIDS[$i]}")
+    read -r wu1 ws1 < <(awk '{print $16, $17}' "/proc/$$/stat")
+    read -r uu1 us1 < <(cpu_ticks "$UPID")
+    read -r u1 s1 < <(cpu_ticks "${TPIDS[$i]}")
     res=$(echo "$out" | sed -n 's/^RESULT //p')
-    echo "$round ${NAMES[$i]} $u0 $s0 $u1 $s1 $res" >> "$TMP/rows"
+    echo "$round ${NAMES[$i]} $u0 $s0 $u1 $s1 $((uu1 + us1 - uu0 - us0)) $((wu1 + ws1 - wu0 - ws0)) $res" >> "$TMP/rows"
   done
 done
 
@@ -78,23 +81,24 @@ hz = int(sys.argv[2])
 rows = {}
 order = []
 for line in open(sys.argv[1]):
-    rnd, name, u0, s0, u1, s1, res = line.split(" ", 6)
+    rnd, name, u0, s0, u1, s1, upt, wrkt, res = line.split(" ", 8)
     r = json.loads(res)
     n = r["requests"]
     secs = r["duration_us"] / 1e6
     rec = dict(rps=n / secs,
                user=(int(u1) - int(u0)) / hz / n * 1e6,
                sys=(int(s1) - int(s0)) / hz / n * 1e6,
+               up=int(upt) / hz / n * 1e6, wrk=int(wrkt) / hz / n * 1e6,
                p50=r["p50"], errors=r["errors"])
     if name not in rows:
         order.append(name)
     rows.setdefault(name, []).append(rec)
 print(f"# {len(next(iter(rows.values())))} rounds; load: {sys.argv[3].strip()}")
-print("| target | req/s (median) | req/s (min–max) | user µs/req | kernel µs/req | p50 µs | errors |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| target | req/s (median) | req/s (min–max) | user µs/req | kernel µs/req | upstream µs/req | wrk µs/req | p50 µs | errors |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for name in order:
     rs = rows[name]
     med = lambda k: st.median(x[k] for x in rs)
     print(f"| {name} | {med('rps'):,.0f} | {min(x['rps'] for x in rs):,.0f}–{max(x['rps'] for x in rs):,.0f} | "
-          f"{med('user'):.2f} | {med('sys'):.2f} | {med('p50'):.0f} | {sum(x['errors'] for x in rs)} |")
+          f"{med('user'):.2f} | {med('sys'):.2f} | {med('up'):.2f} | {med('wrk'):.2f} | {med('p50'):.0f} | {sum(x['errors'] for x in rs)} |")
 PY

@@ -60,3 +60,16 @@ NGINX
     echo "}"
   } > "$TMP/nginx.conf"
 }
+
+# Clock ticks per second, for the two helpers below.
+HZ=$(getconf CLK_TCK)
+
+# "USER SYS": utime and stime ticks summed over a list of pids.
+cpu_ticks() {
+  local u=0 s=0 a b
+  for p in $1; do read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)); s=$((s + b)); done
+  echo "$u $s"
+}
+
+# utime + stime ticks summed over a list of pids.
+cpu_total() { local u s; read -r u s < <(cpu_ticks "$1"); echo $((u + s)); }

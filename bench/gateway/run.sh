@@ -67,7 +67,7 @@ NGINX
 "$NGINX" -c "$TMP/nginx.conf" -p "$TMP" & NGINX_PID=$!; PIDS+=($NGINX_PID)
 wait_port $P_GW; wait_port $P_NGINX
 
-# CPU ticks (utime+stime) of a process and its children threads/processes.
+# The pids whose CPU a row counts (a process and its worker children).
 pids_of() { # name -> pid list
   case $1 in
     direct) echo "${PIDS[0]} ${PIDS[1]}" ;;
@@ -75,9 +75,7 @@ pids_of() { # name -> pid list
     nginx) echo "$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')" ;;
   esac
 }
-ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
 rss_kib() { local r=0; for p in $1; do r=$((r + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo $r; }
-HZ=$(getconf CLK_TCK)
 
 url_of() { # target size -> url
   local port
@@ -93,9 +91,9 @@ for size in small big; do
       curl -sf -o /dev/null "$url" || { echo "$target $url does not answer" >&2; exit 1; }
       wrk -t"$THREADS" -c"$conns" -d"${WARMUP}s" "$url" >/dev/null
       pids=$(pids_of $target)
-      t0=$(ticks "$pids")
+      t0=$(cpu_total "$pids")
       out=$(wrk -t"$THREADS" -c"$conns" -d"${DURATION}s" -s "$HERE/latency.lua" "$url")
-      t1=$(ticks "$(pids_of $target)")
+      t1=$(cpu_total "$(pids_of $target)")
       res=$(echo "$out" | sed -n 's/^RESULT //p')
       cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$HZ" -v d="$DURATION" 'BEGIN { printf "%.0f", (b - a) / hz / d * 100 }')
       rss=$(rss_kib "$(pids_of $target)")

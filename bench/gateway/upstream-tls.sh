@@ -102,9 +102,7 @@ NGINX
 "$NGINX" -c "$TMP/nginx.conf" -p "$TMP" & NGINX_PID=$!; PIDS+=($NGINX_PID)
 wait_port $P_GW; wait_port $P_NGINX
 
-ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
 pids_of() { case $1 in meshwork) echo "$GW_PID" ;; nginx) echo "$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')" ;; esac; }
-HZ=$(getconf CLK_TCK)
 OUT="$TMP/results.jsonl"
 for mode in plain tls; do
   for target in meshwork nginx; do
@@ -113,9 +111,9 @@ for mode in plain tls; do
     body=$(curl -sf "$url") || { echo "$target /$mode does not answer" >&2; exit 1; }
     [ "$body" = "hello world!" ] || { echo "$target /$mode answered $body" >&2; exit 1; }
     wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null
-    t0=$(ticks "$(pids_of $target)")
+    t0=$(cpu_total "$(pids_of $target)")
     res=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" -s "$HERE/latency.lua" "$url" | sed -n 's/^RESULT //p')
-    t1=$(ticks "$(pids_of $target)")
+    t1=$(cpu_total "$(pids_of $target)")
     cpu=$(awk -v a="$t0" -v b="$t1" -v hz="$HZ" -v d="$DURATION" 'BEGIN { printf "%.0f", (b - a) / hz / d * 100 }')
     echo "$res" | sed "s/^{/{\"target\":\"$target\",\"mode\":\"$mode\",\"cpu_pct\":$cpu,/" | tee -a "$OUT"
   done

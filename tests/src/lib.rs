@@ -12,6 +12,25 @@ use std::time::Duration;
 
 use meshwork_testkit::http::blocking as http;
 
+/// Serves `app` on a free loopback port from a thread with its own runtime
+/// (an upstream for the gateway's tests); its port.
+pub fn serve_app(app: axum::Router) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    port
+}
+
 /// The binary under test. Cargo builds it for this package's tests and
 /// names it in `CARGO_BIN_EXE_meshwork-system` when it builds and when it
 /// runs them (this library is not a test target, so it reads the variable at

@@ -200,6 +200,7 @@ async fn every_page_works_in_a_real_browser() {
         ("/ui/kv?prefix=/meshwork/", "KV browser", "kv"),
         ("/ui/locks", "Locks and elections", "locks"),
         ("/ui/transactions", "Transactions", "transactions"),
+        ("/ui/rollouts", "Rollouts", "rollouts"),
         ("/ui/queues", "Queues", "queues"),
         ("/ui/access", "Access", "access"),
     ] {

@@ -12,23 +12,11 @@ use meshwork_tests::meshwork_http as meshwork;
 
 /// An upstream that answers its own name, on a thread with its own runtime.
 fn upstream(name: &'static str) -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    l.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            let app = axum::Router::new()
-                .route("/health", axum::routing::get(|| async { "ok" }))
-                .fallback(move || async move { name });
-            axum::serve(l, app).await.unwrap();
-        });
-    });
-    port
+    meshwork_tests::serve_app(
+        axum::Router::new()
+            .route("/health", axum::routing::get(|| async { "ok" }))
+            .fallback(move || async move { name }),
+    )
 }
 
 fn tally(gw: &str, path: &str, n: usize) -> HashMap<String, usize> {

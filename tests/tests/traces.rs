@@ -121,35 +121,21 @@ fn the_traces_role_needs_an_address_and_is_documented() {
 /// An upstream that answers 200 on `/ok` and 503 elsewhere, and keeps the
 /// `traceparent` of every request it got.
 fn upstream(seen: std::sync::Arc<parking_lot::Mutex<Vec<String>>>) -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    l.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            let app = axum::Router::new().fallback(
-                move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
-                    let seen = seen.clone();
-                    async move {
-                        if let Some(tp) = headers.get("traceparent") {
-                            seen.lock().push(tp.to_str().unwrap().to_string());
-                        }
-                        if uri.path().ends_with("/ok") {
-                            (axum::http::StatusCode::OK, "fine")
-                        } else {
-                            (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down")
-                        }
-                    }
-                },
-            );
-            axum::serve(l, app).await.unwrap();
-        });
-    });
-    port
+    meshwork_tests::serve_app(axum::Router::new().fallback(
+        move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                if let Some(tp) = headers.get("traceparent") {
+                    seen.lock().push(tp.to_str().unwrap().to_string());
+                }
+                if uri.path().ends_with("/ok") {
+                    (axum::http::StatusCode::OK, "fine")
+                } else {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down")
+                }
+            }
+        },
+    ))
 }
 
 /// The gateway sends a server span per request and a client span per

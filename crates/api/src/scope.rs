@@ -19,6 +19,11 @@ pub const AREAS: &[&str] = &[
     "traces", "console",
 ];
 
+/// Who the HTTP guard let a request in as (`token:<id>`, `console:<user>`,
+/// `anonymous`), as a request extension: what handlers record as the actor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Who(pub String);
+
 /// What the HTTP guard let a request in with, as a request extension.
 #[derive(Clone, Debug)]
 pub enum Granted {
@@ -257,6 +262,8 @@ pub fn need(method: &Method, path: &str) -> Option<Need> {
             "locks" | "elections" => mk("locks", false, res(2)),
             "ids" => mk("ids", false, None),
             "gateway" => mk("gateway", false, None),
+            // Rollouts shift the gateway's traffic.
+            "rollouts" => mk("gateway", false, None),
             "mq" => match (seg(2), seg(3)) {
                 (Some("topics"), Some(topic)) => mk("queues", false, Some(topic.to_string())),
                 _ => mk("queues", false, None),

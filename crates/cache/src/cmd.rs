@@ -979,8 +979,14 @@ fn info(node: &Node) -> String {
         std::process::id(),
         node.port
     ));
+    let blocked: usize = node
+        .keyspace
+        .dbs()
+        .iter()
+        .map(|d| d.blocked.load(std::sync::atomic::Ordering::Acquire))
+        .sum();
     out.push_str(&format!(
-        "# Clients\r\nconnected_clients:{}\r\n\r\n",
+        "# Clients\r\nconnected_clients:{}\r\nblocked_clients:{blocked}\r\n\r\n",
         node.clients.all().len()
     ));
     out.push_str(&format!(

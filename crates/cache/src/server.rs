@@ -569,7 +569,7 @@ async fn client<S>(
     (peer, local, fd): (String, String, i64),
 ) -> std::io::Result<()>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + PeerClosed,
 {
     if full {
         stream
@@ -620,7 +620,7 @@ async fn requests<S>(
     stop: &mut watch::Receiver<bool>,
 ) -> std::io::Result<()>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + PeerClosed,
 {
     let limits = cache.cfg.limits;
     let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -746,6 +746,27 @@ where
     }
 }
 
+/// Whether the peer of a connection has closed it, asked of the kernel
+/// without waiting or consuming anything (a `MSG_PEEK` read of one byte on
+/// the non-blocking socket: 0 bytes is its close).
+pub(crate) trait PeerClosed {
+    /// True when nothing is left to read but the peer's close.
+    fn peer_closed(&self) -> bool;
+}
+
+impl PeerClosed for tokio::net::TcpStream {
+    fn peer_closed(&self) -> bool {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        matches!(socket2::SockRef::from(self).peek(&mut byte), Ok(0))
+    }
+}
+
+impl<S: PeerClosed> PeerClosed for tokio_rustls::server::TlsStream<S> {
+    fn peer_closed(&self) -> bool {
+        self.get_ref().0.peer_closed()
+    }
+}
+
 /// Counts a connection waiting in BLPOP/BRPOP while it lives.
 struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
 
@@ -770,7 +791,7 @@ async fn blocked_pop<S>(
     stop: &mut watch::Receiver<bool>,
 ) -> std::io::Result<Option<Reply>>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + PeerClosed,
 {
     let Some(db) = cache.node.keyspace.db(session.db) else {
         return Ok(Some(Reply::NilArray));
@@ -781,6 +802,13 @@ where
         let pushed = db.next_push();
         tokio::pin!(pushed);
         pushed.as_mut().enable();
+        // Before taking an element, ask the kernel (not the runtime's cached
+        // readiness, which may not have seen the close yet) whether the
+        // client has gone: one whose BLPOP arrived with its close, or that
+        // closed while we were woken, must not take an element with it.
+        if stream.peer_closed() {
+            return Ok(None);
+        }
         let now = cmd::now_ms();
         match crate::types::pop_first(db, keys, left, now) {
             Ok(Some((k, v))) => {

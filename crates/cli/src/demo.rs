@@ -45,6 +45,23 @@ enum DemoCommand {
         /// so that a killed node leaves no orphans).
         #[arg(long)]
         exit_with_parent: bool,
+        /// The version this instance registers (default: the binary's); a
+        /// rollout shifts traffic by it.
+        #[arg(long = "instance-version")]
+        instance_version: Option<String>,
+        /// Share of requests (0..=1) answered 500, to play a bad version.
+        #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+        error_rate: f64,
+        /// Milliseconds added to every answer, to play a slow version.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// Publish the shop's gateway routes and its payments flag through a
+    /// node's HTTP API (what `up --demo` does first; a Kubernetes Job runs it).
+    Setup {
+        /// The node's HTTP address.
+        #[arg(long, env = "MESHWORK_HTTP", default_value = "127.0.0.1:7070")]
+        http: String,
     },
     /// Place orders through the gateway and print a summary.
     Load {
@@ -75,6 +92,9 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
             listen,
             seed,
             exit_with_parent,
+            instance_version,
+            error_rate,
+            delay_ms,
         } => {
             let service: ShopService = service.parse().map_err(anyhow::Error::msg)?;
             let listen = listen
@@ -92,6 +112,11 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
                 data_dir,
                 listen,
                 seed,
+                version: instance_version,
+                faults: meshwork_shop::Faults {
+                    error_rate,
+                    delay_ms,
+                },
             });
             if exit_with_parent {
                 tokio::select! {
@@ -103,6 +128,12 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
             } else {
                 serve.await?;
             }
+            Ok(())
+        }
+        DemoCommand::Setup { http } => {
+            publish_routes(&http).await?;
+            publish_flag(&http).await?;
+            println!("the shop's routes and payments flag are published");
             Ok(())
         }
         DemoCommand::Load {
@@ -128,6 +159,14 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// A share in 0..=1.
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: a share between 0 and 1 (e.g. 0.3)")),
     }
 }
 

@@ -71,6 +71,7 @@ mod mq_meta;
 mod mqcli;
 mod node;
 mod output;
+mod rolloutcli;
 mod snapshotcli;
 mod tokencli;
 mod txncli;
@@ -137,6 +138,9 @@ enum Command {
     Token(tokencli::TokenArgs),
     /// The console's users kept in the store: add, list, passwd, scopes, rm.
     User(usercli::UserArgs),
+    /// Progressive delivery: canary and blue-green rollouts through the gateway,
+    /// analysed against the stable version; promote, abort, pause, resume.
+    Rollout(rolloutcli::RolloutArgs),
     /// A local certificate authority and certificates it signs (for TLS and mTLS).
     Cert(certcli::CertArgs),
     /// The message broker: topics, publish, subscribe, dead letters.
@@ -1030,6 +1034,7 @@ fn run() -> Result<()> {
             Command::Txn(a) => txncli::run(a).await,
             Command::Token(a) => tokencli::run(a).await,
             Command::User(a) => usercli::run(a).await,
+            Command::Rollout(a) => rolloutcli::run(a).await,
             Command::Version => {
                 println!("{}", version_line());
                 Ok(())

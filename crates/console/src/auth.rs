@@ -458,6 +458,8 @@ async fn guarded(auth: &HttpAuth, req: Request, next: Next) -> Response {
         Ok((who, granted)) => {
             let mut req = req;
             req.extensions_mut().insert(granted);
+            req.extensions_mut()
+                .insert(meshwork_api::scope::Who(who.clone()));
             (who, next.run(req).await)
         }
         Err(refused) => *refused,

@@ -1,5 +1,5 @@
 //! The Meshwork web console, served from the node's HTTP port: server-rendered
-//! pages (overview, services, configuration, gateway, KV, locks, transactions,
+//! pages (overview, services, configuration, gateway, KV, locks, transactions, rollouts,
 //! queues, cache) with a little
 //! hand-written JavaScript for live updates (server-sent events) and actions,
 //! assets embedded in the binary (no CDN, no JS build step), and the JSON API
@@ -15,6 +15,7 @@ pub mod cache;
 pub mod instances;
 pub mod pages;
 pub mod queues;
+pub mod rollouts;
 pub mod secrets;
 pub mod traces;
 pub mod transactions;
@@ -49,6 +50,22 @@ pub struct ConsoleState {
     pub history: History,
     /// The login, when configured.
     pub auth: Option<Auth>,
+}
+
+impl ConsoleState {
+    /// The console of a node that runs coordination only (no gateway,
+    /// broker, cache or trace store, no login); set more with `..`.
+    pub fn for_coord(coord: Coord) -> ConsoleState {
+        ConsoleState {
+            coord,
+            gateway: None,
+            mq: None,
+            cache: None,
+            traces: None,
+            history: History::default(),
+            auth: None,
+        }
+    }
 }
 
 const CSS: &str = include_str!("../assets/console.css");

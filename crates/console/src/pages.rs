@@ -72,7 +72,7 @@ pub fn fmt_ms(ms: u64) -> String {
     )
 }
 
-const NAV: [(&str, &str, &str); 11] = [
+const NAV: [(&str, &str, &str); 12] = [
     ("overview", "/", "Overview"),
     ("services", "/ui/services", "Services"),
     ("config", "/ui/config", "Configuration"),
@@ -80,6 +80,7 @@ const NAV: [(&str, &str, &str); 11] = [
     ("kv", "/ui/kv", "KV"),
     ("locks", "/ui/locks", "Locks"),
     ("transactions", "/ui/transactions", "Transactions"),
+    ("rollouts", "/ui/rollouts", "Rollouts"),
     ("queues", "/ui/queues", "Queues"),
     ("cache", "/ui/cache", "Cache"),
     ("traces", "/ui/traces", "Traces"),
@@ -172,6 +173,8 @@ pub(crate) fn routes() -> Router<ConsoleState> {
         .route("/ui/locks", get(locks))
         .route("/ui/transactions", get(crate::transactions::list))
         .route("/ui/transactions/{id}", get(crate::transactions::detail))
+        .route("/ui/rollouts", get(crate::rollouts::list))
+        .route("/ui/rollouts/{service}", get(crate::rollouts::detail))
         .route("/ui/queues", get(crate::queues::list))
         .route("/ui/queues/{topic}", get(crate::queues::detail))
         .route("/ui/cache", get(crate::cache::page_handler))

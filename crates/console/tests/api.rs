@@ -32,13 +32,8 @@ async fn start(auth: Option<Auth>) -> Harness {
     .unwrap();
     let app = meshwork_coord::api::router(coord.clone())
         .merge(meshwork_console::router(ConsoleState {
-            coord: coord.clone(),
-            gateway: None,
-            mq: None,
-            cache: None,
-            traces: None,
-            history: Default::default(),
             auth: auth.clone(),
+            ..ConsoleState::for_coord(coord.clone())
         }))
         .layer(axum::middleware::from_fn_with_state(
             meshwork_console::auth::HttpAuth {

@@ -20,13 +20,8 @@ async fn serve(mq: Option<Broker>) -> (std::net::SocketAddr, Box<dyn std::any::A
     .await
     .unwrap();
     let mut app = meshwork_console::router(ConsoleState {
-        coord: coord.clone(),
-        gateway: None,
         mq: mq.clone(),
-        cache: None,
-        traces: None,
-        history: Default::default(),
-        auth: None,
+        ..ConsoleState::for_coord(coord.clone())
     });
     if let Some(b) = &mq {
         app = app.merge(meshwork_mq::api::router(b.clone()));

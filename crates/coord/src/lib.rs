@@ -22,6 +22,7 @@ pub mod ids;
 pub mod lock;
 pub mod nodes;
 pub mod registry;
+pub mod rollout;
 #[cfg(feature = "server")]
 pub mod runtime;
 #[cfg(feature = "server")]

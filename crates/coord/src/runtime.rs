@@ -77,11 +77,14 @@ pub struct Coord {
     pub tokens: crate::tokens::Tokens,
     /// The console's users.
     pub users: crate::users::Users,
+    /// Progressive delivery: every service's rollout.
+    pub rollouts: crate::rollout::Rollouts,
     /// The audit log of changes made through the HTTP API.
     pub audit: crate::audit::AuditLog,
     ids: Arc<parking_lot::RwLock<Option<Arc<IdGenerator>>>>,
     _ids_task: Arc<AbortOnDrop>,
     _checker: Option<Arc<Checker>>,
+    _rollouts: Arc<crate::rollout::controller::Controller>,
     /// The options in force.
     pub options: Arc<CoordOptions>,
 }
@@ -118,6 +121,12 @@ impl Coord {
         let config = ConfigCenter::open(&backend, opts.config.clone()).await?;
         let tokens = crate::tokens::Tokens::open(&backend).await?;
         let users = crate::users::Users::open(&backend).await?;
+        let rollouts = crate::rollout::Rollouts::open(&backend).await?;
+        let controller = Arc::new(crate::rollout::controller::Controller::start(
+            rollouts.clone(),
+            registry.clone(),
+            membership.clone(),
+        ));
         let audit = crate::audit::AuditLog::start(&backend, &opts.node_name, opts.audit_retention);
         if let Some(path) = &opts.session_file {
             remember_session(path, membership.session().lease);
@@ -149,10 +158,12 @@ impl Coord {
             membership,
             tokens,
             users,
+            rollouts,
             audit,
             ids,
             _ids_task: ids_task,
             _checker: checker,
+            _rollouts: controller,
             options: Arc::new(opts),
         })
     }

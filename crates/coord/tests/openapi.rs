@@ -1147,6 +1147,114 @@ async fn every_operation_answers_as_documented() {
     )
     .await;
 
+    // ----------------------------------------------------------------- rollouts
+    let start = json!({"service": "shop", "to_version": "2", "steps": [10, 100],
+        "interval_ms": 60000, "pin": {"kind": "header", "name": "x-canary", "value": "1"}});
+    let r = api
+        .expect(
+            201,
+            "post",
+            "/v1/rollouts",
+            "/v1/rollouts",
+            Some(start.clone()),
+        )
+        .await;
+    assert_eq!(r.json()["status"]["phase"], "waiting", "{}", r.json());
+    api.expect(409, "post", "/v1/rollouts", "/v1/rollouts", Some(start))
+        .await;
+    let r = api
+        .expect(
+            400,
+            "post",
+            "/v1/rollouts",
+            "/v1/rollouts",
+            Some(json!({"service": "web", "to_version": "2", "steps": [50, 10]})),
+        )
+        .await;
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("steps"),
+        "{}",
+        r.json()
+    );
+    let ro = "/v1/rollouts/{service}";
+    api.expect(200, "get", ro, "/v1/rollouts/shop", None).await;
+    api.expect(404, "get", ro, "/v1/rollouts/nothing", None)
+        .await;
+    let r = api
+        .expect(
+            200,
+            "post",
+            "/v1/rollouts/{service}/promote",
+            "/v1/rollouts/shop/promote",
+            None,
+        )
+        .await;
+    assert_eq!(r.json()["status"]["weight"], 10, "{}", r.json());
+    assert_eq!(r.json()["status"]["decisions"][0]["by"], "anonymous");
+    api.expect(
+        200,
+        "post",
+        "/v1/rollouts/{service}/pause",
+        "/v1/rollouts/shop/pause",
+        None,
+    )
+    .await;
+    api.expect(
+        409,
+        "post",
+        "/v1/rollouts/{service}/pause",
+        "/v1/rollouts/shop/pause",
+        None,
+    )
+    .await;
+    api.expect(
+        200,
+        "post",
+        "/v1/rollouts/{service}/resume",
+        "/v1/rollouts/shop/resume",
+        None,
+    )
+    .await;
+    api.expect(409, "delete", ro, "/v1/rollouts/shop", None)
+        .await;
+    let r = api
+        .expect(
+            200,
+            "post",
+            "/v1/rollouts/{service}/abort",
+            "/v1/rollouts/shop/abort",
+            None,
+        )
+        .await;
+    assert_eq!(r.json()["status"]["phase"], "rolled_back", "{}", r.json());
+    api.expect(
+        409,
+        "post",
+        "/v1/rollouts/{service}/promote",
+        "/v1/rollouts/shop/promote",
+        Some(json!({"full": true})),
+    )
+    .await;
+    api.expect(
+        404,
+        "post",
+        "/v1/rollouts/{service}/abort",
+        "/v1/rollouts/none/abort",
+        None,
+    )
+    .await;
+    let r = api
+        .expect(200, "get", "/v1/rollouts", "/v1/rollouts", None)
+        .await;
+    assert_eq!(r.json()["rollouts"][0]["spec"]["service"], "shop");
+    api.expect(200, "delete", ro, "/v1/rollouts/shop", None)
+        .await;
+    api.expect(404, "delete", ro, "/v1/rollouts/shop?force=true", None)
+        .await;
+
     // -------------------------------------------------------------------- audit
     let r = api
         .expect(200, "get", "/v1/audit", "/v1/audit?limit=5", None)

@@ -10,7 +10,7 @@
 //! parser hyper itself uses), follows the body by its framing to find the
 //! next head, and numbers the heads. A head with both lengths, with a
 //! `Transfer-Encoding` whose final coding is not `chunked`, or with
-//! conflicting `Content-Length` values marks its number in the shared
+//! more than one `Content-Length` line marks its number in the shared
 //! [`FramingVerdict`]; the request handler, numbering the requests hyper
 //! hands it in the same order, answers that one 400 and closes the
 //! connection before anything is forwarded.
@@ -25,6 +25,8 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
+use crate::h1::head::{self, Framing, HeadError};
+
 /// Why a request's framing was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -33,29 +35,44 @@ pub(crate) enum FramingFault {
     BothLengths = 1,
     /// A `Transfer-Encoding` whose final coding is not `chunked`.
     NotChunked = 2,
-    /// Several `Content-Length` values that disagree.
-    ConflictingLengths = 3,
+    /// More than one `Content-Length` line, even with equal values (RFC 9112
+    /// §6.3 lets a recipient merge equal ones; a proxy whose upstream may
+    /// count them differently refuses them, as nginx does).
+    SeveralLengths = 3,
+    /// `chunked` applied more than once.
+    ChunkedTwice = 4,
+    /// A `Content-Length` that is not a decimal number of bytes.
+    BadLength = 5,
+    /// `Transfer-Encoding` in an HTTP/1.0 request.
+    TransferEncodingInHttp10 = 6,
 }
 
 impl FramingFault {
-    /// The message answered with the 400.
-    pub(crate) fn message(self) -> &'static str {
+    /// The engine's error for it (one text for both paths).
+    fn error(self) -> HeadError {
         match self {
-            FramingFault::BothLengths => {
-                "the request has both Content-Length and Transfer-Encoding: send one"
-            }
-            FramingFault::NotChunked => "the request's Transfer-Encoding does not end with chunked",
-            FramingFault::ConflictingLengths => {
-                "the request has Content-Length values that disagree"
-            }
+            FramingFault::BothLengths => HeadError::BothLengths,
+            FramingFault::NotChunked => HeadError::NotChunked,
+            FramingFault::SeveralLengths => HeadError::SeveralLengths,
+            FramingFault::ChunkedTwice => HeadError::ChunkedTwice,
+            FramingFault::BadLength => HeadError::BadLength,
+            FramingFault::TransferEncodingInHttp10 => HeadError::TransferEncodingInHttp10,
         }
+    }
+
+    /// The message answered with the 400.
+    pub(crate) fn message(self) -> String {
+        self.error().to_string()
     }
 
     fn from_u8(v: u8) -> Option<Self> {
         match v {
             1 => Some(FramingFault::BothLengths),
             2 => Some(FramingFault::NotChunked),
-            3 => Some(FramingFault::ConflictingLengths),
+            3 => Some(FramingFault::SeveralLengths),
+            4 => Some(FramingFault::ChunkedTwice),
+            5 => Some(FramingFault::BadLength),
+            6 => Some(FramingFault::TransferEncodingInHttp10),
             _ => None,
         }
     }
@@ -117,8 +134,15 @@ enum Chunk {
     Data(u64),
     /// The CRLF after a chunk's data.
     DataEnd,
-    /// Trailer lines: characters on the current line.
-    Trailer { line: usize },
+    /// After the last chunk: a CR here ends the body (then LF); any other
+    /// byte begins a trailer line.
+    EndCr,
+    /// The LF that ends the body.
+    EndLf,
+    /// Inside a trailer line, which only a CR ends (an LF is content).
+    Trailer,
+    /// The LF after a trailer line's CR.
+    TrailerLf,
 }
 
 /// The most header lines a head may have for the tracker to follow it
@@ -232,13 +256,16 @@ impl FramingTracker {
         };
         let mut req = httparse::Request::new(&mut []);
         let len = match req.parse_with_uninit_headers(buf, headers) {
+            // Past the limit even when it came in one read: hyper refuses
+            // it (431), and the verdict must not depend on how it was read.
+            Ok(httparse::Status::Complete(n)) if n > self.max_head_bytes => return Parsed::Invalid,
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Parsed::Partial,
             Err(_) => return Parsed::Invalid,
         };
         let index = self.index;
         self.index += 1;
-        match framing_of(req.headers) {
+        match framing_of(req.version.unwrap_or(1), req.headers) {
             Ok(next) => self.state = next,
             Err(fault) => {
                 self.verdict.refuse(index, fault);
@@ -271,7 +298,7 @@ impl FramingTracker {
                     None => &[],
                 };
             }
-            Chunk::Size { .. } | Chunk::Trailer { .. } => {}
+            _ => {}
         }
         let mut c = c;
         for (i, &b) in bytes.iter().enumerate() {
@@ -279,7 +306,7 @@ impl FramingTracker {
                 Chunk::Size { size, ext } => match b {
                     b'\n' => {
                         self.state = State::Chunk(if *size == 0 {
-                            Chunk::Trailer { line: 0 }
+                            Chunk::EndCr
                         } else {
                             Chunk::Data(*size)
                         });
@@ -297,15 +324,29 @@ impl FramingTracker {
                         }
                     },
                 },
-                Chunk::Trailer { line } => match b {
-                    b'\n' if *line == 0 => {
-                        self.state = State::Head;
-                        return &bytes[i + 1..];
+                // The trailer section exactly as hyper 1.x's decoder reads
+                // it (its `EndCr`/`EndLf`/`Trailer`/`TrailerLf` states): a
+                // tracker that ended the body elsewhere would number the
+                // next heads differently from hyper.
+                Chunk::EndCr => {
+                    c = if b == b'\r' {
+                        Chunk::EndLf
+                    } else {
+                        Chunk::Trailer
                     }
-                    b'\n' => *line = 0,
-                    b'\r' => {}
-                    _ => *line += 1,
-                },
+                }
+                Chunk::EndLf if b == b'\n' => {
+                    self.state = State::Head;
+                    return &bytes[i + 1..];
+                }
+                Chunk::Trailer if b == b'\r' => c = Chunk::TrailerLf,
+                Chunk::Trailer => {}
+                Chunk::TrailerLf if b == b'\n' => c = Chunk::EndCr,
+                // hyper refuses the body here: nothing more to follow.
+                Chunk::EndLf | Chunk::TrailerLf => {
+                    self.state = State::Off;
+                    return &[];
+                }
                 Chunk::Data(_) | Chunk::DataEnd => {}
             }
         }
@@ -320,54 +361,27 @@ enum Parsed {
     Invalid,
 }
 
-/// The body framing a request head announces, or why it is refused.
-fn framing_of(headers: &[httparse::Header<'_>]) -> Result<State, FramingFault> {
-    let mut length: Option<&[u8]> = None;
-    let mut encodings = 0usize;
-    let mut last_coding_chunked = false;
-    for h in headers {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let v = trim(h.value);
-            match length {
-                Some(prev) if prev != v => return Err(FramingFault::ConflictingLengths),
-                _ => length = Some(v),
-            }
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            encodings += 1;
-            last_coding_chunked = h
-                .value
-                .split(|b| *b == b',')
-                .next_back()
-                .is_some_and(|c| trim(c).eq_ignore_ascii_case(b"chunked"));
-        }
-    }
-    match (encodings, length) {
-        (0, None) => Ok(State::Head),
-        (0, Some(v)) => Ok(std::str::from_utf8(v)
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .map_or(State::Off, |n| {
-                if n == 0 { State::Head } else { State::Body(n) }
-            })),
-        (_, Some(_)) => Err(FramingFault::BothLengths),
-        (_, None) if !last_coding_chunked => Err(FramingFault::NotChunked),
-        (_, None) => Ok(State::Chunk(Chunk::Size {
+/// The tracker's next state after a head with these lines: the framing
+/// rules are `h1::head::framing`'s (one copy for the tracker and the
+/// engine). Every framing fault becomes the request's verdict and stops the
+/// tracking: where hyper refuses such a head itself the handler never sees
+/// the verdict, and where hyper would accept it the handler refuses it.
+/// Turning off instead would let later pipelined requests go unchecked.
+fn framing_of(minor: u8, headers: &[httparse::Header<'_>]) -> Result<State, FramingFault> {
+    match head::framing(minor, headers) {
+        Ok(Framing::Empty) => Ok(State::Head),
+        Ok(Framing::Length(n)) => Ok(State::Body(n)),
+        Ok(Framing::Chunked) => Ok(State::Chunk(Chunk::Size {
             size: 0,
             ext: false,
         })),
+        Err(HeadError::BothLengths) => Err(FramingFault::BothLengths),
+        Err(HeadError::NotChunked) => Err(FramingFault::NotChunked),
+        Err(HeadError::SeveralLengths) => Err(FramingFault::SeveralLengths),
+        Err(HeadError::ChunkedTwice) => Err(FramingFault::ChunkedTwice),
+        Err(HeadError::TransferEncodingInHttp10) => Err(FramingFault::TransferEncodingInHttp10),
+        Err(_) => Err(FramingFault::BadLength),
     }
-}
-
-fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |i| i + 1);
-    &v[start..end.max(start)]
 }
 
 #[cfg(test)]
@@ -437,10 +451,61 @@ mod tests {
     }
 
     #[test]
-    fn disagreeing_lengths_are_refused() {
+    fn trailers_end_where_hyper_ends_them() {
+        // Found in review: a bare LF after the last chunk is trailer
+        // content to hyper, not the end of the body. A tracker that ended
+        // the body there counted a fake head and skipped the real CL+TE
+        // request as that head's body.
+        let attack = b"POST /a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+            0\r\n\nGET /x HTTP/1.1\r\nHost: a\r\nContent-Length: 90\r\n\r\n\
+            POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let bad = Some(FramingFault::BothLengths);
+        assert_all(attack, &[None, bad]);
+        // Trailer fields, then the end: the next head is followed.
+        let trailers = b"POST /a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+            1\r\nx\r\n0\r\nA: 1\r\nB: 2\r\n\r\n\
+            GET /b HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+        assert_all(trailers, &[None, Some(FramingFault::SeveralLengths)]);
+    }
+
+    #[test]
+    fn every_framing_fault_is_a_verdict_never_a_blind_spot() {
+        // Zero-padded lengths are what hyper accepts: followed, not refused.
+        let padded =
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 000000000000000000004\r\n\r\nabcd\
+            POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_all(padded, &[None, Some(FramingFault::BothLengths)]);
+        // Transfer-Encoding then a malformed length is still both lengths.
+        for cl in ["+4", "4, 4", "x"] {
+            let head = format!(
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: {cl}\r\n\r\n"
+            );
+            assert_all(head.as_bytes(), &[Some(FramingFault::BothLengths)]);
+        }
+        assert_all(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +4\r\n\r\nabcd",
+            &[Some(FramingFault::BadLength)],
+        );
+        assert_all(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            &[Some(FramingFault::ChunkedTwice)],
+        );
+        assert_all(
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &[Some(FramingFault::TransferEncodingInHttp10)],
+        );
+    }
+
+    #[test]
+    fn several_lengths_are_refused_even_equal() {
+        let bad = Some(FramingFault::SeveralLengths);
         assert_all(
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
-            &[Some(FramingFault::ConflictingLengths)],
+            &[bad],
+        );
+        assert_all(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\nab",
+            &[bad],
         );
     }
 
@@ -456,6 +521,16 @@ mod tests {
     }
 
     #[test]
+    fn an_oversized_head_is_off_however_it_was_read() {
+        // Found by the fuzz target: a too-large head read whole was judged,
+        // the same head read in two parts was not.
+        let mut head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nX: ".to_vec();
+        head.resize(8300, b'a');
+        head.extend_from_slice(b"\r\n\r\n");
+        assert_all(&head, &[None]);
+    }
+
+    #[test]
     fn an_oversized_head_turns_it_off_without_growing() {
         let (mut t, _) = tracker();
         t.feed(b"GET / HTTP/1.1\r\n");
@@ -464,5 +539,213 @@ mod tests {
         }
         assert_eq!(t.state, State::Off);
         assert!(t.partial.len() <= 8192 + 1000);
+    }
+}
+
+/// The tracker against hyper's own decoder on the same bytes: the handler
+/// refuses the request the tracker numbers, so the two must split a
+/// connection's bytes into the same requests, whatever the bodies hold.
+#[cfg(test)]
+mod hyper_agreement {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use parking_lot::Mutex;
+
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::{FramingTracker, FramingVerdict};
+
+    /// xorshift64*: a fixed sequence, so a failure is reproducible.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+        }
+
+        fn pick<'a>(&mut self, of: &[&'a str]) -> &'a str {
+            of[self.below(of.len())]
+        }
+    }
+
+    /// A head with a framing fault, hidden in a body or a trailer.
+    const BAD_HEAD: &str = "GET /bad-hidden HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    /// A head without one, hidden the same way.
+    const OK_HEAD: &str = "GET /ok-hidden HTTP/1.1\r\nHost: a\r\n\r\n";
+
+    fn payload(rng: &mut Rng) -> String {
+        let mut p = String::new();
+        for _ in 0..=rng.below(3) {
+            p.push_str(rng.pick(&["hello", BAD_HEAD, OK_HEAD, "\r\n", "0\r\n\r\n", "\n", ";"]));
+        }
+        p
+    }
+
+    /// A chunked body with every variation the two readers could part on:
+    /// zero-padded and upper-case sizes, extensions (quoted, after
+    /// whitespace), bare LFs after sizes, data and the last chunk,
+    /// trailers (with bare LFs, with heads in them).
+    fn chunked(rng: &mut Rng, out: &mut String) {
+        for _ in 0..rng.below(3) {
+            let data = payload(rng);
+            let zeros = "0".repeat(rng.below(3));
+            let size = if rng.below(2) == 0 {
+                format!("{zeros}{:x}", data.len())
+            } else {
+                format!("{zeros}{:X}", data.len())
+            };
+            out.push_str(&size);
+            out.push_str(rng.pick(&["", "", ";a", ";a=b", ";a=\"x;y\"", " ;a", "\t;a", " "]));
+            out.push_str(rng.pick(&["\r\n", "\r\n", "\r\n", "\n"]));
+            out.push_str(&data);
+            out.push_str(rng.pick(&["\r\n", "\r\n", "\r\n", "\n", ""]));
+        }
+        out.push_str(rng.pick(&["0", "0", "00", "000"]));
+        out.push_str(rng.pick(&["", "", ";z", ";z=\"q\""]));
+        out.push_str(rng.pick(&["\r\n", "\r\n", "\n"]));
+        for _ in 0..rng.below(3) {
+            let t = rng.pick(&[
+                "X-T: v\r\n",
+                "X-T: v\n",
+                "X-T: a\nGET /bad-trailer HTTP/1.1\r\n",
+                "\n",
+                "X-T:\r\n",
+            ]);
+            out.push_str(t);
+            if rng.below(4) == 0 {
+                out.push_str(rng.pick(&[BAD_HEAD, OK_HEAD]));
+            }
+        }
+        out.push_str(rng.pick(&["\r\n", "\r\n", "\r\n", "\n"]));
+    }
+
+    /// Two to five pipelined requests; a path starting `/bad` marks a head
+    /// with a framing fault (h1::head::framing's rules).
+    fn stream(rng: &mut Rng) -> String {
+        let mut s = String::new();
+        for n in 0..2 + rng.below(4) {
+            let old = rng.below(8) == 0;
+            let version = if old {
+                "HTTP/1.0\r\nConnection: keep-alive"
+            } else {
+                "HTTP/1.1"
+            };
+            match rng.below(10) {
+                0..=2 => s.push_str(&format!("GET /ok{n} {version}\r\nHost: a\r\n\r\n")),
+                3..=4 => {
+                    let body = payload(rng);
+                    let zeros = "0".repeat(rng.below(2));
+                    s.push_str(&format!(
+                        "POST /ok{n} {version}\r\nHost: a\r\nContent-Length: {zeros}{}\r\n\r\n{body}",
+                        body.len()
+                    ));
+                }
+                5..=6 => {
+                    let path = if old { "bad-te10" } else { "ok" };
+                    s.push_str(&format!(
+                        "POST /{path}{n} {version}\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    ));
+                    chunked(rng, &mut s);
+                }
+                7 => {
+                    let lines = if rng.below(2) == 0 {
+                        "Content-Length: 5\r\nTransfer-Encoding: chunked"
+                    } else {
+                        "Transfer-Encoding: chunked\r\nContent-Length: 5"
+                    };
+                    s.push_str(&format!(
+                        "POST /bad-both{n} {version}\r\nHost: a\r\n{lines}\r\n\r\n"
+                    ));
+                    chunked(rng, &mut s);
+                }
+                8 => {
+                    let body = payload(rng);
+                    let l = body.len();
+                    s.push_str(&format!(
+                        "POST /bad-twice{n} {version}\r\nHost: a\r\nContent-Length: {l}\r\nContent-Length: {l}\r\n\r\n{body}"
+                    ));
+                }
+                _ => {
+                    let te = rng.pick(&["chunked, chunked", "gzip", "gzip, chunked, chunked"]);
+                    s.push_str(&format!(
+                        "POST /bad-te{n} {version}\r\nHost: a\r\nTransfer-Encoding: {te}\r\n\r\n"
+                    ));
+                    chunked(rng, &mut s);
+                }
+            }
+        }
+        s
+    }
+
+    /// The paths of the requests a real hyper HTTP/1 server hands its
+    /// service for these bytes, in order (each body read to its end).
+    async fn through_hyper(bytes: &[u8]) -> Vec<String> {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let svc = {
+            let seen = seen.clone();
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().push(req.uri().path().to_string());
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        Empty::<bytes::Bytes>::new(),
+                    ))
+                }
+            })
+        };
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .half_close(true)
+            .serve_connection(hyper_util::rt::TokioIo::new(server), svc);
+        let task = tokio::spawn(conn);
+        client.write_all(bytes).await.unwrap();
+        client.shutdown().await.unwrap();
+        let _ = client.read_to_end(&mut Vec::new()).await;
+        let _ = task.await;
+        std::mem::take(&mut *seen.lock())
+    }
+
+    /// Every request hyper hands over, up to the first faulty one (where the
+    /// handler closes the connection), is marked by the tracker exactly
+    /// when its head has a framing fault: so neither a faulty head hidden
+    /// where the tracker thinks a body is, nor a clean request refused in
+    /// another's place.
+    #[tokio::test]
+    async fn the_tracker_splits_requests_where_hypers_decoder_does() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let (mut delivered_total, mut bad_seen) = (0usize, 0usize);
+        for case in 0..3000 {
+            let bytes = stream(&mut rng);
+            let delivered = through_hyper(bytes.as_bytes()).await;
+            let verdict = Arc::new(FramingVerdict::default());
+            let mut tracker = FramingTracker::new(16 * 1024, 100, verdict.clone());
+            tracker.feed(bytes.as_bytes());
+            for (i, path) in delivered.iter().enumerate() {
+                let bad = path.starts_with("/bad");
+                assert_eq!(
+                    verdict.fault(i as u64).is_some(),
+                    bad,
+                    "case {case}: request {i} ({path}) of {delivered:?} in {bytes:?}"
+                );
+                delivered_total += 1;
+                if bad {
+                    bad_seen += 1;
+                    break;
+                }
+            }
+        }
+        // The streams reach hyper's service, faulty heads included.
+        assert!(
+            delivered_total > 3000 && bad_seen > 300,
+            "{delivered_total} {bad_seen}"
+        );
     }
 }

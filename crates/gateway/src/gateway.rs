@@ -39,6 +39,8 @@ pub(crate) struct GatewayStats {
 pub(crate) struct Shared {
     pub(crate) cfg: GatewayConfig,
     pub(crate) resolver: Arc<dyn Resolver>,
+    /// Rollout splits by service (filled by the gateway role).
+    pub(crate) splits: Arc<meshwork_coord::rollout::tally::Splits>,
     pub(crate) shared_limiter: Arc<dyn SharedLimiter>,
     pub(crate) table: ArcSwap<RouteTable>,
     pub(crate) cache: Mutex<StateCache>,
@@ -153,6 +155,7 @@ impl Gateway {
                 mirror_slots: Arc::new(Semaphore::new(cfg.mirror_max_in_flight)),
                 cfg,
                 resolver,
+                splits: Arc::new(meshwork_coord::rollout::tally::Splits::default()),
                 shared_limiter,
                 table: ArcSwap::from_pointee(RouteTable::default()),
                 cache: Mutex::new(StateCache::default()),
@@ -170,6 +173,11 @@ impl Gateway {
     /// `tracer` from now on (once; a second call changes nothing).
     pub fn set_tracer(&self, tracer: meshwork_telemetry::export::Tracer) {
         let _ = self.shared.tracer.set(tracer);
+    }
+
+    /// The rollout splits this gateway routes by (see `meshwork_coord::rollout`).
+    pub fn splits(&self) -> Arc<meshwork_coord::rollout::tally::Splits> {
+        self.shared.splits.clone()
     }
 
     /// The configuration in force.
@@ -212,6 +220,7 @@ impl Gateway {
             version,
             &mut cache,
             self.shared.resolver.as_ref(),
+            &self.shared.splits,
         );
         let n = table.routes.len();
         self.shared.table.store(Arc::new(table));

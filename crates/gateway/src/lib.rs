@@ -23,6 +23,7 @@ mod framing;
 #[doc(hidden)]
 pub mod fuzz;
 mod gateway;
+pub mod h1;
 mod headers;
 pub mod identity;
 mod limits;
@@ -47,6 +48,7 @@ pub use error::{ErrorCode, GatewayError};
 pub use gateway::{Gateway, GatewayCounters, RouteInfo};
 pub use headers::{TraceContext, cookie};
 pub use limits::{LocalSharedLimiter, SharedLimiter};
+pub use meshwork_coord::rollout::tally::Splits;
 pub use meshwork_tls::{TlsConfig, TlsError, TlsReloader};
 pub use registry::{GATEWAY_ROLE, MembershipSharedLimiter, RegistryResolver};
 pub use resolver::{Endpoint, InstanceFilter, Resolver, StaticResolver};

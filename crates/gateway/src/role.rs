@@ -56,12 +56,14 @@ pub struct GatewayRole {
     pub addr: SocketAddr,
     workers: Workers,
     follow: tokio::task::JoinHandle<()>,
+    rollouts: tokio::task::JoinHandle<()>,
 }
 
 impl GatewayRole {
     /// Stops following routes and drains the workers.
     pub async fn shutdown(self) {
         self.follow.abort();
+        self.rollouts.abort();
         let w = self.workers;
         let _ = tokio::task::spawn_blocking(move || w.shutdown()).await;
     }
@@ -127,11 +129,20 @@ pub fn start(
             }
         }
     });
+    // The gateway's rollout figures, under its node's name and session.
+    let membership = coord.membership.clone();
+    let rollouts = tokio::spawn(meshwork_coord::rollout::tally::follow(
+        coord.rollouts.clone(),
+        gateway.splits(),
+        node.to_string(),
+        move || membership.session().lease,
+    ));
     Ok(GatewayRole {
         gateway,
         addr,
         workers,
         follow,
+        rollouts,
     })
 }
 

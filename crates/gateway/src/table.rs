@@ -238,6 +238,7 @@ fn cluster_for(
     old: &mut StateCache,
     new: &mut StateCache,
     resolver: &dyn Resolver,
+    splits: &meshwork_coord::rollout::tally::Splits,
     target: &TargetPlan,
     policy: LbPolicy,
     outlier: Option<OutlierConfig>,
@@ -249,7 +250,10 @@ fn cluster_for(
             Source::Static(addrs) => Cluster::fixed(name, addrs, policy, outlier),
             Source::Service { name: svc, filter } => {
                 let rx = resolver.subscribe(svc, filter);
-                Cluster::new(name, rx, None, filter.clone(), policy, outlier)
+                // A route pinned to one version keeps to it; the rollout
+                // splits only routes open to every version.
+                let split = filter.version.is_none().then(|| splits.slot(svc));
+                Cluster::new(name, rx, None, filter.clone(), policy, outlier, split)
             }
         }))
     };
@@ -264,6 +268,7 @@ pub(crate) fn build(
     version: u64,
     old: &mut StateCache,
     resolver: &dyn Resolver,
+    splits: &meshwork_coord::rollout::tally::Splits,
 ) -> (RouteTable, StateCache) {
     let mut new = StateCache::default();
     let now = Instant::now();
@@ -290,7 +295,7 @@ pub(crate) fn build(
                     .iter()
                     .map(|t| {
                         let cluster =
-                            cluster_for(old, &mut new, resolver, t, f.lb.policy, f.outlier);
+                            cluster_for(old, &mut new, resolver, splits, t, f.lb.policy, f.outlier);
                         let breaker = f.breaker.as_ref().and_then(|b| {
                             let key = format!("{name}/{}|{}|{}", t.name, cluster.name, json(b));
                             let core = take_or(&mut old.breakers, &mut new.breakers, key, || {
@@ -315,7 +320,7 @@ pub(crate) fn build(
                     .collect();
                 let mirror = f.mirror.as_ref().map(|(t, pct)| {
                     (
-                        cluster_for(old, &mut new, resolver, t, LbPolicy::P2c, None),
+                        cluster_for(old, &mut new, resolver, splits, t, LbPolicy::P2c, None),
                         *pct,
                     )
                 });

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::resolver::{Endpoint, InstanceFilter};
 use crate::route::model::LbPolicy;
+use meshwork_coord::rollout::tally::{Live, ServiceSplit};
 
 /// Counters of one endpoint.
 #[derive(Debug, Default)]
@@ -48,6 +49,9 @@ pub(crate) struct Picked {
     /// This try is the endpoint's trial after an ejection: if it fails,
     /// the request goes to another endpoint.
     pub(crate) trial: bool,
+    /// The rollout split in force when it was picked, and whether the
+    /// endpoint runs its new version (the try is counted for it).
+    pub(crate) rollout: Option<(Arc<Live>, bool)>,
 }
 
 struct State {
@@ -66,6 +70,8 @@ pub(crate) struct Cluster {
     state: Mutex<State>,
     /// Keeps a static source's channel open.
     _static_tx: Option<watch::Sender<Arc<Vec<Endpoint>>>>,
+    /// The service's rollout split (registry sources only).
+    split: Option<Arc<ServiceSplit>>,
     ejections: metrics::Counter,
     m_success: metrics::Counter,
     m_failure: metrics::Counter,
@@ -191,6 +197,7 @@ impl Cluster {
         filter: InstanceFilter,
         policy: LbPolicy,
         outlier: Option<OutlierConfig>,
+        split: Option<Arc<ServiceSplit>>,
     ) -> Self {
         let outlier = outlier.and_then(|c| OutlierDetector::new(c).ok());
         let ejections =
@@ -217,6 +224,7 @@ impl Cluster {
                 outlier,
             }),
             _static_tx: static_tx,
+            split,
             ejections,
             m_success,
             m_failure,
@@ -243,6 +251,7 @@ impl Cluster {
             InstanceFilter::default(),
             policy,
             outlier,
+            None,
         )
     }
 
@@ -250,9 +259,22 @@ impl Cluster {
     /// Endpoints outlier detection does not admit are skipped unless too
     /// few are admitted (panic: then every endpoint takes traffic). An
     /// endpoint back from ejection takes the request as its trial
-    /// ([`Picked::trial`]).
-    pub(crate) fn pick(&self, hash: Option<u64>, exclude: &[SocketAddr]) -> Option<Picked> {
+    /// ([`Picked::trial`]). During a rollout, the request's version (by its
+    /// pin, else the weight; `retry` prefers the stable one) is chosen
+    /// first, and an endpoint of the other is taken only when that version
+    /// has none available.
+    pub(crate) fn pick(
+        &self,
+        hash: Option<u64>,
+        exclude: &[SocketAddr],
+        headers: &http::HeaderMap,
+        retry: bool,
+    ) -> Option<Picked> {
         let now = Instant::now();
+        let live = self.split.as_ref().and_then(|s| s.current());
+        let lane = live
+            .as_ref()
+            .map(|l| (l, l.wants_new_by(headers, retry, hash)));
         let mut st = self.state.lock();
         if st.rx.has_changed().unwrap_or(false) {
             st.sync(&self.filter);
@@ -278,25 +300,39 @@ impl Cluster {
                 Some(Some(s)) => s.load.load(now),
                 _ => f64::INFINITY,
             };
-            let avail = |id: EndpointId, with_exclude: bool| match slots.get(id.0 as usize) {
+            let avail = |id: EndpointId, with_exclude: bool, in_lane: bool| match slots
+                .get(id.0 as usize)
+            {
                 Some(Some(s)) => {
                     let excluded = with_exclude && exclude.contains(&s.ep.addr);
                     let admitted = panic || outlier.is_none_or(|d| d.admits(&s.ep.addr, now));
-                    !excluded && admitted
+                    let lane_ok = !in_lane
+                        || lane
+                            .is_none_or(|(l, canary)| l.is_new(s.ep.version.as_deref()) == canary);
+                    !excluded && admitted && lane_ok
                 }
                 _ => false,
             };
-            let strict = |id: EndpointId| avail(id, true);
-            let ctx = PickContext {
-                request_hash: hash,
-                available: &strict,
-                load: &load,
-            };
-            let first = picker.pick(&ctx);
+            let in_lane = |id: EndpointId| avail(id, true, true);
+            let strict = |id: EndpointId| avail(id, true, false);
+            let laned = lane.and_then(|_| {
+                picker.pick(&PickContext {
+                    request_hash: hash,
+                    available: &in_lane,
+                    load: &load,
+                })
+            });
+            let first = laned.or_else(|| {
+                picker.pick(&PickContext {
+                    request_hash: hash,
+                    available: &strict,
+                    load: &load,
+                })
+            });
             match first {
                 Some(id) => Some(id),
                 None if !exclude.is_empty() => {
-                    let relaxed = |id: EndpointId| avail(id, false);
+                    let relaxed = |id: EndpointId| avail(id, false, false);
                     let ctx = PickContext {
                         request_hash: hash,
                         available: &relaxed,
@@ -318,6 +354,10 @@ impl Cluster {
             load: s.load.clone(),
             stats: s.stats.clone(),
             trial,
+            rollout: live.map(|l| {
+                let new = l.is_new(s.ep.version.as_deref());
+                (l, new)
+            }),
         })
     }
 
@@ -326,12 +366,13 @@ impl Cluster {
     /// A sampled `trace` may become the latency bucket's exemplar.
     pub(crate) fn record(
         &self,
-        addr: SocketAddr,
+        picked: &Picked,
         outcome: Outcome,
         rtt: Duration,
         trace: Option<&meshwork_telemetry::TraceContext>,
     ) {
         let now = Instant::now();
+        let addr = picked.addr;
         match outcome {
             Outcome::Success => self.m_success.increment(1),
             Outcome::Failure => self.m_failure.increment(1),

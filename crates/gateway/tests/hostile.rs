@@ -140,6 +140,16 @@ async fn smuggling_with_content_length_and_chunked_is_refused() {
     .await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{resp}");
+    // Equal lengths twice: hyper would merge them; a proxy refuses (nginx
+    // too: "client sent duplicate header line"), with our own 400 and close.
+    let resp = raw_until_close(
+        gw.addr,
+        b"POST /first HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nabcdGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.contains("more than one Content-Length"), "{resp}");
+    assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "{resp}");
     // After a good request on the same connection: the good one is served,
     // the ambiguous one refused, the connection closed.
     let pipelined = "GET /ok HTTP/1.1\r\nHost: x\r\n\r\n\
@@ -150,6 +160,25 @@ async fn smuggling_with_content_length_and_chunked_is_refused() {
     assert_eq!(resp.matches("HTTP/1.1 400").count(), 1, "{resp}");
     assert_eq!(resp.matches("HTTP/1.1 ").count(), 2, "{resp}");
     assert_eq!(up.hits(), 1, "only the good request reached the upstream");
+    // A bare LF after the last chunk is trailer content to hyper (found in
+    // review: the framing tracker once ended the body there, counted a fake
+    // head whose 90-byte "body" hid the real CL+TE request from it).
+    let trailer_trick = "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+        0\r\n\nGET /fake HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n\
+        POST /first HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+        GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let resp = raw_until_close(gw.addr, trailer_trick.as_bytes()).await;
+    assert_eq!(resp.matches("HTTP/1.1 400").count(), 1, "{resp}");
+    assert!(
+        resp.contains("Content-Length and Transfer-Encoding"),
+        "{resp}"
+    );
+    assert_eq!(resp.matches("HTTP/1.1 ").count(), 2, "{resp}");
+    assert_eq!(
+        up.hits(),
+        2,
+        "the chunked request only, not the smuggled one"
+    );
 }
 
 /// Each stalled client is cut by the deadline under test and no other: every

@@ -44,6 +44,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use meshwork_coord::CoordClient;
 use meshwork_coord::registry::{Filter, Registry, traffic_endpoints};
+use meshwork_coord::rollout::Rollouts;
+use meshwork_coord::rollout::tally::{Live, ServiceSplit, Splits};
 use meshwork_resilience::BoxError;
 use meshwork_resilience::balance::{
     Balance, Change, ChangeStream, NoEndpoint, P2c, Picker, RandomPicker, SmoothWrr,
@@ -221,14 +223,19 @@ struct EndpointSvc {
     tls: bool,
     service: Arc<str>,
     max_body: usize,
+    /// The instance's version, and the service's rollout slot its calls are
+    /// counted in (when the client follows rollouts).
+    version: Option<Arc<str>>,
+    split: Option<Arc<ServiceSplit>>,
 }
 
 impl EndpointSvc {
-    /// The same client, to another address.
-    fn at(&self, addr: SocketAddr, tls: bool) -> EndpointSvc {
+    /// The same client, to another instance.
+    fn at(&self, addr: SocketAddr, ep: &Ep) -> EndpointSvc {
         EndpointSvc {
             addr,
-            tls,
+            tls: ep.tls,
+            version: ep.version.clone(),
             ..self.clone()
         }
     }
@@ -270,7 +277,17 @@ impl Service<Request<Bytes>> for EndpointSvc {
         };
         let addr = self.addr;
         let max = self.max_body;
-        Box::pin(async move {
+        // During a rollout each try counts for the instance's version.
+        let tally = self.split.as_ref().and_then(|s| s.current()).map(|live| {
+            let new = live.is_new(self.version.as_deref());
+            TryCount {
+                live,
+                new,
+                start: tokio::time::Instant::now(),
+                done: false,
+            }
+        });
+        let call = Box::pin(async move {
             let (mut parts, body) = req.into_parts();
             let pq = parts
                 .uri
@@ -296,7 +313,50 @@ impl Service<Request<Bytes>> for EndpointSvc {
                 Err(e) => return Err(e),
             };
             Ok(Response::from_parts(parts, body))
-        })
+        });
+        match tally {
+            None => call,
+            Some(mut count) => Box::pin(async move {
+                let r = call.await;
+                count.end(match &r {
+                    Ok(r) => r.status().is_server_error(),
+                    Err(_) => true,
+                });
+                r
+            }),
+        }
+    }
+}
+
+/// 64 random bits from the standard library's hasher seeds (no `rand` here).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// One try counted for a rollout's analysis: when it ends, or as a failure
+/// when it is dropped unfinished (the call's timeout fired).
+struct TryCount {
+    live: Arc<Live>,
+    new: bool,
+    start: tokio::time::Instant,
+    done: bool,
+}
+
+impl TryCount {
+    fn end(&mut self, failed: bool) {
+        self.done = true;
+        self.live.record(self.new, failed, self.start.elapsed());
+    }
+}
+
+impl Drop for TryCount {
+    fn drop(&mut self) {
+        if !self.done {
+            self.live.record(self.new, true, self.start.elapsed());
+        }
     }
 }
 
@@ -310,9 +370,26 @@ type Lbal = Balance<
 >;
 
 /// The balancer, shared by every clone of a target's stack (picking holds the
-/// lock only to choose).
+/// lock only to choose), and the service's rollout when the client follows
+/// rollouts: each request is marked with the version lane it should take.
 #[derive(Clone)]
-struct LbSvc(Arc<Mutex<Lbal>>);
+struct LbSvc(Arc<Mutex<Lbal>>, Option<Arc<ServiceSplit>>);
+
+/// The lane a request takes during a rollout: the new version's instances
+/// or the others (see `meshwork_coord::rollout::Split::wants_new`).
+#[derive(Clone, Debug)]
+struct Lane {
+    live: Arc<Live>,
+    new: bool,
+}
+
+/// The tries of one call so far, shared by the retry layer's copies of its
+/// request (the extension is cloned with them, the counter is not).
+#[derive(Clone, Debug, Default)]
+struct Tries(Arc<std::sync::atomic::AtomicU32>);
+
+/// The version of each instance, by address (what a lane is checked against).
+type Versions = Arc<Mutex<HashMap<SocketAddr, Option<Arc<str>>>>>;
 
 impl Service<Request<Bytes>> for LbSvc {
     type Response = Response<Bytes>;
@@ -323,7 +400,18 @@ impl Service<Request<Bytes>> for LbSvc {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
+        // The retry layer's copies share the call's counter: the first try
+        // takes the lane its pin or the weight chooses, a retry the stable
+        // version's (as the gateway's and the coordinator's retries do).
+        let retry = req
+            .extensions()
+            .get::<Tries>()
+            .is_some_and(|t| t.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0);
+        if let Some(live) = self.1.as_ref().and_then(|s| s.current()) {
+            let new = live.wants_new(req.headers(), retry);
+            req.extensions_mut().insert(Lane { live, new });
+        }
         let mut lb = self.0.lock();
         // Applies pending endpoint changes; they are never waited for (the watch
         // task feeds the channel), so a no-op waker is enough.
@@ -358,6 +446,19 @@ pub struct HttpClient {
     targets: Arc<tokio::sync::Mutex<HashMap<String, Arc<Target>>>>,
     /// The rustls client presenting this service's identity, if it has one.
     identity: Option<Arc<rustls::ClientConfig>>,
+    /// Every rollout's split and this client's figures (started with the
+    /// first target; see [`HttpClient::splits`]).
+    rollouts: Arc<std::sync::OnceLock<Following>>,
+    /// The calling service's name (its rollout figures are published under it).
+    caller: Arc<str>,
+}
+
+/// What a client follows of the rollouts: the splits, fed and published by
+/// a task that ends with the last clone of the client.
+#[derive(Clone)]
+struct Following {
+    splits: Arc<Splits>,
+    _task: Arc<AbortOnDrop>,
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -385,7 +486,47 @@ impl HttpClient {
             policies: Arc::new(opts.targets.clone()),
             targets: Arc::default(),
             identity,
+            rollouts: Arc::default(),
+            caller: opts.name.as_str().into(),
         })
+    }
+
+    /// The rollouts' splits, followed once per client by a task that loads
+    /// the rollouts (retrying until it can; calls ignore rollouts until then,
+    /// never wait for them) and publishes this client's figures as
+    /// `CALLER-<random>` on its session lease (unique per client even where
+    /// every replica is PID 1).
+    fn splits(&self) -> Arc<Splits> {
+        self.rollouts
+            .get_or_init(|| {
+                let splits = Arc::new(Splits::default());
+                let coord = self.coord.clone();
+                let reporter = format!("{}-{:016x}", self.caller, random_u64());
+                let s = splits.clone();
+                let task = tokio::spawn(async move {
+                    let mut wait = Duration::from_millis(500);
+                    let rollouts = loop {
+                        match Rollouts::open(coord.backend()).await {
+                            Ok(r) => break r,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "rollouts not loaded yet; calls ignore them meanwhile");
+                                tokio::time::sleep(wait).await;
+                                wait = (wait * 2).min(Duration::from_secs(30));
+                            }
+                        }
+                    };
+                    meshwork_coord::rollout::tally::follow(rollouts, s, reporter, move || {
+                        coord.lease()
+                    })
+                    .await;
+                });
+                Following {
+                    splits,
+                    _task: Arc::new(AbortOnDrop(task)),
+                }
+            })
+            .splits
+            .clone()
     }
 
     fn policy(&self, service: &str) -> &TargetPolicy {
@@ -402,6 +543,7 @@ impl HttpClient {
         let result = async {
             let target = self.target(service).await?;
             let span = crate::context::stamp(&mut req);
+            req.extensions_mut().insert(Tries::default());
             let traced = crate::telemetry::tracer().map(|t| {
                 (
                     t,
@@ -550,8 +692,20 @@ impl HttpClient {
         };
         let detector = OutlierDetector::new(outlier).map_err(|e| Error::Invalid(e.to_string()))?;
         let classifier = policy.failure_classifier().map_err(Error::Invalid)?;
-        let mut lb = Balance::new(changes, picker)
-            .with_outlier_detection(Arc::new(Mutex::new(detector)), classifier);
+        let versions: Versions = Arc::default();
+        let split = Some(self.splits().slot(service));
+        let mut lb = Balance::new(changes, picker);
+        {
+            let versions = versions.clone();
+            lb = lb.with_preference(Arc::new(move |req: &Request<Bytes>, addr: &SocketAddr| {
+                let Some(lane) = req.extensions().get::<Lane>() else {
+                    return true;
+                };
+                let version = versions.lock().get(addr).cloned().flatten();
+                lane.live.is_new(version.as_deref()) == lane.new
+            }));
+        }
+        let mut lb = lb.with_outlier_detection(Arc::new(Mutex::new(detector)), classifier);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_millis(policy.connect_timeout_ms)));
@@ -577,16 +731,20 @@ impl HttpClient {
             tls: false,
             service: service.into(),
             max_body: policy.max_response_bytes,
+            version: None,
+            split: split.clone(),
         };
         // The current instances before the first call; the feed applies changes.
         let known = current_endpoints(&registry, service, &filter).await;
         for (addr, ep) in &known {
+            versions.lock().insert(*addr, ep.version.clone());
             lb.apply(Change::Insert {
                 key: *addr,
-                service: template.at(*addr, ep.tls),
+                service: template.at(*addr, ep),
                 weight: ep.weight,
             });
         }
+        let feed_versions = versions.clone();
         let feed = tokio::spawn(follow(
             registry,
             service.to_string(),
@@ -594,12 +752,25 @@ impl HttpClient {
             known,
             move |change| {
                 let change = match change {
-                    EndpointChange::Add(addr, weight, tls) => Change::Insert {
-                        key: addr,
-                        service: template.at(addr, tls),
-                        weight,
-                    },
-                    EndpointChange::Remove(addr) => Change::Remove(addr),
+                    EndpointChange::Add(addr, weight, tls, version) => {
+                        feed_versions.lock().insert(addr, version.clone());
+                        Change::Insert {
+                            key: addr,
+                            service: template.at(
+                                addr,
+                                &Ep {
+                                    weight,
+                                    tls,
+                                    version,
+                                },
+                            ),
+                            weight,
+                        }
+                    }
+                    EndpointChange::Remove(addr) => {
+                        feed_versions.lock().remove(&addr);
+                        Change::Remove(addr)
+                    }
                     EndpointChange::Weight(addr, weight) => Change::Weight(addr, weight),
                 };
                 std::future::ready(tx.send(change).is_ok())
@@ -613,7 +784,7 @@ impl HttpClient {
             },
         )
         .map_err(|e| Error::Invalid(e.to_string()))?;
-        let lb = LbSvc(Arc::new(Mutex::new(lb)));
+        let lb = LbSvc(Arc::new(Mutex::new(lb)), split);
         let stack = timeout.layer(CircuitBreaker::new(
             retry.layer(lb),
             breaker.clone(),
@@ -646,11 +817,11 @@ pub(crate) fn guards(
 }
 
 /// One change of a service's traffic endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum EndpointChange {
-    /// A new instance at this address, with its weight and whether it
-    /// serves TLS with its identity.
-    Add(SocketAddr, u32, bool),
+    /// A new instance at this address, with its weight, whether it
+    /// serves TLS with its identity, and its version.
+    Add(SocketAddr, u32, bool, Option<Arc<str>>),
     /// The instance at this address left.
     Remove(SocketAddr),
     /// Its weight changed.
@@ -671,12 +842,14 @@ pub(crate) async fn current_endpoints(
 }
 
 /// What the feed follows of an endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Ep {
     /// Load-balancing weight.
     pub(crate) weight: u32,
     /// It serves TLS with its identity.
     pub(crate) tls: bool,
+    /// Its version (rollouts split by it).
+    pub(crate) version: Option<Arc<str>>,
 }
 
 impl Ep {
@@ -684,7 +857,13 @@ impl Ep {
         Ep {
             weight: e.weight,
             tls: e.identity_tls,
+            version: e.version.as_deref().map(Arc::from),
         }
+    }
+
+    /// Another endpoint at the same address: it must go out and in again.
+    fn replaced_by(&self, other: &Ep) -> bool {
+        self.tls != other.tls || self.version != other.version
     }
 }
 
@@ -704,18 +883,18 @@ pub(crate) async fn follow<F: Future<Output = bool>>(
             .into_iter()
             .map(|e| (e.addr, Ep::of(&e)))
             .collect();
-        // An address that now serves with (or without) TLS is another
-        // endpoint: out, then in again.
+        // An address that now serves with (or without) TLS, or another
+        // version, is another endpoint: out, then in again.
         let removed = known
             .iter()
-            .filter(|(a, old)| now.get(a).is_none_or(|e| e.tls != old.tls))
+            .filter(|(a, old)| now.get(a).is_none_or(|e| old.replaced_by(e)))
             .map(|(a, _)| EndpointChange::Remove(*a));
         let changed = now.iter().filter_map(|(a, e)| match known.get(a) {
-            Some(old) if old.tls == e.tls && old.weight != e.weight => {
+            Some(old) if !old.replaced_by(e) && old.weight != e.weight => {
                 Some(EndpointChange::Weight(*a, e.weight))
             }
-            Some(old) if old.tls == e.tls => None,
-            _ => Some(EndpointChange::Add(*a, e.weight, e.tls)),
+            Some(old) if !old.replaced_by(e) => None,
+            _ => Some(EndpointChange::Add(*a, e.weight, e.tls, e.version.clone())),
         });
         let changes: Vec<EndpointChange> = removed.chain(changed).collect();
         for change in changes {

@@ -83,7 +83,7 @@ pub(crate) async fn channel(
         known,
         move |change| {
             let change = match change {
-                EndpointChange::Add(addr, _, _) => {
+                EndpointChange::Add(addr, ..) => {
                     endpoint(addr, &p).map(|ep| Change::Insert(addr, ep))
                 }
                 EndpointChange::Remove(addr) => Some(Change::Remove(addr)),

@@ -52,14 +52,19 @@ use tracing::Instrument;
 use crate::context::RequestContext;
 use crate::{Error, Meshwork};
 
+/// The host an instance listening on every address registers when its
+/// options name none (Kubernetes: the pod's IP, `status.podIP`).
+pub const ADVERTISE_HOST_ENV: &str = "MESHWORK_ADVERTISE_HOST";
+
 /// How a service is served.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerOptions {
     /// Address to listen on (port 0 picks a free one).
     pub listen: SocketAddr,
-    /// Address registered for others to reach (default: the listen address, with
-    /// 127.0.0.1 for an unspecified one).
+    /// Address registered for others to reach (default: the listen address;
+    /// for an unspecified one, `MESHWORK_ADVERTISE_HOST` — a pod's IP from the
+    /// downward API — or else 127.0.0.1).
     pub advertise: Option<String>,
     /// Register the instance in the registry.
     pub register: bool,
@@ -202,7 +207,10 @@ impl Bound {
         let registered = if opts.register {
             let host = match &opts.advertise {
                 Some(h) => h.clone(),
-                None if addr.ip().is_unspecified() => "127.0.0.1".into(),
+                None if addr.ip().is_unspecified() => std::env::var(ADVERTISE_HOST_ENV)
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "127.0.0.1".into()),
                 None => addr.ip().to_string(),
             };
             let mut spec = crate::instance(&host, addr.port())

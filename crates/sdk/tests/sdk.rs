@@ -639,3 +639,190 @@ async fn a_grpc_channel_reaches_a_tonic_service_found_in_the_registry() {
     assert_eq!(got.kvs[0].value.as_ref(), b"v");
     mw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_follow_a_rollouts_split_between_versions() {
+    use meshwork_coord::rollout::{
+        Analysis, Pin, PinKind, Rollouts, Spec, Strategy, machine::Command,
+    };
+    let cp = ControlPlane::start().await;
+    let with_version = |v: &str| ServerOptions {
+        version: v.to_string(),
+        ..ServerOptions::default()
+    };
+    let v1 = Instance::start(&cp, "inventory", named("v1"), with_version("1")).await;
+    let v2 = Instance::start(&cp, "inventory", named("v2"), with_version("2")).await;
+    let caller = connect(&cp, "order", |o| round_robin(o, "inventory", |_| {})).await;
+    wait_instances(&caller, "inventory", 2).await;
+    let who = |headers: Option<(&'static str, &'static str)>| {
+        let http = caller.http().clone();
+        async move {
+            let mut req = http::Request::get("/who").body(Bytes::new()).unwrap();
+            if let Some((k, v)) = headers {
+                req.headers_mut().insert(k, v.parse().unwrap());
+            }
+            let r = http.call("inventory", req).await.unwrap();
+            String::from_utf8(r.body().to_vec()).unwrap()
+        }
+    };
+    // No rollout: both versions take turns.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        seen.insert(who(None).await[..2].to_string());
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    // A rollout to v2 waiting at 0 %, with a cookie pin: only pinned calls reach v2.
+    let rollouts = Rollouts::open(caller.coord().backend()).await.unwrap();
+    rollouts
+        .start(Spec {
+            service: "inventory".into(),
+            to_version: "2".into(),
+            strategy: Strategy::Canary,
+            steps: vec![50, 100],
+            interval_ms: 3_600_000,
+            analysis: Analysis::default(),
+            auto_rollback: true,
+            min_healthy: 5,
+            deadline_ms: 3_600_000,
+            pin: Some(Pin {
+                kind: PinKind::Cookie,
+                name: "beta".into(),
+                value: "yes".into(),
+            }),
+        })
+        .await
+        .unwrap();
+    // The caller's copy follows the store within a watch round trip.
+    timeout(WAIT, async {
+        while !who(Some(("cookie", "a=1; beta=yes")))
+            .await
+            .starts_with("v2")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the pinned call to reach v2");
+    for _ in 0..10 {
+        assert!(who(None).await.starts_with("v1"));
+        assert!(who(Some(("cookie", "beta=no"))).await.starts_with("v1"));
+    }
+    // The caller publishes its figures by version for the rollout's analysis.
+    timeout(WAIT, async {
+        loop {
+            let f = rollouts.figures("inventory").await.unwrap();
+            if f.iter()
+                .any(|f| f.canary.requests >= 1 && f.stable.requests >= 20)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the caller's figures in the store");
+    // Promoted: every call goes to v2.
+    rollouts
+        .command("inventory", Command::Promote { full: true }, "test")
+        .await
+        .unwrap();
+    timeout(WAIT, async {
+        while !who(None).await.starts_with("v2") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("calls to move to v2");
+    for _ in 0..10 {
+        assert!(who(None).await.starts_with("v2"));
+    }
+    v1.stop().await;
+    v2.stop().await;
+    caller.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_call_leaves_a_failing_new_version_for_the_stable_one() {
+    use meshwork_coord::rollout::{
+        Analysis, Pin, PinKind, Rollouts, Spec, Strategy, machine::Command,
+    };
+    let cp = ControlPlane::start().await;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let failing = {
+        let hits = hits.clone();
+        Router::new().route(
+            "/who",
+            get(move || {
+                let hits = hits.clone();
+                async move {
+                    hits.fetch_add(1, Ordering::Relaxed);
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "v2 down")
+                }
+            }),
+        )
+    };
+    let with_version = |v: &str| ServerOptions {
+        version: v.to_string(),
+        ..ServerOptions::default()
+    };
+    let v1 = Instance::start(&cp, "inventory", named("v1"), with_version("1")).await;
+    let v2 = Instance::start(&cp, "inventory", failing, with_version("2")).await;
+    // Outlier ejection off: v2 keeps its place, so every pinned call tries it.
+    let caller = connect(&cp, "order", |o| {
+        round_robin(o, "inventory", |p| p.outlier = None)
+    })
+    .await;
+    wait_instances(&caller, "inventory", 2).await;
+    // At 10 %, with a header pin: a pinned call's first try goes to v2.
+    let rollouts = Rollouts::open(caller.coord().backend()).await.unwrap();
+    rollouts
+        .start(Spec {
+            service: "inventory".into(),
+            to_version: "2".into(),
+            strategy: Strategy::Canary,
+            steps: vec![10, 100],
+            interval_ms: 3_600_000,
+            analysis: Analysis::default(),
+            auto_rollback: false,
+            min_healthy: 1,
+            deadline_ms: 3_600_000,
+            pin: Some(Pin {
+                kind: PinKind::Header,
+                name: "x-canary".into(),
+                value: "1".into(),
+            }),
+        })
+        .await
+        .unwrap();
+    rollouts
+        .command("inventory", Command::Promote { full: false }, "test")
+        .await
+        .unwrap();
+    let http = caller.http().clone();
+    let pinned = || async {
+        let mut req = http::Request::get("/who").body(Bytes::new()).unwrap();
+        req.headers_mut().insert("x-canary", "1".parse().unwrap());
+        http.call("inventory", req).await.unwrap()
+    };
+    // Once the caller follows the rollout, each pinned call tries v2 first...
+    timeout(WAIT, async {
+        while hits.load(Ordering::Relaxed) == 0 {
+            pinned().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a pinned call to reach v2");
+    // ...and its retry goes to v1: every call answers, v2 tried once each.
+    let before = hits.load(Ordering::Relaxed);
+    for _ in 0..10 {
+        let r = pinned().await;
+        assert_eq!(r.status(), 200);
+        assert!(r.body().starts_with(b"v1"), "{:?}", r.body());
+    }
+    assert_eq!(hits.load(Ordering::Relaxed) - before, 10);
+    v1.stop().await;
+    v2.stop().await;
+    caller.shutdown().await;
+}

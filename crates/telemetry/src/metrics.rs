@@ -275,6 +275,16 @@ pub const METRICS: &[(Kind, &str, &str)] = &[
     ),
     (
         C,
+        "meshwork_rollout_decisions_total",
+        "Rollout decisions taken by this node's controller, by service and action (advance, hold, promote, rollback, pause).",
+    ),
+    (
+        G,
+        "meshwork_rollout_weight_percent",
+        "The new version's share of a service's traffic in its rollout, percent, as last written by this node's controller.",
+    ),
+    (
+        C,
         "meshwork_gateway_ejections_total",
         "Upstream endpoints ejected by the gateway's outlier detection.",
     ),

@@ -81,6 +81,8 @@ pub struct TxnRole {
     options: TxnOptions,
     driving: Arc<Mutex<HashMap<String, Driving>>>,
     scanner: Arc<Mutex<Option<AbortHandle>>>,
+    /// The task following the rollouts for branch calls.
+    follow: Arc<Mutex<Option<AbortHandle>>>,
 }
 
 /// Why a request to the role failed.
@@ -114,9 +116,21 @@ impl TxnRole {
 
     /// [`TxnRole::start`] with options.
     pub fn start_with(coord: &Coord, options: TxnOptions) -> TxnRole {
+        // Branch calls follow the rollouts' splits and feed their analysis,
+        // as the gateway's calls do (figures as NODE.txn).
+        let splits = Arc::new(meshwork_coord::rollout::tally::Splits::default());
+        let membership = coord.membership.clone();
+        let follow = tokio::spawn(meshwork_coord::rollout::tally::follow(
+            coord.rollouts.clone(),
+            splits.clone(),
+            format!("{}.txn", coord.options.node_name),
+            move || membership.session().lease,
+        ));
         let runner = Runner::new(
             TxnLog::new(coord.backend.clone()),
-            HttpCaller::new(coord.registry.clone()).with_tracer(options.tracer.clone()),
+            HttpCaller::new(coord.registry.clone())
+                .with_tracer(options.tracer.clone())
+                .with_rollouts(splits),
         );
         let role = TxnRole {
             runner,
@@ -125,10 +139,12 @@ impl TxnRole {
             membership: coord.membership.clone(),
             driving: Arc::new(Mutex::new(HashMap::new())),
             scanner: Arc::new(Mutex::new(None)),
+            follow: Arc::new(Mutex::new(None)),
         };
         let r = role.clone();
         let task = tokio::spawn(async move { r.scan_loop().await });
         *role.scanner.lock() = Some(task.abort_handle());
+        *role.follow.lock() = Some(follow.abort_handle());
         role
     }
 
@@ -233,6 +249,9 @@ impl TxnRole {
     pub fn shutdown(&self) {
         if let Some(s) = self.scanner.lock().take() {
             s.abort();
+        }
+        if let Some(f) = self.follow.lock().take() {
+            f.abort();
         }
         for (_, d) in self.driving.lock().drain() {
             d.task.abort();

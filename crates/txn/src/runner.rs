@@ -25,6 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use meshwork_coord::registry::{Filter, Registry, traffic_endpoints_now};
+use meshwork_coord::rollout::tally::{Live, Splits};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -117,10 +118,25 @@ pub trait Caller: Send + Sync + 'static {
 pub trait Endpoints: Send + Sync + 'static {
     /// The addresses taking traffic for `service` now (healthy first choice).
     fn endpoints(&self, service: &str) -> Vec<SocketAddr>;
+
+    /// The same with each instance's version (what rollouts split by).
+    fn versioned(&self, service: &str) -> Vec<(SocketAddr, Option<String>)> {
+        self.endpoints(service)
+            .into_iter()
+            .map(|a| (a, None))
+            .collect()
+    }
 }
 
 impl Endpoints for Registry {
     fn endpoints(&self, service: &str) -> Vec<SocketAddr> {
+        self.versioned(service)
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect()
+    }
+
+    fn versioned(&self, service: &str) -> Vec<(SocketAddr, Option<String>)> {
         let d = self.discover(
             service,
             &Filter {
@@ -130,7 +146,7 @@ impl Endpoints for Registry {
         );
         traffic_endpoints_now(&d)
             .into_iter()
-            .map(|e| e.addr)
+            .map(|e| (e.addr, e.version))
             .collect()
     }
 }
@@ -156,6 +172,8 @@ pub struct HttpCaller<E> {
     grpc: Client<HttpConnector, Full<Bytes>>,
     next: AtomicUsize,
     tracer: meshwork_telemetry::export::Tracer,
+    /// The rollouts' splits branch calls follow and are counted in.
+    splits: Option<Arc<Splits>>,
 }
 
 impl<E: Endpoints> HttpCaller<E> {
@@ -172,7 +190,15 @@ impl<E: Endpoints> HttpCaller<E> {
                 .build(connector),
             next: AtomicUsize::new(0),
             tracer: meshwork_telemetry::export::Tracer::disabled(),
+            splits: None,
         }
+    }
+
+    /// Sends each call to the version its service's rollout chooses (a
+    /// retried call prefers the stable one), and counts it there.
+    pub fn with_rollouts(mut self, splits: Arc<Splits>) -> Self {
+        self.splits = Some(splits);
+        self
     }
 
     /// Records a client span per branch call with `tracer`.
@@ -182,11 +208,52 @@ impl<E: Endpoints> HttpCaller<E> {
     }
 
     async fn send(&self, req: &CallRequest) -> Outcome {
-        let addrs = self.endpoints.endpoints(&req.service);
-        if addrs.is_empty() {
-            return Outcome::Unknown(format!("no instance of {} takes traffic", req.service));
+        let live = self
+            .splits
+            .as_ref()
+            .and_then(|s| s.slot(&req.service).current());
+        let start = tokio::time::Instant::now();
+        let (out, version) = self.send_to_lane(req, live.as_deref()).await;
+        if let (Some(live), Some(version)) = (&live, version) {
+            let failed = matches!(out, Outcome::Unknown(_));
+            live.record(live.is_new(version.as_deref()), failed, start.elapsed());
         }
-        let addr = addrs[self.next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
+        out
+    }
+
+    /// Sends `req` to an instance of the lane `live` chooses (any instance
+    /// without a rollout or when the lane has none); the outcome and, when
+    /// an instance was called, its version.
+    async fn send_to_lane(
+        &self,
+        req: &CallRequest,
+        live: Option<&Live>,
+    ) -> (Outcome, Option<Option<String>>) {
+        let all = self.endpoints.versioned(&req.service);
+        if all.is_empty() {
+            let out = Outcome::Unknown(format!("no instance of {} takes traffic", req.service));
+            return (out, None);
+        }
+        let lane: Vec<&(SocketAddr, Option<String>)> = match live {
+            Some(l) => {
+                let new = l.wants_new(&http::HeaderMap::new(), req.attempt > 1);
+                let v: Vec<_> = all
+                    .iter()
+                    .filter(|(_, ver)| l.is_new(ver.as_deref()) == new)
+                    .collect();
+                if v.is_empty() {
+                    all.iter().collect()
+                } else {
+                    v
+                }
+            }
+            None => all.iter().collect(),
+        };
+        let (addr, version) = lane[self.next.fetch_add(1, Ordering::Relaxed) % lane.len()].clone();
+        (self.send_to(req, addr).await, Some(version))
+    }
+
+    async fn send_to(&self, req: &CallRequest, addr: SocketAddr) -> Outcome {
         let (body, content_type) = match &req.grpc {
             // One length-prefixed, uncompressed message.
             Some(message) => {

@@ -16,6 +16,7 @@ pub mod payment;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use meshwork_sdk::client::Lb;
 use meshwork_sdk::server::{Server, ServerOptions};
@@ -106,6 +107,58 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Insert the demo products/accounts if absent.
     pub seed: bool,
+    /// The version it registers (default: the crate's).
+    pub version: Option<String>,
+    /// Faults it injects into its own answers.
+    pub faults: Faults,
+}
+
+/// Faults a service injects into its own answers, to show what a rollout
+/// does with a bad version (`meshwork demo serve inventory --version 2
+/// --error-rate 0.3`). The health and metrics endpoints are never affected.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// Share of requests answered `500 injected_fault` (0..=1), spread evenly.
+    pub error_rate: f64,
+    /// Added to every answer, milliseconds.
+    pub delay_ms: u64,
+}
+
+impl Faults {
+    /// Whether it injects anything.
+    pub fn any(&self) -> bool {
+        self.error_rate > 0.0 || self.delay_ms > 0
+    }
+
+    /// `router` with the faults in front of its handlers.
+    pub fn apply(self, router: axum::Router) -> axum::Router {
+        if !self.any() {
+            return router;
+        }
+        let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        router.layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let seen = seen.clone();
+                async move {
+                    if self.delay_ms > 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(self.delay_ms)).await;
+                    }
+                    // Request i fails when the running share crosses a whole
+                    // number: exactly `error_rate` of them, evenly spread.
+                    let i = seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) as f64;
+                    let rate = self.error_rate.clamp(0.0, 1.0);
+                    if ((i + 1.0) * rate).floor() > (i * rate).floor() {
+                        return axum::response::IntoResponse::into_response(ApiError::new(
+                            http::StatusCode::INTERNAL_SERVER_ERROR,
+                            "injected_fault",
+                            "a fault injected by --error-rate (the demo of a bad version)",
+                        ));
+                    }
+                    next.run(req).await
+                }
+            },
+        ))
+    }
 }
 
 /// The SDK policies the order service calls with (it prices orders at
@@ -185,9 +238,20 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ShopError> {
             (mw, router)
         }
     };
+    if opts.faults.any() {
+        tracing::warn!(
+            error_rate = opts.faults.error_rate,
+            delay_ms = opts.faults.delay_ms,
+            "injecting faults into this service's answers"
+        );
+    }
+    let router = opts.faults.apply(router);
     let server_opts = ServerOptions {
         listen: opts.listen,
-        version: env!("CARGO_PKG_VERSION").into(),
+        version: opts
+            .version
+            .clone()
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").into()),
         concurrency: Some(meshwork_sdk::server::BulkheadConfig {
             max_in_flight: 512,
             max_queued: 512,

@@ -7,6 +7,7 @@
 mod config;
 mod coordination;
 mod registry;
+mod rollouts;
 mod tokens;
 
 pub use tokens::parse_ttl;
@@ -95,6 +96,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("put", "/v1/auth/users/{name}"),
     ("delete", "/v1/auth/users/{name}"),
     ("get", "/v1/audit"),
+    ("get", "/v1/rollouts"),
+    ("post", "/v1/rollouts"),
+    ("get", "/v1/rollouts/{service}"),
+    ("delete", "/v1/rollouts/{service}"),
+    ("post", "/v1/rollouts/{service}/promote"),
+    ("post", "/v1/rollouts/{service}/abort"),
+    ("post", "/v1/rollouts/{service}/pause"),
+    ("post", "/v1/rollouts/{service}/resume"),
 ];
 
 pub use meshwork_api::ApiError;
@@ -268,6 +277,7 @@ pub fn router_documented(coord: Coord, openapi: &serde_json::Value) -> Router {
         .merge(config::routes())
         .merge(coordination::routes())
         .merge(tokens::routes())
+        .merge(rollouts::routes())
         .merge(meshwork_api::openapi::router(openapi))
         .fallback(not_found)
         .layer(axum::middleware::map_response(meshwork_api::json_errors))

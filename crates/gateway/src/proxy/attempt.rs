@@ -323,7 +323,8 @@ impl<'a> Tries<'a> {
         loop {
             attempt += 1;
             let cluster = &self.target.cluster;
-            let Some(picked) = cluster.pick(self.hash, &tried) else {
+            let Some(picked) = cluster.pick(self.hash, &tried, &self.head.headers, attempt > 1)
+            else {
                 return Err(GatewayError::new(
                     ErrorCode::NoHealthyUpstream,
                     format!("no healthy endpoint for {}", cluster.name),
@@ -417,6 +418,18 @@ impl<'a> Tries<'a> {
                 &end,
             ));
         }
+        // A rollout judges versions by every 5xx and failed try, whatever
+        // the route counts against an endpoint's health.
+        if let Some((live, new)) = &picked.rollout {
+            let error = match &end {
+                TryEnd::Answered(r) => Some(r.status().is_server_error()),
+                TryEnd::Failed(_) => Some(true),
+                TryEnd::ClientFault(_) => None,
+            };
+            if let Some(error) = error {
+                live.record(*new, error, rtt);
+            }
+        }
         let outcome = end.outcome(&statuses);
         if outcome == Outcome::Failure {
             picked.stats.failures.fetch_add(1, Ordering::Relaxed);
@@ -424,7 +437,7 @@ impl<'a> Tries<'a> {
         let trace = span.as_ref().map_or(cx.trace, |(ctx, _)| ctx);
         self.target
             .cluster
-            .record(picked.addr, outcome, rtt, Some(trace));
+            .record(picked, outcome, rtt, Some(trace));
         Ok(end)
     }
 

@@ -42,7 +42,7 @@ impl Mirror {
 
     /// Sends the copy in the background (bounded by the default timeout).
     pub(super) fn send(self, cx: &Exchange<'_>, head: &UpstreamHead, body: Option<Body>) {
-        let Some(p) = self.cluster.pick(None, &[]) else {
+        let Some(p) = self.cluster.pick(None, &[], &head.headers, false) else {
             return;
         };
         let Ok(uri) = head.uri(&p.authority) else {

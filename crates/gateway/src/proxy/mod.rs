@@ -105,7 +105,12 @@ where
     };
     let processed = {
         use tracing::Instrument;
-        request::process(&cx, req, &mut out).instrument(span).await
+        // Boxed: built in place on the heap instead of on the stack and
+        // then moved into this future's state (a multi-KiB memcpy per
+        // request, measured with callgrind).
+        Box::pin(request::process(&cx, req, &mut out))
+            .instrument(span)
+            .await
     };
     let mut resp = match processed {
         Ok(r) => r,

@@ -113,7 +113,7 @@ fn settle_authority<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
     if hosts.next().is_some() {
         return Err(bad("the request has more than one Host header"));
     }
-    let valid = is_host_port;
+    let valid = crate::h1::head::is_host_port;
     match req.uri().authority().map(|a| a.as_str().to_owned()) {
         Some(target) => {
             if req.version() == Version::HTTP_2
@@ -149,63 +149,6 @@ fn settle_authority<B>(req: &mut Request<B>) -> Result<(), GatewayError> {
         },
     }
     Ok(())
-}
-
-/// Whether `v` is `host[:port]`: a reg-name or IPv4 (unreserved,
-/// sub-delims and `%` escapes), or a bracketed IPv6 literal, then an
-/// optional port of at most 5 digits. No userinfo, path, spaces or empty
-/// host. Checked without allocating (it runs on every request).
-fn is_host_port(v: &[u8]) -> bool {
-    let (host, port) = if v.first() == Some(&b'[') {
-        let Some(close) = v.iter().position(|b| *b == b']') else {
-            return false;
-        };
-        let inner = &v[1..close];
-        if inner.is_empty()
-            || !inner
-                .iter()
-                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
-        {
-            return false;
-        }
-        (&v[..=close], &v[close + 1..])
-    } else {
-        match v.iter().position(|b| *b == b':') {
-            Some(i) => (&v[..i], &v[i..]),
-            None => (v, &v[v.len()..]),
-        }
-    };
-    let host_ok = host.first() == Some(&b'[')
-        || (!host.is_empty()
-            && host.iter().all(|b| {
-                b.is_ascii_alphanumeric()
-                    || matches!(
-                        b,
-                        b'-' | b'.'
-                            | b'_'
-                            | b'~'
-                            | b'%'
-                            | b'!'
-                            | b'$'
-                            | b'&'
-                            | b'\''
-                            | b'('
-                            | b')'
-                            | b'*'
-                            | b'+'
-                            | b','
-                            | b';'
-                            | b'='
-                    )
-            }));
-    let port_ok = match port.split_first() {
-        None => true,
-        Some((b':', digits)) => {
-            (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit)
-        }
-        Some(_) => false,
-    };
-    host_ok && port_ok
 }
 
 /// The target must be an origin-form path without dot segments (plain or
@@ -378,6 +321,7 @@ impl Drop for ActiveGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::h1::head::is_host_port;
 
     #[test]
     fn host_port_accepts_names_addresses_and_ports_only() {

@@ -174,6 +174,11 @@ pub struct NoEndpoint;
 /// Hash of a request, for the consistent-hashing pickers.
 pub type RequestHash<Req> = Arc<dyn Fn(&Req) -> u64 + Send + Sync>;
 
+/// Which endpoints a request prefers (a rollout's version lane): the
+/// balancer picks among the available ones it accepts, and among all the
+/// available ones only when it accepts none.
+pub type Prefer<Req, K> = Arc<dyn Fn(&Req, &K) -> bool + Send + Sync>;
+
 /// Hashes the value of HTTP header `name` (absent: hashes nothing, one key).
 pub fn header_hash<B>(name: &'static str) -> RequestHash<http::Request<B>> {
     Arc::new(move |req: &http::Request<B>| {
@@ -197,6 +202,7 @@ pub struct Balance<K, S, D, P, Req, C = ErrorsAsFailures> {
     free: Vec<u32>,
     by_key: HashMap<K, EndpointId>,
     request_hash: Option<RequestHash<Req>>,
+    prefer: Option<Prefer<Req, K>>,
     outlier: Option<(Arc<Mutex<OutlierDetector<K>>>, C)>,
     default_rtt: Duration,
 }
@@ -225,6 +231,7 @@ where
             free: Vec::new(),
             by_key: HashMap::new(),
             request_hash: None,
+            prefer: None,
             outlier: None,
             default_rtt: DEFAULT_RTT,
         }
@@ -244,6 +251,7 @@ where
             free: self.free,
             by_key: self.by_key,
             request_hash: self.request_hash,
+            prefer: self.prefer,
             outlier: Some((detector, classifier)),
             default_rtt: self.default_rtt,
         }
@@ -259,6 +267,12 @@ where
     /// Hashes requests with `f` (for [`Ring`] and [`Maglev`]).
     pub fn with_request_hash(mut self, f: RequestHash<Req>) -> Self {
         self.request_hash = Some(f);
+        self
+    }
+
+    /// Picks among the endpoints `f` accepts for a request first (see [`Prefer`]).
+    pub fn with_preference(mut self, f: Prefer<Req, K>) -> Self {
+        self.prefer = Some(f);
         self
     }
 
@@ -373,12 +387,24 @@ where
                 Some(Some(ep)) => ep.load.load(now),
                 _ => f64::INFINITY,
             };
-            let ctx = PickContext {
-                request_hash,
-                available: &available,
-                load: &load,
-            };
-            self.picker.pick(&ctx)
+            let preferred = self.prefer.as_ref().and_then(|f| {
+                let in_lane = |id: EndpointId| {
+                    available(id)
+                        && matches!(slots.get(id.0 as usize), Some(Some(ep)) if f(req, &ep.key))
+                };
+                self.picker.pick(&PickContext {
+                    request_hash,
+                    available: &in_lane,
+                    load: &load,
+                })
+            });
+            preferred.or_else(|| {
+                self.picker.pick(&PickContext {
+                    request_hash,
+                    available: &available,
+                    load: &load,
+                })
+            })
         };
         if let (Some(id), Some(d)) = (id, guard.as_deref_mut())
             && let Some(Some(ep)) = slots.get(id.0 as usize)

@@ -212,6 +212,36 @@ async fn balance_follows_changes_and_ejects_outliers() {
 }
 
 #[tokio::test]
+async fn a_preference_keeps_requests_in_their_lane_until_it_is_empty() {
+    let (tx, changes) = channel();
+    for id in 0..4 {
+        tx.send(Change::Insert {
+            key: id,
+            service: endpoint(id, false),
+            weight: 1,
+        })
+        .unwrap();
+    }
+    // Odd requests prefer odd endpoints, even requests even ones.
+    let mut lb =
+        Balance::new(changes, P2c::default()).with_preference(Arc::new(|req: &u64, key: &u32| {
+            u64::from(*key) % 2 == req % 2
+        }));
+    for req in 0..100u64 {
+        let served = lb.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(
+            u64::from(served) % 2,
+            req % 2,
+            "request {req} left its lane"
+        );
+    }
+    tx.send(Change::Remove(1)).unwrap();
+    tx.send(Change::Remove(3)).unwrap();
+    let served = lb.ready().await.unwrap().call(1).await.unwrap();
+    assert_eq!(served % 2, 0, "an empty lane falls back to the others");
+}
+
+#[tokio::test]
 async fn ring_balance_is_sticky_per_key() {
     let (tx, changes) = channel();
     for id in 0..5 {

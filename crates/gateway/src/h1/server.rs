@@ -1,0 +1,403 @@
+//! The server side of an HTTP/1.1 connection: request heads read into one
+//! buffer and parsed in place ([`parse_request`]), handed to a [`Handler`]
+//! one at a time (pipelined requests are answered in order), bodies copied
+//! by the handler through the same buffer ([`Request::send_with_body`]).
+//!
+//! What a hostile or broken client can do is settled here once, for every
+//! handler: a refused head is answered with its status and a message, and
+//! the connection closes; a head not complete within
+//! [`ServerLimits::header_read_timeout`] of its first byte (slowloris) is
+//! answered 408; a keep-alive connection idle past
+//! [`ServerLimits::idle_timeout`] is closed; a body that stalls past
+//! [`CopyLimits::read_timeout`] between reads, or is cut short, ends the
+//! connection; a body the handler did not read closes the connection (the
+//! next head cannot be found without reading it). Where the server closes
+//! while the client may still be sending, it closes lingering (nginx's
+//! `lingering_close`): its answer goes first, then it reads and drops what
+//! still arrives for a bounded time and size, so the kernel does not answer
+//! the unread bytes with a reset that can destroy the answer in flight.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::body::{self, BodyEnd, BodyError, BodyFraming, Buffer, CopyLimits, write_within};
+use super::head::{HeadError, Limits, RequestHead, parse_request};
+
+/// The limits a connection is served under.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Head size and line count (the read buffer is this large).
+    pub head: Limits,
+    /// Longest a head may take from its first byte to its blank line.
+    pub header_read_timeout: Duration,
+    /// Longest a connection may wait for the next request's first byte.
+    pub idle_timeout: Duration,
+    /// Limits on bodies (chunk extensions, trailers, the wait between reads).
+    pub body: CopyLimits,
+    /// Longest a lingering close reads and drops what the client still sends.
+    pub linger_time: Duration,
+    /// Most bytes a lingering close reads and drops.
+    pub linger_bytes: usize,
+}
+
+impl Default for ServerLimits {
+    /// Heads of 16 KiB and 100 lines; 10 s to send a head (hyper's default
+    /// is 30 s, nginx's `client_header_timeout` 60 s: a slow head holds a
+    /// connection for nothing); 75 s idle between requests (nginx's
+    /// `keepalive_timeout`); [`CopyLimits::default`] for bodies; a lingering
+    /// close of at most 5 s and 1 MiB.
+    fn default() -> Self {
+        Self {
+            head: Limits::default(),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            body: CopyLimits::default(),
+            linger_time: Duration::from_secs(5),
+            linger_bytes: 1 << 20,
+        }
+    }
+}
+
+/// What the connection does after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Read the next request (unless the client asked to close).
+    KeepAlive,
+    /// Close the connection.
+    Close,
+}
+
+/// How a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A head was refused (and answered with its status).
+    #[error("refused a request head: {0}")]
+    Head(#[from] HeadError),
+    /// A head took longer than the header read timeout (answered 408).
+    #[error("the request head was not complete within {0:?}")]
+    HeadTimeout(Duration),
+    /// Reading from or writing to the client failed.
+    #[error("the connection failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Answers requests, one at a time.
+pub trait Handler<S> {
+    /// Answers `req`: reads its head, sends or leaves its body, writes the
+    /// response to [`Request::client`]. Failures are the handler's to
+    /// answer (a 502, say) before it returns [`Flow::Close`]. A connection
+    /// the handler switched protocols on (`101`) is its own to carry to the
+    /// end, then [`Flow::Close`]: the loop would read the tunnel's bytes as
+    /// heads.
+    fn handle(&mut self, req: &mut Request<'_, S>) -> impl Future<Output = Flow>;
+
+    /// The whole response to a request refused before the handler saw it
+    /// (`status` 400, 408 or 431); the connection closes after it. Plain
+    /// text by default.
+    fn refusal(&mut self, status: u16, message: &str) -> Vec<u8> {
+        let reason = match status {
+            408 => "Request Timeout",
+            431 => "Request Header Fields Too Large",
+            _ => "Bad Request",
+        };
+        format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{message}\n",
+            message.len() + 1
+        )
+        .into_bytes()
+    }
+}
+
+/// Where a request's body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    /// Not read yet, framed so.
+    Pending(BodyFraming),
+    /// Read to its end (or there was none).
+    Done,
+    /// Cut short or malformed: the connection cannot go on.
+    Failed,
+}
+
+/// One request, as the handler sees it.
+#[derive(Debug)]
+pub struct Request<'a, S> {
+    io: &'a mut S,
+    buf: &'a mut [u8],
+    /// Where the head starts in `buf`; after the body, where the next
+    /// request's bytes start.
+    start: usize,
+    /// The end of what was read.
+    end: usize,
+    head: RequestHead,
+    body: Body,
+    /// Whether the head's bytes are still in `buf` (a body read overwrites
+    /// them).
+    head_kept: bool,
+    limits: CopyLimits,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Request<'_, S> {
+    /// The parsed head; its ranges index [`Request::head_bytes`].
+    pub fn head(&self) -> &RequestHead {
+        &self.head
+    }
+
+    /// The head's bytes as the client sent them, until the body is read
+    /// (it is read into the same buffer).
+    pub fn head_bytes(&self) -> Option<&[u8]> {
+        self.head_kept
+            .then(|| &self.buf[self.start..self.start + self.head.len])
+    }
+
+    /// The client's connection, to write the response to (bound the writes
+    /// by [`CopyLimits::write_timeout`], as [`Request::respond`] does).
+    pub fn client(&mut self) -> &mut S {
+        &mut *self.io
+    }
+
+    /// Writes `bytes` to the client within the write timeout.
+    pub async fn respond(&mut self, bytes: &[u8]) -> Result<(), BodyError> {
+        write_within(self.limits.write_timeout, &mut *self.io, bytes).await
+    }
+
+    /// Whether the body has still to be read.
+    pub fn body_pending(&self) -> bool {
+        matches!(self.body, Body::Pending(_))
+    }
+
+    /// Writes `out` (an upstream head) to `to` followed by the request's
+    /// body, copied verbatim by its framing: a sized body's bytes that
+    /// came with the head go in the same write. A client that sent
+    /// `Expect: 100-continue` and no body yet is told `100 Continue` first.
+    /// On an error the connection closes after this request.
+    pub async fn send_with_body<W>(
+        &mut self,
+        to: &mut W,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BodyError>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let Body::Pending(framing) = self.body else {
+            return write_within(self.limits.write_timeout, to, out).await;
+        };
+        let mut at = self.start + self.head.len;
+        self.head_kept = false;
+        if self.head.expect_continue && at == self.end {
+            write_within(
+                self.limits.write_timeout,
+                &mut *self.io,
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+            )
+            .await?;
+        }
+        let framing = match framing {
+            BodyFraming::Length(n) => {
+                let have = (self.end - at).min(usize::try_from(n).unwrap_or(usize::MAX));
+                out.extend_from_slice(&self.buf[at..at + have]);
+                at += have;
+                BodyFraming::Length(n - have as u64)
+            }
+            f => f,
+        };
+        self.body = Body::Failed;
+        write_within(self.limits.write_timeout, to, out).await?;
+        let end = if framing == BodyFraming::Length(0) {
+            BodyEnd::At { at, end: self.end }
+        } else {
+            let b = Buffer {
+                buf: &mut *self.buf,
+                at,
+                end: self.end,
+                lead: 0,
+            };
+            body::copy(&mut *self.io, to, framing, self.limits, b).await?
+        };
+        if let BodyEnd::At { at, end } = end {
+            (self.start, self.end) = (at, end);
+            self.body = Body::Done;
+        }
+        Ok(())
+    }
+
+    /// Reads the body and drops it (for a request answered without it),
+    /// so the connection can go on. A client still waiting for
+    /// `100 Continue` is not told to send it: its body is left unread and
+    /// the connection closes after the answer.
+    pub async fn discard_body(&mut self) -> Result<(), BodyError> {
+        if self.head.expect_continue
+            && self.body_pending()
+            && self.start + self.head.len == self.end
+        {
+            self.body = Body::Failed;
+            return Ok(());
+        }
+        self.send_with_body(&mut tokio::io::sink(), &mut Vec::new())
+            .await
+    }
+}
+
+/// Serves one connection until it closes, a limit ends it, or the handler
+/// says [`Flow::Close`]. `buf` is the read buffer (grown to the head
+/// limit; keep it to reuse for the next connection).
+pub async fn serve<S, H>(
+    io: &mut S,
+    limits: &ServerLimits,
+    handler: &mut H,
+    buf: &mut Vec<u8>,
+) -> Result<(), ServeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    H: Handler<S>,
+{
+    if buf.len() < limits.head.max_head_bytes {
+        buf.resize(limits.head.max_head_bytes, 0);
+    }
+    let (mut start, mut end) = (0usize, 0usize);
+    // The first request has the head timeout from the connection's start
+    // (a client that connects and sends nothing is a slow head, as nginx
+    // counts it); later ones the idle timeout until their first byte.
+    let mut first = true;
+    loop {
+        // One empty line before a request line is ignored (RFC 9112 §2.2:
+        // some clients send a CRLF after a body); it does not start the
+        // next head's clock.
+        for _ in 0..2 {
+            if start < end && matches!(buf[start], b'\r' | b'\n') {
+                start += 1;
+            }
+        }
+        let mut deadline =
+            (first || start < end).then(|| Instant::now() + limits.header_read_timeout);
+        first = false;
+        // Bytes already parsed as an incomplete head: a head only completes
+        // at an LF, so the parse waits for one (a head sent a byte at a time
+        // is parsed once per line, not once per byte).
+        let mut parsed_to = start;
+        let head = loop {
+            let full = end - start >= limits.head.max_head_bytes;
+            if start < end && (full || buf[parsed_to..end].contains(&b'\n')) {
+                parsed_to = end;
+                match parse_request(&buf[start..end], limits.head) {
+                    Ok(Some(h)) => break h,
+                    Ok(None) => {}
+                    Err(e) => {
+                        let answer = handler.refusal(e.status(), &e.to_string());
+                        let _ = bounded(limits, io.write_all(&answer)).await;
+                        close_lingering(io, limits, buf).await;
+                        return Err(ServeError::Head(e));
+                    }
+                }
+            }
+            if start > 0 {
+                buf.copy_within(start..end, 0);
+                parsed_to -= start;
+                (start, end) = (0, end - start);
+            }
+            let read = io.read(&mut buf[end..]);
+            let n = match deadline {
+                None => match tokio::time::timeout(limits.idle_timeout, read).await {
+                    Ok(r) => r?,
+                    Err(_) => return Ok(()),
+                },
+                Some(at) => match tokio::time::timeout_at(at, read).await {
+                    Ok(r) => r?,
+                    // Nothing of a head came (a connection opened ahead of
+                    // use): close without an answer.
+                    Err(_) if start == end => {
+                        let _ = bounded(limits, io.shutdown()).await;
+                        return Ok(());
+                    }
+                    Err(_) => {
+                        let t = limits.header_read_timeout;
+                        let answer = handler.refusal(
+                            408,
+                            &format!("the request head was not complete within {t:?}"),
+                        );
+                        let _ = bounded(limits, io.write_all(&answer)).await;
+                        close_lingering(io, limits, buf).await;
+                        return Err(ServeError::HeadTimeout(t));
+                    }
+                },
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            deadline.get_or_insert_with(|| Instant::now() + limits.header_read_timeout);
+            end += n;
+        };
+        let (close, head_len) = (head.close, head.len);
+        let body = match BodyFraming::of_request(head.framing) {
+            Some(f) => Body::Pending(f),
+            None => Body::Done,
+        };
+        let bodiless = body == Body::Done;
+        let mut req = Request {
+            io,
+            buf,
+            start,
+            end,
+            head,
+            body,
+            head_kept: true,
+            limits: limits.body,
+        };
+        let flow = handler.handle(&mut req).await;
+        let done = req.body == Body::Done;
+        (start, end) = if bodiless {
+            (start + head_len, end)
+        } else if done {
+            (req.start, req.end)
+        } else {
+            (0, 0)
+        };
+        if !done {
+            // Answered with the body unread or cut: it may still be coming,
+            // and unread bytes at close would reset the answer away.
+            close_lingering(io, limits, buf).await;
+            return Ok(());
+        }
+        if flow == Flow::Close || close {
+            let _ = bounded(limits, io.shutdown()).await;
+            return Ok(());
+        }
+        if start == end {
+            (start, end) = (0, 0);
+        }
+    }
+}
+
+/// Closes our side, then reads and drops what the client still sends until
+/// it closes too or the linger limits pass.
+async fn close_lingering<S>(io: &mut S, limits: &ServerLimits, buf: &mut [u8])
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !matches!(bounded(limits, io.shutdown()).await, Ok(Ok(()))) || buf.is_empty() {
+        return;
+    }
+    let until = Instant::now() + limits.linger_time;
+    let mut left = limits.linger_bytes;
+    while left > 0 {
+        match tokio::time::timeout_at(until, io.read(buf)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => return,
+        }
+    }
+}
+
+/// `f` within the write timeout (a client that stops reading holds the
+/// connection no longer than that).
+async fn bounded<F: Future>(
+    limits: &ServerLimits,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    match limits.body.write_timeout {
+        Some(t) => tokio::time::timeout(t, f).await,
+        None => Ok(f.await),
+    }
+}
