@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::Version;
+use crate::h1::head::{lower_case, strip_port};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 // Header names used on every request, parsed once (a `&str` key is parsed
@@ -280,11 +281,7 @@ pub(crate) fn request_host<B>(req: &http::Request<B>) -> Option<std::borrow::Cow
             .and_then(|v| v.to_str().ok())
             .map(strip_port)
     })?;
-    Some(if raw.bytes().any(|b| b.is_ascii_uppercase()) {
-        std::borrow::Cow::Owned(raw.to_ascii_lowercase())
-    } else {
-        std::borrow::Cow::Borrowed(raw)
-    })
+    Some(lower_case(raw))
 }
 
 /// The Host header value as sent (with port), for forwarding.
@@ -296,14 +293,6 @@ pub(crate) fn request_authority<B>(req: &http::Request<B>) -> Option<String> {
         .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
 }
 
-fn strip_port(h: &str) -> &str {
-    if h.starts_with('[') {
-        return h.split_once(']').map_or(h, |(a, _)| &a[1..]);
-    }
-    h.rsplit_once(':')
-        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(h, |(a, _)| a)
-}
 
 /// Value of cookie `name` in the request's Cookie headers (parsed by the
 /// `cookie` crate; a quoted value is unquoted). The gateway's cookie matches

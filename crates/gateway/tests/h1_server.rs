@@ -22,11 +22,16 @@ use tokio::net::{TcpListener, TcpStream};
 struct Echo {
     handled: Arc<AtomicUsize>,
     body_errors: Arc<AtomicUsize>,
+    /// Requests the server said were their connection's last.
+    lasts: Arc<AtomicUsize>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> for Echo {
     async fn handle(&mut self, req: &mut Request<'_, S>) -> Flow {
         self.handled.fetch_add(1, Ordering::SeqCst);
+        if req.is_last() {
+            self.lasts.fetch_add(1, Ordering::SeqCst);
+        }
         let Some(bytes) = req.head_bytes() else {
             return Flow::Close;
         };
@@ -82,7 +87,7 @@ async fn server(limits: ServerLimits, echo: Echo) -> SocketAddr {
 
 /// Reads until `n` complete responses (each `content-length`-framed) or
 /// the close; returns their bodies and whether the server closed.
-async fn responses(s: &mut TcpStream, n: usize) -> (Vec<String>, bool) {
+async fn responses<S: AsyncRead + Unpin>(s: &mut S, n: usize) -> (Vec<String>, bool) {
     let mut got = Vec::new();
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -368,14 +373,19 @@ async fn a_client_waiting_for_100_continue_is_not_told_to_send_a_refused_body() 
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_crlf_after_a_body_does_not_start_the_next_heads_clock() {
     let mut limits = ServerLimits::default();
     short(&mut limits);
     limits.header_read_timeout = Duration::from_millis(200);
     limits.idle_timeout = Duration::from_secs(10);
-    let addr = server(limits, Echo::default()).await;
-    let mut s = TcpStream::connect(addr).await.unwrap();
+    // Over an in-memory connection on tokio's paused clock: the wait below
+    // passes the head timeout exactly, whatever the machine's load.
+    let (mut s, mut conn) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = serve(&mut conn, &limits, &mut Echo::default(), &mut buf).await;
+    });
     s.write_all(b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello\r\n")
         .await
         .unwrap();
@@ -389,4 +399,145 @@ async fn a_crlf_after_a_body_does_not_start_the_next_heads_clock() {
         .unwrap();
     let (got, _) = responses(&mut s, 1).await;
     assert_eq!(got, ["HTTP/1.1 200 OK | /c 0"]);
+}
+
+/// Serves `/engine...` with [`Echo`] and hands every other request off.
+#[derive(Clone)]
+struct EngineFirst {
+    echo: Echo,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> for EngineFirst {
+    async fn handle(&mut self, req: &mut Request<'_, S>) -> Flow {
+        let Some(bytes) = req.head_bytes() else {
+            return Flow::Close;
+        };
+        if !bytes[req.head().target.clone()].starts_with(b"/engine") {
+            return Flow::HandOff;
+        }
+        self.echo.handle(req).await
+    }
+
+    async fn stopping(&mut self) {
+        let _ = self.stop.wait_for(|s| *s).await;
+    }
+}
+
+/// A server whose connections start on the engine and go on with hyper
+/// from the first request the engine hands off (hyper answers
+/// `hyper TARGET BODY-BYTES`).
+async fn engine_then_hyper(stop: tokio::sync::watch::Receiver<bool>) -> SocketAddr {
+    use http_body_util::BodyExt;
+    use meshwork_gateway::h1::server::{Prefixed, Served};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let handler = EngineFirst {
+        echo: Echo::default(),
+        stop,
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let mut handler = handler.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let limits = ServerLimits::default();
+                let Ok(Served::HandedOff { at, end }) =
+                    serve(&mut s, &limits, &mut handler, &mut buf).await
+                else {
+                    return;
+                };
+                let io = Prefixed::new(buf[at..end].to_vec(), s);
+                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let target = req.uri().to_string();
+                    let n = req.into_body().collect().await.map_or(0, |b| b.to_bytes().len());
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(format!("hyper {target} {n}"))),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_handed_off_request_and_those_after_it_are_served_by_the_next_server() {
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let addr = engine_then_hyper(stop).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // Pipelined in one write: the engine answers the first, hands off the
+    // second (its head, its body and the third request are already in the
+    // engine's buffer), and hyper reads them as if it had read them itself.
+    s.write_all(
+        b"GET /engine/1 HTTP/1.1\r\nHost: h\r\n\r\n\
+          POST /other HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello\
+          GET /engine/2 HTTP/1.1\r\nHost: h\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (got, closed) = responses(&mut s, 3).await;
+    assert!(!closed);
+    assert_eq!(
+        got,
+        [
+            "HTTP/1.1 200 OK | /engine/1 0",
+            "HTTP/1.1 200 OK | hyper /other 5",
+            "HTTP/1.1 200 OK | hyper /engine/2 0",
+        ]
+    );
+    // A request that arrives alone, after the hand-off, is hyper's too.
+    s.write_all(b"GET /engine/3 HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, _) = responses(&mut s, 1).await;
+    assert_eq!(got, ["HTTP/1.1 200 OK | hyper /engine/3 0"]);
+}
+
+#[tokio::test]
+async fn a_stopping_server_closes_connections_waiting_for_a_request() {
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let addr = engine_then_hyper(stop).await;
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /engine/1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, closed) = responses(&mut idle, 1).await;
+    assert_eq!((got.as_slice(), closed), (&["HTTP/1.1 200 OK | /engine/1 0".to_string()][..], false));
+    stop_tx.send(true).unwrap();
+    // Closed without an answer (without the stop it would wait for the 75 s
+    // idle timeout, and `responses` gives up after 10 s).
+    let (more, closed) = responses(&mut idle, 1).await;
+    assert!(more.is_empty() && closed);
+}
+
+#[tokio::test]
+async fn a_connection_closes_after_its_last_request() {
+    let limits = ServerLimits {
+        max_requests: 2,
+        ..ServerLimits::default()
+    };
+    let echo = Echo::default();
+    let addr = server(limits, echo.clone()).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n\
+          GET /2 HTTP/1.1\r\nHost: h\r\n\r\n\
+          GET /3 HTTP/1.1\r\nHost: h\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (got, closed) = responses(&mut s, 3).await;
+    assert_eq!(got, ["HTTP/1.1 200 OK | /1 0", "HTTP/1.1 200 OK | /2 0"]);
+    assert!(closed);
+    // The handler was told the second was the last (to say so), and the
+    // third never reached it.
+    assert_eq!(echo.lasts.load(Ordering::SeqCst), 1);
+    assert_eq!(echo.handled.load(Ordering::SeqCst), 2);
 }

@@ -124,14 +124,22 @@ pub async fn write_within<W>(
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
-    let write = to.write_all(bytes);
+    within(timeout, to.write_all(bytes))
+        .await
+        .map_err(BodyError::WriteTimeout)?
+        .map_err(BodyError::Write)
+}
+
+/// `f`'s output, or the timeout (`Err`) if it passes first; no timeout is
+/// no limit.
+pub(crate) async fn within<F: std::future::Future>(
+    timeout: Option<Duration>,
+    f: F,
+) -> Result<F::Output, Duration> {
     match timeout {
-        Some(t) => tokio::time::timeout(t, write)
-            .await
-            .map_err(|_| BodyError::WriteTimeout(t))?,
-        None => write.await,
+        Some(t) => tokio::time::timeout(t, f).await.map_err(|_| t),
+        None => Ok(f.await),
     }
-    .map_err(BodyError::Write)
 }
 
 /// The reader's buffer as a copy starts.

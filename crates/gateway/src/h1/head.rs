@@ -94,6 +94,104 @@ pub struct RequestHead {
     pub expect_continue: bool,
 }
 
+/// A parsed request head read together with its buffer: what routing
+/// looks at (method, path, query, authority, header lines), as slices.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    buf: &'a [u8],
+    head: &'a RequestHead,
+}
+
+impl<'a> RequestView<'a> {
+    /// `head` as parsed from `buf` (the same buffer, not since moved).
+    pub fn new(buf: &'a [u8], head: &'a RequestHead) -> Self {
+        Self { buf, head }
+    }
+
+    /// The parsed head.
+    pub fn head(&self) -> &'a RequestHead {
+        self.head
+    }
+
+    /// The method's bytes.
+    pub fn method(&self) -> &'a [u8] {
+        &self.buf[self.head.method.clone()]
+    }
+
+    /// The target's path, without its query: `/` for an absolute-form
+    /// target without one; `None` if it is not text.
+    pub fn path(&self) -> Option<&'a str> {
+        let p = &self.buf[self.head.path.clone()];
+        let p = p.iter().position(|b| *b == b'?').map_or(p, |i| &p[..i]);
+        if p.is_empty() {
+            return Some("/");
+        }
+        text(p)
+    }
+
+    /// The target's query (after the first `?`, possibly empty), if any.
+    pub fn query(&self) -> Option<&'a str> {
+        let p = &self.buf[self.head.path.clone()];
+        let i = p.iter().position(|b| *b == b'?')?;
+        text(&p[i + 1..])
+    }
+
+    /// The authority the request is for (the target's, else `Host`'s).
+    pub fn authority(&self) -> Option<&'a str> {
+        text(&self.buf[self.head.authority.clone()?])
+    }
+
+    /// The authority's host without its port, lower-cased (`[::1]:80` is
+    /// `::1`): what routes match hosts against.
+    pub fn host(&self) -> Option<std::borrow::Cow<'a, str>> {
+        Some(lower_case(strip_port(self.authority()?)))
+    }
+
+    /// The values of the lines named `name` (any case), in order.
+    pub fn values<'n>(&self, name: &'n [u8]) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+        let buf = self.buf;
+        self.head
+            .fields
+            .iter()
+            .filter(move |f| buf[f.name.clone()].eq_ignore_ascii_case(name))
+            .map(move |f| &buf[f.value.clone()])
+    }
+
+    /// The first line named `name` as text (visible ASCII and tabs, as
+    /// `http::HeaderValue::to_str` reads it): `None` if absent or not text.
+    pub fn first_text(&self, name: &[u8]) -> Option<&'a str> {
+        text(self.values(name).next()?)
+    }
+}
+
+/// `host[:port]`'s host: an IPv6 literal without its brackets.
+pub(crate) fn strip_port(h: &str) -> &str {
+    if h.starts_with('[') {
+        return h.split_once(']').map_or(h, |(a, _)| &a[1..]);
+    }
+    h.rsplit_once(':')
+        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(h, |(a, _)| a)
+}
+
+/// `s` in lower case, borrowed when it already is.
+pub(crate) fn lower_case(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// `v` as text if it is visible ASCII, spaces and tabs only.
+fn text(v: &[u8]) -> Option<&str> {
+    if v.iter().all(|&b| b == b'\t' || (32..127).contains(&b)) {
+        std::str::from_utf8(v).ok()
+    } else {
+        None
+    }
+}
+
 /// Why a head is refused; [`HeadError::status`] is the answer's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HeadError {

@@ -15,9 +15,10 @@
 //!   heads, slow heads, idle connections, stalled or cut bodies) settled
 //!   once for every handler.
 //!
-//! The gateway's framing tracker takes its framing rules from [`head`]; the
-//! gateway's accept loop does not use [`server`] yet (the floor benchmark
-//! does).
+//! The gateway's framing tracker takes its framing rules from [`head`], and
+//! its route matchers read [`head::RequestView`] as they read hyper's header
+//! map; the gateway's accept loop does not use [`server`] yet (the floor
+//! benchmark does).
 
 pub mod body;
 pub mod chunked;

@@ -23,7 +23,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::body::{self, BodyEnd, BodyError, BodyFraming, Buffer, CopyLimits, write_within};
+use super::body::{
+    self, BodyEnd, BodyError, BodyFraming, Buffer, CopyLimits, within, write_within,
+};
 use super::head::{HeadError, Limits, RequestHead, parse_request};
 
 /// The limits a connection is served under.
@@ -41,6 +43,11 @@ pub struct ServerLimits {
     pub linger_time: Duration,
     /// Most bytes a lingering close reads and drops.
     pub linger_bytes: usize,
+    /// Most requests served on one connection; it closes after the last
+    /// ([`Request::is_last`] tells the handler, to say `Connection: close`).
+    /// Bounds what one long-lived connection holds, and lets a busy client's
+    /// next connection land on another worker.
+    pub max_requests: u64,
 }
 
 impl Default for ServerLimits {
@@ -48,7 +55,8 @@ impl Default for ServerLimits {
     /// is 30 s, nginx's `client_header_timeout` 60 s: a slow head holds a
     /// connection for nothing); 75 s idle between requests (nginx's
     /// `keepalive_timeout`); [`CopyLimits::default`] for bodies; a lingering
-    /// close of at most 5 s and 1 MiB.
+    /// close of at most 5 s and 1 MiB; 10,000 requests per connection
+    /// (nginx's `keepalive_requests` is 1,000).
     fn default() -> Self {
         Self {
             head: Limits::default(),
@@ -57,6 +65,7 @@ impl Default for ServerLimits {
             body: CopyLimits::default(),
             linger_time: Duration::from_secs(5),
             linger_bytes: 1 << 20,
+            max_requests: 10_000,
         }
     }
 }
@@ -68,6 +77,28 @@ pub enum Flow {
     KeepAlive,
     /// Close the connection.
     Close,
+    /// Stop serving and give the connection back from this request on,
+    /// its head included ([`Served::HandedOff`]): for a request this
+    /// engine does not serve (a protocol upgrade, say), which another
+    /// server then reads as if it had read the connection from the start
+    /// ([`Prefixed`]). Only before the handler answered or read the body;
+    /// after, it closes the connection as [`Flow::Close`] does.
+    HandOff,
+}
+
+/// How [`serve`] ended without an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Served {
+    /// The connection closed (either side, a limit, or [`Handler::stopping`]).
+    Closed,
+    /// The handler said [`Flow::HandOff`]: `buf[at..end]` holds what was
+    /// read from the connection from that request's head on.
+    HandedOff {
+        /// Where the declined request's head starts in the buffer.
+        at: usize,
+        /// The end of what was read.
+        end: usize,
+    },
 }
 
 /// How a connection ended.
@@ -109,6 +140,88 @@ pub trait Handler<S> {
         )
         .into_bytes()
     }
+
+    /// Resolves when the server is shutting down: a connection waiting for
+    /// its next request then closes (one mid-request finishes it first;
+    /// the handler answers it with `Connection: close` if it wants). Never,
+    /// by default.
+    fn stopping(&mut self) -> impl Future<Output = ()> {
+        std::future::pending()
+    }
+}
+
+/// A connection whose first bytes were already read: they are read again
+/// first, then the connection's own. What a server given a connection by
+/// [`Flow::HandOff`] reads from.
+#[derive(Debug)]
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// `inner`, with `prefix` read first.
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.prefix.len() {
+            let n = (this.prefix.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.at = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// Where a request's body is.
@@ -137,6 +250,11 @@ pub struct Request<'a, S> {
     /// Whether the head's bytes are still in `buf` (a body read overwrites
     /// them).
     head_kept: bool,
+    /// Whether the handler wrote to the client or read the body (a request
+    /// can no longer be handed off).
+    touched: bool,
+    /// Whether the connection closes after this request.
+    last: bool,
     limits: CopyLimits,
 }
 
@@ -153,14 +271,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Request<'_, S> {
             .then(|| &self.buf[self.start..self.start + self.head.len])
     }
 
+    /// Whether the connection closes after this request (the client asked
+    /// to, or it is the connection's last by [`ServerLimits::max_requests`]):
+    /// the answer should say `Connection: close`.
+    pub fn is_last(&self) -> bool {
+        self.last
+    }
+
     /// The client's connection, to write the response to (bound the writes
     /// by [`CopyLimits::write_timeout`], as [`Request::respond`] does).
     pub fn client(&mut self) -> &mut S {
+        self.touched = true;
         &mut *self.io
     }
 
     /// Writes `bytes` to the client within the write timeout.
     pub async fn respond(&mut self, bytes: &[u8]) -> Result<(), BodyError> {
+        self.touched = true;
         write_within(self.limits.write_timeout, &mut *self.io, bytes).await
     }
 
@@ -182,6 +309,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Request<'_, S> {
     where
         W: AsyncWrite + Unpin + ?Sized,
     {
+        self.touched = true;
         let Body::Pending(framing) = self.body else {
             return write_within(self.limits.write_timeout, to, out).await;
         };
@@ -229,6 +357,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Request<'_, S> {
     /// `100 Continue` is not told to send it: its body is left unread and
     /// the connection closes after the answer.
     pub async fn discard_body(&mut self) -> Result<(), BodyError> {
+        self.touched = true;
         if self.head.expect_continue
             && self.body_pending()
             && self.start + self.head.len == self.end
@@ -241,15 +370,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Request<'_, S> {
     }
 }
 
-/// Serves one connection until it closes, a limit ends it, or the handler
-/// says [`Flow::Close`]. `buf` is the read buffer (grown to the head
-/// limit; keep it to reuse for the next connection).
+/// Serves one connection until it closes, a limit ends it, the handler
+/// says [`Flow::Close`] or [`Flow::HandOff`], or [`Handler::stopping`]
+/// resolves while it waits for a request. `buf` is the read buffer (grown
+/// to the head limit; keep it to reuse for the next connection).
 pub async fn serve<S, H>(
     io: &mut S,
     limits: &ServerLimits,
     handler: &mut H,
     buf: &mut Vec<u8>,
-) -> Result<(), ServeError>
+) -> Result<Served, ServeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     H: Handler<S>,
@@ -262,6 +392,7 @@ where
     // (a client that connects and sends nothing is a slow head, as nginx
     // counts it); later ones the idle timeout until their first byte.
     let mut first = true;
+    let mut served = 0u64;
     loop {
         // One empty line before a request line is ignored (RFC 9112 §2.2:
         // some clients send a CRLF after a body); it does not start the
@@ -287,7 +418,7 @@ where
                     Ok(None) => {}
                     Err(e) => {
                         let answer = handler.refusal(e.status(), &e.to_string());
-                        let _ = bounded(limits, io.write_all(&answer)).await;
+                        let _ = within(limits.body.write_timeout, io.write_all(&answer)).await;
                         close_lingering(io, limits, buf).await;
                         return Err(ServeError::Head(e));
                     }
@@ -300,17 +431,24 @@ where
             }
             let read = io.read(&mut buf[end..]);
             let n = match deadline {
-                None => match tokio::time::timeout(limits.idle_timeout, read).await {
-                    Ok(r) => r?,
-                    Err(_) => return Ok(()),
+                // Between requests: the idle timeout, or the server stopping.
+                None => tokio::select! {
+                    r = tokio::time::timeout(limits.idle_timeout, read) => match r {
+                        Ok(r) => r?,
+                        Err(_) => return Ok(Served::Closed),
+                    },
+                    () = handler.stopping() => {
+                        let _ = within(limits.body.write_timeout, io.shutdown()).await;
+                        return Ok(Served::Closed);
+                    }
                 },
                 Some(at) => match tokio::time::timeout_at(at, read).await {
                     Ok(r) => r?,
                     // Nothing of a head came (a connection opened ahead of
                     // use): close without an answer.
                     Err(_) if start == end => {
-                        let _ = bounded(limits, io.shutdown()).await;
-                        return Ok(());
+                        let _ = within(limits.body.write_timeout, io.shutdown()).await;
+                        return Ok(Served::Closed);
                     }
                     Err(_) => {
                         let t = limits.header_read_timeout;
@@ -318,14 +456,14 @@ where
                             408,
                             &format!("the request head was not complete within {t:?}"),
                         );
-                        let _ = bounded(limits, io.write_all(&answer)).await;
+                        let _ = within(limits.body.write_timeout, io.write_all(&answer)).await;
                         close_lingering(io, limits, buf).await;
                         return Err(ServeError::HeadTimeout(t));
                     }
                 },
             };
             if n == 0 {
-                return Ok(());
+                return Ok(Served::Closed);
             }
             deadline.get_or_insert_with(|| Instant::now() + limits.header_read_timeout);
             end += n;
@@ -344,9 +482,16 @@ where
             head,
             body,
             head_kept: true,
+            touched: false,
+            last: close || served + 1 >= limits.max_requests,
             limits: limits.body,
         };
+        served += 1;
         let flow = handler.handle(&mut req).await;
+        let req_last = req.last;
+        if flow == Flow::HandOff && !req.touched {
+            return Ok(Served::HandedOff { at: start, end });
+        }
         let done = req.body == Body::Done;
         (start, end) = if bodiless {
             (start + head_len, end)
@@ -359,11 +504,18 @@ where
             // Answered with the body unread or cut: it may still be coming,
             // and unread bytes at close would reset the answer away.
             close_lingering(io, limits, buf).await;
-            return Ok(());
+            return Ok(Served::Closed);
         }
-        if flow == Flow::Close || close {
-            let _ = bounded(limits, io.shutdown()).await;
-            return Ok(());
+        if flow != Flow::KeepAlive || req_last {
+            // A client may have pipelined more behind this request (bytes
+            // read and not served, or in flight when the server closes on
+            // its own): linger, so they do not reset the answer away.
+            if start < end || !close {
+                close_lingering(io, limits, buf).await;
+            } else {
+                let _ = within(limits.body.write_timeout, io.shutdown()).await;
+            }
+            return Ok(Served::Closed);
         }
         if start == end {
             (start, end) = (0, 0);
@@ -377,7 +529,7 @@ async fn close_lingering<S>(io: &mut S, limits: &ServerLimits, buf: &mut [u8])
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    if !matches!(bounded(limits, io.shutdown()).await, Ok(Ok(()))) || buf.is_empty() {
+    if !matches!(within(limits.body.write_timeout, io.shutdown()).await, Ok(Ok(()))) || buf.is_empty() {
         return;
     }
     let until = Instant::now() + limits.linger_time;
@@ -387,17 +539,5 @@ where
             Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
             _ => return,
         }
-    }
-}
-
-/// `f` within the write timeout (a client that stops reading holds the
-/// connection no longer than that).
-async fn bounded<F: Future>(
-    limits: &ServerLimits,
-    f: F,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
-    match limits.body.write_timeout {
-        Some(t) => tokio::time::timeout(t, f).await,
-        None => Ok(f.await),
     }
 }

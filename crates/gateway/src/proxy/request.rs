@@ -371,4 +371,150 @@ mod tests {
             assert!(check_path(bad).is_err(), "{bad}");
         }
     }
+
+    /// Routing on a head parsed in place agrees with routing on the header
+    /// map hyper builds from the same bytes (httparse's lines, `Uri` from
+    /// the target) once its authority is settled: random requests against
+    /// matchers of every kind, the host, path and query compared, then
+    /// every matcher's verdict and reason.
+    #[test]
+    #[allow(clippy::unwrap_used, clippy::expect_used)]
+    fn raw_heads_route_as_header_maps_do() {
+        use crate::h1::head::{Limits, RequestView, parse_request};
+        use crate::route::compile::{Matcher, compile_matcher};
+        use http::header::HeaderName;
+        let matchers: Vec<Matcher> = [
+            r#"{"hosts": ["example.com"]}"#,
+            r#"{"hosts": ["*.example.com"]}"#,
+            r#"{"hosts": ["::1"]}"#,
+            r#"{"hosts": ["[::1]"]}"#,
+            r#"{"path": {"exact": "/api"}}"#,
+            r#"{"path": {"prefix": "/api"}}"#,
+            r#"{"path": {"prefix": "/api/"}}"#,
+            r#"{"path": {"regex": "/api/(\\w+)"}}"#,
+            r#"{"methods": ["GET", "PURGE"]}"#,
+            r#"{"headers": [{"name": "x-env", "exact": "prod"}]}"#,
+            r#"{"headers": [{"name": "X-Env", "regex": "pr.*"}]}"#,
+            r#"{"headers": [{"name": "x-env", "present": true}]}"#,
+            r#"{"headers": [{"name": "x-env", "present": false}]}"#,
+            r#"{"query": [{"name": "k", "exact": "v w"}]}"#,
+            r#"{"query": [{"name": "a", "present": true}]}"#,
+        ]
+        .iter()
+        .map(|j| compile_matcher("t", &serde_json::from_str(j).unwrap()).unwrap())
+        .collect();
+        let methods = ["GET", "POST", "PURGE", "get", "OPTIONS"];
+        let targets = [
+            "/",
+            "/api",
+            "/api/",
+            "/apix",
+            "/api/v1?k=v+w",
+            "/api/x?k=v%20w&a",
+            "/p?",
+            "/p?a=1&a=2",
+            "/%41pi",
+            "/a|b{c}",
+            "http://Example.COM:8080/api?k=v%20w",
+            "https://a.example.com",
+            "http://[::1]:9/api/",
+            "HTTP://x.example.com?a",
+        ];
+        let hosts = [
+            "example.com",
+            "Example.COM:8080",
+            "api.example.com",
+            "x.y.Example.com:1",
+            "[::1]:80",
+            "[::1]",
+            "other",
+        ];
+        let extras: [&[u8]; 9] = [
+            b"X-Env: prod",
+            b"x-env: PROD",
+            b"X-ENV: pr",
+            b"X-Env:",
+            b"X-Env: \tprod",
+            b"X-Env: caf\xc3\xa9",
+            b"X-Env: a\x7fb",
+            b"Cookie: a=b",
+            b"X-Other: 1",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let (mut compared, rounds) = (0, 3000);
+        for _ in 0..rounds {
+            let mut raw = format!(
+                "{} {} HTTP/1.1\r\nHost: {}\r\n",
+                methods[next(methods.len())],
+                targets[next(targets.len())],
+                hosts[next(hosts.len())]
+            )
+            .into_bytes();
+            for _ in 0..next(4) {
+                raw.extend_from_slice(extras[next(extras.len())]);
+                raw.extend_from_slice(b"\r\n");
+            }
+            raw.extend_from_slice(b"\r\n");
+            let Ok(Some(head)) = parse_request(&raw, Limits::default()) else {
+                continue;
+            };
+            // As hyper builds its request from httparse's parse.
+            let mut slots = [httparse::EMPTY_HEADER; 16];
+            let mut parsed = httparse::Request::new(&mut slots);
+            assert!(parsed.parse(&raw).unwrap().is_complete());
+            let Ok(uri) = http::Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(
+                parsed.path.unwrap().as_bytes(),
+            )) else {
+                continue; // hyper answers 400
+            };
+            let mut req = http::Request::builder()
+                .method(Method::from_bytes(parsed.method.unwrap().as_bytes()).unwrap())
+                .uri(uri)
+                .body(())
+                .unwrap();
+            for h in parsed.headers.iter() {
+                req.headers_mut().append(
+                    HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+                    http::HeaderValue::from_bytes(h.value).unwrap(),
+                );
+            }
+            let shown = String::from_utf8_lossy(&raw).into_owned();
+            // What the pipeline does before routing.
+            settle_authority(&mut req).expect(&shown);
+            let view = RequestView::new(&raw, &head);
+            let (host, raw_host) = (
+                crate::headers::request_host(&req),
+                view.host(),
+            );
+            assert_eq!(host, raw_host, "{shown}");
+            assert_eq!(Some(req.uri().path()), view.path(), "{shown}");
+            assert_eq!(req.uri().query(), view.query(), "{shown}");
+            let method = Method::from_bytes(view.method()).unwrap();
+            let a = MatchInput {
+                method: req.method(),
+                host: host.as_deref(),
+                path: req.uri().path(),
+                query: req.uri().query(),
+                headers: req.headers(),
+            };
+            let b = MatchInput {
+                method: &method,
+                host: raw_host.as_deref(),
+                path: view.path().unwrap(),
+                query: view.query(),
+                headers: &view,
+            };
+            for m in &matchers {
+                assert_eq!(m.check(&a), m.check(&b), "{shown}");
+            }
+            compared += 1;
+        }
+        assert!(compared > rounds / 2, "only {compared} of {rounds} compared");
+    }
 }

@@ -8,6 +8,7 @@ use regex::Regex;
 
 use super::super::model::{MatchConfig, PathMatch, ValueMatch};
 use super::{compile_regex, invalid};
+use crate::h1::head::RequestView;
 use crate::route::model::RouteError;
 
 #[derive(Debug, Clone)]
@@ -87,14 +88,33 @@ impl ValueCond {
     }
 }
 
+/// A request's header lines as the matcher reads them: a name's first
+/// line, as text. Served by hyper's header map and by a head parsed in
+/// place, so both engines route alike.
+pub(crate) trait Fields {
+    /// The first value of `name`: `None` if absent or not visible ASCII.
+    fn first_text(&self, name: &HeaderName) -> Option<&str>;
+}
+
+impl Fields for HeaderMap {
+    fn first_text(&self, name: &HeaderName) -> Option<&str> {
+        self.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+impl Fields for RequestView<'_> {
+    fn first_text(&self, name: &HeaderName) -> Option<&str> {
+        RequestView::first_text(self, name.as_str().as_bytes())
+    }
+}
+
 /// What a request looks like to the matcher.
-#[derive(Debug)]
 pub(crate) struct MatchInput<'a> {
     pub(crate) method: &'a Method,
     pub(crate) host: Option<&'a str>,
     pub(crate) path: &'a str,
     pub(crate) query: Option<&'a str>,
-    pub(crate) headers: &'a HeaderMap,
+    pub(crate) headers: &'a dyn Fields,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -148,7 +168,7 @@ impl Matcher {
             ));
         }
         for (name, cond) in &self.headers {
-            let v = input.headers.get(name).and_then(|v| v.to_str().ok());
+            let v = input.headers.first_text(name);
             if !cond.matches(v) {
                 return Some(format!("header {name} {} (got {:?})", cond.describe(), v));
             }
@@ -177,7 +197,7 @@ impl Matcher {
 }
 
 /// Compiles a route's `match` table.
-pub(super) fn compile(route: &str, m: &MatchConfig) -> Result<Matcher, RouteError> {
+pub(crate) fn compile(route: &str, m: &MatchConfig) -> Result<Matcher, RouteError> {
     Ok(Matcher {
         hosts: hosts(route, &m.hosts)?,
         path: m.path.as_ref().map(|p| path(route, p)).transpose()?,
