@@ -3,8 +3,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::Version;
 use crate::h1::head::{lower_case, strip_port};
+use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 // Header names used on every request, parsed once (a `&str` key is parsed
@@ -292,7 +292,6 @@ pub(crate) fn request_authority<B>(req: &http::Request<B>) -> Option<String> {
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
 }
-
 
 /// Value of cookie `name` in the request's Cookie headers (parsed by the
 /// `cookie` crate; a quoted value is unquoted). The gateway's cookie matches

@@ -451,13 +451,21 @@ async fn engine_then_hyper(stop: tokio::sync::watch::Receiver<bool>) -> SocketAd
                     return;
                 };
                 let io = Prefixed::new(buf[at..end].to_vec(), s);
-                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    let target = req.uri().to_string();
-                    let n = req.into_body().collect().await.map_or(0, |b| b.to_bytes().len());
-                    Ok::<_, std::convert::Infallible>(http::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from(format!("hyper {target} {n}"))),
-                    ))
-                });
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let target = req.uri().to_string();
+                        let n = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map_or(0, |b| b.to_bytes().len());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(format!(
+                                "hyper {target} {n}"
+                            ))),
+                        ))
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
                     .await;
@@ -509,7 +517,10 @@ async fn a_stopping_server_closes_connections_waiting_for_a_request() {
         .await
         .unwrap();
     let (got, closed) = responses(&mut idle, 1).await;
-    assert_eq!((got.as_slice(), closed), (&["HTTP/1.1 200 OK | /engine/1 0".to_string()][..], false));
+    assert_eq!(
+        (got.as_slice(), closed),
+        (&["HTTP/1.1 200 OK | /engine/1 0".to_string()][..], false)
+    );
     stop_tx.send(true).unwrap();
     // Closed without an answer (without the stop it would wait for the 75 s
     // idle timeout, and `responses` gives up after 10 s).

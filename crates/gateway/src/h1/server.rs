@@ -529,7 +529,11 @@ async fn close_lingering<S>(io: &mut S, limits: &ServerLimits, buf: &mut [u8])
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    if !matches!(within(limits.body.write_timeout, io.shutdown()).await, Ok(Ok(()))) || buf.is_empty() {
+    if !matches!(
+        within(limits.body.write_timeout, io.shutdown()).await,
+        Ok(Ok(()))
+    ) || buf.is_empty()
+    {
         return;
     }
     let until = Instant::now() + limits.linger_time;

@@ -488,10 +488,7 @@ mod tests {
             // What the pipeline does before routing.
             settle_authority(&mut req).expect(&shown);
             let view = RequestView::new(&raw, &head);
-            let (host, raw_host) = (
-                crate::headers::request_host(&req),
-                view.host(),
-            );
+            let (host, raw_host) = (crate::headers::request_host(&req), view.host());
             assert_eq!(host, raw_host, "{shown}");
             assert_eq!(Some(req.uri().path()), view.path(), "{shown}");
             assert_eq!(req.uri().query(), view.query(), "{shown}");
@@ -515,6 +512,9 @@ mod tests {
             }
             compared += 1;
         }
-        assert!(compared > rounds / 2, "only {compared} of {rounds} compared");
+        assert!(
+            compared > rounds / 2,
+            "only {compared} of {rounds} compared"
+        );
     }
 }

@@ -20,7 +20,9 @@ use super::model::*;
 use crate::auth::{Auth, IpAcl};
 
 pub(crate) use forward::{ForwardPlan, Rewrite, Source, SplitCond, TargetPlan, rewrite_path};
-pub(crate) use matcher::{MatchInput, Matcher, compile as compile_matcher, expand_captures};
+#[cfg(test)]
+pub(crate) use matcher::compile as compile_matcher;
+pub(crate) use matcher::{MatchInput, Matcher, expand_captures};
 pub(crate) use ops::CompiledOps;
 pub(crate) use resolve::{Resolved, resolve, resolve_off_runtime};
 
