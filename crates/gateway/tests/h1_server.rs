@@ -444,7 +444,12 @@ async fn engine_then_hyper(stop: tokio::sync::watch::Receiver<bool>) -> SocketAd
             let mut handler = handler.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let limits = ServerLimits::default();
+                // A head timeout well past `responses`' 10 s, so that only
+                // the stop can close a silent connection within them.
+                let limits = ServerLimits {
+                    header_read_timeout: Duration::from_secs(60),
+                    ..ServerLimits::default()
+                };
                 let Ok(Served::HandedOff { at, end }) =
                     serve(&mut s, &limits, &mut handler, &mut buf).await
                 else {
@@ -512,6 +517,8 @@ async fn a_handed_off_request_and_those_after_it_are_served_by_the_next_server()
 async fn a_stopping_server_closes_connections_waiting_for_a_request() {
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let addr = engine_then_hyper(stop).await;
+    // One connection that has sent nothing yet, one between requests.
+    let mut fresh = TcpStream::connect(addr).await.unwrap();
     let mut idle = TcpStream::connect(addr).await.unwrap();
     idle.write_all(b"GET /engine/1 HTTP/1.1\r\nHost: h\r\n\r\n")
         .await
@@ -525,6 +532,8 @@ async fn a_stopping_server_closes_connections_waiting_for_a_request() {
     // Closed without an answer (without the stop it would wait for the 75 s
     // idle timeout, and `responses` gives up after 10 s).
     let (more, closed) = responses(&mut idle, 1).await;
+    assert!(more.is_empty() && closed);
+    let (more, closed) = responses(&mut fresh, 1).await;
     assert!(more.is_empty() && closed);
 }
 

@@ -1013,8 +1013,9 @@ async fn subscriber(weak: std::sync::Weak<Inner>) {
                     let Some(msg) = msg else { break };
                     let Some(inner) = weak.upgrade() else { return };
                     if let Ok(key) = msg.get_payload::<String>() {
-                        inner.l1.invalidate(&key).await;
+                        // Counted first: whoever sees the key gone sees it counted.
                         inner.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+                        inner.l1.invalidate(&key).await;
                     }
                 }
                 _ = check.tick() => {

@@ -125,13 +125,61 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 /// Most handshaken connections waiting for the server to take them.
 const READY_BACKLOG: usize = 128;
 
-/// Most handshakes in flight at once: past it a new connection is closed
-/// at once (a flood of silent clients holds at most this many sockets).
-const MAX_HANDSHAKES: usize = 512;
+/// Most connections not yet handed over (waiting for their first bytes or
+/// mid-handshake). Past it the oldest is closed to make room, not the new
+/// one: a real caller's handshake takes milliseconds, so a flood of silent
+/// or stalled clients pushes itself out instead of locking callers out (it
+/// would take this many newer connections within one caller's handshake to
+/// close it). Bounds the sockets a flood holds, under the usual 1,024
+/// descriptor limit with room to serve.
+const MAX_PENDING: usize = 512;
+
+/// The connections not yet handed over, oldest first. Dropping an entry's
+/// sender closes that connection (its task sees the channel close).
+#[derive(Default)]
+struct Pending {
+    order: std::collections::VecDeque<u64>,
+    live: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>,
+    next: u64,
+}
+
+impl Pending {
+    /// Registers a new connection, closing the oldest pending one if full.
+    /// Returns its id and what tells it to close.
+    fn admit(&mut self, max: usize) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        while self.live.len() >= max.max(1) {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            // Ids already done are skipped (removed from `live` only).
+            if self.live.remove(&oldest).is_some() {
+                tracing::debug!(limit = max, "pending TLS connections at their limit; closed the oldest");
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.live.insert(id, tx);
+        self.order.push_back(id);
+        // Done ids linger in `order` until they reach its front; keep it
+        // from growing past a few times the live set.
+        if self.order.len() > 4 * max.max(1) {
+            let live = &self.live;
+            self.order.retain(|i| live.contains_key(i));
+        }
+        (id, rx)
+    }
+
+    /// The connection is done (handed over, failed or timed out).
+    fn done(&mut self, id: u64) {
+        self.live.remove(&id);
+    }
+}
 
 /// A TLS listener for axum: each handshake in its own task within
-/// [`HANDSHAKE`] (a caller that stalls delays nobody else), the connection
-/// handed over with its caller's identity.
+/// [`HANDSHAKE`] (a caller that stalls delays nobody else), at most
+/// [`MAX_PENDING`] of them (the oldest closed for a new one), the
+/// connection handed over with its caller's identity.
 pub(crate) struct TlsListener {
     rx: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Peer)>,
     local: std::net::SocketAddr,
@@ -146,12 +194,22 @@ impl Drop for TlsListener {
 
 impl TlsListener {
     pub(crate) fn new(tcp: tokio::net::TcpListener, cfg: Arc<rustls::ServerConfig>) -> TlsListener {
+        Self::with_limit(tcp, cfg, MAX_PENDING)
+    }
+
+    /// As [`TlsListener::new`], with at most `max_pending` connections not
+    /// yet handed over.
+    fn with_limit(
+        tcp: tokio::net::TcpListener,
+        cfg: Arc<rustls::ServerConfig>,
+        max_pending: usize,
+    ) -> TlsListener {
         let local = tcp
             .local_addr()
             .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
         let (tx, rx) = tokio::sync::mpsc::channel(READY_BACKLOG);
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let pending = Arc::new(parking_lot::Mutex::new(Pending::default()));
         let accepting = tokio::spawn(async move {
             loop {
                 let (stream, addr) = match tcp.accept().await {
@@ -163,18 +221,17 @@ impl TlsListener {
                         continue;
                     }
                 };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::debug!(%addr, limit = MAX_HANDSHAKES, "too many TLS handshakes in flight; closing a new connection");
-                    drop(stream);
-                    continue;
-                };
+                let (id, closed) = pending.lock().admit(max_pending);
                 let _ = stream.set_nodelay(true);
-                let (tx, acceptor) = (tx.clone(), acceptor.clone());
+                let (tx, acceptor, pending) = (tx.clone(), acceptor.clone(), pending.clone());
                 tokio::spawn(async move {
-                    let shaken = tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await;
-                    drop(slot);
+                    let shaken = tokio::select! {
+                        r = tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)) => Some(r),
+                        _ = closed => None,
+                    };
+                    pending.lock().done(id);
                     match shaken {
-                        Ok(Ok(tls)) => {
+                        Some(Ok(Ok(tls))) => {
                             let service = tls
                                 .get_ref()
                                 .1
@@ -186,10 +243,11 @@ impl TlsListener {
                                 .send_timeout((tls, Peer { addr, service }), HANDSHAKE)
                                 .await;
                         }
-                        Ok(Err(e)) => {
+                        Some(Ok(Err(e))) => {
                             tracing::debug!(%addr, error = %e, "TLS handshake failed");
                         }
-                        Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                        Some(Err(_)) => tracing::debug!(%addr, "TLS handshake timed out"),
+                        None => tracing::debug!(%addr, "closed for a newer connection"),
                     }
                 });
             }
@@ -225,5 +283,80 @@ impl axum::serve::Listener for TlsListener {
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Peer {
         stream.remote_addr().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use axum::serve::Listener as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An identity for `service` from `ca`.
+    fn identity(ca: &meshwork_tls::identity::Authority, service: &str) -> Arc<Identity> {
+        let (chain, key) = ca.issue(service, Duration::from_secs(3600)).unwrap();
+        Identity::new(service, &chain, &key, ca.ca_pem()).unwrap()
+    }
+
+    /// A caller's full handshake with the listener at `addr`.
+    async fn handshake(
+        client: &Arc<rustls::ClientConfig>,
+        addr: std::net::SocketAddr,
+    ) -> std::io::Result<()> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("svc").unwrap();
+        tokio_rustls::TlsConnector::from(client.clone())
+            .connect(name, tcp)
+            .await
+            .map(|_| ())
+    }
+
+    /// Clients that connect and send nothing, or stall mid-handshake, many
+    /// more than the listener keeps pending: a caller that comes after them
+    /// is still served (the oldest of them are closed for it), and the
+    /// flood holds no more sockets than the limit.
+    #[tokio::test]
+    async fn silent_and_stalled_clients_do_not_lock_callers_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = meshwork_tls::identity::Authority::create(dir.path(), 1).unwrap();
+        let server = identity(&ca, "svc").server_config(&[b"http/1.1"]).unwrap();
+        let client = identity(&ca, "caller").client_config(&[b"http/1.1"]).unwrap();
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = TlsListener::with_limit(tcp, server, 16);
+        let (served_tx, mut served) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (io, peer) = listener.accept().await;
+                served_tx.send(peer.service).unwrap();
+                drop(io);
+            }
+        });
+        let bound = Duration::from_secs(10);
+        for stall in [&b""[..], b"\x16\x03\x01\x02\x00\x01"] {
+            let mut flood = Vec::new();
+            for _ in 0..64 {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(stall).await.unwrap();
+                flood.push(s);
+            }
+            tokio::time::timeout(bound, handshake(&client, addr))
+                .await
+                .expect("a caller after the flood waited")
+                .expect("a caller after the flood was refused");
+            let who = tokio::time::timeout(bound, served.recv()).await.unwrap();
+            assert_eq!(who, Some(Some("caller".to_string())));
+            // The oldest were closed for the newer connections: of the 65
+            // (the flood and the caller) at most the limit were kept, so
+            // the flood's first 49 see the server close.
+            for (i, s) in flood.iter_mut().take(64 + 1 - 16).enumerate() {
+                let mut b = [0u8; 1];
+                let r = tokio::time::timeout(bound, s.read(&mut b))
+                    .await
+                    .unwrap_or_else(|_| panic!("flood connection {i} still held"));
+                assert!(matches!(r, Ok(0) | Err(_)), "flood connection {i}: {r:?}");
+            }
+        }
     }
 }

@@ -118,22 +118,29 @@ impl<'a> RequestView<'a> {
         &self.buf[self.head.method.clone()]
     }
 
-    /// The target's path, without its query: `/` for an absolute-form
-    /// target without one; `None` if it is not text.
-    pub fn path(&self) -> Option<&'a str> {
+    /// The target's path and query (after the first `?`, possibly empty),
+    /// as `http::Uri` reads them: `/` for an absolute-form target without a
+    /// path; `None` for a target `http::Uri` refuses (a character outside
+    /// its tables, such as `<`, or bytes that are not UTF-8), which hyper
+    /// answers 400.
+    pub fn path_and_query(&self) -> Option<(&'a str, Option<&'a str>)> {
         let p = &self.buf[self.head.path.clone()];
-        let p = p.iter().position(|b| *b == b'?').map_or(p, |i| &p[..i]);
-        if p.is_empty() {
-            return Some("/");
+        let (path, query) = match p.iter().position(|b| *b == b'?') {
+            Some(i) => (&p[..i], Some(&p[i + 1..])),
+            None => (p, None),
+        };
+        let path_ok = |b: u8| matches!(b, 0x21 | b'"' | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7E | 0x80..);
+        let query_ok = |b: u8| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x7E | 0x80..);
+        if !path.iter().all(|&b| path_ok(b)) || !query.is_none_or(|q| q.iter().all(|&b| query_ok(b)))
+        {
+            return None;
         }
-        text(p)
-    }
-
-    /// The target's query (after the first `?`, possibly empty), if any.
-    pub fn query(&self) -> Option<&'a str> {
-        let p = &self.buf[self.head.path.clone()];
-        let i = p.iter().position(|b| *b == b'?')?;
-        text(&p[i + 1..])
+        let path = std::str::from_utf8(path).ok()?;
+        let query = match query {
+            Some(q) => Some(std::str::from_utf8(q).ok()?),
+            None => None,
+        };
+        Some((if path.is_empty() { "/" } else { path }, query))
     }
 
     /// The authority the request is for (the target's, else `Host`'s).
@@ -159,7 +166,12 @@ impl<'a> RequestView<'a> {
 
     /// The first line named `name` as text (visible ASCII and tabs, as
     /// `http::HeaderValue::to_str` reads it): `None` if absent or not text.
+    /// `Host` reads as the request's authority: an absolute-form target's
+    /// wins over the line (RFC 9112 §3.2.2), as it does upstream.
     pub fn first_text(&self, name: &[u8]) -> Option<&'a str> {
+        if self.head.absolute && name.eq_ignore_ascii_case(b"host") {
+            return self.authority();
+        }
         text(self.values(name).next()?)
     }
 }

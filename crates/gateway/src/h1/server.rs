@@ -46,7 +46,7 @@ pub struct ServerLimits {
     /// Most requests served on one connection; it closes after the last
     /// ([`Request::is_last`] tells the handler, to say `Connection: close`).
     /// Bounds what one long-lived connection holds, and lets a busy client's
-    /// next connection land on another worker.
+    /// next connection land on another worker. At least one is served.
     pub max_requests: u64,
 }
 
@@ -73,7 +73,8 @@ impl Default for ServerLimits {
 /// What the connection does after a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
-    /// Read the next request (unless the client asked to close).
+    /// Read the next request (unless this one was the connection's last:
+    /// [`Request::is_last`]).
     KeepAlive,
     /// Close the connection.
     Close,
@@ -142,7 +143,7 @@ pub trait Handler<S> {
     }
 
     /// Resolves when the server is shutting down: a connection waiting for
-    /// its next request then closes (one mid-request finishes it first;
+    /// its first or next request then closes (one mid-request finishes it first;
     /// the handler answers it with `Connection: close` if it wants). Never,
     /// by default.
     fn stopping(&mut self) -> impl Future<Output = ()> {
@@ -280,6 +281,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Request<'_, S> {
 
     /// The client's connection, to write the response to (bound the writes
     /// by [`CopyLimits::write_timeout`], as [`Request::respond`] does).
+    /// Taking it, like answering or reading the body, means the request can
+    /// no longer be handed off ([`Flow::HandOff`] then closes).
     pub fn client(&mut self) -> &mut S {
         self.touched = true;
         &mut *self.io
@@ -429,38 +432,43 @@ where
                 parsed_to -= start;
                 (start, end) = (0, end - start);
             }
-            let read = io.read(&mut buf[end..]);
-            let n = match deadline {
-                // Between requests: the idle timeout, or the server stopping.
-                None => tokio::select! {
-                    r = tokio::time::timeout(limits.idle_timeout, read) => match r {
-                        Ok(r) => r?,
-                        Err(_) => return Ok(Served::Closed),
-                    },
-                    () = handler.stopping() => {
-                        let _ = within(limits.body.write_timeout, io.shutdown()).await;
-                        return Ok(Served::Closed);
-                    }
-                },
-                Some(at) => match tokio::time::timeout_at(at, read).await {
-                    Ok(r) => r?,
-                    // Nothing of a head came (a connection opened ahead of
-                    // use): close without an answer.
-                    Err(_) if start == end => {
-                        let _ = within(limits.body.write_timeout, io.shutdown()).await;
-                        return Ok(Served::Closed);
-                    }
-                    Err(_) => {
-                        let t = limits.header_read_timeout;
-                        let answer = handler.refusal(
-                            408,
-                            &format!("the request head was not complete within {t:?}"),
-                        );
-                        let _ = within(limits.body.write_timeout, io.write_all(&answer)).await;
-                        close_lingering(io, limits, buf).await;
-                        return Err(ServeError::HeadTimeout(t));
-                    }
-                },
+            // Nothing of a request read yet (a new connection, or between
+            // requests): the server stopping closes it.
+            let waiting = start == end;
+            let read = async {
+                match deadline {
+                    None => tokio::time::timeout(limits.idle_timeout, io.read(&mut buf[end..]))
+                        .await
+                        .map_err(|_| None),
+                    Some(at) => tokio::time::timeout_at(at, io.read(&mut buf[end..]))
+                        .await
+                        .map_err(|_| Some(())),
+                }
+            };
+            let read = tokio::select! {
+                r = read => Some(r),
+                () = handler.stopping(), if waiting => None,
+            };
+            let n = match read {
+                Some(Ok(r)) => r?,
+                // Idle past the idle timeout between requests, the server
+                // stopping, or nothing of a head within the head timeout (a
+                // connection opened ahead of use): close without an answer.
+                Some(Err(None)) => return Ok(Served::Closed),
+                None | Some(Err(Some(()))) if start == end => {
+                    let _ = within(limits.body.write_timeout, io.shutdown()).await;
+                    return Ok(Served::Closed);
+                }
+                None | Some(Err(Some(()))) => {
+                    let t = limits.header_read_timeout;
+                    let answer = handler.refusal(
+                        408,
+                        &format!("the request head was not complete within {t:?}"),
+                    );
+                    let _ = within(limits.body.write_timeout, io.write_all(&answer)).await;
+                    close_lingering(io, limits, buf).await;
+                    return Err(ServeError::HeadTimeout(t));
+                }
             };
             if n == 0 {
                 return Ok(Served::Closed);
