@@ -153,7 +153,10 @@ impl Pending {
             };
             // Ids already done are skipped (removed from `live` only).
             if self.live.remove(&oldest).is_some() {
-                tracing::debug!(limit = max, "pending TLS connections at their limit; closed the oldest");
+                tracing::debug!(
+                    limit = max,
+                    "pending TLS connections at their limit; closed the oldest"
+                );
             }
         }
         let id = self.next;
@@ -194,15 +197,16 @@ impl Drop for TlsListener {
 
 impl TlsListener {
     pub(crate) fn new(tcp: tokio::net::TcpListener, cfg: Arc<rustls::ServerConfig>) -> TlsListener {
-        Self::with_limit(tcp, cfg, MAX_PENDING)
+        Self::with_limits(tcp, cfg, MAX_PENDING, HANDSHAKE)
     }
 
     /// As [`TlsListener::new`], with at most `max_pending` connections not
-    /// yet handed over.
-    fn with_limit(
+    /// yet handed over, each given `handshake` to finish its handshake.
+    fn with_limits(
         tcp: tokio::net::TcpListener,
         cfg: Arc<rustls::ServerConfig>,
         max_pending: usize,
+        handshake: Duration,
     ) -> TlsListener {
         let local = tcp
             .local_addr()
@@ -226,7 +230,7 @@ impl TlsListener {
                 let (tx, acceptor, pending) = (tx.clone(), acceptor.clone(), pending.clone());
                 tokio::spawn(async move {
                     let shaken = tokio::select! {
-                        r = tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)) => Some(r),
+                        r = tokio::time::timeout(handshake, acceptor.accept(stream)) => Some(r),
                         _ = closed => None,
                     };
                     pending.lock().done(id);
@@ -321,10 +325,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = meshwork_tls::identity::Authority::create(dir.path(), 1).unwrap();
         let server = identity(&ca, "svc").server_config(&[b"http/1.1"]).unwrap();
-        let client = identity(&ca, "caller").client_config(&[b"http/1.1"]).unwrap();
+        let client = identity(&ca, "caller")
+            .client_config(&[b"http/1.1"])
+            .unwrap();
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
-        let mut listener = TlsListener::with_limit(tcp, server, 16);
+        // A handshake time far past the test's bounds: only being closed
+        // for newer connections can end a flood connection within them.
+        let mut listener = TlsListener::with_limits(tcp, server, 16, Duration::from_secs(600));
         let (served_tx, mut served) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {

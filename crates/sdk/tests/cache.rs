@@ -233,9 +233,11 @@ async fn two_levels_defend_the_source(url: &str) {
     .await;
     // Both messages reached b (they arrive on their own connection: wait for
     // them rather than race them).
-    meshwork_testkit::until("b counted both invalidations", Duration::from_secs(10), async || {
-        b.stats().invalidations >= 2
-    })
+    meshwork_testkit::until(
+        "b counted both invalidations",
+        Duration::from_secs(10),
+        async || b.stats().invalidations >= 2,
+    )
     .await;
 
     // Bad input is refused with a message.

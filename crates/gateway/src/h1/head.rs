@@ -131,7 +131,8 @@ impl<'a> RequestView<'a> {
         };
         let path_ok = |b: u8| matches!(b, 0x21 | b'"' | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7E | 0x80..);
         let query_ok = |b: u8| matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x7E | 0x80..);
-        if !path.iter().all(|&b| path_ok(b)) || !query.is_none_or(|q| q.iter().all(|&b| query_ok(b)))
+        if !path.iter().all(|&b| path_ok(b))
+            || !query.is_none_or(|q| q.iter().all(|&b| query_ok(b)))
         {
             return None;
         }
