@@ -974,7 +974,11 @@ async fn blocking_pops_match_redis() {
     // the push comes right after its close (before the runtime has told the
     // server of it). Many times over: it is a race. (A BLPOP the server reads
     // only after the push takes the element, in Redis too: so each round
-    // waits until INFO shows the client blocked.)
+    // waits until INFO shows the client blocked. And a close the server's
+    // kernel has not yet taken in cannot count against the server: each
+    // round waits until the server's kernel has acknowledged the client's
+    // FIN — sent by a half close, so the client's socket can still be asked —
+    // before the push, which is then the server's race alone.)
     let mut c = Conn::open(a).await;
     for i in 0..50 {
         let key = format!("gone{i}");
@@ -987,13 +991,49 @@ async fn blocking_pops_match_redis() {
             assert!(Instant::now() < deadline, "round {i}: never blocked");
             tokio::task::yield_now().await;
         }
-        drop(gone);
+        gone.s.shutdown().await.unwrap();
+        while !fin_acknowledged(&gone.s) {
+            assert!(
+                Instant::now() < deadline,
+                "round {i}: FIN never acknowledged"
+            );
+            // (The acknowledgement may be a delayed ACK: poll, do not spin.)
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         assert_eq!(c.call(&["RPUSH", &key, "kept"]).await, b":1\r\n");
+        drop(gone);
         assert_eq!(
             c.call(&["LPOP", &key]).await,
             b"$4\r\nkept\r\n",
             "round {i}"
         );
+    }
+}
+
+/// Whether the peer's kernel has taken in the FIN `s` sent: its state by
+/// `TCP_INFO` is FIN_WAIT2 (acknowledged), TIME_WAIT (the peer closed too) or
+/// CLOSE (the peer reset it after).
+fn fin_acknowledged(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    /// Linux's `TCP_FIN_WAIT2`, `TCP_TIME_WAIT` and `TCP_CLOSE` in
+    /// `tcp_info.tcpi_state`.
+    const FIN_WAIT2: u8 = 5;
+    const TIME_WAIT: u8 = 6;
+    const CLOSE: u8 = 7;
+    #[allow(unsafe_code)]
+    // SAFETY: `tcp_info` is plain data the kernel fills up to `len` bytes,
+    // on a descriptor the stream owns for the call's duration.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        ) == 0
+            && matches!(info.tcpi_state, FIN_WAIT2 | TIME_WAIT | CLOSE)
     }
 }
 
