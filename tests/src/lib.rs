@@ -92,6 +92,24 @@ pub fn start(data_dir: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Server {
     start_cmd(Command::new(bin()), data_dir, extra, envs)
 }
 
+/// A node with every role and the demo shop (`--demo`), its gateway and
+/// cache on free ports (the demo needs feature `demo`).
+pub fn start_demo(data_dir: &Path, envs: &[(&str, &str)]) -> Server {
+    start(
+        data_dir,
+        &[
+            "--roles",
+            "store,coord,gateway,txn,mq,cache",
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--cache-addr",
+            "127.0.0.1:0",
+            "--demo",
+        ],
+        envs,
+    )
+}
+
 /// As [`start`], with the child's open-files limit set to `soft`/`hard`
 /// (what `ulimit -Sn`/`-Hn` would set in a shell).
 pub fn start_with_nofile(

@@ -159,19 +159,7 @@ fn basic_put(addr: &str, path: &str, body: &str) -> (u16, String) {
 }
 
 fn start_node(dir: &std::path::Path, envs: &[(&str, &str)]) -> meshwork_tests::Server {
-    meshwork_tests::start(
-        dir,
-        &[
-            "--roles",
-            "store,coord,gateway,txn,mq,cache",
-            "--gateway-addr",
-            "127.0.0.1:0",
-            "--cache-addr",
-            "127.0.0.1:0",
-            "--demo",
-        ],
-        envs,
-    )
+    meshwork_tests::start_demo(dir, envs)
 }
 
 fn wait_demo(node: &meshwork_tests::Server) {

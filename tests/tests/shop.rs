@@ -816,19 +816,7 @@ fn wait_shop(gw: &str, http: &str) {
 /// A node with every role the shop uses and `--demo`, once the shop answers
 /// behind its gateway: the node, the gateway's and the HTTP API's addresses.
 fn shop_node(dir: &std::path::Path) -> (meshwork_tests::Server, String, String) {
-    let node = meshwork_tests::start(
-        dir,
-        &[
-            "--roles",
-            "store,coord,gateway,txn,mq,cache",
-            "--gateway-addr",
-            "127.0.0.1:0",
-            "--cache-addr",
-            "127.0.0.1:0",
-            "--demo",
-        ],
-        &[],
-    );
+    let node = meshwork_tests::start_demo(dir, &[]);
     let gw = node.gateway.clone().unwrap();
     let http = node.http.clone();
     wait_shop(&gw, &http);
